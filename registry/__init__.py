@@ -1,0 +1,1 @@
+"""Tether's embedded registry: a Consul-compatible HTTP API over a durable local store."""

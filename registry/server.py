@@ -1,0 +1,83 @@
+"""`RegistryServer`: the store, the HTTP API and the background parts, started together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from registry import routes
+from registry.http import CONTEXT, MAX_BODY, Context, RegistrySpec, consul_middleware
+from registry.store import Store
+
+# Tables that live in memory only, as in Consul (events are gossip, not Raft state).
+VOLATILE_TABLES = ("events",)
+
+
+class Part(Protocol):
+    """A background part of the registry (check runner, session reaper)."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RegistryServer:
+    def __init__(self, spec: RegistrySpec) -> None:
+        self.spec = spec
+        path = spec.data_dir / "registry.db" if spec.data_dir is not None else None
+        self.store = Store(path, volatile=VOLATILE_TABLES, fsync=spec.fsync)
+        self.ctx = Context(spec, self.store)
+        self.app = web.Application(middlewares=[consul_middleware], client_max_size=MAX_BODY)
+        self.app[CONTEXT] = self.ctx
+        routes.register(self.app)
+        self._runner: web.AppRunner | None = None
+        self.port = spec.port
+
+    @property
+    def address(self) -> str:
+        return f"{self.spec.host}:{self.port}"
+
+    def add_part(self, name: str, part: Any) -> None:
+        self.ctx.parts[name] = part
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.spec.host, self.spec.port, reuse_address=True)
+        await site.start()
+        server = site._server
+        if server is not None and self.spec.port == 0:
+            sockets = getattr(server, "sockets", None) or []
+            if sockets:
+                self.port = sockets[0].getsockname()[1]
+        self.ctx.port = self.port
+        for part in list(self.ctx.parts.values()):
+            if hasattr(part, "start"):
+                await part.start()
+
+    async def aclose(self) -> None:
+        for part in reversed(list(self.ctx.parts.values())):
+            if hasattr(part, "aclose"):
+                with contextlib.suppress(Exception):
+                    await part.aclose()
+        self.store.hub.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self.store.close()
+
+
+async def serve(spec: RegistrySpec, ready: asyncio.Event | None = None) -> None:
+    """Run a registry until cancelled."""
+    server = RegistryServer(spec)
+    await server.start()
+    print(f"tether registry: node {spec.node!r} listening on http://{server.address}", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.aclose()

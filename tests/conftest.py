@@ -1,0 +1,120 @@
+"""Shared fixtures: a real registry on an ephemeral port, and clients for it.
+
+Every async test runs twice, on the stock asyncio loop and on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import consul.aio
+import pytest
+import uvloop
+
+from registry.http import RegistrySpec
+from registry.server import RegistryServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[RegistryServer]:
+    """An in-process registry on 127.0.0.1:<ephemeral> with a durable store."""
+    server = RegistryServer(RegistrySpec(port=0, data_dir=tmp_path / "reg", node="node1"))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.aclose()
+
+
+@pytest.fixture
+async def consul_client(registry: RegistryServer) -> AsyncIterator[Any]:
+    c = consul.aio.Consul(host="127.0.0.1", port=registry.port)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(
+    port: int, timeout: float = 15.0, proc: subprocess.Popen[Any] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
+
+
+class RegistryProcess:
+    """`tether registry` as a real child process (for kill -9 and restart tests)."""
+
+    def __init__(self, data_dir: Path, token: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.token = token
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable, "-m", "tether.cli", "registry",
+            "--port", str(self.port), "--data-dir", str(self.data_dir), "--node", "node1",
+        ]  # fmt: skip
+        if self.token:
+            cmd += ["--management-token", self.token]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+        wait_for_port(self.port, proc=self.proc)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def registry_process(tmp_path: Path) -> Iterator[Callable[..., RegistryProcess]]:
+    made: list[RegistryProcess] = []
+
+    def make(token: str | None = None) -> RegistryProcess:
+        rp = RegistryProcess(tmp_path / "regproc", token)
+        rp.start()
+        made.append(rp)
+        return rp
+
+    yield make
+    for rp in made:
+        rp.stop()
