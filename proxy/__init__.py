@@ -1,0 +1,1 @@
+"""Tether's sidecar proxy: the data plane beside every service instance."""

@@ -1,0 +1,76 @@
+"""The balancer contract: pick one endpoint of a cluster for a request.
+
+Decisions are pure: the clock (`now`, seconds, monotonic) and the random source are
+arguments, so tests replay them exactly. The proxy calls `update` when membership or
+weights change, `pick` per request, and `on_start` / `on_end` around each request so
+load-aware balancers (least-request, peak-EWMA) see latency and in-flight counts.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One upstream instance (Envoy's "endpoint", Linkerd's "endpoint" target)."""
+
+    id: str
+    host: str
+    port: int
+    weight: int = 1
+    zone: str = ""
+    meta: Mapping[str, str] = field(default_factory=dict)
+    healthy: bool = True
+    draining: bool = False
+    # Monotonic time until which outlier detection keeps it out of rotation.
+    ejected_until: float = 0.0
+    # Monotonic time it joined the cluster (slow start ramps its weight from here).
+    added_at: float = 0.0
+    # Requests in flight to it, maintained by the proxy through on_start/on_end.
+    active: int = 0
+
+    def available(self, now: float) -> bool:
+        return self.healthy and not self.draining and now >= self.ejected_until
+
+    def __repr__(self) -> str:
+        state = "up" if self.healthy else "down"
+        if self.draining:
+            state = "draining"
+        return f"<Endpoint {self.id} {self.host}:{self.port} w={self.weight} {state}>"
+
+
+@dataclass
+class PickContext:
+    """What a request offers a balancer: a hash key for consistent hashing."""
+
+    hash_key: bytes | None = None
+
+
+class Balancer(ABC):
+    """Picks an endpoint; reports None when no endpoint is available."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.endpoints: Sequence[Endpoint] = ()
+
+    def update(self, endpoints: Sequence[Endpoint]) -> None:
+        """Replace the membership (the same Endpoint objects keep their state)."""
+        self.endpoints = tuple(endpoints)
+
+    @abstractmethod
+    def pick(self, ctx: PickContext, now: float, rng: random.Random) -> Endpoint | None: ...
+
+    def on_start(self, ep: Endpoint, now: float) -> None:
+        ep.active += 1
+
+    def on_end(self, ep: Endpoint, now: float, latency: float, ok: bool) -> None:
+        if ep.active > 0:
+            ep.active -= 1
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} endpoints={len(self.endpoints)}>"
