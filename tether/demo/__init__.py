@@ -1,0 +1,1 @@
+"""The demo application `tether up` runs: frontend → orders → inventory, by name."""
