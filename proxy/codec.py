@@ -1,0 +1,536 @@
+"""Sans-IO HTTP/1.1 codec: strict request/response parsing on llhttp, and head serialisation.
+
+No sockets here: `RequestCodec.feed(bytes)` / `ResponseCodec.feed(bytes)` call a sink's
+methods (head, body pieces, end with trailers) and raise `BadMessageError` for anything
+that must not be forwarded. The heads they produce are already split the way a proxy
+needs them: `headers` holds the end-to-end fields in arrival order (original case), and
+the hop-by-hop fields (`Connection` and the fields it names, `Keep-Alive`,
+`Proxy-Connection`, `TE`, `Transfer-Encoding`, `Upgrade`) and the framing
+(`Content-Length`) are interpreted into attributes instead.
+
+llhttp (through httptools) in its default strict mode already rejects: Content-Length
+with Transfer-Encoding, duplicate Content-Length, non-digit Content-Length, invalid or
+overflowing chunk sizes, bare LF anywhere in the head or chunk framing, obs-fold,
+whitespace before the colon, control characters in values, unknown HTTP versions and a
+Transfer-Encoding whose last coding is not chunked. This module adds: a request line
+over 8 KiB (400), a header section over 64 KiB (431), a missing or repeated Host in
+HTTP/1.1 (400), HTTP/0.9 (400), and transfer codings other than plain `chunked` (501,
+since the proxy would have to decode them).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import httptools
+
+from proxy.errors import BadMessageError
+
+MAX_REQUEST_LINE = 8 * 1024
+MAX_HEADER_SECTION = 64 * 1024
+
+Fields = list[tuple[bytes, bytes]]
+
+# What each interpreted field name means to the codec; anything else is end-to-end.
+_HOST, _CL, _TE, _CONN, _HOP, _UPGRADE, _EXPECT, _XFF, _XRID, _XFP = range(10)
+_REQUEST_FIELDS = {
+    b"host": _HOST,
+    b"content-length": _CL,
+    b"transfer-encoding": _TE,
+    b"connection": _CONN,
+    b"keep-alive": _HOP,
+    b"proxy-connection": _HOP,
+    b"te": _HOP,
+    b"upgrade": _UPGRADE,
+    b"expect": _EXPECT,
+    b"x-forwarded-for": _XFF,
+    b"x-request-id": _XRID,
+    b"x-forwarded-proto": _XFP,
+}
+_RESPONSE_FIELDS = {
+    b"content-length": _CL,
+    b"transfer-encoding": _TE,
+    b"connection": _CONN,
+    b"keep-alive": _HOP,
+    b"proxy-connection": _HOP,
+    b"te": _HOP,
+    b"upgrade": _UPGRADE,
+}
+# Fields a sender must not put in trailers (RFC 9110 6.5.1): framing, routing, auth.
+_FORBIDDEN_TRAILERS = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-connection",
+        b"authorization",
+        b"set-cookie",
+        b"content-type",
+        b"content-encoding",
+    }
+)
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class RequestHead:
+    """A parsed request head; `headers` are the end-to-end fields only."""
+
+    __slots__ = (
+        "chunked",
+        "connection_tokens",
+        "content_length",
+        "expect_continue",
+        "forwarded_for",
+        "forwarded_proto",
+        "headers",
+        "host",
+        "host_index",
+        "keep_alive",
+        "method",
+        "request_id",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.version = "1.1"
+        self.headers: Fields = []
+        self.host: bytes | None = None
+        self.host_index = -1
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.upgrade: bytes | None = None
+        self.expect_continue = False
+        self.forwarded_for: bytes | None = None
+        self.forwarded_proto: bytes | None = None
+        self.request_id: bytes | None = None
+        self.connection_tokens: list[bytes] = []
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def __repr__(self) -> str:
+        framing = "chunked" if self.chunked else f"length={self.content_length}"
+        return (
+            f"<RequestHead {self.method.decode()} {self.target[:60]!r} HTTP/{self.version}"
+            f" host={self.host!r} {framing} fields={len(self.headers)}"
+            f"{' upgrade=' + repr(self.upgrade) if self.upgrade else ''}>"
+        )
+
+
+class ResponseHead:
+    """A parsed response head; `headers` are the end-to-end fields only."""
+
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "reason",
+        "status",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.version = "1.1"
+        self.headers: Fields = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.upgrade: bytes | None = None
+
+    def __repr__(self) -> str:
+        framing = "chunked" if self.chunked else f"length={self.content_length}"
+        fields = len(self.headers)
+        return f"<ResponseHead {self.status} HTTP/{self.version} {framing} fields={fields}>"
+
+
+class RequestSink(Protocol):
+    def on_request_head(self, head: RequestHead) -> None: ...
+
+    def on_request_body(self, data: bytes) -> None: ...
+
+    def on_request_end(self, trailers: Fields | None) -> None: ...
+
+
+class ResponseSink(Protocol):
+    def on_response_head(self, head: ResponseHead) -> None: ...
+
+    def on_informational(self, head: ResponseHead) -> None: ...
+
+    def on_response_body(self, data: bytes) -> None: ...
+
+    def on_response_end(self, trailers: Fields | None) -> None: ...
+
+
+class _SkipBody(Exception):
+    """Raised from a parser callback to stop llhttp after a body-less response head."""
+
+
+def _connection_tokens(value: bytes, into: list[bytes]) -> None:
+    for token in value.split(b","):
+        token = token.strip().lower()
+        if token:
+            into.append(token)
+
+
+def _drop_named(fields: Fields, tokens: list[bytes]) -> Fields:
+    named = {t for t in tokens if t not in (b"close", b"keep-alive", b"upgrade")}
+    if not named:
+        return fields
+    return [f for f in fields if f[0].lower() not in named]
+
+
+def _clean_trailers(fields: Fields) -> Fields:
+    return [f for f in fields if f[0].lower() not in _FORBIDDEN_TRAILERS]
+
+
+class RequestCodec:
+    """Parses a stream of requests from a client; calls the sink per head/body/end.
+
+    `feed` returns None, or, once a request switched protocols (Upgrade or CONNECT),
+    the bytes that followed its head; the codec must not be fed after that.
+    """
+
+    __slots__ = (
+        "_head",
+        "_head_bytes",
+        "_in_body",
+        "_parser",
+        "_size",
+        "_te",
+        "_trailers",
+        "_url",
+        "sink",
+        "upgraded",
+    )
+
+    def __init__(self, sink: RequestSink) -> None:
+        self.sink = sink
+        self._parser = httptools.HttpRequestParser(self)
+        self.upgraded = False
+        self._in_body = False
+        self._head_bytes = 0
+        self._new_head()
+
+    def _new_head(self) -> None:
+        self._head = RequestHead()
+        self._url = b""
+        self._size = 0
+        self._te: bytes | None = None
+        self._trailers: Fields | None = None
+
+    @property
+    def in_head(self) -> bool:
+        """True between messages or inside a head (where the header-read timeout runs)."""
+        return not self._in_body
+
+    @property
+    def partial_head(self) -> bool:
+        """True when some bytes of a head arrived but not all of it."""
+        return not self._in_body and self._head_bytes > 0
+
+    def feed(self, data: bytes) -> bytes | None:
+        if not self._in_body:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.upgraded = True
+            return data[e.args[0] :]
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, BaseException):
+                raise cause from None
+            raise BadMessageError(str(e)) from None
+        except httptools.HttpParserError as e:
+            raise BadMessageError(str(e) or "malformed request") from None
+        if not self._in_body and self._head_bytes > MAX_HEADER_SECTION:
+            # Still inside a head after all of these bytes: all of them are head.
+            raise BadMessageError(
+                "header section larger than 64 KiB",
+                status=431,
+                reason="request_header_fields_too_large",
+            )
+        return None
+
+    # httptools callbacks -------------------------------------------------------------
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_REQUEST_LINE:
+            raise BadMessageError("request line longer than 8 KiB", reason="request_line_too_long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._size += len(name) + len(value) + 4
+        if self._in_body:
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name, value))
+            return
+        kind = _REQUEST_FIELDS.get(name.lower())
+        head = self._head
+        if kind is None:
+            head.headers.append((name, value))
+        elif kind == _HOST:
+            if head.host is not None:
+                raise BadMessageError("more than one Host field")
+            head.host = value
+            head.host_index = len(head.headers)
+            head.headers.append((name, value))
+        elif kind == _XRID:
+            head.request_id = value
+            head.headers.append((name, value))
+        elif kind == _XFF:
+            ff = head.forwarded_for
+            head.forwarded_for = value if ff is None else ff + b", " + value
+        elif kind == _XFP:
+            head.forwarded_proto = value
+            head.headers.append((name, value))
+        elif kind == _CL:
+            # llhttp has checked the digits and refused duplicates.
+            head.content_length = int(value)
+        elif kind == _TE:
+            self._te = value if self._te is None else self._te + b", " + value
+        elif kind == _CONN:
+            _connection_tokens(value, head.connection_tokens)
+        elif kind == _UPGRADE:
+            head.upgrade = value
+        elif kind == _EXPECT:
+            if value.strip().lower() == b"100-continue":
+                head.expect_continue = True
+            head.headers.append((name, value))
+        # _HOP: dropped.
+
+    def on_headers_complete(self) -> None:
+        if self._size > MAX_HEADER_SECTION:
+            raise BadMessageError(
+                "header section larger than 64 KiB",
+                status=431,
+                reason="request_header_fields_too_large",
+            )
+        parser = self._parser
+        head = self._head
+        head.version = version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise BadMessageError(f"HTTP/{version} is not supported")
+        if head.host is None and version == "1.1":
+            raise BadMessageError("HTTP/1.1 request without Host")
+        if self._te is not None:
+            if self._te.strip().lower() != b"chunked":
+                raise BadMessageError(
+                    f"transfer coding {self._te.decode('latin-1')!r} is not supported",
+                    status=501,
+                    reason="not_implemented",
+                )
+            head.chunked = True
+        head.method = parser.get_method()
+        head.target = self._url
+        head.keep_alive = parser.should_keep_alive()
+        tokens = head.connection_tokens
+        if tokens:
+            head.headers = _drop_named(head.headers, tokens)
+            if b"upgrade" not in tokens:
+                head.upgrade = None
+        else:
+            head.upgrade = None
+        self._in_body = True
+        self._head_bytes = 0
+        self.sink.on_request_head(head)
+
+    def on_body(self, body: bytes) -> None:
+        self.sink.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        trailers = self._trailers
+        self._in_body = False
+        self._new_head()
+        self.sink.on_request_end(_clean_trailers(trailers) if trailers else None)
+
+    def __repr__(self) -> str:
+        state = "upgraded" if self.upgraded else ("body" if self._in_body else "head")
+        return f"<RequestCodec {state} head_bytes={self._head_bytes}>"
+
+
+class ResponseCodec:
+    """Parses responses on an upstream connection, one per request sent.
+
+    Before each request, `expect(method)` tells it whether the response can have a body
+    (HEAD's cannot; llhttp cannot be told, so the parser is replaced after such a head).
+    At end of stream `feed_eof` completes a close-delimited body or reports truncation.
+    """
+
+    __slots__ = (
+        "_close_delimited",
+        "_head",
+        "_in_body",
+        "_parser",
+        "_trailers",
+        "head_request",
+        "sink",
+        "upgraded",
+    )
+
+    def __init__(self, sink: ResponseSink) -> None:
+        self.sink = sink
+        self._parser = httptools.HttpResponseParser(self)
+        self.head_request = False
+        self.upgraded = False
+        self._in_body = False
+        self._close_delimited = False
+        self._head = ResponseHead()
+        self._trailers: Fields | None = None
+
+    @property
+    def idle(self) -> bool:
+        """No response is partly read: the connection may carry another request."""
+        return not self._in_body
+
+    def feed(self, data: bytes) -> bytes | None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.upgraded = True
+            return data[e.args[0] :]
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _SkipBody):
+                self._parser = httptools.HttpResponseParser(self)
+                return None
+            if isinstance(cause, BaseException):
+                raise cause from None
+            raise BadMessageError(str(e), status=502, reason="upstream_protocol_error") from None
+        except httptools.HttpParserError as e:
+            raise BadMessageError(
+                str(e) or "malformed response", status=502, reason="upstream_protocol_error"
+            ) from None
+        return None
+
+    def feed_eof(self) -> bool:
+        """The upstream closed: True if that completed a close-delimited response."""
+        if self._in_body and self._close_delimited:
+            self._in_body = False
+            self._head = ResponseHead()
+            self.sink.on_response_end(None)
+            return True
+        return False
+
+    # httptools callbacks -------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._head.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_body:
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name, value))
+            return
+        kind = _RESPONSE_FIELDS.get(name.lower())
+        head = self._head
+        if kind is None:
+            head.headers.append((name, value))
+        elif kind == _CL:
+            head.content_length = int(value)
+        elif kind == _TE:
+            te = value.strip().lower()
+            if te != b"chunked":
+                # llhttp accepts e.g. "gzip, chunked"; we would have to pass the coding
+                # through as hop-by-hop, which HTTP/1.1 proxies may not do blindly.
+                raise BadMessageError(
+                    "upstream used a transfer coding other than chunked",
+                    status=502,
+                    reason="upstream_protocol_error",
+                )
+            head.chunked = True
+        elif kind == _UPGRADE:
+            head.upgrade = value
+        elif kind == _CONN:
+            tokens: list[bytes] = []
+            _connection_tokens(value, tokens)
+            if tokens:
+                head.headers = _drop_named(head.headers, tokens)
+        # _HOP: dropped.
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        head = self._head
+        head.status = status = parser.get_status_code()
+        head.version = parser.get_http_version()
+        head.keep_alive = parser.should_keep_alive()
+        if status < 200 and status != 101:
+            self._head = ResponseHead()
+            self.sink.on_informational(head)
+            return
+        self._in_body = True
+        if self.head_request or status in _NO_BODY_STATUS:
+            self._close_delimited = False
+            if self.head_request:
+                self._in_body = False
+                self._head = ResponseHead()
+                self.sink.on_response_head(head)
+                self.sink.on_response_end(None)
+                raise _SkipBody
+        else:
+            self._close_delimited = not head.chunked and head.content_length is None
+        self.sink.on_response_head(head)
+
+    def on_body(self, body: bytes) -> None:
+        self.sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._in_body:
+            return  # the end of an informational (1xx) response
+        trailers = self._trailers
+        self._trailers = None
+        self._in_body = False
+        self._head = ResponseHead()
+        self.sink.on_response_end(_clean_trailers(trailers) if trailers else None)
+
+    def __repr__(self) -> str:
+        state = "upgraded" if self.upgraded else ("body" if self._in_body else "idle")
+        return f"<ResponseCodec {state}{' head-request' if self.head_request else ''}>"
+
+
+# Serialisation ------------------------------------------------------------------------
+
+
+def encode_request_head(method: bytes, target: bytes, headers: Fields) -> bytes:
+    """`METHOD target HTTP/1.1` and the given field lines (framing fields included)."""
+    lines = [method + b" " + target + b" HTTP/1.1"]
+    for name, value in headers:
+        lines.append(name + b": " + value)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+def encode_response_head(status: int, reason: bytes, headers: Fields) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (status, reason)]
+    for name, value in headers:
+        lines.append(name + b": " + value)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+def chunk_prefix(size: int) -> bytes:
+    """The size line that goes before `size` bytes of chunk data (followed by CRLF)."""
+    return b"%x\r\n" % size
+
+
+def encode_last_chunk(trailers: Fields | None) -> bytes:
+    if not trailers:
+        return b"0\r\n\r\n"
+    return b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n"
