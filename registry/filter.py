@@ -674,7 +674,11 @@ def _leaf(m: Match, op: Op, value: Any) -> bool:
             return len(value) == 0
         _type_error(m, value, "tested with is empty")
     if isinstance(value, str):
-        return m.regex.search(value) is not None
+        try:
+            return m.regex.search(value) is not None
+        except UnicodeEncodeError:
+            # A lone surrogate (JSON allows "\ud800") has no UTF-8 for RE2: match U+FFFD.
+            return m.regex.search(value.encode("utf-8", "replace").decode()) is not None
     _type_error(m, value, "matched with a regular expression")
 
 

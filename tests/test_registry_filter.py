@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from typing import Any
@@ -397,6 +398,12 @@ def test_string_escapes_follow_go() -> None:
     assert ok(r"S matches `\\$`", obj)  # raw strings keep backslashes
     assert ok('S contains "é"', obj)
     assert ok("R == `a\r\nb`", {"R": "a\nb"})  # raw strings drop \r, as Go does
+
+
+def test_data_with_a_lone_surrogate_is_still_matched() -> None:
+    obj = json.loads('{"S": "a\\ud800b"}')
+    assert ok('S matches "^a.b$"', obj)
+    assert ok('S contains "a"', obj)
 
 
 def test_the_empty_expression_matches_everything() -> None:
