@@ -19,12 +19,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from registry.errors import BadRequestError, RegistryError, TooLargeError
 from registry.store import Store
+
+if TYPE_CHECKING:
+    from registry.filter import Filter
 
 MAX_BODY = 512 * 1024
 DEFAULT_WAIT = 300.0
@@ -50,10 +53,13 @@ class Context:
 
     def __init__(self, spec: RegistrySpec, store: Store) -> None:
         from registry.acl import Authorizer
+        from registry.catalog import Catalog
 
         self.spec = spec
         self.store = store
         self.acl = Authorizer(store, spec.management_token)
+        advertise = "127.0.0.1" if spec.host in ("", "0.0.0.0", "::") else spec.host
+        self.catalog = Catalog(store, spec.node, spec.datacenter, advertise)
         self.started = time.time()
         self.address = spec.host
         self.port = spec.port
@@ -113,6 +119,10 @@ async def read_body(request: web.Request, *, allow_empty: bool = False) -> Any:
 _MISSING = object()
 
 
+def _fold(key: str) -> str:
+    return key.lower().replace("_", "")
+
+
 class Body:
     """A JSON object read the way Consul reads it: keys match case-insensitively.
 
@@ -126,16 +136,17 @@ class Body:
             raise BadRequestError(f"Request decode failed: {where}: expected an object")
         self.path = path
         self.raw = obj
-        self._lower = {k.lower(): k for k in obj if isinstance(k, str)}
+        # Consul also accepts snake_case aliases ("tagged_addresses", which py-consul sends).
+        self._lower = {_fold(k): k for k in obj if isinstance(k, str)}
 
     def has(self, name: str) -> bool:
-        return name.lower() in self._lower
+        return _fold(name) in self._lower
 
     def _where(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
     def _get(self, name: str) -> Any:
-        k = self._lower.get(name.lower())
+        k = self._lower.get(_fold(name))
         return _MISSING if k is None else self.raw[k]
 
     def _fail(self, name: str, want: str, value: Any) -> BadRequestError:
@@ -308,6 +319,27 @@ def query_wait(request: web.Request) -> float:
     except ValueError as exc:
         raise BadRequestError(f"Invalid wait time: {v!r}") from exc
     return min(max(wait, 0.0), MAX_WAIT)
+
+
+def query_filter(request: web.Request) -> Filter | None:
+    """The compiled `?filter=` expression (a 400 saying where it is malformed), if any."""
+    expr = request.query.get("filter")
+    if not expr:
+        return None
+    from registry.filter import compile_filter
+
+    return compile_filter(expr)
+
+
+def apply_filter(flt: Filter | None, items: list[Any]) -> list[Any]:
+    return items if flt is None else [x for x in items if flt.matches(x)]
+
+
+def check_datacenter(request: web.Request) -> None:
+    """`?dc=` naming another datacenter fails as Consul's does: we know no other."""
+    dc = request.query.get("dc")
+    if dc and dc != context(request).spec.datacenter:
+        raise RegistryError(f"No path to datacenter {dc!r}")
 
 
 async def block(

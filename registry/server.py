@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from registry import routes
+from registry.checks import CheckRunner
 from registry.http import CONTEXT, MAX_BODY, Context, RegistrySpec, consul_middleware
 from registry.store import Store
 
@@ -33,6 +34,10 @@ class RegistryServer:
         self.app = web.Application(middlewares=[consul_middleware], client_max_size=MAX_BODY)
         self.app[CONTEXT] = self.ctx
         routes.register(self.app)
+        # The agent's own node and serfHealth exist from the start, as in Consul.
+        with self.store.write() as txn:
+            self.ctx.catalog.ensure_local_node(txn)
+        self.add_part("checks", CheckRunner(self.store, self.ctx.catalog))
         self._runner: web.AppRunner | None = None
         self.port = spec.port
 

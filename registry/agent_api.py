@@ -1,0 +1,518 @@
+"""`/v1/agent/*`: the local agent's identity, its services and checks, and maintenance.
+
+The registry is its own single agent: services and checks registered here live on the
+node `spec.node` in the catalog, and the check runner executes their TTL, HTTP and TCP
+checks. Request bodies are decoded as Consul decodes them (keys case-insensitive,
+snake_case aliases accepted); every error names the offending field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from aiohttp import web
+
+from registry.catalog import (
+    CRITICAL,
+    PASSING,
+    SERVICE_MAINTENANCE_PREFIX,
+    STATUSES,
+    WARNING,
+    Catalog,
+)
+from registry.errors import BadRequestError, NotFoundError
+from registry.http import (
+    VERSION,
+    Body,
+    apply_filter,
+    block,
+    context,
+    dumps,
+    format_duration,
+    query_filter,
+    query_flag,
+    read_body,
+    reply,
+)
+from registry.store import Obj
+
+# Check kinds Consul has that this registry does not run; registering one is a 400.
+_UNSUPPORTED_CHECKS = {
+    "Args": "script",
+    "ScriptArgs": "script",
+    "Script": "script",
+    "DockerContainerID": "docker",
+    "GRPC": "gRPC",
+    "H2PING": "H2PING",
+    "UDP": "UDP",
+    "OSService": "OS service",
+    "AliasService": "alias",
+    "AliasNode": "alias",
+}
+
+
+# -- decoding --------------------------------------------------------------------------
+
+
+def parse_status(value: str, field: str) -> str:
+    if value not in STATUSES:
+        raise BadRequestError(
+            f"Request decode failed: {field}: invalid status {value!r}"
+            " (want passing, warning or critical)"
+        )
+    return value
+
+
+def parse_check(body: Body) -> Obj:
+    """A check definition (agent form) → a catalog check without node or service fields.
+
+    Exactly one of TTL, HTTP or TCP must be given; HTTP and TCP need an Interval.
+    """
+    where = body.path or "check"
+    for name, kind in _UNSUPPORTED_CHECKS.items():
+        if body.value(name):
+            raise BadRequestError(
+                f"Invalid check {where}: {kind} checks are not supported by this registry"
+                " (use TTL, HTTP or TCP)"
+            )
+    ttl = body.duration("TTL")
+    http = body.text("HTTP")
+    tcp = body.text("TCP")
+    interval = body.duration("Interval")
+    timeout = body.duration("Timeout")
+    given = [k for k, v in (("TTL", ttl), ("HTTP", http), ("TCP", tcp)) if v]
+    if len(given) != 1:
+        raise BadRequestError(
+            f"Invalid check {where}: exactly one of TTL, HTTP or TCP is required"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
+    definition: dict[str, Any] = {}
+    if ttl is not None and ttl > 0:
+        kind = "ttl"
+        definition["TTL"] = format_duration(ttl)
+    else:
+        kind = "http" if http else "tcp"
+        if interval is None or interval <= 0:
+            field = f"{body.path}.Interval" if body.path else "Interval"
+            raise BadRequestError(f"Invalid check {where}: {field} must be > 0 for {kind} checks")
+        if timeout is not None and timeout < 0:
+            field = f"{body.path}.Timeout" if body.path else "Timeout"
+            raise BadRequestError(f"Invalid check {where}: {field} must not be negative")
+        definition["Interval"] = format_duration(interval)
+        if timeout:
+            definition["Timeout"] = format_duration(timeout)
+        if http:
+            if not http.startswith(("http://", "https://")):
+                field = f"{body.path}.HTTP" if body.path else "HTTP"
+                raise BadRequestError(f"Invalid check {where}: {field}: not an http(s) URL")
+            definition["HTTP"] = http
+            definition["Method"] = body.text("Method") or "GET"
+            definition["Header"] = _headers(body)
+            definition["Body"] = body.text("Body")
+            definition["TLSSkipVerify"] = body.flag("TLSSkipVerify")
+        else:
+            host, sep, port = tcp.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                field = f"{body.path}.TCP" if body.path else "TCP"
+                raise BadRequestError(f"Invalid check {where}: {field}: want host:port")
+            definition["TCP"] = tcp
+    deregister = body.duration("DeregisterCriticalServiceAfter")
+    if deregister:
+        definition["DeregisterCriticalServiceAfter"] = format_duration(deregister)
+    status = body.text("Status")
+    return {
+        "CheckID": body.text("CheckID") or body.text("ID"),
+        "Name": body.text("Name"),
+        "Notes": body.text("Notes"),
+        "Status": parse_status(status, f"{where}.Status") if status else "",
+        "Output": "",
+        "ServiceID": body.text("ServiceID"),
+        "Type": kind,
+        "Interval": definition.get("Interval", ""),
+        "Timeout": definition.get("Timeout", ""),
+        "Definition": definition,
+    }
+
+
+def _headers(body: Body) -> dict[str, list[str]]:
+    raw = body.value("Header", {})
+    field = f"{body.path}.Header" if body.path else "Header"
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, list) and all(isinstance(x, str) for x in v) for v in raw.values()
+    ):
+        raise BadRequestError(
+            f"Request decode failed: {field}: expected an object of lists of strings"
+        )
+    return {str(k): list(v) for k, v in raw.items()}
+
+
+def parse_weights(body: Body) -> dict[str, int]:
+    w = body.obj("Weights")
+    if w is None:
+        return {"Passing": 1, "Warning": 1}
+    passing = w.integer("Passing", 1)
+    warning = w.integer("Warning", 1)
+    if passing < 1:
+        raise BadRequestError("Invalid Weights: Weights.Passing must be greater than 0")
+    if warning < 0:
+        raise BadRequestError("Invalid Weights: Weights.Warning must not be negative")
+    return {"Passing": passing, "Warning": warning}
+
+
+def parse_tagged_addresses(body: Body) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    ta = body.obj("TaggedAddresses")
+    if ta is None:
+        return out
+    for name in ta.raw:
+        entry = ta.obj(name)
+        if entry is None:
+            continue
+        port = entry.integer("Port")
+        if not 0 <= port <= 65535:
+            raise BadRequestError(
+                f"Request decode failed: TaggedAddresses.{name}.Port: out of range"
+            )
+        out[name] = {"Address": entry.text("Address"), "Port": port}
+    return out
+
+
+def parse_service(body: Body, *, name_field: str = "Name") -> Obj:
+    """A service definition → the catalog's service object (without Node and indexes)."""
+    name = body.text(name_field) or body.text("Service" if name_field == "Name" else "Name")
+    if not name:
+        raise BadRequestError("Missing service name")
+    if "/" in name:
+        raise BadRequestError(f"Invalid service name {name!r}: '/' is not allowed")
+    sid = body.text("ID") or name
+    if "/" in sid:
+        raise BadRequestError(f"Invalid service ID {sid!r}: '/' is not allowed")
+    port = body.integer("Port")
+    if not 0 <= port <= 65535:
+        raise BadRequestError(f"Request decode failed: Port: {port} is out of range")
+    svc: Obj = {
+        "ID": sid,
+        "Service": name,
+        "Tags": body.strings("Tags"),
+        "Address": body.text("Address"),
+        "Port": port,
+        "Meta": body.string_map("Meta"),
+        "Weights": parse_weights(body),
+        "TaggedAddresses": parse_tagged_addresses(body),
+        "EnableTagOverride": body.flag("EnableTagOverride"),
+        "Kind": body.text("Kind"),
+    }
+    for extra in ("Proxy", "Connect", "Locality"):
+        v = body.value(extra)
+        if v is not None:
+            if not isinstance(v, dict):
+                raise BadRequestError(f"Request decode failed: {extra}: expected an object")
+            svc[extra] = v
+    if body.text("SocketPath"):
+        svc["SocketPath"] = body.text("SocketPath")
+    return svc
+
+
+def parse_enable(request: web.Request) -> bool:
+    v = request.query.get("enable")
+    if v is None or v == "":
+        raise BadRequestError("Missing value for enable")
+    low = v.lower()
+    if low in ("1", "t", "true"):
+        return True
+    if low in ("0", "f", "false"):
+        return False
+    raise BadRequestError(f"Invalid value for enable: {v!r}")
+
+
+# -- views -----------------------------------------------------------------------------
+
+
+def agent_service(svc: Obj, datacenter: str) -> Obj:
+    """A service as /v1/agent/services shows it."""
+    out = {k: v for k, v in svc.items() if k not in ("Node", "CreateIndex", "ModifyIndex")}
+    out["Datacenter"] = datacenter
+    return out
+
+
+def _catalog(request: web.Request) -> Catalog:
+    return context(request).catalog
+
+
+# -- handlers: identity ----------------------------------------------------------------
+
+
+def _member(request: web.Request) -> Obj:
+    ctx = context(request)
+    cat = ctx.catalog
+    return {
+        "Name": cat.node,
+        "Addr": cat.address,
+        "Port": 8301,
+        "Tags": {
+            "role": "consul",
+            "dc": cat.datacenter,
+            "port": str(ctx.port),
+            "build": VERSION,
+            "vsn": "2",
+            "vsn_min": "2",
+            "vsn_max": "3",
+        },
+        "Status": 1,
+        "ProtocolMin": 1,
+        "ProtocolMax": 5,
+        "ProtocolCur": 2,
+        "DelegateMin": 2,
+        "DelegateMax": 5,
+        "DelegateCur": 4,
+    }
+
+
+async def self_(request: web.Request) -> web.Response:
+    ctx = context(request)
+    ctx.acl.require(request, "agent", ctx.catalog.node, "read")
+    index = await block(request, [f"node:{ctx.catalog.node}"])
+    node = ctx.catalog.get_node(ctx.catalog.node) or {}
+    return reply(
+        {
+            "Config": {
+                "Datacenter": ctx.catalog.datacenter,
+                "PrimaryDatacenter": ctx.catalog.datacenter,
+                "NodeName": ctx.catalog.node,
+                "NodeID": node.get("ID", ""),
+                "Server": True,
+                "Revision": "tether",
+                "Version": VERSION,
+                "BuildDate": "",
+            },
+            "DebugConfig": {},
+            "Coord": None,
+            "Member": _member(request),
+            "Meta": node.get("Meta", {}),
+            "Stats": {},
+            "xDS": None,
+        },
+        index,
+    )
+
+
+async def members(request: web.Request) -> web.Response:
+    ctx = context(request)
+    ctx.acl.require(request, "node", ctx.catalog.node, "read")
+    index = await block(request, ["nodes"])
+    return reply([_member(request)], index)
+
+
+# -- handlers: services ----------------------------------------------------------------
+
+
+async def services(request: web.Request) -> web.Response:
+    ctx = context(request)
+    ctx.acl.require(request, "service", "", "read")
+    flt = query_filter(request)
+    index = await block(request, ["agent:services"])
+    cat = ctx.catalog
+    views = [agent_service(s, cat.datacenter) for s in cat.node_services(cat.node)]
+    return reply({v["ID"]: v for v in apply_filter(flt, views)}, index)
+
+
+async def service(request: web.Request) -> web.Response:
+    ctx = context(request)
+    sid = request.match_info["service_id"]
+    cat = ctx.catalog
+    svc = cat.get_service(cat.node, sid)
+    ctx.acl.require(request, "service", svc["Service"] if svc else sid, "read")
+    index = await block(request, [f"agent:service:{sid}"])
+    svc = cat.get_service(cat.node, sid)
+    if svc is None:
+        raise NotFoundError(f"unknown service ID: {sid}")
+    view = agent_service(svc, cat.datacenter)
+    view["ContentHash"] = hashlib.sha256(dumps(view).encode()).hexdigest()[:16]
+    resp = reply(view, index)
+    resp.headers["X-Consul-ContentHash"] = view["ContentHash"]
+    return resp
+
+
+async def service_register(request: web.Request) -> web.Response:
+    ctx = context(request)
+    cat = ctx.catalog
+    body = Body(await read_body(request))
+    svc = parse_service(body)
+    ctx.acl.require(request, "service", svc["Service"], "write")
+    defs = []
+    single = body.obj("Check")
+    if single is not None:
+        defs.append(single)
+    defs.extend(body.obj_list("Checks"))
+    checks = [parse_check(d) for d in defs]
+    for i, chk in enumerate(checks):
+        if not chk["CheckID"]:
+            chk["CheckID"] = f"service:{svc['ID']}" + (f":{i + 1}" if len(checks) > 1 else "")
+        if not chk["Name"]:
+            chk["Name"] = f"Service '{svc['Service']}' check"
+        if chk["ServiceID"] and chk["ServiceID"] != svc["ID"]:
+            raise BadRequestError(
+                f"Invalid check {defs[i].path}: ServiceID {chk['ServiceID']!r}"
+                f" is not the service being registered ({svc['ID']!r})"
+            )
+        chk["ServiceID"] = svc["ID"]
+    replace = query_flag(request, "replace-existing-checks")
+    runner = ctx.parts.get("checks")
+    with ctx.store.write() as txn:
+        cat.put_service(txn, cat.node, svc)
+        keep = {c["CheckID"] for c in checks}
+        for chk in checks:
+            _keep_status(txn.get("checks", f"{cat.node}/{chk['CheckID']}"), chk)
+            cat.put_check(txn, cat.node, chk)
+        if replace:
+            for old in cat.txn_service_checks(txn, cat.node, svc["ID"]):
+                cid = old["CheckID"]
+                if cid not in keep and not cid.startswith(SERVICE_MAINTENANCE_PREFIX):
+                    cat.delete_check(txn, cat.node, cid)
+    if runner is not None:
+        for chk in checks:
+            runner.reset_ttl(chk["CheckID"])
+    return reply(True)
+
+
+def _keep_status(old: Obj | None, chk: Obj) -> None:
+    """Re-registering a check of the same kind keeps its status, so health does not blink."""
+    if chk["Status"]:
+        return
+    if old is not None and old["Type"] == chk["Type"]:
+        chk["Status"] = old["Status"]
+        chk["Output"] = old["Output"]
+    else:
+        chk["Status"] = CRITICAL
+
+
+async def service_deregister(request: web.Request) -> web.Response:
+    ctx = context(request)
+    cat = ctx.catalog
+    sid = request.match_info["service_id"]
+    svc = cat.get_service(cat.node, sid)
+    ctx.acl.require(request, "service", svc["Service"] if svc else sid, "write")
+    if svc is None:
+        raise NotFoundError(
+            f"Unknown service ID {sid!r}. Ensure that the service ID is passed,"
+            " not the service name."
+        )
+    with ctx.store.write() as txn:
+        cat.delete_service(txn, cat.node, sid)
+    return reply(True)
+
+
+async def service_maintenance(request: web.Request) -> web.Response:
+    ctx = context(request)
+    cat = ctx.catalog
+    sid = request.match_info["service_id"]
+    svc = cat.get_service(cat.node, sid)
+    ctx.acl.require(request, "service", svc["Service"] if svc else sid, "write")
+    enable = parse_enable(request)
+    if svc is None:
+        raise NotFoundError(f"Unknown service ID {sid!r}")
+    with ctx.store.write() as txn:
+        cat.set_service_maintenance(txn, cat.node, sid, enable, request.query.get("reason", ""))
+    return reply(True)
+
+
+async def node_maintenance(request: web.Request) -> web.Response:
+    ctx = context(request)
+    cat = ctx.catalog
+    ctx.acl.require(request, "node", cat.node, "write")
+    enable = parse_enable(request)
+    with ctx.store.write() as txn:
+        cat.set_node_maintenance(txn, cat.node, enable, request.query.get("reason", ""))
+    return reply(True)
+
+
+# -- handlers: checks ------------------------------------------------------------------
+
+
+async def checks(request: web.Request) -> web.Response:
+    ctx = context(request)
+    ctx.acl.require(request, "node", ctx.catalog.node, "read")
+    flt = query_filter(request)
+    index = await block(request, ["agent:checks"])
+    cat = ctx.catalog
+    items = apply_filter(flt, cat.node_checks(cat.node))
+    return reply({c["CheckID"]: c for c in items}, index)
+
+
+async def check_register(request: web.Request) -> web.Response:
+    ctx = context(request)
+    cat = ctx.catalog
+    body = Body(await read_body(request))
+    chk = parse_check(body)
+    if not chk["Name"]:
+        raise BadRequestError("Missing check name")
+    chk["CheckID"] = chk["CheckID"] or chk["Name"]
+    svc = cat.get_service(cat.node, chk["ServiceID"]) if chk["ServiceID"] else None
+    if svc is not None:
+        ctx.acl.require(request, "service", svc["Service"], "write")
+    else:
+        ctx.acl.require(request, "node", cat.node, "write")
+    if chk["ServiceID"] and svc is None:
+        raise BadRequestError(f"ServiceID {chk['ServiceID']!r} does not exist")
+    with ctx.store.write() as txn:
+        _keep_status(txn.get("checks", f"{cat.node}/{chk['CheckID']}"), chk)
+        cat.put_check(txn, cat.node, chk)
+    runner = ctx.parts.get("checks")
+    if runner is not None:
+        runner.reset_ttl(chk["CheckID"])
+    return reply(True)
+
+
+def _local_check(request: web.Request, access: str = "write") -> Obj:
+    ctx = context(request)
+    cat = ctx.catalog
+    cid = request.match_info["check_id"]
+    chk = cat.get_check(cat.node, cid)
+    if chk is not None and chk["ServiceID"]:
+        ctx.acl.require(request, "service", chk["ServiceName"], "write")
+    else:
+        ctx.acl.require(request, "node", cat.node, "write")
+    if chk is None:
+        raise NotFoundError(f"Unknown check ID {cid!r}")
+    return chk
+
+
+async def check_deregister(request: web.Request) -> web.Response:
+    ctx = context(request)
+    chk = _local_check(request)
+    with ctx.store.write() as txn:
+        ctx.catalog.delete_check(txn, ctx.catalog.node, chk["CheckID"])
+    return reply(True)
+
+
+def _update_ttl(request: web.Request, status: str, output: str) -> web.Response:
+    ctx = context(request)
+    chk = _local_check(request)
+    if chk["Type"] != "ttl":
+        raise BadRequestError(f"CheckID {chk['CheckID']!r} does not have associated TTL")
+    with ctx.store.write() as txn:
+        ctx.catalog.set_check_status(txn, ctx.catalog.node, chk["CheckID"], status, output)
+    runner = ctx.parts.get("checks")
+    if runner is not None:
+        runner.reset_ttl(chk["CheckID"])
+    return reply(True)
+
+
+async def check_pass(request: web.Request) -> web.Response:
+    return _update_ttl(request, PASSING, request.query.get("note", ""))
+
+
+async def check_warn(request: web.Request) -> web.Response:
+    return _update_ttl(request, WARNING, request.query.get("note", ""))
+
+
+async def check_fail(request: web.Request) -> web.Response:
+    return _update_ttl(request, CRITICAL, request.query.get("note", ""))
+
+
+async def check_update(request: web.Request) -> web.Response:
+    """`PUT /v1/agent/check/update/<id>` with `{Status, Output}`."""
+    body = Body(await read_body(request))
+    status = parse_status(body.text("Status"), "Status")
+    return _update_ttl(request, status, body.text("Output"))

@@ -1,0 +1,77 @@
+"""`/v1/health/*`: service instances with their checks, and checks by service, node, state.
+
+What sidecars watch (`/v1/health/service/<name>?passing`): each read blocks on the one
+resource `service:<name>`, which every change to those instances, their checks and
+their nodes' checks touches, and nothing else does.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from registry.catalog import STATUSES
+from registry.catalog_api import node_matches, node_meta_query
+from registry.errors import BadRequestError
+from registry.http import (
+    apply_filter,
+    block,
+    check_datacenter,
+    context,
+    query_filter,
+    query_flag,
+    reply,
+)
+
+
+async def service(request: web.Request) -> web.Response:
+    ctx = context(request)
+    name = request.match_info["name"]
+    ctx.acl.require(request, "service", name, "read")
+    check_datacenter(request)
+    flt = query_filter(request)
+    meta = node_meta_query(request)
+    tags = request.query.getall("tag", [])
+    passing = query_flag(request, "passing")
+    index = await block(request, [f"service:{name}"])
+    items = ctx.catalog.health(name, tags, passing)
+    if meta:
+        items = [e for e in items if node_matches(e["Node"], meta)]
+    return reply(apply_filter(flt, items), index)
+
+
+async def checks(request: web.Request) -> web.Response:
+    ctx = context(request)
+    name = request.match_info["name"]
+    ctx.acl.require(request, "service", name, "read")
+    check_datacenter(request)
+    flt = query_filter(request)
+    meta = node_meta_query(request)
+    index = await block(request, [f"service:{name}"])
+    cat = ctx.catalog
+    items = [c for c in cat.service_checks(name) if node_matches(cat.get_node(c["Node"]), meta)]
+    return reply(apply_filter(flt, items), index)
+
+
+async def state(request: web.Request) -> web.Response:
+    ctx = context(request)
+    want = request.match_info["state"]
+    if want not in (*STATUSES, "any"):
+        raise BadRequestError(f"Invalid state {want!r}: want any, passing, warning or critical")
+    ctx.acl.require(request, "node", "", "read")
+    check_datacenter(request)
+    flt = query_filter(request)
+    meta = node_meta_query(request)
+    index = await block(request, ["checks"])
+    cat = ctx.catalog
+    items = [c for c in cat.checks_in_state(want) if node_matches(cat.get_node(c["Node"]), meta)]
+    return reply(apply_filter(flt, items), index)
+
+
+async def node(request: web.Request) -> web.Response:
+    ctx = context(request)
+    name = request.match_info["node"]
+    ctx.acl.require(request, "node", name, "read")
+    check_datacenter(request)
+    flt = query_filter(request)
+    index = await block(request, [f"node:{name}"])
+    return reply(apply_filter(flt, ctx.catalog.node_checks(name)), index)
