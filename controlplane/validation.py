@@ -1,0 +1,252 @@
+"""Validation of policy documents before anything is stored: schema, then meaning.
+
+`validate` takes the files of one apply (names and text), the resources already in
+force, and optionally the registry's view of instances, and returns the decoded
+resources with every `Problem` found:
+
+- schema (from `controlplane.schema`): YAML syntax, unknown fields, wrong types,
+  missing fields, kinds not supported yet;
+- one resource's meaning (`schema.check_resource`): weights summing to 100, regexes
+  that compile, rules after a catch-all that can never match, names;
+- between resources: the same resource twice in one apply, a Route to a subset no
+  TrafficSplit defines (or a change that removes a subset a Route still uses), HTTP
+  routing for a service declared `tcp`. Everything is resolved inside one namespace,
+  which is what makes namespaces isolate;
+- against the registry (warnings only, instances may appear later): a subset whose
+  selector matches no instance.
+
+Each problem names the file, the document (number, kind and name), the field path
+and the line. The module does no I/O: the caller fetches the registry's view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from controlplane.schema import (
+    DEFAULT_NAMESPACE,
+    FieldPath,
+    Problem,
+    Resource,
+    ResourceKey,
+    RouteSpec,
+    SchemaError,
+    ServiceDefaultsSpec,
+    SourceDocument,
+    TrafficSplitSpec,
+    check_resource,
+    decode_document,
+    format_path,
+    load_documents,
+    parse_path,
+)
+
+# (namespace, service) → the Meta of each registered instance.
+InstanceView = Mapping[tuple[str, str], Sequence[Mapping[str, str]]]
+
+
+@dataclass
+class Validated:
+    """The outcome: resources in document order, and every problem (errors and warnings)."""
+
+    resources: list[Resource] = field(default_factory=list)
+    sources: dict[ResourceKey, SourceDocument] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.is_error]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if not p.is_error]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def instance_namespace(meta: Mapping[str, str]) -> str:
+    """An instance's namespace: its Meta `namespace`, `default` when it has none."""
+    return meta.get("namespace") or DEFAULT_NAMESPACE
+
+
+def selects(selector: Mapping[str, str], meta: Mapping[str, str]) -> bool:
+    return all(meta.get(k) == v for k, v in selector.items())
+
+
+def decode_files(files: Iterable[tuple[str, str]]) -> Validated:
+    """Schema and single-resource checks of every document of every file."""
+    out = Validated()
+    for name, text in files:
+        try:
+            docs = load_documents(text, name)
+        except SchemaError as exc:
+            out.problems += exc.problems
+            continue
+        for doc in docs:
+            res, problems = decode_document(doc)
+            out.problems += problems
+            if res is None:
+                continue
+            for p in check_resource(res):
+                located = doc.problem(p.message, parse_path(p.path), severity=p.severity)
+                out.problems.append(located)
+            if res.key in out.sources:
+                first = out.sources[res.key]
+                out.problems.append(
+                    doc.problem(
+                        f"{res.key} is already defined in {first.file} document {first.index}",
+                        ("metadata", "name"),
+                    )
+                )
+                continue
+            out.sources[res.key] = doc
+            out.resources.append(res)
+    return out
+
+
+def validate(
+    files: Iterable[tuple[str, str]],
+    existing: Mapping[ResourceKey, Resource] | None = None,
+    instances: InstanceView | None = None,
+) -> Validated:
+    """Everything about an apply of `files` over the `existing` resources."""
+    out = decode_files(files)
+    if out.errors:
+        return out
+    view = dict(existing or {})
+    view.update({r.key: r for r in out.resources})
+    out.problems += check_references(view, out.sources, changed=set(out.sources))
+    if instances is not None:
+        out.problems += check_instances(out.resources, out.sources, instances)
+    return out
+
+
+def validate_deletion(
+    keys: Iterable[ResourceKey], existing: Mapping[ResourceKey, Resource]
+) -> list[Problem]:
+    """What would break if `keys` were deleted (a Route left pointing at no subset)."""
+    gone = set(keys)
+    view = {k: r for k, r in existing.items() if k not in gone}
+    return check_references(view, {}, changed=gone)
+
+
+def check_references(
+    view: Mapping[ResourceKey, Resource],
+    sources: Mapping[ResourceKey, SourceDocument],
+    changed: set[ResourceKey],
+) -> list[Problem]:
+    """Cross-resource checks over the resources that would be in force.
+
+    Only problems that involve a `changed` resource are reported, so an apply is never
+    blamed for what it did not touch. A problem lands on the Route's document when the
+    Route is part of the apply, otherwise on the resource whose change caused it.
+    """
+    problems: list[Problem] = []
+    for key, res in view.items():
+        if not isinstance(res.spec, RouteSpec):
+            continue
+        ns, service = key.namespace, key.name
+        sd = view.get(ResourceKey("ServiceDefaults", ns, service))
+        if (
+            sd is not None
+            and isinstance(sd.spec, ServiceDefaultsSpec)
+            and sd.spec.protocol == "tcp"
+            and (key in changed or sd.key in changed)
+        ):
+            msg = f"service {service!r} is declared tcp; a Route needs http"
+            problems.append(_blame(key, sd.key, sources, msg, ("spec",), ("spec", "protocol")))
+        for i, rule in enumerate(res.spec.rules):
+            dest = rule.destination
+            if dest.subset is None:
+                continue
+            target = dest.service or service
+            split_key = ResourceKey("TrafficSplit", ns, target)
+            if key not in changed and split_key not in changed:
+                continue
+            split = view.get(split_key)
+            names = (
+                {s.name for s in split.spec.subsets}
+                if split is not None and isinstance(split.spec, TrafficSplitSpec)
+                else set()
+            )
+            if dest.subset in names:
+                continue
+            path: FieldPath = ("spec", "rules", i, "destination", "subset")
+            if split is None:
+                msg = (
+                    f"subset {dest.subset!r}: no TrafficSplit {ns}/{target} defines subsets"
+                    if key in changed
+                    else f"Route {ns}/{service} rules[{i}] sends to subset {dest.subset!r} "
+                    "of this TrafficSplit"
+                )
+            else:
+                msg = (
+                    f"subset {dest.subset!r} is not defined by TrafficSplit {ns}/{target} "
+                    f"(it defines {', '.join(sorted(names))})"
+                    if key in changed
+                    else f"subset {dest.subset!r} is still used by Route {ns}/{service} rules[{i}]"
+                )
+            problems.append(_blame(key, split_key, sources, msg, path, ("spec", "subsets")))
+    return problems
+
+
+def _blame(
+    primary: ResourceKey,
+    secondary: ResourceKey,
+    sources: Mapping[ResourceKey, SourceDocument],
+    message: str,
+    primary_path: FieldPath,
+    secondary_path: FieldPath,
+) -> Problem:
+    if primary in sources:
+        return sources[primary].problem(message, primary_path)
+    if secondary in sources:
+        return sources[secondary].problem(message, secondary_path)
+    # A deletion: no document to point at.
+    return Problem(
+        message,
+        kind=secondary.kind,
+        namespace=secondary.namespace or None,
+        name=secondary.name,
+    )
+
+
+def check_instances(
+    resources: Iterable[Resource],
+    sources: Mapping[ResourceKey, SourceDocument],
+    instances: InstanceView,
+) -> list[Problem]:
+    """Warnings for subsets that select no instance registered right now."""
+    problems: list[Problem] = []
+    for res in resources:
+        if not isinstance(res.spec, TrafficSplitSpec):
+            continue
+        metas = instances.get((res.namespace, res.name))
+        if metas is None:
+            continue
+        for i, subset in enumerate(res.spec.subsets):
+            if any(selects(subset.selector, m) for m in metas):
+                continue
+            msg = (
+                f"subset {subset.name!r} selects no instance of {res.namespace}/{res.name} "
+                f"yet (of {len(metas)} registered)"
+            )
+            path: FieldPath = ("spec", "subsets", i, "selector")
+            doc = sources.get(res.key)
+            if doc is not None:
+                problems.append(doc.problem(msg, path, severity="warning"))
+            else:
+                problems.append(
+                    Problem(
+                        msg,
+                        format_path(path),
+                        kind=res.kind,
+                        namespace=res.namespace,
+                        name=res.name,
+                        severity="warning",
+                    )
+                )
+    return problems
