@@ -1,0 +1,620 @@
+"""Versioned push of policy to sidecars over WebSockets, with ACK/NACK and convergence.
+
+`PushServer` adds two routes to the control plane's aiohttp app: the WebSocket every
+sidecar keeps open (`/api/v1/push`, protocol in docs/push-protocol.md, messages in
+proxy/push_codec.py) and `GET /api/v1/sidecars`, what `tether status` shows.
+
+Source of truth is the registry KV: one blocking query on the resource prefix sees
+every change, whichever replica made it. The snapshot version is the KV index the
+resources were read at, so every replica gives the same change the same version. Each
+change is diffed per service against the previous read, and only sidecars whose needed
+set (the services they call, their own, and what routes among those lead to) touches a
+changed service get a new snapshot; a MeshConfig change concerns everyone.
+
+Per sidecar the replica records what it sent, what was acked and nacked (with the
+error) and when it last heard from it: in memory, and in the KV in a few shards per
+replica written at most once per `flush_interval`, so the KV sees a bounded number of
+writes however many sidecars ack at once, and any replica can answer `tether status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy import push_codec as wire
+
+log = logging.getLogger("tether.push")
+
+ServiceKey = tuple[str, str]  # (namespace, service)
+
+RESOURCE_PREFIX = "tether/resources/"
+STATUS_PREFIX = "tether/push/sidecars/"
+STATUS_SHARDS = 16
+HELLO_TIMEOUT = 10.0
+# A replica whose shards were not rewritten for this long is taken as gone.
+STALE_AFTER = 60.0
+# Closure depth when routes send to other services (routes to routes to ...).
+MAX_ROUTE_DEPTH = 8
+
+
+# -- what each sidecar needs -------------------------------------------------------------
+
+
+def concern(doc: Mapping[str, Any]) -> ServiceKey | None:
+    """The service a stored document configures; None for mesh-wide kinds."""
+    if doc.get("kind") == "MeshConfig":
+        return None
+    meta = doc.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    return (str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+
+
+def route_targets(doc: Mapping[str, Any], namespace: str) -> set[ServiceKey]:
+    """Services a Route's rules send to (same namespace)."""
+    out: set[ServiceKey] = set()
+    if doc.get("kind") != "Route":
+        return out
+    spec = doc.get("spec")
+    rules = spec.get("rules") if isinstance(spec, dict) else None
+    for rule in rules if isinstance(rules, list) else ():
+        dest = rule.get("destination") if isinstance(rule, dict) else None
+        svc = dest.get("service") if isinstance(dest, dict) else None
+        if isinstance(svc, str) and svc:
+            out.add((namespace, svc))
+    return out
+
+
+def _sort_key(doc: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = doc.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    return (str(doc.get("kind")), str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+
+
+class ResourceIndex:
+    """The stored resources at one KV index, grouped by the service they configure."""
+
+    def __init__(self, docs: Iterable[Mapping[str, Any]] = (), version: int = 0) -> None:
+        self.version = version
+        self.mesh: list[dict[str, Any]] = []
+        self.by_service: dict[ServiceKey, list[dict[str, Any]]] = {}
+        self.refs: dict[ServiceKey, set[ServiceKey]] = {}
+        for doc in sorted(docs, key=_sort_key):
+            key = concern(doc)
+            if key is None:
+                self.mesh.append(dict(doc))
+                continue
+            self.by_service.setdefault(key, []).append(dict(doc))
+            targets = route_targets(doc, key[0]) - {key}
+            if targets:
+                self.refs.setdefault(key, set()).update(targets)
+        self.service_json = {k: wire.canonical_json(v) for k, v in self.by_service.items()}
+        self.mesh_json = wire.canonical_json(self.mesh)
+        self._bodies: dict[frozenset[ServiceKey], tuple[str, str]] = {}
+
+    def needed(self, services: Iterable[ServiceKey]) -> frozenset[ServiceKey]:
+        """`services` and everything routes among them lead to."""
+        out = set(services)
+        frontier = set(out)
+        for _ in range(MAX_ROUTE_DEPTH):
+            nxt = set()
+            for key in frontier:
+                nxt |= self.refs.get(key, set())
+            frontier = nxt - out
+            if not frontier:
+                break
+            out |= frontier
+        return frozenset(out)
+
+    def body(self, needed: frozenset[ServiceKey]) -> tuple[str, str]:
+        """(canonical resources JSON, content hash) of a sidecar's snapshot; cached."""
+        got = self._bodies.get(needed)
+        if got is None:
+            docs = list(self.mesh)
+            for key in sorted(needed):
+                docs.extend(self.by_service.get(key, ()))
+            text = wire.canonical_json(docs)
+            got = (text, wire.content_hash(text))
+            self._bodies[needed] = got
+        return got
+
+    def changes(self, old: ResourceIndex) -> tuple[set[ServiceKey], bool]:
+        """Services whose documents differ from `old`'s, and whether MeshConfig did."""
+        changed = {
+            k
+            for k in self.service_json.keys() | old.service_json.keys()
+            if self.service_json.get(k) != old.service_json.get(k)
+        }
+        return changed, self.mesh_json != old.mesh_json
+
+
+# -- per sidecar -------------------------------------------------------------------------
+
+
+@dataclass
+class SidecarRecord:
+    """What a replica knows of one sidecar; also its form in `GET /api/v1/sidecars`."""
+
+    id: str
+    service: str
+    namespace: str
+    instance: str
+    zone: str
+    replica: str
+    connected: bool = True
+    sent_version: int = 0
+    sent_hash: str = ""
+    acked_version: int = 0
+    acked_hash: str = ""
+    nacked_version: int = 0
+    error: str = ""
+    last_seen: float = 0.0
+    connected_since: float = 0.0
+
+    @property
+    def state(self) -> str:
+        if not self.connected:
+            return "disconnected"
+        if self.error:
+            return "nacked"
+        if self.sent_hash and self.acked_hash == self.sent_hash:
+            return "acked"
+        return "pending"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["state"] = self.state
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SidecarRecord:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(eq=False)
+class Session:
+    """One connected sidecar."""
+
+    ws: web.WebSocketResponse
+    node: wire.NodeIdentity
+    record: SidecarRecord
+    calls: set[ServiceKey] = field(default_factory=set)
+    needed: frozenset[ServiceKey] = frozenset()
+    sent_nonce: str = ""
+    pending: str | None = None
+    writer: asyncio.Task[None] | None = None
+
+
+# -- the server ----------------------------------------------------------------------------
+
+
+class PushServer:
+    """Pushes snapshots to the sidecars connected to this replica."""
+
+    def __init__(
+        self,
+        consul: Any,
+        *,
+        resource_prefix: str = RESOURCE_PREFIX,
+        status_prefix: str = STATUS_PREFIX,
+        replica: str | None = None,
+        flush_interval: float = 1.0,
+        heartbeat_interval: float = 15.0,
+        ws_heartbeat: float = 20.0,
+        token: str | None = None,
+    ) -> None:
+        self.consul = consul
+        self.resource_prefix = resource_prefix
+        self.status_prefix = status_prefix
+        self.replica = replica or f"{os.uname().nodename}-{uuid.uuid4().hex[:8]}"
+        self.flush_interval = flush_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.ws_heartbeat = ws_heartbeat
+        self.token = token
+        self.index = ResourceIndex()
+        self.loaded = asyncio.Event()
+        self.sessions: dict[str, Session] = {}
+        # Recently gone sidecars, kept so status shows their last state.
+        self.records: dict[str, SidecarRecord] = {}
+        self._nonces = itertools.count(1)
+        self._dirty: set[int] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self.pushes = 0
+        self.watch_error = ""
+        self.kv_writes = 0
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    def attach(self, app: web.Application) -> None:
+        """Add the push routes, and start/stop with the app."""
+        app.router.add_get(wire.PATH, self.handle_push)
+        app.router.add_get("/api/v1/sidecars", self.handle_sidecars)
+
+        async def _start(_app: web.Application) -> None:
+            self.start()
+
+        async def _stop(_app: web.Application) -> None:
+            await self.aclose()
+
+        app.on_startup.append(_start)
+        app.on_shutdown.append(_stop)
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch()), loop.create_task(self._flusher())]
+
+    async def aclose(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for s in list(self.sessions.values()):
+            with contextlib.suppress(Exception):
+                await s.ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"shutting down")
+        # Leave the status in the KV saying these sidecars are no longer connected here.
+        now = time.time()
+        for s in self.sessions.values():
+            s.record.connected = False
+            s.record.last_seen = now
+            self._mark(s.record)
+        with contextlib.suppress(Exception):
+            await self._flush()
+
+    # -- resources -------------------------------------------------------------------------
+
+    async def _read(self, index: int | None) -> tuple[int, list[dict[str, Any]]]:
+        kw: dict[str, Any] = {"recurse": True, "token": self.token}
+        if index:
+            kw.update(index=index, wait="55s")
+        got_index, items = await self.consul.kv.get(self.resource_prefix, **kw)
+        docs = []
+        for item in items or ():
+            raw = item.get("Value")
+            if not raw:
+                continue
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                log.warning("push: %s is not JSON; skipped", item.get("Key"))
+                continue
+            if isinstance(doc, dict) and "kind" in doc:
+                docs.append(doc)
+        return int(got_index or 0), docs
+
+    async def _watch(self) -> None:
+        index = 0
+        failures = 0
+        while not self._closing:
+            try:
+                new_index, docs = await self._read(index)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.watch_error = f"{type(exc).__name__}: {exc}"
+                failures += 1
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+                continue
+            failures = 0
+            self.watch_error = ""
+            if new_index < index:
+                index = 0  # the registry's index went back (a reset): read afresh
+                continue
+            if new_index == index and self.loaded.is_set():
+                continue
+            index = new_index
+            self.update(ResourceIndex(docs, new_index))
+
+    def update(self, new: ResourceIndex) -> int:
+        """Make `new` current and push to the sidecars it concerns; returns how many."""
+        old, self.index = self.index, new
+        first = not self.loaded.is_set()
+        self.loaded.set()
+        changed, mesh_changed = new.changes(old)
+        if not (changed or mesh_changed) and not first:
+            return 0
+        pushed = 0
+        for s in self.sessions.values():
+            if not s.record.connected:
+                continue
+            s.needed = new.needed(s.calls)
+            if mesh_changed or first or not s.needed.isdisjoint(changed):
+                pushed += self._offer(s)
+        if pushed:
+            log.info("push: version %d to %d sidecars", new.version, pushed)
+        return pushed
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _offer(self, s: Session) -> int:
+        """Send `s` its snapshot if its content differs from what it last got."""
+        text, hash_ = self.index.body(s.needed)
+        rec = s.record
+        if hash_ == rec.sent_hash:
+            return 0
+        nonce = f"{self.replica[-8:]}-{next(self._nonces)}"
+        rec.sent_version, rec.sent_hash = self.index.version, hash_
+        s.sent_nonce = nonce
+        self._mark(rec)
+        s.pending = wire.encode_snapshot(rec.sent_version, hash_, nonce, text)
+        if s.writer is None or s.writer.done():
+            s.writer = asyncio.get_running_loop().create_task(self._write(s))
+        self.pushes += 1
+        return 1
+
+    async def _write(self, s: Session) -> None:
+        # One writer per session: a slow sidecar gets only the newest snapshot, and
+        # never holds up the others.
+        while s.pending is not None and not s.ws.closed:
+            text, s.pending = s.pending, None
+            try:
+                await s.ws.send_str(text)
+            except (ConnectionError, RuntimeError):
+                return
+
+    # -- the WebSocket ---------------------------------------------------------------------
+
+    async def handle_push(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(
+            protocols=(wire.SUBPROTOCOL,),
+            heartbeat=self.ws_heartbeat,
+            max_msg_size=wire.MAX_MESSAGE,
+        )
+        await ws.prepare(request)
+        session: Session | None = None
+        try:
+            try:
+                first = await ws.receive(timeout=HELLO_TIMEOUT)
+            except TimeoutError:
+                await self._refuse(ws, "bad_message", "no hello within 10s")
+                return ws
+            if first.type != aiohttp.WSMsgType.TEXT:
+                await self._refuse(ws, "bad_message", "the first message must be a text hello")
+                return ws
+            try:
+                hello = wire.decode(first.data)
+            except wire.PushProtocolError as exc:
+                await self._refuse(ws, exc.code, str(exc))
+                return ws
+            if not isinstance(hello, wire.Hello):
+                await self._refuse(ws, "bad_message", "the first message must be a hello")
+                return ws
+            await self.loaded.wait()
+            session = self._open(ws, hello)
+            async for frame in ws:
+                if frame.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                session.record.last_seen = time.time()
+                try:
+                    msg = wire.decode(frame.data)
+                except wire.PushProtocolError as exc:
+                    await self._refuse(ws, exc.code, str(exc))
+                    break
+                self._on_message(session, msg)
+        finally:
+            if session is not None:
+                self._close(session)
+        return ws
+
+    async def _refuse(self, ws: web.WebSocketResponse, code: str, message: str) -> None:
+        log.warning("push: refusing a sidecar: %s: %s", code, message)
+        with contextlib.suppress(Exception):
+            await ws.send_str(wire.encode(wire.ErrorMessage(code, message)))
+            await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=code.encode())
+
+    def _open(self, ws: web.WebSocketResponse, hello: wire.Hello) -> Session:
+        node = hello.node
+        now = time.time()
+        old = self.sessions.get(node.key)
+        if old is not None:
+            # The same sidecar again (a reconnect raced its old connection's end).
+            old.record.connected = False
+            asyncio.get_running_loop().create_task(old.ws.close())
+        rec = SidecarRecord(
+            id=node.key,
+            service=node.service,
+            namespace=node.namespace,
+            instance=node.instance,
+            zone=node.zone,
+            replica=self.replica,
+            last_seen=now,
+            connected_since=now,
+            # What it runs already counts as sent and acked.
+            sent_version=hello.version,
+            sent_hash=hello.hash,
+            acked_version=hello.version if hello.hash else 0,
+            acked_hash=hello.hash,
+        )
+        s = Session(ws=ws, node=node, record=rec)
+        s.calls = {(node.namespace, node.service)}
+        s.calls.update(_keys(hello.calls))
+        s.needed = self.index.needed(s.calls)
+        self.sessions[node.key] = s
+        self.records.pop(node.key, None)
+        self._mark(rec)
+        self._offer(s)
+        return s
+
+    def _on_message(self, s: Session, msg: wire.Message) -> None:
+        rec = s.record
+        if isinstance(msg, wire.Ack):
+            if msg.nonce != s.sent_nonce:
+                return  # an answer to a snapshot superseded since: the next one counts
+            rec.acked_version, rec.acked_hash = msg.version, rec.sent_hash
+            rec.error = ""
+            self._mark(rec)
+        elif isinstance(msg, wire.Nack):
+            if msg.nonce != s.sent_nonce:
+                return
+            rec.nacked_version, rec.error = msg.version, msg.error[:2000]
+            log.warning("push: %s refused version %d: %s", rec.id, msg.version, msg.error)
+            self._mark(rec)
+        elif isinstance(msg, wire.Interest):
+            new = set(_keys(msg.add)) - s.calls
+            if new:
+                s.calls |= new
+                s.needed = self.index.needed(s.calls)
+                self._offer(s)
+
+    def _close(self, s: Session) -> None:
+        rec = s.record
+        if self.sessions.get(s.node.key) is s:
+            del self.sessions[s.node.key]
+            rec.connected = False
+            rec.last_seen = time.time()
+            self.records[rec.id] = rec
+            self._mark(rec)
+        if s.writer is not None:
+            s.writer.cancel()
+
+    # -- status ----------------------------------------------------------------------------
+
+    def _shard(self, sidecar_id: str) -> int:
+        return zlib.crc32(sidecar_id.encode()) % STATUS_SHARDS
+
+    def _mark(self, rec: SidecarRecord) -> None:
+        self._dirty.add(self._shard(rec.id))
+
+    def local_records(self) -> list[SidecarRecord]:
+        now = time.time()
+        out = []
+        for s in self.sessions.values():
+            if s.record.connected:
+                s.record.last_seen = now
+            out.append(s.record)
+        out.extend(self.records.values())
+        return out
+
+    async def _flusher(self) -> None:
+        last_full = 0.0
+        while not self._closing:
+            await asyncio.sleep(self.flush_interval)
+            now = time.monotonic()
+            if now - last_full >= self.heartbeat_interval:
+                # Rewriting every shard now and then says "this replica is alive" and
+                # refreshes last-seen of sidecars that were only quiet.
+                self._dirty = set(range(STATUS_SHARDS))
+                last_full = now
+            try:
+                await self._flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("push: status not written (%s); retrying", exc)
+
+    async def _flush(self) -> None:
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        shards: dict[int, list[dict[str, Any]]] = {i: [] for i in dirty}
+        for rec in self.local_records():
+            i = self._shard(rec.id)
+            if i in shards:
+                shards[i].append(rec.to_dict())
+        try:
+            for i, recs in shards.items():
+                key = f"{self.status_prefix}{self.replica}/{i:02d}"
+                value = json.dumps(
+                    {"replica": self.replica, "updated": time.time(), "sidecars": recs},
+                    separators=(",", ":"),
+                )
+                await self.consul.kv.put(key, value, token=self.token)
+                self.kv_writes += 1
+        except BaseException:
+            self._dirty |= dirty
+            raise
+        # Forget gone sidecars after a while (their record stays in the KV until then).
+        cutoff = time.time() - 600
+        for sid in [k for k, r in self.records.items() if r.last_seen < cutoff]:
+            del self.records[sid]
+
+    async def all_records(self) -> list[SidecarRecord]:
+        """Every sidecar any replica knows (this replica's own view is freshest)."""
+        now = time.time()
+        merged: dict[str, SidecarRecord] = {}
+        try:
+            _, items = await self.consul.kv.get(self.status_prefix, recurse=True, token=self.token)
+        except Exception as exc:
+            log.info("push: status of other replicas unreadable: %s", exc)
+            items = None
+        for item in items or ():
+            try:
+                shard = json.loads(item.get("Value") or b"{}")
+            except ValueError:
+                continue
+            if not isinstance(shard, dict) or shard.get("replica") == self.replica:
+                continue
+            stale = now - float(shard.get("updated", 0)) > STALE_AFTER
+            for d in shard.get("sidecars", ()):
+                rec = SidecarRecord.from_dict(d)
+                if stale:
+                    rec.connected = False
+                prev = merged.get(rec.id)
+                if prev is None or _newer(rec, prev):
+                    merged[rec.id] = rec
+        for rec in self.local_records():
+            prev = merged.get(rec.id)
+            if prev is None or _newer(rec, prev):
+                merged[rec.id] = rec
+        return sorted(merged.values(), key=lambda r: (r.namespace, r.service, r.instance))
+
+    async def handle_sidecars(self, request: web.Request) -> web.Response:
+        recs = await self.all_records()
+        service = request.query.get("service")
+        namespace = request.query.get("namespace")
+        if service:
+            recs = [r for r in recs if r.service == service]
+        if namespace:
+            recs = [r for r in recs if r.namespace == namespace]
+        body = {
+            "version": self.index.version,
+            "replica": self.replica,
+            "sidecars": [r.to_dict() for r in recs],
+        }
+        return web.json_response(body)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica,
+            "version": self.index.version,
+            "sidecars": len(self.sessions),
+            "pushes": self.pushes,
+            "kv_writes": self.kv_writes,
+            "watch_error": self.watch_error,
+        }
+
+    def __repr__(self) -> str:
+        return f"<PushServer {self.replica} v{self.index.version} sidecars={len(self.sessions)}>"
+
+
+def _newer(a: SidecarRecord, b: SidecarRecord) -> bool:
+    """Whether `a` is the more recent word on a sidecar (a live connection wins)."""
+    if a.connected != b.connected:
+        return a.connected
+    return a.last_seen >= b.last_seen
+
+
+def _keys(names: Sequence[str]) -> list[ServiceKey]:
+    out = []
+    for name in names:
+        service, namespace = wire.split_service_key(name)
+        out.append((namespace, service))
+    return out

@@ -1,0 +1,331 @@
+"""The sidecar's applied policy: check a pushed snapshot, compile it, make it live.
+
+`Policy.apply` is what the policy client calls for each snapshot. It decodes every
+resource again with the shared schema (controlplane.schema, the one module the proxy
+imports from the control plane), compiles them into an immutable `RoutingTable`, and
+then switches make-before-break, as Envoy does with xDS: clusters for every new
+destination and the subset clusters of every new subset exist before the table that
+routes to them goes live in one assignment; clusters no longer used are dropped last.
+Any error leaves the running table untouched and is raised for the NACK.
+
+On the hot path, `route(namespace, service)` is one dict lookup; the first request to
+a service the control plane has not heard of also notes an interest in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from controlplane import schema
+from proxy import push_codec as wire
+from proxy.balance import Balancer, WeightedRoundRobin
+from proxy.cluster import Cluster, ServiceDirectory
+from proxy.routing import (
+    NO_EDIT,
+    HeaderEdit,
+    RequestMatch,
+    RouteRule,
+    RoutingTable,
+    ServicePolicy,
+    Split,
+    StringMatch,
+    Subset,
+)
+
+log = logging.getLogger("tether.policy")
+
+# How long `apply` waits for discovery's first answer about a new destination.
+RESOLVE_TIMEOUT = 3.0
+
+
+class PolicyError(Exception):
+    """A snapshot this sidecar cannot apply; the message goes into the NACK."""
+
+
+# -- compiling ---------------------------------------------------------------------------
+
+
+def _string_match(
+    exact: str | None, regex: str | None, present: bool | None, where: str
+) -> StringMatch:
+    if exact is not None:
+        return StringMatch.of("exact", exact)
+    if regex is not None:
+        try:
+            return StringMatch.of("regex", regex)
+        except re.error as exc:
+            raise PolicyError(f"{where}.regex: {exc}") from None
+    return StringMatch("present" if present in (True, None) else "absent")
+
+
+def _edit(spec: schema.HeaderChangeSpec | None) -> HeaderEdit:
+    if spec is None:
+        return NO_EDIT
+    return HeaderEdit(
+        add=tuple((k.lower(), v) for k, v in spec.add.items()),
+        set=tuple((k.lower(), v) for k, v in spec.set.items()),
+        remove=tuple(k.lower() for k in spec.remove),
+    )
+
+
+def _rule(res: schema.Resource, i: int, rule: schema.RouteRuleSpec) -> RouteRule:
+    where = f"{res.key}: spec.rules[{i}]"
+    m = rule.match
+    path = None
+    if m.path is not None:
+        p = m.path
+        if p.exact is not None:
+            path = StringMatch.of("exact", p.exact)
+        elif p.prefix is not None:
+            path = StringMatch.of("prefix", p.prefix)
+        elif p.regex is not None:
+            try:
+                path = StringMatch.of("regex", p.regex)
+            except re.error as exc:
+                raise PolicyError(f"{where}.match.path.regex: {exc}") from None
+    headers = tuple(
+        (h.name.lower(), _string_match(h.exact, h.regex, h.present, f"{where}.match.headers[{j}]"))
+        for j, h in enumerate(m.headers)
+    )
+    query = tuple(
+        (q.name, _string_match(q.exact, q.regex, q.present, f"{where}.match.queryParams[{j}]"))
+        for j, q in enumerate(m.query_params)
+    )
+    methods = frozenset({m.method.upper()}) if m.method else frozenset()
+    return RouteRule(
+        match=RequestMatch(methods, path, headers, query),
+        service=rule.destination.service or res.name,
+        namespace=res.namespace,
+        subset=rule.destination.subset,
+        request_headers=_edit(rule.request_headers),
+        response_headers=_edit(rule.response_headers),
+    )
+
+
+def decode(resources: Sequence[Mapping[str, Any]]) -> list[schema.Resource]:
+    """Every resource decoded by the shared schema; PolicyError naming all problems."""
+    out: list[schema.Resource] = []
+    problems: list[str] = []
+    for i, data in enumerate(resources):
+        try:
+            out.append(schema.Resource.from_dict(data))
+        except schema.SchemaError as exc:
+            meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+            name = f"{data.get('kind')} {meta.get('namespace', '')}/{meta.get('name')}"  # type: ignore[union-attr]
+            problems += [f"resources[{i}] ({name}): {p}" for p in exc.problems if p.is_error]
+    if problems:
+        raise PolicyError("; ".join(problems))
+    return out
+
+
+def compile_table(
+    resources: Iterable[schema.Resource], version: int = 0, hash_: str = ""
+) -> tuple[RoutingTable, schema.MeshConfigSpec | None]:
+    """The RoutingTable for these resources (and the MeshConfig among them)."""
+    routes: dict[tuple[str, str], schema.Resource] = {}
+    splits: dict[tuple[str, str], schema.Resource] = {}
+    defaults: dict[tuple[str, str], schema.Resource] = {}
+    mesh: schema.MeshConfigSpec | None = None
+    for res in resources:
+        key = (res.namespace, res.name)
+        if isinstance(res.spec, schema.MeshConfigSpec):
+            mesh = res.spec
+        elif isinstance(res.spec, schema.RouteSpec):
+            routes[key] = res
+        elif isinstance(res.spec, schema.TrafficSplitSpec):
+            splits[key] = res
+        elif isinstance(res.spec, schema.ServiceDefaultsSpec):
+            defaults[key] = res
+    services: dict[tuple[str, str], ServicePolicy] = {}
+    for key in {*routes, *splits, *defaults}:
+        ns, svc = key
+        rules: tuple[RouteRule, ...] = ()
+        if key in routes:
+            res = routes[key]
+            assert isinstance(res.spec, schema.RouteSpec)
+            rules = tuple(_rule(res, i, r) for i, r in enumerate(res.spec.rules))
+        split = None
+        subsets: dict[str, Subset] = {}
+        if key in splits:
+            res = splits[key]
+            spec = splits[key].spec
+            assert isinstance(spec, schema.TrafficSplitSpec)
+            total = sum(s.weight for s in spec.subsets)
+            if total != 100:
+                raise PolicyError(f"{res.key}: subset weights sum to {total}, not 100")
+            for s in spec.subsets:
+                if s.name in subsets:
+                    raise PolicyError(f"{res.key}: subset {s.name!r} defined twice")
+                subsets[s.name] = Subset(s.name, tuple(sorted(s.selector.items())))
+            sticky = spec.sticky
+            split = Split(
+                shares=tuple((s.name, s.weight) for s in spec.subsets),
+                sticky_header=sticky.header.lower() if sticky and sticky.header else None,
+                sticky_cookie=sticky.cookie if sticky else None,
+                cookie_ttl=sticky.ttl if sticky else None,
+            )
+        dflt = defaults[key].spec if key in defaults else None
+        services[key] = ServicePolicy(
+            service=svc,
+            namespace=ns,
+            rules=rules,
+            split=split,
+            subsets=subsets,
+            defaults=dflt,
+            needs_query=any(r.match.query for r in rules),
+        )
+    # A route may name a subset only of a destination that defines it.
+    for pol in services.values():
+        for i, rule in enumerate(pol.rules):
+            if rule.subset is None:
+                continue
+            dest = services.get((rule.namespace, rule.service))
+            if dest is None or rule.subset not in dest.subsets:
+                raise PolicyError(
+                    f"Route {pol.namespace}/{pol.service}: spec.rules[{i}].destination: "
+                    f"subset {rule.subset!r} of {rule.service} is not defined by a TrafficSplit"
+                )
+    return RoutingTable(services, version, hash_), mesh
+
+
+# -- the live policy ---------------------------------------------------------------------
+
+
+class SubsetCluster:
+    """A cluster holding the endpoints of `parent` that a subset selects (kept in step)."""
+
+    def __init__(self, parent: Cluster, subset: Subset, balancer: Balancer) -> None:
+        self.parent = parent
+        self.subset = subset
+        self.cluster = Cluster(parent.service, parent.namespace, balancer)
+        self.cluster.name = f"{parent.name}/{subset.name}"
+        self.generation = -1
+
+    def current(self) -> Cluster:
+        parent = self.parent
+        if parent.generation != self.generation:
+            self.generation = parent.generation
+            self.cluster.set_endpoints(self.subset.filter(parent.endpoints), parent.source)
+        return self.cluster
+
+
+_UNKNOWN: Any = object()
+
+
+class Policy:
+    """The policy a sidecar runs; starts empty (defaults) and changes only by `apply`."""
+
+    def __init__(
+        self,
+        directory: ServiceDirectory,
+        *,
+        namespace: str = "default",
+        interest: Callable[[str, str], None] | None = None,
+        balancer_factory: Callable[[], Balancer] = WeightedRoundRobin,
+        resolve_timeout: float = RESOLVE_TIMEOUT,
+    ) -> None:
+        self.directory = directory
+        self.namespace = namespace
+        self.interest = interest
+        self.balancer_factory = balancer_factory
+        self.resolve_timeout = resolve_timeout
+        self.table = RoutingTable()
+        self.mesh: schema.MeshConfigSpec | None = None
+        self.resources: tuple[dict[str, Any], ...] = ()
+        self.version = 0
+        self.hash = ""
+        self.applied_at = 0.0
+        self.subset_clusters: dict[tuple[str, str, str], SubsetCluster] = {}
+        # The hot path's one lookup: every service seen so far -> its policy or None.
+        self._routes: dict[tuple[str, str], ServicePolicy | None] = {}
+        self._lock = asyncio.Lock()
+
+    # -- hot path --------------------------------------------------------------------------
+
+    def route(self, namespace: str, service: str) -> ServicePolicy | None:
+        """The policy for a logical target; None sends it to its own cluster as is."""
+        pol = self._routes.get((namespace, service), _UNKNOWN)
+        if pol is _UNKNOWN:
+            pol = self.table.policy(namespace, service)
+            self._routes[(namespace, service)] = pol
+            if self.interest is not None:
+                self.interest(service, namespace)
+        return pol  # type: ignore[no-any-return]
+
+    def subset_cluster(self, namespace: str, service: str, subset: str) -> Cluster | None:
+        """The cluster of one subset (None when this table does not define it)."""
+        sc = self.subset_clusters.get((namespace, service, subset))
+        return sc.current() if sc is not None else None
+
+    def defaults(self, namespace: str, service: str) -> schema.ServiceDefaultsSpec | None:
+        pol = self.table.policy(namespace, service)
+        d = pol.defaults if pol is not None else None
+        return d if isinstance(d, schema.ServiceDefaultsSpec) else None
+
+    # -- applying ------------------------------------------------------------------------
+
+    async def apply(self, snapshot: wire.Snapshot) -> None:
+        """Check, compile, make, switch, break. Raises PolicyError; then nothing changed."""
+        async with self._lock:
+            resources = decode(snapshot.resources)
+            table, mesh = compile_table(resources, snapshot.version, snapshot.hash)
+            # Make: clusters for every destination, then the subsets over them.
+            wanted = table.subsets_in_use()
+            parents = {(ns, svc) for ns, svc, _ in wanted} | table.destinations()
+            clusters = await self._resolve_all(parents)
+            made: dict[tuple[str, str, str], SubsetCluster] = {}
+            for ns, svc, name in wanted:
+                subset = table.subset(ns, svc, name)
+                parent = clusters.get((ns, svc))
+                if subset is None or parent is None:
+                    continue  # an unknown service: requests to it fail as without policy
+                old = self.subset_clusters.get((ns, svc, name))
+                if old is not None and old.parent is parent and old.subset == subset:
+                    made[(ns, svc, name)] = old
+                else:
+                    made[(ns, svc, name)] = SubsetCluster(parent, subset, self.balancer_factory())
+            for sc in made.values():
+                sc.current()
+            # Switch (no await from here on, so no request sees half of it).
+            self.table, self.mesh = table, mesh
+            self._routes = {key: table.policy(*key) for key in self._routes}
+            for key in table.services:
+                self._routes[key] = table.services[key]
+            self.version, self.hash = snapshot.version, snapshot.hash
+            self.resources = snapshot.resources
+            self.applied_at = asyncio.get_running_loop().time()
+            # Break: subsets nothing routes to any more.
+            self.subset_clusters = made
+
+    async def _resolve_all(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Cluster]:
+        keys = list(keys)
+
+        async def one(ns: str, svc: str) -> Cluster | None:
+            found = self.directory.lookup(ns, svc)
+            if found is not None:
+                return found
+            try:
+                return await asyncio.wait_for(self.directory.resolve(ns, svc), self.resolve_timeout)
+            except (TimeoutError, OSError) as exc:
+                log.info("policy: %s.%s not resolved yet (%s)", svc, ns, exc)
+                return None
+
+        found = await asyncio.gather(*(one(ns, svc) for ns, svc in keys))
+        return {k: c for k, c in zip(keys, found, strict=True) if c is not None}
+
+    def describe(self) -> dict[str, Any]:
+        """What `/config_dump` shows of the policy."""
+        return {
+            "version": self.version,
+            "hash": self.hash,
+            "resources": list(self.resources),
+            "subsets": sorted(f"{svc}.{ns}/{name}" for ns, svc, name in self.subset_clusters),
+        }
+
+    def __repr__(self) -> str:
+        n = len(self.table.services)
+        return f"<Policy v{self.version} {self.hash or 'defaults'} services={n}>"

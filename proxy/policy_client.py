@@ -1,0 +1,233 @@
+"""The sidecar's end of the policy push: one WebSocket to the control plane, kept open.
+
+It says hello (who this sidecar is, the services it calls, the config version and hash
+it runs), then applies each snapshot through its `Applier` and answers ACK, or NACK
+with the error while the last good config keeps serving. When the app starts calling a
+service the control plane has not heard of, `want` sends an "interest" message. When
+the control plane is away the sidecar keeps what it has (defaults, if it never got
+anything) and reconnects with exponential backoff and jitter. Protocol:
+docs/push-protocol.md; messages: proxy/push_codec.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any, Protocol
+
+import aiohttp
+
+from proxy import push_codec as wire
+from proxy.backoff import BackoffPolicy
+
+log = logging.getLogger("tether.policy")
+
+HELLO_TIMEOUT = 10.0
+
+
+class Applier(Protocol):
+    """Applies a snapshot or raises with a message for the NACK; keeps the old on error."""
+
+    version: int
+    hash: str
+
+    async def apply(self, snapshot: wire.Snapshot) -> None: ...
+
+
+class PolicyClient:
+    """Keeps the push connection; `run` until `aclose`."""
+
+    def __init__(
+        self,
+        url: str,
+        node: wire.NodeIdentity,
+        applier: Applier,
+        *,
+        backoff: BackoffPolicy | None = None,
+        rng: random.Random | None = None,
+        heartbeat: float = 15.0,
+    ) -> None:
+        self.url = push_url(url)
+        self.node = node
+        self.applier = applier
+        self.backoff = backoff or BackoffPolicy(base=0.2, factor=2.0, cap=10.0)
+        self.rng = rng or random.Random()
+        self.heartbeat = heartbeat
+        self.calls: dict[str, None] = {}
+        self.connected = False
+        self.connects = 0
+        self.last_error = ""
+        self.last_contact = 0.0
+        self.acks = 0
+        self.nacks = 0
+        self.last_nack = ""
+        # Set on every applied or refused snapshot (tests and `tether up` wait on it).
+        self.changed = asyncio.Event()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- interest ------------------------------------------------------------------------
+
+    def want(self, service: str, namespace: str) -> None:
+        """Note that the app calls this service (cheap when already known)."""
+        key = wire.service_key(service, namespace)
+        if key in self.calls:
+            return
+        self.calls[key] = None
+        ws = self._ws
+        if ws is not None and not ws.closed and self.connected:
+            msg = wire.encode(wire.Interest(add=(key,)))
+            asyncio.get_running_loop().create_task(self._send_quiet(ws, msg))
+
+    async def _send_quiet(self, ws: aiohttp.ClientWebSocketResponse, text: str) -> None:
+        # A send that fails means the connection is going; the hello after the reconnect
+        # carries the whole interest set, so nothing is lost.
+        try:
+            await ws.send_str(text)
+        except (ConnectionError, RuntimeError, aiohttp.ClientError):
+            pass
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._ws is not None:
+            await self._ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._session is not None:
+            await self._session.close()
+
+    async def run(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        attempt = 0
+        while not self._closing:
+            try:
+                served = await self._connect_once(self._session)
+            except asyncio.CancelledError:
+                raise
+            except wire.ProtocolVersionError as exc:
+                # Another protocol version: retrying soon cannot help, so wait long.
+                self.last_error = str(exc)
+                log.error("control plane refused: %s", exc)
+                served = False
+                attempt = max(attempt, 6)
+            except (aiohttp.ClientError, OSError, TimeoutError, wire.PushProtocolError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                served = False
+            self.connected = False
+            self._ws = None
+            if self._closing:
+                return
+            if served:
+                attempt = 0
+            delay = self.backoff.delay(attempt, self.rng)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _connect_once(self, session: aiohttp.ClientSession) -> bool:
+        """One connection's life; True if it got as far as an answered hello."""
+        async with session.ws_connect(
+            self.url,
+            protocols=(wire.SUBPROTOCOL,),
+            heartbeat=self.heartbeat,
+            max_msg_size=wire.MAX_MESSAGE,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+        ) as ws:
+            self._ws = ws
+            self.connects += 1
+            hello = wire.Hello(
+                node=self.node,
+                calls=tuple(self.calls),
+                version=self.applier.version,
+                hash=self.applier.hash,
+            )
+            await ws.send_str(wire.encode(hello))
+            self.connected = True
+            self.last_contact = time.time()
+            self.last_error = ""
+            served = False
+            async for frame in ws:
+                if frame.type != aiohttp.WSMsgType.TEXT:
+                    if frame.type == aiohttp.WSMsgType.ERROR:
+                        raise ConnectionError(str(ws.exception()))
+                    continue
+                self.last_contact = time.time()
+                msg = wire.decode(frame.data)
+                served = True
+                if isinstance(msg, wire.Snapshot):
+                    await self._on_snapshot(ws, msg)
+                elif isinstance(msg, wire.ErrorMessage):
+                    if msg.code == wire.ProtocolVersionError.code:
+                        raise wire.ProtocolVersionError(msg.message)
+                    raise wire.PushProtocolError(f"control plane: {msg.code}: {msg.message}")
+                else:
+                    raise wire.PushProtocolError(f"unexpected {type(msg).__name__} from server")
+            # A close after a quiet, current hello is a normal end (e.g. a replica
+            # restarting): the hello was answered by silence, which means "current".
+            return served or ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
+
+    async def _on_snapshot(self, ws: aiohttp.ClientWebSocketResponse, snap: wire.Snapshot) -> None:
+        error = ""
+        got = wire.content_hash(wire.canonical_json(snap.resources))
+        if got != snap.hash:
+            error = f"content hash {got} does not match the snapshot's {snap.hash}"
+        else:
+            try:
+                await self.applier.apply(snap)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = str(exc) or type(exc).__name__
+        if error:
+            self.nacks += 1
+            self.last_nack = error
+            log.warning("refused config version %d: %s", snap.version, error)
+            reply: wire.Message = wire.Nack(snap.version, snap.nonce, error)
+        else:
+            self.acks += 1
+            reply = wire.Ack(snap.version, snap.nonce)
+        self.changed.set()
+        self.changed = asyncio.Event()
+        await ws.send_str(wire.encode(reply))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "connected": self.connected,
+            "connects": self.connects,
+            "last_error": self.last_error,
+            "acks": self.acks,
+            "nacks": self.nacks,
+            "last_nack": self.last_nack,
+            "calls": list(self.calls),
+        }
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "disconnected"
+        return f"<PolicyClient {self.node.key} {state} v{self.applier.version}>"
+
+
+def push_url(base: str) -> str:
+    """`http://cp:15010` -> `ws://cp:15010/api/v1/push` (an explicit ws URL is kept)."""
+    url = base.rstrip("/")
+    if url.startswith("http://"):
+        url = "ws://" + url.removeprefix("http://")
+    elif url.startswith("https://"):
+        url = "wss://" + url.removeprefix("https://")
+    elif not url.startswith(("ws://", "wss://")):
+        url = "ws://" + url
+    if not url.split("://", 1)[1].count("/"):
+        url += wire.PATH
+    return url

@@ -1,0 +1,323 @@
+"""Route matching and traffic splitting: from a request to a concrete destination (pure).
+
+The outbound path asks `RoutingTable.policy(namespace, service)` for the logical target
+the app dialled; None (no policy) leaves the request on its plain cluster, so requests to
+services without policy pay one dict lookup. Otherwise `ServicePolicy.decide` matches the
+ordered rules (first match wins; no match or no Route sends the service to itself), then
+the destination's `Split` picks a subset by weight (the rng is an argument) or by a
+sticky header/cookie hash, and the result names service, namespace, subset and the header
+edits to make. A `Subset` is a filter of a cluster's endpoints by registry Meta.
+
+Nothing here does I/O or reads a clock; tables are built once per applied snapshot
+(proxy/policy.py) and never mutated, so a request sees one table from start to end.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from collections.abc import Iterable, Mapping, MutableSequence, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import parse_qsl
+
+from proxy.balance import Endpoint
+
+MatchKind = Literal["exact", "prefix", "regex", "present", "absent"]
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """One condition on a string value: exact, prefix, regex (full match), present, absent."""
+
+    kind: MatchKind
+    value: str = ""
+    pattern: re.Pattern[str] | None = None
+
+    @classmethod
+    def of(cls, kind: MatchKind, value: str = "") -> StringMatch:
+        return cls(kind, value, re.compile(value) if kind == "regex" else None)
+
+    def test(self, value: str | None) -> bool:
+        kind = self.kind
+        if value is None:
+            return kind == "absent"
+        if kind == "exact":
+            return value == self.value
+        if kind == "prefix":
+            return value.startswith(self.value)
+        if kind == "regex":
+            assert self.pattern is not None
+            return self.pattern.fullmatch(value) is not None
+        return kind == "present"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMatch:
+    """All conditions of one rule; an empty match is a catch-all."""
+
+    methods: frozenset[str] = frozenset()
+    path: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()
+    query: tuple[tuple[str, StringMatch], ...] = ()
+
+    @property
+    def catch_all(self) -> bool:
+        return not (self.methods or self.path or self.headers or self.query)
+
+    def test(
+        self, method: str, path: str, headers: Mapping[str, str], query: Mapping[str, str]
+    ) -> bool:
+        if self.methods and method not in self.methods:
+            return False
+        if self.path is not None and not self.path.test(path):
+            return False
+        for name, cond in self.headers:
+            if not cond.test(headers.get(name)):
+                return False
+        return all(cond.test(query.get(name)) for name, cond in self.query)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdit:
+    """Header changes in order: remove, then set (replace), then add (append).
+
+    Names are lower case; the proxy's headers are (name, value) byte pairs.
+    """
+
+    add: tuple[tuple[str, str], ...] = ()
+    set: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.set or self.remove)
+
+    def apply(self, headers: MutableSequence[tuple[bytes, bytes]]) -> None:
+        drop = {n.encode() for n in self.remove} | {n.encode() for n, _ in self.set}
+        if drop:
+            headers[:] = [(n, v) for n, v in headers if n.lower() not in drop]
+        for name, value in self.set:
+            headers.append((name.encode(), value.encode()))
+        for name, value in self.add:
+            headers.append((name.encode(), value.encode()))
+
+
+NO_EDIT = HeaderEdit()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    match: RequestMatch
+    service: str
+    namespace: str
+    subset: str | None = None
+    request_headers: HeaderEdit = NO_EDIT
+    response_headers: HeaderEdit = NO_EDIT
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    """Instances of a service whose registry Meta has every key/value of `selector`."""
+
+    name: str
+    selector: tuple[tuple[str, str], ...]
+
+    def selects(self, ep: Endpoint) -> bool:
+        meta = ep.meta
+        return all(meta.get(k) == v for k, v in self.selector)
+
+    def filter(self, endpoints: Iterable[Endpoint]) -> list[Endpoint]:
+        return [ep for ep in endpoints if self.selects(ep)]
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Weighted shares of a service's traffic between its subsets."""
+
+    shares: tuple[tuple[str, int], ...]
+    sticky_header: str | None = None
+    sticky_cookie: str | None = None
+    cookie_ttl: float | None = None
+    total: int = field(init=False)
+    # Cumulative weights, so a choice is one pass over a handful of entries.
+    bounds: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        acc, bounds = 0, []
+        for _, w in self.shares:
+            acc += w
+            bounds.append(acc)
+        object.__setattr__(self, "total", acc)
+        object.__setattr__(self, "bounds", tuple(bounds))
+
+    def by_weight(self, rng: random.Random) -> str | None:
+        return self._at(int(rng.random() * self.total))
+
+    def _at(self, point: int) -> str | None:
+        for (name, _), bound in zip(self.shares, self.bounds, strict=True):
+            if point < bound:
+                return name
+        return self.shares[-1][0] if self.shares else None
+
+    def choose(self, headers: Mapping[str, str], rng: random.Random) -> tuple[str | None, str]:
+        """The subset for one request, and a Set-Cookie value to pin it ("" for none).
+
+        Header stickiness hashes the header's value onto the weights (the same value
+        always lands on the same subset while weights stay); cookie stickiness names the
+        subset in the cookie, set on the first response, and honoured while that subset
+        still has a share.
+        """
+        if self.total <= 0:
+            return None, ""
+        if self.sticky_header is not None:
+            value = headers.get(self.sticky_header)
+            if value:
+                return self._at(zlib.crc32(value.encode()) % self.total), ""
+        elif self.sticky_cookie is not None:
+            pinned = cookie_value(headers.get("cookie"), self.sticky_cookie)
+            if pinned is not None and self.weight_of(pinned) > 0:
+                return pinned, ""
+            name = self.by_weight(rng)
+            if name is None:
+                return None, ""
+            cookie = f"{self.sticky_cookie}={name}; Path=/; HttpOnly"
+            if self.cookie_ttl is not None:
+                cookie += f"; Max-Age={int(self.cookie_ttl)}"
+            return name, cookie
+        return self.by_weight(rng), ""
+
+    def weight_of(self, subset: str) -> int:
+        for name, w in self.shares:
+            if name == subset:
+                return w
+        return 0
+
+
+def cookie_value(header: str | None, name: str) -> str | None:
+    if not header:
+        return None
+    for part in header.split(";"):
+        k, eq, v = part.strip().partition("=")
+        if eq and k == name:
+            return v.strip().strip('"')
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where one request goes: a service, namespace and optional subset, plus edits."""
+
+    service: str
+    namespace: str
+    subset: str | None
+    request_headers: HeaderEdit = NO_EDIT
+    response_headers: HeaderEdit = NO_EDIT
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePolicy:
+    """Everything the sidecar knows about one destination service."""
+
+    service: str
+    namespace: str
+    rules: tuple[RouteRule, ...] = ()
+    split: Split | None = None
+    subsets: Mapping[str, Subset] = field(default_factory=dict)
+    # The ServiceDefaults object of the shared schema, or None (kept opaque here).
+    defaults: object | None = None
+    needs_query: bool = False
+
+    def match(
+        self, method: str, path: str, headers: Mapping[str, str], query: Mapping[str, str]
+    ) -> RouteRule | None:
+        for rule in self.rules:
+            if rule.match.test(method, path, headers, query):
+                return rule
+        return None
+
+
+EMPTY_QUERY: Mapping[str, str] = {}
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """The applied policy of one sidecar: per destination service, its ServicePolicy."""
+
+    services: Mapping[tuple[str, str], ServicePolicy] = field(default_factory=dict)
+    version: int = 0
+    hash: str = ""
+
+    def policy(self, namespace: str, service: str) -> ServicePolicy | None:
+        return self.services.get((namespace, service))
+
+    def decide(
+        self,
+        policy: ServicePolicy,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        rng: random.Random,
+    ) -> Decision:
+        """Route and split one request for the logical service `policy` describes.
+
+        `target` is the request target (path and query); `headers` has lower-case names.
+        """
+        path, _, qs = target.partition("?")
+        query = dict(parse_qsl(qs, keep_blank_values=True)) if qs and policy.needs_query else {}
+        rule = policy.match(method, path, headers, query or EMPTY_QUERY) if policy.rules else None
+        if rule is None:
+            service, namespace, subset = policy.service, policy.namespace, None
+            req, resp = NO_EDIT, NO_EDIT
+        else:
+            service, namespace, subset = rule.service, rule.namespace, rule.subset
+            req, resp = rule.request_headers, rule.response_headers
+        if subset is None:
+            dest = (
+                policy
+                if (namespace, service) == (policy.namespace, policy.service)
+                else self.services.get((namespace, service))
+            )
+            if dest is not None and dest.split is not None:
+                subset, cookie = dest.split.choose(headers, rng)
+                if cookie:
+                    resp = HeaderEdit(
+                        add=(*resp.add, ("set-cookie", cookie)), set=resp.set, remove=resp.remove
+                    )
+        return Decision(service, namespace, subset, req, resp)
+
+    def subsets_in_use(self) -> set[tuple[str, str, str]]:
+        """(namespace, service, subset) for every subset a rule or split can choose."""
+        used: set[tuple[str, str, str]] = set()
+        for (ns, svc), pol in self.services.items():
+            if pol.split is not None:
+                used.update((ns, svc, name) for name, _ in pol.split.shares)
+            for rule in pol.rules:
+                if rule.subset is not None:
+                    used.add((rule.namespace, rule.service, rule.subset))
+        return used
+
+    def subset(self, namespace: str, service: str, name: str) -> Subset | None:
+        pol = self.services.get((namespace, service))
+        return pol.subsets.get(name) if pol is not None else None
+
+    def destinations(self) -> set[tuple[str, str]]:
+        """Every (namespace, service) a request could be sent to under this table."""
+        out = set(self.services)
+        for pol in self.services.values():
+            out.update((r.namespace, r.service) for r in pol.rules)
+        return out
+
+
+def lower_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The request's headers as a lower-case-name dict (first value wins; cookies joined)."""
+    out: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        if name in out:
+            if name == "cookie":
+                out[name] = f"{out[name]}; {value}"
+            continue
+        out[name] = value
+    return out

@@ -1,0 +1,408 @@
+"""The push protocol: codec (sans-IO), routing, the sidecar's apply, and the push server
+against a real registry KV with real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from controlplane.push import PushServer, ResourceIndex
+from proxy import push_codec as wire
+from proxy.balance import Endpoint
+from proxy.cluster import Cluster, StaticDirectory
+from proxy.policy import Policy, PolicyError, compile_table, decode
+from proxy.policy_client import PolicyClient, push_url
+from proxy.routing import HeaderEdit, Split, lower_headers
+
+API = "tether.dev/v1alpha1"
+
+
+def doc(kind: str, name: str, spec: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if kind != "MeshConfig":
+        meta["namespace"] = namespace
+    return {"apiVersion": API, "kind": kind, "metadata": meta, "spec": spec}
+
+
+def split(service: str, v1: int, v2: int, **extra: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "subsets": [
+            {"name": "v1", "selector": {"version": "v1"}, "weight": v1},
+            {"name": "v2", "selector": {"version": "v2"}, "weight": v2},
+        ]
+    }
+    spec.update(extra)
+    return doc("TrafficSplit", service, spec)
+
+
+HEADER_ROUTE = doc(
+    "Route",
+    "orders",
+    {
+        "rules": [
+            {
+                "match": {"headers": [{"name": "x-canary", "exact": "true"}]},
+                "destination": {"subset": "v2"},
+                "responseHeaders": {"set": {"x-tether-subset": "v2"}},
+            },
+            {
+                "match": {"path": {"prefix": "/admin"}, "method": "POST"},
+                "destination": {"service": "admin"},
+                "requestHeaders": {"add": {"x-routed": "admin"}, "remove": ["x-drop"]},
+            },
+            {
+                "match": {"queryParams": [{"name": "beta", "present": True}]},
+                "destination": {"subset": "v2"},
+            },
+        ]
+    },
+)
+
+
+# -- codec ---------------------------------------------------------------------------------
+
+
+def test_codec_round_trips_every_message() -> None:
+    node = wire.NodeIdentity("orders", "shop", "orders-1", "z1")
+    msgs: list[wire.Message] = [
+        wire.Hello(node, ("inventory.shop", "pay.billing"), 7, "abc"),
+        wire.Interest(("x.default",)),
+        wire.Snapshot(9, wire.content_hash(wire.canonical_json([{"a": 1}])), "n1", ({"a": 1},)),
+        wire.Ack(9, "n1"),
+        wire.Nack(9, "n1", "bad regex"),
+        wire.ErrorMessage("unsupported_protocol", "speak v1"),
+    ]
+    for msg in msgs:
+        text = wire.encode(msg)
+        assert json.loads(text)["proto"] == wire.PROTOCOL
+        assert wire.decode(text) == msg
+        assert wire.decode(text.encode()) == msg
+
+
+def test_snapshot_splice_is_valid_json_and_hash_is_canonical() -> None:
+    resources = [{"b": 2, "a": [1, {"z": None}]}, {"kind": "Route"}]
+    text = wire.canonical_json(resources)
+    frame = wire.encode_snapshot(3, wire.content_hash(text), 'n"1', text)
+    snap = wire.decode(frame)
+    assert isinstance(snap, wire.Snapshot)
+    assert snap.nonce == 'n"1'
+    # The receiver recomputes the same hash from what it parsed.
+    assert wire.content_hash(wire.canonical_json(snap.resources)) == snap.hash
+
+
+def test_other_protocol_versions_are_refused_not_misread() -> None:
+    future = json.dumps({"proto": 2, "type": "snapshot", "version": 1, "resources": "new"})
+    with pytest.raises(wire.ProtocolVersionError, match="protocol 2"):
+        wire.decode(future)
+    with pytest.raises(wire.ProtocolVersionError, match="without a protocol version"):
+        wire.decode(json.dumps({"type": "ack", "version": 1, "nonce": "x"}))
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        ("{", "not JSON"),
+        ("[1]", "JSON object"),
+        ('{"proto":1,"type":"ack","nonce":"x"}', "missing field 'version'"),
+        ('{"proto":1,"type":"ack","version":true,"nonce":"x"}', "wrong type"),
+        ('{"proto":1,"type":"hello","node":{"service":""}}', "empty"),
+        ('{"proto":1,"type":"interest","add":["nodot"]}', "service.namespace"),
+        (
+            '{"proto":1,"type":"snapshot","version":1,"hash":"h","nonce":"n","resources":[1]}',
+            "objects",
+        ),
+        ('{"proto":1,"type":"launch"}', "unknown message type"),
+    ],
+)
+def test_bad_frames_raise_clear_errors(frame: str, message: str) -> None:
+    with pytest.raises(wire.PushProtocolError, match=message):
+        wire.decode(frame)
+
+
+def test_push_url_forms() -> None:
+    assert push_url("http://127.0.0.1:15010") == "ws://127.0.0.1:15010/api/v1/push"
+    assert push_url("https://cp:1/") == "wss://cp:1/api/v1/push"
+    assert push_url("127.0.0.1:9") == "ws://127.0.0.1:9/api/v1/push"
+    assert push_url("ws://h:1/custom") == "ws://h:1/custom"
+
+
+# -- what each sidecar needs ---------------------------------------------------------------
+
+
+def test_resource_index_needs_follow_routes_and_diff_per_service() -> None:
+    docs = [
+        HEADER_ROUTE,
+        split("orders", 90, 10),
+        doc("ServiceDefaults", "admin", {"protocol": "http"}),
+        doc("ServiceDefaults", "orders", {"protocol": "http"}, namespace="other"),
+        doc("MeshConfig", "mesh", {"requestTimeout": "10s"}),
+    ]
+    idx = ResourceIndex(docs, 5)
+    needed = idx.needed({("default", "orders")})
+    assert needed == {("default", "orders"), ("default", "admin")}
+    text, hash_ = idx.body(needed)
+    kinds = [(d["kind"], d["metadata"].get("namespace")) for d in json.loads(text)]
+    # Namespace `other` never leaks into a `default` sidecar's snapshot; MeshConfig always in.
+    assert ("ServiceDefaults", "other") not in kinds
+    assert ("MeshConfig", None) in kinds
+    assert idx.body(needed) == (text, hash_)
+    new = ResourceIndex([*docs[:1], split("orders", 50, 50), *docs[2:]], 6)
+    changed, mesh = new.changes(idx)
+    assert changed == {("default", "orders")} and not mesh
+    assert new.body(needed)[1] != hash_
+    assert (
+        new.body(frozenset({("default", "admin")}))[1]
+        == idx.body(frozenset({("default", "admin")}))[1]
+    )
+
+
+# -- routing -------------------------------------------------------------------------------
+
+
+def compiled(*docs_: dict[str, Any]) -> Any:
+    table, _ = compile_table(decode(docs_), 1, "h")
+    return table
+
+
+def test_route_rules_match_first_wins_with_header_edits() -> None:
+    table = compiled(HEADER_ROUTE, split("orders", 100, 0))
+    pol = table.policy("default", "orders")
+    assert pol is not None and table.policy("default", "inventory") is None
+    rng = random.Random(1)
+    d = table.decide(pol, "GET", "/x", {"x-canary": "true"}, rng)
+    assert (d.service, d.subset) == ("orders", "v2")
+    assert d.response_headers.set == (("x-tether-subset", "v2"),)
+    d = table.decide(pol, "POST", "/admin/users?z=1", {}, rng)
+    assert (d.service, d.subset) == ("admin", None)
+    headers = [(b"Host", b"orders"), (b"X-Drop", b"1")]
+    d.request_headers.apply(headers)
+    assert headers == [(b"Host", b"orders"), (b"x-routed", b"admin")]
+    # A GET to /admin does not match the POST rule; the split sends it to v1 (100%).
+    assert table.decide(pol, "GET", "/admin", {}, rng).subset == "v1"
+    assert table.decide(pol, "GET", "/p?beta", {}, rng).subset == "v2"
+    assert table.decide(pol, "GET", "/p?alpha=1", {"x-canary": "false"}, rng).subset == "v1"
+
+
+def test_split_90_10_is_within_bounds_with_a_fixed_seed() -> None:
+    table = compiled(split("orders", 90, 10))
+    pol = table.policy("default", "orders")
+    assert pol is not None
+    rng = random.Random(42)
+    n = 10_000
+    counts = Counter(table.decide(pol, "GET", "/", {}, rng).subset for _ in range(n))
+    # Binomial(10000, 0.1): sd = 30; 5 sd either side.
+    assert 850 <= counts["v2"] <= 1150, counts
+    assert counts["v1"] + counts["v2"] == n
+
+
+def test_sticky_header_and_cookie() -> None:
+    table = compiled(split("orders", 50, 50, sticky={"header": "X-User"}))
+    pol = table.policy("default", "orders")
+    assert pol is not None
+    rng = random.Random(3)
+    for user in ("alice", "bob", "carol"):
+        first = table.decide(pol, "GET", "/", {"x-user": user}, rng).subset
+        assert all(
+            table.decide(pol, "GET", "/", {"x-user": user}, rng).subset == first for _ in range(50)
+        )
+    users = {table.decide(pol, "GET", "/", {"x-user": f"u{i}"}, rng).subset for i in range(50)}
+    assert users == {"v1", "v2"}
+    sp = Split((("v1", 50), ("v2", 50)), sticky_cookie="canary", cookie_ttl=60)
+    subset, cookie = sp.choose({}, rng)
+    assert cookie == f"canary={subset}; Path=/; HttpOnly; Max-Age=60"
+    assert sp.choose({"cookie": "a=b; canary=v2"}, rng) == ("v2", "")
+
+
+def test_header_edit_order_and_lower_headers() -> None:
+    edit = HeaderEdit(add=(("x-a", "2"),), set=(("x-b", "new"),), remove=("x-c",))
+    headers = [(b"X-A", b"1"), (b"x-b", b"old"), (b"X-C", b"gone")]
+    edit.apply(headers)
+    assert headers == [(b"X-A", b"1"), (b"x-b", b"new"), (b"x-a", b"2")]
+    assert lower_headers([(b"Cookie", b"a=1"), (b"cookie", b"b=2"), (b"X-Y", b"z")]) == {
+        "cookie": "a=1; b=2",
+        "x-y": "z",
+    }
+
+
+# -- the sidecar's apply -------------------------------------------------------------------
+
+
+def orders_cluster() -> Cluster:
+    c = Cluster("orders", "default")
+    c.set_endpoints(
+        [
+            Endpoint("o1", "127.0.0.1", 1001, meta={"version": "v1"}),
+            Endpoint("o2", "127.0.0.1", 1002, meta={"version": "v2"}),
+            Endpoint("o3", "127.0.0.1", 1003, meta={"version": "v1"}),
+        ]
+    )
+    return c
+
+
+def snapshot(version: int, docs_: list[dict[str, Any]]) -> wire.Snapshot:
+    text = wire.canonical_json(docs_)
+    return wire.Snapshot(version, wire.content_hash(text), f"n{version}", tuple(docs_))
+
+
+async def test_apply_makes_subsets_before_routes_and_keeps_old_on_error() -> None:
+    orders = orders_cluster()
+    interest: list[tuple[str, str]] = []
+    policy = Policy(StaticDirectory([orders]), interest=lambda s, n: interest.append((s, n)))
+    assert policy.route("default", "orders") is None
+    assert interest == [("orders", "default")]
+    await policy.apply(snapshot(3, [split("orders", 90, 10), HEADER_ROUTE]))
+    assert policy.version == 3 and policy.route("default", "orders") is not None
+    v2 = policy.subset_cluster("default", "orders", "v2")
+    assert v2 is not None and [ep.id for ep in v2.endpoints] == ["o2"]
+    # Membership changes reach the subset cluster.
+    orders.set_endpoints(
+        [*orders.endpoints, Endpoint("o4", "127.0.0.1", 1004, meta={"version": "v2"})]
+    )
+    v2 = policy.subset_cluster("default", "orders", "v2")
+    assert v2 is not None and [ep.id for ep in v2.endpoints] == ["o2", "o4"]
+    bad_regex = doc("Route", "orders", {"rules": [{"match": {"path": {"regex": "(unclosed"}}}]})
+    with pytest.raises(PolicyError, match=r"spec.rules\[0\].match.path.regex"):
+        await policy.apply(snapshot(4, [bad_regex]))
+    with pytest.raises(PolicyError, match="unknown field"):
+        await policy.apply(snapshot(5, [doc("Route", "orders", {"rules": [], "extra": 1})]))
+    with pytest.raises(PolicyError, match="not defined by a TrafficSplit"):
+        await policy.apply(snapshot(6, [HEADER_ROUTE]))
+    assert policy.version == 3 and policy.subset_cluster("default", "orders", "v2") is not None
+    # Removing the split removes its subsets (after the new table is live).
+    await policy.apply(snapshot(7, []))
+    assert policy.route("default", "orders") is None
+    assert policy.subset_cluster("default", "orders", "v2") is None
+    assert policy.describe()["version"] == 7
+
+
+# -- the push server, over a real registry KV ----------------------------------------------
+
+
+class Sidecar:
+    """A real PolicyClient with a real Policy over a static directory."""
+
+    def __init__(self, base: str, service: str, instance: str, calls: tuple[str, ...] = ()):
+        self.policy = Policy(StaticDirectory([orders_cluster()]))
+        node = wire.NodeIdentity(service, "default", instance, "z1")
+        self.client = PolicyClient(base, node, self.policy, rng=random.Random(instance))
+        self.policy.interest = self.client.want
+        for c in calls:
+            self.client.want(*wire.split_service_key(c))
+        self.client.start()
+
+    async def wait(self, pred: Callable[[Sidecar], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred(self):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out: {self.client!r} {self.client.describe()}")
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def push_server(consul_client: Any) -> AsyncIterator[tuple[PushServer, str]]:
+    server = PushServer(consul_client, flush_interval=0.05, replica="r1")
+    app = web.Application()
+    server.attach(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def put(consul: Any, d: dict[str, Any]) -> None:
+    key = (
+        f"tether/resources/{d['kind']}/{d['metadata'].get('namespace', '')}/{d['metadata']['name']}"
+    )
+    assert await consul.kv.put(key, json.dumps(d))
+
+
+async def test_push_ack_nack_interest_and_only_concerned(
+    consul_client: Any, push_server: tuple[PushServer, str]
+) -> None:
+    _, base = push_server
+    await put(consul_client, split("orders", 90, 10))
+    caller = Sidecar(base, "frontend", "f1", calls=("orders.default",))
+    bystander = Sidecar(base, "inventory", "i1")
+    await caller.wait(lambda s: s.policy.route("default", "orders") is not None)
+    await bystander.wait(lambda s: s.client.acks == 1)
+    v_bystander = bystander.policy.version
+    # A change to orders goes to its caller only.
+    await put(consul_client, split("orders", 50, 50))
+    await caller.wait(lambda s: s.client.acks == 2)
+    sp = caller.policy.table.policy("default", "orders")
+    assert sp is not None and sp.split is not None and sp.split.shares[1] == ("v2", 50)
+    await asyncio.sleep(0.2)
+    assert bystander.client.acks == 1 and bystander.policy.version == v_bystander
+    # A sidecar that starts calling orders says so and gets its policy.
+    assert bystander.policy.route("default", "orders") is None
+    await bystander.wait(lambda s: s.policy.route("default", "orders") is not None)
+    # A document the sidecar cannot apply: NACK, old config kept, visible in the status.
+    bad = doc("Route", "orders", {"rules": [{"match": {"path": {"regex": "(x"}}}]})
+    await put(consul_client, bad)
+    await caller.wait(lambda s: s.client.nacks == 1)
+    assert caller.policy.table.policy("default", "orders") is sp
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 10
+        while True:
+            async with http.get(f"{base}/api/v1/sidecars") as resp:
+                body = await resp.json()
+            states = {r["id"]: r for r in body["sidecars"]}
+            rec = states.get("default/frontend/f1")
+            if rec and rec["state"] == "nacked":
+                break
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.05)
+    assert "regex" in rec["error"] and rec["acked_version"] < rec["nacked_version"]
+    # And it reached the KV, for the other replicas.
+    _, items = await consul_client.kv.get("tether/push/sidecars/", recurse=True)
+    assert any(b"nacked" in (i["Value"] or b"") for i in items)
+    await caller.client.aclose()
+    await bystander.client.aclose()
+
+
+async def test_reconnect_when_current_sends_nothing(
+    consul_client: Any, push_server: tuple[PushServer, str]
+) -> None:
+    server, base = push_server
+    await put(consul_client, split("orders", 90, 10))
+    sc = Sidecar(base, "frontend", "f1", calls=("orders.default",))
+    await sc.wait(lambda s: s.client.acks == 1)
+    pushes = server.pushes
+    # Drop the connection from the server side; the client reconnects with its version.
+    session = server.sessions["default/frontend/f1"]
+    await session.ws.close()
+    await sc.wait(lambda s: s.client.connects == 2 and "default/frontend/f1" in server.sessions)
+    await asyncio.sleep(0.2)
+    assert server.pushes == pushes and sc.client.acks == 1
+    rec = server.sessions["default/frontend/f1"].record
+    assert rec.state == "acked" and rec.acked_hash == sc.policy.hash
+    await sc.client.aclose()
+
+
+async def test_mismatched_protocol_version_is_refused_clearly(
+    push_server: tuple[PushServer, str],
+) -> None:
+    _, base = push_server
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(push_url(base)) as ws:
+            await ws.send_str(json.dumps({"proto": 2, "type": "hello", "node": {}}))
+            msg = await ws.receive(timeout=5)
+            err = wire.decode(msg.data)
+            assert isinstance(err, wire.ErrorMessage)
+            assert err.code == "unsupported_protocol" and "protocol 2" in err.message
+            msg = await ws.receive(timeout=5)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
