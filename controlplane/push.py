@@ -4,9 +4,10 @@
 sidecar keeps open (`/api/v1/push`, protocol in docs/push-protocol.md, messages in
 proxy/push_codec.py) and `GET /api/v1/sidecars`, what `tether status` shows.
 
-Source of truth is the registry KV: one blocking query on the resource prefix sees
-every change, whichever replica made it. The snapshot version is the KV index the
-resources were read at, so every replica gives the same change the same version. Each
+Source of truth is the registry KV: one blocking query on the policy prefix
+(`PolicyStore.snapshot`) sees every change, whichever replica made it. The snapshot
+version is the KV index the resources were read at, so every replica gives the same
+change the same version. Each
 change is diffed per service against the previous read, and only sidecars whose needed
 set (the services they call, their own, and what routes among those lead to) touches a
 changed service get a new snapshot; a MeshConfig change concerns everyone.
@@ -35,13 +36,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from controlplane.store import PolicyStore
 from proxy import push_codec as wire
 
 log = logging.getLogger("tether.push")
 
 ServiceKey = tuple[str, str]  # (namespace, service)
 
-RESOURCE_PREFIX = "tether/resources/"
 STATUS_PREFIX = "tether/push/sidecars/"
 STATUS_SHARDS = 16
 HELLO_TIMEOUT = 10.0
@@ -207,9 +208,8 @@ class PushServer:
 
     def __init__(
         self,
-        consul: Any,
+        store: PolicyStore,
         *,
-        resource_prefix: str = RESOURCE_PREFIX,
         status_prefix: str = STATUS_PREFIX,
         replica: str | None = None,
         flush_interval: float = 1.0,
@@ -217,8 +217,9 @@ class PushServer:
         ws_heartbeat: float = 20.0,
         token: str | None = None,
     ) -> None:
-        self.consul = consul
-        self.resource_prefix = resource_prefix
+        self.store = store
+        # Status records are written with the control plane's own client and token.
+        self.consul = store.reader
         self.status_prefix = status_prefix
         self.replica = replica or f"{os.uname().nodename}-{uuid.uuid4().hex[:8]}"
         self.flush_interval = flush_interval
@@ -282,23 +283,11 @@ class PushServer:
     # -- resources -------------------------------------------------------------------------
 
     async def _read(self, index: int | None) -> tuple[int, list[dict[str, Any]]]:
-        kw: dict[str, Any] = {"recurse": True, "token": self.token}
-        if index:
-            kw.update(index=index, wait="55s")
-        got_index, items = await self.consul.kv.get(self.resource_prefix, **kw)
-        docs = []
-        for item in items or ():
-            raw = item.get("Value")
-            if not raw:
-                continue
-            try:
-                doc = json.loads(raw)
-            except ValueError:
-                log.warning("push: %s is not JSON; skipped", item.get("Key"))
-                continue
-            if isinstance(doc, dict) and "kind" in doc:
-                docs.append(doc)
-        return int(got_index or 0), docs
+        snap = await self.store.snapshot(index=index or None, wait="55s" if index else None)
+        docs = [res.to_dict() for _, res in sorted(snap.resources.items())]
+        for d in docs:
+            d["metadata"].pop("generation", None)
+        return snap.index, docs
 
     async def _watch(self) -> None:
         index = 0

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from controlplane.push import PushServer, ResourceIndex
+from controlplane.store import RESOURCES, PolicyStore
 from proxy import push_codec as wire
 from proxy.balance import Endpoint
 from proxy.cluster import Cluster, StaticDirectory
@@ -309,7 +310,7 @@ class Sidecar:
 
 @pytest.fixture
 async def push_server(consul_client: Any) -> AsyncIterator[tuple[PushServer, str]]:
-    server = PushServer(consul_client, flush_interval=0.05, replica="r1")
+    server = PushServer(PolicyStore(consul_client), flush_interval=0.05, replica="r1")
     app = web.Application()
     server.attach(app)
     runner = web.AppRunner(app)
@@ -324,9 +325,8 @@ async def push_server(consul_client: Any) -> AsyncIterator[tuple[PushServer, str
 
 
 async def put(consul: Any, d: dict[str, Any]) -> None:
-    key = (
-        f"tether/resources/{d['kind']}/{d['metadata'].get('namespace', '')}/{d['metadata']['name']}"
-    )
+    meta = d["metadata"]
+    key = f"{RESOURCES}{d['kind']}/{meta.get('namespace') or '_'}/{meta['name']}"
     assert await consul.kv.put(key, json.dumps(d))
 
 
