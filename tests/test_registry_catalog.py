@@ -1,0 +1,123 @@
+"""The catalog endpoints through py-consul's `consul.aio` client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import consul
+import pytest
+
+
+async def _register_fleet(c: Any) -> None:
+    await c.catalog.register(
+        "n2",
+        "10.0.0.2",
+        service={"Service": "db", "ID": "db1", "Port": 5432, "Tags": ["primary", "v2"]},
+        node_meta={"ignored": "as in Consul"},
+    )
+    await c.catalog.register(
+        "n3",
+        "10.0.0.3",
+        service={"Service": "db", "ID": "db2", "Port": 5433, "Tags": ["replica", "v2"]},
+        check={"CheckID": "db2-alive", "Name": "alive", "Status": "passing", "ServiceID": "db2"},
+    )
+    await c.catalog.register("n3", "10.0.0.3", service={"Service": "cache", "Port": 6379})
+
+
+async def test_datacenters(consul_client: Any) -> None:
+    assert await consul_client.catalog.datacenters() == ["dc1"]
+
+
+async def test_register_and_read_back(consul_client: Any) -> None:
+    await _register_fleet(consul_client)
+    _, nodes = await consul_client.catalog.nodes()
+    assert [n["Node"] for n in nodes] == ["n2", "n3", "node1"]
+    assert {n["Node"]: n["Address"] for n in nodes}["n3"] == "10.0.0.3"
+    _, services = await consul_client.catalog.services()
+    assert services == {"cache": [], "db": ["primary", "replica", "v2"]}
+    _, dbs = await consul_client.catalog.service("db")
+    assert [(d["Node"], d["Address"], d["ServiceID"], d["ServicePort"]) for d in dbs] == [
+        ("n2", "10.0.0.2", "db1", 5432),
+        ("n3", "10.0.0.3", "db2", 5433),
+    ]
+    _, primaries = await consul_client.catalog.service("db", tag="primary")
+    assert [d["ServiceID"] for d in primaries] == ["db1"]
+    _, none = await consul_client.catalog.service("db", tag="nope")
+    assert none == []
+    _, n3 = await consul_client.catalog.node("n3")
+    assert n3["Node"]["Address"] == "10.0.0.3"
+    assert set(n3["Services"]) == {"db2", "cache"}
+    _, missing = await consul_client.catalog.node("ghost")
+    assert missing is None
+
+
+async def test_catalog_checks_feed_health(consul_client: Any) -> None:
+    await _register_fleet(consul_client)
+    _, healthy = await consul_client.health.service("db", passing=True)
+    # db1 has no checks at all (passing), db2's only check passes.
+    assert [e["Service"]["ID"] for e in healthy] == ["db1", "db2"]
+    await consul_client.catalog.register(
+        "n3",
+        "10.0.0.3",
+        check={"CheckID": "db2-alive", "Name": "alive", "Status": "critical", "ServiceID": "db2"},
+    )
+    _, healthy = await consul_client.health.service("db", passing=True)
+    assert [e["Service"]["ID"] for e in healthy] == ["db1"]
+
+
+async def test_deregister_service_check_and_node(consul_client: Any) -> None:
+    await _register_fleet(consul_client)
+    assert await consul_client.catalog.deregister("n3", check_id="db2-alive") is True
+    _, checks = await consul_client.health.checks("db")
+    assert checks == []
+    assert await consul_client.catalog.deregister("n3", service_id="cache") is True
+    _, services = await consul_client.catalog.services()
+    assert "cache" not in services
+    assert await consul_client.catalog.deregister("n3") is True
+    _, nodes = await consul_client.catalog.nodes()
+    assert [n["Node"] for n in nodes] == ["n2", "node1"]
+    _, dbs = await consul_client.catalog.service("db")
+    assert [d["ServiceID"] for d in dbs] == ["db1"]
+
+
+async def test_reregister_keeps_create_index(consul_client: Any) -> None:
+    await consul_client.catalog.register("n2", "10.0.0.2", service={"Service": "x", "Port": 1})
+    _, first = await consul_client.catalog.service("x")
+    await consul_client.catalog.register("n2", "10.0.0.2", service={"Service": "x", "Port": 2})
+    _, second = await consul_client.catalog.service("x")
+    assert second[0]["CreateIndex"] == first[0]["CreateIndex"]
+    assert second[0]["ModifyIndex"] > first[0]["ModifyIndex"]
+    assert second[0]["ServicePort"] == 2
+
+
+async def test_catalog_filters(consul_client: Any) -> None:
+    await _register_fleet(consul_client)
+    _, dbs = await consul_client.catalog.service("db", filter_expr="ServicePort == 5433")
+    assert [d["ServiceID"] for d in dbs] == ["db2"]
+    _, nodes = await consul_client.catalog.nodes(filter_expr='Address matches "^10[.]"')
+    assert [n["Node"] for n in nodes] == ["n2", "n3"]
+    _, services = await consul_client.catalog.services(filter_expr='"replica" in ServiceTags')
+    assert services == {"db": ["replica", "v2"]}
+    _, node = await consul_client.catalog.node("n3", filter_expr="Service == cache")
+    assert set(node["Services"]) == {"cache"}
+    with pytest.raises(consul.ConsulException) as err:
+        await consul_client.catalog.nodes(filter_expr="Node ==")
+    assert "400" in str(err.value)
+
+
+async def test_node_meta_query(consul_client: Any) -> None:
+    async with consul.aio.Consul(port=consul_client.http.port) as c:
+        await c.http.put(
+            lambda r: r.code,
+            "/v1/catalog/register",
+            data='{"Node": "m1", "Address": "10.1.0.1", "NodeMeta": {"rack": "r1"}}',
+        )
+        _, nodes = await c.catalog.nodes(node_meta={"rack": "r1"})
+        assert [n["Node"] for n in nodes] == ["m1"]
+        assert nodes[0]["Meta"] == {"rack": "r1"}
+
+
+async def test_other_datacenter_is_an_error(consul_client: Any) -> None:
+    with pytest.raises(consul.ConsulException) as err:
+        await consul_client.catalog.nodes(dc="dc9")
+    assert "No path to datacenter" in str(err.value)

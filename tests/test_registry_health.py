@@ -1,0 +1,195 @@
+"""Health views and the checks the registry runs itself (TTL, HTTP, TCP), over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import consul
+from aiohttp import web
+
+from registry.checks import http_status
+
+
+async def eventually(probe: Callable[[], Awaitable[Any]], want: Any, deadline: float = 10.0) -> Any:
+    """Poll `probe` until it returns `want` (bounded); return the last value seen."""
+    end = time.monotonic() + deadline
+    got = await probe()
+    while got != want and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+        got = await probe()
+    return got
+
+
+def check_status(c: Any, check_id: str) -> Callable[[], Awaitable[str | None]]:
+    async def probe() -> str | None:
+        chk = (await c.agent.checks()).get(check_id)
+        return None if chk is None else str(chk["Status"])
+
+    return probe
+
+
+async def test_http_status_mapping() -> None:
+    assert [http_status(c) for c in (200, 204, 299, 429, 300, 404, 500, 503)] == [
+        "passing",
+        "passing",
+        "passing",
+        "warning",
+        "critical",
+        "critical",
+        "critical",
+        "critical",
+    ]
+
+
+async def test_passing_and_tag_filtering_in_stable_order(consul_client: Any) -> None:
+    c = consul_client
+    for i, tags in enumerate((["blue"], ["green"], ["blue", "canary"])):
+        await c.agent.service.register(
+            "web", service_id=f"web{3 - i}", port=8000 + i, tags=tags, check=consul.Check.ttl("60s")
+        )
+    _, all_ = await c.health.service("web")
+    assert [e["Service"]["ID"] for e in all_] == ["web1", "web2", "web3"]
+    assert all(e["Node"]["Node"] == "node1" for e in all_)
+    assert [ch["CheckID"] for ch in all_[0]["Checks"]] == ["serfHealth", "service:web1"]
+    _, healthy = await c.health.service("web", passing=True)
+    assert healthy == []  # new TTL checks start critical
+    await c.agent.check.ttl_pass("service:web1")
+    await c.agent.check.ttl_warn("service:web2")
+    await c.agent.check.ttl_pass("service:web3")
+    _, healthy = await c.health.service("web", passing=True)
+    assert [e["Service"]["ID"] for e in healthy] == ["web1", "web3"]  # warning is not passing
+    _, blue = await c.health.service("web", tag="blue")
+    assert [e["Service"]["ID"] for e in blue] == ["web1", "web3"]
+    _, both = await c.health.service("web", tag=["blue", "canary"])
+    assert [e["Service"]["ID"] for e in both] == ["web1"]
+    _, filtered = await c.health.service("web", filter_expr="Service.Port == 8001")
+    assert [e["Service"]["ID"] for e in filtered] == ["web2"]
+    _, crit = await c.health.service("web", filter_expr="Checks.Status == warning")
+    assert [e["Service"]["ID"] for e in crit] == ["web2"]
+
+
+async def test_node_check_failure_drops_instances(consul_client: Any) -> None:
+    c = consul_client
+    await c.agent.service.register("api", service_id="api1", port=1)
+    _, healthy = await c.health.service("api", passing=True)
+    assert len(healthy) == 1
+    await c.agent.check.register("disk", check=consul.Check.ttl("60s"))  # a node check, critical
+    _, healthy = await c.health.service("api", passing=True)
+    assert healthy == []
+    await c.agent.check.ttl_pass("disk")
+    _, healthy = await c.health.service("api", passing=True)
+    assert len(healthy) == 1
+
+
+async def test_checks_state_and_node_views(consul_client: Any) -> None:
+    c = consul_client
+    await c.agent.service.register("a", service_id="a1", check=consul.Check.ttl("60s"))
+    await c.agent.service.register("b", service_id="b1", check=consul.Check.ttl("60s"))
+    await c.agent.check.ttl_pass("service:b1")
+    _, a_checks = await c.health.checks("a")
+    assert [ch["CheckID"] for ch in a_checks] == ["service:a1"]
+    _, critical = await c.health.state("critical")
+    assert [ch["CheckID"] for ch in critical] == ["service:a1"]
+    _, passing = await c.health.state("passing")
+    assert [ch["CheckID"] for ch in passing] == ["serfHealth", "service:b1"]
+    _, any_ = await c.health.state("any")
+    assert len(any_) == 3
+    _, node = await c.health.node("node1")
+    assert [ch["CheckID"] for ch in node] == ["serfHealth", "service:a1", "service:b1"]
+    _, ghost = await c.health.node("ghost")
+    assert ghost == []
+    _, filtered = await c.health.state("any", filter_expr="ServiceName == b")
+    assert [ch["CheckID"] for ch in filtered] == ["service:b1"]
+
+
+async def test_ttl_expiry_and_reset(consul_client: Any) -> None:
+    c = consul_client
+    await c.agent.check.register("beat", check=consul.Check.ttl("400ms"))
+    await c.agent.check.ttl_pass("beat", "alive")
+    assert await check_status(c, "beat")() == "passing"
+    # Passing again within the TTL keeps it passing past the first deadline.
+    for _ in range(3):
+        await asyncio.sleep(0.2)
+        await c.agent.check.ttl_pass("beat", "alive")
+    assert await check_status(c, "beat")() == "passing"
+    assert await eventually(check_status(c, "beat"), "critical") == "critical"
+    chk = (await c.agent.checks())["beat"]
+    assert chk["Output"].startswith("TTL expired")
+    await c.agent.check.ttl_pass("beat")
+    assert await check_status(c, "beat")() == "passing"
+
+
+async def _health_server(state: dict[str, int]) -> tuple[web.AppRunner, int]:
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(status=state["code"], text=f"code {state['code']}")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, int(port)
+
+
+async def test_http_check_follows_a_real_server(consul_client: Any) -> None:
+    c = consul_client
+    state = {"code": 200}
+    runner, port = await _health_server(state)
+    try:
+        await c.agent.service.register(
+            "app",
+            service_id="app1",
+            port=port,
+            check=consul.Check.http(f"http://127.0.0.1:{port}/health", "1s", timeout="2s"),
+        )
+        probe = check_status(c, "service:app1")
+        assert await eventually(probe, "passing") == "passing"
+        out = (await c.agent.checks())["service:app1"]["Output"]
+        assert "200" in out and "code 200" in out
+        state["code"] = 429
+        assert await eventually(probe, "warning") == "warning"
+        state["code"] = 200
+        assert await eventually(probe, "passing") == "passing"
+    finally:
+        await runner.cleanup()
+    # The server is gone: the next probe fails.
+    assert await eventually(check_status(c, "service:app1"), "critical") == "critical"
+    _, healthy = await c.health.service("app", passing=True)
+    assert healthy == []
+
+
+async def test_tcp_check(consul_client: Any) -> None:
+    c = consul_client
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await c.agent.check.register("tcp", check=consul.Check.tcp("127.0.0.1", port, "1s"))
+        assert await eventually(check_status(c, "tcp"), "passing") == "passing"
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert await eventually(check_status(c, "tcp"), "critical") == "critical"
+    assert "dial tcp" in (await c.agent.checks())["tcp"]["Output"]
+
+
+async def test_deregister_critical_service_after(consul_client: Any) -> None:
+    c = consul_client
+    check = consul.Check.ttl("200ms")
+    check["DeregisterCriticalServiceAfter"] = "1s"
+    await c.agent.service.register("doomed", service_id="d1", check=check)
+
+    async def present() -> bool:
+        return "d1" in await c.agent.services()
+
+    assert await present()
+    assert await eventually(present, False, deadline=15.0) is False
+    assert "service:d1" not in await c.agent.checks()
