@@ -46,6 +46,8 @@ class RegistrySpec:
     node: str = field(default_factory=socket.gethostname)
     datacenter: str = "dc1"
     fsync: bool = False
+    # Consul's session_ttl_min: the shortest TTL a session may ask for.
+    session_ttl_min: float = 10.0
 
 
 class Context:

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from registry import agent_api, catalog_api, health_api, status
+from registry import (
+    acl_api,
+    agent_api,
+    catalog_api,
+    event_api,
+    health_api,
+    kv_api,
+    metrics,
+    session_api,
+    status,
+    txn_api,
+)
 
 
 def register(app: web.Application) -> None:
@@ -42,3 +53,34 @@ def register(app: web.Application) -> None:
     r.add_get("/v1/health/checks/{name}", health_api.checks)
     r.add_get("/v1/health/state/{state}", health_api.state)
     r.add_get("/v1/health/node/{node}", health_api.node)
+    # KV and transactions
+    r.add_get("/v1/kv/{key:.*}", kv_api.kv_get)
+    r.add_put("/v1/kv/{key:.*}", kv_api.kv_put)
+    r.add_delete("/v1/kv/{key:.*}", kv_api.kv_delete)
+    r.add_put("/v1/txn", txn_api.txn)
+    # Sessions
+    r.add_put("/v1/session/create", session_api.create)
+    r.add_put("/v1/session/destroy/{id}", session_api.destroy)
+    r.add_put("/v1/session/renew/{id}", session_api.renew)
+    r.add_get("/v1/session/info/{id}", session_api.info)
+    r.add_get("/v1/session/node/{node}", session_api.node)
+    r.add_get("/v1/session/list", session_api.list_all)
+    # Events
+    r.add_put("/v1/event/fire/{name:.*}", event_api.fire)
+    r.add_get("/v1/event/list", event_api.list_events)
+    # ACL (the fixed paths before the parameterised ones)
+    r.add_put("/v1/acl/policy", acl_api.policy_create)
+    r.add_get("/v1/acl/policies", acl_api.policy_list)
+    r.add_get("/v1/acl/policy/name/{name}", acl_api.policy_read_by_name)
+    r.add_get("/v1/acl/policy/{id}", acl_api.policy_read)
+    r.add_put("/v1/acl/policy/{id}", acl_api.policy_update)
+    r.add_delete("/v1/acl/policy/{id}", acl_api.policy_delete)
+    r.add_put("/v1/acl/token", acl_api.token_create)
+    r.add_get("/v1/acl/tokens", acl_api.token_list)
+    r.add_get("/v1/acl/token/self", acl_api.token_self)
+    r.add_put("/v1/acl/token/{id}/clone", acl_api.token_clone)
+    r.add_get("/v1/acl/token/{id}", acl_api.token_read)
+    r.add_put("/v1/acl/token/{id}", acl_api.token_update)
+    r.add_delete("/v1/acl/token/{id}", acl_api.token_delete)
+    # Metrics
+    r.add_get("/v1/agent/metrics", metrics.agent_metrics)

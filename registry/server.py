@@ -11,6 +11,8 @@ from aiohttp import web
 from registry import routes
 from registry.checks import CheckRunner
 from registry.http import CONTEXT, MAX_BODY, Context, RegistrySpec, consul_middleware
+from registry.metrics import WriteLatency
+from registry.sessions import SessionPolicy, Sessions
 from registry.store import Store
 
 # Tables that live in memory only, as in Consul (events are gossip, not Raft state).
@@ -38,6 +40,11 @@ class RegistryServer:
         with self.store.write() as txn:
             self.ctx.catalog.ensure_local_node(txn)
         self.add_part("checks", CheckRunner(self.store, self.ctx.catalog))
+        self.add_part(
+            "sessions",
+            Sessions(self.store, spec.node, SessionPolicy(ttl_min=spec.session_ttl_min)),
+        )
+        self.add_part("write_latency", WriteLatency(self.store))
         self._runner: web.AppRunner | None = None
         self.port = spec.port
 

@@ -10,7 +10,9 @@ Blocking queries need an index per resource ("service:orders", "kv:a/b", ...). A
 names the resources it changes with `touch`; on commit they take the txn's index and
 the `WatchHub` wakes whoever waits on them. Resource indexes are not persisted: after a
 restart every resource reports the global index loaded from disk, which is never lower
-than any index handed out before, so indexes never go backwards.
+than any index handed out before, so indexes never go backwards. A deleted object's
+resource keeps the index of its deletion (Consul's tombstone), so a prefix's index
+(`prefix_index`, kept over a sorted list of resource names) sees deletions too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +30,27 @@ from registry.errors import StoreError
 from registry.watch import WatchHub
 
 Obj = dict[str, Any]
+
+_ABSENT: Any = object()
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The least string greater than every string starting with `prefix` (None: no bound)."""
+    while prefix:
+        last = ord(prefix[-1])
+        if last < 0x10FFFF:
+            return prefix[:-1] + chr(last + 1)
+        prefix = prefix[:-1]
+    return None
+
+
+def sorted_range(names: list[str], prefix: str) -> list[str]:
+    """The entries of the sorted list `names` that start with `prefix`."""
+    lo = bisect_left(names, prefix)
+    end = prefix_end(prefix)
+    hi = len(names) if end is None else bisect_left(names, end, lo)
+    return names[lo:hi]
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -93,11 +117,16 @@ class Store:
         self.hub = WatchHub()
         self._tables: dict[str, dict[str, Obj]] = {}
         self._resource_index: dict[str, int] = {}
+        self._resource_names: list[str] = []
+        # Sorted keys of the tables someone scanned by prefix (built on first use).
+        self._ordered: dict[str, list[str]] = {}
         self._index = 1
         self._base_index = 1
         self._commit_hooks: list[Callable[[Txn], None]] = []
+        self._stage_hooks: list[Callable[[Txn], None]] = []
         self.writes = 0
         self.write_seconds = 0.0
+        self.last_write_seconds = 0.0
         self._db: sqlite3.Connection | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,18 +160,44 @@ class Store:
         return max((self.index_of(r) for r in resources), default=self._base_index)
 
     def prefix_index(self, prefix: str) -> int:
-        """The highest index of any resource starting with `prefix` (for prefix watches)."""
+        """The highest index of any resource starting with `prefix` (for prefix watches).
+
+        Costs the number of resources under the prefix, not the number of resources.
+        """
         best = self._base_index
-        for res, idx in self._resource_index.items():
-            if idx > best and res.startswith(prefix):
+        index = self._resource_index
+        for res in sorted_range(self._resource_names, prefix):
+            idx = index[res]
+            if idx > best:
                 best = idx
         return best
+
+    def keys(self, tbl: str, prefix: str = "") -> list[str]:
+        """The committed keys of `tbl` that start with `prefix`, in order.
+
+        The first call for a table builds a sorted index of its keys that every commit
+        then keeps current, so a prefix scan costs the keys it returns.
+        """
+        order = self._ordered.get(tbl)
+        if order is None:
+            order = sorted(self._tables.get(tbl, {}))
+            self._ordered[tbl] = order
+        return sorted_range(order, prefix) if prefix else list(order)
 
     # -- writes ------------------------------------------------------------------------
 
     def on_commit(self, hook: Callable[[Txn], None]) -> None:
         """Run `hook(txn)` after every commit (metrics, derived state)."""
         self._commit_hooks.append(hook)
+
+    def before_commit(self, hook: Callable[[Txn], None]) -> None:
+        """Run `hook(txn)` on every non-empty txn before it commits; it may stage more.
+
+        For consequences that must be atomic with their cause, as in Consul's state
+        store: a check turning critical invalidates the sessions that name it in the
+        same commit. A hook that raises aborts the whole txn.
+        """
+        self._stage_hooks.append(hook)
 
     @contextmanager
     def write(self) -> Iterator[Txn]:
@@ -159,17 +214,31 @@ class Store:
         if txn.empty:
             return
         started = time.perf_counter()
+        for stage in self._stage_hooks:
+            stage(txn)
         if self._db is not None:
             self._persist(txn)
         for (tbl, key), obj in txn.puts.items():
-            self._tables.setdefault(tbl, {})[key] = obj
+            table = self._tables.setdefault(tbl, {})
+            order = self._ordered.get(tbl)
+            if order is not None and key not in table:
+                insort(order, key)
+            table[key] = obj
         for tbl, key in txn.deletes:
-            self._tables.get(tbl, {}).pop(key, None)
+            if self._tables.get(tbl, {}).pop(key, _ABSENT) is not _ABSENT:
+                order = self._ordered.get(tbl)
+                if order is not None:
+                    i = bisect_left(order, key)
+                    if i < len(order) and order[i] == key:
+                        del order[i]
         self._index = txn.index
         for res in txn.touched:
+            if res not in self._resource_index:
+                insort(self._resource_names, res)
             self._resource_index[res] = txn.index
         self.writes += 1
-        self.write_seconds += time.perf_counter() - started
+        self.last_write_seconds = time.perf_counter() - started
+        self.write_seconds += self.last_write_seconds
         for hook in self._commit_hooks:
             hook(txn)
         if txn.touched:

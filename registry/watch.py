@@ -68,14 +68,23 @@ class WatchHub:
 
     def notify(self, touched: Iterable[str]) -> None:
         woken: list[asyncio.Future[None]] = []
+        prefixes = self._prefix
         for res in touched:
             s = self._exact.get(res)
             if s:
                 woken.extend(s)
-            if self._prefix:
-                for p, ps in self._prefix.items():
+            if not prefixes:
+                continue
+            if len(prefixes) <= len(res):
+                for p, ps in prefixes.items():
                     if res.startswith(p):
                         woken.extend(ps)
+            else:
+                # Many prefix watchers: look up each prefix of `res` instead.
+                for i in range(len(res) + 1):
+                    found = prefixes.get(res[:i])
+                    if found:
+                        woken.extend(found)
         for fut in woken:
             if not fut.done():
                 fut.set_result(None)
