@@ -31,13 +31,16 @@ import uuid
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
-from controlplane.store import PolicyStore
+from controlplane.store import ConfigSnapshot, PolicyStore
 from proxy import push_codec as wire
+
+if TYPE_CHECKING:
+    from controlplane.server import ConfigChange, ControlPlane
 
 log = logging.getLogger("tether.push")
 
@@ -241,13 +244,17 @@ class PushServer:
 
     # -- wiring ----------------------------------------------------------------------------
 
-    def attach(self, app: web.Application) -> None:
-        """Add the push routes, and start/stop with the app."""
+    def attach(self, app: web.Application, *, watch: bool = True) -> None:
+        """Add the push routes, and start/stop with the app.
+
+        With `watch`, the server reads the KV itself (a push server on its own, as in
+        tests); under a ControlPlane, `install` feeds it the control plane's snapshots.
+        """
         app.router.add_get(wire.PATH, self.handle_push)
         app.router.add_get("/api/v1/sidecars", self.handle_sidecars)
 
         async def _start(_app: web.Application) -> None:
-            self.start()
+            self.start(watch=watch)
 
         async def _stop(_app: web.Application) -> None:
             await self.aclose()
@@ -255,9 +262,11 @@ class PushServer:
         app.on_startup.append(_start)
         app.on_shutdown.append(_stop)
 
-    def start(self) -> None:
+    def start(self, *, watch: bool = True) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._watch()), loop.create_task(self._flusher())]
+        self._tasks = [loop.create_task(self._flusher())]
+        if watch:
+            self._tasks.append(loop.create_task(self._watch()))
 
     async def aclose(self) -> None:
         if self._closing:
@@ -282,19 +291,12 @@ class PushServer:
 
     # -- resources -------------------------------------------------------------------------
 
-    async def _read(self, index: int | None) -> tuple[int, list[dict[str, Any]]]:
-        snap = await self.store.snapshot(index=index or None, wait="55s" if index else None)
-        docs = [res.to_dict() for _, res in sorted(snap.resources.items())]
-        for d in docs:
-            d["metadata"].pop("generation", None)
-        return snap.index, docs
-
     async def _watch(self) -> None:
         index = 0
         failures = 0
         while not self._closing:
             try:
-                new_index, docs = await self._read(index)
+                snap = await self.store.snapshot(index=index or None, wait="55s" if index else None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -304,13 +306,11 @@ class PushServer:
                 continue
             failures = 0
             self.watch_error = ""
-            if new_index < index:
+            if snap.index < index:
                 index = 0  # the registry's index went back (a reset): read afresh
                 continue
-            if new_index == index and self.loaded.is_set():
-                continue
-            index = new_index
-            self.update(ResourceIndex(docs, new_index))
+            index = snap.index
+            self.update(index_of(snap))
 
     def update(self, new: ResourceIndex) -> int:
         """Make `new` current and push to the sidecars it concerns; returns how many."""
@@ -592,6 +592,47 @@ class PushServer:
 
     def __repr__(self) -> str:
         return f"<PushServer {self.replica} v{self.index.version} sidecars={len(self.sessions)}>"
+
+
+PUSH_SERVER: web.AppKey[PushServer] = web.AppKey("push_server")
+
+
+def index_of(snap: ConfigSnapshot) -> ResourceIndex:
+    """The ResourceIndex of a store snapshot; its version is the snapshot's KV index."""
+    docs = [res.to_dict() for _, res in sorted(snap.resources.items())]
+    for d in docs:
+        # Server-set, and not policy: a sidecar's snapshot does not change with it.
+        d["metadata"].pop("generation", None)
+    return ResourceIndex(docs, snap.index)
+
+
+def install(cp: ControlPlane) -> PushServer:
+    """Plug a push server into a ControlPlane: routes, start/stop, its snapshots."""
+    server = PushServer(cp.store)
+
+    async def on_change(change: ConfigChange) -> None:
+        server.update(index_of(change.current))
+
+    async def first_sync() -> None:
+        # An empty KV publishes no change, so the first snapshot is taken from here.
+        await cp.synced.wait()
+        server.update(index_of(cp.snapshot))
+
+    async def _start(_app: web.Application) -> None:
+        server.store, server.consul = cp.store, cp.store.reader
+        server.start(watch=False)
+        server._tasks.append(asyncio.get_running_loop().create_task(first_sync()))
+        cp.subscribe(on_change)
+
+    async def _stop(_app: web.Application) -> None:
+        await server.aclose()
+
+    cp.app.router.add_get(wire.PATH, server.handle_push)
+    cp.app.router.add_get("/api/v1/sidecars", server.handle_sidecars)
+    cp.app.on_startup.append(_start)
+    cp.app.on_shutdown.append(_stop)
+    cp.app[PUSH_SERVER] = server
+    return server
 
 
 def _newer(a: SidecarRecord, b: SidecarRecord) -> bool:
