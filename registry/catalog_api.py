@@ -173,7 +173,9 @@ async def deregister(request: web.Request) -> web.Response:
 
 async def datacenters(request: web.Request) -> web.Response:
     ctx = context(request)
-    return reply([ctx.catalog.datacenter], ctx.store.index)
+    # Nothing ever touches this resource: a blocking read just waits out `wait`.
+    index = await block(request, ["datacenters"])
+    return reply([ctx.catalog.datacenter], index)
 
 
 async def nodes(request: web.Request) -> web.Response:
