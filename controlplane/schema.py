@@ -112,12 +112,14 @@ class Problem:
             loc = f"{loc}:{self.line}" if loc else f"line {self.line}"
         if loc:
             parts.append(loc)
+        what = ""
+        if self.kind and self.name:
+            ns = f"{self.namespace}/" if self.namespace else ""
+            what = f"{self.kind} {ns}{self.name}"
         if self.document is not None:
-            doc = f"document {self.document}"
-            if self.kind and self.name:
-                ns = f"{self.namespace}/" if self.namespace else ""
-                doc += f" ({self.kind} {ns}{self.name})"
-            parts.append(doc)
+            parts.append(f"document {self.document}" + (f" ({what})" if what else ""))
+        elif what:
+            parts.append(what)
         if self.path:
             parts.append(self.path)
         return ": ".join(parts)
@@ -465,8 +467,9 @@ FUTURE_KINDS = frozenset(
         "PeerAuthentication",
     }
 )
-# Metadata the server sets: accepted (so `get -o yaml | apply` works) and ignored.
-SERVER_SET_METADATA = frozenset({"generation", "resourceVersion", "uid", "creationTimestamp"})
+# Metadata other tools set: accepted (so `get -o yaml | apply` works) and ignored.
+# (`generation` is a field: the store sets it, whatever a document says.)
+SERVER_SET_METADATA = frozenset({"resourceVersion", "uid", "creationTimestamp"})
 
 _KIND_ALIASES: dict[str, str] = {}
 for _k in (*KINDS, *FUTURE_KINDS):
@@ -688,8 +691,8 @@ class Decoder:
         self.key_positions = key_positions or {}
         self.problems: list[Problem] = []
 
-    def fail(self, path: FieldPath, message: str, *, at_key: bool = False) -> Any:
-        pos = locate(self.positions, path, self.key_positions if at_key else None)
+    def fail(self, path: FieldPath, message: str) -> Any:
+        pos = locate(self.positions, path, self.key_positions)
         line, col = pos if pos else (None, None)
         self.problems.append(Problem(message, format_path(path), line, col))
         return _INVALID
@@ -700,7 +703,7 @@ class Decoder:
             return None
         for key in data:
             if key not in ("apiVersion", "kind", "metadata", "spec", "status"):
-                self.fail((key,), f"unknown field {key!r}", at_key=True)
+                self.fail((key,), f"unknown field {key!r}")
         api = data.get("apiVersion")
         if api is None:
             self.fail((), f"missing field 'apiVersion' (expected {API_VERSION!r})")
@@ -830,10 +833,10 @@ class Decoder:
                 continue
             ok = False
             if key in future:
-                self.fail((*path, key), f"field {key!r} {FUTURE}", at_key=True)
+                self.fail((*path, key), f"field {key!r} {FUTURE}")
             else:
                 known = ", ".join(sorted(by_key))
-                self.fail((*path, key), f"unknown field {key!r} (known: {known})", at_key=True)
+                self.fail((*path, key), f"unknown field {key!r} (known: {known})")
         kwargs: dict[str, Any] = {}
         for f in infos:
             raw = value.get(f.key)
@@ -867,11 +870,16 @@ def locate(
     path: Sequence[str | int],
     key_positions: Mapping[FieldPath, tuple[int, int]] | None = None,
 ) -> tuple[int, int] | None:
-    """The (line, column) of `path`, or of its nearest ancestor that has one."""
+    """The (line, column) of `path`, or of its nearest ancestor that has one.
+
+    Where the field's key was written wins over where its value starts: for a block
+    mapping the value starts on the next line, but the author thinks of `match:`.
+    """
     p = tuple(path)
-    if key_positions is not None and p in key_positions:
-        return key_positions[p]
+    keys = key_positions or {}
     while True:
+        if p in keys:
+            return keys[p]
         if p in positions:
             return positions[p]
         if not p:
@@ -1168,12 +1176,12 @@ class SourceDocument:
     problems: list[Problem] = field(default_factory=list)
 
     def line_of(self, path: Sequence[str | int]) -> int | None:
-        pos = locate(self.positions, path)
+        pos = locate(self.positions, path, self.key_positions)
         return pos[0] if pos else None
 
     def problem(self, message: str, path: Sequence[str | int] = (), **kw: Any) -> Problem:
         """A Problem about `path` in this document, with file, document and line filled."""
-        pos = locate(self.positions, path)
+        pos = locate(self.positions, path, self.key_positions)
         d = self.data if isinstance(self.data, dict) else {}
         meta = d.get("metadata") if isinstance(d.get("metadata"), dict) else {}
         assert isinstance(meta, dict)
@@ -1388,7 +1396,7 @@ def json_schema(kind: str) -> dict[str, Any]:
     meta = _object_schema(MetadataSpec, defs)
     meta["properties"]["name"]["pattern"] = _NAME_PATTERN
     meta["properties"]["namespace"]["pattern"] = _NAME_PATTERN
-    for extra in sorted(SERVER_SET_METADATA - {"generation"}):
+    for extra in sorted(SERVER_SET_METADATA):
         meta["properties"][extra] = {"description": "Set by the control plane; ignored."}
     if kind in CLUSTER_KINDS:
         del meta["properties"]["namespace"]

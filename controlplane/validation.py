@@ -25,7 +25,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from controlplane.schema import (
+    CLUSTER_KINDS,
     DEFAULT_NAMESPACE,
+    FUTURE_KINDS,
     FieldPath,
     Problem,
     Resource,
@@ -35,6 +37,7 @@ from controlplane.schema import (
     ServiceDefaultsSpec,
     SourceDocument,
     TrafficSplitSpec,
+    canonical_kind,
     check_resource,
     decode_document,
     format_path,
@@ -250,3 +253,41 @@ def check_instances(
                     )
                 )
     return problems
+
+
+def identities(files: Iterable[tuple[str, str]]) -> tuple[list[ResourceKey], list[Problem]]:
+    """The resources documents name (for delete -f): kind and metadata only; the spec
+    is not checked, so a document that no longer validates can still be deleted."""
+    keys: list[ResourceKey] = []
+    problems: list[Problem] = []
+    for name, text in files:
+        try:
+            docs = load_documents(text, name)
+        except SchemaError as exc:
+            problems += exc.problems
+            continue
+        for doc in docs:
+            d = doc.data
+            if not isinstance(d, dict):
+                problems.append(doc.problem("a resource must be a mapping"))
+                continue
+            kind = d.get("kind")
+            canon = canonical_kind(kind) if isinstance(kind, str) else None
+            if canon is None or canon in FUTURE_KINDS or canon != kind:
+                problems.append(doc.problem(f"unknown kind {kind!r}", ("kind",)))
+                continue
+            meta = d.get("metadata")
+            name_ = meta.get("name") if isinstance(meta, dict) else None
+            if not isinstance(name_, str) or not name_:
+                problems.append(doc.problem("missing field 'name'", ("metadata",)))
+                continue
+            ns = meta.get("namespace") if isinstance(meta, dict) else None
+            if canon in CLUSTER_KINDS:
+                ns = ""
+            elif ns is None:
+                ns = DEFAULT_NAMESPACE
+            elif not isinstance(ns, str):
+                problems.append(doc.problem("expected a string", ("metadata", "namespace")))
+                continue
+            keys.append(ResourceKey(canon, ns, name_))
+    return keys, problems

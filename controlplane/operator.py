@@ -1,0 +1,238 @@
+"""The operator commands (`tether apply/get/delete/diff`): files in, API calls, text out.
+
+`tether/cli.py` only declares the options; each command here reads its files (a file,
+every `*.yaml`/`*.yml`/`*.json` of a directory, or `-` for stdin), validates them
+locally first (so a bad file is reported without a round trip, with file, document,
+field path and line), then asks the control plane, and prints what it says. Each
+returns the process exit code: 0 done, 1 rejected or failed (`diff`: 1 when there are
+differences, as `kubectl diff`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from controlplane.client import ApiError, ControlPlaneClient
+from controlplane.schema import (
+    CLUSTER_KINDS,
+    DEFAULT_NAMESPACE,
+    FUTURE_KINDS,
+    KINDS,
+    Problem,
+    ResourceKey,
+    canonical_kind,
+)
+from controlplane.validation import decode_files
+
+SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class InputError(Exception):
+    """A file or directory that cannot be read."""
+
+
+def read_inputs(paths: Iterable[str], stdin: TextIO | None = None) -> list[tuple[str, str]]:
+    files: list[tuple[str, str]] = []
+    for p in paths:
+        if p == "-":
+            files.append(("<stdin>", (stdin or sys.stdin).read()))
+            continue
+        path = Path(p)
+        try:
+            if path.is_dir():
+                found = sorted(f for f in path.iterdir() if f.suffix in SUFFIXES and f.is_file())
+                if not found:
+                    raise InputError(f"{p}: no {', '.join(SUFFIXES)} files")
+                files += [(str(f), f.read_text(encoding="utf-8")) for f in found]
+            else:
+                files.append((str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{p}: {exc}") from exc
+    return files
+
+
+def _print_problems(problems: Sequence[Problem], err: TextIO) -> None:
+    for p in sorted(problems, key=lambda p: (p.file or "", p.document or 0, p.line or 0)):
+        print(str(p) if p.is_error else f"{p}", file=err)
+
+
+def _fail(exc: ApiError, err: TextIO) -> int:
+    if exc.problems:
+        _print_problems(exc.problems, err)
+        errors = sum(1 for p in exc.problems if p.is_error)
+        print(f"rejected: {errors} error(s); nothing was changed", file=err)
+    else:
+        print(f"error: {exc}", file=err)
+    return 1
+
+
+def _report(result: Any, out: TextIO, err: TextIO, *, show_diff: bool) -> None:
+    for w in result.get("warnings") or ():
+        print(Problem.from_dict(w), file=err)
+    dry = " (dry run)" if result.get("dryRun") else ""
+    for c in result.get("changes") or ():
+        if show_diff and c.get("diff"):
+            out.write(c["diff"])
+        ns = f"{c['namespace']}/" if c.get("namespace") else ""
+        action = "not found" if c["action"] == "absent" else c["action"]
+        print(f"{c['kind'].lower()} {ns}{c['name']} {action}{dry}", file=out)
+
+
+def _local_check(files: Sequence[tuple[str, str]], err: TextIO) -> bool:
+    checked = decode_files(files)
+    if checked.errors:
+        _print_problems(checked.problems, err)
+        print(f"rejected: {len(checked.errors)} error(s); nothing was changed", file=err)
+        return False
+    return True
+
+
+def apply(
+    client: ControlPlaneClient,
+    files: Sequence[tuple[str, str]],
+    dry_run: bool,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    if not _local_check(files, err):
+        return 1
+    try:
+        result = client.apply(files, dry_run=dry_run)
+    except ApiError as exc:
+        return _fail(exc, err)
+    _report(result, out, err, show_diff=True)
+    return 0
+
+
+def diff(
+    client: ControlPlaneClient, files: Sequence[tuple[str, str]], out: TextIO, err: TextIO
+) -> int:
+    if not _local_check(files, err):
+        return 1
+    try:
+        result = client.diff(files)
+    except ApiError as exc:
+        return _fail(exc, err)
+    for w in result.get("warnings") or ():
+        print(Problem.from_dict(w), file=err)
+    changed = False
+    for c in result.get("changes") or ():
+        if c.get("diff"):
+            out.write(c["diff"])
+            changed = True
+    return 1 if changed else 0
+
+
+def resolve_kind(text: str) -> str:
+    kind = canonical_kind(text)
+    if kind is None:
+        raise InputError(f"unknown kind {text!r} (known: {', '.join(KINDS)})")
+    if kind in FUTURE_KINDS:
+        raise InputError(f"kind {kind} is not supported yet")
+    return kind
+
+
+def key_for(kind: str, name: str, namespace: str | None) -> ResourceKey:
+    if kind in CLUSTER_KINDS:
+        return ResourceKey(kind, "", name)
+    return ResourceKey(kind, namespace or DEFAULT_NAMESPACE, name)
+
+
+def get(
+    client: ControlPlaneClient,
+    kind_text: str,
+    name: str | None,
+    namespace: str | None,
+    all_namespaces: bool,
+    output: str,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    try:
+        kind = resolve_kind(kind_text)
+        if name is not None:
+            items = [client.get(key_for(kind, name, namespace))]
+        else:
+            ns = None if all_namespaces else (namespace or DEFAULT_NAMESPACE)
+            items = client.list(kind, ns)["items"]
+    except InputError as exc:
+        print(f"error: {exc}", file=err)
+        return 1
+    except ApiError as exc:
+        return _fail(exc, err)
+    if output == "json":
+        json.dump(items[0] if name is not None else items, out, indent=2)
+        out.write("\n")
+    elif output == "yaml":
+        out.write(yaml.safe_dump_all(items, sort_keys=False) if items else "")
+    else:
+        if not items:
+            print(f"no {kind} resources", file=err)
+            return 0
+        rows = [("NAMESPACE", "NAME", "GENERATION", "SUMMARY")]
+        for doc in items:
+            meta = doc["metadata"]
+            rows.append(
+                (
+                    meta.get("namespace", "-"),
+                    meta["name"],
+                    str(meta.get("generation", "")),
+                    summary(doc),
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            print(
+                "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3],
+                file=out,
+            )
+    return 0
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """One line about a resource for `tether get`'s table."""
+    spec = doc.get("spec") or {}
+    kind = doc.get("kind")
+    if kind == "TrafficSplit":
+        return " ".join(f"{s['name']}={s['weight']}" for s in spec.get("subsets", []))
+    if kind == "Route":
+        return f"{len(spec.get('rules', []))} rule(s)"
+    if kind == "ServiceDefaults":
+        lb = (spec.get("loadBalancer") or {}).get("policy", "peak_ewma")
+        return f"{spec.get('protocol', 'http')} {lb}"
+    if kind == "MeshConfig":
+        return f"egress={(spec.get('egress') or {}).get('mode', 'allow')}"
+    return ""
+
+
+def delete(
+    client: ControlPlaneClient,
+    kind_text: str | None,
+    name: str | None,
+    namespace: str | None,
+    files: Sequence[tuple[str, str]],
+    dry_run: bool,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    try:
+        if files:
+            result = client.delete_files(files, dry_run=dry_run)
+        else:
+            if kind_text is None or name is None:
+                raise InputError("give KIND NAME or -f FILE")
+            kind = resolve_kind(kind_text)
+            result = client.delete(key_for(kind, name, namespace), dry_run=dry_run)
+    except InputError as exc:
+        print(f"error: {exc}", file=err)
+        return 1
+    except ApiError as exc:
+        return _fail(exc, err)
+    _report(result, out, err, show_diff=False)
+    return 0
