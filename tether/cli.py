@@ -83,6 +83,154 @@ def registry(
     run_async(serve(spec))
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=15010, show_default=True, type=int, help="API port.")
+def controlplane(host: str, port: int) -> None:
+    """Run the control plane (registry: CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN)."""
+    from controlplane.server import ControlPlaneSpec, serve
+
+    run_async(serve(ControlPlaneSpec(host=host, port=port)))
+
+
+# -- operator commands: policy through the control plane's API (controlplane/operator.py)
+
+_cp_option = click.option(
+    "--controlplane",
+    "cp_url",
+    envvar="TETHER_CONTROLPLANE",
+    default="http://127.0.0.1:15010",
+    show_default=True,
+    help="Control plane URL (env TETHER_CONTROLPLANE).",
+)
+_token_option = click.option(
+    "--token",
+    envvar=["TETHER_TOKEN", "CONSUL_HTTP_TOKEN"],
+    default=None,
+    help="Registry ACL token for writes (env TETHER_TOKEN, CONSUL_HTTP_TOKEN).",
+)
+_files_option = click.option(
+    "-f", "--filename", "files", multiple=True, help="A file, a directory, or - for stdin."
+)
+
+
+def _operator(run: Any) -> None:
+    from controlplane.operator import InputError
+
+    try:
+        code = run()
+    except InputError as exc:
+        click.echo(f"error: {exc}", err=True)
+        code = 1
+    raise SystemExit(code)
+
+
+@main.command()
+@_files_option
+@click.option("--dry-run", is_flag=True, help="Validate and show the diff; change nothing.")
+@_cp_option
+@_token_option
+def apply(files: tuple[str, ...], dry_run: bool, cp_url: str, token: str | None) -> None:
+    """Validate policy documents, show the diff, and apply them."""
+    import sys
+
+    from controlplane import operator
+    from controlplane.client import ControlPlaneClient
+
+    if not files:
+        raise click.UsageError("give -f FILE|DIR|-")
+    client = ControlPlaneClient(cp_url, token)
+    _operator(
+        lambda: operator.apply(client, operator.read_inputs(files), dry_run, sys.stdout, sys.stderr)
+    )
+
+
+@main.command()
+@_files_option
+@_cp_option
+@_token_option
+def diff(files: tuple[str, ...], cp_url: str, token: str | None) -> None:
+    """Show what applying the documents would change (exit 1 when something would)."""
+    import sys
+
+    from controlplane import operator
+    from controlplane.client import ControlPlaneClient
+
+    if not files:
+        raise click.UsageError("give -f FILE|DIR|-")
+    client = ControlPlaneClient(cp_url, token)
+    _operator(lambda: operator.diff(client, operator.read_inputs(files), sys.stdout, sys.stderr))
+
+
+@main.command()
+@click.argument("kind")
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", default=None, help="Namespace (default: default).")
+@click.option("-A", "--all-namespaces", is_flag=True)
+@click.option("-o", "--output", type=click.Choice(["table", "yaml", "json"]), default="table")
+@_cp_option
+@_token_option
+def get(
+    kind: str,
+    name: str | None,
+    namespace: str | None,
+    all_namespaces: bool,
+    output: str,
+    cp_url: str,
+    token: str | None,
+) -> None:
+    """Show resources of KIND (ServiceDefaults, Route, TrafficSplit, MeshConfig)."""
+    import sys
+
+    from controlplane import operator
+    from controlplane.client import ControlPlaneClient
+
+    client = ControlPlaneClient(cp_url, token)
+    _operator(
+        lambda: operator.get(
+            client, kind, name, namespace, all_namespaces, output, sys.stdout, sys.stderr
+        )
+    )
+
+
+@main.command()
+@click.argument("kind", required=False)
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", default=None, help="Namespace (default: default).")
+@_files_option
+@click.option("--dry-run", is_flag=True)
+@_cp_option
+@_token_option
+def delete(
+    kind: str | None,
+    name: str | None,
+    namespace: str | None,
+    files: tuple[str, ...],
+    dry_run: bool,
+    cp_url: str,
+    token: str | None,
+) -> None:
+    """Delete KIND NAME, or the resources the documents of -f FILE name."""
+    import sys
+
+    from controlplane import operator
+    from controlplane.client import ControlPlaneClient
+
+    client = ControlPlaneClient(cp_url, token)
+    _operator(
+        lambda: operator.delete(
+            client,
+            kind,
+            name,
+            namespace,
+            operator.read_inputs(files) if files else [],
+            dry_run,
+            sys.stdout,
+            sys.stderr,
+        )
+    )
+
+
 def consul_address() -> tuple[str, int]:
     """CONSUL_HTTP_ADDR as every Consul tool reads it (default 127.0.0.1:8500)."""
     addr = os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
