@@ -21,7 +21,7 @@ from registry.catalog import (
     WARNING,
     Catalog,
 )
-from registry.errors import BadRequestError, NotFoundError
+from registry.errors import BadRequestError, MethodNotAllowedError, NotFoundError
 from registry.http import (
     VERSION,
     Body,
@@ -320,6 +320,9 @@ async def services(request: web.Request) -> web.Response:
 async def service(request: web.Request) -> web.Response:
     ctx = context(request)
     sid = request.match_info["service_id"]
+    if sid == "register":
+        # PUT /v1/agent/service/register read with GET, as Consul answers it.
+        raise MethodNotAllowedError(f"method {request.method} not allowed")
     cat = ctx.catalog
     svc = cat.get_service(cat.node, sid)
     ctx.acl.require(request, "service", svc["Service"] if svc else sid, "read")
