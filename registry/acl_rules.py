@@ -126,6 +126,15 @@ def _merge_into(table: dict[str, str], seg: str, level: str) -> None:
 def parse_rules(text: str) -> RuleSet:
     """Parse Rules in Consul's JSON form or its HCL form; RuleError says what is wrong."""
     src = text.strip()
+    if src.startswith('"'):
+        # A JSON string holding the rules (py-consul json.dumps-es whatever it is given).
+        try:
+            inner = json.loads(src)
+        except ValueError as exc:
+            raise RuleError(f"invalid JSON string: {exc}") from exc
+        if not isinstance(inner, str):
+            raise RuleError("rules must be an object")
+        src = inner.strip()
     if not src:
         return RuleSet()
     if src.startswith("{"):
