@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 import yaml
 
@@ -98,9 +98,18 @@ def test_mesh_config_is_mesh_wide() -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("5s", 5.0), ("250ms", 0.25), ("1m30s", 90.0), ("1h", 3600.0), ("0.5s", 0.5),
-     ("1500ms", 1.5), ("100us", 1e-4), ("0", 0.0), ("2h45m", 9900.0)],
-)  # fmt: skip
+    [
+        ("5s", 5.0),
+        ("250ms", 0.25),
+        ("1m30s", 90.0),
+        ("1h", 3600.0),
+        ("0.5s", 0.5),
+        ("1500ms", 1.5),
+        ("100us", 1e-4),
+        ("0", 0.0),
+        ("2h45m", 9900.0),
+    ],
+)
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
     assert parse_duration(format_duration(seconds)) == seconds
@@ -192,8 +201,10 @@ spec:
     assert str(p).startswith(where)
 
 
-@pytest.mark.parametrize("kind", ["RetryPolicy", "FaultInjection", "Mirror", "RateLimit",
-                                  "AuthorizationPolicy", "MTLSPolicy"])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind",
+    ["RetryPolicy", "FaultInjection", "Mirror", "RateLimit", "AuthorizationPolicy", "MTLSPolicy"],
+)
 def test_later_kinds_are_refused_as_not_supported_yet(kind: str) -> None:
     text = f"apiVersion: {API_VERSION}\nkind: {kind}\nmetadata: {{name: a}}\nspec: {{}}\n"
     with pytest.raises(SchemaError) as info:
@@ -223,17 +234,27 @@ def test_wrong_top_level_shapes() -> None:
     for data, needle in [
         ([], "must be a mapping"),
         ({"kind": "Route"}, "missing field 'apiVersion'"),
-        ({"apiVersion": "v1", "kind": "Route", "metadata": {"name": "a"}, "spec": {"rules": []}},
-         "unsupported apiVersion"),
-        ({"apiVersion": API_VERSION, "kind": "Nope", "metadata": {"name": "a"}, "spec": {}},
-         "unknown kind 'Nope'"),
-        ({"apiVersion": API_VERSION, "kind": "Route", "spec": {"rules": []}},
-         "missing field 'metadata'"),
-        ({"apiVersion": API_VERSION, "kind": "Route", "metadata": {"name": "a"}},
-         "missing field 'spec'"),
-        ({"apiVersion": API_VERSION, "kind": "Route", "metadata": {"name": "a"}, "spec": {}},
-         "missing field 'rules'"),
-    ]:  # fmt: skip
+        (
+            {"apiVersion": "v1", "kind": "Route", "metadata": {"name": "a"}, "spec": {"rules": []}},
+            "unsupported apiVersion",
+        ),
+        (
+            {"apiVersion": API_VERSION, "kind": "Nope", "metadata": {"name": "a"}, "spec": {}},
+            "unknown kind 'Nope'",
+        ),
+        (
+            {"apiVersion": API_VERSION, "kind": "Route", "spec": {"rules": []}},
+            "missing field 'metadata'",
+        ),
+        (
+            {"apiVersion": API_VERSION, "kind": "Route", "metadata": {"name": "a"}},
+            "missing field 'spec'",
+        ),
+        (
+            {"apiVersion": API_VERSION, "kind": "Route", "metadata": {"name": "a"}, "spec": {}},
+            "missing field 'rules'",
+        ),
+    ]:
         with pytest.raises(SchemaError, match=needle):
             Resource.from_dict(data)
 
@@ -247,20 +268,28 @@ def test_check_resource_meaning() -> None:
 
     got = problems(
         "TrafficSplit",
-        {"subsets": [{"name": "a", "selector": {"v": "1"}, "weight": 60},
-                     {"name": "a", "selector": {}, "weight": 30}]},
-    )  # fmt: skip
+        {
+            "subsets": [
+                {"name": "a", "selector": {"v": "1"}, "weight": 60},
+                {"name": "a", "selector": {}, "weight": 30},
+            ]
+        },
+    )
     assert got["spec.subsets"] == "weights sum to 90, not 100"
     assert "already defined" in got["spec.subsets[1].name"]
     assert "at least one Meta key" in got["spec.subsets[1].selector"]
     got = problems(
         "Route",
-        {"rules": [{"match": {"path": {"prefix": "/api"}}},
-                   {"match": {"path": {"prefix": "/api"}}},
-                   {"match": {"path": {"regex": "(a"}}},
-                   {"match": {"path": {"prefix": "/"}}},
-                   {"match": {"method": "get"}}]},
-    )  # fmt: skip
+        {
+            "rules": [
+                {"match": {"path": {"prefix": "/api"}}},
+                {"match": {"path": {"prefix": "/api"}}},
+                {"match": {"path": {"regex": "(a"}}},
+                {"match": {"path": {"prefix": "/"}}},
+                {"match": {"method": "get"}},
+            ]
+        },
+    )
     assert "same match" in got["spec.rules[1]"]
     assert "invalid regular expression" in got["spec.rules[2].match.path.regex"]
     assert "rule [3] before it matches every request" in got["spec.rules[4]"]
