@@ -406,3 +406,84 @@ async def test_mismatched_protocol_version_is_refused_clearly(
             assert err.code == "unsupported_protocol" and "protocol 2" in err.message
             msg = await ws.receive(timeout=5)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+# -- the outbound path with policy (a real listener, real backends) -------------------------
+
+
+class Backend:
+    """An app that says who it is and what headers it got."""
+
+    def __init__(self, name: str, runner: web.AppRunner, port: int) -> None:
+        self.name, self.runner, self.port = name, runner, port
+
+    @classmethod
+    async def start(cls, name: str) -> Backend:
+        async def who(request: web.Request) -> web.Response:
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            return web.json_response({"name": name, "headers": headers})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", who)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return cls(name, runner, runner.addresses[0][1])
+
+
+async def test_policy_router_splits_and_routes_real_requests() -> None:
+    import proxy.downstream
+    from proxy.policy_router import start_policy_outbound
+
+    v1, v2, admin = (
+        await Backend.start("v1"),
+        await Backend.start("v2"),
+        await Backend.start("admin"),
+    )
+    orders = Cluster("orders", "default")
+    orders.set_endpoints(
+        [
+            Endpoint("o1", "127.0.0.1", v1.port, meta={"version": "v1"}),
+            Endpoint("o2", "127.0.0.1", v2.port, meta={"version": "v2"}),
+        ]
+    )
+    admin_cluster = Cluster("admin", "default")
+    admin_cluster.set_endpoints([Endpoint("a1", "127.0.0.1", admin.port)])
+    plain = Cluster("inventory", "default")
+    plain.set_endpoints([Endpoint("i1", "127.0.0.1", v1.port)])
+    directory = StaticDirectory([orders, admin_cluster, plain])
+    policy = Policy(directory)
+    await policy.apply(snapshot(1, [split("orders", 90, 10), HEADER_ROUTE]))
+    listener = await start_policy_outbound(directory, policy, port=0)
+    proxy.downstream.RNG.seed(1234)
+    try:
+        async with aiohttp.ClientSession() as http:
+            proxy_url = f"http://127.0.0.1:{listener.port}"
+
+            async def who(url: str, **kw: Any) -> dict[str, Any]:
+                async with http.get(url, proxy=proxy_url, **kw) as resp:
+                    assert resp.status == 200, await resp.text()
+                    return dict(await resp.json())
+
+            names = Counter([(await who("http://orders/who"))["name"] for _ in range(400)])
+            # Binomial(400, 0.1): mean 40, sd 6; the seed makes it exact, bounds are 4 sd.
+            assert 16 <= names["v2"] <= 64 and names["v1"] + names["v2"] == 400, names
+            for _ in range(20):
+                assert (await who("http://orders/who", headers={"x-canary": "true"}))[
+                    "name"
+                ] == "v2"
+            async with http.post(
+                "http://orders/admin/x", proxy=proxy_url, headers={"x-drop": "1"}
+            ) as resp:
+                body = await resp.json()
+            assert body["name"] == "admin" and body["headers"]["x-routed"] == "admin"
+            assert "x-drop" not in body["headers"]
+            got = await who("http://orders/who?beta=1")
+            assert got["name"] == "v2"
+            # A service without policy goes where it always went.
+            assert (await who("http://inventory/who"))["name"] == "v1"
+    finally:
+        await listener.aclose()
+        for b in (v1, v2, admin):
+            await b.runner.cleanup()

@@ -1,0 +1,108 @@
+"""The outbound router with policy: logical target → route → concrete target.
+
+`PolicyRouter` is the outbound router of proxy/dispatch.py with one step added where
+the logical target's cluster becomes the concrete target (`_to_cluster`, which both the
+synchronous and the first-request paths go through): if the applied policy
+(proxy/policy.py) has nothing for the service, the request goes on exactly as without
+a control plane (one dict lookup more); otherwise the route's first matching rule and
+the destination's split choose the service and subset, the request's header edits are
+made, and the subset's cluster (its endpoints filtered by Meta) is what the balancer
+picks from. Response header edits of a rule are not applied yet (the response path has
+no hook for them).
+"""
+
+from __future__ import annotations
+
+import ssl as ssl_module
+from typing import Any, Literal
+
+from proxy import local_reply
+from proxy.cluster import Cluster, ServiceDirectory
+from proxy.dispatch import OutboundRouter
+from proxy.downstream import RNG, DownstreamConnection, TimeoutPolicy
+from proxy.listener import Listener, _listen
+from proxy.policy import Policy
+from proxy.pool import Pool, PoolPolicy
+from proxy.routing import lower_headers
+from proxy.stats import ProxyStats
+
+
+class PolicyRouter(OutboundRouter):
+    """Routes the app's calls by the control plane's policy (when it has any)."""
+
+    name = "outbound"
+
+    def __init__(
+        self, directory: ServiceDirectory, stats: ProxyStats, policy: Policy, **kw: Any
+    ) -> None:
+        super().__init__(directory, stats, **kw)
+        self.policy = policy
+
+    def _to_cluster(self, conn: DownstreamConnection, cluster: Cluster) -> Pool | None:
+        policy = self.policy
+        sp = policy.route(cluster.namespace, cluster.service)
+        head = conn.head
+        if sp is None or head is None:
+            return super()._to_cluster(conn, cluster)
+        decision = policy.table.decide(
+            sp,
+            head.method.decode("latin-1"),
+            conn.path.decode("latin-1"),
+            lower_headers(head.headers),
+            RNG,
+        )
+        if decision.request_headers:
+            decision.request_headers.apply(head.headers)
+        target: Cluster | None = cluster
+        if (decision.namespace, decision.service) != (cluster.namespace, cluster.service):
+            target = self.directory.lookup(decision.namespace, decision.service)
+            if target is None:
+                conn.local_reply(
+                    local_reply.UNKNOWN_SERVICE,
+                    f"route to {decision.service}.{decision.namespace}: no such service",
+                )
+                return None
+        if decision.subset is not None:
+            target = policy.subset_cluster(decision.namespace, decision.service, decision.subset)
+        if target is None:
+            conn.local_reply(
+                local_reply.NO_HEALTHY_UPSTREAM,
+                f"subset {decision.subset} of {decision.service}.{decision.namespace} "
+                "is not known yet",
+            )
+            return None
+        return super()._to_cluster(conn, target)
+
+    def __repr__(self) -> str:
+        return f"<PolicyRouter {self.policy!r} {super().__repr__()}>"
+
+
+async def start_policy_outbound(
+    directory: ServiceDirectory,
+    policy: Policy,
+    *,
+    stats: ProxyStats | None = None,
+    host: str = "127.0.0.1",
+    port: int = 15001,
+    namespace: str = "default",
+    egress: Literal["allow", "deny"] = "allow",
+    timeouts: TimeoutPolicy | None = None,
+    pool_policy: PoolPolicy | None = None,
+    ssl: ssl_module.SSLContext | None = None,
+    upstream_ssl: ssl_module.SSLContext | None = None,
+) -> Listener:
+    """`proxy.listener.start_outbound`, with the policy step in the router."""
+    stats = stats if stats is not None else ProxyStats()
+    timeouts = timeouts or TimeoutPolicy()
+    router = PolicyRouter(
+        directory,
+        stats,
+        policy,
+        namespace=namespace,
+        egress=egress,
+        pool_policy=pool_policy or PoolPolicy(connect_timeout=timeouts.connect),
+        upstream_ssl=upstream_ssl,
+    )
+    listener = await _listen(router, stats, timeouts, host, port, ssl)
+    router.listen_port = listener.port
+    return listener
