@@ -231,6 +231,32 @@ def delete(
     )
 
 
+@main.command()
+@click.option("-s", "--service", default=None, help="Only this service's sidecars.")
+@click.option("-n", "--namespace", default=None, help="Only this namespace.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+@_cp_option
+def status(service: str | None, namespace: str | None, output: str, cp_url: str) -> None:
+    """Every sidecar: service, instance, config version, acked or nacked (why), last seen."""
+    import json
+    import time
+
+    from controlplane import status as view
+    from controlplane.client import ApiError, ControlPlaneClient
+
+    query = {k: v for k, v in (("service", service), ("namespace", namespace)) if v}
+    try:
+        body = ControlPlaneClient(cp_url).request("GET", "/sidecars", query=query)
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from None
+    records = body.get("sidecars", [])
+    if output == "json":
+        click.echo(json.dumps(body, indent=2))
+        return
+    click.echo(view.table(records, time.time()))
+    click.echo(f"\n{view.summary(records)}; config version {body.get('version')}")
+
+
 def consul_address() -> tuple[str, int]:
     """CONSUL_HTTP_ADDR as every Consul tool reads it (default 127.0.0.1:8500)."""
     addr = os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
