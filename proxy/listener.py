@@ -1,0 +1,184 @@
+"""Listeners: bind the outbound, inbound and opaque-TCP ports, sweep timeouts, drain.
+
+    stats = ProxyStats()
+    outbound = await start_outbound(directory, stats=stats, port=15001, namespace="default")
+    inbound = await start_inbound(app_port, stats=stats, host="0.0.0.0", port=15006)
+    ...
+    await inbound.drain(10.0)   # stop accepting, finish in-flight, close idle keep-alive
+    await outbound.aclose()
+
+Both HTTP listeners take optional TLS contexts: `ssl` for the accepting side and
+`upstream_ssl` / `app_ssl` for the pools they dial, so mTLS between sidecars wraps the
+same code. Each listener runs one repeating timer (the sweep), never one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_module
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from proxy.cluster import ServiceDirectory
+from proxy.dispatch import InboundRouter, OutboundRouter
+from proxy.downstream import ProxyServer, Router, TimeoutPolicy
+from proxy.pool import Pool, PoolPolicy
+from proxy.stats import ProxyStats
+from proxy.tunnel import TcpProxyServer
+
+
+class Listener:
+    """One bound HTTP listener: `.port`, `.drain(seconds)`, `.aclose()`."""
+
+    def __init__(self, proxy: ProxyServer, server: asyncio.Server) -> None:
+        self.proxy = proxy
+        self.server = server
+        sockname = server.sockets[0].getsockname()
+        self.host: str = sockname[0]
+        self.port: int = sockname[1]
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._schedule()
+
+    @property
+    def router(self) -> Router:
+        return self.proxy.router
+
+    @property
+    def connections(self) -> int:
+        return len(self.proxy.connections)
+
+    def pools(self) -> list[Pool]:
+        return self.proxy.router.pools()
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(self.proxy.timeouts.tick, self._sweep)
+
+    def _sweep(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.proxy.sweep(time.monotonic())
+        finally:
+            self._schedule()
+
+    async def drain(self, seconds: float) -> bool:
+        """Stop accepting, let in-flight requests finish within `seconds`, then cut.
+
+        Idle keep-alive connections close now; busy ones close after their response
+        (which says `Connection: close`). True if everything finished in time.
+        """
+        proxy = self.proxy
+        proxy.draining = True
+        self.server.close()
+        for conn in list(proxy.connections):
+            if not conn.active:
+                conn.close()
+        deadline = time.monotonic() + seconds
+        while proxy.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        clean = not proxy.connections
+        for conn in list(proxy.connections):
+            conn.abort()
+        proxy.router.close()
+        return clean
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        if not self.proxy.draining:
+            await self.drain(0.0)
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.server.wait_closed()
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.proxy.name} {self.host}:{self.port} {self.proxy!r}>"
+
+
+async def _listen(
+    router: Router,
+    stats: ProxyStats,
+    timeouts: TimeoutPolicy,
+    host: str,
+    port: int,
+    ssl: ssl_module.SSLContext | None,
+) -> Listener:
+    proxy = ProxyServer(router, timeouts, stats, scheme=b"https" if ssl else b"http")
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        proxy,
+        host,
+        port,
+        ssl=ssl,
+        reuse_address=True,
+        backlog=1024,
+    )
+    stats.pool_sources.append(router.pools)
+    return Listener(proxy, server)
+
+
+async def start_outbound(
+    directory: ServiceDirectory,
+    *,
+    stats: ProxyStats | None = None,
+    host: str = "127.0.0.1",
+    port: int = 15001,
+    namespace: str = "default",
+    egress: Literal["allow", "deny"] = "allow",
+    timeouts: TimeoutPolicy | None = None,
+    pool_policy: PoolPolicy | None = None,
+    ssl: ssl_module.SSLContext | None = None,
+    upstream_ssl: ssl_module.SSLContext | None = None,
+) -> Listener:
+    """The app's way out: absolute-form (HTTP_PROXY) and Host-named requests, CONNECT."""
+    stats = stats if stats is not None else ProxyStats()
+    timeouts = timeouts or TimeoutPolicy()
+    policy = pool_policy or PoolPolicy(connect_timeout=timeouts.connect)
+    router = OutboundRouter(
+        directory,
+        stats,
+        namespace=namespace,
+        egress=egress,
+        pool_policy=policy,
+        upstream_ssl=upstream_ssl,
+    )
+    listener = await _listen(router, stats, timeouts, host, port, ssl)
+    router.listen_port = listener.port
+    return listener
+
+
+async def start_inbound(
+    app_port: int,
+    *,
+    stats: ProxyStats | None = None,
+    host: str = "127.0.0.1",
+    port: int = 15006,
+    app_host: str = "127.0.0.1",
+    timeouts: TimeoutPolicy | None = None,
+    pool_policy: PoolPolicy | None = None,
+    ssl: ssl_module.SSLContext | None = None,
+    app_ssl: ssl_module.SSLContext | None = None,
+) -> Listener:
+    """Other sidecars' way in: every request goes to the app at app_host:app_port."""
+    stats = stats if stats is not None else ProxyStats()
+    timeouts = timeouts or TimeoutPolicy()
+    policy = pool_policy or PoolPolicy(connect_timeout=timeouts.connect)
+    router = InboundRouter(app_port, stats, app_host=app_host, pool_policy=policy, app_ssl=app_ssl)
+    return await _listen(router, stats, timeouts, host, port, ssl)
+
+
+async def start_tcp_proxy(
+    pick: Callable[[], tuple[str, int] | None],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    connect_timeout: float = 2.0,
+) -> TcpProxyServer:
+    """An opaque port: each accepted connection is spliced raw to `pick()`'s address."""
+    server = TcpProxyServer(pick, connect_timeout)
+    await server.start(host, port)
+    return server
