@@ -182,8 +182,8 @@ def check_references(
                 msg = (
                     f"subset {dest.subset!r}: no TrafficSplit {ns}/{target} defines subsets"
                     if key in changed
-                    else f"Route {ns}/{service} rules[{i}] sends to subset {dest.subset!r} "
-                    "of this TrafficSplit"
+                    else f"Route {ns}/{service} rules[{i}] still sends to its subset "
+                    f"{dest.subset!r}"
                 )
             else:
                 msg = (
