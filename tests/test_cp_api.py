@@ -252,7 +252,7 @@ async def test_two_replicas_concurrent_applies_lose_nothing(
     final = await cps[0].store.snapshot()
     assert final.version == 2 * n
     assert len(final.resources) == 1 + 2 * n
-    shared = [r for k, r in final.resources.items() if k.name == "shared"][0]
+    shared = next(r for k, r in final.resources.items() if k.name == "shared")
     assert shared.metadata.generation == 2 * n
     # Both replicas converge on the same published snapshot through their KV watch.
     loop = asyncio.get_running_loop()
