@@ -698,3 +698,75 @@ async def test_client_leaving_mid_response_is_not_reused(mesh: Mesh) -> None:
         await asyncio.sleep(0.02)
     assert pool.size == 0 and not pool.idle
     await up.aclose()
+
+
+# ---------------------------------------------------------------------------------------
+# streaming: bodies pass without being buffered whole
+
+STREAM_BYTES = 128 * 1024 * 1024
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) restarts from the current RSS
+
+
+def _rss_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise AssertionError(field_name)
+
+
+async def test_streaming_upload_and_download_keep_memory_bounded(mesh: Mesh) -> None:
+    """128 MB up and 128 MB down through both hops; peak RSS grows by at most 16 MB.
+
+    (The 1 GB each way check of the issue runs in `make bench`; on two shared cores it
+    is too slow for the test suite.)
+    """
+    chunk = b"z" * 65536
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"Content-Length: %d" % STREAM_BYTES in head
+        got = 0
+        while got < STREAM_BYTES:
+            data = await reader.read(262144)
+            assert data
+            got += len(data)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Got: %d\r\n\r\n" % (STREAM_BYTES, got)
+        )
+        for _ in range(STREAM_BYTES // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    add_cluster(mesh, "stream", server.sockets[0].getsockname()[1])
+    # The upstream in this test is the raw server itself (outbound → raw), and the mesh
+    # path adds the inbound hop in front of the same server.
+    mesh.inbound.proxy.router.pool.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    for host in (b"stream", b"orders"):
+        _reset_peak_rss()
+        base = _rss_kib("VmRSS")
+        r, w = await asyncio.open_connection("127.0.0.1", mesh.outbound.port)
+        w.write(
+            b"PUT /big HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (host, STREAM_BYTES)
+        )
+        for _ in range(STREAM_BYTES // len(chunk)):
+            w.write(chunk)
+            await w.drain()
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 30)
+        assert b" 200 " in head and b"X-Got: %d" % STREAM_BYTES in head
+        got = 0
+        while got < STREAM_BYTES:
+            data = await asyncio.wait_for(r.read(262144), 30)
+            assert data
+            got += len(data)
+        w.close()
+        growth_mb = (_rss_kib("VmHWM") - base) / 1024
+        print(f"{host!r}: peak RSS grew by {growth_mb:.1f} MB")
+        assert growth_mb <= 16, f"{host!r}: peak RSS grew by {growth_mb:.1f} MB"
+    server.close()
