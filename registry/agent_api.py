@@ -13,13 +13,13 @@ from typing import Any
 
 from aiohttp import web
 
+from registry.acl import Grant
 from registry.catalog import (
     CRITICAL,
     PASSING,
     SERVICE_MAINTENANCE_PREFIX,
     STATUSES,
     WARNING,
-    Catalog,
 )
 from registry.errors import BadRequestError, MethodNotAllowedError, NotFoundError
 from registry.http import (
@@ -236,8 +236,11 @@ def agent_service(svc: Obj, datacenter: str) -> Obj:
     return out
 
 
-def _catalog(request: web.Request) -> Catalog:
-    return context(request).catalog
+def check_visible(grant: Grant, chk: Obj) -> bool:
+    """ACL filtering of check lists: a service check needs service:read, else node:read."""
+    if chk.get("ServiceID"):
+        return grant.allows("service", chk["ServiceName"], "read")
+    return grant.allows("node", chk["Node"], "read")
 
 
 # -- handlers: identity ----------------------------------------------------------------
@@ -299,9 +302,10 @@ async def self_(request: web.Request) -> web.Response:
 
 async def members(request: web.Request) -> web.Response:
     ctx = context(request)
-    ctx.acl.require(request, "node", ctx.catalog.node, "read")
+    grant = ctx.acl.grant(request)
     index = await block(request, ["nodes"])
-    return reply([_member(request)], index)
+    visible = grant.allows("node", ctx.catalog.node, "read")
+    return reply([_member(request)] if visible else [], index)
 
 
 # -- handlers: services ----------------------------------------------------------------
@@ -309,11 +313,15 @@ async def members(request: web.Request) -> web.Response:
 
 async def services(request: web.Request) -> web.Response:
     ctx = context(request)
-    ctx.acl.require(request, "service", "", "read")
+    grant = ctx.acl.grant(request)
     flt = query_filter(request)
     index = await block(request, ["agent:services"])
     cat = ctx.catalog
-    views = [agent_service(s, cat.datacenter) for s in cat.node_services(cat.node)]
+    views = [
+        agent_service(s, cat.datacenter)
+        for s in cat.node_services(cat.node)
+        if grant.allows("service", s["Service"], "read")
+    ]
     return reply({v["ID"]: v for v in apply_filter(flt, views)}, index)
 
 
@@ -435,11 +443,11 @@ async def node_maintenance(request: web.Request) -> web.Response:
 
 async def checks(request: web.Request) -> web.Response:
     ctx = context(request)
-    ctx.acl.require(request, "node", ctx.catalog.node, "read")
+    grant = ctx.acl.grant(request)
     flt = query_filter(request)
     index = await block(request, ["agent:checks"])
     cat = ctx.catalog
-    items = apply_filter(flt, cat.node_checks(cat.node))
+    items = apply_filter(flt, [c for c in cat.node_checks(cat.node) if check_visible(grant, c)])
     return reply({c["CheckID"]: c for c in items}, index)
 
 

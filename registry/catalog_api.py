@@ -180,28 +180,33 @@ async def datacenters(request: web.Request) -> web.Response:
 
 async def nodes(request: web.Request) -> web.Response:
     ctx = context(request)
-    ctx.acl.require(request, "node", "", "read")
+    grant = ctx.acl.grant(request)
     check_datacenter(request)
     flt = query_filter(request)
     meta = node_meta_query(request)
     index = await block(request, ["nodes"])
-    items = [n for n in ctx.catalog.nodes() if node_matches(n, meta)]
+    items = [
+        n
+        for n in ctx.catalog.nodes()
+        if node_matches(n, meta) and grant.allows("node", n["Node"], "read")
+    ]
     return reply(apply_filter(flt, items), index)
 
 
 async def services(request: web.Request) -> web.Response:
     ctx = context(request)
-    ctx.acl.require(request, "service", "", "read")
+    grant = ctx.acl.grant(request)
     check_datacenter(request)
     flt = query_filter(request)
     meta = node_meta_query(request)
     index = await block(request, ["services", "nodes"] if meta else ["services"])
     cat = ctx.catalog
+    names = {k: v for k, v in cat.service_names().items() if grant.allows("service", k, "read")}
     if flt is None and not meta:
-        return reply(cat.service_names(), index)
+        return reply(names, index)
     # Filters apply to instances (as Consul's do); the answer is still name -> tags.
     out: dict[str, set[str]] = {}
-    for name in cat.service_names():
+    for name in names:
         for svc in cat.instances(name):
             node = cat.get_node(svc["Node"])
             if not node_matches(node, meta):
@@ -220,12 +225,13 @@ async def service(request: web.Request) -> web.Response:
     flt = query_filter(request)
     meta = node_meta_query(request)
     tags = request.query.getall("tag", [])
+    grant = ctx.acl.grant(request)
     index = await block(request, [f"service:{name}"])
     cat = ctx.catalog
     items = []
     for svc in cat.instances(name, tags):
         node = cat.get_node(svc["Node"])
-        if node_matches(node, meta):
+        if node_matches(node, meta) and grant.allows("node", svc["Node"], "read"):
             items.append(service_node(svc, node))
     return reply(apply_filter(flt, items), index)
 
@@ -241,7 +247,15 @@ async def node(request: web.Request) -> web.Response:
     n = cat.get_node(name)
     if n is None:
         return reply(None, index)
-    svcs = apply_filter(flt, [_node_service(s) for s in cat.node_services(name)])
+    grant = ctx.acl.grant(request)
+    svcs = apply_filter(
+        flt,
+        [
+            _node_service(s)
+            for s in cat.node_services(name)
+            if grant.allows("service", s["Service"], "read")
+        ],
+    )
     return reply({"Node": n, "Services": {s["ID"]: s for s in svcs}}, index)
 
 
@@ -257,7 +271,15 @@ async def node_services(request: web.Request) -> web.Response:
     n = cat.get_node(name)
     if n is None:
         return reply(None, index)
-    svcs = apply_filter(flt, [_node_service(s) for s in cat.node_services(name)])
+    grant = ctx.acl.grant(request)
+    svcs = apply_filter(
+        flt,
+        [
+            _node_service(s)
+            for s in cat.node_services(name)
+            if grant.allows("service", s["Service"], "read")
+        ],
+    )
     return reply({"Node": n, "Services": svcs}, index)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from registry.agent_api import check_visible
 from registry.catalog import STATUSES
 from registry.catalog_api import node_matches, node_meta_query
 from registry.errors import BadRequestError
@@ -32,10 +33,13 @@ async def service(request: web.Request) -> web.Response:
     meta = node_meta_query(request)
     tags = request.query.getall("tag", [])
     passing = query_flag(request, "passing")
+    grant = ctx.acl.grant(request)
     index = await block(request, [f"service:{name}"])
-    items = ctx.catalog.health(name, tags, passing)
-    if meta:
-        items = [e for e in items if node_matches(e["Node"], meta)]
+    items = [
+        e
+        for e in ctx.catalog.health(name, tags, passing)
+        if node_matches(e["Node"], meta) and grant.allows("node", e["Node"]["Node"], "read")
+    ]
     return reply(apply_filter(flt, items), index)
 
 
@@ -46,9 +50,14 @@ async def checks(request: web.Request) -> web.Response:
     check_datacenter(request)
     flt = query_filter(request)
     meta = node_meta_query(request)
+    grant = ctx.acl.grant(request)
     index = await block(request, [f"service:{name}"])
     cat = ctx.catalog
-    items = [c for c in cat.service_checks(name) if node_matches(cat.get_node(c["Node"]), meta)]
+    items = [
+        c
+        for c in cat.service_checks(name)
+        if node_matches(cat.get_node(c["Node"]), meta) and grant.allows("node", c["Node"], "read")
+    ]
     return reply(apply_filter(flt, items), index)
 
 
@@ -57,13 +66,17 @@ async def state(request: web.Request) -> web.Response:
     want = request.match_info["state"]
     if want not in (*STATUSES, "any"):
         raise BadRequestError(f"Invalid state {want!r}: want any, passing, warning or critical")
-    ctx.acl.require(request, "node", "", "read")
+    grant = ctx.acl.grant(request)
     check_datacenter(request)
     flt = query_filter(request)
     meta = node_meta_query(request)
     index = await block(request, ["checks"])
     cat = ctx.catalog
-    items = [c for c in cat.checks_in_state(want) if node_matches(cat.get_node(c["Node"]), meta)]
+    items = [
+        c
+        for c in cat.checks_in_state(want)
+        if check_visible(grant, c) and node_matches(cat.get_node(c["Node"]), meta)
+    ]
     return reply(apply_filter(flt, items), index)
 
 
@@ -73,5 +86,7 @@ async def node(request: web.Request) -> web.Response:
     ctx.acl.require(request, "node", name, "read")
     check_datacenter(request)
     flt = query_filter(request)
+    grant = ctx.acl.grant(request)
     index = await block(request, [f"node:{name}"])
-    return reply(apply_filter(flt, ctx.catalog.node_checks(name)), index)
+    items = [c for c in ctx.catalog.node_checks(name) if check_visible(grant, c)]
+    return reply(apply_filter(flt, items), index)

@@ -205,3 +205,29 @@ async def test_writes_need_the_management_token(locked: RegistryServer) -> None:
         async with s.put(url) as r:
             assert r.status == 200
     assert locked.ctx.catalog.get_service("node1", "web1") is None
+
+
+async def test_acl_filters_catalog_and_health_lists(locked: RegistryServer) -> None:
+    async with consul.aio.Consul(port=locked.port, token="s3") as admin:
+        for name in ("web", "db"):
+            await admin.agent.service.register(name, service_id=f"{name}1", port=1)
+        await admin.acl.policy.create(
+            "web-reader",
+            rules={"service": {"web": {"policy": "read"}}, "node_prefix": {"": {"policy": "read"}}},
+        )
+        tok = await admin.acl.token.create(policies_name=["web-reader"])
+    async with consul.aio.Consul(port=locked.port, token=tok["SecretID"]) as reader:
+        assert set(await reader.agent.services()) == {"web1"}
+        _, names = await reader.catalog.services()
+        assert set(names) == {"web"}
+        _, web = await reader.health.service("web")
+        assert [e["Service"]["ID"] for e in web] == ["web1"]
+        with pytest.raises(consul.ACLPermissionDenied):
+            await reader.health.service("db")
+        _, checks = await reader.health.state("any")
+        assert [c["CheckID"] for c in checks] == ["serfHealth"]
+        with pytest.raises(consul.ACLPermissionDenied):
+            await reader.agent.service.register("web", service_id="web2")
+    async with consul.aio.Consul(port=locked.port, token="no-such-token") as unknown:
+        with pytest.raises(consul.ACLPermissionDenied):
+            await unknown.catalog.services()
