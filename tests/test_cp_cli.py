@@ -1,0 +1,182 @@
+"""`tether apply/get/diff/delete` against a real control-plane process and registry process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, RegistryProcess, free_port, wait_for_port
+
+EXAMPLES = ROOT / "examples" / "policies"
+HEAD = "apiVersion: tether.dev/v1alpha1\n"
+
+
+class Tether:
+    """Runs `tether ...` as the operator would, against one control plane."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __call__(
+        self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        e = {**os.environ, "TETHER_CONTROLPLANE": self.url, **(env or {})}
+        e.pop("CONSUL_HTTP_TOKEN", None)
+        return subprocess.run(
+            [sys.executable, "-m", "tether.cli", *args],
+            cwd=ROOT,
+            env=e,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def api(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.url}/api/v1{path}", timeout=10) as resp:
+            return json.loads(resp.read())
+
+
+@pytest.fixture
+def tether(registry_process: Callable[..., RegistryProcess]) -> Iterator[Tether]:
+    reg = registry_process()
+    port = free_port()
+    env = {**os.environ, "CONSUL_HTTP_ADDR": f"127.0.0.1:{reg.port}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tether.cli", "controlplane", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield Tether(f"http://127.0.0.1:{port}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        assert proc.returncode in (0, -signal.SIGTERM), proc.returncode
+
+
+def test_apply_get_diff_delete(tether: Tether, tmp_path: Path) -> None:
+    r = tether("apply", "-f", str(EXAMPLES))
+    assert r.returncode == 0, r.stderr
+    assert "trafficsplit default/orders created" in r.stdout
+    assert "route default/orders created" in r.stdout
+    assert "meshconfig mesh created" in r.stdout
+    assert "+    weight: 90" in r.stdout  # the diff is shown
+    assert "warning: subset 'v1' selects no instance" in r.stderr
+
+    r = tether("get", "trafficsplit", "orders", "-o", "yaml")
+    assert r.returncode == 0, r.stderr
+    doc = yaml.safe_load(r.stdout)
+    assert [(s["name"], s["weight"]) for s in doc["spec"]["subsets"]] == [("v1", 90), ("v2", 10)]
+    r = tether("get", "route", "-o", "json")
+    (route,) = json.loads(r.stdout)
+    assert route["spec"]["rules"][0]["destination"] == {"subset": "v2"}
+    r = tether("get", "ts")
+    assert "orders" in r.stdout and "v1=90 v2=10" in r.stdout
+    r = tether("get", "servicedefaults", "-A")
+    assert [line.split()[1] for line in r.stdout.splitlines()[1:]] == [
+        "frontend",
+        "inventory",
+        "orders",
+    ]
+
+    promoted = tmp_path / "promote.yaml"
+    promoted.write_text(
+        (EXAMPLES / "orders.yaml")
+        .read_text()
+        .replace("weight: 90", "weight: 50")
+        .replace("weight: 10", "weight: 50")
+    )
+    r = tether("diff", "-f", str(promoted))
+    assert r.returncode == 1  # differences, as kubectl diff
+    assert "-    weight: 90\n" in r.stdout and "+    weight: 50\n" in r.stdout
+    r = tether("apply", "-f", str(promoted), "--dry-run")
+    assert r.returncode == 0 and "trafficsplit default/orders configured (dry run)" in r.stdout
+    assert (
+        tether.api("/resources/TrafficSplit/default/orders")["spec"]["subsets"][0]["weight"] == 90
+    )
+    r = tether("apply", "-f", "-", stdin=promoted.read_text())
+    assert r.returncode == 0 and "trafficsplit default/orders configured" in r.stdout
+    assert "servicedefaults default/orders unchanged" in r.stdout
+    r = tether("diff", "-f", str(promoted))
+    assert r.returncode == 0 and r.stdout == ""
+
+    r = tether("delete", "route", "orders")
+    assert r.returncode == 0 and "route default/orders deleted" in r.stdout
+    r = tether("get", "route", "orders")
+    assert r.returncode == 1 and "not found" in r.stderr
+    r = tether("delete", "-f", str(EXAMPLES / "services.yaml"))
+    assert r.returncode == 0, r.stderr
+    assert "meshconfig mesh deleted" in r.stdout
+    left = tether.api("/resources")["items"]
+    assert sorted(d["kind"] for d in left) == ["ServiceDefaults", "TrafficSplit"]
+
+
+def test_rejections_name_file_document_path_and_line(tether: Tether, tmp_path: Path) -> None:
+    assert tether("apply", "-f", str(EXAMPLES)).returncode == 0
+    version = tether.api("/version")["version"]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        HEAD
+        + "kind: ServiceDefaults\nmetadata: {name: orders}\nspec: {protocol: tcp}\n---\n"
+        + HEAD
+        + "kind: TrafficSplit\nmetadata:\n  name: orders\nspec:\n  subsets:\n"
+        "    - name: v1\n      selector: {version: v1}\n      weight: 80\n"
+        "    - name: v2\n      selector: {version: v2}\n      weight: 10\n"
+    )
+    r = tether("apply", "-f", str(bad))
+    assert r.returncode == 1
+    assert (
+        f"{bad}:11: document 2 (TrafficSplit default/orders): spec.subsets: "
+        "weights sum to 90, not 100"
+    ) in r.stderr
+    assert "nothing was changed" in r.stderr
+    # Found by the control plane (needs the stored resources), reported the same way.
+    route = tmp_path / "route.yaml"
+    route.write_text(
+        HEAD + "kind: Route\nmetadata: {name: orders}\nspec:\n  rules:\n"
+        "    - match: {path: {prefix: /beta}}\n      destination: {subset: v3}\n"
+    )
+    r = tether("apply", "-f", str(route))
+    assert r.returncode == 1
+    assert (
+        f"{route}:7: document 1 (Route default/orders): spec.rules[0].destination.subset: "
+        "subset 'v3' is not defined by TrafficSplit default/orders"
+    ) in r.stderr
+    r = tether("apply", "-f", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 1 and "missing.yaml" in r.stderr
+    later = tmp_path / "retry.yaml"
+    later.write_text(HEAD + "kind: RetryPolicy\nmetadata: {name: orders}\nspec: {}\n")
+    r = tether("apply", "-f", str(later))
+    assert r.returncode == 1 and "kind RetryPolicy is not supported yet" in r.stderr
+    # Nothing changed.
+    assert tether.api("/version")["version"] == version
+    r = tether("get", "sd", "orders", "-o", "json")
+    assert json.loads(r.stdout)["spec"].get("protocol", "http") == "http"
+
+
+def test_finding_the_control_plane(tether: Tether) -> None:
+    r = tether("get", "route", "--controlplane", tether.url, env={"TETHER_CONTROLPLANE": ""})
+    assert r.returncode == 0 and "no Route resources" in r.stderr
+    r = tether("get", "route", env={"TETHER_CONTROLPLANE": f"http://127.0.0.1:{free_port()}"})
+    assert r.returncode == 1 and "error: control plane at http://127.0.0.1:" in r.stderr
+    r = tether("get", "frobnicators")
+    assert r.returncode == 1 and "unknown kind 'frobnicators'" in r.stderr
