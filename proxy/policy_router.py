@@ -13,6 +13,8 @@ no hook for them).
 
 from __future__ import annotations
 
+import os
+import random
 import ssl as ssl_module
 from typing import Any, Literal
 
@@ -33,10 +35,18 @@ class PolicyRouter(OutboundRouter):
     name = "outbound"
 
     def __init__(
-        self, directory: ServiceDirectory, stats: ProxyStats, policy: Policy, **kw: Any
+        self,
+        directory: ServiceDirectory,
+        stats: ProxyStats,
+        policy: Policy,
+        *,
+        rng: random.Random | None = None,
+        **kw: Any,
     ) -> None:
         super().__init__(directory, stats, **kw)
         self.policy = policy
+        # Split draws; a seeded one (TETHER_POLICY_SEED) replays the same choices.
+        self.rng = rng if rng is not None else RNG
 
     def _to_cluster(self, conn: DownstreamConnection, cluster: Cluster) -> Pool | None:
         policy = self.policy
@@ -49,7 +59,7 @@ class PolicyRouter(OutboundRouter):
             head.method.decode("latin-1"),
             conn.path.decode("latin-1"),
             lower_headers(head.headers),
-            RNG,
+            self.rng,
         )
         if decision.request_headers:
             decision.request_headers.apply(head.headers)
@@ -90,8 +100,16 @@ async def start_policy_outbound(
     pool_policy: PoolPolicy | None = None,
     ssl: ssl_module.SSLContext | None = None,
     upstream_ssl: ssl_module.SSLContext | None = None,
+    rng: random.Random | None = None,
 ) -> Listener:
-    """`proxy.listener.start_outbound`, with the policy step in the router."""
+    """`proxy.listener.start_outbound`, with the policy step in the router.
+
+    Without `rng`, split draws use the proxy's shared random source, or one seeded from
+    TETHER_POLICY_SEED when that is set (so a test or a replay sees the same choices).
+    """
+    seed = os.environ.get("TETHER_POLICY_SEED")
+    if rng is None and seed:
+        rng = random.Random(seed)
     stats = stats if stats is not None else ProxyStats()
     timeouts = timeouts or TimeoutPolicy()
     router = PolicyRouter(
@@ -102,6 +120,7 @@ async def start_policy_outbound(
         egress=egress,
         pool_policy=pool_policy or PoolPolicy(connect_timeout=timeouts.connect),
         upstream_ssl=upstream_ssl,
+        rng=rng,
     )
     listener = await _listen(router, stats, timeouts, host, port, ssl)
     router.listen_port = listener.port

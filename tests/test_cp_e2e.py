@@ -1,0 +1,329 @@
+"""Policy end to end with real processes: registry, control plane, sidecars, apps.
+
+`frontend`'s sidecar calls `orders`, which has a v1 and a v2 instance (registry Meta
+version=v1/v2). Policies are applied with `tether apply`, convergence is read with
+`tether status`, and traffic goes through the frontend sidecar's outbound listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import consul
+import pytest
+from aiohttp import web
+
+from tests.conftest import ROOT, RegistryProcess, free_port, wait_for_port
+from tests.sidecar_harness import ProcessSet
+
+pytestmark = pytest.mark.timeout(240)
+
+SEED = "20261128"
+
+POLICY = """
+apiVersion: tether.dev/v1alpha1
+kind: TrafficSplit
+metadata: {name: orders, namespace: default}
+spec:
+  subsets:
+    - {name: v1, selector: {version: v1}, weight: 90}
+    - {name: v2, selector: {version: v2}, weight: 10}
+---
+apiVersion: tether.dev/v1alpha1
+kind: Route
+metadata: {name: orders, namespace: default}
+spec:
+  rules:
+    - match:
+        headers: [{name: x-canary, exact: "true"}]
+      destination: {subset: v2}
+"""
+
+FRONTEND_DEFAULTS = """
+apiVersion: tether.dev/v1alpha1
+kind: ServiceDefaults
+metadata: {name: frontend, namespace: default}
+spec: {requestTimeout: 3s}
+"""
+
+
+class Backends:
+    """Apps that say who they are: aiohttp servers on an event loop in a thread.
+
+    (aiohttp answers each response in one write; the threaded http.server of the
+    harness writes head and body apart, which costs a delayed ACK per request.)
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runners: list[web.AppRunner] = []
+        self.ports = {n: self._run(self._start(n)) for n in names}
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    async def _start(self, name: str) -> int:
+        async def who(request: web.Request) -> web.Response:
+            return web.json_response({"name": name, "path": request.path})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", who)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self.runners.append(runner)
+        return int(runner.addresses[0][1])
+
+    def app(self, name: str) -> Any:
+        return SimpleNamespace(port=self.ports[name])
+
+    def close(self) -> None:
+        async def stop() -> None:
+            for r in self.runners:
+                await r.cleanup()
+
+        self._run(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class ControlPlaneProcess:
+    """`tether controlplane` as a child process; restartable on the same port."""
+
+    def __init__(self, registry_port: int, log: Path) -> None:
+        self.port = free_port()
+        self.registry_port = registry_port
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = dict(os.environ, CONSUL_HTTP_ADDR=f"127.0.0.1:{self.registry_port}")
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tether.cli", "controlplane", "--port", str(self.port)],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for_port(self.port, proc=self.proc)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def tether(cp: ControlPlaneProcess, *args: str, stdin: str | None = None) -> tuple[int, str]:
+    env = dict(os.environ, TETHER_CONTROLPLANE=cp.url)
+    done = subprocess.run(
+        [sys.executable, "-m", "tether.cli", *args],
+        cwd=ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def sidecars_status(cp: ControlPlaneProcess) -> dict[str, dict[str, Any]]:
+    code, out = tether(cp, "status", "-o", "json")
+    assert code == 0, out
+    return {r["id"]: r for r in json.loads(out)["sidecars"]}
+
+
+def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
+
+
+class Mesh:
+    def __init__(self, tmp: Path) -> None:
+        self.registry = RegistryProcess(tmp / "reg")
+        self.registry.start()
+        self.cp = ControlPlaneProcess(self.registry.port, tmp / "cp.log")
+        self.cp.start()
+        self.procs = ProcessSet(tmp, self.registry.port)
+        self.backends = Backends(["frontend", "orders-v1", "orders-v2"])
+        self.frontend: Any = None
+        self.orders: list[Any] = []
+
+    def start(self) -> None:
+        os.environ["TETHER_POLICY_SEED"] = SEED
+        try:
+            b, cp = self.backends, ("--controlplane", self.cp.url)
+            self.orders = [
+                self.procs.sidecar("orders", b.app("orders-v1"), "--version", "v1", *cp),
+                self.procs.sidecar("orders", b.app("orders-v2"), "--version", "v2", *cp),
+            ]
+            self.frontend = self.procs.sidecar("frontend", b.app("frontend"), *cp)
+        finally:
+            os.environ.pop("TETHER_POLICY_SEED", None)
+
+    def calls(
+        self, n: int, headers: dict[str, str] | None = None, path: str = "/who"
+    ) -> Counter[str]:
+        """`n` sequential requests to orders through the frontend sidecar (keep-alive)."""
+        got: Counter[str] = Counter()
+        conn = http.client.HTTPConnection("127.0.0.1", self.frontend.ports["outbound"], timeout=10)
+        try:
+            for _ in range(n):
+                conn.request("GET", f"http://orders{path}", headers=headers or {})
+                resp = conn.getresponse()
+                raw = resp.read()
+                try:
+                    got[json.loads(raw).get("name", str(resp.status))] += 1
+                except ValueError:
+                    got[str(resp.status)] += 1
+        finally:
+            conn.close()
+        return got
+
+    def close(self) -> None:
+        self.procs.close()
+        self.backends.close()
+        self.cp.stop()
+        self.registry.stop()
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    m = Mesh(tmp_path)
+    try:
+        m.start()
+        yield m
+    finally:
+        m.close()
+
+
+def ids_of(recs: dict[str, dict[str, Any]], service: str) -> list[str]:
+    return sorted(i for i, r in recs.items() if r["service"] == service and r["connected"])
+
+
+def all_acked(m: Mesh, min_version: int = 0) -> dict[str, dict[str, Any]] | None:
+    recs = sidecars_status(m.cp)
+    ids = ids_of(recs, "frontend") + ids_of(recs, "orders")
+    ok = len(ids) == 3 and all(
+        i in recs and recs[i]["state"] == "acked" and recs[i]["acked_version"] >= min_version
+        for i in ids
+    )
+    return recs if ok else None
+
+
+def test_apply_split_header_route_nack_and_control_plane_outage(mesh: Mesh, tmp_path: Path) -> None:
+    m = mesh
+    # Before any policy: both orders instances share the traffic (round robin).
+    before = m.calls(20)
+    assert set(before) == {"orders-v1", "orders-v2"}, before
+    baseline = until(lambda: all_acked(m), 30, "every sidecar acked the empty config")
+    # The frontend sidecar calls orders now: it told the control plane so.
+    policy_file = tmp_path / "orders.yaml"
+    policy_file.write_text(POLICY)
+    code, out = tether(m.cp, "apply", "-f", str(policy_file))
+    assert code == 0, out
+    recs = until(
+        lambda: all_acked(m, 1 + max(r["acked_version"] for r in baseline.values())),
+        30,
+        "every affected sidecar acked the split",
+    )
+    (frontend_id,) = ids_of(recs, "frontend")
+    order_ids = ids_of(recs, "orders")
+    version = recs[frontend_id]["acked_version"]
+    _, dump = m.frontend.admin("/config_dump")
+    assert dump["policy"]["version"] == version and dump["policy"]["hash"]
+    # 90/10, 1,000 sequential requests, split draws seeded (TETHER_POLICY_SEED):
+    # Binomial(1000, 0.1) has sd 9.5; the bounds are 5 sd either side of 100.
+    split = m.calls(1000)
+    assert split["orders-v1"] + split["orders-v2"] == 1000, split
+    assert 53 <= split["orders-v2"] <= 147, split
+    # Header routing is exact.
+    assert m.calls(50, {"x-canary": "true"}) == Counter({"orders-v2": 50})
+    # A change to frontend's own policy goes to frontend's sidecar only.
+    sent = {i: (recs[i]["sent_version"], recs[i]["sent_hash"]) for i in order_ids}
+    defaults_file = tmp_path / "frontend.yaml"
+    defaults_file.write_text(FRONTEND_DEFAULTS)
+    code, out = tether(m.cp, "apply", "-f", str(defaults_file))
+    assert code == 0, out
+
+    def frontend_moved() -> dict[str, dict[str, Any]] | None:
+        recs = sidecars_status(m.cp)
+        rec = recs[frontend_id]
+        return recs if rec["state"] == "acked" and rec["acked_version"] > version else None
+
+    recs = until(frontend_moved, 30, "frontend acked its new defaults")
+    time.sleep(0.5)
+    recs = sidecars_status(m.cp)
+    assert {i: (recs[i]["sent_version"], recs[i]["sent_hash"]) for i in order_ids} == sent
+    version = recs[frontend_id]["acked_version"]
+
+    # A document the sidecars cannot apply (written into the KV behind the API's back:
+    # the regex does not compile): NACK, visible in `tether status`, old config serving.
+    kv = consul.Consul(host="127.0.0.1", port=m.registry.port)
+    try:
+        bad = {
+            "apiVersion": "tether.dev/v1alpha1",
+            "kind": "Route",
+            "metadata": {"name": "orders", "namespace": "default"},
+            "spec": {"rules": [{"match": {"path": {"regex": "(unclosed"}}}]},
+        }
+        assert kv.kv.put("tether/v1/resources/Route/default/orders", json.dumps(bad))
+
+        def nacked() -> dict[str, Any] | None:
+            rec = sidecars_status(m.cp).get(frontend_id)
+            return rec if rec and rec["state"] == "nacked" else None
+
+        rec = until(nacked, 30, "the frontend sidecar nacked")
+        assert "regex" in rec["error"] and rec["acked_version"] == version
+        code, table = tether(m.cp, "status")
+        assert code == 0 and "nacked" in table and "regex" in table, table
+        assert m.calls(20, {"x-canary": "true"}) == Counter({"orders-v2": 20})
+
+        # Control plane killed: traffic is unaffected (the old routes still apply).
+        m.cp.kill9()
+        assert m.calls(20, {"x-canary": "true"}) == Counter({"orders-v2": 20})
+        during = m.calls(200)
+        assert during["orders-v1"] > during["orders-v2"] > 0, during
+        # A fix made while it is away (straight into the KV), then it comes back:
+        # the sidecars reconnect and converge on the fixed config.
+        good = dict(bad, spec={"rules": [{"match": {"path": {"prefix": "/v2"}},
+                                          "destination": {"subset": "v2"}}]})  # fmt: skip
+        assert kv.kv.put("tether/v1/resources/Route/default/orders", json.dumps(good))
+    finally:
+        kv.http.session.close()
+    m.cp.start()
+    until(lambda: all_acked(m, version + 1), 60, "sidecars converged after the restart")
+    assert m.calls(20, path="/v2/x") == Counter({"orders-v2": 20})
+    assert (m.calls(20, {"x-canary": "true"}))["orders-v1"] > 0
