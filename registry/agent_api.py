@@ -9,6 +9,7 @@ snake_case aliases accepted); every error names the offending field.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 from aiohttp import web
@@ -147,6 +148,33 @@ def _headers(body: Body) -> dict[str, list[str]]:
     return {str(k): list(v) for k, v in raw.items()}
 
 
+_META_KEY = re.compile(r"^[a-zA-Z0-9_-]+$")
+META_MAX_PAIRS = 64
+
+
+def validate_meta(meta: dict[str, str], what: str) -> dict[str, str]:
+    """Consul's metadata rules (structs.validateMetaPair), with its messages."""
+    if len(meta) > META_MAX_PAIRS:
+        raise BadRequestError(
+            f"Invalid {what}: cannot contain more than {META_MAX_PAIRS} key/value pairs"
+        )
+    for key, value in meta.items():
+        problem = ""
+        if not key:
+            problem = "Key cannot be blank"
+        elif not _META_KEY.match(key):
+            problem = f"Key {key!r} contains invalid characters"
+        elif len(key) > 128:
+            problem = f"Key {key[:20]!r}... is too long (limit: 128 characters)"
+        elif key.startswith("consul-"):
+            problem = f"Key {key!r}: prefix 'consul-' is reserved for internal use"
+        elif len(value) > 512:
+            problem = f"Value of {key!r} is too long (limit: 512 characters)"
+        if problem:
+            raise BadRequestError(f"Invalid {what}: {problem}")
+    return meta
+
+
 def parse_weights(body: Body) -> dict[str, int]:
     w = body.obj("Weights")
     if w is None:
@@ -197,7 +225,7 @@ def parse_service(body: Body, *, name_field: str = "Name") -> Obj:
         "Tags": body.strings("Tags"),
         "Address": body.text("Address"),
         "Port": port,
-        "Meta": body.string_map("Meta"),
+        "Meta": validate_meta(body.string_map("Meta"), "Service Meta"),
         "Weights": parse_weights(body),
         "TaggedAddresses": parse_tagged_addresses(body),
         "EnableTagOverride": body.flag("EnableTagOverride"),

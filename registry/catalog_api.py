@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from registry.agent_api import parse_service, parse_status
+from registry.agent_api import parse_service, parse_status, validate_meta
 from registry.catalog import CRITICAL, Catalog
 from registry.errors import BadRequestError, RegistryError
 from registry.http import (
@@ -113,7 +113,7 @@ async def register(request: web.Request) -> web.Response:
     if not address and not skip_node:
         raise BadRequestError("Must provide address")
     tagged = body.string_map("TaggedAddresses")
-    meta = body.string_map("NodeMeta")
+    meta = validate_meta(body.string_map("NodeMeta"), "Node Meta")
     node_id = body.text("ID")
     sbody = body.obj("Service")
     svc = parse_service(sbody, name_field="Service") if sbody is not None else None

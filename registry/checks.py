@@ -186,8 +186,8 @@ class CheckRunner:
 
     def _expire(self, check_id: str, sig: str) -> None:
         chk = self.catalog.get_check(self.catalog.node, check_id)
-        if chk is None:
-            return
+        if chk is None or chk["Status"] == CRITICAL:
+            return  # nothing to flip: rewriting the output would only wake watchers
         output = "TTL expired"
         if chk["Output"] and not chk["Output"].startswith("TTL expired"):
             output += " (last output before timeout follows): " + chk["Output"]
