@@ -11,7 +11,9 @@ Static stability: when the registry cannot be reached the clusters keep their la
 known endpoints, marked "cached", and the watch retries with backoff and jitter. A name
 the registry has never had an instance of (in that namespace) resolves to None, so the
 outbound path answers 404 `unknown_service`; a known name without passing instances is
-an empty cluster (503 `no_healthy_upstream`).
+an empty cluster (503 `no_healthy_upstream`). A registry back from an outage reports
+every check critical until the instances report again; for `recovery_hold` seconds
+such an empty answer does not empty a cluster that had endpoints.
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ class ServiceWatch:
         self.last_error: str | None = None
         self.last_used = now
         self.last_answer_at: float | None = None
+        # After an outage, until when an empty answer does not empty a cluster.
+        self.hold_until = 0.0
         self.task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -138,9 +142,10 @@ class ConsulDirectory:
         *,
         wait: float = 30.0,
         backoff: BackoffPolicy | None = None,
-        first_answer_timeout: float = 5.0,
+        first_answer_timeout: float = 3.0,
         idle_unknown: float = 60.0,
         max_watches: int = 512,
+        recovery_hold: float = 15.0,
         balancer_factory: Callable[[], Balancer] = WeightedRoundRobin,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -151,6 +156,7 @@ class ConsulDirectory:
         self.first_answer_timeout = first_answer_timeout
         self.idle_unknown = idle_unknown
         self.max_watches = max_watches
+        self.recovery_hold = recovery_hold
         self.balancer_factory = balancer_factory
         self.rng = rng or random.Random()
         self.clock = clock
@@ -308,11 +314,15 @@ class ConsulDirectory:
             last_start = self.clock()
             try:
                 # Consul adds up to wait/16 of jitter to a blocking query; allow for it.
-                async with asyncio.timeout(self.wait * 1.1 + 10):
+                wait = self.wait
+                if watch.hold_until:
+                    # Holding cached endpoints after an outage: look again soon.
+                    wait = min(wait, max(1.0, watch.hold_until - self.clock()))
+                async with asyncio.timeout(wait * 1.1 + 10):
                     index, entries = await self.client.health.service(
                         watch.service,
                         index=watch.index or None,
-                        wait=f"{int(self.wait)}s",
+                        wait=f"{int(wait)}s",
                         passing=True,
                     )
                     unknown = watch.namespaces - watch.known
@@ -345,6 +355,11 @@ class ConsulDirectory:
         watch.index = 0 if new_index < watch.index else max(new_index, 1)
         watch.passing = endpoints_from_health(entries)
         watch.known |= set(watch.passing)
+        now = self.clock()
+        if watch.failures and watch.reached:
+            watch.hold_until = now + self.recovery_hold
+        elif watch.hold_until and now >= watch.hold_until:
+            watch.hold_until = 0.0
         watch.reached = True
         watch.failures = 0
         watch.last_error = None
@@ -363,6 +378,14 @@ class ConsulDirectory:
             if cluster is None or ns not in watch.known:
                 continue
             endpoints = watch.passing.get(ns, [])
+            if not endpoints and cluster.endpoints and watch.hold_until:
+                # A registry back from an outage holds every check critical until the
+                # instances report again (Consul trusts no result from before a
+                # restart). Emptying the cluster now would turn a registry restart into
+                # an outage of the service: keep the cached endpoints a little longer.
+                cluster.mark_source("cached")
+                self._known[key] = cluster
+                continue
             if _signature(endpoints) != _signature(cluster.endpoints) or key not in self._known:
                 cluster.set_endpoints(endpoints, source)
             else:

@@ -210,13 +210,15 @@ async def test_registry_outage_serves_cached_endpoints(consul_client: Any, tmp_p
         # Static stability: the last known endpoints keep serving.
         assert d.lookup("default", "inv") is cluster and ids(cluster) == {"inv-1"}
         assert d.describe()[0]["last_error"]
-        # The registry comes back (same port, same data): live again, changes flow.
-        # (It may hold inv-1's TTL check critical until inv-1 heartbeats again.)
+        # The registry comes back (same port, same data) with every check critical
+        # until its instance reports again: the cluster keeps its cached endpoint.
         server = RegistryServer(spec)
         await server.start()
-        await until(lambda: cluster.source == "live", 5.0)
+        await until(lambda: d.watches["inv"].hold_until > 0, 5.0)
+        assert ids(cluster) == {"inv-1"} and cluster.source == "cached"
+        # Changes flow again: a live answer with instances replaces the cache.
         await register(client, "inv", "inv-2", 9302)
-        await until(lambda: "inv-2" in ids(cluster), 2.0)
+        await until(lambda: cluster.source == "live" and "inv-2" in ids(cluster), 2.0)
     finally:
         await d.aclose()
         await client.close()

@@ -83,6 +83,106 @@ def registry(
     run_async(serve(spec))
 
 
+def _meta_pairs(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> dict[str, str]:
+    meta = {}
+    for item in value:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE")
+        meta[key] = val
+    return meta
+
+
+@main.command()
+@click.option("--service", required=True, help="Service name this instance registers as.")
+@click.option("--app-port", required=True, type=int, help="Port the app listens on (127.0.0.1).")
+@click.option("--app-health-path", default=None, help="App health path (default: TCP check).")
+@click.option("--outbound-port", default=15001, show_default=True, type=int)
+@click.option("--inbound-port", default=15006, show_default=True, type=int)
+@click.option("--admin-port", default=15000, show_default=True, type=int)
+@click.option("--inbound-host", default="127.0.0.1", show_default=True, help="Inbound bind.")
+@click.option("--advertise-host", default=None, help="Address callers dial (default: bind).")
+@click.option("--namespace", default="default", show_default=True)
+@click.option("--zone", default="", help="Locality zone of this instance.")
+@click.option("--version", "version_", default="", help="Version tag (e.g. v2).")
+@click.option("--meta", multiple=True, callback=_meta_pairs, help="Extra Meta KEY=VALUE.")
+@click.option("--controlplane", default=None, help="Control plane URL (policy push).")
+@click.option("--egress", type=click.Choice(["allow", "deny"]), default="allow", show_default=True)
+@click.option("--opaque-port", multiple=True, type=int, help="Port proxied as raw TCP.")
+@click.option("--drain-seconds", default=15.0, show_default=True, type=float)
+@click.option("--check-interval", default=5.0, show_default=True, type=float)
+def sidecar(
+    service: str,
+    app_port: int,
+    app_health_path: str | None,
+    outbound_port: int,
+    inbound_port: int,
+    admin_port: int,
+    inbound_host: str,
+    advertise_host: str | None,
+    namespace: str,
+    zone: str,
+    version_: str,
+    meta: dict[str, str],
+    controlplane: str | None,
+    egress: str,
+    opaque_port: tuple[int, ...],
+    drain_seconds: float,
+    check_interval: float,
+) -> None:
+    """Run the sidecar proxy beside one app instance (registry: CONSUL_HTTP_ADDR)."""
+    import logging
+
+    from proxy.sidecar import Sidecar, SidecarSpec
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    host, port = consul_address()
+    raw = os.environ.get("CONSUL_HTTP_ADDR", "")
+    ssl = os.environ.get("CONSUL_HTTP_SSL", "").lower() == "true"
+    try:
+        spec = SidecarSpec(
+            service=service,
+            app_port=app_port,
+            app_health_path=app_health_path,
+            outbound_port=outbound_port,
+            inbound_port=inbound_port,
+            admin_port=admin_port,
+            inbound_host=inbound_host,
+            advertise_host=advertise_host,
+            namespace=namespace,
+            zone=zone,
+            version=version_,
+            meta=meta,
+            controlplane=controlplane,
+            egress="deny" if egress == "deny" else "allow",
+            opaque_ports=opaque_port,
+            drain_seconds=drain_seconds,
+            check_interval=check_interval,
+            registry_host=host,
+            registry_port=port,
+            registry_scheme="https" if raw.startswith("https://") or ssl else "http",
+            registry_token=os.environ.get("CONSUL_HTTP_TOKEN") or None,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    run_async(Sidecar(spec).run())
+
+
+@main.command()
+@click.option("--registry-port", type=int, default=None, help="Default: 8500 if free, else any.")
+@click.option("--rate", default=2.0, show_default=True, help="Requests/s frontend drives.")
+@click.option("--drain-seconds", default=5.0, show_default=True, type=float)
+@click.option("--view/--no-view", default=None, help="Live view (default: on a terminal).")
+def up(registry_port: int | None, rate: float, drain_seconds: float, view: bool | None) -> None:
+    """Run a live local mesh: the registry, the demo apps and a sidecar each."""
+    from tether.up import UpSpec
+    from tether.up import main as run_up
+
+    run_up(UpSpec(registry_port, rate, drain_seconds, view))
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=15010, show_default=True, type=int, help="API port.")
@@ -260,7 +360,7 @@ def status(service: str | None, namespace: str | None, output: str, cp_url: str)
 def consul_address() -> tuple[str, int]:
     """CONSUL_HTTP_ADDR as every Consul tool reads it (default 127.0.0.1:8500)."""
     addr = os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
-    addr = addr.removeprefix("http://")
+    addr = addr.removeprefix("http://").removeprefix("https://")
     host, _, port = addr.rpartition(":")
     return (host or "127.0.0.1", int(port or 8500))
 

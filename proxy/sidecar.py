@@ -1,0 +1,328 @@
+"""The sidecar: listeners, discovery, registration and admin wired together, and its shutdown.
+
+`Sidecar.start` brings the parts up in dependency order: the registry client and the
+directory (so the first request can resolve names), the outbound and inbound listeners
+(their real ports are known only once bound: port 0 works for every one), the
+registration at the inbound address, then the admin listener. `Sidecar.drain` is the
+SIGTERM path: not ready, deregistered, a short grace while callers' discovery catches
+up, then the inbound listener stops accepting and finishes its requests before the
+outbound one does (the app may still be calling out on behalf of those requests), all
+within `drain_seconds`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from proxy.discovery import ConsulDirectory
+from proxy.registration import Registration, RegistrationSpec
+
+log = logging.getLogger("tether.sidecar")
+
+
+@dataclass
+class SidecarSpec:
+    """Every `tether sidecar` flag, validated."""
+
+    service: str
+    app_port: int
+    app_health_path: str | None = None
+    app_host: str = "127.0.0.1"
+    outbound_port: int = 15001
+    inbound_port: int = 15006
+    admin_port: int = 15000
+    inbound_host: str = "127.0.0.1"
+    advertise_host: str | None = None  # what callers dial; default: inbound_host
+    namespace: str = "default"
+    zone: str = ""
+    version: str = ""
+    meta: Mapping[str, str] = field(default_factory=dict)
+    controlplane: str | None = None
+    egress: Literal["allow", "deny"] = "allow"
+    opaque_ports: tuple[int, ...] = ()
+    drain_seconds: float = 15.0
+    # How long after deregistering the inbound listener keeps accepting, so callers
+    # whose discovery has not yet seen the removal are not refused.
+    deregister_grace: float = 1.0
+    check_interval: float = 5.0
+    registry_host: str = "127.0.0.1"
+    registry_port: int = 8500
+    registry_scheme: str = "http"
+    registry_token: str | None = None
+
+    def __post_init__(self) -> None:
+        errors = []
+        if not self.service or "." in self.service or "/" in self.service:
+            errors.append(f"--service: {self.service!r} must be a single DNS label")
+        for name in ("app_port", "outbound_port", "inbound_port", "admin_port"):
+            port = getattr(self, name)
+            if not 0 <= port < 65536 or (name == "app_port" and port == 0):
+                errors.append(f"--{name.replace('_', '-')}: {port} is not a valid port")
+        for p in self.opaque_ports:
+            if not 0 < p < 65536:
+                errors.append(f"--opaque-port: {p} is not a valid port")
+        if self.egress not in ("allow", "deny"):
+            errors.append(f"--egress: {self.egress!r} must be allow or deny")
+        if self.drain_seconds < 0:
+            errors.append("--drain-seconds: must not be negative")
+        if not self.namespace or "." in self.namespace:
+            errors.append(f"--namespace: {self.namespace!r} must be a single DNS label")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    @property
+    def advertised(self) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        if self.inbound_host in ("0.0.0.0", "::", ""):
+            return socket.gethostbyname(socket.gethostname())
+        return self.inbound_host
+
+
+def _fixed_target(host: str, port: int) -> Callable[[], tuple[str, int] | None]:
+    return lambda: (host, port)
+
+
+class Sidecar:
+    """One sidecar process's parts; `run` serves until SIGTERM/SIGINT, then drains."""
+
+    def __init__(self, spec: SidecarSpec) -> None:
+        self.spec = spec
+        self.client: Any = None
+        self.directory: ConsulDirectory | None = None
+        self.registration: Registration | None = None
+        self.outbound: Any = None
+        self.inbound: Any = None
+        self.admin: Any = None
+        self.stats: Any = None
+        self.opaque: dict[int, Any] = {}  # app port -> its raw TCP listener
+        self.policy: Any = None
+        self.policy_client: Any = None
+        self.state = "PRE_INITIALIZING"
+        self.started_at = time.time()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        import consul.aio
+
+        spec = self.spec
+        self.client = consul.aio.Consul(
+            host=spec.registry_host,
+            port=spec.registry_port,
+            scheme=spec.registry_scheme,
+            token=spec.registry_token,
+            # Every watched service holds one blocking query open.
+            connections_limit=600,
+        )
+        self.directory = ConsulDirectory(self.client)
+        self.directory.start()
+        await self._start_listeners()
+        self.registration = Registration(
+            self.client,
+            RegistrationSpec(
+                service=spec.service,
+                address=spec.advertised,
+                port=self.inbound.port,
+                app_port=spec.app_port,
+                app_host=spec.app_host,
+                app_health_path=spec.app_health_path,
+                namespace=spec.namespace,
+                zone=spec.zone,
+                version=spec.version,
+                meta=self._meta(),
+                check_interval=spec.check_interval,
+            ),
+        )
+        self.registration.start()
+        from proxy.admin import AdminServer
+
+        self.admin = AdminServer(self, "127.0.0.1", spec.admin_port)
+        await self.admin.start()
+        self.state = "STARTING"
+
+    async def _start_listeners(self) -> None:
+        from proxy.listener import start_inbound, start_outbound, start_tcp_proxy
+        from proxy.stats import ProxyStats
+
+        spec = self.spec
+        assert self.directory is not None
+        self.stats = ProxyStats()
+        if spec.controlplane:
+            self.outbound = await self._start_policy_outbound()
+        else:
+            self.outbound = await start_outbound(
+                self.directory,
+                stats=self.stats,
+                host="127.0.0.1",
+                port=spec.outbound_port,
+                namespace=spec.namespace,
+                egress=spec.egress,
+            )
+        self.inbound = await start_inbound(
+            spec.app_port,
+            stats=self.stats,
+            host=spec.inbound_host,
+            port=spec.inbound_port,
+            app_host=spec.app_host,
+        )
+        # An opaque app port is exposed to the mesh as raw TCP on a port of its own,
+        # advertised in Meta `opaque_ports` as "APP_PORT:LISTEN_PORT,...".
+        for app_port in spec.opaque_ports:
+            server = await start_tcp_proxy(
+                _fixed_target(spec.app_host, app_port), host=spec.inbound_host, port=0
+            )
+            self.opaque[app_port] = server
+
+    async def _start_policy_outbound(self) -> Any:
+        """The outbound listener with the control plane's routing step, and its client."""
+        from proxy import push_codec
+        from proxy.policy import Policy
+        from proxy.policy_client import PolicyClient
+        from proxy.policy_router import start_policy_outbound
+
+        spec = self.spec
+        assert self.directory is not None and spec.controlplane
+        policy = Policy(self.directory, namespace=spec.namespace)
+        node = push_codec.NodeIdentity(
+            service=spec.service,
+            namespace=spec.namespace,
+            instance=f"{spec.service}-{spec.advertised}-{spec.inbound_port or os.getpid()}",
+            zone=spec.zone,
+        )
+        self.policy_client = PolicyClient(spec.controlplane, node, policy)
+        policy.interest = self.policy_client.want
+        self.policy = policy
+        listener = await start_policy_outbound(
+            self.directory,
+            policy,
+            stats=self.stats,
+            host="127.0.0.1",
+            port=spec.outbound_port,
+            namespace=spec.namespace,
+            egress=spec.egress,
+        )
+        self.policy_client.start()
+        return listener
+
+    def _meta(self) -> dict[str, str]:
+        meta = dict(self.spec.meta)
+        if self.opaque:
+            meta["opaque_ports"] = ",".join(f"{a}:{s.port}" for a, s in self.opaque.items())
+        return meta
+
+    def ports(self) -> dict[str, int]:
+        return {
+            "outbound": self.outbound.port if self.outbound else 0,
+            "inbound": self.inbound.port if self.inbound else 0,
+            "admin": self.admin.port if self.admin else 0,
+        }
+
+    async def drain(self) -> None:
+        """The SIGTERM path; returns once everything in flight finished or the deadline."""
+        deadline = time.monotonic() + self.spec.drain_seconds
+        self.state = "DRAINING"
+        if self.registration is not None:
+            await self.registration.deregister(timeout=min(3.0, self.spec.drain_seconds))
+        grace = min(self.spec.deregister_grace, max(0.0, deadline - time.monotonic()))
+        if grace > 0:
+            await asyncio.sleep(grace)
+        if self.inbound is not None:
+            await self.inbound.drain(max(0.0, deadline - time.monotonic()))
+        for server in self.opaque.values():
+            await server.aclose()  # stops accepting; spliced connections run on
+        if self.outbound is not None:
+            await self.outbound.drain(max(0.0, deadline - time.monotonic()))
+
+    async def aclose(self) -> None:
+        parts = (self.policy_client, self.admin, self.inbound, *self.opaque.values(),
+                 self.outbound, self.directory)  # fmt: skip
+        for part in parts:
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    await part.aclose()
+        if self.registration is not None and self.registration.registered:
+            await self.registration.deregister()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.close()
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT; drain; a second signal skips the wait."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            ports = self.ports()
+            reg = self.registration
+            print(
+                f"tether sidecar {self.spec.service}: listening "
+                f"outbound=127.0.0.1:{ports['outbound']} "
+                f"inbound={self.spec.inbound_host}:{ports['inbound']} "
+                f"admin=127.0.0.1:{ports['admin']} "
+                f"id={reg.spec.instance_id if reg else '-'} pid={os.getpid()}",
+                flush=True,
+            )
+            await stop.wait()
+            stop.clear()
+            log.info("draining (up to %ss)", self.spec.drain_seconds)
+            drain = asyncio.ensure_future(self.drain())
+            hurry = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({drain, hurry}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (drain, hurry):
+                t.cancel()
+            await asyncio.gather(drain, hurry, return_exceptions=True)
+        finally:
+            await self.aclose()
+
+    # -- what the admin listener shows (proxy.admin.AdminSource) -----------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.state == "DRAINING":
+            return False, "DRAINING"
+        reg, d = self.registration, self.directory
+        if reg is not None and reg.registered and d is not None and d.up:
+            self.state = "LIVE"
+            return True, "LIVE"
+        return False, self.state
+
+    def clusters(self) -> list[dict[str, Any]]:
+        return self.directory.describe() if self.directory is not None else []
+
+    def config_dump(self) -> dict[str, Any]:
+        spec = asdict(self.spec)
+        spec.pop("registry_token", None)  # a secret: never shown
+        spec["meta"] = dict(self.spec.meta)
+        return {
+            "service": self.spec.service,
+            "namespace": self.spec.namespace,
+            "state": self.readiness()[1],
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "listeners": self.ports(),
+            "spec": spec,
+            "registration": self.registration.describe() if self.registration else None,
+            "opaque_ports": {str(a): s.port for a, s in self.opaque.items()},
+            "policy": self.policy.describe() if self.policy is not None else None,
+            "controlplane": self.policy_client.describe() if self.policy_client else None,
+            "registry": f"{self.spec.registry_scheme}://{self.spec.registry_host}:"
+            f"{self.spec.registry_port}",
+            "clusters": [{k: v for k, v in c.items() if k != "endpoints"} for c in self.clusters()],
+        }
+
+    def prometheus(self) -> str:
+        return self.stats.render_prometheus() if self.stats is not None else ""
+
+    def __repr__(self) -> str:
+        return f"<Sidecar {self.spec.service} {self.state} ports={self.ports()}>"

@@ -1,0 +1,141 @@
+"""End to end: app A → sidecar A → sidecar B → app B, with the real registry process.
+
+Sidecars are real `python -m tether.cli sidecar` processes on ephemeral ports; the
+registry is `tether registry` as a child process (so it can be killed with -9). These
+tests are synchronous (threads and blocking sockets), so each runs once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import RegistryProcess
+from tests.sidecar_harness import ProcessSet, poll
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def mesh(
+    registry_process: Callable[..., RegistryProcess], tmp_path: Path
+) -> Iterator[tuple[RegistryProcess, ProcessSet]]:
+    reg = registry_process()
+    procs = ProcessSet(tmp_path, reg.port)
+    try:
+        yield reg, procs
+    finally:
+        procs.close()
+
+
+def name_of(body: bytes) -> str:
+    return str(json.loads(body)["name"])
+
+
+def test_call_through_two_sidecars(mesh: tuple[RegistryProcess, ProcessSet]) -> None:
+    _, procs = mesh
+    b_app = procs.app("b-1")
+    sb = procs.sidecar("b", b_app, "--zone", "z1", "--version", "v7", "--meta", "team=x")
+    sa = procs.sidecar("a", procs.app("a-1"))
+
+    status, headers, body = sa.call("http://b/who?x=1")
+    assert status == 200, body
+    seen = json.loads(body)
+    assert seen["name"] == "b-1" and seen["path"] == "/who"
+    # Both hops added themselves; the request id is generated once and kept.
+    assert "x-request-id" in seen["headers"] and "x-forwarded-for" in seen["headers"]
+
+    # Unknown service: a local reply, never forwarded.
+    status, headers, body = sa.call("http://nosuch/")
+    assert status == 404 and headers["x-tether-error"] == "unknown_service"
+    assert json.loads(body)["error"] == "unknown_service"
+
+    # Admin: ready, clusters with B's instance (zone, version, live), config dump, stats.
+    assert sa.admin("/ready") == (200, "LIVE\n") and sa.admin("/live")[0] == 200
+    cluster = sa.cluster("b")
+    assert cluster is not None and cluster["source"] == "live"
+    (ep,) = cluster["endpoints"]
+    assert ep["id"] == sb.instance_id and ep["port"] == sb.ports["inbound"]
+    assert (ep["zone"], ep["version"], ep["health"]) == ("z1", "v7", "passing")
+    status, dump = sb.admin("/config_dump")
+    assert status == 200 and dump["listeners"] == sb.ports
+    assert dump["registration"]["payload"]["Meta"]["team"] == "x"
+    assert dump["spec"]["app_port"] == b_app.port and "registry_token" not in dump["spec"]
+    _, metrics = sa.admin("/stats/prometheus")
+    assert 'tether_requests_total{listener="outbound",destination="b.default"' in metrics
+    _, metrics_b = sb.admin("/stats/prometheus")
+    assert 'listener="inbound"' in metrics_b
+
+
+def test_discovery_add_remove_and_sigterm_deregisters(
+    mesh: tuple[RegistryProcess, ProcessSet],
+) -> None:
+    _, procs = mesh
+    sb1 = procs.sidecar("b", procs.app("b-1"))
+    sa = procs.sidecar("a", procs.app("a-1"))
+    assert sa.call("http://b/who")[0] == 200  # A now watches b
+    assert sa.endpoint_ids("b") == {sb1.instance_id}
+
+    sb2 = procs.sidecar("b", procs.app("b-2"))  # returns once registered (ready)
+    start = time.monotonic()
+    poll(lambda: sa.endpoint_ids("b") == {sb1.instance_id, sb2.instance_id}, 5, "B2 seen")
+    assert time.monotonic() - start < 1.0
+    names = {name_of(sa.call("http://b/who")[2]) for _ in range(6)}
+    assert names == {"b-1", "b-2"}  # round robin uses the new instance
+
+    # SIGTERM: B2 deregisters (A stops using it within a second) and exits 0.
+    sb2.terminate()
+    start = time.monotonic()
+    poll(lambda: sa.endpoint_ids("b") == {sb1.instance_id}, 5, "B2 removed")
+    assert time.monotonic() - start < 1.0
+    assert sb2.proc.wait(20) == 0
+    assert {name_of(sa.call("http://b/who")[2]) for _ in range(4)} == {"b-1"}
+
+
+def test_registry_down_serves_from_cache(mesh: tuple[RegistryProcess, ProcessSet]) -> None:
+    reg, procs = mesh
+    procs.sidecar("b", procs.app("b-1"))
+    sa = procs.sidecar("a", procs.app("a-1"))
+    assert sa.call("http://b/who")[0] == 200
+    reg.kill9()
+    cluster = poll(lambda: (c := sa.cluster("b")) and c["source"] == "cached" and c, 5, "cached")
+    assert len(cluster["endpoints"]) == 1 and cluster["last_error"]
+    for _ in range(5):
+        status, _, body = sa.call("http://b/who")
+        assert status == 200 and name_of(body) == "b-1"
+    assert sa.ready()  # static stability: still serving, still ready
+    reg.start()  # same port, same data directory
+    poll(lambda: sa.cluster("b")["source"] == "live", 15, "live again")  # type: ignore[index]
+    assert sa.call("http://b/who")[0] == 200
+
+
+def test_graceful_drain(mesh: tuple[RegistryProcess, ProcessSet]) -> None:
+    _, procs = mesh
+    sb1 = procs.sidecar("b", procs.app("b-1"), "--drain-seconds", "10")
+    procs.sidecar("b", procs.app("b-2"))
+    sa = procs.sidecar("a", procs.app("a-1"))
+    assert sa.call("http://b/who")[0] == 200
+    poll(lambda: len(sa.endpoint_ids("b")) == 2, 5, "both B instances")
+
+    # Slow requests in flight on both instances, then B1 is told to stop.
+    with ThreadPoolExecutor(4) as pool:
+        slow = [pool.submit(sa.call, "http://b/slow?s=2.5", None, 20) for _ in range(4)]
+        poll(lambda: sum(a.hits for a in procs.apps[:2]) >= 4, 5, "slow requests arrive")
+        drain_start = time.monotonic()
+        sb1.terminate()
+        poll(lambda: sb1.admin("/ready")[0] == 503, 2, "B1 not ready while draining")
+        results: list[Any] = [f.result() for f in slow]
+    # Every in-flight request completed normally, on both instances.
+    assert [r[0] for r in results] == [200] * 4
+    assert {name_of(r[2]) for r in results} == {"b-1", "b-2"}
+    # New requests go to the other instance.
+    poll(lambda: sa.endpoint_ids("b") == {procs.sidecars[1].instance_id}, 5, "B1 removed")
+    assert {name_of(sa.call("http://b/who")[2]) for _ in range(4)} == {"b-2"}
+    assert sb1.proc.wait(15) == 0
+    assert time.monotonic() - drain_start < 10  # done when idle, not at the deadline
