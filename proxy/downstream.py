@@ -42,6 +42,8 @@ from proxy.upstream import PAUSE_UPSTREAM as _PAUSE_UPSTREAM
 from proxy.upstream import WRITE_HIGH, WRITE_LOW, UpstreamConnection
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from proxy.balance import Balancer, Endpoint
 
 _monotonic = time.monotonic
@@ -180,6 +182,7 @@ class DownstreamConnection(asyncio.Protocol):
         "request_bytes",
         "resp_chunked",
         "resp_state",
+        "response_edit",
         "retried",
         "seen_progress",
         "server",
@@ -229,6 +232,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.keep_alive = True
         self.retried = False
         self.request_bytes = b""
+        # Set by a router whose route edits response headers (proxy/policy_router.py).
+        self.response_edit: Callable[[Fields], None] | None = None
 
     # asyncio.Protocol -----------------------------------------------------------------
 
@@ -581,6 +586,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.resp_state = R_HEAD
         self.phase = ACTIVE
         headers = rhead.headers
+        if self.response_edit is not None:
+            self.response_edit(headers)
         headers.append((b"Via", b"1.1 tether"))
         if not rhead.keep_alive and self.upstream is not None:
             self.upstream.keep_alive = False

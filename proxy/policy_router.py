@@ -7,8 +7,8 @@ synchronous and the first-request paths go through): if the applied policy
 a control plane (one dict lookup more); otherwise the route's first matching rule and
 the destination's split choose the service and subset, the request's header edits are
 made, and the subset's cluster (its endpoints filtered by Meta) is what the balancer
-picks from. Response header edits of a rule are not applied yet (the response path has
-no hook for them).
+picks from. Response header edits (a rule's, and a sticky split's Set-Cookie) are
+handed to the connection (`response_edit`), which makes them on the response head.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ class PolicyRouter(OutboundRouter):
         )
         if decision.request_headers:
             decision.request_headers.apply(head.headers)
+        if decision.response_headers:
+            conn.response_edit = decision.response_headers.apply
         target: Cluster | None = cluster
         if (decision.namespace, decision.service) != (cluster.namespace, cluster.service):
             target = self.directory.lookup(decision.namespace, decision.service)

@@ -469,10 +469,14 @@ async def test_policy_router_splits_and_routes_real_requests() -> None:
             names = Counter([(await who("http://orders/who"))["name"] for _ in range(400)])
             # Binomial(400, 0.1): mean 40, sd 6; the seed makes it exact, bounds are 4 sd.
             assert 16 <= names["v2"] <= 64 and names["v1"] + names["v2"] == 400, names
+            canary = {"x-canary": "true"}
             for _ in range(20):
-                assert (await who("http://orders/who", headers={"x-canary": "true"}))[
-                    "name"
-                ] == "v2"
+                assert (await who("http://orders/who", headers=canary))["name"] == "v2"
+            # The rule's response header edit is made on the way back.
+            async with http.get("http://orders/who", proxy=proxy_url, headers=canary) as resp:
+                assert resp.headers["x-tether-subset"] == "v2"
+            async with http.get("http://orders/who", proxy=proxy_url) as resp:
+                assert "x-tether-subset" not in resp.headers
             async with http.post(
                 "http://orders/admin/x", proxy=proxy_url, headers={"x-drop": "1"}
             ) as resp:
@@ -481,6 +485,17 @@ async def test_policy_router_splits_and_routes_real_requests() -> None:
             assert "x-drop" not in body["headers"]
             got = await who("http://orders/who?beta=1")
             assert got["name"] == "v2"
+            # Sticky by cookie: the first answer pins the client to a subset.
+            await policy.apply(
+                snapshot(2, [split("orders", 50, 50, sticky={"cookie": "orders-subset"})])
+            )
+            async with http.get("http://orders/who", proxy=proxy_url) as resp:
+                pinned = resp.cookies["orders-subset"].value
+                first = (await resp.json())["name"]
+            assert pinned == first
+            for _ in range(20):
+                got = await who("http://orders/who", headers={"cookie": f"orders-subset={pinned}"})
+                assert got["name"] == pinned
             # A service without policy goes where it always went.
             assert (await who("http://inventory/who"))["name"] == "v1"
     finally:
