@@ -52,6 +52,19 @@ def _signature(chk: Obj) -> str:
     return str(chk["Type"]) + json.dumps(chk.get("Definition") or {}, sort_keys=True)
 
 
+def runnable(kind: str, definition: Obj) -> bool:
+    """Whether a stored definition has what its kind needs to run."""
+    try:
+        if kind == "ttl":
+            return parse_duration(definition["TTL"]) > 0
+        parse_duration(definition["Interval"])
+        if definition.get("Timeout"):
+            parse_duration(definition["Timeout"])
+        return bool(definition["HTTP" if kind == "http" else "TCP"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+
+
 class _Running:
     """One check being run: its definition signature and its timer or probe task."""
 
@@ -152,6 +165,10 @@ class CheckRunner:
         if chk["Type"] not in RUN_KINDS or self._loop is None:
             return
         definition = chk.get("Definition") or {}
+        if not runnable(chk["Type"], definition):
+            # e.g. a catalog registration that names a type but no definition for it
+            log.warning("check %s: %s definition not runnable: %r", cid, chk["Type"], definition)
+            return
         run = _Running(sig)
         run.critical_since = time.monotonic() if chk["Status"] == CRITICAL else None
         self._running[cid] = run

@@ -18,6 +18,7 @@ resource keeps the index of its deletion (Consul's tombstone), so a prefix's ind
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from bisect import bisect_left, insort
@@ -28,6 +29,8 @@ from typing import Any
 
 from registry.errors import StoreError
 from registry.watch import WatchHub
+
+log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 
@@ -240,7 +243,12 @@ class Store:
         self.last_write_seconds = time.perf_counter() - started
         self.write_seconds += self.last_write_seconds
         for hook in self._commit_hooks:
-            hook(txn)
+            try:
+                hook(txn)
+            except Exception:
+                # The write is durable already: a broken follower must not fail it or
+                # keep the watchers below from waking.
+                log.exception("commit hook %r failed at index %d", hook, txn.index)
         if txn.touched:
             self.hub.notify(txn.touched)
 

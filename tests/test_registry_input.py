@@ -170,6 +170,18 @@ async def test_ttl_update_of_a_non_ttl_check_is_400(http: aiohttp.ClientSession)
         assert "TTL" in await r.text()
 
 
+async def test_catalog_check_claiming_a_kind_without_definition_is_stored_not_run(
+    registry: RegistryServer,
+) -> None:
+    async with consul.aio.Consul(port=registry.port) as c:
+        check = {"CheckID": "odd", "Name": "odd", "Type": "ttl", "Status": "passing"}
+        assert await c.catalog.register("node1", "127.0.0.1", check=check) is True
+        checks = await c.agent.checks()
+        assert checks["odd"]["Status"] == "passing"
+        assert await c.agent.service.register("after", service_id="after1") is True
+    assert "odd" not in registry.ctx.parts["checks"]._running
+
+
 # -- the management token --------------------------------------------------------------
 
 
