@@ -6,13 +6,15 @@ Layout, all under one prefix (`tether/v1/`)::
                                                     (mesh-wide kinds: namespace `_`)
     tether/v1/version                               the config version, a decimal counter
 
-Every write is a check-and-set (`?cas=<ModifyIndex>`, `cas=0` to create) through
-`consul.aio.Consul`, so any number of control-plane replicas can write against one
-registry or a Consul cluster. A write that loses a race is re-read and re-applied on
-the new state (with a short jittered backoff), and reported as `ConflictError` after
-`max_attempts` losses: never silently lost. After an apply or delete that changed
-something, the version counter is CAS-incremented once, so it counts changes across
-all replicas.
+An apply (or delete) reads what it changes, then writes all of it and the incremented
+version in one transaction (`PUT /v1/txn`) whose every operation is a check-and-set on
+the ModifyIndex just read (`cas` with Index 0 to create, `delete-cas`): the batch lands
+whole, with its version, or not at all. A transaction that loses a race is re-read and
+re-applied on the new state (short jittered backoff) and reported as `ConflictError`
+after `max_attempts` losses: never silently lost. Content equal to what is stored is not
+written. Batches over 63 resources go in several transactions (Consul's limit is 64
+operations). Against a registry without `/v1/txn` it falls back to one CAS write per key
+(`?cas=`), then a CAS increment of the version.
 
 Writes carry the caller's token (the registry's ACLs decide); reads use the control
 plane's own client. A record in KV that does not decode (written by hand, or by a newer
@@ -22,6 +24,7 @@ version) is skipped with a log line, never fatal.
 from __future__ import annotations
 
 import asyncio
+import base64
 import difflib
 import json
 import logging
@@ -49,6 +52,8 @@ PREFIX = "tether/v1/"
 RESOURCES = PREFIX + "resources/"
 VERSION_KEY = PREFIX + "version"
 _MESH_WIDE = "_"
+# Resources per transaction: Consul takes 64 operations per txn, one is the version.
+TXN_RESOURCES = 63
 
 Action = Literal["created", "configured", "unchanged", "deleted", "absent"]
 
@@ -189,6 +194,8 @@ class PolicyStore:
         self.rng = rng or random.Random()
         # How many CAS writes lost a race and were retried (observability, tests).
         self.cas_retries = 0
+        # Atomic applies through /v1/txn; off (key by key) if the registry has none.
+        self.transactions = True
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -241,15 +248,13 @@ class PolicyStore:
     async def apply(
         self, resources: Sequence[Resource], *, token: str | None = None, dry_run: bool = False
     ) -> ApplyResult:
-        """Create or replace each resource (CAS); then bump the version once if any changed."""
-        changes = [await self._put(res, token, dry_run) for res in resources]
-        return await self._finish(changes, token, dry_run)
+        """Create or replace each resource; the version is bumped once if any changed."""
+        return await self._change([(r.key, r) for r in resources], token, dry_run)
 
     async def delete(
         self, keys: Iterable[ResourceKey], *, token: str | None = None, dry_run: bool = False
     ) -> ApplyResult:
-        changes = [await self._delete(key, token, dry_run) for key in keys]
-        return await self._finish(changes, token, dry_run)
+        return await self._change([(k, None) for k in keys], token, dry_run)
 
     async def delete_one(
         self, key: ResourceKey, *, token: str | None = None, dry_run: bool = False
@@ -259,15 +264,128 @@ class PolicyStore:
             raise NotFoundError(f"{key} not found")
         return result
 
-    async def _finish(self, changes: list[Change], token: str | None, dry_run: bool) -> ApplyResult:
-        result = ApplyResult(changes, 0, dry_run)
-        if result.changed and not dry_run:
-            result.version = await self.bump_version(token)
-        else:
-            result.version = await self.version()
+    async def _change(
+        self,
+        wanted: Sequence[tuple[ResourceKey, Resource | None]],
+        token: str | None,
+        dry_run: bool,
+    ) -> ApplyResult:
+        if dry_run:
+            plans = [await self._plan(key, res) for key, res in wanted]
+            return ApplyResult([c for c, _ in plans], await self.version(), True)
+        if self.transactions:
+            changes: list[Change] = []
+            version = 0
+            for start in range(0, max(len(wanted), 1), TXN_RESOURCES):
+                got, version = await self._change_atomically(
+                    wanted[start : start + TXN_RESOURCES], token
+                )
+                if not self.transactions:
+                    break  # learnt on the first chunk: nothing was written yet
+                changes += got
+            if self.transactions:
+                return ApplyResult(changes, version)
+        # A registry without /v1/txn: one CAS write per key, then the counter.
+        changes = []
+        for key, res in wanted:
+            if res is None:
+                changes.append(await self._delete(key, token))
+            else:
+                changes.append(await self._put(res, token))
+        result = ApplyResult(changes, 0)
+        result.version = await self.bump_version(token) if result.changed else await self.version()
         return result
 
-    async def _put(self, res: Resource, token: str | None, dry_run: bool) -> Change:
+    async def _plan(self, key: ResourceKey, res: Resource | None) -> tuple[Change, Any]:
+        """The change `res` (None: deletion) makes to what is stored, and its txn op."""
+        path = resource_key_path(key)
+        old, index = await self._read(path)
+        if res is None:
+            if index == 0:
+                return Change(key, "absent"), None
+            op = {"KV": {"Verb": "delete-cas", "Key": path, "Index": index}}
+            return Change(key, "deleted", old, None), op
+        if old is not None and old.same_content(res):
+            return Change(key, "unchanged", old, old), None
+        new = res.with_generation((old.metadata.generation if old is not None else 0) + 1)
+        body = json.dumps(new.to_dict(), separators=(",", ":")).encode()
+        op = {
+            "KV": {
+                "Verb": "cas",
+                "Key": path,
+                "Index": index,
+                "Value": base64.b64encode(body).decode("ascii"),
+            }
+        }
+        return Change(key, "created" if index == 0 else "configured", old, new), op
+
+    async def _change_atomically(
+        self, wanted: Sequence[tuple[ResourceKey, Resource | None]], token: str | None
+    ) -> tuple[list[Change], int]:
+        """Every write of `wanted` and the version bump in one transaction, each op a CAS
+        on what was just read: all land together or, on a lost race, none (re-planned)."""
+        for attempt in range(self.max_attempts):
+            plans = [await self._plan(key, res) for key, res in wanted]
+            ops = [op for _, op in plans if op is not None]
+            if not ops:
+                return [c for c, _ in plans], await self.version()
+            current, index = await self._read_version()
+            bump = {
+                "KV": {
+                    "Verb": "cas",
+                    "Key": VERSION_KEY,
+                    "Index": index,
+                    "Value": base64.b64encode(str(current + 1).encode()).decode(),
+                }
+            }
+            outcome = await self._txn([*ops, bump], token)
+            if outcome is None:  # no /v1/txn here: the caller falls back
+                return [], 0
+            if outcome:
+                return [c for c, _ in plans], current + 1
+            self.cas_retries += 1
+            await self._backoff(attempt)
+        raise ConflictError(f"lost {self.max_attempts} check-and-set races in a row")
+
+    async def _txn(self, ops: list[Any], token: str | None) -> bool | None:
+        """True: applied; False: rolled back by a stale index; None: no txn endpoint."""
+        headers = self.writer.prepare_headers(token)
+        try:
+            code, body = await self.writer.http.put(
+                _raw_response, "/v1/txn", data=json.dumps(ops), headers=headers
+            )
+        except _REGISTRY_ERRORS as exc:
+            raise _registry_error(exc) from exc
+        if code == 200:
+            return True
+        if code in (404, 405):
+            log.warning("the registry has no /v1/txn: writing key by key")
+            self.transactions = False
+            return None
+        if code == 403:
+            raise PermissionDeniedError(f"the registry refused the token: {body}".strip())
+        if code == 409:
+            try:
+                errors = json.loads(body).get("Errors") or []
+            except (ValueError, AttributeError):
+                errors = []
+            whats = [str(e.get("What", "")) for e in errors if isinstance(e, dict)]
+            denied = [w for w in whats if "permission denied" in w.lower()]
+            if denied:
+                raise PermissionDeniedError(f"the registry refused the token: {denied[0]}")
+            return False
+        raise RegistryUnavailableError(f"registry answered {code} to a transaction: {body}")
+
+    async def _read_version(self) -> tuple[int, int]:
+        try:
+            _, entry = await self.reader.kv.get(VERSION_KEY, consistency="consistent")
+        except _REGISTRY_ERRORS as exc:
+            raise _registry_error(exc) from exc
+        if entry is None:
+            return 0, 0
+        return _parse_version(entry.get("Value")), int(entry["ModifyIndex"])
+
+    async def _put(self, res: Resource, token: str | None) -> Change:
         path = resource_key_path(res.key)
         for attempt in range(self.max_attempts):
             old, index = await self._read(path)
@@ -276,22 +394,18 @@ class PolicyStore:
             generation = (old.metadata.generation if old is not None else 0) + 1
             new = res.with_generation(generation)
             action: Action = "created" if index == 0 else "configured"
-            if dry_run:
-                return Change(res.key, action, old, new)
             body = json.dumps(new.to_dict(), separators=(",", ":"))
             if await self._write(path, body, index, token):
                 return Change(res.key, action, old, new)
             await self._backoff(attempt)
         raise ConflictError(f"{res.key}: lost {self.max_attempts} check-and-set races in a row")
 
-    async def _delete(self, key: ResourceKey, token: str | None, dry_run: bool) -> Change:
+    async def _delete(self, key: ResourceKey, token: str | None) -> Change:
         path = resource_key_path(key)
         for attempt in range(self.max_attempts):
             old, index = await self._read(path)
             if index == 0:
                 return Change(key, "absent")
-            if dry_run:
-                return Change(key, "deleted", old, None)
             try:
                 ok = await self.writer.kv.delete(path, cas=index, token=token)
             except _REGISTRY_ERRORS as exc:
@@ -305,12 +419,7 @@ class PolicyStore:
         """CAS-increment the config version; every replica's bump counts."""
         attempts = self.max_attempts * 4
         for attempt in range(attempts):
-            try:
-                _, entry = await self.reader.kv.get(VERSION_KEY, consistency="consistent")
-            except _REGISTRY_ERRORS as exc:
-                raise _registry_error(exc) from exc
-            current = _parse_version(entry.get("Value") if entry else None)
-            index = int(entry["ModifyIndex"]) if entry else 0
+            current, index = await self._read_version()
             if await self._write(VERSION_KEY, str(current + 1), index, token):
                 return current + 1
             await self._backoff(attempt)
@@ -346,3 +455,7 @@ def _decode(path: str, raw: Any) -> Resource | None:
     except (ValueError, SchemaError, UnicodeDecodeError) as exc:
         log.warning("skipping %s: not a valid resource: %s", path, exc)
         return None
+
+
+def _raw_response(response: Any) -> tuple[int, str]:
+    return int(response.code), str(response.body)
