@@ -1202,6 +1202,7 @@ class SourceDocument:
 
 
 _MAX_DEPTH = 64
+_MAX_NODES = 100_000
 
 
 class _Composer:
@@ -1210,11 +1211,16 @@ class _Composer:
     def __init__(self, loader: yaml.SafeLoader, doc: SourceDocument) -> None:
         self.loader = loader
         self.doc = doc
+        self.budget = _MAX_NODES
 
     def plain(self, node: yaml.Node, path: FieldPath) -> Any:
         self.doc.positions.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
         if len(path) > _MAX_DEPTH:
             raise ValueError("document nested too deeply")
+        # Aliases are expanded: without a bound, nested anchors ("billion laughs") would.
+        self.budget -= 1
+        if self.budget < 0:
+            raise ValueError(f"document has more than {_MAX_NODES} values (aliases expanded)")
         if isinstance(node, yaml.ScalarNode):
             return self.loader.construct_object(node)
         if isinstance(node, yaml.SequenceNode):

@@ -361,4 +361,12 @@ async def test_bad_requests_get_json_errors(make_cp: MakeCP, http: aiohttp.Clien
     assert status == 413
     status, body = await call(http, "GET", f"{api}/health")
     assert status == 200 and body["status"] == "ok"
+    status, body = await call(http, "GET", api)
+    assert status == 200 and body["kinds"] == [
+        "ServiceDefaults",
+        "Route",
+        "TrafficSplit",
+        "MeshConfig",
+    ]
+    assert f"{api[len(cp.url) :]}/apply" in body["endpoints"]
     assert json.dumps(body)

@@ -224,6 +224,17 @@ def test_yaml_syntax_error_and_duplicate_keys_have_lines() -> None:
     assert [(d.message, d.line) for d in doc.problems] == [("duplicate key 'kind'", 2)]
 
 
+def test_alias_bombs_and_deep_nesting_are_refused() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        prev = f"*a{i - 1}"
+        lines.append(f"a{i}: &a{i} [{', '.join([prev] * 10)}]")
+    with pytest.raises(SchemaError, match="more than 100000 values"):
+        load_documents("\n".join(lines) + "\n", "bomb.yaml")
+    with pytest.raises(SchemaError, match="nested too deeply"):
+        load_documents("a: " + "[" * 100 + "]" * 100 + "\n", "deep.yaml")
+
+
 def test_empty_documents_are_skipped_but_counted() -> None:
     text = f"---\n# nothing\n---\napiVersion: {API_VERSION}\nkind: Route\nmetadata:\n  name: a\n"
     (doc,) = load_documents(text)
