@@ -4,11 +4,11 @@
 sidecar keeps open (`/api/v1/push`, protocol in docs/push-protocol.md, messages in
 proxy/push_codec.py) and `GET /api/v1/sidecars`, what `tether status` shows.
 
-Source of truth is the registry KV: one blocking query on the policy prefix
-(`PolicyStore.snapshot`) sees every change, whichever replica made it. The snapshot
-version is the KV index the resources were read at, so every replica gives the same
-change the same version. Each
-change is diffed per service against the previous read, and only sidecars whose needed
+Source of truth is the registry KV: the ControlPlane's one blocking query on the
+policy prefix sees every change, whichever replica made it, and `install` subscribes
+this server to the snapshots it publishes. The snapshot version is the KV index the
+resources were read at, so every replica gives the same change the same version. Each
+change is diffed per service against the previous one, and only sidecars whose needed
 set (the services they call, their own, and what routes among those lead to) touches a
 changed service get a new snapshot; a MeshConfig change concerns everyone.
 
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from controlplane.store import ConfigSnapshot, PolicyStore
+from controlplane.store import ConfigSnapshot
 from proxy import push_codec as wire
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ class PushServer:
 
     def __init__(
         self,
-        store: PolicyStore,
+        consul: Any = None,
         *,
         status_prefix: str = STATUS_PREFIX,
         replica: str | None = None,
@@ -220,9 +220,8 @@ class PushServer:
         ws_heartbeat: float = 20.0,
         token: str | None = None,
     ) -> None:
-        self.store = store
-        # Status records are written with the control plane's own client and token.
-        self.consul = store.reader
+        # The registry client status records are written with (the control plane's own).
+        self.consul = consul
         self.status_prefix = status_prefix
         self.replica = replica or f"{os.uname().nodename}-{uuid.uuid4().hex[:8]}"
         self.flush_interval = flush_interval
@@ -239,34 +238,12 @@ class PushServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self.pushes = 0
-        self.watch_error = ""
         self.kv_writes = 0
 
     # -- wiring ----------------------------------------------------------------------------
 
-    def attach(self, app: web.Application, *, watch: bool = True) -> None:
-        """Add the push routes, and start/stop with the app.
-
-        With `watch`, the server reads the KV itself (a push server on its own, as in
-        tests); under a ControlPlane, `install` feeds it the control plane's snapshots.
-        """
-        app.router.add_get(wire.PATH, self.handle_push)
-        app.router.add_get("/api/v1/sidecars", self.handle_sidecars)
-
-        async def _start(_app: web.Application) -> None:
-            self.start(watch=watch)
-
-        async def _stop(_app: web.Application) -> None:
-            await self.aclose()
-
-        app.on_startup.append(_start)
-        app.on_shutdown.append(_stop)
-
-    def start(self, *, watch: bool = True) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._flusher())]
-        if watch:
-            self._tasks.append(loop.create_task(self._watch()))
+    def start(self) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(self._flusher()))
 
     async def aclose(self) -> None:
         if self._closing:
@@ -290,27 +267,6 @@ class PushServer:
             await self._flush()
 
     # -- resources -------------------------------------------------------------------------
-
-    async def _watch(self) -> None:
-        index = 0
-        failures = 0
-        while not self._closing:
-            try:
-                snap = await self.store.snapshot(index=index or None, wait="55s" if index else None)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.watch_error = f"{type(exc).__name__}: {exc}"
-                failures += 1
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
-                continue
-            failures = 0
-            self.watch_error = ""
-            if snap.index < index:
-                index = 0  # the registry's index went back (a reset): read afresh
-                continue
-            index = snap.index
-            self.update(index_of(snap))
 
     def update(self, new: ResourceIndex) -> int:
         """Make `new` current and push to the sidecars it concerns; returns how many."""
@@ -587,7 +543,6 @@ class PushServer:
             "sidecars": len(self.sessions),
             "pushes": self.pushes,
             "kv_writes": self.kv_writes,
-            "watch_error": self.watch_error,
         }
 
     def __repr__(self) -> str:
@@ -608,7 +563,7 @@ def index_of(snap: ConfigSnapshot) -> ResourceIndex:
 
 def install(cp: ControlPlane) -> PushServer:
     """Plug a push server into a ControlPlane: routes, start/stop, its snapshots."""
-    server = PushServer(cp.store)
+    server = PushServer()
 
     async def on_change(change: ConfigChange) -> None:
         server.update(index_of(change.current))
@@ -619,8 +574,8 @@ def install(cp: ControlPlane) -> PushServer:
         server.update(index_of(cp.snapshot))
 
     async def _start(_app: web.Application) -> None:
-        server.store, server.consul = cp.store, cp.store.reader
-        server.start(watch=False)
+        server.consul = cp.consul
+        server.start()
         server._tasks.append(asyncio.get_running_loop().create_task(first_sync()))
         cp.subscribe(on_change)
 

@@ -15,14 +15,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from controlplane.push import PushServer, ResourceIndex
-from controlplane.store import RESOURCES, PolicyStore
+from controlplane.push import PUSH_SERVER, PushServer, ResourceIndex
+from controlplane.server import ControlPlane, ControlPlaneSpec, RegistryAddress
+from controlplane.store import RESOURCES
 from proxy import push_codec as wire
 from proxy.balance import Endpoint
 from proxy.cluster import Cluster, StaticDirectory
 from proxy.policy import Policy, PolicyError, compile_table, decode
 from proxy.policy_client import PolicyClient, push_url
 from proxy.routing import HeaderEdit, Split, lower_headers
+from registry.server import RegistryServer
 
 API = "tether.dev/v1alpha1"
 
@@ -309,19 +311,17 @@ class Sidecar:
 
 
 @pytest.fixture
-async def push_server(consul_client: Any) -> AsyncIterator[tuple[PushServer, str]]:
-    server = PushServer(PolicyStore(consul_client), flush_interval=0.05, replica="r1")
-    app = web.Application()
-    server.attach(app)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+async def push_server(registry: RegistryServer) -> AsyncIterator[tuple[PushServer, str]]:
+    """A real ControlPlane (its KV watch, its app) with the push server installed."""
+    spec = ControlPlaneSpec(port=0, registry=RegistryAddress(port=registry.port))
+    cp = ControlPlane(spec)
+    server = cp.app[PUSH_SERVER]
+    server.flush_interval = 0.05
+    await cp.start()
     try:
-        yield server, f"http://127.0.0.1:{port}"
+        yield server, cp.url
     finally:
-        await runner.cleanup()
+        await cp.aclose()
 
 
 async def put(consul: Any, d: dict[str, Any]) -> None:
