@@ -1,0 +1,350 @@
+"""`tether up`: a live local mesh: the registry, the demo apps, a sidecar each, a live view.
+
+Everything runs as child processes of one `Launcher` (the mechanism `tether run`
+shares): the registry first (8500 if free, else any free port; state in a temporary
+directory), then per instance its app and its sidecar. The app listens on 127.0.0.1
+with `HTTP_PROXY` pointing at its sidecar's outbound listener, so `frontend` calls
+`http://orders/...` through the mesh. The view reads every sidecar's admin
+`/stats/prometheus` once a second. Ctrl-C drains the sidecars (they deregister while
+the registry is still up), stops the apps, then the registry, and removes the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tether.launcher import Launcher, ProcessSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Instance:
+    """One demo instance: its app and the ports of its sidecar."""
+
+    service: str
+    name: str
+    zone: str
+    version: str
+    app_port: int = 0
+    outbound: int = 0
+    inbound: int = 0
+    admin: int = 0
+    ready: bool = False
+    inbound_total: float = 0.0
+    inbound_errors: float = 0.0
+    outbound_total: float = 0.0
+    rate: float = 0.0
+    history: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=10))
+
+
+# frontend → orders (3 instances, two zones, v1 and v2 for a later canary) → inventory
+DEMO: tuple[tuple[str, str, str, str], ...] = (
+    ("frontend", "frontend-1", "zone-a", "v1"),
+    ("orders", "orders-1", "zone-a", "v1"),
+    ("orders", "orders-2", "zone-b", "v1"),
+    ("orders", "orders-3", "zone-b", "v2"),
+    ("inventory", "inventory-1", "zone-a", "v1"),
+)
+
+
+@dataclass
+class UpSpec:
+    """How `tether up` runs (its flags)."""
+
+    registry_port: int | None = None  # None: 8500 if free, else any free port
+    rate: float = 2.0  # requests/s the frontend drives
+    drain_seconds: float = 5.0
+    view: bool | None = None  # None: a live view when stdout is a terminal
+    check_interval: float = 2.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on 127.0.0.1:{port}") from None
+            await asyncio.sleep(0.1)
+
+
+def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Samples of Prometheus' text format: (name, labels, value)."""
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, labels = head, {}
+        if "{" in head:
+            name, _, rest = head.partition("{")
+            for part in rest.rstrip("}").split('",'):
+                k, _, v = part.partition("=")
+                if k:
+                    labels[k.strip()] = v.strip().strip('"')
+        with contextlib.suppress(ValueError):
+            samples.append((name.strip(), labels, float(value)))
+    return samples
+
+
+def request_counts(text: str) -> tuple[float, float, float]:
+    """(inbound requests, inbound 5xx, outbound requests) from a sidecar's metrics."""
+    inbound = errors = outbound = 0.0
+    for name, labels, value in parse_prometheus(text):
+        if not name.endswith("requests_total"):
+            continue
+        direction = labels.get("direction") or labels.get("listener") or ""
+        if direction.startswith("in"):
+            inbound += value
+            if labels.get("status_class", "").startswith("5"):
+                errors += value
+        elif direction.startswith("out"):
+            outbound += value
+    return inbound, errors, outbound
+
+
+class Mesh:
+    """The running local mesh."""
+
+    def __init__(self, spec: UpSpec, sink: Callable[[str, str], None]) -> None:
+        self.spec = spec
+        self.launcher = Launcher(sink)
+        self.instances = [Instance(*row) for row in DEMO]
+        self.registry_port = 0
+        self.data_dir = Path(tempfile.mkdtemp(prefix="tether-up-"))
+
+    async def start(self, session: Any) -> None:
+        """Start the registry, then the callees before their callers (inventory, orders,
+        then frontend once they are ready), so the first calls find their services."""
+        spec = self.spec
+        py = sys.executable
+        if spec.registry_port:
+            self.registry_port = spec.registry_port
+        else:
+            self.registry_port = 8500 if port_is_free(8500) else free_port()
+        await self.launcher.start(
+            ProcessSpec(
+                "registry",
+                [py, "-m", "tether.cli", "registry", "--port", str(self.registry_port),
+                 "--data-dir", str(self.data_dir / "registry"), "--node", "local"],
+                cwd=ROOT,
+                stop_timeout=5.0,
+            )
+        )  # fmt: skip
+        await wait_for_port(self.registry_port, 30)
+        for inst in sorted(self.instances, key=lambda i: i.service == "frontend"):
+            if inst.service == "frontend":
+                await self.wait_ready(session, 30, [i for i in self.instances if i is not inst])
+            inst.app_port, inst.outbound = free_port(), free_port()
+            inst.inbound, inst.admin = free_port(), free_port()
+            rate = spec.rate if inst.service == "frontend" else 0.0
+            await self.launcher.start(
+                ProcessSpec(
+                    inst.name,
+                    [py, "-m", f"tether.demo.{inst.service}", "--port", str(inst.app_port),
+                     "--instance", inst.name, "--zone", inst.zone, "--version", inst.version,
+                     "--rate", str(rate)],
+                    env={
+                        "HTTP_PROXY": f"http://127.0.0.1:{inst.outbound}",
+                        "http_proxy": f"http://127.0.0.1:{inst.outbound}",
+                        "NO_PROXY": "localhost,127.0.0.1",
+                        "no_proxy": "localhost,127.0.0.1",
+                    },
+                    cwd=ROOT,
+                    stop_timeout=5.0,
+                )
+            )  # fmt: skip
+            await self.launcher.start(
+                ProcessSpec(
+                    f"{inst.name}.sidecar",
+                    [py, "-m", "tether.cli", "sidecar", "--service", inst.service,
+                     "--app-port", str(inst.app_port), "--app-health-path", "/health",
+                     "--outbound-port", str(inst.outbound), "--inbound-port", str(inst.inbound),
+                     "--admin-port", str(inst.admin), "--zone", inst.zone,
+                     "--version", inst.version, "--meta", f"instance={inst.name}",
+                     "--drain-seconds", str(spec.drain_seconds),
+                     "--check-interval", str(spec.check_interval)],
+                    env={"CONSUL_HTTP_ADDR": f"127.0.0.1:{self.registry_port}"},
+                    cwd=ROOT,
+                    stop_timeout=spec.drain_seconds + 5.0,
+                )
+            )  # fmt: skip
+
+    async def poll(self, session: Any) -> None:
+        """Refresh readiness and request counts of every sidecar (one round)."""
+
+        async def one(inst: Instance) -> None:
+            base = f"http://127.0.0.1:{inst.admin}"
+            try:
+                async with session.get(f"{base}/ready") as r:
+                    inst.ready = r.status == 200
+                async with session.get(f"{base}/stats/prometheus") as r:
+                    text = await r.text()
+            except Exception:
+                inst.ready = False
+                return
+            inst.inbound_total, inst.inbound_errors, inst.outbound_total = request_counts(text)
+            now = time.monotonic()
+            inst.history.append((now, inst.inbound_total))
+            t0, n0 = inst.history[0]
+            inst.rate = (inst.inbound_total - n0) / (now - t0) if now > t0 else 0.0
+
+        await asyncio.gather(*(one(i) for i in self.instances))
+
+    async def wait_ready(
+        self, session: Any, timeout: float, which: list[Instance] | None = None
+    ) -> bool:
+        deadline = time.monotonic() + timeout
+        which = self.instances if which is None else which
+        while time.monotonic() < deadline:
+            await self.poll(session)
+            if all(i.ready for i in which):
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    def listing(self) -> list[str]:
+        lines = [f"registry     http://127.0.0.1:{self.registry_port}  (CONSUL_HTTP_ADDR)"]
+        for i in self.instances:
+            lines.append(
+                f"{i.name:<12} {i.service} {i.version} {i.zone}  app=127.0.0.1:{i.app_port} "
+                f"outbound=127.0.0.1:{i.outbound} inbound=127.0.0.1:{i.inbound} "
+                f"admin=127.0.0.1:{i.admin}"
+            )
+        front = self.instances[0]
+        lines.append(f"try: curl -x http://127.0.0.1:{front.outbound} http://frontend/")
+        return lines
+
+    async def stop(self) -> None:
+        """Drain the sidecars, stop the apps, then the registry; remove the state."""
+        sidecars = [f"{i.name}.sidecar" for i in self.instances]
+        apps = [i.name for i in self.instances]
+        try:
+            # Sidecars deregister and drain while the apps and the registry still run.
+            await self.launcher.stop_all(sidecars)
+            await self.launcher.stop_all(apps)
+            await self.launcher.aclose()
+        finally:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def render(mesh: Mesh, logs: deque[str]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"tether up: registry 127.0.0.1:{mesh.registry_port}", expand=False)
+    for col in ("instance", "service", "zone", "ready", "calls in", "/s", "5xx", "out"):
+        right = col in ("calls in", "/s", "5xx", "out")
+        table.add_column(col, justify="right" if right else "left", no_wrap=True, min_width=3)
+    per_service: dict[str, float] = {}
+    for i in mesh.instances:
+        per_service[i.service] = per_service.get(i.service, 0.0) + i.inbound_total
+        table.add_row(
+            i.name, f"{i.service} {i.version}", i.zone,
+            Text("yes", "green") if i.ready else Text("no", "red"),
+            f"{i.inbound_total:.0f}", f"{i.rate:.1f}", f"{i.inbound_errors:.0f}",
+            f"{i.outbound_total:.0f}",
+        )  # fmt: skip
+    totals = "  ".join(f"{svc}: {n:.0f}" for svc, n in per_service.items())
+    front = mesh.instances[0]
+    hint = Text(
+        f"calls per service: {totals}\n"
+        f"try: curl -x http://127.0.0.1:{front.outbound} http://frontend/   (Ctrl-C stops)"
+    )
+    tail = [Text(line, style="dim", no_wrap=True, overflow="ellipsis") for line in logs]
+    return Group(table, hint, *tail)
+
+
+async def run_up(spec: UpSpec) -> int:
+    import aiohttp
+
+    view = spec.view if spec.view is not None else sys.stdout.isatty()
+    logs: deque[str] = deque(maxlen=8)
+
+    def sink(name: str, line: str) -> None:
+        if view:
+            logs.append(f"{name:>20} | {line}")
+        else:
+            print(f"{name:>20} | {line}", flush=True)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    mesh = Mesh(spec, sink)
+    code = 0
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            await mesh.start(session)
+            ready = await mesh.wait_ready(session, 60)
+            print("\n".join(mesh.listing()), flush=True)
+            print("tether up: ready" if ready else "tether up: not every sidecar is ready yet",
+                  flush=True)  # fmt: skip
+            if view:
+                from rich.live import Live
+
+                with Live(render(mesh, logs), refresh_per_second=2, screen=False) as live:
+                    while not stop.is_set():
+                        await mesh.poll(session)
+                        live.update(render(mesh, logs))
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), 1.0)
+            else:
+                last = 0.0
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 1.0)
+                    if time.monotonic() - last >= 10:
+                        last = time.monotonic()
+                        await mesh.poll(session)
+                        calls = ", ".join(f"{i.name}={i.inbound_total:.0f}" for i in mesh.instances)
+                        print(f"tether up: calls in: {calls}", flush=True)
+    except Exception as exc:
+        print(f"tether up: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        print("tether up: draining and stopping everything ...", flush=True)
+        # A second Ctrl-C must not cut the shutdown short and leave processes behind.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: None)
+        await mesh.stop()
+        print("tether up: stopped", flush=True)
+    return code
+
+
+def main(spec: UpSpec) -> None:
+    import uvloop
+
+    raise SystemExit(uvloop.run(run_up(spec)))
