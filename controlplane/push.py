@@ -51,6 +51,8 @@ STATUS_SHARDS = 16
 HELLO_TIMEOUT = 10.0
 # A replica whose shards were not rewritten for this long is taken as gone.
 STALE_AFTER = 60.0
+# ... and its status is deleted after this long (a replica that was killed).
+FORGET_AFTER = 3600.0
 # Closure depth when routes send to other services (routes to routes to ...).
 MAX_ROUTE_DEPTH = 8
 
@@ -453,13 +455,16 @@ class PushServer:
         while not self._closing:
             await asyncio.sleep(self.flush_interval)
             now = time.monotonic()
-            if now - last_full >= self.heartbeat_interval:
+            full = now - last_full >= self.heartbeat_interval
+            if full:
                 # Rewriting every shard now and then says "this replica is alive" and
                 # refreshes last-seen of sidecars that were only quiet.
                 self._dirty = set(range(STATUS_SHARDS))
                 last_full = now
             try:
                 await self._flush()
+                if full:
+                    await self._forget_gone_replicas()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -490,6 +495,21 @@ class PushServer:
         cutoff = time.time() - 600
         for sid in [k for k, r in self.records.items() if r.last_seen < cutoff]:
             del self.records[sid]
+
+    async def _forget_gone_replicas(self) -> None:
+        """Delete the status shards of replicas silent for FORGET_AFTER (killed ones)."""
+        _, items = await self.consul.kv.get(self.status_prefix, recurse=True, keys=True)
+        replicas = {k[len(self.status_prefix) :].split("/", 1)[0] for k in items or ()}
+        replicas.discard(self.replica)
+        now = time.time()
+        for rid in sorted(replicas)[:50]:
+            _, shard = await self.consul.kv.get(f"{self.status_prefix}{rid}/00")
+            updated = 0.0
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                updated = float(json.loads(shard["Value"]).get("updated", 0))
+            if shard is not None and now - updated > FORGET_AFTER:
+                log.info("push: forgetting the status of replica %s (silent)", rid)
+                await self.consul.kv.delete(f"{self.status_prefix}{rid}/", recurse=True)
 
     async def all_records(self) -> list[SidecarRecord]:
         """Every sidecar any replica knows (this replica's own view is freshest)."""

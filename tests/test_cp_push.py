@@ -25,6 +25,7 @@ from proxy.policy import Policy, PolicyError, compile_table, decode
 from proxy.policy_client import PolicyClient, push_url
 from proxy.routing import HeaderEdit, Split, lower_headers
 from registry.server import RegistryServer
+from tests.conftest import free_port
 
 API = "tether.dev/v1alpha1"
 
@@ -502,3 +503,86 @@ async def test_policy_router_splits_and_routes_real_requests() -> None:
         await listener.aclose()
         for b in (v1, v2, admin):
             await b.runner.cleanup()
+
+
+async def test_two_replicas_push_their_own_sidecars_and_share_status(
+    registry: RegistryServer, consul_client: Any
+) -> None:
+    cps = []
+    for name in ("r1", "r2"):
+        cp = ControlPlane(ControlPlaneSpec(port=0, registry=RegistryAddress(port=registry.port)))
+        cp.app[PUSH_SERVER].replica = name
+        cp.app[PUSH_SERVER].flush_interval = 0.05
+        await cp.start()
+        cps.append(cp)
+    a = Sidecar(cps[0].url, "frontend", "a", calls=("orders.default",))
+    b = Sidecar(cps[1].url, "checkout", "b", calls=("orders.default",))
+    try:
+        await a.wait(lambda s: s.client.acks == 1)
+        await b.wait(lambda s: s.client.acks == 1)
+        # One change, written behind both replicas' backs: each pushes to its own sidecar.
+        await put(consul_client, split("orders", 80, 20))
+        for sc in (a, b):
+            await sc.wait(lambda s: s.policy.route("default", "orders") is not None)
+        assert a.policy.hash == b.policy.hash and a.policy.version == b.policy.version
+        # Either replica's `tether status` shows both sidecars, acked at that version.
+        async with aiohttp.ClientSession() as http:
+            for cp in cps:
+
+                async def both(url: str = cp.url) -> dict[str, Any]:
+                    async with http.get(f"{url}/api/v1/sidecars") as resp:
+                        recs = {r["id"]: r for r in (await resp.json())["sidecars"]}
+                    return recs
+
+                deadline = time.monotonic() + 10
+                while True:
+                    recs = await both()
+                    ids = ("default/frontend/a", "default/checkout/b")
+                    ok = [recs.get(i, {}).get("acked_version") for i in ids]
+                    if ok == [a.policy.version, a.policy.version]:
+                        break
+                    assert time.monotonic() < deadline, recs
+                    await asyncio.sleep(0.05)
+                assert {recs[i]["replica"] for i in ids} == {"r1", "r2"}
+    finally:
+        await a.client.aclose()
+        await b.client.aclose()
+        for cp in cps:
+            await cp.aclose()
+
+
+async def test_sidecar_starts_on_defaults_and_connects_when_the_control_plane_comes(
+    registry: RegistryServer, consul_client: Any
+) -> None:
+    from proxy.backoff import BackoffPolicy
+
+    await put(consul_client, split("orders", 90, 10))
+    port = free_port()
+    policy = Policy(StaticDirectory([orders_cluster()]))
+    node = wire.NodeIdentity("frontend", "default", "f1")
+    client = PolicyClient(
+        f"http://127.0.0.1:{port}", node, policy, backoff=BackoffPolicy(0.05, 2.0, 0.2)
+    )
+    client.want("orders", "default")
+    client.start()
+    try:
+        await asyncio.sleep(0.5)
+        # Never reached: the defaults (every service to itself), and it keeps trying.
+        assert not client.connected and client.last_error and policy.version == 0
+        assert policy.route("default", "orders") is None
+        spec = ControlPlaneSpec(port=port, registry=RegistryAddress(port=registry.port))
+        cp = ControlPlane(spec)
+        await cp.start()
+        try:
+            deadline = time.monotonic() + 10
+            while policy.route("default", "orders") is None:
+                assert time.monotonic() < deadline, client.describe()
+                await asyncio.sleep(0.02)
+            assert client.acks == 1 and policy.version > 0
+        finally:
+            await cp.aclose()
+        # The control plane gone again: the sidecar keeps what it has.
+        await asyncio.sleep(0.3)
+        assert policy.route("default", "orders") is not None
+    finally:
+        await client.aclose()
