@@ -72,6 +72,7 @@ class Catalog:
         self._chk_by_node: dict[str, set[str]] = {}
         self._chk_by_svc: dict[str, set[str]] = {}
         self._chk_svc: dict[str, str] = {}
+        self._node_level: dict[str, set[str]] = {}  # node -> its checks of no service
         for key, svc in store.table("services").items():
             self._index_service(key, svc)
         for key, chk in store.table("checks").items():
@@ -103,9 +104,12 @@ class Catalog:
             skey = item_key(node, sid)
             self._chk_svc[key] = skey
             self._chk_by_svc.setdefault(skey, set()).add(key)
+        else:
+            self._node_level.setdefault(node, set()).add(key)
 
     def _unindex_check(self, key: str) -> None:
         _discard(self._chk_by_node, split_key(key)[0], key)
+        _discard(self._node_level, split_key(key)[0], key)
         skey = self._chk_svc.pop(key, None)
         if skey is not None:
             _discard(self._chk_by_svc, skey, key)
@@ -421,9 +425,7 @@ class Catalog:
     def instance_checks(self, node: str, service_id: str) -> list[Obj]:
         """The checks that decide an instance's health: its node's and its own."""
         table = self.store.table("checks")
-        node_level = [
-            table[k] for k in sorted(self._chk_by_node.get(node, ())) if k not in self._chk_svc
-        ]
+        node_level = [table[k] for k in sorted(self._node_level.get(node, ()))]
         own = [table[k] for k in sorted(self._chk_by_svc.get(item_key(node, service_id), ()))]
         return node_level + own
 
