@@ -154,7 +154,8 @@ class ControlPlane:
         with contextlib.suppress(ControlPlaneError):
             await self.refresh()
         self._watch_task = asyncio.create_task(self._watch(), name="controlplane-watch")
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # Long-lived connections (sidecars' WebSockets) must not hold a stop for a minute.
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=3.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.spec.host, self.spec.port)
         await site.start()
