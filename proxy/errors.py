@@ -27,3 +27,22 @@ class BadMessageError(ProxyError):
 
     status = 400
     reason = "bad_request"
+
+
+# -- policy from the control plane (these never become local replies) -------------------
+
+
+class PushProtocolError(Exception):
+    """A push-protocol message that is not valid (bad JSON, field or type)."""
+
+    code = "bad_message"
+
+
+class ProtocolVersionError(PushProtocolError):
+    """The peer speaks another push-protocol version (mixed versions during an upgrade)."""
+
+    code = "unsupported_protocol"
+
+
+class PolicyError(Exception):
+    """A pushed snapshot this sidecar cannot apply; the message goes into the NACK."""

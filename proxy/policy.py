@@ -24,6 +24,7 @@ from controlplane import schema
 from proxy import push_codec as wire
 from proxy.balance import Balancer, WeightedRoundRobin
 from proxy.cluster import Cluster, ServiceDirectory
+from proxy.errors import PolicyError
 from proxy.routing import (
     NO_EDIT,
     HeaderEdit,
@@ -40,10 +41,6 @@ log = logging.getLogger("tether.policy")
 
 # How long `apply` waits for discovery's first answer about a new destination.
 RESOLVE_TIMEOUT = 3.0
-
-
-class PolicyError(Exception):
-    """A snapshot this sidecar cannot apply; the message goes into the NACK."""
 
 
 # -- compiling ---------------------------------------------------------------------------

@@ -16,23 +16,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# Re-exported: both ends catch them as `push_codec.PushProtocolError` and so on.
+from proxy.errors import ProtocolVersionError as ProtocolVersionError
+from proxy.errors import PushProtocolError as PushProtocolError
+
 PROTOCOL = 1
 # Offered in the WebSocket handshake too, so a proxy in between (or a log) shows it.
 SUBPROTOCOL = f"tether.push.v{PROTOCOL}"
 PATH = "/api/v1/push"
 MAX_MESSAGE = 16 * 1024 * 1024
-
-
-class PushProtocolError(Exception):
-    """A message that is not valid in this protocol (bad JSON, field or type)."""
-
-    code = "bad_message"
-
-
-class ProtocolVersionError(PushProtocolError):
-    """The peer speaks another protocol version (mixed versions during an upgrade)."""
-
-    code = "unsupported_protocol"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,8 @@ from controlplane.store import RESOURCES
 from proxy import push_codec as wire
 from proxy.balance import Endpoint
 from proxy.cluster import Cluster, StaticDirectory
-from proxy.policy import Policy, PolicyError, compile_table, decode
+from proxy.errors import PolicyError
+from proxy.policy import Policy, compile_table, decode
 from proxy.policy_client import PolicyClient, push_url
 from proxy.routing import HeaderEdit, Split, lower_headers
 from registry.server import RegistryServer
