@@ -104,16 +104,25 @@ def _rule(res: schema.Resource, i: int, rule: schema.RouteRuleSpec) -> RouteRule
 
 
 def decode(resources: Sequence[Mapping[str, Any]]) -> list[schema.Resource]:
-    """Every resource decoded by the shared schema; PolicyError naming all problems."""
+    """Every resource decoded and checked by the shared schema; PolicyError naming all
+    problems."""
     out: list[schema.Resource] = []
     problems: list[str] = []
     for i, data in enumerate(resources):
         try:
-            out.append(schema.Resource.from_dict(data))
+            res = schema.Resource.from_dict(data)
         except schema.SchemaError as exc:
             meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
             name = f"{data.get('kind')} {meta.get('namespace', '')}/{meta.get('name')}"  # type: ignore[union-attr]
             problems += [f"resources[{i}] ({name}): {p}" for p in exc.problems if p.is_error]
+            continue
+        # The same meaning checks the control plane ran (a snapshot may come from a
+        # replica of another version, or from a KV written behind the API's back).
+        errors = [p for p in schema.check_resource(res) if p.is_error]
+        if errors:
+            problems += [f"resources[{i}] ({res.key}): {p}" for p in errors]
+        else:
+            out.append(res)
     if problems:
         raise PolicyError("; ".join(problems))
     return out
