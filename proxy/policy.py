@@ -263,9 +263,20 @@ class Policy:
         return pol  # type: ignore[no-any-return]
 
     def subset_cluster(self, namespace: str, service: str, subset: str) -> Cluster | None:
-        """The cluster of one subset (None when this table does not define it)."""
-        sc = self.subset_clusters.get((namespace, service, subset))
-        return sc.current() if sc is not None else None
+        """The cluster of one subset; None when the table does not define the subset or
+        discovery does not know the service."""
+        key = (namespace, service, subset)
+        sc = self.subset_clusters.get(key)
+        parent = self.directory.lookup(namespace, service)
+        if sc is None or sc.parent is not parent:
+            # The service appeared after the snapshot was applied, or discovery made a
+            # new cluster for it: build the subset over what discovery has now.
+            spec = self.table.subset(namespace, service, subset)
+            if spec is None or parent is None:
+                return None
+            sc = SubsetCluster(parent, spec, self.balancer_factory())
+            self.subset_clusters = {**self.subset_clusters, key: sc}
+        return sc.current()
 
     def defaults(self, namespace: str, service: str) -> schema.ServiceDefaultsSpec | None:
         pol = self.table.policy(namespace, service)

@@ -587,3 +587,21 @@ async def test_sidecar_starts_on_defaults_and_connects_when_the_control_plane_co
         assert policy.route("default", "orders") is not None
     finally:
         await client.aclose()
+
+
+async def test_subsets_of_a_service_discovered_after_the_snapshot() -> None:
+    directory = StaticDirectory()
+    policy = Policy(directory)
+    await policy.apply(snapshot(1, [split("orders", 90, 10)]))
+    assert policy.subset_cluster("default", "orders", "v2") is None
+    first = orders_cluster()
+    directory.add(first)
+    v2 = policy.subset_cluster("default", "orders", "v2")
+    assert v2 is not None and [ep.id for ep in v2.endpoints] == ["o2"]
+    assert policy.subset_cluster("default", "orders", "v3") is None
+    # Discovery replaced the cluster object: the subset follows the new one.
+    again = Cluster("orders", "default")
+    again.set_endpoints([Endpoint("o9", "127.0.0.1", 9, meta={"version": "v2"})])
+    directory.add(again)
+    v2 = policy.subset_cluster("default", "orders", "v2")
+    assert v2 is not None and [ep.id for ep in v2.endpoints] == ["o9"]
