@@ -169,6 +169,27 @@ class SidecarRecord:
     error: str = ""
     last_seen: float = 0.0
     connected_since: float = 0.0
+    sent_nonce: str = ""
+
+    # -- the per-sidecar exchange, without I/O ----------------------------------------
+
+    def offer(self, version: int, hash_: str, nonce: str) -> bool:
+        """A snapshot is ready for this sidecar: True if it must be sent (new content)."""
+        if hash_ == self.sent_hash:
+            return False
+        self.sent_version, self.sent_hash, self.sent_nonce = version, hash_, nonce
+        return True
+
+    def answer(self, msg: wire.Ack | wire.Nack) -> bool:
+        """Record an ACK or NACK; False (ignored) when it answers a superseded push."""
+        if msg.nonce != self.sent_nonce:
+            return False
+        if isinstance(msg, wire.Ack):
+            self.acked_version, self.acked_hash = msg.version, self.sent_hash
+            self.error = ""
+        else:
+            self.nacked_version, self.error = msg.version, msg.error[:2000]
+        return True
 
     @property
     def state(self) -> str:
@@ -200,7 +221,6 @@ class Session:
     record: SidecarRecord
     calls: set[ServiceKey] = field(default_factory=set)
     needed: frozenset[ServiceKey] = frozenset()
-    sent_nonce: str = ""
     pending: str | None = None
     writer: asyncio.Task[None] | None = None
 
@@ -295,11 +315,9 @@ class PushServer:
         """Send `s` its snapshot if its content differs from what it last got."""
         text, hash_ = self.index.body(s.needed)
         rec = s.record
-        if hash_ == rec.sent_hash:
-            return 0
         nonce = f"{self.replica[-8:]}-{next(self._nonces)}"
-        rec.sent_version, rec.sent_hash = self.index.version, hash_
-        s.sent_nonce = nonce
+        if not rec.offer(self.index.version, hash_, nonce):
+            return 0
         self._mark(rec)
         s.pending = wire.encode_snapshot(rec.sent_version, hash_, nonce, text)
         if s.writer is None or s.writer.done():
@@ -402,18 +420,12 @@ class PushServer:
 
     def _on_message(self, s: Session, msg: wire.Message) -> None:
         rec = s.record
-        if isinstance(msg, wire.Ack):
-            if msg.nonce != s.sent_nonce:
-                return  # an answer to a snapshot superseded since: the next one counts
-            rec.acked_version, rec.acked_hash = msg.version, rec.sent_hash
-            rec.error = ""
-            self._mark(rec)
-        elif isinstance(msg, wire.Nack):
-            if msg.nonce != s.sent_nonce:
-                return
-            rec.nacked_version, rec.error = msg.version, msg.error[:2000]
-            log.warning("push: %s refused version %d: %s", rec.id, msg.version, msg.error)
-            self._mark(rec)
+        if isinstance(msg, wire.Ack | wire.Nack):
+            # An answer to a snapshot superseded since is ignored: the next one counts.
+            if rec.answer(msg):
+                self._mark(rec)
+                if isinstance(msg, wire.Nack):
+                    log.warning("push: %s refused version %d: %s", rec.id, msg.version, msg.error)
         elif isinstance(msg, wire.Interest):
             new = set(_keys(msg.add)) - s.calls
             if new:

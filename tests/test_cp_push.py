@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from controlplane.push import PUSH_SERVER, PushServer, ResourceIndex
+from controlplane.push import PUSH_SERVER, PushServer, ResourceIndex, SidecarRecord
 from controlplane.server import ControlPlane, ControlPlaneSpec, RegistryAddress
 from controlplane.store import RESOURCES
 from proxy import push_codec as wire
@@ -168,6 +168,31 @@ def test_resource_index_needs_follow_routes_and_diff_per_service() -> None:
         new.body(frozenset({("default", "admin")}))[1]
         == idx.body(frozenset({("default", "admin")}))[1]
     )
+
+
+def test_sidecar_record_exchange_without_io() -> None:
+    rec = SidecarRecord("default/a/1", "a", "default", "1", "", "r1")
+    assert rec.state == "pending"
+    assert rec.offer(5, "h5", "n1") and not rec.offer(6, "h5", "n2")  # same content: no push
+    assert rec.sent_nonce == "n1" and rec.sent_version == 5
+    assert not rec.answer(wire.Ack(5, "old"))  # a superseded push's answer is ignored
+    assert rec.state == "pending"
+    assert rec.answer(wire.Ack(5, "n1")) and rec.state == "acked" and rec.acked_version == 5
+    assert rec.offer(7, "h7", "n3")
+    assert rec.state == "pending"
+    assert rec.answer(wire.Nack(7, "n3", "bad regex"))
+    assert (rec.state, rec.error, rec.acked_version, rec.nacked_version) == (
+        "nacked",
+        "bad regex",
+        5,
+        7,
+    )
+    # The same version with other content (the sidecar's interest grew), then applied.
+    assert rec.offer(7, "h7b", "n4") and rec.answer(wire.Ack(7, "n4"))
+    assert rec.state == "acked" and rec.error == "" and rec.acked_hash == "h7b"
+    rec.connected = False
+    assert rec.state == "disconnected"
+    assert SidecarRecord.from_dict(rec.to_dict()) == rec
 
 
 # -- routing -------------------------------------------------------------------------------
