@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -45,9 +45,18 @@ class Endpoint:
 
 @dataclass
 class PickContext:
-    """What a request offers a balancer: a hash key for consistent hashing."""
+    """What a request offers a balancer: the inputs of consistent hashing.
+
+    Only the hashing balancers (ring hash, Maglev) look at it. `hash_key`, when set,
+    is used as is; otherwise the balancer's hash policies read the request through
+    `header` (case-insensitive name -> value, None when absent; the `cookie` header
+    is parsed from it), `path` (for query parameters) and `source_ip`.
+    """
 
     hash_key: bytes | None = None
+    source_ip: str = ""
+    header: Callable[[str], str | None] | None = None
+    path: str = ""
 
 
 class Balancer(ABC):

@@ -1,0 +1,91 @@
+"""Request hashing for the consistent-hash balancers: hash policies and a stable hash.
+
+A request's hash comes from its `PickContext`: `hash_key` when the proxy set one, else
+the balancer's hash policies in order (Envoy's and Consul's `HashPolicies`): a header,
+a cookie, a query parameter or the source IP. Each policy that finds its value mixes it
+into the hash; a `terminal` one that finds its value stops the evaluation. No value at
+all means no hash, and the balancer picks at random, as Envoy does.
+
+The hash is 64 bits of BLAKE2b, not Python's `hash()`, which is salted per process: two
+sidecars must map a key to the same endpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import parse_qsl
+
+from proxy.balance.base import PickContext
+from proxy.balance.errors import PolicyError
+
+HashField = Literal["header", "cookie", "query_parameter", "source_ip"]
+FIELDS: tuple[HashField, ...] = ("header", "cookie", "query_parameter", "source_ip")
+_MASK = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class HashPolicy:
+    field: HashField
+    name: str = ""  # header, cookie or parameter name; unused for source_ip
+    terminal: bool = False
+
+    def __post_init__(self) -> None:
+        if self.field not in FIELDS:
+            raise PolicyError("hash_policies.field", f"must be one of {', '.join(FIELDS)}")
+        if self.field != "source_ip" and not self.name:
+            raise PolicyError("hash_policies.name", f"a {self.field} policy needs a name")
+
+    def value(self, ctx: PickContext) -> str | None:
+        if self.field == "source_ip":
+            return ctx.source_ip or None
+        if self.field == "query_parameter":
+            _, sep, query = ctx.path.partition("?")
+            if not sep:
+                return None
+            for k, v in parse_qsl(query, keep_blank_values=True):
+                if k == self.name:
+                    return v
+            return None
+        if ctx.header is None:
+            return None
+        if self.field == "header":
+            return ctx.header(self.name)
+        return cookie_value(ctx.header("cookie"), self.name)
+
+
+def cookie_value(cookie_header: str | None, name: str) -> str | None:
+    """The value of cookie `name` in a `Cookie` header (RFC 6265 section 5.4 syntax)."""
+    if not cookie_header:
+        return None
+    for pair in cookie_header.split(";"):
+        k, sep, v = pair.partition("=")
+        if sep and k.strip() == name:
+            v = v.strip()
+            if len(v) >= 2 and v[0] == v[-1] == '"':
+                v = v[1:-1]
+            return v
+    return None
+
+
+def hash64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def request_hash(ctx: PickContext, policies: Sequence[HashPolicy]) -> int | None:
+    """The request's 64-bit hash, or None when nothing to hash on is present."""
+    if ctx.hash_key is not None:
+        return hash64(ctx.hash_key)
+    result: int | None = None
+    for policy in policies:
+        value = policy.value(ctx)
+        if value is None:
+            continue
+        h = hash64(value.encode("utf-8", "surrogateescape"))
+        # Envoy combines several policies' hashes by rotate-left-1 then xor.
+        result = h if result is None else (((result << 1) | (result >> 63)) & _MASK) ^ h
+        if policy.terminal:
+            break
+    return result

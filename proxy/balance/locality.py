@@ -1,0 +1,82 @@
+"""Locality-aware routing: a layer over any balancer that keeps calls in the caller's zone.
+
+As Envoy's zone-aware routing and priority levels: the endpoints in the caller's zone
+(`Endpoint.zone`, from the instance's Meta) get every request while the zone's healthy
+share (available / all, counting draining and ejected endpoints as not available) is at
+least `threshold` (default 0.7, Envoy's overprovisioning factor of 1.4 the other way
+round). Below it, the zone keeps `share / threshold` of the requests and the rest spill
+over to the other zones, spread by their own balancer in proportion to weight; at zero
+everything fails over. Each side runs its own instance of the inner balancer, so each
+keeps its own state (RTT estimates, ring, scheduler).
+
+Without a known local zone, or when the cluster has no endpoint in it, the layer is a
+pass-through to one inner balancer.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+from proxy.balance.base import Balancer, Endpoint, PickContext
+from proxy.balance.errors import PolicyError
+
+
+class LocalityBalancer(Balancer):
+    def __init__(
+        self, make: Callable[[], Balancer], local_zone: str, threshold: float = 0.7
+    ) -> None:
+        super().__init__()
+        if not 0 < threshold <= 1:
+            raise PolicyError("locality_threshold", "must be within (0, 1]")
+        self.local_zone = local_zone
+        self.threshold = threshold
+        self.local = make()
+        self.remote = make()
+        self.name = f"{self.local.name}+locality"
+        self._local_eps: tuple[Endpoint, ...] = ()
+
+    def update(self, endpoints: Sequence[Endpoint]) -> None:
+        super().update(endpoints)
+        zone = self.local_zone
+        local = tuple(ep for ep in self.endpoints if zone and ep.zone == zone and ep.weight > 0)
+        self._local_eps = local
+        self.local.update(local)
+        self.remote.update([ep for ep in self.endpoints if not (zone and ep.zone == zone)])
+
+    def local_share(self, now: float) -> float:
+        """The share of the local zone's endpoints that are available at `now`."""
+        local = self._local_eps
+        if not local:
+            return 0.0
+        return sum(1 for ep in local if ep.available(now)) / len(local)
+
+    def pick(self, ctx: PickContext, now: float, rng: random.Random) -> Endpoint | None:
+        if not self._local_eps:
+            return self.remote.pick(ctx, now, rng)
+        keep = self.local_share(now) / self.threshold
+        if keep >= 1.0 or (keep > 0.0 and rng.random() < keep):
+            ep = self.local.pick(ctx, now, rng)
+            if ep is not None:
+                return ep
+            return self.remote.pick(ctx, now, rng)
+        ep = self.remote.pick(ctx, now, rng)
+        if ep is None and keep > 0.0:
+            # Nowhere else to go: a degraded local zone beats no answer.
+            return self.local.pick(ctx, now, rng)
+        return ep
+
+    def _side(self, ep: Endpoint) -> Balancer:
+        return self.local if self.local_zone and ep.zone == self.local_zone else self.remote
+
+    def on_start(self, ep: Endpoint, now: float) -> None:
+        self._side(ep).on_start(ep, now)
+
+    def on_end(self, ep: Endpoint, now: float, latency: float, ok: bool) -> None:
+        self._side(ep).on_end(ep, now, latency, ok)
+
+    def __repr__(self) -> str:
+        return (
+            f"<LocalityBalancer zone={self.local_zone!r} threshold={self.threshold} "
+            f"local={self.local!r} remote={self.remote!r}>"
+        )
