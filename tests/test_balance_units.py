@@ -1,0 +1,260 @@
+"""Unit tests of the balance package's parts: policy parsing, hashing, EDF, slow start,
+peak-EWMA's estimator. (The properties every balancer shares are in
+test_balance_conformance.py.)"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+import pytest
+
+from proxy.balance import (
+    Endpoint,
+    HashPolicy,
+    LeastRequest,
+    LoadBalancerPolicy,
+    LocalityBalancer,
+    Maglev,
+    PeakEwma,
+    PickContext,
+    PolicyError,
+    RingHash,
+    SlowStartPolicy,
+    WeightedRandom,
+    WeightedRoundRobin,
+    build_balancer,
+)
+from proxy.balance.edf import EdfScheduler
+from proxy.balance.hashing import cookie_value, hash64, request_hash
+
+
+def ep(name: str, weight: int = 1, zone: str = "") -> Endpoint:
+    return Endpoint(name, "127.0.0.1", 9000, weight=weight, zone=zone)
+
+
+# --- round robin keeps its contract ---------------------------------------------------
+
+
+def test_smooth_round_robin_interleaves() -> None:
+    b = WeightedRoundRobin()
+    b.update([ep("a", 5), ep("b"), ep("c")])
+    order = [b.pick(PickContext(), 0.0, random.Random(0)) for _ in range(7)]
+    assert [e.id for e in order if e] == ["a", "a", "b", "a", "c", "a", "a"]
+
+
+# --- EDF ------------------------------------------------------------------------------
+
+
+def test_edf_is_proportional_and_gives_no_credit_while_refused() -> None:
+    a, b = ep("a", 3), ep("b", 1)
+    edf = EdfScheduler()
+    weight = lambda e: float(e.weight)  # noqa: E731
+    edf.reset([a, b], weight)
+    picks = Counter(edf.pick(weight, lambda e: True).id for _ in range(400))  # type: ignore[union-attr]
+    assert picks == Counter({"a": 300, "b": 100})
+    # b refused for 100 picks, then back: it gets its share, not a burst of back pay.
+    for _ in range(100):
+        assert edf.pick(weight, lambda e: e is not b) is a
+    after = [edf.pick(weight, lambda e: True).id for _ in range(8)]  # type: ignore[union-attr]
+    assert after.count("b") == 2
+    assert edf.pick(weight, lambda e: False) is None
+
+
+# --- slow start -----------------------------------------------------------------------
+
+
+def test_slow_start_follows_envoys_formula() -> None:
+    ss = SlowStartPolicy(window=10.0)
+    assert ss.factor(100.0, 100.0) == pytest.approx(0.1)  # the 10% floor
+    assert ss.factor(100.0, 105.0) == pytest.approx(0.5)
+    assert ss.factor(100.0, 110.0) == 1.0
+    fast = SlowStartPolicy(window=10.0, aggression=2.0, min_weight_percent=0.0)
+    assert fast.factor(0.0, 2.5) == pytest.approx(math.sqrt(0.25))
+    assert ss.weight(Endpoint("x", "h", 1, weight=4, added_at=100.0), 105.0) == 2.0
+    # added_at 0 means "present from the start": never ramps.
+    assert ss.weight(Endpoint("x", "h", 1, weight=4), 1.0) == 4.0
+    for bad in ({"window": -1.0}, {"aggression": 0.0}, {"min_weight_percent": 101.0}):
+        with pytest.raises(PolicyError):
+            SlowStartPolicy(**bad)
+
+
+# --- hashing --------------------------------------------------------------------------
+
+
+def test_cookie_parsing() -> None:
+    assert cookie_value("a=1; session=abc; b=2", "session") == "abc"
+    assert cookie_value('session="q v"', "session") == "q v"
+    assert cookie_value("sessionx=1; xsession=2", "session") is None
+    assert cookie_value(None, "session") is None
+    assert cookie_value("garbage;;=;", "session") is None
+
+
+def test_request_hash_sources_and_combination() -> None:
+    headers = {"x-user": "u1", "cookie": "sid=s1"}.get
+    user, cookie = HashPolicy("header", "x-user"), HashPolicy("cookie", "sid")
+    query = HashPolicy("query_parameter", "id")
+    ctx = PickContext(header=headers, path="/a?x=1&id=42", source_ip="10.0.0.9")
+    assert request_hash(ctx, [user]) == hash64(b"u1")
+    assert request_hash(ctx, [query]) == hash64(b"42")
+    assert request_hash(ctx, [HashPolicy("source_ip")]) == hash64(b"10.0.0.9")
+    both = request_hash(ctx, [user, cookie])
+    assert both not in (None, hash64(b"u1"), hash64(b"s1"))
+    assert request_hash(ctx, [HashPolicy("header", "x-user", terminal=True), cookie]) == hash64(
+        b"u1"
+    )
+    # Absent values are skipped; nothing present means no hash at all.
+    assert request_hash(ctx, [HashPolicy("header", "x-none"), cookie]) == hash64(b"s1")
+    assert request_hash(PickContext(), [user, query]) is None
+    # An explicit key wins over every policy.
+    assert request_hash(PickContext(hash_key=b"k", header=headers), [user]) == hash64(b"k")
+
+
+def test_hash_is_stable_across_processes() -> None:
+    # BLAKE2b, not the per-process salted hash(): a fixed value, the same in every sidecar.
+    assert hash64(b"user-1") == 0x88E1EA21865AAC9A
+    assert hash64(b"user-1") != hash64(b"user-2")
+
+
+def test_hash_policy_validation() -> None:
+    with pytest.raises(PolicyError, match=r"hash_policies\.name"):
+        HashPolicy("header")
+    with pytest.raises(PolicyError, match=r"hash_policies\.field"):
+        HashPolicy("body", "x")  # type: ignore[arg-type]
+
+
+# --- peak-EWMA's estimator ------------------------------------------------------------
+
+
+def test_peak_ewma_estimator() -> None:
+    b = PeakEwma(decay=3.0)
+    a = ep("a")
+    b.update([a])
+    assert b.cost(a, 0.0) == 0.0  # never heard from, idle: probe it
+    b.on_start(a, 0.0)
+    assert b.cost(a, 0.0) == pytest.approx(0.030 * 2)  # probe out: the 30 ms default
+    b.on_end(a, 0.010, 0.010, True)
+    assert b.estimate(a, 0.010) == pytest.approx(0.010)
+    # A slower observation is taken at once (peak sensitivity)...
+    b.on_end(a, 0.020, 0.100, True)
+    assert b.estimate(a, 0.020) == pytest.approx(0.100)
+    # ...a faster one only as fast as the decay allows: after 3 s (one time constant),
+    # 1 - 1/e of the way toward it.
+    b.on_end(a, 3.020, 0.010, True)
+    assert b.estimate(a, 3.020) == pytest.approx(0.100 / math.e + 0.010 * (1 - 1 / math.e))
+    # A fast failure does not make the endpoint look faster.
+    before = b.estimate(a, 3.021)
+    b.on_end(a, 3.021, 0.0001, False)
+    assert b.estimate(a, 3.021) >= before
+    # Read costs decay toward zero while idle, so an avoided endpoint is probed again.
+    # (down to the floor of a loopback round trip, 0.1 ms).
+    assert b.cost(a, 30.0) == pytest.approx(0.0001)
+    assert b.cost(a, 3.021) > 0.04
+
+
+# --- the policy and its factory -------------------------------------------------------
+
+
+def test_default_policy_is_peak_ewma_under_locality() -> None:
+    assert isinstance(build_balancer(), PeakEwma)
+    b = build_balancer(LoadBalancerPolicy(), local_zone="z1")
+    assert isinstance(b, LocalityBalancer)
+    assert isinstance(b.local, PeakEwma) and b.name == "peak_ewma+locality"
+    assert isinstance(build_balancer(LoadBalancerPolicy(locality=False), "z1"), PeakEwma)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("round_robin", WeightedRoundRobin),
+        ("random", WeightedRandom),
+        ("least_request", LeastRequest),
+        ("peak_ewma", PeakEwma),
+        ("ring_hash", RingHash),
+        ("maglev", Maglev),
+    ],
+)
+def test_every_policy_builds_and_picks(name: str, cls: type) -> None:
+    b = build_balancer(LoadBalancerPolicy.from_dict({"policy": name}))
+    assert isinstance(b, cls) and b.name == name
+    b.update([ep("a"), ep("b")])
+    assert b.pick(PickContext(hash_key=b"k"), 1.0, random.Random(1)) is not None
+
+
+def test_from_dict_accepts_any_key_style_and_consul_hash_policies() -> None:
+    p = LoadBalancerPolicy.from_dict(
+        {
+            "Policy": "ring_hash",
+            "ringSize": 256,
+            "locality_threshold": 0.5,
+            "EwmaDecay": 2,
+            "SlowStart": {"Window": 30, "minWeightPercent": 20},
+            "HashPolicies": [
+                {"Field": "header", "FieldValue": "x-user", "Terminal": True},
+                {"field": "cookie", "name": "sid"},
+                {"SourceIP": True},
+            ],
+        }
+    )
+    assert p.policy == "ring_hash" and p.ring_size == 256 and p.ewma_decay == 2.0
+    assert p.locality_threshold == 0.5
+    assert p.slow_start == SlowStartPolicy(window=30.0, min_weight_percent=20.0)
+    assert p.hash_policies == (
+        HashPolicy("header", "x-user", True),
+        HashPolicy("cookie", "sid"),
+        HashPolicy("source_ip"),
+    )
+    assert LoadBalancerPolicy.from_dict(p.to_dict()) == p
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({"policy": "fastest"}, "policy"),
+        ({"polcy": "random"}, "polcy"),
+        ({"ring_size": True}, "ring_size"),
+        ({"ring_size": 0}, "ring_size"),
+        ({"policy": "maglev", "table_size": 65536}, "table_size"),
+        ({"locality_threshold": 1.5}, "locality_threshold"),
+        ({"ewma_decay": "3s"}, "ewma_decay"),
+        ({"choice_count": 1}, "choice_count"),
+        ({"hash_policies": {"field": "header"}}, "hash_policies"),
+        ({"hash_policies": [{"field": "header"}]}, "hash_policies[0].name"),
+        ({"hash_policies": [{"field": "body", "name": "x"}]}, "hash_policies[0].field"),
+        ({"hash_policies": [{"field": "header", "name": "x", "extra": 1}]}, "hash_policies[0]"),
+        ({"slow_start": {"window": -5}}, "slow_start.window"),
+        ({"slow_start": {"ramp": 5}}, "slow_start.ramp"),
+    ],
+)
+def test_invalid_policies_name_the_field(doc: dict[str, object], field: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        LoadBalancerPolicy.from_dict(doc)
+    assert err.value.field.startswith(field), err.value
+
+
+def test_reprs_say_what_matters() -> None:
+    b = build_balancer(LoadBalancerPolicy(policy="maglev"), local_zone="z1")
+    b.update([ep("a", zone="z1"), ep("b", zone="z2")])
+    assert repr(b) == (
+        "<LocalityBalancer zone='z1' threshold=0.7 local=<Maglev endpoints=1 table=16381> "
+        "remote=<Maglev endpoints=1 table=16381>>"
+    )
+    r = RingHash(ring_size=16)
+    r.update([ep("a"), ep("b", 2)])
+    assert repr(r) == "<RingHash endpoints=2 points=48>"
+
+
+def test_locality_layer_feeds_outcomes_to_the_side_that_picked() -> None:
+    b = build_balancer(LoadBalancerPolicy(), local_zone="z1")
+    assert isinstance(b, LocalityBalancer)
+    local, remote = ep("l", zone="z1"), ep("r", zone="z2")
+    b.update([local, remote])
+    assert b.pick(PickContext(), 1.0, random.Random(1)) is local
+    b.on_start(local, 1.0)
+    assert local.active == 1
+    b.on_end(local, 1.05, 0.05, True)
+    assert local.active == 0
+    assert isinstance(b.local, PeakEwma) and isinstance(b.remote, PeakEwma)
+    assert b.local.estimate(local, 1.05) == pytest.approx(0.05)
+    assert b.remote.estimate(local, 1.05) == b.remote.default_rtt  # never told about it
