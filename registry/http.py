@@ -275,6 +275,10 @@ def format_duration(seconds: float) -> str:
     """Seconds as the Go duration string Consul prints ("10s", "1m30s", "500ms")."""
     if seconds == 0:
         return "0s"
+    if seconds < 1e-6:
+        return f"{round(seconds * 1e9)}ns"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:g}µs"
     if seconds < 1:
         ms = seconds * 1000
         return f"{ms:g}ms"

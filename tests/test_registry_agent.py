@@ -212,3 +212,13 @@ async def test_sync_client_works_too(registry: RegistryServer) -> None:
 
     svcs = await asyncio.to_thread(use_sync)
     assert svcs["s1"]["Service"] == "syncsvc"
+
+
+async def test_durations_as_go_strings_or_nanoseconds(consul_client: Any) -> None:
+    await consul_client.agent.check.register("ns", check={"TTL": 30_000_000_000})
+    await consul_client.agent.check.register(
+        "h", check=consul.Check.http("http://127.0.0.1:1/", "1m30s", timeout="1500ms")
+    )
+    checks = await consul_client.agent.checks()
+    assert checks["ns"]["Definition"]["TTL"] == "30s"
+    assert (checks["h"]["Interval"], checks["h"]["Timeout"]) == ("1m30s", "1.5s")
