@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from typing import Any
 
 from aiohttp import web
@@ -33,6 +34,7 @@ from registry.http import (
     format_duration,
     query_filter,
     query_flag,
+    query_wait,
     read_body,
     reply,
 )
@@ -362,15 +364,30 @@ async def service(request: web.Request) -> web.Response:
     cat = ctx.catalog
     svc = cat.get_service(cat.node, sid)
     ctx.acl.require(request, "service", svc["Service"] if svc else sid, "read")
-    index = await block(request, [f"agent:service:{sid}"])
+    resource = f"agent:service:{sid}"
+    want_hash = request.query.get("hash")
+    if want_hash:
+        # Consul blocks this endpoint on the content hash as well as on the index.
+        deadline = time.monotonic() + query_wait(request)
+        while _service_hash(cat.get_service(cat.node, sid), cat.datacenter) == want_hash:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await ctx.store.hub.wait([resource], remaining):
+                break
+    index = await block(request, [resource])
     svc = cat.get_service(cat.node, sid)
     if svc is None:
         raise NotFoundError(f"unknown service ID: {sid}")
     view = agent_service(svc, cat.datacenter)
-    view["ContentHash"] = hashlib.sha256(dumps(view).encode()).hexdigest()[:16]
+    view["ContentHash"] = _service_hash(svc, cat.datacenter)
     resp = reply(view, index)
     resp.headers["X-Consul-ContentHash"] = view["ContentHash"]
     return resp
+
+
+def _service_hash(svc: Obj | None, datacenter: str) -> str:
+    if svc is None:
+        return ""
+    return hashlib.sha256(dumps(agent_service(svc, datacenter)).encode()).hexdigest()[:16]
 
 
 async def service_register(request: web.Request) -> web.Response:

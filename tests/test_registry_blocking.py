@@ -188,3 +188,23 @@ async def test_many_watchers_one_wakes(consul_client: Any, registry: RegistrySer
     for w in waiters.values():
         w.cancel()
     await asyncio.gather(*waiters.values(), return_exceptions=True)
+
+
+async def test_agent_service_blocks_on_its_content_hash(consul_client: Any) -> None:
+    c = consul_client
+    await _seed(c)
+    first = await c.agent.service_definition("web1")
+    path = "/v1/agent/service/web1"
+    params = [("hash", first["ContentHash"]), ("wait", "300ms")]
+    started = time.monotonic()
+    same = await c.http.get(CB.json(), path, params=params)
+    assert same["ContentHash"] == first["ContentHash"]
+    assert time.monotonic() - started >= 0.28
+    waiter = asyncio.ensure_future(
+        c.http.get(CB.json(), path, params=[("hash", first["ContentHash"]), ("wait", "10s")])
+    )
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await _retag_web(c)
+    changed = await asyncio.wait_for(waiter, 5)
+    assert changed["Tags"] == ["new"] and changed["ContentHash"] != first["ContentHash"]
