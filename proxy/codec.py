@@ -20,6 +20,7 @@ since the proxy would have to decode them).
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Protocol
 
 import httptools
@@ -75,45 +76,46 @@ _FORBIDDEN_TRAILERS = frozenset(
     }
 )
 _NO_BODY_STATUS = frozenset({204, 304})
+_PLAIN = -1
+# Field names as they arrive (any case) → kind, so the common names skip `lower()`.
+_request_kinds: dict[bytes, int] = {}
+_response_kinds: dict[bytes, int] = {}
+_MAX_KIND_CACHE = 1024
+# Reason phrases are regenerated from the status (RFC 9112 4: clients ignore them).
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+def _kind(name: bytes, cache: dict[bytes, int], table: dict[bytes, int]) -> int:
+    kind = table.get(name.lower(), _PLAIN)
+    if len(cache) < _MAX_KIND_CACHE:
+        cache[name] = kind
+    return kind
 
 
 class RequestHead:
-    """A parsed request head; `headers` are the end-to-end fields only."""
+    """A parsed request head; `headers` are the end-to-end fields only.
 
-    __slots__ = (
-        "chunked",
-        "connection_tokens",
-        "content_length",
-        "expect_continue",
-        "forwarded_for",
-        "forwarded_proto",
-        "headers",
-        "host",
-        "host_index",
-        "keep_alive",
-        "method",
-        "request_id",
-        "target",
-        "upgrade",
-        "version",
-    )
+    Unset attributes fall back to the class defaults, so building one per request costs
+    an allocation and a list, not fifteen stores.
+    """
+
+    method = b""
+    target = b""
+    version = "1.1"
+    host: bytes | None = None
+    host_index = -1
+    content_length: int | None = None
+    chunked = False
+    keep_alive = True
+    upgrade: bytes | None = None
+    expect_continue = False
+    forwarded_for: bytes | None = None
+    forwarded_proto: bytes | None = None
+    request_id: bytes | None = None
+    connection_tokens: list[bytes] | None = None
 
     def __init__(self) -> None:
-        self.method = b""
-        self.target = b""
-        self.version = "1.1"
         self.headers: Fields = []
-        self.host: bytes | None = None
-        self.host_index = -1
-        self.content_length: int | None = None
-        self.chunked = False
-        self.keep_alive = True
-        self.upgrade: bytes | None = None
-        self.expect_continue = False
-        self.forwarded_for: bytes | None = None
-        self.forwarded_proto: bytes | None = None
-        self.request_id: bytes | None = None
-        self.connection_tokens: list[bytes] = []
 
     @property
     def has_body(self) -> bool:
@@ -131,26 +133,16 @@ class RequestHead:
 class ResponseHead:
     """A parsed response head; `headers` are the end-to-end fields only."""
 
-    __slots__ = (
-        "chunked",
-        "content_length",
-        "headers",
-        "keep_alive",
-        "reason",
-        "status",
-        "upgrade",
-        "version",
-    )
+    status = 0
+    reason = b""
+    version = "1.1"
+    content_length: int | None = None
+    chunked = False
+    keep_alive = True
+    upgrade: bytes | None = None
 
     def __init__(self) -> None:
-        self.status = 0
-        self.reason = b""
-        self.version = "1.1"
         self.headers: Fields = []
-        self.content_length: int | None = None
-        self.chunked = False
-        self.keep_alive = True
-        self.upgrade: bytes | None = None
 
     def __repr__(self) -> str:
         framing = "chunked" if self.chunked else f"length={self.content_length}"
@@ -207,13 +199,13 @@ class RequestCodec:
 
     __slots__ = (
         "_head",
-        "_head_bytes",
-        "_in_body",
         "_parser",
         "_size",
         "_te",
         "_trailers",
         "_url",
+        "head_bytes",
+        "in_body",
         "sink",
         "upgraded",
     )
@@ -222,8 +214,8 @@ class RequestCodec:
         self.sink = sink
         self._parser = httptools.HttpRequestParser(self)
         self.upgraded = False
-        self._in_body = False
-        self._head_bytes = 0
+        self.in_body = False
+        self.head_bytes = 0
         self._new_head()
 
     def _new_head(self) -> None:
@@ -236,16 +228,16 @@ class RequestCodec:
     @property
     def in_head(self) -> bool:
         """True between messages or inside a head (where the header-read timeout runs)."""
-        return not self._in_body
+        return not self.in_body
 
     @property
     def partial_head(self) -> bool:
         """True when some bytes of a head arrived but not all of it."""
-        return not self._in_body and self._head_bytes > 0
+        return not self.in_body and self.head_bytes > 0
 
     def feed(self, data: bytes) -> bytes | None:
-        if not self._in_body:
-            self._head_bytes += len(data)
+        if not self.in_body:
+            self.head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -258,7 +250,7 @@ class RequestCodec:
             raise BadMessageError(str(e)) from None
         except httptools.HttpParserError as e:
             raise BadMessageError(str(e) or "malformed request") from None
-        if not self._in_body and self._head_bytes > MAX_HEADER_SECTION:
+        if not self.in_body and self.head_bytes > MAX_HEADER_SECTION:
             # Still inside a head after all of these bytes: all of them are head.
             raise BadMessageError(
                 "header section larger than 64 KiB",
@@ -276,14 +268,16 @@ class RequestCodec:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._size += len(name) + len(value) + 4
-        if self._in_body:
+        if self.in_body:
             if self._trailers is None:
                 self._trailers = []
             self._trailers.append((name, value))
             return
-        kind = _REQUEST_FIELDS.get(name.lower())
-        head = self._head
+        kind = _request_kinds.get(name)
         if kind is None:
+            kind = _kind(name, _request_kinds, _REQUEST_FIELDS)
+        head = self._head
+        if kind == _PLAIN:
             head.headers.append((name, value))
         elif kind == _HOST:
             if head.host is not None:
@@ -306,6 +300,8 @@ class RequestCodec:
         elif kind == _TE:
             self._te = value if self._te is None else self._te + b", " + value
         elif kind == _CONN:
+            if head.connection_tokens is None:
+                head.connection_tokens = []
             _connection_tokens(value, head.connection_tokens)
         elif kind == _UPGRADE:
             head.upgrade = value
@@ -345,10 +341,10 @@ class RequestCodec:
             head.headers = _drop_named(head.headers, tokens)
             if b"upgrade" not in tokens:
                 head.upgrade = None
-        else:
+        elif head.upgrade is not None:
             head.upgrade = None
-        self._in_body = True
-        self._head_bytes = 0
+        self.in_body = True
+        self.head_bytes = 0
         self.sink.on_request_head(head)
 
     def on_body(self, body: bytes) -> None:
@@ -356,13 +352,13 @@ class RequestCodec:
 
     def on_message_complete(self) -> None:
         trailers = self._trailers
-        self._in_body = False
+        self.in_body = False
         self._new_head()
         self.sink.on_request_end(_clean_trailers(trailers) if trailers else None)
 
     def __repr__(self) -> str:
-        state = "upgraded" if self.upgraded else ("body" if self._in_body else "head")
-        return f"<RequestCodec {state} head_bytes={self._head_bytes}>"
+        state = "upgraded" if self.upgraded else ("body" if self.in_body else "head")
+        return f"<RequestCodec {state} head_bytes={self.head_bytes}>"
 
 
 class ResponseCodec:
@@ -376,10 +372,10 @@ class ResponseCodec:
     __slots__ = (
         "_close_delimited",
         "_head",
-        "_in_body",
         "_parser",
         "_trailers",
         "head_request",
+        "in_body",
         "sink",
         "upgraded",
     )
@@ -389,7 +385,7 @@ class ResponseCodec:
         self._parser = httptools.HttpResponseParser(self)
         self.head_request = False
         self.upgraded = False
-        self._in_body = False
+        self.in_body = False
         self._close_delimited = False
         self._head = ResponseHead()
         self._trailers: Fields | None = None
@@ -397,7 +393,7 @@ class ResponseCodec:
     @property
     def idle(self) -> bool:
         """No response is partly read: the connection may carry another request."""
-        return not self._in_body
+        return not self.in_body and not self.upgraded
 
     def feed(self, data: bytes) -> bytes | None:
         try:
@@ -421,8 +417,8 @@ class ResponseCodec:
 
     def feed_eof(self) -> bool:
         """The upstream closed: True if that completed a close-delimited response."""
-        if self._in_body and self._close_delimited:
-            self._in_body = False
+        if self.in_body and self._close_delimited:
+            self.in_body = False
             self._head = ResponseHead()
             self.sink.on_response_end(None)
             return True
@@ -430,18 +426,17 @@ class ResponseCodec:
 
     # httptools callbacks -------------------------------------------------------------
 
-    def on_status(self, reason: bytes) -> None:
-        self._head.reason += reason
-
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_body:
+        if self.in_body:
             if self._trailers is None:
                 self._trailers = []
             self._trailers.append((name, value))
             return
-        kind = _RESPONSE_FIELDS.get(name.lower())
-        head = self._head
+        kind = _response_kinds.get(name)
         if kind is None:
+            kind = _kind(name, _response_kinds, _RESPONSE_FIELDS)
+        head = self._head
+        if kind == _PLAIN:
             head.headers.append((name, value))
         elif kind == _CL:
             head.content_length = int(value)
@@ -459,6 +454,8 @@ class ResponseCodec:
         elif kind == _UPGRADE:
             head.upgrade = value
         elif kind == _CONN:
+            if value == b"keep-alive" or value == b"close":
+                return  # llhttp has read it; nothing else is named
             tokens: list[bytes] = []
             _connection_tokens(value, tokens)
             if tokens:
@@ -469,17 +466,18 @@ class ResponseCodec:
         parser = self._parser
         head = self._head
         head.status = status = parser.get_status_code()
+        head.reason = _REASONS.get(status, b"Unknown")
         head.version = parser.get_http_version()
         head.keep_alive = parser.should_keep_alive()
         if status < 200 and status != 101:
             self._head = ResponseHead()
             self.sink.on_informational(head)
             return
-        self._in_body = True
+        self.in_body = True
         if self.head_request or status in _NO_BODY_STATUS:
             self._close_delimited = False
             if self.head_request:
-                self._in_body = False
+                self.in_body = False
                 self._head = ResponseHead()
                 self.sink.on_response_head(head)
                 self.sink.on_response_end(None)
@@ -492,16 +490,16 @@ class ResponseCodec:
         self.sink.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        if not self._in_body:
+        if not self.in_body:
             return  # the end of an informational (1xx) response
         trailers = self._trailers
         self._trailers = None
-        self._in_body = False
+        self.in_body = False
         self._head = ResponseHead()
         self.sink.on_response_end(_clean_trailers(trailers) if trailers else None)
 
     def __repr__(self) -> str:
-        state = "upgraded" if self.upgraded else ("body" if self._in_body else "idle")
+        state = "upgraded" if self.upgraded else ("body" if self.in_body else "idle")
         return f"<ResponseCodec {state}{' head-request' if self.head_request else ''}>"
 
 
@@ -510,19 +508,13 @@ class ResponseCodec:
 
 def encode_request_head(method: bytes, target: bytes, headers: Fields) -> bytes:
     """`METHOD target HTTP/1.1` and the given field lines (framing fields included)."""
-    lines = [method + b" " + target + b" HTTP/1.1"]
-    for name, value in headers:
-        lines.append(name + b": " + value)
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+    fields = b"".join([n + b": " + v + b"\r\n" for n, v in headers])
+    return method + b" " + target + b" HTTP/1.1\r\n" + fields + b"\r\n"
 
 
 def encode_response_head(status: int, reason: bytes, headers: Fields) -> bytes:
-    lines = [b"HTTP/1.1 %d %s" % (status, reason)]
-    for name, value in headers:
-        lines.append(name + b": " + value)
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+    fields = b"".join([n + b": " + v + b"\r\n" for n, v in headers])
+    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, fields)
 
 
 def chunk_prefix(size: int) -> bytes:

@@ -38,7 +38,7 @@ _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 def _absolute_to_origin(head: RequestHead, conn: DownstreamConnection) -> bytes | None:
     """The authority a request names; rewrites absolute-form to origin-form on `conn`."""
     target = head.target
-    if target[:1] == b"/" or target == b"*":
+    if target == b"*":
         return head.host
     split = split_absolute_form(target)
     if split is None:
@@ -97,7 +97,8 @@ class OutboundRouter:
 
     def route(self, conn: DownstreamConnection, head: RequestHead) -> Pool | None:
         try:
-            raw = _absolute_to_origin(head, conn)
+            # Origin-form (the app named the service in Host) is the common case.
+            raw = head.host if head.target[0] == 47 else _absolute_to_origin(head, conn)
             if raw is None:
                 raise BadMessageError("the request names no host (no Host, no absolute URI)")
             auth = self._authority(raw)

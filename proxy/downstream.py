@@ -72,6 +72,8 @@ R_SWITCHING = 2
 R_DONE = 3
 
 _NO_BODY = frozenset({204, 304})
+_VIA11 = (b"Via", b"1.1 tether")
+_VIA10 = (b"Via", b"1.0 tether")
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class ProxyServer:
         self.timeouts = timeouts
         self.stats = stats
         self.scheme = scheme
+        self.xfp = (b"X-Forwarded-Proto", scheme)
         self.connections: set[DownstreamConnection] = set()
         self.draining = False
         # Request ids look like UUIDs: a random per-process head and a counter.
@@ -193,6 +196,7 @@ class DownstreamConnection(asyncio.Protocol):
         "upstream",
         "waiting",
         "wbuf",
+        "xff",
     )
 
     def __init__(self, server: ProxyServer) -> None:
@@ -200,6 +204,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.transport: Any = None
         self.codec = RequestCodec(self)
         self.peer = b""
+        self.xff = (b"X-Forwarded-For", b"")
         self.wbuf: list[bytes] = []  # to the client
         self.ubuf: list[bytes] = []  # to the upstream
         self.pause_mask = 0
@@ -242,6 +247,7 @@ class DownstreamConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]).encode() if peer else b"unknown"
+        self.xff = (b"X-Forwarded-For", self.peer)
         server = self.server
         server.connections.add(self)
         server.stats.downstream_active[server.name] += 1
@@ -261,7 +267,8 @@ class DownstreamConnection(asyncio.Protocol):
         if rest is not None:
             self._switching(rest)
         self.flush()
-        if self.phase == IDLE and not self.closed and self.codec.partial_head:
+        codec = self.codec
+        if codec.head_bytes and not codec.in_body and self.phase == IDLE and not self.closed:
             self.phase = HEAD
             self.deadline = _monotonic() + self.server.timeouts.header_read
 
@@ -361,21 +368,28 @@ class DownstreamConnection(asyncio.Protocol):
                 self.set_pause(PAUSE_BACKLOG)
             self.backlog.append((0, head))
             return
+        server = self.server
         self.active = True
         self.exchange += 1
         self.head = head
         self.path = head.target
         self.req_chunked = head.chunked
-        self.keep_alive = head.keep_alive and not self.server.draining
+        self.req_done = False
+        self.resp_state = R_NONE
+        self.status = 0
+        self.retried = False
+        self.dstats = None
+        self.response_edit = None
+        self.keep_alive = head.keep_alive and not server.draining
         self.start = now = _monotonic()
         self.phase = ACTIVE
-        self.deadline = now + self.server.timeouts.idle
+        self.deadline = now + server.timeouts.idle
         if head.method == b"CONNECT":
-            target = self.server.router.connect(self, head)
+            target = server.router.connect(self, head)
             if target is not None:
                 self._tasks_open(target)
             return
-        pool = self.server.router.route(self, head)
+        pool = server.router.route(self, head)
         if pool is not None:
             self.forward(pool)
 
@@ -466,14 +480,14 @@ class DownstreamConnection(asyncio.Protocol):
         assert head is not None
         server = self.server
         headers = head.headers
-        xff = self.peer if head.forwarded_for is None else head.forwarded_for + b", " + self.peer
-        headers.append((b"X-Forwarded-For", xff))
+        ff = head.forwarded_for
+        headers.append(self.xff if ff is None else (b"X-Forwarded-For", ff + b", " + self.peer))
         if head.forwarded_proto is None:
-            headers.append((b"X-Forwarded-Proto", server.scheme))
+            headers.append(server.xfp)
         if head.request_id is None:
-            head.request_id = server.new_request_id()
-            headers.append((b"X-Request-Id", head.request_id))
-        headers.append((b"Via", b"1.1 tether" if head.version == "1.1" else b"1.0 tether"))
+            head.request_id = rid = server.new_request_id()
+            headers.append((b"X-Request-Id", rid))
+        headers.append(_VIA11 if head.version == "1.1" else _VIA10)
         if head.chunked:
             headers.append((b"Transfer-Encoding", b"chunked"))
         elif head.content_length is not None:
@@ -504,7 +518,11 @@ class DownstreamConnection(asyncio.Protocol):
         head = self.head
         assert head is not None
         self.upstream = conn
-        conn.bind(self, head.method == b"HEAD")
+        conn.sink = self  # conn.bind(), inlined: this runs once per request
+        codec = conn.codec
+        codec.sink = self
+        codec.head_request = head.method == b"HEAD"
+        conn.requests += 1
         ep = self.endpoint
         if ep is not None and self.balancer is not None:
             self.balancer.on_start(ep, self.start)
@@ -588,7 +606,7 @@ class DownstreamConnection(asyncio.Protocol):
         headers = rhead.headers
         if self.response_edit is not None:
             self.response_edit(headers)
-        headers.append((b"Via", b"1.1 tether"))
+        headers.append(_VIA11)
         if not rhead.keep_alive and self.upstream is not None:
             self.upstream.keep_alive = False
         if self.server.draining:
@@ -691,7 +709,7 @@ class DownstreamConnection(asyncio.Protocol):
 
         timeout = self.server.timeouts.connect
         try:
-            upstream = await dial(host, port, timeout)
+            upstream, parked = await dial(host, port, timeout)
         except (OSError, TimeoutError) as e:
             if exchange == self.exchange and not self.closed:
                 detail = "timed out" if isinstance(e, TimeoutError) else str(e)
@@ -708,7 +726,13 @@ class DownstreamConnection(asyncio.Protocol):
         self.status = 200
         self._account(200, True)
         self._to_tunnel()
-        splice(self.transport, upstream, to_b=self.early or b"", on_close=self._tunnel_closed)
+        splice(
+            self.transport,
+            upstream,
+            to_a=parked.received,
+            to_b=self.early or b"",
+            on_close=self._tunnel_closed,
+        )
 
     # local replies and the end of an exchange ---------------------------------------
 
@@ -747,7 +771,14 @@ class DownstreamConnection(asyncio.Protocol):
     def finish(self, now: float) -> None:
         """The exchange is over: keep the connection for the next request, or close it."""
         keep = self.keep_alive and not self.server.draining
-        self._reset_exchange()
+        # Only what holds references or is read between exchanges; the rest is set
+        # again by the next on_request_head.
+        self.active = False
+        self.head = None
+        self.pool = None
+        self.endpoint = None
+        self.balancer = None
+        self.response_edit = None
         if not keep:
             self.close()
             return

@@ -91,7 +91,8 @@ class Pool:
 
     def release(self, conn: UpstreamConnection, now: float) -> None:
         conn.unbind()
-        if not conn.reusable or self.closed:
+        codec = conn.codec
+        if conn.closed or not conn.keep_alive or codec.in_body or codec.upgraded or self.closed:
             conn.close()
             return
         if self.waiters:

@@ -103,20 +103,36 @@ def splice(
     return end_a, end_b
 
 
-class _Parked(asyncio.Protocol):
-    """Holds a fresh connection with reading paused until it is spliced."""
+class Parked(asyncio.Protocol):
+    """Holds a fresh connection until it is spliced, keeping what the server says first.
+
+    (uvloop starts reading right after `connection_made`, so a pause there is not
+    enough: a server that speaks first, like SSH or SMTP, would be cut short.)
+    """
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.received = b""
 
     def connection_made(self, transport: Any) -> None:
+        self.transport = transport
         transport.pause_reading()
 
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+        self.transport.pause_reading()
 
-async def dial(host: str, port: int, timeout: float, ssl: Any = None) -> Any:
-    """Connect to host:port within `timeout` seconds; returns the (paused) transport."""
+    def eof_received(self) -> bool:
+        return True  # splice() delivers the buffered bytes, then the peer sees EOF
+
+
+async def dial(host: str, port: int, timeout: float, ssl: Any = None) -> tuple[Any, Parked]:
+    """Connect to host:port within `timeout` seconds: (transport, its Parked protocol)."""
     loop = asyncio.get_running_loop()
-    transport, _ = await asyncio.wait_for(
-        loop.create_connection(_Parked, host, port, ssl=ssl), timeout
+    transport, parked = await asyncio.wait_for(
+        loop.create_connection(Parked, host, port, ssl=ssl), timeout
     )
-    return transport
+    return transport, parked
 
 
 class _Inbound(asyncio.Protocol):
@@ -152,7 +168,7 @@ class _Inbound(asyncio.Protocol):
             self.transport.abort()
             return
         try:
-            upstream = await dial(target[0], target[1], server.connect_timeout)
+            upstream, parked = await dial(target[0], target[1], server.connect_timeout)
         except (OSError, TimeoutError):
             server.failures += 1
             self.transport.abort()
@@ -161,7 +177,13 @@ class _Inbound(asyncio.Protocol):
             upstream.close()
             return
         server.active += 1
-        splice(self.transport, upstream, to_b=self.early, on_close=server._closed)
+        splice(
+            self.transport,
+            upstream,
+            to_a=parked.received,
+            to_b=self.early,
+            on_close=server._closed,
+        )
 
 
 class TcpProxyServer:

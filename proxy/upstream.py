@@ -44,7 +44,7 @@ class Exchange(Protocol):
 
     def flush(self) -> None: ...
 
-    def count_progress(self) -> None: ...
+    progress: int
 
     def set_pause(self, bit: int) -> None: ...
 
@@ -96,9 +96,10 @@ class UpstreamConnection(asyncio.Protocol):
     @property
     def reusable(self) -> bool:
         """Safe to carry another request: open, keep-alive, and its response fully read."""
-        return not self.closed and self.keep_alive and self.codec.idle and not self.codec.upgraded
+        return not self.closed and self.keep_alive and self.codec.idle
 
     def bind(self, exchange: Exchange, head_request: bool) -> None:
+        """Carry `exchange`'s request (the downstream inlines this on its hot path)."""
         self.sink = exchange
         codec = self.codec
         codec.sink = exchange
@@ -148,7 +149,7 @@ class UpstreamConnection(asyncio.Protocol):
             # connection's state is unknown, so it is never reused.
             self.abort()
             return
-        exchange.count_progress()
+        exchange.progress += 1
         try:
             rest = self.codec.feed(data)
         except BadMessageError as e:

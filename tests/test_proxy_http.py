@@ -473,6 +473,28 @@ async def test_connect_tunnels_to_egress_host(mesh: Mesh) -> None:
     assert status == 400
 
 
+async def test_connect_keeps_what_a_server_says_first(mesh: Mesh) -> None:
+    async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-banner\r\n")
+        await writer.drain()
+        writer.write(await reader.readexactly(4))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(banner, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    c = await RawClient.open(mesh.outbound.port)
+    await asyncio.sleep(0)
+    await c.send(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (port, port))
+    head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert await asyncio.wait_for(c.reader.readuntil(b"\r\n"), 5) == b"SSH-2.0-banner\r\n"
+    await c.send(b"ping")
+    assert await asyncio.wait_for(c.reader.readexactly(4), 5) == b"ping"
+    assert await c.closed()
+    server.close()
+
+
 async def test_opaque_tcp_port() -> None:
     server, port = await _echo_server()
     tcp = await start_tcp_proxy(lambda: ("127.0.0.1", port))

@@ -1,0 +1,626 @@
+"""Data-plane benchmark: Tether's proxy path against nginx and haproxy, in one run.
+
+`make bench` runs this. It installs what it lacks (nginx, haproxy and wrk from Debian's
+packages; matplotlib into .venv), starts everything on 127.0.0.1 on free ports, pins the
+proxies to CPU 0 (wrk and the upstream to CPU 1) and runs interleaved rounds of wrk with
+32 keep-alive connections and a 100-byte response over six paths:
+
+    direct            wrk → upstream (nginx returning a fixed 100-byte body)
+    nginx             wrk → nginx → upstream                 (1 worker, keep-alive pool)
+    haproxy           wrk → haproxy → upstream               (1 thread, http-reuse always)
+    tether            wrk → Tether outbound → upstream
+    nginx x2          wrk → nginx → nginx → upstream
+    tether x2         wrk → Tether outbound → Tether inbound → upstream (the mesh path)
+
+Per path: requests/s, p50, p99 (wrk), CPU µs per request of the proxy processes (from
+/proc/<pid>/stat utime+stime deltas), idle and loaded RSS. Ratios to nginx are taken
+within each round, then the median. Then a 1 GB upload and 1 GB download through the
+Tether mesh path with the proxies' peak RSS growth, and a cProfile of one Tether hop.
+Results go to the "Data plane" section of docs/benchmarks.md and docs/bench_data_plane.png.
+
+Options: --rounds N (default 5), --seconds S per wrk run (default 5), --no-docs,
+--stream-mb M (default 1024), --quick (2 rounds of 2 s, 64 MB streams).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import pstats
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+BODY = b"x" * 99 + b"\n"  # the 100-byte response body
+CONNECTIONS = 32
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROXY_CPU = "0"
+LOAD_CPU = "1"
+SECTION_START = "<!-- data-plane-bench:start -->"
+SECTION_END = "<!-- data-plane-bench:end -->"
+
+
+# -- set-up ------------------------------------------------------------------------------
+
+
+def ensure_tools() -> None:
+    missing = [t for t in ("nginx", "haproxy", "wrk") if shutil.which(t) is None]
+    if missing:
+        print(f"installing {', '.join(missing)} ...", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        pkgs = {"nginx": "nginx-light", "haproxy": "haproxy", "wrk": "wrk"}
+        names = [pkgs[t] for t in missing]
+        r = subprocess.run(["apt-get", "install", "-y", "-qq", *names], env=env)
+        if r.returncode != 0 and "nginx-light" in names:
+            names = ["nginx" if n == "nginx-light" else n for n in names]
+            subprocess.run(["apt-get", "install", "-y", "-qq", *names], check=True, env=env)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("installing matplotlib into the venv ...", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "matplotlib>=3.8"], check=True
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+def pinned(cpu: str, cmd: list[str]) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        return ["taskset", "-c", cpu, *cmd]
+    return cmd
+
+
+@dataclass
+class Proc:
+    name: str
+    port: int
+    popen: subprocess.Popen[Any]
+
+    def pids(self) -> list[int]:
+        """The process and its children (nginx: master and worker)."""
+        out = [self.popen.pid]
+        try:
+            children = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children").read_text()
+            out += [int(p) for p in children.split()]
+        except OSError:
+            pass
+        # taskset execs in place, so the pid is the program's own.
+        return out
+
+    def cpu_seconds(self) -> float:
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / CLK_TCK
+
+    def rss_mb(self) -> float:
+        """RSS of the process doing the work (nginx: the worker, not the master)."""
+        pids = self.pids()
+        pid = pids[-1]
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+class Fleet:
+    """Every process of the benchmark, stopped together."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, cmd: list[str], port: int, cpu: str, **kw: Any) -> Proc:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115
+        popen = subprocess.Popen(
+            pinned(cpu, cmd), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, **kw
+        )
+        proc = Proc(name, port, popen)
+        self.procs.append(proc)
+        wait_port(port, popen)
+        return proc
+
+    def nginx(self, name: str, cpu: str, server_block: str, upstream_port: int | None) -> Proc:
+        port = free_port()
+        d = self.workdir / name
+        d.mkdir()
+        upstream = (
+            f"upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}"
+            if upstream_port
+            else ""
+        )
+        conf = f"""
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    {upstream}
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        {server_block}
+    }}
+}}
+"""
+        (d / "nginx.conf").write_text(conf)
+        cmd = ["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;"]
+        return self.start(name, cmd, port, cpu)
+
+    def upstream(self) -> Proc:
+        body = BODY.decode().rstrip("\n")
+        block = f'location / {{ default_type text/plain; return 200 "{body}\\n"; }}'
+        return self.nginx("upstream", LOAD_CPU, block, None)
+
+    def nginx_proxy(self, name: str, upstream_port: int) -> Proc:
+        block = (
+            "location / { proxy_pass http://up; proxy_http_version 1.1;"
+            ' proxy_set_header Connection ""; }'
+        )
+        return self.nginx(name, PROXY_CPU, block, upstream_port)
+
+    def haproxy(self, upstream_port: int) -> Proc:
+        port = free_port()
+        cfg = self.workdir / "haproxy.cfg"
+        cfg.write_text(
+            f"""
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 75s
+    timeout server 75s
+    http-reuse always
+frontend f
+    bind 127.0.0.1:{port}
+    default_backend b
+backend b
+    server s1 127.0.0.1:{upstream_port}
+"""
+        )
+        return self.start("haproxy", ["haproxy", "-f", str(cfg), "-db"], port, PROXY_CPU)
+
+    def tether(self, name: str, args: list[str], profile: Path | None = None) -> Proc:
+        port = free_port()
+        cmd = [sys.executable, "-m", "bench.tether_proxy", *args, "--port", str(port)]
+        if profile is not None:
+            cmd += ["--profile", str(profile)]
+        return self.start(name, cmd, port, PROXY_CPU)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+# -- measurement -------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    cpu_us: float  # of the proxy processes, per request
+    loaded_rss_mb: float
+
+
+@dataclass
+class Path_:
+    name: str
+    port: int
+    host: str
+    proxies: list[Proc]
+    hops: int
+    runs: list[Run] = field(default_factory=list)
+    idle_rss_mb: float = 0.0
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return float("nan")
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def wrk(port: int, host: str, seconds: float) -> tuple[float, float, float, int]:
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{CONNECTIONS}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "-H",
+        f"Host: {host}",
+        f"http://127.0.0.1:{port}/",
+    ]
+    out = subprocess.run(pinned(LOAD_CPU, cmd), capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors or "Socket errors" in out:
+        print(out)
+        raise RuntimeError(f"errors through port {port}")
+    return rps, p50, p99, requests
+
+
+def measure(path: Path_, seconds: float) -> Run:
+    before = [p.cpu_seconds() for p in path.proxies]
+    peak = [0.0]
+
+    import threading
+
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.25):
+            peak[0] = max(peak[0], sum(p.rss_mb() for p in path.proxies))
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    rps, p50, p99, requests = wrk(path.port, path.host, seconds)
+    stop.set()
+    t.join()
+    after = [p.cpu_seconds() for p in path.proxies]
+    cpu = sum(after) - sum(before)
+    cpu_us = cpu / requests * 1e6 if path.proxies and requests else 0.0
+    return Run(rps, p50, p99, requests, cpu_us, peak[0])
+
+
+# -- 1 GB streaming through the mesh path -----------------------------------------------
+
+
+def reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# -- profile -------------------------------------------------------------------------------
+
+
+def profile_summary(stats_file: Path, requests: int, top: int = 14) -> list[tuple[str, float, int]]:
+    st = pstats.Stats(str(stats_file))
+    rows = []
+    for (filename, line, func), (_cc, nc, tt, _ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        where = filename.replace(str(ROOT) + "/", "")
+        if where.startswith("~") or where.startswith("<built-in"):
+            where = "builtin"
+        else:
+            where = (
+                f"{Path(where).name}:{line}"
+                if "site-packages" in where or "lib/python" in where
+                else f"{where}:{line}"
+            )
+        rows.append((f"{func} ({where})", tt / requests * 1e6, nc))
+    rows.sort(key=lambda r: -r[1])
+    return rows[:top]
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    py = platform.python_version()
+    return f"{os.cpu_count()} × {model}, Linux {platform.release()}, Python {py}"
+
+
+def chart(paths: list[Path_], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [p.name for p in paths if p.proxies]
+    cpu = [statistics.median(r.cpu_us for r in p.runs) for p in paths if p.proxies]
+    rps = [statistics.median(r.rps for r in p.runs) for p in paths]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = ["#4c72b0" if "tether" not in n else "#dd8452" for n in names]
+    a1.bar(names, cpu, color=colors)
+    a1.set_title("proxy CPU per request (µs, lower is better)")
+    a1.tick_params(axis="x", rotation=20)
+    a2.bar(
+        [p.name for p in paths],
+        rps,
+        color=["#4c72b0" if "tether" not in p.name else "#dd8452" for p in paths],
+    )
+    a2.set_title(f"requests/s (wrk, {CONNECTIONS} keep-alive connections)")
+    a2.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def write_docs(text: str) -> None:
+    doc = DOCS / "benchmarks.md"
+    current = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    block = f"{SECTION_START}\n{text.rstrip()}\n{SECTION_END}\n"
+    if SECTION_START in current and SECTION_END in current:
+        head, _, rest = current.partition(SECTION_START)
+        _, _, tail = rest.partition(SECTION_END)
+        current = head + block + tail.lstrip("\n")
+    else:
+        current = current.rstrip("\n") + "\n\n" + block
+    doc.write_text(current)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="bench.proxy_bench")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--stream-mb", type=int, default=1024)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-docs", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.seconds, args.stream_mb = 2, 2.0, 64
+    args.rounds = max(args.rounds, 1 if args.quick else 3)
+    ensure_tools()
+    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
+        fleet = Fleet(Path(tmp))
+        try:
+            report = run(fleet, Path(tmp), args)
+        finally:
+            fleet.stop()
+    print(report)
+    if not args.no_docs:
+        write_docs(report)
+        print(f"wrote {DOCS / 'benchmarks.md'} and {DOCS / 'bench_data_plane.png'}")
+
+
+def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
+    up = fleet.upstream()
+    ngx = fleet.nginx_proxy("nginx", up.port)
+    ngx2_b = fleet.nginx_proxy("nginx-b", up.port)
+    ngx2_a = fleet.nginx_proxy("nginx-a", ngx2_b.port)
+    hap = fleet.haproxy(up.port)
+    t1 = fleet.tether("tether", ["outbound", "--cluster", f"svc=127.0.0.1:{up.port}"])
+    tin = fleet.tether("tether-in", ["inbound", "--app-port", str(up.port)])
+    tout = fleet.tether("tether-out", ["outbound", "--cluster", f"svc=127.0.0.1:{tin.port}"])
+    paths = [
+        Path_("direct", up.port, "localhost", [], 0),
+        Path_("nginx", ngx.port, "localhost", [ngx], 1),
+        Path_("haproxy", hap.port, "localhost", [hap], 1),
+        Path_("tether", t1.port, "svc", [t1], 1),
+        Path_("nginx x2", ngx2_a.port, "localhost", [ngx2_a, ngx2_b], 2),
+        Path_("tether x2", tout.port, "svc", [tout, tin], 2),
+    ]
+    time.sleep(0.5)
+    for p in paths:
+        p.idle_rss_mb = sum(x.rss_mb() for x in p.proxies)
+    tether_idle = {x.name: x.rss_mb() for x in (t1, tin, tout)}
+    # Warm up every path (pools, caches) before measuring.
+    for p in paths:
+        wrk(p.port, p.host, 1.0)
+    for rnd in range(args.rounds):
+        order = paths[rnd % len(paths) :] + paths[: rnd % len(paths)]
+        for p in order:
+            p.runs.append(measure(p, args.seconds))
+        print(
+            f"round {rnd + 1}/{args.rounds}: "
+            + ", ".join(
+                f"{p.name} {p.runs[-1].rps:.0f}/s {p.runs[-1].cpu_us:.1f}µs" for p in paths
+            ),
+            flush=True,
+        )
+
+    by = {p.name: p for p in paths}
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(
+            x.cpu_us / y.cpu_us for x, y in zip(by[a].runs, by[b].runs, strict=True) if y.cpu_us
+        )
+
+    # 1 GB up and down through the mesh path, watching the two Tether processes' peaks.
+    stream_mb = args.stream_mb
+    stream_lines = []
+    # The inbound's app port is fixed at start: choose the stream server's port first.
+    srv_port = free_port()
+    sin = fleet.tether("tether-stream-in", ["inbound", "--app-port", str(srv_port)])
+    sout = fleet.tether(
+        "tether-stream-out", ["outbound", "--cluster", f"stream=127.0.0.1:{sin.port}"]
+    )
+    time.sleep(0.3)
+    base = {p.name: p.rss_mb() for p in (sout, sin)}
+    for p in (sout, sin):
+        reset_peak(p.popen.pid)
+    t0 = time.monotonic()
+    asyncio.run(_stream_on_port(sout.port, stream_mb * 1024 * 1024, srv_port))
+    elapsed = time.monotonic() - t0
+    for p in (sout, sin):
+        growth = peak_rss_mb(p.popen.pid) - base[p.name]
+        stream_lines.append(
+            f"| {p.name} | {base[p.name]:.1f} | {peak_rss_mb(p.popen.pid):.1f} | {growth:+.1f} |"
+        )
+    throughput = 2 * stream_mb / elapsed
+
+    # Profile one Tether hop under the same load.
+    prof_file = tmp / "tether.prof"
+    tp = fleet.tether(
+        "tether-profiled", ["outbound", "--cluster", f"svc=127.0.0.1:{up.port}"], profile=prof_file
+    )
+    wrk(tp.port, "svc", 1.0)
+    _, _, _, prof_requests = wrk(tp.port, "svc", args.seconds)
+    tp.stop()
+    prof_rows = profile_summary(prof_file, prof_requests + 1)
+
+    chart(paths, DOCS / "bench_data_plane.png")
+    now = datetime.datetime.now(datetime.UTC)
+
+    lines = [
+        "## Data plane",
+        "",
+        f"`make bench` (bench/proxy_bench.py), {now:%Y-%m-%d %H:%M} UTC, machine: {machine()}.",
+        f"wrk -t1 -c{CONNECTIONS}, 100-byte response from an nginx upstream, {args.rounds}"
+        f" interleaved rounds of {args.seconds:g} s; proxies pinned to CPU {PROXY_CPU}, wrk and"
+        f" the upstream to CPU {LOAD_CPU}. Medians over rounds; the × column is the median of"
+        " per-round ratios to nginx with the same number of hops. CPU is the proxy processes'"
+        " utime+stime per request (both processes on two-hop paths).",
+        "",
+        "| path | requests/s | p50 ms | p99 ms | proxy CPU µs/request | × nginx"
+        " | idle RSS MB | loaded RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in paths:
+        runs = p.runs
+
+        def med(f: Any, runs: list[Run] = runs) -> float:
+            return statistics.median(f(r) for r in runs)
+
+        if p.hops == 1:
+            x = f"{ratio(p.name, 'nginx'):.2f}"
+        elif p.hops == 2:
+            x = f"{ratio(p.name, 'nginx x2'):.2f}"
+        else:
+            x = "–"
+        cpu = f"{med(lambda r: r.cpu_us):.1f}" if p.proxies else "–"
+        idle = f"{p.idle_rss_mb:.1f}" if p.proxies else "–"
+        loaded = f"{med(lambda r: r.loaded_rss_mb):.1f}" if p.proxies else "–"
+        lines.append(
+            f"| {p.name} | {med(lambda r: r.rps):.0f} | {med(lambda r: r.p50_ms):.2f} |"
+            f" {med(lambda r: r.p99_ms):.2f} | {cpu} | {x} | {idle} | {loaded} |"
+        )
+    two_hop = ratio("tether x2", "nginx x2")
+    idle_max = max(tether_idle.values())
+    lines += [
+        "",
+        "![data plane benchmark](bench_data_plane.png)",
+        "",
+        "Targets (issue 4):",
+        f"- two-hop CPU per request ≤ 1.6× nginx's: **{two_hop:.2f}×**"
+        f" — {'met' if two_hop <= 1.6 else 'NOT met'};",
+        f"- idle RSS of a Tether proxy process ≤ 64 MB: **{idle_max:.1f} MB**"
+        f" — {'met' if idle_max <= 64 else 'NOT met'}"
+        f" (outbound {tether_idle['tether-out']:.1f}, inbound {tether_idle['tether-in']:.1f}).",
+        "",
+        f"Streaming: {stream_mb} MB uploaded and {stream_mb} MB downloaded through the mesh"
+        f" path (outbound → inbound → a Python upstream) in {elapsed:.1f} s"
+        f" ({throughput:.0f} MB/s both ways together); peak RSS of the two proxy processes:",
+        "",
+        "| process | RSS before MB | peak RSS MB | growth MB |",
+        "|---|---|---|---|",
+        *stream_lines,
+        "",
+        f"Profile of one Tether hop (cProfile, {prof_requests} requests through the outbound"
+        " listener; cProfile's own overhead inflates every figure, so read the shares, not the"
+        " absolute values). Top functions by own time per request:",
+        "",
+        "| function | µs/request (own) | calls |",
+        "|---|---|---|",
+        *[f"| `{name}` | {us:.2f} | {calls} |" for name, us, calls in prof_rows],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+async def _stream_on_port(out_port: int, total: int, srv_port: int) -> None:
+    chunk = b"s" * 262144
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        got = 0
+        while got < total:
+            data = await reader.read(1 << 20)
+            if not data:
+                return
+            got += len(data)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        for _ in range(total // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", srv_port)
+    r, w = await asyncio.open_connection("127.0.0.1", out_port)
+    w.write(b"PUT /stream HTTP/1.1\r\nHost: stream\r\nContent-Length: %d\r\n\r\n" % total)
+    for _ in range(total // len(chunk)):
+        w.write(chunk)
+        await w.drain()
+    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 120)
+    if b" 200 " not in head:
+        raise RuntimeError(f"stream: {head!r}")
+    got = 0
+    while got < total:
+        data = await asyncio.wait_for(r.read(1 << 20), 60)
+        if not data:
+            raise RuntimeError(f"download cut at {got} bytes")
+        got += len(data)
+    w.close()
+    server.close()
+
+
+if __name__ == "__main__":
+    main()

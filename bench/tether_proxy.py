@@ -1,0 +1,75 @@
+"""Bench-side launcher: one Tether listener in its own process, with a StaticDirectory.
+
+    python -m bench.tether_proxy outbound --port P --cluster svc=127.0.0.1:9000 [...]
+    python -m bench.tether_proxy inbound --port P --app-port 9000
+
+It runs exactly the listener code the sidecar runs (proxy/listener.py on uvloop), minus
+discovery and registration, so the benchmark needs no registry. `--profile FILE` writes
+cProfile stats at SIGTERM. Prints `ready <port>` on stdout once listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.tether_proxy")
+    p.add_argument("mode", choices=["outbound", "inbound"])
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--cluster", action="append", default=[], help="NAME=HOST:PORT (outbound)")
+    p.add_argument("--app-port", type=int, default=0, help="inbound: the app's port")
+    p.add_argument("--profile", default=None, help="write cProfile stats here at SIGTERM")
+    return p.parse_args()
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from proxy.balance import Endpoint
+    from proxy.cluster import Cluster, StaticDirectory
+    from proxy.listener import start_inbound, start_outbound
+
+    if args.mode == "outbound":
+        directory = StaticDirectory()
+        for spec in args.cluster:
+            name, _, addr = spec.partition("=")
+            host, _, port = addr.rpartition(":")
+            cluster = Cluster(name, "default")
+            cluster.set_endpoints([Endpoint(f"{name}-0", host, int(port))])
+            directory.add(cluster)
+        listener = await start_outbound(directory, port=args.port)
+    else:
+        listener = await start_inbound(args.app_port, port=args.port)
+    print(f"ready {listener.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+    await listener.drain(1.0)
+    await listener.aclose()
+
+
+def main() -> None:
+    import uvloop
+
+    args = _parse()
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            uvloop.run(_serve(args))
+        finally:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+    else:
+        uvloop.run(_serve(args))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
