@@ -15,6 +15,7 @@ a service the control plane has not heard of also notes an interest in it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -182,8 +183,25 @@ def compile_table(
             split=split,
             subsets=subsets,
             defaults=dflt,
-            needs_query=any(r.match.query for r in rules),
         )
+
+    # Which request headers each logical service's decision can read: its rules', and
+    # the sticky header/cookie of every split a request to it can end in.
+    def sticky_names(pol: ServicePolicy | None) -> set[bytes]:
+        if pol is None or pol.split is None:
+            return set()
+        sp = pol.split
+        if sp.sticky_header:
+            return {sp.sticky_header.encode()}
+        return {b"cookie"} if sp.sticky_cookie else set()
+
+    for key, pol in list(services.items()):
+        names = sticky_names(pol)
+        for rule in pol.rules:
+            names.update(n.encode() for n, _ in rule.match.headers)
+            if rule.subset is None:
+                names |= sticky_names(services.get((rule.namespace, rule.service)))
+        services[key] = dataclasses.replace(pol, header_names=frozenset(names))
     # A route may name a subset only of a destination that defines it.
     for pol in services.values():
         for i, rule in enumerate(pol.rules):

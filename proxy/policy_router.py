@@ -25,7 +25,6 @@ from proxy.downstream import RNG, DownstreamConnection, TimeoutPolicy
 from proxy.listener import Listener, _listen
 from proxy.policy import Policy
 from proxy.pool import Pool, PoolPolicy
-from proxy.routing import lower_headers
 from proxy.stats import ProxyStats
 
 
@@ -58,7 +57,7 @@ class PolicyRouter(OutboundRouter):
             sp,
             head.method.decode("latin-1"),
             conn.path.decode("latin-1"),
-            lower_headers(head.headers),
+            sp.read_headers(head.headers),
             self.rng,
         )
         if decision.request_headers:

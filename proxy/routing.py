@@ -66,16 +66,19 @@ class RequestMatch:
     def catch_all(self) -> bool:
         return not (self.methods or self.path or self.headers or self.query)
 
-    def test(
-        self, method: str, path: str, headers: Mapping[str, str], query: Mapping[str, str]
-    ) -> bool:
+    def test(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
+        """Every condition but the query's (parsed only when a rule gets that far)."""
         if self.methods and method not in self.methods:
             return False
         if self.path is not None and not self.path.test(path):
             return False
-        for name, cond in self.headers:
+        # A plain loop: all() over a generator costs more per request.
+        for name, cond in self.headers:  # noqa: SIM110
             if not cond.test(headers.get(name)):
                 return False
+        return True
+
+    def test_query(self, query: Mapping[str, str]) -> bool:
         return all(cond.test(query.get(name)) for name, cond in self.query)
 
 
@@ -104,6 +107,7 @@ class HeaderEdit:
 
 
 NO_EDIT = HeaderEdit()
+EMPTY_QUERY: Mapping[str, str] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +146,7 @@ class Split:
     total: int = field(init=False)
     # Cumulative weights, so a choice is one pass over a handful of entries.
     bounds: tuple[int, ...] = field(init=False)
+    names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         acc, bounds = 0, []
@@ -150,15 +155,17 @@ class Split:
             bounds.append(acc)
         object.__setattr__(self, "total", acc)
         object.__setattr__(self, "bounds", tuple(bounds))
+        object.__setattr__(self, "names", tuple(name for name, _ in self.shares))
 
     def by_weight(self, rng: random.Random) -> str | None:
         return self._at(int(rng.random() * self.total))
 
     def _at(self, point: int) -> str | None:
-        for (name, _), bound in zip(self.shares, self.bounds, strict=True):
+        names = self.names
+        for i, bound in enumerate(self.bounds):
             if point < bound:
-                return name
-        return self.shares[-1][0] if self.shares else None
+                return names[i]
+        return names[-1] if names else None
 
     def choose(self, headers: Mapping[str, str], rng: random.Random) -> tuple[str | None, str]:
         """The subset for one request, and a Set-Cookie value to pin it ("" for none).
@@ -204,9 +211,12 @@ def cookie_value(header: str | None, name: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
-    """Where one request goes: a service, namespace and optional subset, plus edits."""
+    """Where one request goes: a service, namespace and optional subset, plus edits.
+
+    Not frozen: one is made per request, and a frozen dataclass's __init__ is slower.
+    """
 
     service: str
     namespace: str
@@ -226,18 +236,42 @@ class ServicePolicy:
     subsets: Mapping[str, Subset] = field(default_factory=dict)
     # The ServiceDefaults object of the shared schema, or None (kept opaque here).
     defaults: object | None = None
-    needs_query: bool = False
+    # Lower-case header names the rules and splits read (the only ones decoded).
+    header_names: frozenset[bytes] = frozenset()
 
     def match(
-        self, method: str, path: str, headers: Mapping[str, str], query: Mapping[str, str]
+        self, method: str, path: str, headers: Mapping[str, str], qs: str = ""
     ) -> RouteRule | None:
+        query: Mapping[str, str] | None = None
         for rule in self.rules:
-            if rule.match.test(method, path, headers, query):
-                return rule
+            m = rule.match
+            if not m.test(method, path, headers):
+                continue
+            if m.query:
+                if query is None:
+                    query = dict(parse_qsl(qs, keep_blank_values=True)) if qs else EMPTY_QUERY
+                if not m.test_query(query):
+                    continue
+            return rule
         return None
 
-
-EMPTY_QUERY: Mapping[str, str] = {}
+    def read_headers(self, headers: Sequence[tuple[bytes, bytes]]) -> Mapping[str, str]:
+        """The request headers this policy reads, by lower-case name (first value wins;
+        cookies joined); the others are not even decoded."""
+        names = self.header_names
+        if not names:
+            return EMPTY_QUERY
+        out: dict[str, str] = {}
+        for raw_name, raw_value in headers:
+            low = raw_name.lower()
+            if low in names:
+                name = low.decode("latin-1")
+                value = raw_value.decode("latin-1")
+                if name not in out:
+                    out[name] = value
+                elif name == "cookie":
+                    out[name] = f"{out[name]}; {value}"
+        return out
 
 
 @dataclass(frozen=True)
@@ -264,8 +298,7 @@ class RoutingTable:
         `target` is the request target (path and query); `headers` has lower-case names.
         """
         path, _, qs = target.partition("?")
-        query = dict(parse_qsl(qs, keep_blank_values=True)) if qs and policy.needs_query else {}
-        rule = policy.match(method, path, headers, query or EMPTY_QUERY) if policy.rules else None
+        rule = policy.match(method, path, headers, qs) if policy.rules else None
         if rule is None:
             service, namespace, subset = policy.service, policy.namespace, None
             req, resp = NO_EDIT, NO_EDIT
@@ -273,11 +306,10 @@ class RoutingTable:
             service, namespace, subset = rule.service, rule.namespace, rule.subset
             req, resp = rule.request_headers, rule.response_headers
         if subset is None:
-            dest = (
-                policy
-                if (namespace, service) == (policy.namespace, policy.service)
-                else self.services.get((namespace, service))
-            )
+            if service == policy.service and namespace == policy.namespace:
+                dest: ServicePolicy | None = policy
+            else:
+                dest = self.services.get((namespace, service))
             if dest is not None and dest.split is not None:
                 subset, cookie = dest.split.choose(headers, rng)
                 if cookie:
@@ -307,17 +339,3 @@ class RoutingTable:
         for pol in self.services.values():
             out.update((r.namespace, r.service) for r in pol.rules)
         return out
-
-
-def lower_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
-    """The request's headers as a lower-case-name dict (first value wins; cookies joined)."""
-    out: dict[str, str] = {}
-    for raw_name, raw_value in headers:
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        if name in out:
-            if name == "cookie":
-                out[name] = f"{out[name]}; {value}"
-            continue
-        out[name] = value
-    return out

@@ -24,7 +24,7 @@ from proxy.cluster import Cluster, StaticDirectory
 from proxy.errors import PolicyError
 from proxy.policy import Policy, compile_table, decode
 from proxy.policy_client import PolicyClient, push_url
-from proxy.routing import HeaderEdit, Split, lower_headers
+from proxy.routing import HeaderEdit, Split
 from registry.server import RegistryServer
 from tests.conftest import free_port
 
@@ -252,15 +252,16 @@ def test_sticky_header_and_cookie() -> None:
     assert sp.choose({"cookie": "a=b; canary=v2"}, rng) == ("v2", "")
 
 
-def test_header_edit_order_and_lower_headers() -> None:
+def test_header_edit_order_and_only_read_headers_decoded() -> None:
     edit = HeaderEdit(add=(("x-a", "2"),), set=(("x-b", "new"),), remove=("x-c",))
     headers = [(b"X-A", b"1"), (b"x-b", b"old"), (b"X-C", b"gone")]
     edit.apply(headers)
     assert headers == [(b"X-A", b"1"), (b"x-b", b"new"), (b"x-a", b"2")]
-    assert lower_headers([(b"Cookie", b"a=1"), (b"cookie", b"b=2"), (b"X-Y", b"z")]) == {
-        "cookie": "a=1; b=2",
-        "x-y": "z",
-    }
+    table = compiled(HEADER_ROUTE, split("orders", 50, 50, sticky={"cookie": "pin"}))
+    pol = table.policy("default", "orders")
+    assert pol is not None and pol.header_names == {b"x-canary", b"cookie"}
+    raw = [(b"Cookie", b"a=1"), (b"X-Canary", b"true"), (b"cookie", b"pin=v2"), (b"X-Y", b"z")]
+    assert pol.read_headers(raw) == {"cookie": "a=1; pin=v2", "x-canary": "true"}
 
 
 # -- the sidecar's apply -------------------------------------------------------------------
