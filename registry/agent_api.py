@@ -18,6 +18,7 @@ from aiohttp import web
 from registry.acl import Grant
 from registry.catalog import (
     CRITICAL,
+    NODE_MAINTENANCE_ID,
     PASSING,
     SERVICE_MAINTENANCE_PREFIX,
     STATUSES,
@@ -572,3 +573,74 @@ async def check_update(request: web.Request) -> web.Response:
     body = Body(await read_body(request))
     status = parse_status(body.text("Status"), "Status")
     return _update_ttl(request, status, body.text("Output"))
+
+
+# -- handlers: local service health ------------------------------------------------------
+
+_HEALTH_CODES = {PASSING: 200, WARNING: 429, CRITICAL: 503, "maintenance": 503}
+_SEVERITY = {PASSING: 0, WARNING: 1, CRITICAL: 2, "maintenance": 3}
+
+
+def aggregated_status(checks: list[Obj]) -> str:
+    """Consul's HealthChecks.AggregatedStatus: maintenance > critical > warning > passing."""
+    worst = PASSING
+    for chk in checks:
+        cid = chk["CheckID"]
+        if cid == NODE_MAINTENANCE_ID or cid.startswith(SERVICE_MAINTENANCE_PREFIX):
+            return "maintenance"
+        if _SEVERITY.get(chk["Status"], 2) > _SEVERITY[worst]:
+            worst = chk["Status"] if chk["Status"] in _SEVERITY else CRITICAL
+    return worst
+
+
+def _local_health(request: web.Request, svc: Obj) -> Obj:
+    cat = context(request).catalog
+    checks = cat.instance_checks(cat.node, svc["ID"])
+    return {
+        "AggregatedStatus": aggregated_status(checks),
+        "Service": agent_service(svc, cat.datacenter),
+        "Checks": checks,
+    }
+
+
+def _health_reply(request: web.Request, data: Any, status: str, index: int) -> web.Response:
+    code = _HEALTH_CODES.get(status, 503)
+    if request.query.get("format") == "text":
+        resp = web.Response(text=status, status=code, content_type="text/plain")
+        resp.headers["X-Consul-Index"] = str(max(1, index))
+        return resp
+    return reply(data, index, status=code)
+
+
+async def health_by_id(request: web.Request) -> web.Response:
+    """`/v1/agent/health/service/id/<id>`: 200 passing, 429 warning, 503 critical."""
+    ctx = context(request)
+    cat = ctx.catalog
+    sid = request.match_info["service_id"]
+    svc = cat.get_service(cat.node, sid)
+    ctx.acl.require(request, "service", svc["Service"] if svc else sid, "read")
+    index = await block(request, [f"agent:service:{sid}", "agent:checks"])
+    svc = cat.get_service(cat.node, sid)
+    if svc is None:
+        if request.query.get("format") == "text":
+            raise NotFoundError(f"ServiceId {sid} not found")
+        return reply(f"ServiceId {sid} not found", index, status=404)
+    entry = _local_health(request, svc)
+    return _health_reply(request, entry, entry["AggregatedStatus"], index)
+
+
+async def health_by_name(request: web.Request) -> web.Response:
+    """`/v1/agent/health/service/name/<name>`: every local instance; the worst decides."""
+    ctx = context(request)
+    cat = ctx.catalog
+    name = request.match_info["name"]
+    ctx.acl.require(request, "service", name, "read")
+    index = await block(request, ["agent:services", "agent:checks"])
+    entries = [_local_health(request, s) for s in cat.node_services(cat.node)]
+    entries = [e for e in entries if e["Service"]["Service"] == name]
+    if not entries:
+        if request.query.get("format") == "text":
+            raise NotFoundError(f"ServiceName {name} Not Found")
+        return reply(f"ServiceName {name} Not Found", index, status=404)
+    worst = max((e["AggregatedStatus"] for e in entries), key=lambda s: _SEVERITY.get(s, 2))
+    return _health_reply(request, entries, worst, index)

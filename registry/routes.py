@@ -39,6 +39,8 @@ def register(app: web.Application) -> None:
     r.add_put("/v1/agent/check/warn/{check_id}", agent_api.check_warn)
     r.add_put("/v1/agent/check/fail/{check_id}", agent_api.check_fail)
     r.add_put("/v1/agent/check/update/{check_id}", agent_api.check_update)
+    r.add_get("/v1/agent/health/service/id/{service_id}", agent_api.health_by_id)
+    r.add_get("/v1/agent/health/service/name/{name}", agent_api.health_by_name)
     # Catalog
     r.add_put("/v1/catalog/register", catalog_api.register)
     r.add_put("/v1/catalog/deregister", catalog_api.deregister)

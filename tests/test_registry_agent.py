@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import consul
@@ -222,3 +223,30 @@ async def test_durations_as_go_strings_or_nanoseconds(consul_client: Any) -> Non
     checks = await consul_client.agent.checks()
     assert checks["ns"]["Definition"]["TTL"] == "30s"
     assert (checks["h"]["Interval"], checks["h"]["Timeout"]) == ("1m30s", "1.5s")
+
+
+async def test_local_service_health(consul_client: Any) -> None:
+    c = consul_client
+
+    def code_and_body(r: Any) -> tuple[int, Any]:
+        return r.code, r.body
+
+    async def by(kind: str, name: str, text: bool = False) -> tuple[int, Any]:
+        params = [("format", "text")] if text else []
+        path = f"/v1/agent/health/service/{kind}/{name}"
+        return tuple(await c.http.get(code_and_body, path, params=params))  # type: ignore[return-value]
+
+    await c.agent.service.register("web", service_id="w1", check=consul.Check.ttl("60s"))
+    await c.agent.service.register("web", service_id="w2", check=consul.Check.ttl("60s"))
+    assert await by("id", "w1", text=True) == (503, "critical")
+    await c.agent.check.ttl_pass("service:w1")
+    await c.agent.check.ttl_warn("service:w2")
+    assert await by("id", "w1", text=True) == (200, "passing")
+    assert await by("id", "w2", text=True) == (429, "warning")
+    code, body = await by("name", "web")
+    assert code == 429
+    assert [e["AggregatedStatus"] for e in json.loads(body)] == ["passing", "warning"]
+    await c.agent.service.maintenance("w1", True)
+    assert await by("id", "w1", text=True) == (503, "maintenance")
+    assert (await by("id", "ghost"))[0] == 404
+    assert (await by("name", "ghost"))[0] == 404

@@ -66,6 +66,8 @@ ROUTES: dict[str, tuple[str, Mutation]] = {
     "/v1/agent/services": ("/v1/agent/services", _new_service),
     "/v1/agent/service/{service_id}": ("/v1/agent/service/web1", _retag_web),
     "/v1/agent/checks": ("/v1/agent/checks", _pass_web),
+    "/v1/agent/health/service/id/{service_id}": ("/v1/agent/health/service/id/web1", _pass_web),
+    "/v1/agent/health/service/name/{name}": ("/v1/agent/health/service/name/web", _pass_web),
     "/v1/catalog/nodes": ("/v1/catalog/nodes", _new_node),
     "/v1/catalog/services": ("/v1/catalog/services", _new_service),
     "/v1/catalog/service/{name}": ("/v1/catalog/service/web", _retag_web),
