@@ -24,7 +24,8 @@ from proxy.backoff import BackoffPolicy
 
 log = logging.getLogger("tether.policy")
 
-HELLO_TIMEOUT = 10.0
+# A connection that lasted this long resets the backoff, even if it ended in an error.
+STABLE_AFTER = 5.0
 
 
 class Applier(Protocol):
@@ -69,6 +70,7 @@ class PolicyClient:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._connected_at = 0.0
 
     # -- interest ------------------------------------------------------------------------
 
@@ -113,6 +115,7 @@ class PolicyClient:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         attempt = 0
         while not self._closing:
+            self._connected_at = 0.0
             try:
                 served = await self._connect_once(self._session)
             except asyncio.CancelledError:
@@ -126,11 +129,18 @@ class PolicyClient:
             except (aiohttp.ClientError, OSError, TimeoutError, wire.PushProtocolError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 served = False
+            except Exception as exc:
+                # Whatever went wrong, this loop must go on: it is the sidecar's only
+                # way back to the control plane.
+                log.exception("policy client: unexpected error")
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                served = False
             self.connected = False
             self._ws = None
             if self._closing:
                 return
-            if served:
+            lived = time.monotonic() - self._connected_at if self._connected_at else 0.0
+            if served or lived > STABLE_AFTER:
                 attempt = 0
             delay = self.backoff.delay(attempt, self.rng)
             attempt += 1
@@ -147,6 +157,7 @@ class PolicyClient:
         ) as ws:
             self._ws = ws
             self.connects += 1
+            self._connected_at = time.monotonic()
             hello = wire.Hello(
                 node=self.node,
                 calls=tuple(self.calls),
