@@ -9,6 +9,7 @@ memory. The JSON form has Consul's shape (`Timestamp`, `Gauges`, `Counters`, `Sa
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -55,6 +56,31 @@ class WriteLatency:
         return self.max
 
 
+class GcPauses:
+    """Time spent in the garbage collector per generation: the pauses every waiter feels."""
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self.max = [0.0, 0.0, 0.0]
+        self._started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        gen = info.get("generation", 0)
+        took = time.perf_counter() - self._started
+        self.count[gen] += 1
+        self.seconds[gen] += took
+        self.max[gen] = max(self.max[gen], took)
+
+    async def aclose(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+
 def rss_bytes() -> int:
     """Resident memory of this process (Linux /proc; 0 elsewhere)."""
     try:
@@ -79,6 +105,13 @@ def gauges(ctx: Context) -> list[tuple[str, float, dict[str, str]]]:
         ("tether.registry.process.resident_memory_bytes", rss_bytes(), {}),
         ("tether.registry.uptime_seconds", time.time() - ctx.started, {}),
     ]
+    pauses = ctx.parts.get("gc_pauses")
+    if isinstance(pauses, GcPauses):
+        for gen in range(3):
+            labels = {"generation": str(gen)}
+            out.append(("tether.registry.gc.collections", pauses.count[gen], labels))
+            out.append(("tether.registry.gc.seconds", pauses.seconds[gen], labels))
+            out.append(("tether.registry.gc.max_pause_seconds", pauses.max[gen], labels))
     for tbl in ("nodes", "services", "checks", "kv", "sessions", "acl_tokens", "acl_policies",
                 "events"):  # fmt: skip
         out.append(("tether.registry.store.objects", len(store.table(tbl)), {"table": tbl}))
@@ -93,6 +126,9 @@ _HELP = {
     "tether.registry.process.resident_memory_bytes": "Resident memory of the registry.",
     "tether.registry.uptime_seconds": "Seconds since the registry started.",
     "tether.registry.store.objects": "Objects per table.",
+    "tether.registry.gc.collections": "Garbage collections per generation.",
+    "tether.registry.gc.seconds": "Seconds spent collecting garbage, per generation.",
+    "tether.registry.gc.max_pause_seconds": "The longest collection, per generation.",
 }
 
 
