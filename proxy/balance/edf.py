@@ -19,13 +19,23 @@ class EdfScheduler:
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Endpoint]] = []
 
-    def reset(self, entries: Sequence[Endpoint], weight: Callable[[Endpoint], float]) -> None:
-        """Start over with `entries`; those whose weight is not > 0 are left out."""
+    def reset(
+        self,
+        entries: Sequence[Endpoint],
+        weight: Callable[[Endpoint], float],
+        half_period: bool = False,
+    ) -> None:
+        """Start over with `entries`; those whose weight is not > 0 are left out.
+
+        `half_period` puts each entry's first turn half its period in, which spreads
+        the heavy entries' turns around the light ones' (round robin wants that).
+        """
+        first = 0.5 if half_period else 1.0
         heap: list[tuple[float, int, Endpoint]] = []
         for seq, ep in enumerate(entries):
             w = weight(ep)
             if w > 0:
-                heap.append((1.0 / w, seq, ep))
+                heap.append((first / w, seq, ep))
         heapq.heapify(heap)
         self._heap = heap
 
