@@ -417,6 +417,7 @@ async def service_register(request: web.Request) -> web.Response:
     replace = query_flag(request, "replace-existing-checks")
     runner = ctx.parts.get("checks")
     with ctx.store.write() as txn:
+        cat.ensure_local_node(txn)  # back if someone deregistered it, as anti-entropy does
         cat.put_service(txn, cat.node, svc)
         keep = {c["CheckID"] for c in checks}
         for chk in checks:
@@ -513,6 +514,7 @@ async def check_register(request: web.Request) -> web.Response:
     if chk["ServiceID"] and svc is None:
         raise BadRequestError(f"ServiceID {chk['ServiceID']!r} does not exist")
     with ctx.store.write() as txn:
+        cat.ensure_local_node(txn)
         _keep_status(txn.get("checks", f"{cat.node}/{chk['CheckID']}"), chk)
         cat.put_check(txn, cat.node, chk)
     runner = ctx.parts.get("checks")

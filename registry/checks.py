@@ -217,10 +217,14 @@ class CheckRunner:
         timeout = parse_duration(definition.get("Timeout") or "0") or DEFAULT_TIMEOUT
         while True:
             started = time.monotonic()
-            if kind == "http":
-                status, output = await self._probe_http(definition, timeout)
-            else:
-                status, output = await probe_tcp(definition["TCP"], timeout)
+            try:
+                if kind == "http":
+                    status, output = await self._probe_http(definition, timeout)
+                else:
+                    status, output = await probe_tcp(definition["TCP"], timeout)
+            except Exception as exc:  # a probe must never stop its check
+                log.exception("check %s: probe failed", check_id)
+                status, output = CRITICAL, f"check failed: {exc!r}"
             self._record(check_id, sig, status, output)
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 

@@ -250,3 +250,14 @@ async def test_local_service_health(consul_client: Any) -> None:
     assert await by("id", "w1", text=True) == (503, "maintenance")
     assert (await by("id", "ghost"))[0] == 404
     assert (await by("name", "ghost"))[0] == 404
+
+
+async def test_agent_restores_its_node_after_a_catalog_deregister(consul_client: Any) -> None:
+    c = consul_client
+    assert await c.catalog.deregister("node1") is True
+    _, nodes = await c.catalog.nodes()
+    assert nodes == []
+    await c.agent.service.register("web", service_id="w1", port=1)
+    _, entries = await c.health.service("web")
+    assert entries[0]["Node"]["Node"] == "node1"
+    assert [ch["CheckID"] for ch in entries[0]["Checks"]] == ["serfHealth"]
