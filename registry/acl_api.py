@@ -279,7 +279,10 @@ async def token_read(request: web.Request) -> web.Response:
     tok = context(request).store.get(TOKENS, request.match_info["id"])
     if tok is None:
         raise NotFoundError("ACL token not found")
-    return reply(acl.token_view(tok), tok["ModifyIndex"])
+    view = acl.token_view(tok)
+    if not acl.grant(request).allows("acl", "", "write"):
+        view["SecretID"] = "<hidden>"  # acl:read shows tokens, not their secrets
+    return reply(view, tok["ModifyIndex"])
 
 
 async def token_self(request: web.Request) -> web.Response:

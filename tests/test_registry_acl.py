@@ -252,3 +252,35 @@ async def test_acl_state_survives_kill_9(registry_process: Callable[..., Registr
         assert me["Policies"][0]["Name"] == "app-writer"
     finally:
         await c.close()
+
+
+async def test_acl_read_hides_secrets_and_anonymous_can_be_granted(
+    secured: RegistryServer, admin: Any
+) -> None:
+    await admin.acl.policy.create(
+        "auditor", rules='acl = "read"\nkey_prefix "pub/" { policy = "read" }'
+    )
+    auditor = await admin.acl.token.create(policies_name=["auditor"])
+    c = consul.aio.Consul(port=secured.port, token=auditor["SecretID"])
+    anon = consul.aio.Consul(port=secured.port)
+    try:
+        listed = await c.acl.token.list()
+        assert listed and all(t["SecretID"] == "<hidden>" for t in listed)
+        one = await c.acl.token.read(auditor["AccessorID"])
+        assert one["SecretID"] == "<hidden>"
+        with pytest.raises(consul.ACLPermissionDenied):
+            await c.acl.token.create(description="not allowed")
+        # The anonymous token is a token like any other: grant it public reads.
+        await admin.kv.put("pub/motd", "hello")
+        with pytest.raises(consul.ACLPermissionDenied):
+            await anon.kv.get("pub/motd")
+        await admin.acl.token.update(
+            "00000000-0000-0000-0000-000000000002", policies_name=["auditor"]
+        )
+        _, motd = await anon.kv.get("pub/motd")
+        assert motd["Value"] == b"hello"
+        with pytest.raises(consul.ACLPermissionDenied):
+            await anon.kv.put("pub/motd", "defaced")
+    finally:
+        await c.close()
+        await anon.close()

@@ -229,3 +229,16 @@ async def test_sessions_and_locks_survive_kill_9(
         assert (await c.kv.get("held"))[1] is None
     finally:
         await c.close()
+
+
+async def test_node_deregistration_ends_its_sessions(c: Any) -> None:
+    await c.catalog.register("n2", "10.0.0.2")
+    with pytest.raises(consul.ConsulException) as err:
+        await c.session.create(node="n2")  # n2 has no serfHealth check
+    assert "serfHealth" in str(err.value)
+    sid = await c.session.create(node="n2", checks=[], lock_delay=0)
+    assert await c.kv.put("n2/lock", "v", acquire=sid) is True
+    await c.catalog.deregister("n2")
+    assert (await c.session.info(sid))[1] is None
+    _, entry = await c.kv.get("n2/lock")
+    assert "Session" not in entry
