@@ -37,6 +37,7 @@ from proxy.balance.p2c import P2cBalancer
 from proxy.balance.slow_start import SlowStartPolicy
 
 _FLOOR = 0.0001  # seconds
+_exp = math.exp
 
 
 class _Rtt:
@@ -96,10 +97,10 @@ class PeakEwma(P2cBalancer):
             est = self._typical.estimate
         else:
             elapsed = now - st.stamp
-            est = st.estimate * math.exp(-elapsed / self.decay) if elapsed > 0 else st.estimate
+            est = st.estimate * _exp(-elapsed / self.decay) if elapsed > 0 else st.estimate
         # The floor (a loopback round trip) keeps an idle endpoint's decayed estimate
         # from reaching zero, where it would win every comparison until it answers.
-        return max(est, _FLOOR) * (ep.active + 1)
+        return (est if est > _FLOOR else _FLOOR) * (ep.active + 1)
 
     def on_end(self, ep: Endpoint, now: float, latency: float, ok: bool) -> None:
         if ep.active > 0:
