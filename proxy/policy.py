@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from controlplane import schema
+from proxy import balance
 from proxy import push_codec as wire
 from proxy.balance import Balancer, WeightedRoundRobin
 from proxy.cluster import Cluster, ServiceDirectory
@@ -216,6 +217,22 @@ def compile_table(
     return RoutingTable(services, version, hash_), mesh
 
 
+def balancer_policies(table: RoutingTable) -> dict[tuple[str, str], balance.LoadBalancerPolicy]:
+    """The load-balancer policy of every service with ServiceDefaults in `table`."""
+    out: dict[tuple[str, str], balance.LoadBalancerPolicy] = {}
+    for key, pol in table.services.items():
+        d = pol.defaults
+        if not isinstance(d, schema.ServiceDefaultsSpec):
+            continue
+        try:
+            out[key] = balance.LoadBalancerPolicy.from_dict(d.load_balancer.balancer_options())
+        except balance.PolicyError as exc:
+            raise PolicyError(
+                f"ServiceDefaults {key[0]}/{key[1]}: spec.loadBalancer: {exc}"
+            ) from None
+    return out
+
+
 # -- the live policy ---------------------------------------------------------------------
 
 
@@ -240,6 +257,12 @@ class SubsetCluster:
 _UNKNOWN: Any = object()
 
 
+def _routing(pol: ServicePolicy | None) -> ServicePolicy | None:
+    """`pol` if it changes where requests go (rules or a split), else None: a service
+    with only ServiceDefaults keeps the plain path."""
+    return pol if pol is not None and (pol.rules or pol.split is not None) else None
+
+
 class Policy:
     """The policy a sidecar runs; starts empty (defaults) and changes only by `apply`."""
 
@@ -251,9 +274,11 @@ class Policy:
         interest: Callable[[str, str], None] | None = None,
         balancer_factory: Callable[[], Balancer] = WeightedRoundRobin,
         resolve_timeout: float = RESOLVE_TIMEOUT,
+        zone: str = "",
     ) -> None:
         self.directory = directory
         self.namespace = namespace
+        self.zone = zone
         self.interest = interest
         self.balancer_factory = balancer_factory
         self.resolve_timeout = resolve_timeout
@@ -264,6 +289,9 @@ class Policy:
         self.hash = ""
         self.applied_at = 0.0
         self.subset_clusters: dict[tuple[str, str, str], SubsetCluster] = {}
+        # ServiceDefaults' balancers in force, and what each cluster had before them.
+        self.balancers: dict[tuple[str, str], balance.LoadBalancerPolicy] = {}
+        self._replaced: dict[tuple[str, str], tuple[Cluster, Balancer]] = {}
         # The hot path's one lookup: every service seen so far -> its policy or None.
         self._routes: dict[tuple[str, str], ServicePolicy | None] = {}
         self._lock = asyncio.Lock()
@@ -274,7 +302,7 @@ class Policy:
         """The policy for a logical target; None sends it to its own cluster as is."""
         pol = self._routes.get((namespace, service), _UNKNOWN)
         if pol is _UNKNOWN:
-            pol = self.table.policy(namespace, service)
+            pol = _routing(self.table.policy(namespace, service))
             self._routes[(namespace, service)] = pol
             if self.interest is not None:
                 self.interest(service, namespace)
@@ -292,7 +320,7 @@ class Policy:
             spec = self.table.subset(namespace, service, subset)
             if spec is None or parent is None:
                 return None
-            sc = SubsetCluster(parent, spec, self.balancer_factory())
+            sc = SubsetCluster(parent, spec, self._balancer(self.balancers.get(key[:2])))
             self.subset_clusters = {**self.subset_clusters, key: sc}
         return sc.current()
 
@@ -308,10 +336,20 @@ class Policy:
         async with self._lock:
             resources = decode(snapshot.resources)
             table, mesh = compile_table(resources, snapshot.version, snapshot.hash)
-            # Make: clusters for every destination, then the subsets over them.
+            lb = balancer_policies(table)
+            # Make: clusters for every destination, then the subsets over them, and the
+            # balancers ServiceDefaults ask for.
             wanted = table.subsets_in_use()
-            parents = {(ns, svc) for ns, svc, _ in wanted} | table.destinations()
+            parents = {(ns, svc) for ns, svc, _ in wanted} | table.destinations() | set(lb)
             clusters = await self._resolve_all(parents)
+            new_balancers: dict[tuple[str, str], tuple[Cluster, Balancer]] = {}
+            for key, lbp in lb.items():
+                cluster = clusters.get(key)
+                replaced = self._replaced.get(key)
+                same_cluster = replaced is not None and replaced[0] is cluster
+                if cluster is None or (self.balancers.get(key) == lbp and same_cluster):
+                    continue
+                new_balancers[key] = (cluster, balance.build_balancer(lbp, self.zone))
             made: dict[tuple[str, str, str], SubsetCluster] = {}
             for ns, svc, name in wanted:
                 subset = table.subset(ns, svc, name)
@@ -322,19 +360,36 @@ class Policy:
                 if old is not None and old.parent is parent and old.subset == subset:
                     made[(ns, svc, name)] = old
                 else:
-                    made[(ns, svc, name)] = SubsetCluster(parent, subset, self.balancer_factory())
+                    made[(ns, svc, name)] = SubsetCluster(
+                        parent, subset, self._balancer(lb.get((ns, svc)))
+                    )
             for sc in made.values():
                 sc.current()
             # Switch (no await from here on, so no request sees half of it).
             self.table, self.mesh = table, mesh
-            self._routes = {key: table.policy(*key) for key in self._routes}
-            for key in table.services:
-                self._routes[key] = table.services[key]
+            self._routes = {key: _routing(table.policy(*key)) for key in self._routes}
+            for key, pol in table.services.items():
+                self._routes[key] = _routing(pol)
             self.version, self.hash = snapshot.version, snapshot.hash
             self.resources = snapshot.resources
             self.applied_at = asyncio.get_running_loop().time()
-            # Break: subsets nothing routes to any more.
+            for key, (cluster, balancer) in new_balancers.items():
+                prev = self._replaced.get(key)
+                if prev is None or prev[0] is not cluster:
+                    self._replaced[key] = (cluster, cluster.balancer)
+                balancer.update(cluster.endpoints)
+                cluster.balancer = balancer
+            # Break: subsets nothing routes to any more; balancers of ServiceDefaults
+            # that are gone give way to what the cluster had.
             self.subset_clusters = made
+            for key in [k for k in self._replaced if k not in lb]:
+                cluster, original = self._replaced.pop(key)
+                original.update(cluster.endpoints)
+                cluster.balancer = original
+            self.balancers = {k: v for k, v in lb.items() if k in self._replaced}
+
+    def _balancer(self, lbp: balance.LoadBalancerPolicy | None) -> Balancer:
+        return balance.build_balancer(lbp, self.zone) if lbp else self.balancer_factory()
 
     async def _resolve_all(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Cluster]:
         keys = list(keys)

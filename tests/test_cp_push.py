@@ -631,3 +631,31 @@ async def test_subsets_of_a_service_discovered_after_the_snapshot() -> None:
     directory.add(again)
     v2 = policy.subset_cluster("default", "orders", "v2")
     assert v2 is not None and [ep.id for ep in v2.endpoints] == ["o9"]
+
+
+async def test_service_defaults_balancer_applied_and_restored() -> None:
+    from proxy.balance import LeastRequest, WeightedRoundRobin
+
+    orders = orders_cluster()
+    original = orders.balancer
+    policy = Policy(StaticDirectory([orders]))
+    lr = doc("ServiceDefaults", "orders", {"loadBalancer": {"policy": "least_request"}})
+    await policy.apply(snapshot(1, [lr, split("orders", 50, 50)]))
+    assert isinstance(orders.balancer, LeastRequest)
+    assert orders.balancer.endpoints == orders.endpoints
+    picked = orders.balancer
+    v1 = policy.subset_cluster("default", "orders", "v1")
+    assert v1 is not None and isinstance(v1.balancer, LeastRequest)
+    # The same policy again keeps the balancer (and its state).
+    await policy.apply(snapshot(2, [lr, split("orders", 60, 40)]))
+    assert orders.balancer is picked
+    # Only ServiceDefaults: no routing step for it (the plain path), balancer kept.
+    await policy.apply(snapshot(3, [lr]))
+    assert policy.route("default", "orders") is None and orders.balancer is picked
+    # ServiceDefaults removed: the cluster gets back what discovery gave it.
+    await policy.apply(snapshot(4, []))
+    assert orders.balancer is original and isinstance(original, WeightedRoundRobin)
+    bad = doc("ServiceDefaults", "orders", {"loadBalancer": {"policy": "ring_hash"}})
+    with pytest.raises(PolicyError, match="hashPolicies"):
+        await policy.apply(snapshot(5, [bad]))
+    assert orders.balancer is original and policy.version == 4
