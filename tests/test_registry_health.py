@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -193,3 +194,40 @@ async def test_deregister_critical_service_after(consul_client: Any) -> None:
     assert await present()
     assert await eventually(present, False, deadline=15.0) is False
     assert "service:d1" not in await c.agent.checks()
+
+
+async def test_http_check_honours_interval_and_timeout(consul_client: Any) -> None:
+    c = consul_client
+    hits: list[float] = []
+    slow = {"on": False}
+
+    async def health(request: web.Request) -> web.Response:
+        hits.append(time.monotonic())
+        if slow["on"]:
+            await asyncio.sleep(5)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/h", health)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        await c.agent.check.register(
+            "h", check=consul.Check.http(f"http://127.0.0.1:{port}/h", "1s", timeout="300ms")
+        )
+        assert await eventually(check_status(c, "h"), "passing") == "passing"
+        first = len(hits)
+        await asyncio.sleep(2.5)
+        # One probe a second: 2 or 3 more in 2.5 s (allowing for a loaded machine).
+        assert 1 <= len(hits) - first <= 4, hits
+        gaps = [b - a for a, b in itertools.pairwise(hits)]
+        assert all(g > 0.8 for g in gaps), gaps
+        slow["on"] = True
+        assert await eventually(check_status(c, "h"), "critical") == "critical"
+        assert "timed out after 0.3s" in (await c.agent.checks())["h"]["Output"]
+    finally:
+        await c.agent.check.deregister("h")
+        await runner.cleanup()
