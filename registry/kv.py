@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 
 from registry.errors import BadRequestError
 from registry.store import Obj, Store, Txn
@@ -80,9 +81,17 @@ def entries(store: Store, prefix: str) -> list[Obj]:
     return [table[k] for k in store.keys(TABLE, prefix)]
 
 
-def keys(store: Store, prefix: str, separator: str = "") -> list[str]:
-    """Keys under `prefix`, each cut after the first `separator` past the prefix."""
+def keys(
+    store: Store,
+    prefix: str,
+    separator: str = "",
+    visible: Callable[[str], bool] | None = None,
+) -> list[str]:
+    """Keys under `prefix` that `visible` lets through, each cut after the first
+    `separator` past the prefix (filtering comes first, as in Consul)."""
     found = store.keys(TABLE, prefix)
+    if visible is not None:
+        found = [k for k in found if visible(k)]
     if not separator:
         return found
     out: list[str] = []

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from registry import kv
 from registry.errors import BadRequestError, PermissionDeniedError, TooLargeError
-from registry.http import block, check_datacenter, context, query_flag, reply
+from registry.http import block, check_datacenter, context, reply
 from registry.sessions import Sessions
 
 _UINT64_MAX = 2**64 - 1
@@ -31,6 +31,12 @@ def _uint(request: web.Request, name: str) -> int | None:
     if not 0 <= n <= _UINT64_MAX:
         raise BadRequestError(f"Invalid {name} value: {v!r} is not an unsigned 64-bit integer")
     return n
+
+
+def _conflicting(request: web.Request, *flags: str) -> None:
+    """Consul refuses parameters that do not compose (cas with acquire, recurse with cas)."""
+    if sum(1 for f in flags if f in request.query) > 1:
+        raise BadRequestError(f"Conflicting flags: {request.query_string}")
 
 
 def _not_found(index: int) -> web.Response:
@@ -52,14 +58,17 @@ async def kv_get(request: web.Request) -> web.StreamResponse:
     store = ctx.store
     key = request.match_info["key"]
     grant = ctx.acl.grant(request)
-    if query_flag(request, "keys"):
+    if "keys" in request.query:
         index = await block(
             request, [], prefixes=[kv.resource(key)], index_fn=lambda: kv.tree_index(store, key)
         )
-        sep = request.query.get("separator", "")
-        names = [k for k in kv.keys(store, key, sep) if grant.allows("key", k, "read")]
-        return reply(names, index) if names else _not_found(index)
-    if query_flag(request, "recurse"):
+        # "seperator" is Consul's historic spelling, still accepted.
+        sep = request.query.get("separator", request.query.get("seperator", ""))
+        names = kv.keys(store, key, sep, lambda k: grant.allows("key", k, "read"))
+        if not names and key:
+            return _not_found(index)
+        return reply(names, index)
+    if "recurse" in request.query:
         index = await block(
             request, [], prefixes=[kv.resource(key)], index_fn=lambda: kv.tree_index(store, key)
         )
@@ -67,17 +76,20 @@ async def kv_get(request: web.Request) -> web.StreamResponse:
             kv.view(e) for e in kv.entries(store, key) if grant.allows("key", e["Key"], "read")
         ]
         return reply(found, index) if found else _not_found(index)
+    if not key:
+        raise BadRequestError("Missing key name")
     if not grant.allows("key", key, "read"):
         raise PermissionDeniedError()
     index = await block(request, [kv.resource(key)], index_fn=lambda: kv.key_index(store, key))
     entry = kv.get(store, key)
     if entry is None:
         return _not_found(index)
-    if query_flag(request, "raw"):
+    if "raw" in request.query:
         body = base64.b64decode(entry["Value"]) if entry["Value"] else b""
         resp = web.Response(body=body, content_type="text/plain")
         resp.headers["X-Consul-Index"] = str(index)
         resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["Content-Security-Policy"] = "sandbox"
         return resp
     return reply([kv.view(entry)], index)
 
@@ -89,6 +101,7 @@ async def kv_put(request: web.Request) -> web.Response:
     if not key:
         raise BadRequestError("Missing key name")
     ctx.acl.require(request, "key", key, "write")
+    _conflicting(request, "cas", "acquire", "release")
     if request.content_length is not None and request.content_length > kv.MAX_VALUE:
         raise TooLargeError(
             f"Request body({request.content_length} bytes) too large, "
@@ -96,7 +109,6 @@ async def kv_put(request: web.Request) -> web.Response:
         )
     flags = _uint(request, "flags") or 0
     cas = _uint(request, "cas")
-    # Consul's precedence when several are given: release, then acquire, then cas.
     acquire = request.query.get("acquire")
     release = request.query.get("release")
     body = await request.read()
@@ -123,7 +135,8 @@ async def kv_delete(request: web.Request) -> web.Response:
     check_datacenter(request)
     ctx = context(request)
     key = request.match_info["key"]
-    recurse = query_flag(request, "recurse")
+    _conflicting(request, "recurse", "cas")
+    recurse = "recurse" in request.query
     if recurse:
         if not ctx.acl.grant(request).write_prefix("key", key):
             raise PermissionDeniedError()

@@ -53,31 +53,33 @@ class KVOp:
     def writes(self) -> bool:
         return self.verb not in _READ_VERBS
 
-    def authorize(self, grant: Grant) -> None:
-        if self.verb == "delete-tree":
+    def precheck(self, grant: Grant, sessions: Sessions) -> None:
+        """Consul's kvsPreApply: key present, ACL, lock-delay; before anything runs."""
+        verb = self.verb
+        if not self.key and verb != "delete-tree":
+            raise OpError("Must provide key")
+        if verb == "delete-tree":
             ok = grant.write_prefix("key", self.key)
-        elif self.verb in ("get-tree",):
-            ok = True  # results are filtered instead, as Consul does
+        elif verb in ("get", "get-tree"):
+            ok = True  # what the token may not read is filtered from the results
+        elif verb in ("check-session", "check-index"):
+            ok = grant.allows("key", self.key, "read")
         else:
-            ok = grant.allows("key", self.key, "write" if self.writes else "read")
+            ok = grant.allows("key", self.key, "write")
         if not ok:
             raise OpError("Permission denied")
+        if verb == "lock" and sessions.lock_delayed(self.key):
+            raise OpError(f'failed to lock key "{self.key}" due to lock delay')
 
-    def apply(self, txn: Txn, grant: Grant) -> list[Obj]:
+    def apply(self, txn: Txn) -> list[Obj]:
         key, verb = self.key, self.verb
-        if verb != "get-tree" and verb != "delete-tree" and not key:
-            raise OpError("Missing key name")
         if verb == "get":
             entry = txn.get(kv.TABLE, key)
             if entry is None:
                 raise OpError(f'key "{key}" doesn\'t exist')
             return [kv.view(entry)]
         if verb == "get-tree":
-            return [
-                kv.view(e)
-                for k in kv.txn_keys(txn, key)
-                if (e := txn.get(kv.TABLE, k)) is not None and grant.allows("key", k, "read")
-            ]
+            return [kv.view(e) for k in kv.txn_keys(txn, key) if (e := txn.get(kv.TABLE, k))]
         if verb == "set":
             return [_blank(kv.put(txn, key, self.value, self.flags))]
         if verb == "cas":
@@ -139,8 +141,8 @@ class SessionOp:
         self.id = sess.text("ID") if sess is not None else ""
         self.writes = True
 
-    def authorize(self, grant: Grant, txn: Txn) -> None:
-        sess = txn.get("sessions", self.id)
+    def precheck(self, grant: Grant, sessions: Sessions) -> None:
+        sess = sessions.store.get("sessions", self.id)
         node = sess["Node"] if sess is not None else ""
         if not grant.allows("session", node, "write"):
             raise OpError("Permission denied")
@@ -189,6 +191,13 @@ async def txn(request: web.Request) -> web.Response:
     results: list[Obj] = []
     errors: list[Obj] = []
     store = ctx.store
+    for i, op in enumerate(ops):
+        try:
+            op.precheck(grant, sessions)
+        except OpError as exc:
+            errors.append({"OpIndex": i, "What": str(exc)})
+    if errors:
+        return _json({"Results": None, "Errors": errors}, 409)
 
     class Abort(Exception):
         pass
@@ -197,20 +206,15 @@ async def txn(request: web.Request) -> web.Response:
         with store.write() as t:
             for i, op in enumerate(ops):
                 try:
-                    if isinstance(op, KVOp):
-                        op.authorize(grant)
-                        out = op.apply(t, grant)
-                    else:
-                        op.authorize(grant, t)
-                        out = op.apply(t, sessions)
+                    out = op.apply(t) if isinstance(op, KVOp) else op.apply(t, sessions)
                 except OpError as exc:
                     errors.append({"OpIndex": i, "What": str(exc)})
                     continue
                 except RegistryError as exc:
                     errors.append({"OpIndex": i, "What": exc.message})
                     continue
-                for entry in out:
-                    results.append({"KV": entry})
+                # As Consul's FilterTxnResults: entries the token may not read are dropped.
+                results.extend({"KV": e} for e in out if grant.allows("key", e["Key"], "read"))
             if errors:
                 raise Abort()
     except Abort:

@@ -8,6 +8,7 @@ from typing import Any
 
 import consul
 import consul.aio
+import consul.callback
 import pytest
 
 from registry.acl_rules import RuleError, RuleSet, parse_rules
@@ -144,6 +145,15 @@ async def test_token_scoping(secured: RegistryServer, admin: Any) -> None:
             await c.kv.delete("app/", recurse=True)  # app/secret is under it
         _, tree = await c.kv.get("app/", recurse=True)
         assert [e["Key"] for e in tree] == ["app/config"]  # the denied key is filtered out
+        _, keys = await c.kv.get("app/", keys=True, separator="/")
+        assert keys == ["app/config"]
+        out = await c.http.put(
+            consul.callback.CB.json(),
+            "/v1/txn",
+            params=[("token", tok["SecretID"])],
+            data='[{"KV": {"Verb": "get-tree", "Key": "app/"}}]',
+        )
+        assert [r["KV"]["Key"] for r in out["Results"]] == ["app/config"]
         _, other = await c.kv.get("other/x")
         assert other["Value"] == b"1"  # key_prefix "" read
         # What a sidecar needs: catalog and health reads.

@@ -55,6 +55,9 @@ async def test_get_put_recurse_keys(consul_client: Any) -> None:
 
 async def test_missing_key_is_404_with_index_and_raw_value(registry: RegistryServer) -> None:
     async with aiohttp.ClientSession() as s:
+        async with s.get(f"{_base(registry)}/v1/kv/?keys") as r:
+            # An empty root listing is 200 [] (Consul's one exception to the 404).
+            assert r.status == 200 and await r.json() == []
         async with s.get(f"{_base(registry)}/v1/kv/ghost") as r:
             assert r.status == 404
             assert await r.read() == b""
@@ -74,6 +77,16 @@ async def test_missing_key_is_404_with_index_and_raw_value(registry: RegistrySer
             assert "flags" in await r.text()
         async with s.put(f"{_base(registry)}/v1/kv/?cas=0", data=b"x") as r:
             assert r.status == 400
+        async with s.put(f"{_base(registry)}/v1/kv/k?cas=0&acquire=x", data=b"x") as r:
+            assert r.status == 400 and "Conflicting flags" in await r.text()
+        async with s.delete(f"{_base(registry)}/v1/kv/k?cas=0&recurse") as r:
+            assert r.status == 400 and "Conflicting flags" in await r.text()
+        async with s.get(f"{_base(registry)}/v1/kv/") as r:
+            assert r.status == 400 and "Missing key name" in await r.text()
+        async with s.get(f"{_base(registry)}/v1/kv/?keys") as r:
+            assert r.status == 200 and await r.json() == ["edge", "raw"]
+        async with s.get(f"{_base(registry)}/v1/kv/none/?keys") as r:
+            assert r.status == 404
     c = consul.aio.Consul(port=registry.port)
     try:
         _, big = await c.kv.get("big")

@@ -127,6 +127,16 @@ async def test_lock_unlock_check_session(consul_client: Any) -> None:
     with pytest.raises(consul.ConsulException) as err:
         await c.txn.put([kv("lock", "l2", Session="00000000-0000-0000-0000-000000000000")])
     assert "invalid session" in conflict(err)["Errors"][0]["What"]
+    # Lock-delay holds for transactions too (Consul checks it before applying).
+    delayed = await c.session.create(lock_delay=5)
+    await c.txn.put([kv("lock", "ld", Session=delayed)])
+    await c.session.destroy(delayed)
+    with pytest.raises(consul.ConsulException) as err:
+        await c.txn.put([kv("set", "untouched", Value=b64("v")), kv("lock", "ld", Session=sid)])
+    assert conflict(err)["Errors"] == [
+        {"OpIndex": 1, "What": 'failed to lock key "ld" due to lock delay'}
+    ]
+    assert (await c.kv.get("untouched"))[1] is None
     out = await c.txn.put([kv("unlock", "l", Value=b64("done"), Session=sid)])
     assert "Session" not in out["Results"][0]["KV"]
     # A Session op ends a session atomically with KV work.
