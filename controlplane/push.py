@@ -276,9 +276,17 @@ class PushServer:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        for s in list(self.sessions.values()):
+        # "Going away" tells sidecars to reconnect (to another replica, or this one
+        # restarted) without counting it as a failure; slow peers get 5 s at most.
+        closing = [
+            s.ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"shutting down")
+            for s in list(self.sessions.values())
+        ]
+        if closing:
             with contextlib.suppress(Exception):
-                await s.ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"shutting down")
+                await asyncio.wait_for(
+                    asyncio.gather(*closing, return_exceptions=True), timeout=5.0
+                )
         # Leave the status in the KV saying these sidecars are no longer connected here.
         now = time.time()
         for s in self.sessions.values():
