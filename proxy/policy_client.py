@@ -64,8 +64,6 @@ class PolicyClient:
         self.acks = 0
         self.nacks = 0
         self.last_nack = ""
-        # Set on every applied or refused snapshot (tests and `tether up` wait on it).
-        self.changed = asyncio.Event()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -209,8 +207,6 @@ class PolicyClient:
         else:
             self.acks += 1
             reply = wire.Ack(snap.version, snap.nonce)
-        self.changed.set()
-        self.changed = asyncio.Event()
         await ws.send_str(wire.encode(reply))
 
     def describe(self) -> dict[str, Any]:
