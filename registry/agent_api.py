@@ -73,12 +73,15 @@ def parse_check(body: Body) -> Obj:
 
     Exactly one of TTL, HTTP or TCP must be given; HTTP and TCP need an Interval.
     """
-    where = body.path or "check"
+
+    def bad(name: str, problem: str) -> BadRequestError:
+        where = f"{body.path}.{name}" if body.path and name else (name or body.path)
+        return BadRequestError(f"Invalid check: {where + ': ' if where else ''}{problem}")
+
     for name, kind in _UNSUPPORTED_CHECKS.items():
         if body.value(name):
-            raise BadRequestError(
-                f"Invalid check {where}: {kind} checks are not supported by this registry"
-                " (use TTL, HTTP or TCP)"
+            raise bad(
+                name, f"{kind} checks are not supported by this registry (use TTL, HTTP or TCP)"
             )
     ttl = body.duration("TTL")
     http = body.text("HTTP")
@@ -87,39 +90,38 @@ def parse_check(body: Body) -> Obj:
     timeout = body.duration("Timeout")
     given = [k for k, v in (("TTL", ttl), ("HTTP", http), ("TCP", tcp)) if v]
     if len(given) != 1:
-        raise BadRequestError(
-            f"Invalid check {where}: exactly one of TTL, HTTP or TCP is required"
-            + (f" (got {', '.join(given)})" if given else "")
-        )
+        got = f" (got {', '.join(given)})" if given else ""
+        raise bad("", f"exactly one of TTL, HTTP or TCP is required{got}")
     definition: dict[str, Any] = {}
-    if ttl is not None and ttl > 0:
+    if ttl is not None:
+        if ttl <= 0:
+            raise bad("TTL", "must be > 0")
         kind = "ttl"
         definition["TTL"] = format_duration(ttl)
     else:
         kind = "http" if http else "tcp"
         if interval is None or interval <= 0:
-            field = f"{body.path}.Interval" if body.path else "Interval"
-            raise BadRequestError(f"Invalid check {where}: {field} must be > 0 for {kind} checks")
+            raise bad("Interval", f"must be > 0 for {kind} checks")
         if timeout is not None and timeout < 0:
-            field = f"{body.path}.Timeout" if body.path else "Timeout"
-            raise BadRequestError(f"Invalid check {where}: {field} must not be negative")
+            raise bad("Timeout", "must not be negative")
         definition["Interval"] = format_duration(interval)
         if timeout:
             definition["Timeout"] = format_duration(timeout)
         if http:
             if not http.startswith(("http://", "https://")):
-                field = f"{body.path}.HTTP" if body.path else "HTTP"
-                raise BadRequestError(f"Invalid check {where}: {field}: not an http(s) URL")
+                raise bad("HTTP", "not an http(s) URL")
+            method = body.text("Method") or "GET"
+            if not re.fullmatch(r"[A-Za-z]+", method):
+                raise bad("Method", f"invalid HTTP method {method!r}")
             definition["HTTP"] = http
-            definition["Method"] = body.text("Method") or "GET"
+            definition["Method"] = method.upper()
             definition["Header"] = _headers(body)
             definition["Body"] = body.text("Body")
             definition["TLSSkipVerify"] = body.flag("TLSSkipVerify")
         else:
             host, sep, port = tcp.rpartition(":")
             if not sep or not host or not port.isdigit():
-                field = f"{body.path}.TCP" if body.path else "TCP"
-                raise BadRequestError(f"Invalid check {where}: {field}: want host:port")
+                raise bad("TCP", "want host:port")
             definition["TCP"] = tcp
     deregister = body.duration("DeregisterCriticalServiceAfter")
     if deregister:
@@ -129,7 +131,9 @@ def parse_check(body: Body) -> Obj:
         "CheckID": body.text("CheckID") or body.text("ID"),
         "Name": body.text("Name"),
         "Notes": body.text("Notes"),
-        "Status": parse_status(status, f"{where}.Status") if status else "",
+        "Status": parse_status(status, f"{body.path}.Status" if body.path else "Status")
+        if status
+        else "",
         "Output": "",
         "ServiceID": body.text("ServiceID"),
         "Type": kind,
@@ -148,6 +152,11 @@ def _headers(body: Body) -> dict[str, list[str]]:
         raise BadRequestError(
             f"Request decode failed: {field}: expected an object of lists of strings"
         )
+    for k, vs in raw.items():
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", k) or any(
+            "\r" in v or "\n" in v for v in vs
+        ):
+            raise BadRequestError(f"Request decode failed: {field}: invalid header {k!r}")
     return {str(k): list(v) for k, v in raw.items()}
 
 
