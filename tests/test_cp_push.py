@@ -659,3 +659,23 @@ async def test_service_defaults_balancer_applied_and_restored() -> None:
     with pytest.raises(PolicyError, match="hashPolicies"):
         await policy.apply(snapshot(5, [bad]))
     assert orders.balancer is original and policy.version == 4
+
+
+def test_status_table() -> None:
+    from controlplane import status
+
+    now = 1_000_000.0
+    recs = [
+        SidecarRecord("default/a/1", "a", "default", "1", "", "r1", acked_version=7,
+                      sent_version=7, sent_hash="h", acked_hash="h", last_seen=now).to_dict(),
+        SidecarRecord("default/b/2", "b", "default", "2", "", "r2", acked_version=5,
+                      sent_version=7, sent_hash="h", nacked_version=7,
+                      error="bad\nregex " * 30, last_seen=now - 90).to_dict(),
+    ]  # fmt: skip
+    lines = status.table(recs, now).splitlines()
+    assert lines[0].split() == ["NAMESPACE", "SERVICE", "INSTANCE", "VERSION", "STATE", "LAST",
+                                "SEEN", "REPLICA", "ERROR"]  # fmt: skip
+    assert lines[1].split()[:6] == ["default", "a", "1", "7", "acked", "now"]
+    assert "5 (refused 7)" in lines[2] and "nacked" in lines[2] and "90s ago" in lines[2]
+    assert lines[2].endswith("...") and "\n" not in lines[2]
+    assert status.summary(recs) == "2 sidecars: 1 acked, 1 nacked"
