@@ -1,8 +1,10 @@
 """The catalog's state operations: nodes, services, checks, health and maintenance.
 
-No HTTP here. Writes are methods that stage changes in the caller's `Txn` and name the
-resources they change (see the data model in the store's docstring); a write that
-changes nothing observable stages nothing, so watchers are not woken for it. Reads
+No HTTP here. Writes are methods that stage changes in the caller's `Txn` and touch
+the resources whose views they change: `nodes`, `node:<name>`, `services`,
+`service:<name>` (its instances, their checks and their nodes' checks), `checks`,
+`agent:services`, `agent:service:<id>`, `agent:checks`. A write that changes nothing
+observable stages nothing, so no watcher wakes for it. Reads
 answer from the committed tables through secondary indexes (service name -> instances,
 node -> services and checks, instance -> checks) that a commit hook keeps current.
 
