@@ -157,9 +157,15 @@ class Sessions:
         """Invalidate every session whose TTL lapsed; returns how many."""
         due = [sid for sid in self.due(now) if self.store.get(TABLE, sid) is not None]
         if due:
-            with self.store.write() as txn:
-                for sid in due:
-                    self.destroy(txn, sid)
+            try:
+                with self.store.write() as txn:
+                    for sid in due:
+                        self.destroy(txn, sid)
+            except Exception:
+                for sid in due:  # not ended: try again on the next pass
+                    self._deadlines[sid] = now
+                    heapq.heappush(self._heap, (now, sid))
+                raise
             self.expired += len(due)
             log.info("sessions expired: %s", ", ".join(due))
         return len(due)

@@ -124,7 +124,8 @@ async def test_lock_contention_and_release(c: Any) -> None:
 
 
 async def test_ttl_expiry_releases_lock_and_lock_delay_holds(c: Any) -> None:
-    holder = await create(c, TTL="0.4s", LockDelay="1s", Name="holder")
+    created = time.monotonic()
+    holder = await create(c, TTL="0.4s", LockDelay="2s", Name="holder")
     waiter = await c.session.create(lock_delay=0)
     assert await c.kv.put("job/lock", "holder", acquire=holder) is True
     started = time.monotonic()
@@ -137,20 +138,20 @@ async def test_ttl_expiry_releases_lock_and_lock_delay_holds(c: Any) -> None:
     assert entry["Value"] == b"holder" and entry["LockIndex"] == 1
     _, gone = await c.session.info(holder)
     assert gone is None
-    # Lock-delay: the key refuses a new holder for 1s after the invalidation.
+    # Lock-delay: the key refuses a new holder for 2s after the invalidation, which came
+    # no earlier than twice the TTL after creation.
     assert await c.kv.put("job/lock", "waiter", acquire=waiter) is False
-    released_at = time.monotonic()
-    got = await wait_until(lambda: c.kv.put("job/lock", "waiter", acquire=waiter), timeout=5)
+    got = await wait_until(lambda: c.kv.put("job/lock", "waiter", acquire=waiter), timeout=8)
     assert got is True
-    assert time.monotonic() - released_at >= 0.7
+    assert time.monotonic() - created >= 0.8 + 2.0
     _, entry = await c.kv.get("job/lock")
     assert entry["Session"] == waiter and entry["LockIndex"] == 2
 
 
 async def test_renew_keeps_a_ttl_session_alive(c: Any) -> None:
-    sid = await create(c, TTL="0.3s")
-    for _ in range(8):  # 1.2s in all, twice the 0.6s the session would last unrenewed
-        await asyncio.sleep(0.15)
+    sid = await create(c, TTL="0.6s")
+    for _ in range(8):  # 1.6s in all, beyond the 1.2s the session would last unrenewed
+        await asyncio.sleep(0.2)
         renewed = await c.session.renew(sid)
         assert renewed["ID"] == sid
     _, info = await c.session.info(sid)
