@@ -64,7 +64,8 @@ async def checks(request: web.Request) -> web.Response:
 async def state(request: web.Request) -> web.Response:
     ctx = context(request)
     want = request.match_info["state"]
-    if want not in (*STATUSES, "any"):
+    # "unknown" is a state py-consul may ask for (older Consul had it); no check is in it.
+    if want not in (*STATUSES, "any", "unknown"):
         raise BadRequestError(f"Invalid state {want!r}: want any, passing, warning or critical")
     grant = ctx.acl.grant(request)
     check_datacenter(request)

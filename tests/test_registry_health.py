@@ -96,6 +96,8 @@ async def test_checks_state_and_node_views(consul_client: Any) -> None:
     assert [ch["CheckID"] for ch in critical] == ["service:a1"]
     _, passing = await c.health.state("passing")
     assert [ch["CheckID"] for ch in passing] == ["serfHealth", "service:b1"]
+    _, unknown = await c.health.state("unknown")
+    assert unknown == []
     _, any_ = await c.health.state("any")
     assert len(any_) == 3
     _, node = await c.health.node("node1")
