@@ -9,6 +9,8 @@ the destination's split choose the service and subset, the request's header edit
 made, and the subset's cluster (its endpoints filtered by Meta) is what the balancer
 picks from. Response header edits (a rule's, and a sticky split's Set-Cookie) are
 handed to the connection (`response_edit`), which makes them on the response head.
+Calls outside the mesh follow MeshConfig's egress policy once there is one (the
+`--egress` flag until then).
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from typing import Any, Literal
 
 from proxy import local_reply
 from proxy.cluster import Cluster, ServiceDirectory
+from proxy.codec import RequestHead
 from proxy.dispatch import OutboundRouter
 from proxy.downstream import RNG, DownstreamConnection, TimeoutPolicy
+from proxy.errors import BadMessageError
 from proxy.listener import Listener, _listen
 from proxy.policy import Policy
 from proxy.pool import Pool, PoolPolicy
 from proxy.stats import ProxyStats
+from proxy.target import Authority, parse_authority
 
 
 class PolicyRouter(OutboundRouter):
@@ -44,6 +49,8 @@ class PolicyRouter(OutboundRouter):
     ) -> None:
         super().__init__(directory, stats, **kw)
         self.policy = policy
+        # The sidecar's --egress, what applies while no MeshConfig says otherwise.
+        self.default_egress: Literal["allow", "deny"] = self.egress
         # Split draws; a seeded one (TETHER_POLICY_SEED) replays the same choices.
         self.rng = rng if rng is not None else RNG
 
@@ -84,8 +91,41 @@ class PolicyRouter(OutboundRouter):
             return None
         return super()._to_cluster(conn, target)
 
+    # -- egress: MeshConfig's policy, when there is one, over the --egress flag ----------
+
+    def _egress_mode(self, host: str) -> Literal["allow", "deny"]:
+        mesh = self.policy.mesh
+        if mesh is None:
+            return self.default_egress
+        eg = mesh.egress
+        return "allow" if eg.mode == "allow" or egress_allowed(host, eg.hosts) else "deny"
+
+    def _egress(self, conn: DownstreamConnection, auth: Authority) -> Pool | None:
+        self.egress = self._egress_mode(auth.host)
+        return super()._egress(conn, auth)
+
+    def connect(self, conn: DownstreamConnection, head: RequestHead) -> tuple[str, int] | None:
+        try:
+            host = parse_authority(head.target, 443).host
+        except BadMessageError:
+            host = ""  # the plain router answers the bad target
+        self.egress = self._egress_mode(host)
+        return super().connect(conn, head)
+
     def __repr__(self) -> str:
         return f"<PolicyRouter {self.policy!r} {super().__repr__()}>"
+
+
+def egress_allowed(host: str, patterns: tuple[str, ...]) -> bool:
+    """`api.example.com` matches itself; `*.example.com` matches every name under it."""
+    for pattern in patterns:
+        p = pattern.lower().rstrip(".")
+        if p.startswith("*."):
+            if host.endswith(p[1:]):
+                return True
+        elif host == p:
+            return True
+    return False
 
 
 async def start_policy_outbound(

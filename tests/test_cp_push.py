@@ -679,3 +679,34 @@ def test_status_table() -> None:
     assert "5 (refused 7)" in lines[2] and "nacked" in lines[2] and "90s ago" in lines[2]
     assert lines[2].endswith("...") and "\n" not in lines[2]
     assert status.summary(recs) == "2 sidecars: 1 acked, 1 nacked"
+
+
+async def test_mesh_config_egress_policy_on_the_outbound_path() -> None:
+    from proxy.policy_router import egress_allowed, start_policy_outbound
+
+    assert egress_allowed("api.example.com", ("*.example.com",))
+    assert not egress_allowed("example.com", ("*.example.com",))
+    assert egress_allowed("a.b", ("A.B.",)) and not egress_allowed("a.bc", ("a.b",))
+    backend = await Backend.start("outside")
+    policy = Policy(StaticDirectory())
+    listener = await start_policy_outbound(StaticDirectory(), policy, port=0, egress="deny")
+    proxy_url = f"http://127.0.0.1:{listener.port}"
+
+    async def status(host: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://{host}:{backend.port}/x", proxy=proxy_url) as resp:
+                return resp.status, resp.headers.get("x-tether-error", "")
+
+    try:
+        # No MeshConfig yet: the sidecar's --egress deny.
+        assert await status("127.0.0.1") == (403, "egress_denied")
+        deny = doc("MeshConfig", "mesh", {"egress": {"mode": "deny", "hosts": ["127.0.0.1"]}})
+        await policy.apply(snapshot(1, [deny]))
+        assert (await status("127.0.0.1"))[0] == 200
+        assert await status("127.0.0.2") == (403, "egress_denied")
+        allow = doc("MeshConfig", "mesh", {"egress": {"mode": "allow"}})
+        await policy.apply(snapshot(2, [allow]))
+        assert (await status("127.0.0.2"))[0] != 403  # allowed (nothing listens there)
+    finally:
+        await listener.aclose()
+        await backend.runner.cleanup()
