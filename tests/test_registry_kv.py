@@ -244,3 +244,47 @@ async def test_bad_parameters_are_400(registry: RegistryServer, bad: str) -> Non
             assert r.status == 400
         async with s.get(f"{_base(registry)}/v1/kv/k") as r:
             assert r.status == 404
+
+
+def test_store_prefix_index_and_ordered_keys(tmp_path: Any) -> None:
+    """The store's sorted indexes: deletions stay visible to a prefix's index."""
+    from registry.store import Store
+
+    store = Store(tmp_path / "s.db")
+    try:
+        with store.write() as txn:
+            for k in ("b/2", "a/1", "b/1", "c"):
+                txn.put("kv", k, {"Key": k})
+                txn.touch(f"kv:{k}")
+        assert store.keys("kv", "b/") == ["b/1", "b/2"]
+        assert store.keys("kv") == ["a/1", "b/1", "b/2", "c"]
+        created = store.index
+        with store.write() as txn:
+            txn.delete("kv", "b/1")
+            txn.touch("kv:b/1")
+        assert store.keys("kv", "b/") == ["b/2"]
+        assert store.prefix_index("kv:b/") == store.index > created
+        assert store.prefix_index("kv:a/") == created
+        assert store.prefix_index("kv:zzz") == 1  # nothing under it: the load index
+        with store.write() as txn:
+            txn.put("kv", "b/0", {"Key": "b/0"})
+            txn.touch("kv:b/0")
+        assert store.keys("kv", "b/") == ["b/0", "b/2"]
+    finally:
+        store.close()
+
+
+async def test_watch_hub_wakes_by_prefix_with_many_watchers() -> None:
+    """Past a few prefix watchers the hub looks up each prefix of a resource instead."""
+    from registry.watch import WatchHub
+
+    hub = WatchHub()
+    prefixes = [f"kv:p{i}/" for i in range(40)] + ["kv:", "kv:p7"]
+    waits = {p: asyncio.ensure_future(hub.wait([], 5, [p])) for p in prefixes}
+    await asyncio.sleep(0.01)
+    hub.notify(["kv:p7/x"])
+    await asyncio.sleep(0.01)
+    woken = {p for p, f in waits.items() if f.done()}
+    assert woken == {"kv:p7/", "kv:", "kv:p7"}
+    hub.close()
+    await asyncio.gather(*waits.values())
