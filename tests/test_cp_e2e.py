@@ -289,6 +289,16 @@ def test_apply_split_header_route_nack_and_control_plane_outage(mesh: Mesh, tmp_
     assert {i: (recs[i]["sent_version"], recs[i]["sent_hash"]) for i in order_ids} == sent
     version = recs[frontend_id]["acked_version"]
 
+    # A bad document through `tether apply`: refused with its path and line, nothing
+    # stored, nothing pushed.
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text(POLICY.replace("weight: 10", "weight: 20"))
+    code, out = tether(m.cp, "apply", "-f", str(bad_file))
+    assert code != 0 and "bad.yaml:" in out and "weight" in out, out
+    time.sleep(0.5)
+    after = sidecars_status(m.cp)
+    assert {i: after[i]["sent_hash"] for i in recs} == {i: recs[i]["sent_hash"] for i in recs}
+
     # A document the sidecars cannot apply (written into the KV behind the API's back:
     # the regex does not compile): NACK, visible in `tether status`, old config serving.
     kv = consul.Consul(host="127.0.0.1", port=m.registry.port)
