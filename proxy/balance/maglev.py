@@ -49,6 +49,8 @@ class Maglev(Balancer):
         self.hash_policies = tuple(hash_policies)
         self.table_size = table_size
         self._table: list[Endpoint] = []
+        self._slots: list[int] = []  # the table as indices into the pool (sorted by id)
+        self._signature: tuple[tuple[str, int], ...] = ()
         self._pool: tuple[Endpoint, ...] = ()
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
@@ -56,7 +58,13 @@ class Maglev(Balancer):
         # By id: the table must not depend on the order discovery lists endpoints in.
         pool = tuple(sorted((ep for ep in self.endpoints if ep.weight > 0), key=_by_id))
         self._pool = pool
-        self._table = [pool[i] for i in self._build(pool)] if pool else []
+        # Discovery re-sends unchanged memberships (every health answer): the table
+        # depends only on ids and weights, so it is rebuilt only when those change.
+        signature = tuple((ep.id, ep.weight) for ep in pool)
+        if signature != self._signature:
+            self._slots = self._build(pool) if pool else []
+            self._signature = signature
+        self._table = [pool[i] for i in self._slots]
 
     def _build(self, pool: Sequence[Endpoint]) -> list[int]:
         m = self.table_size
