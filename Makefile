@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint typecheck pytest bench bench-registry bench-push clean
+.PHONY: up test lint typecheck pytest bench bench-registry bench-push bench-balance clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-registry: $(STAMP)
 
 bench-push: $(STAMP)
 	$(BIN)/python -m bench.push_bench
+
+bench-balance: $(STAMP)
+	$(BIN)/python -m bench.balance_bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
