@@ -419,6 +419,9 @@ async def consul_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         exc.headers["X-Consul-KnownLeader"] = "true"
         exc.headers["X-Consul-LastContact"] = "0"
+        if request.method == "GET":
+            # py-consul reads the index even from a 404 (unknown endpoint) before failing.
+            exc.headers["X-Consul-Index"] = str(ctx.store.index)
         ctx.requests[(request.method, _route_name(request), exc.status)] += 1
         raise
     resp.headers["X-Consul-KnownLeader"] = "true"

@@ -148,6 +148,7 @@ async def test_wrong_method_is_405_and_unknown_is_404(http: aiohttp.ClientSessio
         assert r.status == 405
     async with http.get("/v1/no/such/endpoint") as r:
         assert r.status == 404
+        assert int(r.headers["X-Consul-Index"]) >= 1
     async with http.get("/v1/agent/service/ghost") as r:
         assert r.status == 404
     for path in (
