@@ -181,6 +181,9 @@ def test_default_policy_is_peak_ewma_under_locality() -> None:
 def test_every_policy_builds_and_picks(name: str, cls: type) -> None:
     b = build_balancer(LoadBalancerPolicy.from_dict({"policy": name}))
     assert isinstance(b, cls) and b.name == name
+    assert b.uses_context == (name in ("ring_hash", "maglev"))
+    layered = build_balancer(LoadBalancerPolicy.from_dict({"policy": name}), "z1")
+    assert layered.uses_context == b.uses_context
     b.update([ep("a"), ep("b")])
     assert b.pick(PickContext(hash_key=b"k"), 1.0, random.Random(1)) is not None
 

@@ -63,6 +63,9 @@ class Balancer(ABC):
     """Picks an endpoint; reports None when no endpoint is available."""
 
     name = "base"
+    # Whether `pick` reads its PickContext (the hashing balancers): when False the proxy
+    # can pass one shared empty context instead of building one per request.
+    uses_context = False
 
     def __init__(self) -> None:
         self.endpoints: Sequence[Endpoint] = ()

@@ -44,6 +44,7 @@ class LocalityBalancer(Balancer):
         self.local = make()
         self.remote = make()
         self.name = f"{self.local.name}+locality"
+        self.uses_context = self.local.uses_context
         self._local_eps: tuple[Endpoint, ...] = ()
         self.recount = recount
         self._keep = 1.0  # the share of picks the local zone keeps, cached

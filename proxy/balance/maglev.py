@@ -41,6 +41,7 @@ def _is_prime(n: int) -> bool:
 
 class Maglev(Balancer):
     name = "maglev"
+    uses_context = True
 
     def __init__(self, hash_policies: Sequence[HashPolicy] = (), table_size: int = 16381) -> None:
         super().__init__()

@@ -30,6 +30,7 @@ _MASK = (1 << _SHIFT) - 1
 
 class RingHash(Balancer):
     name = "ring_hash"
+    uses_context = True
 
     def __init__(
         self,
