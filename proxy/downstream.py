@@ -183,6 +183,7 @@ class DownstreamConnection(asyncio.Protocol):
         "req_chunked",
         "req_done",
         "request_bytes",
+        "request_timeout",
         "resp_chunked",
         "resp_state",
         "response_edit",
@@ -239,6 +240,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.request_bytes = b""
         # Set by a router whose route edits response headers (proxy/policy_router.py).
         self.response_edit: Callable[[Fields], None] | None = None
+        # Set by a router whose policy gives this request its own timeout (0: the listener's).
+        self.request_timeout = 0.0
 
     # asyncio.Protocol -----------------------------------------------------------------
 
@@ -423,7 +426,7 @@ class DownstreamConnection(asyncio.Protocol):
             self.ubuf.append(encode_last_chunk(trailers))
         if self.resp_state == R_NONE and self.phase != TUNNEL:
             self.phase = WAIT
-            self.deadline = _monotonic() + self.server.timeouts.request
+            self.deadline = _monotonic() + (self.request_timeout or self.server.timeouts.request)
 
     def _tasks_open(self, target: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
@@ -827,7 +830,7 @@ class DownstreamConnection(asyncio.Protocol):
             if self.resp_state == R_NONE:
                 self.ubuf.clear()
                 message = (
-                    f"no response within {self.server.timeouts.request}s"
+                    f"no response within {self.request_timeout or self.server.timeouts.request}s"
                     if phase == WAIT
                     else f"no progress for {self.server.timeouts.idle}s"
                 )

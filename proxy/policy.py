@@ -289,6 +289,10 @@ class Policy:
         self.hash = ""
         self.applied_at = 0.0
         self.subset_clusters: dict[tuple[str, str, str], SubsetCluster] = {}
+        # Request timeouts: per service (ServiceDefaults), else MeshConfig's, else 0 (the
+        # listener's own).
+        self.request_timeouts: dict[tuple[str, str], float] = {}
+        self.default_request_timeout = 0.0
         # ServiceDefaults' balancers in force, and what each cluster had before them.
         self.balancers: dict[tuple[str, str], balance.LoadBalancerPolicy] = {}
         self._replaced: dict[tuple[str, str], tuple[Cluster, Balancer]] = {}
@@ -367,6 +371,13 @@ class Policy:
                 sc.current()
             # Switch (no await from here on, so no request sees half of it).
             self.table, self.mesh = table, mesh
+            self.request_timeouts = {
+                key: pol.defaults.request_timeout
+                for key, pol in table.services.items()
+                if isinstance(pol.defaults, schema.ServiceDefaultsSpec)
+                and pol.defaults.request_timeout
+            }
+            self.default_request_timeout = mesh.request_timeout if mesh is not None else 0.0
             self._routes = {key: _routing(table.policy(*key)) for key in self._routes}
             for key, pol in table.services.items():
                 self._routes[key] = _routing(pol)

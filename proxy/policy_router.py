@@ -10,7 +10,9 @@ made, and the subset's cluster (its endpoints filtered by Meta) is what the bala
 picks from. Response header edits (a rule's, and a sticky split's Set-Cookie) are
 handed to the connection (`response_edit`), which makes them on the response head.
 Calls outside the mesh follow MeshConfig's egress policy once there is one (the
-`--egress` flag until then).
+`--egress` flag until then). A request to a service with a request timeout
+(ServiceDefaults, else MeshConfig) carries it on the connection (`request_timeout`),
+enforced by the listener's sweep, so at its tick's granularity (1 s by default).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class PolicyRouter(OutboundRouter):
         sp = policy.route(cluster.namespace, cluster.service)
         head = conn.head
         if sp is None or head is None:
+            self._timeout(conn, cluster)
             return super()._to_cluster(conn, cluster)
         decision = policy.table.decide(
             sp,
@@ -89,7 +92,17 @@ class PolicyRouter(OutboundRouter):
                 "is not known yet",
             )
             return None
+        self._timeout(conn, target)
         return super()._to_cluster(conn, target)
+
+    def _timeout(self, conn: DownstreamConnection, cluster: Cluster) -> None:
+        """The destination service's request timeout (ServiceDefaults, else MeshConfig)."""
+        policy = self.policy
+        timeout = policy.request_timeouts.get(
+            (cluster.namespace, cluster.service), policy.default_request_timeout
+        )
+        if timeout:
+            conn.request_timeout = timeout
 
     # -- egress: MeshConfig's policy, when there is one, over the --egress flag ----------
 

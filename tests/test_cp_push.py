@@ -448,12 +448,14 @@ class Backend:
     @classmethod
     async def start(cls, name: str) -> Backend:
         async def who(request: web.Request) -> web.Response:
+            if request.path == "/slow":
+                await asyncio.sleep(5)
             headers = {k.lower(): v for k, v in request.headers.items()}
             return web.json_response({"name": name, "headers": headers})
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", who)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -707,6 +709,50 @@ async def test_mesh_config_egress_policy_on_the_outbound_path() -> None:
         allow = doc("MeshConfig", "mesh", {"egress": {"mode": "allow"}})
         await policy.apply(snapshot(2, [allow]))
         assert (await status("127.0.0.2"))[0] != 403  # allowed (nothing listens there)
+    finally:
+        await listener.aclose()
+        await backend.runner.cleanup()
+
+
+async def test_request_timeouts_of_service_defaults_and_mesh_config() -> None:
+    from proxy.policy_router import start_policy_outbound
+
+    backend = await Backend.start("slow")
+    orders = Cluster("orders", "default")
+    orders.set_endpoints([Endpoint("o1", "127.0.0.1", backend.port)])
+    inventory = Cluster("inventory", "default")
+    inventory.set_endpoints([Endpoint("i1", "127.0.0.1", backend.port)])
+    directory = StaticDirectory([orders, inventory])
+    policy = Policy(directory)
+    await policy.apply(
+        snapshot(
+            1,
+            [
+                doc("ServiceDefaults", "orders", {"requestTimeout": "300ms"}),
+                doc("MeshConfig", "mesh", {"requestTimeout": "1s"}),
+            ],
+        )
+    )
+    listener = await start_policy_outbound(directory, policy, port=0)
+    proxy_url = f"http://127.0.0.1:{listener.port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def timed(service: str) -> tuple[int, str, float]:
+                start = time.monotonic()
+                async with http.get(f"http://{service}/slow", proxy=proxy_url) as resp:
+                    await resp.read()
+                    error = resp.headers.get("x-tether-error", "")
+                    return resp.status, error, time.monotonic() - start
+
+            # Enforced by the listener's sweep (1 s ticks): within a tick of the timeout.
+            status, error, took = await timed("orders")
+            assert (status, error) == (504, "upstream_timeout") and 0.3 <= took < 2.0, took
+            status, error, took = await timed("inventory")  # MeshConfig's 1 s
+            assert (status, error) == (504, "upstream_timeout") and 1.0 <= took < 2.8, took
+            # A fast answer is untouched.
+            async with http.get("http://orders/who", proxy=proxy_url) as resp:
+                assert resp.status == 200
     finally:
         await listener.aclose()
         await backend.runner.cleanup()
