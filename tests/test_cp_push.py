@@ -292,6 +292,7 @@ async def test_apply_makes_subsets_before_routes_and_keeps_old_on_error() -> Non
     assert interest == [("orders", "default")]
     await policy.apply(snapshot(3, [split("orders", 90, 10), HEADER_ROUTE]))
     assert policy.version == 3 and policy.route("default", "orders") is not None
+    assert repr(policy) == f"<Policy v3 {policy.hash} services=1>"
     v2 = policy.subset_cluster("default", "orders", "v2")
     assert v2 is not None and [ep.id for ep in v2.endpoints] == ["o2"]
     # Membership changes reach the subset cluster.
@@ -418,6 +419,8 @@ async def test_reconnect_when_current_sends_nothing(
     assert server.pushes == pushes and sc.client.acks == 1
     rec = server.sessions["default/frontend/f1"].record
     assert rec.state == "acked" and rec.acked_hash == sc.policy.hash
+    assert repr(server) == f"<PushServer {server.replica} v{server.index.version} sidecars=1>"
+    assert repr(sc.client) == f"<PolicyClient default/frontend/f1 connected v{sc.policy.version}>"
     await sc.client.aclose()
 
 
