@@ -168,6 +168,7 @@ class ProcessSet:
         self.registry_port = registry_port
         self.sidecars: list[Sidecar] = []
         self.apps: list[App] = []
+        self.closers: list[Callable[[], None]] = []
 
     def app(self, name: str) -> App:
         a = App(name)
@@ -208,6 +209,8 @@ class ProcessSet:
                 pass
         for a in self.apps:
             a.close()
+        for close in self.closers:
+            close()
 
 
 def processes() -> Iterator[tuple[int, int, int]]:

@@ -8,6 +8,9 @@ tests are synchronous (threads and blocking sockets), so each runs once.
 from __future__ import annotations
 
 import json
+import re
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +37,28 @@ def mesh(
         procs.close()
 
 
+class EchoServer:
+    """A raw TCP echo server (not HTTP) in a thread."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def name_of(body: bytes) -> str:
     return str(json.loads(body)["name"])
 
@@ -41,7 +66,12 @@ def name_of(body: bytes) -> str:
 def test_call_through_two_sidecars(mesh: tuple[RegistryProcess, ProcessSet]) -> None:
     _, procs = mesh
     b_app = procs.app("b-1")
-    sb = procs.sidecar("b", b_app, "--zone", "z1", "--version", "v7", "--meta", "team=x")
+    echo = EchoServer()
+    procs.closers.append(echo.close)
+    sb = procs.sidecar(
+        "b", b_app, "--zone", "z1", "--version", "v7", "--meta", "team=x",
+        "--opaque-port", str(echo.port),
+    )  # fmt: skip
     sa = procs.sidecar("a", procs.app("a-1"))
 
     status, headers, body = sa.call("http://b/who?x=1")
@@ -71,6 +101,18 @@ def test_call_through_two_sidecars(mesh: tuple[RegistryProcess, ProcessSet]) -> 
     assert 'tether_requests_total{listener="outbound",destination="b.default"' in metrics
     _, metrics_b = sb.admin("/stats/prometheus")
     assert 'listener="inbound"' in metrics_b
+
+    # The idle-RSS budget of a sidecar (DESIGN.md): 64 MB, imports included.
+    status_text = Path(f"/proc/{sa.proc.pid}/status").read_text()
+    rss_kb = int(re.search(r"VmRSS:\s+(\d+) kB", status_text).group(1))  # type: ignore[union-attr]
+    assert rss_kb < 64 * 1024, f"sidecar RSS {rss_kb} kB"
+
+    # An opaque port: raw TCP to the app's port, advertised in Meta.
+    opaque = dump["opaque_ports"][str(echo.port)]
+    assert dump["registration"]["payload"]["Meta"]["opaque_ports"] == f"{echo.port}:{opaque}"
+    with socket.create_connection(("127.0.0.1", opaque), timeout=5) as raw:
+        raw.sendall(b"\x00not http\r\n")
+        assert raw.recv(100) == b"\x00not http\r\n"
 
 
 def test_discovery_add_remove_and_sigterm_deregisters(

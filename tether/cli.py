@@ -167,7 +167,10 @@ def sidecar(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    run_async(Sidecar(spec).run())
+    try:
+        run_async(Sidecar(spec).run())
+    except OSError as exc:  # a port in use, an address not on this host
+        raise click.ClickException(f"cannot listen: {exc}") from exc
 
 
 @main.command()
