@@ -245,6 +245,14 @@ backend b
             cmd += ["--profile", str(profile)]
         return self.start(name, cmd, port, PROXY_CPU)
 
+    def relay(self, upstream_port: int) -> Proc:
+        port = free_port()
+        cmd = [
+            sys.executable, "-m", "bench.passthrough",
+            "--port", str(port), "--upstream-port", str(upstream_port),
+        ]  # fmt: skip
+        return self.start("relay", cmd, port, PROXY_CPU)
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
@@ -363,6 +371,35 @@ def profile_summary(stats_file: Path, requests: int, top: int = 14) -> list[tupl
     return rows[:top]
 
 
+def perf_split(proc: Proc, seconds: float) -> list[tuple[str, float]]:
+    """Where one Tether hop's CPU goes, by binary (perf sampling), if perf is here."""
+    if shutil.which("perf") is None:
+        return []
+    data = Path(tempfile.gettempdir()) / f"tether-bench-{os.getpid()}.perf"
+    rec = subprocess.Popen(
+        ["perf", "record", "-q", "-F", "999", "-o", str(data), "-p", str(proc.popen.pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wrk(proc.port, "svc", seconds)
+    finally:
+        rec.send_signal(signal.SIGINT)
+        rec.wait(30)
+    out = subprocess.run(
+        ["perf", "report", "-i", str(data), "--sort", "dso", "--stdio"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    data.unlink(missing_ok=True)
+    rows = []
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+(\S+)", line)
+        if m and not line.lstrip().startswith("#"):
+            rows.append((m.group(2), float(m.group(1))))
+    return rows[:8]
+
+
 # -- report ------------------------------------------------------------------------------
 
 
@@ -448,6 +485,7 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
     ngx2_b = fleet.nginx_proxy("nginx-b", up.port)
     ngx2_a = fleet.nginx_proxy("nginx-a", ngx2_b.port)
     hap = fleet.haproxy(up.port)
+    relay = fleet.relay(up.port)
     t1 = fleet.tether("tether", ["outbound", "--cluster", f"svc=127.0.0.1:{up.port}"])
     tin = fleet.tether("tether-in", ["inbound", "--app-port", str(up.port)])
     tout = fleet.tether("tether-out", ["outbound", "--cluster", f"svc=127.0.0.1:{tin.port}"])
@@ -455,6 +493,7 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
         Path_("direct", up.port, "localhost", [], 0),
         Path_("nginx", ngx.port, "localhost", [ngx], 1),
         Path_("haproxy", hap.port, "localhost", [hap], 1),
+        Path_("python relay (floor)", relay.port, "localhost", [relay], 1),
         Path_("tether", t1.port, "svc", [t1], 1),
         Path_("nginx x2", ngx2_a.port, "localhost", [ngx2_a, ngx2_b], 2),
         Path_("tether x2", tout.port, "svc", [tout, tin], 2),
@@ -513,10 +552,11 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
     tp = fleet.tether(
         "tether-profiled", ["outbound", "--cluster", f"svc=127.0.0.1:{up.port}"], profile=prof_file
     )
-    wrk(tp.port, "svc", 1.0)
+    _, _, _, warm_requests = wrk(tp.port, "svc", 1.0)
     _, _, _, prof_requests = wrk(tp.port, "svc", args.seconds)
     tp.stop()
-    prof_rows = profile_summary(prof_file, prof_requests + 1)
+    prof_rows = profile_summary(prof_file, prof_requests + warm_requests)
+    perf_rows = perf_split(t1, args.seconds)
 
     chart(paths, DOCS / "bench_data_plane.png")
     now = datetime.datetime.now(datetime.UTC)
@@ -582,7 +622,20 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
         "| function | µs/request (own) | calls |",
         "|---|---|---|",
         *[f"| `{name}` | {us:.2f} | {calls} |" for name, us, calls in prof_rows],
+        "",
+        "(`flush` and `run` include uvloop's socket calls, which cProfile cannot see"
+        " separately: the writes and the event loop's reads.)",
     ]
+    if perf_rows:
+        lines += [
+            "",
+            "Where one Tether hop's CPU goes, by binary (perf, sampled at 999 Hz under the"
+            " same load; `libpython` is the interpreter running our Python code):",
+            "",
+            "| binary | share |",
+            "|---|---|",
+            *[f"| `{dso}` | {pct:.1f}% |" for dso, pct in perf_rows],
+        ]
     return "\n".join(lines) + "\n"
 
 
