@@ -45,6 +45,26 @@ def split_key(key: str) -> tuple[str, str]:
     return node, item_id
 
 
+def connect_target(svc: Obj) -> str:
+    """The service a Connect proxy (or a Connect-native service) stands for, or ""."""
+    if svc.get("Kind") == "connect-proxy":
+        proxy = svc.get("Proxy")
+        if isinstance(proxy, dict):
+            return str(proxy.get("DestinationServiceName") or "")
+        return ""
+    connect = svc.get("Connect")
+    if isinstance(connect, dict) and connect.get("Native") is True:
+        return str(svc["Service"])
+    return ""
+
+
+def view_resources(svc: Obj) -> list[str]:
+    """The resources whose views show instance `svc`: its service, and its Connect target."""
+    target = connect_target(svc)
+    name = f"service:{svc['Service']}"
+    return [name, f"connect:{target}"] if target else [name]
+
+
 def _same(old: Obj | None, new: Obj) -> bool:
     """Whether `new` equals `old` apart from the indexes (a no-op write)."""
     if old is None:
@@ -75,6 +95,8 @@ class Catalog:
         self._chk_by_svc: dict[str, set[str]] = {}
         self._chk_svc: dict[str, str] = {}
         self._node_level: dict[str, set[str]] = {}  # node -> its checks of no service
+        self._connect: dict[str, set[str]] = {}  # service -> its proxies (and native self)
+        self._connect_of: dict[str, str] = {}
         for key, svc in store.table("services").items():
             self._index_service(key, svc)
         for key, chk in store.table("checks").items():
@@ -89,6 +111,10 @@ class Catalog:
         self._svc_name[key] = name
         self._svc_by_name.setdefault(name, set()).add(key)
         self._svc_by_node.setdefault(svc["Node"], set()).add(key)
+        target = connect_target(svc)
+        if target:
+            self._connect_of[key] = target
+            self._connect.setdefault(target, set()).add(key)
 
     def _unindex_service(self, key: str) -> None:
         name = self._svc_name.pop(key, None)
@@ -96,6 +122,9 @@ class Catalog:
             return
         _discard(self._svc_by_name, name, key)
         _discard(self._svc_by_node, split_key(key)[0], key)
+        target = self._connect_of.pop(key, None)
+        if target is not None:
+            _discard(self._connect, target, key)
 
     def _index_check(self, key: str, chk: Obj) -> None:
         self._unindex_check(key)
@@ -148,16 +177,19 @@ class Catalog:
         """A change that every view of `node` shows, including its services' views."""
         txn.touch("nodes", f"node:{node}")
         for svc in self._txn_node_services(txn, node):
-            txn.touch(f"service:{svc['Service']}")
+            txn.touch(*view_resources(svc))
 
     def _touch_check(self, txn: Txn, chk: Obj) -> None:
         node = chk["Node"]
         txn.touch("checks", f"node:{node}")
         if chk.get("ServiceID"):
             txn.touch(f"service:{chk['ServiceName']}")
+            svc = txn.get("services", item_key(node, chk["ServiceID"]))
+            if svc is not None:
+                txn.touch(*view_resources(svc))
         else:
             for svc in self._txn_node_services(txn, node):
-                txn.touch(f"service:{svc['Service']}")
+                txn.touch(*view_resources(svc))
         if node == self.node:
             txn.touch("agent:checks")
 
@@ -240,11 +272,11 @@ class Catalog:
         _stamp(txn, old, new)
         txn.put("services", key, new)
         name = new["Service"]
-        txn.touch(f"service:{name}", f"node:{node}")
+        txn.touch(*view_resources(new), f"node:{node}")
         if old is None or old["Service"] != name or old["Tags"] != new["Tags"]:
             txn.touch("services")
-        if old is not None and old["Service"] != name:
-            txn.touch(f"service:{old['Service']}")
+        if old is not None:
+            txn.touch(*view_resources(old))
         if node == self.node:
             txn.touch("agent:services", f"agent:service:{svc['ID']}")
         if old is not None and (old["Service"] != name or old["Tags"] != new["Tags"]):
@@ -261,7 +293,7 @@ class Catalog:
         for chk in self.txn_service_checks(txn, node, service_id):
             self.delete_check(txn, node, chk["CheckID"])
         txn.delete("services", key)
-        txn.touch("services", f"service:{old['Service']}", f"node:{node}")
+        txn.touch("services", *view_resources(old), f"node:{node}")
         if node == self.node:
             txn.touch("agent:services", f"agent:service:{service_id}")
         return True
@@ -444,14 +476,27 @@ class Catalog:
         table = self.store.table("checks")
         return [table[k] for k in sorted(table) if state == "any" or table[k]["Status"] == state]
 
-    def health(self, name: str, tags: Iterable[str] = (), passing: bool = False) -> list[Obj]:
+    def connect_instances(self, name: str, tags: Iterable[str] = ()) -> list[Obj]:
+        """Connect-capable instances for `name`: its proxies and Connect-native instances."""
+        table = self.store.table("services")
+        want = set(tags)
+        out = [table[k] for k in sorted(self._connect.get(name, ()))]
+        if want:
+            out = [s for s in out if want.issubset(s["Tags"])]
+        return out
+
+    def health(
+        self, name: str, tags: Iterable[str] = (), passing: bool = False, connect: bool = False
+    ) -> list[Obj]:
         """`/v1/health/service/<name>`: each instance with its node and its checks.
 
         `passing` drops an instance when any of its checks, node checks included, is not
-        passing (a warning drops it too, as in Consul).
+        passing (a warning drops it too, as in Consul). `connect` answers for the
+        service's Connect proxies instead (`/v1/health/connect/<name>`).
         """
         out: list[Obj] = []
-        for svc in self.instances(name, tags):
+        found = self.connect_instances(name, tags) if connect else self.instances(name, tags)
+        for svc in found:
             checks = self.instance_checks(svc["Node"], svc["ID"])
             if passing and any(c["Status"] != PASSING for c in checks):
                 continue

@@ -218,6 +218,15 @@ async def services(request: web.Request) -> web.Response:
 
 
 async def service(request: web.Request) -> web.Response:
+    return await _service(request, connect=False)
+
+
+async def connect(request: web.Request) -> web.Response:
+    """`/v1/catalog/connect/<name>`: the Connect proxies (and native instances) of `name`."""
+    return await _service(request, connect=True)
+
+
+async def _service(request: web.Request, *, connect: bool) -> web.Response:
     ctx = context(request)
     name = request.match_info["name"]
     ctx.acl.require(request, "service", name, "read")
@@ -226,10 +235,11 @@ async def service(request: web.Request) -> web.Response:
     meta = node_meta_query(request)
     tags = request.query.getall("tag", [])
     grant = ctx.acl.grant(request)
-    index = await block(request, [f"service:{name}"])
+    index = await block(request, [f"connect:{name}" if connect else f"service:{name}"])
     cat = ctx.catalog
     items = []
-    for svc in cat.instances(name, tags):
+    found = cat.connect_instances(name, tags) if connect else cat.instances(name, tags)
+    for svc in found:
         node = cat.get_node(svc["Node"])
         if node_matches(node, meta) and grant.allows("node", svc["Node"], "read"):
             items.append(service_node(svc, node))

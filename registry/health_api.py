@@ -25,6 +25,15 @@ from registry.http import (
 
 
 async def service(request: web.Request) -> web.Response:
+    return await _service(request, connect=False)
+
+
+async def connect(request: web.Request) -> web.Response:
+    """`/v1/health/connect/<name>`: the Connect proxies of `name`, with their checks."""
+    return await _service(request, connect=True)
+
+
+async def _service(request: web.Request, *, connect: bool) -> web.Response:
     ctx = context(request)
     name = request.match_info["name"]
     ctx.acl.require(request, "service", name, "read")
@@ -34,10 +43,10 @@ async def service(request: web.Request) -> web.Response:
     tags = request.query.getall("tag", [])
     passing = query_flag(request, "passing")
     grant = ctx.acl.grant(request)
-    index = await block(request, [f"service:{name}"])
+    index = await block(request, [f"connect:{name}" if connect else f"service:{name}"])
     items = [
         e
-        for e in ctx.catalog.health(name, tags, passing)
+        for e in ctx.catalog.health(name, tags, passing, connect=connect)
         if node_matches(e["Node"], meta) and grant.allows("node", e["Node"]["Node"], "read")
     ]
     return reply(apply_filter(flt, items), index)

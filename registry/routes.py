@@ -48,10 +48,12 @@ def register(app: web.Application) -> None:
     r.add_get("/v1/catalog/nodes", catalog_api.nodes)
     r.add_get("/v1/catalog/services", catalog_api.services)
     r.add_get("/v1/catalog/service/{name}", catalog_api.service)
+    r.add_get("/v1/catalog/connect/{name}", catalog_api.connect)
     r.add_get("/v1/catalog/node/{node}", catalog_api.node)
     r.add_get("/v1/catalog/node-services/{node}", catalog_api.node_services)
     # Health
     r.add_get("/v1/health/service/{name}", health_api.service)
+    r.add_get("/v1/health/connect/{name}", health_api.connect)
     r.add_get("/v1/health/checks/{name}", health_api.checks)
     r.add_get("/v1/health/state/{state}", health_api.state)
     r.add_get("/v1/health/node/{node}", health_api.node)

@@ -25,6 +25,13 @@ async def read(c: Any, path: str, index: int | None = None, wait: str = "10s") -
 
 async def _seed(c: Any) -> None:
     await c.agent.service.register("web", service_id="web1", port=80, check=consul.Check.ttl("60s"))
+    await c.agent.service.register(
+        "web-sidecar-proxy",
+        service_id="web1-proxy",
+        port=21001,
+        kind="connect-proxy",
+        proxy={"DestinationServiceName": "web", "LocalServicePort": 80},
+    )
     await c.catalog.register("n2", "10.0.0.2", service={"Service": "db", "ID": "db1", "Port": 1})
 
 
@@ -55,6 +62,16 @@ async def _move_n2(c: Any) -> None:
     await c.catalog.register("n2", "10.0.0.22")
 
 
+async def _new_proxy(c: Any) -> None:
+    await c.agent.service.register(
+        "web-sidecar-proxy",
+        service_id="other1",  # removed again between routes
+        port=21000,
+        kind="connect-proxy",
+        proxy={"DestinationServiceName": "web", "LocalServicePort": 80},
+    )
+
+
 async def _node_check(c: Any) -> None:
     await c.agent.check.register("disk", check=consul.Check.ttl("60s"))
 
@@ -74,6 +91,8 @@ ROUTES: dict[str, tuple[str, Mutation]] = {
     "/v1/catalog/node/{node}": ("/v1/catalog/node/n2", _move_n2),
     "/v1/catalog/node-services/{node}": ("/v1/catalog/node-services/n2", _move_n2),
     "/v1/health/service/{name}": ("/v1/health/service/web", _node_check),
+    "/v1/catalog/connect/{name}": ("/v1/catalog/connect/web", _new_proxy),
+    "/v1/health/connect/{name}": ("/v1/health/connect/web", _node_check),
     "/v1/health/checks/{name}": ("/v1/health/checks/web", _pass_web),
     "/v1/health/state/{state}": ("/v1/health/state/any", _pass_web),
     "/v1/health/node/{node}": ("/v1/health/node/node1", _pass_web),

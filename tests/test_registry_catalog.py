@@ -121,3 +121,31 @@ async def test_other_datacenter_is_an_error(consul_client: Any) -> None:
     with pytest.raises(consul.ConsulException) as err:
         await consul_client.catalog.nodes(dc="dc9")
     assert "No path to datacenter" in str(err.value)
+
+
+async def test_connect_views_list_proxies_and_native_instances(consul_client: Any) -> None:
+    c = consul_client
+    await c.agent.service.register("web", service_id="web1", port=80)
+    await c.agent.service.register(
+        "web-sidecar-proxy",
+        service_id="web1-proxy",
+        port=21000,
+        kind="connect-proxy",
+        proxy={"DestinationServiceName": "web", "LocalServicePort": 80},
+        check=consul.Check.ttl("60s"),
+    )
+    await c.catalog.register(
+        "n2", "10.0.0.2", service={"Service": "web", "ID": "webn", "Connect": {"Native": True}}
+    )
+    _, proxies = await c.catalog.connect("web")
+    assert [(p["ServiceID"], p["ServiceKind"]) for p in proxies] == [
+        ("webn", ""),
+        ("web1-proxy", "connect-proxy"),
+    ]
+    _, healthy = await c.health.connect("web", passing=True)
+    assert [e["Service"]["ID"] for e in healthy] == ["webn"]  # the proxy's TTL is critical
+    await c.agent.check.ttl_pass("service:web1-proxy")
+    _, healthy = await c.health.connect("web", passing=True)
+    assert [e["Service"]["ID"] for e in healthy] == ["webn", "web1-proxy"]
+    _, none = await c.catalog.connect("db")
+    assert none == []
