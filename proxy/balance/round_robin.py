@@ -39,6 +39,9 @@ class WeightedRoundRobin(Balancer):
         if self.slow_start is not None:
             self._ramp_ends = self.slow_start.ramp_ends(self._pool)
         self._edf_stale = True
+        # The rotation restarts at a random place (drawn at the next pick), as Envoy's
+        # does, so sidecars that learn of the same change do not all start at one endpoint.
+        self._next = -1
 
     def pick(self, ctx: PickContext, now: float, rng: random.Random) -> Endpoint | None:
         if self._weighted or now < self._ramp_ends:
@@ -50,6 +53,8 @@ class WeightedRoundRobin(Balancer):
         pool = self._pool
         n = len(pool)
         i = self._next
+        if i < 0:
+            i = int(rng.random() * n)
         for _ in range(n):
             if i >= n:
                 i = 0
