@@ -12,6 +12,7 @@ import re
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -118,7 +119,7 @@ def test_call_through_two_sidecars(mesh: tuple[RegistryProcess, ProcessSet]) -> 
 def test_discovery_add_remove_and_sigterm_deregisters(
     mesh: tuple[RegistryProcess, ProcessSet],
 ) -> None:
-    _, procs = mesh
+    reg, procs = mesh
     sb1 = procs.sidecar("b", procs.app("b-1"))
     sa = procs.sidecar("a", procs.app("a-1"))
     assert sa.call("http://b/who")[0] == 200  # A now watches b
@@ -137,6 +138,8 @@ def test_discovery_add_remove_and_sigterm_deregisters(
     poll(lambda: sa.endpoint_ids("b") == {sb1.instance_id}, 5, "B2 removed")
     assert time.monotonic() - start < 1.0
     assert sb2.proc.wait(20) == 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{reg.port}/v1/catalog/service/b") as r:
+        assert [e["ServiceID"] for e in json.load(r)] == [sb1.instance_id]
     assert {name_of(sa.call("http://b/who")[2]) for _ in range(4)} == {"b-1"}
 
 
