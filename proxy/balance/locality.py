@@ -79,8 +79,9 @@ class LocalityBalancer(Balancer):
                 return ep
             return self.remote.pick(ctx, now, rng)
         ep = self.remote.pick(ctx, now, rng)
-        if ep is None and keep > 0.0:
-            # Nowhere else to go: a degraded local zone beats no answer.
+        if ep is None:
+            # Nowhere else to go: a degraded local zone beats no answer (and the cached
+            # share may be older than a local endpoint's return).
             return self.local.pick(ctx, now, rng)
         return ep
 

@@ -11,7 +11,7 @@ heavier endpoint of a pair would win every tie), so, as Envoy's least-request ba
 does, picks go through an EDF scheduler over `weight / cost ** bias`: proportional to
 weight when costs are equal, shifted away from costlier endpoints.
 
-Subclasses define `cost(ep, now)` (> 0; lower is better).
+Subclasses define `cost(ep, now)` (>= 0; lower is better).
 """
 
 from __future__ import annotations
