@@ -273,3 +273,31 @@ def test_locality_layer_feeds_outcomes_to_the_side_that_picked() -> None:
     assert isinstance(b.local, PeakEwma) and isinstance(b.remote, PeakEwma)
     assert b.local.estimate(local, 1.05) == pytest.approx(0.05)
     assert b.remote.estimate(local, 1.05) == b.remote.default_rtt  # never told about it
+
+
+# --- ring hash: incremental rebuilds ----------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [RingHash, Maglev])
+def test_incremental_rebuilds_equal_a_fresh_build(cls: type) -> None:
+    """A ring (table) changed step by step maps keys exactly as one built from scratch."""
+    rng = random.Random(14)
+    live = RingHash(ring_size=64) if cls is RingHash else Maglev(table_size=1021)
+    members: dict[str, int] = {f"e{i}": 1 for i in range(5)}
+    for step in range(40):
+        action = rng.random()
+        if action < 0.4 or len(members) < 2:
+            members[f"n{step}"] = rng.choice([1, 1, 2, 3])
+        elif action < 0.7:
+            del members[rng.choice(sorted(members))]
+        else:
+            members[rng.choice(sorted(members))] = rng.choice([1, 2, 5])
+        eps = [ep(k, w) for k, w in members.items()]
+        rng.shuffle(eps)
+        live.update(eps)
+        fresh = RingHash(ring_size=64) if cls is RingHash else Maglev(table_size=1021)
+        fresh.update([ep(k, w) for k, w in sorted(members.items())])
+        for k in range(300):
+            ctx = PickContext(hash_key=b"k%d" % k)
+            a, b = live.pick(ctx, 0.0, rng), fresh.pick(ctx, 0.0, rng)
+            assert a is not None and b is not None and a.id == b.id, (step, k)
