@@ -53,11 +53,17 @@ def main() -> None:
     "--management-token",
     envvar="TETHER_MANAGEMENT_TOKEN",
     default=None,
-    help="Token every write must carry (X-Consul-Token); open when unset.",
+    help="Turns ACLs on (default deny); this token may do everything. Open when unset.",
 )
 @click.option("--node", default=None, help="Node name (default: the host name).")
 @click.option("--datacenter", default="dc1", show_default=True)
 @click.option("--fsync/--no-fsync", default=False, help="fsync every write (power-loss safe).")
+@click.option(
+    "--session-ttl-min",
+    default="10s",
+    show_default=True,
+    help="Shortest session TTL accepted (Consul's session_ttl_min).",
+)
 def registry(
     host: str,
     port: int,
@@ -66,10 +72,16 @@ def registry(
     node: str | None,
     datacenter: str,
     fsync: bool,
+    session_ttl_min: str,
 ) -> None:
     """Run the embedded registry (a Consul-compatible HTTP API)."""
-    from registry.http import RegistrySpec
+    from registry.http import RegistrySpec, parse_duration
     from registry.server import serve
+
+    try:
+        ttl_min = parse_duration(session_ttl_min)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--session-ttl-min") from exc
 
     spec = RegistrySpec(
         host=host,
@@ -79,6 +91,7 @@ def registry(
         node=node or socket.gethostname(),
         datacenter=datacenter,
         fsync=fsync,
+        session_ttl_min=ttl_min,
     )
     run_async(serve(spec))
 
