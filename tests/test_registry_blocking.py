@@ -124,7 +124,7 @@ async def test_every_get_route_blocks_until_its_resource_changes(consul_client: 
         await mutate(c)
         new_index, _ = await asyncio.wait_for(waiter, 5)
         assert new_index > index, route
-        assert time.monotonic() - started < 2, route
+        assert time.monotonic() - started < 4, route  # woken, not timed out (10 s)
         # Undo what the mutations left behind that would stop the next one changing things.
         await c.agent.maintenance(False)
         await c.agent.check.deregister("disk")
@@ -142,7 +142,7 @@ async def test_blocking_times_out_with_the_same_index(consul_client: Any) -> Non
         took = time.monotonic() - started
         assert again == index, path
         # wait plus at most wait/16 of jitter, and some scheduling slack
-        assert 0.28 <= took < 1.5, (path, took)
+        assert 0.28 <= took < 3, (path, took)
 
 
 async def test_a_change_to_one_service_does_not_wake_another(consul_client: Any) -> None:
@@ -152,8 +152,8 @@ async def test_a_change_to_one_service_does_not_wake_another(consul_client: Any)
     index, _ = await read(c, "/v1/health/service/web")
     cindex, _ = await read(c, "/v1/catalog/service/web")
     waiters = [
-        asyncio.ensure_future(read(c, "/v1/health/service/web", index, wait="1s")),
-        asyncio.ensure_future(read(c, "/v1/catalog/service/web", cindex, wait="1s")),
+        asyncio.ensure_future(read(c, "/v1/health/service/web", index, wait="2s")),
+        asyncio.ensure_future(read(c, "/v1/catalog/service/web", cindex, wait="2s")),
     ]
     await asyncio.sleep(0.05)
     # Changes to api, to db on another node, and to the KV-free rest of the catalog.
@@ -194,7 +194,7 @@ async def test_many_watchers_one_wakes(consul_client: Any, registry: RegistrySer
         await c.agent.service.register(n, service_id=n, port=1)
     indexes = {n: (await read(c, f"/v1/health/service/{n}"))[0] for n in names}
     waiters = {
-        n: asyncio.ensure_future(read(c, f"/v1/health/service/{n}", indexes[n], wait="2s"))
+        n: asyncio.ensure_future(read(c, f"/v1/health/service/{n}", indexes[n], wait="30s"))
         for n in names
     }
     deadline = time.monotonic() + 5

@@ -110,12 +110,12 @@ async def test_checks_state_and_node_views(consul_client: Any) -> None:
 
 async def test_ttl_expiry_and_reset(consul_client: Any) -> None:
     c = consul_client
-    await c.agent.check.register("beat", check=consul.Check.ttl("400ms"))
+    await c.agent.check.register("beat", check=consul.Check.ttl("1s"))
     await c.agent.check.ttl_pass("beat", "alive")
     assert await check_status(c, "beat")() == "passing"
     # Passing again within the TTL keeps it passing past the first deadline.
-    for _ in range(3):
-        await asyncio.sleep(0.2)
+    for _ in range(5):
+        await asyncio.sleep(0.3)
         await c.agent.check.ttl_pass("beat", "alive")
     assert await check_status(c, "beat")() == "passing"
     assert await eventually(check_status(c, "beat"), "critical") == "critical"
