@@ -237,7 +237,11 @@ def _tokens(src: str) -> list[tuple[str, str, int]]:
         if kind != "ws":
             text = m.group()
             if kind == "str":
-                text = json.loads(text)
+                try:
+                    text = json.loads(text)
+                except ValueError as exc:
+                    line = src.count("\n", 0, pos) + 1
+                    raise RuleError(f"line {line}: bad string {text}: {exc}") from exc
             out.append((kind, text, src.count("\n", 0, pos) + 1))
         pos = m.end()
     return out

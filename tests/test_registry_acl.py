@@ -86,6 +86,9 @@ def test_json_forms_and_merge_precedence() -> None:
         'key_prefix "" { policy = "read" ',
         "key_prefix { = }",
         '{"key_prefix": ',
+        'key_prefix "\\q" { policy = "read" }',
+        '{"key_prefix": {"": "read"}}',
+        "[1, 2]",
     ],
 )
 def test_bad_rules_are_rejected(bad: str) -> None:
