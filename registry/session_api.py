@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from aiohttp import web
 
 from registry.errors import BadRequestError, NotFoundError
@@ -30,6 +32,8 @@ def _lock_delay(body: Body) -> float:
     if raw is None:
         return DEFAULT_LOCK_DELAY
     if isinstance(raw, int | float) and not isinstance(raw, bool):
+        if not math.isfinite(raw):
+            raise BadRequestError("Request decode failed: LockDelay: not a finite number")
         return float(raw) if raw < _LOCK_DELAY_SECONDS_BELOW else float(raw) / 1e9
     delay = body.duration("LockDelay")
     return DEFAULT_LOCK_DELAY if delay is None else delay

@@ -86,6 +86,9 @@ async def test_create_validation(c: Any) -> None:
         ({"TTL": "soon"}, "TTL"),
         ({"Behavior": "explode"}, "Invalid Behavior"),
         ({"LockDelay": "61s"}, "Lock delay"),
+        ({"LockDelay": float("nan")}, "LockDelay"),
+        ({"LockDelay": True}, "LockDelay"),
+        ({"TTL": 30}, "TTL"),
         ({"Node": "ghost"}, "Missing node registration"),
         ({"NodeChecks": ["nope"]}, "Missing check 'nope' registration"),
     ]:
