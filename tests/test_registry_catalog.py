@@ -7,6 +7,9 @@ from typing import Any
 import consul
 import pytest
 
+from registry.catalog import Catalog
+from registry.store import Store
+
 
 async def _register_fleet(c: Any) -> None:
     await c.catalog.register(
@@ -149,3 +152,63 @@ async def test_connect_views_list_proxies_and_native_instances(consul_client: An
     assert [e["Service"]["ID"] for e in healthy] == ["webn", "web1-proxy"]
     _, none = await c.catalog.connect("db")
     assert none == []
+
+
+def _svc(name: str, sid: str, tags: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "ID": sid,
+        "Service": name,
+        "Tags": tags or [],
+        "Address": "",
+        "Port": 1,
+        "Meta": {},
+        "Weights": {"Passing": 1, "Warning": 1},
+        "TaggedAddresses": {},
+        "EnableTagOverride": False,
+        "Kind": "",
+    }
+
+
+def test_catalog_touches_exactly_the_views_that_change() -> None:
+    store = Store(None)
+    cat = Catalog(store, "n1", "dc1", "127.0.0.1")
+    with store.write() as txn:
+        cat.ensure_local_node(txn)
+        cat.ensure_node(txn, "n2", "10.0.0.2")
+    with store.write() as txn:
+        cat.put_service(txn, "n1", _svc("a", "a1"))
+        cat.put_service(txn, "n1", _svc("b", "b1"))
+        cat.put_service(txn, "n2", _svc("c", "c1"))
+        cat.put_check(txn, "n1", {"CheckID": "a-ttl", "ServiceID": "a1", "Type": "ttl"})
+    assert cat.get_check("n1", "a-ttl")["ServiceName"] == "a"  # type: ignore[index]
+
+    # A service check: only that service's views.
+    with store.write() as txn:
+        cat.set_check_status(txn, "n1", "a-ttl", "passing", "ok")
+        assert txn.touched == {"checks", "node:n1", "service:a", "agent:checks"}
+    # A node check: every service on that node, and nothing on other nodes.
+    with store.write() as txn:
+        cat.set_check_status(txn, "n1", "serfHealth", "critical", "down")
+        assert txn.touched == {"checks", "node:n1", "service:a", "service:b", "agent:checks"}
+    # The same status and output again: nothing staged, nobody woken.
+    before = store.index
+    with store.write() as txn:
+        cat.set_check_status(txn, "n1", "serfHealth", "critical", "down")
+        cat.put_service(txn, "n1", _svc("a", "a1"))
+        cat.ensure_node(txn, "n2", "10.0.0.2")
+        assert txn.empty
+    assert store.index == before
+    # A retag changes the name list and the service's checks carry the new tags.
+    with store.write() as txn:
+        cat.put_service(txn, "n1", _svc("a", "a1", ["new"]))
+        assert {"services", "service:a", "agent:service:a1"} <= txn.touched
+    assert cat.get_check("n1", "a-ttl")["ServiceTags"] == ["new"]  # type: ignore[index]
+    # Moving a node touches its services' views (their addresses changed).
+    with store.write() as txn:
+        cat.ensure_node(txn, "n2", "10.0.0.22")
+        assert txn.touched == {"nodes", "node:n2", "service:c"}
+    # Deleting a node takes its services and checks with it.
+    with store.write() as txn:
+        cat.delete_node(txn, "n1")
+    assert cat.instances("a") == [] and cat.node_checks("n1") == []
+    assert cat.service_names() == {"c": []}
