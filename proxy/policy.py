@@ -361,7 +361,8 @@ class Policy:
                 if subset is None or parent is None:
                     continue  # an unknown service: requests to it fail as without policy
                 old = self.subset_clusters.get((ns, svc, name))
-                if old is not None and old.parent is parent and old.subset == subset:
+                same_lb = self.balancers.get((ns, svc)) == lb.get((ns, svc))
+                if old is not None and old.parent is parent and old.subset == subset and same_lb:
                     made[(ns, svc, name)] = old
                 else:
                     made[(ns, svc, name)] = SubsetCluster(
@@ -411,8 +412,10 @@ class Policy:
                 return found
             try:
                 return await asyncio.wait_for(self.directory.resolve(ns, svc), self.resolve_timeout)
-            except (TimeoutError, OSError) as exc:
-                log.info("policy: %s.%s not resolved yet (%s)", svc, ns, exc)
+            except Exception as exc:
+                # Discovery's trouble is not the snapshot's fault: no NACK for it; the
+                # subset is built when the service shows up (`subset_cluster`).
+                log.info("policy: %s.%s not resolved yet (%r)", svc, ns, exc)
                 return None
 
         found = await asyncio.gather(*(one(ns, svc) for ns, svc in keys))
