@@ -258,6 +258,7 @@ class PushServer:
         self._nonces = itertools.count(1)
         self._dirty: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closers: set[asyncio.Task[bool]] = set()
         self._closing = False
         self.pushes = 0
         self.kv_writes = 0
@@ -400,7 +401,9 @@ class PushServer:
         if old is not None:
             # The same sidecar again (a reconnect raced its old connection's end).
             old.record.connected = False
-            asyncio.get_running_loop().create_task(old.ws.close())
+            task = asyncio.get_running_loop().create_task(old.ws.close())
+            self._closers.add(task)
+            task.add_done_callback(self._closers.discard)
         rec = SidecarRecord(
             id=node.key,
             service=node.service,

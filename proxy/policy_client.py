@@ -69,6 +69,7 @@ class PolicyClient:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._connected_at = 0.0
+        self._sends: set[asyncio.Task[None]] = set()
 
     # -- interest ------------------------------------------------------------------------
 
@@ -81,7 +82,9 @@ class PolicyClient:
         ws = self._ws
         if ws is not None and not ws.closed and self.connected:
             msg = wire.encode(wire.Interest(add=(key,)))
-            asyncio.get_running_loop().create_task(self._send_quiet(ws, msg))
+            task = asyncio.get_running_loop().create_task(self._send_quiet(ws, msg))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
 
     async def _send_quiet(self, ws: aiohttp.ClientWebSocketResponse, text: str) -> None:
         # A send that fails means the connection is going; the hello after the reconnect
