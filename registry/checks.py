@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 
 import aiohttp
@@ -83,9 +84,10 @@ class _Running:
 
 
 class CheckRunner:
-    def __init__(self, store: Store, catalog: Catalog) -> None:
+    def __init__(self, store: Store, catalog: Catalog, rng: random.Random | None = None) -> None:
         self.store = store
         self.catalog = catalog
+        self._rng = rng or random.Random()
         self._running: dict[str, _Running] = {}
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,7 +116,9 @@ class CheckRunner:
                         txn, node, chk["CheckID"], CRITICAL, "Registry restarted: no result yet"
                     )
         for chk in self.catalog.node_checks(node):
-            self._sync(chk)
+            # After a restart, spread the first probes over an interval (as Consul does)
+            # rather than firing thousands at once; new checks probe at once.
+            self._sync(chk, stagger=True)
         self.store.on_commit(self._on_commit)
         self._reaper = asyncio.ensure_future(self._reap_loop())
 
@@ -149,7 +153,7 @@ class CheckRunner:
                 if run is not None:
                     run.stop()
 
-    def _sync(self, chk: Obj) -> None:
+    def _sync(self, chk: Obj, stagger: bool = False) -> None:
         cid = chk["CheckID"]
         run = self._running.get(cid)
         sig = _signature(chk)
@@ -176,7 +180,14 @@ class CheckRunner:
             run.ttl = parse_duration(definition["TTL"])
             run.timer = self._loop.call_later(run.ttl, self._expire, cid, sig)
         else:
-            run.task = self._loop.create_task(self._probe_loop(cid, sig, chk["Type"], definition))
+            delay = 0.0
+            if stagger:
+                delay = self._rng.uniform(
+                    0, max(parse_duration(definition["Interval"]), MIN_INTERVAL)
+                )
+            run.task = self._loop.create_task(
+                self._probe_loop(cid, sig, chk["Type"], definition, delay)
+            )
 
     def reset_ttl(self, check_id: str) -> None:
         """Restart a TTL check's clock (after pass/warn/fail or a re-registration)."""
@@ -212,7 +223,10 @@ class CheckRunner:
             output = chk["Output"]
         self._record(check_id, sig, CRITICAL, output)
 
-    async def _probe_loop(self, check_id: str, sig: str, kind: str, definition: Obj) -> None:
+    async def _probe_loop(
+        self, check_id: str, sig: str, kind: str, definition: Obj, delay: float
+    ) -> None:
+        await asyncio.sleep(delay)
         interval = max(parse_duration(definition["Interval"]), MIN_INTERVAL)
         timeout = parse_duration(definition.get("Timeout") or "0") or DEFAULT_TIMEOUT
         while True:

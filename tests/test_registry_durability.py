@@ -3,18 +3,57 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
 import consul
 import consul.aio
+from aiohttp import web
+
+
+async def _app() -> tuple[web.AppRunner, int]:
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="fine")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, int(runner.addresses[0][1])
+
+
+async def _status(c: Any, check_id: str, want: str) -> str:
+    end = time.monotonic() + 10
+    status = ""
+    while time.monotonic() < end:
+        status = (await c.agent.checks())[check_id]["Status"]
+        if status == want:
+            break
+        await asyncio.sleep(0.05)
+    return status
 
 
 async def test_writes_survive_kill_9_and_checks_restart_critical(
     registry_process: Callable[..., Any],
 ) -> None:
     rp = registry_process()
+    app, app_port = await _app()
+    try:
+        await _scenario(rp, app_port)
+    finally:
+        await app.cleanup()
+
+
+async def _scenario(rp: Any, app_port: int) -> None:
     async with consul.aio.Consul(host="127.0.0.1", port=rp.port) as c:
+        await c.agent.check.register(
+            "app-http",
+            check=consul.Check.http(f"http://127.0.0.1:{app_port}/health", "1s"),
+            check_id="app-http",
+        )
+        assert await _status(c, "app-http", "passing") == "passing"
         await c.agent.service.register(
             "orders",
             service_id="orders-1",
@@ -62,6 +101,8 @@ async def test_writes_survive_kill_9_and_checks_restart_critical(
         # The agent identity is stable across restarts.
         me = await c.agent.self()
         assert me["Config"]["NodeName"] == "node1"
+        # The HTTP check is run again after the restart, and passes again.
+        assert await _status(c, "app-http", "passing") == "passing"
         # Writes go on at higher indexes, and TTL checks run again.
         await c.agent.check.ttl_pass("service:orders-1")
         await c.agent.check.ttl_pass("disk")  # a node check: it gates every instance
