@@ -9,12 +9,15 @@ key succeeds.
 
 Every write touches `kv:<key>` (the per-key index; its index after a delete is the
 tombstone prefix watchers see) and `kv` (the table index a missing key reports).
+`Graveyard` forgets old tombstones so that deleted keys do not cost memory forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 from collections.abc import Callable
 
 from registry.errors import BadRequestError
@@ -259,3 +262,45 @@ def delete_tree(txn: Txn, prefix: str) -> int:
     for key in found:
         delete(txn, key)
     return len(found)
+
+
+class Graveyard:
+    """Forgets KV tombstones (Consul's tombstone GC), a server part.
+
+    Every `interval` it forgets the per-key indexes of keys that were already deleted at
+    the previous sweep, so a tombstone lives between one and two intervals. Prefix
+    indexes stay monotonic (`Store.forget` keeps a floor), so a watcher never sees one
+    go backwards; at worst one wakes with unchanged data, as with Consul after a reap.
+    """
+
+    def __init__(self, store: Store, interval: float = 300.0) -> None:
+        self.store = store
+        self.interval = interval
+        self._seen: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.reaped = 0
+
+    def sweep(self) -> int:
+        table = self.store.table(TABLE)
+        now = {r for r in self.store.resources("kv:") if r[3:] not in table}
+        old = self._seen & now
+        self.store.forget(old)
+        self._seen = now - old
+        self.reaped += len(old)
+        return len(old)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="kv-graveyard")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.sweep()
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

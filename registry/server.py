@@ -12,6 +12,7 @@ from aiohttp import web
 from registry import routes
 from registry.checks import CheckRunner
 from registry.http import CONTEXT, MAX_BODY, Context, RegistrySpec, consul_middleware
+from registry.kv import Graveyard
 from registry.metrics import GcPauses, WriteLatency
 from registry.sessions import SessionPolicy, Sessions
 from registry.store import Store
@@ -45,6 +46,7 @@ class RegistryServer:
             "sessions",
             Sessions(self.store, spec.node, SessionPolicy(ttl_min=spec.session_ttl_min)),
         )
+        self.add_part("kv_graveyard", Graveyard(self.store))
         self.add_part("write_latency", WriteLatency(self.store))
         self.add_part("gc_pauses", GcPauses())
         self._runner: web.AppRunner | None = None

@@ -121,6 +121,8 @@ class Store:
         self._tables: dict[str, dict[str, Obj]] = {}
         self._resource_index: dict[str, int] = {}
         self._resource_names: list[str] = []
+        # The highest index of a forgotten resource: prefix indexes never drop below it.
+        self._prefix_floor = 0
         # Sorted keys of the tables someone scanned by prefix (built on first use).
         self._ordered: dict[str, list[str]] = {}
         self._index = 1
@@ -167,13 +169,31 @@ class Store:
 
         Costs the number of resources under the prefix, not the number of resources.
         """
-        best = self._base_index
+        best = max(self._base_index, self._prefix_floor)
         index = self._resource_index
         for res in sorted_range(self._resource_names, prefix):
             idx = index[res]
             if idx > best:
                 best = idx
         return best
+
+    def resources(self, prefix: str) -> list[str]:
+        """The names of the resources with an index that start with `prefix`, in order."""
+        return sorted_range(self._resource_names, prefix)
+
+    def forget(self, resources: Iterable[str]) -> None:
+        """Drop the indexes of resources that name nothing any more (Consul's tombstone
+        reaping). Prefix indexes never go backwards: they stay at or above the highest
+        index forgotten, as Consul's fall back to the table index."""
+        names = self._resource_names
+        for res in resources:
+            idx = self._resource_index.pop(res, None)
+            if idx is None:
+                continue
+            self._prefix_floor = max(self._prefix_floor, idx)
+            i = bisect_left(names, res)
+            if i < len(names) and names[i] == res:
+                del names[i]
 
     def keys(self, tbl: str, prefix: str = "") -> list[str]:
         """The committed keys of `tbl` that start with `prefix`, in order.

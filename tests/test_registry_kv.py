@@ -288,3 +288,28 @@ async def test_watch_hub_wakes_by_prefix_with_many_watchers() -> None:
     assert woken == {"kv:p7/", "kv:", "kv:p7"}
     hub.close()
     await asyncio.gather(*waits.values())
+
+
+def test_graveyard_forgets_tombstones_without_going_backwards(tmp_path: Any) -> None:
+    from registry import kv
+    from registry.store import Store
+
+    store = Store(tmp_path / "g.db")
+    try:
+        with store.write() as txn:
+            kv.put(txn, "t/a", None, 0)
+            kv.put(txn, "t/b", None, 0)
+            kv.put(txn, "u/c", None, 0)
+        with store.write() as txn:
+            kv.delete(txn, "t/a")
+        deleted_at = store.index
+        yard = kv.Graveyard(store)
+        assert yard.sweep() == 0  # first seen: kept one more interval
+        assert kv.tree_index(store, "t/") == deleted_at
+        assert yard.sweep() == 1
+        assert store.resources("kv:t/") == ["kv:t/b"]
+        # The prefix's index holds at the forgotten tombstone's, never lower.
+        assert kv.tree_index(store, "t/") == deleted_at
+        assert kv.tree_index(store, "u/") == deleted_at  # Consul's table-index fallback
+    finally:
+        store.close()
