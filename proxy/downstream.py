@@ -508,7 +508,7 @@ class DownstreamConnection(asyncio.Protocol):
             conn = pool.acquire(self)
         except PoolOverflowError as e:
             self.ubuf.clear()
-            self.local_reply(local_reply.OVERFLOW, str(e))
+            self.local_reply(local_reply.DRAINING if pool.closed else local_reply.OVERFLOW, str(e))
             return
         if conn is None:
             self.waiting = pool
@@ -603,7 +603,14 @@ class DownstreamConnection(asyncio.Protocol):
     def on_response_head(self, rhead: ResponseHead) -> None:
         head = self.head
         assert head is not None
-        status = self.status = rhead.status
+        status = rhead.status
+        if status == 101 and head.upgrade is None:
+            raise BadMessageError(
+                "101 to a request that asked for no upgrade",
+                status=502,
+                reason=local_reply.UPSTREAM_PROTOCOL_ERROR,
+            )
+        self.status = status
         self.resp_state = R_HEAD
         self.phase = ACTIVE
         headers = rhead.headers
@@ -615,12 +622,6 @@ class DownstreamConnection(asyncio.Protocol):
         if self.server.draining:
             self.keep_alive = False
         if status == 101:
-            if head.upgrade is None:
-                raise BadMessageError(
-                    "101 to a request that asked for no upgrade",
-                    status=502,
-                    reason=local_reply.UPSTREAM_PROTOCOL_ERROR,
-                )
             self.resp_state = R_SWITCHING
             headers.append((b"Connection", b"upgrade"))
             headers.append((b"Upgrade", rhead.upgrade or head.upgrade))

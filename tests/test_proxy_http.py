@@ -792,3 +792,130 @@ async def test_streaming_upload_and_download_keep_memory_bounded(mesh: Mesh) -> 
         print(f"{host!r}: peak RSS grew by {growth_mb:.1f} MB")
         assert growth_mb <= 16, f"{host!r}: peak RSS grew by {growth_mb:.1f} MB"
     server.close()
+
+
+# ---------------------------------------------------------------------------------------
+# pool behaviour and edge cases
+
+
+async def test_idle_connection_closed_by_upstream_is_dropped_from_the_pool(mesh: Mesh) -> None:
+    async def once(up: RawUpstream, data: bytes) -> bytes | None:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" if b"\r\n\r\n" in data else b""
+
+    up = RawUpstream(once, close_after=True)  # answers, then closes: keep-alive over
+    await up.start()
+    add_cluster(mesh, "flaky", up.port)
+    c = await RawClient.open(mesh.outbound.port)
+    await c.send(b"GET /1 HTTP/1.1\r\nHost: flaky\r\n\r\n")
+    assert (await c.response())[0] == 200
+    (pool,) = [p for p in mesh.outbound.pools() if p.name.startswith("flaky")]
+    for _ in range(100):
+        if pool.size == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert pool.size == 0 and not pool.idle
+    await c.send(b"GET /2 HTTP/1.1\r\nHost: flaky\r\n\r\n")
+    status, _, body, _ = await c.response()
+    assert status == 200 and body == b"ok"
+    assert up.connections == 2
+    c.close()
+    await up.aclose()
+
+
+async def test_reused_connection_closed_by_upstream_before_answer_is_retried(mesh: Mesh) -> None:
+    seen = 0
+
+    async def answer_then_drop_next(up: RawUpstream, data: bytes) -> bytes | None:
+        nonlocal seen
+        if b"\r\n\r\n" not in data:
+            return b""
+        seen += 1
+        if seen == 2:
+            return None  # the second request on the kept connection: hang up, no answer
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    up = RawUpstream(answer_then_drop_next)
+    await up.start()
+    add_cluster(mesh, "drop", up.port)
+    for i in range(2):
+        status, _, body, _ = await request(
+            mesh.outbound.port, b"GET /%d HTTP/1.1\r\nHost: drop\r\n\r\n" % i
+        )
+        assert status == 200 and body == b"ok", i
+    assert up.connections == 2  # the retry went out on a fresh connection
+    await up.aclose()
+
+
+async def test_pool_overflow_answers_503(mesh: Mesh) -> None:
+    from proxy.pool import Pool, PoolPolicy
+
+    async def never(up: RawUpstream, data: bytes) -> bytes | None:
+        await asyncio.sleep(30)
+        return b""
+
+    up = RawUpstream(never)
+    await up.start()
+    add_cluster(mesh, "tiny", up.port)
+    router = mesh.outbound.router
+    tiny = PoolPolicy(max_connections=1, max_pending=0)
+    router._pools[("127.0.0.1", up.port)] = Pool("127.0.0.1", up.port, tiny, name="tiny")  # type: ignore[attr-defined]
+    first = await RawClient.open(mesh.outbound.port)
+    await first.send(b"GET / HTTP/1.1\r\nHost: tiny\r\n\r\n")
+    await asyncio.sleep(0.1)
+    await _assert_local(
+        mesh.outbound.port, b"GET / HTTP/1.1\r\nHost: tiny\r\n\r\n", 503, "overflow"
+    )
+    first.close()
+    await up.aclose()
+
+
+async def test_unasked_101_and_head_through_chunked_upstream(mesh: Mesh) -> None:
+    async def reply(up: RawUpstream, data: bytes) -> bytes | None:
+        if b"\r\n\r\n" not in data:
+            return b""
+        if data.startswith(b"HEAD"):
+            return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+
+    up = RawUpstream(reply)
+    await up.start()
+    add_cluster(mesh, "odd", up.port)
+    c = await RawClient.open(mesh.outbound.port)
+    await c.send(b"HEAD / HTTP/1.1\r\nHost: odd\r\n\r\n")
+    status, headers, _, _ = await c.response(head_request=True)
+    assert status == 200 and "content-length" not in headers
+    # The connection is still in step: the next response parses.
+    await c.send(b"GET / HTTP/1.1\r\nHost: odd\r\n\r\n")
+    status, headers, _, _ = await c.response()
+    assert status == 502 and headers["x-tether-error"] == ["upstream_protocol_error"]
+    c.close()
+    # A local reply to HEAD has no body.
+    c = await RawClient.open(mesh.outbound.port)
+    await c.send(b"HEAD / HTTP/1.1\r\nHost: nosuch\r\n\r\nGET / HTTP/1.1\r\nHost: orders\r\n\r\n")
+    status, headers, _, _ = await c.response(head_request=True)
+    assert status == 404 and int(headers["content-length"][0]) > 0
+    assert (await c.response())[0] == 200
+    c.close()
+    await up.aclose()
+
+
+async def test_inbound_drain_and_prometheus_pools(mesh: Mesh) -> None:
+    status, _, _, _ = await request(mesh.outbound.port, b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n")
+    assert status == 200
+    text = mesh.stats.render_prometheus()
+    assert 'tether_upstream_pool_connections{pool="app",state="idle"} 1' in text
+    assert "tether_request_duration_seconds_bucket" in text
+    (pool,) = [p for p in mesh.outbound.pools() if p.name.startswith("orders")]
+    assert pool.size == 1
+    assert await mesh.inbound.drain(2.0) is True
+    # Drain closed the idle keep-alive connection; the pool noticed.
+    for _ in range(100):
+        if pool.size == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert pool.size == 0
+    # The inbound no longer accepts: the outbound reports the connect failure.
+    status, headers, _, _ = await request(
+        mesh.outbound.port, b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n"
+    )
+    assert status == 502 and headers["x-tether-error"] == ["upstream_connect_error"]
