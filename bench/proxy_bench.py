@@ -88,7 +88,7 @@ def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 15.0) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -560,17 +560,16 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
         "tether-stream-out", ["outbound", "--cluster", f"stream=127.0.0.1:{sin.port}"]
     )
     time.sleep(0.3)
-    base = {p.name: p.rss_mb() for p in (sout, sin)}
-    for p in (sout, sin):
-        reset_peak(p.popen.pid)
+    base = {sp.name: sp.rss_mb() for sp in (sout, sin)}
+    for sp in (sout, sin):
+        reset_peak(sp.popen.pid)
     t0 = time.monotonic()
     asyncio.run(_stream_on_port(sout.port, stream_mb * 1024 * 1024, srv_port))
     elapsed = time.monotonic() - t0
-    for p in (sout, sin):
-        growth = peak_rss_mb(p.popen.pid) - base[p.name]
-        stream_lines.append(
-            f"| {p.name} | {base[p.name]:.1f} | {peak_rss_mb(p.popen.pid):.1f} | {growth:+.1f} |"
-        )
+    for sp in (sout, sin):
+        peak = peak_rss_mb(sp.popen.pid)
+        growth = peak - base[sp.name]
+        stream_lines.append(f"| {sp.name} | {base[sp.name]:.1f} | {peak:.1f} | {growth:+.1f} |")
     throughput = 2 * stream_mb / elapsed
 
     # Profile one Tether hop under the same load.
@@ -606,7 +605,7 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
         runs = p.runs
 
         def med(f: Any, runs: list[Run] = runs) -> float:
-            return statistics.median(f(r) for r in runs)
+            return float(statistics.median(f(r) for r in runs))
 
         if p.hops == 1:
             x = f"{ratio(p.name, 'nginx'):.2f}"

@@ -624,7 +624,7 @@ class DownstreamConnection(asyncio.Protocol):
         if status == 101:
             self.resp_state = R_SWITCHING
             headers.append((b"Connection", b"upgrade"))
-            headers.append((b"Upgrade", rhead.upgrade or head.upgrade))
+            headers.append((b"Upgrade", rhead.upgrade or head.upgrade or b""))
             self.wbuf.append(encode_response_head(status, rhead.reason, headers))
             return
         if status in _NO_BODY or head.method == b"HEAD":
