@@ -353,8 +353,16 @@ class RequestCodec:
     def on_message_complete(self) -> None:
         trailers = self._trailers
         self.in_body = False
-        self._new_head()
-        self.sink.on_request_end(_clean_trailers(trailers) if trailers else None)
+        # self._new_head(), inlined: this runs once per request
+        self._head = RequestHead()
+        self._url = b""
+        self._size = 0
+        self._te = None
+        if trailers:
+            self._trailers = None
+            self.sink.on_request_end(_clean_trailers(trailers))
+        else:
+            self.sink.on_request_end(None)
 
     def __repr__(self) -> str:
         state = "upgraded" if self.upgraded else ("body" if self.in_body else "head")

@@ -498,9 +498,15 @@ class DownstreamConnection(asyncio.Protocol):
         if head.upgrade is not None:
             headers.append((b"Connection", b"upgrade"))
             headers.append((b"Upgrade", head.upgrade))
-        self.request_bytes = encode_request_head(head.method, self.path, headers)
-        self.ubuf.insert(0, self.request_bytes)
+        self.request_bytes = data = encode_request_head(head.method, self.path, headers)
+        self.ubuf.insert(0, data)
         self.pool = pool
+        idle = pool.idle
+        if idle:
+            conn = idle.pop()  # the common case, pool.acquire() inlined
+            if not conn.closed:
+                self._attach(conn)
+                return
         self._acquire(pool)
 
     def _acquire(self, pool: Pool) -> None:
@@ -662,7 +668,14 @@ class DownstreamConnection(asyncio.Protocol):
         if self.resp_chunked:
             self.wbuf.append(encode_last_chunk(trailers))
         self.resp_state = R_DONE
-        now = self._account(self.status, self.status < 500)
+        now = _monotonic()
+        latency = now - self.start
+        status = self.status
+        ep = self.endpoint
+        if ep is not None and self.balancer is not None:
+            self.balancer.on_end(ep, now, latency, status < 500)
+        if self.dstats is not None:
+            self.dstats.record(status, latency)
         conn = self.upstream
         self.upstream = None
         if conn is not None:

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.upstream import UpstreamConnection
+from proxy.upstream import UNOWNED, UpstreamConnection
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,11 @@ class Pool:
             pass
 
     def release(self, conn: UpstreamConnection, now: float) -> None:
-        conn.unbind()
         codec = conn.codec
+        conn.sink = None  # conn.unbind(), inlined: this runs once per request
+        codec.sink = UNOWNED
+        if conn.reading_paused:
+            conn.resume()
         if conn.closed or not conn.keep_alive or codec.in_body or codec.upgraded or self.closed:
             conn.close()
             return
