@@ -131,6 +131,7 @@ class Sidecar:
             self.client,
             RegistrationSpec(
                 service=spec.service,
+                instance_id=self.instance_id,
                 address=spec.advertised,
                 port=self.inbound.port,
                 app_port=spec.app_port,
@@ -157,6 +158,14 @@ class Sidecar:
         spec = self.spec
         assert self.directory is not None
         self.stats = ProxyStats()
+        # Inbound first: its port names the instance (registration, control plane).
+        self.inbound = await start_inbound(
+            spec.app_port,
+            stats=self.stats,
+            host=spec.inbound_host,
+            port=spec.inbound_port,
+            app_host=spec.app_host,
+        )
         if spec.controlplane:
             self.outbound = await self._start_policy_outbound()
         else:
@@ -168,13 +177,6 @@ class Sidecar:
                 namespace=spec.namespace,
                 egress=spec.egress,
             )
-        self.inbound = await start_inbound(
-            spec.app_port,
-            stats=self.stats,
-            host=spec.inbound_host,
-            port=spec.inbound_port,
-            app_host=spec.app_host,
-        )
         # An opaque app port is exposed to the mesh as raw TCP on a port of its own,
         # advertised in Meta `opaque_ports` as "APP_PORT:LISTEN_PORT,...".
         for app_port in spec.opaque_ports:
@@ -196,7 +198,7 @@ class Sidecar:
         node = push_codec.NodeIdentity(
             service=spec.service,
             namespace=spec.namespace,
-            instance=f"{spec.service}-{spec.advertised}-{spec.inbound_port or os.getpid()}",
+            instance=self.instance_id,
             zone=spec.zone,
         )
         self.policy_client = PolicyClient(spec.controlplane, node, policy)
@@ -213,6 +215,10 @@ class Sidecar:
         )
         self.policy_client.start()
         return listener
+
+    @property
+    def instance_id(self) -> str:
+        return f"{self.spec.service}-{self.spec.advertised}-{self.inbound.port}"
 
     def _meta(self) -> dict[str, str]:
         meta = dict(self.spec.meta)
