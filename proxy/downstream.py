@@ -72,6 +72,7 @@ R_SWITCHING = 2
 R_DONE = 3
 
 _NO_BODY = frozenset({204, 304})
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _VIA11 = (b"Via", b"1.1 tether")
 _VIA10 = (b"Via", b"1.0 tether")
 
@@ -276,12 +277,13 @@ class DownstreamConnection(asyncio.Protocol):
             self.deadline = _monotonic() + self.server.timeouts.header_read
 
     def eof_received(self) -> bool:
-        # A client may half-close after its request and still read the response.
+        # A client may half-close after its request and still read the response; one
+        # that half-closes in the middle of its request body abandoned it.
         self.keep_alive = False
         if not self.active:
             self.close()
             return False
-        return True
+        return self.req_done
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.phase == TUNNEL:
@@ -568,10 +570,12 @@ class DownstreamConnection(asyncio.Protocol):
             and not self.retried
             and head is not None
             and not head.has_body
+            and head.method in _IDEMPOTENT
             and self.pool is not None
         ):
-            # A reused keep-alive connection the server closed as we sent: the request
-            # never reached it, so it is safe to send again on another connection.
+            # A reused keep-alive connection the server closed as we sent (its idle
+            # timeout raced our request): sent again once on another connection, for
+            # idempotent methods only (RFC 9110 9.2.2).
             self._account(0, False, record=False)
             self.retried = True
             self.ubuf.clear()

@@ -919,3 +919,13 @@ async def test_inbound_drain_and_prometheus_pools(mesh: Mesh) -> None:
         mesh.outbound.port, b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n"
     )
     assert status == 502 and headers["x-tether-error"] == ["upstream_connect_error"]
+
+
+async def test_half_close_after_request_still_gets_the_response(mesh: Mesh) -> None:
+    c = await RawClient.open(mesh.outbound.port)
+    await c.send(b"GET /slow?s=0.1 HTTP/1.1\r\nHost: orders\r\n\r\n")
+    c.writer.write_eof()
+    status, headers, body, _ = await c.response()
+    assert status == 200 and headers["connection"] == ["close"]
+    assert app_seen(body)["path"] == "/slow?s=0.1"
+    assert await c.closed()
