@@ -304,42 +304,63 @@ async def run_up(spec: UpSpec) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     mesh = Mesh(spec, sink)
+    stopping = False
+
+    async def watch_exits() -> None:
+        while True:
+            child = await mesh.launcher.next_exit()
+            if not stopping:  # a crash, not our doing: say so where the user looks
+                sink("tether up", f"{child.name} exited with status {child.returncode}")
+
+    async def serve(session: Any) -> None:
+        await mesh.start(session)
+        ready = await mesh.wait_ready(session, 60)
+        print("\n".join(mesh.listing()), flush=True)
+        print("tether up: ready" if ready else "tether up: not every sidecar is ready yet",
+              flush=True)  # fmt: skip
+        if view:
+            from rich.live import Live
+
+            with Live(render(mesh, logs), refresh_per_second=2, screen=False) as live:
+                while True:
+                    await mesh.poll(session)
+                    live.update(render(mesh, logs))
+                    await asyncio.sleep(1.0)
+        last = 0.0
+        while True:
+            await asyncio.sleep(1.0)
+            if time.monotonic() - last >= 10:
+                last = time.monotonic()
+                await mesh.poll(session)
+                calls = ", ".join(f"{i.name}={i.inbound_total:.0f}" for i in mesh.instances)
+                print(f"tether up: calls in: {calls}", flush=True)
+
     code = 0
+    watcher = asyncio.ensure_future(watch_exits())
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-            await mesh.start(session)
-            ready = await mesh.wait_ready(session, 60)
-            print("\n".join(mesh.listing()), flush=True)
-            print("tether up: ready" if ready else "tether up: not every sidecar is ready yet",
-                  flush=True)  # fmt: skip
-            if view:
-                from rich.live import Live
-
-                with Live(render(mesh, logs), refresh_per_second=2, screen=False) as live:
-                    while not stop.is_set():
-                        await mesh.poll(session)
-                        live.update(render(mesh, logs))
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stop.wait(), 1.0)
-            else:
-                last = 0.0
-                while not stop.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1.0)
-                    if time.monotonic() - last >= 10:
-                        last = time.monotonic()
-                        await mesh.poll(session)
-                        calls = ", ".join(f"{i.name}={i.inbound_total:.0f}" for i in mesh.instances)
-                        print(f"tether up: calls in: {calls}", flush=True)
+            # Ctrl-C is honoured at any point, during start-up too.
+            main_task = asyncio.ensure_future(serve(session))
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({main_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (main_task, stopper):
+                t.cancel()
+            await asyncio.gather(stopper, return_exceptions=True)
+            try:
+                await main_task
+            except asyncio.CancelledError:
+                pass
     except Exception as exc:
         print(f"tether up: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
+        stopping = True
         print("tether up: draining and stopping everything ...", flush=True)
         # A second Ctrl-C must not cut the shutdown short and leave processes behind.
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: None)
         await mesh.stop()
+        watcher.cancel()
         print("tether up: stopped", flush=True)
     return code
 
