@@ -98,6 +98,14 @@ def namespaces_in_catalog(entries: Any) -> set[str]:
     return {instance_namespace(e.get("ServiceMeta")) for e in entries if isinstance(e, dict)}
 
 
+def _health(ep: Endpoint, now: float) -> str:
+    if ep.draining:
+        return "draining"
+    if not ep.healthy:
+        return "critical"
+    return "ejected" if now < ep.ejected_until else "passing"
+
+
 def _signature(endpoints: Iterable[Endpoint]) -> tuple[Any, ...]:
     return tuple(
         (ep.id, ep.host, ep.port, ep.weight, ep.zone, tuple(sorted(ep.meta.items())))
@@ -239,6 +247,7 @@ class ConsulDirectory:
 
     def describe(self) -> list[dict[str, Any]]:
         out = []
+        now = self.clock()
         for (ns, svc), cluster in sorted(self.clusters.items()):
             watch = self.watches.get(svc)
             out.append(
@@ -259,9 +268,7 @@ class ConsulDirectory:
                             "weight": ep.weight,
                             "zone": ep.zone,
                             "version": ep.meta.get("version", ""),
-                            "health": "draining"
-                            if ep.draining
-                            else ("passing" if ep.healthy else "critical"),
+                            "health": _health(ep, now),
                             "active_requests": ep.active,
                         }
                         for ep in cluster.endpoints
