@@ -171,3 +171,32 @@ async def test_registration_retries_until_registry_is_up(app: dict[str, Any]) ->
         await client.close()
         if server is not None:
             await server.aclose()
+
+
+async def test_registration_carries_the_acl_token(app: dict[str, Any]) -> None:
+    import consul.aio
+
+    from registry.http import RegistrySpec
+    from registry.server import RegistryServer
+
+    server = RegistryServer(RegistrySpec(port=0, node="n1", management_token="s3cret"))
+    await server.start()
+    spec = RegistrationSpec(service="acl", address="127.0.0.1", port=4321, app_port=app["port"])
+    anonymous = consul.aio.Consul(host="127.0.0.1", port=server.port, token="")
+    with_token = consul.aio.Consul(host="127.0.0.1", port=server.port, token="s3cret")
+    denied = Registration(anonymous, spec, backoff=BackoffPolicy(0.05, 2, 0.1))
+    allowed = Registration(with_token, spec)
+    try:
+        denied.start()
+        await until(lambda: denied.last_error is not None, 5)
+        assert not denied.registered and "ermission" in (denied.last_error or "")
+        await denied.deregister()
+        allowed.start()
+        await allowed.wait_registered(5)
+        _, nodes = await with_token.health.service("acl")
+        assert [n["Service"]["ID"] for n in nodes] == [spec.instance_id]
+        assert await allowed.deregister()
+    finally:
+        await anonymous.close()
+        await with_token.close()
+        await server.aclose()

@@ -105,6 +105,7 @@ class Launcher:
             cwd=spec.cwd,
             start_new_session=True,
             preexec_fn=_die_with_parent,
+            limit=1 << 20,  # lines up to 1 MiB arrive whole
         )
         child = Child(spec, proc)
         self.children[spec.name] = child
