@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -46,6 +47,7 @@ class App:
     def __init__(self, name: str) -> None:
         self.name = name
         self.hits = 0
+        self.conns: set[socket.socket] = set()
         app = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,6 +55,14 @@ class App:
 
             def log_message(self, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                app.conns.add(self.connection)
+
+            def finish(self) -> None:
+                app.conns.discard(self.connection)
+                super().finish()
 
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
@@ -80,8 +90,14 @@ class App:
         self.thread.start()
 
     def close(self) -> None:
+        """Stop as a dying process would: keep-alive connections are cut too."""
         self.server.shutdown()
         self.server.server_close()
+        for conn in list(self.conns):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class Sidecar:

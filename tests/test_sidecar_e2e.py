@@ -142,6 +142,13 @@ def test_discovery_add_remove_and_sigterm_deregisters(
         assert [e["ServiceID"] for e in json.load(r)] == [sb1.instance_id]
     assert {name_of(sa.call("http://b/who")[2]) for _ in range(4)} == {"b-1"}
 
+    # An app that dies fails its health check (1 s interval here): out of rotation,
+    # and with no instance left the caller gets 503 no_healthy_upstream, not a 404.
+    procs.apps[0].close()
+    poll(lambda: sa.endpoint_ids("b") == set(), 6, "dead app removed")
+    status, headers, _ = sa.call("http://b/who")
+    assert status == 503 and headers["x-tether-error"] == "no_healthy_upstream"
+
 
 def test_registry_down_serves_from_cache(mesh: tuple[RegistryProcess, ProcessSet]) -> None:
     reg, procs = mesh
