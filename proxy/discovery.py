@@ -195,14 +195,16 @@ class ConsulDirectory:
                 return None
         watch.last_used = self.clock()
         if namespace not in watch.namespaces:
-            watch.namespaces.add(namespace)
-            cluster = self.clusters.setdefault(key, self._new_cluster(namespace, service))
             if watch.reached and namespace not in watch.known:
                 # An answered watch has not been asked about this namespace yet: whether
-                # it holds only failing instances is a question for the catalog.
+                # it holds only failing instances is a question for the catalog. (The
+                # namespace joins the watch after the answer, so a concurrent resolve
+                # asks too rather than reading "unknown" too early.)
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(self.first_answer_timeout):
                         await self._learn_namespaces(watch)
+            watch.namespaces.add(namespace)
+            self.clusters.setdefault(key, self._new_cluster(namespace, service))
             self._apply(watch)
         if not watch.answered.is_set():
             with contextlib.suppress(TimeoutError):
@@ -231,9 +233,7 @@ class ConsulDirectory:
             tasks.append(self._probe)
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.watches.clear()
 
     def watch(self, namespace: str, service: str) -> None:

@@ -235,8 +235,7 @@ class Registration:
         self.deregistered = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if not self.registered:
             return False
