@@ -25,6 +25,7 @@ def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tether.cli", "up", "--registry-port", str(free_port()),
+             "--controlplane-port", str(free_port()),
              "--no-view", "--drain-seconds", "2", "--rate", "5"],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -38,8 +39,8 @@ def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
         )
         text = log.read_text()
         started = descendants(proc.pid)
-        # registry + 5 apps + 5 sidecars, each its own child
-        assert len(started) >= 11, text
+        # registry + control plane + 5 apps + 5 sidecars, each its own child
+        assert len(started) >= 12, text
         m = re.search(r"curl -x http://127\.0\.0\.1:(\d+) http://frontend/", text)
         assert m is not None, text
         conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=15)
@@ -51,6 +52,19 @@ def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
         assert resp.status == 200, body
         assert body["frontend"] == "frontend-1"
         assert body["order"]["service"] == "orders" and body["order"]["stock"]["item"]
+
+        # Every sidecar holds the control plane's push connection.
+        admin = re.search(r"frontend-1 .* admin=127\.0\.0\.1:(\d+)", text)
+        assert admin is not None, text
+
+        def pushed() -> bool:
+            conn = http.client.HTTPConnection("127.0.0.1", int(admin.group(1)), timeout=5)
+            conn.request("GET", "/config_dump")
+            dump = json.loads(conn.getresponse().read())
+            conn.close()
+            return bool(dump["controlplane"]["connected"])
+
+        poll(pushed, 15, "frontend's sidecar connected to the control plane")
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0

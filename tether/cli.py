@@ -191,12 +191,30 @@ def sidecar(
 @click.option("--rate", default=2.0, show_default=True, help="Requests/s frontend drives.")
 @click.option("--drain-seconds", default=5.0, show_default=True, type=float)
 @click.option("--view/--no-view", default=None, help="Live view (default: on a terminal).")
-def up(registry_port: int | None, rate: float, drain_seconds: float, view: bool | None) -> None:
-    """Run a live local mesh: the registry, the demo apps and a sidecar each."""
+@click.option("--controlplane/--no-controlplane", default=True, show_default=True)
+@click.option("--controlplane-port", type=int, default=None, help="Default: 15010 if free.")
+def up(
+    registry_port: int | None,
+    rate: float,
+    drain_seconds: float,
+    view: bool | None,
+    controlplane: bool,
+    controlplane_port: int | None,
+) -> None:
+    """Run a live local mesh: registry, control plane, demo apps and a sidecar each."""
     from tether.up import UpSpec
     from tether.up import main as run_up
 
-    run_up(UpSpec(registry_port, rate, drain_seconds, view))
+    run_up(
+        UpSpec(
+            registry_port=registry_port,
+            rate=rate,
+            drain_seconds=drain_seconds,
+            view=view,
+            controlplane=controlplane,
+            controlplane_port=controlplane_port,
+        )
+    )
 
 
 @main.command()

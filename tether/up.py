@@ -69,6 +69,10 @@ class UpSpec:
     drain_seconds: float = 5.0
     view: bool | None = None  # None: a live view when stdout is a terminal
     check_interval: float = 2.0
+    # A control plane too (15010 if free), so `tether apply -f examples/policies/`
+    # steers the demo's traffic (the v1/v2 canary of orders).
+    controlplane: bool = True
+    controlplane_port: int | None = None  # None: 15010 if free, else any free port
 
 
 def free_port() -> int:
@@ -142,6 +146,7 @@ class Mesh:
         self.launcher = Launcher(sink)
         self.instances = [Instance(*row) for row in DEMO]
         self.registry_port = 0
+        self.cp_port = 0
         self.data_dir = Path(tempfile.mkdtemp(prefix="tether-up-"))
 
     async def start(self, session: Any) -> None:
@@ -163,6 +168,21 @@ class Mesh:
             )
         )  # fmt: skip
         await wait_for_port(self.registry_port, 30)
+        registry_env = {"CONSUL_HTTP_ADDR": f"127.0.0.1:{self.registry_port}"}
+        sidecar_extra: list[str] = []
+        if spec.controlplane:
+            self.cp_port = spec.controlplane_port or (15010 if port_is_free(15010) else free_port())
+            await self.launcher.start(
+                ProcessSpec(
+                    "controlplane",
+                    [py, "-m", "tether.cli", "controlplane", "--port", str(self.cp_port)],
+                    env=registry_env,
+                    cwd=ROOT,
+                    stop_timeout=5.0,
+                )
+            )
+            await wait_for_port(self.cp_port, 30)
+            sidecar_extra = ["--controlplane", f"http://127.0.0.1:{self.cp_port}"]
         for inst in sorted(self.instances, key=lambda i: i.service == "frontend"):
             if inst.service == "frontend":
                 await self.wait_ready(session, 30, [i for i in self.instances if i is not inst])
@@ -194,8 +214,8 @@ class Mesh:
                      "--admin-port", str(inst.admin), "--zone", inst.zone,
                      "--version", inst.version, "--meta", f"instance={inst.name}",
                      "--drain-seconds", str(spec.drain_seconds),
-                     "--check-interval", str(spec.check_interval)],
-                    env={"CONSUL_HTTP_ADDR": f"127.0.0.1:{self.registry_port}"},
+                     "--check-interval", str(spec.check_interval), *sidecar_extra],
+                    env=registry_env,
                     cwd=ROOT,
                     stop_timeout=spec.drain_seconds + 5.0,
                 )
@@ -236,6 +256,11 @@ class Mesh:
 
     def listing(self) -> list[str]:
         lines = [f"registry     http://127.0.0.1:{self.registry_port}  (CONSUL_HTTP_ADDR)"]
+        if self.cp_port:
+            cp = f"http://127.0.0.1:{self.cp_port}"
+            lines.append(
+                f"controlplane {cp}  (tether apply -f examples/policies/ --controlplane {cp})"
+            )
         for i in self.instances:
             lines.append(
                 f"{i.name:<12} {i.service} {i.version} {i.zone}  app=127.0.0.1:{i.app_port} "
