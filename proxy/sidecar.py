@@ -84,7 +84,10 @@ class SidecarSpec:
         if self.advertise_host:
             return self.advertise_host
         if self.inbound_host in ("0.0.0.0", "::", ""):
-            return socket.gethostbyname(socket.gethostname())
+            try:
+                return socket.gethostbyname(socket.gethostname())
+            except OSError:  # a host name that does not resolve: say so via --advertise-host
+                return "127.0.0.1"
         return self.inbound_host
 
 
