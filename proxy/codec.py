@@ -16,12 +16,25 @@ Transfer-Encoding whose last coding is not chunked. This module adds: a request 
 over 8 KiB (400), a header section over 64 KiB (431), a missing or repeated Host in
 HTTP/1.1 (400), HTTP/0.9 (400), and transfer codings other than plain `chunked` (501,
 since the proxy would have to decode them).
+
+Head cache. A proxy sees the same heads over and over (one client library's requests,
+one server's responses), so what llhttp made of a head is remembered under the head's
+exact bytes (requests: minus a canonical `X-Request-Id: <printable ASCII>` line, the one
+field a mesh makes unique per request; its value is taken from the live bytes). A head
+seen before is then taken without llhttp: one `find` of the blank line, one dict
+lookup, its Content-Length body counted through. Only heads with plain framing are
+cached (no Transfer-Encoding, Upgrade, Expect or CONNECT; responses 2xx-5xx but not
+204/304, with Content-Length); everything else, and every head not seen before, goes
+through llhttp, so every rejection above still comes from the strict parser: identical
+bytes parse identically. A cached head keeps its forwarded field lines as bytes (`raw`:
+hop-by-hop fields, X-Forwarded-For and X-Request-Id out, Content-Length in); its
+`headers` list is built on first access (a policy route reading or editing fields).
 """
 
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 
 import httptools
 
@@ -83,6 +96,41 @@ _response_kinds: dict[bytes, int] = {}
 _MAX_KIND_CACHE = 1024
 # Reason phrases are regenerated from the status (RFC 9112 4: clients ignore them).
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+# Head caches (see the module docstring): exact head bytes → the parse llhttp made of
+# them. Request keys leave out a canonical `X-Request-Id` line, the one field a mesh
+# makes unique per request. Bounded: a full cache is emptied and refills.
+_MAX_CACHED_HEADS = 512
+_new = object.__new__
+# A template: the attributes of the parsed head (its `raw` included) and the body length
+# (-1: none).
+_request_heads: dict[bytes, tuple[dict[str, Any], int]] = {}
+_response_heads: dict[bytes, tuple[dict[str, Any], int]] = {}
+_XRID_LINE = b"\r\nX-Request-Id: "
+# Bytes a field value may hold in a cached head's X-Request-Id (printable ASCII).
+_VALUE_BYTES = bytes(range(0x21, 0x7F))
+
+
+def _encode_fields(headers: Fields, content_length: int | None) -> bytes:
+    """Field lines as they are forwarded, framing included (a cached head's `raw`)."""
+    raw = b"".join([n + b": " + v + b"\r\n" for n, v in headers])
+    if content_length is not None:
+        raw += b"Content-Length: %d\r\n" % content_length
+    return raw
+
+
+def _field_list(raw: bytes, host_index: bool) -> tuple[Fields, int]:
+    """A cached head's field lines as (name, value) pairs, framing fields left out."""
+    out: Fields = []
+    index = -1
+    for line in raw.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b":")
+        lname = name.lower()
+        if lname == b"content-length":
+            continue
+        if host_index and lname == b"host":
+            index = len(out)
+        out.append((name, value.strip(b" \t")))
+    return out, index
 
 
 def _kind(name: bytes, cache: dict[bytes, int], table: dict[bytes, int]) -> int:
@@ -103,7 +151,7 @@ class RequestHead:
     target = b""
     version = "1.1"
     host: bytes | None = None
-    host_index = -1
+    host_index: int
     content_length: int | None = None
     chunked = False
     keep_alive = True
@@ -113,9 +161,49 @@ class RequestHead:
     forwarded_proto: bytes | None = None
     request_id: bytes | None = None
     connection_tokens: list[bytes] | None = None
+    # A cached head's field lines as forwarded (Content-Length included; hop-by-hop
+    # fields, X-Forwarded-For and X-Request-Id left out); `headers` is built on demand.
+    raw: bytes | None = None
+    headers: Fields
 
-    def __init__(self) -> None:
-        self.headers: Fields = []
+    def __init__(self, raw: bytes | None = None) -> None:
+        if raw is None:
+            self.headers = []
+        else:
+            self.raw = raw
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes not set: a fast-path head's headers/host_index.
+        if name == "headers" or name == "host_index":
+            raw = self.raw
+            if raw is None:
+                if name == "host_index":
+                    return -1
+                raise AttributeError(name)
+            self.headers, self.host_index = _field_list(raw, True)
+            if self.request_id is not None:
+                self.headers.append((b"X-Request-Id", self.request_id))
+            self.raw = None
+            return getattr(self, name)
+        raise AttributeError(name)
+
+    def set_host(self, authority: bytes) -> None:
+        """Replace the Host field (or add one): absolute-form's authority wins."""
+        raw = self.raw
+        if raw is not None:
+            low = b"\n" + raw.lower()
+            i = low.find(b"\nhost:")
+            line = b"Host: " + authority + b"\r\n"
+            if i < 0:
+                self.raw = raw + line
+            else:
+                j = raw.index(b"\r\n", i) + 2
+                self.raw = raw[:i] + line + raw[j:]
+        elif self.host_index >= 0:
+            self.headers[self.host_index] = (b"Host", authority)
+        else:
+            self.headers.append((b"Host", authority))
+        self.host = authority
 
     @property
     def has_body(self) -> bool:
@@ -140,9 +228,22 @@ class ResponseHead:
     chunked = False
     keep_alive = True
     upgrade: bytes | None = None
+    # A cached head's field lines as forwarded (Content-Length included, hop-by-hop out).
+    raw: bytes | None = None
+    headers: Fields
 
-    def __init__(self) -> None:
-        self.headers: Fields = []
+    def __init__(self, raw: bytes | None = None) -> None:
+        if raw is None:
+            self.headers = []
+        else:
+            self.raw = raw
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "headers" and self.raw is not None:
+            self.headers = _field_list(self.raw, False)[0]
+            self.raw = None
+            return self.headers
+        raise AttributeError(name)
 
     def __repr__(self) -> str:
         framing = "chunked" if self.chunked else f"length={self.content_length}"
@@ -198,8 +299,12 @@ class RequestCodec:
     """
 
     __slots__ = (
+        "_clean",
+        "_fill",
+        "_fill_rid",
         "_head",
         "_parser",
+        "_remaining",
         "_size",
         "_te",
         "_trailers",
@@ -216,6 +321,13 @@ class RequestCodec:
         self.upgraded = False
         self.in_body = False
         self.head_bytes = 0
+        # llhttp is between messages (the fast path may take the next one).
+        self._clean = True
+        # Body bytes still to come of a message taken from the cache.
+        self._remaining = 0
+        # The cache key of the head llhttp is about to parse (a miss), if any.
+        self._fill: bytes | None = None
+        self._fill_rid = False
         self._new_head()
 
     def _new_head(self) -> None:
@@ -236,6 +348,30 @@ class RequestCodec:
         return not self.in_body and self.head_bytes > 0
 
     def feed(self, data: bytes) -> bytes | None:
+        remaining = self._remaining
+        if remaining:
+            # Inside a fast-path Content-Length body: count it through.
+            n = len(data)
+            if n < remaining:
+                self._remaining = remaining - n
+                self.sink.on_request_body(data)
+                return None
+            self._remaining = 0
+            self.in_body = False
+            if n == remaining:
+                self.sink.on_request_body(data)
+                self.sink.on_request_end(None)
+                return None
+            self.sink.on_request_body(data[:remaining])
+            self.sink.on_request_end(None)
+            data = data[remaining:]
+        while self._clean and not self.in_body:
+            used = self._fast(data)
+            if used < 0:
+                break
+            if used == len(data):
+                return None
+            data = data[used:]
         if not self.in_body:
             self.head_bytes += len(data)
         try:
@@ -244,11 +380,13 @@ class RequestCodec:
             self.upgraded = True
             return data[e.args[0] :]
         except httptools.HttpParserCallbackError as e:
+            self._fill = None
             cause = e.__context__
             if isinstance(cause, BaseException):
                 raise cause from None
             raise BadMessageError(str(e)) from None
         except httptools.HttpParserError as e:
+            self._fill = None
             raise BadMessageError(str(e) or "malformed request") from None
         if not self.in_body and self.head_bytes > MAX_HEADER_SECTION:
             # Still inside a head after all of these bytes: all of them are head.
@@ -259,7 +397,95 @@ class RequestCodec:
             )
         return None
 
+    def _fast(self, data: bytes) -> int:
+        """Take one message whose head is cached: bytes used, or -1 for llhttp.
+
+        On a miss nothing is consumed and `_fill` tells llhttp's head callback to cache
+        what it makes of this head.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return -1
+        key = data[:end]
+        i = key.find(_XRID_LINE)
+        rid = None
+        if i >= 0:
+            j = key.find(b"\r\n", i + 16)
+            if j < 0:
+                j = end
+            rid = key[i + 16 : j].strip(b" \t")
+            if not rid or rid.translate(None, _VALUE_BYTES):
+                return -1
+            key = key[:i] + key[j:]
+        template = _request_heads.get(key)
+        if template is None:
+            if data[0] > 32:  # starts with the method: the head is data[:end]
+                self._fill = key
+                self._fill_rid = i >= 0
+            return -1
+        attrs, length = template
+        head = _new(RequestHead)
+        head.__dict__.update(attrs)
+        if rid is not None:
+            head.request_id = rid
+        end += 4
+        sink = self.sink
+        self.in_body = True
+        sink.on_request_head(head)
+        if length <= 0:
+            self.in_body = False
+            sink.on_request_end(None)
+            return end
+        avail = len(data) - end
+        if avail < length:
+            self._remaining = length - avail
+            if avail:
+                sink.on_request_body(data[end:])
+            return len(data)
+        self.in_body = False
+        sink.on_request_body(data[end : end + length])
+        sink.on_request_end(None)
+        return end + length
+
+    def _cache(self, head: RequestHead, key: bytes) -> None:
+        """Remember what llhttp made of a head (simple framing only) under `key`."""
+        if head.chunked or head.upgrade is not None or head.expect_continue:
+            return
+        if head.method == b"CONNECT":
+            return
+        fields = []
+        rids = 0
+        for f in head.headers:
+            if f[0].lower() == b"x-request-id":
+                rids += 1
+            else:
+                fields.append(f)
+        if rids > 1 or (self._fill_rid and rids != 1):
+            return
+        attrs: dict[str, Any] = {
+            "raw": _encode_fields(fields, head.content_length),
+            "method": head.method,
+            "target": head.target,
+            "host": head.host,
+            "content_length": head.content_length,
+            "forwarded_for": head.forwarded_for,
+            "forwarded_proto": head.forwarded_proto,
+        }
+        if not self._fill_rid:
+            attrs["request_id"] = head.request_id
+        if head.version != "1.1":
+            attrs["version"] = head.version
+        if not head.keep_alive:
+            attrs["keep_alive"] = False
+        if len(_request_heads) >= _MAX_CACHED_HEADS:
+            _request_heads.clear()
+        length = head.content_length
+        _request_heads[key] = (attrs, -1 if length is None else length)
+
     # httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._clean = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -312,6 +538,8 @@ class RequestCodec:
         # _HOP: dropped.
 
     def on_headers_complete(self) -> None:
+        key = self._fill
+        self._fill = None
         if self._size > MAX_HEADER_SECTION:
             raise BadMessageError(
                 "header section larger than 64 KiB",
@@ -345,6 +573,8 @@ class RequestCodec:
             head.upgrade = None
         self.in_body = True
         self.head_bytes = 0
+        if key is not None:
+            self._cache(head, key)
         self.sink.on_request_head(head)
 
     def on_body(self, body: bytes) -> None:
@@ -353,6 +583,7 @@ class RequestCodec:
     def on_message_complete(self) -> None:
         trailers = self._trailers
         self.in_body = False
+        self._clean = True
         # self._new_head(), inlined: this runs once per request
         self._head = RequestHead()
         self._url = b""
@@ -378,9 +609,12 @@ class ResponseCodec:
     """
 
     __slots__ = (
+        "_clean",
         "_close_delimited",
+        "_fill",
         "_head",
         "_parser",
+        "_remaining",
         "_trailers",
         "head_request",
         "in_body",
@@ -397,6 +631,9 @@ class ResponseCodec:
         self._close_delimited = False
         self._head = ResponseHead()
         self._trailers: Fields | None = None
+        self._clean = True
+        self._remaining = 0
+        self._fill: bytes | None = None
 
     @property
     def idle(self) -> bool:
@@ -404,24 +641,110 @@ class ResponseCodec:
         return not self.in_body and not self.upgraded
 
     def feed(self, data: bytes) -> bytes | None:
+        remaining = self._remaining
+        if remaining:
+            # Inside a fast-path Content-Length body: count it through.
+            n = len(data)
+            if n < remaining:
+                self._remaining = remaining - n
+                self.sink.on_response_body(data)
+                return None
+            self._remaining = 0
+            self.in_body = False
+            if n == remaining:
+                self.sink.on_response_body(data)
+                self.sink.on_response_end(None)
+                return None
+            self.sink.on_response_body(data[:remaining])
+            self.sink.on_response_end(None)
+            data = data[remaining:]
+        while self._clean and not self.in_body:
+            used = self._fast(data)
+            if used < 0:
+                break
+            if used == len(data):
+                return None
+            data = data[used:]
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self.upgraded = True
             return data[e.args[0] :]
         except httptools.HttpParserCallbackError as e:
+            self._fill = None
             cause = e.__context__
             if isinstance(cause, _SkipBody):
                 self._parser = httptools.HttpResponseParser(self)
+                self._clean = True
                 return None
             if isinstance(cause, BaseException):
                 raise cause from None
             raise BadMessageError(str(e), status=502, reason="upstream_protocol_error") from None
         except httptools.HttpParserError as e:
+            self._fill = None
             raise BadMessageError(
                 str(e) or "malformed response", status=502, reason="upstream_protocol_error"
             ) from None
         return None
+
+    def _fast(self, data: bytes) -> int:
+        """Take one response whose head is cached: bytes used, or -1 for llhttp.
+
+        On a miss nothing is consumed and `_fill` tells llhttp's head callback to cache
+        what it makes of this head (2xx-5xx but not 204/304, Content-Length framing).
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return -1
+        key = data[:end]
+        template = _response_heads.get(key)
+        if template is None:
+            if data[:5] == b"HTTP/":
+                self._fill = key
+            return -1
+        attrs, length = template
+        head = _new(ResponseHead)
+        head.__dict__.update(attrs)
+        self._close_delimited = False
+        end += 4
+        sink = self.sink
+        if self.head_request or not length:
+            sink.on_response_head(head)
+            sink.on_response_end(None)
+            return end
+        self.in_body = True
+        sink.on_response_head(head)
+        avail = len(data) - end
+        if avail < length:
+            self._remaining = length - avail
+            if avail:
+                sink.on_response_body(data[end:])
+            return len(data)
+        self.in_body = False
+        sink.on_response_body(data[end : end + length])
+        sink.on_response_end(None)
+        return end + length
+
+    def _cache(self, head: ResponseHead, key: bytes) -> None:
+        status = head.status
+        length = head.content_length
+        if status < 200 or status == 204 or status == 304 or length is None:
+            return
+        if head.chunked or head.upgrade is not None:
+            return
+        attrs: dict[str, Any] = {
+            "raw": _encode_fields(head.headers, length),
+            "status": status,
+            "reason": head.reason,
+            "content_length": length,
+        }
+        if head.version != "1.1":
+            attrs["version"] = head.version
+        if not head.keep_alive:
+            attrs["keep_alive"] = False
+        if len(_response_heads) >= _MAX_CACHED_HEADS:
+            _response_heads.clear()
+        _response_heads[key] = (attrs, length)
 
     def feed_eof(self) -> bool:
         """The upstream closed: True if that completed a close-delimited response."""
@@ -433,6 +756,9 @@ class ResponseCodec:
         return False
 
     # httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._clean = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_body:
@@ -471,6 +797,9 @@ class ResponseCodec:
         # _HOP: dropped.
 
     def on_headers_complete(self) -> None:
+        # The head a cache miss announced is this one only if nothing came before it.
+        key = self._fill
+        self._fill = None
         parser = self._parser
         head = self._head
         head.status = status = parser.get_status_code()
@@ -481,6 +810,8 @@ class ResponseCodec:
             self._head = ResponseHead()
             self.sink.on_informational(head)
             return
+        if key is not None:
+            self._cache(head, key)
         self.in_body = True
         if self.head_request or status in _NO_BODY_STATUS:
             self._close_delimited = False
@@ -498,6 +829,7 @@ class ResponseCodec:
         self.sink.on_response_body(body)
 
     def on_message_complete(self) -> None:
+        self._clean = True
         if not self.in_body:
             return  # the end of an informational (1xx) response
         trailers = self._trailers

@@ -46,11 +46,7 @@ def _absolute_to_origin(head: RequestHead, conn: DownstreamConnection) -> bytes 
     authority, path = split
     conn.path = path
     # RFC 9112 3.2.2: the URI's authority wins, and Host is replaced by it.
-    if head.host_index >= 0:
-        head.headers[head.host_index] = (b"Host", authority)
-    else:
-        head.headers.append((b"Host", authority))
-    head.host = authority
+    head.set_host(authority)
     return authority
 
 

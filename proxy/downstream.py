@@ -75,6 +75,13 @@ _NO_BODY = frozenset({204, 304})
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _VIA11 = (b"Via", b"1.1 tether")
 _VIA10 = (b"Via", b"1.0 tether")
+_VIA11_END = b"Via: 1.1 tether\r\n\r\n"
+_VIA10_END = b"Via: 1.0 tether\r\n\r\n"
+# Response head endings of the fast path (Via, then what the client's connection needs).
+_RESP_END = b"Via: 1.1 tether\r\n\r\n"
+_RESP_END_CLOSE = b"Via: 1.1 tether\r\nConnection: close\r\n\r\n"
+_RESP_END_KEEP10 = b"Via: 1.1 tether\r\nConnection: keep-alive\r\n\r\n"
+_STATUS_LINES: dict[int, bytes] = {}
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,7 @@ class ProxyServer:
         self.stats = stats
         self.scheme = scheme
         self.xfp = (b"X-Forwarded-Proto", scheme)
+        self.xfp_line = b"X-Forwarded-Proto: " + scheme + b"\r\n"
         self.connections: set[DownstreamConnection] = set()
         self.draining = False
         # Request ids look like UUIDs: a random per-process head and a counter.
@@ -199,6 +207,7 @@ class DownstreamConnection(asyncio.Protocol):
         "waiting",
         "wbuf",
         "xff",
+        "xff_line",
     )
 
     def __init__(self, server: ProxyServer) -> None:
@@ -207,6 +216,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.codec = RequestCodec(self)
         self.peer = b""
         self.xff = (b"X-Forwarded-For", b"")
+        self.xff_line = b""
         self.wbuf: list[bytes] = []  # to the client
         self.ubuf: list[bytes] = []  # to the upstream
         self.pause_mask = 0
@@ -252,6 +262,7 @@ class DownstreamConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]).encode() if peer else b"unknown"
         self.xff = (b"X-Forwarded-For", self.peer)
+        self.xff_line = b"X-Forwarded-For: " + self.peer + b"\r\n"
         server = self.server
         server.connections.add(self)
         server.stats.downstream_active[server.name] += 1
@@ -484,6 +495,38 @@ class DownstreamConnection(asyncio.Protocol):
         head = self.head
         assert head is not None
         server = self.server
+        raw = head.raw
+        if raw is not None:
+            # A cached head: its field lines pass through as bytes; ours are appended.
+            ff = head.forwarded_for
+            rid = head.request_id
+            if rid is None:
+                head.request_id = rid = server.new_request_id()
+            self.request_bytes = data = b"%s %s HTTP/1.1\r\n%s%s%sX-Request-Id: %s\r\n%s" % (
+                head.method,
+                self.path,
+                raw,
+                self.xff_line
+                if ff is None
+                else b"X-Forwarded-For: " + ff + b", " + self.peer + b"\r\n",
+                server.xfp_line if head.forwarded_proto is None else b"",
+                rid,
+                _VIA11_END if head.version == "1.1" else _VIA10_END,
+            )
+            ubuf = self.ubuf
+            if ubuf:
+                ubuf.insert(0, data)
+            else:
+                ubuf.append(data)
+            self.pool = pool
+            idle = pool.idle
+            if idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    self._attach(conn)
+                    return
+            self._acquire(pool)
+            return
         headers = head.headers
         ff = head.forwarded_for
         headers.append(self.xff if ff is None else (b"X-Forwarded-For", ff + b", " + self.peer))
@@ -623,6 +666,26 @@ class DownstreamConnection(asyncio.Protocol):
         self.status = status
         self.resp_state = R_HEAD
         self.phase = ACTIVE
+        raw = rhead.raw
+        if raw is not None and self.response_edit is None:
+            # A cached head (2xx-5xx but not 204/304, Content-Length framing): the field
+            # lines pass through as bytes, Via and Connection follow.
+            self.resp_chunked = False
+            if not rhead.keep_alive and self.upstream is not None:
+                self.upstream.keep_alive = False
+            if self.server.draining:
+                self.keep_alive = False
+            line = _STATUS_LINES.get(status)
+            if line is None:
+                line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, rhead.reason)
+            if not self.keep_alive:
+                end = _RESP_END_CLOSE
+            elif head.version == "1.0":
+                end = _RESP_END_KEEP10
+            else:
+                end = _RESP_END
+            self.wbuf.append(line + raw + end)
+            return
         headers = rhead.headers
         if self.response_edit is not None:
             self.response_edit(headers)

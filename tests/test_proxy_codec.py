@@ -389,3 +389,127 @@ def test_reprs_say_what_a_debugger_wants() -> None:
     codec = RequestCodec(Recorder())
     codec.feed(b"GET / HT")
     assert repr(codec) == "<RequestCodec head head_bytes=8>"
+
+
+# -- the head cache: a head seen before is taken without llhttp, with the same result ----
+
+CACHEABLE_REQUESTS = [
+    b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n",
+    b"POST /p?q=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello",
+    b"GET / HTTP/1.0\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Secret\r\nX-Secret: s\r\n\r\n",
+    b"GET http://svc:8080/x HTTP/1.1\r\nHost: other\r\nX-Forwarded-For: 10.0.0.1\r\n"
+    b"X-Forwarded-Proto: https\r\nTE: trailers\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: abc-1\r\nVia: 1.1 tether\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nx-request-id: lower\r\n\r\n",
+]
+
+
+def _attrs(head: RequestHead) -> tuple[Any, ...]:
+    return (
+        head.method,
+        head.target,
+        head.version,
+        head.host,
+        head.headers,
+        head.host_index,
+        head.content_length,
+        head.keep_alive,
+        head.forwarded_for,
+        head.forwarded_proto,
+        head.request_id,
+    )
+
+
+@pytest.mark.parametrize("data", CACHEABLE_REQUESTS)
+def test_cached_request_heads_parse_as_llhttp_did(data: bytes) -> None:
+    slow, _ = feed_requests([data[i : i + 1] for i in range(len(data))])
+    first, _ = feed_requests([data])  # a miss: llhttp parses, the head is cached
+    second, _ = feed_requests([data * 2])  # hits, pipelined
+    heads = [e[1] for rec in (slow, first, second) for e in rec.events if e[0] == "head"]
+    assert heads[0].raw is None and heads[-1].raw is not None  # llhttp's, then the cache's
+    assert summary(first) == summary(slow)
+    # A cached head's X-Request-Id goes last, spelt so (the order of different names
+    # carries no meaning, RFC 9110 5.3, nor does case); nothing else changes.
+    for h in heads:
+        h.headers = [f for f in h.headers if f[0].lower() != b"x-request-id"] + [
+            (b"X-Request-Id", v) for n, v in h.headers if n.lower() == b"x-request-id"
+        ]
+    assert summary(second) == summary(slow) * 2
+    attrs = [_attrs(h) for h in heads]
+    assert all(a == attrs[0] for a in attrs)
+
+
+def test_request_id_of_a_cached_head_comes_from_the_live_bytes() -> None:
+    template = b"GET /r HTTP/1.1\r\nHost: a\r\nX-Request-Id: %s\r\nX-B: c\r\n\r\n"
+    rec, _ = feed_requests([template % b"first", template % b"second", template % b"third"])
+    heads = [e[1] for e in rec.events if e[0] == "head"]
+    assert [h.request_id for h in heads] == [b"first", b"second", b"third"]
+    assert heads[2].raw is not None  # taken from the cache
+    assert heads[2].headers == [(b"Host", b"a"), (b"X-B", b"c"), (b"X-Request-Id", b"third")]
+
+
+def test_cached_shape_with_a_bad_request_id_is_still_rejected_by_llhttp() -> None:
+    template = b"GET /bad HTTP/1.1\r\nHost: a\r\nX-Request-Id: %s\r\n\r\n"
+    feed_requests([template % b"ok"])
+    feed_requests([template % b"ok2"])
+    for bad in (b"a\x01b", b"a\nb", b"a b\x7f"):
+        with pytest.raises(BadMessageError) as err:
+            feed_requests([template % bad])
+        assert err.value.status == 400
+
+
+def test_cached_head_set_host_replaces_the_host_line() -> None:
+    data = b"GET http://svc/x HTTP/1.1\r\nHost: old\r\nX-A: b\r\n\r\n"
+    feed_requests([data])
+    rec, _ = feed_requests([data])
+    head = rec.events[0][1]
+    assert head.raw == b"Host: old\r\nX-A: b\r\n"
+    head.set_host(b"svc")
+    assert head.raw == b"X-A: b\r\nHost: svc\r\n" or head.raw == b"Host: svc\r\nX-A: b\r\n"
+    assert head.host == b"svc" and head.headers[head.host_index] == (b"Host", b"svc")
+
+
+def test_cached_response_heads_parse_as_llhttp_did() -> None:
+    data = (
+        b"HTTP/1.1 200 OK\r\nServer: s\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n"
+        b"Content-Length: 5\r\n\r\nhello"
+    )
+    results = []
+    for pieces in ([data[i : i + 1] for i in range(len(data))], [data], [data * 2]):
+        rec = Recorder()
+        codec = ResponseCodec(rec)
+        for piece in pieces:
+            assert codec.feed(piece) is None
+        assert codec.idle
+        results.append(summary(rec))
+    expected = [("head", 200, b"OK", [(b"Server", b"s")], 5), ("body", b"hello"), ("end", None)]
+    assert results == [expected, expected, expected * 2]
+    # To HEAD, the same cached head has no body; the next response is parsed in turn.
+    rec = Recorder()
+    codec = ResponseCodec(rec)
+    codec.head_request = True
+    codec.feed(data[:-5])
+    codec.head_request = False
+    codec.feed(data)
+    assert summary(rec) == [expected[0], ("end", None), *expected]
+
+
+def test_cached_response_body_split_across_reads_and_truncation() -> None:
+    data = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+    for _ in range(2):  # the second time from the cache
+        rec = Recorder()
+        codec = ResponseCodec(rec)
+        codec.feed(data + b"abc")
+        assert not codec.idle
+        codec.feed(b"defg")
+        assert codec.feed_eof() is False  # cut short: the connection reports a reset
+    rec = Recorder()
+    codec = ResponseCodec(rec)
+    codec.feed(data + b"abc")
+    codec.feed(b"defghij" + data)  # the rest, then a second response's head
+    assert not codec.idle
+    codec.feed(b"0123456789")
+    assert codec.idle
+    one = [("head", 200, b"OK", [], 10), ("body", b"abcdefghij"), ("end", None)]
+    assert summary(rec) == [*one, one[0], ("body", b"0123456789"), ("end", None)]
