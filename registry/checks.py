@@ -105,6 +105,9 @@ class CheckRunner:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._session = aiohttp.ClientSession(
+            # A fresh connection per probe, as Consul does (DisableKeepAlives): a pooled
+            # connection would keep "passing" an app that no longer accepts connections.
+            connector=aiohttp.TCPConnector(force_close=True),
             headers={"User-Agent": "Consul Health Check", "Accept": "text/plain, text/*, */*"},
             cookie_jar=aiohttp.DummyCookieJar(),
         )

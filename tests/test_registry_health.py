@@ -233,3 +233,37 @@ async def test_http_check_honours_interval_and_timeout(consul_client: Any) -> No
     finally:
         await c.agent.check.deregister("h")
         await runner.cleanup()
+
+
+async def test_http_check_opens_a_new_connection_per_probe(consul_client: Any) -> None:
+    """Consul probes without keep-alive: an app that stops accepting must fail its check."""
+    peers: list[int] = []
+
+    async def health(request: web.Request) -> web.Response:
+        transport = request.transport
+        assert transport is not None
+        peers.append(transport.get_extra_info("peername")[1])
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        await consul_client.agent.service.register(
+            "ka",
+            service_id="ka1",
+            port=port,
+            check=consul.Check.http(f"http://127.0.0.1:{port}/health", "1s"),
+        )
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(peers) < 3 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        assert len(peers) >= 3
+        # Every probe came from a different client port: no connection was reused.
+        assert len(set(peers)) == len(peers)
+    finally:
+        await runner.cleanup()
