@@ -8,7 +8,8 @@ asks a `ServiceDirectory` for the cluster of a logical name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 from proxy.balance import Balancer, Endpoint, WeightedRoundRobin
@@ -17,7 +18,13 @@ Source = Literal["live", "cached", "static"]
 
 
 class Cluster:
-    def __init__(self, service: str, namespace: str, balancer: Balancer | None = None) -> None:
+    def __init__(
+        self,
+        service: str,
+        namespace: str,
+        balancer: Balancer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.service = service
         self.namespace = namespace
         self.name = f"{service}.{namespace}"
@@ -26,19 +33,34 @@ class Cluster:
         self.source: Source = "static"
         # Bumped on every membership change, so holders of derived state can refresh.
         self.generation = 0
+        # The balancers' clock (what the proxy passes as `now`): slow start's origin.
+        self.clock = clock
 
     def set_endpoints(self, endpoints: Sequence[Endpoint], source: Source = "live") -> None:
-        """Replace the membership; an endpoint whose `id` survives keeps its state."""
+        """Replace the membership; an endpoint whose `id` survives keeps its state.
+
+        After the first membership, an endpoint that joins, or comes back to health, is
+        stamped `added_at = now`, so a configured slow-start window ramps it (Envoy ramps
+        new hosts and hosts that turned healthy again). The first membership is not
+        stamped: a sidecar starting up has no reason to spare its upstreams.
+        """
         old = {ep.id: ep for ep in self.endpoints}
+        stamp = self.generation > 0
+        now = self.clock() if stamp else 0.0
         merged: list[Endpoint] = []
         for ep in endpoints:
             prev = old.get(ep.id)
             if prev is not None:
+                if stamp and ep.healthy and not prev.healthy:
+                    prev.added_at = now
                 prev.host, prev.port = ep.host, ep.port
                 prev.weight, prev.zone, prev.meta = ep.weight, ep.zone, ep.meta
                 prev.healthy, prev.draining = ep.healthy, ep.draining
                 merged.append(prev)
             else:
+                # A subset cluster shares its parent's endpoints: one stamp is enough.
+                if stamp and ep.added_at <= 0:
+                    ep.added_at = now
                 merged.append(ep)
         self.endpoints = tuple(merged)
         self.source = source

@@ -1,19 +1,29 @@
 """Discovery: a `ServiceDirectory` fed by the registry's blocking health queries.
 
 `ConsulDirectory` keeps one watch per service name in use: a `consul.aio` blocking query
-on `/v1/health/service/<name>?passing`, started the first time the outbound path
-resolves the name and kept warm afterwards, so a new or removed instance reaches the
-balancer as soon as the registry answers (well under a second). Consul OSS has no
-namespaces, so an instance's namespace is its `Meta.namespace` (absent: "default") and
-one watch feeds the clusters of every namespace asked about under that name.
+on `/v1/health/service/<name>` (every instance, with its checks), started the first time
+the outbound path resolves the name and kept warm afterwards, so a new or removed
+instance, or a change of health, reaches the balancer as soon as the registry answers
+(well under a second). Consul OSS has no namespaces, so an instance's namespace is its
+`Meta.namespace` (absent: "default") and one watch feeds the clusters of every namespace
+asked about under that name.
+
+Health is read as Consul's own data plane reads it (the xDS endpoints Consul generates
+for Envoy, with a service-resolver's default `OnlyPassing = false`): an instance with a
+critical check (maintenance mode is a critical check) is in the cluster but unhealthy,
+so balancers skip it and the locality layer counts it against its zone's healthy share;
+an instance whose worst check is `warning` stays healthy with weight `Weights.Warning`.
+Asking `?passing` instead would hide failing instances, and a zone would always look
+100% healthy to the locality layer.
 
 Static stability: when the registry cannot be reached the clusters keep their last
 known endpoints, marked "cached", and the watch retries with backoff and jitter. A name
 the registry has never had an instance of (in that namespace) resolves to None, so the
-outbound path answers 404 `unknown_service`; a known name without passing instances is
-an empty cluster (503 `no_healthy_upstream`). A registry back from an outage reports
-every check critical until the instances report again; for `recovery_hold` seconds
-such an empty answer does not empty a cluster that had endpoints.
+outbound path answers 404 `unknown_service`; a known name without healthy instances is
+a cluster with none available (503 `no_healthy_upstream`). A registry back from an
+outage reports every check critical until the instances report again; for
+`recovery_hold` seconds an answer that would leave a cluster which had healthy endpoints
+with none is not applied.
 """
 
 from __future__ import annotations
@@ -42,8 +52,31 @@ def instance_namespace(meta: Mapping[str, Any] | None) -> str:
     return ns if isinstance(ns, str) and ns else DEFAULT_NAMESPACE
 
 
+def instance_health(checks: Any) -> str:
+    """An instance's aggregate status from its checks (node's and service's): the worst
+    of them, as Consul aggregates; no checks at all is passing (Consul's view too)."""
+    worst = "passing"
+    if not isinstance(checks, list):
+        return worst
+    for check in checks:
+        status = check.get("Status") if isinstance(check, dict) else None
+        if status == "critical" or status not in ("passing", "warning"):
+            return "critical"  # critical, maintenance, or anything not understood
+        if status == "warning":
+            worst = "warning"
+    return worst
+
+
+def _weight(weights: Any, key: str) -> int:
+    w = weights.get(key, 1) if isinstance(weights, dict) else 1
+    return max(0, w) if isinstance(w, int) and not isinstance(w, bool) else 1
+
+
 def endpoints_from_health(entries: Any) -> dict[str, list[Endpoint]]:
-    """Endpoints of a `/v1/health/service` answer, grouped by namespace.
+    """Endpoints of a `/v1/health/service` answer, grouped by namespace, with health.
+
+    A critical instance is an unhealthy endpoint; a warning one is healthy with weight
+    `Weights.Warning` (Consul's DNS and xDS do the same).
 
     Malformed entries are skipped rather than failing the whole answer: one bad
     registration must not take a service's other instances out of rotation.
@@ -75,17 +108,16 @@ def endpoints_from_health(entries: Any) -> dict[str, list[Endpoint]]:
         seen_ids.add(sid)
         raw_meta = svc.get("Meta")
         meta = {str(k): str(v) for k, v in raw_meta.items()} if isinstance(raw_meta, dict) else {}
+        status = instance_health(entry.get("Checks"))
         weights = svc.get("Weights")
-        weight = weights.get("Passing", 1) if isinstance(weights, dict) else 1
-        if isinstance(weight, bool) or not isinstance(weight, int):
-            weight = 1
         ep = Endpoint(
             id=sid,
             host=host,
             port=port,
-            weight=max(0, weight),
+            weight=_weight(weights, "Warning" if status == "warning" else "Passing"),
             zone=meta.get("zone", ""),
             meta=meta,
+            healthy=status != "critical",
         )
         by_ns.setdefault(instance_namespace(meta), []).append(ep)
     return by_ns
@@ -108,7 +140,7 @@ def _health(ep: Endpoint, now: float) -> str:
 
 def _signature(endpoints: Iterable[Endpoint]) -> tuple[Any, ...]:
     return tuple(
-        (ep.id, ep.host, ep.port, ep.weight, ep.zone, tuple(sorted(ep.meta.items())))
+        (ep.id, ep.host, ep.port, ep.weight, ep.zone, ep.healthy, tuple(sorted(ep.meta.items())))
         for ep in endpoints
     )
 
@@ -120,7 +152,7 @@ class ServiceWatch:
         self.service = service
         self.namespaces: set[str] = set()  # asked about by the outbound path
         self.known: set[str] = set()  # namespaces the registry has had instances in
-        self.passing: dict[str, list[Endpoint]] = {}  # last answer, by namespace
+        self.instances: dict[str, list[Endpoint]] = {}  # last answer, by namespace
         self.index = 0
         self.answered = asyncio.Event()  # set after the first answer or failure
         self.reached = False  # the registry has answered this watch at least once
@@ -128,7 +160,7 @@ class ServiceWatch:
         self.last_error: str | None = None
         self.last_used = now
         self.last_answer_at: float | None = None
-        # After an outage, until when an empty answer does not empty a cluster.
+        # After an outage, until when an answer without a healthy instance is not applied.
         self.hold_until = 0.0
         self.task: asyncio.Task[None] | None = None
 
@@ -196,10 +228,11 @@ class ConsulDirectory:
         watch.last_used = self.clock()
         if namespace not in watch.namespaces:
             if watch.reached and namespace not in watch.known:
-                # An answered watch has not been asked about this namespace yet: whether
-                # it holds only failing instances is a question for the catalog. (The
-                # namespace joins the watch after the answer, so a concurrent resolve
-                # asks too rather than reading "unknown" too early.)
+                # An answered watch has not been asked about this namespace yet, and its
+                # last answer may be up to one blocking wait old: ask the catalog now
+                # rather than answer a false 404 for an instance registered meanwhile.
+                # (The namespace joins the watch after the answer, so a concurrent
+                # resolve asks too rather than reading "unknown" too early.)
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(self.first_answer_timeout):
                         await self._learn_namespaces(watch)
@@ -280,7 +313,7 @@ class ConsulDirectory:
     # -- the watches -------------------------------------------------------------------
 
     def _new_cluster(self, namespace: str, service: str) -> Cluster:
-        cluster = Cluster(service, namespace, self.balancer_factory())
+        cluster = Cluster(service, namespace, self.balancer_factory(), clock=self.clock)
         cluster.mark_source("cached")  # nothing live until the registry answers
         return cluster
 
@@ -326,15 +359,13 @@ class ConsulDirectory:
                     # Holding cached endpoints after an outage: look again soon.
                     wait = min(wait, max(1.0, watch.hold_until - self.clock()))
                 async with asyncio.timeout(wait * 1.1 + 10):
+                    # Every instance, failing ones too: health is read from the checks,
+                    # and a namespace absent from the answer has no instance at all.
                     index, entries = await self.client.health.service(
                         watch.service,
                         index=watch.index or None,
                         wait=f"{int(wait)}s",
-                        passing=True,
                     )
-                    unknown = watch.namespaces - watch.known
-                    if unknown and unknown - set(endpoints_from_health(entries)):
-                        await self._learn_namespaces(watch)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -360,8 +391,8 @@ class ConsulDirectory:
         # Consul's rules for blocking-query indexes: reset when it goes backwards, and
         # never block on 0 (that would return at once forever).
         watch.index = 0 if new_index < watch.index else max(new_index, 1)
-        watch.passing = endpoints_from_health(entries)
-        watch.known |= set(watch.passing)
+        watch.instances = endpoints_from_health(entries)
+        watch.known |= set(watch.instances)
         now = self.clock()
         if watch.failures and watch.reached:
             watch.hold_until = now + self.recovery_hold
@@ -384,12 +415,17 @@ class ConsulDirectory:
             cluster = self.clusters.get(key)
             if cluster is None or ns not in watch.known:
                 continue
-            endpoints = watch.passing.get(ns, [])
-            if not endpoints and cluster.endpoints and watch.hold_until:
+            endpoints = watch.instances.get(ns, [])
+            if (
+                watch.hold_until
+                and not any(ep.healthy for ep in endpoints)
+                and any(ep.healthy for ep in cluster.endpoints)
+            ):
                 # A registry back from an outage holds every check critical until the
                 # instances report again (Consul trusts no result from before a
-                # restart). Emptying the cluster now would turn a registry restart into
-                # an outage of the service: keep the cached endpoints a little longer.
+                # restart). Leaving the cluster without a healthy endpoint now would
+                # turn a registry restart into an outage of the service: keep the
+                # cached endpoints a little longer.
                 cluster.mark_source("cached")
                 self._known[key] = cluster
                 continue

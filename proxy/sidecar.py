@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from proxy.balance import build_balancer
 from proxy.discovery import ConsulDirectory
 from proxy.registration import Registration, RegistrationSpec
 
@@ -127,7 +128,11 @@ class Sidecar:
             # Every watched service holds one blocking query open.
             connections_limit=600,
         )
-        self.directory = ConsulDirectory(self.client)
+        # Peak-EWMA by default, under the locality layer when this sidecar has a zone.
+        zone = spec.zone
+        self.directory = ConsulDirectory(
+            self.client, balancer_factory=lambda: build_balancer(None, zone)
+        )
         self.directory.start()
         await self._start_listeners()
         self.registration = Registration(
@@ -197,7 +202,13 @@ class Sidecar:
 
         spec = self.spec
         assert self.directory is not None and spec.controlplane
-        policy = Policy(self.directory, namespace=spec.namespace)
+        zone = spec.zone
+        policy = Policy(
+            self.directory,
+            namespace=spec.namespace,
+            zone=zone,
+            balancer_factory=lambda: build_balancer(None, zone),
+        )
         node = push_codec.NodeIdentity(
             service=spec.service,
             namespace=spec.namespace,

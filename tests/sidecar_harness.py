@@ -157,8 +157,9 @@ class Sidecar:
         return None
 
     def endpoint_ids(self, service: str) -> set[str]:
+        """The endpoints in rotation (a critical instance stays listed, as "critical")."""
         c = self.cluster(service)
-        return {ep["id"] for ep in c["endpoints"]} if c else set()
+        return {ep["id"] for ep in c["endpoints"] if ep["health"] != "critical"} if c else set()
 
     def call(
         self, url: str, headers: dict[str, str] | None = None, timeout: float = 10.0

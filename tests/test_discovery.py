@@ -13,6 +13,7 @@ import consul.aio
 import pytest
 
 from proxy.backoff import BackoffPolicy
+from proxy.balance import PickContext
 from proxy.cluster import Cluster
 from proxy.discovery import ConsulDirectory, endpoints_from_health
 from registry.http import RegistrySpec
@@ -67,6 +68,31 @@ def test_endpoints_from_health_maps_consul_fields() -> None:
     assert endpoints_from_health(None) == {}
 
 
+def test_health_comes_from_the_checks() -> None:
+    def entry(sid: str, *statuses: str) -> dict[str, Any]:
+        return {
+            "Node": {"Node": "n1", "Address": "10.0.0.1"},
+            "Service": {"ID": sid, "Port": 80, "Weights": {"Passing": 10, "Warning": 2}},
+            "Checks": [{"CheckID": f"c{i}", "Status": st} for i, st in enumerate(statuses)],
+        }
+
+    entries = [
+        entry("ok", "passing", "passing"),
+        entry("warn", "passing", "warning"),
+        entry("crit", "warning", "critical"),
+        entry("maint", "passing", "maintenance"),
+        entry("none"),
+    ]
+    eps = {ep.id: ep for ep in endpoints_from_health(entries)["default"]}
+    assert {i: (ep.healthy, ep.weight) for i, ep in eps.items()} == {
+        "ok": (True, 10),
+        "warn": (True, 2),  # warning routes, at Weights.Warning
+        "crit": (False, 10),
+        "maint": (False, 10),
+        "none": (True, 10),
+    }
+
+
 def test_backoff_grows_to_cap_with_jitter() -> None:
     policy = BackoffPolicy(base=0.1, factor=2, cap=2.0)
     rng = random.Random(7)
@@ -119,8 +145,9 @@ async def until(cond: Callable[[], bool], timeout: float = 5.0) -> float:
 
 
 def ids(cluster: Cluster | None) -> set[str]:
+    """The endpoints in rotation (members whose checks say healthy)."""
     assert cluster is not None
-    return {ep.id for ep in cluster.endpoints}
+    return {ep.id for ep in cluster.endpoints if ep.healthy}
 
 
 @pytest.fixture
@@ -154,13 +181,20 @@ async def test_resolve_watches_and_follows_membership(
     await consul_client.agent.service.deregister("orders-1")
     took = await until(lambda: "orders-1" not in ids(cluster))
     assert took < 1.0
-    # An instance whose check turns critical leaves too (the query asks ?passing).
+    # An instance whose check turns critical leaves rotation: it stays a member, marked
+    # unhealthy, so the locality layer can count its zone's healthy share.
     await consul_client.agent.check.ttl_fail("ttl:orders-2")
     await until(lambda: ids(cluster) == {"orders-3"}, 1.0)
+    assert {ep.id for ep in cluster.endpoints} == {"orders-2", "orders-3"}
+    assert cluster.balancer.pick(PickContext(), time.monotonic(), random.Random(0)).id == "orders-3"
     assert directory.up
     (row,) = directory.describe()
     assert row["name"] == "orders.default" and row["source"] == "live"
-    assert row["endpoints"][0]["health"] == "passing"
+    health = {ep["id"]: ep["health"] for ep in row["endpoints"]}
+    assert health == {"orders-2": "critical", "orders-3": "passing"}
+    # Warning counts as healthy (Consul's OnlyPassing=false default), at Weights.Warning.
+    await consul_client.agent.check.ttl_warn("ttl:orders-2")
+    await until(lambda: ids(cluster) == {"orders-2", "orders-3"}, 1.0)
 
 
 async def test_unknown_and_unhealthy_services(
@@ -172,7 +206,8 @@ async def test_unknown_and_unhealthy_services(
     # (503 no_healthy_upstream), not a 404.
     await register(consul_client, "sick", "sick-1", 9100, status="critical")
     cluster = await directory.resolve("default", "sick")
-    assert cluster is not None and cluster.endpoints == ()
+    assert cluster is not None and ids(cluster) == set()
+    assert cluster.balancer.pick(PickContext(), time.monotonic(), random.Random(0)) is None
     # A name unknown at first becomes usable once an instance registers.
     await register(consul_client, "nosuch", "nosuch-1", 9101)
     took = await until(lambda: directory.lookup("default", "nosuch") is not None)
