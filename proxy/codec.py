@@ -303,6 +303,8 @@ class RequestCodec:
         "_fill",
         "_fill_rid",
         "_head",
+        "_last_head",
+        "_last_template",
         "_parser",
         "_remaining",
         "_size",
@@ -328,6 +330,9 @@ class RequestCodec:
         # The cache key of the head llhttp is about to parse (a miss), if any.
         self._fill: bytes | None = None
         self._fill_rid = False
+        # The previous cached head taken on this connection (with its blank line).
+        self._last_head: bytes | None = None
+        self._last_template: tuple[dict[str, Any], int] = ({}, -1)
         self._new_head()
 
     def _new_head(self) -> None:
@@ -403,6 +408,14 @@ class RequestCodec:
         On a miss nothing is consumed and `_fill` tells llhttp's head callback to cache
         what it makes of this head.
         """
+        last = self._last_head
+        if last is not None and data.startswith(last):
+            # The same head as this connection's previous request (no hashing at all).
+            end = len(last)
+            attrs, length = self._last_template
+            head = _new(RequestHead)
+            head.__dict__.update(attrs)
+            return self._taken(head, data, end, length)
         end = data.find(b"\r\n\r\n")
         if end < 0:
             return -1
@@ -426,9 +439,16 @@ class RequestCodec:
         attrs, length = template
         head = _new(RequestHead)
         head.__dict__.update(attrs)
+        end += 4
         if rid is not None:
             head.request_id = rid
-        end += 4
+        else:
+            self._last_head = data[:end]
+            self._last_template = template
+        return self._taken(head, data, end, length)
+
+    def _taken(self, head: RequestHead, data: bytes, end: int, length: int) -> int:
+        """Deliver a cached head and what `data` holds of its body; bytes used."""
         sink = self.sink
         self.in_body = True
         sink.on_request_head(head)
@@ -613,6 +633,8 @@ class ResponseCodec:
         "_close_delimited",
         "_fill",
         "_head",
+        "_last_head",
+        "_last_template",
         "_parser",
         "_remaining",
         "_trailers",
@@ -634,6 +656,9 @@ class ResponseCodec:
         self._clean = True
         self._remaining = 0
         self._fill: bytes | None = None
+        # The previous cached head taken on this connection (with its blank line).
+        self._last_head: bytes | None = None
+        self._last_template: tuple[dict[str, Any], int] = ({}, -1)
 
     @property
     def idle(self) -> bool:
@@ -693,20 +718,28 @@ class ResponseCodec:
         On a miss nothing is consumed and `_fill` tells llhttp's head callback to cache
         what it makes of this head (2xx-5xx but not 204/304, Content-Length framing).
         """
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            return -1
-        key = data[:end]
-        template = _response_heads.get(key)
-        if template is None:
-            if data[:5] == b"HTTP/":
-                self._fill = key
-            return -1
-        attrs, length = template
+        last = self._last_head
+        if last is not None and data.startswith(last):
+            # The same head as this connection's previous response (no hashing at all).
+            end = len(last)
+            attrs, length = self._last_template
+        else:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                return -1
+            key = data[:end]
+            template = _response_heads.get(key)
+            if template is None:
+                if data[:5] == b"HTTP/":
+                    self._fill = key
+                return -1
+            end += 4
+            self._last_head = data[:end]
+            self._last_template = template
+            attrs, length = template
         head = _new(ResponseHead)
         head.__dict__.update(attrs)
         self._close_delimited = False
-        end += 4
         sink = self.sink
         if self.head_request or not length:
             sink.on_response_head(head)
