@@ -22,10 +22,11 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
     log = tmp_path / "up.log"
+    cp_port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tether.cli", "up", "--registry-port", str(free_port()),
-             "--controlplane-port", str(free_port()),
+             "--controlplane-port", str(cp_port),
              "--no-view", "--drain-seconds", "2", "--rate", "5"],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -39,8 +40,15 @@ def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
         )
         text = log.read_text()
         started = descendants(proc.pid)
-        # registry + control plane + 5 apps + 5 sidecars, each its own child
-        assert len(started) >= 12, text
+        # registry + control plane + 6 apps + 6 sidecars, each its own child
+        assert len(started) >= 14, text
+        # examples/policies/ went in through the control plane's API at start.
+        assert "policies | trafficsplit default/orders created" in text, text
+        conn = http.client.HTTPConnection("127.0.0.1", cp_port, timeout=15)
+        conn.request("GET", "/api/v1/resources/TrafficSplit/default/orders")
+        split = json.loads(conn.getresponse().read())
+        conn.close()
+        assert [s["weight"] for s in split["spec"]["subsets"]] == [90, 10], split
         m = re.search(r"curl -x http://127\.0\.0\.1:(\d+) http://frontend/", text)
         assert m is not None, text
         conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=15)
@@ -62,9 +70,12 @@ def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
             conn.request("GET", "/config_dump")
             dump = json.loads(conn.getresponse().read())
             conn.close()
-            return bool(dump["controlplane"]["connected"])
+            kinds = {r["kind"] for r in dump["policy"]["resources"]}
+            # connected, and running (and having acked) a snapshot with the split
+            return bool(dump["controlplane"]["connected"] and dump["controlplane"]["acks"]
+                        and "TrafficSplit" in kinds)  # fmt: skip
 
-        poll(pushed, 15, "frontend's sidecar connected to the control plane")
+        poll(pushed, 15, "frontend's sidecar acked the policies")
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0

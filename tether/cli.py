@@ -193,6 +193,13 @@ def sidecar(
 @click.option("--view/--no-view", default=None, help="Live view (default: on a terminal).")
 @click.option("--controlplane/--no-controlplane", default=True, show_default=True)
 @click.option("--controlplane-port", type=int, default=None, help="Default: 15010 if free.")
+@click.option(
+    "--policies",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Policy file or directory applied at start.  [default: examples/policies]",
+)
+@click.option("--no-policies", is_flag=True, help="Apply no policies at start.")
 def up(
     registry_port: int | None,
     rate: float,
@@ -200,21 +207,26 @@ def up(
     view: bool | None,
     controlplane: bool,
     controlplane_port: int | None,
+    policies: Path | None,
+    no_policies: bool,
 ) -> None:
     """Run a live local mesh: registry, control plane, demo apps and a sidecar each."""
     from tether.up import UpSpec
     from tether.up import main as run_up
 
-    run_up(
-        UpSpec(
-            registry_port=registry_port,
-            rate=rate,
-            drain_seconds=drain_seconds,
-            view=view,
-            controlplane=controlplane,
-            controlplane_port=controlplane_port,
-        )
+    spec = UpSpec(
+        registry_port=registry_port,
+        rate=rate,
+        drain_seconds=drain_seconds,
+        view=view,
+        controlplane=controlplane,
+        controlplane_port=controlplane_port,
     )
+    if no_policies:
+        spec.policies = None
+    elif policies is not None:
+        spec.policies = policies
+    run_up(spec)
 
 
 @main.command()

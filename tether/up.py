@@ -2,11 +2,17 @@
 
 Everything runs as child processes of one `Launcher` (the mechanism `tether run`
 shares): the registry first (8500 if free, else any free port; state in a temporary
-directory), then per instance its app and its sidecar. The app listens on 127.0.0.1
-with `HTTP_PROXY` pointing at its sidecar's outbound listener, so `frontend` calls
-`http://orders/...` through the mesh. The view reads every sidecar's admin
-`/stats/prometheus` once a second. Ctrl-C drains the sidecars (they deregister while
-the registry is still up), stops the apps, then the registry, and removes the state.
+directory), the control plane, then per instance its app and its sidecar. The app
+listens on 127.0.0.1 with `HTTP_PROXY` pointing at its sidecar's outbound listener, so
+`frontend` calls `http://orders/...` through the mesh. Once the callees are ready, the
+policies of `examples/policies/` are applied through the control plane's REST API (the
+path `tether apply` takes: validated there, stored, pushed), then `frontend` starts.
+The view reads every sidecar's admin `/stats/prometheus` and `/config_dump` once a
+second and the TrafficSplit of `orders` from the control plane, and shows where the
+calls go: per instance (zone, version, share of its service), per version against the
+split's weights, per zone as the caller's locality layer chose. Ctrl-C drains the
+sidecars (they deregister while the registry is still up), stops the apps, then the
+registry, and removes the state.
 """
 
 from __future__ import annotations
@@ -48,16 +54,83 @@ class Instance:
     outbound_total: float = 0.0
     rate: float = 0.0
     history: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=10))
+    policy_version: int = 0  # of the snapshot its sidecar runs (0: defaults)
+
+    @property
+    def recent(self) -> float:
+        """Calls in over the history window (all of them before there is a window)."""
+        if len(self.history) < 2:
+            return self.inbound_total
+        return self.inbound_total - self.history[0][1]
+
+    def labels(self) -> dict[str, str]:
+        """What a subset selector can match: the Meta its sidecar registers."""
+        return {"version": self.version, "zone": self.zone, "instance": self.name}
 
 
-# frontend → orders (3 instances, two zones, v1 and v2 for a later canary) → inventory
+@dataclass(frozen=True)
+class SplitShare:
+    """One subset of a TrafficSplit: its configured weight and the share it got."""
+
+    name: str
+    weight: int
+    share: float  # of the service's recent calls in, 0..1 (0 when there were none)
+
+
+def split_shares(
+    instances: list[Instance], service: str, subsets: list[dict[str, Any]]
+) -> list[SplitShare]:
+    """The recent calls in of `service`, per subset of its split (selector ⊆ labels)."""
+    mine = [i for i in instances if i.service == service]
+    total = sum(i.recent for i in mine)
+    out = []
+    for sub in subsets:
+        selector = sub.get("selector") or {}
+        calls = sum(
+            i.recent for i in mine if all(i.labels().get(k) == v for k, v in selector.items())
+        )
+        out.append(
+            SplitShare(
+                str(sub.get("name", "?")),
+                int(sub.get("weight", 0)),
+                calls / total if total else 0.0,
+            )
+        )
+    return out
+
+
+def zone_shares(instances: list[Instance], service: str) -> dict[str, float]:
+    """The recent calls in of `service`, per zone (0..1 each)."""
+    mine = [i for i in instances if i.service == service]
+    total = sum(i.recent for i in mine)
+    zones: dict[str, float] = {}
+    for i in mine:
+        zones[i.zone] = zones.get(i.zone, 0.0) + (i.recent / total if total else 0.0)
+    return dict(sorted(zones.items()))
+
+
+def describe_split(shares: list[SplitShare]) -> str:
+    got = " · ".join(f"{s.name} {s.share:.0%}" for s in shares)
+    want = " · ".join(f"{s.name} {s.weight}%" for s in shares)
+    return f"{got}   (configured: {want})"
+
+
+def describe_zones(zones: dict[str, float]) -> str:
+    return " · ".join(f"{z or '-'} {share:.0%}" for z, share in zones.items())
+
+
+# frontend → orders → inventory. orders runs v1 and v2 (the canary of
+# examples/policies/) in each of two zones, so the caller's zone preference and the
+# split both show, and each version can fail over to the other zone.
 DEMO: tuple[tuple[str, str, str, str], ...] = (
     ("frontend", "frontend-1", "zone-a", "v1"),
     ("orders", "orders-1", "zone-a", "v1"),
     ("orders", "orders-2", "zone-b", "v1"),
     ("orders", "orders-3", "zone-b", "v2"),
+    ("orders", "orders-4", "zone-a", "v2"),
     ("inventory", "inventory-1", "zone-a", "v1"),
 )
+SPLIT_SERVICE = "orders"  # whose TrafficSplit the view compares with the traffic
 
 
 @dataclass
@@ -73,6 +146,8 @@ class UpSpec:
     # steers the demo's traffic (the v1/v2 canary of orders).
     controlplane: bool = True
     controlplane_port: int | None = None  # None: 15010 if free, else any free port
+    # Applied through the control plane once the callees are ready (None: nothing).
+    policies: Path | None = ROOT / "examples" / "policies"
 
 
 def free_port() -> int:
@@ -148,6 +223,9 @@ class Mesh:
         self.registry_port = 0
         self.cp_port = 0
         self.data_dir = Path(tempfile.mkdtemp(prefix="tether-up-"))
+        self.sink = sink
+        self.policy_status = ""  # what applying the policies gave, for the view
+        self.split: list[dict[str, Any]] = []  # SPLIT_SERVICE's subsets, from the CP
 
     async def start(self, session: Any) -> None:
         """Start the registry, then the callees before their callers (inventory, orders,
@@ -186,6 +264,8 @@ class Mesh:
         for inst in sorted(self.instances, key=lambda i: i.service == "frontend"):
             if inst.service == "frontend":
                 await self.wait_ready(session, 30, [i for i in self.instances if i is not inst])
+                if self.cp_port and spec.policies is not None:
+                    await self.apply_policies(session, spec.policies)
             inst.app_port, inst.outbound = free_port(), free_port()
             inst.inbound, inst.admin = free_port(), free_port()
             rate = spec.rate if inst.service == "frontend" else 0.0
@@ -221,6 +301,58 @@ class Mesh:
                 )
             )  # fmt: skip
 
+    async def apply_policies(self, session: Any, path: Path) -> bool:
+        """Apply the policy files under `path` as `tether apply -f` does: the control
+        plane validates, stores and pushes them. A rejection is reported, not fatal."""
+        import aiohttp
+
+        from controlplane.operator import InputError, read_inputs
+
+        url = f"http://127.0.0.1:{self.cp_port}/api/v1/apply"
+        try:
+            files = read_inputs([str(path)])
+            body = {"files": [{"name": n, "text": t} for n, t in files]}
+            async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(30)) as resp:
+                result = await resp.json(content_type=None)
+                ok = resp.status == 200
+        except (InputError, aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
+            self.policy_status = f"not applied: {type(exc).__name__}: {exc}"
+            self.sink("policies", self.policy_status)
+            return False
+        if not ok or not isinstance(result, dict):
+            message = result.get("message", result) if isinstance(result, dict) else result
+            self.policy_status = f"rejected: {message}"
+            self.sink("policies", self.policy_status)
+            return False
+        for c in result.get("changes") or ():
+            ns = f"{c['namespace']}/" if c.get("namespace") else ""
+            self.sink("policies", f"{c['kind'].lower()} {ns}{c['name']} {c['action']}")
+        for w in result.get("warnings") or ():
+            self.sink("policies", f"warning: {w.get('message', w)}")
+        n = len(result.get("changes") or ())
+        self.policy_status = f"{n} from {path.name} applied (config version {result['version']})"
+        self.sink("policies", f"applied {path}: version {result['version']}")
+        return True
+
+    async def refresh_split(self, session: Any) -> None:
+        """The configured subsets of SPLIT_SERVICE's TrafficSplit (empty: none)."""
+        if not self.cp_port:
+            return
+        url = (
+            f"http://127.0.0.1:{self.cp_port}/api/v1/resources/TrafficSplit/default/{SPLIT_SERVICE}"
+        )
+        try:
+            async with session.get(url) as resp:
+                if resp.status == 404:
+                    self.split = []
+                    return
+                doc = await resp.json(content_type=None)
+        except Exception:
+            return  # the control plane is away: keep showing what it said last
+        subsets = (doc.get("spec") or {}).get("subsets") if isinstance(doc, dict) else None
+        if isinstance(subsets, list):
+            self.split = [s for s in subsets if isinstance(s, dict)]
+
     async def poll(self, session: Any) -> None:
         """Refresh readiness and request counts of every sidecar (one round)."""
 
@@ -231,6 +363,10 @@ class Mesh:
                     inst.ready = r.status == 200
                 async with session.get(f"{base}/stats/prometheus") as r:
                     text = await r.text()
+                if self.cp_port:
+                    async with session.get(f"{base}/config_dump") as r:
+                        dump = await r.json(content_type=None)
+                    inst.policy_version = int((dump.get("policy") or {}).get("version") or 0)
             except Exception:
                 inst.ready = False
                 return
@@ -240,7 +376,7 @@ class Mesh:
             t0, n0 = inst.history[0]
             inst.rate = (inst.inbound_total - n0) / (now - t0) if now > t0 else 0.0
 
-        await asyncio.gather(*(one(i) for i in self.instances))
+        await asyncio.gather(*(one(i) for i in self.instances), self.refresh_split(session))
 
     async def wait_ready(
         self, session: Any, timeout: float, which: list[Instance] | None = None
@@ -254,13 +390,26 @@ class Mesh:
             await asyncio.sleep(0.2)
         return False
 
+    def where_calls_go(self) -> list[str]:
+        """Lines on where SPLIT_SERVICE's calls went lately: by version, by zone."""
+        front = self.instances[0]
+        hist = front.history
+        window = f"last {hist[-1][0] - hist[0][0]:.0f} s" if len(hist) > 1 else "so far"
+        lines = []
+        if self.split:
+            shares = split_shares(self.instances, SPLIT_SERVICE, self.split)
+            lines.append(f"{SPLIT_SERVICE} split ({window}): {describe_split(shares)}")
+        zones = describe_zones(zone_shares(self.instances, SPLIT_SERVICE))
+        lines.append(f"{SPLIT_SERVICE} by zone ({front.name} is in {front.zone}): {zones}")
+        return lines
+
     def listing(self) -> list[str]:
         lines = [f"registry     http://127.0.0.1:{self.registry_port}  (CONSUL_HTTP_ADDR)"]
         if self.cp_port:
             cp = f"http://127.0.0.1:{self.cp_port}"
-            lines.append(
-                f"controlplane {cp}  (tether apply -f examples/policies/ --controlplane {cp})"
-            )
+            applied = self.policy_status or "no policies applied"
+            lines.append(f"controlplane {cp}  ({applied}; change with: tether apply -f FILE "
+                         f"--controlplane {cp})")  # fmt: skip
         for i in self.instances:
             lines.append(
                 f"{i.name:<12} {i.service} {i.version} {i.zone}  app=127.0.0.1:{i.app_port} "
@@ -290,22 +439,31 @@ def render(mesh: Mesh, logs: deque[str]) -> Any:
     from rich.text import Text
 
     table = Table(title=f"tether up: registry 127.0.0.1:{mesh.registry_port}", expand=False)
-    for col in ("instance", "service", "zone", "ready", "calls in", "/s", "5xx", "out"):
-        right = col in ("calls in", "/s", "5xx", "out")
+    cols = ("instance", "service", "zone", "ready", "policy", "calls in", "share", "/s", "5xx",
+            "out")  # fmt: skip
+    for col in cols:
+        right = col in ("calls in", "share", "/s", "5xx", "out")
         table.add_column(col, justify="right" if right else "left", no_wrap=True, min_width=3)
     per_service: dict[str, float] = {}
+    recent: dict[str, float] = {}
     for i in mesh.instances:
         per_service[i.service] = per_service.get(i.service, 0.0) + i.inbound_total
+        recent[i.service] = recent.get(i.service, 0.0) + i.recent
+    for i in mesh.instances:
+        share = i.recent / recent[i.service] if recent[i.service] else 0.0
         table.add_row(
             i.name, f"{i.service} {i.version}", i.zone,
             Text("yes", "green") if i.ready else Text("no", "red"),
-            f"{i.inbound_total:.0f}", f"{i.rate:.1f}", f"{i.inbound_errors:.0f}",
-            f"{i.outbound_total:.0f}",
+            f"v{i.policy_version}" if i.policy_version else "-",
+            f"{i.inbound_total:.0f}", f"{share:.0%}", f"{i.rate:.1f}",
+            f"{i.inbound_errors:.0f}", f"{i.outbound_total:.0f}",
         )  # fmt: skip
     totals = "  ".join(f"{svc}: {n:.0f}" for svc, n in per_service.items())
     front = mesh.instances[0]
+    policies = f"policies: {mesh.policy_status}\n" if mesh.policy_status else ""
+    where = "".join(f"{line}\n" for line in mesh.where_calls_go())
     hint = Text(
-        f"calls per service: {totals}\n"
+        f"calls per service: {totals}\n{where}{policies}"
         f"try: curl -x http://127.0.0.1:{front.outbound} http://frontend/   (Ctrl-C stops)"
     )
     tail = [Text(line, style="dim", no_wrap=True, overflow="ellipsis") for line in logs]
@@ -359,6 +517,8 @@ async def run_up(spec: UpSpec) -> int:
                 await mesh.poll(session)
                 calls = ", ".join(f"{i.name}={i.inbound_total:.0f}" for i in mesh.instances)
                 print(f"tether up: calls in: {calls}", flush=True)
+                for line in mesh.where_calls_go():
+                    print(f"tether up: {line}", flush=True)
 
     code = 0
     watcher = asyncio.ensure_future(watch_exits())

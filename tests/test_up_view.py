@@ -1,0 +1,58 @@
+"""What `tether up`'s live view computes: shares per subset and per zone, and the table."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from rich.console import Console
+
+from tether.up import DEMO, Instance, Mesh, UpSpec, render, split_shares, zone_shares
+
+SUBSETS = [
+    {"name": "v1", "selector": {"version": "v1"}, "weight": 90},
+    {"name": "v2", "selector": {"version": "v2"}, "weight": 10},
+]
+
+
+def instances(calls: dict[str, tuple[float, float]]) -> list[Instance]:
+    """DEMO's instances with (calls in at the start of the window, calls in now)."""
+    out = []
+    for row in DEMO:
+        inst = Instance(*row)
+        before, now = calls.get(inst.name, (0.0, 0.0))
+        inst.history.extend([(0.0, before), (10.0, now)])
+        inst.inbound_total = now
+        out.append(inst)
+    return out
+
+
+def test_split_and_zone_shares_count_the_recent_window() -> None:
+    # orders-1 (zone-a v1) got 85 of the last 100 calls, orders-4 (zone-a v2) 10,
+    # orders-2 (zone-b v1) 5; what happened before the window does not count.
+    insts = instances(
+        {"orders-1": (500, 585), "orders-4": (0, 10), "orders-2": (900, 905), "orders-3": (7, 7)}
+    )
+    shares = {s.name: (s.weight, round(s.share, 2)) for s in split_shares(insts, "orders", SUBSETS)}
+    assert shares == {"v1": (90, 0.9), "v2": (10, 0.1)}
+    assert zone_shares(insts, "orders") == {"zone-a": 0.95, "zone-b": 0.05}
+    # No calls yet: zeros, not a division by zero.
+    idle = instances({})
+    assert [s.share for s in split_shares(idle, "orders", SUBSETS)] == [0.0, 0.0]
+    assert set(zone_shares(idle, "orders").values()) == {0.0}
+
+
+def test_the_view_shows_zone_version_share_and_the_split() -> None:
+    mesh = Mesh(UpSpec(), lambda name, line: None)
+    try:
+        mesh.instances = instances({"orders-1": (0, 90), "orders-4": (0, 10)})
+        mesh.split = SUBSETS
+        mesh.policy_status = "6 from policies applied (config version 1)"
+        console = Console(record=True, width=160)
+        console.print(render(mesh, deque()))
+        text = console.export_text()
+    finally:
+        mesh.data_dir.rmdir()
+    assert "orders v2" in text and "zone-b" in text
+    assert "orders split (last 10 s): v1 90% · v2 10%   (configured: v1 90% · v2 10%)" in text
+    assert "orders by zone (frontend-1 is in zone-a): zone-a 100% · zone-b 0%" in text
+    assert "policies: 6 from policies applied" in text
