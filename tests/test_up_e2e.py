@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -76,6 +77,39 @@ def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
                         and "TrafficSplit" in kinds)  # fmt: skip
 
         poll(pushed, 15, "frontend's sidecar acked the policies")
+
+        def order(n: int) -> tuple[int, dict[str, str]]:
+            conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=15)
+            conn.request("GET", f"http://frontend/?order={n}")
+            resp = conn.getresponse()
+            body = json.loads(resp.read())
+            conn.close()
+            return resp.status, body.get("order", body)
+
+        # frontend is in zone-a: its orders calls stay there (both versions run in both
+        # zones, so the 90/10 split does not pull calls out of the zone) ...
+        answers = [order(n) for n in range(40)]
+        assert all(status == 200 for status, _ in answers), answers
+        assert sum(o["zone"] == "zone-a" for _, o in answers) >= 38, answers
+        # ... and fail over to zone-b when zone-a's orders apps die (their checks fail).
+        for pid in started:
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"tether.demo.orders" in argv and b"zone-a" in argv:
+                    os.kill(pid, signal.SIGKILL)
+
+        def zone_a_out() -> bool:
+            conn = http.client.HTTPConnection("127.0.0.1", int(admin.group(1)), timeout=5)
+            conn.request("GET", "/clusters")
+            clusters = json.loads(conn.getresponse().read())["clusters"]
+            conn.close()
+            (orders,) = [c for c in clusters if c["name"] == "orders.default"]
+            health = {ep["health"] for ep in orders["endpoints"] if ep["zone"] == "zone-a"}
+            return health == {"critical"}
+
+        poll(zone_a_out, 20, "zone-a's orders instances critical", interval=0.2)
+        answers = [order(n) for n in range(20)]
+        assert all(s == 200 and o["zone"] == "zone-b" for s, o in answers), answers
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
