@@ -29,6 +29,7 @@ pytest: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.proxy_bench
+	$(BIN)/python -m bench.balance_path_bench
 
 bench-registry: $(STAMP)
 	$(BIN)/python -m bench.registry_bench
