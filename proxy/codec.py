@@ -100,11 +100,10 @@ _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 # them. Request keys leave out a canonical `X-Request-Id` line, the one field a mesh
 # makes unique per request. Bounded: a full cache is emptied and refills.
 _MAX_CACHED_HEADS = 512
-_new = object.__new__
-# A template: the attributes of the parsed head (its `raw` included) and the body length
-# (-1: none).
-_request_heads: dict[bytes, tuple[dict[str, Any], int]] = {}
-_response_heads: dict[bytes, tuple[dict[str, Any], int]] = {}
+# A template: the arguments that rebuild the parsed head (its `raw` first) and the body
+# length (-1: none).
+_request_heads: dict[bytes, tuple[tuple[Any, ...], int]] = {}
+_response_heads: dict[bytes, tuple[tuple[Any, ...], int]] = {}
 _XRID_LINE = b"\r\nX-Request-Id: "
 # Bytes a field value may hold in a cached head's X-Request-Id (printable ASCII).
 _VALUE_BYTES = bytes(range(0x21, 0x7F))
@@ -143,49 +142,88 @@ def _kind(name: bytes, cache: dict[bytes, int], table: dict[bytes, int]) -> int:
 class RequestHead:
     """A parsed request head; `headers` are the end-to-end fields only.
 
-    Unset attributes fall back to the class defaults, so building one per request costs
-    an allocation and a list, not fifteen stores.
+    Slots, no `__getattr__`: attribute reads on the hot path stay on CPython's fast path.
+    A cached head carries `raw`, its field lines as forwarded (Content-Length included;
+    hop-by-hop fields, X-Forwarded-For and X-Request-Id left out), and builds `headers`
+    on first access.
     """
 
-    method = b""
-    target = b""
-    version = "1.1"
-    host: bytes | None = None
-    host_index: int
-    content_length: int | None = None
-    chunked = False
-    keep_alive = True
-    upgrade: bytes | None = None
-    expect_continue = False
-    forwarded_for: bytes | None = None
-    forwarded_proto: bytes | None = None
-    request_id: bytes | None = None
-    connection_tokens: list[bytes] | None = None
-    # A cached head's field lines as forwarded (Content-Length included; hop-by-hop
-    # fields, X-Forwarded-For and X-Request-Id left out); `headers` is built on demand.
-    raw: bytes | None = None
-    headers: Fields
+    __slots__ = (
+        "_fields",
+        "_host_index",
+        "chunked",
+        "connection_tokens",
+        "content_length",
+        "expect_continue",
+        "forwarded_for",
+        "forwarded_proto",
+        "host",
+        "keep_alive",
+        "method",
+        "raw",
+        "request_id",
+        "target",
+        "upgrade",
+        "version",
+    )
 
-    def __init__(self, raw: bytes | None = None) -> None:
-        if raw is None:
-            self.headers = []
-        else:
-            self.raw = raw
+    def __init__(
+        self,
+        raw: bytes | None = None,
+        method: bytes = b"",
+        target: bytes = b"",
+        version: str = "1.1",
+        keep_alive: bool = True,
+        host: bytes | None = None,
+        content_length: int | None = None,
+        forwarded_for: bytes | None = None,
+        forwarded_proto: bytes | None = None,
+        request_id: bytes | None = None,
+    ) -> None:
+        self.raw = raw
+        self._fields: Fields | None = [] if raw is None else None
+        self._host_index = -1
+        self.method = method
+        self.target = target
+        self.version = version
+        self.keep_alive = keep_alive
+        self.host = host
+        self.content_length = content_length
+        self.forwarded_for = forwarded_for
+        self.forwarded_proto = forwarded_proto
+        self.request_id = request_id
+        self.chunked = False
+        self.upgrade: bytes | None = None
+        self.expect_continue = False
+        self.connection_tokens: list[bytes] | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for attributes not set: a fast-path head's headers/host_index.
-        if name == "headers" or name == "host_index":
-            raw = self.raw
-            if raw is None:
-                if name == "host_index":
-                    return -1
-                raise AttributeError(name)
-            self.headers, self.host_index = _field_list(raw, True)
-            if self.request_id is not None:
-                self.headers.append((b"X-Request-Id", self.request_id))
-            self.raw = None
-            return getattr(self, name)
-        raise AttributeError(name)
+    def _materialise(self) -> Fields:
+        fields, self._host_index = _field_list(self.raw or b"", True)
+        if self.request_id is not None:
+            fields.append((b"X-Request-Id", self.request_id))
+        self._fields = fields
+        self.raw = None
+        return fields
+
+    @property
+    def headers(self) -> Fields:
+        fields = self._fields
+        return fields if fields is not None else self._materialise()
+
+    @headers.setter
+    def headers(self, fields: Fields) -> None:
+        self._fields = fields
+        self.raw = None
+
+    @property
+    def host_index(self) -> int:
+        if self._fields is None:
+            self._materialise()
+        return self._host_index
+
+    @host_index.setter
+    def host_index(self, index: int) -> None:
+        self._host_index = index
 
     def set_host(self, authority: bytes) -> None:
         """Replace the Host field (or add one): absolute-form's authority wins."""
@@ -219,31 +257,55 @@ class RequestHead:
 
 
 class ResponseHead:
-    """A parsed response head; `headers` are the end-to-end fields only."""
+    """A parsed response head; `headers` are the end-to-end fields only.
 
-    status = 0
-    reason = b""
-    version = "1.1"
-    content_length: int | None = None
-    chunked = False
-    keep_alive = True
-    upgrade: bytes | None = None
-    # A cached head's field lines as forwarded (Content-Length included, hop-by-hop out).
-    raw: bytes | None = None
-    headers: Fields
+    A cached head carries `raw` (field lines as forwarded, Content-Length included,
+    hop-by-hop out) and builds `headers` on first access.
+    """
 
-    def __init__(self, raw: bytes | None = None) -> None:
-        if raw is None:
-            self.headers = []
-        else:
-            self.raw = raw
+    __slots__ = (
+        "_fields",
+        "chunked",
+        "content_length",
+        "keep_alive",
+        "raw",
+        "reason",
+        "status",
+        "upgrade",
+        "version",
+    )
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "headers" and self.raw is not None:
-            self.headers = _field_list(self.raw, False)[0]
+    def __init__(
+        self,
+        raw: bytes | None = None,
+        status: int = 0,
+        reason: bytes = b"",
+        version: str = "1.1",
+        keep_alive: bool = True,
+        content_length: int | None = None,
+    ) -> None:
+        self.raw = raw
+        self._fields: Fields | None = [] if raw is None else None
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = False
+        self.upgrade: bytes | None = None
+
+    @property
+    def headers(self) -> Fields:
+        fields = self._fields
+        if fields is None:
+            fields = self._fields = _field_list(self.raw or b"", False)[0]
             self.raw = None
-            return self.headers
-        raise AttributeError(name)
+        return fields
+
+    @headers.setter
+    def headers(self, fields: Fields) -> None:
+        self._fields = fields
+        self.raw = None
 
     def __repr__(self) -> str:
         framing = "chunked" if self.chunked else f"length={self.content_length}"
@@ -332,7 +394,7 @@ class RequestCodec:
         self._fill_rid = False
         # The previous cached head taken on this connection (with its blank line).
         self._last_head: bytes | None = None
-        self._last_template: tuple[dict[str, Any], int] = ({}, -1)
+        self._last_template: tuple[tuple[Any, ...], int] = ((), -1)
         self._new_head()
 
     def _new_head(self) -> None:
@@ -412,10 +474,8 @@ class RequestCodec:
         if last is not None and data.startswith(last):
             # The same head as this connection's previous request (no hashing at all).
             end = len(last)
-            attrs, length = self._last_template
-            head = _new(RequestHead)
-            head.__dict__.update(attrs)
-            return self._taken(head, data, end, length)
+            args, length = self._last_template
+            return self._taken(RequestHead(*args), data, end, length)
         end = data.find(b"\r\n\r\n")
         if end < 0:
             return -1
@@ -436,9 +496,8 @@ class RequestCodec:
                 self._fill = key
                 self._fill_rid = i >= 0
             return -1
-        attrs, length = template
-        head = _new(RequestHead)
-        head.__dict__.update(attrs)
+        args, length = template
+        head = RequestHead(*args)
         end += 4
         if rid is not None:
             head.request_id = rid
@@ -482,25 +541,22 @@ class RequestCodec:
                 fields.append(f)
         if rids > 1 or (self._fill_rid and rids != 1):
             return
-        attrs: dict[str, Any] = {
-            "raw": _encode_fields(fields, head.content_length),
-            "method": head.method,
-            "target": head.target,
-            "host": head.host,
-            "content_length": head.content_length,
-            "forwarded_for": head.forwarded_for,
-            "forwarded_proto": head.forwarded_proto,
-        }
-        if not self._fill_rid:
-            attrs["request_id"] = head.request_id
-        if head.version != "1.1":
-            attrs["version"] = head.version
-        if not head.keep_alive:
-            attrs["keep_alive"] = False
+        args = (
+            _encode_fields(fields, head.content_length),
+            head.method,
+            head.target,
+            head.version,
+            head.keep_alive,
+            head.host,
+            head.content_length,
+            head.forwarded_for,
+            head.forwarded_proto,
+            None if self._fill_rid else head.request_id,
+        )
         if len(_request_heads) >= _MAX_CACHED_HEADS:
             _request_heads.clear()
         length = head.content_length
-        _request_heads[key] = (attrs, -1 if length is None else length)
+        _request_heads[key] = (args, -1 if length is None else length)
 
     # httptools callbacks -------------------------------------------------------------
 
@@ -523,23 +579,25 @@ class RequestCodec:
         if kind is None:
             kind = _kind(name, _request_kinds, _REQUEST_FIELDS)
         head = self._head
+        fields = head._fields
+        assert fields is not None
         if kind == _PLAIN:
-            head.headers.append((name, value))
+            fields.append((name, value))
         elif kind == _HOST:
             if head.host is not None:
                 raise BadMessageError("more than one Host field")
             head.host = value
-            head.host_index = len(head.headers)
-            head.headers.append((name, value))
+            head.host_index = len(fields)
+            fields.append((name, value))
         elif kind == _XRID:
             head.request_id = value
-            head.headers.append((name, value))
+            fields.append((name, value))
         elif kind == _XFF:
             ff = head.forwarded_for
             head.forwarded_for = value if ff is None else ff + b", " + value
         elif kind == _XFP:
             head.forwarded_proto = value
-            head.headers.append((name, value))
+            fields.append((name, value))
         elif kind == _CL:
             # llhttp has checked the digits and refused duplicates.
             head.content_length = int(value)
@@ -554,7 +612,7 @@ class RequestCodec:
         elif kind == _EXPECT:
             if value.strip().lower() == b"100-continue":
                 head.expect_continue = True
-            head.headers.append((name, value))
+            fields.append((name, value))
         # _HOP: dropped.
 
     def on_headers_complete(self) -> None:
@@ -658,7 +716,7 @@ class ResponseCodec:
         self._fill: bytes | None = None
         # The previous cached head taken on this connection (with its blank line).
         self._last_head: bytes | None = None
-        self._last_template: tuple[dict[str, Any], int] = ({}, -1)
+        self._last_template: tuple[tuple[Any, ...], int] = ((), -1)
 
     @property
     def idle(self) -> bool:
@@ -722,7 +780,7 @@ class ResponseCodec:
         if last is not None and data.startswith(last):
             # The same head as this connection's previous response (no hashing at all).
             end = len(last)
-            attrs, length = self._last_template
+            args, length = self._last_template
         else:
             end = data.find(b"\r\n\r\n")
             if end < 0:
@@ -736,9 +794,8 @@ class ResponseCodec:
             end += 4
             self._last_head = data[:end]
             self._last_template = template
-            attrs, length = template
-        head = _new(ResponseHead)
-        head.__dict__.update(attrs)
+            args, length = template
+        head = ResponseHead(*args)
         self._close_delimited = False
         sink = self.sink
         if self.head_request or not length:
@@ -765,19 +822,17 @@ class ResponseCodec:
             return
         if head.chunked or head.upgrade is not None:
             return
-        attrs: dict[str, Any] = {
-            "raw": _encode_fields(head.headers, length),
-            "status": status,
-            "reason": head.reason,
-            "content_length": length,
-        }
-        if head.version != "1.1":
-            attrs["version"] = head.version
-        if not head.keep_alive:
-            attrs["keep_alive"] = False
+        args = (
+            _encode_fields(head.headers, length),
+            status,
+            head.reason,
+            head.version,
+            head.keep_alive,
+            length,
+        )
         if len(_response_heads) >= _MAX_CACHED_HEADS:
             _response_heads.clear()
-        _response_heads[key] = (attrs, length)
+        _response_heads[key] = (args, length)
 
     def feed_eof(self) -> bool:
         """The upstream closed: True if that completed a close-delimited response."""
@@ -804,7 +859,9 @@ class ResponseCodec:
             kind = _kind(name, _response_kinds, _RESPONSE_FIELDS)
         head = self._head
         if kind == _PLAIN:
-            head.headers.append((name, value))
+            fields = head._fields
+            assert fields is not None
+            fields.append((name, value))
         elif kind == _CL:
             head.content_length = int(value)
         elif kind == _TE:

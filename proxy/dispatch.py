@@ -97,7 +97,7 @@ class OutboundRouter:
             raw = head.host if head.target[0] == 47 else _absolute_to_origin(head, conn)
             if raw is None:
                 raise BadMessageError("the request names no host (no Host, no absolute URI)")
-            auth = self._authority(raw)
+            auth = self._authorities.get(raw) or self._authority(raw)
         except BadMessageError as e:
             conn.local_reply(e.reason, e.message, status=e.status)
             return None

@@ -21,6 +21,7 @@ import asyncio
 import os
 import random
 import time
+from bisect import bisect_left as _bisect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,7 +38,7 @@ from proxy.codec import (
 )
 from proxy.errors import BadMessageError
 from proxy.pool import Pool, PoolOverflowError
-from proxy.stats import DestinationStats, ProxyStats
+from proxy.stats import LATENCY_BOUNDS, DestinationStats, ProxyStats
 from proxy.upstream import PAUSE_UPSTREAM as _PAUSE_UPSTREAM
 from proxy.upstream import WRITE_HIGH, WRITE_LOW, UpstreamConnection
 
@@ -75,8 +76,9 @@ _NO_BODY = frozenset({204, 304})
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _VIA11 = (b"Via", b"1.1 tether")
 _VIA10 = (b"Via", b"1.0 tether")
-_VIA11_END = b"Via: 1.1 tether\r\n\r\n"
-_VIA10_END = b"Via: 1.0 tether\r\n\r\n"
+# What ends a forwarded request head after the X-Request-Id value.
+_RID_VIA11_END = b"\r\nVia: 1.1 tether\r\n\r\n"
+_RID_VIA10_END = b"\r\nVia: 1.0 tether\r\n\r\n"
 # Response head endings of the fast path (Via, then what the client's connection needs).
 _RESP_END = b"Via: 1.1 tether\r\n\r\n"
 _RESP_END_CLOSE = b"Via: 1.1 tether\r\nConnection: close\r\n\r\n"
@@ -502,16 +504,21 @@ class DownstreamConnection(asyncio.Protocol):
             rid = head.request_id
             if rid is None:
                 head.request_id = rid = server.new_request_id()
-            self.request_bytes = data = b"%s %s HTTP/1.1\r\n%s%s%sX-Request-Id: %s\r\n%s" % (
-                head.method,
-                self.path,
-                raw,
-                self.xff_line
-                if ff is None
-                else b"X-Forwarded-For: " + ff + b", " + self.peer + b"\r\n",
-                server.xfp_line if head.forwarded_proto is None else b"",
-                rid,
-                _VIA11_END if head.version == "1.1" else _VIA10_END,
+            self.request_bytes = data = b"".join(
+                (
+                    head.method,
+                    b" ",
+                    self.path,
+                    b" HTTP/1.1\r\n",
+                    raw,
+                    self.xff_line
+                    if ff is None
+                    else b"X-Forwarded-For: " + ff + b", " + self.peer + b"\r\n",
+                    server.xfp_line if head.forwarded_proto is None else b"",
+                    b"X-Request-Id: ",
+                    rid,
+                    _RID_VIA11_END if head.version == "1.1" else _RID_VIA10_END,
+                )
             )
             ubuf = self.ubuf
             if ubuf:
@@ -521,9 +528,19 @@ class DownstreamConnection(asyncio.Protocol):
             self.pool = pool
             idle = pool.idle
             if idle:
-                conn = idle.pop()
+                conn = idle.pop()  # pool.acquire() and _attach(), inlined
                 if not conn.closed:
-                    self._attach(conn)
+                    self.upstream = conn
+                    conn.sink = self
+                    codec = conn.codec
+                    codec.sink = self
+                    codec.head_request = head.method == b"HEAD"
+                    conn.requests += 1
+                    ep = self.endpoint
+                    if ep is not None:
+                        balancer = self.balancer
+                        if balancer is not None:
+                            balancer.on_start(ep, self.start)
                     return
             self._acquire(pool)
             return
@@ -739,10 +756,16 @@ class DownstreamConnection(asyncio.Protocol):
         latency = now - self.start
         status = self.status
         ep = self.endpoint
-        if ep is not None and self.balancer is not None:
-            self.balancer.on_end(ep, now, latency, status < 500)
-        if self.dstats is not None:
-            self.dstats.record(status, latency)
+        if ep is not None:
+            balancer = self.balancer
+            if balancer is not None:
+                balancer.on_end(ep, now, latency, status < 500)
+        ds = self.dstats
+        if ds is not None:
+            # DestinationStats.record(), inlined: this runs once per request
+            ds.by_class[status // 100 if 0 < status < 600 else 0] += 1
+            ds.buckets[_bisect(LATENCY_BOUNDS, latency)] += 1
+            ds.latency_sum += latency
         conn = self.upstream
         self.upstream = None
         if conn is not None:
@@ -753,7 +776,20 @@ class DownstreamConnection(asyncio.Protocol):
                 conn.unbind()
                 conn.close()
                 self.keep_alive = False
-        if self.req_done or not self.keep_alive:
+        if self.req_done:
+            if self.keep_alive and self.backlog is None and not self.server.draining:
+                # finish(), inlined for the common case: the connection stays open.
+                self.active = False
+                self.head = None
+                self.pool = None
+                self.endpoint = None
+                self.balancer = None
+                self.response_edit = None
+                self.phase = IDLE
+                self.deadline = now + self.server.timeouts.idle
+                return
+            self.finish(now)
+        elif not self.keep_alive:
             self.finish(now)
 
     def on_upstream_switched(self, conn: UpstreamConnection, rest: bytes) -> None:
