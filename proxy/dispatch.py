@@ -35,6 +35,24 @@ _MAX_CACHED_AUTHORITIES = 4096
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
+def _pick_context(conn: DownstreamConnection) -> PickContext:
+    """What a hashing balancer may read of the request: its fields (by case-insensitive
+    name; repeated fields joined, cookies with "; "), the client's address, the path."""
+    head = conn.head
+    fields = head.headers if head is not None else ()
+
+    def header(name: str) -> str | None:
+        key = name.lower().encode("latin-1")
+        values = [v for n, v in fields if n.lower() == key]
+        if not values:
+            return None
+        return (b"; " if key == b"cookie" else b", ").join(values).decode("latin-1")
+
+    return PickContext(
+        source_ip=conn.peer.decode("latin-1"), header=header, path=conn.path.decode("latin-1")
+    )
+
+
 def _absolute_to_origin(head: RequestHead, conn: DownstreamConnection) -> bytes | None:
     """The authority a request names; rewrites absolute-form to origin-form on `conn`."""
     target = head.target
@@ -123,7 +141,9 @@ class OutboundRouter:
             dstats = self._dstats[name] = self.stats.destination(self.name, name)
         conn.dstats = dstats
         balancer = cluster.balancer
-        ep = balancer.pick(_NO_HASH, conn.start, RNG)
+        # Only the hashing balancers read the request; the others share one empty context.
+        ctx = _pick_context(conn) if balancer.uses_context else _NO_HASH
+        ep = balancer.pick(ctx, conn.start, RNG)
         if ep is None:
             conn.local_reply(
                 local_reply.NO_HEALTHY_UPSTREAM, f"service {name} has no healthy endpoint"
