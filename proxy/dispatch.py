@@ -39,11 +39,13 @@ def _pick_context(conn: DownstreamConnection) -> PickContext:
     """What a hashing balancer may read of the request: its fields (by case-insensitive
     name; repeated fields joined, cookies with "; "), the client's address, the path."""
     head = conn.head
-    fields = head.headers if head is not None else ()
 
     def header(name: str) -> str | None:
+        # Read lazily: a source-address hash must not make a cached head parse its fields.
+        if head is None:
+            return None
         key = name.lower().encode("latin-1")
-        values = [v for n, v in fields if n.lower() == key]
+        values = [v for n, v in head.headers if n.lower() == key]
         if not values:
             return None
         return (b"; " if key == b"cookie" else b", ").join(values).decode("latin-1")
