@@ -76,7 +76,7 @@ def endpoints_from_health(entries: Any) -> dict[str, list[Endpoint]]:
     """Endpoints of a `/v1/health/service` answer, grouped by namespace, with health.
 
     A critical instance is an unhealthy endpoint; a warning one is healthy with weight
-    `Weights.Warning` (Consul's DNS and xDS do the same).
+    `Weights.Warning` (Consul's DNS and xDS do the same); a weight of 0 is unhealthy.
 
     Malformed entries are skipped rather than failing the whole answer: one bad
     registration must not take a service's other instances out of rotation.
@@ -110,14 +110,17 @@ def endpoints_from_health(entries: Any) -> dict[str, list[Endpoint]]:
         meta = {str(k): str(v) for k, v in raw_meta.items()} if isinstance(raw_meta, dict) else {}
         status = instance_health(entry.get("Checks"))
         weights = svc.get("Weights")
+        weight = _weight(weights, "Warning" if status == "warning" else "Passing")
         ep = Endpoint(
             id=sid,
             host=host,
             port=port,
-            weight=_weight(weights, "Warning" if status == "warning" else "Passing"),
+            weight=weight,
             zone=meta.get("zone", ""),
             meta=meta,
-            healthy=status != "critical",
+            # A zero weight takes the instance out of rotation too, as in Consul's xDS
+            # (usually `Weights.Warning: 0`: "send nothing to a warning instance").
+            healthy=status != "critical" and weight > 0,
         )
         by_ns.setdefault(instance_namespace(meta), []).append(ep)
     return by_ns

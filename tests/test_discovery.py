@@ -83,6 +83,9 @@ def test_health_comes_from_the_checks() -> None:
         entry("maint", "passing", "maintenance"),
         entry("none"),
     ]
+    zero = entry("zero-warning", "warning")
+    zero["Service"]["Weights"]["Warning"] = 0
+    entries.append(zero)
     eps = {ep.id: ep for ep in endpoints_from_health(entries)["default"]}
     assert {i: (ep.healthy, ep.weight) for i, ep in eps.items()} == {
         "ok": (True, 10),
@@ -90,6 +93,7 @@ def test_health_comes_from_the_checks() -> None:
         "crit": (False, 10),
         "maint": (False, 10),
         "none": (True, 10),
+        "zero-warning": (False, 0),  # Consul's xDS: weight 0 is unhealthy
     }
 
 
