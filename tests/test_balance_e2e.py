@@ -2,9 +2,9 @@
 
 Six real HTTP apps registered in the real registry (three in the caller's zone, three in
 another), discovered through `consul.aio` blocking queries, reached through the real
-outbound listener with the default policy (peak-EWMA under the locality layer). The
-sidecar's own wiring of `build_balancer` is the lead's; here the directory gets it
-through its public `balancer_factory` argument.
+outbound listener with the default policy (peak-EWMA under the locality layer), given
+to the directory through its `balancer_factory` argument as the sidecar does (the same
+through real sidecar processes: tests/test_locality_e2e.py).
 """
 
 from __future__ import annotations
