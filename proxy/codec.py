@@ -19,8 +19,11 @@ since the proxy would have to decode them).
 
 Head cache. A proxy sees the same heads over and over (one client library's requests,
 one server's responses), so what llhttp made of a head is remembered under the head's
-exact bytes (requests: minus a canonical `X-Request-Id: <printable ASCII>` line, the one
-field a mesh makes unique per request; its value is taken from the live bytes). A head
+exact bytes. A request head is also found with a new origin-form request line (method
+one of the common seven, target `/` and printable ASCII, version 1.0 or 1.1, checked
+here: paths vary more than fields), and a canonical `X-Request-Id: <printable ASCII>`
+line, the one field a mesh makes unique per request, is left out of request keys; both
+are taken from the live bytes. A head
 seen before is then taken without llhttp: one `find` of the blank line, one dict
 lookup, its Content-Length body counted through. Only heads with plain framing are
 cached (no Transfer-Encoding, Upgrade, Expect or CONNECT; responses 2xx-5xx but not
@@ -105,8 +108,11 @@ _MAX_CACHED_HEADS = 512
 _request_heads: dict[bytes, tuple[tuple[Any, ...], int]] = {}
 _response_heads: dict[bytes, tuple[tuple[Any, ...], int]] = {}
 _XRID_LINE = b"\r\nX-Request-Id: "
-# Bytes a field value may hold in a cached head's X-Request-Id (printable ASCII).
+# Bytes an X-Request-Id value or an origin-form target may hold (printable ASCII, no
+# space) for the cache to take it without llhttp.
 _VALUE_BYTES = bytes(range(0x21, 0x7F))
+# Methods llhttp parses alike (no special framing); their request lines are checked here.
+_CACHED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
 
 
 def _encode_fields(headers: Fields, content_length: int | None) -> bytes:
@@ -363,6 +369,7 @@ class RequestCodec:
     __slots__ = (
         "_clean",
         "_fill",
+        "_fill_origin",
         "_fill_rid",
         "_head",
         "_last_head",
@@ -391,6 +398,7 @@ class RequestCodec:
         self._remaining = 0
         # The cache key of the head llhttp is about to parse (a miss), if any.
         self._fill: bytes | None = None
+        self._fill_origin: bytes | None = None
         self._fill_rid = False
         # The previous cached head taken on this connection (with its blank line).
         self._last_head: bytes | None = None
@@ -492,19 +500,49 @@ class RequestCodec:
             key = key[:i] + key[j:]
         template = _request_heads.get(key)
         if template is None:
-            if data[0] > 32:  # starts with the method: the head is data[:end]
-                self._fill = key
-                self._fill_rid = i >= 0
-            return -1
-        args, length = template
+            # Not seen with this request line: an origin-form line is checked here and
+            # the fields looked up without it (the key then starts at the version).
+            okey = self._origin_key(key)
+            template = _request_heads.get(okey) if okey is not None else None
+            if template is None:
+                if data[0] > 32:  # starts with the method: the head is data[:end]
+                    self._fill = key
+                    self._fill_origin = okey
+                    self._fill_rid = i >= 0
+                return -1
+            args, length = template
+            method, _, rest = key.partition(b" ")
+            args = (args[0], method, rest[: rest.index(b" ")], *args[3:])
+        else:
+            args, length = template
         head = RequestHead(*args)
         end += 4
         if rid is not None:
             head.request_id = rid
         else:
             self._last_head = data[:end]
-            self._last_template = template
+            self._last_template = (args, length)
         return self._taken(head, data, end, length)
+
+    @staticmethod
+    def _origin_key(key: bytes) -> bytes | None:
+        """The key without an origin-form request line, if the line is one llhttp takes."""
+        line_end = key.find(b"\r\n")
+        if line_end < 0:
+            line_end = len(key)
+        parts = key[:line_end].split(b" ")
+        if len(parts) != 3:
+            return None
+        method, target, version = parts
+        if (
+            target[:1] == b"/"
+            and method in _CACHED_METHODS
+            and (version == b"HTTP/1.1" or version == b"HTTP/1.0")
+            and len(target) <= MAX_REQUEST_LINE
+            and not target.translate(None, _VALUE_BYTES)
+        ):
+            return key[line_end - 8 :]
+        return None
 
     def _taken(self, head: RequestHead, data: bytes, end: int, length: int) -> int:
         """Deliver a cached head and what `data` holds of its body; bytes used."""
@@ -556,7 +594,10 @@ class RequestCodec:
         if len(_request_heads) >= _MAX_CACHED_HEADS:
             _request_heads.clear()
         length = head.content_length
-        _request_heads[key] = (args, -1 if length is None else length)
+        template = (args, -1 if length is None else length)
+        _request_heads[key] = template
+        if self._fill_origin is not None:
+            _request_heads[self._fill_origin] = template
 
     # httptools callbacks -------------------------------------------------------------
 

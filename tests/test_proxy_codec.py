@@ -513,3 +513,28 @@ def test_cached_response_body_split_across_reads_and_truncation() -> None:
     assert codec.idle
     one = [("head", 200, b"OK", [], 10), ("body", b"abcdefghij"), ("end", None)]
     assert summary(rec) == [*one, one[0], ("body", b"0123456789"), ("end", None)]
+
+
+def test_origin_form_request_lines_share_a_cached_head_and_are_still_checked() -> None:
+    fields = b"Host: a\r\nX-Shape: paths\r\n\r\n"
+    feed_requests([b"GET /first HTTP/1.1\r\n" + fields])
+    rec, _ = feed_requests(
+        [b"GET /orders/17?x=1 HTTP/1.1\r\n" + fields, b"DELETE /orders/18 HTTP/1.1\r\n" + fields]
+    )
+    heads = [e[1] for e in rec.events if e[0] == "head"]
+    assert all(h.raw is not None for h in heads)  # both from the cache
+    assert [(h.method, h.target) for h in heads] == [
+        (b"GET", b"/orders/17?x=1"),
+        (b"DELETE", b"/orders/18"),
+    ]
+    # The same fields under HTTP/1.0 are another head (keep-alive differs).
+    rec, _ = feed_requests([b"GET /x HTTP/1.0\r\n" + fields])
+    assert rec.events[0][1].keep_alive is False and rec.events[0][1].version == "1.0"
+    for line in (
+        b"GET /a b HTTP/1.1",
+        b"GET /a\x01b HTTP/1.1",
+        b"GET /a HTTP/1.2",
+        b"BREW /a HTTP/1.1",
+    ):
+        with pytest.raises(BadMessageError):
+            feed_requests([line + b"\r\n" + fields])
