@@ -106,7 +106,7 @@ _MAX_CACHED_HEADS = 512
 # A template: the arguments that rebuild the parsed head (its `raw` first) and the body
 # length (-1: none).
 _request_heads: dict[bytes, tuple[tuple[Any, ...], int]] = {}
-_response_heads: dict[bytes, tuple[tuple[Any, ...], int]] = {}
+_response_heads: dict[bytes, tuple[ResponseHead, int]] = {}
 _XRID_LINE = b"\r\nX-Request-Id: "
 # Bytes an X-Request-Id value or an origin-form target may hold (printable ASCII, no
 # space) for the cache to take it without llhttp.
@@ -276,6 +276,7 @@ class ResponseHead:
         "keep_alive",
         "raw",
         "reason",
+        "shared",
         "status",
         "upgrade",
         "version",
@@ -299,17 +300,25 @@ class ResponseHead:
         self.content_length = content_length
         self.chunked = False
         self.upgrade: bytes | None = None
+        # A cached head handed out for every response with these bytes: never changed;
+        # its `headers` is a new list each time.
+        self.shared = False
 
     @property
     def headers(self) -> Fields:
         fields = self._fields
         if fields is None:
-            fields = self._fields = _field_list(self.raw or b"", False)[0]
+            fields = _field_list(self.raw or b"", False)[0]
+            if self.shared:
+                return fields
+            self._fields = fields
             self.raw = None
         return fields
 
     @headers.setter
     def headers(self, fields: Fields) -> None:
+        if self.shared:
+            raise AttributeError("a cached response head is shared and cannot change")
         self._fields = fields
         self.raw = None
 
@@ -757,7 +766,7 @@ class ResponseCodec:
         self._fill: bytes | None = None
         # The previous cached head taken on this connection (with its blank line).
         self._last_head: bytes | None = None
-        self._last_template: tuple[tuple[Any, ...], int] = ((), -1)
+        self._last_template: tuple[ResponseHead, int] = (self._head, -1)
 
     @property
     def idle(self) -> bool:
@@ -821,7 +830,7 @@ class ResponseCodec:
         if last is not None and data.startswith(last):
             # The same head as this connection's previous response (no hashing at all).
             end = len(last)
-            args, length = self._last_template
+            head, length = self._last_template
         else:
             end = data.find(b"\r\n\r\n")
             if end < 0:
@@ -835,8 +844,7 @@ class ResponseCodec:
             end += 4
             self._last_head = data[:end]
             self._last_template = template
-            args, length = template
-        head = ResponseHead(*args)
+            head, length = template
         self._close_delimited = False
         sink = self.sink
         if self.head_request or not length:
@@ -863,7 +871,7 @@ class ResponseCodec:
             return
         if head.chunked or head.upgrade is not None:
             return
-        args = (
+        shared = ResponseHead(
             _encode_fields(head.headers, length),
             status,
             head.reason,
@@ -871,9 +879,10 @@ class ResponseCodec:
             head.keep_alive,
             length,
         )
+        shared.shared = True
         if len(_response_heads) >= _MAX_CACHED_HEADS:
             _response_heads.clear()
-        _response_heads[key] = (args, length)
+        _response_heads[key] = (shared, length)
 
     def feed_eof(self) -> bool:
         """The upstream closed: True if that completed a close-delimited response."""

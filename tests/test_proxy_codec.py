@@ -538,3 +538,17 @@ def test_origin_form_request_lines_share_a_cached_head_and_are_still_checked() -
     ):
         with pytest.raises(BadMessageError):
             feed_requests([line + b"\r\n" + fields])
+
+
+def test_a_shared_cached_response_head_cannot_be_changed_through_its_headers() -> None:
+    data = b"HTTP/1.1 200 OK\r\nX-Shared: 1\r\nContent-Length: 0\r\n\r\n"
+    heads = []
+    for _ in range(3):
+        rec = Recorder()
+        ResponseCodec(rec).feed(data)
+        heads.append(rec.events[0][1])
+    assert heads[1] is heads[2] and heads[2].raw is not None  # one cached object
+    heads[2].headers.append((b"X-Edit", b"e"))  # an edit to a copy only
+    assert heads[2].headers == [(b"X-Shared", b"1")]
+    with pytest.raises(AttributeError):
+        heads[2].headers = []
