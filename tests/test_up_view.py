@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 
+import aiohttp
 from rich.console import Console
 
-from tether.up import DEMO, Instance, Mesh, UpSpec, render, split_shares, zone_shares
+from controlplane.server import ControlPlane, ControlPlaneSpec, RegistryAddress
+from registry.server import RegistryServer
+from tether.up import DEMO, ROOT, Instance, Mesh, UpSpec, render, split_shares, zone_shares
 
 SUBSETS = [
     {"name": "v1", "selector": {"version": "v1"}, "weight": 90},
@@ -56,3 +60,38 @@ def test_the_view_shows_zone_version_share_and_the_split() -> None:
     assert "orders split (last 10 s): v1 90% · v2 10%   (configured: v1 90% · v2 10%)" in text
     assert "orders by zone (frontend-1 is in zone-a): zone-a 100% · zone-b 0%" in text
     assert "policies: 6 from policies applied" in text
+
+
+async def test_policies_go_through_the_control_plane_api(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    reg = RegistryAddress("127.0.0.1", registry.port, "http", None)
+    cp = ControlPlane(ControlPlaneSpec(port=0, registry=reg, watch_wait="5s"))
+    await cp.start()
+    lines: list[tuple[str, str]] = []
+    mesh = Mesh(UpSpec(), lambda name, line: lines.append((name, line)))
+    mesh.data_dir.rmdir()
+    mesh.cp_port = int(cp.url.rpartition(":")[2])
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert await mesh.apply_policies(session, ROOT / "examples" / "policies")
+            assert ("policies", "trafficsplit default/orders created") in lines
+            assert mesh.policy_status.endswith("applied (config version 1)")
+            await mesh.refresh_split(session)
+            assert [(s["name"], s["weight"]) for s in mesh.split] == [("v1", 90), ("v2", 10)]
+
+            # A bad document: refused with where and why, the split in force unchanged.
+            bad = tmp_path / "bad.yaml"
+            bad.write_text(
+                "apiVersion: tether.dev/v1alpha1\nkind: TrafficSplit\n"
+                "metadata: {name: orders}\nspec:\n  subsets:\n"
+                "    - {name: v1, selector: {version: v1}, weight: 50}\n"
+            )
+            lines.clear()
+            assert not await mesh.apply_policies(session, bad)
+            assert mesh.policy_status.startswith("rejected: ")
+            assert any("bad.yaml:" in line and "spec.subsets" in line for _, line in lines), lines
+            await mesh.refresh_split(session)
+            assert [s["weight"] for s in mesh.split] == [90, 10]
+    finally:
+        await cp.aclose()

@@ -323,6 +323,10 @@ class Mesh:
             message = result.get("message", result) if isinstance(result, dict) else result
             self.policy_status = f"rejected: {message}"
             self.sink("policies", self.policy_status)
+            problems = result.get("problems") if isinstance(result, dict) else None
+            for prob in problems if isinstance(problems, list) else ():
+                where = ":".join(str(prob.get(k)) for k in ("file", "line") if prob.get(k))
+                self.sink("policies", f"{where} {prob.get('path', '')}: {prob.get('message')}")
             return False
         for c in result.get("changes") or ():
             ns = f"{c['namespace']}/" if c.get("namespace") else ""
