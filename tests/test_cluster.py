@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from collections import Counter
+from typing import Any
 
 from proxy.balance import (
     Endpoint,
@@ -13,6 +16,7 @@ from proxy.balance import (
     build_balancer,
 )
 from proxy.cluster import Cluster
+from proxy.discovery import ConsulDirectory
 
 
 class Clock:
@@ -63,3 +67,43 @@ def test_a_joining_endpoint_ramps_under_slow_start() -> None:
     # Half way: about 0.5 / 2.5 = 20%; after the window a full third.
     assert 0.15 < share(1005.0) < 0.25
     assert 0.30 < share(1011.0) < 0.37
+
+
+async def test_an_instance_registered_later_ramps_up_through_discovery(consul_client: Any) -> None:
+    policy = LoadBalancerPolicy(policy="round_robin", slow_start=SlowStartPolicy(window=60.0))
+    directory = ConsulDirectory(
+        consul_client,
+        wait=5.0,
+        rng=random.Random(6),
+        balancer_factory=lambda: build_balancer(policy),
+    )
+    try:
+        for i in (1, 2):
+            await register(consul_client, f"web-{i}", 9400 + i)
+        cluster = await directory.resolve("default", "web")
+        assert cluster is not None and len(cluster.endpoints) == 2
+        await register(consul_client, "web-3", 9403)
+        deadline = time.monotonic() + 5
+        while len(cluster.endpoints) < 3:
+            assert time.monotonic() < deadline, "web-3 not discovered"
+            await asyncio.sleep(0.01)
+        added = {ep.id: ep.added_at for ep in cluster.endpoints}
+        assert added["web-1"] == added["web-2"] == 0.0 and added["web-3"] > 0
+        # Seconds into a 60 s window: the 10% floor, about 0.1 / 2.1 of the picks.
+        now = time.monotonic()
+        rng = random.Random(7)
+        picks = Counter(cluster.balancer.pick(PickContext(), now, rng).id for _ in range(2000))
+        assert picks["web-3"] < 0.10 * 2000, picks
+        assert picks["web-1"] > 0.4 * 2000 and picks["web-2"] > 0.4 * 2000, picks
+        # After the window it has its full share.
+        later = Counter(cluster.balancer.pick(PickContext(), now + 61, rng).id for _ in range(3000))
+        assert 900 <= later["web-3"] <= 1100, later
+    finally:
+        await directory.aclose()
+
+
+async def register(c: Any, sid: str, port: int) -> None:
+    check = {"CheckID": f"ttl:{sid}", "Name": "ttl", "TTL": "600s", "Status": "passing"}
+    assert await c.agent.service.register(
+        "web", service_id=sid, address="127.0.0.1", port=port, check=check
+    )
