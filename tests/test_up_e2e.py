@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -91,12 +90,16 @@ def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
         answers = [order(n) for n in range(40)]
         assert all(status == 200 for status, _ in answers), answers
         assert sum(o["zone"] == "zone-a" for _, o in answers) >= 38, answers
-        # ... and fail over to zone-b when zone-a's orders apps die (their checks fail).
-        for pid in started:
-            with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if b"tether.demo.orders" in argv and b"zone-a" in argv:
-                    os.kill(pid, signal.SIGKILL)
+        # ... and fail over to zone-b when zone-a's orders apps die (their checks fail),
+        # killed as the listing suggests.
+        hint = re.search(r"failover: kill ([\d ]+?)   \(the orders apps in zone-a", text)
+        assert hint is not None, text
+        pids = [int(p) for p in hint.group(1).split()]
+        assert len(pids) == 2 and set(pids) <= started, (pids, started)
+        for pid in pids:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert b"tether.demo.orders" in argv and b"zone-a" in argv, argv
+            os.kill(pid, signal.SIGKILL)
 
         def zone_a_out() -> bool:
             conn = http.client.HTTPConnection("127.0.0.1", int(admin.group(1)), timeout=5)

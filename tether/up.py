@@ -55,6 +55,7 @@ class Instance:
     rate: float = 0.0
     history: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=10))
     policy_version: int = 0  # of the snapshot its sidecar runs (0: defaults)
+    app_pid: int = 0
 
     @property
     def recent(self) -> float:
@@ -269,7 +270,7 @@ class Mesh:
             inst.app_port, inst.outbound = free_port(), free_port()
             inst.inbound, inst.admin = free_port(), free_port()
             rate = spec.rate if inst.service == "frontend" else 0.0
-            await self.launcher.start(
+            app = await self.launcher.start(
                 ProcessSpec(
                     inst.name,
                     [py, "-m", f"tether.demo.{inst.service}", "--port", str(inst.app_port),
@@ -285,6 +286,7 @@ class Mesh:
                     stop_timeout=5.0,
                 )
             )  # fmt: skip
+            inst.app_pid = app.pid
             await self.launcher.start(
                 ProcessSpec(
                     f"{inst.name}.sidecar",
@@ -418,10 +420,17 @@ class Mesh:
             lines.append(
                 f"{i.name:<12} {i.service} {i.version} {i.zone}  app=127.0.0.1:{i.app_port} "
                 f"outbound=127.0.0.1:{i.outbound} inbound=127.0.0.1:{i.inbound} "
-                f"admin=127.0.0.1:{i.admin}"
+                f"admin=127.0.0.1:{i.admin} pid={i.app_pid}"
             )
         front = self.instances[0]
         lines.append(f"try: curl -x http://127.0.0.1:{front.outbound} http://frontend/")
+        local = [i for i in self.instances if i.service == SPLIT_SERVICE and i.zone == front.zone]
+        if local:
+            pids = " ".join(str(i.app_pid) for i in local)
+            lines.append(
+                f"failover: kill {pids}   (the {SPLIT_SERVICE} apps in {front.zone}: their"
+                f" checks fail and {front.name}'s calls move to the other zone)"
+            )
         return lines
 
     async def stop(self) -> None:
