@@ -492,10 +492,35 @@ class RequestCodec:
             # The same head as this connection's previous request (no hashing at all).
             end = len(last)
             args, length = self._last_template
-            return self._taken(RequestHead(*args), data, end, length)
+            head = RequestHead(*args)
+        else:
+            found = self._lookup(data)
+            if found is None:
+                return -1
+            head, end, length = found
+        sink = self.sink
+        self.in_body = True
+        sink.on_request_head(head)
+        if length <= 0:
+            self.in_body = False
+            sink.on_request_end(None)
+            return end
+        avail = len(data) - end
+        if avail < length:
+            self._remaining = length - avail
+            if avail:
+                sink.on_request_body(data[end:])
+            return len(data)
+        self.in_body = False
+        sink.on_request_body(data[end : end + length])
+        sink.on_request_end(None)
+        return end + length
+
+    def _lookup(self, data: bytes) -> tuple[RequestHead, int, int] | None:
+        """The cached head `data` starts with: (head, its end, body length), or None."""
         end = data.find(b"\r\n\r\n")
         if end < 0:
-            return -1
+            return None
         key = data[:end]
         i = key.find(_XRID_LINE)
         rid = None
@@ -505,7 +530,7 @@ class RequestCodec:
                 j = end
             rid = key[i + 16 : j].strip(b" \t")
             if not rid or rid.translate(None, _VALUE_BYTES):
-                return -1
+                return None
             key = key[:i] + key[j:]
         template = _request_heads.get(key)
         if template is None:
@@ -518,7 +543,7 @@ class RequestCodec:
                     self._fill = key
                     self._fill_origin = okey
                     self._fill_rid = i >= 0
-                return -1
+                return None
             args, length = template
             method, _, rest = key.partition(b" ")
             args = (args[0], method, rest[: rest.index(b" ")], *args[3:])
@@ -531,7 +556,7 @@ class RequestCodec:
         else:
             self._last_head = data[:end]
             self._last_template = (args, length)
-        return self._taken(head, data, end, length)
+        return head, end, length
 
     @staticmethod
     def _origin_key(key: bytes) -> bytes | None:
@@ -552,26 +577,6 @@ class RequestCodec:
         ):
             return key[line_end - 8 :]
         return None
-
-    def _taken(self, head: RequestHead, data: bytes, end: int, length: int) -> int:
-        """Deliver a cached head and what `data` holds of its body; bytes used."""
-        sink = self.sink
-        self.in_body = True
-        sink.on_request_head(head)
-        if length <= 0:
-            self.in_body = False
-            sink.on_request_end(None)
-            return end
-        avail = len(data) - end
-        if avail < length:
-            self._remaining = length - avail
-            if avail:
-                sink.on_request_body(data[end:])
-            return len(data)
-        self.in_body = False
-        sink.on_request_body(data[end : end + length])
-        sink.on_request_end(None)
-        return end + length
 
     def _cache(self, head: RequestHead, key: bytes) -> None:
         """Remember what llhttp made of a head (simple framing only) under `key`."""
