@@ -100,19 +100,33 @@ _MAX_KIND_CACHE = 1024
 # Reason phrases are regenerated from the status (RFC 9112 4: clients ignore them).
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 # Head caches (see the module docstring): exact head bytes → the parse llhttp made of
-# them. Request keys leave out a canonical `X-Request-Id` line, the one field a mesh
-# makes unique per request. Bounded: a full cache is emptied and refills.
+# them (see RequestCodec._lookup for what request keys leave out). Bounded (_renew).
 _MAX_CACHED_HEADS = 512
 # A template: the arguments that rebuild the parsed head (its `raw` first) and the body
 # length (-1: none).
 _request_heads: dict[bytes, tuple[tuple[Any, ...], int]] = {}
 _response_heads: dict[bytes, tuple[ResponseHead, int]] = {}
+# Per cache: hits and skipped fills since it was last emptied. A full cache is emptied
+# for new heads only once it has earned its keep (as many hits as it holds) or after a
+# long pause: heads that never repeat then stop paying for being remembered.
+_request_use = [0, 0]
+_response_use = [0, 0]
 _XRID_LINE = b"\r\nX-Request-Id: "
 # Bytes an X-Request-Id value or an origin-form target may hold (printable ASCII, no
 # space) for the cache to take it without llhttp.
 _VALUE_BYTES = bytes(range(0x21, 0x7F))
 # Methods llhttp parses alike (no special framing); their request lines are checked here.
 _CACHED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
+
+
+def _renew(cache: dict[bytes, Any], use: list[int]) -> bool:
+    """A full head cache: empty it for new heads (True), or keep it and skip this one."""
+    if use[0] >= _MAX_CACHED_HEADS or use[1] >= 16 * _MAX_CACHED_HEADS:
+        cache.clear()
+        use[0] = use[1] = 0
+        return True
+    use[1] += 1
+    return False
 
 
 def _encode_fields(headers: Fields, content_length: int | None) -> bytes:
@@ -539,15 +553,21 @@ class RequestCodec:
             okey = self._origin_key(key)
             template = _request_heads.get(okey) if okey is not None else None
             if template is None:
-                if data[0] > 32:  # starts with the method: the head is data[:end]
+                # Cache what llhttp makes of it, if the head starts at data[0] (the
+                # method) and the cache has room or has earned a refill.
+                if data[0] > 32 and (
+                    len(_request_heads) < _MAX_CACHED_HEADS or _renew(_request_heads, _request_use)
+                ):
                     self._fill = key
                     self._fill_origin = okey
                     self._fill_rid = i >= 0
                 return None
+            _request_use[0] += 1
             args, length = template
             method, _, rest = key.partition(b" ")
             args = (args[0], method, rest[: rest.index(b" ")], *args[3:])
         else:
+            _request_use[0] += 1
             args, length = template
         head = RequestHead(*args)
         end += 4
@@ -843,9 +863,13 @@ class ResponseCodec:
             key = data[:end]
             template = _response_heads.get(key)
             if template is None:
-                if data[:5] == b"HTTP/":
+                if data[:5] == b"HTTP/" and (
+                    len(_response_heads) < _MAX_CACHED_HEADS
+                    or _renew(_response_heads, _response_use)
+                ):
                     self._fill = key
                 return -1
+            _response_use[0] += 1
             end += 4
             self._last_head = data[:end]
             self._last_template = template

@@ -552,3 +552,22 @@ def test_a_shared_cached_response_head_cannot_be_changed_through_its_headers() -
     assert heads[2].headers == [(b"X-Shared", b"1")]
     with pytest.raises(AttributeError):
         heads[2].headers = []
+
+
+def test_a_full_head_cache_is_renewed_only_once_it_earned_its_keep() -> None:
+    from proxy import codec
+
+    cache, use = codec._request_heads, codec._request_use
+    cache.clear()
+    use[0] = use[1] = 0
+    size = codec._MAX_CACHED_HEADS
+    unique = b"GET / HTTP/1.1\r\nHost: a\r\nX-U: %d\r\n\r\n"
+    feed_requests([unique % i for i in range(size + 50)])
+    # Full of heads never seen again (each under two keys: exact and origin-form): kept.
+    assert len(cache) == size and use[1] > 0
+    assert b"GET / HTTP/1.1\r\nHost: a\r\nX-U: 0" in cache
+    for _ in range(size):  # the cache earns its keep (one hit per new connection)...
+        rec, _ = feed_requests([unique % 0])
+        assert rec.events[0][1].raw is not None
+    feed_requests([unique % (10 * size)])  # ...so the next new head empties it
+    assert len(cache) == 2 and use == [0, 0]  # its exact and origin-form keys
