@@ -447,16 +447,23 @@ class Mesh:
 
 
 def render(mesh: Mesh, logs: deque[str]) -> Any:
+    from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=f"tether up: registry 127.0.0.1:{mesh.registry_port}", expand=False)
-    cols = ("instance", "service", "zone", "ready", "policy", "calls in", "share", "/s", "5xx",
-            "out")  # fmt: skip
+    # Fits 80 columns: light borders, short headers (cfg: the policy snapshot it runs).
+    table = Table(
+        title=f"tether up: registry 127.0.0.1:{mesh.registry_port}",
+        expand=False,
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1, 0, 0),
+        show_edge=False,
+    )
+    cols = ("instance", "service", "zone", "up", "cfg", "calls in", "share", "/s", "5xx", "out")
     for col in cols:
         right = col in ("calls in", "share", "/s", "5xx", "out")
-        table.add_column(col, justify="right" if right else "left", no_wrap=True, min_width=3)
+        table.add_column(col, justify="right" if right else "left", no_wrap=True)
     per_service: dict[str, float] = {}
     recent: dict[str, float] = {}
     for i in mesh.instances:
