@@ -77,6 +77,17 @@ def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
 
         poll(pushed, 15, "frontend's sidecar acked the policies")
 
+        def all_acked() -> bool:  # what `tether status` shows
+            conn = http.client.HTTPConnection("127.0.0.1", cp_port, timeout=5)
+            conn.request("GET", "/api/v1/sidecars")
+            sidecars = json.loads(conn.getresponse().read())["sidecars"]
+            conn.close()
+            return len(sidecars) == 6 and all(
+                s["state"] == "acked" and s["acked_version"] for s in sidecars
+            )
+
+        poll(all_acked, 15, "every sidecar acked", interval=0.2)
+
         def order(n: int) -> tuple[int, dict[str, str]]:
             conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=15)
             conn.request("GET", f"http://frontend/?order={n}")
