@@ -344,8 +344,12 @@ def measure(path: Path_, seconds: float) -> Run:
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
-    rps, p50, p99, requests = wrk(path.port, path.host, seconds, path.script)
-    stop.set()
+    try:
+        rps, p50, p99, requests = wrk(path.port, path.host, seconds, path.script)
+    except RuntimeError as e:
+        raise RuntimeError(f"{path.name}: {e}") from None
+    finally:
+        stop.set()
     t.join()
     after = [p.cpu_seconds() for p in path.proxies]
     cpu = sum(after) - sum(before)
@@ -741,7 +745,13 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
         "| a full cache renews itself only once it earned its keep (unique heads stop"
         " paying for being remembered) | 51.0k, 52.0k |",
         "",
-        "What remains: about 50k instructions per hop, spread over ~20 Python calls and"
+        "What remains: to meet 1.6× in this run's two-hop rows, Tether's share above the"
+        f" relay floor would have to fall to {max(0.0, (1.6 * ngx2 - 2 * floor) / 2):.1f} µs"
+        f" per hop, from {tether2 / 2 - floor:.1f}. Two hops cost"
+        f" {tether2 / tether1:.2f}× one Tether hop, where nginx's cost"
+        f" {ngx2 / ngx1:.2f}× one nginx hop (not profiled further: both Tether processes"
+        " share the pinned core, and each runs a ~30 MB interpreter). In-process, about"
+        " 50k instructions per hop remain, spread over ~20 Python calls and"
         " ~250 executed lines per request (forwarding, routing and the balancer's"
         " pick/on_start/on_end, the pool, stats, deadlines, the two writes); no single"
         " step dominates any more. Heads that never repeat (unique cookies, trace ids"
