@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,25 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[RegistryServer]:
-    """An in-process registry on 127.0.0.1:<ephemeral> with a durable store."""
-    server = RegistryServer(RegistrySpec(port=0, data_dir=tmp_path / "reg", node="node1"))
+@asynccontextmanager
+async def serving_registry(data_dir: Path, **spec: Any) -> AsyncIterator[RegistryServer]:
+    """An in-process registry on 127.0.0.1:<ephemeral> with a durable store in `data_dir`.
+
+    `spec` sets further `RegistrySpec` fields (a management token, a shorter TTL floor).
+    """
+    server = RegistryServer(RegistrySpec(port=0, data_dir=data_dir, node="node1", **spec))
     await server.start()
     try:
         yield server
     finally:
         await server.aclose()
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[RegistryServer]:
+    """An in-process registry on 127.0.0.1:<ephemeral> with a durable store."""
+    async with serving_registry(tmp_path / "reg") as server:
+        yield server
 
 
 @pytest.fixture

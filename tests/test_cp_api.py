@@ -14,8 +14,8 @@ import pytest
 
 from controlplane.server import ConfigChange, ControlPlane, ControlPlaneSpec, RegistryAddress
 from controlplane.store import PolicyStore
-from registry.http import RegistrySpec
 from registry.server import RegistryServer
+from tests.conftest import serving_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
@@ -299,14 +299,8 @@ async def test_subscriber_sees_changes_made_straight_in_the_registry(
 
 @pytest.fixture
 async def acl_registry(tmp_path: Path) -> AsyncIterator[RegistryServer]:
-    server = RegistryServer(
-        RegistrySpec(port=0, data_dir=tmp_path / "acl", node="node1", management_token="root")
-    )
-    await server.start()
-    try:
+    async with serving_registry(tmp_path / "acl", management_token="root") as server:
         yield server
-    finally:
-        await server.aclose()
 
 
 async def test_writes_need_a_token_the_registry_accepts(

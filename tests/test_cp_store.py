@@ -15,8 +15,8 @@ import pytest
 from controlplane.errors import PermissionDeniedError
 from controlplane.schema import API_VERSION, Resource, ResourceKey, parse_resources
 from controlplane.store import VERSION_KEY, PolicyStore, resource_key_path
-from registry.http import RegistrySpec
 from registry.server import RegistryServer
+from tests.conftest import serving_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,14 +171,8 @@ async def test_two_replicas_no_lost_update(registry: Any, transactions: bool) ->
 
 @pytest.fixture
 async def acl_registry(tmp_path: Path) -> AsyncIterator[RegistryServer]:
-    server = RegistryServer(
-        RegistrySpec(port=0, data_dir=tmp_path / "reg", node="node1", management_token="root")
-    )
-    await server.start()
-    try:
+    async with serving_registry(tmp_path / "reg", management_token="root") as server:
         yield server
-    finally:
-        await server.aclose()
 
 
 async def test_writes_carry_the_callers_token(acl_registry: RegistryServer) -> None:

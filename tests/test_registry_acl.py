@@ -12,9 +12,8 @@ import consul.callback
 import pytest
 
 from registry.acl_rules import RuleError, RuleSet, parse_rules
-from registry.http import RegistrySpec
 from registry.server import RegistryServer
-from tests.conftest import RegistryProcess
+from tests.conftest import RegistryProcess, serving_registry
 
 MGMT = "5f6c1b3e-0000-4000-8000-00000000a11c"
 
@@ -101,13 +100,8 @@ def test_bad_rules_are_rejected(bad: str) -> None:
 
 @pytest.fixture
 async def secured(tmp_path: Path) -> AsyncIterator[RegistryServer]:
-    spec = RegistrySpec(port=0, data_dir=tmp_path / "reg", node="node1", management_token=MGMT)
-    server = RegistryServer(spec)
-    await server.start()
-    try:
+    async with serving_registry(tmp_path / "reg", management_token=MGMT) as server:
         yield server
-    finally:
-        await server.aclose()
 
 
 @pytest.fixture

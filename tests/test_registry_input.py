@@ -16,8 +16,8 @@ import consul
 import consul.aio
 import pytest
 
-from registry.http import RegistrySpec
 from registry.server import RegistryServer
+from tests.conftest import serving_registry
 
 
 @pytest.fixture
@@ -201,13 +201,8 @@ async def test_catalog_check_claiming_a_kind_without_definition_is_stored_not_ru
 
 @pytest.fixture
 async def locked(tmp_path: Path) -> AsyncIterator[RegistryServer]:
-    spec = RegistrySpec(port=0, data_dir=tmp_path / "locked", node="node1", management_token="s3")
-    server = RegistryServer(spec)
-    await server.start()
-    try:
+    async with serving_registry(tmp_path / "locked", management_token="s3") as server:
         yield server
-    finally:
-        await server.aclose()
 
 
 async def test_writes_need_the_management_token(locked: RegistryServer) -> None:

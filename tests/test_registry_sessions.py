@@ -14,21 +14,15 @@ import consul.aio
 import pytest
 from consul.callback import CB
 
-from registry.http import RegistrySpec
 from registry.server import RegistryServer
-from tests.conftest import RegistryProcess
+from tests.conftest import RegistryProcess, serving_registry
 
 
 @pytest.fixture
 async def fast_registry(tmp_path: Path) -> AsyncIterator[RegistryServer]:
     """A registry allowing sub-second TTLs (Consul's session_ttl_min), so expiry is quick."""
-    spec = RegistrySpec(port=0, data_dir=tmp_path / "reg", node="node1", session_ttl_min=0.2)
-    server = RegistryServer(spec)
-    await server.start()
-    try:
+    async with serving_registry(tmp_path / "reg", session_ttl_min=0.2) as server:
         yield server
-    finally:
-        await server.aclose()
 
 
 @pytest.fixture
