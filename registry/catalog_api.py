@@ -6,6 +6,9 @@ Every read takes `?index=&wait=` (blocking on exactly the resource it shows), `?
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from registry.agent_api import parse_service, parse_status, validate_meta
@@ -22,6 +25,10 @@ from registry.http import (
     reply,
 )
 from registry.store import Obj
+
+if TYPE_CHECKING:
+    from registry.acl import Grant
+    from registry.filter import Filter
 
 
 def node_meta_query(request: web.Request) -> dict[str, str]:
@@ -42,6 +49,39 @@ def node_matches(node: Obj | None, meta: dict[str, str]) -> bool:
         return False
     have = node.get("Meta") or {}
     return all(have.get(k) == v for k, v in meta.items())
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRead:
+    """A read of one service's instances or checks (catalog and health): its query, its
+    caller's grant, and the index it answers at once it has blocked."""
+
+    name: str
+    tags: list[str]
+    meta: dict[str, str]
+    flt: Filter | None
+    grant: Grant
+    index: int
+
+    def shows(self, node_name: str, node: Obj | None) -> bool:
+        """Whether an entry on `node` is in the answer: the node has the `?node-meta=`
+        asked for and the caller may read it."""
+        return node_matches(node, self.meta) and self.grant.allows("node", node_name, "read")
+
+
+async def read_service(request: web.Request, *, connect: bool = False) -> ServiceRead:
+    """Check and parse a read of `<name>`'s instances, then block on them: on
+    `connect:<name>` for its Connect proxies, else on `service:<name>`."""
+    ctx = context(request)
+    name = request.match_info["name"]
+    ctx.acl.require(request, "service", name, "read")
+    check_datacenter(request)
+    flt = query_filter(request)
+    meta = node_meta_query(request)
+    tags = request.query.getall("tag", [])
+    grant = ctx.acl.grant(request)
+    index = await block(request, [f"connect:{name}" if connect else f"service:{name}"])
+    return ServiceRead(name, tags, meta, flt, grant, index)
 
 
 def service_node(svc: Obj, node: Obj | None) -> Obj:
@@ -227,50 +267,27 @@ async def connect(request: web.Request) -> web.Response:
 
 
 async def _service(request: web.Request, *, connect: bool) -> web.Response:
-    ctx = context(request)
-    name = request.match_info["name"]
-    ctx.acl.require(request, "service", name, "read")
-    check_datacenter(request)
-    flt = query_filter(request)
-    meta = node_meta_query(request)
-    tags = request.query.getall("tag", [])
-    grant = ctx.acl.grant(request)
-    index = await block(request, [f"connect:{name}" if connect else f"service:{name}"])
-    cat = ctx.catalog
+    q = await read_service(request, connect=connect)
+    cat = context(request).catalog
     items = []
-    found = cat.connect_instances(name, tags) if connect else cat.instances(name, tags)
+    found = cat.connect_instances(q.name, q.tags) if connect else cat.instances(q.name, q.tags)
     for svc in found:
         node = cat.get_node(svc["Node"])
-        if node_matches(node, meta) and grant.allows("node", svc["Node"], "read"):
+        if q.shows(svc["Node"], node):
             items.append(service_node(svc, node))
-    return reply(apply_filter(flt, items), index)
+    return reply(apply_filter(q.flt, items), q.index)
 
 
 async def node(request: web.Request) -> web.Response:
-    ctx = context(request)
-    name = request.match_info["node"]
-    ctx.acl.require(request, "node", name, "read")
-    check_datacenter(request)
-    flt = query_filter(request)
-    index = await block(request, [f"node:{name}"])
-    cat = ctx.catalog
-    n = cat.get_node(name)
-    if n is None:
-        return reply(None, index)
-    grant = ctx.acl.grant(request)
-    svcs = apply_filter(
-        flt,
-        [
-            _node_service(s)
-            for s in cat.node_services(name)
-            if grant.allows("service", s["Service"], "read")
-        ],
-    )
-    return reply({"Node": n, "Services": {s["ID"]: s for s in svcs}}, index)
+    return await _node(request, services_as_list=False)
 
 
 async def node_services(request: web.Request) -> web.Response:
     """`/v1/catalog/node-services/<node>`: as /node/<node> with Services as a list."""
+    return await _node(request, services_as_list=True)
+
+
+async def _node(request: web.Request, *, services_as_list: bool) -> web.Response:
     ctx = context(request)
     name = request.match_info["node"]
     ctx.acl.require(request, "node", name, "read")
@@ -290,7 +307,9 @@ async def node_services(request: web.Request) -> web.Response:
             if grant.allows("service", s["Service"], "read")
         ],
     )
-    return reply({"Node": n, "Services": svcs}, index)
+    if services_as_list:
+        return reply({"Node": n, "Services": svcs}, index)
+    return reply({"Node": n, "Services": {s["ID"]: s for s in svcs}}, index)
 
 
 def _node_service(svc: Obj) -> Obj:

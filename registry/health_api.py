@@ -11,7 +11,7 @@ from aiohttp import web
 
 from registry.agent_api import check_visible
 from registry.catalog import STATUSES
-from registry.catalog_api import node_matches, node_meta_query
+from registry.catalog_api import node_matches, node_meta_query, read_service
 from registry.errors import BadRequestError
 from registry.http import (
     apply_filter,
@@ -34,40 +34,21 @@ async def connect(request: web.Request) -> web.Response:
 
 
 async def _service(request: web.Request, *, connect: bool) -> web.Response:
-    ctx = context(request)
-    name = request.match_info["name"]
-    ctx.acl.require(request, "service", name, "read")
-    check_datacenter(request)
-    flt = query_filter(request)
-    meta = node_meta_query(request)
-    tags = request.query.getall("tag", [])
     passing = query_flag(request, "passing")
-    grant = ctx.acl.grant(request)
-    index = await block(request, [f"connect:{name}" if connect else f"service:{name}"])
+    q = await read_service(request, connect=connect)
     items = [
         e
-        for e in ctx.catalog.health(name, tags, passing, connect=connect)
-        if node_matches(e["Node"], meta) and grant.allows("node", e["Node"]["Node"], "read")
+        for e in context(request).catalog.health(q.name, q.tags, passing, connect=connect)
+        if q.shows(e["Node"]["Node"], e["Node"])
     ]
-    return reply(apply_filter(flt, items), index)
+    return reply(apply_filter(q.flt, items), q.index)
 
 
 async def checks(request: web.Request) -> web.Response:
-    ctx = context(request)
-    name = request.match_info["name"]
-    ctx.acl.require(request, "service", name, "read")
-    check_datacenter(request)
-    flt = query_filter(request)
-    meta = node_meta_query(request)
-    grant = ctx.acl.grant(request)
-    index = await block(request, [f"service:{name}"])
-    cat = ctx.catalog
-    items = [
-        c
-        for c in cat.service_checks(name)
-        if node_matches(cat.get_node(c["Node"]), meta) and grant.allows("node", c["Node"], "read")
-    ]
-    return reply(apply_filter(flt, items), index)
+    q = await read_service(request)
+    cat = context(request).catalog
+    items = [c for c in cat.service_checks(q.name) if q.shows(c["Node"], cat.get_node(c["Node"]))]
+    return reply(apply_filter(q.flt, items), q.index)
 
 
 async def state(request: web.Request) -> web.Response:
