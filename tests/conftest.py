@@ -20,6 +20,7 @@ from typing import Any
 import consul.aio
 import pytest
 import uvloop
+from aiohttp import web
 
 from registry.http import RegistrySpec
 from registry.server import RegistryServer
@@ -59,6 +60,17 @@ async def consul_client(registry: RegistryServer) -> AsyncIterator[Any]:
         yield c
     finally:
         await c.close()
+
+
+async def serve_app(app: web.Application, **runner: Any) -> tuple[web.AppRunner, int]:
+    """Serve `app` on 127.0.0.1:<ephemeral>; the caller cleans the runner up.
+
+    `runner` sets further `web.AppRunner` options (a short `shutdown_timeout`).
+    """
+    r = web.AppRunner(app, access_log=None, **runner)
+    await r.setup()
+    await web.TCPSite(r, "127.0.0.1", 0).start()
+    return r, int(r.addresses[0][1])
 
 
 def free_port() -> int:

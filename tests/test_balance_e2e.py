@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +26,7 @@ from proxy.balance import LoadBalancerPolicy, build_balancer
 from proxy.discovery import ConsulDirectory
 from proxy.listener import Listener, start_outbound
 from registry.server import RegistryServer
+from tests.conftest import serve_app
 
 LOCAL = "zone-a"
 INSTANCES = {f"a-{i}": LOCAL for i in (1, 2, 3)} | {f"b-{i}": "zone-b" for i in (1, 2, 3)}
@@ -83,12 +83,7 @@ async def start_app(instance: str, delays: dict[str, float]) -> tuple[web.AppRun
 
     app = web.Application()
     app.router.add_get("/", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await web.SockSite(runner, sock).start()
-    return runner, int(sock.getsockname()[1])
+    return await serve_app(app)
 
 
 @pytest.fixture

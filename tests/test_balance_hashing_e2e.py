@@ -9,7 +9,6 @@ spread.
 
 from __future__ import annotations
 
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -20,6 +19,7 @@ from aiohttp import web
 from proxy.balance import Endpoint, HashPolicy, LoadBalancerPolicy, build_balancer
 from proxy.cluster import Cluster, StaticDirectory
 from proxy.listener import Listener, start_outbound
+from tests.conftest import serve_app
 
 APPS = ("app-1", "app-2", "app-3")
 
@@ -30,12 +30,7 @@ async def start_app(name: str) -> tuple[web.AppRunner, int]:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await web.SockSite(runner, sock).start()
-    return runner, int(sock.getsockname()[1])
+    return await serve_app(app)
 
 
 @pytest.fixture

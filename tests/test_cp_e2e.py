@@ -26,7 +26,7 @@ import consul
 import pytest
 from aiohttp import web
 
-from tests.conftest import ROOT, RegistryProcess, free_port, wait_for_port
+from tests.conftest import ROOT, RegistryProcess, free_port, serve_app, wait_for_port
 from tests.sidecar_harness import ProcessSet
 
 pytestmark = pytest.mark.timeout(240)
@@ -83,11 +83,9 @@ class Backends:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", who)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runner, port = await serve_app(app)
         self.runners.append(runner)
-        return int(runner.addresses[0][1])
+        return port
 
     def app(self, name: str) -> Any:
         return SimpleNamespace(port=self.ports[name])

@@ -26,7 +26,7 @@ from proxy.policy import Policy, compile_table, decode
 from proxy.policy_client import PolicyClient, push_url
 from proxy.routing import HeaderEdit, Split
 from registry.server import RegistryServer
-from tests.conftest import free_port
+from tests.conftest import free_port, serve_app
 
 API = "tether.dev/v1alpha1"
 
@@ -458,11 +458,8 @@ class Backend:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", who)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return cls(name, runner, runner.addresses[0][1])
+        runner, port = await serve_app(app, shutdown_timeout=0.1)
+        return cls(name, runner, port)
 
 
 async def test_policy_router_splits_and_routes_real_requests() -> None:

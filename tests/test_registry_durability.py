@@ -11,6 +11,8 @@ import consul
 import consul.aio
 from aiohttp import web
 
+from tests.conftest import serve_app
+
 
 async def _app() -> tuple[web.AppRunner, int]:
     async def health(request: web.Request) -> web.Response:
@@ -18,10 +20,7 @@ async def _app() -> tuple[web.AppRunner, int]:
 
     app = web.Application()
     app.router.add_get("/health", health)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, int(runner.addresses[0][1])
+    return await serve_app(app)
 
 
 async def _status(c: Any, check_id: str, want: str) -> str:

@@ -12,6 +12,7 @@ import consul
 from aiohttp import web
 
 from registry.checks import http_status
+from tests.conftest import serve_app
 
 
 async def eventually(probe: Callable[[], Awaitable[Any]], want: Any, deadline: float = 10.0) -> Any:
@@ -131,12 +132,7 @@ async def _health_server(state: dict[str, int]) -> tuple[web.AppRunner, int]:
 
     app = web.Application()
     app.router.add_get("/health", health)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, int(port)
+    return await serve_app(app)
 
 
 async def test_http_check_follows_a_real_server(consul_client: Any) -> None:
@@ -211,11 +207,7 @@ async def test_http_check_honours_interval_and_timeout(consul_client: Any) -> No
 
     app = web.Application()
     app.router.add_get("/h", health)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve_app(app, shutdown_timeout=0.1)
     try:
         await c.agent.check.register(
             "h", check=consul.Check.http(f"http://127.0.0.1:{port}/h", "1s", timeout="300ms")
@@ -247,11 +239,7 @@ async def test_http_check_opens_a_new_connection_per_probe(consul_client: Any) -
 
     app = web.Application()
     app.router.add_get("/health", health)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve_app(app)
     try:
         await consul_client.agent.service.register(
             "ka",
