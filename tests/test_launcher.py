@@ -12,6 +12,15 @@ from tests.sidecar_harness import alive
 from tether.launcher import Launcher, ProcessSpec
 
 
+async def gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 def read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
@@ -50,11 +59,12 @@ async def test_output_groups_and_stop(tmp_path: Path) -> None:
         assert repr(launcher) == "<Launcher children=2 running=2>"
 
         assert await launcher.stop("shell") == -15  # SIGTERM
-        assert not alive(grandchild)  # the whole group went
+        # The whole group went (a signalled process takes a moment to exit and be reaped).
+        assert await gone(grandchild)
         start = time.monotonic()
         assert await launcher.stop("stubborn") == -9  # SIGKILL after the grace
         assert 0.4 < time.monotonic() - start < 5
-        assert not alive(hard.pid)
+        assert await gone(hard.pid)
         assert (await asyncio.wait_for(launcher.next_exit(), 5)).name in ("shell", "stubborn")
     finally:
         await launcher.aclose(timeout=1)
