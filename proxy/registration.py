@@ -41,6 +41,10 @@ class RegistrationSpec:
     app_port: int
     app_host: str = "127.0.0.1"
     app_health_path: str | None = None
+    # Where the registry runs the app check. None: the app itself (the registry shares
+    # its host); (advertised address, inbound port): through the inbound listener, for
+    # a registry in another network namespace (containers), as callers reach the app.
+    check_via: tuple[str, int] | None = None
     namespace: str = "default"
     zone: str = ""
     version: str = ""
@@ -86,13 +90,14 @@ class RegistrationSpec:
             "Interval": _go_duration(self.check_interval),
             "Timeout": _go_duration(self.check_timeout),
         }
+        host, port = self.check_via or (self.app_host, self.app_port)
         if self.app_health_path:
             path = "/" + self.app_health_path.lstrip("/")
             check["Name"] = f"app HTTP {path}"
-            check["HTTP"] = f"http://{self.app_host}:{self.app_port}{path}"
+            check["HTTP"] = f"http://{host}:{port}{path}"
         else:
             check["Name"] = f"app TCP {self.app_port}"
-            check["TCP"] = f"{self.app_host}:{self.app_port}"
+            check["TCP"] = f"{host}:{port}"
         if status:
             check["Status"] = status
         return check

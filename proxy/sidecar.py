@@ -55,6 +55,9 @@ class SidecarSpec:
     # whose discovery has not yet seen the removal are not refused.
     deregister_grace: float = 1.0
     check_interval: float = 5.0
+    # "inbound": the registry checks the app through the inbound listener (it runs in
+    # another network namespace and cannot reach the app's 127.0.0.1).
+    app_check_via: Literal["app", "inbound"] = "app"
     registry_host: str = "127.0.0.1"
     registry_port: int = 8500
     registry_scheme: str = "http"
@@ -150,6 +153,9 @@ class Sidecar:
                 version=spec.version,
                 meta=self._meta(),
                 check_interval=spec.check_interval,
+                check_via=(spec.advertised, self.inbound.port)
+                if spec.app_check_via == "inbound"
+                else None,
             ),
         )
         self.registration.start()

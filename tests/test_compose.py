@@ -102,6 +102,7 @@ def sidecar_spec(service: str) -> SidecarSpec:
         opaque_ports=p["opaque_port"],
         drain_seconds=p["drain_seconds"],
         check_interval=p["check_interval"],
+        app_check_via=p["app_check_via"],
     )
 
 
@@ -314,12 +315,6 @@ def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
     assert "examples" not in patterns
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the sidecar registers its app check as http://127.0.0.1:<app port>/health and "
-    "the registry runs it from its own namespace, where nothing answers: in compose every "
-    "instance turns critical after one check interval (needs a sidecar-side change)",
-)
 @pytest.mark.parametrize("sidecar", SIDECARS[:1])
 def test_app_check_is_reachable_from_the_registry(sidecar: str) -> None:
     spec = sidecar_spec(sidecar)
@@ -331,6 +326,7 @@ def test_app_check_is_reachable_from_the_registry(sidecar: str) -> None:
         app_port=spec.app_port,
         app_host=spec.app_host,
         app_health_path=spec.app_health_path,
+        check_via=(spec.advertised, spec.inbound_port) if spec.app_check_via == "inbound" else None,
     ).app_check(None)
     target = check.get("HTTP") or f"tcp://{check['TCP']}"
     # The registry container runs the check; a loopback address there is not the app.

@@ -126,6 +126,14 @@ def _meta_pairs(
 @click.option("--opaque-port", multiple=True, type=int, help="Port proxied as raw TCP.")
 @click.option("--drain-seconds", default=15.0, show_default=True, type=float)
 @click.option("--check-interval", default=5.0, show_default=True, type=float)
+@click.option(
+    "--app-check-via",
+    type=click.Choice(["app", "inbound"]),
+    default="app",
+    show_default=True,
+    help="Where the registry checks the app: directly, or through the inbound listener "
+    "(a registry in another network namespace).",
+)
 def sidecar(
     service: str,
     app_port: int,
@@ -144,6 +152,7 @@ def sidecar(
     opaque_port: tuple[int, ...],
     drain_seconds: float,
     check_interval: float,
+    app_check_via: str,
 ) -> None:
     """Run the sidecar proxy beside one app instance (registry: CONSUL_HTTP_ADDR)."""
     import logging
@@ -173,6 +182,7 @@ def sidecar(
             opaque_ports=opaque_port,
             drain_seconds=drain_seconds,
             check_interval=check_interval,
+            app_check_via="inbound" if app_check_via == "inbound" else "app",
             registry_host=host,
             registry_port=port,
             registry_scheme="https" if raw.startswith("https://") or ssl else "http",
