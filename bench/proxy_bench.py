@@ -130,6 +130,19 @@ class Proc:
             total += int(fields[11]) + int(fields[12])  # utime, stime
         return total / CLK_TCK
 
+    def switches(self) -> int:
+        """Context switches so far (voluntary + nonvoluntary) of the process and children."""
+        total = 0
+        for pid in self.pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split()[1])
+        return total
+
     def rss_mb(self) -> float:
         """RSS of the process doing the work (nginx: the worker, not the master)."""
         pids = self.pids()
@@ -269,6 +282,7 @@ class Run:
     requests: int
     cpu_us: float  # of the proxy processes, per request
     loaded_rss_mb: float
+    switches: float = 0.0  # context switches of the proxy processes, per request
 
 
 @dataclass
@@ -332,6 +346,7 @@ def wrk(
 
 def measure(path: Path_, seconds: float) -> Run:
     before = [p.cpu_seconds() for p in path.proxies]
+    switches_before = sum(p.switches() for p in path.proxies)
     peak = [0.0]
 
     import threading
@@ -354,7 +369,9 @@ def measure(path: Path_, seconds: float) -> Run:
     after = [p.cpu_seconds() for p in path.proxies]
     cpu = sum(after) - sum(before)
     cpu_us = cpu / requests * 1e6 if path.proxies and requests else 0.0
-    return Run(rps, p50, p99, requests, cpu_us, peak[0])
+    switches = sum(p.switches() for p in path.proxies) - switches_before
+    per_request = switches / requests if requests else 0.0
+    return Run(rps, p50, p99, requests, cpu_us, peak[0], per_request)
 
 
 # -- 1 GB streaming through the mesh path -----------------------------------------------
@@ -536,6 +553,11 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
     t1 = fleet.tether("tether", ["outbound", "--cluster", f"svc=127.0.0.1:{up.port}"])
     tin = fleet.tether("tether-in", ["inbound", "--app-port", str(up.port)])
     tout = fleet.tether("tether-out", ["outbound", "--cluster", f"svc=127.0.0.1:{tin.port}"])
+    # The same pair under the kernel's default scheduling (the sidecar asks for SCHED_BATCH).
+    nin = fleet.tether("tether-in-n", ["inbound", "--app-port", str(up.port), "--sched", "normal"])
+    nout = fleet.tether(
+        "tether-out-n", ["outbound", "--cluster", f"svc=127.0.0.1:{nin.port}", "--sched", "normal"]
+    )
     unique = tmp / "unique.lua"
     unique.write_text(UNIQUE_LUA)
     paths = [
@@ -546,6 +568,7 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
         Path_("tether", t1.port, "svc", [t1], 1),
         Path_("nginx x2", ngx2_a.port, "localhost", [ngx2_a, ngx2_b], 2),
         Path_("tether x2", tout.port, "svc", [tout, tin], 2),
+        Path_("tether x2, default scheduling", nout.port, "svc", [nout, nin], 2),
         Path_(
             "nginx x2, unique heads", ngx2_a.port, "localhost", [ngx2_a, ngx2_b], 2,
             script=unique, versus="nginx x2, unique heads",
@@ -629,8 +652,8 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
         " utime+stime per request (both processes on two-hop paths).",
         "",
         "| path | requests/s | p50 ms | p99 ms | proxy CPU µs/request | × nginx"
-        " | idle RSS MB | loaded RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        " | switches/request | idle RSS MB | loaded RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in paths:
         runs = p.runs
@@ -649,9 +672,10 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
         cpu = f"{med(lambda r: r.cpu_us):.1f}" if p.proxies else "–"
         idle = f"{p.idle_rss_mb:.1f}" if p.proxies else "–"
         loaded = f"{med(lambda r: r.loaded_rss_mb):.1f}" if p.proxies else "–"
+        sw = f"{med(lambda r: r.switches):.3f}" if p.proxies else "–"
         lines.append(
             f"| {p.name} | {med(lambda r: r.rps):.0f} | {med(lambda r: r.p50_ms):.2f} |"
-            f" {med(lambda r: r.p99_ms):.2f} | {cpu} | {x} | {idle} | {loaded} |"
+            f" {med(lambda r: r.p99_ms):.2f} | {cpu} | {x} | {sw} | {idle} | {loaded} |"
         )
     two_hop = ratio("tether x2", "nginx x2")
     idle_max = max(tether_idle.values())

@@ -4,7 +4,8 @@
     python -m bench.tether_proxy inbound --port P --app-port 9000
 
 It runs exactly the listener code the sidecar runs (proxy/listener.py on uvloop), minus
-discovery and registration, so the benchmark needs no registry. `--profile FILE` writes
+discovery and registration, so the benchmark needs no registry. `--sched normal` leaves
+the kernel's default scheduling policy (the sidecar asks for SCHED_BATCH). `--profile FILE` writes
 cProfile stats at SIGTERM. Prints `ready <port>` on stdout once listening.
 """
 
@@ -22,6 +23,12 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--cluster", action="append", default=[], help="NAME=HOST:PORT (outbound)")
     p.add_argument("--app-port", type=int, default=0, help="inbound: the app's port")
+    p.add_argument(
+        "--sched",
+        choices=["batch", "normal"],
+        default="batch",
+        help="batch: as the sidecar does (SCHED_BATCH); normal: the kernel's default",
+    )
     p.add_argument("--profile", default=None, help="write cProfile stats here at SIGTERM")
     return p.parse_args()
 
@@ -29,7 +36,7 @@ def _parse() -> argparse.Namespace:
 async def _serve(args: argparse.Namespace) -> None:
     from proxy.balance import Endpoint
     from proxy.cluster import Cluster, StaticDirectory
-    from proxy.listener import start_inbound, start_outbound
+    from proxy.listener import settle_process, start_inbound, start_outbound
 
     if args.mode == "outbound":
         directory = StaticDirectory()
@@ -42,6 +49,7 @@ async def _serve(args: argparse.Namespace) -> None:
         listener = await start_outbound(directory, port=args.port)
     else:
         listener = await start_inbound(args.app_port, port=args.port)
+    settle_process(batch=args.sched == "batch")
     print(f"ready {listener.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

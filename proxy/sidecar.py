@@ -290,6 +290,9 @@ class Sidecar:
             loop.add_signal_handler(sig, stop.set)
         try:
             await self.start()
+            from proxy.listener import settle_process
+
+            settle_process()
             ports = self.ports()
             reg = self.registration
             print(
