@@ -94,14 +94,54 @@ def wait_for_port(
     raise TimeoutError(f"nothing listening on {port} after {timeout}s")
 
 
-class RegistryProcess:
+def stop_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM a child's process group (it leads one: start_new_session), SIGKILL after `grace`."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def run_tether(
+    *args: str, env: dict[str, str], stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`tether <args>` run to its end as an operator would, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "tether.cli", *args],
+        cwd=ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class GroupProcess:
+    """A `tether` child leading its own process group, so signals reach all it started."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)
+
+
+class RegistryProcess(GroupProcess):
     """`tether registry` as a real child process (for kill -9 and restart tests)."""
 
     def __init__(self, data_dir: Path, token: str | None = None) -> None:
         self.data_dir = data_dir
         self.token = token
         self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         cmd = [
@@ -113,19 +153,32 @@ class RegistryProcess:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
         wait_for_port(self.port, proc=self.proc)
 
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+class ControlPlaneProcess(GroupProcess):
+    """`tether controlplane` as a child process, its output in `log`; restartable on the
+    same port."""
+
+    def __init__(self, registry_port: int, log: Path) -> None:
+        self.port = free_port()
+        self.registry_port = registry_port
+        self.log = log
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = dict(os.environ, CONSUL_HTTP_ADDR=f"127.0.0.1:{self.registry_port}")
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tether.cli", "controlplane", "--port", str(self.port)],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for_port(self.port, proc=self.proc)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, RegistryProcess, free_port, wait_for_port
+from tests.conftest import ROOT, ControlPlaneProcess, RegistryProcess, free_port, run_tether
 
 EXAMPLES = ROOT / "examples" / "policies"
 HEAD = "apiVersion: tether.dev/v1alpha1\n"
@@ -32,15 +31,7 @@ class Tether:
     ) -> subprocess.CompletedProcess[str]:
         e = {**os.environ, "TETHER_CONTROLPLANE": self.url, **(env or {})}
         e.pop("CONSUL_HTTP_TOKEN", None)
-        return subprocess.run(
-            [sys.executable, "-m", "tether.cli", *args],
-            cwd=ROOT,
-            env=e,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_tether(*args, env=e, stdin=stdin)
 
     def api(self, path: str) -> Any:
         with urllib.request.urlopen(f"{self.url}/api/v1{path}", timeout=10) as resp:
@@ -48,28 +39,16 @@ class Tether:
 
 
 @pytest.fixture
-def tether(registry_process: Callable[..., RegistryProcess]) -> Iterator[Tether]:
+def tether(registry_process: Callable[..., RegistryProcess], tmp_path: Path) -> Iterator[Tether]:
     reg = registry_process()
-    port = free_port()
-    env = {**os.environ, "CONSUL_HTTP_ADDR": f"127.0.0.1:{reg.port}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tether.cli", "controlplane", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-    )
+    cp = ControlPlaneProcess(reg.port, tmp_path / "cp.log")
     try:
-        wait_for_port(port, proc=proc)
-        yield Tether(f"http://127.0.0.1:{port}")
+        cp.start()
+        yield Tether(cp.url)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        assert proc.returncode in (0, -signal.SIGTERM), proc.returncode
+        cp.stop()
+    assert cp.proc is not None
+    assert cp.proc.returncode in (0, -signal.SIGTERM), cp.proc.returncode
 
 
 def test_apply_get_diff_delete(tether: Tether, tmp_path: Path) -> None:

@@ -11,9 +11,6 @@ import asyncio
 import http.client
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -26,7 +23,7 @@ import consul
 import pytest
 from aiohttp import web
 
-from tests.conftest import ROOT, RegistryProcess, free_port, serve_app, wait_for_port
+from tests.conftest import ControlPlaneProcess, RegistryProcess, run_tether, serve_app
 from tests.sidecar_harness import ProcessSet
 
 pytestmark = pytest.mark.timeout(240)
@@ -100,54 +97,8 @@ class Backends:
         self.thread.join(10)
 
 
-class ControlPlaneProcess:
-    """`tether controlplane` as a child process; restartable on the same port."""
-
-    def __init__(self, registry_port: int, log: Path) -> None:
-        self.port = free_port()
-        self.registry_port = registry_port
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = dict(os.environ, CONSUL_HTTP_ADDR=f"127.0.0.1:{self.registry_port}")
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tether.cli", "controlplane", "--port", str(self.port)],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_for_port(self.port, proc=self.proc)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-
 def tether(cp: ControlPlaneProcess, *args: str, stdin: str | None = None) -> tuple[int, str]:
-    env = dict(os.environ, TETHER_CONTROLPLANE=cp.url)
-    done = subprocess.run(
-        [sys.executable, "-m", "tether.cli", *args],
-        cwd=ROOT,
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_tether(*args, env=dict(os.environ, TETHER_CONTROLPLANE=cp.url), stdin=stdin)
     return done.returncode, done.stdout + done.stderr
 
 

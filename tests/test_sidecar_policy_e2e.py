@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import RegistryProcess, free_port, wait_for_port
-from tests.sidecar_harness import ROOT, ProcessSet, poll
+from tests.conftest import ControlPlaneProcess, RegistryProcess, run_tether
+from tests.sidecar_harness import ProcessSet, poll
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -43,16 +40,11 @@ def test_sidecar_follows_pushed_policy(
 ) -> None:
     reg = registry_process()
     env = dict(os.environ, CONSUL_HTTP_ADDR=f"127.0.0.1:{reg.port}")
-    cp_port = free_port()
-    cp_url = f"http://127.0.0.1:{cp_port}"
-    cp = subprocess.Popen(
-        [sys.executable, "-m", "tether.cli", "controlplane", "--port", str(cp_port)],
-        cwd=ROOT, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    cp = ControlPlaneProcess(reg.port, tmp_path / "cp.log")
+    cp_url = cp.url
     procs = ProcessSet(tmp_path, reg.port)
     try:
-        wait_for_port(cp_port, proc=cp)
+        cp.start()
         procs.sidecar("b", procs.app("b-v1"), "--version", "v1")
         procs.sidecar("b", procs.app("b-v2"), "--version", "v2")
         sa = procs.sidecar("a", procs.app("a"), "--controlplane", cp_url)
@@ -63,11 +55,9 @@ def test_sidecar_follows_pushed_policy(
         assert names() == {"b-v1", "b-v2"}  # no policy yet: round robin over both
         policy = tmp_path / "b.yaml"
         policy.write_text(POLICY)
-        applied = subprocess.run(
-            [sys.executable, "-m", "tether.cli", "apply", "-f", str(policy),
-             "--controlplane", cp_url],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+        applied = run_tether(
+            "apply", "-f", str(policy), "--controlplane", cp_url, env=env, timeout=30
+        )
         assert applied.returncode == 0, applied.stderr
 
         def acked() -> bool:
@@ -79,6 +69,4 @@ def test_sidecar_follows_pushed_policy(
         assert names({"x-canary": "true"}) == {"b-v2"}  # the header route wins
     finally:
         procs.close()
-        if cp.poll() is None:
-            os.killpg(cp.pid, signal.SIGKILL)
-        cp.wait(10)
+        cp.stop()
