@@ -257,13 +257,6 @@ class Bench:
         connect_s = time.time() - t_connect
         rss_connected, _ = proc_stats(cp.pid)
 
-        async def change(resources: list[dict[str, Any]]) -> tuple[float, float, float]:
-            await asyncio.sleep(1.0)  # let the status flush of the last round settle
-            _, cpu_before = proc_stats(cp.pid)
-            t0 = time.time()
-            await store.apply([Resource.from_dict(r) for r in resources])
-            return t0, cpu_before, time.time() - t0
-
         def report(what: str = "acks") -> dict[str, list[float]]:
             out: dict[str, list[float]] = {}
             for w in workers:
@@ -273,18 +266,40 @@ class Bench:
                 out.update(json.loads(w.stdout.readline())[what])
             return out
 
+        async def acked_since(t0: float) -> dict[str, float]:
+            """Each sidecar that acked at or after `t0`: how long after its first such ack."""
+            acks = await loop.run_in_executor(None, report)
+            return {k: min(t for t in ts if t >= t0) - t0 for k, ts in acks.items()
+                    if any(t >= t0 for t in ts)}  # fmt: skip
+
         async def settle(t0: float, expected: set[str], deadline: float = 15.0) -> dict[str, float]:
             end = time.time() + deadline
             while True:
-                acks = await loop.run_in_executor(None, report)
-                got = {k: min(t for t in ts if t >= t0) - t0 for k, ts in acks.items()
-                       if any(t >= t0 for t in ts)}  # fmt: skip
+                got = await acked_since(t0)
                 if expected <= set(got) or time.time() > end:
                     await asyncio.sleep(0.5)  # any stray push to others shows up too
-                    acks = await loop.run_in_executor(None, report)
-                    return {k: min(t for t in ts if t >= t0) - t0 for k, ts in acks.items()
-                            if any(t >= t0 for t in ts)}  # fmt: skip
+                    return await acked_since(t0)
                 await asyncio.sleep(0.25)
+
+        async def change(resources: list[dict[str, Any]], expected: set[str]) -> dict[str, Any]:
+            """Apply `resources`; how soon each of `expected` acked, and what it cost."""
+            await asyncio.sleep(1.0)  # let the status flush of the last round settle
+            _, cpu0 = proc_stats(cp.pid)
+            t0 = time.time()
+            await store.apply([Resource.from_dict(r) for r in resources])
+            write_s = time.time() - t0
+            got = await settle(t0, expected)
+            _, cpu1 = proc_stats(cp.pid)
+            lat = [got[k] for k in expected if k in got]
+            return {
+                "expected": len(expected),
+                "acked": len(lat),
+                "p99_s": percentile_time(lat, len(expected), 0.99),
+                "all_s": percentile_time(lat, len(expected), 1.0),
+                "others_pushed": len(set(got) - expected),
+                "write_s": write_s,
+                "cpu_s": cpu1 - cpu0,
+            }
 
         all_ids = {f"default/svc{i % self.services}/svc{i % self.services}-{i}"
                    for i in range(self.sidecars)}  # fmt: skip
@@ -296,18 +311,7 @@ class Bench:
             "rss_connected_mb": rss_connected,
         }
         # 1. mesh-wide
-        t0, cpu0, write_s = await change([mesh_config(20)])
-        got = await settle(t0, all_ids)
-        _, cpu1 = proc_stats(cp.pid)
-        lat = [got[k] for k in all_ids if k in got]
-        results["mesh"] = {
-            "expected": len(all_ids),
-            "acked": len(lat),
-            "p99_s": percentile_time(lat, len(all_ids), 0.99),
-            "all_s": percentile_time(lat, len(all_ids), 1.0),
-            "write_s": write_s,
-            "cpu_s": cpu1 - cpu0,
-        }
+        results["mesh"] = await change([mesh_config(20)], all_ids)
         # 2. one service: its instances (inbound policy) and its callers
         target = 7 % self.services
         concerned = {
@@ -315,19 +319,7 @@ class Bench:
             for k in all_ids
             if k.split("/")[1] in (f"svc{target}", f"svc{(target - 1) % self.services}")
         }
-        t0, cpu0, write_s = await change([traffic_split(f"svc{target}", 10)])
-        got = await settle(t0, concerned)
-        _, cpu1 = proc_stats(cp.pid)
-        lat = [got[k] for k in concerned if k in got]
-        results["one_service"] = {
-            "expected": len(concerned),
-            "acked": len(lat),
-            "p99_s": percentile_time(lat, len(concerned), 0.99),
-            "all_s": percentile_time(lat, len(concerned), 1.0),
-            "others_pushed": len(set(got) - concerned),
-            "write_s": write_s,
-            "cpu_s": cpu1 - cpu0,
-        }
+        results["one_service"] = await change([traffic_split(f"svc{target}", 10)], concerned)
         rss_end, cpu_total = proc_stats(cp.pid)
         results["rss_end_mb"] = rss_end
         results["cp_cpu_total_s"] = cpu_total
