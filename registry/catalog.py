@@ -447,11 +447,16 @@ class Catalog:
             out[name] = sorted(tags)
         return out
 
-    def instances(self, name: str, tags: Iterable[str] = ()) -> list[Obj]:
-        """Instances of service `name` having every tag in `tags`, by (node, ID)."""
+    def instances(self, name: str, tags: Iterable[str] = (), *, connect: bool = False) -> list[Obj]:
+        """Instances of service `name` having every tag in `tags`, by (node, ID).
+
+        `connect` lists its Connect-capable instances instead: its proxies and its
+        Connect-native instances.
+        """
         table = self.store.table("services")
         want = set(tags)
-        out = [table[k] for k in sorted(self._svc_by_name.get(name, ()))]
+        by_name = self._connect if connect else self._svc_by_name
+        out = [table[k] for k in sorted(by_name.get(name, ()))]
         if want:
             out = [s for s in out if want.issubset(s["Tags"])]
         return out
@@ -476,15 +481,6 @@ class Catalog:
         table = self.store.table("checks")
         return [table[k] for k in sorted(table) if state == "any" or table[k]["Status"] == state]
 
-    def connect_instances(self, name: str, tags: Iterable[str] = ()) -> list[Obj]:
-        """Connect-capable instances for `name`: its proxies and Connect-native instances."""
-        table = self.store.table("services")
-        want = set(tags)
-        out = [table[k] for k in sorted(self._connect.get(name, ()))]
-        if want:
-            out = [s for s in out if want.issubset(s["Tags"])]
-        return out
-
     def health(
         self, name: str, tags: Iterable[str] = (), passing: bool = False, connect: bool = False
     ) -> list[Obj]:
@@ -495,8 +491,7 @@ class Catalog:
         service's Connect proxies instead (`/v1/health/connect/<name>`).
         """
         out: list[Obj] = []
-        found = self.connect_instances(name, tags) if connect else self.instances(name, tags)
-        for svc in found:
+        for svc in self.instances(name, tags, connect=connect):
             checks = self.instance_checks(svc["Node"], svc["ID"])
             if passing and any(c["Status"] != PASSING for c in checks):
                 continue

@@ -270,8 +270,7 @@ async def _service(request: web.Request, *, connect: bool) -> web.Response:
     q = await read_service(request, connect=connect)
     cat = context(request).catalog
     items = []
-    found = cat.connect_instances(q.name, q.tags) if connect else cat.instances(q.name, q.tags)
-    for svc in found:
+    for svc in cat.instances(q.name, q.tags, connect=connect):
         node = cat.get_node(svc["Node"])
         if q.shows(svc["Node"], node):
             items.append(service_node(svc, node))
