@@ -23,7 +23,9 @@ exact bytes. A request head is also found with a new origin-form request line (m
 one of the common seven, target `/` and printable ASCII, version 1.0 or 1.1, checked
 here: paths vary more than fields), and a canonical `X-Request-Id: <printable ASCII>`
 line, the one field a mesh makes unique per request, is left out of request keys; both
-are taken from the live bytes. A head
+are taken from the live bytes; so is any end-to-end field line
+seen to be the only difference between two consecutive heads of a connection (a trace
+id, a cookie: `_varying_lines`), appended to the cached lines. A head
 seen before is then taken without llhttp: one `find` of the blank line, one dict
 lookup, its Content-Length body counted through. Only heads with plain framing are
 cached (no Transfer-Encoding, Upgrade, Expect or CONNECT; responses 2xx-5xx but not
@@ -115,6 +117,15 @@ _XRID_LINE = b"\r\nX-Request-Id: "
 # Bytes an X-Request-Id value or an origin-form target may hold (printable ASCII, no
 # space) for the cache to take it without llhttp.
 _VALUE_BYTES = bytes(range(0x21, 0x7F))
+# Bytes a varying field's value may hold to be taken without llhttp (visible ASCII, SP, HTAB).
+_FIELD_BYTES = bytes(range(0x20, 0x7F)) + b"\t"
+# Varying fields: line starts (b"\r\nName:") of end-to-end fields seen to be the only
+# difference between two consecutive heads of a connection (a trace id, a cookie).
+# Request keys leave such a line out, as they leave out X-Request-Id; the live line is
+# appended to the cached field lines (fields of different names have no order, RFC 9110
+# 5.3). Learned at most _MAX_VARYING times per process.
+_varying_lines: list[bytes] = []
+_MAX_VARYING = 4
 # Methods llhttp parses alike (no special framing); their request lines are checked here.
 _CACHED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
 
@@ -127,6 +138,25 @@ def _renew(cache: dict[bytes, Any], use: list[int]) -> bool:
         return True
     use[1] += 1
     return False
+
+
+def _learn_varying(prev: bytes, key: bytes) -> None:
+    """Two consecutive head keys of a connection: remember the one field line that differs."""
+    a = prev.split(b"\r\n")
+    b = key.split(b"\r\n")
+    if len(a) != len(b):
+        return
+    differ = [i for i in range(1, len(a)) if a[i] != b[i]]
+    if len(differ) != 1:
+        return
+    name, colon, _ = a[differ[0]].partition(b":")
+    other, _, _ = b[differ[0]].partition(b":")
+    # Both heads passed llhttp, so the name is a token; only end-to-end fields vary here.
+    if not colon or name != other or _REQUEST_FIELDS.get(name.lower()) is not None:
+        return
+    line = b"\r\n" + name + b":"
+    if line not in _varying_lines and len(_varying_lines) < _MAX_VARYING:
+        _varying_lines.append(line)
 
 
 def _encode_fields(headers: Fields, content_length: int | None) -> bytes:
@@ -394,10 +424,12 @@ class RequestCodec:
         "_fill",
         "_fill_origin",
         "_fill_rid",
+        "_fill_varying",
         "_head",
         "_last_head",
         "_last_template",
         "_parser",
+        "_prev_miss",
         "_remaining",
         "_size",
         "_te",
@@ -423,6 +455,9 @@ class RequestCodec:
         self._fill: bytes | None = None
         self._fill_origin: bytes | None = None
         self._fill_rid = False
+        self._fill_varying: list[bytes] | None = None
+        # The key of this connection's previous head that missed the cache.
+        self._prev_miss: bytes | None = None
         # The previous cached head taken on this connection (with its blank line).
         self._last_head: bytes | None = None
         self._last_template: tuple[tuple[Any, ...], int] = ((), -1)
@@ -533,7 +568,7 @@ class RequestCodec:
     def _lookup(self, data: bytes) -> tuple[RequestHead, int, int] | None:
         """The cached head `data` starts with: (head, its end, body length), or None."""
         end = data.find(b"\r\n\r\n")
-        if end < 0:
+        if end < 0 or end > MAX_HEADER_SECTION:
             return None
         key = data[:end]
         i = key.find(_XRID_LINE)
@@ -546,6 +581,24 @@ class RequestCodec:
             if not rid or rid.translate(None, _VALUE_BYTES):
                 return None
             key = key[:i] + key[j:]
+        extra = b""
+        varying: list[bytes] | None = None
+        if _varying_lines:
+            for line in _varying_lines:
+                k = key.find(line)
+                if k < 0:
+                    continue
+                m = key.find(b"\r\n", k + 2)
+                if m < 0:
+                    m = len(key)
+                value = key[k + len(line) : m].strip(b" \t")
+                if not value or value.translate(None, _FIELD_BYTES):
+                    return None
+                extra += line[2:] + b" " + value + b"\r\n"
+                key = key[:k] + key[m:]
+                if varying is None:
+                    varying = []
+                varying.append(line[2:-1].lower())
         template = _request_heads.get(key)
         if template is None:
             # Not seen with this request line: an origin-form line is checked here and
@@ -555,12 +608,17 @@ class RequestCodec:
             if template is None:
                 # Cache what llhttp makes of it, if the head starts at data[0] (the
                 # method) and the cache has room or has earned a refill.
+                prev = self._prev_miss
+                self._prev_miss = key
+                if prev is not None and len(_varying_lines) < _MAX_VARYING:
+                    _learn_varying(prev, key)
                 if data[0] > 32 and (
                     len(_request_heads) < _MAX_CACHED_HEADS or _renew(_request_heads, _request_use)
                 ):
                     self._fill = key
                     self._fill_origin = okey
                     self._fill_rid = i >= 0
+                    self._fill_varying = varying
                 return None
             _request_use[0] += 1
             args, length = template
@@ -569,11 +627,13 @@ class RequestCodec:
         else:
             _request_use[0] += 1
             args, length = template
+        if extra:
+            args = (args[0] + extra, *args[1:])
         head = RequestHead(*args)
         end += 4
         if rid is not None:
             head.request_id = rid
-        else:
+        elif not extra:
             self._last_head = data[:end]
             self._last_template = (args, length)
         return head, end, length
@@ -606,12 +666,20 @@ class RequestCodec:
             return
         fields = []
         rids = 0
+        varying = self._fill_varying
+        self._fill_varying = None
+        seen = 0
         for f in head.headers:
-            if f[0].lower() == b"x-request-id":
+            name = f[0].lower()
+            if name == b"x-request-id":
                 rids += 1
+            elif varying is not None and name in varying:
+                seen += 1  # left out of the key: each must be there exactly once
             else:
                 fields.append(f)
         if rids > 1 or (self._fill_rid and rids != 1):
+            return
+        if varying is not None and seen != len(varying):
             return
         args = (
             _encode_fields(fields, head.content_length),

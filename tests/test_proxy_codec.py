@@ -449,6 +449,43 @@ def test_request_id_of_a_cached_head_comes_from_the_live_bytes() -> None:
     assert heads[2].headers == [(b"Host", b"a"), (b"X-B", b"c"), (b"X-Request-Id", b"third")]
 
 
+def test_a_field_that_alone_varies_is_taken_from_the_live_bytes() -> None:
+    from proxy import codec
+
+    codec._varying_lines.clear()
+    template = b"GET /v HTTP/1.1\r\nHost: a\r\nX-Trace: %s\r\nX-B: c\r\n\r\n"
+    values = [b"t1", b"t2", b"t 3;x=y", b"t4"]
+    rec, _ = feed_requests([template % v for v in values])
+    assert codec._varying_lines == [b"\r\nX-Trace:"]
+    heads = [e[1] for e in rec.events if e[0] == "head"]
+    assert [h.raw is not None for h in heads] == [False, False, True, True]
+    for h, v in zip(heads, values, strict=True):
+        assert sorted(h.headers) == sorted([(b"Host", b"a"), (b"X-Trace", v), (b"X-B", b"c")])
+    # Another connection, a value never seen: still the cache.
+    rec, _ = feed_requests([template % b"fresh"])
+    assert rec.events[0][1].raw is not None
+    assert (b"X-Trace", b"fresh") in rec.events[0][1].headers
+    # Bad values and a repeated field go through llhttp, which judges them as always.
+    for bad in (b"a\x01b", b"a\nb", b"a\x7f"):
+        with pytest.raises(BadMessageError) as err:
+            feed_requests([template % bad])
+        assert err.value.status == 400
+    rec, _ = feed_requests([template % b"one\r\nX-Trace: two"])
+    head = rec.events[0][1]
+    assert head.raw is None
+    assert [v for n, v in head.headers if n == b"X-Trace"] == [b"one", b"two"]
+    codec._varying_lines.clear()
+
+
+def test_interpreted_fields_are_never_learned_as_varying() -> None:
+    from proxy import codec
+
+    codec._varying_lines.clear()
+    feed_requests([b"GET / HTTP/1.1\r\nHost: h%d\r\n\r\n" % i for i in range(3)])
+    feed_requests([b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % 0])
+    assert codec._varying_lines == []
+
+
 def test_cached_shape_with_a_bad_request_id_is_still_rejected_by_llhttp() -> None:
     template = b"GET /bad HTTP/1.1\r\nHost: a\r\nX-Request-Id: %s\r\n\r\n"
     feed_requests([template % b"ok"])
@@ -560,14 +597,16 @@ def test_a_full_head_cache_is_renewed_only_once_it_earned_its_keep() -> None:
     cache, use = codec._request_heads, codec._request_use
     cache.clear()
     use[0] = use[1] = 0
+    codec._varying_lines.clear()
     size = codec._MAX_CACHED_HEADS
-    unique = b"GET / HTTP/1.1\r\nHost: a\r\nX-U: %d\r\n\r\n"
-    feed_requests([unique % i for i in range(size + 50)])
+    # Two lines differ per head, so no single varying field is learned from them.
+    unique = b"GET / HTTP/1.1\r\nHost: a\r\nX-U: %d\r\nX-V: %d\r\n\r\n"
+    feed_requests([unique % (i, i) for i in range(size + 50)])
     # Full of heads never seen again (each under two keys: exact and origin-form): kept.
     assert len(cache) == size and use[1] > 0
-    assert b"GET / HTTP/1.1\r\nHost: a\r\nX-U: 0" in cache
+    assert b"GET / HTTP/1.1\r\nHost: a\r\nX-U: 0\r\nX-V: 0" in cache
     for _ in range(size):  # the cache earns its keep (one hit per new connection)...
-        rec, _ = feed_requests([unique % 0])
+        rec, _ = feed_requests([unique % (0, 0)])
         assert rec.events[0][1].raw is not None
-    feed_requests([unique % (10 * size)])  # ...so the next new head empties it
+    feed_requests([unique % (10 * size, 10 * size)])  # ...so the next new head empties it
     assert len(cache) == 2 and use == [0, 0]  # its exact and origin-form keys
