@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from registry.acl import Grant
+from registry.acl import Access, Grant
 from registry.catalog import (
     CRITICAL,
     NODE_MAINTENANCE_ID,
@@ -365,15 +365,24 @@ async def services(request: web.Request) -> web.Response:
     return reply({v["ID"]: v for v in apply_filter(flt, views)}, index)
 
 
+def _local_service(request: web.Request, access: Access) -> tuple[str, Obj | None]:
+    """The ID in the path and the local service it names (None if none), once the caller
+    may `access` it: by the service's name, or by the ID itself for an unknown one."""
+    ctx = context(request)
+    cat = ctx.catalog
+    sid = request.match_info["service_id"]
+    svc = cat.get_service(cat.node, sid)
+    ctx.acl.require(request, "service", svc["Service"] if svc else sid, access)
+    return sid, svc
+
+
 async def service(request: web.Request) -> web.Response:
     ctx = context(request)
-    sid = request.match_info["service_id"]
-    if sid == "register":
+    if request.match_info["service_id"] == "register":
         # PUT /v1/agent/service/register read with GET, as Consul answers it.
         raise MethodNotAllowedError(f"method {request.method} not allowed")
+    sid, _ = _local_service(request, "read")
     cat = ctx.catalog
-    svc = cat.get_service(cat.node, sid)
-    ctx.acl.require(request, "service", svc["Service"] if svc else sid, "read")
     resource = f"agent:service:{sid}"
     want_hash = request.query.get("hash")
     if want_hash:
@@ -457,9 +466,7 @@ def _keep_status(old: Obj | None, chk: Obj) -> None:
 async def service_deregister(request: web.Request) -> web.Response:
     ctx = context(request)
     cat = ctx.catalog
-    sid = request.match_info["service_id"]
-    svc = cat.get_service(cat.node, sid)
-    ctx.acl.require(request, "service", svc["Service"] if svc else sid, "write")
+    sid, svc = _local_service(request, "write")
     if svc is None:
         raise NotFoundError(
             f"Unknown service ID {sid!r}. Ensure that the service ID is passed,"
@@ -473,9 +480,7 @@ async def service_deregister(request: web.Request) -> web.Response:
 async def service_maintenance(request: web.Request) -> web.Response:
     ctx = context(request)
     cat = ctx.catalog
-    sid = request.match_info["service_id"]
-    svc = cat.get_service(cat.node, sid)
-    ctx.acl.require(request, "service", svc["Service"] if svc else sid, "write")
+    sid, svc = _local_service(request, "write")
     enable = parse_enable(request)
     if svc is None:
         raise NotFoundError(f"Unknown service ID {sid!r}")
@@ -625,11 +630,8 @@ def _health_reply(request: web.Request, data: Any, status: str, index: int) -> w
 
 async def health_by_id(request: web.Request) -> web.Response:
     """`/v1/agent/health/service/id/<id>`: 200 passing, 429 warning, 503 critical."""
-    ctx = context(request)
-    cat = ctx.catalog
-    sid = request.match_info["service_id"]
-    svc = cat.get_service(cat.node, sid)
-    ctx.acl.require(request, "service", svc["Service"] if svc else sid, "read")
+    cat = context(request).catalog
+    sid, _ = _local_service(request, "read")
     index = await block(request, [f"agent:service:{sid}", "agent:checks"])
     svc = cat.get_service(cat.node, sid)
     if svc is None:
