@@ -29,7 +29,8 @@ import difflib
 import json
 import logging
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -171,6 +172,15 @@ _REGISTRY_ERRORS = (
 )
 
 
+@contextmanager
+def _registry_call() -> Iterator[None]:
+    """A call to the registry: its client's failures become the control plane's errors."""
+    try:
+        yield
+    except _REGISTRY_ERRORS as exc:
+        raise _registry_error(exc) from exc
+
+
 class PolicyStore:
     """Reads and CAS-writes resources and the version counter in the registry KV.
 
@@ -201,10 +211,8 @@ class PolicyStore:
 
     async def snapshot(self, index: int | None = None, wait: str | None = None) -> ConfigSnapshot:
         """Everything under the prefix in one read; with `index`, a blocking query."""
-        try:
+        with _registry_call():
             idx, entries = await self.reader.kv.get(PREFIX, recurse=True, index=index, wait=wait)
-        except _REGISTRY_ERRORS as exc:
-            raise _registry_error(exc) from exc
         version = 0
         resources: dict[ResourceKey, Resource] = {}
         for entry in entries or ():
@@ -227,18 +235,14 @@ class PolicyStore:
         return res
 
     async def version(self) -> int:
-        try:
+        with _registry_call():
             _, entry = await self.reader.kv.get(VERSION_KEY)
-        except _REGISTRY_ERRORS as exc:
-            raise _registry_error(exc) from exc
         return _parse_version(entry.get("Value") if entry else None)
 
     async def _read(self, path: str) -> tuple[Resource | None, int]:
         """The resource at `path` and its ModifyIndex (0 when absent, the CAS to create)."""
-        try:
+        with _registry_call():
             _, entry = await self.reader.kv.get(path, consistency="consistent")
-        except _REGISTRY_ERRORS as exc:
-            raise _registry_error(exc) from exc
         if entry is None:
             return None, 0
         return _decode(path, entry.get("Value")), int(entry["ModifyIndex"])
@@ -350,12 +354,10 @@ class PolicyStore:
     async def _txn(self, ops: list[Any], token: str | None) -> bool | None:
         """True: applied; False: rolled back by a stale index; None: no txn endpoint."""
         headers = self.writer.prepare_headers(token)
-        try:
+        with _registry_call():
             code, body = await self.writer.http.put(
                 _raw_response, "/v1/txn", data=json.dumps(ops), headers=headers
             )
-        except _REGISTRY_ERRORS as exc:
-            raise _registry_error(exc) from exc
         if code == 200:
             return True
         if code in (404, 405):
@@ -377,10 +379,8 @@ class PolicyStore:
         raise RegistryUnavailableError(f"registry answered {code} to a transaction: {body}")
 
     async def _read_version(self) -> tuple[int, int]:
-        try:
+        with _registry_call():
             _, entry = await self.reader.kv.get(VERSION_KEY, consistency="consistent")
-        except _REGISTRY_ERRORS as exc:
-            raise _registry_error(exc) from exc
         if entry is None:
             return 0, 0
         return _parse_version(entry.get("Value")), int(entry["ModifyIndex"])
@@ -406,10 +406,8 @@ class PolicyStore:
             old, index = await self._read(path)
             if index == 0:
                 return Change(key, "absent")
-            try:
+            with _registry_call():
                 ok = await self.writer.kv.delete(path, cas=index, token=token)
-            except _REGISTRY_ERRORS as exc:
-                raise _registry_error(exc) from exc
             if ok:
                 return Change(key, "deleted", old, None)
             await self._backoff(attempt)
@@ -426,10 +424,8 @@ class PolicyStore:
         raise ConflictError(f"config version: lost {attempts} check-and-set races in a row")
 
     async def _write(self, path: str, body: str, cas: int, token: str | None) -> bool:
-        try:
+        with _registry_call():
             ok = await self.writer.kv.put(path, body, cas=cas, token=token)
-        except _REGISTRY_ERRORS as exc:
-            raise _registry_error(exc) from exc
         if not ok:
             self.cas_retries += 1
         return bool(ok)
