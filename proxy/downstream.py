@@ -302,12 +302,16 @@ class DownstreamConnection(asyncio.Protocol):
         if self.phase == TUNNEL:
             return
         self._gone()
+        # The client left mid-exchange: that upstream connection's state is unknown.
+        self._drop_upstream()
+
+    def _drop_upstream(self) -> None:
+        """Stop waiting for a connection and abort the one in use: its state is unknown."""
         if self.waiting is not None:
             self.waiting.cancel(self)
             self.waiting = None
         conn = self.upstream
         if conn is not None:
-            # The client left mid-exchange: that upstream connection's state is unknown.
             self.upstream = None
             conn.unbind()
             conn.abort()
@@ -464,16 +468,8 @@ class DownstreamConnection(asyncio.Protocol):
             self.set_pause(PAUSE_BACKLOG)
             self.early = b""  # nothing more is parsed on this connection
             return
-        if self.waiting is not None:
-            self.waiting.cancel(self)
-            self.waiting = None
-        conn = self.upstream
-        if conn is not None:
-            # A bad body mid-stream: the upstream got part of a request; drop it.
-            self.upstream = None
-            conn.unbind()
-            conn.abort()
-            self._account(0, False)
+        # A bad body mid-stream: the upstream got part of a request; drop it.
+        self._drop_upstream()
         if self.resp_state == R_NONE:
             self.ubuf.clear()
             self.local_reply(e.reason, e.message, status=e.status, close=True)
