@@ -15,7 +15,7 @@ from aiohttp import web
 from registry import kv
 from registry.errors import BadRequestError, PermissionDeniedError, TooLargeError
 from registry.http import block, check_datacenter, context, reply
-from registry.sessions import Sessions
+from registry.session_api import sessions_of
 
 _UINT64_MAX = 2**64 - 1
 
@@ -43,13 +43,6 @@ def _not_found(index: int) -> web.Response:
     resp = web.Response(status=404)
     resp.headers["X-Consul-Index"] = str(max(1, index))
     return resp
-
-
-def sessions_of(request: web.Request) -> Sessions:
-    part = context(request).parts.get("sessions")
-    if not isinstance(part, Sessions):
-        raise RuntimeError("the sessions part is not installed")
-    return part
 
 
 async def kv_get(request: web.Request) -> web.StreamResponse:

@@ -20,7 +20,8 @@ from registry.store import Obj
 _LOCK_DELAY_SECONDS_BELOW = 1000  # Consul reads a bare number below this as seconds
 
 
-def _sessions(request: web.Request) -> Sessions:
+def sessions_of(request: web.Request) -> Sessions:
+    """The registry's sessions part (KV locks and transactions use it too)."""
     part = context(request).parts.get("sessions")
     if not isinstance(part, Sessions):
         raise RuntimeError("the sessions part is not installed")
@@ -80,7 +81,7 @@ async def create(request: web.Request) -> web.Response:
         "NodeChecks": node_checks,
         "ServiceChecks": service_checks,
     }
-    sessions = _sessions(request)
+    sessions = sessions_of(request)
     with ctx.store.write() as txn:
         session = sessions.create(txn, spec)
     return reply({"ID": session["ID"]})
@@ -92,7 +93,7 @@ async def destroy(request: web.Request) -> web.Response:
     sess = ctx.store.get(TABLE, sid)
     ctx.acl.require(request, "session", sess["Node"] if sess else ctx.spec.node, "write")
     with ctx.store.write() as txn:
-        _sessions(request).destroy(txn, sid)
+        sessions_of(request).destroy(txn, sid)
     return reply(True)
 
 
@@ -101,7 +102,7 @@ async def renew(request: web.Request) -> web.Response:
     sid = request.match_info["id"]
     sess = ctx.store.get(TABLE, sid)
     ctx.acl.require(request, "session", sess["Node"] if sess else ctx.spec.node, "write")
-    renewed = _sessions(request).renew(sid)
+    renewed = sessions_of(request).renew(sid)
     if renewed is None:
         raise NotFoundError(f"Session id '{sid}' not found")
     return reply([view(renewed)], ctx.store.index)

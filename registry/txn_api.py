@@ -18,6 +18,7 @@ from registry import kv
 from registry.acl import Grant
 from registry.errors import BadRequestError, RegistryError, TooLargeError
 from registry.http import Body, context, dumps, read_body
+from registry.session_api import sessions_of
 from registry.sessions import Sessions
 from registry.store import Obj, Txn
 
@@ -187,7 +188,7 @@ async def txn(request: web.Request) -> web.Response:
     ctx = context(request)
     ops = decode_ops(await read_body(request))
     grant = ctx.acl.grant(request)
-    sessions = ctx.parts["sessions"]
+    sessions = sessions_of(request)
     results: list[Obj] = []
     errors: list[Obj] = []
     store = ctx.store
