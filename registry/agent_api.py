@@ -433,7 +433,6 @@ async def service_register(request: web.Request) -> web.Response:
             )
         chk["ServiceID"] = svc["ID"]
     replace = query_flag(request, "replace-existing-checks")
-    runner = ctx.parts.get("checks")
     with ctx.store.write() as txn:
         cat.ensure_local_node(txn)  # back if someone deregistered it, as anti-entropy does
         cat.put_service(txn, cat.node, svc)
@@ -446,10 +445,16 @@ async def service_register(request: web.Request) -> web.Response:
                 cid = old["CheckID"]
                 if cid not in keep and not cid.startswith(SERVICE_MAINTENANCE_PREFIX):
                     cat.delete_check(txn, cat.node, cid)
-    if runner is not None:
-        for chk in checks:
-            runner.reset_ttl(chk["CheckID"])
+    _reset_ttls(request, [c["CheckID"] for c in checks])
     return reply(True)
+
+
+def _reset_ttls(request: web.Request, check_ids: list[str]) -> None:
+    """Restart the TTL clocks of checks just written (when the check runner is installed)."""
+    runner = context(request).parts.get("checks")
+    if runner is not None:
+        for cid in check_ids:
+            runner.reset_ttl(cid)
 
 
 def _keep_status(old: Obj | None, chk: Obj) -> None:
@@ -531,9 +536,7 @@ async def check_register(request: web.Request) -> web.Response:
         cat.ensure_local_node(txn)
         _keep_status(txn.get("checks", f"{cat.node}/{chk['CheckID']}"), chk)
         cat.put_check(txn, cat.node, chk)
-    runner = ctx.parts.get("checks")
-    if runner is not None:
-        runner.reset_ttl(chk["CheckID"])
+    _reset_ttls(request, [chk["CheckID"]])
     return reply(True)
 
 
@@ -566,9 +569,7 @@ def _update_ttl(request: web.Request, status: str, output: str) -> web.Response:
         raise BadRequestError(f"CheckID {chk['CheckID']!r} does not have associated TTL")
     with ctx.store.write() as txn:
         ctx.catalog.set_check_status(txn, ctx.catalog.node, chk["CheckID"], status, output)
-    runner = ctx.parts.get("checks")
-    if runner is not None:
-        runner.reset_ttl(chk["CheckID"])
+    _reset_ttls(request, [chk["CheckID"]])
     return reply(True)
 
 
