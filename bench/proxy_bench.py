@@ -791,9 +791,21 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
         " llhttp no longer runs once the field is learned) | not re-measured (the"
         " cached path's work is unchanged but for one empty-list test) |",
         "",
-        "What remains: to meet 1.6× in this run's two-hop rows, Tether's share above the"
-        f" relay floor would have to fall to {max(0.0, (1.6 * ngx2 - 2 * floor) / 2):.1f} µs"
-        f" per hop, from {tether2 / 2 - floor:.1f}. Two hops cost"
+        (
+            "What remains: to meet 1.6× in this run's two-hop rows, Tether's share above"
+            f" the relay floor would have to fall to {max(0.0, (1.6 * ngx2 - 2 * floor) / 2):.1f}"
+            f" µs per hop, from {tether2 / 2 - floor:.1f}."
+            if two_hop > 1.6
+            else f"What remains: the target is met in this run ({two_hop:.2f}×): Tether's"
+            f" share above the relay floor is {tether2 / 2 - floor:.1f} µs per hop, where"
+            f" 1.6× would allow {max(0.0, (1.6 * ngx2 - 2 * floor) / 2):.1f}. The margin is"
+            " thin against this machine's noise: the run recorded before this round"
+            " (2026-11-28 23:44 UTC, default scheduling, a busier machine) measured 2.00×,"
+            f" and the same configuration measured {norm_x:.2f}× in this run (`default"
+            " scheduling` row), so the ratio also moves with what else runs on the core"
+            f" (unique heads: {uniq_x:.2f}×)."
+        )
+        + " Two hops cost"
         f" {tether2 / tether1:.2f}× one Tether hop, where nginx's cost"
         f" {ngx2 / ngx1:.2f}× one nginx hop; with batch scheduling each Tether process"
         " handles about a full batch per wake-up, and strace shows the minimum of system"
