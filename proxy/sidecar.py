@@ -58,6 +58,9 @@ class SidecarSpec:
     # "inbound": the registry checks the app through the inbound listener (it runs in
     # another network namespace and cannot reach the app's 127.0.0.1).
     app_check_via: Literal["app", "inbound"] = "app"
+    # SCHED_BATCH once listening (proxy.listener.settle_process); False keeps the
+    # kernel's normal policy, for hosts where wake-up latency matters more than CPU.
+    sched_batch: bool = True
     registry_host: str = "127.0.0.1"
     registry_port: int = 8500
     registry_scheme: str = "http"
@@ -292,7 +295,7 @@ class Sidecar:
             await self.start()
             from proxy.listener import settle_process
 
-            settle_process()
+            settle_process(batch=self.spec.sched_batch)
             ports = self.ports()
             reg = self.registration
             print(

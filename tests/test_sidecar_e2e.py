@@ -8,6 +8,7 @@ tests are synchronous (threads and blocking sockets), so each runs once.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import threading
@@ -71,7 +72,7 @@ def test_call_through_two_sidecars(mesh: tuple[RegistryProcess, ProcessSet]) -> 
     procs.closers.append(echo.close)
     sb = procs.sidecar(
         "b", b_app, "--zone", "z1", "--version", "v7", "--meta", "team=x",
-        "--opaque-port", str(echo.port),
+        "--opaque-port", str(echo.port), "--sched", "normal",
     )  # fmt: skip
     sa = procs.sidecar("a", procs.app("a-1"))
 
@@ -107,6 +108,9 @@ def test_call_through_two_sidecars(mesh: tuple[RegistryProcess, ProcessSet]) -> 
     status_text = Path(f"/proc/{sa.proc.pid}/status").read_text()
     rss_kb = int(re.search(r"VmRSS:\s+(\d+) kB", status_text).group(1))  # type: ignore[union-attr]
     assert rss_kb < 64 * 1024, f"sidecar RSS {rss_kb} kB"
+    # Batch scheduling by default (docs/benchmarks.md), the kernel's normal one on request.
+    assert os.sched_getscheduler(sa.proc.pid) == os.SCHED_BATCH
+    assert os.sched_getscheduler(sb.proc.pid) == os.SCHED_OTHER
 
     # An opaque port: raw TCP to the app's port, advertised in Meta.
     opaque = dump["opaque_ports"][str(echo.port)]

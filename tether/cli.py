@@ -134,6 +134,14 @@ def _meta_pairs(
     help="Where the registry checks the app: directly, or through the inbound listener "
     "(a registry in another network namespace).",
 )
+@click.option(
+    "--sched",
+    type=click.Choice(["batch", "normal"]),
+    default="batch",
+    show_default=True,
+    help="Linux scheduling policy: batch (no wake-up preemption; fewer context switches "
+    "per request, see docs/benchmarks.md) or the kernel's normal one.",
+)
 def sidecar(
     service: str,
     app_port: int,
@@ -153,6 +161,7 @@ def sidecar(
     drain_seconds: float,
     check_interval: float,
     app_check_via: str,
+    sched: str,
 ) -> None:
     """Run the sidecar proxy beside one app instance (registry: CONSUL_HTTP_ADDR)."""
     import logging
@@ -183,6 +192,7 @@ def sidecar(
             drain_seconds=drain_seconds,
             check_interval=check_interval,
             app_check_via="inbound" if app_check_via == "inbound" else "app",
+            sched_batch=sched == "batch",
             registry_host=host,
             registry_port=port,
             registry_scheme="https" if raw.startswith("https://") or ssl else "http",
