@@ -102,6 +102,9 @@ async def _serve(args: argparse.Namespace) -> None:
         listeners = [await _serve_outbound(args)]
     else:
         listeners = await _serve_inbound(args)
+    from proxy.listener import settle_process
+
+    settle_process()  # as a real sidecar does once listening (GC freeze, SCHED_BATCH)
     print("ready", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
