@@ -49,6 +49,9 @@ class LocalityBalancer(Balancer):
         self.recount = recount
         self._keep = 1.0  # the share of picks the local zone keeps, cached
         self._keep_from = float("inf")  # when it was counted (inf: count again)
+        # Whether the inner balancers keep the base on_start (the count of requests in
+        # flight, kept on the Endpoint): then on_start need not find the side at all.
+        self._plain_start = type(self.local).on_start is Balancer.on_start
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
         super().update(endpoints)
@@ -85,14 +88,18 @@ class LocalityBalancer(Balancer):
             return self.local.pick(ctx, now, rng)
         return ep
 
-    def _side(self, ep: Endpoint) -> Balancer:
-        return self.local if self.local_zone and ep.zone == self.local_zone else self.remote
-
+    # on_start and on_end pick the side inline rather than through a helper: they run
+    # per request, and a call costs more than the comparison.
     def on_start(self, ep: Endpoint, now: float) -> None:
-        self._side(ep).on_start(ep, now)
+        if self._plain_start:
+            ep.active += 1
+            return
+        zone = self.local_zone
+        (self.local if zone and ep.zone == zone else self.remote).on_start(ep, now)
 
     def on_end(self, ep: Endpoint, now: float, latency: float, ok: bool) -> None:
-        self._side(ep).on_end(ep, now, latency, ok)
+        zone = self.local_zone
+        (self.local if zone and ep.zone == zone else self.remote).on_end(ep, now, latency, ok)
 
     def __repr__(self) -> str:
         return (

@@ -61,13 +61,7 @@ class P2cBalancer(Balancer):
 
     def pick(self, ctx: PickContext, now: float, rng: random.Random) -> Endpoint | None:
         if self._weighted or now < self._ramp_ends:
-            # The scheduler's weight callback reads the clock through this attribute,
-            # which keeps its signature free of per-pick closures.
-            self._edf_now = now
-            if self._edf_stale:
-                self._edf.reset(self._pool, self._edf_weight)
-                self._edf_stale = False
-            return self._edf.pick(self._edf_weight, lambda ep: ep.available(now))
+            return self._pick_weighted(now)
         pool = self._pool
         n = len(pool)
         if n >= 2 and self.choice_count == 2:
@@ -80,13 +74,28 @@ class P2cBalancer(Balancer):
                 if j >= i:
                     j += 1
                 a, b = pool[i], pool[j]
-                if a.available(now):
-                    if b.available(now):
+                # Endpoint.available inlined: this is the per-request path.
+                if a.healthy and not a.draining and now >= a.ejected_until:
+                    if b.healthy and not b.draining and now >= b.ejected_until:
                         return b if self.cost(b, now) < self.cost(a, now) else a
                     return a
-                if b.available(now):
+                if b.healthy and not b.draining and now >= b.ejected_until:
                     return b
-        candidates = [ep for ep in pool if ep.available(now)]
+        return self._pick_scan(now, rng)
+
+    def _pick_weighted(self, now: float) -> Endpoint | None:
+        """The EDF pick over `weight / cost ** bias` (weights differ or slow start)."""
+        # The scheduler's weight callback reads the clock through this attribute,
+        # which keeps its signature free of per-pick closures.
+        self._edf_now = now
+        if self._edf_stale:
+            self._edf.reset(self._pool, self._edf_weight)
+            self._edf_stale = False
+        return self._edf.pick(self._edf_weight, lambda ep: ep.available(now))
+
+    def _pick_scan(self, now: float, rng: random.Random) -> Endpoint | None:
+        """The pick when the random draws found nothing: sample the available ones."""
+        candidates = [ep for ep in self._pool if ep.available(now)]
         if len(candidates) <= 1:
             return candidates[0] if candidates else None
         drawn = rng.sample(candidates, min(self.choice_count, len(candidates)))

@@ -30,10 +30,11 @@ endpoint that fails fast does not attract traffic.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 
-from proxy.balance.base import Endpoint
-from proxy.balance.p2c import P2cBalancer
+from proxy.balance.base import Endpoint, PickContext
+from proxy.balance.p2c import _DRAWS, P2cBalancer
 from proxy.balance.slow_start import SlowStartPolicy
 
 _FLOOR = 0.0001  # seconds
@@ -67,30 +68,36 @@ class PeakEwma(P2cBalancer):
         super().__init__(slow_start)
         self.decay = decay
         self.default_rtt = default_rtt
-        self._rtt: dict[int, _Rtt] = {}
+        # Keyed by the Endpoint itself (identity hash: Endpoint has eq=False).
+        self._rtt: dict[Endpoint, _Rtt] = {}
+        # The states of `_pool`, index for index, so a pick reads them without hashing.
+        self._pool_rtt: tuple[_Rtt, ...] = ()
         # What an endpoint not heard from yet is assumed to cost (see the module doc).
         self._typical = _Rtt(default_rtt, 0.0)
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
         super().update(endpoints)
-        keep = {id(ep) for ep in self.endpoints}
-        self._rtt = {k: v for k, v in self._rtt.items() if k in keep}
+        old = self._rtt
+        # A state made before the first observation is indistinguishable from none:
+        # `observed` is False, and the first observation overwrites estimate and stamp.
+        self._rtt = {ep: old.get(ep) or _Rtt(self.default_rtt, 0.0) for ep in self.endpoints}
+        self._pool_rtt = tuple(self._state(ep, 0.0) for ep in self._pool)
 
     def _state(self, ep: Endpoint, now: float) -> _Rtt:
-        st = self._rtt.get(id(ep))
+        st = self._rtt.get(ep)
         if st is None:
-            st = self._rtt[id(ep)] = _Rtt(self.default_rtt, now)
+            st = self._rtt[ep] = _Rtt(self.default_rtt, now)
         return st
 
     def estimate(self, ep: Endpoint, now: float) -> float:
         """The RTT estimate (seconds) as a decision at `now` would read it."""
-        st = self._rtt.get(id(ep))
+        st = self._rtt.get(ep)
         if st is None or not st.observed:
             return self._typical.estimate
         return st.current(now, self.decay)
 
     def cost(self, ep: Endpoint, now: float) -> float:
-        st = self._rtt.get(id(ep))
+        st = self._rtt.get(ep)
         if st is None or not st.observed:
             if ep.active == 0:
                 return 0.0
@@ -102,18 +109,70 @@ class PeakEwma(P2cBalancer):
         # from reaching zero, where it would win every comparison until it answers.
         return (est if est > _FLOOR else _FLOOR) * (ep.active + 1)
 
+    def pick(self, ctx: PickContext, now: float, rng: random.Random) -> Endpoint | None:
+        # P2cBalancer.pick with availability and `cost` inlined (same draws, same
+        # arithmetic, same result): it is the default balancer's per-request path, and
+        # the calls and hashing were two thirds of its cost.
+        if self._weighted or now < self._ramp_ends:
+            return self._pick_weighted(now)
+        pool = self._pool
+        n = len(pool)
+        if n >= 2 and self.choice_count == 2:
+            rand = rng.random
+            for _ in range(_DRAWS):
+                i = int(rand() * n)
+                j = int(rand() * (n - 1))
+                if j >= i:
+                    j += 1
+                a, b = pool[i], pool[j]
+                if a.healthy and not a.draining and now >= a.ejected_until:
+                    if not (b.healthy and not b.draining and now >= b.ejected_until):
+                        return a
+                elif b.healthy and not b.draining and now >= b.ejected_until:
+                    return b
+                else:
+                    continue
+                rtts = self._pool_rtt
+                st = rtts[j]
+                if st.observed:
+                    elapsed = now - st.stamp
+                    est = st.estimate * _exp(-elapsed / self.decay) if elapsed > 0 else st.estimate
+                    cost_b = (est if est > _FLOOR else _FLOOR) * (b.active + 1)
+                elif b.active != 0:
+                    est = self._typical.estimate
+                    cost_b = (est if est > _FLOOR else _FLOOR) * (b.active + 1)
+                else:
+                    cost_b = 0.0
+                st = rtts[i]
+                if st.observed:
+                    elapsed = now - st.stamp
+                    est = st.estimate * _exp(-elapsed / self.decay) if elapsed > 0 else st.estimate
+                    cost_a = (est if est > _FLOOR else _FLOOR) * (a.active + 1)
+                elif a.active != 0:
+                    est = self._typical.estimate
+                    cost_a = (est if est > _FLOOR else _FLOOR) * (a.active + 1)
+                else:
+                    cost_a = 0.0
+                return b if cost_b < cost_a else a
+        return self._pick_scan(now, rng)
+
     def on_end(self, ep: Endpoint, now: float, latency: float, ok: bool) -> None:
         if ep.active > 0:
             ep.active -= 1
-        st = self._state(ep, now)
+        st = self._rtt.get(ep)
+        if st is None:
+            st = self._rtt[ep] = _Rtt(self.default_rtt, now)
         if not ok:
             latency = max(latency, self.estimate(ep, now))
+        decay = self.decay
         typical = self._typical
         if not typical.observed:
             typical.observed = True
             typical.estimate = latency
         else:
-            w = math.exp(-max(now - typical.stamp, 0.0) / self.decay)
+            # exp(-max(elapsed, 0) / decay), without the max call: exp(-0.0) is 1.0.
+            elapsed = now - typical.stamp
+            w = _exp(-elapsed / decay) if elapsed > 0 else 1.0
             typical.estimate = typical.estimate * w + latency * (1.0 - w)
         typical.stamp = now
         if not st.observed:
@@ -123,8 +182,8 @@ class PeakEwma(P2cBalancer):
         elif latency > st.estimate:
             st.estimate = latency
         else:
-            elapsed = max(now - st.stamp, 0.0)
-            w = math.exp(-elapsed / self.decay)
+            elapsed = now - st.stamp
+            w = _exp(-elapsed / decay) if elapsed > 0 else 1.0
             st.estimate = st.estimate * w + latency * (1.0 - w)
         st.stamp = now
 
