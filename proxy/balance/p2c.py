@@ -62,11 +62,16 @@ class P2cBalancer(Balancer):
     def pick(self, ctx: PickContext, now: float, rng: random.Random) -> Endpoint | None:
         if self._weighted or now < self._ramp_ends:
             return self._pick_weighted(now)
+        return self._pick_drawn(now, rng, _DRAWS)
+
+    def _pick_drawn(self, now: float, rng: random.Random, draws: int) -> Endpoint | None:
+        """Up to `draws` random pairs, the cheaper available one of the first pair with
+        one available; then (or with fewer than two endpoints) `_pick_scan`."""
         pool = self._pool
         n = len(pool)
         if n >= 2 and self.choice_count == 2:
             rand = rng.random
-            for _ in range(_DRAWS):
+            for _ in range(draws):
                 # random() * n rather than randrange(n): a third of the cost, and the
                 # bias (n / 2**53) is far below anything a balancer could notice.
                 i = int(rand() * n)

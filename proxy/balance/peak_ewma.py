@@ -110,51 +110,53 @@ class PeakEwma(P2cBalancer):
         return (est if est > _FLOOR else _FLOOR) * (ep.active + 1)
 
     def pick(self, ctx: PickContext, now: float, rng: random.Random) -> Endpoint | None:
-        # P2cBalancer.pick with availability and `cost` inlined (same draws, same
-        # arithmetic, same result): it is the default balancer's per-request path, and
-        # the calls and hashing were two thirds of its cost.
+        # P2cBalancer.pick with its first draw, availability and `cost` inlined (same
+        # draws, same arithmetic, same result): it is the default balancer's per-request
+        # path, and the calls and hashing were two thirds of its cost.
         if self._weighted or now < self._ramp_ends:
             return self._pick_weighted(now)
         pool = self._pool
         n = len(pool)
-        if n >= 2 and self.choice_count == 2:
-            rand = rng.random
-            for _ in range(_DRAWS):
-                i = int(rand() * n)
-                j = int(rand() * (n - 1))
-                if j >= i:
-                    j += 1
-                a, b = pool[i], pool[j]
-                if a.healthy and not a.draining and now >= a.ejected_until:
-                    if not (b.healthy and not b.draining and now >= b.ejected_until):
-                        return a
-                elif b.healthy and not b.draining and now >= b.ejected_until:
-                    return b
-                else:
-                    continue
-                rtts = self._pool_rtt
-                st = rtts[j]
-                if st.observed:
-                    elapsed = now - st.stamp
-                    est = st.estimate * _exp(-elapsed / self.decay) if elapsed > 0 else st.estimate
-                    cost_b = (est if est > _FLOOR else _FLOOR) * (b.active + 1)
-                elif b.active != 0:
-                    est = self._typical.estimate
-                    cost_b = (est if est > _FLOOR else _FLOOR) * (b.active + 1)
-                else:
-                    cost_b = 0.0
-                st = rtts[i]
-                if st.observed:
-                    elapsed = now - st.stamp
-                    est = st.estimate * _exp(-elapsed / self.decay) if elapsed > 0 else st.estimate
-                    cost_a = (est if est > _FLOOR else _FLOOR) * (a.active + 1)
-                elif a.active != 0:
-                    est = self._typical.estimate
-                    cost_a = (est if est > _FLOOR else _FLOOR) * (a.active + 1)
-                else:
-                    cost_a = 0.0
-                return b if cost_b < cost_a else a
-        return self._pick_scan(now, rng)
+        if n < 2 or self.choice_count != 2:
+            return self._pick_scan(now, rng)
+        # The first of P2cBalancer's draws, unrolled: the others only run when a drawn
+        # endpoint is unavailable.
+        rand = rng.random
+        i = int(rand() * n)
+        j = int(rand() * (n - 1))
+        if j >= i:
+            j += 1
+        a = pool[i]
+        b = pool[j]
+        if a.healthy and not a.draining and now >= a.ejected_until:
+            if not (b.healthy and not b.draining and now >= b.ejected_until):
+                return a
+        elif b.healthy and not b.draining and now >= b.ejected_until:
+            return b
+        else:
+            return self._pick_drawn(now, rng, _DRAWS - 1)
+        rtts = self._pool_rtt
+        st = rtts[j]
+        if st.observed:
+            elapsed = now - st.stamp
+            est = st.estimate * _exp(-elapsed / self.decay) if elapsed > 0 else st.estimate
+            cost_b = (est if est > _FLOOR else _FLOOR) * (b.active + 1)
+        elif b.active != 0:
+            est = self._typical.estimate
+            cost_b = (est if est > _FLOOR else _FLOOR) * (b.active + 1)
+        else:
+            cost_b = 0.0
+        st = rtts[i]
+        if st.observed:
+            elapsed = now - st.stamp
+            est = st.estimate * _exp(-elapsed / self.decay) if elapsed > 0 else st.estimate
+            cost_a = (est if est > _FLOOR else _FLOOR) * (a.active + 1)
+        elif a.active != 0:
+            est = self._typical.estimate
+            cost_a = (est if est > _FLOOR else _FLOOR) * (a.active + 1)
+        else:
+            cost_a = 0.0
+        return b if cost_b < cost_a else a
 
     def on_end(self, ep: Endpoint, now: float, latency: float, ok: bool) -> None:
         if ep.active > 0:
