@@ -305,7 +305,7 @@ class DownstreamConnection(asyncio.Protocol):
         # The client left mid-exchange: that upstream connection's state is unknown.
         self._drop_upstream()
 
-    def _drop_upstream(self) -> None:
+    def _drop_upstream(self, record: bool = True) -> None:
         """Stop waiting for a connection and abort the one in use: its state is unknown."""
         if self.waiting is not None:
             self.waiting.cancel(self)
@@ -315,7 +315,7 @@ class DownstreamConnection(asyncio.Protocol):
             self.upstream = None
             conn.unbind()
             conn.abort()
-            self._account(0, False)
+            self._account(0, False, record=record)
 
     def pause_writing(self) -> None:
         if self.upstream is not None:
@@ -931,15 +931,7 @@ class DownstreamConnection(asyncio.Protocol):
         elif phase == HEAD:
             self.local_reply(local_reply.HEADER_TIMEOUT, close=True)
         elif phase in (WAIT, ACTIVE):
-            if self.waiting is not None:
-                self.waiting.cancel(self)
-                self.waiting = None
-            conn = self.upstream
-            if conn is not None:
-                self.upstream = None
-                conn.unbind()
-                conn.abort()
-                self._account(0, False, record=False)
+            self._drop_upstream(record=False)
             if self.resp_state == R_NONE:
                 self.ubuf.clear()
                 message = (
