@@ -176,7 +176,10 @@ def run(fleet: Fleet, args: argparse.Namespace) -> str:
     tin1, (p1,) = inbound(fleet, "in-1", up.port, 1)
     out1 = outbound(fleet, "out-1", "round_robin", "", [p1])
     paths.append(Path_("tether x2 (1 endpoint)", out1.port, "svc", [out1, tin1], 2))
-    for policy in (*POLICIES, "peak_ewma+locality"):
+    chosen = args.policies or [*POLICIES, "peak_ewma+locality"]
+    # Round robin is the baseline of Δ, and the default is what the summary is about.
+    chosen = list(dict.fromkeys(["round_robin", *chosen, "peak_ewma+locality"]))
+    for policy in chosen:
         name = policy.replace("+locality", "")
         zone = LOCAL_ZONE if policy.endswith("+locality") else ""
         tin, ports = inbound(fleet, f"in-{policy}", up.port, 3)
@@ -289,6 +292,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--policy-only", dest="policies", action="append", default=[],
+                    help="bench: only this policy (repeatable; round_robin and the default always run)")  # fmt: skip
     ap.add_argument("--port", type=int, default=0, help="serve-outbound: listen port")
     ap.add_argument("--policy", default="round_robin", help="serve-outbound: the balancer")
     ap.add_argument("--zone", default="", help="serve-outbound: the caller's zone")

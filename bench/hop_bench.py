@@ -1,0 +1,170 @@
+"""One hop's Python work per request, in-process: no sockets, no kernel, no other process.
+
+The real protocol objects (ProxyServer's DownstreamConnection, the router, the balancer,
+the pool's UpstreamConnection, both codecs) driven by fake transports: a request's bytes
+go into the downstream connection, the head it writes upstream is checked, a response's
+bytes go into the upstream connection, and the response the client would read is
+checked. What is timed is exactly what a sidecar's event loop runs in Python for one
+request on a pooled keep-alive connection, minus the socket calls. On a shared machine
+this moves far less than an end-to-end run, so it is what a hot-path change is judged by
+first (and `--profile` says where the time goes); the end-to-end benches then say what
+it is worth against nginx.
+
+    .venv/bin/python -m bench.hop_bench [--hop outbound|inbound] [--policy NAME[+locality]]
+                                         [--count 50000] [--rounds 7] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+REQUEST = (
+    b"GET /api/items HTTP/1.1\r\nHost: svc\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
+)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 29 Nov 2026 00:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n"
+    + b"x" * 100
+)
+ZONES = ("zone-a", "zone-a", "zone-b")
+
+
+class FakeTransport:
+    """What the protocols call on a transport; keeps only the last write."""
+
+    def __init__(self, peer: tuple[str, int] = ("127.0.0.1", 40000)) -> None:
+        self.peer = peer
+        self.last: bytes = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.last = data
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.last = b"".join(chunks)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peer if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+def build(hop: str, policy: str, endpoints: int) -> tuple[Any, Any]:
+    """A ProxyServer for `hop` with warm pools; returns (server, downstream connection)."""
+    from proxy.balance import Endpoint, LoadBalancerPolicy, build_balancer
+    from proxy.cluster import Cluster, StaticDirectory
+    from proxy.dispatch import InboundRouter, OutboundRouter
+    from proxy.downstream import ProxyServer, TimeoutPolicy
+    from proxy.pool import Pool, PoolPolicy
+    from proxy.stats import ProxyStats
+    from proxy.upstream import UpstreamConnection
+
+    stats = ProxyStats()
+    pool_policy = PoolPolicy()
+    router: Any
+    if hop == "outbound":
+        name = policy.removesuffix("+locality")
+        zone = ZONES[0] if policy.endswith("+locality") else ""
+        cluster = Cluster("svc", "default", build_balancer(LoadBalancerPolicy(policy=name), zone))
+        cluster.set_endpoints(
+            [
+                Endpoint(f"svc-{i}", "127.0.0.1", 20000 + i, zone=ZONES[i % len(ZONES)])
+                for i in range(endpoints)
+            ]
+        )
+        router = OutboundRouter(StaticDirectory([cluster]), stats, pool_policy=pool_policy)
+        pools = [
+            router._pools.setdefault(
+                (ep.host, ep.port), Pool(ep.host, ep.port, pool_policy, name=ep.id)
+            )
+            for ep in cluster.endpoints
+        ]
+    else:
+        router = InboundRouter(20000, stats, pool_policy=pool_policy)
+        pools = router.pools()
+    server = ProxyServer(router, TimeoutPolicy(), stats, scheme=b"http")
+    for pool in pools:  # a few idle keep-alive connections each, as under load
+        for _ in range(4):
+            up = UpstreamConnection(pool)
+            up.connection_made(FakeTransport())
+            pool.size += 1
+            pool.idle.append(up)
+    conn = server()
+    conn.connection_made(FakeTransport())
+    return server, conn
+
+
+def one(conn: Any) -> None:
+    conn.data_received(REQUEST)
+    up = conn.upstream
+    up.data_received(RESPONSE)
+
+
+def run(hop: str, policy: str, endpoints: int, count: int, rounds: int) -> float:
+    """Best µs per request over `rounds` rounds of `count` requests (round 0 warms up)."""
+    _, conn = build(hop, policy, endpoints)
+    one(conn)
+    up_t = conn.transport
+    assert up_t.last.startswith(b"HTTP/1.1 200 OK\r\n"), up_t.last[:80]
+    best = float("inf")
+    for r in range(rounds + 1):
+        start = time.perf_counter()
+        for _ in range(count):
+            one(conn)
+        if r:
+            best = min(best, (time.perf_counter() - start) / count * 1e6)
+    assert conn.transport.last.endswith(b"x" * 100)
+    return best
+
+
+async def _main(args: argparse.Namespace) -> None:
+    if args.profile:
+        import cProfile
+        import pstats
+
+        _, conn = build(args.hop, args.policy, args.endpoints)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.count):
+            one(conn)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+        return
+    us = run(args.hop, args.policy, args.endpoints, args.count, args.rounds)
+    print(f"{args.hop} {args.policy} x{args.endpoints}: {us:.2f} µs/request (best of {args.rounds})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="bench.hop_bench")
+    ap.add_argument("--hop", choices=["outbound", "inbound"], default="outbound")
+    ap.add_argument("--policy", default="peak_ewma+locality")
+    ap.add_argument("--endpoints", type=int, default=3)
+    ap.add_argument("--count", type=int, default=50_000)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--profile", action="store_true")
+    import uvloop
+
+    uvloop.run(_main(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
