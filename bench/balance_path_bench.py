@@ -292,8 +292,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--no-docs", action="store_true")
-    ap.add_argument("--policy-only", dest="policies", action="append", default=[],
-                    help="bench: only this policy (repeatable; round_robin and the default always run)")  # fmt: skip
+    ap.add_argument(
+        "--policy-only",
+        dest="policies",
+        action="append",
+        default=[],
+        help="bench: only this policy (repeatable; the baseline and default run too)",
+    )
     ap.add_argument("--port", type=int, default=0, help="serve-outbound: listen port")
     ap.add_argument("--policy", default="round_robin", help="serve-outbound: the balancer")
     ap.add_argument("--zone", default="", help="serve-outbound: the caller's zone")
