@@ -152,7 +152,7 @@ class OutboundRouter:
             )
             return None
         conn.endpoint = ep
-        conn.balancer = balancer
+        conn.balancer = balancer.tracker  # who hears on_start / on_end (a layer may delegate)
         key = (ep.host, ep.port)
         pool = self._pools.get(key)
         if pool is None:

@@ -103,8 +103,8 @@ def drive(
             picks["<none>"] += 1
             continue
         picks[ep.id] += 1
-        b.on_start(ep, now)
-        b.on_end(ep, now + step / 2, step / 2, True)
+        b.tracker.on_start(ep, now)  # as the proxy reports outcomes
+        b.tracker.on_end(ep, now + step / 2, step / 2, True)
     return picks
 
 
@@ -277,7 +277,7 @@ class Simulation:
     def _send(self, now: float) -> Endpoint:
         ep = self.b.pick(PickContext(), now, self.rng)
         assert ep is not None
-        self.b.on_start(ep, now)
+        self.b.tracker.on_start(ep, now)  # as the proxy reports outcomes
         done = now + self.latency(ep) * self.rng.uniform(0.9, 1.1)
         self.seq += 1
         heapq.heappush(self.queue, (done, self.seq, ep, now))
@@ -287,7 +287,7 @@ class Simulation:
         picks: Counter[str] = Counter()
         while self.queue[0][0] < t:
             done, _, ep, started = heapq.heappop(self.queue)
-            self.b.on_end(ep, done, done - started, True)
+            self.b.tracker.on_end(ep, done, done - started, True)
             picks[self._send(done).id] += 1
         return picks
 

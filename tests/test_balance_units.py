@@ -260,19 +260,36 @@ def test_reprs_say_what_matters() -> None:
     assert repr(r) == "<RingHash endpoints=2 points=48>"
 
 
-def test_locality_layer_feeds_outcomes_to_the_side_that_picked() -> None:
+def test_locality_layer_outcomes_reach_the_endpoint_estimate() -> None:
     b = build_balancer(LoadBalancerPolicy(), local_zone="z1")
     assert isinstance(b, LocalityBalancer)
+    assert isinstance(b.local, PeakEwma) and isinstance(b.remote, PeakEwma)
     local, remote = ep("l", zone="z1"), ep("r", zone="z2")
     b.update([local, remote])
     assert b.pick(PickContext(), 1.0, random.Random(1)) is local
+    # Through the layer itself...
     b.on_start(local, 1.0)
     assert local.active == 1
     b.on_end(local, 1.05, 0.05, True)
     assert local.active == 0
-    assert isinstance(b.local, PeakEwma) and isinstance(b.remote, PeakEwma)
     assert b.local.estimate(local, 1.05) == pytest.approx(0.05)
-    assert b.remote.estimate(local, 1.05) == b.remote.default_rtt  # never told about it
+    # ...or, as the proxy does, through its tracker: one inner balancer, which records
+    # a remote endpoint's outcome on that endpoint as the remote side would.
+    assert b.tracker is b.local
+    b.tracker.on_start(remote, 2.0)
+    assert remote.active == 1
+    b.tracker.on_end(remote, 2.02, 0.02, True)
+    assert remote.active == 0
+    assert b.remote.estimate(remote, 2.02) == pytest.approx(0.02)
+    assert b.remote.estimate(local, 1.05) == pytest.approx(0.05)  # the endpoint's own
+    # A layer over a balancer that keeps per-instance state hears the outcomes itself.
+
+    class PerInstance(WeightedRoundRobin):
+        endpoint_tracking = False
+
+    layered = LocalityBalancer(PerInstance, "z1")
+    assert layered.tracker is layered
+    assert isinstance(LocalityBalancer(WeightedRoundRobin, "z1").tracker, WeightedRoundRobin)
 
 
 # --- ring hash: incremental rebuilds ----------------------------------------------------

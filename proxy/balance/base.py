@@ -3,7 +3,8 @@
 Decisions are pure: the clock (`now`, seconds, monotonic) and the random source are
 arguments, so tests replay them exactly. The proxy calls `update` when membership or
 weights change, `pick` per request, and `on_start` / `on_end` around each request so
-load-aware balancers (least-request, peak-EWMA) see latency and in-flight counts.
+load-aware balancers (least-request, peak-EWMA) see latency and in-flight counts; the
+proxy calls those two on the picking balancer's `tracker` (itself unless it delegates).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(eq=False)
@@ -32,6 +34,10 @@ class Endpoint:
     added_at: float = 0.0
     # Requests in flight to it, maintained by the proxy through on_start/on_end.
     active: int = 0
+    # What a load-aware balancer learned of it (peak-EWMA's RTT estimate). Kept on the
+    # endpoint, like `active`, so it survives membership updates, costs no lookup per
+    # request, and every balancer instance over the endpoint reads the same.
+    lb_state: Any = field(default=None, repr=False)
 
     def available(self, now: float) -> bool:
         return self.healthy and not self.draining and now >= self.ejected_until
@@ -67,8 +73,17 @@ class Balancer(ABC):
     # can pass one shared empty context instead of building one per request.
     uses_context = False
 
+    # Whether on_start / on_end read and write only the endpoint (and this instance's
+    # configuration), so that any instance of the class built alike may record any
+    # endpoint's outcome. True of every balancer here: load state lives on Endpoint.
+    endpoint_tracking = True
+
     def __init__(self) -> None:
         self.endpoints: Sequence[Endpoint] = ()
+        # The balancer whose on_start / on_end the proxy calls around a request this one
+        # picked: itself, unless it is a layer that can hand them straight to an inner
+        # balancer (the locality layer does: one call per request instead of two).
+        self.tracker: Balancer = self
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
         """Replace the membership (the same Endpoint objects keep their state)."""

@@ -52,6 +52,10 @@ class LocalityBalancer(Balancer):
         # Whether the inner balancers keep the base on_start (the count of requests in
         # flight, kept on the Endpoint): then on_start need not find the side at all.
         self._plain_start = type(self.local).on_start is Balancer.on_start
+        # Both sides are made alike and keep their load state on the endpoints, so the
+        # proxy may report every outcome straight to one of them.
+        if self.local.endpoint_tracking:
+            self.tracker = self.local.tracker
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
         super().update(endpoints)

@@ -43,6 +43,7 @@ class P2cBalancer(Balancer):
         self._pool: tuple[Endpoint, ...] = ()
         self._weighted = False
         self._ramp_ends = float("-inf")
+        self._draw_from = float("inf")
         self._edf = EdfScheduler()
         self._edf_now = 0.0
         self._edf_stale = True
@@ -56,6 +57,10 @@ class P2cBalancer(Balancer):
         self._weighted = len({ep.weight for ep in self._pool}) > 1
         if self.slow_start is not None:
             self._ramp_ends = self.slow_start.ramp_ends(self._pool)
+        # From when a pick may take the plain two-choice draw (a subclass's fast path
+        # tests this one number): never while weights differ or with fewer than two.
+        plain = not self._weighted and len(self._pool) >= 2 and self.choice_count == 2
+        self._draw_from = self._ramp_ends if plain else float("inf")
         # Rebuilt at the next weighted pick, which knows the time the costs need.
         self._edf_stale = True
 

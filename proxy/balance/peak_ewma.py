@@ -16,8 +16,9 @@ is slow, but once it has recovered, 10 s gives it 10% of the picks (a fair share
 cost = estimate × (requests in flight + 1); picks are power-of-two-choices over that cost
 (see p2c.py, also for weights). An endpoint not heard from yet costs nothing while
 idle, so it gets one probe at once (Finagle does the same), and while that probe is out
-it is assumed typical: the cluster's average of all observations (the same time-weighted
-EWMA, no peaks), or `default_rtt` (30 ms, Linkerd's default) before any. Its first
+it is assumed typical: the mean of the current estimates of the endpoints heard from
+(worked out only while such a probe is out, so requests to known endpoints pay nothing
+for it), or `default_rtt` (30 ms, Linkerd's default) before any. Its first
 response's latency then becomes its estimate. (Linkerd's fixed 30 ms prior starves a new
 endpoint for seconds in a cluster answering in 1 ms, and makes it a magnet in one
 answering in 200 ms.)
@@ -68,40 +69,49 @@ class PeakEwma(P2cBalancer):
         super().__init__(slow_start)
         self.decay = decay
         self.default_rtt = default_rtt
-        # Keyed by the Endpoint itself (identity hash: Endpoint has eq=False).
-        self._rtt: dict[Endpoint, _Rtt] = {}
-        # The states of `_pool`, index for index, so a pick reads them without hashing.
-        self._pool_rtt: tuple[_Rtt, ...] = ()
-        # What an endpoint not heard from yet is assumed to cost (see the module doc).
-        self._typical = _Rtt(default_rtt, 0.0)
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
         super().update(endpoints)
-        old = self._rtt
-        # A state made before the first observation is indistinguishable from none:
-        # `observed` is False, and the first observation overwrites estimate and stamp.
-        self._rtt = {ep: old.get(ep) or _Rtt(self.default_rtt, 0.0) for ep in self.endpoints}
-        self._pool_rtt = tuple(self._state(ep, 0.0) for ep in self._pool)
+        # Each endpoint's estimate lives on it (`Endpoint.lb_state`): an endpoint that
+        # stays keeps what was learned of it. A state made before the first observation
+        # is indistinguishable from none: `observed` is False, and the first observation
+        # overwrites estimate and stamp.
+        for ep in self.endpoints:
+            if not isinstance(ep.lb_state, _Rtt):
+                ep.lb_state = _Rtt(self.default_rtt, 0.0)
 
     def _state(self, ep: Endpoint, now: float) -> _Rtt:
-        st = self._rtt.get(ep)
-        if st is None:
-            st = self._rtt[ep] = _Rtt(self.default_rtt, now)
+        st = ep.lb_state
+        if not isinstance(st, _Rtt):  # never updated into a peak-EWMA balancer
+            st = ep.lb_state = _Rtt(self.default_rtt, now)
         return st
+
+    def typical(self, now: float) -> float:
+        """What an endpoint not heard from yet is assumed to take (see the module doc):
+        the mean of the current estimates of the endpoints heard from, else the default.
+
+        Computed when asked (only while a new endpoint's first probe is out), so that
+        requests to known endpoints pay nothing for it."""
+        seen = [
+            ep.lb_state.current(now, self.decay)
+            for ep in self._pool
+            if isinstance(ep.lb_state, _Rtt) and ep.lb_state.observed
+        ]
+        return sum(seen) / len(seen) if seen else self.default_rtt
 
     def estimate(self, ep: Endpoint, now: float) -> float:
         """The RTT estimate (seconds) as a decision at `now` would read it."""
-        st = self._rtt.get(ep)
-        if st is None or not st.observed:
-            return self._typical.estimate
+        st = ep.lb_state
+        if not isinstance(st, _Rtt) or not st.observed:
+            return self.typical(now)
         return st.current(now, self.decay)
 
     def cost(self, ep: Endpoint, now: float) -> float:
-        st = self._rtt.get(ep)
-        if st is None or not st.observed:
+        st = ep.lb_state
+        if not isinstance(st, _Rtt) or not st.observed:
             if ep.active == 0:
                 return 0.0
-            est = self._typical.estimate
+            est = self.typical(now)
         else:
             elapsed = now - st.stamp
             est = st.estimate * _exp(-elapsed / self.decay) if elapsed > 0 else st.estimate
@@ -113,12 +123,12 @@ class PeakEwma(P2cBalancer):
         # P2cBalancer.pick with its first draw, availability and `cost` inlined (same
         # draws, same arithmetic, same result): it is the default balancer's per-request
         # path, and the calls and hashing were two thirds of its cost.
-        if self._weighted or now < self._ramp_ends:
-            return self._pick_weighted(now)
+        if now < self._draw_from:
+            if self._weighted or now < self._ramp_ends:
+                return self._pick_weighted(now)
+            return self._pick_scan(now, rng)
         pool = self._pool
         n = len(pool)
-        if n < 2 or self.choice_count != 2:
-            return self._pick_scan(now, rng)
         # The first of P2cBalancer's draws, unrolled: the others only run when a drawn
         # endpoint is unavailable.
         rand = rng.random
@@ -135,24 +145,23 @@ class PeakEwma(P2cBalancer):
             return b
         else:
             return self._pick_drawn(now, rng, _DRAWS - 1)
-        rtts = self._pool_rtt
-        st = rtts[j]
+        st = b.lb_state
         if st.observed:
             elapsed = now - st.stamp
             est = st.estimate * _exp(-elapsed / self.decay) if elapsed > 0 else st.estimate
             cost_b = (est if est > _FLOOR else _FLOOR) * (b.active + 1)
         elif b.active != 0:
-            est = self._typical.estimate
+            est = self.typical(now)
             cost_b = (est if est > _FLOOR else _FLOOR) * (b.active + 1)
         else:
             cost_b = 0.0
-        st = rtts[i]
+        st = a.lb_state
         if st.observed:
             elapsed = now - st.stamp
             est = st.estimate * _exp(-elapsed / self.decay) if elapsed > 0 else st.estimate
             cost_a = (est if est > _FLOOR else _FLOOR) * (a.active + 1)
         elif a.active != 0:
-            est = self._typical.estimate
+            est = self.typical(now)
             cost_a = (est if est > _FLOOR else _FLOOR) * (a.active + 1)
         else:
             cost_a = 0.0
@@ -161,22 +170,11 @@ class PeakEwma(P2cBalancer):
     def on_end(self, ep: Endpoint, now: float, latency: float, ok: bool) -> None:
         if ep.active > 0:
             ep.active -= 1
-        st = self._rtt.get(ep)
+        st = ep.lb_state
         if st is None:
-            st = self._rtt[ep] = _Rtt(self.default_rtt, now)
+            st = self._state(ep, now)
         if not ok:
             latency = max(latency, self.estimate(ep, now))
-        decay = self.decay
-        typical = self._typical
-        if not typical.observed:
-            typical.observed = True
-            typical.estimate = latency
-        else:
-            # exp(-max(elapsed, 0) / decay), without the max call: exp(-0.0) is 1.0.
-            elapsed = now - typical.stamp
-            w = _exp(-elapsed / decay) if elapsed > 0 else 1.0
-            typical.estimate = typical.estimate * w + latency * (1.0 - w)
-        typical.stamp = now
         if not st.observed:
             # The default is a prior for an endpoint never heard from, not a sample.
             st.observed = True
@@ -185,7 +183,8 @@ class PeakEwma(P2cBalancer):
             st.estimate = latency
         else:
             elapsed = now - st.stamp
-            w = _exp(-elapsed / decay) if elapsed > 0 else 1.0
+            # exp(-max(elapsed, 0) / decay), without the max call: exp(-0.0) is 1.0.
+            w = _exp(-elapsed / self.decay) if elapsed > 0 else 1.0
             st.estimate = st.estimate * w + latency * (1.0 - w)
         st.stamp = now
 
