@@ -148,6 +148,22 @@ def in_process_us(policy: str, count: int = 20_000, rounds: int = 5) -> float:
     return best
 
 
+def hop_instructions(policies: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """The outbound hop's instructions per request with each (policy, endpoints), counted
+    by callgrind through bench/hop_bench.py (two at a time: counts do not depend on load)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.hop_bench import instructions
+
+    def count(item: tuple[str, int]) -> int:
+        policy, endpoints = item
+        ns = argparse.Namespace(hop="outbound", policy=policy, endpoints=endpoints)
+        return instructions(ns)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(policies, pool.map(count, policies), strict=True))
+
+
 def outbound(fleet: Fleet, name: str, policy: str, zone: str, ports: list[int]) -> Proc:
     port = free_port()
     cmd = [sys.executable, "-m", "bench.balance_path_bench", "serve-outbound",
@@ -216,6 +232,11 @@ def run(fleet: Fleet, args: argparse.Namespace) -> str:
 
     one = paths[1]
     own = {p.name: in_process_us(p.name.removeprefix("tether x2 ")) for p in paths[2:]}
+    print("counting instructions per request (callgrind) ...", flush=True)
+    keys = [("round_robin", 1)] + [(p.name.removeprefix("tether x2 "), 3) for p in paths[2:]]
+    counts = hop_instructions(keys)
+    instr = {one.name: counts[keys[0]]}
+    instr.update({p.name: counts[k] for p, k in zip(paths[2:], keys[1:], strict=True)})
 
     def estimate(p: Path_) -> float:
         """The one-endpoint path's ratio with this policy's in-process cost added."""
@@ -242,12 +263,17 @@ def run(fleet: Fleet, args: argparse.Namespace) -> str:
         " measured in-process as the outbound router pays it (the pick context for the"
         " hashing policies, `pick`, `on_start`, `on_end`; best of 5 × 20,000), and the"
         " one-endpoint path's ratio with that cost added (slightly pessimistic: that path"
-        " already pays round robin over one endpoint, about 0.5 µs).",
+        " already pays round robin over one endpoint, about 0.5 µs). The instructions"
+        " column counts the outbound hop's Python work per request with that balancer"
+        " (bench/hop_bench.py under callgrind: the real protocol objects, no sockets), which"
+        " does not move with the machine's load at all; in brackets, the difference to"
+        " round robin over the same three endpoints.",
         "",
         "| path | requests/s | p99 ms | CPU µs/request | × nginx x2 | Δ µs"
-        " | balancer µs (in-process) | est. × nginx x2 |",
-        "|---|---|---|---|---|---|---|---|",
+        " | balancer µs (in-process) | outbound hop instructions | est. × nginx x2 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    base = instr[rr.name]
     for p in paths:
         rps = statistics.median(r.rps for r in p.runs)
         p99 = statistics.median(r.p99_ms for r in p.runs)
@@ -255,8 +281,11 @@ def run(fleet: Fleet, args: argparse.Namespace) -> str:
         extra = "–" if p in (ngx, one, rr) else f"{delta(p):+.1f}"
         mine = f"{own[p.name]:.2f}" if p.name in own else "–"
         est = f"{estimate(p):.2f}" if p.name in own else "–"
+        n = instr.get(p.name)
+        ins = "–" if n is None else f"{n:,}" if p in (one, rr) else f"{n:,} ({n - base:+,})"
         lines.append(
-            f"| {p.name} | {rps:.0f} | {p99:.2f} | {cpu(p):.1f} | {x} | {extra} | {mine} | {est} |"
+            f"| {p.name} | {rps:.0f} | {p99:.2f} | {cpu(p):.1f} | {x} | {extra} | {mine}"
+            f" | {ins} | {est} |"
         )
     default = by["tether x2 peak_ewma+locality"]
     worst = max(paths[2:], key=lambda p: own[p.name])
@@ -266,7 +295,9 @@ def run(fleet: Fleet, args: argparse.Namespace) -> str:
         f" sidecar's default balancer (peak_ewma+locality) costs {own[default.name]:.2f} µs"
         f" a request, {own[default.name] / cpu(one):.0%} of the path's CPU, which puts the"
         f" estimate at {estimate(default):.2f}× against the data plane's target of 1.6×"
-        f" ({'met' if estimate(default) <= 1.6 else 'NOT met'}); the most expensive,"
+        f" ({'met' if estimate(default) <= 1.6 else 'NOT met'}). On the outbound hop it"
+        f" adds {instr[default.name] - base:,} instructions per request to round robin's"
+        f" {base:,} ({(instr[default.name] - base) / base:+.0%}). The most expensive,"
         f" {worst.name.removeprefix('tether x2 ')}, costs {own[worst.name]:.2f} µs"
         f" ({estimate(worst):.2f}×).",
     ]

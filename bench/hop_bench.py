@@ -78,7 +78,7 @@ class FakeTransport:
 
 def build(hop: str, policy: str, endpoints: int) -> tuple[Any, Any]:
     """A ProxyServer for `hop` with warm pools; returns (server, downstream connection)."""
-    from proxy.balance import Endpoint, LoadBalancerPolicy, build_balancer
+    from proxy.balance import Endpoint, HashPolicy, LoadBalancerPolicy, build_balancer
     from proxy.cluster import Cluster, StaticDirectory
     from proxy.dispatch import InboundRouter, OutboundRouter
     from proxy.downstream import ProxyServer, TimeoutPolicy
@@ -92,7 +92,10 @@ def build(hop: str, policy: str, endpoints: int) -> tuple[Any, Any]:
     if hop == "outbound":
         name = policy.removesuffix("+locality")
         zone = ZONES[0] if policy.endswith("+locality") else ""
-        cluster = Cluster("svc", "default", build_balancer(LoadBalancerPolicy(policy=name), zone))
+        # The hashing policies hash the source address, as in bench/balance_path_bench.py.
+        hashing = (HashPolicy("source_ip"),) if name in ("ring_hash", "maglev") else ()
+        lbp = LoadBalancerPolicy(policy=name, hash_policies=hashing)
+        cluster = Cluster("svc", "default", build_balancer(lbp, zone))
         cluster.set_endpoints(
             [
                 Endpoint(f"svc-{i}", "127.0.0.1", 20000 + i, zone=ZONES[i % len(ZONES)])

@@ -59,12 +59,12 @@ SECTION_END = "<!-- data-plane-bench:end -->"
 
 
 def ensure_tools() -> None:
-    missing = [t for t in ("nginx", "haproxy", "wrk") if shutil.which(t) is None]
+    missing = [t for t in ("nginx", "haproxy", "wrk", "valgrind") if shutil.which(t) is None]
     if missing:
         print(f"installing {', '.join(missing)} ...", flush=True)
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        pkgs = {"nginx": "nginx-light", "haproxy": "haproxy", "wrk": "wrk"}
+        pkgs = {"nginx": "nginx-light", "haproxy": "haproxy", "wrk": "wrk", "valgrind": "valgrind"}
         names = [pkgs[t] for t in missing]
         r = subprocess.run(["apt-get", "install", "-y", "-qq", *names], env=env)
         if r.returncode != 0 and "nginx-light" in names:
