@@ -276,15 +276,31 @@ class DownstreamConnection(asyncio.Protocol):
         if self.early is not None:
             self.early += data
             return
+        codec = self.codec
         try:
-            rest = self.codec.feed(data)
+            rest = codec.feed(data)
         except BadMessageError as e:
             self._bad_request(e)
             return
         if rest is not None:
             self._switching(rest)
-        self.flush()
-        codec = self.codec
+        # self.flush(), inlined: this runs once per request
+        buf = self.ubuf
+        if buf:
+            conn = self.upstream
+            if conn is not None and not conn.closed:
+                if len(buf) == 1:
+                    conn.transport.write(buf[0])
+                else:
+                    conn.transport.writelines(buf)
+                buf.clear()
+        buf = self.wbuf
+        if buf and not self.closed:
+            if len(buf) == 1:
+                self.transport.write(buf[0])
+            else:
+                self.transport.writelines(buf)
+            buf.clear()
         if codec.head_bytes and not codec.in_body and self.phase == IDLE and not self.closed:
             self.phase = HEAD
             self.deadline = _monotonic() + self.server.timeouts.header_read
@@ -499,7 +515,9 @@ class DownstreamConnection(asyncio.Protocol):
             ff = head.forwarded_for
             rid = head.request_id
             if rid is None:
-                head.request_id = rid = server.new_request_id()
+                # server.new_request_id(), inlined: this runs once per request
+                server._id_seq = seq = server._id_seq + 1
+                head.request_id = rid = b"%s%012x" % (server._id_head, seq)
             self.request_bytes = data = b"".join(
                 (
                     head.method,
