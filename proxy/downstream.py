@@ -40,7 +40,7 @@ from proxy.errors import BadMessageError
 from proxy.pool import Pool, PoolOverflowError
 from proxy.stats import LATENCY_BOUNDS, DestinationStats, ProxyStats
 from proxy.upstream import PAUSE_UPSTREAM as _PAUSE_UPSTREAM
-from proxy.upstream import WRITE_HIGH, WRITE_LOW, UpstreamConnection
+from proxy.upstream import UNOWNED, WRITE_HIGH, WRITE_LOW, UpstreamConnection
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -194,6 +194,9 @@ class DownstreamConnection(asyncio.Protocol):
         "exchange",
         "head",
         "keep_alive",
+        "memo_end",
+        "memo_head",
+        "memo_rhead",
         "path",
         "pause_mask",
         "peer",
@@ -239,6 +242,10 @@ class DownstreamConnection(asyncio.Protocol):
         self.backlog: list[tuple[int, Any]] | None = None
         self.early: bytes | None = None
         self.exchange = 0  # bumped per request, so late async answers can be recognised
+        # The last cached response head forwarded, its ending, and the bytes they made.
+        self.memo_rhead: ResponseHead | None = None
+        self.memo_end = b""
+        self.memo_head = b""
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -718,16 +725,24 @@ class DownstreamConnection(asyncio.Protocol):
                 self.upstream.keep_alive = False
             if self.server.draining:
                 self.keep_alive = False
-            line = _STATUS_LINES.get(status)
-            if line is None:
-                line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, rhead.reason)
             if not self.keep_alive:
                 end = _RESP_END_CLOSE
             elif head.version == "1.0":
                 end = _RESP_END_KEEP10
             else:
                 end = _RESP_END
-            self.wbuf.append(line + raw + end)
+            if rhead is self.memo_rhead and end is self.memo_end:
+                # The same cached head with the same ending as this connection's previous
+                # response: the same bytes (a cached head never changes).
+                self.wbuf.append(self.memo_head)
+                return
+            line = _STATUS_LINES.get(status)
+            if line is None:
+                line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, rhead.reason)
+            self.memo_head = data = line + raw + end
+            self.memo_rhead = rhead
+            self.memo_end = end
+            self.wbuf.append(data)
             return
         headers = rhead.headers
         if self.response_edit is not None:
@@ -796,7 +811,22 @@ class DownstreamConnection(asyncio.Protocol):
         self.upstream = None
         if conn is not None:
             if self.req_done:
-                conn.pool.release(conn, now)
+                pool = conn.pool
+                codec = conn.codec
+                if (
+                    conn.keep_alive
+                    and not (conn.closed or conn.reading_paused or codec.in_body)
+                    and not (codec.upgraded or pool.closed or pool.waiters)
+                    and len(pool.idle) < pool.policy.max_idle
+                ):
+                    # pool.release(), inlined for its common case: the connection goes
+                    # back to the idle list (conn.unbind() with nothing paused).
+                    conn.sink = None
+                    codec.sink = UNOWNED
+                    conn.idle_since = now
+                    pool.idle.append(conn)
+                else:
+                    pool.release(conn, now)
             else:
                 # Answered before the request ended: that connection is mid-request.
                 conn.unbind()
