@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from proxy.balance.base import Balancer, Endpoint, PickContext
 from proxy.balance.errors import PolicyError
 
+_INF = float("inf")
+
 
 class LocalityBalancer(Balancer):
     def __init__(
@@ -48,7 +50,8 @@ class LocalityBalancer(Balancer):
         self._local_eps: tuple[Endpoint, ...] = ()
         self.recount = recount
         self._keep = 1.0  # the share of picks the local zone keeps, cached
-        self._keep_from = float("inf")  # when it was counted (inf: count again)
+        self._keep_from = _INF  # when it was counted (inf: count again)
+        self._all_local_until = -_INF  # until when the zone keeps every pick
         # Whether the inner balancers keep the base on_start (the count of requests in
         # flight, kept on the Endpoint): then on_start need not find the side at all.
         self._plain_start = type(self.local).on_start is Balancer.on_start
@@ -62,7 +65,8 @@ class LocalityBalancer(Balancer):
         zone = self.local_zone
         local = tuple(ep for ep in self.endpoints if zone and ep.zone == zone and ep.weight > 0)
         self._local_eps = local
-        self._keep_from = float("inf")
+        self._keep_from = _INF
+        self._all_local_until = -_INF
         self.local.update(local)
         self.remote.update([ep for ep in self.endpoints if not (zone and ep.zone == zone)])
 
@@ -74,12 +78,20 @@ class LocalityBalancer(Balancer):
         return sum(1 for ep in local if ep.available(now)) / len(local)
 
     def pick(self, ctx: PickContext, now: float, rng: random.Random) -> Endpoint | None:
+        if self._keep_from <= now < self._all_local_until:
+            # The common case, one comparison: the zone keeps every pick (its share was
+            # counted less than `recount` ago and was at or above the threshold).
+            ep = self.local.pick(ctx, now, rng)
+            if ep is not None:
+                return ep
+            return self.remote.pick(ctx, now, rng)
         if not self._local_eps:
             return self.remote.pick(ctx, now, rng)
         keep = self._keep
         if not 0 <= now - self._keep_from < self.recount:
             keep = self._keep = self.local_share(now) / self.threshold
             self._keep_from = now
+            self._all_local_until = now + self.recount if keep >= 1.0 else -_INF
         if keep >= 1.0 or (keep > 0.0 and rng.random() < keep):
             ep = self.local.pick(ctx, now, rng)
             if ep is not None:
