@@ -3,8 +3,9 @@
     python -m bench.tether_proxy outbound --port P --cluster svc=127.0.0.1:9000 [...]
     python -m bench.tether_proxy inbound --port P --app-port 9000
 
-It runs exactly the listener code the sidecar runs (proxy/listener.py on uvloop), minus
-discovery and registration, so the benchmark needs no registry. `--sched normal` leaves
+It runs exactly the listener code the sidecar runs (proxy/listener.py on uvloop), with
+the sidecar's default balancer, minus discovery and registration, so the benchmark needs
+no registry. `--sched normal` leaves
 the kernel's default scheduling policy (the sidecar asks for SCHED_BATCH). `--profile FILE` writes
 cProfile stats at SIGTERM. Prints `ready <port>` on stdout once listening.
 """
@@ -34,7 +35,7 @@ def _parse() -> argparse.Namespace:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    from proxy.balance import Endpoint
+    from proxy.balance import Endpoint, build_balancer
     from proxy.cluster import Cluster, StaticDirectory
     from proxy.listener import settle_process, start_inbound, start_outbound
 
@@ -43,7 +44,8 @@ async def _serve(args: argparse.Namespace) -> None:
         for spec in args.cluster:
             name, _, addr = spec.partition("=")
             host, _, port = addr.rpartition(":")
-            cluster = Cluster(name, "default")
+            # The sidecar's default balancer (peak-EWMA; no zone given, so no locality).
+            cluster = Cluster(name, "default", build_balancer())
             cluster.set_endpoints([Endpoint(f"{name}-0", host, int(port))])
             directory.add(cluster)
         listener = await start_outbound(directory, port=args.port)

@@ -126,6 +126,9 @@ class PeakEwma(P2cBalancer):
         if now < self._draw_from:
             if self._weighted or now < self._ramp_ends:
                 return self._pick_weighted(now)
+            if len(self._pool) == 1:  # a one-instance service: nothing to compare
+                a = self._pool[0]
+                return a if a.healthy and not a.draining and now >= a.ejected_until else None
             return self._pick_scan(now, rng)
         pool = self._pool
         n = len(pool)
