@@ -23,7 +23,11 @@ best of 5 rounds of 20,000), and added to the one-endpoint path's CPU: the estim
 two-hop ratio with that balancer. Results go to the "Balancers on the mesh path" section
 of docs/benchmarks.md.
 
-    .venv/bin/python -m bench.balance_path_bench [--rounds 5] [--seconds 3] [--no-docs]
+    .venv/bin/python -m bench.balance_path_bench [--rounds 11] [--seconds 2] [--no-docs]
+                                                 [--policy-only NAME ...]
+
+Rounds are many and short: CPU per request on this shared machine moves by ±30% from
+one second to the next, so the median of many per-round ratios is what is stable.
 
 The proxy processes themselves are this module too (`serve-outbound`, `serve-inbound`),
 so the balancer under test is the one `build_balancer` makes for the sidecar.
@@ -320,8 +324,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="bench.balance_path_bench")
     ap.add_argument("mode", nargs="?", default="bench",
                     choices=["bench", "serve-outbound", "serve-inbound"])  # fmt: skip
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument(
         "--policy-only",
