@@ -153,15 +153,17 @@ def in_process_us(policy: str, count: int = 20_000, rounds: int = 5) -> float:
 
 
 def hop_instructions(policies: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
-    """The outbound hop's instructions per request with each (policy, endpoints), counted
-    by callgrind through bench/hop_bench.py (two at a time: counts do not depend on load)."""
+    """The outbound hop's instructions per request with each (policy, endpoints), or the
+    inbound hop's for ("inbound", 0), counted by callgrind through bench/hop_bench.py
+    (two at a time: counts do not depend on load)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from bench.hop_bench import instructions
 
     def count(item: tuple[str, int]) -> int:
-        policy, endpoints = item
-        ns = argparse.Namespace(hop="outbound", policy=policy, endpoints=endpoints)
+        policy, endpoints = item  # ("inbound", 0): the inbound hop
+        hop = "inbound" if policy == "inbound" else "outbound"
+        ns = argparse.Namespace(hop=hop, policy=policy, endpoints=endpoints)
         return instructions(ns)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
