@@ -292,7 +292,7 @@ class InboundRouter:
 
     def route(self, conn: DownstreamConnection, head: RequestHead) -> Pool | None:
         conn.dstats = self.dstats
-        if head.target[:1] != b"/":
+        if head.target[0] != 47:  # not origin-form (b"/"); llhttp never gives an empty target
             try:
                 _absolute_to_origin(head, conn)
             except BadMessageError as e:
