@@ -843,6 +843,16 @@ class DownstreamConnection(asyncio.Protocol):
                 self.response_edit = None
                 self.phase = IDLE
                 self.deadline = now + self.server.timeouts.idle
+                # The response is complete and nothing follows it in this exchange: written
+                # here, which spares the upstream connection its flush() (inlined: this
+                # runs once per request).
+                buf = self.wbuf
+                if buf and not self.closed:
+                    if len(buf) == 1:
+                        self.transport.write(buf[0])
+                    else:
+                        self.transport.writelines(buf)
+                    buf.clear()
                 return
             self.finish(now)
         elif not self.keep_alive:

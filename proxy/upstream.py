@@ -29,6 +29,9 @@ class Exchange(Protocol):
     """What an upstream connection reports to the downstream that owns its request."""
 
     transport: Any
+    # Bytes waiting for flush(): to the client, and to this upstream connection.
+    wbuf: list[bytes]
+    ubuf: list[bytes]
 
     def on_response_head(self, head: ResponseHead) -> None: ...
 
@@ -159,7 +162,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if rest is not None:
             exchange.on_upstream_switched(self, rest)
-        else:
+        elif exchange.wbuf or exchange.ubuf:
+            # (Empty when the exchange wrote its completed response itself.)
             exchange.flush()
 
     def eof_received(self) -> bool:
