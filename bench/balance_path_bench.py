@@ -136,7 +136,7 @@ def in_process_us(policy: str, count: int = 20_000, rounds: int = 5) -> float:
     )
     b = build_balancer(lbp, zone)
     b.update([Endpoint(f"svc-{i}", "127.0.0.1", 20000 + i, zone=z) for i, z in enumerate(ZONES)])
-    conn = cast(Any, SimpleNamespace(head=None, peer=b"127.0.0.1", path=b"/"))
+    conn = cast(Any, SimpleNamespace(head=None, peer=b"127.0.0.1", path=b"/", pick_ctx=None))
     rng = random.Random(1)
     now, best = 1000.0, float("inf")
     for r in range(rounds + 1):  # round 0 warms up and is dropped

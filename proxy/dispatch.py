@@ -37,22 +37,30 @@ _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 def _pick_context(conn: DownstreamConnection) -> PickContext:
     """What a hashing balancer may read of the request: its fields (by case-insensitive
-    name; repeated fields joined, cookies with "; "), the client's address, the path."""
-    head = conn.head
+    name; repeated fields joined, cookies with "; "), the client's address, the path.
 
-    def header(name: str) -> str | None:
-        # Read lazily: a source-address hash must not make a cached head parse its fields.
-        if head is None:
-            return None
-        key = name.lower().encode("latin-1")
-        values = [v for n, v in head.headers if n.lower() == key]
-        if not values:
-            return None
-        return (b"; " if key == b"cookie" else b", ").join(values).decode("latin-1")
+    One context per connection, made at its first hashed request: the source address is
+    the connection's, `header` reads the request being routed when it is called, and only
+    `path` is set per request. (The connection drops it when it closes: the context's
+    `header` refers back to the connection.)"""
+    ctx = conn.pick_ctx
+    if ctx is None:
 
-    return PickContext(
-        source_ip=conn.peer.decode("latin-1"), header=header, path=conn.path.decode("latin-1")
-    )
+        def header(name: str) -> str | None:
+            # Read lazily: a source-address hash must not make a cached head parse its
+            # fields.
+            head = conn.head
+            if head is None:
+                return None
+            key = name.lower().encode("latin-1")
+            values = [v for n, v in head.headers if n.lower() == key]
+            if not values:
+                return None
+            return (b"; " if key == b"cookie" else b", ").join(values).decode("latin-1")
+
+        ctx = conn.pick_ctx = PickContext(source_ip=conn.peer.decode("latin-1"), header=header)
+    ctx.path = conn.path.decode("latin-1")
+    return ctx
 
 
 def _absolute_to_origin(head: RequestHead, conn: DownstreamConnection) -> bytes | None:

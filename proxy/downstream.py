@@ -45,7 +45,7 @@ from proxy.upstream import UNOWNED, WRITE_HIGH, WRITE_LOW, UpstreamConnection
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from proxy.balance import Balancer, Endpoint
+    from proxy.balance import Balancer, Endpoint, PickContext
 
 _monotonic = time.monotonic
 # CONNECT dials in flight (held so they are not garbage-collected mid-way).
@@ -201,6 +201,7 @@ class DownstreamConnection(asyncio.Protocol):
         "pause_mask",
         "peer",
         "phase",
+        "pick_ctx",
         "pool",
         "progress",
         "req_chunked",
@@ -229,6 +230,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.transport: Any = None
         self.codec = RequestCodec(self)
         self.peer = b""
+        # The hashing balancers' view of this connection's requests (proxy/dispatch.py).
+        self.pick_ctx: PickContext | None = None
         self.xff = (b"X-Forwarded-For", b"")
         self.xff_line = b""
         self.wbuf: list[bytes] = []  # to the client
@@ -406,6 +409,7 @@ class DownstreamConnection(asyncio.Protocol):
     def _gone(self) -> None:
         if not self.closed:
             self.closed = True
+            self.pick_ctx = None  # its `header` refers back to this connection
             server = self.server
             server.connections.discard(self)
             server.stats.downstream_active[server.name] -= 1

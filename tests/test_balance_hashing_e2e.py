@@ -106,3 +106,45 @@ async def test_balancers_without_context_still_spread(
     directory.add(c)
     got = await who(listener.port, "rr", {"X-User": "alice"}, 30)
     assert got == Counter({name: 10 for name in APPS}), got
+
+
+@pytest.mark.parametrize("kind", ["ring_hash", "maglev"])
+async def test_one_keep_alive_connection_many_keys(
+    outbound: tuple[StaticDirectory, Listener, list[Endpoint]], kind: str
+) -> None:
+    """The router keeps one pick context per client connection: each request on it must
+    still be hashed on its own header and its own query string."""
+    directory, listener, endpoints = outbound
+    by_header = LoadBalancerPolicy(policy=kind, hash_policies=(HashPolicy("header", "x-user"),))
+    by_query = LoadBalancerPolicy(
+        policy=kind, hash_policies=(HashPolicy("query_parameter", "tenant"),)
+    )
+    directory.add(cluster("byheader", endpoints, by_header, ""))
+    directory.add(cluster("byquery", endpoints, by_query, ""))
+    users = [f"user-{i}" for i in range(12)]
+    # Where each key goes, each asked on a connection of its own.
+    expected: dict[str, str] = {}
+    for user in users:
+        (expected[user],) = await who(listener.port, "byheader", {"X-User": user}, 1)
+    assert len(set(expected.values())) > 1, expected  # the keys do spread
+    tenants: dict[str, str] = {}
+    async with aiohttp.ClientSession() as http:
+        for user in users:
+            url = f"http://127.0.0.1:{listener.port}/t?tenant={user}"
+            async with http.get(url, headers={"Host": "byquery"}) as resp:
+                tenants[user] = await resp.text()
+    assert len(set(tenants.values())) > 1, tenants
+    # The same keys, interleaved, over one keep-alive connection.
+    proxy = listener.proxy
+    accepted = proxy.stats.downstream_total[proxy.name]
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for user in users + users[::-1]:
+            async with http.get(
+                f"http://127.0.0.1:{listener.port}/x", headers={"Host": "byheader", "X-User": user}
+            ) as resp:
+                assert await resp.text() == expected[user], user
+            url = f"http://127.0.0.1:{listener.port}/t?tenant={user}"
+            async with http.get(url, headers={"Host": "byquery"}) as resp:
+                assert await resp.text() == tenants[user], user
+    assert proxy.stats.downstream_total[proxy.name] == accepted + 1  # one connection

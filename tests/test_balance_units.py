@@ -25,9 +25,10 @@ from proxy.balance import (
     WeightedRandom,
     WeightedRoundRobin,
     build_balancer,
+    hashing,
 )
 from proxy.balance.edf import EdfScheduler
-from proxy.balance.hashing import cookie_value, hash64, request_hash
+from proxy.balance.hashing import cookie_value, hash64, request_hash, value_hash
 
 
 def ep(name: str, weight: int = 1, zone: str = "") -> Endpoint:
@@ -101,6 +102,17 @@ def test_cookie_parsing() -> None:
     assert cookie_value("sessionx=1; xsession=2", "session") is None
     assert cookie_value(None, "session") is None
     assert cookie_value("garbage;;=;", "session") is None
+
+
+def test_value_hashes_are_remembered_within_bounds() -> None:
+    hashing._RECENT.clear()
+    long_value = "x" * (hashing._RECENT_LONGEST + 1)
+    for value in ("u1", "ü-2", long_value):
+        assert value_hash(value) == hash64(value.encode()) == value_hash(value)
+    assert "u1" in hashing._RECENT and long_value not in hashing._RECENT
+    for i in range(hashing._RECENT_MAX + 10):
+        assert value_hash(f"k{i}") == hash64(b"k%d" % i)
+    assert len(hashing._RECENT) <= hashing._RECENT_MAX
 
 
 def test_request_hash_sources_and_combination() -> None:

@@ -74,6 +74,26 @@ def hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
+# Hashes of recent short values: a source address, a session cookie or a user header
+# repeats from request to request, and BLAKE2b plus its conversions were most of a hashed
+# pick's cost. Bounded by count and by value length, and cleared whole when full.
+_RECENT: dict[str, int] = {}
+_RECENT_MAX = 4096
+_RECENT_LONGEST = 256
+
+
+def value_hash(value: str) -> int:
+    """hash64 of a hash policy's value (UTF-8), remembered for recent short values."""
+    h = _RECENT.get(value)
+    if h is None:
+        h = hash64(value.encode("utf-8", "surrogateescape"))
+        if len(value) <= _RECENT_LONGEST:
+            if len(_RECENT) >= _RECENT_MAX:
+                _RECENT.clear()
+            _RECENT[value] = h
+    return h
+
+
 def request_hash(ctx: PickContext, policies: Sequence[HashPolicy]) -> int | None:
     """The request's 64-bit hash, or None when nothing to hash on is present."""
     if ctx.hash_key is not None:
@@ -83,7 +103,7 @@ def request_hash(ctx: PickContext, policies: Sequence[HashPolicy]) -> int | None
         value = policy.value(ctx)
         if value is None:
             continue
-        h = hash64(value.encode("utf-8", "surrogateescape"))
+        h = value_hash(value)
         # Envoy combines several policies' hashes by rotate-left-1 then xor.
         result = h if result is None else (((result << 1) | (result >> 63)) & _MASK) ^ h
         if policy.terminal:
