@@ -293,6 +293,9 @@ class Policy:
         # listener's own).
         self.request_timeouts: dict[tuple[str, str], float] = {}
         self.default_request_timeout = 0.0
+        # Connect timeouts, the same way (0: the sidecar's own, TimeoutPolicy.connect, 2 s).
+        self.connect_timeouts: dict[tuple[str, str], float] = {}
+        self.default_connect_timeout = 0.0
         # ServiceDefaults' balancers in force, and what each cluster had before them.
         self.balancers: dict[tuple[str, str], balance.LoadBalancerPolicy] = {}
         self._replaced: dict[tuple[str, str], tuple[Cluster, Balancer]] = {}
@@ -379,6 +382,13 @@ class Policy:
                 and pol.defaults.request_timeout
             }
             self.default_request_timeout = mesh.request_timeout if mesh is not None else 0.0
+            self.connect_timeouts = {
+                key: pol.defaults.connect_timeout
+                for key, pol in table.services.items()
+                if isinstance(pol.defaults, schema.ServiceDefaultsSpec)
+                and pol.defaults.connect_timeout
+            }
+            self.default_connect_timeout = mesh.connect_timeout if mesh is not None else 0.0
             self._routes = {key: _routing(table.policy(*key)) for key in self._routes}
             for key, pol in table.services.items():
                 self._routes[key] = _routing(pol)

@@ -12,11 +12,14 @@ handed to the connection (`response_edit`), which makes them on the response hea
 Calls outside the mesh follow MeshConfig's egress policy once there is one (the
 `--egress` flag until then). A request to a service with a request timeout
 (ServiceDefaults, else MeshConfig) carries it on the connection (`request_timeout`),
-enforced by the listener's sweep, so at its tick's granularity (1 s by default).
+enforced by the listener's sweep, so at its tick's granularity (1 s by default). The
+connect timeout (ServiceDefaults, else MeshConfig, else the sidecar's own) is the
+endpoint pool's: checked when the policy's version changes, not per request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import ssl as ssl_module
@@ -62,7 +65,7 @@ class PolicyRouter(OutboundRouter):
         head = conn.head
         if sp is None or head is None:
             self._timeout(conn, cluster)
-            return super()._to_cluster(conn, cluster)
+            return self._concrete(conn, cluster)
         decision = policy.table.decide(
             sp,
             head.method.decode("latin-1"),
@@ -93,7 +96,23 @@ class PolicyRouter(OutboundRouter):
             )
             return None
         self._timeout(conn, target)
-        return super()._to_cluster(conn, target)
+        return self._concrete(conn, target)
+
+    def _concrete(self, conn: DownstreamConnection, cluster: Cluster) -> Pool | None:
+        """The endpoint's pool, its connect timeout brought up to the policy's version."""
+        pool = super()._to_cluster(conn, cluster)
+        if pool is not None and pool.policy_version != self.policy.version:
+            policy = self.policy
+            timeout = (
+                policy.connect_timeouts.get(
+                    (cluster.namespace, cluster.service), policy.default_connect_timeout
+                )
+                or self.pool_policy.connect_timeout
+            )
+            if pool.policy.connect_timeout != timeout:
+                pool.policy = dataclasses.replace(pool.policy, connect_timeout=timeout)
+            pool.policy_version = policy.version
+        return pool
 
     def _timeout(self, conn: DownstreamConnection, cluster: Cluster) -> None:
         """The destination service's request timeout (ServiceDefaults, else MeshConfig)."""

@@ -756,3 +756,73 @@ async def test_request_timeouts_of_service_defaults_and_mesh_config() -> None:
     finally:
         await listener.aclose()
         await backend.runner.cleanup()
+
+
+async def test_connect_timeouts_of_service_defaults_and_mesh_config() -> None:
+    """A connect that never completes (a listener whose accept queue is full drops the
+    SYN) fails with 502 after the destination's connect timeout: ServiceDefaults', else
+    MeshConfig's, else the sidecar's own; a changed policy reaches pools made before it."""
+    import socket
+
+    from proxy.policy_router import start_policy_outbound
+
+    holes: list[socket.socket] = []
+    fillers: list[socket.socket] = []
+
+    def black_hole() -> int:
+        hole = socket.socket()
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(0)
+        holes.append(hole)
+        port: int = hole.getsockname()[1]
+        for _ in range(4):  # fill the accept queue: further SYNs are dropped
+            c = socket.socket()
+            c.setblocking(False)
+            try:
+                c.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(c)
+        return port
+
+    orders = Cluster("orders", "default")
+    orders.set_endpoints([Endpoint("o1", "127.0.0.1", black_hole())])
+    inventory = Cluster("inventory", "default")
+    inventory.set_endpoints([Endpoint("i1", "127.0.0.1", black_hole())])
+    await asyncio.sleep(0.1)
+    directory = StaticDirectory([orders, inventory])
+    policy = Policy(directory)
+    listener = await start_policy_outbound(directory, policy, port=0)
+    proxy_url = f"http://127.0.0.1:{listener.port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def timed(service: str) -> tuple[int, str, float, str]:
+                start = time.monotonic()
+                async with http.get(f"http://{service}/x", proxy=proxy_url) as resp:
+                    body = await resp.text()
+                    error = resp.headers.get("x-tether-error", "")
+                    return resp.status, error, time.monotonic() - start, body
+
+            status, error, took, body = await timed("orders")  # no policy: the sidecar's 2 s
+            assert (status, error) == (502, "upstream_connect_error"), body
+            assert 2.0 <= took < 3.5 and "timed out after 2.0s" in body, (took, body)
+            await policy.apply(
+                snapshot(
+                    1,
+                    [
+                        doc("ServiceDefaults", "orders", {"connectTimeout": "300ms"}),
+                        doc("MeshConfig", "mesh", {"connectTimeout": "800ms"}),
+                    ],
+                )
+            )
+            status, error, took, body = await timed("orders")  # the same pool, now 300 ms
+            assert (status, error) == (502, "upstream_connect_error"), body
+            assert 0.3 <= took < 0.8 and "timed out after 0.3s" in body, (took, body)
+            status, error, took, body = await timed("inventory")  # MeshConfig's 800 ms
+            assert (status, error) == (502, "upstream_connect_error"), body
+            assert 0.8 <= took < 1.6 and "timed out after 0.8s" in body, (took, body)
+    finally:
+        await listener.aclose()
+        for c in fillers + holes:
+            c.close()
