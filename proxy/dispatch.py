@@ -159,8 +159,11 @@ class OutboundRouter:
                 local_reply.NO_HEALTHY_UPSTREAM, f"service {name} has no healthy endpoint"
             )
             return None
+        # The balancer hears of the request now, not once a connection is attached: a
+        # burst of requests to an endpoint still connecting must see it busy.
         conn.endpoint = ep
-        conn.balancer = balancer.tracker  # who hears on_start / on_end (a layer may delegate)
+        conn.balancer = tracker = balancer.tracker  # a layer may delegate on_start/on_end
+        tracker.on_start(ep, conn.start)
         key = (ep.host, ep.port)
         pool = self._pools.get(key)
         if pool is None:

@@ -345,6 +345,7 @@ class DownstreamConnection(asyncio.Protocol):
         if self.waiting is not None:
             self.waiting.cancel(self)
             self.waiting = None
+            self._end_endpoint(_monotonic(), False)
         conn = self.upstream
         if conn is not None:
             self.upstream = None
@@ -573,11 +574,6 @@ class DownstreamConnection(asyncio.Protocol):
                     codec.sink = self
                     codec.head_request = head.method == b"HEAD"
                     conn.requests += 1
-                    ep = self.endpoint
-                    if ep is not None:
-                        balancer = self.balancer
-                        if balancer is not None:
-                            balancer.on_start(ep, self.start)
                     return
             self._acquire(pool)
             return
@@ -631,9 +627,6 @@ class DownstreamConnection(asyncio.Protocol):
         codec.sink = self
         codec.head_request = head.method == b"HEAD"
         conn.requests += 1
-        ep = self.endpoint
-        if ep is not None and self.balancer is not None:
-            self.balancer.on_start(ep, self.start)
 
     def on_upstream_ready(self, conn: UpstreamConnection) -> None:
         pool = self.waiting
@@ -672,8 +665,13 @@ class DownstreamConnection(asyncio.Protocol):
         ):
             # A reused keep-alive connection the server closed as we sent (its idle
             # timeout raced our request): sent again once on another connection, for
-            # idempotent methods only (RFC 9110 9.2.2).
-            self._account(0, False, record=False)
+            # idempotent methods only (RFC 9110 9.2.2). The balancer hears of the failed
+            # attempt; the request stays with its endpoint (the same pool).
+            ep, balancer = self.endpoint, self.balancer
+            now = self._account(0, False, record=False)
+            if ep is not None and balancer is not None:
+                self.endpoint = ep
+                balancer.on_start(ep, now)
             self.retried = True
             self.ubuf.clear()
             self.ubuf.append(self.request_bytes)
@@ -693,12 +691,18 @@ class DownstreamConnection(asyncio.Protocol):
 
     def _account(self, status: int, ok: bool, record: bool = True) -> float:
         now = _monotonic()
-        ep = self.endpoint
-        if ep is not None and self.balancer is not None:
-            self.balancer.on_end(ep, now, now - self.start, ok)
+        self._end_endpoint(now, ok)
         if record and self.dstats is not None:
             self.dstats.record(status, now - self.start)
         return now
+
+    def _end_endpoint(self, now: float, ok: bool) -> None:
+        """Tell the balancer the request it was told of (at the pick) is over: once."""
+        ep = self.endpoint
+        if ep is not None:
+            self.endpoint = None
+            if self.balancer is not None:
+                self.balancer.on_end(ep, now, now - self.start, ok)
 
     # response events (ResponseCodec sink, while an upstream connection is bound) ----
 
@@ -802,6 +806,7 @@ class DownstreamConnection(asyncio.Protocol):
         status = self.status
         ep = self.endpoint
         if ep is not None:
+            self.endpoint = None  # _end_endpoint(), inlined: on_end exactly once
             balancer = self.balancer
             if balancer is not None:
                 balancer.on_end(ep, now, latency, status < 500)
@@ -842,7 +847,6 @@ class DownstreamConnection(asyncio.Protocol):
                 self.active = False
                 self.head = None
                 self.pool = None
-                self.endpoint = None
                 self.balancer = None
                 self.response_edit = None
                 self.phase = IDLE
@@ -961,12 +965,14 @@ class DownstreamConnection(asyncio.Protocol):
     def finish(self, now: float) -> None:
         """The exchange is over: keep the connection for the next request, or close it."""
         keep = self.keep_alive and not self.server.draining
+        # A request its balancer was told of that never got a response (no connection,
+        # pool overflow, a timeout while connecting): over now, as a failure.
+        self._end_endpoint(now, False)
         # Only what holds references or is read between exchanges; the rest is set
         # again by the next on_request_head.
         self.active = False
         self.head = None
         self.pool = None
-        self.endpoint = None
         self.balancer = None
         self.response_edit = None
         if not keep:
