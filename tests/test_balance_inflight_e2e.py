@@ -3,9 +3,9 @@
 A new endpoint whose connections are still being opened must look busy to the requests
 that follow: otherwise peak-EWMA (and least-request) see it idle, and a burst piles onto
 an instance that has not answered anything yet (found when a test of draining failed
-under CPU load: four concurrent requests all went to one of two instances). Real sockets: one app answers, the new
-endpoint is a listener whose accept queue is full, so connecting to it never completes
-(its requests end in 502 after the connect timeout).
+under CPU load: four concurrent requests all went to one of two instances). Real
+sockets: one app answers, the new endpoint is a listener whose accept queue is full, so
+connecting to it never completes (its requests end in 502 after the connect timeout).
 """
 
 from __future__ import annotations
