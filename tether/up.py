@@ -151,10 +151,20 @@ class UpSpec:
     policies: Path | None = ROOT / "examples" / "policies"
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now and not handed out before by this process: the ports are chosen
+    before the processes that bind them start, and the kernel may offer a port again
+    once the probing socket is closed (two sidecars were once given the same admin port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def port_is_free(port: int) -> bool:
