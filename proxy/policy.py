@@ -263,6 +263,17 @@ def _routing(pol: ServicePolicy | None) -> ServicePolicy | None:
     return pol if pol is not None and (pol.rules or pol.split is not None) else None
 
 
+def _service_timeouts(table: RoutingTable, name: str) -> dict[tuple[str, str], float]:
+    """The services whose ServiceDefaults set timeout `name` (request_timeout or
+    connect_timeout), with its value in seconds."""
+    found: dict[tuple[str, str], float] = {}
+    for key, pol in table.services.items():
+        value = getattr(pol.defaults, name, None)
+        if isinstance(pol.defaults, schema.ServiceDefaultsSpec) and value:
+            found[key] = float(value)
+    return found
+
+
 class Policy:
     """The policy a sidecar runs; starts empty (defaults) and changes only by `apply`."""
 
@@ -375,19 +386,9 @@ class Policy:
                 sc.current()
             # Switch (no await from here on, so no request sees half of it).
             self.table, self.mesh = table, mesh
-            self.request_timeouts = {
-                key: pol.defaults.request_timeout
-                for key, pol in table.services.items()
-                if isinstance(pol.defaults, schema.ServiceDefaultsSpec)
-                and pol.defaults.request_timeout
-            }
+            self.request_timeouts = _service_timeouts(table, "request_timeout")
             self.default_request_timeout = mesh.request_timeout if mesh is not None else 0.0
-            self.connect_timeouts = {
-                key: pol.defaults.connect_timeout
-                for key, pol in table.services.items()
-                if isinstance(pol.defaults, schema.ServiceDefaultsSpec)
-                and pol.defaults.connect_timeout
-            }
+            self.connect_timeouts = _service_timeouts(table, "connect_timeout")
             self.default_connect_timeout = mesh.connect_timeout if mesh is not None else 0.0
             self._routes = {key: _routing(table.policy(*key)) for key in self._routes}
             for key, pol in table.services.items():

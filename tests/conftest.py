@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,34 @@ async def serve_app(app: web.Application, **runner: Any) -> tuple[web.AppRunner,
     await r.setup()
     await web.TCPSite(r, "127.0.0.1", 0).start()
     return r, int(r.addresses[0][1])
+
+
+@contextmanager
+def black_hole_ports(count: int = 1) -> Iterator[list[int]]:
+    """Ports where a connect never completes: listeners whose accept queue is full, so
+    the kernel drops further SYNs (a connect timeout on loopback, without root)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        for _ in range(count):
+            hole = socket.socket()
+            socks.append(hole)
+            hole.bind(("127.0.0.1", 0))
+            hole.listen(0)
+            port = int(hole.getsockname()[1])
+            ports.append(port)
+            for _ in range(4):  # fill the accept queue
+                c = socket.socket()
+                socks.append(c)
+                c.setblocking(False)
+                try:
+                    c.connect(("127.0.0.1", port))
+                except BlockingIOError:
+                    pass
+        yield ports
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def free_port() -> int:

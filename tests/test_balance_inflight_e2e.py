@@ -11,7 +11,6 @@ connecting to it never completes (its requests end in 502 after the connect time
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections import Counter
 from collections.abc import Iterator
 
@@ -23,28 +22,14 @@ from proxy.balance import Endpoint, LoadBalancerPolicy, build_balancer
 from proxy.cluster import Cluster, StaticDirectory
 from proxy.downstream import TimeoutPolicy
 from proxy.listener import start_outbound
-from tests.conftest import serve_app
+from tests.conftest import black_hole_ports, serve_app
 
 
 @pytest.fixture
 def black_hole() -> Iterator[int]:
     """A port where connects hang: its listener's accept queue is full."""
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(0)
-    port: int = hole.getsockname()[1]
-    fillers = []
-    for _ in range(4):
-        c = socket.socket()
-        c.setblocking(False)
-        try:
-            c.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        fillers.append(c)
-    yield port
-    for c in [*fillers, hole]:
-        c.close()
+    with black_hole_ports() as (port,):
+        yield port
 
 
 @pytest.mark.parametrize("policy", ["peak_ewma", "least_request"])

@@ -762,33 +762,19 @@ async def test_connect_timeouts_of_service_defaults_and_mesh_config() -> None:
     """A connect that never completes (a listener whose accept queue is full drops the
     SYN) fails with 502 after the destination's connect timeout: ServiceDefaults', else
     MeshConfig's, else the sidecar's own; a changed policy reaches pools made before it."""
-    import socket
+    from tests.conftest import black_hole_ports
 
+    with black_hole_ports(2) as (orders_port, inventory_port):
+        await _connect_timeouts(orders_port, inventory_port)
+
+
+async def _connect_timeouts(orders_port: int, inventory_port: int) -> None:
     from proxy.policy_router import start_policy_outbound
 
-    holes: list[socket.socket] = []
-    fillers: list[socket.socket] = []
-
-    def black_hole() -> int:
-        hole = socket.socket()
-        hole.bind(("127.0.0.1", 0))
-        hole.listen(0)
-        holes.append(hole)
-        port: int = hole.getsockname()[1]
-        for _ in range(4):  # fill the accept queue: further SYNs are dropped
-            c = socket.socket()
-            c.setblocking(False)
-            try:
-                c.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
-            fillers.append(c)
-        return port
-
     orders = Cluster("orders", "default")
-    orders.set_endpoints([Endpoint("o1", "127.0.0.1", black_hole())])
+    orders.set_endpoints([Endpoint("o1", "127.0.0.1", orders_port)])
     inventory = Cluster("inventory", "default")
-    inventory.set_endpoints([Endpoint("i1", "127.0.0.1", black_hole())])
+    inventory.set_endpoints([Endpoint("i1", "127.0.0.1", inventory_port)])
     await asyncio.sleep(0.1)
     directory = StaticDirectory([orders, inventory])
     policy = Policy(directory)
@@ -824,5 +810,3 @@ async def test_connect_timeouts_of_service_defaults_and_mesh_config() -> None:
             assert 0.8 <= took < 1.6 and "timed out after 0.8s" in body, (took, body)
     finally:
         await listener.aclose()
-        for c in fillers + holes:
-            c.close()
