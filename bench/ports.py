@@ -7,11 +7,9 @@ import subprocess
 import time
 from typing import Any
 
+from tether.ports import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port", "wait_port"]
 
 
 def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:

@@ -44,6 +44,8 @@ from typing import Any
 
 import consul.aio
 
+from tether.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,12 +56,6 @@ def raise_nofile(want: int) -> int:
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def proc_memory(pid: int) -> dict[str, int]:

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from registry.http import RegistrySpec
 from registry.server import RegistryServer
+from tether.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,12 +100,6 @@ def black_hole_ports(count: int = 1) -> Iterator[list[int]]:
     finally:
         for sock in socks:
             sock.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(

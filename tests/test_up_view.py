@@ -98,9 +98,10 @@ async def test_policies_go_through_the_control_plane_api(
 
 
 def test_up_never_hands_out_a_port_twice() -> None:
-    """Ports are chosen before the processes that bind them start: one `tether up` must
-    not give two of them the same port (the kernel offers a closed probe's port again)."""
-    from tether.up import free_port
+    """Ports are chosen before the processes that bind them start: one `tether up` (or
+    test, or benchmark) must not give two of them the same port (the kernel offers a
+    closed probe's port again)."""
+    from tether.ports import free_port
 
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.launcher import Launcher, ProcessSpec
+from tether.ports import free_port, port_is_free
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,31 +149,6 @@ class UpSpec:
     controlplane_port: int | None = None  # None: 15010 if free, else any free port
     # Applied through the control plane once the callees are ready (None: nothing).
     policies: Path | None = ROOT / "examples" / "policies"
-
-
-_GIVEN: set[int] = set()
-
-
-def free_port() -> int:
-    """A port free now and not handed out before by this process: the ports are chosen
-    before the processes that bind them start, and the kernel may offer a port again
-    once the probing socket is closed (two sidecars were once given the same admin port)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _GIVEN:
-            _GIVEN.add(port)
-            return port
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 async def wait_for_port(port: int, timeout: float) -> None:
