@@ -11,6 +11,7 @@ from proxy.codec import (
     RequestHead,
     ResponseCodec,
     ResponseHead,
+    _from_template,
     encode_last_chunk,
     encode_request_head,
     encode_response_head,
@@ -436,8 +437,32 @@ def test_cached_request_heads_parse_as_llhttp_did(data: bytes) -> None:
             (b"X-Request-Id", v) for n, v in h.headers if n.lower() == b"x-request-id"
         ]
     assert summary(second) == summary(slow) * 2
-    attrs = [_attrs(h) for h in heads]
+    # A keep-alive loop: the same head alone in each read (the third read takes the
+    # repeated-head path inlined in `feed`).
+    loop, _ = feed_requests([data, data, data])
+    looped = [e[1] for e in loop.events if e[0] == "head"]
+    for h in looped:
+        h.headers = [f for f in h.headers if f[0].lower() != b"x-request-id"] + [
+            (b"X-Request-Id", v) for n, v in h.headers if n.lower() == b"x-request-id"
+        ]
+    assert summary(loop) == summary(slow) * 3
+    attrs = [_attrs(h) for h in heads + looped]
     assert all(a == attrs[0] for a in attrs)
+
+
+def test_a_head_from_a_cache_template_sets_every_slot_as_init_does() -> None:
+    """Cached heads skip RequestHead.__init__ (codec._from_template, and its copy inlined
+    in RequestCodec.feed): a slot added to RequestHead must be set there too."""
+    rec, _ = feed_requests([b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"] * 3)
+    template = (b"Host: a\r\n", b"GET", b"/a", "1.1", True, b"a", None, None, None, None)
+    made = [_from_template(template), rec.events[-2][1]]
+    assert made[1].raw is not None  # taken from the cache
+    reference = RequestHead(*template)
+    for head in made:
+        for slot in RequestHead.__slots__:
+            if slot == "raw":
+                continue
+            assert getattr(head, slot) == getattr(reference, slot), slot
 
 
 def test_request_id_of_a_cached_head_comes_from_the_live_bytes() -> None:
