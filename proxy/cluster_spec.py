@@ -1,0 +1,146 @@
+"""Cluster specs: a snapshot's policy compiled once into frozen, typed settings per cluster.
+
+`compile_specs` runs when a snapshot applies (proxy/policy.py) and resolves, for every
+service with ServiceDefaults, what the hot path needs without looking at a resource
+again: the load-balancer policy, the connect timeout (ServiceDefaults, else
+MeshConfig, else the sidecar's own) as the endpoints' `PoolPolicy`, and the request
+timeout (ServiceDefaults, else MeshConfig, else 0: the listener's). Services without
+ServiceDefaults share `ClusterSpecs.default`. The whole `ClusterSpecs` is replaced in
+one assignment when a snapshot applies, so a request sees one snapshot's settings.
+
+Pools are keyed by endpoint and spec (`(host, port, spec.pool_key)`), never changed
+per request: equal pool policies get the same key in every snapshot (`PoolKeys`), so
+an unchanged timeout keeps its warm connections across snapshots, and a changed one
+gets new pools while the old ones drain and are swept.
+
+The slots for the settings later issues bring (retries and hedging, circuit breakers,
+outlier detection) are here, empty, so they arrive as typed fields of the same spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from controlplane import schema
+from proxy import balance
+from proxy.errors import PolicyError
+from proxy.pool import PoolPolicy
+from proxy.routing import RoutingTable
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """One destination service's settings, as compiled from one snapshot."""
+
+    namespace: str
+    service: str
+    # The balancer ServiceDefaults asks for; None: the sidecar's default balancer.
+    load_balancer: balance.LoadBalancerPolicy | None
+    pool: PoolPolicy  # each endpoint's pool (its connect_timeout is the resolved one)
+    pool_key: int  # equal `pool`s, equal keys (PoolKeys)
+    request_timeout: float = 0.0  # seconds; 0: the listener's
+    # Filled by later issues (retry budget and policy, circuit breakers, outlier
+    # detection); None: off.
+    retry: Any = None
+    circuit_breaker: Any = None
+    outlier_detection: Any = None
+
+    @property
+    def connect_timeout(self) -> float:
+        return self.pool.connect_timeout
+
+
+class PoolKeys:
+    """Small integer keys for pool policies, equal policies equal keys (kept by the
+    sidecar across snapshots: an int hashes at C speed on the hot path, a dataclass not)."""
+
+    def __init__(self) -> None:
+        self._keys: dict[PoolPolicy, int] = {}
+
+    def key(self, policy: PoolPolicy) -> int:
+        k = self._keys.get(policy)
+        if k is None:
+            k = self._keys[policy] = len(self._keys)
+        return k
+
+    def __repr__(self) -> str:
+        return f"<PoolKeys {len(self._keys)}>"
+
+
+class ClusterSpecs:
+    """Every service's spec in one snapshot; `default` for the services without one."""
+
+    __slots__ = ("by_service", "default", "version")
+
+    def __init__(
+        self,
+        default: ClusterSpec,
+        by_service: Mapping[tuple[str, str], ClusterSpec] | None = None,
+        version: int = 0,
+    ) -> None:
+        self.default = default
+        self.by_service = dict(by_service or {})
+        self.version = version
+
+    def get(self, namespace: str, service: str) -> ClusterSpec:
+        return self.by_service.get((namespace, service), self.default)
+
+    def load_balancers(self) -> dict[tuple[str, str], balance.LoadBalancerPolicy]:
+        """The services whose ServiceDefaults name a balancer, with it."""
+        return {k: s.load_balancer for k, s in self.by_service.items() if s.load_balancer}
+
+    def __repr__(self) -> str:
+        return f"<ClusterSpecs v{self.version} services={len(self.by_service)}>"
+
+
+def default_specs(pool: PoolPolicy, keys: PoolKeys) -> ClusterSpecs:
+    """The specs of a sidecar without policy: every service on `pool`, listener timeouts."""
+    return ClusterSpecs(ClusterSpec("", "", None, pool, keys.key(pool)))
+
+
+def compile_specs(
+    table: RoutingTable,
+    mesh: schema.MeshConfigSpec | None,
+    base: PoolPolicy,
+    keys: PoolKeys,
+) -> ClusterSpecs:
+    """The specs of one snapshot. `base` is the sidecar's own pool policy (its connect
+    timeout applies where neither ServiceDefaults nor MeshConfig set one). Raises
+    PolicyError naming the resource and field of a load-balancer policy that does not
+    compile."""
+    mesh_connect = mesh.connect_timeout if mesh is not None else 0.0
+    mesh_request = mesh.request_timeout if mesh is not None else 0.0
+
+    def pool_for(connect: float | None) -> tuple[PoolPolicy, int]:
+        timeout = float(connect or mesh_connect or base.connect_timeout)
+        pool = (
+            base
+            if timeout == base.connect_timeout
+            else dataclasses.replace(base, connect_timeout=timeout)
+        )
+        return pool, keys.key(pool)
+
+    pool, key = pool_for(None)
+    default = ClusterSpec("", "", None, pool, key, request_timeout=float(mesh_request or 0.0))
+    specs: dict[tuple[str, str], ClusterSpec] = {}
+    for (ns, svc), pol in table.services.items():
+        d = pol.defaults
+        if not isinstance(d, schema.ServiceDefaultsSpec):
+            continue
+        try:
+            lbp = balance.LoadBalancerPolicy.from_dict(d.load_balancer.balancer_options())
+        except balance.PolicyError as exc:
+            raise PolicyError(f"ServiceDefaults {ns}/{svc}: spec.loadBalancer: {exc}") from None
+        pool, key = pool_for(d.connect_timeout)
+        specs[(ns, svc)] = ClusterSpec(
+            ns,
+            svc,
+            lbp,
+            pool,
+            key,
+            request_timeout=float(d.request_timeout or mesh_request or 0.0),
+        )
+    return ClusterSpecs(default, specs, table.version)

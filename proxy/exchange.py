@@ -1,0 +1,704 @@
+"""The exchange: one request and its response, a sans-IO state machine with one end.
+
+An `Exchange` is made by the connection that received a request head (the HTTP/1
+connection in proxy/downstream.py now, an HTTP/2 stream later) and is driven by events:
+the rest of the request (`on_request_body`, `on_request_end`), the router's answer
+(`on_routed`), the pool's (`on_upstream_ready`, `on_upstream_failed`), the upstream
+connection's (`on_informational`, `on_response_head`, `on_response_body`,
+`on_response_end`, `on_upstream_switched`, `on_upstream_lost`: while bound, the
+exchange is its codec's sink), a CONNECT dial's (`on_tunnel_ready`,
+`on_tunnel_failed`), and the connection's (`on_deadline`, `on_client_gone`,
+`on_bad_request`). It acts only through its `Downstream` (append bytes to `wbuf` for
+the client and `ubuf` for the upstream, `flush`, pause and resume reading, `dial`,
+`exchange_done`) and the upstream connection it holds (bind, release to its pool,
+abort): no sockets, no clock of its own (the server's `clock`).
+
+Every request ends in `end(outcome)`, once: the typed outcome (proxy/outcome.py) is
+what stats, the balancer's tracker (`on_end`, exactly once per `on_start`) and the
+local-reply counters read, and where retries, outlier detection, spans and access logs
+attach. Afterwards the connection reads `after` (keep the connection, close it, abort
+it, or turn it into a tunnel).
+
+States (`state`): ROUTING → CONNECTING (or DIALING for CONNECT) → SENDING →
+RESPONDING (or SWITCHING after a 101) → ENDED. What each event does in the states it is
+valid in (`TABLE` is the same, as data; tests/test_exchange.py walks every cell):
+
+| event | valid in | does |
+|---|---|---|
+| request_body | ROUTING..RESPONDING | buffer (pause reading) until connected, then forward |
+| request_end | ROUTING..RESPONDING | mark the request whole; arm the request timeout |
+| routed | ROUTING | local reply (end), dial (DIALING), or take a connection |
+| upstream_ready | CONNECTING | bind it, send what is buffered (SENDING) |
+| upstream_failed | CONNECTING | end: connect failure (502) |
+| tunnel_ready | DIALING | answer 200, end: completed, tunnel |
+| tunnel_failed | DIALING | end: connect failure (502) |
+| informational | SENDING | relay a 1xx to an HTTP/1.1 client |
+| response_head | SENDING | relay the rewritten head (RESPONDING, or SWITCHING on 101) |
+| response_body | RESPONDING | relay (re-chunked if needed) |
+| response_end | RESPONDING, SWITCHING | end: completed, release the connection (SWITCHING: wait) |
+| upstream_switched | SWITCHING | end: completed 101, tunnel |
+| upstream_lost | SENDING..SWITCHING | retry once (reused connection), else end: reset |
+| deadline | any but ENDED | end: timeout (504, or cut short) |
+| client_gone | any but ENDED | drop the upstream connection, end: client gone |
+| bad_request | any but ENDED | drop the upstream connection, end: local reply (or cut short) |
+
+"error" raises `ExchangeStateError`: the caller broke the protocol (the upstream's codec
+sends response events only to the exchange bound to it). "discard" is for answers that
+arrive after the end (a late discovery answer, a pool's connection for a client that
+left): they are dropped, and resources they carry are returned. SENDING covers both
+"request body still streaming" and "request sent, waiting for the response head"
+(`req_done` tells which; the request timeout runs from the request's end).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+
+from proxy import local_reply
+from proxy import outcome as outcomes
+from proxy.codec import chunk_prefix, encode_last_chunk, encode_response_head
+from proxy.errors import BadMessageError
+from proxy.forwarding import (
+    Forwarder,
+    ResponseMemo,
+    cached_response_head,
+    forwarded_request_head,
+    forwarded_response_head,
+)
+from proxy.outcome import Outcome
+from proxy.pool import PoolOverflowError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from proxy.balance import Balancer, Endpoint
+    from proxy.codec import Fields, RequestHead, ResponseHead
+    from proxy.pool import Pool
+    from proxy.route_result import Peer, RouteResult
+    from proxy.stats import DestinationStats, ProxyStats
+    from proxy.upstream import UpstreamConnection
+
+# States.
+ROUTING: Final = 0  # the head is in; waiting for the router's answer
+CONNECTING: Final = 1  # routed to a pool; waiting for a connection
+DIALING: Final = 2  # CONNECT: the tunnel's connection is being dialled
+SENDING: Final = 3  # an upstream connection carries the request; no response head yet
+RESPONDING: Final = 4  # the response head went to the client; its body follows
+SWITCHING: Final = 5  # 101 relayed; the upstream connection becomes a tunnel
+ENDED: Final = 6
+STATE_NAMES: Final = (
+    "routing",
+    "connecting",
+    "dialing",
+    "sending",
+    "responding",
+    "switching",
+    "ended",
+)
+
+# What the connection does once the exchange ended (`after`).
+KEEP: Final = 0  # ready for the next request
+CLOSE: Final = 1  # write what is pending, then close
+ABORT: Final = 2  # the response was cut short: reset, so the client cannot take it as whole
+TUNNEL: Final = 3  # splice the client with `tunnel_transport`
+GONE: Final = 4  # the client left: nothing to do
+
+# Why reading from the client is paused (bits; reading resumes when none is left).
+PAUSE_BACKLOG: Final = 1  # pipelined requests wait behind the one in flight
+PAUSE_UPSTREAM: Final = 2  # the upstream socket's write buffer is full (proxy/upstream.py)
+PAUSE_CONNECTING: Final = 4  # no upstream connection yet; body pieces would pile up
+PAUSE_SWITCHING: Final = 8  # Upgrade/CONNECT: bytes after the head wait for the tunnel
+
+# Deadline kinds: `idle` runs while bytes move (renewed by progress), `request` from the
+# request's end to the response head.
+T_IDLE: Final = 0
+T_REQUEST: Final = 1
+
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+# The state table as data: event -> the states it is valid in (anything else raises,
+# except in ENDED, where the events in `LATE` are dropped).
+TABLE: Final[dict[str, frozenset[int]]] = {
+    "request_body": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING}),
+    "request_end": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING}),
+    "routed": frozenset({ROUTING}),
+    "upstream_ready": frozenset({CONNECTING}),
+    "upstream_failed": frozenset({CONNECTING}),
+    "tunnel_ready": frozenset({DIALING}),
+    "tunnel_failed": frozenset({DIALING}),
+    "informational": frozenset({SENDING}),
+    "response_head": frozenset({SENDING}),
+    "response_body": frozenset({RESPONDING}),
+    "response_end": frozenset({RESPONDING, SWITCHING}),
+    "upstream_switched": frozenset({SWITCHING}),
+    "upstream_lost": frozenset({SENDING, RESPONDING, SWITCHING}),
+    "deadline": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
+    "client_gone": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
+    "bad_request": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
+}
+# Events that may arrive after the end and are dropped (their resources given back).
+LATE: Final = frozenset(
+    {
+        "request_body",
+        "request_end",
+        "routed",
+        "upstream_ready",
+        "upstream_failed",
+        "tunnel_ready",
+        "tunnel_failed",
+        "upstream_switched",
+        "upstream_lost",
+        "deadline",
+        "client_gone",
+        "bad_request",
+    }
+)
+
+
+class ExchangeStateError(Exception):
+    """An event arrived in a state where it cannot happen (a bug in the caller)."""
+
+
+class Timeouts(Protocol):
+    header_read: float
+    idle: float
+    request: float
+    connect: float
+
+
+class Server(Forwarder, Protocol):
+    """What an exchange reads of its listener (proxy/downstream.py's ProxyServer)."""
+
+    @property
+    def timeouts(self) -> Timeouts: ...
+
+    @property
+    def stats(self) -> ProxyStats: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    def clock(self) -> float: ...
+
+
+class Downstream(Protocol):
+    """What an exchange needs of the connection that carries it (its actions)."""
+
+    @property
+    def server(self) -> Server: ...
+
+    @property
+    def peer(self) -> Peer: ...
+
+    @property
+    def memo(self) -> ResponseMemo: ...
+
+    # Bytes waiting for flush(): to the client, and to the upstream connection.
+    wbuf: list[bytes]
+    ubuf: list[bytes]
+
+    def flush(self) -> None: ...
+
+    def set_pause(self, bit: int) -> None: ...
+
+    def clear_pause(self, bit: int) -> None: ...
+
+    def dial(self, exchange: Exchange, host: str, port: int) -> None:
+        """CONNECT: dial host:port, then call on_tunnel_ready / on_tunnel_failed."""
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        """The exchange ended (`exchange.after` says what the connection does next)."""
+
+
+class Exchange:
+    """One request and its response (see the module's docstring for the state table)."""
+
+    __slots__ = (
+        "after",
+        "conn",
+        "deadline",
+        "dstats",
+        "endpoint",
+        "head",
+        "keep_alive",
+        "outcome",
+        "path",
+        "pool",
+        "progress",
+        "req_chunked",
+        "req_done",
+        "request_bytes",
+        "request_timeout",
+        "resp_chunked",
+        "response_edit",
+        "retried",
+        "seen_progress",
+        "server",
+        "start",
+        "state",
+        "status",
+        "timer",
+        "tracker",
+        "tunnel_rest",
+        "tunnel_transport",
+        "upstream",
+        "waiting",
+    )
+
+    def __init__(self, conn: Downstream, head: RequestHead) -> None:
+        server = conn.server
+        self.conn = conn
+        self.server = server
+        self.head = head
+        self.path = head.target
+        self.state = ROUTING
+        self.req_chunked = head.chunked
+        self.req_done = False
+        self.resp_chunked = False
+        self.status = 0
+        self.keep_alive = head.keep_alive and not server.draining
+        self.retried = False
+        self.request_bytes = b""
+        self.upstream: UpstreamConnection | None = None
+        self.pool: Pool | None = None
+        self.waiting: Pool | None = None
+        self.endpoint: Endpoint | None = None
+        self.tracker: Balancer | None = None
+        self.dstats: DestinationStats | None = None
+        self.response_edit: Callable[[Fields], None] | None = None
+        self.request_timeout = 0.0
+        self.outcome: Outcome | None = None
+        self.after = KEEP
+        self.tunnel_transport: Any = None
+        self.tunnel_rest = b""
+        self.start = now = server.clock()
+        self.timer = T_IDLE
+        self.deadline = now + server.timeouts.idle
+        # Bumped by both sockets' data; the sweep renews the idle deadline on progress.
+        self.progress = 0
+        self.seen_progress = 0
+
+    def _invalid(self, event: str) -> None:
+        """An event outside the table: dropped after the end if it may come late, else
+        a clear error."""
+        if self.state == ENDED and event in LATE:
+            return
+        raise ExchangeStateError(
+            f"{event} in state {STATE_NAMES[self.state]} ({self.head.method.decode()} "
+            f"{self.head.target[:60]!r})"
+        )
+
+    # -- request events ---------------------------------------------------------------
+
+    def on_request_body(self, data: bytes) -> None:
+        state = self.state
+        if state > RESPONDING:
+            self._invalid("request_body")  # after a local reply or early response: dropped
+            return
+        ubuf = self.conn.ubuf
+        if self.req_chunked:
+            ubuf.append(chunk_prefix(len(data)))
+            ubuf.append(data)
+            ubuf.append(b"\r\n")
+        else:
+            ubuf.append(data)
+        if self.upstream is None and state != DIALING:
+            self.conn.set_pause(PAUSE_CONNECTING)
+
+    def on_request_end(self, trailers: Fields | None) -> None:
+        state = self.state
+        if state > RESPONDING:
+            self._invalid("request_end")
+            return
+        self.req_done = True
+        if self.req_chunked:
+            self.conn.ubuf.append(encode_last_chunk(trailers))
+        if state < RESPONDING and state != DIALING:
+            self.timer = T_REQUEST
+            self.deadline = self.server.clock() + (
+                self.request_timeout or self.server.timeouts.request
+            )
+
+    # -- routing --------------------------------------------------------------------------
+
+    def on_routed(self, result: RouteResult) -> None:
+        """The router's answer (at once, or later for a service not seen before)."""
+        if self.state != ROUTING:
+            self._invalid("routed")
+            return
+        self.dstats = result.dstats
+        reply = result.reply
+        if reply is not None:
+            self.local_reply(reply.reason, reply.message, status=reply.status, close=reply.close)
+            return
+        if result.tunnel is not None:
+            self.state = DIALING
+            self.conn.dial(self, *result.tunnel)
+            return
+        pool = result.pool
+        if pool is None:
+            raise ExchangeStateError(f"{result!r} names no destination")
+        ep = result.endpoint
+        if ep is not None and result.tracker is not None:
+            # The balancer hears of the request at the pick, not once a connection is
+            # attached: a burst to an endpoint still connecting must see it busy.
+            self.endpoint = ep
+            self.tracker = tracker = result.tracker
+            tracker.on_start(ep, self.start)
+        if result.path is not None:
+            self.path = result.path
+        self.response_edit = result.response_edit
+        self.request_timeout = result.request_timeout
+        if self.timer == T_REQUEST and result.request_timeout:
+            # The request ended while routing: its timeout is the route's.
+            self.deadline = self.start + result.request_timeout
+        self._forward(pool)
+
+    def _forward(self, pool: Pool) -> None:
+        """Put the rewritten request head before any body bytes, and get a connection."""
+        data = forwarded_request_head(self.head, self.path, self.conn.peer, self.server)
+        self.request_bytes = data
+        ubuf = self.conn.ubuf
+        if ubuf:
+            ubuf.insert(0, data)
+        else:
+            ubuf.append(data)
+        self.pool = pool
+        self._acquire(pool)
+
+    def _acquire(self, pool: Pool) -> None:
+        self.state = CONNECTING
+        try:
+            up = pool.acquire(self)
+        except PoolOverflowError as e:
+            self.conn.ubuf.clear()
+            reason = local_reply.DRAINING if pool.closed else local_reply.OVERFLOW
+            self.local_reply(reason, str(e))
+            return
+        if up is None:
+            self.waiting = pool
+            if not self.req_done:
+                self.conn.set_pause(PAUSE_CONNECTING)
+        else:
+            self._attach(up)
+
+    def _attach(self, up: UpstreamConnection) -> None:
+        self.state = SENDING
+        self.upstream = up
+        up.bind(cast("Any", self), self.head.method == b"HEAD")  # until upstream.py names Exchange
+
+    # -- the pool's answers (PoolWaiter) ------------------------------------------------
+
+    def on_upstream_ready(self, up: UpstreamConnection) -> None:
+        if self.state != CONNECTING or self.waiting is None:
+            if self.state == ENDED:
+                up.pool.release(up, self.server.clock())
+                return
+            self._invalid("upstream_ready")
+        self.waiting = None
+        self._attach(up)
+        conn = self.conn
+        conn.flush()
+        conn.clear_pause(PAUSE_CONNECTING)
+
+    def on_upstream_failed(self, reason: str, message: str) -> None:
+        if self.state != CONNECTING or self.waiting is None:
+            self._invalid("upstream_failed")
+            return
+        self.waiting = None
+        conn = self.conn
+        conn.ubuf.clear()
+        conn.clear_pause(PAUSE_CONNECTING)
+        self._reply(outcomes.ConnectFailure, reason, message)
+        conn.flush()
+
+    # -- CONNECT --------------------------------------------------------------------------
+
+    def on_tunnel_ready(self, transport: Any, received: bytes) -> None:
+        """The CONNECT dial succeeded: answer 200 and hand both sockets to a tunnel."""
+        if self.state != DIALING:
+            if self.state == ENDED:
+                transport.close()
+                return
+            self._invalid("tunnel_ready")
+        self.conn.wbuf.append(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        self.status = 200
+        self.tunnel_transport = transport
+        self.tunnel_rest = received
+        self.after = TUNNEL
+        self.end(outcomes.completed(200))
+
+    def on_tunnel_failed(self, message: str) -> None:
+        if self.state != DIALING:
+            self._invalid("tunnel_failed")
+            return
+        self._reply(outcomes.ConnectFailure, local_reply.UPSTREAM_CONNECT_ERROR, message)
+        self.conn.flush()
+
+    # -- response events (the bound upstream codec's sink) ------------------------------
+
+    def on_informational(self, rhead: ResponseHead) -> None:
+        if self.state != SENDING:
+            self._invalid("informational")
+        if self.head.version == "1.1":
+            self.conn.wbuf.append(encode_response_head(rhead.status, rhead.reason, rhead.headers))
+
+    def on_response_head(self, rhead: ResponseHead) -> None:
+        if self.state != SENDING:
+            self._invalid("response_head")
+        head = self.head
+        status = rhead.status
+        if status == 101 and head.upgrade is None:
+            raise BadMessageError(
+                "101 to a request that asked for no upgrade",
+                status=502,
+                reason=local_reply.UPSTREAM_PROTOCOL_ERROR,
+            )
+        self.status = status
+        self.state = RESPONDING
+        self.timer = T_IDLE
+        if not rhead.keep_alive:
+            up = self.upstream
+            if up is not None:
+                up.keep_alive = False
+        if self.server.draining:
+            self.keep_alive = False
+        if rhead.raw is not None and self.response_edit is None:
+            # A cached head (2xx-5xx but not 204/304, Content-Length framing).
+            self.resp_chunked = False
+            self.conn.wbuf.append(
+                cached_response_head(rhead, head.version, self.keep_alive, self.conn.memo)
+            )
+            return
+        if status == 101:
+            self.state = SWITCHING
+        data, self.resp_chunked, self.keep_alive = forwarded_response_head(
+            rhead, head, self.keep_alive, self.response_edit
+        )
+        self.conn.wbuf.append(data)
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.state != RESPONDING:
+            self._invalid("response_body")
+        wbuf = self.conn.wbuf
+        if self.resp_chunked:
+            wbuf.append(chunk_prefix(len(data)))
+            wbuf.append(data)
+            wbuf.append(b"\r\n")
+        else:
+            wbuf.append(data)
+
+    def on_response_end(self, trailers: Fields | None) -> None:
+        state = self.state
+        if state != RESPONDING:
+            if state == SWITCHING:
+                return  # the tunnel takes over in on_upstream_switched
+            self._invalid("response_end")
+        if self.resp_chunked:
+            self.conn.wbuf.append(encode_last_chunk(trailers))
+        now = self.server.clock()
+        up = self.upstream
+        self.upstream = None
+        if up is not None:
+            if self.req_done:
+                up.pool.release(up, now)
+            else:
+                # Answered before the request ended: that connection is mid-request.
+                up.unbind()
+                up.close()
+                self.keep_alive = False
+        self.after = KEEP if self.keep_alive and self.req_done else CLOSE
+        self.end(outcomes.completed(self.status), now)
+
+    def on_upstream_switched(self, up: UpstreamConnection, rest: bytes) -> None:
+        """The upstream answered 101: from now on both sockets carry raw bytes."""
+        if up is not self.upstream or self.state != SWITCHING:
+            up.abort()
+            if self.state != ENDED:
+                self._invalid("upstream_switched")
+            return
+        self.upstream = None
+        up.pool.detach(up)
+        up.unbind()
+        self.tunnel_transport = up.transport
+        self.tunnel_rest = rest
+        self.after = TUNNEL
+        self.end(outcomes.completed(101))
+
+    def on_upstream_lost(self, up: UpstreamConnection, reason: str, message: str) -> None:
+        if up is not self.upstream:
+            if self.state == ENDED:
+                return
+            self._invalid("upstream_lost")
+        self.upstream = None
+        up.unbind()
+        head = self.head
+        if (
+            self.state == SENDING
+            and reason == local_reply.UPSTREAM_RESET
+            and up.requests > 1
+            and not self.retried
+            and not head.has_body
+            and head.method in _IDEMPOTENT
+            and self.pool is not None
+        ):
+            # A reused keep-alive connection the server closed as we sent (its idle
+            # timeout raced our request): sent again once on another connection, for
+            # idempotent methods only (RFC 9110 9.2.2). The balancer hears of the failed
+            # attempt; the request stays with its endpoint (the same pool).
+            ep, tracker = self.endpoint, self.tracker
+            if ep is not None and tracker is not None:
+                now = self.server.clock()
+                tracker.on_end(ep, now, now - self.start, False)
+                tracker.on_start(ep, now)
+            self.retried = True
+            ubuf = self.conn.ubuf
+            ubuf.clear()
+            ubuf.append(self.request_bytes)
+            self._acquire(self.pool)
+            return
+        self._reply(outcomes.Reset, reason, message)
+
+    # -- what the bound upstream connection asks of it (proxy/upstream.py) -------------
+
+    def flush(self) -> None:
+        self.conn.flush()
+
+    def set_pause(self, bit: int) -> None:
+        self.conn.set_pause(bit)
+
+    def clear_pause(self, bit: int) -> None:
+        self.conn.clear_pause(bit)
+
+    # -- the connection's events ----------------------------------------------------------
+
+    def on_deadline(self) -> None:
+        """The sweep saw this exchange's deadline pass."""
+        if self.state == ENDED:
+            return
+        waiting = self.timer == T_REQUEST
+        self._drop_upstream()
+        which: outcomes.TimeoutKind = "request" if waiting else "idle"
+        if self.state < RESPONDING:
+            self.conn.ubuf.clear()
+            message = (
+                f"no response within {self.request_timeout or self.server.timeouts.request}s"
+                if waiting
+                else f"no progress for {self.server.timeouts.idle}s"
+            )
+            reason = local_reply.UPSTREAM_TIMEOUT
+            status = local_reply.REPLIES[reason][0]
+            self._render(reason, message, status, close=not waiting)
+            self.after = KEEP if self.keep_alive and self.req_done else CLOSE
+            self.end(outcomes.timeout(which, reason, status))
+        else:
+            self.after = ABORT
+            self.end(outcomes.timeout(which, local_reply.UPSTREAM_TIMEOUT, 0))
+        self.conn.flush()
+
+    def on_client_gone(self) -> None:
+        """The client's connection closed: the upstream connection's state is unknown."""
+        if self.state == ENDED:
+            return
+        self._drop_upstream()
+        self.after = GONE
+        self.end(outcomes.CLIENT_GONE)
+
+    def on_bad_request(self, e: BadMessageError) -> None:
+        """The request body was malformed mid-stream: the upstream got part of a request."""
+        if self.state == ENDED:
+            return
+        self._drop_upstream()
+        if self.state < RESPONDING:
+            self.conn.ubuf.clear()
+            self.local_reply(e.reason, e.message, status=e.status, close=True)
+        else:
+            self.after = ABORT
+            self.end(outcomes.local(outcomes.Reset, e.reason, 0))
+
+    def _drop_upstream(self) -> None:
+        """Stop waiting for a connection and abort the one in use: its state is unknown."""
+        pool = self.waiting
+        if pool is not None:
+            self.waiting = None
+            pool.cancel(self)
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            up.unbind()
+            up.abort()
+
+    # -- answering ------------------------------------------------------------------------
+
+    def local_reply(
+        self, reason: str, message: str | None = None, *, status: int | None = None,
+        close: bool = False,
+    ) -> None:  # fmt: skip
+        """Answer the request ourselves (or cut the response short if it started)."""
+        self._reply(outcomes.LocalReply, reason, message, status=status, close=close)
+
+    def _reply(
+        self, kind: type[Outcome], reason: str, message: str | None, *,
+        status: int | None = None, close: bool = False,
+    ) -> None:  # fmt: skip
+        if self.state >= RESPONDING:
+            # Part of the response went out: the client must see it cut short.
+            self.after = ABORT
+            self.end(
+                outcomes.local(outcomes.Reset if kind is outcomes.LocalReply else kind, reason, 0)
+            )
+            return
+        code = status if status is not None else local_reply.REPLIES.get(reason, (500, ""))[0]
+        self._render(reason, message, code, close)
+        self.after = KEEP if self.keep_alive and self.req_done else CLOSE
+        self.end(outcomes.local(kind, reason, code))
+
+    def _render(self, reason: str, message: str | None, code: int, close: bool) -> None:
+        head = self.head
+        if close or not self.req_done:
+            self.keep_alive = False
+        self.status = code
+        self.conn.wbuf.append(
+            local_reply.render(
+                reason,
+                message,
+                status=code,
+                close=not self.keep_alive,
+                head_only=head.method == b"HEAD",
+                request_id=head.request_id,
+            )
+        )
+
+    # -- the end --------------------------------------------------------------------------
+
+    def end(self, outcome: Outcome, now: float = 0.0) -> None:
+        """Where every request ends, once: the outcome goes to the tracker, the stats and
+        the local-reply counters, then the connection decides what follows (`after`)."""
+        if self.outcome is not None:
+            raise ExchangeStateError(f"ended twice: {self.outcome!r}, then {outcome!r}")
+        self.outcome = outcome
+        self.state = ENDED
+        if not now:
+            now = self.server.clock()
+        latency = now - self.start
+        ep = self.endpoint
+        if ep is not None:
+            self.endpoint = None
+            tracker = self.tracker
+            if tracker is not None:
+                tracker.on_end(ep, now, latency, outcome.ok)
+        ds = self.dstats
+        if ds is not None:
+            ds.record(outcome.status, latency)
+        if outcome.reason:
+            self.server.stats.local_reply(outcome.reason)
+        self.conn.exchange_done(self)
+
+    def __repr__(self) -> str:
+        head = self.head
+        up = f" upstream={self.upstream!r}" if self.upstream is not None else ""
+        out = f" {self.outcome!r}" if self.outcome is not None else ""
+        return (
+            f"<Exchange {head.method.decode()} {head.target[:40]!r}"
+            f" {STATE_NAMES[self.state]}{up}{out}>"
+        )

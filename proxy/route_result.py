@@ -1,0 +1,125 @@
+"""What a router returns for one request (`RouteResult`), and who asked (`Peer`).
+
+A router (proxy/dispatch.py, proxy/policy_router.py) reads a request head and the peer
+and returns a `RouteResult`; it never writes into the connection or the exchange. The
+exchange (proxy/exchange.py) acts on the result: a local reply, or the pool to take a
+connection from, with the endpoint the balancer picked and the tracker to tell of its
+start and end, the destination's stats, the origin-form path when the request named an
+absolute URI, response header edits and the request timeout. Later issues add their
+settings here (retry and hedging, mirroring, fault injection) rather than to the
+connection. When a router must wait (discovery's first answer about a service),
+`pending` is an awaitable of the final result; the connection awaits it and hands the
+answer to the exchange.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from proxy.balance import Balancer, Endpoint
+    from proxy.codec import Fields
+    from proxy.pool import Pool
+    from proxy.stats import DestinationStats
+
+
+class Peer:
+    """The downstream side of a connection: its address now, its SPIFFE identity once
+    mTLS lands. One per connection; `routing` is the router's own per-connection state
+    (the hashing balancers' pick context), which the router alone reads and writes."""
+
+    __slots__ = ("address", "identity", "routing", "xff", "xff_line")
+
+    def __init__(self, address: bytes, identity: str | None = None) -> None:
+        self.address = address
+        self.identity = identity
+        self.routing: Any = None
+        # The X-Forwarded-For this peer adds (as a field, and as a ready line).
+        self.xff = (b"X-Forwarded-For", address)
+        self.xff_line = b"X-Forwarded-For: " + address + b"\r\n"
+
+    def __repr__(self) -> str:
+        who = f" {self.identity}" if self.identity else ""
+        return f"<Peer {self.address.decode('latin-1')}{who}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A local reply a router decided on: reason (local_reply.py), optional message and
+    status (default: the reason's), and whether the connection closes after it."""
+
+    reason: str
+    message: str | None = None
+    status: int | None = None
+    close: bool = False
+
+
+class RouteResult:
+    """Where one request goes. Exactly one of `reply`, `pool`, `tunnel`, `pending` is set."""
+
+    __slots__ = (
+        "dstats",
+        "endpoint",
+        "path",
+        "pending",
+        "pool",
+        "reply",
+        "request_timeout",
+        "response_edit",
+        "tracker",
+        "tunnel",
+    )
+
+    def __init__(
+        self,
+        pool: Pool | None = None,
+        *,
+        dstats: DestinationStats | None = None,
+        endpoint: Endpoint | None = None,
+        tracker: Balancer | None = None,
+        path: bytes | None = None,
+        response_edit: Callable[[Fields], None] | None = None,
+        request_timeout: float = 0.0,
+        reply: Reply | None = None,
+        tunnel: tuple[str, int] | None = None,
+        pending: Awaitable[RouteResult] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.dstats = dstats
+        # The endpoint the balancer picked and the balancer to tell of the request's
+        # start and end (`tracker.on_start` / `on_end`; a layer may delegate).
+        self.endpoint = endpoint
+        self.tracker = tracker
+        # The origin-form target when the request named an absolute URI (else None).
+        self.path = path
+        self.response_edit = response_edit
+        self.request_timeout = request_timeout  # seconds; 0: the listener's
+        self.reply = reply
+        self.tunnel = tunnel  # CONNECT: (host, port) to dial
+        self.pending = pending
+
+    @classmethod
+    def answer(
+        cls,
+        reason: str,
+        message: str | None = None,
+        *,
+        status: int | None = None,
+        close: bool = False,
+        dstats: DestinationStats | None = None,
+    ) -> RouteResult:
+        """A local reply instead of a destination."""
+        return cls(reply=Reply(reason, message, status, close), dstats=dstats)
+
+    def __repr__(self) -> str:
+        if self.reply is not None:
+            return f"<RouteResult reply {self.reply.reason}>"
+        if self.pending is not None:
+            return "<RouteResult pending>"
+        if self.tunnel is not None:
+            return f"<RouteResult tunnel {self.tunnel[0]}:{self.tunnel[1]}>"
+        where = self.pool.name if self.pool is not None else "?"
+        ep = f" endpoint={self.endpoint.id}" if self.endpoint is not None else ""
+        return f"<RouteResult {where}{ep}>"
