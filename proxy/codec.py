@@ -47,6 +47,11 @@ from proxy.errors import BadMessageError
 
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEADER_SECTION = 64 * 1024
+# Field lines per head (Envoy's default max_headers_count), requests and responses alike.
+MAX_HEADER_FIELDS = 100
+# Interim (1xx, not 101) responses an upstream may send before its final one: more is a
+# flood (a server answers 100 once, 103 a few times), and the exchange fails with 502.
+MAX_INTERIM_RESPONSES = 8
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -457,6 +462,7 @@ class RequestCodec:
 
     __slots__ = (
         "_clean",
+        "_fields_seen",
         "_fill",
         "_fill_origin",
         "_fill_rid",
@@ -503,6 +509,7 @@ class RequestCodec:
         self._head = RequestHead()
         self._url = b""
         self._size = 0
+        self._fields_seen = 0
         self._te: bytes | None = None
         self._trailers: Fields | None = None
 
@@ -780,7 +787,17 @@ class RequestCodec:
             raise BadMessageError("request line longer than 8 KiB", reason="request_line_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp drops leading whitespace; the field value excludes trailing OWS too
+        # (RFC 9110 5.5), as the cached and split paths see it.
+        value = value.rstrip(b" \t")
         self._size += len(name) + len(value) + 4
+        self._fields_seen += 1
+        if self._fields_seen > MAX_HEADER_FIELDS:
+            raise BadMessageError(
+                f"more than {MAX_HEADER_FIELDS} header fields",
+                status=431,
+                reason="request_header_fields_too_large",
+            )
         if self.in_body:
             if self._trailers is None:
                 self._trailers = []
@@ -862,6 +879,7 @@ class RequestCodec:
             head.upgrade = None
         self.in_body = True
         self.head_bytes = 0
+        self._fields_seen = 0  # trailers are counted afresh
         if key is not None:
             self._cache(head, key)
         self.sink.on_request_head(head)
@@ -877,6 +895,7 @@ class RequestCodec:
         self._head = RequestHead()
         self._url = b""
         self._size = 0
+        self._fields_seen = 0
         self._te = None
         if trailers:
             self._trailers = None
@@ -900,13 +919,17 @@ class ResponseCodec:
     __slots__ = (
         "_clean",
         "_close_delimited",
+        "_conn_tokens",
+        "_fields_seen",
         "_fill",
         "_head",
+        "_interim",
         "_last_head",
         "_last_template",
         "_parser",
         "_remaining",
         "_trailers",
+        "head_bytes",
         "head_request",
         "in_body",
         "sink",
@@ -928,6 +951,13 @@ class ResponseCodec:
         # The previous cached head taken on this connection (with its blank line).
         self._last_head: bytes | None = None
         self._last_template: tuple[ResponseHead, int] = (self._head, -1)
+        # Limits of the head being parsed: bytes fed since it began (llhttp buffers a
+        # field value that never ends inside itself), field lines, Connection tokens,
+        # and the interim responses before this exchange's final one.
+        self.head_bytes = 0
+        self._fields_seen = 0
+        self._conn_tokens: list[bytes] | None = None
+        self._interim = 0
 
     @property
     def idle(self) -> bool:
@@ -976,6 +1006,8 @@ class ResponseCodec:
             if used == len(data):
                 return None
             data = data[used:]
+        if not self.in_body:
+            self.head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -996,6 +1028,13 @@ class ResponseCodec:
             raise BadMessageError(
                 str(e) or "malformed response", status=502, reason="upstream_protocol_error"
             ) from None
+        if not self.in_body and self.head_bytes > MAX_HEADER_SECTION:
+            # Still inside a head after all of these bytes: all of them are head.
+            raise BadMessageError(
+                "upstream response header section larger than 64 KiB",
+                status=502,
+                reason="upstream_response_too_large",
+            )
         return None
 
     def _fast(self, data: bytes) -> int:
@@ -1081,6 +1120,16 @@ class ResponseCodec:
         self._clean = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp drops leading whitespace; the field value excludes trailing OWS too
+        # (RFC 9110 5.5), as the cached and split paths see it.
+        value = value.rstrip(b" \t")
+        self._fields_seen += 1
+        if self._fields_seen > MAX_HEADER_FIELDS:
+            raise BadMessageError(
+                f"upstream response has more than {MAX_HEADER_FIELDS} header fields",
+                status=502,
+                reason="upstream_response_too_large",
+            )
         if self.in_body:
             if self._trailers is None:
                 self._trailers = []
@@ -1112,26 +1161,41 @@ class ResponseCodec:
         elif kind == _CONN:
             if value == b"keep-alive" or value == b"close":
                 return  # llhttp has read it; nothing else is named
-            tokens: list[bytes] = []
-            _connection_tokens(value, tokens)
-            if tokens:
-                head.headers = _drop_named(head.headers, tokens)
+            # Fields named here are dropped once the head is complete: they may come
+            # after Connection as well as before it.
+            if self._conn_tokens is None:
+                self._conn_tokens = []
+            _connection_tokens(value, self._conn_tokens)
         # _HOP: dropped.
 
     def on_headers_complete(self) -> None:
         # The head a cache miss announced is this one only if nothing came before it.
         key = self._fill
         self._fill = None
+        self.head_bytes = 0
+        self._fields_seen = 0
         parser = self._parser
         head = self._head
+        tokens = self._conn_tokens
+        if tokens is not None:
+            self._conn_tokens = None
+            head.headers = _drop_named(head.headers, tokens)
         head.status = status = parser.get_status_code()
         head.reason = _REASONS.get(status, b"Unknown")
         head.version = parser.get_http_version()
         head.keep_alive = parser.should_keep_alive()
         if status < 200 and status != 101:
+            self._interim += 1
+            if self._interim > MAX_INTERIM_RESPONSES:
+                raise BadMessageError(
+                    f"upstream sent more than {MAX_INTERIM_RESPONSES} interim responses",
+                    status=502,
+                    reason="upstream_protocol_error",
+                )
             self._head = ResponseHead()
             self.sink.on_informational(head)
             return
+        self._interim = 0
         if key is not None:
             self._cache(head, key)
         self.in_body = True
@@ -1152,6 +1216,7 @@ class ResponseCodec:
 
     def on_message_complete(self) -> None:
         self._clean = True
+        self._fields_seen = 0
         if not self.in_body:
             return  # the end of an informational (1xx) response
         trailers = self._trailers

@@ -73,6 +73,10 @@ R_SWITCHING = 2
 R_DONE = 3
 
 _NO_BODY = frozenset({204, 304})
+# Interim responses relayed per exchange (`interim`: bit 0 a 100 was sent, the rest
+# counts 103s).
+_SENT_CONTINUE = 1
+MAX_EARLY_HINTS = 2
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _VIA11 = (b"Via", b"1.1 tether")
 _VIA10 = (b"Via", b"1.0 tether")
@@ -212,6 +216,7 @@ class DownstreamConnection(asyncio.Protocol):
         "resp_state",
         "response_edit",
         "retried",
+        "interim",
         "seen_progress",
         "server",
         "start",
@@ -269,6 +274,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.status = 0
         self.keep_alive = True
         self.retried = False
+        self.interim = 0
         self.request_bytes = b""
         # Set by a router whose route edits response headers (proxy/policy_router.py).
         self.response_edit: Callable[[Fields], None] | None = None
@@ -437,6 +443,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.resp_state = R_NONE
         self.status = 0
         self.retried = False
+        self.interim = 0
         self.dstats = None
         self.response_edit = None
         self.keep_alive = head.keep_alive and not server.draining
@@ -707,9 +714,24 @@ class DownstreamConnection(asyncio.Protocol):
     # response events (ResponseCodec sink, while an upstream connection is bound) ----
 
     def on_informational(self, rhead: ResponseHead) -> None:
+        # Relayed only where the client can use it (RFC 9110 15.2): 100 once, to a client
+        # that sent `Expect: 100-continue`; 103 Early Hints at most MAX_EARLY_HINTS times;
+        # other 1xx are dropped. The codec fails a flood of them (502).
         head = self.head
-        if head is not None and head.version == "1.1":
-            self.wbuf.append(encode_response_head(rhead.status, rhead.reason, rhead.headers))
+        if head is None or head.version != "1.1":
+            return
+        status = rhead.status
+        if status == 100:
+            if not head.expect_continue or self.interim & _SENT_CONTINUE:
+                return
+            self.interim |= _SENT_CONTINUE
+        elif status == 103:
+            if self.interim >> 1 >= MAX_EARLY_HINTS:
+                return
+            self.interim += 2
+        else:
+            return
+        self.wbuf.append(encode_response_head(status, rhead.reason, rhead.headers))
 
     def on_response_head(self, rhead: ResponseHead) -> None:
         head = self.head
