@@ -449,6 +449,10 @@ def _drop_named(fields: Fields, tokens: list[bytes]) -> Fields:
     return [f for f in fields if f[0].lower() not in named]
 
 
+def _is_h2c(upgrade: bytes) -> bool:
+    return upgrade.strip().lower() == b"h2c"
+
+
 def _clean_trailers(fields: Fields) -> Fields:
     return [f for f in fields if f[0].lower() not in _FORBIDDEN_TRAILERS]
 
@@ -467,6 +471,7 @@ class RequestCodec:
         "_fill_origin",
         "_fill_rid",
         "_fill_varying",
+        "_h2c_body",
         "_head",
         "_last_head",
         "_last_template",
@@ -500,6 +505,9 @@ class RequestCodec:
         self._fill_varying: list[bytes] | None = None
         # The key of this connection's previous head that missed the cache.
         self._prev_miss: bytes | None = None
+        # An h2c upgrade was stripped from the current request: llhttp still stops at its
+        # head as at an upgrade, and this many body bytes follow it (-1: none pending).
+        self._h2c_body = -1
         # The previous cached head taken on this connection (with its blank line).
         self._last_head: bytes | None = None
         self._last_template: tuple[tuple[Any, ...], int] = ((), -1)
@@ -585,8 +593,19 @@ class RequestCodec:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            self.upgraded = True
-            return data[e.args[0] :]
+            rest = data[e.args[0] :]
+            length = self._h2c_body
+            if length < 0:
+                self.upgraded = True
+                return rest
+            # A stripped h2c upgrade: not switching. A new parser for what follows.
+            self._h2c_body = -1
+            self._parser = httptools.HttpRequestParser(self)
+            self._clean = True
+            if length:
+                self._remaining = length
+                self.head_bytes = 0
+            return self.feed(rest) if rest else None
         except httptools.HttpParserCallbackError as e:
             self._fill = None
             cause = e.__context__
@@ -875,6 +894,9 @@ class RequestCodec:
             head.headers = _drop_named(head.headers, tokens)
             if b"upgrade" not in tokens:
                 head.upgrade = None
+            elif head.upgrade is not None and _is_h2c(head.upgrade):
+                self._strip_h2c(head)
+                key = None
         elif head.upgrade is not None:
             head.upgrade = None
         self.in_body = True
@@ -884,10 +906,35 @@ class RequestCodec:
             self._cache(head, key)
         self.sink.on_request_head(head)
 
+    def _strip_h2c(self, head: RequestHead) -> None:
+        """Forward an `Upgrade: h2c` request as a plain HTTP/1.1 one, as Envoy does.
+
+        An h2c app that switched would take the connection out of per-request policy.
+        llhttp still ends the message at its head (an upgrade's body is the new
+        protocol's), so a Content-Length body is counted through by `feed`.
+        """
+        if head.chunked:
+            raise BadMessageError(
+                "an h2c upgrade with a chunked body is not supported",
+                status=501,
+                reason="not_implemented",
+            )
+        head.upgrade = None
+        head.headers = [f for f in head.headers if f[0].lower() != b"http2-settings"]
+        self._h2c_body = head.content_length or 0
+
     def on_body(self, body: bytes) -> None:
         self.sink.on_request_body(body)
 
     def on_message_complete(self) -> None:
+        if self._h2c_body > 0:
+            # A stripped h2c upgrade: llhttp ends it at its head; the body comes next.
+            self._head = RequestHead()
+            self._url = b""
+            self._size = 0
+            self._fields_seen = 0
+            self._te = None
+            return
         trailers = self._trailers
         self.in_body = False
         self._clean = True

@@ -300,15 +300,25 @@ class InboundRouter:
     ) -> None:
         self.pool = Pool(app_host, app_port, pool_policy or PoolPolicy(), ssl=app_ssl, name="app")
         self.dstats = stats.destination(self.name, "app")
+        # Host values seen to be well-formed authorities (bounded like the outbound's).
+        self._hosts: set[bytes] = set()
 
     def route(self, conn: DownstreamConnection, head: RequestHead) -> Pool | None:
         conn.dstats = self.dstats
-        if head.target[0] != 47:  # not origin-form (b"/"); llhttp never gives an empty target
-            try:
+        try:
+            if head.target[0] != 47:  # not origin-form (b"/"); llhttp never gives one empty
                 _absolute_to_origin(head, conn)
-            except BadMessageError as e:
-                conn.local_reply(e.reason, e.message, status=e.status)
-                return None
+            host = head.host
+            if host is not None and host not in self._hosts:
+                # The same authority syntax the outbound listener requires: the app must
+                # not see a Host that carries a path or userinfo.
+                parse_authority(host)
+                if len(self._hosts) >= _MAX_CACHED_AUTHORITIES:
+                    self._hosts.clear()
+                self._hosts.add(host)
+        except BadMessageError as e:
+            conn.local_reply(e.reason, e.message, status=e.status)
+            return None
         return self.pool
 
     def connect(self, conn: DownstreamConnection, head: RequestHead) -> tuple[str, int] | None:
