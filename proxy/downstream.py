@@ -83,6 +83,8 @@ _VIA10 = (b"Via", b"1.0 tether")
 # What ends a forwarded request head after the X-Request-Id value.
 _RID_VIA11_END = b"\r\nVia: 1.1 tether\r\n\r\n"
 _RID_VIA10_END = b"\r\nVia: 1.0 tether\r\n\r\n"
+_VIA11_END = _RID_VIA11_END[2:]
+_VIA10_END = _RID_VIA10_END[2:]
 # Response head endings of the fast path (Via, then what the client's connection needs).
 _RESP_END = b"Via: 1.1 tether\r\n\r\n"
 _RESP_END_CLOSE = b"Via: 1.1 tether\r\nConnection: close\r\n\r\n"
@@ -539,7 +541,8 @@ class DownstreamConnection(asyncio.Protocol):
         server = self.server
         raw = head.raw
         if raw is not None:
-            # A cached head: its field lines pass through as bytes; ours are appended.
+            # A cached head: its field lines pass through as bytes; ours are appended
+            # (an X-Request-Id the client sent is among its lines already).
             ff = head.forwarded_for
             rid = head.request_id
             if rid is None:
@@ -549,6 +552,11 @@ class DownstreamConnection(asyncio.Protocol):
                 if not low:
                     server._id_block = b"%s%010x" % (server._id_head, seq >> 8)
                 head.request_id = rid = server._id_block + _HEX2[low]
+                rid_name = b"X-Request-Id: "
+                end = _RID_VIA11_END if head.version == "1.1" else _RID_VIA10_END
+            else:
+                rid = rid_name = b""
+                end = _VIA11_END if head.version == "1.1" else _VIA10_END
             self.request_bytes = data = b"".join(
                 (
                     head.method,
@@ -560,9 +568,9 @@ class DownstreamConnection(asyncio.Protocol):
                     if ff is None
                     else b"X-Forwarded-For: " + ff + b", " + self.peer + b"\r\n",
                     server.xfp_line if head.forwarded_proto is None else b"",
-                    b"X-Request-Id: ",
+                    rid_name,
                     rid,
-                    _RID_VIA11_END if head.version == "1.1" else _RID_VIA10_END,
+                    end,
                 )
             )
             ubuf = self.ubuf
