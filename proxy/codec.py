@@ -539,6 +539,7 @@ class RequestCodec:
             data = data[used:]
         if not self.in_body:
             self.head_bytes += len(data)
+        after_h2c = b""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -547,14 +548,15 @@ class RequestCodec:
             if length < 0:
                 self.upgraded = True
                 return rest
-            # A stripped h2c upgrade: not switching. A new parser for what follows.
+            # A stripped h2c upgrade: not switching. A new parser for what follows
+            # (fed outside this handler, so its errors do not chain to this one).
             self._h2c_body = -1
             self._parser = httptools.HttpRequestParser(self)
             self._clean = True
             if length:
                 self._remaining = length
                 self.head_bytes = 0
-            return self.feed(rest) if rest else None
+            after_h2c = rest
         except httptools.HttpParserCallbackError as e:
             self._fill = None
             cause = e.__context__
@@ -564,6 +566,8 @@ class RequestCodec:
         except httptools.HttpParserError as e:
             self._fill = None
             raise BadMessageError(str(e) or "malformed request") from None
+        if after_h2c:
+            return self.feed(after_h2c)
         if not self.in_body and self.head_bytes > MAX_HEADER_SECTION:
             # Still inside a head after all of these bytes: all of them are head.
             raise BadMessageError(
