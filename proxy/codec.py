@@ -115,6 +115,8 @@ _response_heads: dict[bytes, tuple[ResponseHead, int]] = {}
 # long pause: heads that never repeat then stop paying for being remembered.
 _request_use = [0, 0]
 _response_use = [0, 0]
+
+
 def _renew(cache: dict[bytes, Any], use: list[int]) -> bool:
     """A full head cache: empty it for new heads (True), or keep it and skip this one."""
     if use[0] >= _MAX_CACHED_HEADS or use[1] >= 16 * _MAX_CACHED_HEADS:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from proxy.balance import Balancer, Endpoint, PickContext
+    from proxy.egress import EgressGuard
 
 _monotonic = time.monotonic
 # CONNECT dials in flight (held so they are not garbage-collected mid-way).
@@ -112,6 +113,10 @@ class Router(Protocol):
     """Chooses where a request goes (proxy/dispatch.py). See DownstreamConnection.routed."""
 
     name: str
+
+    @property
+    def egress_guard(self) -> EgressGuard | None:
+        """What CONNECT tunnels may not reach (proxy/egress.py), if this router tunnels."""
 
     def route(self, conn: DownstreamConnection, head: RequestHead) -> Pool | None: ...
 
@@ -199,6 +204,7 @@ class DownstreamConnection(asyncio.Protocol):
         "endpoint",
         "exchange",
         "head",
+        "interim",
         "keep_alive",
         "memo_end",
         "memo_head",
@@ -218,7 +224,6 @@ class DownstreamConnection(asyncio.Protocol):
         "resp_state",
         "response_edit",
         "retried",
-        "interim",
         "seen_progress",
         "server",
         "start",
@@ -944,6 +949,13 @@ class DownstreamConnection(asyncio.Protocol):
             return
         if exchange != self.exchange or self.closed:
             upstream.close()
+            return
+        guard = self.server.router.egress_guard
+        what = guard.denied(upstream) if guard is not None else None
+        if what is not None:
+            upstream.abort()
+            self.local_reply(local_reply.EGRESS_DENIED, f"CONNECT to {host}:{port} reaches {what}")
+            self.flush()
             return
         self.flush()
         self.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")

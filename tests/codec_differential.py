@@ -160,8 +160,10 @@ SEEDS = [
 ]
 
 # Bytes a mutation inserts: framing, whitespace, separators, controls.
-_TOKENS = [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"\x00", b"\x7f", b"/", b"HTTP/1.1",
-           b"\r\n\r\n", b"GET", b"Host: b\r\n", b"Content-Length: 1\r\n", b"0", b"\xff"]  # fmt: skip
+_TOKENS = [
+    b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"\x00", b"\x7f", b"/", b"HTTP/1.1",
+    b"\r\n\r\n", b"GET", b"Host: b\r\n", b"Content-Length: 1\r\n", b"0", b"\xff",
+]  # fmt: skip
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.codec_differential import run, corpus, differences, empty_caches
+from tests.codec_differential import corpus, differences, empty_caches, run
 
 CORPUS = corpus()
 
