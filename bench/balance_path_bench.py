@@ -45,8 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 from bench.proxy_bench import (
     DOCS,
@@ -126,7 +125,8 @@ def in_process_us(policy: str, count: int = 20_000, rounds: int = 5) -> float:
     """A policy's CPU µs per request on the outbound path, measured in-process: the
     router's context building (hashing policies), pick, on_start, on_end."""
     from proxy.balance import Endpoint, HashPolicy, LoadBalancerPolicy, build_balancer
-    from proxy.dispatch import _NO_HASH, _pick_context
+    from proxy.dispatch import _NO_HASH, _PeerPick
+    from proxy.route_result import Peer
 
     name = policy.replace("+locality", "")
     zone = LOCAL_ZONE if policy.endswith("+locality") else ""
@@ -136,13 +136,20 @@ def in_process_us(policy: str, count: int = 20_000, rounds: int = 5) -> float:
     )
     b = build_balancer(lbp, zone)
     b.update([Endpoint(f"svc-{i}", "127.0.0.1", 20000 + i, zone=z) for i, z in enumerate(ZONES)])
-    conn = cast(Any, SimpleNamespace(head=None, peer=b"127.0.0.1", path=b"/", pick_ctx=None))
+    peer = Peer(b"127.0.0.1")
     rng = random.Random(1)
     now, best = 1000.0, float("inf")
     for r in range(rounds + 1):  # round 0 warms up and is dropped
         start = time.process_time()
         for _ in range(count):
-            ep = b.pick(_pick_context(conn) if b.uses_context else _NO_HASH, now, rng)
+            if b.uses_context:  # as the router does: one context per peer, path per request
+                pick = peer.routing
+                if pick is None:
+                    pick = peer.routing = _PeerPick(peer)
+                pick.ctx.path = "/"
+                ep = b.pick(pick.ctx, now, rng)
+            else:
+                ep = b.pick(_NO_HASH, now, rng)
             if ep is not None:
                 b.tracker.on_start(ep, now)  # the proxy reports to the tracker
                 b.tracker.on_end(ep, now + 0.001, 0.001, True)

@@ -105,7 +105,8 @@ def build(hop: str, policy: str, endpoints: int) -> tuple[Any, Any]:
         router = OutboundRouter(StaticDirectory([cluster]), stats, pool_policy=pool_policy)
         pools = [
             router._pools.setdefault(
-                (ep.host, ep.port), Pool(ep.host, ep.port, pool_policy, name=ep.id)
+                (ep.host, ep.port, router.specs.default.pool_key),
+                Pool(ep.host, ep.port, pool_policy, name=ep.id),
             )
             for ep in cluster.endpoints
         ]
@@ -126,7 +127,7 @@ def build(hop: str, policy: str, endpoints: int) -> tuple[Any, Any]:
 
 def one(conn: Any) -> None:
     conn.data_received(REQUEST)
-    up = conn.upstream
+    up = conn.exchange.upstream
     up.data_received(RESPONSE)
 
 

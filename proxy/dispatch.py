@@ -16,16 +16,18 @@ from __future__ import annotations
 import asyncio
 import ssl as ssl_module
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from proxy import local_reply
 from proxy.balance import PickContext
 from proxy.cluster import Cluster, ServiceDirectory
+from proxy.cluster_spec import ClusterSpec, ClusterSpecs, PoolKeys, default_specs
 from proxy.codec import RequestHead
-from proxy.downstream import PAUSE_CONNECTING, RNG, DownstreamConnection
+from proxy.downstream import RNG
 from proxy.egress import EgressGuard
 from proxy.errors import BadMessageError
 from proxy.pool import Pool, PoolPolicy
+from proxy.route_result import Peer, RouteResult
 from proxy.stats import DestinationStats, ProxyStats
 from proxy.target import Authority, parse_authority, split_absolute_form
 
@@ -36,47 +38,46 @@ _MAX_CACHED_AUTHORITIES = 4096
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-def _pick_context(conn: DownstreamConnection) -> PickContext:
-    """What a hashing balancer may read of the request: its fields (by case-insensitive
-    name; repeated fields joined, cookies with "; "), the client's address, the path.
+class _PeerPick:
+    """What a hashing balancer may read of a peer's requests: their fields (by
+    case-insensitive name; repeated fields joined, cookies with "; "), the peer's
+    address, the path.
 
-    One context per connection, made at its first hashed request: the source address is
-    the connection's, `header` reads the request being routed when it is called, and only
-    `path` is set per request. (The connection drops it when it closes: the context's
-    `header` refers back to the connection.)"""
-    ctx = conn.pick_ctx
-    if ctx is None:
+    One per connection (kept in `Peer.routing`), made at its first hashed request: the
+    source address is the peer's, `header` reads the request being routed (set for the
+    pick only), and `path` is set per request."""
 
-        def header(name: str) -> str | None:
-            # Read lazily: a source-address hash must not make a cached head parse its
-            # fields.
-            head = conn.head
-            if head is None:
-                return None
-            key = name.lower().encode("latin-1")
-            values = [v for n, v in head.headers if n.lower() == key]
-            if not values:
-                return None
-            return (b"; " if key == b"cookie" else b", ").join(values).decode("latin-1")
+    __slots__ = ("ctx", "head")
 
-        ctx = conn.pick_ctx = PickContext(source_ip=conn.peer.decode("latin-1"), header=header)
-    ctx.path = conn.path.decode("latin-1")
-    return ctx
+    def __init__(self, peer: Peer) -> None:
+        self.head: RequestHead | None = None
+        self.ctx = PickContext(source_ip=peer.address.decode("latin-1"), header=self.header)
+
+    def header(self, name: str) -> str | None:
+        # Read lazily: a source-address hash must not make a cached head parse its fields.
+        head = self.head
+        if head is None:
+            return None
+        key = name.lower().encode("latin-1")
+        values = [v for n, v in head.headers if n.lower() == key]
+        if not values:
+            return None
+        return (b"; " if key == b"cookie" else b", ").join(values).decode("latin-1")
 
 
-def _absolute_to_origin(head: RequestHead, conn: DownstreamConnection) -> bytes | None:
-    """The authority a request names; rewrites absolute-form to origin-form on `conn`."""
+def _absolute_to_origin(head: RequestHead) -> tuple[bytes | None, bytes | None]:
+    """(the authority a request names, its origin-form path or None when it had one):
+    absolute-form is rewritten, Host replaced by the URI's authority."""
     target = head.target
     if target == b"*":
-        return head.host
+        return head.host, None
     split = split_absolute_form(target)
     if split is None:
-        return head.host
+        return head.host, None
     authority, path = split
-    conn.path = path
     # RFC 9112 3.2.2: the URI's authority wins, and Host is replaced by it.
     head.set_host(authority)
-    return authority
+    return authority, path
 
 
 class OutboundRouter:
@@ -107,7 +108,12 @@ class OutboundRouter:
         self.resolve_timeout = resolve_timeout
         self.listen_port = 0  # set by the listener, to refuse requests to itself
         self._authorities: dict[bytes, Authority] = {}
-        self._pools: dict[tuple[str, int], Pool] = {}
+        # Endpoint pools by (host, port, the spec's pool key): never changed per request.
+        self._pools: dict[tuple[str, int, int], Pool] = {}
+        self._results: dict[tuple[str, int, int], RouteResult] = {}
+        self._pool_keys = PoolKeys()
+        # Without a control plane every cluster has the sidecar's own settings.
+        self.specs: ClusterSpecs = default_specs(self.pool_policy, self._pool_keys)
         self._egress_pools: dict[tuple[str, int], Pool] = {}
         self._not_mesh: dict[tuple[str, str], float] = {}
         self._dstats: dict[str, DestinationStats] = {}
@@ -123,71 +129,116 @@ class OutboundRouter:
             self._authorities[raw] = auth
         return auth
 
-    def route(self, conn: DownstreamConnection, head: RequestHead) -> Pool | None:
+    def route(self, head: RequestHead, peer: Peer) -> RouteResult:
+        path = None
         try:
             # Origin-form (the app named the service in Host) is the common case.
-            raw = head.host if head.target[0] == 47 else _absolute_to_origin(head, conn)
+            if head.target[0] == 47:
+                raw = head.host
+            else:
+                raw, path = _absolute_to_origin(head)
             if raw is None:
                 raise BadMessageError("the request names no host (no Host, no absolute URI)")
             auth = self._authorities.get(raw) or self._authority(raw)
         except BadMessageError as e:
-            conn.local_reply(e.reason, e.message, status=e.status)
-            return None
+            return RouteResult.answer(e.reason, e.message, status=e.status)
         service = auth.service
         if service is not None:
             ns = auth.namespace or self.namespace
             cluster = self.directory.lookup(ns, service)
             if cluster is not None:
-                return self._to_cluster(conn, cluster)
+                return self._to_cluster(head, peer, path, cluster)
             if auth.namespace is None:
-                self._resolve_later(conn, ns, service, None)
-                return None
+                return RouteResult(pending=self._resolve(head, peer, path, ns, service, None))
             expiry = self._not_mesh.get((ns, service))
-            if expiry is None or expiry < conn.start:
-                self._resolve_later(conn, ns, service, auth)
-                return None
-        return self._egress(conn, auth)
+            if expiry is None or expiry < time.monotonic():
+                return RouteResult(pending=self._resolve(head, peer, path, ns, service, auth))
+        return self._egress(auth, path)
 
-    def _to_cluster(self, conn: DownstreamConnection, cluster: Cluster) -> Pool | None:
+    def _to_cluster(
+        self, head: RequestHead, peer: Peer, path: bytes | None, cluster: Cluster
+    ) -> RouteResult:
+        """The logical target's cluster is the concrete one (the policy router inserts
+        route rules and splits here)."""
+        return self._concrete(head, peer, path, cluster, self.specs.default)
+
+    def _concrete(
+        self,
+        head: RequestHead,
+        peer: Peer,
+        path: bytes | None,
+        cluster: Cluster,
+        spec: ClusterSpec,
+    ) -> RouteResult:
+        """The balancer's pick in `cluster` and its pool under `spec`."""
         name = cluster.name
         dstats = self._dstats.get(name)
         if dstats is None:
             dstats = self._dstats[name] = self.stats.destination(self.name, name)
-        conn.dstats = dstats
         balancer = cluster.balancer
         # Only the hashing balancers read the request; the others share one empty context.
-        ctx = _pick_context(conn) if balancer.uses_context else _NO_HASH
-        ep = balancer.pick(ctx, conn.start, RNG)
+        if balancer.uses_context:
+            pick = peer.routing
+            if pick is None:
+                pick = peer.routing = _PeerPick(peer)
+            pick.head = head
+            ctx = pick.ctx
+            ctx.path = (path or head.target).decode("latin-1")
+            ep = balancer.pick(ctx, time.monotonic(), RNG)
+            pick.head = None
+        else:
+            ep = balancer.pick(_NO_HASH, time.monotonic(), RNG)
         if ep is None:
-            conn.local_reply(
-                local_reply.NO_HEALTHY_UPSTREAM, f"service {name} has no healthy endpoint"
+            return RouteResult.answer(
+                local_reply.NO_HEALTHY_UPSTREAM,
+                f"service {name} has no healthy endpoint",
+                dstats=dstats,
             )
-            return None
-        # The balancer hears of the request now, not once a connection is attached: a
-        # burst of requests to an endpoint still connecting must see it busy.
-        conn.endpoint = ep
-        conn.balancer = tracker = balancer.tracker  # a layer may delegate on_start/on_end
-        tracker.on_start(ep, conn.start)
-        key = (ep.host, ep.port)
+        tracker = balancer.tracker  # a layer may delegate on_start/on_end
+        key = (ep.host, ep.port, spec.pool_key)
+        if path is None:
+            # One result per endpoint pool, shared by its requests while it still says
+            # the same (the balancer or the spec may have changed since it was made).
+            result = self._results.get(key)
+            if (
+                result is not None
+                and result.endpoint is ep
+                and result.tracker is tracker
+                and result.dstats is dstats
+                and result.spec is spec
+            ):
+                return result
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = Pool(
                 ep.host,
                 ep.port,
-                self.pool_policy,
+                spec.pool,
                 ssl=self.upstream_ssl,
                 name=f"{name}/{ep.host}:{ep.port}",
             )
-        return pool
+        # The exchange tells the tracker of the start at once, and of the end once.
+        result = RouteResult(
+            pool,
+            dstats=dstats,
+            endpoint=ep,
+            tracker=tracker,
+            path=path,
+            request_timeout=spec.request_timeout,
+            spec=spec,
+        )
+        if path is None:
+            self._results[key] = result
+        return result
 
-    def _egress(self, conn: DownstreamConnection, auth: Authority) -> Pool | None:
-        conn.dstats = self._egress_stats
+    def _egress(self, auth: Authority, path: bytes | None) -> RouteResult:
+        dstats = self._egress_stats
         if self.egress == "deny":
-            conn.local_reply(local_reply.EGRESS_DENIED, f"egress to {auth.host} is denied")
-            return None
+            return RouteResult.answer(
+                local_reply.EGRESS_DENIED, f"egress to {auth.host} is denied", dstats=dstats
+            )
         if auth.host in _LOOPBACK and auth.port == self.listen_port:
-            conn.local_reply(local_reply.PROXY_LOOP)
-            return None
+            return RouteResult.answer(local_reply.PROXY_LOOP, dstats=dstats)
         key = (auth.host, auth.port)
         pool = self._egress_pools.get(key)
         if pool is None:
@@ -198,85 +249,70 @@ class OutboundRouter:
                 name=f"egress/{auth.host}:{auth.port}",
                 guard=self.egress_guard,
             )
-        return pool
-
-    def _resolve_later(
-        self, conn: DownstreamConnection, ns: str, service: str, egress: Authority | None
-    ) -> None:
-        conn.set_pause(PAUSE_CONNECTING)
-        task = asyncio.get_running_loop().create_task(
-            self._resolve(conn, conn.exchange, ns, service, egress)
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return RouteResult(pool, dstats=dstats, path=path)
 
     async def _resolve(
         self,
-        conn: DownstreamConnection,
-        exchange: int,
+        head: RequestHead,
+        peer: Peer,
+        path: bytes | None,
         ns: str,
         service: str,
         egress: Authority | None,
-    ) -> None:
+    ) -> RouteResult:
+        """The first request to a service the directory has not seen: wait for discovery."""
         try:
             cluster = await asyncio.wait_for(
                 self.directory.resolve(ns, service), self.resolve_timeout
             )
         except TimeoutError:
-            if exchange == conn.exchange and not conn.closed:
-                conn.dstats = self.stats.destination(self.name, f"{service}.{ns}")
-                conn.local_reply(
-                    local_reply.NO_HEALTHY_UPSTREAM,
-                    f"discovery did not answer about {service}.{ns} in {self.resolve_timeout}s",
-                )
-                conn.routed(exchange, None)
-            return
-        if exchange != conn.exchange or conn.closed:
-            return
-        pool: Pool | None
-        if cluster is not None:
-            pool = self._to_cluster(conn, cluster)
-        elif egress is not None:
-            self._not_mesh[(ns, service)] = time.monotonic() + NOT_MESH_TTL
-            pool = self._egress(conn, egress)
-        else:
-            conn.dstats = None  # counted under local replies: names are unbounded
-            conn.local_reply(
-                local_reply.UNKNOWN_SERVICE, f"no service {service!r} in namespace {ns!r}"
+            return RouteResult.answer(
+                local_reply.NO_HEALTHY_UPSTREAM,
+                f"discovery did not answer about {service}.{ns} in {self.resolve_timeout}s",
+                dstats=self.stats.destination(self.name, f"{service}.{ns}"),
             )
-            pool = None
-        conn.routed(exchange, pool)
+        if cluster is not None:
+            return self._to_cluster(head, peer, path, cluster)
+        if egress is not None:
+            self._not_mesh[(ns, service)] = time.monotonic() + NOT_MESH_TTL
+            return self._egress(egress, path)
+        # Counted under local replies only: names are unbounded.
+        return RouteResult.answer(
+            local_reply.UNKNOWN_SERVICE, f"no service {service!r} in namespace {ns!r}"
+        )
 
-    def connect(self, conn: DownstreamConnection, head: RequestHead) -> tuple[str, int] | None:
-        conn.dstats = self._egress_stats
+    def connect(self, head: RequestHead, peer: Peer) -> RouteResult:
+        dstats = self._egress_stats
         try:
             auth = parse_authority(head.target, 443)
         except BadMessageError as e:
-            conn.local_reply(e.reason, e.message, status=e.status, close=True)
-            return None
+            return RouteResult.answer(
+                e.reason, e.message, status=e.status, close=True, dstats=dstats
+            )
         if auth.service is not None and (
             auth.namespace is None
             or self.directory.lookup(auth.namespace, auth.service) is not None
         ):
-            conn.local_reply(
+            return RouteResult.answer(
                 local_reply.BAD_REQUEST,
                 f"CONNECT tunnels egress only; {auth.host} is a mesh name (use http://)",
                 close=True,
+                dstats=dstats,
             )
-            return None
         if self.egress == "deny":
-            conn.local_reply(
-                local_reply.EGRESS_DENIED, f"egress to {auth.host} is denied", close=True
+            return RouteResult.answer(
+                local_reply.EGRESS_DENIED,
+                f"egress to {auth.host} is denied",
+                close=True,
+                dstats=dstats,
             )
-            return None
-        return auth.host, auth.port
+        return RouteResult(dstats=dstats, tunnel=(auth.host, auth.port))
 
     def sweep(self, now: float) -> None:
-        for pools in (self._pools, self._egress_pools):
-            for key, pool in list(pools.items()):
-                pool.sweep(now)
-                if pool.size == 0 and not pool.waiters:
-                    del pools[key]
+        _sweep(self._pools, now)
+        _sweep(self._egress_pools, now)
+        for key in [k for k in self._results if k not in self._pools]:
+            del self._results[key]
 
     def pools(self) -> list[Pool]:
         return [*self._pools.values(), *self._egress_pools.values()]
@@ -290,6 +326,14 @@ class OutboundRouter:
             f"<OutboundRouter ns={self.namespace} egress={self.egress}"
             f" pools={len(self._pools)} egress_pools={len(self._egress_pools)}>"
         )
+
+
+def _sweep(pools: dict[Any, Pool], now: float) -> None:
+    """Close idle connections past their time; forget pools left with none."""
+    for key, pool in list(pools.items()):
+        pool.sweep(now)
+        if pool.size == 0 and not pool.waiters:
+            del pools[key]
 
 
 class InboundRouter:
@@ -309,14 +353,16 @@ class InboundRouter:
     ) -> None:
         self.pool = Pool(app_host, app_port, pool_policy or PoolPolicy(), ssl=app_ssl, name="app")
         self.dstats = stats.destination(self.name, "app")
+        # Every origin-form request's answer: one shared, unchanging result.
+        self._result = RouteResult(self.pool, dstats=self.dstats)
         # Host values seen to be well-formed authorities (bounded like the outbound's).
         self._hosts: set[bytes] = set()
 
-    def route(self, conn: DownstreamConnection, head: RequestHead) -> Pool | None:
-        conn.dstats = self.dstats
+    def route(self, head: RequestHead, peer: Peer) -> RouteResult:
+        path = None
         try:
             if head.target[0] != 47:  # not origin-form (b"/"); llhttp never gives one empty
-                _absolute_to_origin(head, conn)
+                path = _absolute_to_origin(head)[1]
             host = head.host
             if host is not None and host not in self._hosts:
                 # The same authority syntax the outbound listener requires: the app must
@@ -326,16 +372,18 @@ class InboundRouter:
                     self._hosts.clear()
                 self._hosts.add(host)
         except BadMessageError as e:
-            conn.local_reply(e.reason, e.message, status=e.status)
-            return None
-        return self.pool
+            return RouteResult.answer(e.reason, e.message, status=e.status, dstats=self.dstats)
+        if path is None:
+            return self._result
+        return RouteResult(self.pool, dstats=self.dstats, path=path)
 
-    def connect(self, conn: DownstreamConnection, head: RequestHead) -> tuple[str, int] | None:
-        conn.dstats = self.dstats
-        conn.local_reply(
-            local_reply.BAD_REQUEST, "CONNECT is not accepted on the inbound listener", close=True
+    def connect(self, head: RequestHead, peer: Peer) -> RouteResult:
+        return RouteResult.answer(
+            local_reply.BAD_REQUEST,
+            "CONNECT is not accepted on the inbound listener",
+            close=True,
+            dstats=self.dstats,
         )
-        return None
 
     def sweep(self, now: float) -> None:
         self.pool.sweep(now)

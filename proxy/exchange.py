@@ -1,17 +1,13 @@
 """The exchange: one request and its response, a sans-IO state machine with one end.
 
 An `Exchange` is made by the connection that received a request head (the HTTP/1
-connection in proxy/downstream.py now, an HTTP/2 stream later) and is driven by events:
-the rest of the request (`on_request_body`, `on_request_end`), the router's answer
-(`on_routed`), the pool's (`on_upstream_ready`, `on_upstream_failed`), the upstream
-connection's (`on_informational`, `on_response_head`, `on_response_body`,
-`on_response_end`, `on_upstream_switched`, `on_upstream_lost`: while bound, the
-exchange is its codec's sink), a CONNECT dial's (`on_tunnel_ready`,
-`on_tunnel_failed`), and the connection's (`on_deadline`, `on_client_gone`,
-`on_bad_request`). It acts only through its `Downstream` (append bytes to `wbuf` for
-the client and `ubuf` for the upstream, `flush`, pause and resume reading, `dial`,
-`exchange_done`) and the upstream connection it holds (bind, release to its pool,
-abort): no sockets, no clock of its own (the server's `clock`).
+connection in proxy/downstream.py now, an HTTP/2 stream later) and driven by events
+(`on_*`): the rest of the request, the router's answer, the pool's, the upstream
+connection's (while bound, the exchange is its codec's sink), a CONNECT dial's, and the
+connection's (deadline, client gone, bad request). It acts only through its
+`Downstream` (bytes appended to `wbuf` for the client and `ubuf` for the upstream,
+`flush`, pause/resume reading, `dial`, `exchange_done`) and the upstream connection it
+holds: no sockets, no clock of its own (the server's `clock`).
 
 Every request ends in `end(outcome)`, once: the typed outcome (proxy/outcome.py) is
 what stats, the balancer's tracker (`on_end`, exactly once per `on_start`) and the
@@ -38,21 +34,17 @@ valid in (`TABLE` is the same, as data; tests/test_exchange.py walks every cell)
 | response_end | RESPONDING, SWITCHING | end: completed, release the connection (SWITCHING: wait) |
 | upstream_switched | SWITCHING | end: completed 101, tunnel |
 | upstream_lost | SENDING..SWITCHING | retry once (reused connection), else end: reset |
-| deadline | any but ENDED | end: timeout (504, or cut short) |
-| client_gone | any but ENDED | drop the upstream connection, end: client gone |
-| bad_request | any but ENDED | drop the upstream connection, end: local reply (or cut short) |
+| deadline, client_gone, bad_request | any but ENDED | drop the upstream, end |
+| last_request | any but ENDED | the connection carries nothing after this exchange |
 
-"error" raises `ExchangeStateError`: the caller broke the protocol (the upstream's codec
-sends response events only to the exchange bound to it). "discard" is for answers that
-arrive after the end (a late discovery answer, a pool's connection for a client that
-left): they are dropped, and resources they carry are returned. SENDING covers both
-"request body still streaming" and "request sent, waiting for the response head"
-(`req_done` tells which; the request timeout runs from the request's end).
+Anywhere else an event raises `ExchangeStateError` (the caller broke the protocol),
+except an answer that arrives after the end (`LATE`: a discovery answer, a pool's
+connection for a client that left), which is dropped, its resources returned.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from proxy import local_reply
 from proxy import outcome as outcomes
@@ -67,18 +59,15 @@ from proxy.forwarding import (
 )
 from proxy.outcome import Outcome
 from proxy.pool import PoolOverflowError
+from proxy.upstream import PAUSE_UPSTREAM as PAUSE_UPSTREAM  # the upstream's buffer is full
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from proxy.balance import Balancer, Endpoint
     from proxy.codec import Fields, RequestHead, ResponseHead
     from proxy.pool import Pool
     from proxy.route_result import Peer, RouteResult
-    from proxy.stats import DestinationStats, ProxyStats
+    from proxy.stats import ProxyStats
     from proxy.upstream import UpstreamConnection
 
-# States.
 ROUTING: Final = 0  # the head is in; waiting for the router's answer
 CONNECTING: Final = 1  # routed to a pool; waiting for a connection
 DIALING: Final = 2  # CONNECT: the tunnel's connection is being dialled
@@ -100,20 +89,24 @@ STATE_NAMES: Final = (
 KEEP: Final = 0  # ready for the next request
 CLOSE: Final = 1  # write what is pending, then close
 ABORT: Final = 2  # the response was cut short: reset, so the client cannot take it as whole
-TUNNEL: Final = 3  # splice the client with `tunnel_transport`
+TUNNEL: Final = 3  # splice the client with `tunnel` (transport, bytes it sent first)
 GONE: Final = 4  # the client left: nothing to do
 
 # Why reading from the client is paused (bits; reading resumes when none is left).
 PAUSE_BACKLOG: Final = 1  # pipelined requests wait behind the one in flight
-PAUSE_UPSTREAM: Final = 2  # the upstream socket's write buffer is full (proxy/upstream.py)
 PAUSE_CONNECTING: Final = 4  # no upstream connection yet; body pieces would pile up
 PAUSE_SWITCHING: Final = 8  # Upgrade/CONNECT: bytes after the head wait for the tunnel
 
-# Deadline kinds: `idle` runs while bytes move (renewed by progress), `request` from the
-# request's end to the response head.
+# Deadlines: idle (renewed by progress), request (from the request's end to the response).
 T_IDLE: Final = 0
 T_REQUEST: Final = 1
 
+# `flags`: a 100 was relayed; the request was sent again once; 103s relayed, counted in
+# steps of _EARLY_HINT (at most MAX_EARLY_HINTS).
+_SENT_CONTINUE = 1
+_RETRIED = 2
+_EARLY_HINT = 4
+MAX_EARLY_HINTS = 2
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # The state table as data: event -> the states it is valid in (anything else raises,
@@ -135,24 +128,16 @@ TABLE: Final[dict[str, frozenset[int]]] = {
     "deadline": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
     "client_gone": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
     "bad_request": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
+    "last_request": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
 }
-# Events that may arrive after the end and are dropped (their resources given back).
-LATE: Final = frozenset(
-    {
-        "request_body",
-        "request_end",
-        "routed",
-        "upstream_ready",
-        "upstream_failed",
-        "tunnel_ready",
-        "tunnel_failed",
-        "upstream_switched",
-        "upstream_lost",
-        "deadline",
-        "client_gone",
-        "bad_request",
-    }
-)
+# Events that may arrive after the end and are dropped (their resources given back):
+# all but the response events, which come only from the upstream bound to the exchange.
+LATE: Final = frozenset(TABLE) - {
+    "informational",
+    "response_head",
+    "response_body",
+    "response_end",
+}
 
 
 class ExchangeStateError(Exception):
@@ -160,10 +145,12 @@ class ExchangeStateError(Exception):
 
 
 class Timeouts(Protocol):
-    header_read: float
-    idle: float
-    request: float
-    connect: float
+    """Seconds (proxy/downstream.py's TimeoutPolicy)."""
+
+    @property
+    def idle(self) -> float: ...
+    @property
+    def request(self) -> float: ...
 
 
 class Server(Forwarder, Protocol):
@@ -171,13 +158,10 @@ class Server(Forwarder, Protocol):
 
     @property
     def timeouts(self) -> Timeouts: ...
-
     @property
     def stats(self) -> ProxyStats: ...
-
     @property
     def draining(self) -> bool: ...
-
     def clock(self) -> float: ...
 
 
@@ -186,10 +170,8 @@ class Downstream(Protocol):
 
     @property
     def server(self) -> Server: ...
-
     @property
     def peer(self) -> Peer: ...
-
     @property
     def memo(self) -> ResponseMemo: ...
 
@@ -198,11 +180,8 @@ class Downstream(Protocol):
     ubuf: list[bytes]
 
     def flush(self) -> None: ...
-
     def set_pause(self, bit: int) -> None: ...
-
     def clear_pause(self, bit: int) -> None: ...
-
     def dial(self, exchange: Exchange, host: str, port: int) -> None:
         """CONNECT: dial host:port, then call on_tunnel_ready / on_tunnel_failed."""
 
@@ -211,72 +190,59 @@ class Downstream(Protocol):
 
 
 class Exchange:
-    """One request and its response (see the module's docstring for the state table)."""
+    """One request and its response (see the module's docstring for the state table).
+
+    Only what changes per request lives here; what the router decided stays in `route`
+    (a `RouteResult` the router may share between requests, never changed)."""
 
     __slots__ = (
         "after",
         "conn",
         "deadline",
-        "dstats",
-        "endpoint",
+        "flags",
         "head",
         "keep_alive",
         "outcome",
-        "path",
-        "pool",
         "progress",
-        "req_chunked",
         "req_done",
         "request_bytes",
-        "request_timeout",
         "resp_chunked",
-        "response_edit",
-        "retried",
+        "route",
         "seen_progress",
         "server",
         "start",
         "state",
         "status",
         "timer",
-        "tracker",
-        "tunnel_rest",
-        "tunnel_transport",
+        "tunnel",
         "upstream",
-        "waiting",
     )
+
+    outcome: Outcome
+    after: int
+    tunnel: tuple[Any, bytes]
+    request_bytes: bytes
+    resp_chunked: bool
 
     def __init__(self, conn: Downstream, head: RequestHead) -> None:
         server = conn.server
         self.conn = conn
         self.server = server
         self.head = head
-        self.path = head.target
         self.state = ROUTING
-        self.req_chunked = head.chunked
-        self.req_done = False
-        self.resp_chunked = False
-        self.status = 0
-        self.keep_alive = head.keep_alive and not server.draining
-        self.retried = False
-        self.request_bytes = b""
+        self.route: RouteResult | None = None
         self.upstream: UpstreamConnection | None = None
-        self.pool: Pool | None = None
-        self.waiting: Pool | None = None
-        self.endpoint: Endpoint | None = None
-        self.tracker: Balancer | None = None
-        self.dstats: DestinationStats | None = None
-        self.response_edit: Callable[[Fields], None] | None = None
-        self.request_timeout = 0.0
-        self.outcome: Outcome | None = None
-        self.after = KEEP
-        self.tunnel_transport: Any = None
-        self.tunnel_rest = b""
+        self.req_done = False
+        self.keep_alive = head.keep_alive and not server.draining
+        self.flags = 0  # _SENT_CONTINUE, _RETRIED, 103s counted in steps of _EARLY_HINT
         self.start = now = server.clock()
         self.timer = T_IDLE
         self.deadline = now + server.timeouts.idle
         # Bumped by both sockets' data; the sweep renews the idle deadline on progress.
         self.progress = 0
         self.seen_progress = 0
+        # Set when first needed: resp_chunked, request_bytes, tunnel, outcome, after.
+        self.status = 0
 
     def _invalid(self, event: str) -> None:
         """An event outside the table: dropped after the end if it may come late, else
@@ -288,6 +254,16 @@ class Exchange:
             f"{self.head.target[:60]!r})"
         )
 
+    @property
+    def retried(self) -> bool:
+        """Whether the request was sent again (once, after a reused connection's reset)."""
+        return bool(self.flags & _RETRIED)
+
+    @property
+    def pool(self) -> Pool | None:
+        route = self.route
+        return route.pool if route is not None else None
+
     # -- request events ---------------------------------------------------------------
 
     def on_request_body(self, data: bytes) -> None:
@@ -296,7 +272,7 @@ class Exchange:
             self._invalid("request_body")  # after a local reply or early response: dropped
             return
         ubuf = self.conn.ubuf
-        if self.req_chunked:
+        if self.head.chunked:
             ubuf.append(chunk_prefix(len(data)))
             ubuf.append(data)
             ubuf.append(b"\r\n")
@@ -311,22 +287,26 @@ class Exchange:
             self._invalid("request_end")
             return
         self.req_done = True
-        if self.req_chunked:
+        if self.head.chunked:
             self.conn.ubuf.append(encode_last_chunk(trailers))
         if state < RESPONDING and state != DIALING:
             self.timer = T_REQUEST
-            self.deadline = self.server.clock() + (
-                self.request_timeout or self.server.timeouts.request
-            )
+            self.deadline = self.server.clock() + self._request_timeout()
+
+    def _request_timeout(self) -> float:
+        route = self.route
+        timeout = route.request_timeout if route is not None else 0.0
+        return timeout or self.server.timeouts.request
 
     # -- routing --------------------------------------------------------------------------
 
     def on_routed(self, result: RouteResult) -> None:
-        """The router's answer (at once, or later for a service not seen before)."""
+        """The router's answer (at once, or later for a service not seen before): a
+        local reply, a tunnel to dial, or a pool to take a connection from."""
         if self.state != ROUTING:
             self._invalid("routed")
             return
-        self.dstats = result.dstats
+        self.route = result
         reply = result.reply
         if reply is not None:
             self.local_reply(reply.reason, reply.message, status=reply.status, close=reply.close)
@@ -338,32 +318,26 @@ class Exchange:
         pool = result.pool
         if pool is None:
             raise ExchangeStateError(f"{result!r} names no destination")
-        ep = result.endpoint
-        if ep is not None and result.tracker is not None:
+        ep, tracker = result.endpoint, result.tracker
+        if ep is not None and tracker is not None:
             # The balancer hears of the request at the pick, not once a connection is
-            # attached: a burst to an endpoint still connecting must see it busy.
-            self.endpoint = ep
-            self.tracker = tracker = result.tracker
+            # attached: a burst to an endpoint still connecting must see it busy. It
+            # hears of the end exactly once, in end().
             tracker.on_start(ep, self.start)
-        if result.path is not None:
-            self.path = result.path
-        self.response_edit = result.response_edit
-        self.request_timeout = result.request_timeout
         if self.timer == T_REQUEST and result.request_timeout:
             # The request ended while routing: its timeout is the route's.
             self.deadline = self.start + result.request_timeout
-        self._forward(pool)
-
-    def _forward(self, pool: Pool) -> None:
-        """Put the rewritten request head before any body bytes, and get a connection."""
-        data = forwarded_request_head(self.head, self.path, self.conn.peer, self.server)
-        self.request_bytes = data
-        ubuf = self.conn.ubuf
+        conn = self.conn
+        # The rewritten head goes before any body bytes that arrived meanwhile.
+        path = result.path
+        self.request_bytes = data = forwarded_request_head(
+            self.head, path if path is not None else self.head.target, conn.peer, self.server
+        )
+        ubuf = conn.ubuf
         if ubuf:
             ubuf.insert(0, data)
         else:
             ubuf.append(data)
-        self.pool = pool
         self._acquire(pool)
 
     def _acquire(self, pool: Pool) -> None:
@@ -375,37 +349,33 @@ class Exchange:
             reason = local_reply.DRAINING if pool.closed else local_reply.OVERFLOW
             self.local_reply(reason, str(e))
             return
-        if up is None:
-            self.waiting = pool
-            if not self.req_done:
-                self.conn.set_pause(PAUSE_CONNECTING)
-        else:
+        if up is not None:
             self._attach(up)
+        elif not self.req_done:
+            self.conn.set_pause(PAUSE_CONNECTING)
 
     def _attach(self, up: UpstreamConnection) -> None:
         self.state = SENDING
         self.upstream = up
-        up.bind(cast("Any", self), self.head.method == b"HEAD")  # until upstream.py names Exchange
+        up.bind(self, self.head.method == b"HEAD")
 
     # -- the pool's answers (PoolWaiter) ------------------------------------------------
 
     def on_upstream_ready(self, up: UpstreamConnection) -> None:
-        if self.state != CONNECTING or self.waiting is None:
+        if self.state != CONNECTING:
             if self.state == ENDED:
                 up.pool.release(up, self.server.clock())
                 return
             self._invalid("upstream_ready")
-        self.waiting = None
         self._attach(up)
         conn = self.conn
         conn.flush()
         conn.clear_pause(PAUSE_CONNECTING)
 
     def on_upstream_failed(self, reason: str, message: str) -> None:
-        if self.state != CONNECTING or self.waiting is None:
+        if self.state != CONNECTING:
             self._invalid("upstream_failed")
             return
-        self.waiting = None
         conn = self.conn
         conn.ubuf.clear()
         conn.clear_pause(PAUSE_CONNECTING)
@@ -423,25 +393,41 @@ class Exchange:
             self._invalid("tunnel_ready")
         self.conn.wbuf.append(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         self.status = 200
-        self.tunnel_transport = transport
-        self.tunnel_rest = received
-        self.after = TUNNEL
-        self.end(outcomes.completed(200))
+        self.tunnel = (transport, received)
+        self.end(outcomes.completed(200), TUNNEL)
 
-    def on_tunnel_failed(self, message: str) -> None:
+    def on_tunnel_failed(self, reason: str, message: str) -> None:
+        """The CONNECT dial failed (upstream_connect_error), or reached what egress may
+        not (egress_denied)."""
         if self.state != DIALING:
             self._invalid("tunnel_failed")
             return
-        self._reply(outcomes.ConnectFailure, local_reply.UPSTREAM_CONNECT_ERROR, message)
+        self._reply(outcomes.ConnectFailure, reason, message)
         self.conn.flush()
 
     # -- response events (the bound upstream codec's sink) ------------------------------
 
     def on_informational(self, rhead: ResponseHead) -> None:
+        # Relayed only where the client can use it (RFC 9110 15.2): 100 once, to a client
+        # that sent `Expect: 100-continue`; 103 Early Hints at most MAX_EARLY_HINTS times;
+        # other 1xx are dropped. The codec fails a flood of them (502).
         if self.state != SENDING:
             self._invalid("informational")
-        if self.head.version == "1.1":
-            self.conn.wbuf.append(encode_response_head(rhead.status, rhead.reason, rhead.headers))
+        head = self.head
+        if head.version != "1.1":
+            return
+        status = rhead.status
+        if status == 100:
+            if not head.expect_continue or self.flags & _SENT_CONTINUE:
+                return
+            self.flags |= _SENT_CONTINUE
+        elif status == 103:
+            if self.flags // _EARLY_HINT >= MAX_EARLY_HINTS:
+                return
+            self.flags += _EARLY_HINT
+        else:
+            return
+        self.conn.wbuf.append(encode_response_head(status, rhead.reason, rhead.headers))
 
     def on_response_head(self, rhead: ResponseHead) -> None:
         if self.state != SENDING:
@@ -463,7 +449,9 @@ class Exchange:
                 up.keep_alive = False
         if self.server.draining:
             self.keep_alive = False
-        if rhead.raw is not None and self.response_edit is None:
+        route = self.route
+        edit = route.response_edit if route is not None else None
+        if rhead.raw is not None and edit is None:
             # A cached head (2xx-5xx but not 204/304, Content-Length framing).
             self.resp_chunked = False
             self.conn.wbuf.append(
@@ -473,7 +461,7 @@ class Exchange:
         if status == 101:
             self.state = SWITCHING
         data, self.resp_chunked, self.keep_alive = forwarded_response_head(
-            rhead, head, self.keep_alive, self.response_edit
+            rhead, head, self.keep_alive, edit
         )
         self.conn.wbuf.append(data)
 
@@ -507,8 +495,8 @@ class Exchange:
                 up.unbind()
                 up.close()
                 self.keep_alive = False
-        self.after = KEEP if self.keep_alive and self.req_done else CLOSE
-        self.end(outcomes.completed(self.status), now)
+        after = KEEP if self.keep_alive and self.req_done else CLOSE
+        self.end(outcomes.completed(self.status), after, now)
 
     def on_upstream_switched(self, up: UpstreamConnection, rest: bytes) -> None:
         """The upstream answered 101: from now on both sockets carry raw bytes."""
@@ -520,10 +508,8 @@ class Exchange:
         self.upstream = None
         up.pool.detach(up)
         up.unbind()
-        self.tunnel_transport = up.transport
-        self.tunnel_rest = rest
-        self.after = TUNNEL
-        self.end(outcomes.completed(101))
+        self.tunnel = (up.transport, rest)
+        self.end(outcomes.completed(101), TUNNEL)
 
     def on_upstream_lost(self, up: UpstreamConnection, reason: str, message: str) -> None:
         if up is not self.upstream:
@@ -533,36 +519,40 @@ class Exchange:
         self.upstream = None
         up.unbind()
         head = self.head
+        route = self.route
         if (
             self.state == SENDING
             and reason == local_reply.UPSTREAM_RESET
             and up.requests > 1
-            and not self.retried
+            and not self.flags & _RETRIED
             and not head.has_body
             and head.method in _IDEMPOTENT
-            and self.pool is not None
+            and route is not None
+            and route.pool is not None
         ):
             # A reused keep-alive connection the server closed as we sent (its idle
             # timeout raced our request): sent again once on another connection, for
             # idempotent methods only (RFC 9110 9.2.2). The balancer hears of the failed
             # attempt; the request stays with its endpoint (the same pool).
-            ep, tracker = self.endpoint, self.tracker
+            ep, tracker = route.endpoint, route.tracker
             if ep is not None and tracker is not None:
                 now = self.server.clock()
                 tracker.on_end(ep, now, now - self.start, False)
                 tracker.on_start(ep, now)
-            self.retried = True
+            self.flags |= _RETRIED
             ubuf = self.conn.ubuf
             ubuf.clear()
             ubuf.append(self.request_bytes)
-            self._acquire(self.pool)
+            self._acquire(route.pool)
             return
         self._reply(outcomes.Reset, reason, message)
 
     # -- what the bound upstream connection asks of it (proxy/upstream.py) -------------
 
     def flush(self) -> None:
-        self.conn.flush()
+        # After the end the connection has written everything itself (exchange_done).
+        if self.state != ENDED:
+            self.conn.flush()
 
     def set_pause(self, bit: int) -> None:
         self.conn.set_pause(bit)
@@ -582,18 +572,17 @@ class Exchange:
         if self.state < RESPONDING:
             self.conn.ubuf.clear()
             message = (
-                f"no response within {self.request_timeout or self.server.timeouts.request}s"
+                f"no response within {self._request_timeout()}s"
                 if waiting
                 else f"no progress for {self.server.timeouts.idle}s"
             )
             reason = local_reply.UPSTREAM_TIMEOUT
             status = local_reply.REPLIES[reason][0]
             self._render(reason, message, status, close=not waiting)
-            self.after = KEEP if self.keep_alive and self.req_done else CLOSE
-            self.end(outcomes.timeout(which, reason, status))
+            after = KEEP if self.keep_alive and self.req_done else CLOSE
+            self.end(outcomes.timeout(which, reason, status), after)
         else:
-            self.after = ABORT
-            self.end(outcomes.timeout(which, local_reply.UPSTREAM_TIMEOUT, 0))
+            self.end(outcomes.timeout(which, local_reply.UPSTREAM_TIMEOUT, 0), ABORT)
         self.conn.flush()
 
     def on_client_gone(self) -> None:
@@ -601,8 +590,14 @@ class Exchange:
         if self.state == ENDED:
             return
         self._drop_upstream()
-        self.after = GONE
-        self.end(outcomes.CLIENT_GONE)
+        self.end(outcomes.CLIENT_GONE, GONE)
+
+    def on_last_request(self) -> None:
+        """Nothing follows this request on its connection (the client half-closed, or
+        its codec switched protocols): the response says `Connection: close`."""
+        if self.state == ENDED:
+            return
+        self.keep_alive = False
 
     def on_bad_request(self, e: BadMessageError) -> None:
         """The request body was malformed mid-stream: the upstream got part of a request."""
@@ -613,20 +608,19 @@ class Exchange:
             self.conn.ubuf.clear()
             self.local_reply(e.reason, e.message, status=e.status, close=True)
         else:
-            self.after = ABORT
-            self.end(outcomes.local(outcomes.Reset, e.reason, 0))
+            self.end(outcomes.local(outcomes.Reset, e.reason, 0), ABORT)
 
     def _drop_upstream(self) -> None:
         """Stop waiting for a connection and abort the one in use: its state is unknown."""
-        pool = self.waiting
-        if pool is not None:
-            self.waiting = None
-            pool.cancel(self)
         up = self.upstream
         if up is not None:
             self.upstream = None
             up.unbind()
             up.abort()
+        elif self.state == CONNECTING:
+            pool = self.pool
+            if pool is not None:
+                pool.cancel(self)
 
     # -- answering ------------------------------------------------------------------------
 
@@ -643,15 +637,13 @@ class Exchange:
     ) -> None:  # fmt: skip
         if self.state >= RESPONDING:
             # Part of the response went out: the client must see it cut short.
-            self.after = ABORT
-            self.end(
-                outcomes.local(outcomes.Reset if kind is outcomes.LocalReply else kind, reason, 0)
-            )
+            cut = outcomes.Reset if kind is outcomes.LocalReply else kind
+            self.end(outcomes.local(cut, reason, 0), ABORT)
             return
         code = status if status is not None else local_reply.REPLIES.get(reason, (500, ""))[0]
         self._render(reason, message, code, close)
-        self.after = KEEP if self.keep_alive and self.req_done else CLOSE
-        self.end(outcomes.local(kind, reason, code))
+        after = KEEP if self.keep_alive and self.req_done else CLOSE
+        self.end(outcomes.local(kind, reason, code), after)
 
     def _render(self, reason: str, message: str | None, code: int, close: bool) -> None:
         head = self.head
@@ -671,25 +663,28 @@ class Exchange:
 
     # -- the end --------------------------------------------------------------------------
 
-    def end(self, outcome: Outcome, now: float = 0.0) -> None:
-        """Where every request ends, once: the outcome goes to the tracker, the stats and
-        the local-reply counters, then the connection decides what follows (`after`)."""
-        if self.outcome is not None:
+    def end(self, outcome: Outcome, after: int = CLOSE, now: float = 0.0) -> None:
+        """Where every request ends, once: the outcome goes to the balancer's tracker
+        (`on_end`, owed since the pick's `on_start`), the destination's stats and the
+        local-reply counters; then the connection does `after` (KEEP, CLOSE, ABORT,
+        TUNNEL, GONE). Later features read the outcome here: outlier detection, retry
+        budgets, spans, access logs."""
+        if self.state == ENDED:
             raise ExchangeStateError(f"ended twice: {self.outcome!r}, then {outcome!r}")
-        self.outcome = outcome
         self.state = ENDED
+        self.outcome = outcome
+        self.after = after
         if not now:
             now = self.server.clock()
-        latency = now - self.start
-        ep = self.endpoint
-        if ep is not None:
-            self.endpoint = None
-            tracker = self.tracker
-            if tracker is not None:
+        route = self.route
+        if route is not None:
+            latency = now - self.start
+            ep, tracker = route.endpoint, route.tracker
+            if ep is not None and tracker is not None:
                 tracker.on_end(ep, now, latency, outcome.ok)
-        ds = self.dstats
-        if ds is not None:
-            ds.record(outcome.status, latency)
+            ds = route.dstats
+            if ds is not None:
+                ds.record(outcome.status, latency)
         if outcome.reason:
             self.server.stats.local_reply(outcome.reason)
         self.conn.exchange_done(self)
@@ -697,7 +692,7 @@ class Exchange:
     def __repr__(self) -> str:
         head = self.head
         up = f" upstream={self.upstream!r}" if self.upstream is not None else ""
-        out = f" {self.outcome!r}" if self.outcome is not None else ""
+        out = f" {self.outcome!r}" if self.state == ENDED else ""
         return (
             f"<Exchange {head.method.decode()} {head.target[:40]!r}"
             f" {STATE_NAMES[self.state]}{up}{out}>"

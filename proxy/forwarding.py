@@ -28,6 +28,8 @@ _VIA10 = (b"Via", b"1.0 tether")
 # What ends a forwarded request head after the X-Request-Id value.
 _RID_VIA11_END = b"\r\nVia: 1.1 tether\r\n\r\n"
 _RID_VIA10_END = b"\r\nVia: 1.0 tether\r\n\r\n"
+_VIA11_END = _RID_VIA11_END[2:]
+_VIA10_END = _RID_VIA10_END[2:]
 # Response head endings of a cached head (Via, then what the client's connection needs).
 _RESP_END = b"Via: 1.1 tether\r\n\r\n"
 _RESP_END_CLOSE = b"Via: 1.1 tether\r\nConnection: close\r\n\r\n"
@@ -63,9 +65,15 @@ def forwarded_request_head(head: RequestHead, path: bytes, peer: Peer, fwd: Forw
     raw = head.raw
     ff = head.forwarded_for
     if raw is not None:
+        # An X-Request-Id the client sent is among the cached lines already.
         rid = head.request_id
         if rid is None:
             head.request_id = rid = fwd.new_request_id()
+            rid_name = b"X-Request-Id: "
+            end = _RID_VIA11_END if head.version == "1.1" else _RID_VIA10_END
+        else:
+            rid = rid_name = b""
+            end = _VIA11_END if head.version == "1.1" else _VIA10_END
         return b"".join(
             (
                 head.method,
@@ -77,9 +85,9 @@ def forwarded_request_head(head: RequestHead, path: bytes, peer: Peer, fwd: Forw
                 if ff is None
                 else b"X-Forwarded-For: " + ff + b", " + peer.address + b"\r\n",
                 fwd.xfp_line if head.forwarded_proto is None else b"",
-                b"X-Request-Id: ",
+                rid_name,
                 rid,
-                _RID_VIA11_END if head.version == "1.1" else _RID_VIA10_END,
+                end,
             )
         )
     headers = head.headers

@@ -26,7 +26,7 @@ instances (`completed(200)` allocates nothing after the first 200).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 TimeoutKind = Literal["request", "idle"]
@@ -39,11 +39,9 @@ class Outcome:
 
     status: int = 0
     reason: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """Whether the balancer (and later outlier detection) counts it as a success."""
-        return False
+    # Whether the balancer (and later outlier detection) counts it as a success: a
+    # field, not a property, as it is read once per request.
+    ok: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
@@ -52,9 +50,8 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Completed(Outcome):
-    @property
-    def ok(self) -> bool:
-        return 0 < self.status < 500
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", 0 < self.status < 500)
 
 
 @dataclass(frozen=True, slots=True)

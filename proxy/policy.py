@@ -25,7 +25,9 @@ from proxy import balance
 from proxy import push_codec as wire
 from proxy.balance import Balancer, WeightedRoundRobin
 from proxy.cluster import Cluster, ServiceDirectory
+from proxy.cluster_spec import ClusterSpecs, PoolKeys, compile_specs, default_specs
 from proxy.errors import PolicyError
+from proxy.pool import PoolPolicy
 from proxy.routing import (
     NO_EDIT,
     HeaderEdit,
@@ -217,22 +219,6 @@ def compile_table(
     return RoutingTable(services, version, hash_), mesh
 
 
-def balancer_policies(table: RoutingTable) -> dict[tuple[str, str], balance.LoadBalancerPolicy]:
-    """The load-balancer policy of every service with ServiceDefaults in `table`."""
-    out: dict[tuple[str, str], balance.LoadBalancerPolicy] = {}
-    for key, pol in table.services.items():
-        d = pol.defaults
-        if not isinstance(d, schema.ServiceDefaultsSpec):
-            continue
-        try:
-            out[key] = balance.LoadBalancerPolicy.from_dict(d.load_balancer.balancer_options())
-        except balance.PolicyError as exc:
-            raise PolicyError(
-                f"ServiceDefaults {key[0]}/{key[1]}: spec.loadBalancer: {exc}"
-            ) from None
-    return out
-
-
 # -- the live policy ---------------------------------------------------------------------
 
 
@@ -263,17 +249,6 @@ def _routing(pol: ServicePolicy | None) -> ServicePolicy | None:
     return pol if pol is not None and (pol.rules or pol.split is not None) else None
 
 
-def _service_timeouts(table: RoutingTable, name: str) -> dict[tuple[str, str], float]:
-    """The services whose ServiceDefaults set timeout `name` (request_timeout or
-    connect_timeout), with its value in seconds."""
-    found: dict[tuple[str, str], float] = {}
-    for key, pol in table.services.items():
-        value = getattr(pol.defaults, name, None)
-        if isinstance(pol.defaults, schema.ServiceDefaultsSpec) and value:
-            found[key] = float(value)
-    return found
-
-
 class Policy:
     """The policy a sidecar runs; starts empty (defaults) and changes only by `apply`."""
 
@@ -300,13 +275,11 @@ class Policy:
         self.hash = ""
         self.applied_at = 0.0
         self.subset_clusters: dict[tuple[str, str, str], SubsetCluster] = {}
-        # Request timeouts: per service (ServiceDefaults), else MeshConfig's, else 0 (the
-        # listener's own).
-        self.request_timeouts: dict[tuple[str, str], float] = {}
-        self.default_request_timeout = 0.0
-        # Connect timeouts, the same way (0: the sidecar's own, TimeoutPolicy.connect, 2 s).
-        self.connect_timeouts: dict[tuple[str, str], float] = {}
-        self.default_connect_timeout = 0.0
+        # Every cluster's compiled settings (proxy/cluster_spec.py: balancer, timeouts),
+        # resolved against the sidecar's own pool policy (`use_pool_policy`).
+        self.pool_keys = PoolKeys()
+        self.pool_policy = PoolPolicy()
+        self.specs: ClusterSpecs = default_specs(self.pool_policy, self.pool_keys)
         # ServiceDefaults' balancers in force, and what each cluster had before them.
         self.balancers: dict[tuple[str, str], balance.LoadBalancerPolicy] = {}
         self._replaced: dict[tuple[str, str], tuple[Cluster, Balancer]] = {}
@@ -354,7 +327,8 @@ class Policy:
         async with self._lock:
             resources = decode(snapshot.resources)
             table, mesh = compile_table(resources, snapshot.version, snapshot.hash)
-            lb = balancer_policies(table)
+            specs = compile_specs(table, mesh, self.pool_policy, self.pool_keys)
+            lb = specs.load_balancers()
             # Make: clusters for every destination, then the subsets over them, and the
             # balancers ServiceDefaults ask for.
             wanted = table.subsets_in_use()
@@ -386,10 +360,7 @@ class Policy:
                 sc.current()
             # Switch (no await from here on, so no request sees half of it).
             self.table, self.mesh = table, mesh
-            self.request_timeouts = _service_timeouts(table, "request_timeout")
-            self.default_request_timeout = mesh.request_timeout if mesh is not None else 0.0
-            self.connect_timeouts = _service_timeouts(table, "connect_timeout")
-            self.default_connect_timeout = mesh.connect_timeout if mesh is not None else 0.0
+            self.specs = specs
             self._routes = {key: _routing(table.policy(*key)) for key in self._routes}
             for key, pol in table.services.items():
                 self._routes[key] = _routing(pol)
@@ -410,6 +381,12 @@ class Policy:
                 original.update(cluster.endpoints)
                 cluster.balancer = original
             self.balancers = {k: v for k, v in lb.items() if k in self._replaced}
+
+    def use_pool_policy(self, pool_policy: PoolPolicy) -> None:
+        """The sidecar's own pool settings (its connect timeout applies where neither
+        ServiceDefaults nor MeshConfig set one): the specs are compiled again over them."""
+        self.pool_policy = pool_policy
+        self.specs = compile_specs(self.table, self.mesh, pool_policy, self.pool_keys)
 
     def _balancer(self, lbp: balance.LoadBalancerPolicy | None) -> Balancer:
         return balance.build_balancer(lbp, self.zone) if lbp else self.balancer_factory()

@@ -7,19 +7,19 @@ synchronous and the first-request paths go through): if the applied policy
 a control plane (one dict lookup more); otherwise the route's first matching rule and
 the destination's split choose the service and subset, the request's header edits are
 made, and the subset's cluster (its endpoints filtered by Meta) is what the balancer
-picks from. Response header edits (a rule's, and a sticky split's Set-Cookie) are
-handed to the connection (`response_edit`), which makes them on the response head.
+picks from. The router returns all of it as a `RouteResult` (proxy/route_result.py):
+response header edits (a rule's, and a sticky split's Set-Cookie) as `response_edit`,
+which the exchange applies to the response head, and the destination's request timeout
+from its compiled `ClusterSpec` (proxy/cluster_spec.py: ServiceDefaults, else
+MeshConfig), enforced by the listener's sweep, so at its tick's granularity (1 s by
+default). The connect timeout (ServiceDefaults, else MeshConfig, else the sidecar's own)
+is the spec's pool policy: the endpoint's pool is the one for that spec.
 Calls outside the mesh follow MeshConfig's egress policy once there is one (the
-`--egress` flag until then). A request to a service with a request timeout
-(ServiceDefaults, else MeshConfig) carries it on the connection (`request_timeout`),
-enforced by the listener's sweep, so at its tick's granularity (1 s by default). The
-connect timeout (ServiceDefaults, else MeshConfig, else the sidecar's own) is the
-endpoint pool's: checked when the policy's version changes, not per request.
+`--egress` flag until then).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import ssl as ssl_module
@@ -29,12 +29,13 @@ from proxy import local_reply
 from proxy.cluster import Cluster, ServiceDirectory
 from proxy.codec import RequestHead
 from proxy.dispatch import OutboundRouter
-from proxy.downstream import RNG, DownstreamConnection, TimeoutPolicy
+from proxy.downstream import RNG, TimeoutPolicy
 from proxy.egress import EgressGuard
 from proxy.errors import BadMessageError
 from proxy.listener import Listener, _listen_outbound
 from proxy.policy import Policy
-from proxy.pool import Pool, PoolPolicy
+from proxy.pool import PoolPolicy
+from proxy.route_result import Peer, RouteResult
 from proxy.stats import ProxyStats
 from proxy.target import Authority, parse_authority
 
@@ -59,70 +60,48 @@ class PolicyRouter(OutboundRouter):
         self.default_egress: Literal["allow", "deny"] = self.egress
         # Split draws; a seeded one (TETHER_POLICY_SEED) replays the same choices.
         self.rng = rng if rng is not None else RNG
+        # The specs' connect timeouts fall back to this router's own.
+        policy.use_pool_policy(self.pool_policy)
 
-    def _to_cluster(self, conn: DownstreamConnection, cluster: Cluster) -> Pool | None:
+    def _to_cluster(
+        self, head: RequestHead, peer: Peer, path: bytes | None, cluster: Cluster
+    ) -> RouteResult:
         policy = self.policy
+        specs = policy.specs
         sp = policy.route(cluster.namespace, cluster.service)
-        head = conn.head
-        if sp is None or head is None:
-            self._timeout(conn, cluster)
-            return self._concrete(conn, cluster)
+        if sp is None:
+            spec = specs.get(cluster.namespace, cluster.service)
+            return self._concrete(head, peer, path, cluster, spec)
         decision = policy.table.decide(
             sp,
             head.method.decode("latin-1"),
-            conn.path.decode("latin-1"),
+            (path or head.target).decode("latin-1"),
             sp.read_headers(head.headers),
             self.rng,
         )
         if decision.request_headers:
             decision.request_headers.apply(head.headers)
-        if decision.response_headers:
-            conn.response_edit = decision.response_headers.apply
         target: Cluster | None = cluster
         if (decision.namespace, decision.service) != (cluster.namespace, cluster.service):
             target = self.directory.lookup(decision.namespace, decision.service)
             if target is None:
-                conn.local_reply(
+                return RouteResult.answer(
                     local_reply.UNKNOWN_SERVICE,
                     f"route to {decision.service}.{decision.namespace}: no such service",
                 )
-                return None
         if decision.subset is not None:
             target = policy.subset_cluster(decision.namespace, decision.service, decision.subset)
         if target is None:
-            conn.local_reply(
+            return RouteResult.answer(
                 local_reply.NO_HEALTHY_UPSTREAM,
                 f"subset {decision.subset} of {decision.service}.{decision.namespace} "
                 "is not known yet",
             )
-            return None
-        self._timeout(conn, target)
-        return self._concrete(conn, target)
-
-    def _concrete(self, conn: DownstreamConnection, cluster: Cluster) -> Pool | None:
-        """The endpoint's pool, its connect timeout brought up to the policy's version."""
-        pool = super()._to_cluster(conn, cluster)
-        if pool is not None and pool.policy_version != self.policy.version:
-            policy = self.policy
-            timeout = (
-                policy.connect_timeouts.get(
-                    (cluster.namespace, cluster.service), policy.default_connect_timeout
-                )
-                or self.pool_policy.connect_timeout
-            )
-            if pool.policy.connect_timeout != timeout:
-                pool.policy = dataclasses.replace(pool.policy, connect_timeout=timeout)
-            pool.policy_version = policy.version
-        return pool
-
-    def _timeout(self, conn: DownstreamConnection, cluster: Cluster) -> None:
-        """The destination service's request timeout (ServiceDefaults, else MeshConfig)."""
-        policy = self.policy
-        timeout = policy.request_timeouts.get(
-            (cluster.namespace, cluster.service), policy.default_request_timeout
-        )
-        if timeout:
-            conn.request_timeout = timeout
+        spec = specs.get(target.namespace, target.service)
+        result = self._concrete(head, peer, path, target, spec)
+        if decision.response_headers and result.reply is None:
+            result = result.replace(response_edit=decision.response_headers.apply)
+        return result
 
     # -- egress: MeshConfig's policy, when there is one, over the --egress flag ----------
 
@@ -133,17 +112,17 @@ class PolicyRouter(OutboundRouter):
         eg = mesh.egress
         return "allow" if eg.mode == "allow" or egress_allowed(host, eg.hosts) else "deny"
 
-    def _egress(self, conn: DownstreamConnection, auth: Authority) -> Pool | None:
+    def _egress(self, auth: Authority, path: bytes | None) -> RouteResult:
         self.egress = self._egress_mode(auth.host)
-        return super()._egress(conn, auth)
+        return super()._egress(auth, path)
 
-    def connect(self, conn: DownstreamConnection, head: RequestHead) -> tuple[str, int] | None:
+    def connect(self, head: RequestHead, peer: Peer) -> RouteResult:
         try:
             host = parse_authority(head.target, 443).host
         except BadMessageError:
             host = ""  # the plain router answers the bad target
         self.egress = self._egress_mode(host)
-        return super().connect(conn, head)
+        return super().connect(head, peer)
 
     def __repr__(self) -> str:
         return f"<PolicyRouter {self.policy!r} {super().__repr__()}>"

@@ -69,9 +69,6 @@ class Pool:
         self.closed = False
         self.connects = 0
         self.connect_failures = 0
-        # The version of the control plane's policy `policy` was last checked against
-        # (proxy/policy_router.py: per-service connect timeouts); -1: never.
-        self.policy_version = -1
         self._tasks: set[asyncio.Task[None]] = set()
 
     def acquire(self, waiter: PoolWaiter) -> UpstreamConnection | None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from proxy.balance import Balancer, Endpoint
+    from proxy.cluster_spec import ClusterSpec
     from proxy.codec import Fields
     from proxy.pool import Pool
     from proxy.stats import DestinationStats
@@ -57,7 +58,11 @@ class Reply:
 
 
 class RouteResult:
-    """Where one request goes. Exactly one of `reply`, `pool`, `tunnel`, `pending` is set."""
+    """Where one request goes. Exactly one of `reply`, `pool`, `tunnel`, `pending` is set.
+
+    Never changed once made: a router may hand the same result to many requests (the
+    outbound router keeps one per endpoint pool, the inbound one for every origin-form
+    request); `replace` makes a changed copy."""
 
     __slots__ = (
         "dstats",
@@ -68,6 +73,7 @@ class RouteResult:
         "reply",
         "request_timeout",
         "response_edit",
+        "spec",
         "tracker",
         "tunnel",
     )
@@ -85,6 +91,7 @@ class RouteResult:
         reply: Reply | None = None,
         tunnel: tuple[str, int] | None = None,
         pending: Awaitable[RouteResult] | None = None,
+        spec: ClusterSpec | None = None,
     ) -> None:
         self.pool = pool
         self.dstats = dstats
@@ -99,6 +106,14 @@ class RouteResult:
         self.reply = reply
         self.tunnel = tunnel  # CONNECT: (host, port) to dial
         self.pending = pending
+        self.spec = spec  # the destination cluster's compiled settings (proxy/cluster_spec.py)
+
+    def replace(self, **changes: Any) -> RouteResult:
+        """A copy with `changes` (the fields' names as keywords)."""
+        fields = {name: getattr(self, name) for name in RouteResult.__slots__}
+        fields.update(changes)
+        pool = fields.pop("pool")
+        return RouteResult(pool, **fields)
 
     @classmethod
     def answer(

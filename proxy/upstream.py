@@ -26,12 +26,11 @@ WRITE_LOW = 64 * 1024
 
 
 class Exchange(Protocol):
-    """What an upstream connection reports to the downstream that owns its request."""
+    """What an upstream connection reports to the exchange whose request it carries
+    (proxy/exchange.py): the response events (as its codec's sink), a switch to a
+    tunnel, its loss; `flush` writes what they produced, `progress` counts activity."""
 
-    transport: Any
-    # Bytes waiting for flush(): to the client, and to this upstream connection.
-    wbuf: list[bytes]
-    ubuf: list[bytes]
+    progress: int
 
     def on_response_head(self, head: ResponseHead) -> None: ...
 
@@ -46,8 +45,6 @@ class Exchange(Protocol):
     def on_upstream_lost(self, conn: UpstreamConnection, reason: str, message: str) -> None: ...
 
     def flush(self) -> None: ...
-
-    progress: int
 
     def set_pause(self, bit: int) -> None: ...
 
@@ -102,7 +99,7 @@ class UpstreamConnection(asyncio.Protocol):
         return not self.closed and self.keep_alive and self.codec.idle
 
     def bind(self, exchange: Exchange, head_request: bool) -> None:
-        """Carry `exchange`'s request (the downstream inlines this on its hot path)."""
+        """Carry `exchange`'s request."""
         self.sink = exchange
         codec = self.codec
         codec.sink = exchange
@@ -162,8 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if rest is not None:
             exchange.on_upstream_switched(self, rest)
-        elif exchange.wbuf or exchange.ubuf:
-            # (Empty when the exchange wrote its completed response itself.)
+        else:
             exchange.flush()
 
     def eof_received(self) -> bool:

@@ -240,7 +240,9 @@ EVENTS: dict[str, Callable[[World], Any]] = {
         local_reply.UPSTREAM_CONNECT_ERROR, "connect to svc timed out"
     ),
     "tunnel_ready": lambda w: w.ex.on_tunnel_ready(FakeTransport(), b"early"),
-    "tunnel_failed": lambda w: w.ex.on_tunnel_failed("connect to example.com:443: refused"),
+    "tunnel_failed": lambda w: w.ex.on_tunnel_failed(
+        local_reply.UPSTREAM_CONNECT_ERROR, "connect to example.com:443: refused"
+    ),
     "informational": lambda w: w.ex.on_informational(ResponseHead(status=100, reason=b"Continue")),
     "response_head": lambda w: w.ex.on_response_head(
         ResponseHead(status=200, reason=b"OK", content_length=5)
@@ -254,6 +256,7 @@ EVENTS: dict[str, Callable[[World], Any]] = {
     "deadline": lambda w: w.ex.on_deadline(),
     "client_gone": lambda w: w.ex.on_client_gone(),
     "bad_request": lambda w: w.ex.on_bad_request(BadMessageError("bad chunk size")),
+    "last_request": lambda w: w.ex.on_last_request(),
 }
 
 
@@ -265,6 +268,7 @@ def test_the_table_names_every_event_and_every_late_one() -> None:
 
 # The state each valid cell leads to (events that end the exchange lead to ENDED).
 NEXT: dict[tuple[str, int], int] = {
+    **{("last_request", s): s for s in TABLE["last_request"]},
     ("request_body", ROUTING): ROUTING,
     ("request_body", CONNECTING): CONNECTING,
     ("request_body", DIALING): DIALING,
@@ -433,7 +437,7 @@ def test_connect_tunnel_answers_200_and_hands_over() -> None:
     assert w.down.dials == [("example.com", 443)]
     t = FakeTransport()
     w.ex.on_tunnel_ready(t, b"hi")
-    assert w.ex.after == TUNNEL and w.ex.tunnel_transport is t and w.ex.tunnel_rest == b"hi"
+    assert w.ex.after == TUNNEL and w.ex.tunnel == (t, b"hi")
     assert w.down.wbuf == [b"HTTP/1.1 200 Connection Established\r\n\r\n"]
     assert w.ex.outcome == outcomes.Completed(200)
 

@@ -858,7 +858,8 @@ async def test_pool_overflow_answers_503(mesh: Mesh) -> None:
     add_cluster(mesh, "tiny", up.port)
     router = mesh.outbound.router
     tiny = PoolPolicy(max_connections=1, max_pending=0)
-    router._pools[("127.0.0.1", up.port)] = Pool("127.0.0.1", up.port, tiny, name="tiny")  # type: ignore[attr-defined]
+    key = ("127.0.0.1", up.port, router.specs.default.pool_key)  # type: ignore[attr-defined]
+    router._pools[key] = Pool("127.0.0.1", up.port, tiny, name="tiny")  # type: ignore[attr-defined]
     first = await RawClient.open(mesh.outbound.port)
     await first.send(b"GET / HTTP/1.1\r\nHost: tiny\r\n\r\n")
     await asyncio.sleep(0.1)
