@@ -451,7 +451,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     # the end of an exchange ---------------------------------------------------------
 
-    def exchange_done(self, ex: Exchange) -> None:
+    def exchange_done(self, ex: Exchange, now: float) -> None:
         """The exchange ended: keep the connection for the next request, or close it."""
         if ex is not self.exchange:
             return
@@ -459,7 +459,7 @@ class DownstreamConnection(asyncio.Protocol):
         after = ex.after
         if after == KEEP and not self.server.draining and not self.closed:
             self.phase = IDLE
-            self.deadline = self.server.clock() + self.server.timeouts.idle
+            self.deadline = now + self.server.timeouts.idle
             # The response is complete and nothing follows it in this exchange: written
             # now, which spares the upstream connection its flush().
             self.flush()

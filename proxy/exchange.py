@@ -185,7 +185,7 @@ class Downstream(Protocol):
     def dial(self, exchange: Exchange, host: str, port: int) -> None:
         """CONNECT: dial host:port, then call on_tunnel_ready / on_tunnel_failed."""
 
-    def exchange_done(self, exchange: Exchange) -> None:
+    def exchange_done(self, exchange: Exchange, now: float) -> None:
         """The exchange ended (`exchange.after` says what the connection does next)."""
 
 
@@ -687,7 +687,7 @@ class Exchange:
                 ds.record(outcome.status, latency)
         if outcome.reason:
             self.server.stats.local_reply(outcome.reason)
-        self.conn.exchange_done(self)
+        self.conn.exchange_done(self, now)
 
     def __repr__(self) -> str:
         head = self.head

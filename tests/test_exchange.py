@@ -103,7 +103,7 @@ class Downstream:
     def dial(self, exchange: Exchange, host: str, port: int) -> None:
         self.dials.append((host, port))
 
-    def exchange_done(self, exchange: Exchange) -> None:
+    def exchange_done(self, exchange: Exchange, now: float) -> None:
         self.done.append(exchange)
 
 
