@@ -177,8 +177,14 @@ class CAStateStore:
     def __init__(self, client: Any) -> None:
         self.client = client
 
-    async def roots(self, index: int | None = None, wait: str | None = None) -> RootsState:
-        """The roots; with `index`, a blocking query (Consul's `index` and `wait`)."""
+    async def roots(self) -> RootsState:
+        """The roots as stored now (a consistent read)."""
+        _, state = await self.watch_roots(None, None)
+        return state
+
+    async def watch_roots(self, index: int | None, wait: str | None) -> tuple[int, RootsState]:
+        """The registry's index for the roots key and the roots; with `index`, a
+        blocking query (Consul's `index` and `wait`) that returns once they change."""
         with _registry_call():
             idx, entry = await self.client.kv.get(
                 ROOTS_KEY,
@@ -187,9 +193,9 @@ class CAStateStore:
                 consistency=None if index else "consistent",
             )
         if entry is None:
-            return RootsState(index=int(idx or 0))
+            return int(idx or 0), RootsState()
         try:
-            return RootsState.decode(entry.get("Value"), int(entry["ModifyIndex"]))
+            return int(idx or 0), RootsState.decode(entry.get("Value"), int(entry["ModifyIndex"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise CAError(f"{ROOTS_KEY} does not decode: {exc}") from exc
 
