@@ -29,9 +29,15 @@ class BuiltinCA(StoredCA):
     provider_name = "consul"  # Consul calls its built-in provider "consul"
 
     def __init__(
-        self, client: Any, spec: CASpec, *, vault: KeyVault | None = None, clock: Clock = utc_now
+        self,
+        client: Any,
+        spec: CASpec,
+        *,
+        vault: KeyVault | None = None,
+        writer: Any | None = None,
+        clock: Clock = utc_now,
     ) -> None:
-        super().__init__(client, spec, clock=clock)
+        super().__init__(client, spec, writer=writer, clock=clock)
         chosen = vault or vault_for(spec)
         if chosen is None:
             raise CAConfigError(

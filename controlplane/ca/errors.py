@@ -44,3 +44,10 @@ class KeyProtectionError(CAError):
 
     status = 500
     code = "ca_key"
+
+
+class KubernetesUnavailableError(CAError):
+    """The Kubernetes API could not review a token (unreachable, or an odd answer)."""
+
+    status = 503
+    code = "kubernetes_unavailable"

@@ -130,9 +130,11 @@ class StoredCA:
 
     provider_name = "base"
 
-    def __init__(self, client: Any, spec: CASpec, *, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, client: Any, spec: CASpec, *, writer: Any | None = None, clock: Clock = utc_now
+    ) -> None:
         self.spec = spec
-        self.state = CAStateStore(client)
+        self.state = CAStateStore(client, writer)
         self.clock = clock
         self._keys: dict[str, certs.SigningKey] = {}
         self._ready = asyncio.Lock()
@@ -244,10 +246,10 @@ class StoredCA:
 
     # -- rotation and retirement -------------------------------------------------------
 
-    async def rotate(self, token: str | None = None) -> RootRecord:
+    async def rotate(self, token: str | None = None, *, as_caller: bool = False) -> RootRecord:
         """A new active root, cross-signed by the old one when its key can be opened;
-        the old root stays trusted until its last leaf expires. The write carries
-        `token` (the operator's): the registry's ACLs decide."""
+        the old root stays trusted until its last leaf expires. With `as_caller` the
+        write carries the caller's `token` alone: the registry's ACLs decide."""
         for _ in range(16):
             current = await self.state.roots()
             old = current.active
@@ -260,7 +262,7 @@ class StoredCA:
                 for r in current.roots
             )
             state = current.with_roots((*rotated, record))
-            if await self.state.write_roots(state, token):
+            if await self.state.write_roots(state, token, as_caller=as_caller):
                 if new_key is not None:
                     self._keys[record.id] = new_key
                 log.info(

@@ -174,8 +174,10 @@ class CAStateStore:
     registry client; writes an operator asks for (a rotation) pass the caller's token,
     so the registry's ACLs decide who may change the roots."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, writer: Any | None = None) -> None:
         self.client = client
+        # No default token: a write made for a caller carries only the caller's.
+        self.writer = writer
 
     async def roots(self) -> RootsState:
         """The roots as stored now (a consistent read)."""
@@ -199,10 +201,18 @@ class CAStateStore:
         except (ValueError, KeyError, TypeError) as exc:
             raise CAError(f"{ROOTS_KEY} does not decode: {exc}") from exc
 
-    async def write_roots(self, state: RootsState, token: str | None = None) -> bool:
-        """Replace the roots if they are still at `state.index` (0: create)."""
+    async def write_roots(
+        self, state: RootsState, token: str | None = None, *, as_caller: bool = False
+    ) -> bool:
+        """Replace the roots if they are still at `state.index` (0: create). With
+        `as_caller`, the write carries `token` alone (none: the anonymous token)."""
+        client = self.client
+        if as_caller:
+            if self.writer is None:
+                raise CAError("no registry client without a token of its own for callers' writes")
+            client = self.writer
         with _registry_call():
-            ok = await self.client.kv.put(ROOTS_KEY, state.encode(), cas=state.index, token=token)
+            ok = await client.kv.put(ROOTS_KEY, state.encode(), cas=state.index, token=token)
         return bool(ok)
 
     async def serial(self) -> SerialState:

@@ -93,9 +93,10 @@ class OperatorCA(StoredCA):
         spec: CASpec,
         *,
         vault: KeyVault | None = None,
+        writer: Any | None = None,
         clock: Clock = utc_now,
     ) -> None:
-        super().__init__(client, spec, clock=clock)
+        super().__init__(client, spec, writer=writer, clock=clock)
         if spec.cert_file is None or spec.key_file is None:
             raise CAConfigError("an operator CA needs TETHER_CA_CERT_FILE and TETHER_CA_KEY_FILE")
         self.chain, self.key = load_operator_ca(spec.cert_file, spec.key_file)
