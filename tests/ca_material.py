@@ -126,7 +126,15 @@ def leaf(
         .add_extension(x509.BasicConstraints(ca=f.ca, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                f.digital_signature, False, False, False, False, f.key_cert_sign, False, False, False
+                f.digital_signature,
+                False,
+                False,
+                False,
+                False,
+                f.key_cert_sign,
+                False,
+                False,
+                False,
             ),
             critical=True,
         )

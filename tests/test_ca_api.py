@@ -42,7 +42,9 @@ async def acl_registry(tmp_path: Path) -> AsyncIterator[RegistryServer]:
 async def make_cp(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MakeCP]:
     made: list[ControlPlane] = []
 
-    async def make(registry: RegistryServer, token: str | None = "root", **env: str) -> ControlPlane:
+    async def make(
+        registry: RegistryServer, token: str | None = "root", **env: str
+    ) -> ControlPlane:
         monkeypatch.setenv("TETHER_CA_ENCRYPTION_KEY", KEK)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
@@ -73,9 +75,7 @@ async def root_client(acl_registry: RegistryServer) -> AsyncIterator[Any]:
         await c.close()
 
 
-async def call(
-    http: aiohttp.ClientSession, method: str, url: str, **kw: Any
-) -> tuple[int, Any]:
+async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, Any]:
     async with http.request(method, url, **kw) as resp:
         text = await resp.text()
         try:
@@ -274,9 +274,7 @@ class CapturingProxy:
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
 
-        async def pipe(
-            src: asyncio.StreamReader, dst: asyncio.StreamWriter, keep: bool
-        ) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, keep: bool) -> None:
             try:
                 while data := await src.read(65536):
                     if keep:

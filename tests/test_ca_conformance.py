@@ -23,8 +23,8 @@ from controlplane.ca.errors import CSRError
 from controlplane.ca.provider import StoredCA
 from controlplane.ca.spec import CASpec
 from controlplane.ca.spiffe import SpiffeId, make_csr, new_key, verify_peer
-from controlplane.ca.supplied import OperatorCA
 from controlplane.ca.state import ROOTS_KEY
+from controlplane.ca.supplied import OperatorCA
 from registry.server import RegistryServer
 from tests.ca_material import FakeClock, write_operator_ca
 
@@ -88,9 +88,11 @@ async def test_one_active_root_and_replicas_agree(make_ca: Any) -> None:
     assert a.trust_domain and a.trust_domain == b.trust_domain
     bundle = await first.trust_bundle()
     assert bundle.root_pems == (a.active.root_pem,)
-    assert certs.load_cert(a.active.root_pem).extensions.get_extension_for_class(
-        x509.BasicConstraints
-    ).value.ca
+    assert (
+        certs.load_cert(a.active.root_pem)
+        .extensions.get_extension_for_class(x509.BasicConstraints)
+        .value.ca
+    )
 
 
 async def test_a_leaf_is_an_svid_that_verifies_against_the_bundle(make_ca: Any) -> None:

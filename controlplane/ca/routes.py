@@ -37,7 +37,6 @@ log = logging.getLogger("tether.controlplane.ca")
 
 MAX_SIGN_BODY = 64 * 1024
 MAX_WAIT = 600.0
-LEAF_CACHE_SIZE = 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -193,11 +192,6 @@ def consul_leaf(issued: IssuedLeaf, key_pem: str, namespace: str) -> dict[str, A
     }
 
 
-_LEAF_CACHE: web.AppKey[dict[tuple[str, str], tuple[IssuedLeaf, str]]] = web.AppKey(
-    "mesh_ca_leaves", dict
-)
-
-
 async def leaf(request: web.Request) -> web.StreamResponse:
     """A leaf whose key is made here, for Consul clients (Consul's agent does the same).
     Reused until half its lifetime or a root change, as Consul's agent cache does."""
@@ -211,9 +205,7 @@ async def leaf(request: web.Request) -> web.StreamResponse:
         ident = SpiffeId(state.trust_domain, namespace, svc.spec.datacenter, service)
     except SpiffeIdError as exc:
         raise BadRequestError(str(exc)) from None
-    cache = request.app.get(_LEAF_CACHE)
-    if cache is None:
-        cache = request.app[_LEAF_CACHE] = {}
+    cache = svc.leaf_cache
     hit = cache.get((namespace, service))
     now = provider.clock()
     active = state.active
@@ -227,7 +219,7 @@ async def leaf(request: web.Request) -> web.StreamResponse:
     key = new_key()
     issued = await provider.sign(make_csr(key, ident), ident)
     key_pem = certs.key_pem(key)
-    if len(cache) >= LEAF_CACHE_SIZE:
+    if len(cache) >= svc.LEAF_CACHE_SIZE:
         cache.pop(next(iter(cache)))
     cache[(namespace, service)] = (issued, key_pem)
     return consul_reply(consul_leaf(issued, key_pem, namespace), issued.serial)

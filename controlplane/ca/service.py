@@ -26,7 +26,7 @@ from aiohttp import web
 from controlplane.ca.authority import IdentityAuthority, KubernetesReviewer, RegistryTokens
 from controlplane.ca.builtin import BuiltinCA, vault_for
 from controlplane.ca.errors import CAError, CANotConfiguredError
-from controlplane.ca.provider import StoredCA, TrustBundle, live
+from controlplane.ca.provider import IssuedLeaf, StoredCA, TrustBundle, live
 from controlplane.ca.spec import CASpec
 from controlplane.ca.supplied import OperatorCA
 from controlplane.errors import ControlPlaneError
@@ -45,6 +45,9 @@ class CAStartingError(CAError):
 
 
 class CAService:
+    # Leaves made for Consul clients' `/v1/agent/connect/ca/leaf`, by (namespace, service).
+    LEAF_CACHE_SIZE = 1024
+
     def __init__(self, cp: ControlPlane, spec: CASpec) -> None:
         self.cp = cp
         self.spec = spec
@@ -57,6 +60,7 @@ class CAService:
         self._clients: list[Any] = []
         self._task: asyncio.Task[None] | None = None
         self.watch_wait = "30s"
+        self.leaf_cache: dict[tuple[str, str], tuple[IssuedLeaf, str]] = {}
 
     # -- what the routes use ---------------------------------------------------------
 
