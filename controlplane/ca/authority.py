@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from controlplane.ca.bodies import BodyTooLargeError, read_bounded
 from controlplane.ca.errors import CAError, IdentityDeniedError, KubernetesUnavailableError
 from controlplane.ca.spec import KubernetesSpec
 from controlplane.ca.spiffe import SpiffeId
@@ -48,6 +49,7 @@ GLOBAL_MANAGEMENT_ID = "00000000-0000-0000-0000-000000000001"
 # The control plane's own identity lives here; no credential may ask for it.
 RESERVED_NAMESPACE = "tether-system"
 MAX_TOKEN_BYTES = 16 * 1024
+MAX_REVIEW_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -180,10 +182,15 @@ class KubernetesReviewer:
                     headers=headers,
                     ssl=self._ssl if self._ssl is not None else True,
                 ) as resp:
-                    text = await resp.text()
+                    raw = await read_bounded(resp.content, MAX_REVIEW_BYTES, self.spec.timeout)
                     status = resp.status
+        except BodyTooLargeError:
+            raise KubernetesUnavailableError(
+                "the Kubernetes API's TokenReview is too large"
+            ) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise KubernetesUnavailableError(f"the Kubernetes API is unreachable: {exc}") from exc
+        text = raw.decode("utf-8", "replace")
         if status != 201 and status != 200:
             raise KubernetesUnavailableError(
                 f"the Kubernetes API answered {status} to a TokenReview: {text[:200]}"

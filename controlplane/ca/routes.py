@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from controlplane.api import caller_token, reply
 from controlplane.ca import certs
+from controlplane.ca.bodies import BodyTooLargeError, read_bounded
 from controlplane.ca.errors import CSRError
 from controlplane.ca.provider import IssuedLeaf, StoredCA
 from controlplane.ca.service import CA_SERVICE, CAService
@@ -255,9 +256,12 @@ async def configuration(request: web.Request) -> web.StreamResponse:
 async def _json_body(request: web.Request, limit: int) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
+    try:
+        raw = await read_bounded(request.content, limit)
+    except BodyTooLargeError:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=limit + 1) from None
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text="the body did not arrive in time") from None
     try:
         body = json.loads(raw or b"null")
     except ValueError as exc:
