@@ -359,3 +359,27 @@ async def test_two_replicas_starting_at_once_share_one_root(
     _, ba = await call(http, "GET", f"{a.url}/api/v1/ca/bundle")
     _, bb = await call(http, "GET", f"{b.url}/api/v1/ca/bundle")
     assert ba["roots"] == bb["roots"] and len(ba["roots"]) == 1
+
+
+async def test_a_replica_with_another_encryption_key_says_why_it_cannot_sign(
+    make_cp: MakeCP,
+    registry: RegistryServer,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await make_cp(registry, token=None)  # stores a root sealed with KEK
+    monkeypatch.setenv("TETHER_CA_ENCRYPTION_KEY", base64.b64encode(bytes(32)).decode())
+    reg = RegistryAddress("127.0.0.1", registry.port, "http", None)
+    other = ControlPlane(ControlPlaneSpec(port=0, registry=reg))
+    await other.start()
+    try:
+        service = other.app[CA_SERVICE]
+        assert service._task is not None
+        await asyncio.wait_for(service._task, 15)  # gives up: retrying cannot help
+        status, got = await call(http, "GET", f"{other.url}/api/v1/ca/bundle")
+        assert status == 500 and got["error"] == "ca_key"
+        assert "another encryption key" in got["message"]
+        status, _ = await call(http, "GET", f"{other.url}/api/v1/health")
+        assert status == 200
+    finally:
+        await other.aclose()

@@ -86,7 +86,7 @@ async def test_roots_have_consuls_shape_on_both_paths(
 
 
 async def test_the_leaf_endpoint_serves_consul_clients_with_service_write(
-    cp: ControlPlane, root_client: Any
+    cp: ControlPlane, root_client: Any, http: aiohttp.ClientSession
 ) -> None:
     secret = await create_service_token(root_client, "web")
     async with _client(cp, secret) as c:
@@ -94,6 +94,14 @@ async def test_the_leaf_endpoint_serves_consul_clients_with_service_write(
         again = await c.agent.connect.ca.leaf("web", token=secret)
         with pytest.raises(consul.ACLPermissionDenied):
             await c.agent.connect.ca.leaf("db", token=secret)
+    # Not even the management token gets the control plane's own identity here.
+    status, text = await call(
+        http,
+        "GET",
+        f"{cp.url}/v1/agent/connect/ca/leaf/tether-controlplane?ns=tether-system",
+        headers={"X-Consul-Token": "root"},
+    )
+    assert status == 403 and "control plane" in text
     assert set(leaf) == LEAF_FIELDS
     assert again == leaf  # reused until half its lifetime, as Consul's agent cache
     cert = certs.load_certs(leaf["CertPEM"])[0]

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from controlplane.api import caller_token, reply
 from controlplane.ca import certs
+from controlplane.ca.authority import RESERVED_NAMESPACE
 from controlplane.ca.bodies import BodyTooLargeError, read_bounded
 from controlplane.ca.errors import CSRError
 from controlplane.ca.provider import IssuedLeaf, StoredCA
@@ -200,6 +201,8 @@ async def leaf(request: web.Request) -> web.StreamResponse:
     provider = svc.require()
     service = request.match_info["service"]
     namespace = request.query.get("ns") or request.headers.get("X-Consul-Namespace") or "default"
+    if namespace == RESERVED_NAMESPACE:
+        raise PermissionDeniedError(f"namespace {RESERVED_NAMESPACE} is the control plane's")
     await _grant_allows(request, "service", service, "write")
     state = await provider.roots()
     try:

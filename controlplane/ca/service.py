@@ -25,7 +25,12 @@ from aiohttp import web
 
 from controlplane.ca.authority import IdentityAuthority, KubernetesReviewer, RegistryTokens
 from controlplane.ca.builtin import BuiltinCA, vault_for
-from controlplane.ca.errors import CAError, CANotConfiguredError
+from controlplane.ca.errors import (
+    CAConfigError,
+    CAError,
+    CANotConfiguredError,
+    KeyProtectionError,
+)
 from controlplane.ca.provider import IssuedLeaf, StoredCA, TrustBundle, live
 from controlplane.ca.spec import CASpec
 from controlplane.ca.supplied import OperatorCA
@@ -56,6 +61,7 @@ class CAService:
         self.tokens: RegistryTokens | None = None
         self.bundle: TrustBundle | None = None
         self.ready = asyncio.Event()
+        self.failure: CAError | None = None
         self._subscribers: list[BundleSubscriber] = []
         self._clients: list[Any] = []
         self._task: asyncio.Task[None] | None = None
@@ -71,6 +77,8 @@ class CAService:
                 "the mesh CA is off: set TETHER_CA_ENCRYPTION_KEY (or _FILE), "
                 "TETHER_CA_KEY_DIR, or TETHER_CA_CERT_FILE and TETHER_CA_KEY_FILE"
             )
+        if self.failure is not None:
+            raise self.failure
         if self.provider is None or not self.ready.is_set():
             raise CAStartingError("the mesh CA is starting (waiting for the registry)")
         return self.provider
@@ -120,6 +128,11 @@ class CAService:
             try:
                 await provider.start()
                 break
+            except (CAConfigError, KeyProtectionError) as exc:
+                # Retrying cannot help: the endpoints say why until an operator acts.
+                log.error("mesh CA cannot start: %s", exc)
+                self.failure = exc
+                return
             except ControlPlaneError as exc:
                 log.warning("mesh CA not started: %s (retrying in %.1fs)", exc, delay)
                 await asyncio.sleep(delay)
