@@ -153,12 +153,11 @@ async def test_the_leaf_ttl_is_configurable_and_capped_by_the_ca(make_ca: Any) -
 
 
 async def test_the_root_key_is_kept_only_protected(
-    make_ca: Any, registry: RegistryServer, tmp_path: Path
+    make_ca: Any, consul_client: Any, tmp_path: Path
 ) -> None:
     make, _, kind = make_ca
     ca = await make()
-    async with consul_client_for(registry) as c:
-        _, entry = await c.kv.get(ROOTS_KEY)
+    _, entry = await consul_client.kv.get(ROOTS_KEY)
     stored = entry["Value"].decode()
     assert "PRIVATE KEY" not in stored
     root = (await ca.roots()).active
@@ -171,14 +170,3 @@ async def test_the_root_key_is_kept_only_protected(
         assert stat.S_IMODE(os.stat(tmp_path / "keys").st_mode) == 0o700
     else:
         assert root.key == {"kind": "operator"}
-
-
-class consul_client_for:
-    def __init__(self, registry: RegistryServer) -> None:
-        self.client = consul.aio.Consul(host="127.0.0.1", port=registry.port)
-
-    async def __aenter__(self) -> Any:
-        return self.client
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.client.close()

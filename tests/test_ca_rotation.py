@@ -7,11 +7,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import consul.aio
 import pytest
 from cryptography import x509
 
@@ -30,7 +28,6 @@ from controlplane.ca.spiffe import (
 )
 from controlplane.ca.state import RootsChangedError
 from controlplane.ca.supplied import OperatorCA
-from registry.server import RegistryServer
 from tests.ca_material import FakeClock, write_operator_ca
 
 KEK = bytes(range(32))
@@ -39,12 +36,8 @@ ORDERS = SpiffeId("mesh.test", "default", "dc1", "orders")
 
 
 @pytest.fixture
-async def client(registry: RegistryServer) -> AsyncIterator[Any]:
-    c = consul.aio.Consul(host="127.0.0.1", port=registry.port)
-    try:
-        yield c
-    finally:
-        await c.close()
+def client(consul_client: Any) -> Any:
+    return consul_client
 
 
 async def issue(ca: StoredCA) -> IssuedLeaf:

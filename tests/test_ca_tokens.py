@@ -4,8 +4,6 @@ against a real registry with ACLs on."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import consul.aio
@@ -15,22 +13,14 @@ from controlplane.ca.state import TOKEN_BINDINGS
 from controlplane.ca.tokens import create_service_token
 from controlplane.errors import BadRequestError, PermissionDeniedError
 from registry.server import RegistryServer
-from tests.conftest import serving_registry
+from tests.test_ca_api import acl_registry, root_client
+
+__all__ = ["acl_registry", "root_client"]  # fixtures shared from there
 
 
 @pytest.fixture
-async def acl_registry(tmp_path: Path) -> AsyncIterator[RegistryServer]:
-    async with serving_registry(tmp_path / "acl", management_token="root") as server:
-        yield server
-
-
-@pytest.fixture
-async def root(acl_registry: RegistryServer) -> AsyncIterator[Any]:
-    c = consul.aio.Consul(host="127.0.0.1", port=acl_registry.port, token="root")
-    try:
-        yield c
-    finally:
-        await c.close()
+def root(root_client: Any) -> Any:
+    return root_client
 
 
 async def client_with(registry: RegistryServer, token: str) -> Any:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import replace
-from typing import Any
 
 from controlplane.ca import certs
 from controlplane.ca.errors import CAConfigError
 from controlplane.ca.keys import EncryptedKeyVault, FileKeyVault, KeyVault, parse_encryption_key
-from controlplane.ca.provider import Clock, StoredCA, random_serial, root_record, utc_now
+from controlplane.ca.provider import StoredCA, random_serial, root_record
 from controlplane.ca.spec import CASpec
 from controlplane.ca.spiffe import new_key
 from controlplane.ca.state import RootRecord
@@ -28,23 +27,14 @@ def vault_for(spec: CASpec) -> KeyVault | None:
 class BuiltinCA(StoredCA):
     provider_name = "consul"  # Consul calls its built-in provider "consul"
 
-    def __init__(
-        self,
-        client: Any,
-        spec: CASpec,
-        *,
-        vault: KeyVault | None = None,
-        writer: Any | None = None,
-        clock: Clock = utc_now,
-    ) -> None:
-        super().__init__(client, spec, writer=writer, clock=clock)
-        chosen = vault or vault_for(spec)
-        if chosen is None:
+    def _configure(self) -> None:
+        vault = self.vault or vault_for(self.spec)
+        if vault is None:
             raise CAConfigError(
                 "the built-in CA needs TETHER_CA_ENCRYPTION_KEY or TETHER_CA_KEY_DIR "
                 "to keep its root key"
             )
-        self.vault: KeyVault = chosen
+        self.keys: KeyVault = vault
 
     def _new_root(
         self, trust_domain: str, previous: RootRecord | None, now: dt.datetime
@@ -63,13 +53,13 @@ class BuiltinCA(StoredCA):
         record = root_record(
             root=root, signing=root, intermediates=(), key_ref={}, provider="builtin"
         )
-        sealed = self.vault.seal(record.id, key)
+        sealed = self.keys.seal(record.id, key)
         return replace(record, key=sealed), key
 
     def _open_key(self, root: RootRecord) -> certs.SigningKey:
         if root.provider != "builtin":
             raise CAConfigError(f"root {root.id} is an operator-supplied CA's")
-        return self._cached_key(root, lambda: self.vault.open(root.id, root.key))
+        return self._cached_key(root, lambda: self.keys.open(root.id, root.key))
 
     def _discard(self, root: RootRecord) -> None:
-        self.vault.discard(root.id, root.key)
+        self.keys.discard(root.id, root.key)

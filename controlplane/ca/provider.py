@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 
 from controlplane.ca import certs
 from controlplane.ca.errors import CAError, CSRError
+from controlplane.ca.keys import KeyVault
 from controlplane.ca.spec import CASpec
 from controlplane.ca.spiffe import SpiffeId, trust_domain_of
 from controlplane.ca.state import (
@@ -131,16 +132,29 @@ class StoredCA:
     provider_name = "base"
 
     def __init__(
-        self, client: Any, spec: CASpec, *, writer: Any | None = None, clock: Clock = utc_now
+        self,
+        client: Any,
+        spec: CASpec,
+        *,
+        vault: KeyVault | None = None,
+        writer: Any | None = None,
+        clock: Clock = utc_now,
     ) -> None:
+        """`vault` keeps built-in roots' keys; `writer`, a registry client without a
+        token of its own, makes the writes callers ask for (rotation)."""
         self.spec = spec
+        self.vault = vault
         self.state = CAStateStore(client, writer)
         self.clock = clock
         self._keys: dict[str, certs.SigningKey] = {}
         self._ready = asyncio.Lock()
         self._started = False
+        self._configure()
 
     # -- what subclasses provide -------------------------------------------------------
+
+    def _configure(self) -> None:
+        """Load and check the provider's own configuration (end of `__init__`)."""
 
     def _new_root(
         self, trust_domain: str, previous: RootRecord | None, now: dt.datetime

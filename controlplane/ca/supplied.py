@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -16,9 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from controlplane.ca import certs
 from controlplane.ca.errors import CAConfigError
-from controlplane.ca.keys import KeyVault
-from controlplane.ca.provider import Clock, StoredCA, root_record, utc_now
-from controlplane.ca.spec import CASpec
+from controlplane.ca.provider import StoredCA, root_record
 from controlplane.ca.state import RootRecord
 
 OPERATOR_KEY_REF = {"kind": "operator"}
@@ -87,20 +84,11 @@ class OperatorCA(StoredCA):
 
     provider_name = "operator"
 
-    def __init__(
-        self,
-        client: Any,
-        spec: CASpec,
-        *,
-        vault: KeyVault | None = None,
-        writer: Any | None = None,
-        clock: Clock = utc_now,
-    ) -> None:
-        super().__init__(client, spec, writer=writer, clock=clock)
+    def _configure(self) -> None:
+        spec = self.spec
         if spec.cert_file is None or spec.key_file is None:
             raise CAConfigError("an operator CA needs TETHER_CA_CERT_FILE and TETHER_CA_KEY_FILE")
         self.chain, self.key = load_operator_ca(spec.cert_file, spec.key_file)
-        self.vault = vault
         self._signing_pem = certs.cert_pem(self.chain[0])
 
     def _new_root(
