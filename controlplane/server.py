@@ -23,6 +23,8 @@ How the parts plug in (the push server uses exactly this):
   replica publishes before it answers.
 - `cp.consul` is the registry client (`consul.aio.Consul`, the control plane's token)
   for reading the catalog.
+- `cp.authorizer` asks the registry what a caller's token may do
+  (`controlplane.auth`); callers' writes go through a client with no token of its own.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any
 import consul.aio
 from aiohttp import web
 
+from controlplane.auth import RegistryAuthorizer, caller_client
 from controlplane.errors import ControlPlaneError
 from controlplane.schema import ResourceKey
 from controlplane.store import ConfigSnapshot, PolicyStore
@@ -121,6 +124,8 @@ class ControlPlane:
         self.consul: Any = None
         self._writer: Any = None
         self.store: PolicyStore = PolicyStore(None)
+        # Its client is set at start; the push server holds this same object.
+        self.authorizer = RegistryAuthorizer(None)
         self.port = spec.port
         self._install_parts()
 
@@ -148,9 +153,11 @@ class ControlPlane:
         self.consul = consul.aio.Consul(
             host=reg.host, port=reg.port, scheme=reg.scheme, token=reg.token
         )
-        # Writes carry the caller's token only: no default, so the registry's ACLs decide.
-        self._writer = consul.aio.Consul(host=reg.host, port=reg.port, scheme=reg.scheme)
+        # Writes and authorization carry the caller's token only (never this process's
+        # CONSUL_HTTP_TOKEN), so the registry's ACLs decide.
+        self._writer = caller_client(reg.host, reg.port, reg.scheme)
         self.store = PolicyStore(self.consul, self._writer)
+        self.authorizer.client = self._writer
         with contextlib.suppress(ControlPlaneError):
             await self.refresh()
         self._watch_task = asyncio.create_task(self._watch(), name="controlplane-watch")
