@@ -17,10 +17,11 @@ The same field declarations drive three things, so they cannot drift apart:
 - encoding (`Resource.to_dict`), omitting defaults, so `from_dict(to_dict(r)) == r`;
 - the JSON Schema in `docs/schema/` (`python -m controlplane.schema --write docs/schema`).
 
-Meaning (weights summing to 100, regexes compiling, rules that can never match, subsets
-that exist) is checked by `controlplane.validation`; a sidecar re-checks a pushed
-snapshot with `check_resource` from here. This module imports only the standard
-library and PyYAML: the proxy imports it and nothing else from `controlplane/`.
+Meaning (weights summing to 100, regexes compiling as RE2, rules that can never match,
+subsets that exist) is checked by `controlplane.validation`; a sidecar re-checks a
+pushed snapshot with `check_resource` from here. This module imports only the standard
+library, PyYAML and (when a regex is checked) RE2: the proxy imports it and nothing
+else from `controlplane/`.
 
 Naming: a service's `ServiceDefaults`, `Route` and `TrafficSplit` are each named after
 the service they configure (one of each per service and namespace, as Consul's
@@ -295,7 +296,9 @@ class PathMatchSpec:
 
     exact: str | None = spec_field("The path equals this.", default=None)
     prefix: str | None = spec_field("The path starts with this.", default=None)
-    regex: str | None = spec_field("The whole path matches this regular expression.", default=None)
+    regex: str | None = spec_field(
+        "The whole path matches this regular expression (RE2 syntax).", default=None
+    )
 
 
 @dataclass(frozen=True)
@@ -306,7 +309,9 @@ class HeaderMatchSpec:
 
     name: str = spec_field("Header name.")
     exact: str | None = spec_field("The value equals this.", default=None)
-    regex: str | None = spec_field("The whole value matches this regex.", default=None)
+    regex: str | None = spec_field(
+        "The whole value matches this regular expression (RE2 syntax).", default=None
+    )
     present: bool | None = spec_field("true: the header is present; false: absent.", default=None)
 
 
@@ -318,7 +323,9 @@ class QueryParamMatchSpec:
 
     name: str = spec_field("Query parameter name (case-sensitive).")
     exact: str | None = spec_field("The value equals this.", default=None)
-    regex: str | None = spec_field("The whole value matches this regex.", default=None)
+    regex: str | None = spec_field(
+        "The whole value matches this regular expression (RE2 syntax).", default=None
+    )
     present: bool | None = spec_field(
         "true: the parameter is present; false: absent.", default=None
     )
@@ -962,13 +969,27 @@ class _Checker:
         self.problems.append(Problem(message, format_path(path), severity=severity))
 
     def regex(self, path: FieldPath, pattern: str) -> None:
+        """Route regexes are RE2 (what the sidecar matches with: linear time, no
+        backreferences or lookaround), so they are compiled by RE2 here too."""
         if len(pattern) > MAX_REGEX:
             self.add(path, f"regular expression longer than {MAX_REGEX} characters")
             return
+        # Imported here: the C extension is needed only once a regex is checked.
+        import re2
+
+        options = re2.Options()
+        options.log_errors = False  # the problem goes to the caller, not to stderr
         try:
-            re.compile(pattern)
-        except re.error as exc:
-            self.add(path, f"invalid regular expression: {exc}")
+            re2.compile(pattern, options=options)
+        except re2.error as exc:
+            reason = exc.args[0] if exc.args else exc
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
+            self.add(
+                path,
+                f"invalid regular expression (RE2 syntax: no backreferences or "
+                f"lookaround): {reason}",
+            )
 
     def token(self, path: FieldPath, name: str, what: str) -> None:
         if not _TOKEN.match(name):

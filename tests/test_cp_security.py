@@ -272,3 +272,44 @@ async def test_registry_answers_what_a_token_may_do(tmp_path: Path) -> None:
         async with aiohttp.ClientSession() as http:
             async with http.post(url, json=asks) as resp:
                 assert resp.status == 401 and "ACL support disabled" in await resp.text()
+
+
+# -- route regexes are RE2 at apply time --------------------------------------------------
+
+
+async def test_apply_refuses_regexes_re2_cannot_run_and_keeps_the_old_policy(
+    tmp_path: Path,
+) -> None:
+    head = "apiVersion: tether.dev/v1alpha1\nkind: Route\nmetadata: {name: orders}\nspec:\n"
+    good = head + "  rules:\n    - match: {path: {regex: '/v[0-9]+/.*'}}\n"
+    bad = (
+        head + "  rules:\n"
+        "    - match: {path: {regex: '/(a)\\1'}}\n"  # 6: a backreference
+        "    - match:\n"
+        "        headers: [{name: x-v, regex: '(?=x)y'}]\n"  # 8: lookahead
+        "    - match:\n"
+        "        queryParams: [{name: q, regex: '(?<=a)b'}]\n"  # 10: lookbehind
+    )
+    async with serving_registry(tmp_path / "reg") as reg:
+        cp = ControlPlane(ControlPlaneSpec(port=0, registry=RegistryAddress(port=reg.port)))
+        await cp.start()
+        api = f"{cp.url}/api/v1"
+        try:
+            async with aiohttp.ClientSession() as http:
+                status, body, _ = await call(http, "POST", f"{api}/apply?file=r.yaml", data=good)
+                assert status == 200 and body["version"] == 1
+                status, body, _ = await call(http, "POST", f"{api}/apply?file=r.yaml", data=bad)
+                assert status == 422, body
+                got = {(p["path"], p["line"]): p["message"] for p in body["problems"]}
+                assert set(got) == {
+                    ("spec.rules[0].match.path.regex", 6),
+                    ("spec.rules[1].match.headers[0].regex", 8),
+                    ("spec.rules[2].match.queryParams[0].regex", 10),
+                }
+                assert all("RE2" in m for m in got.values())
+                assert "invalid escape sequence" in got[("spec.rules[0].match.path.regex", 6)]
+                status, body, _ = await call(http, "GET", f"{api}/resources/Route/default/orders")
+                assert body["spec"]["rules"][0]["match"]["path"]["regex"] == "/v[0-9]+/.*"
+                assert body["metadata"]["generation"] == 1
+        finally:
+            await cp.aclose()
