@@ -45,6 +45,8 @@ from controlplane.auth import RegistryAuthorizer, caller_client
 from controlplane.errors import ControlPlaneError
 from controlplane.schema import ResourceKey
 from controlplane.store import ConfigSnapshot, PolicyStore
+from tether.http_limits import CONTROLPLANE_LIMITS, ListenerLimits
+from tether.http_limits import serve as serve_http
 
 log = logging.getLogger("tether.controlplane")
 
@@ -91,6 +93,8 @@ class ControlPlaneSpec:
     # How long one blocking query of the KV prefix waits (Consul's `wait`).
     watch_wait: str = "30s"
     max_body: int = 4 * 1024 * 1024
+    # Connection caps and timeouts of the listener (tether/http_limits.py).
+    limits: ListenerLimits = CONTROLPLANE_LIMITS
 
 
 @dataclass(frozen=True)
@@ -162,12 +166,10 @@ class ControlPlane:
             await self.refresh()
         self._watch_task = asyncio.create_task(self._watch(), name="controlplane-watch")
         # Long-lived connections (sidecars' WebSockets) must not hold a stop for a minute.
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=3.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.spec.host, self.spec.port)
-        await site.start()
-        if self._runner.addresses:
-            self.port = int(self._runner.addresses[0][1])
+        self._runner, site = await serve_http(
+            self.app, self.spec.host, self.spec.port, self.spec.limits, shutdown_timeout=3.0
+        )
+        self.port = site.port
         log.info("control plane on %s:%d", self.spec.host, self.port)
 
     async def aclose(self) -> None:
