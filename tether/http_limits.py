@@ -29,14 +29,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
 log = logging.getLogger("tether.http")
 
-# How long a refused connection may take to read its refusal before it is closed.
-REFUSAL_LINGER = 1.0
+# How long a connection that is being closed on a refusal (over a cap, a body too slow)
+# may keep sending before it is cut: long enough for a client to read the answer.
+LINGER = 1.0
 
 
 @dataclass(frozen=True)
@@ -160,18 +161,19 @@ class _GatedConnection(asyncio.Protocol):
             self.inner = self.make()
             self.inner.connection_made(transport)
             return
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(self.gate.refusal(refused))
+        # A stream transport (uvloop's does not subclass asyncio.Transport).
+        stream = cast(asyncio.Transport, transport)
+        stream.write(self.gate.refusal(refused))
         if self.gate.lingering >= self.gate.limits.max_connections:
-            transport.close()  # refusals themselves are bounded
+            stream.close()  # refusals themselves are bounded
             return
         # Half-close and drop what the client sends until it closes (or a second
         # passes): closing at once would answer its request with a reset, which can
         # discard the refusal before the client reads it.
         self.gate.lingering += 1
-        if transport.can_write_eof():
-            transport.write_eof()
-        self.linger = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.close)
+        if stream.can_write_eof():
+            stream.write_eof()
+        self.linger = asyncio.get_running_loop().call_later(LINGER, stream.close)
 
     def data_received(self, data: bytes) -> None:
         if self.inner is not None:
@@ -239,6 +241,8 @@ class LimitedSite(web.BaseSite):
                 # None: no access log (what every Tether listener asked of its runner).
                 access_log=None,  # type: ignore[arg-type]
                 keepalive_timeout=limits.idle_timeout,
+                # aiohttp reads an unread body away after the answer, for this long.
+                lingering_time=LINGER,
                 max_line_size=limits.max_line_size,
                 max_field_size=limits.max_field_size,
             )
@@ -269,10 +273,14 @@ def body_deadline(seconds: float) -> Any:
                 async with asyncio.timeout(seconds):
                     await request.read()
             except TimeoutError:
-                raise web.HTTPRequestTimeout(
+                resp = web.Response(
+                    status=HTTPStatus.REQUEST_TIMEOUT,
                     text=f"request body not received within {seconds:g}s\n",
-                    headers={"Connection": "close"},
-                ) from None
+                )
+                # Not kept alive: the rest of the body is not coming (aiohttp drains
+                # for LINGER at most, then closes).
+                resp.force_close()
+                return resp
         return await handler(request)
 
     return read_body_in_time
