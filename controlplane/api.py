@@ -40,6 +40,7 @@ from controlplane.schema import (
 from controlplane.store import ApplyResult
 from controlplane.validation import InstanceView, instance_namespace, validate, validate_deletion
 from controlplane.validation import identities as document_identities
+from tether import json_depth
 
 log = logging.getLogger("tether.controlplane.api")
 
@@ -239,7 +240,9 @@ async def read_files(request: web.Request) -> list[tuple[str, str]]:
     name = request.query.get("file") or "<request>"
     if request.content_type == "application/json":
         try:
-            data = json.loads(text)
+            data = json_depth.loads(text)
+        except json_depth.JSONDepthError as exc:
+            raise BadRequestError(f"the body is not acceptable JSON: {exc}") from exc
         except ValueError:
             data = None
         if isinstance(data, dict) and "files" in data and "kind" not in data:

@@ -1273,12 +1273,46 @@ class _Composer:
         )
 
 
+class _DepthBoundLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting past _MAX_DEPTH while it reads.
+
+    Bounding only the composed tree would be too late: PyYAML recurses once per level,
+    and its scanner reads ahead and rechecks every open flow level per token, so 5,000
+    nested brackets cost seconds before any RecursionError. Here the 65th level of
+    brackets (scanner) or of any nesting (composer) stops it.
+    """
+
+    _depth = 0
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        if self.flow_level >= _MAX_DEPTH:
+            raise yaml.scanner.ScannerError(
+                None,
+                None,
+                f"nested too deeply (more than {_MAX_DEPTH} levels)",
+                self.get_mark(),
+            )
+        super().fetch_flow_collection_start(TokenClass)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self._depth >= _MAX_DEPTH:
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, f"nested too deeply (more than {_MAX_DEPTH} levels)", mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def load_documents(text: str, file: str = "<input>") -> list[SourceDocument]:
     """Split YAML (or JSON) text into documents with marks; empty documents are skipped.
 
     A syntax error raises SchemaError with the line PyYAML reports.
     """
-    loader = yaml.SafeLoader(text)
+    loader = _DepthBoundLoader(text)
     docs: list[SourceDocument] = []
     index = 0
     try:

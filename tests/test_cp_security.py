@@ -36,7 +36,9 @@ def example_files() -> dict[str, Any]:
 async def call(
     http: aiohttp.ClientSession, method: str, url: str, token: str | None = None, **kw: Any
 ) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
-    headers = {"X-Tether-Token": token} if token else {}
+    headers = dict(kw.pop("headers", {}))
+    if token:
+        headers["X-Tether-Token"] = token
     async with http.request(method, url, headers=headers, **kw) as resp:
         return resp.status, await resp.json(), resp.headers
 
@@ -311,5 +313,40 @@ async def test_apply_refuses_regexes_re2_cannot_run_and_keeps_the_old_policy(
                 status, body, _ = await call(http, "GET", f"{api}/resources/Route/default/orders")
                 assert body["spec"]["rules"][0]["match"]["path"]["regex"] == "/v[0-9]+/.*"
                 assert body["metadata"]["generation"] == 1
+        finally:
+            await cp.aclose()
+
+
+# -- hostile documents: deep nesting and alias bombs -----------------------------------------
+
+
+async def test_deep_json_and_yaml_bombs_get_clear_errors(tmp_path: Path) -> None:
+    head = "apiVersion: tether.dev/v1alpha1\nkind: Route\nmetadata: {name: orders}\n"
+    bomb = head + "x0: &a0 [s, s, s, s, s, s, s, s, s]\n"
+    for i in range(1, 9):
+        bomb += f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]\n"
+    bomb += "spec: {rules: [{match: {headers: *a8}}]}\n"
+    deep_yaml = head + "spec: " + "[" * 5000 + "]" * 5000 + "\n"
+    async with serving_registry(tmp_path / "reg") as reg:
+        cp = ControlPlane(ControlPlaneSpec(port=0, registry=RegistryAddress(port=reg.port)))
+        await cp.start()
+        api = f"{cp.url}/api/v1"
+        try:
+            async with aiohttp.ClientSession() as http:
+                deep = '{"files": ' + "[" * 100_000 + "]" * 100_000 + "}"
+                status, body, _ = await call(
+                    http,
+                    "POST",
+                    f"{api}/apply",
+                    data=deep,
+                    headers={"Content-Type": "application/json"},
+                )
+                assert status == 400 and "nested deeper than 64" in body["message"], body
+                for text, why in ((bomb, "aliases expanded"), (deep_yaml, "more than 64 levels")):
+                    status, body, _ = await call(http, "POST", f"{api}/apply", data=text)
+                    assert status == 422 and "invalid YAML" in body["message"], body
+                    assert why in body["message"]
+                status, body, _ = await call(http, "GET", f"{api}/version")
+                assert body["version"] == 0
         finally:
             await cp.aclose()
