@@ -279,9 +279,22 @@ async def test_registry_answers_what_a_token_may_do(tmp_path: Path) -> None:
 # -- route regexes are RE2 at apply time --------------------------------------------------
 
 
+@pytest.fixture
+async def open_api(tmp_path: Path) -> AsyncIterator[str]:
+    """The API URL of a control plane over a registry with ACLs off."""
+    async with serving_registry(tmp_path / "reg") as reg:
+        cp = ControlPlane(ControlPlaneSpec(port=0, registry=RegistryAddress(port=reg.port)))
+        await cp.start()
+        try:
+            yield f"{cp.url}/api/v1"
+        finally:
+            await cp.aclose()
+
+
 async def test_apply_refuses_regexes_re2_cannot_run_and_keeps_the_old_policy(
-    tmp_path: Path,
+    open_api: str,
 ) -> None:
+    api = open_api
     head = "apiVersion: tether.dev/v1alpha1\nkind: Route\nmetadata: {name: orders}\nspec:\n"
     good = head + "  rules:\n    - match: {path: {regex: '/v[0-9]+/.*'}}\n"
     bad = (
@@ -292,61 +305,48 @@ async def test_apply_refuses_regexes_re2_cannot_run_and_keeps_the_old_policy(
         "    - match:\n"
         "        queryParams: [{name: q, regex: '(?<=a)b'}]\n"  # 10: lookbehind
     )
-    async with serving_registry(tmp_path / "reg") as reg:
-        cp = ControlPlane(ControlPlaneSpec(port=0, registry=RegistryAddress(port=reg.port)))
-        await cp.start()
-        api = f"{cp.url}/api/v1"
-        try:
-            async with aiohttp.ClientSession() as http:
-                status, body, _ = await call(http, "POST", f"{api}/apply?file=r.yaml", data=good)
-                assert status == 200 and body["version"] == 1
-                status, body, _ = await call(http, "POST", f"{api}/apply?file=r.yaml", data=bad)
-                assert status == 422, body
-                got = {(p["path"], p["line"]): p["message"] for p in body["problems"]}
-                assert set(got) == {
-                    ("spec.rules[0].match.path.regex", 6),
-                    ("spec.rules[1].match.headers[0].regex", 8),
-                    ("spec.rules[2].match.queryParams[0].regex", 10),
-                }
-                assert all("RE2" in m for m in got.values())
-                assert "invalid escape sequence" in got[("spec.rules[0].match.path.regex", 6)]
-                status, body, _ = await call(http, "GET", f"{api}/resources/Route/default/orders")
-                assert body["spec"]["rules"][0]["match"]["path"]["regex"] == "/v[0-9]+/.*"
-                assert body["metadata"]["generation"] == 1
-        finally:
-            await cp.aclose()
+    async with aiohttp.ClientSession() as http:
+        status, body, _ = await call(http, "POST", f"{api}/apply?file=r.yaml", data=good)
+        assert status == 200 and body["version"] == 1
+        status, body, _ = await call(http, "POST", f"{api}/apply?file=r.yaml", data=bad)
+        assert status == 422, body
+        got = {(p["path"], p["line"]): p["message"] for p in body["problems"]}
+        assert set(got) == {
+            ("spec.rules[0].match.path.regex", 6),
+            ("spec.rules[1].match.headers[0].regex", 8),
+            ("spec.rules[2].match.queryParams[0].regex", 10),
+        }
+        assert all("RE2" in m for m in got.values())
+        assert "invalid escape sequence" in got[("spec.rules[0].match.path.regex", 6)]
+        status, body, _ = await call(http, "GET", f"{api}/resources/Route/default/orders")
+        assert body["spec"]["rules"][0]["match"]["path"]["regex"] == "/v[0-9]+/.*"
+        assert body["metadata"]["generation"] == 1
 
 
 # -- hostile documents: deep nesting and alias bombs -----------------------------------------
 
 
-async def test_deep_json_and_yaml_bombs_get_clear_errors(tmp_path: Path) -> None:
+async def test_deep_json_and_yaml_bombs_get_clear_errors(open_api: str) -> None:
+    api = open_api
     head = "apiVersion: tether.dev/v1alpha1\nkind: Route\nmetadata: {name: orders}\n"
     bomb = head + "x0: &a0 [s, s, s, s, s, s, s, s, s]\n"
     for i in range(1, 9):
         bomb += f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]\n"
     bomb += "spec: {rules: [{match: {headers: *a8}}]}\n"
     deep_yaml = head + "spec: " + "[" * 5000 + "]" * 5000 + "\n"
-    async with serving_registry(tmp_path / "reg") as reg:
-        cp = ControlPlane(ControlPlaneSpec(port=0, registry=RegistryAddress(port=reg.port)))
-        await cp.start()
-        api = f"{cp.url}/api/v1"
-        try:
-            async with aiohttp.ClientSession() as http:
-                deep = '{"files": ' + "[" * 100_000 + "]" * 100_000 + "}"
-                status, body, _ = await call(
-                    http,
-                    "POST",
-                    f"{api}/apply",
-                    data=deep,
-                    headers={"Content-Type": "application/json"},
-                )
-                assert status == 400 and "nested deeper than 64" in body["message"], body
-                for text, why in ((bomb, "aliases expanded"), (deep_yaml, "more than 64 levels")):
-                    status, body, _ = await call(http, "POST", f"{api}/apply", data=text)
-                    assert status == 422 and "invalid YAML" in body["message"], body
-                    assert why in body["message"]
-                status, body, _ = await call(http, "GET", f"{api}/version")
-                assert body["version"] == 0
-        finally:
-            await cp.aclose()
+    deep_json = '{"files": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    async with aiohttp.ClientSession() as http:
+        status, body, _ = await call(
+            http,
+            "POST",
+            f"{api}/apply",
+            data=deep_json,
+            headers={"Content-Type": "application/json"},
+        )
+        assert status == 400 and "nested deeper than 64" in body["message"], body
+        for text, why in ((bomb, "aliases expanded"), (deep_yaml, "more than 64 levels")):
+            status, body, _ = await call(http, "POST", f"{api}/apply", data=text)
+            assert status == 422 and "invalid YAML" in body["message"], body
+            assert why in body["message"]
+        status, body, _ = await call(http, "GET", f"{api}/version")
+        assert body["version"] == 0
