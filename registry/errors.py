@@ -44,3 +44,7 @@ class StoreError(RegistryError):
     """The durable store could not commit a write; nothing was applied."""
 
     status = 500
+
+
+class DataDirError(Exception):
+    """The data directory cannot be used (a damaged database); the registry cannot start."""

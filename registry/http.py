@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from registry import nesting
 from registry.errors import BadRequestError, RegistryError, TooLargeError
 from registry.store import Store
 
@@ -113,8 +114,8 @@ async def read_body(request: web.Request, *, allow_empty: bool = False) -> Any:
             return None
         raise BadRequestError("Request decode failed: empty body")
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return nesting.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError and NestingError are ValueErrors
         raise BadRequestError(f"Request decode failed: {exc}") from exc
 
 

@@ -93,7 +93,12 @@ def registry(
         fsync=fsync,
         session_ttl_min=ttl_min,
     )
-    run_async(serve(spec))
+    from registry.errors import DataDirError
+
+    try:
+        run_async(serve(spec))
+    except DataDirError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _meta_pairs(
