@@ -33,9 +33,7 @@ def check_depth(text: str, limit: int = MAX_DEPTH) -> None:
         if tok in _OPENERS:
             depth += 1
             if depth > limit:
-                raise NestingError(
-                    f"nested deeper than {limit} levels (at offset {m.start()})"
-                )
+                raise NestingError(f"nested deeper than {limit} levels (at offset {m.start()})")
         elif tok in ("]", "}"):
             depth = max(0, depth - 1)
 

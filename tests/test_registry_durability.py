@@ -84,7 +84,7 @@ async def _scenario(rp: Any, app_port: int) -> None:
         assert set(svcs) == {"orders-1"}
         assert svcs["orders-1"]["Tags"] == ["v1"] and svcs["orders-1"]["Meta"] == {"zone": "a"}
         _, services = await c.catalog.services()
-        assert services == {"db": [], "orders": ["v1"]}
+        assert services == {"consul": [], "db": [], "orders": ["v1"]}
         after, _ = await c.catalog.services()
         assert int(after) >= int(before)  # indexes never go backwards
         checks = await c.agent.checks()
