@@ -41,6 +41,7 @@ def register(app: web.Application) -> None:
     r.add_put("/v1/agent/check/update/{check_id}", agent_api.check_update)
     r.add_get("/v1/agent/health/service/id/{service_id}", agent_api.health_by_id)
     r.add_get("/v1/agent/health/service/name/{name}", agent_api.health_by_name)
+    r.add_put("/v1/agent/token/{kind}", acl_api.agent_token)
     # Catalog
     r.add_put("/v1/catalog/register", catalog_api.register)
     r.add_put("/v1/catalog/deregister", catalog_api.deregister)
@@ -73,6 +74,7 @@ def register(app: web.Application) -> None:
     r.add_put("/v1/event/fire/{name:.*}", event_api.fire)
     r.add_get("/v1/event/list", event_api.list_events)
     # ACL (the fixed paths before the parameterised ones)
+    r.add_put("/v1/acl/bootstrap", acl_api.bootstrap)
     r.add_put("/v1/acl/policy", acl_api.policy_create)
     r.add_get("/v1/acl/policies", acl_api.policy_list)
     r.add_get("/v1/acl/policy/name/{name}", acl_api.policy_read_by_name)

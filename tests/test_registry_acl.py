@@ -216,7 +216,8 @@ async def test_policy_and_token_lifecycle(secured: RegistryServer, admin: Any) -
     finally:
         await c.close()
     assert await admin.acl.policy.delete(pol_id) is True
-    assert await admin.acl.policy.read(pol_id) is None
+    with pytest.raises(consul.ACLPermissionDenied, match="ACL not found"):
+        await admin.acl.policy.read(pol_id)
     with pytest.raises(consul.ConsulException):
         await admin.acl.policy.delete("00000000-0000-0000-0000-000000000001")
 
