@@ -26,7 +26,12 @@ from registry.acl import (
     request_token,
 )
 from registry.acl_rules import RuleError, parse_rules
-from registry.errors import BadRequestError, PermissionDeniedError, RegistryError
+from registry.errors import (
+    BadRequestError,
+    NotSupportedError,
+    PermissionDeniedError,
+    RegistryError,
+)
 from registry.http import Body, block, context, read_body, reply
 from registry.store import Obj
 
@@ -364,19 +369,11 @@ async def bootstrap(request: web.Request) -> web.Response:
     )
 
 
-class AgentTokenUnsupportedError(RegistryError):
-    status = 501
-
-    def __init__(self) -> None:
-        super().__init__(
-            "PUT /v1/agent/token/* is not supported by this registry: it makes no requests"
-            " of its own to other servers, so it has no agent tokens (the management token"
-            " is the --management-token flag)"
-        )
-
-
 async def agent_token(request: web.Request) -> web.Response:
     """`PUT /v1/agent/token/<kind>`: 401 with ACLs off, as Consul; else acl:write, then
     refused, since a single-node registry has nothing to use agent tokens for."""
     _acl(request, "write")
-    raise AgentTokenUnsupportedError()
+    raise NotSupportedError(
+        f"PUT {request.path}: agent tokens are not supported by this registry (it makes no"
+        " requests of its own to other servers); the management token is --management-token"
+    )

@@ -15,6 +15,7 @@ from registry import (
     session_api,
     status,
     txn_api,
+    unsupported,
 )
 
 
@@ -90,3 +91,5 @@ def register(app: web.Application) -> None:
     r.add_delete("/v1/acl/token/{id}", acl_api.token_delete)
     # Metrics
     r.add_get("/v1/agent/metrics", metrics.agent_metrics)
+    # Consul endpoints a single node does not have: a clear 501, not a bare 404.
+    unsupported.register(app)
