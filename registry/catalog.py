@@ -11,7 +11,7 @@ node -> services and checks, instance -> checks) that a commit hook keeps curren
 Object shapes follow Consul: nodes `{ID, Node, Address, Datacenter, TaggedAddresses,
 Meta}`, services `{Node, ID, Service, Tags, Address, Port, Meta, Weights, ...}`, checks
 `{Node, CheckID, Name, Status, Notes, Output, ServiceID, ServiceName, ServiceTags, Type,
-Definition, Interval, Timeout}`, each with CreateIndex and ModifyIndex.
+Interval, Timeout, ExposedPort, Definition}`, each with CreateIndex and ModifyIndex.
 """
 
 from __future__ import annotations
@@ -388,6 +388,7 @@ class Catalog:
             "Type": chk.get("Type", ""),
             "Interval": chk.get("Interval", ""),
             "Timeout": chk.get("Timeout", ""),
+            "ExposedPort": chk.get("ExposedPort", 0),  # Connect's expose paths: never here
             "Definition": dict(chk.get("Definition") or {}),
         }
         if new["ServiceID"]:
