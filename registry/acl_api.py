@@ -310,12 +310,13 @@ async def token_self(request: web.Request) -> web.Response:
         raise AclDisabledError()
     secret = request_token(request)
     grant = acl.grant(request)  # 403 "ACL not found" for an unknown secret
+    index = await block(request, [RESOURCE])
     tok = grant.token
     if tok is None:
         tok = acl.token_by_secret(secret) if secret else acl.store.get(TOKENS, ANONYMOUS_ID)
     if tok is None:
         raise PermissionDeniedError("ACL not found")
-    return reply(acl.token_view(tok), tok["ModifyIndex"])
+    return reply(acl.token_view(tok), index)
 
 
 async def token_delete(request: web.Request) -> web.Response:
