@@ -362,6 +362,11 @@ async def self_(request: web.Request) -> web.Response:
     )
 
 
+async def version(request: web.Request) -> web.Response:
+    """`/v1/agent/version`: Consul's api.AgentVersion, at the API level we answer as."""
+    return reply({"SHA": "", "BuildDate": "", "HumanVersion": VERSION, "FIPS": ""})
+
+
 async def members(request: web.Request) -> web.Response:
     ctx = context(request)
     grant = ctx.acl.grant(request)

@@ -26,6 +26,7 @@ def register(app: web.Application) -> None:
     r.add_get("/v1/status/peers", status.peers)
     # Agent
     r.add_get("/v1/agent/self", agent_api.self_)
+    r.add_get("/v1/agent/version", agent_api.version)
     r.add_get("/v1/agent/members", agent_api.members)
     r.add_get("/v1/agent/services", agent_api.services)
     r.add_get("/v1/agent/service/{service_id}", agent_api.service)

@@ -30,6 +30,12 @@ ENDPOINTS: tuple[tuple[str, str, str, str], ...] = (
         "restart it with new flags",
     ),
     ("/v1/agent/monitor", "log streaming", "the registry logs to its stderr", "read its log"),
+    (
+        "/v1/agent/metrics/stream",
+        "metrics streaming",
+        "not implemented",
+        "poll /v1/agent/metrics (JSON, or ?format=prometheus)",
+    ),
     ("/v1/agent/host", "host information", "not collected", "ask the host's own tools"),
     (
         "/v1/agent/connect/{tail:.*}",

@@ -178,6 +178,12 @@ async def test_agent_services_have_the_agent_service_shape(
     assert set(tagged[0]) == shapes.SERVICE_NODE | {"ServiceTaggedAddresses"}
 
 
+async def test_agent_version(consul_client: Any) -> None:
+    got = await consul_client.http.get(consul.callback.CB.json(), "/v1/agent/version")
+    assert set(got) == {"SHA", "BuildDate", "HumanVersion", "FIPS"}
+    assert got["HumanVersion"] == (await consul_client.agent.self())["Config"]["Version"]
+
+
 async def test_members_lan_and_wan(consul_client: Any, sync_client: consul.Consul) -> None:
     lan = await consul_client.agent.members()
     wan = await sync(lambda: sync_client.agent.members(wan=True))
