@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -20,10 +19,10 @@ import pytest
 from registry.server import RegistryServer
 from registry.unsupported import ENDPOINTS
 from tests import consul_shapes as shapes
-from tests.conftest import serving_registry
+from tests.conftest import MANAGEMENT_TOKEN
 
 T = TypeVar("T")
-MGMT = "5b2d8f4e-1c3a-4e8b-9d7f-2a6c0e1b3f45"
+MGMT = MANAGEMENT_TOKEN
 UNKNOWN = "0d9c1a44-7c1e-4a4f-8f1e-6c3b2a190000"
 
 
@@ -35,12 +34,6 @@ async def sync(call: Callable[[], T]) -> T:
 @pytest.fixture
 def sync_client(registry: RegistryServer) -> consul.Consul:
     return consul.Consul(host="127.0.0.1", port=registry.port)
-
-
-@pytest.fixture
-async def secured(tmp_path: Path) -> AsyncIterator[RegistryServer]:
-    async with serving_registry(tmp_path / "reg", management_token=MGMT) as server:
-        yield server
 
 
 @pytest.fixture
@@ -213,15 +206,15 @@ async def test_check_for_an_unknown_service_is_404(
 
 @pytest.mark.parametrize("client_kind", ["aio", "sync"])
 async def test_missing_acl_tokens_and_policies_are_403_acl_not_found(
-    secured: RegistryServer, client_kind: str
+    secured_registry: RegistryServer, client_kind: str
 ) -> None:
     if client_kind == "aio":
-        c: Any = consul.aio.Consul(port=secured.port, token=MGMT)
+        c: Any = consul.aio.Consul(port=secured_registry.port, token=MGMT)
 
         async def call(fn: Callable[[], Any]) -> Any:
             return await fn()
     else:
-        c = consul.Consul(port=secured.port, token=MGMT)
+        c = consul.Consul(port=secured_registry.port, token=MGMT)
 
         async def call(fn: Callable[[], Any]) -> Any:
             return await sync(fn)
@@ -268,12 +261,12 @@ async def test_acl_endpoints_without_acls_are_401(
 
 
 async def test_agent_token_with_acls_needs_acl_write_then_says_unsupported(
-    secured: RegistryServer,
+    secured_registry: RegistryServer,
 ) -> None:
-    async with consul.aio.Consul(port=secured.port) as anon:
+    async with consul.aio.Consul(port=secured_registry.port) as anon:
         with pytest.raises(consul.ACLPermissionDenied):
             await anon.agent.token.set_default("x")
-    async with consul.aio.Consul(port=secured.port, token=MGMT) as admin:
+    async with consul.aio.Consul(port=secured_registry.port, token=MGMT) as admin:
         with pytest.raises(consul.ConsulException, match=r"501 .* not supported"):
             await admin.agent.token.set_default("x")
 

@@ -19,10 +19,10 @@ import consul.aio
 import pytest
 
 from registry.server import RegistryServer
-from tests.conftest import ROOT, RegistryProcess, serving_registry
+from tests.conftest import MANAGEMENT_TOKEN, ROOT, RegistryProcess
 from tether.ports import free_port
 
-MGMT = "3c1b2a9d-8e7f-4a6b-9c5d-1e2f3a4b5c6d"
+MGMT = MANAGEMENT_TOKEN
 DEEP = 100_000
 BOMB = "[" * DEEP + "]" * DEEP
 
@@ -44,26 +44,20 @@ JSON_ROUTES = (
 
 
 @pytest.fixture
-async def secured(tmp_path: Path) -> AsyncIterator[RegistryServer]:
-    async with serving_registry(tmp_path / "reg", management_token=MGMT) as server:
-        yield server
-
-
-@pytest.fixture
-async def http(secured: RegistryServer) -> AsyncIterator[aiohttp.ClientSession]:
-    headers = {"X-Consul-Token": MGMT}
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{secured.port}", headers=headers) as s:
+async def http(secured_registry: RegistryServer) -> AsyncIterator[aiohttp.ClientSession]:
+    url = f"http://127.0.0.1:{secured_registry.port}"
+    async with aiohttp.ClientSession(url, headers={"X-Consul-Token": MGMT}) as s:
         yield s
 
 
 async def test_json_nested_100000_deep_is_400_on_every_json_route(
-    secured: RegistryServer, http: aiohttp.ClientSession
+    secured_registry: RegistryServer, http: aiohttp.ClientSession
 ) -> None:
     # Every PUT route that takes a JSON body is in the list above (the rest take raw bytes
     # or no body): a new JSON route must be added there.
     puts = {
         r.resource.canonical
-        for r in secured.app.router.routes()
+        for r in secured_registry.app.router.routes()
         if r.method == "PUT" and r.resource is not None
     }
     raw_or_none = {p for p in puts if p.startswith(("/v1/kv/", "/v1/event/"))}
@@ -81,7 +75,7 @@ async def test_json_nested_100000_deep_is_400_on_every_json_route(
     async with http.put("/v1/agent/service/register", data=wrapped) as r:
         assert r.status == 400
     # Nothing broke: the registry still answers and stored nothing.
-    async with consul.aio.Consul(port=secured.port, token=MGMT) as c:
+    async with consul.aio.Consul(port=secured_registry.port, token=MGMT) as c:
         assert await c.agent.services() == {}
         assert await c.kv.put("still", "ok") is True
 
