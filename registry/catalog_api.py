@@ -147,7 +147,7 @@ async def register(request: web.Request) -> web.Response:
         raise BadRequestError(f"Invalid node name {node!r}: '/' is not allowed")
     dc = body.text("Datacenter")
     if dc and dc != cat.datacenter:
-        raise RegistryError(f"No path to datacenter {dc!r}")
+        raise RegistryError("No path to datacenter")
     skip_node = body.flag("SkipNodeUpdate") and cat.get_node(node) is not None
     address = body.text("Address")
     if not address and not skip_node:

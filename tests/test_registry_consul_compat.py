@@ -300,6 +300,9 @@ async def test_another_datacenter_has_no_path(
     for path in ("/v1/status/leader?dc=dc2", "/v1/acl/tokens?dc=dc2", "/v1/session/info/x?dc=dc2"):
         async with http.get(path) as r:
             assert (r.status, await r.text()) == (500, "No path to datacenter"), path
+    body = '{"Datacenter": "dc2", "Node": "n3", "Address": "10.0.0.3"}'
+    async with http.put("/v1/catalog/register", data=body) as r:
+        assert (r.status, await r.text()) == (500, "No path to datacenter")
     txn = '[{"KV": {"Verb": "set", "Key": "t", "Value": "eA=="}}]'
     async with http.put("/v1/txn?dc=dc2", data=txn) as r:
         assert (r.status, await r.text()) == (500, "No path to datacenter")
