@@ -312,8 +312,9 @@ class DownstreamConnection(asyncio.Protocol):
         try:
             rest = codec.feed(data)
         except BadMessageError as e:
+            # Requests before the bad bytes in this read still go out (flushed below).
             self._bad_request(e)
-            return
+            rest = None
         if rest is not None:
             self._switching(rest)
         # self.flush(), inlined: this runs once per request
@@ -519,6 +520,12 @@ class DownstreamConnection(asyncio.Protocol):
             self.set_pause(PAUSE_BACKLOG)
             self.early = b""  # nothing more is parsed on this connection
             return
+        if not self.active:
+            # Between exchanges (a bad head after a finished one): the refusal is an
+            # exchange of its own, not the end of the last one's response.
+            self.resp_state = R_NONE
+            self.dstats = None
+            self.start = _monotonic()
         # A bad body mid-stream: the upstream got part of a request; drop it.
         self._drop_upstream()
         if self.resp_state == R_NONE:
