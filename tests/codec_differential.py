@@ -156,6 +156,10 @@ SEEDS = [
     b"\r\n2\r\nok\r\n0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
     b"HTTP/1.0 200 OK\r\n\r\nclose-delimited",
+    # Found by `make fuzz`: bytes after a response without keep-alive (llhttp refuses
+    # them; a cached head must not take them).
+    b"HTTP/1.0 200 OK\r\nServer: s\r\nContent-Length: 2\r\n\r\nok"
+    b"HTTP/1.1 200 O\x13\x13V: v  \r\n\r\nok",
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nws",
 ]
 
