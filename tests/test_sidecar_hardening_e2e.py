@@ -6,11 +6,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import test_sidecar_e2e
 from tests.conftest import RegistryProcess
 from tests.sidecar_harness import ProcessSet
 
@@ -58,22 +58,14 @@ class EndlessHead:
         self.sock.close()
 
 
-@pytest.fixture
-def mesh_of_one(
-    registry_process: Callable[..., RegistryProcess], tmp_path: Path
-) -> Iterator[tuple[RegistryProcess, ProcessSet]]:
-    reg = registry_process()
-    procs = ProcessSet(tmp_path, reg.port)
-    try:
-        yield reg, procs
-    finally:
-        procs.close()
+# A registry process and the sidecars a test starts (tests/test_sidecar_e2e.py).
+mesh = test_sidecar_e2e.mesh
 
 
 def test_app_cannot_reach_admin_or_registry_through_egress(
-    mesh_of_one: tuple[RegistryProcess, ProcessSet],
+    mesh: tuple[RegistryProcess, ProcessSet],
 ) -> None:
-    reg, procs = mesh_of_one
+    reg, procs = mesh
     sa = procs.sidecar("a", procs.app("a"))
     for what, url in (
         ("admin listener", f"http://127.0.0.1:{sa.ports['admin']}/config_dump"),
@@ -90,9 +82,9 @@ def test_app_cannot_reach_admin_or_registry_through_egress(
 
 
 def test_endless_response_head_is_cut_and_the_sidecar_memory_stays_flat(
-    mesh_of_one: tuple[RegistryProcess, ProcessSet],
+    mesh: tuple[RegistryProcess, ProcessSet],
 ) -> None:
-    _, procs = mesh_of_one
+    _, procs = mesh
     sa = procs.sidecar("a", procs.app("a"))
     pid = sa.proc.pid
     assert sa.call(f"http://127.0.0.1:{procs.apps[0].port}/who")[0] == 200
