@@ -175,6 +175,21 @@ async def test_a_field_named_by_a_later_connection_field_is_dropped(mesh: Mesh) 
 # -- interim responses -------------------------------------------------------------------
 
 
+async def _exchange(mesh: Mesh, data: bytes) -> tuple[list[int], dict[str, list[str]], bytes]:
+    """One request through the outbound listener: every status the client read (1xx
+    included), and the final response's headers and body."""
+    c = await RawClient.open(mesh.outbound.port)
+    await c.send(data)
+    statuses = []
+    while True:
+        status, headers, body, _ = await c.response()
+        statuses.append(status)
+        if status >= 200:
+            break
+    c.close()
+    return statuses, headers, body
+
+
 async def test_interim_responses_are_relayed_only_when_meaningful(mesh: Mesh) -> None:
     async def interim(up: RawUpstream, data: bytes) -> bytes | None:
         if b"\r\n\r\n" not in data:
@@ -189,15 +204,9 @@ async def test_interim_responses_are_relayed_only_when_meaningful(mesh: Mesh) ->
 
     up = await _scripted(mesh, interim)
     for expect, first in ((b"", []), (b"Expect: 100-continue\r\n", [100])):
-        c = await RawClient.open(mesh.outbound.port)
-        await c.send(b"POST / HTTP/1.1\r\nHost: scripted\r\n%sContent-Length: 1\r\n\r\nx" % expect)
-        statuses = []
-        while True:
-            status, _headers, body, _ = await c.response()
-            statuses.append(status)
-            if status >= 200:
-                break
-        c.close()
+        statuses, _, body = await _exchange(
+            mesh, b"POST / HTTP/1.1\r\nHost: scripted\r\n%sContent-Length: 1\r\n\r\nx" % expect
+        )
         # 100 only to a client that asked for it, once; 102 never; 103 at most twice.
         assert statuses == [*first, 103, 103, 200] and body == b"ok"
     await up.aclose()
@@ -210,15 +219,9 @@ async def test_a_flood_of_interim_responses_fails_the_exchange(mesh: Mesh) -> No
         return b"HTTP/1.1 100 Continue\r\n\r\n" * 1000 + b"HTTP/1.1 200 OK\r\n\r\n"
 
     up = await _scripted(mesh, flood)
-    c = await RawClient.open(mesh.outbound.port)
-    await c.send(b"POST / HTTP/1.1\r\nHost: scripted\r\nExpect: 100-continue\r\n\r\n")
-    statuses = []
-    while True:
-        status, headers, body, _ = await c.response()
-        statuses.append(status)
-        if status >= 200:
-            break
-    c.close()
+    statuses, headers, body = await _exchange(
+        mesh, b"POST / HTTP/1.1\r\nHost: scripted\r\nExpect: 100-continue\r\n\r\n"
+    )
     assert statuses == [100, 502]
     assert headers["x-tether-error"] == ["upstream_protocol_error"]
     assert "interim" in json.loads(body)["message"]
