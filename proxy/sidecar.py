@@ -86,9 +86,7 @@ class SidecarSpec:
         if self.egress not in ("allow", "deny"):
             errors.append(f"--egress: {self.egress!r} must be allow or deny")
         if self.egress_to_control not in ("allow", "deny"):
-            errors.append(
-                f"--egress-to-control: {self.egress_to_control!r} must be allow or deny"
-            )
+            errors.append(f"egress_to_control: {self.egress_to_control!r} must be allow or deny")
         if self.drain_seconds < 0:
             errors.append("--drain-seconds: must not be negative")
         if not self.namespace or "." in self.namespace:
