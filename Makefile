@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint typecheck pytest bench bench-registry bench-push bench-balance clean
+.PHONY: up test lint typecheck pytest fuzz bench bench-registry bench-push bench-balance clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# Coverage-guided differential fuzzing of the HTTP codecs (tests/fuzz_codec.py): the
+# corpus check `make test` runs, for FUZZ_SECONDS on inputs atheris makes up.
+FUZZ_SECONDS ?= 300
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[fuzz]'
+	$(BIN)/python -m tests.fuzz_codec -max_total_time=$(FUZZ_SECONDS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.proxy_bench
