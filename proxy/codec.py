@@ -1002,6 +1002,8 @@ class ResponseCodec:
         length = head.content_length
         if status < 200 or status == 204 or status == 304 or length is None:
             return
+        if not head.keep_alive:
+            return
         if head.chunked or head.upgrade is not None:
             return
         shared = ResponseHead(
@@ -1127,7 +1129,9 @@ class ResponseCodec:
         self.sink.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        self._clean = True
+        # llhttp refuses any byte after a message without keep-alive: so must the cache.
+        # (An informational response's end finds a fresh head here, keep-alive.)
+        self._clean = self._head.keep_alive
         self._fields_seen = 0
         if not self.in_body:
             return  # the end of an informational (1xx) response

@@ -236,8 +236,9 @@ class DownstreamConnection(asyncio.Protocol):
         try:
             rest = codec.feed(data)
         except BadMessageError as e:
+            # Requests before the bad bytes in this read still go out (flushed below).
             self._bad_request(e)
-            return
+            rest = None
         if rest is not None:
             self._switching(rest)
         self.flush()

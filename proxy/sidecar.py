@@ -86,7 +86,7 @@ class SidecarSpec:
         if self.egress not in ("allow", "deny"):
             errors.append(f"--egress: {self.egress!r} must be allow or deny")
         if self.egress_to_control not in ("allow", "deny"):
-            errors.append(f"--egress-to-control: {self.egress_to_control!r} must be allow or deny")
+            errors.append(f"egress_to_control: {self.egress_to_control!r} must be allow or deny")
         if self.drain_seconds < 0:
             errors.append("--drain-seconds: must not be negative")
         if not self.namespace or "." in self.namespace:
@@ -252,7 +252,9 @@ class Sidecar:
             instance=self.instance_id,
             zone=spec.zone,
         )
-        self.policy_client = PolicyClient(spec.controlplane, node, policy)
+        self.policy_client = PolicyClient(
+            spec.controlplane, node, policy, token=spec.registry_token
+        )
         policy.interest = self.policy_client.want
         self.policy = policy
         listener = await start_policy_outbound(
