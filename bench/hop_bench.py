@@ -109,7 +109,7 @@ def build(hop: str, policy: str, endpoints: int) -> tuple[Any, Any]:
         pools = [
             router._pools.setdefault(
                 (ep.host, ep.port, router.specs.default.pool_key),
-                Pool(ep.host, ep.port, pool_policy, name=ep.id),
+                Pool(ep.host, ep.port, pool_policy, name=ep.id, head_cache=router.head_cache),
             )
             for ep in cluster.endpoints
         ]

@@ -22,10 +22,11 @@ from proxy import local_reply
 from proxy.balance import PickContext
 from proxy.cluster import Cluster, ServiceDirectory
 from proxy.cluster_spec import ClusterSpec, ClusterSpecs, PoolKeys, default_specs
-from proxy.codec import RequestHead
 from proxy.downstream import RNG
 from proxy.egress import EgressGuard
 from proxy.errors import BadMessageError
+from proxy.head_cache import HeadCache
+from proxy.heads import RequestHead
 from proxy.pool import Pool, PoolPolicy
 from proxy.route_result import Peer, RouteResult
 from proxy.stats import DestinationStats, ProxyStats
@@ -96,8 +97,12 @@ class OutboundRouter:
         upstream_ssl: ssl_module.SSLContext | None = None,
         resolve_timeout: float = 5.0,
         egress_guard: EgressGuard | None = None,
+        head_cache: HeadCache | None = None,
     ) -> None:
         self.directory = directory
+        # Heads llhttp already parsed, for this listener's requests and its pools'
+        # responses (proxy/head_cache.py).
+        self.head_cache = head_cache if head_cache is not None else HeadCache()
         # What egress may not reach (proxy/egress.py); checked on every egress connection.
         self.egress_guard = egress_guard if egress_guard is not None else EgressGuard()
         self.stats = stats
@@ -216,6 +221,7 @@ class OutboundRouter:
                 spec.pool,
                 ssl=self.upstream_ssl,
                 name=f"{name}/{ep.host}:{ep.port}",
+                head_cache=self.head_cache,
             )
         # The exchange tells the tracker of the start at once, and of the end once.
         result = RouteResult(
@@ -248,6 +254,7 @@ class OutboundRouter:
                 self.pool_policy,
                 name=f"egress/{auth.host}:{auth.port}",
                 guard=self.egress_guard,
+                head_cache=self.head_cache,
             )
         return RouteResult(pool, dstats=dstats, path=path)
 
@@ -350,8 +357,18 @@ class InboundRouter:
         app_host: str = "127.0.0.1",
         pool_policy: PoolPolicy | None = None,
         app_ssl: ssl_module.SSLContext | None = None,
+        head_cache: HeadCache | None = None,
     ) -> None:
-        self.pool = Pool(app_host, app_port, pool_policy or PoolPolicy(), ssl=app_ssl, name="app")
+        # Heads llhttp already parsed (proxy/head_cache.py), requests and responses.
+        self.head_cache = head_cache if head_cache is not None else HeadCache()
+        self.pool = Pool(
+            app_host,
+            app_port,
+            pool_policy or PoolPolicy(),
+            ssl=app_ssl,
+            name="app",
+            head_cache=self.head_cache,
+        )
         self.dstats = stats.destination(self.name, "app")
         # Every origin-form request's answer: one shared, unchanging result.
         self._result = RouteResult(self.pool, dstats=self.dstats)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy import local_reply
-from proxy.codec import Fields, RequestCodec, RequestHead
+from proxy.codec import RequestCodec
 from proxy.errors import BadMessageError
 from proxy.exchange import (
     ABORT,
@@ -42,6 +42,8 @@ from proxy.exchange import (
     Exchange,
 )
 from proxy.forwarding import ResponseMemo
+from proxy.head_cache import HeadCache
+from proxy.heads import Fields, RequestHead
 from proxy.route_result import Peer, RouteResult
 from proxy.stats import ProxyStats
 from proxy.upstream import WRITE_HIGH, WRITE_LOW
@@ -88,6 +90,7 @@ class Router(Protocol):
     router through the same cases."""
 
     name: str
+    head_cache: HeadCache
 
     @property
     def egress_guard(self) -> EgressGuard | None:
@@ -123,6 +126,8 @@ class ProxyServer:
         self.stats = stats
         self.scheme = scheme
         self.clock = clock
+        # Heads llhttp already parsed: the router's (its pools parse the responses).
+        self.head_cache = router.head_cache
         self.xfp = (b"X-Forwarded-Proto", scheme)
         self.xfp_line = b"X-Forwarded-Proto: " + scheme + b"\r\n"
         self.connections: set[DownstreamConnection] = set()
@@ -193,7 +198,7 @@ class DownstreamConnection(asyncio.Protocol):
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.transport: Any = None
-        self.codec = RequestCodec(self)
+        self.codec = RequestCodec(self, server.head_cache)
         self.peer = Peer(b"")
         self.memo = ResponseMemo()
         self.wbuf: list[bytes] = []  # to the client

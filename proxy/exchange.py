@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from proxy import local_reply
 from proxy import outcome as outcomes
-from proxy.codec import chunk_prefix, encode_last_chunk, encode_response_head
 from proxy.errors import BadMessageError
 from proxy.forwarding import (
     Forwarder,
@@ -57,12 +56,13 @@ from proxy.forwarding import (
     forwarded_request_head,
     forwarded_response_head,
 )
+from proxy.heads import chunk_prefix, encode_last_chunk, encode_response_head
 from proxy.outcome import Outcome
 from proxy.pool import PoolOverflowError
 from proxy.upstream import PAUSE_UPSTREAM as PAUSE_UPSTREAM  # the upstream's buffer is full
 
 if TYPE_CHECKING:
-    from proxy.codec import Fields, RequestHead, ResponseHead
+    from proxy.heads import Fields, RequestHead, ResponseHead
     from proxy.pool import Pool
     from proxy.route_result import Peer, RouteResult
     from proxy.stats import ProxyStats

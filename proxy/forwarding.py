@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from proxy.codec import encode_request_head, encode_response_head
+from proxy.heads import encode_request_head, encode_response_head
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from proxy.codec import Fields, RequestHead, ResponseHead
+    from proxy.heads import Fields, RequestHead, ResponseHead
     from proxy.route_result import Peer
 
 _NO_BODY = frozenset({204, 304})

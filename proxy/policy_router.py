@@ -27,11 +27,11 @@ from typing import Any, Literal
 
 from proxy import local_reply
 from proxy.cluster import Cluster, ServiceDirectory
-from proxy.codec import RequestHead
 from proxy.dispatch import OutboundRouter
 from proxy.downstream import RNG, TimeoutPolicy
 from proxy.egress import EgressGuard
 from proxy.errors import BadMessageError
+from proxy.heads import RequestHead
 from proxy.listener import Listener, _listen_outbound
 from proxy.policy import Policy
 from proxy.pool import PoolPolicy

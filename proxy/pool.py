@@ -18,6 +18,7 @@ from typing import Protocol
 
 from proxy import local_reply
 from proxy.egress import EgressGuard
+from proxy.head_cache import HeadCache
 from proxy.upstream import UNOWNED, UpstreamConnection
 
 
@@ -53,10 +54,13 @@ class Pool:
         server_hostname: str | None = None,
         name: str | None = None,
         guard: EgressGuard | None = None,
+        head_cache: HeadCache | None = None,
     ) -> None:
         self.host = host
         # Egress pools: what each new connection reached is checked before use.
         self.guard = guard
+        # Response heads llhttp already parsed, shared by the pools of one listener.
+        self.head_cache = head_cache
         self.port = port
         self.policy = policy
         self.ssl = ssl

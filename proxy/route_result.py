@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from proxy.balance import Balancer, Endpoint
     from proxy.cluster_spec import ClusterSpec
-    from proxy.codec import Fields
+    from proxy.heads import Fields
     from proxy.pool import Pool
     from proxy.stats import DestinationStats
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Protocol
 
-from proxy.codec import ResponseCodec, ResponseHead
 from proxy.errors import BadMessageError
+from proxy.heads import ResponseHead
+from proxy.response_codec import ResponseCodec
 
 if TYPE_CHECKING:
     from proxy.pool import Pool
@@ -85,7 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: Any = None
-        self.codec = ResponseCodec(UNOWNED)
+        self.codec = ResponseCodec(UNOWNED, pool.head_cache)
         self.sink: Exchange | None = None
         self.keep_alive = True
         self.closed = False

@@ -1,6 +1,6 @@
 """Differential check of the codecs: one input fed cold, warm and split gives one result.
 
-`check(data)` feeds `data` to a fresh RequestCodec with the head caches emptied (cold:
+`differences(data)` feeds `data` to a RequestCodec with an empty head cache (cold:
 llhttp parses everything), again (warm: heads llhttp accepted are now cached), then
 split in two at every offset (warm, so a cached head may meet a split), and does the
 same with a ResponseCodec. Every run must give the same outcome: the heads as a sink
@@ -15,11 +15,14 @@ tests/fuzz_codec.py runs it under atheris (coverage-guided) in `make fuzz`.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
-from proxy import codec
-from proxy.codec import RequestCodec, RequestHead, ResponseCodec, ResponseHead
+from proxy.codec import RequestCodec
 from proxy.errors import BadMessageError
+from proxy.head_cache import HeadCache
+from proxy.heads import RequestHead, ResponseHead
+from proxy.response_codec import ResponseCodec
 from tests.test_proxy_codec import Recorder
 
 Outcome = tuple[Any, ...]
@@ -83,18 +86,18 @@ def run(make: Any, pieces: list[bytes]) -> Outcome:
     return (sink.events, "rest", rest)
 
 
-def empty_caches() -> None:
-    codec._request_heads.clear()
-    codec._response_heads.clear()
-    codec._request_use[:] = [0, 0]
-    codec._response_use[:] = [0, 0]
-
-
-def differences(data: bytes, *, every_split: bool = True) -> list[str]:
-    """How the runs of `data` disagree (empty: they all agree)."""
+def differences(
+    data: bytes, *, every_split: bool = True, new_cache: Callable[[], HeadCache] = HeadCache
+) -> list[str]:
+    """How the runs of `data` disagree (empty: they all agree). Each codec kind gets an
+    empty cache (`new_cache()`) for its cold run, warm for the others."""
     problems: list[str] = []
-    for name, make in (("request", RequestCodec), ("response", ResponseCodec)):
-        empty_caches()
+    for name, codec in (("request", RequestCodec), ("response", ResponseCodec)):
+        cache = new_cache()
+
+        def make(sink: _Events, codec: Any = codec, cache: HeadCache = cache) -> Any:
+            return codec(sink, cache)
+
         cold = run(make, [data])
         runs = [("warm", [data]), ("warm again", [data])]
         offsets = range(1, len(data)) if every_split else ()

@@ -17,7 +17,7 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports():
-    from proxy import codec  # noqa: F401  (instrumented for coverage)
+    from proxy import codec, head_cache, heads, response_codec  # noqa: F401  (for coverage)
     from tests.codec_differential import SEEDS, differences
 
 # Inputs longer than this add time per input, not coverage.

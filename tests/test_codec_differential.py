@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.codec_differential import corpus, differences, empty_caches, run
+from proxy.codec import RequestCodec
+from proxy.head_cache import HeadCache
+from tests.codec_differential import corpus, differences, run
+from tests.test_proxy_codec import MALFORMED
 
 CORPUS = corpus()
 
@@ -39,16 +42,36 @@ class _Poisoned(dict[bytes, object]):
         pass
 
 
-def test_the_differential_check_sees_a_cache_that_disagrees(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_differential_check_sees_a_cache_that_disagrees() -> None:
     """The check can fail: a cached template unlike llhttp's parse is found."""
-    from proxy import codec
-
     data = b"GET /d HTTP/1.1\r\nHost: a\r\n\r\n"
     assert differences(data) == []
-    empty_caches()
-    run(codec.RequestCodec, [data])  # cold: llhttp's parse is cached
-    (args, length), *_ = codec._request_heads.values()
-    monkeypatch.setattr(codec, "_request_heads", _Poisoned(((args[0], b"POST", *args[2:]), length)))
-    assert any("request warm" in p for p in differences(data, every_split=False))
+    cache = HeadCache()
+    run(lambda sink: RequestCodec(sink, cache), [data])  # cold: llhttp's parse is cached
+    (args, length), *_ = cache.requests.values()
+
+    def poisoned() -> HeadCache:
+        bad = HeadCache()
+        bad.requests = _Poisoned(((args[0], b"POST", *args[2:]), length))
+        return bad
+
+    assert any(
+        "request warm" in p for p in differences(data, every_split=False, new_cache=poisoned)
+    )
+
+
+def _warm_cache() -> HeadCache:
+    """A cache holding every cacheable request head of tests/test_proxy_codec.py."""
+    from tests.test_proxy_codec import CACHEABLE_REQUESTS
+
+    cache = HeadCache()
+    for data in CACHEABLE_REQUESTS:
+        run(lambda sink: RequestCodec(sink, cache), [data])
+    assert cache.requests
+    return cache
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_every_malformed_request_is_refused_alike_with_the_cache_warm(name: str) -> None:
+    data, _status = MALFORMED[name]
+    assert differences(data, every_split=len(data) < 300, new_cache=_warm_cache) == []

@@ -18,7 +18,7 @@ from proxy import exchange as ex_mod
 from proxy import local_reply
 from proxy import outcome as outcomes
 from proxy.balance import Endpoint, WeightedRoundRobin
-from proxy.codec import RequestCodec, RequestHead, ResponseHead
+from proxy.codec import RequestCodec
 from proxy.errors import BadMessageError
 from proxy.exchange import (
     CLOSE,
@@ -40,6 +40,7 @@ from proxy.exchange import (
     ExchangeStateError,
 )
 from proxy.forwarding import ResponseMemo
+from proxy.heads import RequestHead, ResponseHead
 from proxy.pool import Pool, PoolPolicy
 from proxy.route_result import Peer, RouteResult
 from proxy.stats import ProxyStats

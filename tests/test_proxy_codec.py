@@ -6,17 +6,21 @@ from typing import Any
 
 import pytest
 
-from proxy.codec import (
-    RequestCodec,
+from proxy.codec import RequestCodec
+from proxy.errors import BadMessageError
+from proxy.head_cache import HeadCache
+from proxy.heads import (
     RequestHead,
-    ResponseCodec,
     ResponseHead,
     _from_template,
     encode_last_chunk,
     encode_request_head,
     encode_response_head,
 )
-from proxy.errors import BadMessageError
+from proxy.response_codec import ResponseCodec
+
+# The codecs' head cache in these tests (a listener's, in the sidecar).
+HEADS = HeadCache()
 
 
 class Recorder:
@@ -62,7 +66,7 @@ def splits(data: bytes) -> list[list[bytes]]:
 
 def feed_requests(pieces: list[bytes]) -> tuple[Recorder, bytes | None]:
     rec = Recorder()
-    codec = RequestCodec(rec)
+    codec = RequestCodec(rec, HEADS)
     rest = None
     for piece in pieces:
         if rest is not None:
@@ -260,7 +264,7 @@ def test_malformed_requests_are_rejected(name: str) -> None:
         pieces_list = splits(data)
     for pieces in pieces_list:
         rec = Recorder()
-        codec = RequestCodec(rec)
+        codec = RequestCodec(rec, HEADS)
         with pytest.raises(BadMessageError) as err:
             for piece in pieces:
                 codec.feed(piece)
@@ -308,7 +312,7 @@ def test_responses_every_split(name: str) -> None:
     data, expected = RESPONSE_CASES[name]
     for pieces in splits(data):
         rec = Recorder()
-        codec = ResponseCodec(rec)
+        codec = ResponseCodec(rec, HEADS)
         for piece in pieces:
             assert codec.feed(piece) is None
         assert summary(rec) == expected
@@ -318,7 +322,7 @@ def test_responses_every_split(name: str) -> None:
 def test_response_to_head_has_no_body_and_parser_is_reusable() -> None:
     for pieces in splits(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"):
         rec = Recorder()
-        codec = ResponseCodec(rec)
+        codec = ResponseCodec(rec, HEADS)
         codec.head_request = True
         for piece in pieces:
             codec.feed(piece)
@@ -330,7 +334,7 @@ def test_response_to_head_has_no_body_and_parser_is_reusable() -> None:
 
 def test_close_delimited_response_ends_at_eof() -> None:
     rec = Recorder()
-    codec = ResponseCodec(rec)
+    codec = ResponseCodec(rec, HEADS)
     codec.feed(b"HTTP/1.1 200 OK\r\n\r\nsome")
     codec.feed(b" bytes")
     assert not codec.idle
@@ -338,14 +342,14 @@ def test_close_delimited_response_ends_at_eof() -> None:
     assert summary(rec)[-2:] == [("body", b"some bytes"), ("end", None)]
     # A truncated length-delimited response is not completed by EOF.
     rec = Recorder()
-    codec = ResponseCodec(rec)
+    codec = ResponseCodec(rec, HEADS)
     codec.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
     assert codec.feed_eof() is False
 
 
 def test_switching_protocols_returns_rest() -> None:
     rec = Recorder()
-    codec = ResponseCodec(rec)
+    codec = ResponseCodec(rec, HEADS)
     rest = codec.feed(
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nWS"
     )
@@ -360,7 +364,7 @@ def test_malformed_and_unknown_coding_responses() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
         b"HTTTP/1.1 200 OK\r\n\r\n",
     ):
-        codec = ResponseCodec(Recorder())
+        codec = ResponseCodec(Recorder(), HEADS)
         with pytest.raises(BadMessageError) as err:
             codec.feed(data)
         assert err.value.status == 502 and err.value.reason == "upstream_protocol_error"
@@ -377,7 +381,7 @@ def test_serialisation_round_trips_through_the_parser() -> None:
     assert s[2] == ("end", [(b"X-T", b"v")])
     resp = encode_response_head(200, b"OK", [(b"Content-Length", b"0")])
     rec2 = Recorder()
-    ResponseCodec(rec2).feed(resp)
+    ResponseCodec(rec2, HEADS).feed(resp)
     assert summary(rec2) == [("head", 200, b"OK", [], 0), ("end", None)]
     assert encode_last_chunk(None) == b"0\r\n\r\n"
 
@@ -387,7 +391,7 @@ def test_reprs_say_what_a_debugger_wants() -> None:
     assert (
         repr(rec.events[0][1]) == "<RequestHead GET b'/r' HTTP/1.1 host=b'h' length=None fields=1>"
     )
-    codec = RequestCodec(Recorder())
+    codec = RequestCodec(Recorder(), HEADS)
     codec.feed(b"GET / HT")
     assert repr(codec) == "<RequestCodec head head_bytes=8>"
 
@@ -441,7 +445,7 @@ def test_cached_request_heads_parse_as_llhttp_did(data: bytes) -> None:
 
 
 def test_a_head_from_a_cache_template_sets_every_slot_as_init_does() -> None:
-    """Cached heads skip RequestHead.__init__ (codec._from_template, and its copy inlined
+    """Cached heads skip RequestHead.__init__ (heads._from_template, and its copy inlined
     in RequestCodec.feed): a slot added to RequestHead must be set there too."""
     rec, _ = feed_requests([b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"] * 3)
     template = (b"Host: a\r\n", b"GET", b"/a", "1.1", True, b"a", None, None, None, None)
@@ -483,7 +487,7 @@ def test_no_head_is_taken_from_the_cache_after_a_message_without_keep_alive() ->
     head = b"GET /k HTTP/1.1\r\nHost: a\r\n\r\n"
     feed_requests([head, head])
     rec = Recorder()
-    codec = RequestCodec(rec)
+    codec = RequestCodec(rec, HEADS)
     codec.feed(b"GET /k HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     with pytest.raises(BadMessageError, match="Connection: close"):
         codec.feed(head)
@@ -518,7 +522,7 @@ def test_cached_response_heads_parse_as_llhttp_did() -> None:
     results = []
     for pieces in ([data[i : i + 1] for i in range(len(data))], [data], [data * 2]):
         rec = Recorder()
-        codec = ResponseCodec(rec)
+        codec = ResponseCodec(rec, HEADS)
         for piece in pieces:
             assert codec.feed(piece) is None
         assert codec.idle
@@ -527,7 +531,7 @@ def test_cached_response_heads_parse_as_llhttp_did() -> None:
     assert results == [expected, expected, expected * 2]
     # To HEAD, the same cached head has no body; the next response is parsed in turn.
     rec = Recorder()
-    codec = ResponseCodec(rec)
+    codec = ResponseCodec(rec, HEADS)
     codec.head_request = True
     codec.feed(data[:-5])
     codec.head_request = False
@@ -539,13 +543,13 @@ def test_cached_response_body_split_across_reads_and_truncation() -> None:
     data = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
     for _ in range(2):  # the second time from the cache
         rec = Recorder()
-        codec = ResponseCodec(rec)
+        codec = ResponseCodec(rec, HEADS)
         codec.feed(data + b"abc")
         assert not codec.idle
         codec.feed(b"defg")
         assert codec.feed_eof() is False  # cut short: the connection reports a reset
     rec = Recorder()
-    codec = ResponseCodec(rec)
+    codec = ResponseCodec(rec, HEADS)
     codec.feed(data + b"abc")
     codec.feed(b"defghij" + data)  # the rest, then a second response's head
     assert not codec.idle
@@ -560,7 +564,7 @@ def test_a_shared_cached_response_head_cannot_be_changed_through_its_headers() -
     heads = []
     for _ in range(3):
         rec = Recorder()
-        ResponseCodec(rec).feed(data)
+        ResponseCodec(rec, HEADS).feed(data)
         heads.append(rec.events[0][1])
     assert heads[1] is heads[2] and heads[2].raw is not None  # one cached object
     heads[2].headers.append((b"X-Edit", b"e"))  # an edit to a copy only
@@ -570,19 +574,16 @@ def test_a_shared_cached_response_head_cannot_be_changed_through_its_headers() -
 
 
 def test_a_full_head_cache_is_renewed_only_once_it_earned_its_keep() -> None:
-    from proxy import codec
-
-    cache, use = codec._request_heads, codec._request_use
-    cache.clear()
-    use[0] = use[1] = 0
-    size = codec._MAX_CACHED_HEADS
+    HEADS.clear()
+    cache = HEADS.requests
+    size = HEADS.size
     unique = b"GET / HTTP/1.1\r\nHost: a\r\nX-U: %d\r\nX-V: %d\r\n\r\n"
     feed_requests([unique % (i, i) for i in range(size + 50)])
     # Full of heads never seen again: kept.
-    assert len(cache) == size and use[1] > 0
+    assert len(cache) == size and HEADS.request_hits == 0
     assert unique % (0, 0) in cache
     for _ in range(size):  # the cache earns its keep (one hit per new connection)...
         rec, _ = feed_requests([unique % (0, 0)])
         assert rec.events[0][1].raw is not None
     feed_requests([unique % (10 * size, 10 * size)])  # ...so the next new head empties it
-    assert len(cache) == 1 and use == [0, 0]
+    assert len(cache) == 1 and HEADS.request_hits == 0

@@ -17,8 +17,9 @@ import pytest
 from proxy import local_reply
 from proxy.balance import Endpoint
 from proxy.cluster import Cluster, StaticDirectory
-from proxy.codec import RequestCodec, RequestHead
+from proxy.codec import RequestCodec
 from proxy.dispatch import InboundRouter, OutboundRouter
+from proxy.heads import RequestHead
 from proxy.policy import Policy
 from proxy.policy_router import PolicyRouter
 from proxy.route_result import Peer, RouteResult
