@@ -55,7 +55,6 @@ from proxy.head_cache import HeadCache
 from proxy.heads import (
     Fields,
     RequestHead,
-    _CachedRequestHead,
     _encode_fields,
     _from_template,
 )
@@ -162,27 +161,9 @@ class RequestCodec:
             data = data[remaining:]
         elif data == self._last_head and self._clean and not self.in_body:
             # The previous head of this connection again, alone (a client's keep-alive
-            # loop): _fast() and _from_template(), inlined for this case.
+            # loop): _fast(), shortened for this case.
             args, length = self._last_template
-            head: RequestHead = _CachedRequestHead()
-            (
-                head.raw,
-                head.method,
-                head.target,
-                head.version,
-                head.keep_alive,
-                head.host,
-                head.content_length,
-                head.forwarded_for,
-                head.forwarded_proto,
-                head.request_id,
-            ) = args
-            head._fields = None
-            head._host_index = -1
-            head.chunked = False
-            head.upgrade = None
-            head.expect_continue = False
-            head.connection_tokens = None
+            head = _from_template(args)
             sink = self.sink
             self.in_body = True
             sink.on_request_head(head)
@@ -452,24 +433,14 @@ class RequestCodec:
     def on_message_complete(self) -> None:
         if self._h2c_body > 0:
             # A stripped h2c upgrade: llhttp ends it at its head; the body comes next.
-            self._head = RequestHead()
-            self._url = b""
-            self._size = 0
-            self._fields_seen = 0
-            self._te = None
+            self._new_head()
             return
         trailers = self._trailers
         self.in_body = False
         # llhttp refuses any byte after a message without keep-alive: so must the cache.
         self._clean = self._head.keep_alive
-        # self._new_head(), inlined: this runs once per request
-        self._head = RequestHead()
-        self._url = b""
-        self._size = 0
-        self._fields_seen = 0
-        self._te = None
+        self._new_head()
         if trailers:
-            self._trailers = None
             self.sink.on_request_end(clean_trailers(trailers))
         else:
             self.sink.on_request_end(None)

@@ -19,7 +19,7 @@ from typing import Protocol
 from proxy import local_reply
 from proxy.egress import EgressGuard
 from proxy.head_cache import HeadCache
-from proxy.upstream import UNOWNED, UpstreamConnection
+from proxy.upstream import UpstreamConnection
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,8 @@ class Pool:
             pass
 
     def release(self, conn: UpstreamConnection, now: float) -> None:
+        conn.unbind()
         codec = conn.codec
-        conn.sink = None  # conn.unbind(), inlined: this runs once per request
-        codec.sink = UNOWNED
-        if conn.reading_paused:
-            conn.resume()
         if conn.closed or not conn.keep_alive or codec.in_body or codec.upgraded or self.closed:
             conn.close()
             return

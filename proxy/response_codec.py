@@ -136,23 +136,6 @@ class ResponseCodec:
             self.sink.on_response_body(data[:remaining])
             self.sink.on_response_end(None)
             data = data[remaining:]
-        else:
-            last = self._last_head
-            if last is not None and self._clean and not self.in_body and not self.head_request:
-                head, length = self._last_template
-                end = len(last)
-                if length and len(data) == end + length and data[:end] == last:
-                    # The previous head of this connection again, with its whole body
-                    # and nothing after it: _fast(), inlined for this case (a slice
-                    # compared costs less than startswith's argument parsing).
-                    self._close_delimited = False
-                    sink = self.sink
-                    self.in_body = True
-                    sink.on_response_head(head)
-                    self.in_body = False
-                    sink.on_response_body(data[end:])
-                    sink.on_response_end(None)
-                    return None
         while self._clean and not self.in_body:
             used = self._fast(data)
             if used < 0:

@@ -1,7 +1,8 @@
 """In-memory stand-ins for what the data plane touches outside Python: a transport, a clock.
 
 `FakeTransport` records what a protocol writes and how it treats the socket (pauses,
-close, abort); `FakeClock` is a monotonic clock a test moves by hand. With them, the
+close, abort); `FakeClock` is a monotonic clock a test moves by hand; `parse_request`
+gives the head a real codec makes of some bytes. With them, the
 real protocol objects (exchanges, upstream connections, pools, codecs) run without a
 socket or an event loop, and no test waits for time to pass.
 """
@@ -9,6 +10,9 @@ socket or an event loop, and no test waits for time to pass.
 from __future__ import annotations
 
 from typing import Any
+
+from proxy.codec import RequestCodec
+from proxy.heads import Fields, RequestHead
 
 
 class FakeTransport:
@@ -79,3 +83,22 @@ class FakeClock:
 
     def __repr__(self) -> str:
         return f"<FakeClock {self.now}>"
+
+
+def parse_request(data: bytes) -> RequestHead:
+    """The first request head the real codec makes of `data`."""
+    heads: list[RequestHead] = []
+
+    class Sink:
+        def on_request_head(self, head: RequestHead) -> None:
+            heads.append(head)
+
+        def on_request_body(self, data: bytes) -> None:
+            pass
+
+        def on_request_end(self, trailers: Fields | None) -> None:
+            pass
+
+    RequestCodec(Sink()).feed(data)
+    assert heads, data
+    return heads[0]

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,7 @@ from proxy.discovery import ConsulDirectory
 from proxy.listener import Listener, start_outbound
 from registry.server import RegistryServer
 from tests.conftest import serve_app
+from tests.polling import until
 
 LOCAL = "zone-a"
 INSTANCES = {f"a-{i}": LOCAL for i in (1, 2, 3)} | {f"b-{i}": "zone-b" for i in (1, 2, 3)}
@@ -64,14 +64,6 @@ class Mesh:
         cluster = self.directory.lookup("default", "web")
         # Zones with an endpoint in rotation (failing instances stay members, unhealthy).
         return {ep.zone for ep in cluster.endpoints if ep.healthy} if cluster else set()
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 async def start_app(instance: str, delays: dict[str, float]) -> tuple[web.AppRunner, int]:

@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import ControlPlaneProcess, RegistryProcess, run_tether, serve_app
+from tests.polling import until
 from tests.sidecar_harness import ProcessSet
 
 pytestmark = pytest.mark.timeout(240)
@@ -108,15 +109,9 @@ def sidecars_status(cp: ControlPlaneProcess) -> dict[str, dict[str, Any]]:
     return {r["id"]: r for r in json.loads(out)["sidecars"]}
 
 
-def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
+def wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    """`tests.polling.until` from this synchronous test (it drives processes)."""
+    return asyncio.run(until(cond, timeout, what, interval=0.1))
 
 
 class Mesh:
@@ -197,13 +192,13 @@ def test_apply_split_header_route_nack_and_control_plane_outage(mesh: Mesh, tmp_
     # Before any policy: both orders instances share the traffic (round robin).
     before = m.calls(20)
     assert set(before) == {"orders-v1", "orders-v2"}, before
-    baseline = until(lambda: all_acked(m), 30, "every sidecar acked the empty config")
+    baseline = wait(lambda: all_acked(m), 30, "every sidecar acked the empty config")
     # The frontend sidecar calls orders now: it told the control plane so.
     policy_file = tmp_path / "orders.yaml"
     policy_file.write_text(POLICY)
     code, out = tether(m.cp, "apply", "-f", str(policy_file))
     assert code == 0, out
-    recs = until(
+    recs = wait(
         lambda: all_acked(m, 1 + max(r["acked_version"] for r in baseline.values())),
         30,
         "every affected sidecar acked the split",
@@ -232,7 +227,7 @@ def test_apply_split_header_route_nack_and_control_plane_outage(mesh: Mesh, tmp_
         rec = recs[frontend_id]
         return recs if rec["state"] == "acked" and rec["acked_version"] > version else None
 
-    recs = until(frontend_moved, 30, "frontend acked its new defaults")
+    recs = wait(frontend_moved, 30, "frontend acked its new defaults")
     time.sleep(0.5)
     recs = sidecars_status(m.cp)
     assert {i: (recs[i]["sent_version"], recs[i]["sent_hash"]) for i in order_ids} == sent
@@ -264,7 +259,7 @@ def test_apply_split_header_route_nack_and_control_plane_outage(mesh: Mesh, tmp_
             rec = sidecars_status(m.cp).get(frontend_id)
             return rec if rec and rec["state"] == "nacked" else None
 
-        rec = until(nacked, 30, "the frontend sidecar nacked")
+        rec = wait(nacked, 30, "the frontend sidecar nacked")
         assert "regex" in rec["error"] and rec["acked_version"] == version
         code, table = tether(m.cp, "status")
         assert code == 0 and "nacked" in table and "regex" in table, table
@@ -283,6 +278,6 @@ def test_apply_split_header_route_nack_and_control_plane_outage(mesh: Mesh, tmp_
     finally:
         kv.http.session.close()
     m.cp.start()
-    until(lambda: all_acked(m, version + 1), 60, "sidecars converged after the restart")
+    wait(lambda: all_acked(m, version + 1), 60, "sidecars converged after the restart")
     assert m.calls(20, path="/v2/x") == Counter({"orders-v2": 20})
     assert (m.calls(20, {"x-canary": "true"}))["orders-v1"] > 0

@@ -27,6 +27,7 @@ from proxy.policy_client import PolicyClient, push_url
 from proxy.routing import HeaderEdit, Split
 from registry.server import RegistryServer
 from tests.conftest import free_port, serve_app
+from tests.polling import until
 
 API = "tether.dev/v1alpha1"
 
@@ -332,11 +333,7 @@ class Sidecar:
         self.client.start()
 
     async def wait(self, pred: Callable[[Sidecar], bool], timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred(self):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out: {self.client!r} {self.client.describe()}")
-            await asyncio.sleep(0.02)
+        await until(lambda: pred(self), timeout, f"{self.client!r} {self.client.describe()}")
 
 
 @pytest.fixture

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from proxy.discovery import ConsulDirectory, endpoints_from_health
 from registry.http import RegistrySpec
 from registry.server import RegistryServer
 from tests.conftest import free_port
+from tests.polling import until
 
 # -- pure parts ------------------------------------------------------------------------
 
@@ -138,16 +138,6 @@ async def register(
     assert ok
 
 
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> float:
-    """Poll `cond` until true; returns the seconds it took."""
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
-
-
 def ids(cluster: Cluster | None) -> set[str]:
     """The endpoints in rotation (members whose checks say healthy)."""
     assert cluster is not None
@@ -180,11 +170,9 @@ async def test_resolve_watches_and_follows_membership(
 
     # A new instance is in rotation, and a removed one out, within a second.
     await register(consul_client, "orders", "orders-3", 9003)
-    took = await until(lambda: "orders-3" in ids(cluster))
-    assert took < 1.0
+    await until(lambda: "orders-3" in ids(cluster), 1.0)
     await consul_client.agent.service.deregister("orders-1")
-    took = await until(lambda: "orders-1" not in ids(cluster))
-    assert took < 1.0
+    await until(lambda: "orders-1" not in ids(cluster), 1.0)
     # An instance whose check turns critical leaves rotation: it stays a member, marked
     # unhealthy, so the locality layer can count its zone's healthy share.
     await consul_client.agent.check.ttl_fail("ttl:orders-2")
@@ -214,8 +202,7 @@ async def test_unknown_and_unhealthy_services(
     assert cluster.balancer.pick(PickContext(), time.monotonic(), random.Random(0)) is None
     # A name unknown at first becomes usable once an instance registers.
     await register(consul_client, "nosuch", "nosuch-1", 9101)
-    took = await until(lambda: directory.lookup("default", "nosuch") is not None)
-    assert took < 1.0
+    await until(lambda: directory.lookup("default", "nosuch") is not None, 1.0)
     assert ids(directory.lookup("default", "nosuch")) == {"nosuch-1"}
 
 

@@ -18,7 +18,6 @@ from proxy import exchange as ex_mod
 from proxy import local_reply
 from proxy import outcome as outcomes
 from proxy.balance import Endpoint, WeightedRoundRobin
-from proxy.codec import RequestCodec
 from proxy.errors import BadMessageError
 from proxy.exchange import (
     CLOSE,
@@ -40,12 +39,12 @@ from proxy.exchange import (
     ExchangeStateError,
 )
 from proxy.forwarding import ResponseMemo
-from proxy.heads import RequestHead, ResponseHead
+from proxy.heads import ResponseHead
 from proxy.pool import Pool, PoolPolicy
 from proxy.route_result import Peer, RouteResult
 from proxy.stats import ProxyStats
 from proxy.upstream import UpstreamConnection
-from tests.fakes import FakeClock, FakeTransport
+from tests.fakes import FakeClock, FakeTransport, parse_request
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -108,23 +107,6 @@ class Downstream:
         self.done.append(exchange)
 
 
-def parse(data: bytes) -> RequestHead:
-    heads: list[RequestHead] = []
-
-    class Sink:
-        def on_request_head(self, head: RequestHead) -> None:
-            heads.append(head)
-
-        def on_request_body(self, data: bytes) -> None:
-            pass
-
-        def on_request_end(self, trailers: Any) -> None:
-            pass
-
-    RequestCodec(Sink()).feed(data)
-    return heads[0]
-
-
 GET = b"GET /items HTTP/1.1\r\nHost: svc\r\n\r\n"
 POST = b"POST /items HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\n"
 UPGRADE = b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
@@ -142,7 +124,7 @@ class World:
         self.balancer = WeightedRoundRobin()
         self.balancer.update([self.endpoint])
         self.dstats = self.server.stats.destination("outbound", "svc.default")
-        self.ex = Exchange(self.down, parse(request))
+        self.ex = Exchange(self.down, parse_request(request))
 
     def pool(self, *, idle: int) -> Pool:
         # max_connections=0: a pool without idle connections queues the exchange

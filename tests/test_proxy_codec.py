@@ -436,7 +436,7 @@ def test_cached_request_heads_parse_as_llhttp_did(data: bytes) -> None:
     assert summary(first) == summary(slow)
     assert summary(second) == summary(slow) * 2
     # A keep-alive loop: the same head alone in each read (the third read takes the
-    # repeated-head path inlined in `feed`).
+    # repeated-head path in `feed`).
     loop, _ = feed_requests([data, data, data])
     looped = [e[1] for e in loop.events if e[0] == "head"]
     assert summary(loop) == summary(slow) * 3
@@ -445,8 +445,8 @@ def test_cached_request_heads_parse_as_llhttp_did(data: bytes) -> None:
 
 
 def test_a_head_from_a_cache_template_sets_every_slot_as_init_does() -> None:
-    """Cached heads skip RequestHead.__init__ (heads._from_template, and its copy inlined
-    in RequestCodec.feed): a slot added to RequestHead must be set there too."""
+    """Cached heads skip RequestHead.__init__ (heads._from_template): a slot added to
+    RequestHead must be set there too."""
     rec, _ = feed_requests([b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"] * 3)
     template = (b"Host: a\r\n", b"GET", b"/a", "1.1", True, b"a", None, None, None, None)
     made = [_from_template(template), rec.events[-2][1]]

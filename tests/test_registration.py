@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ from aiohttp import web
 from proxy.backoff import BackoffPolicy
 from proxy.registration import Registration, RegistrationSpec, probe_app
 from tests.conftest import free_port
+from tests.polling import until
 
 
 def test_payload_is_consuls_register_body() -> None:
@@ -70,19 +70,6 @@ async def app() -> AsyncIterator[dict[str, Any]]:
         yield state
     finally:
         await runner.cleanup()
-
-
-async def until(cond: Callable[[], Any], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = cond()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 async def test_probe_app(app: dict[str, Any]) -> None:

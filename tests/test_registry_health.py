@@ -13,16 +13,7 @@ from aiohttp import web
 
 from registry.checks import http_status
 from tests.conftest import serve_app
-
-
-async def eventually(probe: Callable[[], Awaitable[Any]], want: Any, deadline: float = 10.0) -> Any:
-    """Poll `probe` until it returns `want` (bounded); return the last value seen."""
-    end = time.monotonic() + deadline
-    got = await probe()
-    while got != want and time.monotonic() < end:
-        await asyncio.sleep(0.05)
-        got = await probe()
-    return got
+from tests.polling import until
 
 
 def check_status(c: Any, check_id: str) -> Callable[[], Awaitable[str | None]]:
@@ -119,7 +110,7 @@ async def test_ttl_expiry_and_reset(consul_client: Any) -> None:
         await asyncio.sleep(0.3)
         await c.agent.check.ttl_pass("beat", "alive")
     assert await check_status(c, "beat")() == "passing"
-    assert await eventually(check_status(c, "beat"), "critical") == "critical"
+    assert await until(check_status(c, want="beat"), "critical") == "critical"
     chk = (await c.agent.checks())["beat"]
     assert chk["Output"].startswith("TTL expired")
     await c.agent.check.ttl_pass("beat")
@@ -147,17 +138,17 @@ async def test_http_check_follows_a_real_server(consul_client: Any) -> None:
             check=consul.Check.http(f"http://127.0.0.1:{port}/health", "1s", timeout="2s"),
         )
         probe = check_status(c, "service:app1")
-        assert await eventually(probe, "passing") == "passing"
+        assert await until(probe, want="passing") == "passing"
         out = (await c.agent.checks())["service:app1"]["Output"]
         assert "200" in out and "code 200" in out
         state["code"] = 429
-        assert await eventually(probe, "warning") == "warning"
+        assert await until(probe, want="warning") == "warning"
         state["code"] = 200
-        assert await eventually(probe, "passing") == "passing"
+        assert await until(probe, want="passing") == "passing"
     finally:
         await runner.cleanup()
     # The server is gone: the next probe fails.
-    assert await eventually(check_status(c, "service:app1"), "critical") == "critical"
+    assert await until(check_status(c, "service:app1"), want="critical") == "critical"
     _, healthy = await c.health.service("app", passing=True)
     assert healthy == []
 
@@ -172,11 +163,11 @@ async def test_tcp_check(consul_client: Any) -> None:
     port = server.sockets[0].getsockname()[1]
     try:
         await c.agent.check.register("tcp", check=consul.Check.tcp("127.0.0.1", port, "1s"))
-        assert await eventually(check_status(c, "tcp"), "passing") == "passing"
+        assert await until(check_status(c, want="tcp"), "passing") == "passing"
     finally:
         server.close()
         await server.wait_closed()
-    assert await eventually(check_status(c, "tcp"), "critical") == "critical"
+    assert await until(check_status(c, want="tcp"), "critical") == "critical"
     assert "dial tcp" in (await c.agent.checks())["tcp"]["Output"]
 
 
@@ -190,7 +181,7 @@ async def test_deregister_critical_service_after(consul_client: Any) -> None:
         return "d1" in await c.agent.services()
 
     assert await present()
-    assert await eventually(present, False, deadline=15.0) is False
+    assert await until(present, 15.0, want=False) is False
     assert "service:d1" not in await c.agent.checks()
 
 
@@ -212,7 +203,7 @@ async def test_http_check_honours_interval_and_timeout(consul_client: Any) -> No
         await c.agent.check.register(
             "h", check=consul.Check.http(f"http://127.0.0.1:{port}/h", "1s", timeout="300ms")
         )
-        assert await eventually(check_status(c, "h"), "passing") == "passing"
+        assert await until(check_status(c, want="h"), "passing") == "passing"
         first = len(hits)
         await asyncio.sleep(2.5)
         # One probe a second: 2 or 3 more in 2.5 s (allowing for a loaded machine).
@@ -220,7 +211,7 @@ async def test_http_check_honours_interval_and_timeout(consul_client: Any) -> No
         gaps = [b - a for a, b in itertools.pairwise(hits)]
         assert all(g > 0.8 for g in gaps), gaps
         slow["on"] = True
-        assert await eventually(check_status(c, "h"), "critical") == "critical"
+        assert await until(check_status(c, want="h"), "critical") == "critical"
         assert "timed out after 0.3s" in (await c.agent.checks())["h"]["Output"]
     finally:
         await c.agent.check.deregister("h")

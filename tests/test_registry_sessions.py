@@ -16,6 +16,7 @@ from consul.callback import CB
 
 from registry.server import RegistryServer
 from tests.conftest import RegistryProcess, serving_registry
+from tests.polling import until
 
 
 @pytest.fixture
@@ -40,16 +41,6 @@ async def create(client: Any, **body: Any) -> str:
         CB.json(is_id=True), "/v1/session/create", data=json.dumps(body)
     )
     return sid
-
-
-async def wait_until(pred: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = await pred()
-        if got:
-            return got
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 async def test_create_info_list_renew_destroy(c: Any) -> None:
@@ -138,7 +129,7 @@ async def test_ttl_expiry_releases_lock_and_lock_delay_holds(c: Any) -> None:
     # Lock-delay: the key refuses a new holder for 2s after the invalidation, which came
     # no earlier than twice the TTL after creation.
     assert await c.kv.put("job/lock", "waiter", acquire=waiter) is False
-    got = await wait_until(lambda: c.kv.put("job/lock", "waiter", acquire=waiter), timeout=8)
+    got = await until(lambda: c.kv.put("job/lock", "waiter", acquire=waiter), timeout=8)
     assert got is True
     assert time.monotonic() - created >= 0.8 + 2.0
     _, entry = await c.kv.get("job/lock")

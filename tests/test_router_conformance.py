@@ -17,13 +17,12 @@ import pytest
 from proxy import local_reply
 from proxy.balance import Endpoint
 from proxy.cluster import Cluster, StaticDirectory
-from proxy.codec import RequestCodec
 from proxy.dispatch import InboundRouter, OutboundRouter
-from proxy.heads import RequestHead
 from proxy.policy import Policy
 from proxy.policy_router import PolicyRouter
 from proxy.route_result import Peer, RouteResult
 from proxy.stats import ProxyStats
+from tests.fakes import parse_request
 
 
 @dataclass
@@ -68,24 +67,6 @@ def kind(request: pytest.FixtureRequest) -> Kind:
     return k
 
 
-def parse(data: bytes) -> RequestHead:
-    heads: list[RequestHead] = []
-
-    class Sink:
-        def on_request_head(self, head: RequestHead) -> None:
-            heads.append(head)
-
-        def on_request_body(self, data: bytes) -> None:
-            pass
-
-        def on_request_end(self, trailers: Any) -> None:
-            pass
-
-    RequestCodec(Sink()).feed(data)
-    assert heads, data
-    return heads[0]
-
-
 def one_of(result: RouteResult) -> str:
     """Which kind of answer a result is; exactly one must be set."""
     set_ = [
@@ -100,7 +81,7 @@ PEER = Peer(b"10.0.0.9")
 
 def test_an_origin_form_request_gets_a_pool(kind: Kind) -> None:
     router = kind.make()
-    result = router.route(parse(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"), PEER)
+    result = router.route(parse_request(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"), PEER)
     assert one_of(result) == "pool"
     assert result.path is None and result.dstats is not None
     if kind.balanced:
@@ -112,14 +93,14 @@ def test_an_origin_form_request_gets_a_pool(kind: Kind) -> None:
 def test_the_same_request_again_goes_to_the_same_pool(kind: Kind) -> None:
     router = kind.make()
     data = b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"
-    first = router.route(parse(data), PEER)
-    second = router.route(parse(data), PEER)
+    first = router.route(parse_request(data), PEER)
+    second = router.route(parse_request(data), PEER)
     assert first.pool is second.pool
 
 
 def test_an_absolute_form_request_is_rewritten_to_origin_form(kind: Kind) -> None:
     router = kind.make()
-    head = parse(b"GET http://svc/a?b=1 HTTP/1.1\r\nHost: other\r\n\r\n")
+    head = parse_request(b"GET http://svc/a?b=1 HTTP/1.1\r\nHost: other\r\n\r\n")
     result = router.route(head, PEER)
     assert one_of(result) == "pool"
     assert result.path == b"/a?b=1"
@@ -129,14 +110,14 @@ def test_an_absolute_form_request_is_rewritten_to_origin_form(kind: Kind) -> Non
 @pytest.mark.parametrize("host", [b"svc@evil", b"svc/x"])
 def test_a_host_that_is_not_an_authority_is_a_local_400(kind: Kind, host: bytes) -> None:
     router = kind.make()
-    result = router.route(parse(b"GET /x HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"), PEER)
+    result = router.route(parse_request(b"GET /x HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"), PEER)
     assert one_of(result) == "reply"
     assert result.reply is not None and result.reply.reason == local_reply.BAD_REQUEST
 
 
 def test_connect_is_a_tunnel_or_a_local_reply_never_a_pool(kind: Kind) -> None:
     router = kind.make()
-    head = parse(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+    head = parse_request(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
     result = router.connect(head, PEER)
     if kind.tunnels:
         assert one_of(result) == "tunnel" and result.tunnel == ("example.com", 443)
@@ -147,7 +128,7 @@ def test_connect_is_a_tunnel_or_a_local_reply_never_a_pool(kind: Kind) -> None:
 
 def test_connect_to_a_mesh_name_is_refused(kind: Kind) -> None:
     router = kind.make()
-    head = parse(b"CONNECT svc:443 HTTP/1.1\r\nHost: svc:443\r\n\r\n")
+    head = parse_request(b"CONNECT svc:443 HTTP/1.1\r\nHost: svc:443\r\n\r\n")
     result = router.connect(head, PEER)
     assert one_of(result) == "reply"
     assert result.reply is not None and result.reply.reason == local_reply.BAD_REQUEST
@@ -156,14 +137,14 @@ def test_connect_to_a_mesh_name_is_refused(kind: Kind) -> None:
 def test_routing_changes_nothing_of_the_peer_but_its_routing_state(kind: Kind) -> None:
     router = kind.make()
     peer = Peer(b"10.0.0.7")
-    router.route(parse(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"), peer)
+    router.route(parse_request(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"), peer)
     assert (peer.address, peer.identity) == (b"10.0.0.7", None)
     assert peer.xff_line == b"X-Forwarded-For: 10.0.0.7\r\n"
 
 
 def test_a_router_has_a_name_and_closes_its_pools(kind: Kind) -> None:
     router = kind.make()
-    result = router.route(parse(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"), PEER)
+    result = router.route(parse_request(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"), PEER)
     assert router.name in ("outbound", "inbound")
     router.close()
     assert result.pool is not None and result.pool.closed
@@ -172,9 +153,9 @@ def test_a_router_has_a_name_and_closes_its_pools(kind: Kind) -> None:
 def test_the_sweep_forgets_unused_endpoint_pools_and_their_results(kind: Kind) -> None:
     router = kind.make()
     data = b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"
-    first = router.route(parse(data), PEER)
+    first = router.route(parse_request(data), PEER)
     router.sweep(0.0)  # no connection was ever opened
-    second = router.route(parse(data), PEER)
+    second = router.route(parse_request(data), PEER)
     if kind.balanced:
         assert second.pool is not first.pool and first.pool not in router.pools()
     else:
