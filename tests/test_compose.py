@@ -263,7 +263,7 @@ def test_policies_job_applies_files_that_exist_and_validate() -> None:
         mounts[target] = ROOT / source
     (target,) = params["files"]
     host_path = mounts[target]
-    assert host_path.is_dir() and host_path == ROOT / "examples" / "policies"
+    assert host_path.is_dir() and host_path == ROOT / "tether" / "demo" / "policies"
     files = read_inputs([str(host_path)])
     assert len(files) >= 2
     checked = decode_files(files)

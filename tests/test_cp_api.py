@@ -18,7 +18,7 @@ from registry.server import RegistryServer
 from tests.conftest import serving_registry
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "tether" / "demo" / "policies").glob("*.yaml"))
 HEAD = "apiVersion: tether.dev/v1alpha1\n"
 
 MakeCP = Callable[..., Awaitable[ControlPlane]]

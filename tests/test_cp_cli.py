@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import ROOT, ControlPlaneProcess, RegistryProcess, free_port, run_tether
 
-EXAMPLES = ROOT / "examples" / "policies"
+EXAMPLES = ROOT / "tether" / "demo" / "policies"
 HEAD = "apiVersion: tether.dev/v1alpha1\n"
 
 

@@ -8,7 +8,7 @@ from controlplane.schema import Resource, ResourceKey, parse_resources
 from controlplane.validation import Validated, decode_files, identities, validate, validate_deletion
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "tether" / "demo" / "policies").glob("*.yaml"))
 
 HEAD = "apiVersion: tether.dev/v1alpha1\n"
 

@@ -42,7 +42,7 @@ def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
         started = descendants(proc.pid)
         # registry + control plane + 6 apps + 6 sidecars, each its own child
         assert len(started) >= 14, text
-        # examples/policies/ went in through the control plane's API at start.
+        # tether/demo/policies/ went in through the control plane's API at start.
         assert "policies | trafficsplit default/orders created" in text, text
         conn = http.client.HTTPConnection("127.0.0.1", cp_port, timeout=15)
         conn.request("GET", "/api/v1/resources/TrafficSplit/default/orders")

@@ -74,7 +74,7 @@ async def test_policies_go_through_the_control_plane_api(
     mesh.cp_port = int(cp.url.rpartition(":")[2])
     try:
         async with aiohttp.ClientSession() as session:
-            assert await mesh.apply_policies(session, ROOT / "examples" / "policies")
+            assert await mesh.apply_policies(session, ROOT / "tether" / "demo" / "policies")
             assert ("policies", "trafficsplit default/orders created") in lines
             assert mesh.policy_status.endswith("applied (config version 1)")
             await mesh.refresh_split(session)

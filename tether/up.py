@@ -5,8 +5,13 @@ shares): the registry first (8500 if free, else any free port; state in a tempor
 directory), the control plane, then per instance its app and its sidecar. The app
 listens on 127.0.0.1 with `HTTP_PROXY` pointing at its sidecar's outbound listener, so
 `frontend` calls `http://orders/...` through the mesh. Once the callees are ready, the
-policies of `examples/policies/` are applied through the control plane's REST API (the
+policies of the demo are applied through the control plane's REST API (the
 path `tether apply` takes: validated there, stored, pushed), then `frontend` starts.
+The policies are the demo's own, shipped in the package (`tether/demo/policies/`).
+Each server child is awaited by its "listening on" line, not by its port answering:
+another process on that port must not pass for ours (the demo would register into
+someone else's registry). Any child that exits before the mesh is ready stops
+`tether up` with one line naming it and its reason; nothing has been written by then.
 The view reads every sidecar's admin `/stats/prometheus` and `/config_dump` once a
 second and the TrafficSplit of `orders` from the control plane, and shows where the
 calls go: per instance (zone, version, share of its service), per version against the
@@ -34,6 +39,13 @@ from tether.launcher import Launcher, ProcessSpec
 from tether.ports import free_port, port_is_free
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO_POLICIES = Path(__file__).resolve().parent / "demo" / "policies"
+# What a server child prints once it listens (tether registry, tether controlplane).
+LISTENING = r"listening on https?://\S+:(\d+)"
+
+
+class UpError(Exception):
+    """`tether up` cannot go on: one line naming the part, the cause and the fix."""
 
 
 @dataclass
@@ -121,7 +133,7 @@ def describe_zones(zones: dict[str, float]) -> str:
 
 
 # frontend → orders → inventory. orders runs v1 and v2 (the canary of
-# examples/policies/) in each of two zones, so the caller's zone preference and the
+# tether/demo/policies/) in each of two zones, so the caller's zone preference and the
 # split both show, and each version can fail over to the other zone.
 DEMO: tuple[tuple[str, str, str, str], ...] = (
     ("frontend", "frontend-1", "zone-a", "v1"),
@@ -143,25 +155,22 @@ class UpSpec:
     drain_seconds: float = 5.0
     view: bool | None = None  # None: a live view when stdout is a terminal
     check_interval: float = 2.0
-    # A control plane too (15010 if free), so `tether apply -f examples/policies/`
+    # A control plane too (15010 if free), so `tether apply -f tether/demo/policies/`
     # steers the demo's traffic (the v1/v2 canary of orders).
     controlplane: bool = True
     controlplane_port: int | None = None  # None: 15010 if free, else any free port
     # Applied through the control plane once the callees are ready (None: nothing).
-    policies: Path | None = ROOT / "examples" / "policies"
+    policies: Path | None = DEMO_POLICIES
 
 
-async def wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on 127.0.0.1:{port}") from None
-            await asyncio.sleep(0.1)
+def _chosen_port(name: str, given: int | None, preferred: int, flag: str) -> int:
+    """The port to start a server child on: the one given (0: any), else `preferred` if
+    free, else any. A given port already in use fails here, before anything starts."""
+    if given is None:
+        return preferred if port_is_free(preferred) else 0
+    if given and not port_is_free(given):
+        raise UpError(f"{name} cannot start: port {given} is in use; pass {flag} 0 (any free port)")
+    return given
 
 
 def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -218,34 +227,31 @@ class Mesh:
         then frontend once they are ready), so the first calls find their services."""
         spec = self.spec
         py = sys.executable
-        if spec.registry_port:
-            self.registry_port = spec.registry_port
-        else:
-            self.registry_port = 8500 if port_is_free(8500) else free_port()
+        port = _chosen_port("registry", spec.registry_port, 8500, "--registry-port")
         await self.launcher.start(
             ProcessSpec(
                 "registry",
-                [py, "-m", "tether.cli", "registry", "--port", str(self.registry_port),
+                [py, "-m", "tether.cli", "registry", "--port", str(port),
                  "--data-dir", str(self.data_dir / "registry"), "--node", "local"],
-                cwd=ROOT,
                 stop_timeout=5.0,
             )
         )  # fmt: skip
-        await wait_for_port(self.registry_port, 30)
+        self.registry_port = await self.listening("registry")
         registry_env = {"CONSUL_HTTP_ADDR": f"127.0.0.1:{self.registry_port}"}
         sidecar_extra: list[str] = []
         if spec.controlplane:
-            self.cp_port = spec.controlplane_port or (15010 if port_is_free(15010) else free_port())
+            port = _chosen_port(
+                "controlplane", spec.controlplane_port, 15010, "--controlplane-port"
+            )
             await self.launcher.start(
                 ProcessSpec(
                     "controlplane",
-                    [py, "-m", "tether.cli", "controlplane", "--port", str(self.cp_port)],
+                    [py, "-m", "tether.cli", "controlplane", "--port", str(port)],
                     env=registry_env,
-                    cwd=ROOT,
                     stop_timeout=5.0,
                 )
             )
-            await wait_for_port(self.cp_port, 30)
+            self.cp_port = await self.listening("controlplane")
             sidecar_extra = ["--controlplane", f"http://127.0.0.1:{self.cp_port}"]
         for inst in sorted(self.instances, key=lambda i: i.service == "frontend"):
             if inst.service == "frontend":
@@ -267,7 +273,6 @@ class Mesh:
                         "NO_PROXY": "localhost,127.0.0.1",
                         "no_proxy": "localhost,127.0.0.1",
                     },
-                    cwd=ROOT,
                     stop_timeout=5.0,
                 )
             )  # fmt: skip
@@ -283,10 +288,21 @@ class Mesh:
                      "--drain-seconds", str(spec.drain_seconds),
                      "--check-interval", str(spec.check_interval), *sidecar_extra],
                     env=registry_env,
-                    cwd=ROOT,
                     stop_timeout=spec.drain_seconds + 5.0,
                 )
             )  # fmt: skip
+
+    async def listening(self, name: str) -> int:
+        """The port child `name` says it listens on; UpError if it exits first."""
+        from tether.launcher import ChildExitedError
+
+        try:
+            m = await self.launcher.wait_for_line(name, LISTENING, 30)
+        except ChildExitedError as exc:
+            raise UpError(f"{name} did not start: {exc.reason}") from None
+        except TimeoutError:
+            raise UpError(f"{name} did not say it was listening within 30 s") from None
+        return int(m.group(1))
 
     async def apply_policies(self, session: Any, path: Path) -> bool:
         """Apply the policy files under `path` as `tether apply -f` does: the control
@@ -493,16 +509,29 @@ async def run_up(spec: UpSpec) -> int:
         loop.add_signal_handler(sig, stop.set)
     mesh = Mesh(spec, sink)
     stopping = False
+    started = False
+    failed = asyncio.Event()  # a child exited before the mesh was ready
+    failure = ""
 
     async def watch_exits() -> None:
+        nonlocal failure
+        from tether.launcher import ChildExitedError
+
         while True:
             child = await mesh.launcher.next_exit()
-            if not stopping:  # a crash, not our doing: say so where the user looks
+            if stopping:
+                continue
+            if not started:  # nothing may go on half-started: stop, and say who and why
+                failure = f"{child.name} did not start: {ChildExitedError(child).reason}"
+                failed.set()
+            else:  # a crash, not our doing: say so where the user looks
                 sink("tether up", f"{child.name} exited with status {child.returncode}")
 
     async def serve(session: Any) -> None:
+        nonlocal started
         await mesh.start(session)
         ready = await mesh.wait_ready(session, 60)
+        started = True
         print("\n".join(mesh.listing()), flush=True)
         print("tether up: ready" if ready else "tether up: not every sidecar is ready yet",
               flush=True)  # fmt: skip
@@ -532,26 +561,34 @@ async def run_up(spec: UpSpec) -> int:
             # Ctrl-C is honoured at any point, during start-up too.
             main_task = asyncio.ensure_future(serve(session))
             stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({main_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (main_task, stopper):
+            crashed = asyncio.ensure_future(failed.wait())
+            await asyncio.wait({main_task, stopper, crashed}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (main_task, stopper, crashed):
                 t.cancel()
-            await asyncio.gather(stopper, return_exceptions=True)
+            await asyncio.gather(stopper, crashed, return_exceptions=True)
             try:
                 await main_task
             except asyncio.CancelledError:
                 pass
+            if failure:
+                raise UpError(failure)
+    except UpError as exc:
+        print(f"tether up: {exc}", file=sys.stderr, flush=True)
+        code = 1
     except Exception as exc:
         print(f"tether up: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
         stopping = True
-        print("tether up: draining and stopping everything ...", flush=True)
+        if mesh.launcher.children:
+            print("tether up: draining and stopping everything ...", flush=True)
         # A second Ctrl-C must not cut the shutdown short and leave processes behind.
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: None)
         await mesh.stop()
         watcher.cancel()
-        print("tether up: stopped", flush=True)
+        if mesh.launcher.children:
+            print("tether up: stopped", flush=True)
     return code
 
 
