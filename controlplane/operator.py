@@ -68,7 +68,7 @@ def _fail(exc: ApiError, err: TextIO) -> int:
         errors = sum(1 for p in exc.problems if p.is_error)
         print(f"rejected: {errors} error(s); nothing was changed", file=err)
     else:
-        print(f"error: {exc}", file=err)
+        print(f"Error: {exc}", file=err)
     return 1
 
 
@@ -90,7 +90,32 @@ def _local_check(files: Sequence[tuple[str, str]], err: TextIO) -> bool:
         _print_problems(checked.problems, err)
         print(f"rejected: {len(checked.errors)} error(s); nothing was changed", file=err)
         return False
+    if not checked.resources:
+        names = ", ".join(name for name, _ in files)
+        print(f"Error: no documents in {names}; nothing was changed", file=err)
+        return False
     return True
+
+
+def in_namespace(files: Sequence[tuple[str, str]], namespace: str) -> list[tuple[str, str]]:
+    """The documents with `namespace` where they name none (as `kubectl apply -n`); a
+    document naming another namespace is an InputError. Mesh-wide kinds are left alone."""
+    out = []
+    for name, text in files:
+        docs = []
+        for doc in yaml.safe_load_all(text):
+            if isinstance(doc, dict) and doc.get("kind") not in CLUSTER_KINDS:
+                meta = doc.setdefault("metadata", {})
+                if isinstance(meta, dict):
+                    given = meta.setdefault("namespace", namespace)
+                    if given != namespace:
+                        raise InputError(
+                            f"{name}: {doc.get('kind')} {meta.get('name')} is in namespace "
+                            f"{given!r}, not {namespace!r} (-n)"
+                        )
+            docs.append(doc)
+        out.append((name, yaml.safe_dump_all(docs, sort_keys=False)))
+    return out
 
 
 def apply(
@@ -99,14 +124,19 @@ def apply(
     dry_run: bool,
     out: TextIO,
     err: TextIO,
+    namespace: str | None = None,
 ) -> int:
     if not _local_check(files, err):
         return 1
+    if namespace is not None:
+        files = in_namespace(files, namespace)
     try:
         result = client.apply(files, dry_run=dry_run)
     except ApiError as exc:
         return _fail(exc, err)
     _report(result, out, err, show_diff=True)
+    if not result.get("dryRun"):
+        print(f"config version {result.get('version')}", file=out)
     return 0
 
 
@@ -162,7 +192,7 @@ def get(
             ns = None if all_namespaces else (namespace or DEFAULT_NAMESPACE)
             items = client.list(kind, ns)["items"]
     except InputError as exc:
-        print(f"error: {exc}", file=err)
+        print(f"Error: {exc}", file=err)
         return 1
     except ApiError as exc:
         return _fail(exc, err)
@@ -230,7 +260,7 @@ def delete(
             kind = resolve_kind(kind_text)
             result = client.delete(key_for(kind, name, namespace), dry_run=dry_run)
     except InputError as exc:
-        print(f"error: {exc}", file=err)
+        print(f"Error: {exc}", file=err)
         return 1
     except ApiError as exc:
         return _fail(exc, err)

@@ -156,6 +156,6 @@ def test_finding_the_control_plane(tether: Tether) -> None:
     r = tether("get", "route", "--controlplane", tether.url, env={"TETHER_CONTROLPLANE": ""})
     assert r.returncode == 0 and "no Route resources" in r.stderr
     r = tether("get", "route", env={"TETHER_CONTROLPLANE": f"http://127.0.0.1:{free_port()}"})
-    assert r.returncode == 1 and "error: control plane at http://127.0.0.1:" in r.stderr
+    assert r.returncode == 1 and "Error: control plane at http://127.0.0.1:" in r.stderr
     r = tether("get", "frobnicators")
     assert r.returncode == 1 and "unknown kind 'frobnicators'" in r.stderr

@@ -4,6 +4,7 @@ against a real registry KV with real WebSocket clients."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import time
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from controlplane.push import PUSH_SERVER, PushServer, ResourceIndex, SidecarRecord
 from controlplane.server import ControlPlane, ControlPlaneSpec, RegistryAddress
-from controlplane.store import RESOURCES
+from controlplane.store import RESOURCES, VERSION_KEY
 from proxy import push_codec as wire
 from proxy.balance import Endpoint
 from proxy.cluster import Cluster, StaticDirectory
@@ -354,9 +355,17 @@ async def push_server(registry: RegistryServer) -> AsyncIterator[tuple[PushServe
 
 
 async def put(consul: Any, d: dict[str, Any]) -> None:
+    """Write a resource and the next config version in one transaction, as the store does
+    (the version pushed to sidecars is that counter)."""
     meta = d["metadata"]
     key = f"{RESOURCES}{d['kind']}/{meta.get('namespace') or '_'}/{meta['name']}"
-    assert await consul.kv.put(key, json.dumps(d))
+    _, entry = await consul.kv.get(VERSION_KEY)
+    version = int(entry["Value"]) + 1 if entry else 1
+    ops = [
+        {"KV": {"Verb": "set", "Key": k, "Value": base64.b64encode(v.encode()).decode()}}
+        for k, v in ((key, json.dumps(d)), (VERSION_KEY, str(version)))
+    ]
+    await consul.txn.put(ops)
 
 
 async def test_push_ack_nack_interest_and_only_concerned(

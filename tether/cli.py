@@ -360,7 +360,7 @@ def _operator(run: Any) -> None:
     try:
         code = run()
     except InputError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"Error: {exc}", err=True)
         code = 1
     raise SystemExit(code)
 
@@ -368,10 +368,13 @@ def _operator(run: Any) -> None:
 @main.command()
 @_files_option
 @click.option("--dry-run", is_flag=True, help="Validate and show the diff; change nothing.")
+@click.option("-n", "--namespace", default=None, help="Namespace of documents that name none.")
 @_cp_option
 @_token_option
-def apply(files: tuple[str, ...], dry_run: bool, cp_url: str, token: str | None) -> None:
-    """Validate policy documents, show the diff, and apply them."""
+def apply(
+    files: tuple[str, ...], dry_run: bool, namespace: str | None, cp_url: str, token: str | None
+) -> None:
+    """Validate policy documents, show the diff, apply them, and print the config version."""
     import sys
 
     from controlplane import operator
@@ -381,7 +384,9 @@ def apply(files: tuple[str, ...], dry_run: bool, cp_url: str, token: str | None)
         raise click.UsageError("give -f FILE|DIR|-")
     client = ControlPlaneClient(cp_url, token)
     _operator(
-        lambda: operator.apply(client, operator.read_inputs(files), dry_run, sys.stdout, sys.stderr)
+        lambda: operator.apply(
+            client, operator.read_inputs(files), dry_run, sys.stdout, sys.stderr, namespace
+        )
     )
 
 
@@ -456,6 +461,8 @@ def delete(
     from controlplane import operator
     from controlplane.client import ControlPlaneClient
 
+    if not files and not (kind and name):
+        raise click.UsageError("give KIND NAME or -f FILE|DIR|-")
     client = ControlPlaneClient(cp_url, token)
     _operator(
         lambda: operator.delete(
@@ -475,9 +482,18 @@ def delete(
 @click.option("-s", "--service", default=None, help="Only this service's sidecars.")
 @click.option("-n", "--namespace", default=None, help="Only this namespace.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+@click.option(
+    "--retention",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds a disconnected sidecar stays listed after it was last seen.",
+)
 @_cp_option
-def status(service: str | None, namespace: str | None, output: str, cp_url: str) -> None:
-    """Every sidecar: service, instance, config version, acked or nacked (why), last seen."""
+def status(
+    service: str | None, namespace: str | None, output: str, retention: float, cp_url: str
+) -> None:
+    """Every sidecar: its config version, whether it is in sync, nacked (why), last seen."""
     import json
     import time
 
@@ -489,12 +505,19 @@ def status(service: str | None, namespace: str | None, output: str, cp_url: str)
         body = ControlPlaneClient(cp_url).request("GET", "/sidecars", query=query)
     except ApiError as exc:
         raise click.ClickException(str(exc)) from None
-    records = body.get("sidecars", [])
+    now = time.time()
+    records, hidden = view.retained(body.get("sidecars", []), now, retention)
+    body["sidecars"] = records
     if output == "json":
         click.echo(json.dumps(body, indent=2))
         return
-    click.echo(view.table(records, time.time()))
+    click.echo(view.table(records, now))
     click.echo(f"\n{view.summary(records)}; config version {body.get('version')}")
+    if hidden:
+        click.echo(
+            f"{hidden} disconnected sidecar(s) last seen over {retention:g}s ago not shown "
+            "(--retention SECONDS)"
+        )
 
 
 def consul_address() -> tuple[str, int]:

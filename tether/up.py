@@ -66,8 +66,9 @@ class Instance:
     outbound_total: float = 0.0
     rate: float = 0.0
     history: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=10))
-    policy_version: int = 0  # of the snapshot its sidecar runs (0: defaults)
+    policy_version: int = 0  # config version of the snapshot its sidecar runs (0: none)
     app_pid: int = 0
+    app_health: str = ""  # the registry's check of the app: passing, critical, ...
 
     @property
     def recent(self) -> float:
@@ -220,6 +221,7 @@ class Mesh:
         self.data_dir = Path(tempfile.mkdtemp(prefix="tether-up-"))
         self.sink = sink
         self.policy_status = ""  # what applying the policies gave, for the view
+        self.config_version = 0  # the control plane's, read with every poll
         self.split: list[dict[str, Any]] = []  # SPLIT_SERVICE's subsets, from the CP
 
     async def start(self, session: Any) -> None:
@@ -337,9 +339,40 @@ class Mesh:
         for w in result.get("warnings") or ():
             self.sink("policies", f"warning: {w.get('message', w)}")
         n = len(result.get("changes") or ())
-        self.policy_status = f"{n} from {path.name} applied (config version {result['version']})"
-        self.sink("policies", f"applied {path}: version {result['version']}")
+        self.config_version = int(result["version"])
+        self.policy_status = f"{n} from {path.name} applied"
+        self.sink("policies", f"applied {path}: config version {result['version']}")
         return True
+
+    async def refresh_app_health(self, session: Any) -> None:
+        """Each instance's app check as the registry sees it (the instance Meta names it)."""
+        base = f"http://127.0.0.1:{self.registry_port}/v1/health/service"
+        for service in sorted({i.service for i in self.instances}):
+            try:
+                async with session.get(f"{base}/{service}") as resp:
+                    entries = await resp.json(content_type=None)
+            except Exception:
+                return  # the registry is away: keep what it said last
+            status: dict[str, str] = {}
+            for e in entries if isinstance(entries, list) else ():
+                name = ((e.get("Service") or {}).get("Meta") or {}).get("instance", "")
+                for check in e.get("Checks") or ():
+                    if str(check.get("CheckID", "")).endswith(":app"):
+                        status[name] = str(check.get("Status", ""))
+            for i in self.instances:
+                if i.service == service:
+                    i.app_health = status.get(i.name, "")  # "": not registered
+
+    async def refresh_version(self, session: Any) -> None:
+        """The config version in force (moves with every `tether apply`)."""
+        if not self.cp_port:
+            return
+        try:
+            async with session.get(f"http://127.0.0.1:{self.cp_port}/api/v1/version") as resp:
+                body = await resp.json(content_type=None)
+            self.config_version = int(body["version"])
+        except Exception:
+            return  # the control plane is away: keep showing what it said last
 
     async def refresh_split(self, session: Any) -> None:
         """The configured subsets of SPLIT_SERVICE's TrafficSplit (empty: none)."""
@@ -383,7 +416,12 @@ class Mesh:
             t0, n0 = inst.history[0]
             inst.rate = (inst.inbound_total - n0) / (now - t0) if now > t0 else 0.0
 
-        await asyncio.gather(*(one(i) for i in self.instances), self.refresh_split(session))
+        await asyncio.gather(
+            *(one(i) for i in self.instances),
+            self.refresh_split(session),
+            self.refresh_version(session),
+            self.refresh_app_health(session),
+        )
 
     async def wait_ready(
         self, session: Any, timeout: float, which: list[Instance] | None = None
@@ -410,13 +448,16 @@ class Mesh:
         lines.append(f"{SPLIT_SERVICE} by zone ({front.name} is in {front.zone}): {zones}")
         return lines
 
+    def describe_policies(self) -> str:
+        applied = self.policy_status or "no policies applied at start"
+        return f"{applied}; config version {self.config_version}"
+
     def listing(self) -> list[str]:
         lines = [f"registry     http://127.0.0.1:{self.registry_port}  (CONSUL_HTTP_ADDR)"]
         if self.cp_port:
             cp = f"http://127.0.0.1:{self.cp_port}"
-            applied = self.policy_status or "no policies applied"
-            lines.append(f"controlplane {cp}  ({applied}; change with: tether apply -f FILE "
-                         f"--controlplane {cp})")  # fmt: skip
+            lines.append(f"controlplane {cp}  ({self.describe_policies()}; change with: "
+                         f"tether apply -f FILE --controlplane {cp})")  # fmt: skip
         for i in self.instances:
             lines.append(
                 f"{i.name:<12} {i.service} {i.version} {i.zone}  app=127.0.0.1:{i.app_port} "
@@ -453,7 +494,8 @@ def render(mesh: Mesh, logs: deque[str]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    # Fits 80 columns: light borders, short headers (cfg: the policy snapshot it runs).
+    # Fits 80 columns: light borders, short headers. sidecar: ready; app: the registry's
+    # check of the app; config: the config version of the snapshot the sidecar runs.
     table = Table(
         title=f"tether up: registry 127.0.0.1:{mesh.registry_port}",
         expand=False,
@@ -461,7 +503,8 @@ def render(mesh: Mesh, logs: deque[str]) -> Any:
         padding=(0, 1, 0, 0),
         show_edge=False,
     )
-    cols = ("instance", "service", "zone", "up", "cfg", "calls in", "share", "/s", "5xx", "out")
+    cols = ("instance", "service", "zone", "sidecar", "app", "config", "calls in", "share", "/s",
+            "5xx", "out")  # fmt: skip
     for col in cols:
         right = col in ("calls in", "share", "/s", "5xx", "out")
         table.add_column(col, justify="right" if right else "left", no_wrap=True)
@@ -474,14 +517,15 @@ def render(mesh: Mesh, logs: deque[str]) -> Any:
         share = i.recent / recent[i.service] if recent[i.service] else 0.0
         table.add_row(
             i.name, f"{i.service} {i.version}", i.zone,
-            Text("yes", "green") if i.ready else Text("no", "red"),
-            f"v{i.policy_version}" if i.policy_version else "-",
+            Text("ready", "green") if i.ready else Text("down", "red"),
+            Text(i.app_health or "-", "green" if i.app_health == "passing" else "red"),
+            str(i.policy_version) if i.policy_version else "-",
             f"{i.inbound_total:.0f}", f"{share:.0%}", f"{i.rate:.1f}",
             f"{i.inbound_errors:.0f}", f"{i.outbound_total:.0f}",
         )  # fmt: skip
     totals = "  ".join(f"{svc}: {n:.0f}" for svc, n in per_service.items())
     front = mesh.instances[0]
-    policies = f"policies: {mesh.policy_status}\n" if mesh.policy_status else ""
+    policies = f"policies: {mesh.describe_policies()}\n" if mesh.cp_port else ""
     where = "".join(f"{line}\n" for line in mesh.where_calls_go())
     hint = Text(
         f"calls per service: {totals}\n{where}{policies}"
