@@ -58,7 +58,8 @@ def test_apply_get_diff_delete(tether: Tether, tmp_path: Path) -> None:
     assert "route default/orders created" in r.stdout
     assert "meshconfig mesh created" in r.stdout
     assert "+    weight: 90" in r.stdout  # the diff is shown
-    assert "warning: subset 'v1' selects no instance" in r.stderr
+    assert "no instance of service default/orders is registered" in r.stderr
+    assert "config version 1" in r.stdout  # the version this apply produced
 
     r = tether("get", "trafficsplit", "orders", "-o", "yaml")
     assert r.returncode == 0, r.stderr

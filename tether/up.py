@@ -225,8 +225,9 @@ class Mesh:
         self.split: list[dict[str, Any]] = []  # SPLIT_SERVICE's subsets, from the CP
 
     async def start(self, session: Any) -> None:
-        """Start the registry, then the callees before their callers (inventory, orders,
-        then frontend once they are ready), so the first calls find their services."""
+        """Start the registry, the control plane, every sidecar (and the callees' apps),
+        apply the policies once the sidecars are registered, then start frontend's app,
+        which drives the traffic: its first calls find their services and policies."""
         spec = self.spec
         py = sys.executable
         port = _chosen_port("registry", spec.registry_port, 8500, "--registry-port")
@@ -255,44 +256,61 @@ class Mesh:
             )
             self.cp_port = await self.listening("controlplane")
             sidecar_extra = ["--controlplane", f"http://127.0.0.1:{self.cp_port}"]
-        for inst in sorted(self.instances, key=lambda i: i.service == "frontend"):
-            if inst.service == "frontend":
-                await self.wait_ready(session, 30, [i for i in self.instances if i is not inst])
-                if self.cp_port and spec.policies is not None:
-                    await self.apply_policies(session, spec.policies)
+        for inst in self.instances:
             inst.app_port, inst.outbound = free_port(), free_port()
             inst.inbound, inst.admin = free_port(), free_port()
-            rate = spec.rate if inst.service == "frontend" else 0.0
-            app = await self.launcher.start(
-                ProcessSpec(
-                    inst.name,
-                    [py, "-m", f"tether.demo.{inst.service}", "--port", str(inst.app_port),
-                     "--instance", inst.name, "--zone", inst.zone, "--version", inst.version,
-                     "--rate", str(rate)],
-                    env={
-                        "HTTP_PROXY": f"http://127.0.0.1:{inst.outbound}",
-                        "http_proxy": f"http://127.0.0.1:{inst.outbound}",
-                        "NO_PROXY": "localhost,127.0.0.1",
-                        "no_proxy": "localhost,127.0.0.1",
-                    },
-                    stop_timeout=5.0,
-                )
-            )  # fmt: skip
-            inst.app_pid = app.pid
-            await self.launcher.start(
-                ProcessSpec(
-                    f"{inst.name}.sidecar",
-                    [py, "-m", "tether.cli", "sidecar", "--service", inst.service,
-                     "--app-port", str(inst.app_port), "--app-health-path", "/health",
-                     "--outbound-port", str(inst.outbound), "--inbound-port", str(inst.inbound),
-                     "--admin-port", str(inst.admin), "--zone", inst.zone,
-                     "--version", inst.version, "--meta", f"instance={inst.name}",
-                     "--drain-seconds", str(spec.drain_seconds),
-                     "--check-interval", str(spec.check_interval), *sidecar_extra],
-                    env=registry_env,
-                    stop_timeout=spec.drain_seconds + 5.0,
-                )
-            )  # fmt: skip
+            if inst.service == "frontend":
+                # Its sidecar now (registered when the policies are checked against the
+                # registry), its app, which drives the traffic, once the policies are in.
+                await self.start_sidecar(inst, sidecar_extra, registry_env)
+            else:  # the app first: its sidecar then registers it passing at once
+                await self.start_app(inst)
+                await self.start_sidecar(inst, sidecar_extra, registry_env)
+        await self.wait_ready(session, 30)
+        if self.cp_port and spec.policies is not None:
+            await self.apply_policies(session, spec.policies)
+        for inst in self.instances:
+            if inst.service == "frontend":
+                await self.start_app(inst)
+
+    async def start_app(self, inst: Instance) -> None:
+        """The demo app of `inst`, calling out through its sidecar (HTTP_PROXY)."""
+        rate = self.spec.rate if inst.service == "frontend" else 0.0
+        app = await self.launcher.start(
+            ProcessSpec(
+                inst.name,
+                [sys.executable, "-m", f"tether.demo.{inst.service}",
+                 "--port", str(inst.app_port), "--instance", inst.name, "--zone", inst.zone,
+                 "--version", inst.version, "--rate", str(rate)],
+                env={
+                    "HTTP_PROXY": f"http://127.0.0.1:{inst.outbound}",
+                    "http_proxy": f"http://127.0.0.1:{inst.outbound}",
+                    "NO_PROXY": "localhost,127.0.0.1",
+                    "no_proxy": "localhost,127.0.0.1",
+                },
+                stop_timeout=5.0,
+            )
+        )  # fmt: skip
+        inst.app_pid = app.pid
+
+    async def start_sidecar(
+        self, inst: Instance, extra: list[str], registry_env: dict[str, str]
+    ) -> None:
+        spec = self.spec
+        await self.launcher.start(
+            ProcessSpec(
+                f"{inst.name}.sidecar",
+                [sys.executable, "-m", "tether.cli", "sidecar", "--service", inst.service,
+                 "--app-port", str(inst.app_port), "--app-health-path", "/health",
+                 "--outbound-port", str(inst.outbound), "--inbound-port", str(inst.inbound),
+                 "--admin-port", str(inst.admin), "--zone", inst.zone,
+                 "--version", inst.version, "--meta", f"instance={inst.name}",
+                 "--drain-seconds", str(spec.drain_seconds),
+                 "--check-interval", str(spec.check_interval), *extra],
+                env=registry_env,
+                stop_timeout=spec.drain_seconds + 5.0,
+            )
+        )  # fmt: skip
 
     async def listening(self, name: str) -> int:
         """The port child `name` says it listens on; UpError if it exits first."""
