@@ -535,5 +535,5 @@ def consul_address() -> tuple[str, int]:
     return (host, int(port))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m tether.cli` (how `tether up` starts its parts)
+    main(prog_name="tether")
