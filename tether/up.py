@@ -266,7 +266,7 @@ class Mesh:
             else:  # the app first: its sidecar then registers it passing at once
                 await self.start_app(inst)
                 await self.start_sidecar(inst, sidecar_extra, registry_env)
-        await self.wait_ready(session, 30)
+        await self.wait_ready(session, 30, apps=False)  # frontend's app is not started
         if self.cp_port and spec.policies is not None:
             await self.apply_policies(session, spec.policies)
         for inst in self.instances:
@@ -441,14 +441,13 @@ class Mesh:
             self.refresh_app_health(session),
         )
 
-    async def wait_ready(
-        self, session: Any, timeout: float, which: list[Instance] | None = None
-    ) -> bool:
+    async def wait_ready(self, session: Any, timeout: float, apps: bool = True) -> bool:
+        """Until every sidecar is ready (registered, discovery up) and, with `apps`,
+        the registry's check of every app passes (callers then find it healthy)."""
         deadline = time.monotonic() + timeout
-        which = self.instances if which is None else which
         while time.monotonic() < deadline:
             await self.poll(session)
-            if all(i.ready for i in which):
+            if all(i.ready and (i.app_health == "passing" or not apps) for i in self.instances):
                 return True
             await asyncio.sleep(0.2)
         return False
