@@ -281,7 +281,8 @@ class Mesh:
                 inst.name,
                 [sys.executable, "-m", f"tether.demo.{inst.service}",
                  "--port", str(inst.app_port), "--instance", inst.name, "--zone", inst.zone,
-                 "--version", inst.version, "--rate", str(rate)],
+                 "--version", inst.version, "--rate", str(rate),
+                 "--wait-for", f"http://127.0.0.1:{inst.admin}/ready"],
                 env={
                     "HTTP_PROXY": f"http://127.0.0.1:{inst.outbound}",
                     "http_proxy": f"http://127.0.0.1:{inst.outbound}",
