@@ -25,6 +25,7 @@ from controlplane.schema import (
     FUTURE_KINDS,
     KINDS,
     Problem,
+    Resource,
     ResourceKey,
     canonical_kind,
 )
@@ -183,6 +184,7 @@ def get(
     output: str,
     out: TextIO,
     err: TextIO,
+    show_defaults: bool = False,
 ) -> int:
     try:
         kind = resolve_kind(kind_text)
@@ -196,6 +198,10 @@ def get(
         return 1
     except ApiError as exc:
         return _fail(exc, err)
+    if show_defaults:  # what is in force: the defaults the author left out filled in
+        # (the metadata as served: decoding keeps only the fields the author may set)
+        full = [Resource.from_dict(doc).to_dict(defaults=True) for doc in items]
+        items = [{**f, "metadata": doc["metadata"]} for f, doc in zip(full, items, strict=True)]
     if output == "json":
         json.dump(items[0] if name is not None else items, out, indent=2)
         out.write("\n")

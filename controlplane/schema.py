@@ -523,7 +523,9 @@ class Resource:
     def namespace(self) -> str:
         return self.metadata.namespace
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, defaults: bool = False) -> dict[str, Any]:
+        """The document as applied (explicit fields kept); `defaults`: every field, the
+        defaults filled in (what is in force, as `tether get --show-defaults` shows)."""
         meta = encode(self.metadata)
         if self.kind in CLUSTER_KINDS:
             meta.pop("namespace", None)
@@ -533,7 +535,7 @@ class Resource:
             "apiVersion": self.api_version,
             "kind": self.kind,
             "metadata": meta,
-            "spec": encode(self.spec, ("spec",), self.explicit),
+            "spec": encode(self.spec, ("spec",), self.explicit, defaults),
         }
 
     @classmethod
@@ -904,35 +906,44 @@ def locate(
 
 
 def encode(
-    obj: Any, path: FieldPath = (), explicit: frozenset[FieldPath] = frozenset()
+    obj: Any,
+    path: FieldPath = (),
+    explicit: frozenset[FieldPath] = frozenset(),
+    defaults: bool = False,
 ) -> dict[str, Any]:
     """A schema dataclass → plain data with document names, leaving out defaults except
-    those `explicit` names (paths from the top; `obj` is at `path`)."""
+    those `explicit` names (paths from the top; `obj` is at `path`), or none (`defaults`;
+    unset optional fields stay out)."""
     out: dict[str, Any] = {}
     for f in fields_of(type(obj)):
         v = getattr(obj, f.attr)
         here = (*path, f.key)
-        if not f.required and v == f.default and here not in explicit:
+        left_out = not f.required and v == f.default and here not in explicit
+        if left_out and (not defaults or v is None):
             continue
-        out[f.key] = _encode_value(f.type, v, here, explicit)
+        out[f.key] = _encode_value(f.type, v, here, explicit, defaults)
     return out
 
 
 def _encode_value(
-    tp: Any, v: Any, path: FieldPath = (), explicit: frozenset[FieldPath] = frozenset()
+    tp: Any,
+    v: Any,
+    path: FieldPath = (),
+    explicit: frozenset[FieldPath] = frozenset(),
+    defaults: bool = False,
 ) -> Any:
     if v is None:
         return None
     inner = _optional_inner(tp)
     if inner is not None:
-        return _encode_value(inner, v, path, explicit)
+        return _encode_value(inner, v, path, explicit, defaults)
     if _is_duration(tp):
         return format_duration(v)
     if dataclasses.is_dataclass(v):
-        return encode(v, path, explicit)
+        return encode(v, path, explicit, defaults)
     if isinstance(v, tuple):
         (item_tp, _) = get_args(tp)
-        return [_encode_value(item_tp, x, (*path, i), explicit) for i, x in enumerate(v)]
+        return [_encode_value(item_tp, x, (*path, i), explicit, defaults) for i, x in enumerate(v)]
     if isinstance(v, dict):
         return dict(v)
     return v

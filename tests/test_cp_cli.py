@@ -172,6 +172,15 @@ def test_what_was_applied_comes_back_defaults_included(tether: Tether) -> None:
     r = tether("get", "sd", "frontend", "-o", "yaml")
     frontend = yaml.safe_load(r.stdout)
     assert frontend["spec"] == {"protocol": "http", "loadBalancer": {"policy": "round_robin"}}
+    # On request, what is in force: every default filled in.
+    r = tether("get", "sd", "frontend", "-o", "json", "--show-defaults")
+    full = json.loads(r.stdout)
+    assert full["metadata"]["generation"] == 1 and full["spec"]["protocol"] == "http"
+    assert full["spec"]["loadBalancer"]["policy"] == "round_robin"
+    assert full["spec"]["loadBalancer"]["locality"] is True and full["spec"]["opaquePorts"] == []
+    r = tether("get", "mc", "-o", "yaml", "--show-defaults")
+    (mesh_full,) = yaml.safe_load_all(r.stdout)
+    assert mesh_full["spec"]["egress"] == {"mode": "allow", "hosts": []}
     # Applying the same again changes nothing; leaving the default out is a change.
     r = tether("apply", "-f", str(EXAMPLES / "services.yaml"))
     assert "meshconfig mesh unchanged" in r.stdout, r.stdout

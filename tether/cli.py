@@ -413,6 +413,9 @@ def diff(files: tuple[str, ...], cp_url: str, token: str | None) -> None:
 @click.option("-n", "--namespace", default=None, help="Namespace (default: default).")
 @click.option("-A", "--all-namespaces", is_flag=True)
 @click.option("-o", "--output", type=click.Choice(["table", "yaml", "json"]), default="table")
+@click.option(
+    "--show-defaults", is_flag=True, help="Every field, defaults filled in (what is in force)."
+)
 @_cp_option
 @_token_option
 def get(
@@ -421,6 +424,7 @@ def get(
     namespace: str | None,
     all_namespaces: bool,
     output: str,
+    show_defaults: bool,
     cp_url: str,
     token: str | None,
 ) -> None:
@@ -433,7 +437,15 @@ def get(
     client = ControlPlaneClient(cp_url, token)
     _operator(
         lambda: operator.get(
-            client, kind, name, namespace, all_namespaces, output, sys.stdout, sys.stderr
+            client,
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
+            sys.stdout,
+            sys.stderr,
+            show_defaults,
         )
     )
 
