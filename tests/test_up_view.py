@@ -73,7 +73,12 @@ def test_the_view_shows_zone_version_share_and_the_split() -> None:
     header = next(line for line in text.splitlines() if "instance" in line).split()
     assert header[:6] == ["instance", "service", "zone", "sidecar", "app", "config"]
     row = next(line for line in text.splitlines() if line.startswith("orders-1 ")).split()
-    assert row[4:7] == ["ready", "critical", "3"], row
+    assert row[4:7] == ["up", "critical", "3"], row
+    # The table fits an 80-column terminal whole (nothing cut to "…").
+    narrow = Console(record=True, width=80)
+    narrow.print(render(mesh, deque()))
+    table = narrow.export_text().splitlines()[:9]
+    assert not any("…" in line for line in table), table
 
 
 async def test_policies_go_through_the_control_plane_api(

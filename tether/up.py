@@ -512,19 +512,20 @@ def render(mesh: Mesh, logs: deque[str]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    # Fits 80 columns: light borders, short headers. sidecar: ready; app: the registry's
-    # check of the app; config: the config version of the snapshot the sidecar runs.
+    # Fits 80 columns: light borders, short headers. sidecar: up (ready) or down; app: the
+    # registry's check of the app; config: the config version of the snapshot the
+    # sidecar runs; in, out: calls in and out.
     table = Table(
         title=f"tether up: registry 127.0.0.1:{mesh.registry_port}",
         expand=False,
         box=box.SIMPLE_HEAD,
-        padding=(0, 1, 0, 0),
+        padding=(0, 0, 0, 0),  # the box's column separator is the only gap
         show_edge=False,
     )
-    cols = ("instance", "service", "zone", "sidecar", "app", "config", "calls in", "share", "/s",
+    cols = ("instance", "service", "zone", "sidecar", "app", "config", "in", "share", "/s",
             "5xx", "out")  # fmt: skip
     for col in cols:
-        right = col in ("calls in", "share", "/s", "5xx", "out")
+        right = col in ("in", "share", "/s", "5xx", "out")
         table.add_column(col, justify="right" if right else "left", no_wrap=True)
     per_service: dict[str, float] = {}
     recent: dict[str, float] = {}
@@ -535,7 +536,7 @@ def render(mesh: Mesh, logs: deque[str]) -> Any:
         share = i.recent / recent[i.service] if recent[i.service] else 0.0
         table.add_row(
             i.name, f"{i.service} {i.version}", i.zone,
-            Text("ready", "green") if i.ready else Text("down", "red"),
+            Text("up", "green") if i.ready else Text("down", "red"),
             Text(i.app_health or "-", "green" if i.app_health == "passing" else "red"),
             str(i.policy_version) if i.policy_version else "-",
             f"{i.inbound_total:.0f}", f"{share:.0%}", f"{i.rate:.1f}",
