@@ -127,8 +127,11 @@ class ControlPlane:
     def _install_parts(self) -> None:
         """Where the parts of the control plane plug into the app, in one place."""
         from controlplane.api import register
+        from controlplane.ca.service import install as install_ca
 
         register(self.app)
+        # The mesh CA (controlplane/ca/): its routes and its start/stop hooks.
+        install_ca(self)
         # The push server (WebSocket at /api/v1/push) installs itself with
         # `controlplane.push.install(cp)`: routes, on_startup/on_cleanup, subscribe().
         try:
