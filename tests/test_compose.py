@@ -13,6 +13,7 @@ copies paths that exist; the policies job applies files that exist and validate.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -171,6 +172,8 @@ def test_demo_app_command_line_matches_its_sidecar(
     assert "127.0.0.1" in SERVICES[app]["environment"]["NO_PROXY"].split(",")
     assert healthcheck_url(app) == f"http://127.0.0.1:{args.port}/health"
     assert args.rate == (2.0 if demo == "frontend" else 0.0)  # only frontend drives traffic
+    if args.rate:  # ... and only once its sidecar is ready (compose starts the app first)
+        assert args.wait_for == f"http://127.0.0.1:{spec.admin_port}/ready"
     with pytest.raises(SystemExit):  # the demo parser does refuse bad input
         monkeypatch.setattr(sys, "argv", ["x", "--port", "not-a-port"])
         demo_server.parse_args(demo)
@@ -263,7 +266,7 @@ def test_policies_job_applies_files_that_exist_and_validate() -> None:
         mounts[target] = ROOT / source
     (target,) = params["files"]
     host_path = mounts[target]
-    assert host_path.is_dir() and host_path == ROOT / "examples" / "policies"
+    assert host_path.is_dir() and host_path == ROOT / "tether" / "demo" / "policies"
     files = read_inputs([str(host_path)])
     assert len(files) >= 2
     checked = decode_files(files)
@@ -291,16 +294,22 @@ def test_dockerfile_copies_what_exists_and_runs_tether_unprivileged() -> None:
 
         packages = tomllib.load(f)["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
     assert set(packages) <= copied and {"pyproject.toml", "README.md"} <= copied
-    assert "examples" in copied
     users = [rest for op, rest in instructions if op == "USER"]
-    assert users and users[-1] not in ("root", "0")
+    # Numeric UID:GID (hadolint DL3066), not root, and the one the RUN step creates.
+    assert users and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[-1]), users
+    uid, gid = users[-1].split(":")
     (entrypoint,) = [rest for op, rest in instructions if op == "ENTRYPOINT"]
     assert json.loads(entrypoint) == ["tether"]
     run = " ".join(rest for op, rest in instructions if op == "RUN")
     assert "pip install ." in run and "mkdir /data" in run
-    # Every service runs this image.
+    assert f"--uid {uid}" in run and f"--gid {gid}" in run and f"chown {uid}:{gid} /data" in run
+    # Every service runs this image; one builds it, the others never pull it.
+    builders = [name for name, spec in SERVICES.items() if "build" in spec]
+    assert builders == ["registry"] and SERVICES["registry"]["build"] == "."
     for name, spec in SERVICES.items():
-        assert spec["image"] == "tether:local" and spec["build"] == ".", name
+        assert spec["image"] == "tether:local", name
+        if name not in builders:
+            assert spec["pull_policy"] == "never", name
 
 
 def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
@@ -312,7 +321,6 @@ def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
     assert {".git", ".venv"} <= set(patterns)
     copied = {"pyproject.toml", "README.md", "tether", "proxy", "registry", "controlplane"}
     assert not copied & set(patterns)
-    assert "examples" not in patterns
 
 
 @pytest.mark.parametrize("sidecar", SIDECARS[:1])

@@ -7,14 +7,27 @@ control plane's imports and `tether --help` starts fast.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import socket
+import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
+
+# Every port flag: 0 asks the kernel for any free port (the command prints the real one).
+PORT = click.IntRange(0, 65535)
+T = TypeVar("T")
+
+
+def run_async_result(main: Coroutine[Any, Any, T]) -> T:
+    """Run a short start-up step on uvloop and return its result."""
+    import uvloop
+
+    return uvloop.run(main)
 
 
 def run_async(main: Coroutine[Any, Any, None]) -> None:
@@ -34,7 +47,26 @@ def run_async(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(runner())
 
 
-@click.group()
+def startup_error(exc: OSError, port: int, port_flag: str) -> str:
+    """One line for a server that could not start: the cause and the fix."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is in use; pass {port_flag} 0 (any free port) or stop what holds it"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen: the address is not on this host ({exc.strerror})"
+    if exc.filename:
+        return f"cannot use {exc.filename}: {exc.strerror or exc}"
+    return str(exc)
+
+
+def serve_or_exit(main: Coroutine[Any, Any, None], port: int, port_flag: str) -> None:
+    """Run a server command; a start-up failure is one line and exit status 1."""
+    try:
+        run_async(main)
+    except OSError as exc:
+        raise click.ClickException(startup_error(exc, port, port_flag)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tether")
 def main() -> None:
     """Tether: a service mesh that is simple to run."""
@@ -42,7 +74,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8500, show_default=True, type=int, help="HTTP API port.")
+@click.option("--port", default=8500, show_default=True, type=PORT, help="HTTP API port.")
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -121,7 +153,7 @@ def registry(
     from registry.errors import DataDirError
 
     try:
-        run_async(serve(spec, limits=limits))
+        serve_or_exit(serve(spec, limits=limits), port, "--port")
     except DataDirError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -140,11 +172,11 @@ def _meta_pairs(
 
 @main.command()
 @click.option("--service", required=True, help="Service name this instance registers as.")
-@click.option("--app-port", required=True, type=int, help="Port the app listens on (127.0.0.1).")
+@click.option("--app-port", required=True, type=PORT, help="Port the app listens on (127.0.0.1).")
 @click.option("--app-health-path", default=None, help="App health path (default: TCP check).")
-@click.option("--outbound-port", default=15001, show_default=True, type=int)
-@click.option("--inbound-port", default=15006, show_default=True, type=int)
-@click.option("--admin-port", default=15000, show_default=True, type=int)
+@click.option("--outbound-port", default=15001, show_default=True, type=PORT)
+@click.option("--inbound-port", default=15006, show_default=True, type=PORT)
+@click.option("--admin-port", default=15000, show_default=True, type=PORT)
 @click.option("--inbound-host", default="127.0.0.1", show_default=True, help="Inbound bind.")
 @click.option("--advertise-host", default=None, help="Address callers dial (default: bind).")
 @click.option("--namespace", default="default", show_default=True)
@@ -153,7 +185,7 @@ def _meta_pairs(
 @click.option("--meta", multiple=True, callback=_meta_pairs, help="Extra Meta KEY=VALUE.")
 @click.option("--controlplane", default=None, help="Control plane URL (policy push).")
 @click.option("--egress", type=click.Choice(["allow", "deny"]), default="allow", show_default=True)
-@click.option("--opaque-port", multiple=True, type=int, help="Port proxied as raw TCP.")
+@click.option("--opaque-port", multiple=True, type=PORT, help="Port proxied as raw TCP.")
 @click.option("--drain-seconds", default=15.0, show_default=True, type=float)
 @click.option("--check-interval", default=5.0, show_default=True, type=float)
 @click.option(
@@ -237,17 +269,17 @@ def sidecar(
 
 
 @main.command()
-@click.option("--registry-port", type=int, default=None, help="Default: 8500 if free, else any.")
+@click.option("--registry-port", type=PORT, default=None, help="Default: 8500 if free, else any.")
 @click.option("--rate", default=2.0, show_default=True, help="Requests/s frontend drives.")
 @click.option("--drain-seconds", default=5.0, show_default=True, type=float)
 @click.option("--view/--no-view", default=None, help="Live view (default: on a terminal).")
 @click.option("--controlplane/--no-controlplane", default=True, show_default=True)
-@click.option("--controlplane-port", type=int, default=None, help="Default: 15010 if free.")
+@click.option("--controlplane-port", type=PORT, default=None, help="Default: 15010 if free.")
 @click.option(
     "--policies",
     type=click.Path(exists=True, path_type=Path),
     default=None,
-    help="Policy file or directory applied at start.  [default: examples/policies]",
+    help="Policy file or directory applied at start.  [default: the demo's, tether/demo/policies]",
 )
 @click.option("--no-policies", is_flag=True, help="Apply no policies at start.")
 def up(
@@ -264,6 +296,11 @@ def up(
     from tether.up import UpSpec
     from tether.up import main as run_up
 
+    if not controlplane and (policies is not None or controlplane_port is not None):
+        flag = "--policies" if policies is not None else "--controlplane-port"
+        raise click.UsageError(f"{flag} needs the control plane; drop --no-controlplane")
+    if no_policies and policies is not None:
+        raise click.UsageError("--policies and --no-policies contradict each other")
     spec = UpSpec(
         registry_port=registry_port,
         rate=rate,
@@ -281,7 +318,14 @@ def up(
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=15010, show_default=True, type=int, help="API port.")
+@click.option("--port", default=15010, show_default=True, type=PORT, help="API port.")
+@click.option(
+    "--registry-wait",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0, 3600),
+    help="Seconds to wait for the registry at start before giving up.",
+)
 @click.option(
     "--max-connections",
     default=4096,
@@ -289,15 +333,46 @@ def up(
     type=click.IntRange(min=1),
     help="Open connections in all, sidecars' push connections included; more get 503.",
 )
-def controlplane(host: str, port: int, max_connections: int) -> None:
+def controlplane(host: str, port: int, registry_wait: float, max_connections: int) -> None:
     """Run the control plane (registry: CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN)."""
     from dataclasses import replace
 
-    from controlplane.server import ControlPlaneSpec, serve
+    from controlplane.server import ControlPlaneSpec, RegistryAddress, serve
     from tether.http_limits import CONTROLPLANE_LIMITS
 
+    consul_address()  # a malformed CONSUL_HTTP_ADDR is a usage error, not a traceback
+    registry = RegistryAddress.from_env()
+    reached = run_async_result(_registry_reachable(registry, registry_wait))
+    if reached is not None:
+        raise click.ClickException(
+            f"registry at {registry.scheme}://{registry.host}:{registry.port} is unreachable "
+            f"({reached}); start it, or point CONSUL_HTTP_ADDR at it"
+        )
     limits = replace(CONTROLPLANE_LIMITS, max_connections=max_connections)
-    run_async(serve(ControlPlaneSpec(host=host, port=port, limits=limits)))
+    spec = ControlPlaneSpec(host=host, port=port, registry=registry, limits=limits)
+    serve_or_exit(serve(spec), port, "--port")
+
+
+async def _registry_reachable(registry: Any, wait: float) -> str | None:
+    """None once the registry answers (within `wait` s), else why it did not."""
+    import consul.aio
+
+    client = consul.aio.Consul(
+        host=registry.host, port=registry.port, scheme=registry.scheme, token=registry.token
+    )
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                remaining = max(0.5, deadline - time.monotonic())
+                await asyncio.wait_for(client.status.leader(), min(2.0, remaining))
+                return None
+            except Exception as exc:  # refused, reset, timed out, an HTTP error: all "not yet"
+                if time.monotonic() >= deadline:
+                    return str(exc) or type(exc).__name__
+            await asyncio.sleep(0.2)
+    finally:
+        await client.close()
 
 
 # -- operator commands: policy through the control plane's API (controlplane/operator.py)
@@ -327,7 +402,7 @@ def _operator(run: Any) -> None:
     try:
         code = run()
     except InputError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"Error: {exc}", err=True)
         code = 1
     raise SystemExit(code)
 
@@ -335,10 +410,13 @@ def _operator(run: Any) -> None:
 @main.command()
 @_files_option
 @click.option("--dry-run", is_flag=True, help="Validate and show the diff; change nothing.")
+@click.option("-n", "--namespace", default=None, help="Namespace of documents that name none.")
 @_cp_option
 @_token_option
-def apply(files: tuple[str, ...], dry_run: bool, cp_url: str, token: str | None) -> None:
-    """Validate policy documents, show the diff, and apply them."""
+def apply(
+    files: tuple[str, ...], dry_run: bool, namespace: str | None, cp_url: str, token: str | None
+) -> None:
+    """Validate policy documents, show the diff, apply them, and print the config version."""
     import sys
 
     from controlplane import operator
@@ -348,7 +426,9 @@ def apply(files: tuple[str, ...], dry_run: bool, cp_url: str, token: str | None)
         raise click.UsageError("give -f FILE|DIR|-")
     client = ControlPlaneClient(cp_url, token)
     _operator(
-        lambda: operator.apply(client, operator.read_inputs(files), dry_run, sys.stdout, sys.stderr)
+        lambda: operator.apply(
+            client, operator.read_inputs(files), dry_run, sys.stdout, sys.stderr, namespace
+        )
     )
 
 
@@ -375,6 +455,9 @@ def diff(files: tuple[str, ...], cp_url: str, token: str | None) -> None:
 @click.option("-n", "--namespace", default=None, help="Namespace (default: default).")
 @click.option("-A", "--all-namespaces", is_flag=True)
 @click.option("-o", "--output", type=click.Choice(["table", "yaml", "json"]), default="table")
+@click.option(
+    "--show-defaults", is_flag=True, help="Every field, defaults filled in (what is in force)."
+)
 @_cp_option
 @_token_option
 def get(
@@ -383,6 +466,7 @@ def get(
     namespace: str | None,
     all_namespaces: bool,
     output: str,
+    show_defaults: bool,
     cp_url: str,
     token: str | None,
 ) -> None:
@@ -395,7 +479,15 @@ def get(
     client = ControlPlaneClient(cp_url, token)
     _operator(
         lambda: operator.get(
-            client, kind, name, namespace, all_namespaces, output, sys.stdout, sys.stderr
+            client,
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
+            sys.stdout,
+            sys.stderr,
+            show_defaults,
         )
     )
 
@@ -423,6 +515,8 @@ def delete(
     from controlplane import operator
     from controlplane.client import ControlPlaneClient
 
+    if not files and not (kind and name):
+        raise click.UsageError("give KIND NAME or -f FILE|DIR|-")
     client = ControlPlaneClient(cp_url, token)
     _operator(
         lambda: operator.delete(
@@ -442,9 +536,18 @@ def delete(
 @click.option("-s", "--service", default=None, help="Only this service's sidecars.")
 @click.option("-n", "--namespace", default=None, help="Only this namespace.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+@click.option(
+    "--retention",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds a disconnected sidecar stays listed after it was last seen.",
+)
 @_cp_option
-def status(service: str | None, namespace: str | None, output: str, cp_url: str) -> None:
-    """Every sidecar: service, instance, config version, acked or nacked (why), last seen."""
+def status(
+    service: str | None, namespace: str | None, output: str, retention: float, cp_url: str
+) -> None:
+    """Every sidecar: its config version, whether it is in sync, nacked (why), last seen."""
     import json
     import time
 
@@ -456,21 +559,35 @@ def status(service: str | None, namespace: str | None, output: str, cp_url: str)
         body = ControlPlaneClient(cp_url).request("GET", "/sidecars", query=query)
     except ApiError as exc:
         raise click.ClickException(str(exc)) from None
-    records = body.get("sidecars", [])
+    now = time.time()
+    records, hidden = view.retained(body.get("sidecars", []), now, retention)
+    body["sidecars"] = records
     if output == "json":
         click.echo(json.dumps(body, indent=2))
         return
-    click.echo(view.table(records, time.time()))
+    click.echo(view.table(records, now))
     click.echo(f"\n{view.summary(records)}; config version {body.get('version')}")
+    if hidden:
+        click.echo(
+            f"{hidden} disconnected sidecar(s) last seen over {retention:g}s ago not shown "
+            "(--retention SECONDS)"
+        )
 
 
 def consul_address() -> tuple[str, int]:
-    """CONSUL_HTTP_ADDR as every Consul tool reads it (default 127.0.0.1:8500)."""
-    addr = os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
-    addr = addr.removeprefix("http://").removeprefix("https://")
-    host, _, port = addr.rpartition(":")
-    return (host or "127.0.0.1", int(port or 8500))
+    """CONSUL_HTTP_ADDR as every Consul tool reads it (default 127.0.0.1:8500); a
+    malformed one is a usage error naming the variable."""
+    raw = os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
+    addr = raw.removeprefix("http://").removeprefix("https://")
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        host, port = addr, "8500"
+    if not host or "/" in addr or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise click.UsageError(
+            f"CONSUL_HTTP_ADDR={raw!r} is not [http://|https://]HOST:PORT (e.g. 127.0.0.1:8500)"
+        )
+    return (host, int(port))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m tether.cli` (how `tether up` starts its parts)
+    main(prog_name="tether")
