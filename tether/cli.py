@@ -185,6 +185,14 @@ def _meta_pairs(
 @click.option("--meta", multiple=True, callback=_meta_pairs, help="Extra Meta KEY=VALUE.")
 @click.option("--controlplane", default=None, help="Control plane URL (policy push).")
 @click.option("--egress", type=click.Choice(["allow", "deny"]), default="allow", show_default=True)
+@click.option(
+    "--egress-to-control",
+    type=click.Choice(["allow", "deny"]),
+    default="deny",
+    show_default=True,
+    help="Egress to the mesh's own control surfaces (this sidecar's ports, the control "
+    "plane, the registry): refused with 403 egress_denied unless allowed.",
+)
 @click.option("--opaque-port", multiple=True, type=PORT, help="Port proxied as raw TCP.")
 @click.option("--drain-seconds", default=15.0, show_default=True, type=float)
 @click.option("--check-interval", default=5.0, show_default=True, type=float)
@@ -219,6 +227,7 @@ def sidecar(
     meta: dict[str, str],
     controlplane: str | None,
     egress: str,
+    egress_to_control: str,
     opaque_port: tuple[int, ...],
     drain_seconds: float,
     check_interval: float,
@@ -250,6 +259,7 @@ def sidecar(
             meta=meta,
             controlplane=controlplane,
             egress="deny" if egress == "deny" else "allow",
+            egress_to_control="allow" if egress_to_control == "allow" else "deny",
             opaque_ports=opaque_port,
             drain_seconds=drain_seconds,
             check_interval=check_interval,
