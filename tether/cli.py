@@ -584,6 +584,44 @@ def status(
         )
 
 
+@main.group()
+def token() -> None:
+    """Registry ACL tokens for the mesh (CONSUL_HTTP_ADDR; your token: CONSUL_HTTP_TOKEN)."""
+
+
+@token.command("create")
+@click.option("--service", required=True, help="The service whose sidecars use the token.")
+@click.option("--namespace", default="default", show_default=True)
+def token_create(service: str, namespace: str) -> None:
+    """Make a token a sidecar of SERVICE bootstraps its identity with (the mesh CA signs
+    its CSR for that service only); prints its SecretID. Needs a token that may write
+    ACLs (acl:write) and the key `tether/ca/tokens/`."""
+    host, port = consul_address()
+    raw = os.environ.get("CONSUL_HTTP_ADDR", "")
+    scheme = "https" if raw.startswith("https://") else "http"
+
+    async def create() -> str:
+        import consul.aio
+
+        from controlplane.ca.tokens import create_service_token
+
+        client = consul.aio.Consul(
+            host=host, port=port, scheme=scheme, token=os.environ.get("CONSUL_HTTP_TOKEN")
+        )
+        try:
+            return await create_service_token(client, service, namespace)
+        finally:
+            await client.close()
+
+    from controlplane.errors import ControlPlaneError
+
+    try:
+        secret = run_async_result(create())
+    except ControlPlaneError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(secret)
+
+
 def consul_address() -> tuple[str, int]:
     """CONSUL_HTTP_ADDR as every Consul tool reads it (default 127.0.0.1:8500); a
     malformed one is a usage error naming the variable."""
