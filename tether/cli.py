@@ -168,7 +168,9 @@ def sidecar(
 
     from proxy.sidecar import Sidecar, SidecarSpec
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # TETHER_LOG_LEVEL: set by injected sidecars (the tether.dev/log-level annotation).
+    level = os.environ.get("TETHER_LOG_LEVEL", "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, port = consul_address()
     raw = os.environ.get("CONSUL_HTTP_ADDR", "")
     ssl = os.environ.get("CONSUL_HTTP_SSL", "").lower() == "true"
@@ -429,6 +431,170 @@ def consul_address() -> tuple[str, int]:
     addr = addr.removeprefix("http://").removeprefix("https://")
     host, _, port = addr.rpartition(":")
     return (host or "127.0.0.1", int(port or 8500))
+
+
+# -- injection and running beside workloads (issue 14): inject, webhook, prestop,
+# pod-sidecar, run, rollout, check. Each imports its module lazily.
+
+
+def _port_pairs(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> dict[str, int]:
+    ports = {}
+    for item in value:
+        name, sep, port = item.partition("=")
+        if not sep or not name or not port.isdigit() or not 0 < int(port) < 65536:
+            raise click.BadParameter(f"{item!r} is not SERVICE=PORT")
+        ports[name] = int(port)
+    return ports
+
+
+_image_option = click.option(
+    "--image", default="tether:0.1.0", show_default=True, help="The tether image sidecars run."
+)
+
+
+@main.command()
+@click.option("-f", "--filename", "file", required=True, help="A manifest or compose file, or -.")
+@_image_option
+@click.option(
+    "--native-sidecar/--no-native-sidecar",
+    default=True,
+    show_default=True,
+    help="Kubernetes: the sidecar as a native sidecar (1.29+) or an ordinary container.",
+)
+@click.option(
+    "--capture",
+    type=click.Choice(["proxy", "iptables"]),
+    default="proxy",
+    show_default=True,
+    help="Kubernetes: HTTP_PROXY only, or iptables redirection.",
+)
+@click.option("--registry", default=None, help="Kubernetes: CONSUL_HTTP_ADDR of the sidecars.")
+@click.option("--controlplane", "cp", default=None, help="Kubernetes: control plane URL.")
+@click.option("--port", "ports", multiple=True, callback=_port_pairs,
+              help="Compose: the app port of SERVICE (SERVICE=PORT).")  # fmt: skip
+def inject(
+    file: str,
+    image: str,
+    native_sidecar: bool,
+    capture: str,
+    registry: str | None,
+    cp: str | None,
+    ports: dict[str, int],
+) -> None:
+    """Add sidecars to Kubernetes manifests or a compose file (format from content)."""
+    import sys
+    from dataclasses import replace
+
+    from controlplane.inject.compose import ComposeSpec
+    from controlplane.inject.errors import InjectError
+    from controlplane.inject.files import MAX_INPUT, inject_text
+    from controlplane.inject.manifests import InjectSpec
+
+    k8s = InjectSpec(image=image, native=native_sidecar,
+                     capture="iptables" if capture == "iptables" else "proxy")  # fmt: skip
+    if registry:
+        k8s = replace(k8s, registry=registry)
+    if cp:
+        k8s = replace(k8s, controlplane=cp)
+    try:
+        if file == "-":
+            text = sys.stdin.read(MAX_INPUT + 1)
+        else:
+            with open(file, encoding="utf-8") as fh:
+                text = fh.read(MAX_INPUT + 1)
+        result = inject_text(text, k8s, ComposeSpec(image=image, ports=ports), lambda: file)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"{file}: {exc}") from None
+    except InjectError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in result.warnings:
+        click.echo(f"warning: {line}", err=True)
+    click.echo(result.text, nl=False)
+
+
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=8443, show_default=True, type=int)
+@click.option("--tls-cert", required=True, type=click.Path(exists=True, dir_okay=False,
+              path_type=Path), help="PEM certificate chain the webhook serves.")  # fmt: skip
+@click.option("--tls-key", required=True, type=click.Path(exists=True, dir_okay=False,
+              path_type=Path), help="PEM private key of --tls-cert.")  # fmt: skip
+@_image_option
+@click.option("--native-sidecar/--no-native-sidecar", default=True, show_default=True)
+@click.option("--capture", type=click.Choice(["proxy", "iptables"]), default="proxy",
+              show_default=True)  # fmt: skip
+@click.option("--registry", default=None, help="CONSUL_HTTP_ADDR of the injected sidecars.")
+@click.option("--controlplane", "cp", default=None, help="Control plane URL of the sidecars.")
+def webhook(
+    host: str,
+    port: int,
+    tls_cert: Path,
+    tls_key: Path,
+    image: str,
+    native_sidecar: bool,
+    capture: str,
+    registry: str | None,
+    cp: str | None,
+) -> None:
+    """Run the Kubernetes mutating admission webhook (HTTPS) that injects sidecars."""
+    import logging
+    import ssl
+    from dataclasses import replace
+
+    from controlplane.inject.manifests import InjectSpec
+    from controlplane.inject.webhook import WebhookSpec, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    k8s = InjectSpec(image=image, native=native_sidecar,
+                     capture="iptables" if capture == "iptables" else "proxy")  # fmt: skip
+    if registry:
+        k8s = replace(k8s, registry=registry)
+    if cp:
+        k8s = replace(k8s, controlplane=cp)
+    spec = WebhookSpec(tls_cert=tls_cert, tls_key=tls_key, host=host, port=port, inject=k8s)
+    try:
+        run_async(serve(spec))
+    except (OSError, ssl.SSLError) as exc:
+        raise click.ClickException(f"webhook: {exc}") from exc
+
+
+@main.command()
+@click.option("--service", required=True)
+@click.option("--address", required=True, help="The sidecar's advertised address (pod IP).")
+@click.option("--port", default=15006, show_default=True, type=int, help="Its inbound port.")
+@click.option("--app-port", default=None, type=int, help="Wait until the app closes this port.")
+@click.option("--timeout", default=10.0, show_default=True, type=float)
+def prestop(service: str, address: str, port: int, app_port: int | None, timeout: float) -> None:
+    """A pod's preStop for its sidecar: out of rotation, then wait for the app to stop."""
+    from tether.podlife import prestop as run_prestop
+
+    host, rport = consul_address()
+    raise SystemExit(
+        asyncio.run(
+            run_prestop(
+                service,
+                address,
+                port,
+                app_port,
+                timeout,
+                host,
+                rport,
+                os.environ.get("CONSUL_HTTP_TOKEN") or None,
+            )
+        )
+    )
+
+
+@main.command(name="pod-sidecar", context_settings={"ignore_unknown_options": True})
+@click.option("--restart-delay", default=0.5, show_default=True, type=float)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def pod_sidecar(restart_delay: float, command: tuple[str, ...]) -> None:
+    """Run COMMAND (the sidecar) until the pod's other containers' processes are gone."""
+    from tether.podlife import PodSidecar
+
+    raise SystemExit(asyncio.run(PodSidecar(list(command), restart_delay).run()))
 
 
 if __name__ == "__main__":

@@ -102,8 +102,8 @@ def _env_names(env: Any) -> set[str]:
 
 def _add_env(service: dict[str, Any], values: dict[str, str]) -> None:
     env = service.get("environment")
-    have = _env_names(env)
-    new = {k: v for k, v in values.items() if k not in have}
+    have = {n.upper() for n in _env_names(env)}  # either spelling is the app's own choice
+    new = {k: v for k, v in values.items() if k.upper() not in have}
     if isinstance(env, list):
         env.extend(f"{k}={v}" for k, v in new.items())
     elif isinstance(env, dict):

@@ -342,12 +342,13 @@ def app_env(container: Mapping[str, Any]) -> list[dict[str, str]]:
         ("localhost", "127.0.0.1", "::1", "kubernetes.default.svc",
          "kubernetes.default.svc.cluster.local", "$(KUBERNETES_SERVICE_HOST)")
     )  # fmt: skip
-    have = {e.get("name") for e in container.get("env") or () if isinstance(e, dict)}
+    # A variable the container sets in either spelling is its own choice: both kept.
+    have = {str(e.get("name")).upper() for e in container.get("env") or () if isinstance(e, dict)}
     wanted = (
         ("HTTP_PROXY", proxy), ("http_proxy", proxy),
         ("NO_PROXY", no_proxy), ("no_proxy", no_proxy),
     )  # fmt: skip
-    return [{"name": n, "value": v} for n, v in wanted if n not in have]
+    return [{"name": n, "value": v} for n, v in wanted if n.upper() not in have]
 
 
 def pod_patch(
