@@ -131,7 +131,7 @@ def test_no_native_sidecar_and_iptables_capture_valid() -> None:
     sidecar = spec["containers"][-1]
     assert sidecar["name"] == "tether-proxy" and "restartPolicy" not in sidecar
     # Without native sidecars the sidecar leaves when the app's processes are gone.
-    assert sidecar["command"] == ["tether", "pod-sidecar", "--"]
+    assert sidecar["command"] == ["tether", "pod-sidecar", "--exit-with-app", "--"]
     (init,) = spec["initContainers"]
     assert init["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
     assert "REDIRECT --to-ports 15001" in init["command"][2]

@@ -589,12 +589,18 @@ def prestop(service: str, address: str, port: int, app_port: int | None, timeout
 
 @main.command(name="pod-sidecar", context_settings={"ignore_unknown_options": True})
 @click.option("--restart-delay", default=0.5, show_default=True, type=float)
+@click.option(
+    "--exit-with-app",
+    is_flag=True,
+    help="Stop once the other containers' processes are gone (shared process namespace).",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def pod_sidecar(restart_delay: float, command: tuple[str, ...]) -> None:
-    """Run COMMAND (the sidecar) until the pod's other containers' processes are gone."""
+def pod_sidecar(restart_delay: float, exit_with_app: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND (the sidecar), restarting it if it dies, until SIGTERM."""
     from tether.podlife import PodSidecar
 
-    raise SystemExit(asyncio.run(PodSidecar(list(command), restart_delay).run()))
+    sidecar = PodSidecar(list(command), restart_delay, exit_with_app=exit_with_app)
+    raise SystemExit(asyncio.run(sidecar.run()))
 
 
 if __name__ == "__main__":

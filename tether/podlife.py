@@ -68,21 +68,21 @@ async def prestop(
     return 0
 
 
-def _cgroup(pid: str) -> str | None:
+def _cgroup(proc: Path, pid: str) -> str | None:
     try:
-        return Path(f"/proc/{pid}/cgroup").read_text()
+        return (proc / pid / "cgroup").read_text()
     except OSError:
         return None
 
 
 def other_container_pids(proc: Path = Path("/proc")) -> list[int]:
     """Processes of the pod's other containers (a shared process namespace)."""
-    mine = _cgroup("self")
+    mine = _cgroup(proc, "self")
     out = []
     for entry in proc.iterdir():
         if not entry.name.isdigit() or entry.name == "1":
             continue
-        group = _cgroup(entry.name)
+        group = _cgroup(proc, entry.name)
         if group is not None and group != mine:
             out.append(int(entry.name))
     return out
@@ -91,8 +91,18 @@ def other_container_pids(proc: Path = Path("/proc")) -> list[int]:
 class PodSidecar:
     """The sidecar child, restarted when it dies, stopped when the app has gone."""
 
-    def __init__(self, argv: list[str], restart_delay: float = 0.5, poll: float = 0.5) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        restart_delay: float = 0.5,
+        poll: float = 0.5,
+        *,
+        exit_with_app: bool = False,
+        proc: Path = Path("/proc"),
+    ) -> None:
         self.argv = argv
+        self.exit_with_app = exit_with_app
+        self.proc = proc
         self.restart_delay = restart_delay
         self.poll = poll
         self.launcher = Launcher()
@@ -102,7 +112,7 @@ class PodSidecar:
         seen = False
         quiet = 0
         while True:
-            others = other_container_pids()
+            others = other_container_pids(self.proc)
             seen = seen or bool(others)
             quiet = quiet + 1 if seen and not others else 0
             if quiet >= 2:  # gone on two looks: not an app container between restarts
@@ -115,7 +125,9 @@ class PodSidecar:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
-        watcher = asyncio.ensure_future(self._watch_app())
+        watcher = asyncio.ensure_future(
+            self._watch_app() if self.exit_with_app else asyncio.Event().wait()
+        )
         spec = ProcessSpec("sidecar", self.argv, stop_timeout=60.0)
         delay = self.restart_delay
         code = 0

@@ -9,10 +9,10 @@ name), hostname, DNS and extra hosts. `A` joins it (`network_mode:
 "service:A-sidecar"`) and starts once the sidecar is healthy (`depends_on` with
 `condition: service_healthy`); the sidecar depends only on the registry and the control
 plane, so no start-order cycle can arise. Both restart on their own
-(`restart: unless-stopped`), and the app's restart re-joins the running sidecar; a
-restarted sidecar container comes back in a new namespace, so the app is declared to
-restart with it (`depends_on: ... restart: true`, which compose applies when it
-restarts the sidecar). The app gets `HTTP_PROXY` to its sidecar and `NO_PROXY` for the
+(`restart: unless-stopped`): a restarted app re-joins the running sidecar's namespace,
+and a sidecar process that dies is restarted inside its container by `tether
+pod-sidecar`, so the namespace stays (a sidecar *container* restarted by hand comes back
+in a new namespace: restart the app with it). The app gets `HTTP_PROXY` to its sidecar and `NO_PROXY` for the
 loopback and the services outside the mesh. The registry and the control plane are
 added when the file has none.
 
@@ -225,7 +225,10 @@ def inject_compose(doc: Mapping[str, Any], spec: ComposeSpec) -> ComposeResult:
     for name, port in apps.items():
         app = svcs[name]
         sidecar_name = f"{name}{SIDECAR_SUFFIX}"
+        # `tether pod-sidecar` restarts a sidecar that died inside its container, so the
+        # network namespace the app joined stays.
         command = [
+            "pod-sidecar", "--", "tether",
             "sidecar", "--service", name,
             "--app-port", str(port or INBOUND_PORT),
             "--inbound-host", "0.0.0.0", "--advertise-host", name,

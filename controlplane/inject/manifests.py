@@ -299,7 +299,7 @@ def sidecar_container(
         # Without native sidecars nothing stops this container when a Job's app
         # finishes: `tether pod-sidecar` sees the app's processes (shared process
         # namespace) and stops the sidecar once they are all gone.
-        container["command"] = ["tether", "pod-sidecar", "--"]
+        container["command"] = ["tether", "pod-sidecar", "--exit-with-app", "--"]
         container["args"] = ["tether", *args]
     return container
 

@@ -21,6 +21,7 @@ import base64
 import json
 import logging
 import ssl
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,23 +93,58 @@ def review_response(review: Any, spec: InjectSpec, namespace_enabled: bool) -> d
 
 
 class _CappedFactory:
-    """aiohttp's protocol factory, refusing connections beyond the cap (closed at once)."""
+    """aiohttp's protocol factory, refusing connections beyond the cap (closed at once).
+
+    A connection counts from its accept (before its TLS handshake) until it is lost, or
+    its protocol is collected (a handshake that failed never reports a loss)."""
 
     def __init__(self, server: web.Server, cap: int) -> None:
         self.server = server
         self.cap = cap
+        self.active = 0
         self.refused = 0
 
     def __call__(self) -> asyncio.BaseProtocol:
-        if len(self.server.connections) >= self.cap:
+        if self.active >= self.cap:
             self.refused += 1
             return _Refuse()
-        return self.server()
+        self.active += 1
+        return _Counted(self.server(), self)
+
+    def release(self) -> None:
+        self.active -= 1
 
 
 class _Refuse(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.close()
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's connection protocol, counted while it lives."""
+
+    def __init__(self, inner: asyncio.Protocol, owner: _CappedFactory) -> None:
+        self.inner = inner
+        self._release = weakref.finalize(self, owner.release)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()  # once: the finalizer is then spent
+        self.inner.connection_lost(exc)
 
 
 class WebhookServer:
@@ -158,7 +194,7 @@ class WebhookServer:
         try:
             body = await request.json()
         except web.HTTPRequestEntityTooLarge:
-            raise
+            return web.json_response({"error": f"the body is over {MAX_BODY} bytes"}, status=413)
         except (ValueError, UnicodeDecodeError):
             return web.json_response({"error": "the body is not JSON"}, status=400)
         try:

@@ -1,0 +1,249 @@
+"""The admission webhook over real HTTPS: AdmissionReview (admission.k8s.io/v1) JSON in,
+a JSON Patch out, for a pod with and without the annotation, one already injected, a
+namespace that opted in, and a Job's pod; bad input is refused with 400."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import ssl
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from controlplane.inject.jsonpatch import apply
+from controlplane.inject.manifests import InjectSpec
+from controlplane.inject.webhook import WebhookServer, WebhookSpec
+
+DATA = Path(__file__).parent / "data" / "inject"
+SERVICE_DNS = "tether-webhook.tether-system.svc"
+
+
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for the webhook's Service name, as `deploy/kubernetes/` would mount."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVICE_DNS)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(SERVICE_DNS)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "tls.crt", tmp / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class Client:
+    """An API server's view of the webhook: HTTPS, the certificate checked by name."""
+
+    def __init__(self, server: WebhookServer, session: aiohttp.ClientSession, ca: Path) -> None:
+        self.server = server
+        self.session = session
+        self.ssl = ssl.create_default_context(cafile=str(ca))
+
+    async def post(self, path: str, body: Any, raw: bytes | None = None) -> tuple[int, Any]:
+        # The certificate names the Service; the connection goes to 127.0.0.1.
+        url = f"https://127.0.0.1:{self.server.port}{path}"
+        data = raw if raw is not None else json.dumps(body).encode()
+        async with self.session.post(
+            url,
+            data=data,
+            headers={"Content-Type": "application/json", "Host": SERVICE_DNS},
+            ssl=self.ssl,
+            server_hostname=SERVICE_DNS,
+        ) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def review(self, pod: dict[str, Any], path: str = "/inject", **request: Any) -> Any:
+        uid = str(uuid.uuid4())
+        body = {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": uid,
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "shop",
+                "operation": "CREATE",
+                "object": pod,
+                "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+                "dryRun": False,
+                **request,
+            },
+        }
+        status, answer = await self.post(path, body)
+        assert status == 200, answer
+        assert answer["apiVersion"] == "admission.k8s.io/v1"
+        assert answer["kind"] == "AdmissionReview"
+        assert answer["response"]["uid"] == uid
+        return answer["response"]
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[Client]:
+    cert, key = self_signed(tmp_path)
+    server = WebhookServer(
+        WebhookSpec(tls_cert=cert, tls_key=key, host="127.0.0.1", port=0, max_connections=8)
+    )
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Client(server, session, cert)
+    finally:
+        await server.aclose()
+
+
+def pod(name: str = "orders-7d9c", annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((DATA / "kinds" / "pod.yaml").read_text())
+    doc["metadata"]["name"] = name
+    doc["metadata"]["namespace"] = "shop"
+    if annotations is not None:
+        doc["metadata"]["annotations"] = annotations
+    return doc
+
+
+def patched(original: dict[str, Any], response: dict[str, Any]) -> Any:
+    assert response["allowed"] is True
+    assert response["patchType"] == "JSONPatch"
+    return apply(original, json.loads(base64.b64decode(response["patch"])))
+
+
+async def test_pod_with_annotation_is_injected(client: Client) -> None:
+    original = pod(annotations={"tether.dev/inject": "enabled"})
+    result = patched(original, await client.review(original))
+    (sidecar,) = result["spec"]["initContainers"]
+    assert sidecar["name"] == "tether-proxy" and sidecar["restartPolicy"] == "Always"
+    assert result["metadata"]["annotations"]["tether.dev/status"] == "injected"
+    env = {e["name"]: e["value"] for e in result["spec"]["containers"][0]["env"]}
+    assert env["HTTP_PROXY"] == "http://127.0.0.1:15001"
+    # The same pod through the webhook again (a reinvocation): left alone.
+    again = await client.review(result)
+    assert again["allowed"] is True and "patch" not in again
+
+
+async def test_pod_without_annotation_is_left_alone(client: Client) -> None:
+    response = await client.review(pod())
+    assert response == {"uid": response["uid"], "allowed": True}
+
+
+async def test_namespace_opt_in_and_pod_opt_out(client: Client) -> None:
+    original = pod()
+    result = patched(original, await client.review(original, "/inject/namespace-enabled"))
+    assert result["spec"]["initContainers"][0]["name"] == "tether-proxy"
+    opted_out = pod(annotations={"tether.dev/inject": "disabled"})
+    response = await client.review(opted_out, "/inject/namespace-enabled")
+    assert response["allowed"] is True and "patch" not in response
+
+
+async def test_job_pod_gets_a_native_sidecar(client: Client) -> None:
+    job = yaml.safe_load((DATA / "kinds" / "job.yaml").read_text())
+    original = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        **job["spec"]["template"]["metadata"], "generateName": "report-",
+        "annotations": {"tether.dev/inject": "enabled"}}, "spec": job["spec"]["template"]["spec"]}  # fmt: skip
+    result = patched(original, await client.review(original))
+    spec = result["spec"]
+    assert spec["restartPolicy"] == "Never"
+    (sidecar,) = spec["initContainers"]
+    # An init container with restartPolicy Always: the kubelet stops it once the Job's
+    # container has exited, so the pod completes.
+    assert sidecar["restartPolicy"] == "Always"
+    assert [c["name"] for c in spec["containers"]] == ["report"]
+    args = sidecar["args"]
+    assert args[args.index("--service") + 1] == "report"
+
+
+async def test_bad_annotation_is_denied_with_its_name(client: Client) -> None:
+    response = await client.review(
+        pod(annotations={"tether.dev/inject": "enabled", "tether.dev/port": "http"})
+    )
+    assert response["allowed"] is False
+    assert response["status"]["code"] == 400
+    assert "tether.dev/port" in response["status"]["message"]
+
+
+async def test_other_operations_and_kinds_pass(client: Client) -> None:
+    annotated = pod(annotations={"tether.dev/inject": "enabled"})
+    response = await client.review(annotated, operation="UPDATE")
+    assert response["allowed"] is True and "patch" not in response
+    response = await client.review(
+        annotated, kind={"group": "apps", "version": "v1", "kind": "Deployment"}
+    )
+    assert response["allowed"] is True and "patch" not in response
+
+
+async def test_bad_input_is_400(client: Client) -> None:
+    status, body = await client.post("/inject", None, raw=b"{not json")
+    assert status == 400 and "not JSON" in body["error"]
+    status, body = await client.post("/inject", {"kind": "AdmissionReview", "apiVersion": "v1"})
+    assert status == 400 and "apiVersion" in body["error"]
+    status, body = await client.post(
+        "/inject", {"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1"}
+    )
+    assert status == 400 and "request.uid" in body["error"]
+    status, _ = await client.post("/inject", None, raw=b"[" + b"0," * (2 << 20) + b"0]")
+    assert status == 413
+
+
+async def test_connection_cap(client: Client, tmp_path: Path) -> None:
+    """Beyond the cap a connection is closed at once; those within are served."""
+    import asyncio
+
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "tls.crt"))
+    held = []
+    try:
+        for _ in range(8):
+            _, w = await asyncio.open_connection(
+                "127.0.0.1", client.server.port, ssl=ctx, server_hostname=SERVICE_DNS
+            )
+            held.append(w)
+        got = b"refused"
+        try:
+            r, w = await asyncio.open_connection(
+                "127.0.0.1", client.server.port, ssl=ctx, server_hostname=SERVICE_DNS
+            )
+            held.append(w)
+            w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            await w.drain()
+            got = await asyncio.wait_for(r.read(), 5)
+        except (ConnectionError, ssl.SSLError, OSError):
+            pass
+        assert got in (b"", b"refused")  # closed without an answer
+        assert client.server.factory is not None and client.server.factory.refused == 1
+        for w in held:
+            w.close()
+        held.clear()
+        deadline = asyncio.get_running_loop().time() + 10
+        while client.server.factory.active:
+            assert asyncio.get_running_loop().time() < deadline, "connections not released"
+            await asyncio.sleep(0.02)
+        # Once connections are released, the webhook serves again.
+        status, _ = await client.post("/inject", None, raw=b"{}")
+        assert status == 400
+    finally:
+        for w in held:
+            w.close()
