@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from controlplane.inject.jsonpatch import apply
-from controlplane.inject.manifests import InjectSpec
 from controlplane.inject.webhook import WebhookServer, WebhookSpec
 
 DATA = Path(__file__).parent / "data" / "inject"
@@ -162,9 +161,10 @@ async def test_namespace_opt_in_and_pod_opt_out(client: Client) -> None:
 
 async def test_job_pod_gets_a_native_sidecar(client: Client) -> None:
     job = yaml.safe_load((DATA / "kinds" / "job.yaml").read_text())
-    original = {"apiVersion": "v1", "kind": "Pod", "metadata": {
-        **job["spec"]["template"]["metadata"], "generateName": "report-",
-        "annotations": {"tether.dev/inject": "enabled"}}, "spec": job["spec"]["template"]["spec"]}  # fmt: skip
+    template = job["spec"]["template"]
+    meta = {**template["metadata"], "generateName": "report-"}
+    meta["annotations"] = {"tether.dev/inject": "enabled"}
+    original = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": template["spec"]}
     result = patched(original, await client.review(original))
     spec = result["spec"]
     assert spec["restartPolicy"] == "Never"

@@ -12,8 +12,8 @@ plane, so no start-order cycle can arise. Both restart on their own
 (`restart: unless-stopped`): a restarted app re-joins the running sidecar's namespace,
 and a sidecar process that dies is restarted inside its container by `tether
 pod-sidecar`, so the namespace stays (a sidecar *container* restarted by hand comes back
-in a new namespace: restart the app with it). The app gets `HTTP_PROXY` to its sidecar and `NO_PROXY` for the
-loopback and the services outside the mesh. The registry and the control plane are
+in a new namespace: restart the app with it). The app gets `HTTP_PROXY` to its
+sidecar and `NO_PROXY` for the loopback and the services outside the mesh. The registry and the control plane are
 added when the file has none.
 
 A service whose port cannot be told (no `ports`, no `expose`, no `--port`) gets an
