@@ -13,8 +13,8 @@ plane, so no start-order cycle can arise. Both restart on their own
 and a sidecar process that dies is restarted inside its container by `tether
 pod-sidecar`, so the namespace stays (a sidecar *container* restarted by hand comes back
 in a new namespace: restart the app with it). The app gets `HTTP_PROXY` to its
-sidecar and `NO_PROXY` for the loopback and the services outside the mesh. The registry and the control plane are
-added when the file has none.
+sidecar and `NO_PROXY` for the loopback and the services outside the mesh. The
+registry and the control plane are added when the file has none.
 
 A service whose port cannot be told (no `ports`, no `expose`, no `--port`) gets an
 outbound-only sidecar (it calls the mesh; the mesh cannot call it) and a warning
