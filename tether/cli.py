@@ -603,5 +603,95 @@ def pod_sidecar(restart_delay: float, exit_with_app: bool, command: tuple[str, .
     raise SystemExit(asyncio.run(sidecar.run()))
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--service", required=True, help="Service name the replicas register as.")
+@click.option("--port", required=True, type=int, help="PORT of the first replica's command.")
+@click.option("--replicas", default=1, show_default=True, type=int)
+@click.option(
+    "--restart",
+    type=click.Choice(["no", "on-failure", "always"]),
+    default="no",
+    show_default=True,
+    help="Restart a replica whose command exits (on-failure: non-zero or unhealthy).",
+)
+@click.option("--health-path", default=None, help="HTTP health path (default: TCP connect).")
+@click.option("--check-interval", default=1.0, show_default=True, type=float)
+@click.option("--failures", default=3, show_default=True, type=int,
+              help="Failed checks in a row that make a replica unhealthy.")  # fmt: skip
+@click.option("--drain-seconds", default=5.0, show_default=True, type=float)
+@click.option("--namespace", default="default", show_default=True)
+@click.option("--controlplane", "cp", default=None, help="Control plane URL (policy push).")
+@click.option("--control-socket", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Unix socket of `tether rollout` (default: per user and service).")  # fmt: skip
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(
+    service: str,
+    port: int,
+    replicas: int,
+    restart: str,
+    health_path: str | None,
+    check_interval: float,
+    failures: int,
+    drain_seconds: float,
+    namespace: str,
+    cp: str | None,
+    control_socket: Path | None,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND in the mesh (a sidecar per replica): tether run --service S --port P -- CMD"""
+    import uvloop
+
+    from tether.run import RunSpec, Supervisor
+
+    host, rport = consul_address()
+    try:
+        spec = RunSpec(
+            service=service,
+            port=port,
+            command=list(command),
+            replicas=replicas,
+            restart="always" if restart == "always" else "on-failure" if restart == "on-failure"
+            else "no",
+            health_path=health_path,
+            check_interval=check_interval,
+            failures=failures,
+            drain_seconds=drain_seconds,
+            namespace=namespace,
+            controlplane=cp,
+            control_socket=control_socket,
+            registry_host=host,
+            registry_port=rport,
+            registry_token=os.environ.get("CONSUL_HTTP_TOKEN") or None,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    raise SystemExit(uvloop.run(Supervisor(spec).run()))
+
+
+@main.group()
+def rollout() -> None:
+    """Rolling operations on the replicas of a `tether run`."""
+
+
+@rollout.command(name="restart")
+@click.argument("service")
+@click.option("--control-socket", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--timeout", default=300.0, show_default=True, type=float)
+def rollout_restart(service: str, control_socket: Path | None, timeout: float) -> None:
+    """Replace SERVICE's replicas one at a time, each new one ready before an old drains."""
+    from tether.run import RunError, control, default_socket
+
+    path = control_socket or default_socket(service)
+    try:
+        status, body = asyncio.run(control(path, "POST", "/rollout/restart", timeout))
+    except (RunError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if status != 200:
+        raise click.ClickException(str(body.get("error", body)))
+    for line in body.get("replaced", ()):
+        click.echo(line)
+    click.echo(f"{service}: restarted")
+
+
 if __name__ == "__main__":
     main()
