@@ -195,8 +195,8 @@ def three_replicas(
                  "--", sys.executable, "-m", "tests.run_app", "server")  # fmt: skip
     poll(lambda: len(passing(registry, "echo")) == 3, 90, f"3 replicas:\n{echo.output()}")
     caller = procs.sidecar("loadgen", procs.app("loadgen"))
-    poll(lambda: len(caller.endpoint_ids("echo")) == 3 or caller.call("http://echo/")[0] == 200
-         and len(caller.endpoint_ids("echo")) == 3, 30, "caller sees 3")  # fmt: skip
+    poll(lambda: len(caller.endpoint_ids("echo")) == 3 or (caller.call("http://echo/")[0] == 200
+         and len(caller.endpoint_ids("echo")) == 3), 30, "caller sees 3")  # fmt: skip
     return echo, caller
 
 
