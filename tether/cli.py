@@ -693,5 +693,26 @@ def rollout_restart(service: str, control_socket: Path | None, timeout: float) -
     click.echo(f"{service}: restarted")
 
 
+@main.command()
+@_cp_option
+@click.option("--port", "ports", multiple=True, type=int, default=(15000, 15001, 15006),
+              show_default=True, help="Local ports a sidecar here will need.")  # fmt: skip
+def check(cp_url: str, ports: tuple[int, ...]) -> None:
+    """Check what the mesh needs: registry, control plane, sidecars, clocks, ports."""
+    from tether.check import run_checks
+
+    host, port = consul_address()
+    raw = os.environ.get("CONSUL_HTTP_ADDR", "")
+    ssl = raw.startswith("https://") or os.environ.get("CONSUL_HTTP_SSL", "").lower() == "true"
+    registry = f"{'https' if ssl else 'http'}://{host}:{port}"
+    results = run_checks(registry, cp_url, os.environ.get("CONSUL_HTTP_TOKEN") or None, ports)
+    for result in results:
+        for line in result.lines():
+            click.echo(line)
+    failed = sum(1 for r in results if r.ok is False)
+    click.echo(f"\n{len(results) - failed} of {len(results)} checks passed or skipped")
+    raise SystemExit(1 if failed else 0)
+
+
 if __name__ == "__main__":
     main()

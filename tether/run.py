@@ -456,9 +456,11 @@ class Supervisor:
             loop.add_signal_handler(sig, self._forward, sig)
         try:
             await self._serve_socket()
-            for slot in range(spec.replicas):
-                port = spec.port if slot == 0 else free_port()
-                self.replicas[slot] = await self.start_replica(slot, port)
+            ports = [spec.port] + [free_port() for _ in range(spec.replicas - 1)]
+            started = await asyncio.gather(
+                *(self.start_replica(slot, port) for slot, port in enumerate(ports))
+            )
+            self.replicas.update(enumerate(started))
             self.out("tether run", f"{spec.service}: {spec.replicas} replica(s) started; "
                      f"control socket {self.socket_path}")  # fmt: skip
             waiter = asyncio.ensure_future(stop.wait())

@@ -1,0 +1,82 @@
+"""`tether check` against a healthy mesh (registry, control plane, a sidecar that acked)
+and a broken one (nothing listening, a port taken, a clock off)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ControlPlaneProcess, RegistryProcess, run_tether
+from tests.sidecar_harness import ProcessSet, poll
+from tether.check import run_checks
+from tether.ports import free_port
+
+
+@pytest.fixture
+def healthy(tmp_path: Path) -> Iterator[tuple[RegistryProcess, ControlPlaneProcess]]:
+    registry = RegistryProcess(tmp_path / "registry")
+    registry.start()
+    cp = ControlPlaneProcess(registry.port, tmp_path / "cp.log")
+    procs = ProcessSet(tmp_path, registry.port)
+    try:
+        cp.start()
+        procs.sidecar("orders", procs.app("orders"), "--controlplane", cp.url)
+        yield registry, cp
+    finally:
+        procs.close()
+        cp.stop()
+        registry.stop()
+
+
+def test_healthy_mesh_passes(healthy: tuple[RegistryProcess, ControlPlaneProcess]) -> None:
+    registry, cp = healthy
+    env = dict(os.environ, CONSUL_HTTP_ADDR=f"127.0.0.1:{registry.port}")
+    port = free_port()
+
+    def acked() -> bool:
+        results = run_checks(f"http://127.0.0.1:{registry.port}", cp.url, None, [])
+        return any(r.name == "sidecars acked" and r.ok for r in results)
+
+    poll(acked, 30, "the sidecar acked")
+    done = run_tether("check", "--controlplane", cp.url, "--port", str(port), env=env)
+    assert done.returncode == 0, done.stdout
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("[pass] registry: ") and "version" in line for line in lines)
+    assert "[pass] registry leader" in done.stdout
+    assert f"[pass] control plane: {cp.url} answered 200" in done.stdout
+    assert "[pass] sidecars acked: 1 connected" in done.stdout
+    assert "[skip] mesh CA" in done.stdout
+    assert "[pass] clock vs registry" in done.stdout
+    assert f"[pass] port {port}: free" in done.stdout
+    assert "FAIL" not in done.stdout
+
+
+def test_broken_mesh_fails_with_hints(
+    healthy: tuple[RegistryProcess, ControlPlaneProcess],
+) -> None:
+    registry, _ = healthy
+    dead_registry, dead_cp = free_port(), free_port()
+    env = dict(os.environ, CONSUL_HTTP_ADDR=f"127.0.0.1:{dead_registry}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = run_tether("check", "--controlplane", f"http://127.0.0.1:{dead_cp}",
+                          "--port", str(port), env=env)  # fmt: skip
+    assert done.returncode == 1
+    out = done.stdout
+    assert f"[FAIL] registry: http://127.0.0.1:{dead_registry} unreachable" in out
+    assert "hint: start it (tether registry) or set CONSUL_HTTP_ADDR" in out
+    assert "[FAIL] control plane" in out and "hint: start it (tether controlplane)" in out
+    assert f"[FAIL] port {port}: in use on 127.0.0.1" in out
+    # A clock a minute ahead of the registry's.
+    results = run_checks(
+        f"http://127.0.0.1:{registry.port}", None, None, [], now=lambda: time.time() + 60
+    )
+    (skew,) = [r for r in results if r.name == "clock vs registry"]
+    assert skew.ok is False and "+60s off" in skew.detail and "sync the clocks" in skew.hint
