@@ -247,3 +247,43 @@ async def test_connection_cap(client: Client, tmp_path: Path) -> None:
     finally:
         for w in held:
             w.close()
+
+
+def test_tether_webhook_command(tmp_path: Path) -> None:
+    """`tether webhook` as a process: serves the review; a missing key is a clear error."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.conftest import ROOT, run_tether, stop_group, wait_for_port
+    from tether.ports import free_port
+
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tether.cli", "webhook", "--host", "127.0.0.1", "--port",
+         str(port), "--tls-cert", str(cert), "--tls-key", str(key), "--image", "tether:test"],
+        cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, proc=proc)
+        original = pod(annotations={"tether.dev/inject": "enabled"})
+        review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                  "request": {"uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                              "operation": "CREATE", "object": original}}  # fmt: skip
+        ctx = ssl.create_default_context(cafile=str(cert))
+        ctx.check_hostname = False  # the certificate names the Service, we dial 127.0.0.1
+        req = urllib.request.Request(
+            f"https://127.0.0.1:{port}/inject", data=json.dumps(review).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+            answer = json.loads(resp.read())
+        result = patched(original, answer["response"])
+        assert result["spec"]["initContainers"][0]["image"] == "tether:test"
+    finally:
+        stop_group(proc)
+    done = run_tether("webhook", "--port", "0", "--tls-cert", str(cert), "--tls-key",
+                      str(tmp_path / "missing.key"), env=dict(os.environ))  # fmt: skip
+    assert done.returncode == 1 and "missing.key" in done.stderr

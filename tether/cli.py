@@ -517,10 +517,10 @@ def inject(
 @main.command()
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8443, show_default=True, type=int)
-@click.option("--tls-cert", required=True, type=click.Path(exists=True, dir_okay=False,
-              path_type=Path), help="PEM certificate chain the webhook serves.")  # fmt: skip
-@click.option("--tls-key", required=True, type=click.Path(exists=True, dir_okay=False,
-              path_type=Path), help="PEM private key of --tls-cert.")  # fmt: skip
+@click.option("--tls-cert", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PEM certificate chain the webhook serves.")  # fmt: skip
+@click.option("--tls-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PEM private key of --tls-cert.")  # fmt: skip
 @_image_option
 @click.option("--native-sidecar/--no-native-sidecar", default=True, show_default=True)
 @click.option("--capture", type=click.Choice(["proxy", "iptables"]), default="proxy",
@@ -543,6 +543,7 @@ def webhook(
     import ssl
     from dataclasses import replace
 
+    from controlplane.inject.errors import InjectError
     from controlplane.inject.manifests import InjectSpec
     from controlplane.inject.webhook import WebhookSpec, serve
 
@@ -556,8 +557,8 @@ def webhook(
     spec = WebhookSpec(tls_cert=tls_cert, tls_key=tls_key, host=host, port=port, inject=k8s)
     try:
         run_async(serve(spec))
-    except (OSError, ssl.SSLError) as exc:
-        raise click.ClickException(f"webhook: {exc}") from exc
+    except (OSError, ssl.SSLError, InjectError) as exc:
+        raise click.ClickException(f"webhook: {exc}") from None
 
 
 @main.command()

@@ -13,3 +13,7 @@ class AnnotationError(InjectError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class CertificateError(InjectError):
+    """The webhook's certificate or key cannot be loaded."""

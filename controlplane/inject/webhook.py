@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from controlplane.inject.errors import InjectError
+from controlplane.inject.errors import CertificateError, InjectError
 from controlplane.inject.manifests import InjectSpec, pod_patch
 
 log = logging.getLogger("tether.webhook")
@@ -165,7 +165,12 @@ class WebhookServer:
     def tls_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.spec.tls_cert, self.spec.tls_key)
+        try:
+            ctx.load_cert_chain(self.spec.tls_cert, self.spec.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise CertificateError(
+                f"--tls-cert {self.spec.tls_cert}, --tls-key {self.spec.tls_key}: {exc}"
+            ) from None
         return ctx
 
     async def start(self) -> None:
