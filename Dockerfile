@@ -18,6 +18,12 @@ COPY registry ./registry
 COPY controlplane ./controlplane
 COPY examples ./examples
 
+# iptables: the init container of `tether inject --capture iptables` (Kubernetes) runs
+# this image to redirect the app's outbound TCP to its sidecar.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iptables \
+    && rm -rf /var/lib/apt/lists/*
+
 # /data is the registry's state (a named volume takes this directory's owner).
 RUN pip install . \
     && useradd --create-home --uid 10001 --user-group tether \
