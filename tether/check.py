@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import email.utils
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from tether.ports import port_is_free
 
 MAX_SKEW = 3.0  # seconds; HTTP dates have a resolution of one second
 
@@ -61,15 +62,6 @@ def fetch(url: str, token: str | None = None, timeout: float = 3.0) -> Reply:
         body = raw.decode("utf-8", "replace")
     parsed = email.utils.parsedate_to_datetime(date).timestamp() if date else None
     return Reply(status, body, parsed)
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def clock(name: str, reply: Reply | None, now: Callable[[], float]) -> Result:
@@ -176,7 +168,7 @@ def run_checks(
     if controlplane is not None:
         results.append(clock("control plane", cp, now))
     for port in ports:
-        free = port_free(port)
+        free = port_is_free(port)
         results.append(
             Result(
                 f"port {port}",

@@ -440,13 +440,15 @@ def consul_address() -> tuple[str, int]:
 def _port_pairs(
     ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
 ) -> dict[str, int]:
-    ports = {}
-    for item in value:
-        name, sep, port = item.partition("=")
-        if not sep or not name or not port.isdigit() or not 0 < int(port) < 65536:
-            raise click.BadParameter(f"{item!r} is not SERVICE=PORT")
-        ports[name] = int(port)
-    return ports
+    try:
+        pairs = _meta_pairs(ctx, param, value)
+    except click.BadParameter:
+        pairs = {}
+    if len(pairs) != len(set(value)) or not all(
+        p.isdigit() and 0 < int(p) < 65536 for p in pairs.values()
+    ):
+        raise click.BadParameter(f"{' '.join(value)!r}: give SERVICE=PORT")
+    return {name: int(port) for name, port in pairs.items()}
 
 
 _image_option = click.option(
