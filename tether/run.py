@@ -240,12 +240,13 @@ class Supervisor:
         )
         deadline = time.monotonic() + spec.start_timeout
         waiter = asyncio.ensure_future(r.listening.wait())
+        exited = asyncio.ensure_future(child.proc.wait())
         try:
-            await asyncio.wait({waiter, asyncio.ensure_future(child.proc.wait())},
-                               timeout=spec.start_timeout,
+            await asyncio.wait({waiter, exited}, timeout=spec.start_timeout,
                                return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         finally:
             waiter.cancel()
+            exited.cancel()
         if not r.listening.is_set():
             raise RunError(f"the sidecar of replica {r.name} did not start: {list(child.tail)}")
         # Ready: registered and discovery up.
@@ -318,6 +319,7 @@ class Supervisor:
             exited = asyncio.ensure_future(child.proc.wait())
             failing = 0
             healthy_since: float | None = None
+            started = time.monotonic()
             while not exited.done():
                 await asyncio.wait({exited}, timeout=spec.check_interval)
                 if exited.done() or r.state in ("draining", "exited"):
@@ -330,8 +332,8 @@ class Supervisor:
                         healthy_since = time.monotonic()
                     if healthy_since and time.monotonic() - healthy_since > 10 * backoff:
                         backoff = spec.backoff_initial  # it stayed up: forgive
-                elif r.state == "ready":
-                    failing += 1
+                elif r.state == "ready" or time.monotonic() - started > spec.start_timeout:
+                    failing += 1  # ready and failing, or never healthy since it started
                     if failing >= spec.failures:
                         r.state = "unhealthy"
                         self.out("tether run", f"replica {r.name} failed {failing} checks")
@@ -381,7 +383,8 @@ class Supervisor:
         return said
 
     async def _retire(self, r: Replica) -> None:
-        """Out of rotation, stop the command, then drain the sidecar."""
+        """Out of rotation, drain the sidecar (the requests it still carries reach the
+        command, which runs until then), then stop the command."""
         self._retiring.append(r)
         r.state = "draining"
         await self._maintenance(r, True)
