@@ -170,6 +170,10 @@ def sidecar(
 
     # TETHER_LOG_LEVEL: set by injected sidecars (the tether.dev/log-level annotation).
     level = os.environ.get("TETHER_LOG_LEVEL", "info").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise click.UsageError(
+            f"TETHER_LOG_LEVEL: {level.lower()!r} is not debug|info|warning|error"
+        )
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, port = consul_address()
     raw = os.environ.get("CONSUL_HTTP_ADDR", "")
