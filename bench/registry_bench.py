@@ -103,6 +103,9 @@ class Registry:
         cmd = [
             sys.executable, "-m", "tether.cli", "registry", "--port", str(self.port),
             "--data-dir", str(data_dir), "--node", "bench-agent",
+            # Every watcher comes from this one address: the per-client cap would
+            # refuse all but 200 of them.
+            "--max-connections-per-client", "0", "--max-connections", "65536",
         ]  # fmt: skip
         if fsync:
             cmd.append("--fsync")

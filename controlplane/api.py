@@ -1,10 +1,13 @@
 """The control plane's REST API under `/api/v1/` (documented in docs/api.md).
 
-Reads answer from a fresh registry read. Writes (apply, delete) validate first and
-store nothing when any document is invalid (422 with every problem: file, document,
-field path, line); they carry the caller's token (`X-Tether-Token`, `Authorization:
-Bearer`, or `X-Consul-Token`) to the registry, whose ACLs decide (403 when refused).
-Errors are JSON: `{"error": code, "message": text, "problems": [...]}`.
+Every route declares what a caller needs (`ACCESS`, checked by `auth_middleware`
+before the handler runs, with the caller's own token: `controlplane.auth`): the index,
+version and health are open; reading policy needs `key_prefix "tether/v1/" read`,
+changing it `... write`. Reads answer from a fresh registry read. Writes (apply, delete)
+validate first and store nothing when any document is invalid (422 with every problem:
+file, document, field path, line); they carry the caller's token to the registry, whose
+ACLs decide again per key (403 when refused). Errors are JSON: `{"error": code,
+"message": text, "problems": [...]}`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from controlplane.auth import READ_POLICY, WRITE_POLICY, Permission, caller_token
 from controlplane.errors import (
     BadRequestError,
     ControlPlaneError,
@@ -36,6 +40,7 @@ from controlplane.schema import (
 from controlplane.store import ApplyResult
 from controlplane.validation import InstanceView, instance_namespace, validate, validate_deletion
 from controlplane.validation import identities as document_identities
+from tether import json_depth
 
 log = logging.getLogger("tether.controlplane.api")
 
@@ -45,21 +50,46 @@ MESH_WIDE_SEGMENT = "_"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# What each route needs of its caller's token; None: open to anyone who can connect.
+# A route missing here is refused (500), so a new route cannot be open by omission.
+ACCESS: web.AppKey[dict[web.AbstractRoute, Permission | None]] = web.AppKey("access", dict)
+
+
 def register(app: web.Application) -> None:
-    """Every REST route, in one table."""
+    """Every REST route and what it needs, in one table."""
     app.middlewares.append(errors_middleware)
-    r = app.router
-    r.add_get(f"{PREFIX}", index)
-    r.add_get(f"{PREFIX}/version", version)
-    r.add_get(f"{PREFIX}/health", health)
-    r.add_get(f"{PREFIX}/resources", list_resources)
-    r.add_get(f"{PREFIX}/resources/{{kind}}", list_resources)
-    r.add_get(f"{PREFIX}/resources/{{kind}}/{{namespace}}/{{name}}", get_resource)
-    r.add_delete(f"{PREFIX}/resources/{{kind}}/{{namespace}}/{{name}}", delete_resource)
-    r.add_post(f"{PREFIX}/apply", apply)
-    r.add_post(f"{PREFIX}/diff", diff)
-    r.add_post(f"{PREFIX}/validate", validate_only)
-    r.add_post(f"{PREFIX}/delete", delete_documents)
+    app.middlewares.append(auth_middleware)
+    app[ACCESS] = {}
+    # Open: a version number and liveness say nothing about the policy.
+    route(app, "GET", f"{PREFIX}", index, None)
+    route(app, "GET", f"{PREFIX}/version", version, None)
+    route(app, "GET", f"{PREFIX}/health", health, None)
+    route(app, "GET", f"{PREFIX}/resources", list_resources, READ_POLICY)
+    route(app, "GET", f"{PREFIX}/resources/{{kind}}", list_resources, READ_POLICY)
+    route(
+        app, "GET", f"{PREFIX}/resources/{{kind}}/{{namespace}}/{{name}}", get_resource, READ_POLICY
+    )
+    route(
+        app,
+        "DELETE",
+        f"{PREFIX}/resources/{{kind}}/{{namespace}}/{{name}}",
+        delete_resource,
+        WRITE_POLICY,
+    )
+    # A dry run needs what the real one would: the answer is the same but for storing.
+    route(app, "POST", f"{PREFIX}/apply", apply, WRITE_POLICY)
+    route(app, "POST", f"{PREFIX}/delete", delete_documents, WRITE_POLICY)
+    # These show stored documents (diffs, problems against them): reading.
+    route(app, "POST", f"{PREFIX}/diff", diff, READ_POLICY)
+    route(app, "POST", f"{PREFIX}/validate", validate_only, READ_POLICY)
+
+
+def route(
+    app: web.Application, method: str, path: str, handler: Handler, needs: Permission | None
+) -> None:
+    """Add a route with what its caller's token needs (None: open; the push WebSocket
+    checks at its hello, where it learns which service is asking)."""
+    app[ACCESS][app.router.add_route(method, path, handler)] = needs
 
 
 def _cp(request: web.Request) -> Any:
@@ -86,7 +116,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             exc.status,
         )
     except ControlPlaneError as exc:
-        return reply({"error": exc.code, "message": str(exc)}, exc.status)
+        resp = reply({"error": exc.code, "message": str(exc)}, exc.status)
+        resp.headers.update(exc.headers)
+        return resp
     except web.HTTPRequestEntityTooLarge as exc:
         return reply({"error": "too_large", "message": exc.text or "body too large"}, 413)
     except web.HTTPException as exc:
@@ -97,15 +129,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         )
 
 
-def caller_token(request: web.Request) -> str | None:
-    """The caller's registry token: X-Tether-Token, Bearer, or X-Consul-Token."""
-    tok = request.headers.get("X-Tether-Token") or request.headers.get("X-Consul-Token")
-    if tok:
-        return tok.strip() or None
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return None
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The route's permission, checked with the caller's token before anything is read."""
+    match = request.match_info
+    if match.http_exception is not None:
+        return await handler(request)  # no such route: 404/405 say nothing
+    table = request.app[ACCESS]
+    if match.route not in table:
+        raise ControlPlaneError(f"no access declared for {request.method} {request.path}")
+    needs = table[match.route]
+    if needs is not None:
+        await _cp(request).authorizer.require(caller_token(request.headers), needs)
+    return await handler(request)
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -204,7 +240,9 @@ async def read_files(request: web.Request) -> list[tuple[str, str]]:
     name = request.query.get("file") or "<request>"
     if request.content_type == "application/json":
         try:
-            data = json.loads(text)
+            data = json_depth.loads(text)
+        except json_depth.JSONDepthError as exc:
+            raise BadRequestError(f"the body is not acceptable JSON: {exc}") from exc
         except ValueError:
             data = None
         if isinstance(data, dict) and "files" in data and "kind" not in data:
@@ -252,7 +290,9 @@ async def _apply(request: web.Request, *, dry_run: bool) -> web.Response:
                 "registry catalog unavailable: subset selectors not checked", severity="warning"
             )
         )
-    outcome = await cp.store.apply(result.resources, token=caller_token(request), dry_run=dry_run)
+    outcome = await cp.store.apply(
+        result.resources, token=caller_token(request.headers), dry_run=dry_run
+    )
     if outcome.changed and not dry_run:
         await cp.refresh()
     return reply(_outcome(outcome, warnings))
@@ -299,7 +339,9 @@ async def _delete(request: web.Request, keys: Sequence[ResourceKey]) -> ApplyRes
     problems = validate_deletion(keys, existing.resources)
     if problems:
         raise ValidationError(problems)
-    outcome: ApplyResult = await cp.store.delete(keys, token=caller_token(request), dry_run=dry_run)
+    outcome: ApplyResult = await cp.store.delete(
+        keys, token=caller_token(request.headers), dry_run=dry_run
+    )
     if outcome.changed and not dry_run:
         await cp.refresh()
     return outcome

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from controlplane.schema import Problem, SchemaError
 
@@ -15,6 +15,7 @@ __all__ = [
     "Problem",
     "RegistryUnavailableError",
     "SchemaError",
+    "UnauthorizedError",
     "ValidationError",
 ]
 
@@ -22,6 +23,8 @@ __all__ = [
 class ControlPlaneError(Exception):
     status = 500
     code = "internal"
+    # Headers the API answers with, besides the JSON error.
+    headers: Mapping[str, str] = {}
 
 
 class BadRequestError(ControlPlaneError):
@@ -55,8 +58,17 @@ class ConflictError(ControlPlaneError):
     code = "conflict"
 
 
+class UnauthorizedError(ControlPlaneError):
+    """The registry has ACLs on and the caller sent no token."""
+
+    status = 401
+    code = "unauthorized"
+    # RFC 9110 §11.6.1: a 401 says how to authenticate.
+    headers = {"WWW-Authenticate": 'Bearer realm="tether"'}
+
+
 class PermissionDeniedError(ControlPlaneError):
-    """The registry's ACLs refused the caller's token."""
+    """The registry's ACLs refused the caller's token (or it does not have a permission)."""
 
     status = 403
     code = "permission_denied"

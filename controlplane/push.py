@@ -2,7 +2,10 @@
 
 `PushServer` adds two routes to the control plane's aiohttp app: the WebSocket every
 sidecar keeps open (`/api/v1/push`, protocol in docs/push-protocol.md, messages in
-proxy/push_codec.py) and `GET /api/v1/sidecars`, what `tether status` shows.
+proxy/push_codec.py) and `GET /api/v1/sidecars`, what `tether status` shows. With the
+registry's ACLs on, a sidecar's hello is served only if the token it connected with may
+write the service the hello names (as Consul asks of a service's proxies), and the
+sidecar list only to a token that may read the push status in the KV.
 
 Source of truth is the registry KV: the ControlPlane's one blocking query on the
 policy prefix sees every change, whichever replica made it, and `install` subscribes
@@ -36,6 +39,9 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from controlplane.api import route
+from controlplane.auth import READ_STATUS, RegistryAuthorizer, caller_token, write_service
+from controlplane.errors import ControlPlaneError
 from controlplane.store import ConfigSnapshot
 from proxy import push_codec as wire
 
@@ -241,9 +247,13 @@ class PushServer:
         heartbeat_interval: float = 15.0,
         ws_heartbeat: float = 20.0,
         token: str | None = None,
+        authorizer: RegistryAuthorizer | None = None,
     ) -> None:
         # The registry client status records are written with (the control plane's own).
         self.consul = consul
+        # Judges each sidecar's own token at its hello (None: no check, for tests of the
+        # exchange alone; `install` always passes the control plane's).
+        self.authorizer = authorizer
         self.status_prefix = status_prefix
         self.replica = replica or f"{os.uname().nodename}-{uuid.uuid4().hex[:8]}"
         self.flush_interval = flush_interval
@@ -371,6 +381,14 @@ class PushServer:
             if not isinstance(hello, wire.Hello):
                 await self._refuse(ws, "bad_message", "the first message must be a hello")
                 return ws
+            if self.authorizer is not None:
+                try:
+                    await self.authorizer.require(
+                        caller_token(request.headers), write_service(hello.node.service)
+                    )
+                except ControlPlaneError as exc:
+                    await self._refuse(ws, exc.code, f"{hello.node.key}: {exc}")
+                    return ws
             await self.loaded.wait()
             session = self._open(ws, hello)
             async for frame in ws:
@@ -606,7 +624,8 @@ def index_of(snap: ConfigSnapshot) -> ResourceIndex:
 
 def install(cp: ControlPlane) -> PushServer:
     """Plug a push server into a ControlPlane: routes, start/stop, its snapshots."""
-    server = PushServer()
+
+    server = PushServer(authorizer=cp.authorizer)
 
     async def on_change(change: ConfigChange) -> None:
         server.update(index_of(change.current))
@@ -625,8 +644,9 @@ def install(cp: ControlPlane) -> PushServer:
     async def _stop(_app: web.Application) -> None:
         await server.aclose()
 
-    cp.app.router.add_get(wire.PATH, server.handle_push)
-    cp.app.router.add_get("/api/v1/sidecars", server.handle_sidecars)
+    # The WebSocket checks the sidecar's token at its hello, once it names its service.
+    route(cp.app, "GET", wire.PATH, server.handle_push, None)
+    route(cp.app, "GET", "/api/v1/sidecars", server.handle_sidecars, READ_STATUS)
     cp.app.on_startup.append(_start)
     cp.app.on_shutdown.append(_stop)
     cp.app[PUSH_SERVER] = server

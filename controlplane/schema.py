@@ -17,10 +17,11 @@ The same field declarations drive three things, so they cannot drift apart:
 - encoding (`Resource.to_dict`), omitting defaults, so `from_dict(to_dict(r)) == r`;
 - the JSON Schema in `docs/schema/` (`python -m controlplane.schema --write docs/schema`).
 
-Meaning (weights summing to 100, regexes compiling, rules that can never match, subsets
-that exist) is checked by `controlplane.validation`; a sidecar re-checks a pushed
-snapshot with `check_resource` from here. This module imports only the standard
-library and PyYAML: the proxy imports it and nothing else from `controlplane/`.
+Meaning (weights summing to 100, regexes compiling as RE2, rules that can never match,
+subsets that exist) is checked by `controlplane.validation`; a sidecar re-checks a
+pushed snapshot with `check_resource` from here. This module imports only the standard
+library, PyYAML and (when a regex is checked) RE2: the proxy imports it and nothing
+else from `controlplane/`.
 
 Naming: a service's `ServiceDefaults`, `Route` and `TrafficSplit` are each named after
 the service they configure (one of each per service and namespace, as Consul's
@@ -295,7 +296,9 @@ class PathMatchSpec:
 
     exact: str | None = spec_field("The path equals this.", default=None)
     prefix: str | None = spec_field("The path starts with this.", default=None)
-    regex: str | None = spec_field("The whole path matches this regular expression.", default=None)
+    regex: str | None = spec_field(
+        "The whole path matches this regular expression (RE2 syntax).", default=None
+    )
 
 
 @dataclass(frozen=True)
@@ -306,7 +309,9 @@ class HeaderMatchSpec:
 
     name: str = spec_field("Header name.")
     exact: str | None = spec_field("The value equals this.", default=None)
-    regex: str | None = spec_field("The whole value matches this regex.", default=None)
+    regex: str | None = spec_field(
+        "The whole value matches this regular expression (RE2 syntax).", default=None
+    )
     present: bool | None = spec_field("true: the header is present; false: absent.", default=None)
 
 
@@ -318,7 +323,9 @@ class QueryParamMatchSpec:
 
     name: str = spec_field("Query parameter name (case-sensitive).")
     exact: str | None = spec_field("The value equals this.", default=None)
-    regex: str | None = spec_field("The whole value matches this regex.", default=None)
+    regex: str | None = spec_field(
+        "The whole value matches this regular expression (RE2 syntax).", default=None
+    )
     present: bool | None = spec_field(
         "true: the parameter is present; false: absent.", default=None
     )
@@ -962,13 +969,27 @@ class _Checker:
         self.problems.append(Problem(message, format_path(path), severity=severity))
 
     def regex(self, path: FieldPath, pattern: str) -> None:
+        """Route regexes are RE2 (what the sidecar matches with: linear time, no
+        backreferences or lookaround), so they are compiled by RE2 here too."""
         if len(pattern) > MAX_REGEX:
             self.add(path, f"regular expression longer than {MAX_REGEX} characters")
             return
+        # Imported here: the C extension is needed only once a regex is checked.
+        import re2
+
+        options = re2.Options()
+        options.log_errors = False  # the problem goes to the caller, not to stderr
         try:
-            re.compile(pattern)
-        except re.error as exc:
-            self.add(path, f"invalid regular expression: {exc}")
+            re2.compile(pattern, options=options)
+        except re2.error as exc:
+            reason = exc.args[0] if exc.args else exc
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
+            self.add(
+                path,
+                f"invalid regular expression (RE2 syntax: no backreferences or "
+                f"lookaround): {reason}",
+            )
 
     def token(self, path: FieldPath, name: str, what: str) -> None:
         if not _TOKEN.match(name):
@@ -1252,12 +1273,46 @@ class _Composer:
         )
 
 
+class _DepthBoundLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting past _MAX_DEPTH while it reads.
+
+    Bounding only the composed tree would be too late: PyYAML recurses once per level,
+    and its scanner reads ahead and rechecks every open flow level per token, so 5,000
+    nested brackets cost seconds before any RecursionError. Here the 65th level of
+    brackets (scanner) or of any nesting (composer) stops it.
+    """
+
+    _depth = 0
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        if self.flow_level >= _MAX_DEPTH:
+            raise yaml.scanner.ScannerError(
+                None,
+                None,
+                f"nested too deeply (more than {_MAX_DEPTH} levels)",
+                self.get_mark(),
+            )
+        super().fetch_flow_collection_start(TokenClass)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self._depth >= _MAX_DEPTH:
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, f"nested too deeply (more than {_MAX_DEPTH} levels)", mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def load_documents(text: str, file: str = "<input>") -> list[SourceDocument]:
     """Split YAML (or JSON) text into documents with marks; empty documents are skipped.
 
     A syntax error raises SchemaError with the line PyYAML reports.
     """
-    loader = yaml.SafeLoader(text)
+    loader = _DepthBoundLoader(text)
     docs: list[SourceDocument] = []
     index = 0
     try:

@@ -23,6 +23,8 @@ How the parts plug in (the push server uses exactly this):
   replica publishes before it answers.
 - `cp.consul` is the registry client (`consul.aio.Consul`, the control plane's token)
   for reading the catalog.
+- `cp.authorizer` asks the registry what a caller's token may do
+  (`controlplane.auth`); callers' writes go through a client with no token of its own.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ from typing import Any
 import consul.aio
 from aiohttp import web
 
+from controlplane.auth import RegistryAuthorizer, caller_client
 from controlplane.errors import ControlPlaneError
 from controlplane.schema import ResourceKey
 from controlplane.store import ConfigSnapshot, PolicyStore
+from tether.http_limits import CONTROLPLANE_LIMITS, ListenerLimits
+from tether.http_limits import serve as serve_http
 
 log = logging.getLogger("tether.controlplane")
 
@@ -88,6 +93,8 @@ class ControlPlaneSpec:
     # How long one blocking query of the KV prefix waits (Consul's `wait`).
     watch_wait: str = "30s"
     max_body: int = 4 * 1024 * 1024
+    # Connection caps and timeouts of the listener (tether/http_limits.py).
+    limits: ListenerLimits = CONTROLPLANE_LIMITS
 
 
 @dataclass(frozen=True)
@@ -121,14 +128,19 @@ class ControlPlane:
         self.consul: Any = None
         self._writer: Any = None
         self.store: PolicyStore = PolicyStore(None)
+        # Its client is set at start; the push server holds this same object.
+        self.authorizer = RegistryAuthorizer(None)
         self.port = spec.port
         self._install_parts()
 
     def _install_parts(self) -> None:
         """Where the parts of the control plane plug into the app, in one place."""
         from controlplane.api import register
+        from controlplane.ca.service import install as install_ca
 
         register(self.app)
+        # The mesh CA (controlplane/ca/): its routes and its start/stop hooks.
+        install_ca(self)
         # The push server (WebSocket at /api/v1/push) installs itself with
         # `controlplane.push.install(cp)`: routes, on_startup/on_cleanup, subscribe().
         try:
@@ -148,19 +160,19 @@ class ControlPlane:
         self.consul = consul.aio.Consul(
             host=reg.host, port=reg.port, scheme=reg.scheme, token=reg.token
         )
-        # Writes carry the caller's token only: no default, so the registry's ACLs decide.
-        self._writer = consul.aio.Consul(host=reg.host, port=reg.port, scheme=reg.scheme)
+        # Writes and authorization carry the caller's token only (never this process's
+        # CONSUL_HTTP_TOKEN), so the registry's ACLs decide.
+        self._writer = caller_client(reg.host, reg.port, reg.scheme)
         self.store = PolicyStore(self.consul, self._writer)
+        self.authorizer.client = self._writer
         with contextlib.suppress(ControlPlaneError):
             await self.refresh()
         self._watch_task = asyncio.create_task(self._watch(), name="controlplane-watch")
         # Long-lived connections (sidecars' WebSockets) must not hold a stop for a minute.
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=3.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.spec.host, self.spec.port)
-        await site.start()
-        if self._runner.addresses:
-            self.port = int(self._runner.addresses[0][1])
+        self._runner, site = await serve_http(
+            self.app, self.spec.host, self.spec.port, self.spec.limits, shutdown_timeout=3.0
+        )
+        self.port = site.port
         log.info("control plane on %s:%d", self.spec.host, self.port)
 
     async def aclose(self) -> None:

@@ -19,6 +19,9 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from tether.http_limits import ADMIN_LIMITS, ListenerLimits
+from tether.http_limits import serve as serve_http
+
 
 class AdminSource(Protocol):
     """What the admin listener shows; the sidecar implements it."""
@@ -43,10 +46,18 @@ def _json(data: Any, status: int = 200) -> web.Response:
 class AdminServer:
     """Serves an `AdminSource` over HTTP; `port` is the bound port after `start`."""
 
-    def __init__(self, source: AdminSource, host: str = "127.0.0.1", port: int = 15000) -> None:
+    def __init__(
+        self,
+        source: AdminSource,
+        host: str = "127.0.0.1",
+        port: int = 15000,
+        limits: ListenerLimits = ADMIN_LIMITS,
+    ) -> None:
         self.source = source
         self.host = host
         self.port = port
+        # Connection caps and timeouts of the listener (tether/http_limits.py).
+        self.limits = limits
         self._runner: web.AppRunner | None = None
         app = web.Application()
         r = app.router
@@ -59,14 +70,10 @@ class AdminServer:
         self.app = app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = int(sockets[0].getsockname()[1])
+        self._runner, site = await serve_http(
+            self.app, self.host, self.port, self.limits, reuse_address=True
+        )
+        self.port = site.port
 
     async def aclose(self) -> None:
         if self._runner is not None:

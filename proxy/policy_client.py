@@ -49,8 +49,12 @@ class PolicyClient:
         backoff: BackoffPolicy | None = None,
         rng: random.Random | None = None,
         heartbeat: float = 15.0,
+        token: str | None = None,
     ) -> None:
         self.url = push_url(url)
+        # The sidecar's registry token: with ACLs on, the control plane serves a hello
+        # only to a token that may write the service it names.
+        self._headers = {"X-Consul-Token": token} if token else {}
         self.node = node
         self.applier = applier
         self.backoff = backoff or BackoffPolicy(base=0.2, factor=2.0, cap=10.0)
@@ -155,6 +159,7 @@ class PolicyClient:
             heartbeat=self.heartbeat,
             max_msg_size=wire.MAX_MESSAGE,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+            headers=self._headers,
         ) as ws:
             self._ws = ws
             self.connects += 1

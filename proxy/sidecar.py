@@ -224,7 +224,9 @@ class Sidecar:
             instance=self.instance_id,
             zone=spec.zone,
         )
-        self.policy_client = PolicyClient(spec.controlplane, node, policy)
+        self.policy_client = PolicyClient(
+            spec.controlplane, node, policy, token=spec.registry_token
+        )
         policy.interest = self.policy_client.want
         self.policy = policy
         listener = await start_policy_outbound(

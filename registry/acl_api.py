@@ -3,8 +3,9 @@
 Policies carry Rules in Consul's rule language (HCL or JSON), validated on write; tokens
 link policies by ID or Name and may carry service and node identities. Reading needs
 `acl:read`, changing needs `acl:write` (the management token has both); a token can
-always read itself through `/v1/acl/token/self`. With ACLs off every endpoint answers
-401 "ACL support disabled", as Consul does.
+always read itself through `/v1/acl/token/self`, and ask what it may do through
+`/v1/internal/acl/authorize` (the question the control plane asks for its callers). With
+ACLs off every endpoint answers 401 "ACL support disabled", as Consul does.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from registry.acl import (
     GLOBAL_MANAGEMENT_ID,
     POLICIES,
     TOKENS,
+    Access,
     Authorizer,
     request_token,
 )
-from registry.acl_rules import RuleError, parse_rules
+from registry.acl_rules import PREFIXED_KINDS, SINGLE_KINDS, RuleError, parse_rules
 from registry.errors import BadRequestError, NotFoundError, PermissionDeniedError, RegistryError
 from registry.http import Body, context, read_body, reply
 from registry.store import Obj
@@ -332,3 +334,45 @@ async def token_list(request: web.Request) -> web.Response:
             view["SecretID"] = "<hidden>"
         out.append(view)
     return reply(out, store.index_of("acl"))
+
+
+# -- what a token may do -------------------------------------------------------------------
+
+# Consul refuses more than this many questions in one call.
+MAX_AUTHORIZATIONS = 64
+_ACCESS: dict[str, Access] = {"read": "read", "write": "write", "list": "list"}
+
+
+async def authorize(request: web.Request) -> web.Response:
+    """`POST /v1/internal/acl/authorize`: Consul's "may this token do these things".
+
+    The body is a list of `{"Resource", "Segment", "Access"}`; the answer is the same list,
+    each with `Allow`. Only the token's own rules are consulted (any valid token may ask
+    about itself, as in Consul); an unknown token is a 403 "ACL not found".
+    """
+    acl = context(request).acl
+    if not acl.enabled:
+        raise AclDisabledError()
+    body = await read_body(request, allow_empty=True)
+    if body is None:
+        body = []
+    if not isinstance(body, list):
+        raise BadRequestError("Failed to decode request body: expected a list")
+    if len(body) > MAX_AUTHORIZATIONS:
+        raise BadRequestError(
+            f"Refusing to process more than {MAX_AUTHORIZATIONS} authorizations at once"
+        )
+    grant = acl.grant(request)
+    out = []
+    for i, item in enumerate(body):
+        ask = Body(item, f"[{i}]")
+        kind = ask.text("Resource").lower()
+        segment = ask.text("Segment")
+        access = _ACCESS.get(ask.text("Access").lower())
+        if kind not in PREFIXED_KINDS and kind not in SINGLE_KINDS:
+            raise BadRequestError(f"Invalid request[{i}]: unknown resource {kind!r}")
+        if access is None:
+            raise BadRequestError(f"Invalid request[{i}]: Access must be read, write or list")
+        allow = grant.allows(kind, segment, access)
+        out.append({"Resource": kind, "Segment": segment, "Access": access, "Allow": allow})
+    return reply(out)

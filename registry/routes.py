@@ -86,5 +86,6 @@ def register(app: web.Application) -> None:
     r.add_get("/v1/acl/token/{id}", acl_api.token_read)
     r.add_put("/v1/acl/token/{id}", acl_api.token_update)
     r.add_delete("/v1/acl/token/{id}", acl_api.token_delete)
+    r.add_post("/v1/internal/acl/authorize", acl_api.authorize)
     # Metrics
     r.add_get("/v1/agent/metrics", metrics.agent_metrics)

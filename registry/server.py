@@ -16,6 +16,8 @@ from registry.kv import Graveyard
 from registry.metrics import GcPauses, WriteLatency
 from registry.sessions import SessionPolicy, Sessions
 from registry.store import Store
+from tether.http_limits import REGISTRY_LIMITS, ListenerLimits
+from tether.http_limits import serve as serve_http
 
 # Tables that live in memory only, as in Consul (events are gossip, not Raft state).
 VOLATILE_TABLES = ("events",)
@@ -30,8 +32,10 @@ class Part(Protocol):
 
 
 class RegistryServer:
-    def __init__(self, spec: RegistrySpec) -> None:
+    def __init__(self, spec: RegistrySpec, limits: ListenerLimits = REGISTRY_LIMITS) -> None:
         self.spec = spec
+        # Connection caps and timeouts of the HTTP listener (tether/http_limits.py).
+        self.limits = limits
         path = spec.data_dir / "registry.db" if spec.data_dir is not None else None
         self.store = Store(path, volatile=VOLATILE_TABLES, fsync=spec.fsync)
         self.ctx = Context(spec, self.store)
@@ -60,19 +64,12 @@ class RegistryServer:
         self.ctx.parts[name] = part
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
         # Thousands of sidecars (re)connect at once after a restart: a deep accept queue
         # keeps their SYNs from being dropped into the kernel's 1 s, 3 s, 7 s... backoff.
-        site = web.TCPSite(
-            self._runner, self.spec.host, self.spec.port, reuse_address=True, backlog=4096
+        self._runner, site = await serve_http(
+            self.app, self.spec.host, self.spec.port, self.limits, reuse_address=True, backlog=4096
         )
-        await site.start()
-        server = site._server
-        if server is not None and self.spec.port == 0:
-            sockets = getattr(server, "sockets", None) or []
-            if sockets:
-                self.port = sockets[0].getsockname()[1]
+        self.port = site.port
         self.ctx.port = self.port
         for part in list(self.ctx.parts.values()):
             if hasattr(part, "start"):
@@ -103,9 +100,11 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def serve(spec: RegistrySpec, ready: asyncio.Event | None = None) -> None:
+async def serve(
+    spec: RegistrySpec, ready: asyncio.Event | None = None, limits: ListenerLimits = REGISTRY_LIMITS
+) -> None:
     """Run a registry until cancelled."""
-    server = RegistryServer(spec)
+    server = RegistryServer(spec, limits)
     await server.start()
     tune_gc()
     print(f"tether registry: node {spec.node!r} listening on http://{server.address}", flush=True)

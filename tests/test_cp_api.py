@@ -309,7 +309,7 @@ async def test_writes_need_a_token_the_registry_accepts(
     cp = await make_cp(token="root", port=acl_registry.port)  # reads with its own token
     api = f"{cp.url}/api/v1"
     status, body = await call(http, "POST", f"{api}/apply", json=example_files())
-    assert status == 403 and body["error"] == "permission_denied"
+    assert status == 401 and body["error"] == "unauthorized"
     status, body = await call(
         http, "POST", f"{api}/apply", json=example_files(), headers={"X-Tether-Token": "nope"}
     )
@@ -324,7 +324,7 @@ async def test_writes_need_a_token_the_registry_accepts(
     )
     assert status == 200 and body["version"] == 1
     status, body = await call(http, "DELETE", f"{api}/resources/Route/default/orders")
-    assert status == 403
+    assert status == 401
     status, body = await call(
         http,
         "DELETE",
@@ -332,8 +332,10 @@ async def test_writes_need_a_token_the_registry_accepts(
         headers={"X-Tether-Token": "root"},
     )
     assert status == 200
-    # Reads need no caller token: the control plane reads with its own.
+    # Reads of policy need the caller's token too (tests/test_cp_security.py has the rest).
     status, body = await call(http, "GET", f"{api}/resources")
+    assert status == 401
+    status, body = await call(http, "GET", f"{api}/resources", headers={"X-Consul-Token": "root"})
     assert status == 200 and len(body["items"]) == 5
 
 

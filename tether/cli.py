@@ -64,6 +64,21 @@ def main() -> None:
     show_default=True,
     help="Shortest session TTL accepted (Consul's session_ttl_min).",
 )
+@click.option(
+    "--max-connections-per-client",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Open connections one client IP may hold (Consul's http_max_conns_per_client; 0: "
+    "no cap); more get 429.",
+)
+@click.option(
+    "--max-connections",
+    default=8192,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Open connections in all; more get 503.",
+)
 def registry(
     host: str,
     port: int,
@@ -73,10 +88,15 @@ def registry(
     datacenter: str,
     fsync: bool,
     session_ttl_min: str,
+    max_connections_per_client: int,
+    max_connections: int,
 ) -> None:
     """Run the embedded registry (a Consul-compatible HTTP API)."""
+    from dataclasses import replace
+
     from registry.http import RegistrySpec, parse_duration
     from registry.server import serve
+    from tether.http_limits import REGISTRY_LIMITS
 
     try:
         ttl_min = parse_duration(session_ttl_min)
@@ -93,7 +113,12 @@ def registry(
         fsync=fsync,
         session_ttl_min=ttl_min,
     )
-    run_async(serve(spec))
+    limits = replace(
+        REGISTRY_LIMITS,
+        max_connections=max_connections,
+        max_connections_per_client=max_connections_per_client,
+    )
+    run_async(serve(spec, limits=limits))
 
 
 def _meta_pairs(
@@ -258,11 +283,22 @@ def up(
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=15010, show_default=True, type=int, help="API port.")
-def controlplane(host: str, port: int) -> None:
+@click.option(
+    "--max-connections",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Open connections in all, sidecars' push connections included; more get 503.",
+)
+def controlplane(host: str, port: int, max_connections: int) -> None:
     """Run the control plane (registry: CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN)."""
-    from controlplane.server import ControlPlaneSpec, serve
+    from dataclasses import replace
 
-    run_async(serve(ControlPlaneSpec(host=host, port=port)))
+    from controlplane.server import ControlPlaneSpec, serve
+    from tether.http_limits import CONTROLPLANE_LIMITS
+
+    limits = replace(CONTROLPLANE_LIMITS, max_connections=max_connections)
+    run_async(serve(ControlPlaneSpec(host=host, port=port, limits=limits)))
 
 
 # -- operator commands: policy through the control plane's API (controlplane/operator.py)
