@@ -23,10 +23,10 @@ from typing import Any
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from controlplane.api import caller_token, reply
+from controlplane.api import reply, route
+from controlplane.auth import caller_token
 from controlplane.ca import certs
 from controlplane.ca.authority import RESERVED_NAMESPACE
-from controlplane.ca.bodies import BodyTooLargeError, read_bounded
 from controlplane.ca.errors import CSRError
 from controlplane.ca.provider import IssuedLeaf, StoredCA
 from controlplane.ca.service import CA_SERVICE, CAService
@@ -44,18 +44,22 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def register(app: web.Application) -> None:
-    r = app.router
+    """The CA's routes in the control plane's access table. Each is open at the
+    middleware (None) because each handler authorises the caller's own credential
+    itself: a token's service identity or a Kubernetes token for `sign`, a token that
+    may write the service for the Consul leaf and authorize, operator:write for the
+    configuration, the registry's ACLs for `rotate`; roots and the bundle are public."""
     # Consul's connect CA endpoints.
-    r.add_get("/v1/agent/connect/ca/roots", consul_api(roots))
-    r.add_get("/v1/connect/ca/roots", consul_api(roots))
-    r.add_get("/v1/agent/connect/ca/leaf/{service}", consul_api(leaf))
-    r.add_get("/v1/connect/ca/configuration", consul_api(configuration))
-    r.add_post("/v1/agent/connect/authorize", consul_api(authorize))
-    r.add_put("/v1/agent/connect/authorize", consul_api(authorize))
+    route(app, "GET", "/v1/agent/connect/ca/roots", consul_api(roots), None)
+    route(app, "GET", "/v1/connect/ca/roots", consul_api(roots), None)
+    route(app, "GET", "/v1/agent/connect/ca/leaf/{service}", consul_api(leaf), None)
+    route(app, "GET", "/v1/connect/ca/configuration", consul_api(configuration), None)
+    route(app, "POST", "/v1/agent/connect/authorize", consul_api(authorize), None)
+    route(app, "PUT", "/v1/agent/connect/authorize", consul_api(authorize), None)
     # Tether's.
-    r.add_post("/api/v1/ca/sign", sign)
-    r.add_get("/api/v1/ca/bundle", bundle)
-    r.add_post("/api/v1/ca/rotate", rotate)
+    route(app, "POST", "/api/v1/ca/sign", sign, None)
+    route(app, "GET", "/api/v1/ca/bundle", bundle, None)
+    route(app, "POST", "/api/v1/ca/rotate", rotate, None)
 
 
 def _service(request: web.Request) -> CAService:
@@ -85,7 +89,7 @@ def consul_reply(data: Any, index: int) -> web.Response:
 
 def consul_token(request: web.Request) -> str | None:
     """A Consul client's token: X-Consul-Token, Bearer, or `?token=`."""
-    return caller_token(request) or request.query.get("token") or None
+    return caller_token(request.headers) or request.query.get("token") or None
 
 
 async def _grant_allows(request: web.Request, kind: str, segment: str, access: str) -> None:
@@ -259,12 +263,11 @@ async def configuration(request: web.Request) -> web.StreamResponse:
 async def _json_body(request: web.Request, limit: int) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    try:
-        raw = await read_bounded(request.content, limit)
-    except BodyTooLargeError:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=limit + 1) from None
-    except TimeoutError:
-        raise web.HTTPRequestTimeout(text="the body did not arrive in time") from None
+    # The listener's body deadline (tether.http_limits) has read the body by now, within
+    # the app's client_max_size; a chunked body has no Content-Length to check first.
+    raw = await request.read()
+    if len(raw) > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
     try:
         body = json.loads(raw or b"null")
     except ValueError as exc:
@@ -334,7 +337,7 @@ async def sign(request: web.Request) -> web.Response:
     assert svc.authority is not None
     peer = request.remote or "-"
     why = await svc.authority.authorize(
-        wanted, token=caller_token(request), kubernetes_token=k8s, peer=peer
+        wanted, token=caller_token(request.headers), kubernetes_token=k8s, peer=peer
     )
     issued = await provider.sign(csr, wanted)
     log.info("mesh CA: issued %s serial %d to %s (%s)", wanted, issued.serial, peer, why)
@@ -363,7 +366,7 @@ async def bundle(request: web.Request) -> web.Response:
 
 async def rotate(request: web.Request) -> web.Response:
     provider: StoredCA = _service(request).require()
-    record = await provider.rotate(token=caller_token(request), as_caller=True)
+    record = await provider.rotate(token=caller_token(request.headers), as_caller=True)
     trust = await provider.trust_bundle()
     return reply(
         {
