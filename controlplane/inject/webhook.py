@@ -9,7 +9,9 @@ pod's own annotation opts in. Pods only, on CREATE; everything else is allowed a
 is. A pod with a bad `tether.dev/*` annotation is refused with a message naming it.
 
 The webhook keeps no state and changes nothing but the pod in the review it answers.
-Its listener has a connection cap, a body size limit and keep-alive timeout; the
+Its listener has the caps and timeouts of every Tether listener (`tether/http_limits.py`:
+256 connections, a request head within 30 s, a body within 10 s) and a body size
+limit of 3 MiB; the
 configuration's `failurePolicy: Ignore` and `timeoutSeconds: 5` keep a webhook that is
 down from blocking a cluster (pods are then created without a sidecar).
 """
@@ -21,7 +23,6 @@ import base64
 import json
 import logging
 import ssl
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,16 @@ from aiohttp import web
 
 from controlplane.inject.errors import CertificateError, InjectError
 from controlplane.inject.manifests import InjectSpec, pod_patch
+from tether import json_depth
+from tether.http_limits import LimitedSite, ListenerLimits
+from tether.http_limits import serve as serve_http
 
 log = logging.getLogger("tether.webhook")
 
 MAX_BODY = 3 << 20  # the API server sends at most ~1.5 MiB objects
 NAMESPACE_ENABLED = {"tether.dev/inject": "enabled"}
+# Its only callers are the API servers: a few connections each, reviews answered at once.
+WEBHOOK_LIMITS = ListenerLimits(max_connections=256, idle_timeout=30.0, body_timeout=10.0)
 
 
 @dataclass
@@ -45,8 +51,7 @@ class WebhookSpec:
     tls_key: Path
     host: str = "0.0.0.0"
     port: int = 8443
-    max_connections: int = 256
-    keepalive_timeout: float = 30.0
+    limits: ListenerLimits = WEBHOOK_LIMITS
     inject: InjectSpec = field(default_factory=InjectSpec)
 
 
@@ -92,61 +97,6 @@ def review_response(review: Any, spec: InjectSpec, namespace_enabled: bool) -> d
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
 
 
-class _CappedFactory:
-    """aiohttp's protocol factory, refusing connections beyond the cap (closed at once).
-
-    A connection counts from its accept (before its TLS handshake) until it is lost, or
-    its protocol is collected (a handshake that failed never reports a loss)."""
-
-    def __init__(self, server: web.Server, cap: int) -> None:
-        self.server = server
-        self.cap = cap
-        self.active = 0
-        self.refused = 0
-
-    def __call__(self) -> asyncio.BaseProtocol:
-        if self.active >= self.cap:
-            self.refused += 1
-            return _Refuse()
-        self.active += 1
-        return _Counted(self.server(), self)
-
-    def release(self) -> None:
-        self.active -= 1
-
-
-class _Refuse(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
-
-
-class _Counted(asyncio.Protocol):
-    """aiohttp's connection protocol, counted while it lives."""
-
-    def __init__(self, inner: asyncio.Protocol, owner: _CappedFactory) -> None:
-        self.inner = inner
-        self._release = weakref.finalize(self, owner.release)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._release()  # once: the finalizer is then spent
-        self.inner.connection_lost(exc)
-
-
 class WebhookServer:
     """The HTTPS webhook; `port` is the bound port after `start`."""
 
@@ -154,8 +104,7 @@ class WebhookServer:
         self.spec = spec
         self.port = spec.port
         self._runner: web.AppRunner | None = None
-        self._server: asyncio.Server | None = None
-        self.factory: _CappedFactory | None = None
+        self.site: LimitedSite | None = None
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post("/inject", self._inject)
         app.router.add_post("/inject/namespace-enabled", self._inject_namespace)
@@ -175,31 +124,22 @@ class WebhookServer:
 
     async def start(self) -> None:
         ctx = self.tls_context()  # a bad certificate fails here, before listening
-        runner = web.AppRunner(
-            self.app, access_log=None, keepalive_timeout=self.spec.keepalive_timeout
+        self._runner, self.site = await serve_http(
+            self.app, self.spec.host, self.spec.port, self.spec.limits, ssl_context=ctx
         )
-        await runner.setup()
-        self._runner = runner
-        assert runner.server is not None
-        self.factory = _CappedFactory(runner.server, self.spec.max_connections)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self.factory, self.spec.host, self.spec.port, ssl=ctx, backlog=128
-        )
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.port = self.site.port
 
     async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
         if self._runner is not None:
             await self._runner.cleanup()
 
     async def _review(self, request: web.Request, namespace_enabled: bool) -> web.Response:
         try:
-            body = await request.json()
+            body = json_depth.loads(await request.text())
         except web.HTTPRequestEntityTooLarge:
             return web.json_response({"error": f"the body is over {MAX_BODY} bytes"}, status=413)
+        except json_depth.JSONDepthError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
         except (ValueError, UnicodeDecodeError):
             return web.json_response({"error": "the body is not JSON"}, status=400)
         try:
