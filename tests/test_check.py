@@ -3,6 +3,7 @@ and a broken one (nothing listening, a port taken, a clock off)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import time
@@ -13,16 +14,20 @@ import pytest
 
 from tests.conftest import ControlPlaneProcess, RegistryProcess, run_tether
 from tests.sidecar_harness import ProcessSet, poll
-from tether.check import run_checks
+from tether.check import ca_health, run_checks
 from tether.ports import free_port
 
 
 @pytest.fixture
-def healthy(tmp_path: Path) -> Iterator[tuple[RegistryProcess, ControlPlaneProcess]]:
+def healthy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[RegistryProcess, ControlPlaneProcess]]:
     registry = RegistryProcess(tmp_path / "registry")
     registry.start()
     cp = ControlPlaneProcess(registry.port, tmp_path / "cp.log")
     procs = ProcessSet(tmp_path, registry.port)
+    # The mesh CA on, its root key kept encrypted in the registry (docs/identity.md).
+    monkeypatch.setenv("TETHER_CA_ENCRYPTION_KEY", base64.b64encode(os.urandom(32)).decode())
     try:
         cp.start()
         procs.sidecar("orders", procs.app("orders"), "--controlplane", cp.url)
@@ -50,7 +55,7 @@ def test_healthy_mesh_passes(healthy: tuple[RegistryProcess, ControlPlaneProcess
     assert "[pass] registry leader" in done.stdout
     assert f"[pass] control plane: {cp.url} answered 200" in done.stdout
     assert "[pass] sidecars acked: 1 connected" in done.stdout
-    assert "[skip] mesh CA" in done.stdout
+    assert "[pass] mesh CA: trust domain " in done.stdout and "1 root(s)" in done.stdout
     assert "[pass] clock vs registry" in done.stdout
     assert f"[pass] port {port}: free" in done.stdout
     assert "FAIL" not in done.stdout
@@ -74,6 +79,7 @@ def test_broken_mesh_fails_with_hints(
     assert "hint: start it (tether registry) or set CONSUL_HTTP_ADDR" in out
     assert "[FAIL] control plane" in out and "hint: start it (tether controlplane)" in out
     assert f"[FAIL] port {port}: in use on 127.0.0.1" in out
+    assert "[skip] mesh CA: the control plane is not reachable" in out
     # A clock a minute ahead of the registry's.
     results = run_checks(
         f"http://127.0.0.1:{registry.port}", None, None, [], now=lambda: time.time() + 60
@@ -82,3 +88,24 @@ def test_broken_mesh_fails_with_hints(
     assert skew.ok is False and "sync the clocks" in skew.hint
     # HTTP dates have whole seconds: 60 s ahead reads as 59 to 61.
     assert skew.detail in {f"this host is +{n}s off" for n in (59, 60, 61)}, skew.detail
+
+
+def test_ca_off_is_skipped_and_an_old_root_fails(
+    healthy: tuple[RegistryProcess, ControlPlaneProcess],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry, cp = healthy
+    # The same CA seen from ten years on: its root has expired, so it fails with a hint.
+    later = ca_health(cp.url, None, lambda: time.time() + 10 * 365 * 86400)
+    assert later.ok is False and "rotate the root" in later.hint
+    monkeypatch.delenv("TETHER_CA_ENCRYPTION_KEY")
+    plain = ControlPlaneProcess(registry.port, tmp_path / "plain.log")
+    try:
+        plain.start()
+        off = ca_health(plain.url, None, time.time)
+    finally:
+        plain.stop()
+    assert (
+        off.ok is None and off.detail.startswith("off") and "TETHER_CA_ENCRYPTION_KEY" in off.hint
+    )

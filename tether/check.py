@@ -3,7 +3,8 @@ with a hint, as `linkerd check` and `istioctl analyze` do; non-zero exit on a fa
 
 Checks, in order (a later one is skipped when what it reads is unreachable): the
 registry answers and its version, it has a leader, the control plane answers, the
-mesh CA (skipped: not built yet), every connected sidecar has acked the current
+mesh CA (its trust bundle, the newest root valid for more than a week; skipped when the
+CA is off), every connected sidecar has acked the current
 config, this host's clock agrees with the registry's and the control plane's (HTTP
 `Date`), and the given local ports are free for a sidecar.
 """
@@ -22,6 +23,7 @@ from typing import Any
 from tether.ports import port_is_free
 
 MAX_SKEW = 3.0  # seconds; HTTP dates have a resolution of one second
+WEEK = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -161,9 +163,11 @@ def run_checks(
                     "start it (tether controlplane) or set --controlplane / TETHER_CONTROLPLANE",
                 )
             )
-    results.append(Result("mesh CA", None, "no mesh CA in this version; sidecars use plaintext"))
     if cp is not None and cp.status == 200 and controlplane is not None:
+        results.append(ca_health(controlplane, token, now))
         results.append(sidecars_acked(controlplane))
+    else:
+        results.append(Result("mesh CA", None, "the control plane is not reachable"))
     results.append(clock("registry", reg, now))
     if controlplane is not None:
         results.append(clock("control plane", cp, now))
@@ -203,4 +207,52 @@ def sidecars_acked(controlplane: str) -> Result:
         "sidecars acked",
         True,
         f"{len(connected)} connected, all on config version {reply.body.get('version')}",
+    )
+
+
+def ca_health(controlplane: str, token: str | None, now: Callable[[], float]) -> Result:
+    """The mesh CA answers with its trust bundle, and the newest root is valid well past
+    now (a week: time to rotate)."""
+    from cryptography import x509
+
+    try:
+        reply = fetch(f"{controlplane}/api/v1/ca/bundle", token)
+    except (OSError, ValueError) as exc:
+        return Result("mesh CA", False, str(exc))
+    body = reply.body if isinstance(reply.body, dict) else {}
+    if reply.status == 503 and body.get("error") == "ca_not_configured":
+        return Result(
+            "mesh CA",
+            None,
+            "off: sidecars get no certificates",
+            "set TETHER_CA_ENCRYPTION_KEY (or a key directory, or an operator CA) "
+            "on the control plane: docs/identity.md",
+        )
+    if reply.status != 200:
+        return Result(
+            "mesh CA",
+            False,
+            f"the trust bundle answered {reply.status}: {body.get('message', body)}",
+            "the control plane's log says why",
+        )
+    try:
+        roots = [x509.load_pem_x509_certificate(p.encode()) for p in body.get("roots") or ()]
+    except ValueError as exc:
+        return Result("mesh CA", False, f"a root does not parse: {exc}")
+    if not roots:
+        return Result("mesh CA", False, "no root in the trust bundle")
+    newest = max(r.not_valid_after_utc.timestamp() for r in roots)
+    left = newest - now()
+    if left < WEEK:
+        return Result(
+            "mesh CA",
+            False,
+            f"its newest root expires in {left / 86400:.1f} days",
+            "rotate the root: POST /api/v1/ca/rotate (docs/identity.md)",
+        )
+    return Result(
+        "mesh CA",
+        True,
+        f"trust domain {body.get('trustDomain')}, {len(roots)} "
+        f"root(s), valid for {left / 86400:.0f} more days",
     )
