@@ -143,7 +143,7 @@ def run_checks(
         results.append(Result("control plane", None, "not given (--controlplane)"))
     else:
         try:
-            cp = fetch(f"{controlplane}/api/v1/health")
+            cp = fetch(f"{controlplane}/api/v1/health", token)
             ok = cp.status == 200
             results.append(
                 Result(
@@ -165,7 +165,7 @@ def run_checks(
             )
     if cp is not None and cp.status == 200 and controlplane is not None:
         results.append(ca_health(controlplane, token, now))
-        results.append(sidecars_acked(controlplane))
+        results.append(sidecars_acked(controlplane, token))
     else:
         results.append(Result("mesh CA", None, "the control plane is not reachable"))
     results.append(clock("registry", reg, now))
@@ -185,12 +185,19 @@ def run_checks(
     return results
 
 
-def sidecars_acked(controlplane: str) -> Result:
+def sidecars_acked(controlplane: str, token: str | None) -> Result:
     try:
-        reply = fetch(f"{controlplane}/api/v1/sidecars")
+        reply = fetch(f"{controlplane}/api/v1/sidecars", token)
     except (OSError, ValueError) as exc:
         return Result("sidecars acked", False, str(exc))
     records = (reply.body or {}).get("sidecars", []) if isinstance(reply.body, dict) else []
+    if reply.status in (401, 403):
+        return Result(
+            "sidecars acked",
+            False,
+            f"the control plane answered {reply.status}",
+            "set CONSUL_HTTP_TOKEN to a token that may read the sidecars' status",
+        )
     connected = [r for r in records if r.get("state") != "disconnected"]
     behind = [r for r in connected if r.get("state") != "acked"]
     if behind:
