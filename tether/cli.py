@@ -496,24 +496,40 @@ _image_option = click.option(
 )
 
 
+def _pod_options(command: Any) -> Any:
+    """What a Kubernetes pod's sidecar is made of: the webhook's and `tether inject`'s flags
+    (InjectSpec.from_flags)."""
+    for option in reversed(
+        [
+            click.option(
+                "--native-sidecar/--no-native-sidecar",
+                default=True,
+                show_default=True,
+                help="Kubernetes: a native sidecar (1.29+) or an ordinary container.",
+            ),
+            click.option(
+                "--capture",
+                type=click.Choice(["proxy", "iptables"]),
+                default="proxy",
+                show_default=True,
+                help="Kubernetes: HTTP_PROXY only, or iptables redirection.",
+            ),
+            click.option(
+                "--registry", default=None, help="Kubernetes: CONSUL_HTTP_ADDR of the sidecars."
+            ),
+            click.option(
+                "--controlplane", "cp", default=None, help="Control plane URL of the sidecars."
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.option("-f", "--filename", "file", required=True, help="A manifest or compose file, or -.")
 @_image_option
-@click.option(
-    "--native-sidecar/--no-native-sidecar",
-    default=True,
-    show_default=True,
-    help="Kubernetes: the sidecar as a native sidecar (1.29+) or an ordinary container.",
-)
-@click.option(
-    "--capture",
-    type=click.Choice(["proxy", "iptables"]),
-    default="proxy",
-    show_default=True,
-    help="Kubernetes: HTTP_PROXY only, or iptables redirection.",
-)
-@click.option("--registry", default=None, help="Kubernetes: CONSUL_HTTP_ADDR of the sidecars.")
-@click.option("--controlplane", "cp", default=None, help="Kubernetes: control plane URL.")
+@_pod_options
 @click.option("--port", "ports", multiple=True, callback=_port_pairs,
               help="Compose: the app port of SERVICE (SERVICE=PORT).")  # fmt: skip
 def inject(
@@ -527,19 +543,13 @@ def inject(
 ) -> None:
     """Add sidecars to Kubernetes manifests or a compose file (format from content)."""
     import sys
-    from dataclasses import replace
 
     from controlplane.inject.compose import ComposeSpec
     from controlplane.inject.errors import InjectError
     from controlplane.inject.files import MAX_INPUT, inject_text
     from controlplane.inject.manifests import InjectSpec
 
-    k8s = InjectSpec(image=image, native=native_sidecar,
-                     capture="iptables" if capture == "iptables" else "proxy")  # fmt: skip
-    if registry:
-        k8s = replace(k8s, registry=registry)
-    if cp:
-        k8s = replace(k8s, controlplane=cp)
+    k8s = InjectSpec.from_flags(image, native_sidecar, capture, registry, cp)
     try:
         if file == "-":
             text = sys.stdin.read(MAX_INPUT + 1)
@@ -564,11 +574,7 @@ def inject(
 @click.option("--tls-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="PEM private key of --tls-cert.")  # fmt: skip
 @_image_option
-@click.option("--native-sidecar/--no-native-sidecar", default=True, show_default=True)
-@click.option("--capture", type=click.Choice(["proxy", "iptables"]), default="proxy",
-              show_default=True)  # fmt: skip
-@click.option("--registry", default=None, help="CONSUL_HTTP_ADDR of the injected sidecars.")
-@click.option("--controlplane", "cp", default=None, help="Control plane URL of the sidecars.")
+@_pod_options
 def webhook(
     host: str,
     port: int,
@@ -583,19 +589,13 @@ def webhook(
     """Run the Kubernetes mutating admission webhook (HTTPS) that injects sidecars."""
     import logging
     import ssl
-    from dataclasses import replace
 
     from controlplane.inject.errors import InjectError
     from controlplane.inject.manifests import InjectSpec
     from controlplane.inject.webhook import WebhookSpec, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    k8s = InjectSpec(image=image, native=native_sidecar,
-                     capture="iptables" if capture == "iptables" else "proxy")  # fmt: skip
-    if registry:
-        k8s = replace(k8s, registry=registry)
-    if cp:
-        k8s = replace(k8s, controlplane=cp)
+    k8s = InjectSpec.from_flags(image, native_sidecar, capture, registry, cp)
     spec = WebhookSpec(tls_cert=tls_cert, tls_key=tls_key, host=host, port=port, inject=k8s)
     try:
         run_async(serve(spec))

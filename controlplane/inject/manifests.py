@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from controlplane.inject.errors import AnnotationError, InjectError
@@ -94,6 +94,25 @@ class InjectSpec:
         }
     )
     token_audience: str = "tether"
+
+    @classmethod
+    def from_flags(
+        cls,
+        image: str,
+        native: bool,
+        capture: str,
+        registry: str | None = None,
+        controlplane: str | None = None,
+    ) -> InjectSpec:
+        """The spec of the webhook's and `tether inject`'s flags (None: the default)."""
+        spec = cls(
+            image=image, native=native, capture="iptables" if capture == "iptables" else "proxy"
+        )
+        if registry:
+            spec = replace(spec, registry=registry)
+        if controlplane:
+            spec = replace(spec, controlplane=controlplane)
+        return spec
 
 
 @dataclass(frozen=True)
