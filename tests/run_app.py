@@ -1,7 +1,8 @@
 """Apps for `tether run` tests, as a user would write them: a server on `$PORT`, and a
 client that calls a service by name through `HTTP_PROXY` and exits with a given code.
 
-    python -m tests.run_app server            # GET / -> {"replica": ..., "pid": ...}
+    python -m tests.run_app server            # GET / -> {"replica": ..., "pid": ...};
+                                              # after GET /sick, /health answers 503
     python -m tests.run_app client URL CODE   # exit CODE if URL answered 200, else 1
 """
 
@@ -22,7 +23,16 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:
         pass
 
+    sick = False  # after GET /sick, /health answers 503 (a hung or broken app)
+
     def do_GET(self) -> None:
+        if self.path == "/sick":
+            Handler.sick = True
+        if self.path == "/health" and Handler.sick:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = json.dumps(
             {"replica": os.environ.get("TETHER_REPLICA"), "pid": os.getpid(), "path": self.path}
         ).encode()

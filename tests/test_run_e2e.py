@@ -248,3 +248,31 @@ def test_a_crashed_replica_is_restarted_and_back_in_rotation(
     # sidecar does not retry yet); everything after the crash was noticed succeeds.
     assert len(load.failed) <= 5, f"{len(load.failed)} of {total} failed: {load.failed}"
     print(f"crash under load: {len(load.failed)} of {total} requests failed")
+
+
+def test_a_replica_failing_its_health_check_is_replaced(
+    mesh: tuple[RegistryProcess, Callable[..., Run], ProcessSet],
+) -> None:
+    registry, start, _ = mesh
+    port = free_port()
+    echo = start("--service", "echo", "--port", str(port), "--restart", "on-failure",
+                 "--health-path", "/health", "--check-interval", "0.2", "--failures", "3",
+                 "--", sys.executable, "-m", "tests.run_app", "server")  # fmt: skip
+    poll(lambda: passing(registry, "echo"), 60, f"echo in rotation:\n{echo.output()}")
+    (before,) = echo.status()["replicas"]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/sick")  # the process runs on, its health check now fails
+    assert conn.getresponse().status == 200
+    conn.close()
+    # Out of rotation while it is unhealthy and being replaced...
+    poll(lambda: before["instance"] not in passing(registry, "echo"), 30, "out of rotation")
+
+    def replaced() -> bool:
+        (r,) = echo.status()["replicas"]
+        return r["restarts"] == 1 and r["state"] == "ready" and r["pid"] != before["pid"]
+
+    poll(replaced, 60, f"replica restarted:\n{echo.output()}")
+    # ...and back once its new process is healthy.
+    poll(lambda: before["instance"] in passing(registry, "echo"), 30, "back in rotation")
+    assert "replica 0 failed 3 checks" in echo.output()
+    assert not alive(before["pid"])
