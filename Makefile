@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test test-tools lint typecheck pytest bench bench-registry bench-push bench-balance clean
+.PHONY: up test test-tools lint typecheck pytest fuzz bench bench-registry bench-push bench-balance clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ test-tools:
 	  || (apt-get update -qq >/dev/null 2>&1 \
 	      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null 2>&1) \
 	  || echo "docker-compose could not be installed: its tests will skip"
+
+# Coverage-guided differential fuzzing of the HTTP codecs (tests/fuzz_codec.py): the
+# corpus check `make test` runs, for FUZZ_SECONDS on inputs atheris makes up.
+FUZZ_SECONDS ?= 300
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[fuzz]'
+	$(BIN)/python -m tests.fuzz_codec -max_total_time=$(FUZZ_SECONDS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.proxy_bench

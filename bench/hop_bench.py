@@ -12,7 +12,7 @@ it is worth against nginx.
 
     .venv/bin/python -m bench.hop_bench [--hop outbound|inbound] [--policy NAME[+locality]]
                                          [--count 50000] [--rounds 7] [--profile]
-                                         [--instructions]
+                                         [--instructions] [--unique-ids]
 
 `--instructions` counts instead of timing: the process runs twice under valgrind's
 callgrind (2,000 and 12,000 requests) and the difference is divided by 10,000, so
@@ -31,6 +31,9 @@ import time
 from typing import Any
 
 REQUEST = b"GET /api/items HTTP/1.1\r\nHost: svc\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
+# --unique-ids: each request carries its own X-Request-Id, as every request reaching an
+# inbound hop from another sidecar does (such heads never repeat: no head cache hit).
+REQUEST_WITH_ID = REQUEST[:-2] + b"X-Request-Id: 6f1c2a9e-%010d\r\n\r\n"
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 29 Nov 2026 00:00:00 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n"
@@ -124,13 +127,15 @@ def build(hop: str, policy: str, endpoints: int) -> tuple[Any, Any]:
     return server, conn
 
 
-def one(conn: Any) -> None:
-    conn.data_received(REQUEST)
+def one(conn: Any, request: bytes = REQUEST) -> None:
+    conn.data_received(request)
     up = conn.upstream
     up.data_received(RESPONSE)
 
 
-def run(hop: str, policy: str, endpoints: int, count: int, rounds: int) -> float:
+def run(
+    hop: str, policy: str, endpoints: int, count: int, rounds: int, unique_ids: bool = False
+) -> float:
     """Best µs per request over `rounds` rounds of `count` requests (round 0 warms up)."""
     _, conn = build(hop, policy, endpoints)
     one(conn)
@@ -138,9 +143,12 @@ def run(hop: str, policy: str, endpoints: int, count: int, rounds: int) -> float
     assert up_t.last.startswith(b"HTTP/1.1 200 OK\r\n"), up_t.last[:80]
     best = float("inf")
     for r in range(rounds + 1):
+        requests = [
+            REQUEST_WITH_ID % (r * count + i) if unique_ids else REQUEST for i in range(count)
+        ]
         start = time.perf_counter()
-        for _ in range(count):
-            one(conn)
+        for request in requests:
+            one(conn, request)
         if r:
             best = min(best, (time.perf_counter() - start) / count * 1e6)
     assert conn.transport.last.endswith(b"x" * 100)
@@ -160,7 +168,7 @@ async def _main(args: argparse.Namespace) -> None:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
         return
-    us = run(args.hop, args.policy, args.endpoints, args.count, args.rounds)
+    us = run(args.hop, args.policy, args.endpoints, args.count, args.rounds, args.unique_ids)
     print(
         f"{args.hop} {args.policy} x{args.endpoints}: {us:.2f} µs/request (best of {args.rounds})"
     )
@@ -175,7 +183,8 @@ def instructions(args: argparse.Namespace) -> int:
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
                sys.executable, "-m", "bench.hop_bench", "--hop", args.hop,
                "--policy", args.policy, "--endpoints", str(args.endpoints),
-               "--count", str(count), "--rounds", "0"]  # fmt: skip
+               "--count", str(count), "--rounds", "0",
+               *(["--unique-ids"] if args.unique_ids else [])]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
         m = re.search(r"Collected : (\d+)", out)
         if m is None:
@@ -194,6 +203,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--instructions", action="store_true")
+    ap.add_argument("--unique-ids", action="store_true")
     args = ap.parse_args()
     if args.instructions:
         n = instructions(args)

@@ -19,21 +19,18 @@ since the proxy would have to decode them).
 
 Head cache. A proxy sees the same heads over and over (one client library's requests,
 one server's responses), so what llhttp made of a head is remembered under the head's
-exact bytes. A request head is also found with a new origin-form request line (method
-one of the common seven, target `/` and printable ASCII, version 1.0 or 1.1, checked
-here: paths vary more than fields), and a canonical `X-Request-Id: <printable ASCII>`
-line, the one field a mesh makes unique per request, is left out of request keys; both
-are taken from the live bytes; so is any end-to-end field line
-seen to be the only difference between two consecutive heads of a connection (a trace
-id, a cookie: `_varying_lines`), appended to the cached lines. A head
-seen before is then taken without llhttp: one `find` of the blank line, one dict
-lookup, its Content-Length body counted through. Only heads with plain framing are
-cached (no Transfer-Encoding, Upgrade, Expect or CONNECT; responses 2xx-5xx but not
-204/304, with Content-Length); everything else, and every head not seen before, goes
-through llhttp, so every rejection above still comes from the strict parser: identical
-bytes parse identically. A cached head keeps its forwarded field lines as bytes (`raw`:
-hop-by-hop fields, X-Forwarded-For and X-Request-Id out, Content-Length in); its
-`headers` list is built on first access (a policy route reading or editing fields).
+exact bytes, request line and blank line included, and a head is taken from the cache
+only when all of its bytes equal a head llhttp accepted, at the start of a message of a
+connection llhttp would still parse (none after a message without keep-alive): identical
+bytes parse identically, so the cache gives exactly llhttp's result and every rejection
+comes from the strict parser. A head seen before is then taken without llhttp: one
+`find` of the blank line, one dict lookup, its Content-Length body counted through. Only
+heads with plain framing are cached (no Transfer-Encoding, Upgrade, Expect or CONNECT;
+responses 2xx-5xx but not 204/304, with Content-Length). tests/test_codec_differential.py
+feeds every input cold, warm and split at every offset and requires one result. A cached
+head keeps its forwarded field lines as bytes (`raw`: hop-by-hop fields and
+X-Forwarded-For out, Content-Length in); its `headers` list is built on first access (a
+policy route reading or editing fields).
 """
 
 from __future__ import annotations
@@ -47,6 +44,11 @@ from proxy.errors import BadMessageError
 
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEADER_SECTION = 64 * 1024
+# Field lines per head (Envoy's default max_headers_count), requests and responses alike.
+MAX_HEADER_FIELDS = 100
+# Interim (1xx, not 101) responses an upstream may send before its final one: more is a
+# flood (a server answers 100 once, 103 a few times), and the exchange fails with 502.
+MAX_INTERIM_RESPONSES = 8
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -113,21 +115,6 @@ _response_heads: dict[bytes, tuple[ResponseHead, int]] = {}
 # long pause: heads that never repeat then stop paying for being remembered.
 _request_use = [0, 0]
 _response_use = [0, 0]
-_XRID_LINE = b"\r\nX-Request-Id: "
-# Bytes an X-Request-Id value or an origin-form target may hold (printable ASCII, no
-# space) for the cache to take it without llhttp.
-_VALUE_BYTES = bytes(range(0x21, 0x7F))
-# Bytes a varying field's value may hold to be taken without llhttp (visible ASCII, SP, HTAB).
-_FIELD_BYTES = bytes(range(0x20, 0x7F)) + b"\t"
-# Varying fields: line starts (b"\r\nName:") of end-to-end fields seen to be the only
-# difference between two consecutive heads of a connection (a trace id, a cookie).
-# Request keys leave such a line out, as they leave out X-Request-Id; the live line is
-# appended to the cached field lines (fields of different names have no order, RFC 9110
-# 5.3). Learned at most _MAX_VARYING times per process.
-_varying_lines: list[bytes] = []
-_MAX_VARYING = 4
-# Methods llhttp parses alike (no special framing); their request lines are checked here.
-_CACHED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
 
 
 def _renew(cache: dict[bytes, Any], use: list[int]) -> bool:
@@ -138,25 +125,6 @@ def _renew(cache: dict[bytes, Any], use: list[int]) -> bool:
         return True
     use[1] += 1
     return False
-
-
-def _learn_varying(prev: bytes, key: bytes) -> None:
-    """Two consecutive head keys of a connection: remember the one field line that differs."""
-    a = prev.split(b"\r\n")
-    b = key.split(b"\r\n")
-    if len(a) != len(b):
-        return
-    differ = [i for i in range(1, len(a)) if a[i] != b[i]]
-    if len(differ) != 1:
-        return
-    name, colon, _ = a[differ[0]].partition(b":")
-    other, _, _ = b[differ[0]].partition(b":")
-    # Both heads passed llhttp, so the name is a token; only end-to-end fields vary here.
-    if not colon or name != other or _REQUEST_FIELDS.get(name.lower()) is not None:
-        return
-    line = b"\r\n" + name + b":"
-    if line not in _varying_lines and len(_varying_lines) < _MAX_VARYING:
-        _varying_lines.append(line)
 
 
 def _encode_fields(headers: Fields, content_length: int | None) -> bytes:
@@ -194,8 +162,7 @@ class RequestHead:
 
     Slots, no `__getattr__`: attribute reads on the hot path stay on CPython's fast path.
     A cached head carries `raw`, its field lines as forwarded (Content-Length included;
-    hop-by-hop fields, X-Forwarded-For and X-Request-Id left out), and builds `headers`
-    on first access.
+    hop-by-hop fields and X-Forwarded-For left out), and builds `headers` on first access.
     """
 
     __slots__ = (
@@ -249,8 +216,6 @@ class RequestHead:
 
     def _materialise(self) -> Fields:
         fields, self._host_index = _field_list(self.raw or b"", True)
-        if self.request_id is not None:
-            fields.append((b"X-Request-Id", self.request_id))
         self._fields = fields
         self.raw = None
         return fields
@@ -444,6 +409,10 @@ def _drop_named(fields: Fields, tokens: list[bytes]) -> Fields:
     return [f for f in fields if f[0].lower() not in named]
 
 
+def _is_h2c(upgrade: bytes) -> bool:
+    return upgrade.strip().lower() == b"h2c"
+
+
 def _clean_trailers(fields: Fields) -> Fields:
     return [f for f in fields if f[0].lower() not in _FORBIDDEN_TRAILERS]
 
@@ -457,15 +426,13 @@ class RequestCodec:
 
     __slots__ = (
         "_clean",
+        "_fields_seen",
         "_fill",
-        "_fill_origin",
-        "_fill_rid",
-        "_fill_varying",
+        "_h2c_body",
         "_head",
         "_last_head",
         "_last_template",
         "_parser",
-        "_prev_miss",
         "_remaining",
         "_size",
         "_te",
@@ -489,11 +456,9 @@ class RequestCodec:
         self._remaining = 0
         # The cache key of the head llhttp is about to parse (a miss), if any.
         self._fill: bytes | None = None
-        self._fill_origin: bytes | None = None
-        self._fill_rid = False
-        self._fill_varying: list[bytes] | None = None
-        # The key of this connection's previous head that missed the cache.
-        self._prev_miss: bytes | None = None
+        # An h2c upgrade was stripped from the current request: llhttp still stops at its
+        # head as at an upgrade, and this many body bytes follow it (-1: none pending).
+        self._h2c_body = -1
         # The previous cached head taken on this connection (with its blank line).
         self._last_head: bytes | None = None
         self._last_template: tuple[tuple[Any, ...], int] = ((), -1)
@@ -503,6 +468,7 @@ class RequestCodec:
         self._head = RequestHead()
         self._url = b""
         self._size = 0
+        self._fields_seen = 0
         self._te: bytes | None = None
         self._trailers: Fields | None = None
 
@@ -575,11 +541,24 @@ class RequestCodec:
             data = data[used:]
         if not self.in_body:
             self.head_bytes += len(data)
+        after_h2c = b""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            self.upgraded = True
-            return data[e.args[0] :]
+            rest = data[e.args[0] :]
+            length = self._h2c_body
+            if length < 0:
+                self.upgraded = True
+                return rest
+            # A stripped h2c upgrade: not switching. A new parser for what follows
+            # (fed outside this handler, so its errors do not chain to this one).
+            self._h2c_body = -1
+            self._parser = httptools.HttpRequestParser(self)
+            self._clean = True
+            if length:
+                self._remaining = length
+                self.head_bytes = 0
+            after_h2c = rest
         except httptools.HttpParserCallbackError as e:
             self._fill = None
             cause = e.__context__
@@ -589,6 +568,8 @@ class RequestCodec:
         except httptools.HttpParserError as e:
             self._fill = None
             raise BadMessageError(str(e) or "malformed request") from None
+        if after_h2c:
+            return self.feed(after_h2c)
         if not self.in_body and self.head_bytes > MAX_HEADER_SECTION:
             # Still inside a head after all of these bytes: all of them are head.
             raise BadMessageError(
@@ -638,119 +619,31 @@ class RequestCodec:
         end = data.find(b"\r\n\r\n")
         if end < 0 or end > MAX_HEADER_SECTION:
             return None
-        key = data[:end]
-        i = key.find(_XRID_LINE)
-        rid = None
-        if i >= 0:
-            j = key.find(b"\r\n", i + 16)
-            if j < 0:
-                j = end
-            rid = key[i + 16 : j].strip(b" \t")
-            if not rid or rid.translate(None, _VALUE_BYTES):
-                return None
-            key = key[:i] + key[j:]
-        extra = b""
-        varying: list[bytes] | None = None
-        if _varying_lines:
-            for line in _varying_lines:
-                k = key.find(line)
-                if k < 0:
-                    continue
-                m = key.find(b"\r\n", k + 2)
-                if m < 0:
-                    m = len(key)
-                value = key[k + len(line) : m].strip(b" \t")
-                if not value or value.translate(None, _FIELD_BYTES):
-                    return None
-                extra += line[2:] + b" " + value + b"\r\n"
-                key = key[:k] + key[m:]
-                if varying is None:
-                    varying = []
-                varying.append(line[2:-1].lower())
+        key = data[: end + 4]
         template = _request_heads.get(key)
         if template is None:
-            # Not seen with this request line: an origin-form line is checked here and
-            # the fields looked up without it (the key then starts at the version).
-            okey = self._origin_key(key)
-            template = _request_heads.get(okey) if okey is not None else None
-            if template is None:
-                # Cache what llhttp makes of it, if the head starts at data[0] (the
-                # method) and the cache has room or has earned a refill.
-                prev = self._prev_miss
-                self._prev_miss = key
-                if prev is not None and len(_varying_lines) < _MAX_VARYING:
-                    _learn_varying(prev, key)
-                if data[0] > 32 and (
-                    len(_request_heads) < _MAX_CACHED_HEADS or _renew(_request_heads, _request_use)
-                ):
-                    self._fill = key
-                    self._fill_origin = okey
-                    self._fill_rid = i >= 0
-                    self._fill_varying = varying
-                return None
-            _request_use[0] += 1
-            args, length = template
-            method, _, rest = key.partition(b" ")
-            args = (args[0], method, rest[: rest.index(b" ")], *args[3:])
-        else:
-            _request_use[0] += 1
-            args, length = template
-        if extra:
-            args = (args[0] + extra, *args[1:])
-        head = _from_template(args)
-        end += 4
-        if rid is not None:
-            head.request_id = rid
-        elif not extra:
-            self._last_head = data[:end]
-            self._last_template = (args, length)
-        return head, end, length
-
-    @staticmethod
-    def _origin_key(key: bytes) -> bytes | None:
-        """The key without an origin-form request line, if the line is one llhttp takes."""
-        line_end = key.find(b"\r\n")
-        if line_end < 0:
-            line_end = len(key)
-        parts = key[:line_end].split(b" ")
-        if len(parts) != 3:
+            # Cache what llhttp makes of it, if the head starts at data[0] (the method,
+            # not an empty line llhttp would skip) and the cache has room or has earned
+            # a refill.
+            if data[0] > 32 and (
+                len(_request_heads) < _MAX_CACHED_HEADS or _renew(_request_heads, _request_use)
+            ):
+                self._fill = key
             return None
-        method, target, version = parts
-        if (
-            target[:1] == b"/"
-            and method in _CACHED_METHODS
-            and (version == b"HTTP/1.1" or version == b"HTTP/1.0")
-            and len(target) <= MAX_REQUEST_LINE
-            and not target.translate(None, _VALUE_BYTES)
-        ):
-            return key[line_end - 8 :]
-        return None
+        _request_use[0] += 1
+        args, length = template
+        self._last_head = key
+        self._last_template = template
+        return _from_template(args), end + 4, length
 
     def _cache(self, head: RequestHead, key: bytes) -> None:
-        """Remember what llhttp made of a head (simple framing only) under `key`."""
+        """Remember what llhttp made of a head (simple framing only) under its bytes."""
         if head.chunked or head.upgrade is not None or head.expect_continue:
             return
-        if head.method == b"CONNECT":
-            return
-        fields = []
-        rids = 0
-        varying = self._fill_varying
-        self._fill_varying = None
-        seen = 0
-        for f in head.headers:
-            name = f[0].lower()
-            if name == b"x-request-id":
-                rids += 1
-            elif varying is not None and name in varying:
-                seen += 1  # left out of the key: each must be there exactly once
-            else:
-                fields.append(f)
-        if rids > 1 or (self._fill_rid and rids != 1):
-            return
-        if varying is not None and seen != len(varying):
+        if head.method == b"CONNECT" or not head.keep_alive:
             return
         args = (
-            _encode_fields(fields, head.content_length),
+            _encode_fields(head.headers, head.content_length),
             head.method,
             head.target,
             head.version,
@@ -759,15 +652,12 @@ class RequestCodec:
             head.content_length,
             head.forwarded_for,
             head.forwarded_proto,
-            None if self._fill_rid else head.request_id,
+            head.request_id,
         )
         if len(_request_heads) >= _MAX_CACHED_HEADS:
             _request_heads.clear()
         length = head.content_length
-        template = (args, -1 if length is None else length)
-        _request_heads[key] = template
-        if self._fill_origin is not None:
-            _request_heads[self._fill_origin] = template
+        _request_heads[key] = (args, -1 if length is None else length)
 
     # httptools callbacks -------------------------------------------------------------
 
@@ -780,7 +670,17 @@ class RequestCodec:
             raise BadMessageError("request line longer than 8 KiB", reason="request_line_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp drops leading whitespace; the field value excludes trailing OWS too
+        # (RFC 9110 5.5), as the cached and split paths see it.
+        value = value.rstrip(b" \t")
         self._size += len(name) + len(value) + 4
+        self._fields_seen += 1
+        if self._fields_seen > MAX_HEADER_FIELDS:
+            raise BadMessageError(
+                f"more than {MAX_HEADER_FIELDS} header fields",
+                status=431,
+                reason="request_header_fields_too_large",
+            )
         if self.in_body:
             if self._trailers is None:
                 self._trailers = []
@@ -858,25 +758,56 @@ class RequestCodec:
             head.headers = _drop_named(head.headers, tokens)
             if b"upgrade" not in tokens:
                 head.upgrade = None
+            elif head.upgrade is not None and _is_h2c(head.upgrade):
+                self._strip_h2c(head)
+                key = None
         elif head.upgrade is not None:
             head.upgrade = None
         self.in_body = True
         self.head_bytes = 0
+        self._fields_seen = 0  # trailers are counted afresh
         if key is not None:
             self._cache(head, key)
         self.sink.on_request_head(head)
+
+    def _strip_h2c(self, head: RequestHead) -> None:
+        """Forward an `Upgrade: h2c` request as a plain HTTP/1.1 one, as Envoy does.
+
+        An h2c app that switched would take the connection out of per-request policy.
+        llhttp still ends the message at its head (an upgrade's body is the new
+        protocol's), so a Content-Length body is counted through by `feed`.
+        """
+        if head.chunked:
+            raise BadMessageError(
+                "an h2c upgrade with a chunked body is not supported",
+                status=501,
+                reason="not_implemented",
+            )
+        head.upgrade = None
+        head.headers = [f for f in head.headers if f[0].lower() != b"http2-settings"]
+        self._h2c_body = head.content_length or 0
 
     def on_body(self, body: bytes) -> None:
         self.sink.on_request_body(body)
 
     def on_message_complete(self) -> None:
+        if self._h2c_body > 0:
+            # A stripped h2c upgrade: llhttp ends it at its head; the body comes next.
+            self._head = RequestHead()
+            self._url = b""
+            self._size = 0
+            self._fields_seen = 0
+            self._te = None
+            return
         trailers = self._trailers
         self.in_body = False
-        self._clean = True
+        # llhttp refuses any byte after a message without keep-alive: so must the cache.
+        self._clean = self._head.keep_alive
         # self._new_head(), inlined: this runs once per request
         self._head = RequestHead()
         self._url = b""
         self._size = 0
+        self._fields_seen = 0
         self._te = None
         if trailers:
             self._trailers = None
@@ -900,13 +831,17 @@ class ResponseCodec:
     __slots__ = (
         "_clean",
         "_close_delimited",
+        "_conn_tokens",
+        "_fields_seen",
         "_fill",
         "_head",
+        "_interim",
         "_last_head",
         "_last_template",
         "_parser",
         "_remaining",
         "_trailers",
+        "head_bytes",
         "head_request",
         "in_body",
         "sink",
@@ -928,6 +863,13 @@ class ResponseCodec:
         # The previous cached head taken on this connection (with its blank line).
         self._last_head: bytes | None = None
         self._last_template: tuple[ResponseHead, int] = (self._head, -1)
+        # Limits of the head being parsed: bytes fed since it began (llhttp buffers a
+        # field value that never ends inside itself), field lines, Connection tokens,
+        # and the interim responses before this exchange's final one.
+        self.head_bytes = 0
+        self._fields_seen = 0
+        self._conn_tokens: list[bytes] | None = None
+        self._interim = 0
 
     @property
     def idle(self) -> bool:
@@ -976,6 +918,8 @@ class ResponseCodec:
             if used == len(data):
                 return None
             data = data[used:]
+        if not self.in_body:
+            self.head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -996,6 +940,13 @@ class ResponseCodec:
             raise BadMessageError(
                 str(e) or "malformed response", status=502, reason="upstream_protocol_error"
             ) from None
+        if not self.in_body and self.head_bytes > MAX_HEADER_SECTION:
+            # Still inside a head after all of these bytes: all of them are head.
+            raise BadMessageError(
+                "upstream response header section larger than 64 KiB",
+                status=502,
+                reason="upstream_response_too_large",
+            )
         return None
 
     def _fast(self, data: bytes) -> int:
@@ -1051,6 +1002,8 @@ class ResponseCodec:
         length = head.content_length
         if status < 200 or status == 204 or status == 304 or length is None:
             return
+        if not head.keep_alive:
+            return
         if head.chunked or head.upgrade is not None:
             return
         shared = ResponseHead(
@@ -1081,6 +1034,16 @@ class ResponseCodec:
         self._clean = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp drops leading whitespace; the field value excludes trailing OWS too
+        # (RFC 9110 5.5), as the cached and split paths see it.
+        value = value.rstrip(b" \t")
+        self._fields_seen += 1
+        if self._fields_seen > MAX_HEADER_FIELDS:
+            raise BadMessageError(
+                f"upstream response has more than {MAX_HEADER_FIELDS} header fields",
+                status=502,
+                reason="upstream_response_too_large",
+            )
         if self.in_body:
             if self._trailers is None:
                 self._trailers = []
@@ -1112,26 +1075,41 @@ class ResponseCodec:
         elif kind == _CONN:
             if value == b"keep-alive" or value == b"close":
                 return  # llhttp has read it; nothing else is named
-            tokens: list[bytes] = []
-            _connection_tokens(value, tokens)
-            if tokens:
-                head.headers = _drop_named(head.headers, tokens)
+            # Fields named here are dropped once the head is complete: they may come
+            # after Connection as well as before it.
+            if self._conn_tokens is None:
+                self._conn_tokens = []
+            _connection_tokens(value, self._conn_tokens)
         # _HOP: dropped.
 
     def on_headers_complete(self) -> None:
         # The head a cache miss announced is this one only if nothing came before it.
         key = self._fill
         self._fill = None
+        self.head_bytes = 0
+        self._fields_seen = 0
         parser = self._parser
         head = self._head
+        tokens = self._conn_tokens
+        if tokens is not None:
+            self._conn_tokens = None
+            head.headers = _drop_named(head.headers, tokens)
         head.status = status = parser.get_status_code()
         head.reason = _REASONS.get(status, b"Unknown")
         head.version = parser.get_http_version()
         head.keep_alive = parser.should_keep_alive()
         if status < 200 and status != 101:
+            self._interim += 1
+            if self._interim > MAX_INTERIM_RESPONSES:
+                raise BadMessageError(
+                    f"upstream sent more than {MAX_INTERIM_RESPONSES} interim responses",
+                    status=502,
+                    reason="upstream_protocol_error",
+                )
             self._head = ResponseHead()
             self.sink.on_informational(head)
             return
+        self._interim = 0
         if key is not None:
             self._cache(head, key)
         self.in_body = True
@@ -1151,7 +1129,10 @@ class ResponseCodec:
         self.sink.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        self._clean = True
+        # llhttp refuses any byte after a message without keep-alive: so must the cache.
+        # (An informational response's end finds a fresh head here, keep-alive.)
+        self._clean = self._head.keep_alive
+        self._fields_seen = 0
         if not self.in_body:
             return  # the end of an informational (1xx) response
         trailers = self._trailers

@@ -23,6 +23,7 @@ from proxy.balance import PickContext
 from proxy.cluster import Cluster, ServiceDirectory
 from proxy.codec import RequestHead
 from proxy.downstream import PAUSE_CONNECTING, RNG, DownstreamConnection
+from proxy.egress import EgressGuard
 from proxy.errors import BadMessageError
 from proxy.pool import Pool, PoolPolicy
 from proxy.stats import DestinationStats, ProxyStats
@@ -93,8 +94,11 @@ class OutboundRouter:
         pool_policy: PoolPolicy | None = None,
         upstream_ssl: ssl_module.SSLContext | None = None,
         resolve_timeout: float = 5.0,
+        egress_guard: EgressGuard | None = None,
     ) -> None:
         self.directory = directory
+        # What egress may not reach (proxy/egress.py); checked on every egress connection.
+        self.egress_guard = egress_guard if egress_guard is not None else EgressGuard()
         self.stats = stats
         self.namespace = namespace
         self.egress = egress
@@ -188,7 +192,11 @@ class OutboundRouter:
         pool = self._egress_pools.get(key)
         if pool is None:
             pool = self._egress_pools[key] = Pool(
-                auth.host, auth.port, self.pool_policy, name=f"egress/{auth.host}:{auth.port}"
+                auth.host,
+                auth.port,
+                self.pool_policy,
+                name=f"egress/{auth.host}:{auth.port}",
+                guard=self.egress_guard,
             )
         return pool
 
@@ -288,6 +296,7 @@ class InboundRouter:
     """Routes other sidecars' requests to the local app (one pool)."""
 
     name = "inbound"
+    egress_guard: EgressGuard | None = None  # no egress here: CONNECT is refused
 
     def __init__(
         self,
@@ -300,15 +309,25 @@ class InboundRouter:
     ) -> None:
         self.pool = Pool(app_host, app_port, pool_policy or PoolPolicy(), ssl=app_ssl, name="app")
         self.dstats = stats.destination(self.name, "app")
+        # Host values seen to be well-formed authorities (bounded like the outbound's).
+        self._hosts: set[bytes] = set()
 
     def route(self, conn: DownstreamConnection, head: RequestHead) -> Pool | None:
         conn.dstats = self.dstats
-        if head.target[0] != 47:  # not origin-form (b"/"); llhttp never gives an empty target
-            try:
+        try:
+            if head.target[0] != 47:  # not origin-form (b"/"); llhttp never gives one empty
                 _absolute_to_origin(head, conn)
-            except BadMessageError as e:
-                conn.local_reply(e.reason, e.message, status=e.status)
-                return None
+            host = head.host
+            if host is not None and host not in self._hosts:
+                # The same authority syntax the outbound listener requires: the app must
+                # not see a Host that carries a path or userinfo.
+                parse_authority(host)
+                if len(self._hosts) >= _MAX_CACHED_AUTHORITIES:
+                    self._hosts.clear()
+                self._hosts.add(host)
+        except BadMessageError as e:
+            conn.local_reply(e.reason, e.message, status=e.status)
+            return None
         return self.pool
 
     def connect(self, conn: DownstreamConnection, head: RequestHead) -> tuple[str, int] | None:

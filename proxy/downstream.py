@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from proxy.balance import Balancer, Endpoint, PickContext
+    from proxy.egress import EgressGuard
 
 _monotonic = time.monotonic
 # CONNECT dials in flight (held so they are not garbage-collected mid-way).
@@ -73,12 +74,18 @@ R_SWITCHING = 2
 R_DONE = 3
 
 _NO_BODY = frozenset({204, 304})
+# Interim responses relayed per exchange (`interim`: bit 0 a 100 was sent, the rest
+# counts 103s).
+_SENT_CONTINUE = 1
+MAX_EARLY_HINTS = 2
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _VIA11 = (b"Via", b"1.1 tether")
 _VIA10 = (b"Via", b"1.0 tether")
 # What ends a forwarded request head after the X-Request-Id value.
 _RID_VIA11_END = b"\r\nVia: 1.1 tether\r\n\r\n"
 _RID_VIA10_END = b"\r\nVia: 1.0 tether\r\n\r\n"
+_VIA11_END = _RID_VIA11_END[2:]
+_VIA10_END = _RID_VIA10_END[2:]
 # Response head endings of the fast path (Via, then what the client's connection needs).
 _RESP_END = b"Via: 1.1 tether\r\n\r\n"
 _RESP_END_CLOSE = b"Via: 1.1 tether\r\nConnection: close\r\n\r\n"
@@ -106,6 +113,10 @@ class Router(Protocol):
     """Chooses where a request goes (proxy/dispatch.py). See DownstreamConnection.routed."""
 
     name: str
+
+    @property
+    def egress_guard(self) -> EgressGuard | None:
+        """What CONNECT tunnels may not reach (proxy/egress.py), if this router tunnels."""
 
     def route(self, conn: DownstreamConnection, head: RequestHead) -> Pool | None: ...
 
@@ -193,6 +204,7 @@ class DownstreamConnection(asyncio.Protocol):
         "endpoint",
         "exchange",
         "head",
+        "interim",
         "keep_alive",
         "memo_end",
         "memo_head",
@@ -269,6 +281,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.status = 0
         self.keep_alive = True
         self.retried = False
+        self.interim = 0
         self.request_bytes = b""
         # Set by a router whose route edits response headers (proxy/policy_router.py).
         self.response_edit: Callable[[Fields], None] | None = None
@@ -299,8 +312,9 @@ class DownstreamConnection(asyncio.Protocol):
         try:
             rest = codec.feed(data)
         except BadMessageError as e:
+            # Requests before the bad bytes in this read still go out (flushed below).
             self._bad_request(e)
-            return
+            rest = None
         if rest is not None:
             self._switching(rest)
         # self.flush(), inlined: this runs once per request
@@ -437,6 +451,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.resp_state = R_NONE
         self.status = 0
         self.retried = False
+        self.interim = 0
         self.dstats = None
         self.response_edit = None
         self.keep_alive = head.keep_alive and not server.draining
@@ -505,6 +520,12 @@ class DownstreamConnection(asyncio.Protocol):
             self.set_pause(PAUSE_BACKLOG)
             self.early = b""  # nothing more is parsed on this connection
             return
+        if not self.active:
+            # Between exchanges (a bad head after a finished one): the refusal is an
+            # exchange of its own, not the end of the last one's response.
+            self.resp_state = R_NONE
+            self.dstats = None
+            self.start = _monotonic()
         # A bad body mid-stream: the upstream got part of a request; drop it.
         self._drop_upstream()
         if self.resp_state == R_NONE:
@@ -532,7 +553,8 @@ class DownstreamConnection(asyncio.Protocol):
         server = self.server
         raw = head.raw
         if raw is not None:
-            # A cached head: its field lines pass through as bytes; ours are appended.
+            # A cached head: its field lines pass through as bytes; ours are appended
+            # (an X-Request-Id the client sent is among its lines already).
             ff = head.forwarded_for
             rid = head.request_id
             if rid is None:
@@ -542,6 +564,11 @@ class DownstreamConnection(asyncio.Protocol):
                 if not low:
                     server._id_block = b"%s%010x" % (server._id_head, seq >> 8)
                 head.request_id = rid = server._id_block + _HEX2[low]
+                rid_name = b"X-Request-Id: "
+                end = _RID_VIA11_END if head.version == "1.1" else _RID_VIA10_END
+            else:
+                rid = rid_name = b""
+                end = _VIA11_END if head.version == "1.1" else _VIA10_END
             self.request_bytes = data = b"".join(
                 (
                     head.method,
@@ -553,9 +580,9 @@ class DownstreamConnection(asyncio.Protocol):
                     if ff is None
                     else b"X-Forwarded-For: " + ff + b", " + self.peer + b"\r\n",
                     server.xfp_line if head.forwarded_proto is None else b"",
-                    b"X-Request-Id: ",
+                    rid_name,
                     rid,
-                    _RID_VIA11_END if head.version == "1.1" else _RID_VIA10_END,
+                    end,
                 )
             )
             ubuf = self.ubuf
@@ -707,9 +734,24 @@ class DownstreamConnection(asyncio.Protocol):
     # response events (ResponseCodec sink, while an upstream connection is bound) ----
 
     def on_informational(self, rhead: ResponseHead) -> None:
+        # Relayed only where the client can use it (RFC 9110 15.2): 100 once, to a client
+        # that sent `Expect: 100-continue`; 103 Early Hints at most MAX_EARLY_HINTS times;
+        # other 1xx are dropped. The codec fails a flood of them (502).
         head = self.head
-        if head is not None and head.version == "1.1":
-            self.wbuf.append(encode_response_head(rhead.status, rhead.reason, rhead.headers))
+        if head is None or head.version != "1.1":
+            return
+        status = rhead.status
+        if status == 100:
+            if not head.expect_continue or self.interim & _SENT_CONTINUE:
+                return
+            self.interim |= _SENT_CONTINUE
+        elif status == 103:
+            if self.interim >> 1 >= MAX_EARLY_HINTS:
+                return
+            self.interim += 2
+        else:
+            return
+        self.wbuf.append(encode_response_head(status, rhead.reason, rhead.headers))
 
     def on_response_head(self, rhead: ResponseHead) -> None:
         head = self.head
@@ -914,6 +956,13 @@ class DownstreamConnection(asyncio.Protocol):
             return
         if exchange != self.exchange or self.closed:
             upstream.close()
+            return
+        guard = self.server.router.egress_guard
+        what = guard.denied(upstream) if guard is not None else None
+        if what is not None:
+            upstream.abort()
+            self.local_reply(local_reply.EGRESS_DENIED, f"CONNECT to {host}:{port} reaches {what}")
+            self.flush()
             return
         self.flush()
         self.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")

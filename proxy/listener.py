@@ -25,6 +25,7 @@ from typing import Literal
 from proxy.cluster import ServiceDirectory
 from proxy.dispatch import InboundRouter, OutboundRouter
 from proxy.downstream import ProxyServer, Router, TimeoutPolicy
+from proxy.egress import EgressGuard
 from proxy.pool import Pool, PoolPolicy
 from proxy.stats import ProxyStats
 from proxy.tunnel import TcpProxyServer
@@ -155,8 +156,12 @@ async def start_outbound(
     pool_policy: PoolPolicy | None = None,
     ssl: ssl_module.SSLContext | None = None,
     upstream_ssl: ssl_module.SSLContext | None = None,
+    egress_guard: EgressGuard | None = None,
 ) -> Listener:
-    """The app's way out: absolute-form (HTTP_PROXY) and Host-named requests, CONNECT."""
+    """The app's way out: absolute-form (HTTP_PROXY) and Host-named requests, CONNECT.
+
+    Egress never reaches this listener's own port, nor what `egress_guard` protects.
+    """
     stats = stats if stats is not None else ProxyStats()
     timeouts = timeouts or TimeoutPolicy()
     policy = pool_policy or PoolPolicy(connect_timeout=timeouts.connect)
@@ -167,9 +172,23 @@ async def start_outbound(
         egress=egress,
         pool_policy=policy,
         upstream_ssl=upstream_ssl,
+        egress_guard=egress_guard,
     )
+    return await _listen_outbound(router, stats, timeouts, host, port, ssl)
+
+
+async def _listen_outbound(
+    router: OutboundRouter,
+    stats: ProxyStats,
+    timeouts: TimeoutPolicy,
+    host: str,
+    port: int,
+    ssl: ssl_module.SSLContext | None,
+) -> Listener:
+    """An outbound router's listener; egress never reaches the port it is bound to."""
     listener = await _listen(router, stats, timeouts, host, port, ssl)
     router.listen_port = listener.port
+    router.egress_guard.protect_local("this sidecar's outbound listener", listener.port)
     return listener
 
 

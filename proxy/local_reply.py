@@ -15,6 +15,7 @@ UPSTREAM_CONNECT_ERROR = "upstream_connect_error"
 UPSTREAM_RESET = "upstream_reset"
 UPSTREAM_TIMEOUT = "upstream_timeout"
 UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
+UPSTREAM_RESPONSE_TOO_LARGE = "upstream_response_too_large"
 EGRESS_DENIED = "egress_denied"
 OVERFLOW = "overflow"
 BAD_REQUEST = "bad_request"
@@ -34,6 +35,7 @@ REPLIES: dict[str, tuple[int, str]] = {
     UPSTREAM_CONNECT_ERROR: (502, "could not connect to the upstream"),
     UPSTREAM_RESET: (502, "the upstream closed the connection before a full response"),
     UPSTREAM_PROTOCOL_ERROR: (502, "the upstream sent an invalid HTTP response"),
+    UPSTREAM_RESPONSE_TOO_LARGE: (502, "the upstream's response head is over the limits"),
     UPSTREAM_TIMEOUT: (504, "the upstream did not answer in time"),
     EGRESS_DENIED: (403, "calls outside the mesh are denied by policy"),
     BAD_REQUEST: (400, "malformed request"),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ from proxy.errors import PolicyError
 from proxy.routing import (
     NO_EDIT,
     HeaderEdit,
+    RegexError,
     RequestMatch,
     RouteRule,
     RoutingTable,
@@ -56,7 +56,7 @@ def _string_match(
     if regex is not None:
         try:
             return StringMatch.of("regex", regex)
-        except re.error as exc:
+        except RegexError as exc:
             raise PolicyError(f"{where}.regex: {exc}") from None
     return StringMatch("present" if present in (True, None) else "absent")
 
@@ -84,7 +84,7 @@ def _rule(res: schema.Resource, i: int, rule: schema.RouteRuleSpec) -> RouteRule
         elif p.regex is not None:
             try:
                 path = StringMatch.of("regex", p.regex)
-            except re.error as exc:
+            except RegexError as exc:
                 raise PolicyError(f"{where}.match.path.regex: {exc}") from None
     headers = tuple(
         (h.name.lower(), _string_match(h.exact, h.regex, h.present, f"{where}.match.headers[{j}]"))

@@ -30,8 +30,9 @@ from proxy.cluster import Cluster, ServiceDirectory
 from proxy.codec import RequestHead
 from proxy.dispatch import OutboundRouter
 from proxy.downstream import RNG, DownstreamConnection, TimeoutPolicy
+from proxy.egress import EgressGuard
 from proxy.errors import BadMessageError
-from proxy.listener import Listener, _listen
+from proxy.listener import Listener, _listen_outbound
 from proxy.policy import Policy
 from proxy.pool import Pool, PoolPolicy
 from proxy.stats import ProxyStats
@@ -174,6 +175,7 @@ async def start_policy_outbound(
     ssl: ssl_module.SSLContext | None = None,
     upstream_ssl: ssl_module.SSLContext | None = None,
     rng: random.Random | None = None,
+    egress_guard: EgressGuard | None = None,
 ) -> Listener:
     """`proxy.listener.start_outbound`, with the policy step in the router.
 
@@ -194,7 +196,6 @@ async def start_policy_outbound(
         pool_policy=pool_policy or PoolPolicy(connect_timeout=timeouts.connect),
         upstream_ssl=upstream_ssl,
         rng=rng,
+        egress_guard=egress_guard,
     )
-    listener = await _listen(router, stats, timeouts, host, port, ssl)
-    router.listen_port = listener.port
-    return listener
+    return await _listen_outbound(router, stats, timeouts, host, port, ssl)

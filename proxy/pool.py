@@ -16,6 +16,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
+from proxy import local_reply
+from proxy.egress import EgressGuard
 from proxy.upstream import UNOWNED, UpstreamConnection
 
 
@@ -50,8 +52,11 @@ class Pool:
         ssl: ssl_module.SSLContext | None = None,
         server_hostname: str | None = None,
         name: str | None = None,
+        guard: EgressGuard | None = None,
     ) -> None:
         self.host = host
+        # Egress pools: what each new connection reached is checked before use.
+        self.guard = guard
         self.port = port
         self.policy = policy
         self.ssl = ssl
@@ -182,6 +187,14 @@ class Pool:
             conn.close()
             waiter.on_upstream_failed("upstream_connect_error", "pool closed")
             return
+        if self.guard is not None:
+            what = self.guard.denied(conn.transport)
+            if what is not None:
+                conn.abort()
+                waiter.on_upstream_failed(
+                    local_reply.EGRESS_DENIED, f"egress to {self.name} reaches {what}"
+                )
+                return
         waiter.on_upstream_ready(conn)
 
     def close(self) -> None:

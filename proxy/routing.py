@@ -15,16 +15,35 @@ Nothing here does I/O or reads a clock; tables are built once per applied snapsh
 from __future__ import annotations
 
 import random
-import re
 import zlib
 from collections.abc import Iterable, Mapping, MutableSequence, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import parse_qsl
+
+import re2
 
 from proxy.balance import Endpoint
 
 MatchKind = Literal["exact", "prefix", "regex", "present", "absent"]
+
+
+class RegexError(ValueError):
+    """A route regex RE2 cannot compile."""
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
+
+def _compile_regex(pattern: str) -> Any:
+    try:
+        return re2.compile(pattern, options=_RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise RegexError(f"not an RE2 regular expression: {reason}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,11 +52,14 @@ class StringMatch:
 
     kind: MatchKind
     value: str = ""
-    pattern: re.Pattern[str] | None = None
+    # A compiled RE2 pattern: matching is linear in the input, so no user regex can
+    # stall the sidecar's event loop (Python's backtracking `re` could, for seconds).
+    pattern: Any = None
 
     @classmethod
     def of(cls, kind: MatchKind, value: str = "") -> StringMatch:
-        return cls(kind, value, re.compile(value) if kind == "regex" else None)
+        """Raises RegexError for a pattern RE2 refuses (backreferences, lookaround)."""
+        return cls(kind, value, _compile_regex(value) if kind == "regex" else None)
 
     def test(self, value: str | None) -> bool:
         kind = self.kind

@@ -22,9 +22,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from proxy.balance import build_balancer
 from proxy.discovery import ConsulDirectory
+from proxy.egress import EgressGuard
 from proxy.registration import Registration, RegistrationSpec
 
 log = logging.getLogger("tether.sidecar")
@@ -49,6 +51,10 @@ class SidecarSpec:
     meta: Mapping[str, str] = field(default_factory=dict)
     controlplane: str | None = None
     egress: Literal["allow", "deny"] = "allow"
+    # Egress to the mesh's own control surfaces (this sidecar's admin and inbound
+    # listeners, the control plane, the registry; proxy/egress.py): denied unless an
+    # operator allows it.
+    egress_to_control: Literal["allow", "deny"] = "deny"
     opaque_ports: tuple[int, ...] = ()
     drain_seconds: float = 15.0
     # How long after deregistering the inbound listener keeps accepting, so callers
@@ -79,6 +85,8 @@ class SidecarSpec:
                 errors.append(f"--opaque-port: {p} is not a valid port")
         if self.egress not in ("allow", "deny"):
             errors.append(f"--egress: {self.egress!r} must be allow or deny")
+        if self.egress_to_control not in ("allow", "deny"):
+            errors.append(f"egress_to_control: {self.egress_to_control!r} must be allow or deny")
         if self.drain_seconds < 0:
             errors.append("--drain-seconds: must not be negative")
         if not self.namespace or "." in self.namespace:
@@ -117,6 +125,7 @@ class Sidecar:
         self.opaque: dict[int, Any] = {}  # app port -> its raw TCP listener
         self.policy: Any = None
         self.policy_client: Any = None
+        self.egress_guard = EgressGuard()
         self.state = "PRE_INITIALIZING"
         self.started_at = time.time()
 
@@ -166,6 +175,8 @@ class Sidecar:
 
         self.admin = AdminServer(self, "127.0.0.1", spec.admin_port)
         await self.admin.start()
+        if spec.egress_to_control == "deny":
+            self.egress_guard.protect_local("this sidecar's admin listener", self.admin.port)
         self.state = "STARTING"
 
     async def _start_listeners(self) -> None:
@@ -183,6 +194,7 @@ class Sidecar:
             port=spec.inbound_port,
             app_host=spec.app_host,
         )
+        await self._guard_control_surfaces()
         if spec.controlplane:
             self.outbound = await self._start_policy_outbound()
         else:
@@ -193,6 +205,7 @@ class Sidecar:
                 port=spec.outbound_port,
                 namespace=spec.namespace,
                 egress=spec.egress,
+                egress_guard=self.egress_guard,
             )
         # An opaque app port is exposed to the mesh as raw TCP on a port of its own,
         # advertised in Meta `opaque_ports` as "APP_PORT:LISTEN_PORT,...".
@@ -201,6 +214,21 @@ class Sidecar:
                 _fixed_target(spec.app_host, app_port), host=spec.inbound_host, port=0
             )
             self.opaque[app_port] = server
+
+    async def _guard_control_surfaces(self) -> None:
+        """What the app may not reach as egress (the admin port is added once bound)."""
+        spec = self.spec
+        if spec.egress_to_control != "deny":
+            return
+        guard = self.egress_guard
+        guard.protect_local("this sidecar's inbound listener", self.inbound.port)
+        guard.protect_local("this sidecar's admin listener", spec.admin_port)
+        await guard.protect("the registry", spec.registry_host, spec.registry_port)
+        if spec.controlplane:
+            url = urlsplit(spec.controlplane)
+            if url.hostname:
+                port = url.port or (443 if url.scheme in ("https", "wss") else 80)
+                await guard.protect("the control plane", url.hostname, port)
 
     async def _start_policy_outbound(self) -> Any:
         """The outbound listener with the control plane's routing step, and its client."""
@@ -237,6 +265,7 @@ class Sidecar:
             port=spec.outbound_port,
             namespace=spec.namespace,
             egress=spec.egress,
+            egress_guard=self.egress_guard,
         )
         self.policy_client.start()
         return listener

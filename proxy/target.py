@@ -17,6 +17,12 @@ from dataclasses import dataclass
 
 from proxy.errors import BadMessageError
 
+# What a reg-name or IPv4 literal may hold (RFC 3986 3.2.2: unreserved, pct-encoded,
+# sub-delims); anything else (`/`, `?`, `#`, `@`, space) would smuggle a path or
+# userinfo into the authority.
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._~%!$&'()*+,;=")
+_IPV6_CHARS = frozenset("0123456789abcdef:.")
+
 
 @dataclass(frozen=True, slots=True)
 class Authority:
@@ -47,6 +53,8 @@ def parse_authority(authority: bytes, default_port: int = 80) -> Authority:
         if end < 0:
             raise BadMessageError(f"bad IPv6 literal in {text!r}")
         host = text[1:end]
+        if not host or not _IPV6_CHARS.issuperset(host):
+            raise BadMessageError(f"bad IPv6 literal in {text!r}")
         rest = text[end + 1 :]
         if rest:
             if not rest.startswith(":"):
@@ -57,7 +65,7 @@ def parse_authority(authority: bytes, default_port: int = 80) -> Authority:
     if sep:
         port = _port(port_text, text)
     host = host.rstrip(".")
-    if not host or "@" in host or "/" in host:
+    if not host or not _HOST_CHARS.issuperset(host):
         raise BadMessageError(f"bad host {text!r}")
     labels = host.split(".")
     if len(labels) == 1:

@@ -5,7 +5,10 @@ link policies by ID or Name and may carry service and node identities. Reading n
 `acl:read`, changing needs `acl:write` (the management token has both); a token can
 always read itself through `/v1/acl/token/self`, and ask what it may do through
 `/v1/internal/acl/authorize` (the question the control plane asks for its callers). With
-ACLs off every endpoint answers 401 "ACL support disabled", as Consul does.
+ACLs off every endpoint answers 401 "ACL support disabled", as Consul does. A token or
+policy that does not exist is Consul's `acl.ErrNotFound`, which its HTTP layer answers 403
+"ACL not found" (clients branch on that, not on 404). Reads and lists are blocking queries
+on the `acl` resource.
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ from registry.acl import (
     ANONYMOUS_ID,
     GLOBAL_MANAGEMENT_ID,
     POLICIES,
+    RESOURCE,
     TOKENS,
     Access,
     Authorizer,
     request_token,
 )
 from registry.acl_rules import PREFIXED_KINDS, SINGLE_KINDS, RuleError, parse_rules
-from registry.errors import BadRequestError, NotFoundError, PermissionDeniedError, RegistryError
-from registry.http import Body, context, read_body, reply
+from registry.errors import (
+    BadRequestError,
+    NotSupportedError,
+    PermissionDeniedError,
+    RegistryError,
+)
+from registry.http import Body, block, context, read_body, reply
 from registry.store import Obj
 
 _NAME = re.compile(r"^[A-Za-z0-9\-_]{1,128}$")
@@ -38,6 +47,10 @@ class AclDisabledError(RegistryError):
 
     def __init__(self) -> None:
         super().__init__("ACL support disabled")
+
+
+def _not_found() -> PermissionDeniedError:
+    return PermissionDeniedError("ACL not found")
 
 
 def _acl(request: web.Request, access: str) -> Authorizer:
@@ -101,7 +114,7 @@ async def policy_update(request: web.Request) -> web.Response:
     with store.write() as txn:
         current = txn.get(POLICIES, pid)
         if current is None:
-            raise NotFoundError(f"Cannot find policy {pid}")
+            raise _not_found()
         fields = _policy_fields(body, current)
         same_name = acl.policy_by_name(fields["Name"])
         if same_name is not None and same_name["ID"] != pid:
@@ -121,18 +134,20 @@ async def policy_update(request: web.Request) -> web.Response:
 
 async def policy_read(request: web.Request) -> web.Response:
     _acl(request, "read")
+    index = await block(request, [RESOURCE])
     pol = context(request).store.get(POLICIES, request.match_info["id"])
     if pol is None:
-        raise NotFoundError("ACL policy not found")
-    return reply(_policy_view(pol), pol["ModifyIndex"])
+        raise _not_found()
+    return reply(_policy_view(pol), index)
 
 
 async def policy_read_by_name(request: web.Request) -> web.Response:
     acl = _acl(request, "read")
+    index = await block(request, [RESOURCE])
     pol = acl.policy_by_name(request.match_info["name"])
     if pol is None:
-        raise NotFoundError("ACL policy not found")
-    return reply(_policy_view(pol), pol["ModifyIndex"])
+        raise _not_found()
+    return reply(_policy_view(pol), index)
 
 
 async def policy_delete(request: web.Request) -> web.Response:
@@ -144,20 +159,22 @@ async def policy_delete(request: web.Request) -> web.Response:
         )
     store = context(request).store
     with store.write() as txn:
-        if txn.get(POLICIES, pid) is not None:
-            txn.delete(POLICIES, pid)
-            txn.touch("acl")
+        if txn.get(POLICIES, pid) is None:
+            raise _not_found()
+        txn.delete(POLICIES, pid)
+        txn.touch(RESOURCE)
     return reply(True)
 
 
 async def policy_list(request: web.Request) -> web.Response:
     _acl(request, "read")
+    index = await block(request, [RESOURCE])
     store = context(request).store
     out = [
         {k: v for k, v in _policy_view(p).items() if k != "Rules"}
         for p in sorted(store.table(POLICIES).values(), key=lambda p: p["CreateIndex"])
     ]
-    return reply(out, store.index_of("acl"))
+    return reply(out, index)
 
 
 # -- tokens ----------------------------------------------------------------------------
@@ -246,7 +263,7 @@ async def token_update(request: web.Request) -> web.Response:
     with context(request).store.write() as txn:
         current = txn.get(TOKENS, accessor)
         if current is None:
-            raise NotFoundError(f"Cannot find token {accessor}")
+            raise _not_found()
         secret = body.text("SecretID")
         if secret and secret != current["SecretID"]:
             raise BadRequestError("Changing a token's SecretID is not permitted")
@@ -262,8 +279,10 @@ async def token_clone(request: web.Request) -> web.Response:
     store = context(request).store
     with store.write() as txn:
         src = txn.get(TOKENS, request.match_info["id"])
-        if src is None or src["AccessorID"] == ANONYMOUS_ID:
-            raise NotFoundError("Cannot find token to clone")
+        if src is None:
+            raise _not_found()
+        if src["AccessorID"] == ANONYMOUS_ID:
+            raise BadRequestError("Cloning the anonymous token is not permitted")
         tok = acl.put_token(
             txn,
             {
@@ -278,13 +297,14 @@ async def token_clone(request: web.Request) -> web.Response:
 
 async def token_read(request: web.Request) -> web.Response:
     acl = _acl(request, "read")
+    index = await block(request, [RESOURCE])
     tok = context(request).store.get(TOKENS, request.match_info["id"])
     if tok is None:
-        raise NotFoundError("ACL token not found")
+        raise _not_found()
     view = acl.token_view(tok)
     if not acl.grant(request).allows("acl", "", "write"):
         view["SecretID"] = "<hidden>"  # acl:read shows tokens, not their secrets
-    return reply(view, tok["ModifyIndex"])
+    return reply(view, index)
 
 
 async def token_self(request: web.Request) -> web.Response:
@@ -293,12 +313,13 @@ async def token_self(request: web.Request) -> web.Response:
         raise AclDisabledError()
     secret = request_token(request)
     grant = acl.grant(request)  # 403 "ACL not found" for an unknown secret
+    index = await block(request, [RESOURCE])
     tok = grant.token
     if tok is None:
         tok = acl.token_by_secret(secret) if secret else acl.store.get(TOKENS, ANONYMOUS_ID)
     if tok is None:
         raise PermissionDeniedError("ACL not found")
-    return reply(acl.token_view(tok), tok["ModifyIndex"])
+    return reply(acl.token_view(tok), index)
 
 
 async def token_delete(request: web.Request) -> web.Response:
@@ -309,18 +330,18 @@ async def token_delete(request: web.Request) -> web.Response:
     store = context(request).store
     with store.write() as txn:
         tok = txn.get(TOKENS, accessor)
-        if tok is not None:
-            if tok["SecretID"] == request_token(request):
-                raise BadRequestError(
-                    "Deletion of the request's authorization token is not permitted"
-                )
-            txn.delete(TOKENS, accessor)
-            txn.touch("acl")
+        if tok is None:
+            raise _not_found()
+        if tok["SecretID"] == request_token(request):
+            raise BadRequestError("Deletion of the request's authorization token is not permitted")
+        txn.delete(TOKENS, accessor)
+        txn.touch(RESOURCE)
     return reply(True)
 
 
 async def token_list(request: web.Request) -> web.Response:
     acl = _acl(request, "read")
+    index = await block(request, [RESOURCE])
     store = context(request).store
     policy = request.query.get("policy")
     # Secrets are shown only to who could mint tokens anyway (Consul hides them too).
@@ -333,7 +354,33 @@ async def token_list(request: web.Request) -> web.Response:
         if not show_secrets:
             view["SecretID"] = "<hidden>"
         out.append(view)
-    return reply(out, store.index_of("acl"))
+    return reply(out, index)
+
+
+# -- bootstrap and agent tokens ----------------------------------------------------------
+
+
+async def bootstrap(request: web.Request) -> web.Response:
+    """`PUT /v1/acl/bootstrap`: this registry is bootstrapped at start from
+    `--management-token`, so, as Consul after its one bootstrap, it always refuses."""
+    acl = context(request).acl
+    if not acl.enabled:
+        raise AclDisabledError()
+    pol = acl.store.get(POLICIES, GLOBAL_MANAGEMENT_ID)
+    reset = pol["CreateIndex"] if pol is not None else 0
+    raise PermissionDeniedError(
+        f"Permission denied: ACL bootstrap no longer allowed (reset index: {reset})"
+    )
+
+
+async def agent_token(request: web.Request) -> web.Response:
+    """`PUT /v1/agent/token/<kind>`: 401 with ACLs off, as Consul; else acl:write, then
+    refused, since a single-node registry has nothing to use agent tokens for."""
+    _acl(request, "write")
+    raise NotSupportedError(
+        f"PUT {request.path}: agent tokens are not supported by this registry (it makes no"
+        " requests of its own to other servers); the management token is --management-token"
+    )
 
 
 # -- what a token may do -------------------------------------------------------------------

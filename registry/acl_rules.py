@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from registry import nesting
+
 Level = Literal["read", "write", "list", "deny"]
 Access = Literal["read", "write", "list"]
 
@@ -129,7 +131,7 @@ def parse_rules(text: str) -> RuleSet:
     if src.startswith('"'):
         # A JSON string holding the rules (py-consul json.dumps-es whatever it is given).
         try:
-            inner = json.loads(src)
+            inner = nesting.loads(src)
         except ValueError as exc:
             raise RuleError(f"invalid JSON string: {exc}") from exc
         if not isinstance(inner, str):
@@ -139,10 +141,14 @@ def parse_rules(text: str) -> RuleSet:
         return RuleSet()
     if src.startswith("{"):
         try:
-            doc = json.loads(src)
+            doc = nesting.loads(src)
         except ValueError as exc:
             raise RuleError(f"invalid JSON: {exc}") from exc
     else:
+        try:
+            nesting.check_depth(src)
+        except nesting.NestingError as exc:
+            raise RuleError(f"invalid HCL: {exc}") from exc
         doc = parse_hcl(src)
     if not isinstance(doc, dict):
         raise RuleError("rules must be an object")

@@ -269,10 +269,30 @@ def parse_enable(request: web.Request) -> bool:
 # -- views -----------------------------------------------------------------------------
 
 
+# Fields of Consul's api.AgentService that are left out when empty (`json:",omitempty"`).
+_AGENT_OPTIONAL = ("SocketPath", "TaggedAddresses", "Proxy", "Connect", "Locality")
+
+
 def agent_service(svc: Obj, datacenter: str) -> Obj:
-    """A service as /v1/agent/services shows it."""
-    out = {k: v for k, v in svc.items() if k not in ("Node", "CreateIndex", "ModifyIndex")}
-    out["Datacenter"] = datacenter
+    """A service as /v1/agent/services shows it: Consul's api.AgentService, with its
+    omitempty fields left out when empty (and no catalog indexes: agent state has none)."""
+    out: Obj = {"Kind": svc["Kind"]} if svc.get("Kind") else {}
+    out.update(
+        ID=svc["ID"],
+        Service=svc["Service"],
+        Tags=svc["Tags"],
+        Meta=svc["Meta"],
+        Port=svc["Port"],
+        Address=svc["Address"],
+    )
+    for name in _AGENT_OPTIONAL:
+        if svc.get(name):
+            out[name] = svc[name]
+    out.update(
+        Weights=svc["Weights"],
+        EnableTagOverride=svc["EnableTagOverride"],
+        Datacenter=datacenter,
+    )
     return out
 
 
@@ -286,13 +306,15 @@ def check_visible(grant: Grant, chk: Obj) -> bool:
 # -- handlers: identity ----------------------------------------------------------------
 
 
-def _member(request: web.Request) -> Obj:
+def _member(request: web.Request, *, wan: bool = False) -> Obj:
+    """This server as a gossip member: of the LAN pool, or of the WAN pool, where Consul
+    names servers `<node>.<datacenter>` and gossips on 8302."""
     ctx = context(request)
     cat = ctx.catalog
     return {
-        "Name": cat.node,
+        "Name": f"{cat.node}.{cat.datacenter}" if wan else cat.node,
         "Addr": cat.address,
-        "Port": 8301,
+        "Port": 8302 if wan else 8301,
         "Tags": {
             "role": "consul",
             "dc": cat.datacenter,
@@ -340,12 +362,18 @@ async def self_(request: web.Request) -> web.Response:
     )
 
 
+async def version(request: web.Request) -> web.Response:
+    """`/v1/agent/version`: Consul's api.AgentVersion, at the API level we answer as."""
+    return reply({"SHA": "", "BuildDate": "", "HumanVersion": VERSION, "FIPS": ""})
+
+
 async def members(request: web.Request) -> web.Response:
     ctx = context(request)
     grant = ctx.acl.grant(request)
     index = await block(request, ["nodes"])
     visible = grant.allows("node", ctx.catalog.node, "read")
-    return reply([_member(request)] if visible else [], index)
+    member = _member(request, wan=query_flag(request, "wan"))
+    return reply([member] if visible else [], index)
 
 
 # -- handlers: services ----------------------------------------------------------------
@@ -359,7 +387,7 @@ async def services(request: web.Request) -> web.Response:
     cat = ctx.catalog
     views = [
         agent_service(s, cat.datacenter)
-        for s in cat.node_services(cat.node)
+        for s in cat.agent_services()
         if grant.allows("service", s["Service"], "read")
     ]
     return reply({v["ID"]: v for v in apply_filter(flt, views)}, index)
@@ -371,7 +399,7 @@ def _local_service(request: web.Request, access: Access) -> tuple[str, Obj | Non
     ctx = context(request)
     cat = ctx.catalog
     sid = request.match_info["service_id"]
-    svc = cat.get_service(cat.node, sid)
+    svc = cat.agent_service(sid)
     ctx.acl.require(request, "service", svc["Service"] if svc else sid, access)
     return sid, svc
 
@@ -388,12 +416,12 @@ async def service(request: web.Request) -> web.Response:
     if want_hash:
         # Consul blocks this endpoint on the content hash as well as on the index.
         deadline = time.monotonic() + query_wait(request)
-        while _service_hash(cat.get_service(cat.node, sid), cat.datacenter) == want_hash:
+        while _service_hash(cat.agent_service(sid), cat.datacenter) == want_hash:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not await ctx.store.hub.wait([resource], remaining):
                 break
     index = await block(request, [resource])
-    svc = cat.get_service(cat.node, sid)
+    svc = cat.agent_service(sid)
     if svc is None:
         raise NotFoundError(f"unknown service ID: {sid}")
     view = agent_service(svc, cat.datacenter)
@@ -415,6 +443,10 @@ async def service_register(request: web.Request) -> web.Response:
     body = Body(await read_body(request))
     svc = parse_service(body)
     ctx.acl.require(request, "service", svc["Service"], "write")
+    if not cat.agent_owns_service(cat.node, svc["ID"]):
+        raise BadRequestError(
+            f"Invalid service ID {svc['ID']!r}: reserved for the server's own service"
+        )
     defs = []
     single = body.obj("Check")
     if single is not None:
@@ -513,7 +545,7 @@ async def checks(request: web.Request) -> web.Response:
     flt = query_filter(request)
     index = await block(request, ["agent:checks"])
     cat = ctx.catalog
-    items = apply_filter(flt, [c for c in cat.node_checks(cat.node) if check_visible(grant, c)])
+    items = apply_filter(flt, [c for c in cat.agent_checks() if check_visible(grant, c)])
     return reply({c["CheckID"]: c for c in items}, index)
 
 
@@ -525,13 +557,16 @@ async def check_register(request: web.Request) -> web.Response:
     if not chk["Name"]:
         raise BadRequestError("Missing check name")
     chk["CheckID"] = chk["CheckID"] or chk["Name"]
-    svc = cat.get_service(cat.node, chk["ServiceID"]) if chk["ServiceID"] else None
+    if not cat.agent_owns_check(cat.node, chk["CheckID"]):
+        raise BadRequestError(f"Invalid check ID {chk['CheckID']!r}: reserved for node health")
+    svc = cat.agent_service(chk["ServiceID"]) if chk["ServiceID"] else None
     if svc is not None:
         ctx.acl.require(request, "service", svc["Service"], "write")
     else:
         ctx.acl.require(request, "node", cat.node, "write")
     if chk["ServiceID"] and svc is None:
-        raise BadRequestError(f"ServiceID {chk['ServiceID']!r} does not exist")
+        # Consul >= 1.11 answers 404 here (agent_endpoint.go AgentRegisterCheck).
+        raise NotFoundError(f"ServiceID {chk['ServiceID']!r} does not exist")
     with ctx.store.write() as txn:
         cat.ensure_local_node(txn)
         _keep_status(txn.get("checks", f"{cat.node}/{chk['CheckID']}"), chk)
@@ -544,7 +579,7 @@ def _local_check(request: web.Request, access: str = "write") -> Obj:
     ctx = context(request)
     cat = ctx.catalog
     cid = request.match_info["check_id"]
-    chk = cat.get_check(cat.node, cid)
+    chk = cat.agent_check(cid)
     if chk is not None and chk["ServiceID"]:
         ctx.acl.require(request, "service", chk["ServiceName"], "write")
     else:
@@ -634,7 +669,7 @@ async def health_by_id(request: web.Request) -> web.Response:
     cat = context(request).catalog
     sid, _ = _local_service(request, "read")
     index = await block(request, [f"agent:service:{sid}", "agent:checks"])
-    svc = cat.get_service(cat.node, sid)
+    svc = cat.agent_service(sid)
     if svc is None:
         if request.query.get("format") == "text":
             raise NotFoundError(f"ServiceId {sid} not found")
@@ -650,7 +685,7 @@ async def health_by_name(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     ctx.acl.require(request, "service", name, "read")
     index = await block(request, ["agent:services", "agent:checks"])
-    entries = [_local_health(request, s) for s in cat.node_services(cat.node)]
+    entries = [_local_health(request, s) for s in cat.agent_services()]
     entries = [e for e in entries if e["Service"]["Service"] == name]
     if not entries:
         if request.query.get("format") == "text":

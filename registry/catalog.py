@@ -11,7 +11,7 @@ node -> services and checks, instance -> checks) that a commit hook keeps curren
 Object shapes follow Consul: nodes `{ID, Node, Address, Datacenter, TaggedAddresses,
 Meta}`, services `{Node, ID, Service, Tags, Address, Port, Meta, Weights, ...}`, checks
 `{Node, CheckID, Name, Status, Notes, Output, ServiceID, ServiceName, ServiceTags, Type,
-Definition, Interval, Timeout}`, each with CreateIndex and ModifyIndex.
+Interval, Timeout, ExposedPort, Definition}`, each with CreateIndex and ModifyIndex.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ CRITICAL = "critical"
 STATUSES = (PASSING, WARNING, CRITICAL)
 
 SERF_CHECK_ID = "serfHealth"
+# The service a Consul server registers for itself on its own node (clients find servers
+# by it); the server, not the agent, owns it, so the agent endpoints do not list it.
+CONSUL_SERVICE_ID = "consul"
+CONSUL_SERVER_PORT = 8300
 NODE_MAINTENANCE_ID = "_node_maintenance"
 SERVICE_MAINTENANCE_PREFIX = "_service_maintenance:"
 
@@ -83,8 +87,11 @@ def _stamp(txn: Txn, old: Obj | None, new: Obj) -> Obj:
 class Catalog:
     """Nodes, services and checks of one datacenter, and the local agent's identity."""
 
-    def __init__(self, store: Store, node: str, datacenter: str, address: str) -> None:
+    def __init__(
+        self, store: Store, node: str, datacenter: str, address: str, version: str
+    ) -> None:
         self.store = store
+        self.version = version
         self.node = node
         self.datacenter = datacenter
         self.address = address
@@ -190,7 +197,7 @@ class Catalog:
         else:
             for svc in self._txn_node_services(txn, node):
                 txn.touch(*view_resources(svc))
-        if node == self.node:
+        if self.agent_owns_check(node, chk["CheckID"]):
             txn.touch("agent:checks")
 
     # -- nodes ---------------------------------------------------------------------------
@@ -234,7 +241,8 @@ class Catalog:
         return True
 
     def ensure_local_node(self, txn: Txn) -> None:
-        """The agent's own node and its `serfHealth` check, as a Consul agent has them."""
+        """The agent's own node, its `serfHealth` check and the `consul` service, as a
+        Consul server has them."""
         old = txn.get("nodes", self.node)
         addr = self.address
         self.ensure_node(
@@ -259,6 +267,58 @@ class Catalog:
                 "Definition": {},
             },
         )
+        self.put_service(txn, self.node, self._consul_service())
+
+    def _consul_service(self) -> Obj:
+        """What Consul's leader registers for each server (leader_registrator_v1.go)."""
+        return {
+            "ID": CONSUL_SERVICE_ID,
+            "Service": CONSUL_SERVICE_ID,
+            "Tags": [],
+            "Address": "",
+            "Port": CONSUL_SERVER_PORT,
+            "Meta": {
+                "non_voter": "false",
+                "read_replica": "false",
+                "raft_version": "3",
+                "serf_protocol_current": "2",
+                "serf_protocol_min": "1",
+                "serf_protocol_max": "5",
+                "version": self.version,
+            },
+            "Weights": {"Passing": 1, "Warning": 1},
+            "TaggedAddresses": {},
+            "EnableTagOverride": False,
+            "Kind": "",
+        }
+
+    # -- what the local agent owns -------------------------------------------------------
+
+    def agent_owns_service(self, node: str, service_id: str) -> bool:
+        """Whether the agent endpoints show this service: the local node's, but for the
+        server's own `consul` service."""
+        return node == self.node and service_id != CONSUL_SERVICE_ID
+
+    def agent_owns_check(self, node: str, check_id: str) -> bool:
+        """Whether the agent endpoints show this check: the local node's, but for
+        `serfHealth`, which is the cluster's view of the node (a catalog check)."""
+        return node == self.node and check_id != SERF_CHECK_ID
+
+    def agent_services(self) -> list[Obj]:
+        return [s for s in self.node_services(self.node) if s["ID"] != CONSUL_SERVICE_ID]
+
+    def agent_checks(self) -> list[Obj]:
+        return [c for c in self.node_checks(self.node) if c["CheckID"] != SERF_CHECK_ID]
+
+    def agent_service(self, service_id: str) -> Obj | None:
+        if not self.agent_owns_service(self.node, service_id):
+            return None
+        return self.get_service(self.node, service_id)
+
+    def agent_check(self, check_id: str) -> Obj | None:
+        if not self.agent_owns_check(self.node, check_id):
+            return None
+        return self.get_check(self.node, check_id)
 
     # -- services ------------------------------------------------------------------------
 
@@ -277,7 +337,7 @@ class Catalog:
             txn.touch("services")
         if old is not None:
             txn.touch(*view_resources(old))
-        if node == self.node:
+        if self.agent_owns_service(node, svc["ID"]):
             txn.touch("agent:services", f"agent:service:{svc['ID']}")
         if old is not None and (old["Service"] != name or old["Tags"] != new["Tags"]):
             # Checks carry their service's name and tags.
@@ -294,7 +354,7 @@ class Catalog:
             self.delete_check(txn, node, chk["CheckID"])
         txn.delete("services", key)
         txn.touch("services", *view_resources(old), f"node:{node}")
-        if node == self.node:
+        if self.agent_owns_service(node, service_id):
             txn.touch("agent:services", f"agent:service:{service_id}")
         return True
 
@@ -328,6 +388,7 @@ class Catalog:
             "Type": chk.get("Type", ""),
             "Interval": chk.get("Interval", ""),
             "Timeout": chk.get("Timeout", ""),
+            "ExposedPort": chk.get("ExposedPort", 0),  # Connect's expose paths: never here
             "Definition": dict(chk.get("Definition") or {}),
         }
         if new["ServiceID"]:

@@ -18,7 +18,6 @@ from registry.http import (
     Body,
     apply_filter,
     block,
-    check_datacenter,
     context,
     query_filter,
     read_body,
@@ -75,7 +74,6 @@ async def read_service(request: web.Request, *, connect: bool = False) -> Servic
     ctx = context(request)
     name = request.match_info["name"]
     ctx.acl.require(request, "service", name, "read")
-    check_datacenter(request)
     flt = query_filter(request)
     meta = node_meta_query(request)
     tags = request.query.getall("tag", [])
@@ -104,12 +102,14 @@ def service_node(svc: Obj, node: Obj | None) -> Obj:
         "ServicePort": svc["Port"],
         "ServiceSocketPath": svc.get("SocketPath", ""),
         "ServiceEnableTagOverride": svc["EnableTagOverride"],
-        "ServiceTaggedAddresses": svc["TaggedAddresses"],
         "ServiceProxy": svc.get("Proxy", {}),
         "ServiceConnect": svc.get("Connect", {}),
+        "ServiceLocality": svc.get("Locality"),
         "CreateIndex": svc["CreateIndex"],
         "ModifyIndex": svc["ModifyIndex"],
     }
+    if svc["TaggedAddresses"]:  # `json:",omitempty"` in structs.ServiceNode
+        out["ServiceTaggedAddresses"] = svc["TaggedAddresses"]
     return out
 
 
@@ -147,7 +147,7 @@ async def register(request: web.Request) -> web.Response:
         raise BadRequestError(f"Invalid node name {node!r}: '/' is not allowed")
     dc = body.text("Datacenter")
     if dc and dc != cat.datacenter:
-        raise RegistryError(f"No path to datacenter {dc!r}")
+        raise RegistryError("No path to datacenter")
     skip_node = body.flag("SkipNodeUpdate") and cat.get_node(node) is not None
     address = body.text("Address")
     if not address and not skip_node:
@@ -221,7 +221,6 @@ async def datacenters(request: web.Request) -> web.Response:
 async def nodes(request: web.Request) -> web.Response:
     ctx = context(request)
     grant = ctx.acl.grant(request)
-    check_datacenter(request)
     flt = query_filter(request)
     meta = node_meta_query(request)
     index = await block(request, ["nodes"])
@@ -236,7 +235,6 @@ async def nodes(request: web.Request) -> web.Response:
 async def services(request: web.Request) -> web.Response:
     ctx = context(request)
     grant = ctx.acl.grant(request)
-    check_datacenter(request)
     flt = query_filter(request)
     meta = node_meta_query(request)
     index = await block(request, ["services", "nodes"] if meta else ["services"])
@@ -290,7 +288,6 @@ async def _node(request: web.Request, *, services_as_list: bool) -> web.Response
     ctx = context(request)
     name = request.match_info["node"]
     ctx.acl.require(request, "node", name, "read")
-    check_datacenter(request)
     flt = query_filter(request)
     index = await block(request, [f"node:{name}"])
     cat = ctx.catalog

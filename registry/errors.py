@@ -40,7 +40,17 @@ class TooLargeError(RegistryError):
     status = 413
 
 
+class NotSupportedError(RegistryError):
+    """A Consul endpoint this registry does not have (501: every client treats it as an error)."""
+
+    status = 501
+
+
 class StoreError(RegistryError):
     """The durable store could not commit a write; nothing was applied."""
 
     status = 500
+
+
+class DataDirError(Exception):
+    """The data directory cannot be used (a damaged database); the registry cannot start."""

@@ -16,7 +16,6 @@ from registry.errors import BadRequestError
 from registry.http import (
     apply_filter,
     block,
-    check_datacenter,
     context,
     query_filter,
     query_flag,
@@ -58,7 +57,6 @@ async def state(request: web.Request) -> web.Response:
     if want not in (*STATUSES, "any", "unknown"):
         raise BadRequestError(f"Invalid state {want!r}: want any, passing, warning or critical")
     grant = ctx.acl.grant(request)
-    check_datacenter(request)
     flt = query_filter(request)
     meta = node_meta_query(request)
     index = await block(request, ["checks"])
@@ -75,7 +73,6 @@ async def node(request: web.Request) -> web.Response:
     ctx = context(request)
     name = request.match_info["node"]
     ctx.acl.require(request, "node", name, "read")
-    check_datacenter(request)
     flt = query_filter(request)
     grant = ctx.acl.grant(request)
     index = await block(request, [f"node:{name}"])

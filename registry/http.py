@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from registry import nesting
 from registry.errors import BadRequestError, RegistryError, TooLargeError
 from registry.store import Store
 
@@ -61,7 +62,7 @@ class Context:
         self.store = store
         self.acl = Authorizer(store, spec.management_token)
         advertise = "127.0.0.1" if spec.host in ("", "0.0.0.0", "::") else spec.host
-        self.catalog = Catalog(store, spec.node, spec.datacenter, advertise)
+        self.catalog = Catalog(store, spec.node, spec.datacenter, advertise, VERSION)
         self.started = time.time()
         self.address = spec.host
         self.port = spec.port
@@ -113,8 +114,8 @@ async def read_body(request: web.Request, *, allow_empty: bool = False) -> Any:
             return None
         raise BadRequestError("Request decode failed: empty body")
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return nesting.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError and NestingError are ValueErrors
         raise BadRequestError(f"Request decode failed: {exc}") from exc
 
 
@@ -341,11 +342,16 @@ def apply_filter(flt: Filter | None, items: list[Any]) -> list[Any]:
     return items if flt is None else [x for x in items if flt.matches(x)]
 
 
+# Answered by the local agent, which takes no `?dc=` (Consul ignores it there).
+_AGENT_LOCAL = ("/v1/agent/", "/v1/event/list")
+
+
 def check_datacenter(request: web.Request) -> None:
-    """`?dc=` naming another datacenter fails as Consul's does: we know no other."""
+    """`?dc=` naming another datacenter fails as Consul's does (structs.ErrNoDCPath): this
+    registry is the only server of its own datacenter and has no path to any other."""
     dc = request.query.get("dc")
-    if dc and dc != context(request).spec.datacenter:
-        raise RegistryError(f"No path to datacenter {dc!r}")
+    if dc and dc != context(request).spec.datacenter and not request.path.startswith(_AGENT_LOCAL):
+        raise RegistryError("No path to datacenter")
 
 
 async def block(
@@ -407,6 +413,7 @@ def _route_name(request: web.Request) -> str:
 async def consul_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx = context(request)
     try:
+        check_datacenter(request)
         resp = await handler(request)
     except RegistryError as exc:
         resp = web.Response(text=exc.message, status=exc.status, content_type="text/plain")

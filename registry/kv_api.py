@@ -14,7 +14,7 @@ from aiohttp import web
 
 from registry import kv
 from registry.errors import BadRequestError, PermissionDeniedError, TooLargeError
-from registry.http import block, check_datacenter, context, reply
+from registry.http import block, context, reply
 from registry.session_api import sessions_of
 
 _UINT64_MAX = 2**64 - 1
@@ -46,7 +46,6 @@ def _not_found(index: int) -> web.Response:
 
 
 async def kv_get(request: web.Request) -> web.StreamResponse:
-    check_datacenter(request)
     ctx = context(request)
     store = ctx.store
     key = request.match_info["key"]
@@ -88,7 +87,6 @@ async def kv_get(request: web.Request) -> web.StreamResponse:
 
 
 async def kv_put(request: web.Request) -> web.Response:
-    check_datacenter(request)
     ctx = context(request)
     key = request.match_info["key"]
     if not key:
@@ -125,7 +123,6 @@ async def kv_put(request: web.Request) -> web.Response:
 
 
 async def kv_delete(request: web.Request) -> web.Response:
-    check_datacenter(request)
     ctx = context(request)
     key = request.match_info["key"]
     _conflicting(request, "recurse", "cas")

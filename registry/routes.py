@@ -15,6 +15,7 @@ from registry import (
     session_api,
     status,
     txn_api,
+    unsupported,
 )
 
 
@@ -25,6 +26,7 @@ def register(app: web.Application) -> None:
     r.add_get("/v1/status/peers", status.peers)
     # Agent
     r.add_get("/v1/agent/self", agent_api.self_)
+    r.add_get("/v1/agent/version", agent_api.version)
     r.add_get("/v1/agent/members", agent_api.members)
     r.add_get("/v1/agent/services", agent_api.services)
     r.add_get("/v1/agent/service/{service_id}", agent_api.service)
@@ -41,6 +43,7 @@ def register(app: web.Application) -> None:
     r.add_put("/v1/agent/check/update/{check_id}", agent_api.check_update)
     r.add_get("/v1/agent/health/service/id/{service_id}", agent_api.health_by_id)
     r.add_get("/v1/agent/health/service/name/{name}", agent_api.health_by_name)
+    r.add_put("/v1/agent/token/{kind}", acl_api.agent_token)
     # Catalog
     r.add_put("/v1/catalog/register", catalog_api.register)
     r.add_put("/v1/catalog/deregister", catalog_api.deregister)
@@ -73,6 +76,7 @@ def register(app: web.Application) -> None:
     r.add_put("/v1/event/fire/{name:.*}", event_api.fire)
     r.add_get("/v1/event/list", event_api.list_events)
     # ACL (the fixed paths before the parameterised ones)
+    r.add_put("/v1/acl/bootstrap", acl_api.bootstrap)
     r.add_put("/v1/acl/policy", acl_api.policy_create)
     r.add_get("/v1/acl/policies", acl_api.policy_list)
     r.add_get("/v1/acl/policy/name/{name}", acl_api.policy_read_by_name)
@@ -89,3 +93,5 @@ def register(app: web.Application) -> None:
     r.add_post("/v1/internal/acl/authorize", acl_api.authorize)
     # Metrics
     r.add_get("/v1/agent/metrics", metrics.agent_metrics)
+    # Consul endpoints a single node does not have: a clear 501, not a bare 404.
+    unsupported.register(app)

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from registry.errors import StoreError
+from registry.errors import DataDirError, StoreError
 from registry.watch import WatchHub
 
 log = logging.getLogger(__name__)
@@ -136,12 +136,22 @@ class Store:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL survives a process crash (kill -9); FULL also survives power loss.
-            db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-            db.executescript(_SCHEMA)
-            self._db = db
-            self._load()
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL survives a process crash (kill -9); FULL also survives power loss.
+                db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+                db.executescript(_SCHEMA)
+                self._db = db
+                self._load()
+            except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as exc:
+                # Reading every object at start is what finds a damaged file: say so once,
+                # with what to do, instead of a traceback from deep inside SQLite.
+                db.close()
+                self._db = None
+                raise DataDirError(
+                    f"the registry's state in {path} is unreadable ({exc}): restore the file"
+                    " from a backup, or start with a fresh --data-dir"
+                ) from exc
 
     # -- reads -------------------------------------------------------------------------
 

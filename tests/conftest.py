@@ -54,6 +54,27 @@ async def registry(tmp_path: Path) -> AsyncIterator[RegistryServer]:
         yield server
 
 
+# The management token of `secured_registry` (ACLs on, default deny).
+MANAGEMENT_TOKEN = "5b2d8f4e-1c3a-4e8b-9d7f-2a6c0e1b3f45"
+
+
+@pytest.fixture
+async def secured_registry(tmp_path: Path) -> AsyncIterator[RegistryServer]:
+    """A registry with ACLs on, its management token `MANAGEMENT_TOKEN`."""
+    async with serving_registry(tmp_path / "reg", management_token=MANAGEMENT_TOKEN) as server:
+        yield server
+
+
+@pytest.fixture
+async def registry_admin(secured_registry: RegistryServer) -> AsyncIterator[Any]:
+    """A `consul.aio` client of `secured_registry` with its management token."""
+    c = consul.aio.Consul(host="127.0.0.1", port=secured_registry.port, token=MANAGEMENT_TOKEN)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
 @pytest.fixture
 async def consul_client(registry: RegistryServer) -> AsyncIterator[Any]:
     c = consul.aio.Consul(host="127.0.0.1", port=registry.port)

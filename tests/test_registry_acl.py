@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import consul
@@ -13,9 +12,9 @@ import pytest
 
 from registry.acl_rules import RuleError, RuleSet, parse_rules
 from registry.server import RegistryServer
-from tests.conftest import RegistryProcess, serving_registry
+from tests.conftest import MANAGEMENT_TOKEN, RegistryProcess
 
-MGMT = "5f6c1b3e-0000-4000-8000-00000000a11c"
+MGMT = MANAGEMENT_TOKEN
 
 APP_RULES = {
     "key_prefix": {"app/": {"policy": "write"}, "": {"policy": "read"}},
@@ -98,38 +97,23 @@ def test_bad_rules_are_rejected(bad: str) -> None:
 # -- through the HTTP API --------------------------------------------------------------
 
 
-@pytest.fixture
-async def secured(tmp_path: Path) -> AsyncIterator[RegistryServer]:
-    async with serving_registry(tmp_path / "reg", management_token=MGMT) as server:
-        yield server
-
-
-@pytest.fixture
-async def admin(secured: RegistryServer) -> AsyncIterator[Any]:
-    c = consul.aio.Consul(port=secured.port, token=MGMT)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-async def _scoped_token(admin: Any) -> dict[str, Any]:
-    pol = await admin.acl.policy.create("app-writer", rules=APP_RULES, description="app")
+async def _scoped_token(registry_admin: Any) -> dict[str, Any]:
+    pol = await registry_admin.acl.policy.create("app-writer", rules=APP_RULES, description="app")
     assert pol["Name"] == "app-writer" and pol["ID"]
-    tok: dict[str, Any] = await admin.acl.token.create(
+    tok: dict[str, Any] = await registry_admin.acl.token.create(
         policies_name=["app-writer"], description="sidecar"
     )
     assert tok["Policies"] == [{"ID": pol["ID"], "Name": "app-writer"}]
     return tok
 
 
-async def test_token_scoping(secured: RegistryServer, admin: Any) -> None:
-    tok = await _scoped_token(admin)
-    await admin.kv.put("app/secret", "s3cr3t")
-    await admin.kv.put("other/x", "1")
-    await admin.catalog.register("n2", "10.0.0.2", service={"Service": "web", "Port": 80})
-    c = consul.aio.Consul(port=secured.port, token=tok["SecretID"])
-    anon = consul.aio.Consul(port=secured.port)
+async def test_token_scoping(secured_registry: RegistryServer, registry_admin: Any) -> None:
+    tok = await _scoped_token(registry_admin)
+    await registry_admin.kv.put("app/secret", "s3cr3t")
+    await registry_admin.kv.put("other/x", "1")
+    await registry_admin.catalog.register("n2", "10.0.0.2", service={"Service": "web", "Port": 80})
+    c = consul.aio.Consul(port=secured_registry.port, token=tok["SecretID"])
+    anon = consul.aio.Consul(port=secured_registry.port)
     try:
         assert await c.kv.put("app/config", "ok") is True
         with pytest.raises(consul.ACLPermissionDenied):
@@ -170,10 +154,10 @@ async def test_token_scoping(secured: RegistryServer, admin: Any) -> None:
             await anon.kv.put("app/config", "anon")
         with pytest.raises(consul.ACLPermissionDenied):
             await anon.health.service("web")
-        _, cfg = await admin.kv.get("app/config")
+        _, cfg = await registry_admin.kv.get("app/config")
         assert cfg["Value"] == b"ok"
         # An unknown secret is refused everything.
-        ghost = consul.aio.Consul(port=secured.port, token="not-a-token")
+        ghost = consul.aio.Consul(port=secured_registry.port, token="not-a-token")
         try:
             with pytest.raises(consul.ACLPermissionDenied) as err:
                 await ghost.kv.get("other/x")
@@ -185,45 +169,52 @@ async def test_token_scoping(secured: RegistryServer, admin: Any) -> None:
         await anon.close()
 
 
-async def test_policy_and_token_lifecycle(secured: RegistryServer, admin: Any) -> None:
-    tok = await _scoped_token(admin)
+async def test_policy_and_token_lifecycle(
+    secured_registry: RegistryServer, registry_admin: Any
+) -> None:
+    tok = await _scoped_token(registry_admin)
     pol_id = tok["Policies"][0]["ID"]
-    assert (await admin.acl.policy.read(pol_id))["Rules"]
-    names = [p["Name"] for p in await admin.acl.policy.list()]
+    assert (await registry_admin.acl.policy.read(pol_id))["Rules"]
+    names = [p["Name"] for p in await registry_admin.acl.policy.list()]
     assert names == ["global-management", "app-writer"]
     with pytest.raises(consul.ConsulException) as err:
-        await admin.acl.policy.create("app-writer")
+        await registry_admin.acl.policy.create("app-writer")
     assert "already exists" in str(err.value)
     with pytest.raises(consul.ConsulException) as err:
-        await admin.acl.policy.create("broken", rules={"key_prefix": {"": {"policy": "all"}}})
+        await registry_admin.acl.policy.create(
+            "broken", rules={"key_prefix": {"": {"policy": "all"}}}
+        )
     assert "Failed to parse ACL rules" in str(err.value)
     with pytest.raises(consul.ConsulException) as err:
-        await admin.acl.token.create(policies_name=["no-such-policy"])
+        await registry_admin.acl.token.create(policies_name=["no-such-policy"])
     assert "No such ACL policy" in str(err.value)
     # Narrow the policy: the token loses write at once.
     read_only = {"key_prefix": {"": {"policy": "read"}}}
-    await admin.acl.policy.update(pol_id, "app-writer", rules=read_only)
-    c = consul.aio.Consul(port=secured.port, token=tok["SecretID"])
+    await registry_admin.acl.policy.update(pol_id, "app-writer", rules=read_only)
+    c = consul.aio.Consul(port=secured_registry.port, token=tok["SecretID"])
     try:
         with pytest.raises(consul.ACLPermissionDenied):
             await c.kv.put("app/config", "x")
-        assert (await admin.acl.token.read(tok["AccessorID"]))["Description"] == "sidecar"
-        accessors = [t["AccessorID"] for t in await admin.acl.token.list()]
+        assert (await registry_admin.acl.token.read(tok["AccessorID"]))["Description"] == "sidecar"
+        accessors = [t["AccessorID"] for t in await registry_admin.acl.token.list()]
         assert tok["AccessorID"] in accessors
-        assert await admin.acl.token.delete(tok["AccessorID"]) is True
+        assert await registry_admin.acl.token.delete(tok["AccessorID"]) is True
         with pytest.raises(consul.ACLPermissionDenied):
             await c.kv.get("app/config")
     finally:
         await c.close()
-    assert await admin.acl.policy.delete(pol_id) is True
-    assert await admin.acl.policy.read(pol_id) is None
+    assert await registry_admin.acl.policy.delete(pol_id) is True
+    with pytest.raises(consul.ACLPermissionDenied, match="ACL not found"):
+        await registry_admin.acl.policy.read(pol_id)
     with pytest.raises(consul.ConsulException):
-        await admin.acl.policy.delete("00000000-0000-0000-0000-000000000001")
+        await registry_admin.acl.policy.delete("00000000-0000-0000-0000-000000000001")
 
 
-async def test_service_identity_token(secured: RegistryServer, admin: Any) -> None:
-    tok = await admin.acl.token.create(service_identities=[{"ServiceName": "orders"}])
-    c = consul.aio.Consul(port=secured.port, token=tok["SecretID"])
+async def test_service_identity_token(
+    secured_registry: RegistryServer, registry_admin: Any
+) -> None:
+    tok = await registry_admin.acl.token.create(service_identities=[{"ServiceName": "orders"}])
+    c = consul.aio.Consul(port=secured_registry.port, token=tok["SecretID"])
     try:
         await c.agent.service.register("orders", service_id="orders-1", port=8080)
         with pytest.raises(consul.ACLPermissionDenied):
@@ -243,11 +234,11 @@ async def test_acl_disabled_is_401(consul_client: Any) -> None:
 
 async def test_acl_state_survives_kill_9(registry_process: Callable[..., RegistryProcess]) -> None:
     rp = registry_process(token=MGMT)
-    admin = consul.aio.Consul(port=rp.port, token=MGMT)
+    registry_admin = consul.aio.Consul(port=rp.port, token=MGMT)
     try:
-        tok = await _scoped_token(admin)
+        tok = await _scoped_token(registry_admin)
     finally:
-        await admin.close()
+        await registry_admin.close()
     rp.kill9()
     rp.start()
     c = consul.aio.Consul(port=rp.port, token=tok["SecretID"])
@@ -262,14 +253,14 @@ async def test_acl_state_survives_kill_9(registry_process: Callable[..., Registr
 
 
 async def test_acl_read_hides_secrets_and_anonymous_can_be_granted(
-    secured: RegistryServer, admin: Any
+    secured_registry: RegistryServer, registry_admin: Any
 ) -> None:
-    await admin.acl.policy.create(
+    await registry_admin.acl.policy.create(
         "auditor", rules='acl = "read"\nkey_prefix "pub/" { policy = "read" }'
     )
-    auditor = await admin.acl.token.create(policies_name=["auditor"])
-    c = consul.aio.Consul(port=secured.port, token=auditor["SecretID"])
-    anon = consul.aio.Consul(port=secured.port)
+    auditor = await registry_admin.acl.token.create(policies_name=["auditor"])
+    c = consul.aio.Consul(port=secured_registry.port, token=auditor["SecretID"])
+    anon = consul.aio.Consul(port=secured_registry.port)
     try:
         listed = await c.acl.token.list()
         assert listed and all(t["SecretID"] == "<hidden>" for t in listed)
@@ -278,10 +269,10 @@ async def test_acl_read_hides_secrets_and_anonymous_can_be_granted(
         with pytest.raises(consul.ACLPermissionDenied):
             await c.acl.token.create(description="not allowed")
         # The anonymous token is a token like any other: grant it public reads.
-        await admin.kv.put("pub/motd", "hello")
+        await registry_admin.kv.put("pub/motd", "hello")
         with pytest.raises(consul.ACLPermissionDenied):
             await anon.kv.get("pub/motd")
-        await admin.acl.token.update(
+        await registry_admin.acl.token.update(
             "00000000-0000-0000-0000-000000000002", policies_name=["auditor"]
         )
         _, motd = await anon.kv.get("pub/motd")

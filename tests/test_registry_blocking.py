@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import consul
+import consul.aio
 from consul.callback import CB
 
 from registry.server import RegistryServer
@@ -16,14 +17,17 @@ Mutation = Callable[[Any], Awaitable[Any]]
 
 
 async def read(c: Any, path: str, index: int | None = None, wait: str = "10s") -> tuple[int, Any]:
-    params: list[tuple[str, Any]] = []
+    params: list[tuple[str, Any]] = [("token", c.token)] if c.token else []
     if index is not None:
         params += [("index", index), ("wait", wait)]
     idx, data = await c.http.get(CB.json(index=True), path, params=params)
     return int(idx), data
 
 
-async def _seed(c: Any) -> None:
+async def _seed(c: Any) -> dict[str, str]:
+    """The state every route's read is made on; returns the names paths refer to."""
+    await c.kv.put("app/config", "v1")
+    session = await c.session.create(name="seed", checks=[])
     await c.agent.service.register("web", service_id="web1", port=80, check=consul.Check.ttl("60s"))
     await c.agent.service.register(
         "web-sidecar-proxy",
@@ -33,6 +37,7 @@ async def _seed(c: Any) -> None:
         proxy={"DestinationServiceName": "web", "LocalServicePort": 80},
     )
     await c.catalog.register("n2", "10.0.0.2", service={"Service": "db", "ID": "db1", "Port": 1})
+    return {"session": session}
 
 
 async def _pass_web(c: Any) -> None:
@@ -76,6 +81,25 @@ async def _node_check(c: Any) -> None:
     await c.agent.check.register("disk", check=consul.Check.ttl("60s"))
 
 
+async def _put_config(c: Any) -> None:
+    await c.kv.put("app/config", f"v at {time.monotonic()}")
+
+
+async def _new_session(c: Any) -> None:
+    await c.session.create(name="another", checks=[])
+
+
+async def _destroy_seed_sessions(c: Any) -> None:
+    _, sessions = await c.session.list()
+    for s in sessions:
+        if s["Name"] == "seed":
+            await c.session.destroy(s["ID"])
+
+
+async def _fire_event(c: Any) -> None:
+    await c.event.fire("deploy", str(time.monotonic()))
+
+
 # Every GET route of the agent, catalog and health APIs, with a write that changes it.
 ROUTES: dict[str, tuple[str, Mutation]] = {
     "/v1/agent/self": ("/v1/agent/self", _node_maintenance),
@@ -96,35 +120,75 @@ ROUTES: dict[str, tuple[str, Mutation]] = {
     "/v1/health/checks/{name}": ("/v1/health/checks/web", _pass_web),
     "/v1/health/state/{state}": ("/v1/health/state/any", _pass_web),
     "/v1/health/node/{node}": ("/v1/health/node/node1", _pass_web),
+    "/v1/kv/{key}": ("/v1/kv/app/config", _put_config),
+    "/v1/session/info/{id}": ("/v1/session/info/{session}", _destroy_seed_sessions),
+    "/v1/session/node/{node}": ("/v1/session/node/node1", _new_session),
+    "/v1/session/list": ("/v1/session/list", _new_session),
+    "/v1/event/list": ("/v1/event/list", _fire_event),
+}
+
+
+async def _new_policy(c: Any) -> None:
+    await c.acl.policy.create(f"p{time.monotonic_ns()}", rules='key "a" { policy = "read" }')
+
+
+async def _new_token(c: Any) -> None:
+    await c.acl.token.create(description="another")
+
+
+# The ACL reads, on a registry with ACLs (they are 401 without): each blocks on `acl`.
+ACL_ROUTES: dict[str, tuple[str, Mutation]] = {
+    "/v1/acl/policies": ("/v1/acl/policies", _new_policy),
+    "/v1/acl/policy/{id}": ("/v1/acl/policy/00000000-0000-0000-0000-000000000001", _new_policy),
+    "/v1/acl/policy/name/{name}": ("/v1/acl/policy/name/global-management", _new_policy),
+    "/v1/acl/tokens": ("/v1/acl/tokens", _new_token),
+    "/v1/acl/token/{id}": ("/v1/acl/token/00000000-0000-0000-0000-000000000002", _new_token),
+    "/v1/acl/token/self": ("/v1/acl/token/self", _new_token),
 }
 # Routes whose data never changes: a blocking read simply waits out `wait`.
 STATIC = {"/v1/catalog/datacenters"}
+# GET routes that are not blocking queries in Consul either (no index to wait on).
+NOT_BLOCKING = {
+    "/v1/status/leader": "Consul's Status.Leader is a plain RPC",
+    "/v1/status/peers": "Consul's Status.Peers is a plain RPC",
+    "/v1/agent/metrics": "metrics are a snapshot of the moment",
+    "/v1/agent/version": "the build's version never changes",
+}
 
 
 async def test_every_get_route_is_covered(registry: RegistryServer) -> None:
-    mine = ("registry.agent_api", "registry.catalog_api", "registry.health_api")
+    """Every GET route in the whole route table: blocking with a test below, or listed
+    as never changing or as not blocking in Consul either."""
     gets = [
         r.resource.canonical
         for r in registry.app.router.routes()
-        if r.method == "GET" and r.resource is not None and r.handler.__module__ in mine
+        if r.method == "GET" and r.resource is not None
     ]
-    assert sorted(gets) == sorted([*ROUTES, *STATIC])
+    assert len(gets) == len(set(gets))
+    assert sorted(gets) == sorted([*ROUTES, *ACL_ROUTES, *STATIC, *NOT_BLOCKING])
+
+
+async def _blocks_until_changed(c: Any, route: str, path: str, mutate: Mutation) -> tuple[int, int]:
+    """Read `path`, block on its index, `mutate`: the index before and the one woken with."""
+    index, _ = await read(c, path)
+    assert index > 0, route
+    waiter = asyncio.ensure_future(read(c, path, index))
+    await asyncio.sleep(0.05)
+    assert not waiter.done(), f"{route} answered before anything changed"
+    started = time.monotonic()
+    await mutate(c)
+    new_index, _ = await asyncio.wait_for(waiter, 5)
+    assert time.monotonic() - started < 4, route  # woken, not timed out (10 s)
+    return index, new_index
 
 
 async def test_every_get_route_blocks_until_its_resource_changes(consul_client: Any) -> None:
     c = consul_client
-    for route, (path, mutate) in ROUTES.items():
-        await _seed(c)
-        index, _ = await read(c, path)
-        assert index > 0, route
-        waiter = asyncio.ensure_future(read(c, path, index))
-        await asyncio.sleep(0.05)
-        assert not waiter.done(), f"{route} answered before anything changed"
-        started = time.monotonic()
-        await mutate(c)
-        new_index, _ = await asyncio.wait_for(waiter, 5)
-        assert new_index > index, route
-        assert time.monotonic() - started < 4, route  # woken, not timed out (10 s)
+    for route, (template, mutate) in ROUTES.items():
+        names = await _seed(c)
+        index, new_index = await _blocks_until_changed(c, route, template.format(**names), mutate)
+        # Greater, but for events: their index is a hash of the list (as Consul's).
+        assert new_index != index if route == "/v1/event/list" else new_index > index, route
         # Undo what the mutations left behind that would stop the next one changing things.
         await c.agent.maintenance(False)
         await c.agent.check.deregister("disk")
@@ -229,3 +293,9 @@ async def test_agent_service_blocks_on_its_content_hash(consul_client: Any) -> N
     await _retag_web(c)
     changed = await asyncio.wait_for(waiter, 5)
     assert changed["Tags"] == ["new"] and changed["ContentHash"] != first["ContentHash"]
+
+
+async def test_every_acl_read_blocks_until_acls_change(registry_admin: Any) -> None:
+    for route, (path, mutate) in ACL_ROUTES.items():
+        index, new_index = await _blocks_until_changed(registry_admin, route, path, mutate)
+        assert new_index > index, route

@@ -37,7 +37,7 @@ async def test_register_and_read_back(consul_client: Any) -> None:
     assert [n["Node"] for n in nodes] == ["n2", "n3", "node1"]
     assert {n["Node"]: n["Address"] for n in nodes}["n3"] == "10.0.0.3"
     _, services = await consul_client.catalog.services()
-    assert services == {"cache": [], "db": ["primary", "replica", "v2"]}
+    assert services == {"cache": [], "consul": [], "db": ["primary", "replica", "v2"]}
     _, dbs = await consul_client.catalog.service("db")
     assert [(d["Node"], d["Address"], d["ServiceID"], d["ServicePort"]) for d in dbs] == [
         ("n2", "10.0.0.2", "db1", 5432),
@@ -171,7 +171,7 @@ def _svc(name: str, sid: str, tags: list[str] | None = None) -> dict[str, Any]:
 
 def test_catalog_touches_exactly_the_views_that_change() -> None:
     store = Store(None)
-    cat = Catalog(store, "n1", "dc1", "127.0.0.1")
+    cat = Catalog(store, "n1", "dc1", "127.0.0.1", "1.20.0")
     with store.write() as txn:
         cat.ensure_local_node(txn)
         cat.ensure_node(txn, "n2", "10.0.0.2")
@@ -186,10 +186,11 @@ def test_catalog_touches_exactly_the_views_that_change() -> None:
     with store.write() as txn:
         cat.set_check_status(txn, "n1", "a-ttl", "passing", "ok")
         assert txn.touched == {"checks", "node:n1", "service:a", "agent:checks"}
-    # A node check: every service on that node, and nothing on other nodes.
+    # A node check: every service on that node (the server's own `consul` too), and
+    # nothing on other nodes; serfHealth is no agent check, so agent views stay asleep.
     with store.write() as txn:
         cat.set_check_status(txn, "n1", "serfHealth", "critical", "down")
-        assert txn.touched == {"checks", "node:n1", "service:a", "service:b", "agent:checks"}
+        assert txn.touched == {"checks", "node:n1", "service:a", "service:b", "service:consul"}
     # The same status and output again: nothing staged, nobody woken.
     before = store.index
     with store.write() as txn:

@@ -75,7 +75,6 @@ BAD_REGISTRATIONS: list[tuple[str, Any, str]] = [
     ),
     ("/v1/agent/check/register", {"Name": "c", "TCP": "nohostport", "Interval": "1s"}, "TCP"),
     ("/v1/agent/service/register", {"Name": "x", "Check": {}}, "TTL, HTTP or TCP"),
-    ("/v1/agent/check/register", {"Name": "c", "TTL": "5s", "ServiceID": "ghost"}, "ghost"),
     ("/v1/agent/check/register", {"TTL": "5s"}, "Missing check name"),
     ("/v1/agent/check/register", {"Name": "c", "TTL": "5s", "Status": "fine"}, "Status"),
     ("/v1/catalog/register", {"Address": "10.0.0.1"}, "Must provide node"),

@@ -118,7 +118,12 @@ def registry(
         max_connections=max_connections,
         max_connections_per_client=max_connections_per_client,
     )
-    run_async(serve(spec, limits=limits))
+    from registry.errors import DataDirError
+
+    try:
+        run_async(serve(spec, limits=limits))
+    except DataDirError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _meta_pairs(
