@@ -17,6 +17,12 @@ COPY proxy ./proxy
 COPY registry ./registry
 COPY controlplane ./controlplane
 
+# iptables: the init container of `tether inject --capture iptables` (Kubernetes) runs
+# this image to redirect the app's outbound TCP to its sidecar.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iptables \
+    && rm -rf /var/lib/apt/lists/*
+
 # /data is the registry's state (a named volume takes this directory's owner).
 RUN pip install . \
     && groupadd --gid 10001 tether \

@@ -239,7 +239,13 @@ def sidecar(
 
     from proxy.sidecar import Sidecar, SidecarSpec
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # TETHER_LOG_LEVEL: set by injected sidecars (the tether.dev/log-level annotation).
+    level = os.environ.get("TETHER_LOG_LEVEL", "info").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise click.UsageError(
+            f"TETHER_LOG_LEVEL: {level.lower()!r} is not debug|info|warning|error"
+        )
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, port = consul_address()
     raw = os.environ.get("CONSUL_HTTP_ADDR", "")
     ssl = os.environ.get("CONSUL_HTTP_SSL", "").lower() == "true"
@@ -635,6 +641,290 @@ def consul_address() -> tuple[str, int]:
             f"CONSUL_HTTP_ADDR={raw!r} is not [http://|https://]HOST:PORT (e.g. 127.0.0.1:8500)"
         )
     return (host, int(port))
+
+
+# -- injection and running beside workloads (issue 14): inject, webhook, prestop,
+# pod-sidecar, run, rollout, check. Each imports its module lazily.
+
+
+def _port_pairs(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> dict[str, int]:
+    try:
+        pairs = _meta_pairs(ctx, param, value)
+    except click.BadParameter:
+        pairs = {}
+    if len(pairs) != len(set(value)) or not all(
+        p.isdigit() and 0 < int(p) < 65536 for p in pairs.values()
+    ):
+        raise click.BadParameter(f"{' '.join(value)!r}: give SERVICE=PORT")
+    return {name: int(port) for name, port in pairs.items()}
+
+
+_image_option = click.option(
+    "--image", default="tether:0.1.0", show_default=True, help="The tether image sidecars run."
+)
+
+
+def _pod_options(command: Any) -> Any:
+    """What a Kubernetes pod's sidecar is made of: the webhook's and `tether inject`'s flags
+    (InjectSpec.from_flags)."""
+    for option in reversed(
+        [
+            click.option(
+                "--native-sidecar/--no-native-sidecar",
+                default=True,
+                show_default=True,
+                help="Kubernetes: a native sidecar (1.29+) or an ordinary container.",
+            ),
+            click.option(
+                "--capture",
+                type=click.Choice(["proxy", "iptables"]),
+                default="proxy",
+                show_default=True,
+                help="Kubernetes: HTTP_PROXY only, or iptables redirection.",
+            ),
+            click.option(
+                "--registry", default=None, help="Kubernetes: CONSUL_HTTP_ADDR of the sidecars."
+            ),
+            click.option(
+                "--controlplane", "cp", default=None, help="Control plane URL of the sidecars."
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.option("-f", "--filename", "file", required=True, help="A manifest or compose file, or -.")
+@_image_option
+@_pod_options
+@click.option("--port", "ports", multiple=True, callback=_port_pairs,
+              help="Compose: the app port of SERVICE (SERVICE=PORT).")  # fmt: skip
+def inject(
+    file: str,
+    image: str,
+    native_sidecar: bool,
+    capture: str,
+    registry: str | None,
+    cp: str | None,
+    ports: dict[str, int],
+) -> None:
+    """Add sidecars to Kubernetes manifests or a compose file (format from content)."""
+    import sys
+
+    from controlplane.inject.compose import ComposeSpec
+    from controlplane.inject.errors import InjectError
+    from controlplane.inject.files import MAX_INPUT, inject_text
+    from controlplane.inject.manifests import InjectSpec
+
+    k8s = InjectSpec.from_flags(image, native_sidecar, capture, registry, cp)
+    try:
+        if file == "-":
+            text = sys.stdin.read(MAX_INPUT + 1)
+        else:
+            with open(file, encoding="utf-8") as fh:
+                text = fh.read(MAX_INPUT + 1)
+        result = inject_text(text, k8s, ComposeSpec(image=image, ports=ports), lambda: file)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"{file}: {exc}") from None
+    except InjectError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in result.warnings:
+        click.echo(f"warning: {line}", err=True)
+    click.echo(result.text, nl=False)
+
+
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=8443, show_default=True, type=int)
+@click.option("--tls-cert", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PEM certificate chain the webhook serves.")  # fmt: skip
+@click.option("--tls-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PEM private key of --tls-cert.")  # fmt: skip
+@_image_option
+@_pod_options
+def webhook(
+    host: str,
+    port: int,
+    tls_cert: Path,
+    tls_key: Path,
+    image: str,
+    native_sidecar: bool,
+    capture: str,
+    registry: str | None,
+    cp: str | None,
+) -> None:
+    """Run the Kubernetes mutating admission webhook (HTTPS) that injects sidecars."""
+    import logging
+    import ssl
+
+    from controlplane.inject.errors import InjectError
+    from controlplane.inject.manifests import InjectSpec
+    from controlplane.inject.webhook import WebhookSpec, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    k8s = InjectSpec.from_flags(image, native_sidecar, capture, registry, cp)
+    spec = WebhookSpec(tls_cert=tls_cert, tls_key=tls_key, host=host, port=port, inject=k8s)
+    try:
+        run_async(serve(spec))
+    except (OSError, ssl.SSLError, InjectError) as exc:
+        raise click.ClickException(f"webhook: {exc}") from None
+
+
+@main.command()
+@click.option("--service", required=True)
+@click.option("--address", required=True, help="The sidecar's advertised address (pod IP).")
+@click.option("--port", default=15006, show_default=True, type=int, help="Its inbound port.")
+@click.option("--app-port", default=None, type=int, help="Wait until the app closes this port.")
+@click.option("--timeout", default=10.0, show_default=True, type=float)
+def prestop(service: str, address: str, port: int, app_port: int | None, timeout: float) -> None:
+    """A pod's preStop for its sidecar: out of rotation, then wait for the app to stop."""
+    from tether.podlife import prestop as run_prestop
+
+    host, rport = consul_address()
+    raise SystemExit(
+        asyncio.run(
+            run_prestop(
+                service,
+                address,
+                port,
+                app_port,
+                timeout,
+                host,
+                rport,
+                os.environ.get("CONSUL_HTTP_TOKEN") or None,
+            )
+        )
+    )
+
+
+@main.command(name="pod-sidecar", context_settings={"ignore_unknown_options": True})
+@click.option("--restart-delay", default=0.5, show_default=True, type=float)
+@click.option(
+    "--exit-with-app",
+    is_flag=True,
+    help="Stop once the other containers' processes are gone (shared process namespace).",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def pod_sidecar(restart_delay: float, exit_with_app: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND (the sidecar), restarting it if it dies, until SIGTERM."""
+    from tether.podlife import PodSidecar
+
+    sidecar = PodSidecar(list(command), restart_delay, exit_with_app=exit_with_app)
+    raise SystemExit(asyncio.run(sidecar.run()))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--service", required=True, help="Service name the replicas register as.")
+@click.option("--port", required=True, type=int, help="PORT of the first replica's command.")
+@click.option("--replicas", default=1, show_default=True, type=int)
+@click.option(
+    "--restart",
+    type=click.Choice(["no", "on-failure", "always"]),
+    default="no",
+    show_default=True,
+    help="Restart a replica whose command exits (on-failure: non-zero or unhealthy).",
+)
+@click.option("--health-path", default=None, help="HTTP health path (default: TCP connect).")
+@click.option("--check-interval", default=1.0, show_default=True, type=float)
+@click.option("--failures", default=3, show_default=True, type=int,
+              help="Failed checks in a row that make a replica unhealthy.")  # fmt: skip
+@click.option("--drain-seconds", default=5.0, show_default=True, type=float)
+@click.option("--namespace", default="default", show_default=True)
+@click.option("--controlplane", "cp", default=None, help="Control plane URL (policy push).")
+@click.option("--control-socket", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Unix socket of `tether rollout` (default: per user and service).")  # fmt: skip
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(
+    service: str,
+    port: int,
+    replicas: int,
+    restart: str,
+    health_path: str | None,
+    check_interval: float,
+    failures: int,
+    drain_seconds: float,
+    namespace: str,
+    cp: str | None,
+    control_socket: Path | None,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND in the mesh (a sidecar per replica): tether run --service S --port P -- CMD"""
+    import uvloop
+
+    from tether.run import RunSpec, Supervisor
+
+    host, rport = consul_address()
+    try:
+        spec = RunSpec(
+            service=service,
+            port=port,
+            command=list(command),
+            replicas=replicas,
+            restart="always" if restart == "always" else "on-failure" if restart == "on-failure"
+            else "no",
+            health_path=health_path,
+            check_interval=check_interval,
+            failures=failures,
+            drain_seconds=drain_seconds,
+            namespace=namespace,
+            controlplane=cp,
+            control_socket=control_socket,
+            registry_host=host,
+            registry_port=rport,
+            registry_token=os.environ.get("CONSUL_HTTP_TOKEN") or None,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    raise SystemExit(uvloop.run(Supervisor(spec).run()))
+
+
+@main.group()
+def rollout() -> None:
+    """Rolling operations on the replicas of a `tether run`."""
+
+
+@rollout.command(name="restart")
+@click.argument("service")
+@click.option("--control-socket", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--timeout", default=300.0, show_default=True, type=float)
+def rollout_restart(service: str, control_socket: Path | None, timeout: float) -> None:
+    """Replace SERVICE's replicas one at a time, each new one ready before an old drains."""
+    from tether.run import RunError, control, default_socket
+
+    path = control_socket or default_socket(service)
+    try:
+        status, body = asyncio.run(control(path, "POST", "/rollout/restart", timeout))
+    except (RunError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if status != 200:
+        raise click.ClickException(str(body.get("error", body)))
+    for line in body.get("replaced", ()):
+        click.echo(line)
+    click.echo(f"{service}: restarted")
+
+
+@main.command()
+@_cp_option
+@click.option("--port", "ports", multiple=True, type=int, default=(15000, 15001, 15006),
+              show_default=True, help="Local ports a sidecar here will need.")  # fmt: skip
+def check(cp_url: str, ports: tuple[int, ...]) -> None:
+    """Check what the mesh needs: registry, control plane, sidecars, clocks, ports."""
+    from tether.check import run_checks
+
+    host, port = consul_address()
+    raw = os.environ.get("CONSUL_HTTP_ADDR", "")
+    ssl = raw.startswith("https://") or os.environ.get("CONSUL_HTTP_SSL", "").lower() == "true"
+    registry = f"{'https' if ssl else 'http'}://{host}:{port}"
+    results = run_checks(registry, cp_url, os.environ.get("CONSUL_HTTP_TOKEN") or None, ports)
+    for result in results:
+        for line in result.lines():
+            click.echo(line)
+    failed = sum(1 for r in results if r.ok is False)
+    click.echo(f"\n{len(results) - failed} of {len(results)} checks passed or skipped")
+    raise SystemExit(1 if failed else 0)
 
 
 if __name__ == "__main__":  # `python -m tether.cli` (how `tether up` starts its parts)

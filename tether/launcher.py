@@ -178,15 +178,23 @@ class Launcher:
         """Wait for the next child to exit (to notice crashes)."""
         return await self._exited.get()
 
-    async def stop(self, name: str, timeout: float | None = None) -> int | None:
-        """SIGTERM the child's process group, SIGKILL it after `timeout`; its exit code."""
+    def send_signal(self, name: str, sig: int) -> bool:
+        """Send `sig` to a running child's process group (`tether run` forwards signals)."""
+        child = self.children.get(name)
+        return child is not None and child.returncode is None and _signal_group(child.pid, sig)
+
+    async def stop(
+        self, name: str, timeout: float | None = None, sig: int = signal.SIGTERM
+    ) -> int | None:
+        """`sig` (SIGTERM) to the child's process group, SIGKILL after `timeout`; its exit
+        code."""
         child = self.children.get(name)
         if child is None:
             return None
         grace = child.spec.stop_timeout if timeout is None else timeout
         pgid = child.pid  # the child leads its own group (start_new_session)
         if child.returncode is None:
-            _signal_group(pgid, signal.SIGTERM)
+            _signal_group(pgid, sig)
             try:
                 await asyncio.wait_for(child.proc.wait(), grace)
             except TimeoutError:
