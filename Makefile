@@ -4,16 +4,27 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint typecheck pytest fuzz bench bench-registry bench-push bench-balance clean
+.PHONY: up test test-tools lint typecheck pytest fuzz bench bench-registry bench-push bench-balance clean
 
+# One line per step: pip's own output stays quiet, but a first run never looks stuck.
+# A .venv without pip (venv created without ensurepip, e.g. Debian lacking python3-venv)
+# is made again rather than half-used.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	@echo "make: [1/3] creating $(VENV) with $(PYTHON) -m venv"
+	@test -x $(BIN)/pip || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } || { \
+	  rm -rf $(VENV); \
+	  echo "make: $(PYTHON) -m venv failed: Python 3.11+ with venv is needed" \
+	       "(on Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }
+	@echo "make: [2/3] upgrading pip (from the package index)"
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@echo "make: [3/3] installing tether and its dependencies into $(VENV) (a minute or two the first time)"
+	@$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+	@echo "make: $(VENV) is ready"
 
+# UP_FLAGS: flags for `tether up` (e.g. UP_FLAGS="--registry-port 0 --no-view").
 up: $(STAMP)
-	$(BIN)/tether up
+	$(BIN)/tether up $(UP_FLAGS)
 
 test: $(STAMP) lint typecheck pytest
 
@@ -24,8 +35,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) test-tools
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# Tools the tests run besides the venv: Debian's docker-compose (`docker-compose config`
+# checks what `tether inject` writes for compose; it needs no Docker engine). Installed
+# when missing and apt-get is there; otherwise those tests skip and say why.
+test-tools:
+	@command -v docker-compose >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 \
+	  || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null 2>&1 \
+	  || (apt-get update -qq >/dev/null 2>&1 \
+	      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null 2>&1) \
+	  || echo "docker-compose could not be installed: its tests will skip"
 
 # Coverage-guided differential fuzzing of the HTTP codecs (tests/fuzz_codec.py): the
 # corpus check `make test` runs, for FUZZ_SECONDS on inputs atheris makes up.
