@@ -3,7 +3,7 @@
 `make bench-push` (or `python -m bench.push_bench [--sidecars 2000] [--workers 2]`).
 
 It starts a registry and one control plane as child processes, then `--workers`
-processes of lightweight sidecars that speak the real push protocol (proxy/push_codec:
+processes of lightweight sidecars that speak the real push protocol (wire/push:
 hello, snapshot with its hash checked, ack). Sidecar i is an instance of service
 `svc<i mod S>` and calls `svc<i+1 mod S>`, with S = sidecars/10, so one service's
 policy concerns 1% of the sidecars (its 10 instances and its 10 callers). Then:
@@ -56,7 +56,7 @@ def proc_stats(pid: int) -> tuple[float, float]:
 async def worker(url: str, first: int, count: int, services: int) -> None:
     import aiohttp
 
-    from proxy import push_codec as wire
+    from wire import push as protocol
 
     acks: dict[str, list[float]] = {}
     connects: dict[str, list[float]] = {}
@@ -68,8 +68,8 @@ async def worker(url: str, first: int, count: int, services: int) -> None:
         backoff and jitter (as proxy/policy_client.py does) when the connection ends."""
         nonlocal done
         svc = f"svc{i % services}"
-        node = wire.NodeIdentity(svc, "default", f"{svc}-{i}", f"z{i % 3}")
-        calls = (wire.service_key(f"svc{(i + 1) % services}", "default"),)
+        node = protocol.NodeIdentity(svc, "default", f"{svc}-{i}", f"z{i % 3}")
+        calls = (protocol.service_key(f"svc{(i + 1) % services}", "default"),)
         times = acks.setdefault(node.key, [])
         joined = connects.setdefault(node.key, [])
         rng = random.Random(i)
@@ -78,22 +78,25 @@ async def worker(url: str, first: int, count: int, services: int) -> None:
         while True:
             try:
                 async with session.ws_connect(
-                    url, protocols=(wire.SUBPROTOCOL,), max_msg_size=wire.MAX_MESSAGE
+                    url, protocols=(protocol.SUBPROTOCOL,), max_msg_size=protocol.MAX_MESSAGE
                 ) as ws:
-                    await ws.send_str(wire.encode(wire.Hello(node, calls, version, hash_)))
+                    await ws.send_str(protocol.encode(protocol.Hello(node, calls, version, hash_)))
                     joined.append(time.time())
                     attempt = 0
                     async for frame in ws:
                         if frame.type != aiohttp.WSMsgType.TEXT:
                             continue
-                        msg = wire.decode(frame.data)
-                        if not isinstance(msg, wire.Snapshot):
+                        msg = protocol.decode(frame.data)
+                        if not isinstance(msg, protocol.Snapshot):
                             continue
-                        if wire.content_hash(wire.canonical_json(msg.resources)) != msg.hash:
-                            nack = wire.Nack(msg.version, msg.nonce, "hash")
-                            await ws.send_str(wire.encode(nack))
+                        if (
+                            protocol.content_hash(protocol.canonical_json(msg.resources))
+                            != msg.hash
+                        ):
+                            nack = protocol.Nack(msg.version, msg.nonce, "hash")
+                            await ws.send_str(protocol.encode(nack))
                             continue
-                        await ws.send_str(wire.encode(wire.Ack(msg.version, msg.nonce)))
+                        await ws.send_str(protocol.encode(protocol.Ack(msg.version, msg.nonce)))
                         version, hash_ = msg.version, msg.hash
                         times.append(time.time())
                         if len(times) == 1:
@@ -397,11 +400,11 @@ def routing_costs() -> str:
     )
 
     def policy(docs: list[dict[str, Any]]) -> Policy:
-        from proxy import push_codec as wire
+        from wire import push as protocol
 
         p = Policy(StaticDirectory([orders]))
-        text = wire.canonical_json(docs)
-        snap = wire.Snapshot(1, wire.content_hash(text), "n", tuple(docs))
+        text = protocol.canonical_json(docs)
+        snap = protocol.Snapshot(1, protocol.content_hash(text), "n", tuple(docs))
         asyncio.run(p.apply(snap))
         return p
 

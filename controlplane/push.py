@@ -2,7 +2,7 @@
 
 `PushServer` adds two routes to the control plane's aiohttp app: the WebSocket every
 sidecar keeps open (`/api/v1/push`, protocol in docs/push-protocol.md, messages in
-proxy/push_codec.py) and `GET /api/v1/sidecars`, what `tether status` shows. With the
+wire/push.py) and `GET /api/v1/sidecars`, what `tether status` shows. With the
 registry's ACLs on, a sidecar's hello is served only if the token it connected with may
 write the service the hello names (as Consul asks of a service's proxies), and the
 sidecar list only to a token that may read the push status in the KV.
@@ -44,7 +44,7 @@ from controlplane.api import route
 from controlplane.auth import READ_STATUS, RegistryAuthorizer, caller_token, write_service
 from controlplane.errors import ControlPlaneError
 from controlplane.store import ConfigSnapshot
-from proxy import push_codec as wire
+from wire import push as protocol
 
 if TYPE_CHECKING:
     from controlplane.server import ConfigChange, ControlPlane
@@ -114,8 +114,8 @@ class ResourceIndex:
             targets = route_targets(doc, key[0]) - {key}
             if targets:
                 self.refs.setdefault(key, set()).update(targets)
-        self.service_json = {k: wire.canonical_json(v) for k, v in self.by_service.items()}
-        self.mesh_json = wire.canonical_json(self.mesh)
+        self.service_json = {k: protocol.canonical_json(v) for k, v in self.by_service.items()}
+        self.mesh_json = protocol.canonical_json(self.mesh)
         self._bodies: dict[frozenset[ServiceKey], tuple[str, str]] = {}
 
     def needed(self, services: Iterable[ServiceKey]) -> frozenset[ServiceKey]:
@@ -139,8 +139,8 @@ class ResourceIndex:
             docs = list(self.mesh)
             for key in sorted(needed):
                 docs.extend(self.by_service.get(key, ()))
-            text = wire.canonical_json(docs)
-            got = (text, wire.content_hash(text))
+            text = protocol.canonical_json(docs)
+            got = (text, protocol.content_hash(text))
             self._bodies[needed] = got
         return got
 
@@ -187,11 +187,11 @@ class SidecarRecord:
         self.sent_version, self.sent_hash, self.sent_nonce = version, hash_, nonce
         return True
 
-    def answer(self, msg: wire.Ack | wire.Nack) -> bool:
+    def answer(self, msg: protocol.Ack | protocol.Nack) -> bool:
         """Record an ACK or NACK; False (ignored) when it answers a superseded push."""
         if msg.nonce != self.sent_nonce:
             return False
-        if isinstance(msg, wire.Ack):
+        if isinstance(msg, protocol.Ack):
             self.acked_version, self.acked_hash = msg.version, self.sent_hash
             self.error = ""
         else:
@@ -224,7 +224,7 @@ class Session:
     """One connected sidecar."""
 
     ws: web.WebSocketResponse
-    node: wire.NodeIdentity
+    node: protocol.NodeIdentity
     record: SidecarRecord
     calls: set[ServiceKey] = field(default_factory=set)
     needed: frozenset[ServiceKey] = frozenset()
@@ -339,7 +339,7 @@ class PushServer:
         if not rec.offer(self.index.version, hash_, nonce):
             return 0
         self._mark(rec)
-        s.pending = wire.encode_snapshot(rec.sent_version, hash_, nonce, text)
+        s.pending = protocol.encode_snapshot(rec.sent_version, hash_, nonce, text)
         if s.writer is None or s.writer.done():
             s.writer = asyncio.get_running_loop().create_task(self._write(s))
         self.pushes += 1
@@ -359,9 +359,9 @@ class PushServer:
 
     async def handle_push(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(
-            protocols=(wire.SUBPROTOCOL,),
+            protocols=(protocol.SUBPROTOCOL,),
             heartbeat=self.ws_heartbeat,
-            max_msg_size=wire.MAX_MESSAGE,
+            max_msg_size=protocol.MAX_MESSAGE,
         )
         await ws.prepare(request)
         session: Session | None = None
@@ -375,11 +375,11 @@ class PushServer:
                 await self._refuse(ws, "bad_message", "the first message must be a text hello")
                 return ws
             try:
-                hello = wire.decode(first.data)
-            except wire.PushProtocolError as exc:
+                hello = protocol.decode(first.data)
+            except protocol.PushProtocolError as exc:
                 await self._refuse(ws, exc.code, str(exc))
                 return ws
-            if not isinstance(hello, wire.Hello):
+            if not isinstance(hello, protocol.Hello):
                 await self._refuse(ws, "bad_message", "the first message must be a hello")
                 return ws
             if self.authorizer is not None:
@@ -397,8 +397,8 @@ class PushServer:
                     continue
                 session.record.last_seen = time.time()
                 try:
-                    msg = wire.decode(frame.data)
-                except wire.PushProtocolError as exc:
+                    msg = protocol.decode(frame.data)
+                except protocol.PushProtocolError as exc:
                     await self._refuse(ws, exc.code, str(exc))
                     break
                 self._on_message(session, msg)
@@ -410,10 +410,10 @@ class PushServer:
     async def _refuse(self, ws: web.WebSocketResponse, code: str, message: str) -> None:
         log.warning("push: refusing a sidecar: %s: %s", code, message)
         with contextlib.suppress(Exception):
-            await ws.send_str(wire.encode(wire.ErrorMessage(code, message)))
+            await ws.send_str(protocol.encode(protocol.ErrorMessage(code, message)))
             await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=code.encode())
 
-    def _open(self, ws: web.WebSocketResponse, hello: wire.Hello) -> Session:
+    def _open(self, ws: web.WebSocketResponse, hello: protocol.Hello) -> Session:
         node = hello.node
         now = time.time()
         old = self.sessions.get(node.key)
@@ -448,15 +448,15 @@ class PushServer:
         self._offer(s)
         return s
 
-    def _on_message(self, s: Session, msg: wire.Message) -> None:
+    def _on_message(self, s: Session, msg: protocol.Message) -> None:
         rec = s.record
-        if isinstance(msg, wire.Ack | wire.Nack):
+        if isinstance(msg, protocol.Ack | protocol.Nack):
             # An answer to a snapshot superseded since is ignored: the next one counts.
             if rec.answer(msg):
                 self._mark(rec)
-                if isinstance(msg, wire.Nack):
+                if isinstance(msg, protocol.Nack):
                     log.warning("push: %s refused version %d: %s", rec.id, msg.version, msg.error)
-        elif isinstance(msg, wire.Interest):
+        elif isinstance(msg, protocol.Interest):
             new = set(_keys(msg.add)) - s.calls
             if new:
                 s.calls |= new
@@ -646,7 +646,7 @@ def install(cp: ControlPlane) -> PushServer:
         await server.aclose()
 
     # The WebSocket checks the sidecar's token at its hello, once it names its service.
-    route(cp.app, "GET", wire.PATH, server.handle_push, None)
+    route(cp.app, "GET", protocol.PATH, server.handle_push, None)
     route(cp.app, "GET", "/api/v1/sidecars", server.handle_sidecars, READ_STATUS)
     cp.app.on_startup.append(_start)
     cp.app.on_shutdown.append(_stop)
@@ -664,6 +664,6 @@ def _newer(a: SidecarRecord, b: SidecarRecord) -> bool:
 def _keys(names: Sequence[str]) -> list[ServiceKey]:
     out = []
     for name in names:
-        service, namespace = wire.split_service_key(name)
+        service, namespace = protocol.split_service_key(name)
         out.append((namespace, service))
     return out

@@ -24,11 +24,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane import schema
 from proxy import balance
 from proxy.errors import PolicyError
 from proxy.pool import PoolPolicy
 from proxy.routing import RoutingTable
+from wire import resources as schema
 
 
 @dataclass(frozen=True, slots=True)

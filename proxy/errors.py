@@ -29,19 +29,7 @@ class BadMessageError(ProxyError):
     reason = "bad_request"
 
 
-# -- policy from the control plane (these never become local replies) -------------------
-
-
-class PushProtocolError(Exception):
-    """A push-protocol message that is not valid (bad JSON, field or type)."""
-
-    code = "bad_message"
-
-
-class ProtocolVersionError(PushProtocolError):
-    """The peer speaks another push-protocol version (mixed versions during an upgrade)."""
-
-    code = "unsupported_protocol"
+# -- policy from the control plane (never a local reply; push errors: wire/errors.py) ---
 
 
 class PolicyError(Exception):

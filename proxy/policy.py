@@ -1,11 +1,12 @@
 """The sidecar's applied policy: check a pushed snapshot, compile it, make it live.
 
 `Policy.apply` is what the policy client calls for each snapshot. It decodes every
-resource again with the shared schema (controlplane.schema, the one module the proxy
-imports from the control plane), compiles them into an immutable `RoutingTable`, and
-then switches make-before-break, as Envoy does with xDS: clusters for every new
-destination and the subset clusters of every new subset exist before the table that
-routes to them goes live in one assignment; clusters no longer used are dropped last.
+resource again with the shared schema (`wire.resources`, which the control plane imports
+too; the sidecar imports nothing of `controlplane/`), compiles them into an immutable
+`RoutingTable` and `ClusterSpecs`, and then switches make-before-break, as Envoy does
+with xDS: clusters for every new destination and the subset clusters of every new
+subset exist before the table that routes to them goes live in one assignment;
+clusters no longer used are dropped last.
 Any error leaves the running table untouched and is raised for the NACK.
 
 On the hot path, `route(namespace, service)` is one dict lookup; the first request to
@@ -20,9 +21,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from controlplane import schema
 from proxy import balance
-from proxy import push_codec as wire
 from proxy.balance import Balancer, WeightedRoundRobin
 from proxy.cluster import Cluster, ServiceDirectory
 from proxy.cluster_spec import ClusterSpecs, PoolKeys, compile_specs, default_specs
@@ -40,6 +39,8 @@ from proxy.routing import (
     StringMatch,
     Subset,
 )
+from wire import push as protocol
+from wire import resources as schema
 
 log = logging.getLogger("tether.policy")
 
@@ -322,7 +323,7 @@ class Policy:
 
     # -- applying ------------------------------------------------------------------------
 
-    async def apply(self, snapshot: wire.Snapshot) -> None:
+    async def apply(self, snapshot: protocol.Snapshot) -> None:
         """Check, compile, make, switch, break. Raises PolicyError; then nothing changed."""
         async with self._lock:
             resources = decode(snapshot.resources)

@@ -6,7 +6,7 @@ with the error while the last good config keeps serving. When the app starts cal
 service the control plane has not heard of, `want` sends an "interest" message. When
 the control plane is away the sidecar keeps what it has (defaults, if it never got
 anything) and reconnects with exponential backoff and jitter. Protocol:
-docs/push-protocol.md; messages: proxy/push_codec.py.
+docs/push-protocol.md; messages: wire/push.py.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from proxy import push_codec as wire
 from proxy.backoff import BackoffPolicy
+from wire import push as protocol
 
 log = logging.getLogger("tether.policy")
 
@@ -34,7 +34,7 @@ class Applier(Protocol):
     version: int
     hash: str
 
-    async def apply(self, snapshot: wire.Snapshot) -> None: ...
+    async def apply(self, snapshot: protocol.Snapshot) -> None: ...
 
 
 class PolicyClient:
@@ -43,7 +43,7 @@ class PolicyClient:
     def __init__(
         self,
         url: str,
-        node: wire.NodeIdentity,
+        node: protocol.NodeIdentity,
         applier: Applier,
         *,
         backoff: BackoffPolicy | None = None,
@@ -79,13 +79,13 @@ class PolicyClient:
 
     def want(self, service: str, namespace: str) -> None:
         """Note that the app calls this service (cheap when already known)."""
-        key = wire.service_key(service, namespace)
+        key = protocol.service_key(service, namespace)
         if key in self.calls:
             return
         self.calls[key] = None
         ws = self._ws
         if ws is not None and not ws.closed and self.connected:
-            msg = wire.encode(wire.Interest(add=(key,)))
+            msg = protocol.encode(protocol.Interest(add=(key,)))
             task = asyncio.get_running_loop().create_task(self._send_quiet(ws, msg))
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
@@ -125,13 +125,13 @@ class PolicyClient:
                 served = await self._connect_once(self._session)
             except asyncio.CancelledError:
                 raise
-            except wire.ProtocolVersionError as exc:
+            except protocol.ProtocolVersionError as exc:
                 # Another protocol version: retrying soon cannot help, so wait long.
                 self.last_error = str(exc)
                 log.error("control plane refused: %s", exc)
                 served = False
                 attempt = max(attempt, 6)
-            except (aiohttp.ClientError, OSError, TimeoutError, wire.PushProtocolError) as exc:
+            except (aiohttp.ClientError, OSError, TimeoutError, protocol.PushProtocolError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 served = False
             except Exception as exc:
@@ -155,22 +155,22 @@ class PolicyClient:
         """One connection's life; True if it got as far as an answered hello."""
         async with session.ws_connect(
             self.url,
-            protocols=(wire.SUBPROTOCOL,),
+            protocols=(protocol.SUBPROTOCOL,),
             heartbeat=self.heartbeat,
-            max_msg_size=wire.MAX_MESSAGE,
+            max_msg_size=protocol.MAX_MESSAGE,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
             headers=self._headers,
         ) as ws:
             self._ws = ws
             self.connects += 1
             self._connected_at = time.monotonic()
-            hello = wire.Hello(
+            hello = protocol.Hello(
                 node=self.node,
                 calls=tuple(self.calls),
                 version=self.applier.version,
                 hash=self.applier.hash,
             )
-            await ws.send_str(wire.encode(hello))
+            await ws.send_str(protocol.encode(hello))
             self.connected = True
             self.last_contact = time.time()
             self.last_error = ""
@@ -181,23 +181,25 @@ class PolicyClient:
                         raise ConnectionError(str(ws.exception()))
                     continue
                 self.last_contact = time.time()
-                msg = wire.decode(frame.data)
+                msg = protocol.decode(frame.data)
                 served = True
-                if isinstance(msg, wire.Snapshot):
+                if isinstance(msg, protocol.Snapshot):
                     await self._on_snapshot(ws, msg)
-                elif isinstance(msg, wire.ErrorMessage):
-                    if msg.code == wire.ProtocolVersionError.code:
-                        raise wire.ProtocolVersionError(msg.message)
-                    raise wire.PushProtocolError(f"control plane: {msg.code}: {msg.message}")
+                elif isinstance(msg, protocol.ErrorMessage):
+                    if msg.code == protocol.ProtocolVersionError.code:
+                        raise protocol.ProtocolVersionError(msg.message)
+                    raise protocol.PushProtocolError(f"control plane: {msg.code}: {msg.message}")
                 else:
-                    raise wire.PushProtocolError(f"unexpected {type(msg).__name__} from server")
+                    raise protocol.PushProtocolError(f"unexpected {type(msg).__name__} from server")
             # A close after a quiet, current hello is a normal end (e.g. a replica
             # restarting): the hello was answered by silence, which means "current".
             return served or ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
 
-    async def _on_snapshot(self, ws: aiohttp.ClientWebSocketResponse, snap: wire.Snapshot) -> None:
+    async def _on_snapshot(
+        self, ws: aiohttp.ClientWebSocketResponse, snap: protocol.Snapshot
+    ) -> None:
         error = ""
-        got = wire.content_hash(wire.canonical_json(snap.resources))
+        got = protocol.content_hash(protocol.canonical_json(snap.resources))
         if got != snap.hash:
             error = f"content hash {got} does not match the snapshot's {snap.hash}"
         else:
@@ -211,11 +213,11 @@ class PolicyClient:
             self.nacks += 1
             self.last_nack = error
             log.warning("refused config version %d: %s", snap.version, error)
-            reply: wire.Message = wire.Nack(snap.version, snap.nonce, error)
+            reply: protocol.Message = protocol.Nack(snap.version, snap.nonce, error)
         else:
             self.acks += 1
-            reply = wire.Ack(snap.version, snap.nonce)
-        await ws.send_str(wire.encode(reply))
+            reply = protocol.Ack(snap.version, snap.nonce)
+        await ws.send_str(protocol.encode(reply))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -244,5 +246,5 @@ def push_url(base: str) -> str:
     elif not url.startswith(("ws://", "wss://")):
         url = "ws://" + url
     if not url.split("://", 1)[1].count("/"):
-        url += wire.PATH
+        url += protocol.PATH
     return url

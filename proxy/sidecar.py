@@ -232,10 +232,10 @@ class Sidecar:
 
     async def _start_policy_outbound(self) -> Any:
         """The outbound listener with the control plane's routing step, and its client."""
-        from proxy import push_codec
         from proxy.policy import Policy
         from proxy.policy_client import PolicyClient
         from proxy.policy_router import start_policy_outbound
+        from wire import push as protocol
 
         spec = self.spec
         assert self.directory is not None and spec.controlplane
@@ -246,7 +246,7 @@ class Sidecar:
             zone=zone,
             balancer_factory=lambda: build_balancer(None, zone),
         )
-        node = push_codec.NodeIdentity(
+        node = protocol.NodeIdentity(
             service=spec.service,
             namespace=spec.namespace,
             instance=self.instance_id,

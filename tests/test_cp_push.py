@@ -19,7 +19,6 @@ from aiohttp import web
 from controlplane.push import PUSH_SERVER, PushServer, ResourceIndex, SidecarRecord
 from controlplane.server import ControlPlane, ControlPlaneSpec, RegistryAddress
 from controlplane.store import RESOURCES, VERSION_KEY
-from proxy import push_codec as wire
 from proxy.balance import Endpoint
 from proxy.cluster import Cluster, StaticDirectory
 from proxy.errors import PolicyError
@@ -29,6 +28,7 @@ from proxy.routing import HeaderEdit, Split
 from registry.server import RegistryServer
 from tests.conftest import free_port, serve_app
 from tests.polling import until
+from wire import push as protocol
 
 API = "tether.dev/v1alpha1"
 
@@ -79,39 +79,41 @@ HEADER_ROUTE = doc(
 
 
 def test_codec_round_trips_every_message() -> None:
-    node = wire.NodeIdentity("orders", "shop", "orders-1", "z1")
-    msgs: list[wire.Message] = [
-        wire.Hello(node, ("inventory.shop", "pay.billing"), 7, "abc"),
-        wire.Interest(("x.default",)),
-        wire.Snapshot(9, wire.content_hash(wire.canonical_json([{"a": 1}])), "n1", ({"a": 1},)),
-        wire.Ack(9, "n1"),
-        wire.Nack(9, "n1", "bad regex"),
-        wire.ErrorMessage("unsupported_protocol", "speak v1"),
+    node = protocol.NodeIdentity("orders", "shop", "orders-1", "z1")
+    msgs: list[protocol.Message] = [
+        protocol.Hello(node, ("inventory.shop", "pay.billing"), 7, "abc"),
+        protocol.Interest(("x.default",)),
+        protocol.Snapshot(
+            9, protocol.content_hash(protocol.canonical_json([{"a": 1}])), "n1", ({"a": 1},)
+        ),
+        protocol.Ack(9, "n1"),
+        protocol.Nack(9, "n1", "bad regex"),
+        protocol.ErrorMessage("unsupported_protocol", "speak v1"),
     ]
     for msg in msgs:
-        text = wire.encode(msg)
-        assert json.loads(text)["proto"] == wire.PROTOCOL
-        assert wire.decode(text) == msg
-        assert wire.decode(text.encode()) == msg
+        text = protocol.encode(msg)
+        assert json.loads(text)["proto"] == protocol.PROTOCOL
+        assert protocol.decode(text) == msg
+        assert protocol.decode(text.encode()) == msg
 
 
 def test_snapshot_splice_is_valid_json_and_hash_is_canonical() -> None:
     resources = [{"b": 2, "a": [1, {"z": None}]}, {"kind": "Route"}]
-    text = wire.canonical_json(resources)
-    frame = wire.encode_snapshot(3, wire.content_hash(text), 'n"1', text)
-    snap = wire.decode(frame)
-    assert isinstance(snap, wire.Snapshot)
+    text = protocol.canonical_json(resources)
+    frame = protocol.encode_snapshot(3, protocol.content_hash(text), 'n"1', text)
+    snap = protocol.decode(frame)
+    assert isinstance(snap, protocol.Snapshot)
     assert snap.nonce == 'n"1'
     # The receiver recomputes the same hash from what it parsed.
-    assert wire.content_hash(wire.canonical_json(snap.resources)) == snap.hash
+    assert protocol.content_hash(protocol.canonical_json(snap.resources)) == snap.hash
 
 
 def test_other_protocol_versions_are_refused_not_misread() -> None:
     future = json.dumps({"proto": 2, "type": "snapshot", "version": 1, "resources": "new"})
-    with pytest.raises(wire.ProtocolVersionError, match="protocol 2"):
-        wire.decode(future)
-    with pytest.raises(wire.ProtocolVersionError, match="without a protocol version"):
-        wire.decode(json.dumps({"type": "ack", "version": 1, "nonce": "x"}))
+    with pytest.raises(protocol.ProtocolVersionError, match="protocol 2"):
+        protocol.decode(future)
+    with pytest.raises(protocol.ProtocolVersionError, match="without a protocol version"):
+        protocol.decode(json.dumps({"type": "ack", "version": 1, "nonce": "x"}))
 
 
 @pytest.mark.parametrize(
@@ -131,8 +133,8 @@ def test_other_protocol_versions_are_refused_not_misread() -> None:
     ],
 )
 def test_bad_frames_raise_clear_errors(frame: str, message: str) -> None:
-    with pytest.raises(wire.PushProtocolError, match=message):
-        wire.decode(frame)
+    with pytest.raises(protocol.PushProtocolError, match=message):
+        protocol.decode(frame)
 
 
 def test_push_url_forms() -> None:
@@ -177,12 +179,12 @@ def test_sidecar_record_exchange_without_io() -> None:
     assert rec.state == "pending"
     assert rec.offer(5, "h5", "n1") and not rec.offer(6, "h5", "n2")  # same content: no push
     assert rec.sent_nonce == "n1" and rec.sent_version == 5
-    assert not rec.answer(wire.Ack(5, "old"))  # a superseded push's answer is ignored
+    assert not rec.answer(protocol.Ack(5, "old"))  # a superseded push's answer is ignored
     assert rec.state == "pending"
-    assert rec.answer(wire.Ack(5, "n1")) and rec.state == "acked" and rec.acked_version == 5
+    assert rec.answer(protocol.Ack(5, "n1")) and rec.state == "acked" and rec.acked_version == 5
     assert rec.offer(7, "h7", "n3")
     assert rec.state == "pending"
-    assert rec.answer(wire.Nack(7, "n3", "bad regex"))
+    assert rec.answer(protocol.Nack(7, "n3", "bad regex"))
     assert (rec.state, rec.error, rec.acked_version, rec.nacked_version) == (
         "nacked",
         "bad regex",
@@ -190,7 +192,7 @@ def test_sidecar_record_exchange_without_io() -> None:
         7,
     )
     # The same version with other content (the sidecar's interest grew), then applied.
-    assert rec.offer(7, "h7b", "n4") and rec.answer(wire.Ack(7, "n4"))
+    assert rec.offer(7, "h7b", "n4") and rec.answer(protocol.Ack(7, "n4"))
     assert rec.state == "acked" and rec.error == "" and rec.acked_hash == "h7b"
     rec.connected = False
     assert rec.state == "disconnected"
@@ -281,9 +283,9 @@ def orders_cluster() -> Cluster:
     return c
 
 
-def snapshot(version: int, docs_: list[dict[str, Any]]) -> wire.Snapshot:
-    text = wire.canonical_json(docs_)
-    return wire.Snapshot(version, wire.content_hash(text), f"n{version}", tuple(docs_))
+def snapshot(version: int, docs_: list[dict[str, Any]]) -> protocol.Snapshot:
+    text = protocol.canonical_json(docs_)
+    return protocol.Snapshot(version, protocol.content_hash(text), f"n{version}", tuple(docs_))
 
 
 async def test_apply_makes_subsets_before_routes_and_keeps_old_on_error() -> None:
@@ -326,11 +328,11 @@ class Sidecar:
 
     def __init__(self, base: str, service: str, instance: str, calls: tuple[str, ...] = ()):
         self.policy = Policy(StaticDirectory([orders_cluster()]))
-        node = wire.NodeIdentity(service, "default", instance, "z1")
+        node = protocol.NodeIdentity(service, "default", instance, "z1")
         self.client = PolicyClient(base, node, self.policy, rng=random.Random(instance))
         self.policy.interest = self.client.want
         for c in calls:
-            self.client.want(*wire.split_service_key(c))
+            self.client.want(*protocol.split_service_key(c))
         self.client.start()
 
     async def wait(self, pred: Callable[[Sidecar], bool], timeout: float = 10.0) -> None:
@@ -438,8 +440,8 @@ async def test_mismatched_protocol_version_is_refused_clearly(
         async with http.ws_connect(push_url(base)) as ws:
             await ws.send_str(json.dumps({"proto": 2, "type": "hello", "node": {}}))
             msg = await ws.receive(timeout=5)
-            err = wire.decode(msg.data)
-            assert isinstance(err, wire.ErrorMessage)
+            err = protocol.decode(msg.data)
+            assert isinstance(err, protocol.ErrorMessage)
             assert err.code == "unsupported_protocol" and "protocol 2" in err.message
             msg = await ws.receive(timeout=5)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
@@ -594,7 +596,7 @@ async def test_sidecar_starts_on_defaults_and_connects_when_the_control_plane_co
     await put(consul_client, split("orders", 90, 10))
     port = free_port()
     policy = Policy(StaticDirectory([orders_cluster()]))
-    node = wire.NodeIdentity("frontend", "default", "f1")
+    node = protocol.NodeIdentity("frontend", "default", "f1")
     client = PolicyClient(
         f"http://127.0.0.1:{port}", node, policy, backoff=BackoffPolicy(0.05, 2.0, 0.2)
     )

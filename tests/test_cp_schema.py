@@ -347,15 +347,39 @@ def test_json_schema_accepts_examples_and_rejects_bad_documents() -> None:
     assert list(validators["Route"].iter_errors(bad))
 
 
-def test_proxy_can_import_the_schema_alone() -> None:
+def test_the_schema_imports_nothing_else_of_the_control_plane() -> None:
     import subprocess
     import sys
 
     code = (
         "import sys, controlplane.schema as s; "
-        "bad = [m for m in sys.modules if m.startswith(('aiohttp', 'consul'))] + "
+        "bad = [m for m in sys.modules if m.startswith(('aiohttp', 'consul', 'proxy'))] + "
         "[m for m in sys.modules if m.startswith('controlplane.') and m != 'controlplane.schema'];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_sidecar_and_the_control_plane_share_only_the_wire_package() -> None:
+    """A sidecar loads nothing of `controlplane/` and no PyYAML (the resources and the
+    push protocol are `wire`); the control plane loads nothing of `proxy/`."""
+    import subprocess
+    import sys
+
+    sidecar = (
+        "import sys, proxy.sidecar, proxy.policy, proxy.policy_client, proxy.policy_router; "
+        "bad = [m for m in sys.modules if m.startswith(('controlplane', 'yaml'))]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    control = (
+        "import sys, controlplane.server, controlplane.push, controlplane.api, "
+        "controlplane.validation, controlplane.store; "
+        "bad = [m for m in sys.modules if m == 'proxy' or m.startswith('proxy.')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    for code in (sidecar, control):
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -19,10 +19,10 @@ import aiohttp
 import pytest
 
 from controlplane.server import ControlPlane, ControlPlaneSpec, RegistryAddress
-from proxy import push_codec as wire
 from proxy.policy_client import PolicyClient, push_url
 from registry.server import RegistryServer
 from tests.conftest import ControlPlaneProcess, RegistryProcess, serving_registry
+from wire import push as protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "tether" / "demo" / "policies").glob("*.yaml"))
@@ -182,7 +182,7 @@ class NullApplier:
     version = 0
     hash = ""
 
-    async def apply(self, snapshot: wire.Snapshot) -> None:
+    async def apply(self, snapshot: protocol.Snapshot) -> None:
         self.version, self.hash = snapshot.version, snapshot.hash
 
 
@@ -200,16 +200,16 @@ async def acl_cp(tmp_path: Path) -> AsyncIterator[tuple[RegistryServer, ControlP
             await cp.aclose()
 
 
-async def refusal(url: str, token: str | None, service: str) -> wire.ErrorMessage:
+async def refusal(url: str, token: str | None, service: str) -> protocol.ErrorMessage:
     """What the push server answers a hello for `service` sent with `token`."""
     headers = {"X-Consul-Token": token} if token else {}
-    hello = wire.Hello(wire.NodeIdentity(service, "default", f"{service}-1", "z1"))
+    hello = protocol.Hello(protocol.NodeIdentity(service, "default", f"{service}-1", "z1"))
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(push_url(url), headers=headers) as ws:
-            await ws.send_str(wire.encode(hello))
+            await ws.send_str(protocol.encode(hello))
             msg = await ws.receive(timeout=10)
-            err = wire.decode(msg.data)
-            assert isinstance(err, wire.ErrorMessage), err
+            err = protocol.decode(msg.data)
+            assert isinstance(err, protocol.ErrorMessage), err
             closing = await ws.receive(timeout=10)
             assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
             return err
@@ -231,7 +231,7 @@ async def test_push_serves_a_hello_only_to_a_token_that_may_write_its_service(
     err = await refusal(cp.url, orders, "inventory")
     assert err.code == "permission_denied"
     # The sidecar's client sends its token, and is served.
-    node = wire.NodeIdentity("orders", "default", "orders-1", "z1")
+    node = protocol.NodeIdentity("orders", "default", "orders-1", "z1")
     client = PolicyClient(cp.url, node, NullApplier(), rng=random.Random(1), token=orders)
     client.start()
     try:

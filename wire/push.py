@@ -1,9 +1,8 @@
 """The push protocol's messages: encode, decode and check them, without any I/O.
 
 One definition of the wire format (docs/push-protocol.md) for both ends: the sidecar's
-policy client and the control plane's push server. It lives in the proxy package
-because the proxy may import nothing from `controlplane/` but the schema, while the
-control plane may import from here. Every message is one JSON object in one WebSocket
+policy client and the control plane's push server, both of which import this package
+and nothing of each other. Every message is one JSON object in one WebSocket
 text frame and carries `proto`, the protocol version: a peer speaking another version
 is refused with a clear error instead of being misread.
 """
@@ -16,9 +15,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Re-exported: both ends catch them as `push_codec.PushProtocolError` and so on.
-from proxy.errors import ProtocolVersionError as ProtocolVersionError
-from proxy.errors import PushProtocolError as PushProtocolError
+# Re-exported: both ends catch them as `wire.push.PushProtocolError` and so on.
+from wire.errors import ProtocolVersionError as ProtocolVersionError
+from wire.errors import PushProtocolError as PushProtocolError
 
 PROTOCOL = 1
 # Offered in the WebSocket handshake too, so a proxy in between (or a log) shows it.

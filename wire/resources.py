@@ -1,0 +1,1201 @@
+"""Tether's policy resources, as both the control plane and the sidecars read them.
+
+Resources are Kubernetes-style documents::
+
+    apiVersion: tether.dev/v1alpha1
+    kind: TrafficSplit            # ServiceDefaults | Route | TrafficSplit | MeshConfig
+    metadata: {name: orders, namespace: default, labels: {team: shop}}
+    spec: {...}
+
+Each kind's `spec` is a frozen dataclass (config classes end in `Spec` or `Policy`).
+The same field declarations drive decoding (`Resource.from_dict`: unknown fields, wrong
+types, missing fields and "exactly one of" groups become `Problem`s naming the field
+path, `spec.rules[2].match.path.regex`), encoding (`Resource.to_dict`, omitting
+defaults the author did not write: a field written with its default value is kept,
+`Resource.explicit`, so `from_dict(to_dict(r)) == r`), and the JSON Schema that
+`controlplane.schema` writes to `docs/schema/`, so the three cannot drift apart.
+
+Meaning across resources is checked by `controlplane.validation`; one resource's
+meaning (weights summing to 100, regexes compiling as RE2, rules that can never match)
+by `check_resource` here, which a sidecar runs again on a pushed snapshot. This module
+imports only the standard library (and RE2 when a regex is checked): YAML with line
+numbers lives in `controlplane.schema`, so a sidecar never loads PyYAML.
+
+Naming: a service's `ServiceDefaults`, `Route` and `TrafficSplit` are each named after
+the service they configure (one of each per service and namespace, as Consul's
+config entries); `MeshConfig` is mesh-wide, named `mesh`, without a namespace.
+"""
+
+# ruff: noqa: RUF009  (spec_field() is the schema's dataclass field specifier)
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import (
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    NamedTuple,
+    TypeGuard,
+    Union,
+    get_args,
+    get_origin,
+)
+from typing import get_type_hints as _get_type_hints
+
+API_VERSION = "tether.dev/v1alpha1"
+DEFAULT_NAMESPACE = "default"
+MESH_CONFIG_NAME = "mesh"
+
+# Field paths: names as written in documents (camelCase) and list indexes.
+FieldPath = tuple[str | int, ...]
+
+# A duration is written as Go/Kubernetes write it ("250ms", "5s", "1m30s") and held
+# as float seconds.
+Duration = Annotated[float, "duration"]
+
+Severity = Literal["error", "warning"]
+
+
+# -- problems ----------------------------------------------------------------------------
+
+
+def format_path(path: Sequence[str | int]) -> str:
+    """`("spec", "rules", 2, "match")` → `spec.rules[2].match`."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a document: where (file, document, field path, line), and what.
+
+    `document` counts from 1 in the order documents appear in the file (empty
+    documents count too, so the number matches what the author sees).
+    """
+
+    message: str
+    path: str = ""
+    line: int | None = None
+    column: int | None = None
+    file: str | None = None
+    document: int | None = None
+    kind: str | None = None
+    namespace: str | None = None
+    name: str | None = None
+    severity: Severity = "error"
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == "error"
+
+    def where(self) -> str:
+        parts = []
+        loc = self.file or ""
+        if self.line is not None:
+            loc = f"{loc}:{self.line}" if loc else f"line {self.line}"
+        if loc:
+            parts.append(loc)
+        what = ""
+        if self.kind and self.name:
+            ns = f"{self.namespace}/" if self.namespace else ""
+            what = f"{self.kind} {ns}{self.name}"
+        if self.document is not None:
+            parts.append(f"document {self.document}" + (f" ({what})" if what else ""))
+        elif what:
+            parts.append(what)
+        if self.path:
+            parts.append(self.path)
+        return ": ".join(parts)
+
+    def __str__(self) -> str:
+        where = self.where()
+        tag = "" if self.is_error else "warning: "
+        return f"{where}: {tag}{self.message}" if where else f"{tag}{self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Problem:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class SchemaError(ValueError):
+    """Documents that do not fit the schema; `problems` says every way they do not."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+        first = str(self.problems[0]) if self.problems else "invalid document"
+        more = len(self.problems) - 1
+        super().__init__(first + (f" (and {more} more)" if more > 0 else ""))
+
+
+# -- field declarations ------------------------------------------------------------------
+
+
+def spec_field(doc: str, *, default: Any = dataclasses.MISSING, factory: Any = None) -> Any:
+    """A schema field: its documentation (for the JSON Schema) and its default."""
+    md = {"doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=md)
+    if default is dataclasses.MISSING:
+        return field(metadata=md)
+    return field(default=default, metadata=md)
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.capitalize() for p in rest)
+
+
+# -- the resources -----------------------------------------------------------------------
+
+Protocol = Literal["http", "tcp"]
+BalancerName = Literal["round_robin", "random", "least_request", "peak_ewma", "ring_hash", "maglev"]
+HashSource = Literal["header", "cookie", "query_parameter", "source_ip"]
+EgressMode = Literal["allow", "deny"]
+
+FUTURE = "is not supported yet"
+
+
+@dataclass(frozen=True)
+class MetadataSpec:
+    """Who a resource is. `generation` is set by the control plane (ignored on input)."""
+
+    name: str = spec_field("The resource's name; for per-service kinds, the service's name.")
+    namespace: str = spec_field(
+        "Namespace; resources only affect services of their own namespace.",
+        default=DEFAULT_NAMESPACE,
+    )
+    labels: dict[str, str] = spec_field("Free-form labels.", factory=dict)
+    annotations: dict[str, str] = spec_field("Free-form annotations.", factory=dict)
+    generation: int = spec_field(
+        "Set by the control plane: how many times the spec has changed.", default=0
+    )
+
+
+@dataclass(frozen=True)
+class HashPolicy:
+    """One thing a consistent-hash balancer (ring_hash, maglev) may hash a request by."""
+
+    field: HashSource = spec_field("header, cookie, query_parameter or source_ip.")
+    name: str = spec_field("The header, cookie or parameter name (not for source_ip).", default="")
+    terminal: bool = spec_field("If present, do not combine with later policies.", default=False)
+
+
+@dataclass(frozen=True)
+class SlowStartPolicy:
+    """Ramp a new instance's share of requests up instead of sending it a full share."""
+
+    window: Duration = spec_field("How long the ramp lasts.")
+    aggression: float = spec_field("1.0 ramps linearly; larger ramps faster early.", default=1.0)
+    min_weight_percent: float = spec_field("The share it starts at, in percent.", default=10.0)
+
+
+@dataclass(frozen=True)
+class LoadBalancerPolicy:
+    """How a caller picks an instance of a service (proxy/balance `build_balancer`).
+
+    `balancer_options()` gives it in the shape `proxy.balance.LoadBalancerPolicy.from_dict`
+    takes.
+    """
+
+    policy: BalancerName = spec_field(
+        "round_robin, random, least_request (power of two choices), peak_ewma, "
+        "ring_hash or maglev.",
+        default="peak_ewma",
+    )
+    hash_policies: tuple[HashPolicy, ...] = spec_field(
+        "ring_hash, maglev: what to hash, the first present wins.", default=()
+    )
+    choice_count: int = spec_field("least_request: how many instances to compare.", default=2)
+    ring_size: int = spec_field("ring_hash: ring points per lowest-weight instance.", default=1024)
+    max_ring_size: int = spec_field("ring_hash: cap on the whole ring.", default=262144)
+    table_size: int = spec_field("maglev: lookup table size (a prime).", default=16381)
+    locality: bool = spec_field("Prefer instances in the caller's zone.", default=True)
+    locality_threshold: float = spec_field(
+        "Stay in the caller's zone while at least this share (0-1] of its instances is available.",
+        default=0.7,
+    )
+    slow_start: SlowStartPolicy | None = spec_field(
+        "Ramp new instances up (not for ring_hash or maglev); unset: no slow start.",
+        default=None,
+    )
+
+    def balancer_options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "policy": self.policy,
+            "hash_policies": [
+                {"field": h.field, "name": h.name, "terminal": h.terminal}
+                for h in self.hash_policies
+            ],
+            "choice_count": self.choice_count,
+            "ring_size": self.ring_size,
+            "max_ring_size": self.max_ring_size,
+            "table_size": self.table_size,
+            "locality": self.locality,
+            "locality_threshold": self.locality_threshold,
+        }
+        if self.slow_start is not None:
+            ss = self.slow_start
+            out["slow_start"] = {
+                "window": ss.window,
+                "aggression": ss.aggression,
+                "min_weight_percent": ss.min_weight_percent,
+            }
+        return out
+
+
+@dataclass(frozen=True)
+class ServiceDefaultsSpec:
+    """Per-service defaults: protocol, balancing and timeouts."""
+
+    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"retries", "retryPolicy", "fault", "faultInjection", "mirror", "rateLimit", "mtls"}
+    )
+
+    protocol: Protocol = spec_field("http or tcp.", default="http")
+    opaque_ports: tuple[int, ...] = spec_field(
+        "Ports carried as opaque TCP, without protocol detection.", default=()
+    )
+    load_balancer: LoadBalancerPolicy = spec_field(
+        "How callers balance over its instances.", factory=LoadBalancerPolicy
+    )
+    connect_timeout: Duration | None = spec_field(
+        "Connect timeout; unset: MeshConfig's.", default=None
+    )
+    request_timeout: Duration | None = spec_field(
+        "Whole-request timeout; unset: MeshConfig's.", default=None
+    )
+
+
+@dataclass(frozen=True)
+class PathMatchSpec:
+    """Exactly one of exact, prefix or regex (a full match of the path, no query)."""
+
+    ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = (("exact", "prefix", "regex"),)
+
+    exact: str | None = spec_field("The path equals this.", default=None)
+    prefix: str | None = spec_field("The path starts with this.", default=None)
+    regex: str | None = spec_field(
+        "The whole path matches this regular expression (RE2 syntax).", default=None
+    )
+
+
+@dataclass(frozen=True)
+class HeaderMatchSpec:
+    """A header (name case-insensitive) equals, matches, or is present/absent."""
+
+    ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = (("exact", "regex", "present"),)
+
+    name: str = spec_field("Header name.")
+    exact: str | None = spec_field("The value equals this.", default=None)
+    regex: str | None = spec_field(
+        "The whole value matches this regular expression (RE2 syntax).", default=None
+    )
+    present: bool | None = spec_field("true: the header is present; false: absent.", default=None)
+
+
+@dataclass(frozen=True)
+class QueryParamMatchSpec:
+    """A query parameter equals, matches, or is present/absent."""
+
+    ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = (("exact", "regex", "present"),)
+
+    name: str = spec_field("Query parameter name (case-sensitive).")
+    exact: str | None = spec_field("The value equals this.", default=None)
+    regex: str | None = spec_field(
+        "The whole value matches this regular expression (RE2 syntax).", default=None
+    )
+    present: bool | None = spec_field(
+        "true: the parameter is present; false: absent.", default=None
+    )
+
+
+@dataclass(frozen=True)
+class RouteMatchSpec:
+    """All given conditions must hold; an empty match matches every request."""
+
+    path: PathMatchSpec | None = spec_field("Path condition.", default=None)
+    method: str | None = spec_field("HTTP method, e.g. GET.", default=None)
+    headers: tuple[HeaderMatchSpec, ...] = spec_field("Header conditions (all).", default=())
+    query_params: tuple[QueryParamMatchSpec, ...] = spec_field(
+        "Query parameter conditions (all).", default=()
+    )
+
+    @property
+    def is_catch_all(self) -> bool:
+        if self.method or self.headers or self.query_params:
+            return False
+        p = self.path
+        return p is None or p.prefix == "/" or (p.regex is not None and p.regex in (".*", "/.*"))
+
+
+@dataclass(frozen=True)
+class DestinationSpec:
+    """Where a matching request goes: a service of the same namespace, and a subset of it."""
+
+    service: str | None = spec_field("Service; unset: the Route's own service.", default=None)
+    subset: str | None = spec_field(
+        "A subset defined by the destination's TrafficSplit; unset: the service's split.",
+        default=None,
+    )
+
+
+@dataclass(frozen=True)
+class HeaderChangeSpec:
+    """Header edits, applied in the order remove, set, add."""
+
+    add: dict[str, str] = spec_field("Append a value (keep existing ones).", factory=dict)
+    set: dict[str, str] = spec_field("Replace the header with this value.", factory=dict)
+    remove: tuple[str, ...] = spec_field("Remove these headers.", default=())
+
+
+@dataclass(frozen=True)
+class RouteRuleSpec:
+    """A match and where matching requests go; rules are tried in order, first match wins."""
+
+    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"retries", "retryPolicy", "fault", "faultInjection", "mirror", "rateLimit"}
+    )
+
+    match: RouteMatchSpec = spec_field("Conditions; empty: every request.", factory=RouteMatchSpec)
+    destination: DestinationSpec = spec_field(
+        "Where to send; empty: the Route's own service.", factory=DestinationSpec
+    )
+    request_headers: HeaderChangeSpec | None = spec_field(
+        "Edits to the request's headers.", default=None
+    )
+    response_headers: HeaderChangeSpec | None = spec_field(
+        "Edits to the response's headers.", default=None
+    )
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """HTTP routing for calls to a service (the Route's name); unmatched calls go to it."""
+
+    rules: tuple[RouteRuleSpec, ...] = spec_field("Rules in order; first match wins.")
+
+
+@dataclass(frozen=True)
+class SubsetSpec:
+    """Instances of the service whose registry Meta has all of `selector`, and its share."""
+
+    name: str = spec_field("Subset name (Route destinations refer to it).")
+    selector: dict[str, str] = spec_field(
+        "Registry Meta the instances must have, e.g. version: v2."
+    )
+    weight: int = spec_field("Share of requests, 0-100; all weights sum to 100.")
+
+
+@dataclass(frozen=True)
+class StickyPolicy:
+    """Keep a client on one subset, keyed by a request header or a cookie."""
+
+    ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = (("header", "cookie"),)
+
+    header: str | None = spec_field("Hash this request header to pick the subset.", default=None)
+    cookie: str | None = spec_field(
+        "Pin by this cookie (set on first response when absent).", default=None
+    )
+    ttl: Duration | None = spec_field("Cookie lifetime; unset: a session cookie.", default=None)
+
+
+@dataclass(frozen=True)
+class TrafficSplitSpec:
+    """Weighted shares of a service's traffic between subsets of its instances."""
+
+    subsets: tuple[SubsetSpec, ...] = spec_field("The subsets and their weights.")
+    sticky: StickyPolicy | None = spec_field("Stickiness; unset: every request is drawn anew.",
+                                             default=None)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """Calls to hosts outside the mesh: allowed by default, or only to listed hosts."""
+
+    mode: EgressMode = spec_field("allow: any host; deny: only `hosts`.", default="allow")
+    hosts: tuple[str, ...] = spec_field(
+        "Hosts always allowed: `api.example.com` or `*.example.com`.", default=()
+    )
+
+
+@dataclass(frozen=True)
+class MeshConfigSpec:
+    """Mesh-wide defaults."""
+
+    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset({"mtls", "tls", "retries", "rateLimit"})
+
+    egress: EgressPolicy = spec_field("Egress policy.", factory=EgressPolicy)
+    connect_timeout: Duration = spec_field("Default connect timeout.", default=5.0)
+    request_timeout: Duration = spec_field("Default whole-request timeout.", default=15.0)
+
+
+AnySpec = Union[ServiceDefaultsSpec, RouteSpec, TrafficSplitSpec, MeshConfigSpec]  # noqa: UP007
+
+SPEC_TYPES: dict[str, type[Any]] = {
+    "ServiceDefaults": ServiceDefaultsSpec,
+    "Route": RouteSpec,
+    "TrafficSplit": TrafficSplitSpec,
+    "MeshConfig": MeshConfigSpec,
+}
+KINDS: tuple[str, ...] = tuple(SPEC_TYPES)
+# Mesh-wide kinds: no namespace.
+CLUSTER_KINDS = frozenset({"MeshConfig"})
+# Kinds later work brings; refused until their behaviour exists.
+FUTURE_KINDS = frozenset(
+    {
+        "RetryPolicy",
+        "FaultInjection",
+        "Mirror",
+        "RateLimit",
+        "AuthorizationPolicy",
+        "MTLSPolicy",
+        "PeerAuthentication",
+    }
+)
+# Metadata other tools set: accepted (so `get -o yaml | apply` works) and ignored.
+# (`generation` is a field: the store sets it, whatever a document says.)
+SERVER_SET_METADATA = frozenset({"resourceVersion", "uid", "creationTimestamp"})
+
+_KIND_ALIASES: dict[str, str] = {}
+for _k in (*KINDS, *FUTURE_KINDS):
+    _KIND_ALIASES[_k.lower()] = _k
+    _KIND_ALIASES[_k.lower() + "s"] = _k
+_KIND_ALIASES.update({"sd": "ServiceDefaults", "ts": "TrafficSplit", "mc": "MeshConfig"})
+
+
+def canonical_kind(name: str) -> str | None:
+    """`trafficsplits`, `TrafficSplit`, `ts` → `TrafficSplit`; None when unknown."""
+    return _KIND_ALIASES.get(name.lower())
+
+
+class ResourceKey(NamedTuple):
+    """A resource's identity: kind, namespace ("" for mesh-wide kinds), name."""
+
+    kind: str
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        if self.namespace:
+            return f"{self.kind} {self.namespace}/{self.name}"
+        return f"{self.kind} {self.name}"
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One document: kind, metadata and the kind's spec."""
+
+    kind: str
+    metadata: MetadataSpec
+    spec: AnySpec
+    api_version: str = API_VERSION
+    # Paths (document names, from the top: ("spec", "protocol")) of the fields the
+    # author wrote with their default value: encoded too, though a default.
+    explicit: frozenset[FieldPath] = frozenset()
+
+    @property
+    def key(self) -> ResourceKey:
+        return ResourceKey(self.kind, self.metadata.namespace, self.metadata.name)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace
+
+    def to_dict(self, defaults: bool = False) -> dict[str, Any]:
+        """The document as applied (explicit fields kept); `defaults`: every field, the
+        defaults filled in (what is in force, as `tether get --show-defaults` shows)."""
+        meta = encode(self.metadata)
+        if self.kind in CLUSTER_KINDS:
+            meta.pop("namespace", None)
+        else:
+            meta["namespace"] = self.metadata.namespace
+        return {
+            "apiVersion": self.api_version,
+            "kind": self.kind,
+            "metadata": meta,
+            "spec": encode(self.spec, ("spec",), self.explicit, defaults),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Resource:
+        """Decode a document (parsed JSON/YAML); raise SchemaError naming every problem."""
+        decoder = Decoder()
+        res = decoder.resource(data)
+        if decoder.problems or res is None:
+            raise SchemaError(decoder.problems or [Problem("invalid document")])
+        return res
+
+    def with_generation(self, generation: int) -> Resource:
+        meta = dataclasses.replace(self.metadata, generation=generation)
+        return dataclasses.replace(self, metadata=meta)
+
+    def same_content(self, other: Resource) -> bool:
+        """Equal apart from server-set metadata (what a re-apply would not change)."""
+        a, b = self.metadata, other.metadata
+        return (
+            self.kind == other.kind
+            and self.spec == other.spec
+            and self.explicit == other.explicit
+            and (a.name, a.namespace, a.labels, a.annotations)
+            == (b.name, b.namespace, b.labels, b.annotations)
+        )
+
+
+# -- decoding ----------------------------------------------------------------------------
+
+_INVALID: Any = object()
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNITS: dict[str, Fraction] = {
+    "ns": Fraction(1, 10**9),
+    "us": Fraction(1, 10**6),
+    "µs": Fraction(1, 10**6),
+    "ms": Fraction(1, 1000),
+    "s": Fraction(1),
+    "m": Fraction(60),
+    "h": Fraction(3600),
+}
+
+
+def parse_duration(text: str) -> float:
+    """Go's duration syntax ("1m30s", "250ms", "0.5s") → seconds; ValueError otherwise."""
+    s = text.strip()
+    if s == "0":
+        return 0.0
+    pos, total = 0, Fraction(0)
+    for m in _DURATION_PART.finditer(s):
+        if m.start() != pos:
+            break
+        total += Fraction(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or not s:
+        raise ValueError(f"invalid duration {text!r}: expected e.g. '5s', '250ms', '1m30s'")
+    return float(total)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds → the shortest Go duration that parses back to exactly the same float."""
+    if seconds == 0:
+        return "0s"
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1), ("ms", 1e-3), ("us", 1e-6)):
+        n = round(seconds / size)
+        if n and abs(n * size - seconds) < 1e-12 * max(1.0, seconds):
+            text = f"{n}{unit}"
+            if parse_duration(text) == seconds:
+                return text
+    return f"{seconds!r}s"
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    attr: str
+    key: str  # the name in documents
+    type: Any
+    required: bool
+    doc: str
+    default: Any
+
+
+_FIELDS: dict[type[Any], tuple[FieldInfo, ...]] = {}
+
+
+def fields_of(cls: type[Any]) -> tuple[FieldInfo, ...]:
+    """The schema fields of a dataclass (cached: the types never change)."""
+    got = _FIELDS.get(cls)
+    if got is None:
+        got = _FIELDS[cls] = _fields_of(cls)
+    return got
+
+
+def _fields_of(cls: type[Any]) -> tuple[FieldInfo, ...]:
+    hints = _get_type_hints(cls, include_extras=True)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default, required = f.default, False
+        elif f.default_factory is not dataclasses.MISSING:
+            default, required = f.default_factory(), False
+        else:
+            default, required = None, True
+        out.append(
+            FieldInfo(
+                f.name, camel(f.name), hints[f.name], required, f.metadata.get("doc", ""), default
+            )
+        )
+    return tuple(out)
+
+
+def _is_schema_class(tp: Any) -> TypeGuard[type[Any]]:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _is_duration(tp: Any) -> bool:
+    return get_origin(tp) is Annotated and "duration" in get_args(tp)[1:]
+
+
+def _optional_inner(tp: Any) -> Any | None:
+    """`X | None` → X; None when `tp` is not optional."""
+    if get_origin(tp) in (Union, _UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
+_UnionType = type(int | None)
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+class Decoder:
+    """Decodes plain data into the schema's dataclasses, collecting every problem.
+
+    `positions` (from `load_documents`) maps a field path to the (line, column) of its
+    value, and `key_positions` to the line of its key; problems then carry lines.
+    """
+
+    def __init__(
+        self,
+        positions: Mapping[FieldPath, tuple[int, int]] | None = None,
+        key_positions: Mapping[FieldPath, tuple[int, int]] | None = None,
+    ) -> None:
+        self.positions = positions or {}
+        self.key_positions = key_positions or {}
+        self.problems: list[Problem] = []
+        # Fields of the resource being decoded written with their default value.
+        self.explicit: set[FieldPath] = set()
+
+    def fail(self, path: FieldPath, message: str) -> Any:
+        pos = locate(self.positions, path, self.key_positions)
+        line, col = pos if pos else (None, None)
+        self.problems.append(Problem(message, format_path(path), line, col))
+        return _INVALID
+
+    def resource(self, data: Any) -> Resource | None:
+        self.explicit = set()
+        if not isinstance(data, dict):
+            self.fail((), f"a resource must be a mapping, not {_type_name(data)}")
+            return None
+        for key in data:
+            if key not in ("apiVersion", "kind", "metadata", "spec", "status"):
+                self.fail((key,), f"unknown field {key!r}")
+        api = data.get("apiVersion")
+        if api is None:
+            self.fail((), f"missing field 'apiVersion' (expected {API_VERSION!r})")
+        elif api != API_VERSION:
+            self.fail(("apiVersion",), f"unsupported apiVersion {api!r}: expected {API_VERSION!r}")
+        kind = data.get("kind")
+        if kind is None:
+            self.fail((), "missing field 'kind'")
+            return None
+        if not isinstance(kind, str):
+            self.fail(("kind",), f"expected a string, got {_type_name(kind)}")
+            return None
+        if kind in FUTURE_KINDS:
+            self.fail(("kind",), f"kind {kind} {FUTURE}")
+            return None
+        spec_type = SPEC_TYPES.get(kind)
+        if spec_type is None:
+            self.fail(("kind",), f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
+            return None
+        meta = self.metadata(kind, data.get("metadata", _MISSING))
+        if "spec" not in data:
+            self.fail((), "missing field 'spec'")
+            return None
+        raw_spec = data["spec"]
+        if raw_spec is None:
+            raw_spec = {}
+        spec = self.value(spec_type, raw_spec, ("spec",))
+        if meta is _INVALID or spec is _INVALID or self.problems:
+            return None
+        explicit = frozenset(p for p in self.explicit if p[:1] == ("spec",))
+        return Resource(kind, meta, spec, explicit=explicit)
+
+    def metadata(self, kind: str, data: Any) -> Any:
+        path: FieldPath = ("metadata",)
+        if data is _MISSING or data is None:
+            return self.fail((), "missing field 'metadata'")
+        if not isinstance(data, dict):
+            return self.fail(path, f"expected a mapping, got {_type_name(data)}")
+        given = {k: v for k, v in data.items() if k not in SERVER_SET_METADATA}
+        if kind in CLUSTER_KINDS:
+            if given.get("namespace") not in (None, ""):
+                self.fail(
+                    (*path, "namespace"),
+                    f"{kind} is mesh-wide: it takes no namespace",
+                )
+            given.pop("namespace", None)
+        meta = self.value(MetadataSpec, given, path)
+        if meta is _INVALID:
+            return _INVALID
+        if kind in CLUSTER_KINDS:
+            meta = dataclasses.replace(meta, namespace="")
+            if meta.name != MESH_CONFIG_NAME:
+                self.fail((*path, "name"), f"{kind} must be named {MESH_CONFIG_NAME!r}")
+        return meta
+
+    def value(self, tp: Any, value: Any, path: FieldPath) -> Any:
+        inner = _optional_inner(tp)
+        if inner is not None:
+            return None if value is None else self.value(inner, value, path)
+        if _is_duration(tp):
+            if not isinstance(value, str):
+                return self.fail(
+                    path, f"expected a duration such as '5s' or '250ms', got {_type_name(value)}"
+                )
+            try:
+                return parse_duration(value)
+            except ValueError as exc:
+                return self.fail(path, str(exc))
+        origin = get_origin(tp)
+        if origin is Literal:
+            choices = get_args(tp)
+            if value not in choices or not isinstance(value, str):
+                want = ", ".join(repr(c) for c in choices)
+                return self.fail(path, f"expected one of {want}, got {value!r}")
+            return value
+        if tp is bool:
+            if not isinstance(value, bool):
+                return self.fail(path, f"expected a boolean, got {_type_name(value)}")
+            return value
+        if tp is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                return self.fail(path, f"expected an integer, got {_type_name(value)}")
+            return value
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return self.fail(path, f"expected a number, got {_type_name(value)}")
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                hint = ""
+                if isinstance(value, bool | int | float):
+                    hint = " (quote it to make it a string)"
+                return self.fail(path, f"expected a string, got {_type_name(value)}{hint}")
+            return value
+        if origin is tuple:
+            (item_tp, _) = get_args(tp)
+            if not isinstance(value, list):
+                return self.fail(path, f"expected a list, got {_type_name(value)}")
+            items = [self.value(item_tp, v, (*path, i)) for i, v in enumerate(value)]
+            return _INVALID if any(i is _INVALID for i in items) else tuple(items)
+        if origin is dict:
+            if not isinstance(value, dict):
+                return self.fail(path, f"expected a mapping, got {_type_name(value)}")
+            out: dict[str, str] = {}
+            ok = True
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    self.fail(path, f"keys must be strings, got {_type_name(k)}")
+                    ok = False
+                    continue
+                item = self.value(str, v, (*path, k))
+                ok = ok and item is not _INVALID
+                out[k] = item
+            return out if ok else _INVALID
+        if _is_schema_class(tp):
+            return self.dataclass(tp, value, path)
+        raise TypeError(f"schema type {tp!r} not handled")  # a bug in this module
+
+    def dataclass(self, cls: type[Any], value: Any, path: FieldPath) -> Any:
+        if not isinstance(value, dict):
+            return self.fail(path, f"expected a mapping, got {_type_name(value)}")
+        infos = fields_of(cls)
+        by_key = {f.key: f for f in infos}
+        future: frozenset[str] = getattr(cls, "FUTURE_FIELDS", frozenset())
+        ok = True
+        for key in value:
+            if key in by_key:
+                continue
+            ok = False
+            if key in future:
+                self.fail((*path, key), f"field {key!r} {FUTURE}")
+            else:
+                known = ", ".join(sorted(by_key))
+                self.fail((*path, key), f"unknown field {key!r} (known: {known})")
+        kwargs: dict[str, Any] = {}
+        for f in infos:
+            raw = value.get(f.key)
+            if raw is None:
+                if f.required:
+                    self.fail(path, f"missing field {f.key!r}")
+                    ok = False
+                continue
+            decoded = self.value(f.type, raw, (*path, f.key))
+            if decoded is _INVALID:
+                ok = False
+            else:
+                kwargs[f.attr] = decoded
+                if not f.required and decoded == f.default:
+                    self.explicit.add((*path, f.key))
+        for group in getattr(cls, "ONE_OF", ()):
+            present = [k for k in group if value.get(k) is not None]
+            if len(present) != 1:
+                choices = ", ".join(group)
+                got = f"got {', '.join(present)}" if present else "got none"
+                self.fail(path, f"exactly one of {choices} is required ({got})")
+                ok = False
+        if not ok:
+            return _INVALID
+        return cls(**kwargs)
+
+
+_MISSING: Any = object()
+
+
+def locate(
+    positions: Mapping[FieldPath, tuple[int, int]],
+    path: Sequence[str | int],
+    key_positions: Mapping[FieldPath, tuple[int, int]] | None = None,
+) -> tuple[int, int] | None:
+    """The (line, column) of `path`, or of its nearest ancestor that has one.
+
+    Where the field's key was written wins over where its value starts: for a block
+    mapping the value starts on the next line, but the author thinks of `match:`.
+    """
+    p = tuple(path)
+    keys = key_positions or {}
+    while True:
+        if p in keys:
+            return keys[p]
+        if p in positions:
+            return positions[p]
+        if not p:
+            return None
+        p = p[:-1]
+
+
+# -- encoding ----------------------------------------------------------------------------
+
+
+def encode(
+    obj: Any,
+    path: FieldPath = (),
+    explicit: frozenset[FieldPath] = frozenset(),
+    defaults: bool = False,
+) -> dict[str, Any]:
+    """A schema dataclass → plain data with document names, leaving out defaults except
+    those `explicit` names (paths from the top; `obj` is at `path`), or none (`defaults`;
+    unset optional fields stay out)."""
+    out: dict[str, Any] = {}
+    for f in fields_of(type(obj)):
+        v = getattr(obj, f.attr)
+        here = (*path, f.key)
+        left_out = not f.required and v == f.default and here not in explicit
+        if left_out and (not defaults or v is None):
+            continue
+        out[f.key] = _encode_value(f.type, v, here, explicit, defaults)
+    return out
+
+
+def _encode_value(
+    tp: Any,
+    v: Any,
+    path: FieldPath = (),
+    explicit: frozenset[FieldPath] = frozenset(),
+    defaults: bool = False,
+) -> Any:
+    if v is None:
+        return None
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return _encode_value(inner, v, path, explicit, defaults)
+    if _is_duration(tp):
+        return format_duration(v)
+    if dataclasses.is_dataclass(v):
+        return encode(v, path, explicit, defaults)
+    if isinstance(v, tuple):
+        (item_tp, _) = get_args(tp)
+        return [_encode_value(item_tp, x, (*path, i), explicit, defaults) for i, x in enumerate(v)]
+    if isinstance(v, dict):
+        return dict(v)
+    return v
+
+
+# -- meaning of one resource -------------------------------------------------------------
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_HOST_PATTERN = re.compile(
+    r"^(\*\.)?([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)*[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+)
+# Headers a route may not edit: they frame the message, so the proxy owns them.
+FORBIDDEN_HEADERS = frozenset(
+    {"connection", "content-length", "transfer-encoding", "keep-alive", "upgrade", "te",
+     "trailer", "proxy-connection"}
+)  # fmt: skip
+MAX_REGEX = 1024
+
+
+def valid_name(name: str) -> bool:
+    """A DNS-1123 label: what services, namespaces and subsets are named."""
+    return len(name) <= 63 and _NAME.match(name) is not None
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    i = 2
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 1
+    return True
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(self, path: FieldPath, message: str, severity: Severity = "error") -> None:
+        self.problems.append(Problem(message, format_path(path), severity=severity))
+
+    def regex(self, path: FieldPath, pattern: str) -> None:
+        """Route regexes are RE2 (what the sidecar matches with: linear time, no
+        backreferences or lookaround), so they are compiled by RE2 here too."""
+        if len(pattern) > MAX_REGEX:
+            self.add(path, f"regular expression longer than {MAX_REGEX} characters")
+            return
+        # Imported here: the C extension is needed only once a regex is checked.
+        import re2
+
+        options = re2.Options()
+        options.log_errors = False  # the problem goes to the caller, not to stderr
+        try:
+            re2.compile(pattern, options=options)
+        except re2.error as exc:
+            reason = exc.args[0] if exc.args else exc
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
+            self.add(
+                path,
+                f"invalid regular expression (RE2 syntax: no backreferences or "
+                f"lookaround): {reason}",
+            )
+
+    def token(self, path: FieldPath, name: str, what: str) -> None:
+        if not _TOKEN.match(name):
+            self.add(path, f"invalid {what} {name!r}")
+
+    def positive(self, path: FieldPath, seconds: float | None) -> None:
+        if seconds is not None and seconds <= 0:
+            self.add(path, "must be greater than zero")
+
+
+def check_resource(res: Resource) -> list[Problem]:
+    """What is wrong with one decoded resource on its own (no other resources needed).
+
+    The control plane runs it before storing and a sidecar again before applying a
+    snapshot. Problems carry field paths; `controlplane.validation` adds lines.
+    """
+    c = _Checker()
+    meta = res.metadata
+    if not valid_name(meta.name):
+        c.add(("metadata", "name"), f"invalid name {meta.name!r}: lower-case letters, digits "
+              "and '-', starting and ending with a letter or digit, at most 63")  # fmt: skip
+    if res.kind not in CLUSTER_KINDS and not valid_name(meta.namespace):
+        c.add(("metadata", "namespace"), f"invalid namespace {meta.namespace!r}")
+    for k, v in meta.labels.items():
+        if not _LABEL_KEY.match(k) or len(k) > 317:
+            c.add(("metadata", "labels", k), f"invalid label key {k!r}")
+        if not _LABEL_VALUE.match(v) or len(v) > 63:
+            c.add(("metadata", "labels", k), f"invalid label value {v!r}")
+    spec = res.spec
+    if isinstance(spec, ServiceDefaultsSpec):
+        _check_service_defaults(c, spec)
+    elif isinstance(spec, RouteSpec):
+        _check_route(c, spec)
+    elif isinstance(spec, TrafficSplitSpec):
+        _check_split(c, spec)
+    elif isinstance(spec, MeshConfigSpec):
+        _check_mesh(c, spec)
+    return c.problems
+
+
+def _check_service_defaults(c: _Checker, spec: ServiceDefaultsSpec) -> None:
+    seen: set[int] = set()
+    for i, port in enumerate(spec.opaque_ports):
+        if not 1 <= port <= 65535:
+            c.add(("spec", "opaquePorts", i), f"port {port} out of range 1-65535")
+        elif port in seen:
+            c.add(("spec", "opaquePorts", i), f"port {port} listed twice")
+        seen.add(port)
+    lb = spec.load_balancer
+    at: FieldPath = ("spec", "loadBalancer")
+    hashing = lb.policy in ("ring_hash", "maglev")
+    if hashing and not lb.hash_policies:
+        c.add(at, f"{lb.policy} needs 'hashPolicies' (header, cookie, query_parameter or "
+              "source_ip)")  # fmt: skip
+    if not hashing and lb.hash_policies:
+        c.add((*at, "hashPolicies"), f"only ring_hash and maglev hash, not {lb.policy}")
+    if hashing and lb.slow_start is not None:
+        c.add((*at, "slowStart"), f"{lb.policy} does not ramp (it would move keys)")
+    for i, h in enumerate(lb.hash_policies):
+        hp: FieldPath = (*at, "hashPolicies", i)
+        if h.field == "source_ip" and h.name:
+            c.add((*hp, "name"), "source_ip takes no name")
+        elif h.field != "source_ip":
+            if not h.name:
+                c.add(hp, f"hashing by {h.field} needs 'name'")
+            elif h.field != "query_parameter":
+                c.token((*hp, "name"), h.name, f"{h.field} name")
+    if not 2 <= lb.choice_count <= 16:
+        c.add((*at, "choiceCount"), "must be between 2 and 16")
+    if not 1 <= lb.ring_size <= 8_388_608:
+        c.add((*at, "ringSize"), "must be between 1 and 8388608")
+    if not lb.ring_size <= lb.max_ring_size <= 8_388_608:
+        c.add((*at, "maxRingSize"), "must be between ringSize and 8388608")
+    if not _is_prime(lb.table_size) or lb.table_size > 5_000_011:
+        c.add((*at, "tableSize"), f"must be a prime up to 5000011, got {lb.table_size}")
+    if not 0 < lb.locality_threshold <= 1:
+        c.add((*at, "localityThreshold"), "must be in (0, 1]")
+    if lb.slow_start is not None:
+        ss = lb.slow_start
+        c.positive((*at, "slowStart", "window"), ss.window)
+        if not ss.aggression > 0:
+            c.add((*at, "slowStart", "aggression"), "must be greater than zero")
+        if not 0 <= ss.min_weight_percent <= 100:
+            c.add((*at, "slowStart", "minWeightPercent"), "must be within 0-100")
+    c.positive(("spec", "connectTimeout"), spec.connect_timeout)
+    c.positive(("spec", "requestTimeout"), spec.request_timeout)
+
+
+def _check_route(c: _Checker, spec: RouteSpec) -> None:
+    catch_all: int | None = None
+    matches: dict[RouteMatchSpec, int] = {}
+    for i, rule in enumerate(spec.rules):
+        at: FieldPath = ("spec", "rules", i)
+        m = rule.match
+        if catch_all is not None:
+            c.add(at, f"can never match: rule [{catch_all}] before it matches every request")
+        elif m in matches:
+            c.add(at, f"can never match: rule [{matches[m]}] before it has the same match")
+        matches.setdefault(m, i)
+        if catch_all is None and m.is_catch_all:
+            catch_all = i
+        if m.path is not None:
+            p = m.path
+            for key, text in (("exact", p.exact), ("prefix", p.prefix)):
+                if text is not None and not text.startswith("/"):
+                    c.add((*at, "match", "path", key), "a path starts with '/'")
+            if p.regex is not None:
+                c.regex((*at, "match", "path", "regex"), p.regex)
+        if m.method is not None:
+            c.token((*at, "match", "method"), m.method, "method")
+            if m.method != m.method.upper():
+                c.add((*at, "match", "method"), f"methods are upper-case: {m.method.upper()!r}")
+        for j, hm in enumerate(m.headers):
+            c.token((*at, "match", "headers", j, "name"), hm.name, "header name")
+            if hm.regex is not None:
+                c.regex((*at, "match", "headers", j, "regex"), hm.regex)
+        for j, qm in enumerate(m.query_params):
+            if not qm.name:
+                c.add((*at, "match", "queryParams", j, "name"), "must not be empty")
+            if qm.regex is not None:
+                c.regex((*at, "match", "queryParams", j, "regex"), qm.regex)
+        d = rule.destination
+        if d.service is not None and not valid_name(d.service):
+            c.add((*at, "destination", "service"), f"invalid service name {d.service!r}"
+                  " (a service of the Route's namespace)")  # fmt: skip
+        if d.subset is not None and not valid_name(d.subset):
+            c.add((*at, "destination", "subset"), f"invalid subset name {d.subset!r}")
+        for key, change in (("requestHeaders", rule.request_headers),
+                            ("responseHeaders", rule.response_headers)):  # fmt: skip
+            if change is not None:
+                _check_header_change(c, (*at, key), change)
+
+
+def _check_header_change(c: _Checker, at: FieldPath, change: HeaderChangeSpec) -> None:
+    edits: list[tuple[FieldPath, str, str | None]] = [
+        *(((*at, "add", k), k, v) for k, v in change.add.items()),
+        *(((*at, "set", k), k, v) for k, v in change.set.items()),
+        *(((*at, "remove", i), k, None) for i, k in enumerate(change.remove)),
+    ]
+    for where, name, value in edits:
+        c.token(where, name, "header name")
+        if name.lower() in FORBIDDEN_HEADERS:
+            c.add(where, f"header {name!r} is managed by the proxy")
+        if value is not None and any(ch in value for ch in "\r\n\0"):
+            c.add(where, "header values must not contain CR, LF or NUL")
+
+
+def _check_split(c: _Checker, spec: TrafficSplitSpec) -> None:
+    if not spec.subsets:
+        c.add(("spec", "subsets"), "at least one subset is required")
+        return
+    names: dict[str, int] = {}
+    total = 0
+    for i, s in enumerate(spec.subsets):
+        at: FieldPath = ("spec", "subsets", i)
+        if not valid_name(s.name):
+            c.add((*at, "name"), f"invalid subset name {s.name!r}")
+        elif s.name in names:
+            c.add(
+                (*at, "name"), f"subset {s.name!r} is already defined at subsets[{names[s.name]}]"
+            )
+        names.setdefault(s.name, i)
+        if not 0 <= s.weight <= 100:
+            c.add((*at, "weight"), f"weight {s.weight} out of range 0-100")
+        total += s.weight
+        if not s.selector:
+            c.add((*at, "selector"), "a selector needs at least one Meta key")
+        for k in s.selector:
+            if not k:
+                c.add((*at, "selector"), "Meta keys must not be empty")
+    if total != 100:
+        c.add(("spec", "subsets"), f"weights sum to {total}, not 100")
+    st = spec.sticky
+    if st is not None:
+        if st.header is not None:
+            c.token(("spec", "sticky", "header"), st.header, "header name")
+        if st.cookie is not None:
+            c.token(("spec", "sticky", "cookie"), st.cookie, "cookie name")
+        if st.ttl is not None and st.cookie is None:
+            c.add(("spec", "sticky", "ttl"), "ttl only applies to cookie stickiness")
+        c.positive(("spec", "sticky", "ttl"), st.ttl)
+
+
+def _check_mesh(c: _Checker, spec: MeshConfigSpec) -> None:
+    for i, host in enumerate(spec.egress.hosts):
+        if not _HOST_PATTERN.match(host.lower()) or len(host) > 253:
+            c.add(("spec", "egress", "hosts", i),
+                  f"invalid host {host!r}: a DNS name, optionally starting with '*.'")  # fmt: skip
+    c.positive(("spec", "connectTimeout"), spec.connect_timeout)
+    c.positive(("spec", "requestTimeout"), spec.request_timeout)
