@@ -16,6 +16,7 @@ COPY tether ./tether
 COPY proxy ./proxy
 COPY registry ./registry
 COPY controlplane ./controlplane
+COPY wire ./wire
 
 # iptables: the init container of `tether inject --capture iptables` (Kubernetes) runs
 # this image to redirect the app's outbound TCP to its sidecar.

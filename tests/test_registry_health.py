@@ -110,7 +110,7 @@ async def test_ttl_expiry_and_reset(consul_client: Any) -> None:
         await asyncio.sleep(0.3)
         await c.agent.check.ttl_pass("beat", "alive")
     assert await check_status(c, "beat")() == "passing"
-    assert await until(check_status(c, want="beat"), "critical") == "critical"
+    assert await until(check_status(c, "beat"), want="critical") == "critical"
     chk = (await c.agent.checks())["beat"]
     assert chk["Output"].startswith("TTL expired")
     await c.agent.check.ttl_pass("beat")
@@ -163,11 +163,11 @@ async def test_tcp_check(consul_client: Any) -> None:
     port = server.sockets[0].getsockname()[1]
     try:
         await c.agent.check.register("tcp", check=consul.Check.tcp("127.0.0.1", port, "1s"))
-        assert await until(check_status(c, want="tcp"), "passing") == "passing"
+        assert await until(check_status(c, "tcp"), want="passing") == "passing"
     finally:
         server.close()
         await server.wait_closed()
-    assert await until(check_status(c, want="tcp"), "critical") == "critical"
+    assert await until(check_status(c, "tcp"), want="critical") == "critical"
     assert "dial tcp" in (await c.agent.checks())["tcp"]["Output"]
 
 
@@ -203,7 +203,7 @@ async def test_http_check_honours_interval_and_timeout(consul_client: Any) -> No
         await c.agent.check.register(
             "h", check=consul.Check.http(f"http://127.0.0.1:{port}/h", "1s", timeout="300ms")
         )
-        assert await until(check_status(c, want="h"), "passing") == "passing"
+        assert await until(check_status(c, "h"), want="passing") == "passing"
         first = len(hits)
         await asyncio.sleep(2.5)
         # One probe a second: 2 or 3 more in 2.5 s (allowing for a loaded machine).
@@ -211,7 +211,7 @@ async def test_http_check_honours_interval_and_timeout(consul_client: Any) -> No
         gaps = [b - a for a, b in itertools.pairwise(hits)]
         assert all(g > 0.8 for g in gaps), gaps
         slow["on"] = True
-        assert await until(check_status(c, want="h"), "critical") == "critical"
+        assert await until(check_status(c, "h"), want="critical") == "critical"
         assert "timed out after 0.3s" in (await c.agent.checks())["h"]["Output"]
     finally:
         await c.agent.check.deregister("h")
