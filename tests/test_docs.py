@@ -55,8 +55,9 @@ def tether_commands(path: Path) -> list[tuple[str, list[str]]]:
     """(subcommand, flags) of every `tether SUB ...` the document shows."""
     found = []
     for span in code_spans(current_text(path)):
-        for m in re.finditer(r"(?<![\w/.-])tether ([a-z][a-z-]*)(.*)", span):
+        for m in re.finditer(r"(?<![\w/.-])tether ([a-z][a-z-]*(?: [a-z][a-z-]*)?)(.*)", span):
             rest = re.split(r"(?<![\w/.-])tether [a-z]", m.group(2))[0]
+            rest = re.split(r"[|;&>]", rest)[0]  # its flags end at a shell operator
             flags = re.findall(r"(?<![\w=.-])(--?[a-zA-Z][\w-]*)", rest)
             found.append((m.group(1), flags))
     return found
@@ -77,12 +78,18 @@ def test_every_tether_command_and_flag_named_exists(doc: Path) -> None:
     if doc.name == "README.md":
         assert len(commands) > 20  # the parsing above does find them
     runner = CliRunner()
-    for sub, flags in commands:
+    for words, flags in commands:
+        sub, _, subsub = words.partition(" ")
         command = main.commands.get(sub)
         assert command is not None, f"{doc.name}: `tether {sub}` does not exist"
+        args = [sub]
+        if isinstance(command, click.Group):  # `tether token create`, `tether rollout restart`
+            assert subsub in command.commands, f"{doc.name}: `tether {words}` does not exist"
+            command = command.commands[subsub]
+            args.append(subsub)
         unknown = [f for f in flags if f not in options_of(command)]
-        assert not unknown, f"{doc.name}: `tether {sub}` has no {unknown}"
-        result = runner.invoke(main, [sub, "--help"])
+        assert not unknown, f"{doc.name}: `tether {words}` has no {unknown}"
+        result = runner.invoke(main, [*args, "--help"])
         assert result.exit_code == 0 and result.output.startswith("Usage:"), result.output
 
 
