@@ -22,13 +22,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy import balance
 from proxy.errors import PolicyError
 from proxy.pool import PoolPolicy
-from proxy.routing import RoutingTable
-from wire import resources as schema
+
+if TYPE_CHECKING:
+    # Only compile_specs reads them, when a snapshot applies (proxy/policy.py imports
+    # them anyway): a sidecar without a control plane never loads them (nor RE2).
+    from proxy.routing import RoutingTable
+    from wire import resources as schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,8 @@ def compile_specs(
     timeout applies where neither ServiceDefaults nor MeshConfig set one). Raises
     PolicyError naming the resource and field of a load-balancer policy that does not
     compile."""
+    from wire import resources as schema
+
     mesh_connect = mesh.connect_timeout if mesh is not None else 0.0
     mesh_request = mesh.request_timeout if mesh is not None else 0.0
 
