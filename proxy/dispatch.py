@@ -224,7 +224,8 @@ class OutboundRouter:
             )
         except TimeoutError:
             if exchange == conn.exchange and not conn.closed:
-                conn.dstats = self.stats.destination(self.name, f"{service}.{ns}")
+                # The name is the app's, maybe no service at all: no label of its own.
+                conn.dstats = None
                 conn.local_reply(
                     local_reply.NO_HEALTHY_UPSTREAM,
                     f"discovery did not answer about {service}.{ns} in {self.resolve_timeout}s",

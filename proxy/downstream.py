@@ -532,7 +532,7 @@ class DownstreamConnection(asyncio.Protocol):
             self.ubuf.clear()
             self.local_reply(e.reason, e.message, status=e.status, close=True)
         else:
-            self.server.stats.local_reply(e.reason)
+            self.server.stats.local_reply(e.reason, self.dstats)
             self.flush()
             self.abort()
 
@@ -712,7 +712,7 @@ class DownstreamConnection(asyncio.Protocol):
             # Part of the response went out: the client must see it cut short.
             if self.dstats is not None:
                 self.dstats.record(0, _monotonic() - self.start)
-            self.server.stats.local_reply(reason)
+            self.server.stats.local_reply(reason, self.dstats)
             self.flush()
             self.abort()
 
@@ -985,7 +985,7 @@ class DownstreamConnection(asyncio.Protocol):
     ) -> None:  # fmt: skip
         """Answer the current request ourselves (or cut the connection if too late)."""
         stats = self.server.stats
-        stats.local_reply(reason)
+        stats.local_reply(reason, self.dstats)
         if self.resp_state != R_NONE:
             self.flush()
             self.abort()
@@ -1071,7 +1071,7 @@ class DownstreamConnection(asyncio.Protocol):
                 self.local_reply(local_reply.UPSTREAM_TIMEOUT, message, close=phase == ACTIVE)
                 self.flush()
             else:
-                self.server.stats.local_reply(local_reply.UPSTREAM_TIMEOUT)
+                self.server.stats.local_reply(local_reply.UPSTREAM_TIMEOUT, self.dstats)
                 self.abort()
 
     def __repr__(self) -> str:
