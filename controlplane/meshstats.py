@@ -359,10 +359,10 @@ def _others(items: Iterable[Mapping[str, Any]], replica: str) -> Iterable[Mappin
             yield item
 
 
-def install(cp: ControlPlane, stats: MeshStats, replica: str) -> StatsPublisher:
+def install(cp: ControlPlane, stats: MeshStats, replica: Callable[[], str]) -> StatsPublisher:
     """`GET /api/v1/stats` on the control plane, and the publishing of this replica's
-    aggregate while it runs."""
-    publisher = StatsPublisher(stats, None, replica)
+    aggregate while it runs (under the replica's name as it is at start)."""
+    publisher = StatsPublisher(stats, None, replica())
 
     async def handle(request: web.Request) -> web.Response:
         agg, replicas = await publisher.mesh()
@@ -371,6 +371,7 @@ def install(cp: ControlPlane, stats: MeshStats, replica: str) -> StatsPublisher:
 
     async def _start(_app: web.Application) -> None:
         publisher.consul = cp.consul
+        publisher.replica = replica()
         publisher.start()
 
     async def _stop(_app: web.Application) -> None:

@@ -673,7 +673,7 @@ def install(cp: ControlPlane) -> PushServer:
     # The WebSocket checks the sidecar's token at its hello, once it names its service.
     route(cp.app, "GET", wire.PATH, server.handle_push, None)
     route(cp.app, "GET", "/api/v1/sidecars", server.handle_sidecars, READ_STATUS)
-    install_stats(cp, server.stats, server.replica)
+    install_stats(cp, server.stats, lambda: server.replica)
     cp.app.on_startup.append(_start)
     cp.app.on_shutdown.append(_stop)
     cp.app[PUSH_SERVER] = server
