@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint typecheck pytest fuzz bench bench-registry bench-push bench-balance clean
+.PHONY: up test lint typecheck pytest browser fuzz bench bench-registry bench-push bench-balance clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) browser
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# The dashboard's browser test drives Debian's chromium through chromium-driver:
+# installed here when missing (idempotent, quick when present); where apt cannot install
+# it, the test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      chromium chromium-driver) >/dev/null 2>&1 || \
+	    echo "make browser: chromium could not be installed; the dashboard's browser test will skip"; }
 
 # Coverage-guided differential fuzzing of the HTTP codecs (tests/fuzz_codec.py): the
 # corpus check `make test` runs, for FUZZ_SECONDS on inputs atheris makes up.
