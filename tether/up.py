@@ -401,6 +401,7 @@ class Mesh:
             applied = self.policy_status or "no policies applied"
             lines.append(f"controlplane {cp}  ({applied}; change with: tether apply -f FILE "
                          f"--controlplane {cp})")  # fmt: skip
+            lines.append(f"dashboard    {cp}/ui/  (or: tether top --controlplane {cp})")
         for i in self.instances:
             lines.append(
                 f"{i.name:<12} {i.service} {i.version} {i.zone}  app=127.0.0.1:{i.app_port} "

@@ -6,6 +6,7 @@
 const API = "/api/v1";
 const REFRESH_MS = 2000;
 const SVG = "http://www.w3.org/2000/svg";
+const HEIGHT = 380;  // of the graph's drawing, in its own units (1200 wide)
 let timer = null;
 
 function token() { return sessionStorage.getItem("tether-token") || ""; }
@@ -34,7 +35,9 @@ function el(tag, attrs, ...children) {
   const node = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === undefined || v === null) continue;
-    if (k === "text") node.textContent = v; else node.setAttribute(k, v);
+    // Widths go through CSSOM: the page's CSP refuses inline style attributes.
+    if (k === "text") node.textContent = v; else if (k === "width" && tag === "span") node.style.width = v;
+    else node.setAttribute(k, v);
   }
   for (const c of children) if (c !== null && c !== undefined) node.append(c);
   return node;
@@ -128,7 +131,7 @@ function layout(names, edges) {
   for (const [d, col] of columns) {
     col.forEach((n, i) => pos.set(n, {
       x: 110 + d * (980 / Math.max(ncol - 1, 1)) * (ncol > 1 ? 1 : 0) + (ncol > 1 ? 0 : 380),
-      y: (i + 1) * 520 / (col.length + 1),
+      y: (i + 1) * HEIGHT / (col.length + 1),
     }));
   }
   return pos;
@@ -177,7 +180,7 @@ function drawGraph(svg, stats) {
 }
 
 async function pageGraph(main) {
-  const svg = el("svg:svg", { id: "graph", viewBox: "0 0 1200 520", preserveAspectRatio: "xMidYMid meet" });
+  const svg = el("svg:svg", { id: "graph", viewBox: `0 0 1200 ${HEIGHT}`, preserveAspectRatio: "xMidYMid meet" });
   const legend = el("div", { class: "legend" },
     span("● success ≥ 99%", "ok"), span("● ≥ 95%", "warn"), span("● below", "bad"), span("● no traffic", "dim"),
     span("edges: requests/s · success rate · p99, as the caller's sidecar saw them"));
@@ -265,8 +268,8 @@ async function pageCanary(main) {
         const req = sub.reduce((n, e) => n + e.requests, 0);
         const ok = sub.reduce((n, e) => n + (e.success_rate || 0) * e.requests, 0);
         const p99 = Math.max(-1, ...sub.map(e => e.p99_ms || -1));
-        return [s.name, s.weight + "%", el("span", { class: "bar want", style: `width:${s.weight * 2}px` }),
-          (share * 100).toFixed(1) + "%", el("span", { class: "bar", style: `width:${share * 200}px` }),
+        return [s.name, s.weight + "%", el("span", { class: "bar want", width: `${s.weight * 2}px` }),
+          (share * 100).toFixed(1) + "%", el("span", { class: "bar", width: `${share * 200}px` }),
           pct(req ? ok / req : null), ms(p99 < 0 ? null : p99)];
       }), [1, 3, 5, 6]));
   }
