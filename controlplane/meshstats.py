@@ -359,6 +359,9 @@ def _others(items: Iterable[Mapping[str, Any]], replica: str) -> Iterable[Mappin
             yield item
 
 
+STATS_PUBLISHER: web.AppKey[StatsPublisher] = web.AppKey("stats_publisher")
+
+
 def install(cp: ControlPlane, stats: MeshStats, replica: Callable[[], str]) -> StatsPublisher:
     """`GET /api/v1/stats` on the control plane, and the publishing of this replica's
     aggregate while it runs (under the replica's name as it is at start)."""
@@ -378,6 +381,7 @@ def install(cp: ControlPlane, stats: MeshStats, replica: Callable[[], str]) -> S
         await publisher.aclose()
 
     route(cp.app, "GET", "/api/v1/stats", handle, READ_STATS)
+    cp.app[STATS_PUBLISHER] = publisher
     cp.app.on_startup.append(_start)
     cp.app.on_shutdown.append(_stop)
     return publisher

@@ -34,7 +34,7 @@ STABLE_AFTER = 5.0
 STATS_INTERVAL = 2.0
 
 # Given a monotonic clock reading, what the sidecar handled since it was last asked.
-StatsSource = Callable[[float], "wire.Stats | None"]
+StatsSource = Callable[[float], wire.Stats]
 
 
 class Applier(Protocol):
@@ -201,13 +201,12 @@ class PolicyClient:
         if self.stats is None:
             return
         while not ws.closed:
-            # The first call ever only marks the start; after a reconnect the first
-            # report covers the time the connection was down.
+            # The first report covers the time since the sidecar started (after a
+            # reconnect, since the last report); one is sent even when empty, as the
+            # control plane divides by the seconds reports cover.
             report = self.stats(time.monotonic())
-            # Sent even when empty: the control plane divides by the seconds covered.
-            if report is not None:
-                await self._send_quiet(ws, wire.encode(report))
-                self.reports += 1
+            await self._send_quiet(ws, wire.encode(report))
+            self.reports += 1
             await asyncio.sleep(self.stats_interval)
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -323,48 +324,53 @@ def _counts(row: dict[str, Any], name: str, size: int) -> tuple[int, ...]:
     if len(values) != size or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
     ):
-        raise PushProtocolError(f"stats: {name} must be {size} counts (non-negative integers)")
+        raise PushProtocolError(f"{name} must be {size} counts (non-negative integers)")
     return tuple(values)
 
 
 def _count(row: dict[str, Any], name: str) -> int:
     value = _field(row, name, int, 0)
     if value < 0:
-        raise PushProtocolError(f"stats: {name} must not be negative")
+        raise PushProtocolError(f"{name} must not be negative")
     return int(value)
 
 
 def _stats(obj: dict[str, Any]) -> Stats:
     seconds = _field(obj, "seconds", (int, float))
-    if isinstance(seconds, bool) or not 0 < seconds <= 3600:
-        raise PushProtocolError("stats: seconds must be in (0, 3600]")
+    # A first report covers the sidecar's whole life so far: days are fine, NaN is not.
+    if isinstance(seconds, bool) or not 0 < seconds < math.inf:
+        raise PushProtocolError("stats: seconds must be a positive number")
     raw = _field(obj, "rows", list)
     if len(raw) > MAX_STATS_ROWS:
         raise PushProtocolError(f"stats: more than {MAX_STATS_ROWS} rows")
     rows = []
-    for item in raw:
+    for i, item in enumerate(raw):
         if not isinstance(item, dict):
             raise PushProtocolError("stats: rows must be JSON objects")
-        item.setdefault("type", "stats")
-        latency_sum = _field(item, "sum", (int, float), 0.0)
-        if isinstance(latency_sum, bool) or latency_sum < 0:
-            raise PushProtocolError("stats: sum must be a non-negative number")
-        names = [_field(item, k, str, "") for k in ("listener", "destination", "subset")]
-        if not names[0] or not names[1] or any(len(n) > 256 for n in names):
-            raise PushProtocolError("stats: listener and destination are 1 to 256 characters")
-        rows.append(
-            StatsRow(
-                listener=names[0],
-                destination=names[1],
-                subset=names[2],
-                classes=_counts(item, "classes", len(STATUS_CLASSES)),
-                buckets=_counts(item, "buckets", len(LATENCY_BOUNDS) + 1),
-                latency_sum=float(latency_sum),
-                retries=_count(item, "retries"),
-                ejections=_count(item, "ejections"),
-            )
-        )
+        try:
+            rows.append(_stats_row(item))
+        except PushProtocolError as exc:
+            raise PushProtocolError(f"stats: rows[{i}]: {exc}") from None
     return Stats(seconds=float(seconds), rows=tuple(rows))
+
+
+def _stats_row(item: dict[str, Any]) -> StatsRow:
+    latency_sum = _field(item, "sum", (int, float), 0.0)
+    if isinstance(latency_sum, bool) or not 0 <= latency_sum < math.inf:
+        raise PushProtocolError("sum must be a non-negative number")
+    names = [_field(item, k, str, "") for k in ("listener", "destination", "subset")]
+    if not names[0] or not names[1] or any(len(n) > 256 for n in names):
+        raise PushProtocolError("listener and destination are 1 to 256 characters")
+    return StatsRow(
+        listener=names[0],
+        destination=names[1],
+        subset=names[2],
+        classes=_counts(item, "classes", len(STATUS_CLASSES)),
+        buckets=_counts(item, "buckets", len(LATENCY_BOUNDS) + 1),
+        latency_sum=float(latency_sum),
+        retries=_count(item, "retries"),
+        ejections=_count(item, "ejections"),
+    )
 
 
 def union(names: Iterable[str], more: Iterable[str]) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ every metric.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -60,7 +61,7 @@ def split_destination(name: str) -> tuple[str, str]:
 class ProxyStats:
     """All counters of one sidecar's listeners (shared by outbound and inbound)."""
 
-    def __init__(self, source: str = "") -> None:
+    def __init__(self, source: str = "", started: float | None = None) -> None:
         # The service this sidecar fronts (`svc.ns`): the source of its outbound requests.
         self.source = source
         self.destinations: dict[tuple[str, str], DestinationStats] = {}
@@ -76,7 +77,8 @@ class ProxyStats:
         self.pool_sources: list[Callable[[], Iterable[Any]]] = []
         # What the last `report` covered: per destination key, its counts then.
         self._reported: dict[tuple[str, str], tuple[tuple[int, ...], float]] = {}
-        self._reported_at: float | None = None
+        # When the last report ended (monotonic): the first covers the time since start.
+        self._reported_at = time.monotonic() if started is None else started
 
     def destination(self, listener: str, name: str) -> DestinationStats:
         key = (listener, name)
@@ -95,10 +97,10 @@ class ProxyStats:
 
     # -- reports to the control plane ---------------------------------------------------
 
-    def report(self, now: float) -> wire.Stats | None:
-        """What every destination handled since the previous call (None the first time,
-        which only marks the start). `now` is a monotonic clock; the busiest
-        MAX_STATS_ROWS destinations are reported when there are more."""
+    def report(self, now: float) -> wire.Stats:
+        """What every destination handled since the previous call (since the start, the
+        first time). `now` is a monotonic clock reading; the busiest MAX_STATS_ROWS
+        destinations are reported when there are more."""
         since, self._reported_at = self._reported_at, now
         rows: list[tuple[int, wire.StatsRow]] = []
         for key, ds in self.destinations.items():
@@ -109,7 +111,7 @@ class ProxyStats:
                 before = ((0,) * len(counts), 0.0)
             delta = tuple(a - b for a, b in zip(counts, before[0], strict=True))
             n = sum(delta[: len(wire.STATUS_CLASSES)])
-            if not n or since is None:
+            if not n:
                 continue
             service, subset = split_destination(ds.name)
             row = wire.StatsRow(
@@ -121,8 +123,6 @@ class ProxyStats:
                 latency_sum=max(ds.latency_sum - before[1], 0.0),
             )
             rows.append((n, row))
-        if since is None:
-            return None
         rows.sort(key=lambda r: -r[0])
         return wire.Stats(
             seconds=max(now - since, 0.001),

@@ -4,22 +4,32 @@ output checked against docs/metrics.md, over real processes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controlplane.meshstats import Aggregate, Counts, MeshStats, render
+from controlplane.meshstats import STATS_PUBLISHER, Aggregate, Counts, MeshStats, render
+from controlplane.push import PUSH_SERVER
+from controlplane.server import ControlPlane, ControlPlaneSpec, RegistryAddress
 from proxy import push_codec as wire
+from proxy.cluster import StaticDirectory
+from proxy.policy import Policy
+from proxy.policy_client import PolicyClient, push_url
 from proxy.stats import ProxyStats
-from tests.conftest import ControlPlaneProcess, RegistryProcess, run_tether
+from registry.server import RegistryServer
+from tests.conftest import ControlPlaneProcess, RegistryProcess, run_tether, serving_registry
 from tests.sidecar_harness import ROOT, ProcessSet, poll
+from tests.test_cp_security import MANAGEMENT, make_token
 
 BUCKETS = len(wire.LATENCY_BOUNDS) + 1
 
@@ -38,7 +48,7 @@ def test_stats_message_round_trips_and_bad_reports_are_refused() -> None:
         (lambda m: m["rows"][0].update(classes=[0, 0, -1, 0, 0, 0]), "classes must be 6"),
         (lambda m: m["rows"][0].update(buckets=[1]), f"buckets must be {BUCKETS}"),
         (lambda m: m["rows"][0].update(destination=""), "listener and destination"),
-        (lambda m: m.update(seconds=0), "seconds must be"),
+        (lambda m: m.update(seconds=0), "seconds must be a positive"),
         (lambda m: m.update(rows=[m["rows"][0]] * (wire.MAX_STATS_ROWS + 1)), "more than 256"),
     ]:
         bad = json.loads(json.dumps(good))
@@ -48,17 +58,16 @@ def test_stats_message_round_trips_and_bad_reports_are_refused() -> None:
 
 
 def test_proxy_stats_report_is_deltas_per_destination_and_subset() -> None:
-    stats = ProxyStats(source="a.default")
-    assert stats.report(0.0) is None  # the first call only marks the start
+    stats = ProxyStats(source="a.default", started=0.0)
     stats.destination("outbound", "b.default/v2").record(200, 0.003)
     stats.destination("outbound", "b.default/v2").record(503, 0.003)
     first = stats.report(2.0)
-    assert first is not None and first.seconds == 2.0
+    assert first.seconds == 2.0  # since the start
     (r,) = first.rows
     assert (r.destination, r.subset, r.classes) == ("b.default", "v2", (0, 0, 1, 0, 0, 1))
     assert sum(r.buckets) == 2
     second = stats.report(4.0)
-    assert second is not None and second.rows == ()  # nothing new: an empty report
+    assert second.rows == ()  # nothing new: an empty report
 
 
 def test_quantiles_interpolate_within_buckets_as_prometheus_does() -> None:
@@ -180,3 +189,139 @@ def test_stats_reach_the_control_plane_top_and_prometheus(
     finally:
         procs.close()
         cp.stop()
+
+
+# -- the control plane's side, in process over a real registry --------------------------
+
+
+async def stats_of(http: aiohttp.ClientSession, url: str, token: str | None = None) -> Any:
+    headers = {"X-Tether-Token": token} if token else {}
+    async with http.get(f"{url}/api/v1/stats", headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def until(cond: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await cond()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s (last: {got!r})"
+        await asyncio.sleep(0.05)
+
+
+async def test_two_replicas_merge_their_sidecars_stats(registry: RegistryServer) -> None:
+    cps = []
+    for name in ("r1", "r2"):
+        cp = ControlPlane(ControlPlaneSpec(port=0, registry=RegistryAddress(port=registry.port)))
+        cp.app[PUSH_SERVER].replica = name
+        cp.app[STATS_PUBLISHER].interval = 0.1
+        await cp.start()
+        cps.append(cp)
+    clients = []
+    for cp, service in zip(cps, ("frontend", "checkout"), strict=True):
+        stats = ProxyStats(source=f"{service}.default")
+        node = wire.NodeIdentity(service, "default", f"{service}-1", "z1")
+        client = PolicyClient(cp.url, node, Policy(StaticDirectory([])), stats=stats.report,
+                              stats_interval=0.6)  # fmt: skip
+        client.start()
+        clients.append(client)
+        for _ in range(12):  # what the outbound listener records per request
+            stats.destination("outbound", "orders.default/v1").record(200, 0.004)
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def both() -> Any:
+                body = await stats_of(http, cps[0].url)
+                sources = {e["source"] for e in body["edges"] if e["requests"] == 12}
+                return body if sources == {"frontend.default", "checkout.default"} else None
+
+            body = await until(both, 15, "r1 shows its own sidecar's edge and r2's")
+            assert body["replicas"] == ["r1", "r2"]
+            assert {(e["destination"], e["subset"]) for e in body["edges"]} == {
+                ("orders.default", "v1")
+            }
+            # r2 stops: its aggregate leaves the KV with it, and r1 counts its own only.
+            await clients[1].aclose()
+            await cps[1].aclose()
+
+            async def alone() -> Any:
+                body = await stats_of(http, cps[0].url)
+                return body["replicas"] == ["r1"] and body
+
+            body = await until(alone, 10, "r1 alone")
+            assert {e["source"] for e in body["edges"]} == {"frontend.default"}
+    finally:
+        for client in clients:
+            await client.aclose()
+        for cp in cps:
+            await cp.aclose()
+
+
+async def test_reports_too_big_or_too_frequent_are_dropped(registry: RegistryServer) -> None:
+    cp = ControlPlane(ControlPlaneSpec(port=0, registry=RegistryAddress(port=registry.port)))
+    server = cp.app[PUSH_SERVER]
+    await cp.start()
+    report = json.loads(wire.encode(wire.Stats(1.0, (row("orders.default", 5),))))
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(push_url(cp.url), protocols=(wire.SUBPROTOCOL,)) as ws:
+                hello = wire.Hello(wire.NodeIdentity("frontend", "default", "f-1"))
+                await ws.send_str(wire.encode(hello))
+                await ws.send_str(json.dumps(report))
+                await ws.send_str(json.dumps(report))  # at once: over the rate
+                padded = dict(report, padding="x" * wire.MAX_STATS_BYTES)
+                await ws.send_str(json.dumps(padded))  # over the size
+                await until(lambda: asyncio.sleep(0, server.stats_dropped == 2), 10, "two dropped")
+                assert server.stats.reports == 1
+                # The connection stays: dropping a report is no reason to end it.
+                assert not ws.closed
+                body = await stats_of(http, cp.url)
+                assert [e["requests"] for e in body["edges"]] == [5]
+    finally:
+        await cp.aclose()
+
+
+async def test_dashboard_shell_is_open_and_its_data_needs_a_token(tmp_path: Path) -> None:
+    async with serving_registry(tmp_path / "acl", management_token=MANAGEMENT) as reg:
+        spec = ControlPlaneSpec(
+            port=0, registry=RegistryAddress("127.0.0.1", reg.port, "http", MANAGEMENT)
+        )
+        cp = ControlPlane(spec)
+        await cp.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{cp.url}/ui/") as resp:
+                    assert resp.status == 200 and "<svg" not in await resp.text()
+                    assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
+                async with http.get(f"{cp.url}/ui/app.js") as resp:
+                    assert resp.status == 200 and "X-Tether-Token" in await resp.text()
+                async with http.get(f"{cp.url}/ui/../server.py") as resp:
+                    assert resp.status == 404
+                registry = f"http://127.0.0.1:{reg.port}"
+                for path in ("/api/v1/stats", "/api/v1/services"):
+                    async with http.get(f"{cp.url}{path}") as resp:
+                        assert resp.status == 401, path
+                policy_reader = await make_token(
+                    http, registry, 'key_prefix "tether/v1/" { policy = "read" }'
+                )
+                viewer = await make_token(
+                    http, registry,
+                    'key_prefix "tether/push/stats/" { policy = "read" }\n'
+                    'service_prefix "" { policy = "read" }',
+                )  # fmt: skip
+                async with http.get(
+                    f"{cp.url}/api/v1/stats", headers={"X-Tether-Token": policy_reader}
+                ) as resp:
+                    assert resp.status == 403
+                    assert "tether/push/stats/" in (await resp.json())["message"]
+                body = await stats_of(http, cp.url, viewer)
+                assert body["edges"] == [] and body["window"] == 10.0
+                async with http.get(
+                    f"{cp.url}/api/v1/services", headers={"X-Tether-Token": viewer}
+                ) as resp:
+                    assert resp.status == 200
+                    assert isinstance((await resp.json())["services"], list)
+        finally:
+            await cp.aclose()
