@@ -22,11 +22,11 @@ from controlplane.server import ControlPlane, ControlPlaneSpec, RegistryAddress
 from proxy import push_codec as wire
 from proxy.policy_client import PolicyClient, push_url
 from registry.server import RegistryServer
-from tests.conftest import ControlPlaneProcess, RegistryProcess, serving_registry
+from tests.conftest import MANAGEMENT_TOKEN, ControlPlaneProcess, RegistryProcess, serving_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
-MANAGEMENT = "root-secret"
+MANAGEMENT = MANAGEMENT_TOKEN
 
 
 def example_files() -> dict[str, Any]:
@@ -184,20 +184,6 @@ class NullApplier:
 
     async def apply(self, snapshot: wire.Snapshot) -> None:
         self.version, self.hash = snapshot.version, snapshot.hash
-
-
-@pytest.fixture
-async def acl_cp(tmp_path: Path) -> AsyncIterator[tuple[RegistryServer, ControlPlane]]:
-    async with serving_registry(tmp_path / "acl", management_token=MANAGEMENT) as reg:
-        spec = ControlPlaneSpec(
-            port=0, registry=RegistryAddress("127.0.0.1", reg.port, "http", MANAGEMENT)
-        )
-        cp = ControlPlane(spec)
-        await cp.start()
-        try:
-            yield reg, cp
-        finally:
-            await cp.aclose()
 
 
 async def refusal(url: str, token: str | None, service: str) -> wire.ErrorMessage:

@@ -27,9 +27,9 @@ from proxy.policy import Policy
 from proxy.policy_client import PolicyClient, push_url
 from proxy.stats import ProxyStats
 from registry.server import RegistryServer
-from tests.conftest import ControlPlaneProcess, RegistryProcess, run_tether, serving_registry
+from tests.conftest import ControlPlaneProcess, RegistryProcess, run_tether
 from tests.sidecar_harness import ROOT, ProcessSet, poll
-from tests.test_cp_security import MANAGEMENT, make_token
+from tests.test_cp_security import make_token
 
 BUCKETS = len(wire.LATENCY_BOUNDS) + 1
 
@@ -283,45 +283,39 @@ async def test_reports_too_big_or_too_frequent_are_dropped(registry: RegistrySer
         await cp.aclose()
 
 
-async def test_dashboard_shell_is_open_and_its_data_needs_a_token(tmp_path: Path) -> None:
-    async with serving_registry(tmp_path / "acl", management_token=MANAGEMENT) as reg:
-        spec = ControlPlaneSpec(
-            port=0, registry=RegistryAddress("127.0.0.1", reg.port, "http", MANAGEMENT)
+async def test_dashboard_shell_is_open_and_its_data_needs_a_token(
+    acl_cp: tuple[RegistryServer, ControlPlane],
+) -> None:
+    reg, cp = acl_cp
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{cp.url}/ui/") as resp:
+            assert resp.status == 200 and "<svg" not in await resp.text()
+            assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
+        async with http.get(f"{cp.url}/ui/app.js") as resp:
+            assert resp.status == 200 and "X-Tether-Token" in await resp.text()
+        async with http.get(f"{cp.url}/ui/../server.py") as resp:
+            assert resp.status == 404
+        registry = f"http://127.0.0.1:{reg.port}"
+        for path in ("/api/v1/stats", "/api/v1/services"):
+            async with http.get(f"{cp.url}{path}") as resp:
+                assert resp.status == 401, path
+        policy_reader = await make_token(
+            http, registry, 'key_prefix "tether/v1/" { policy = "read" }'
         )
-        cp = ControlPlane(spec)
-        await cp.start()
-        try:
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"{cp.url}/ui/") as resp:
-                    assert resp.status == 200 and "<svg" not in await resp.text()
-                    assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
-                async with http.get(f"{cp.url}/ui/app.js") as resp:
-                    assert resp.status == 200 and "X-Tether-Token" in await resp.text()
-                async with http.get(f"{cp.url}/ui/../server.py") as resp:
-                    assert resp.status == 404
-                registry = f"http://127.0.0.1:{reg.port}"
-                for path in ("/api/v1/stats", "/api/v1/services"):
-                    async with http.get(f"{cp.url}{path}") as resp:
-                        assert resp.status == 401, path
-                policy_reader = await make_token(
-                    http, registry, 'key_prefix "tether/v1/" { policy = "read" }'
-                )
-                viewer = await make_token(
-                    http, registry,
-                    'key_prefix "tether/push/stats/" { policy = "read" }\n'
-                    'service_prefix "" { policy = "read" }',
-                )  # fmt: skip
-                async with http.get(
-                    f"{cp.url}/api/v1/stats", headers={"X-Tether-Token": policy_reader}
-                ) as resp:
-                    assert resp.status == 403
-                    assert "tether/push/stats/" in (await resp.json())["message"]
-                body = await stats_of(http, cp.url, viewer)
-                assert body["edges"] == [] and body["window"] == 10.0
-                async with http.get(
-                    f"{cp.url}/api/v1/services", headers={"X-Tether-Token": viewer}
-                ) as resp:
-                    assert resp.status == 200
-                    assert isinstance((await resp.json())["services"], list)
-        finally:
-            await cp.aclose()
+        viewer = await make_token(
+            http, registry,
+            'key_prefix "tether/push/stats/" { policy = "read" }\n'
+            'service_prefix "" { policy = "read" }',
+        )  # fmt: skip
+        async with http.get(
+            f"{cp.url}/api/v1/stats", headers={"X-Tether-Token": policy_reader}
+        ) as resp:
+            assert resp.status == 403
+            assert "tether/push/stats/" in (await resp.json())["message"]
+        body = await stats_of(http, cp.url, viewer)
+        assert body["edges"] == [] and body["window"] == 10.0
+        async with http.get(
+            f"{cp.url}/api/v1/services", headers={"X-Tether-Token": viewer}
+        ) as resp:
+            assert resp.status == 200
+            assert isinstance((await resp.json())["services"], list)
