@@ -256,3 +256,29 @@ def registry_process(tmp_path: Path) -> Iterator[Callable[..., RegistryProcess]]
     yield make
     for rp in made:
         rp.stop()
+
+
+@pytest.fixture
+def acl_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., tuple[RegistryProcess, ControlPlaneProcess]]]:
+    """A registry process (ACLs on with `MANAGEMENT_TOKEN`, unless `acl=False`) and a
+    control plane process whose environment holds CONSUL_HTTP_TOKEN (that token, or
+    `cp_token`)."""
+    made: list[Any] = []
+
+    def make(
+        acl: bool = True, cp_token: str = MANAGEMENT_TOKEN
+    ) -> tuple[RegistryProcess, ControlPlaneProcess]:
+        reg = RegistryProcess(tmp_path / "reg", MANAGEMENT_TOKEN if acl else None)
+        reg.start()
+        made.append(reg)
+        monkeypatch.setenv("CONSUL_HTTP_TOKEN", cp_token)
+        cp = ControlPlaneProcess(reg.port, tmp_path / "cp.log")
+        cp.start()
+        made.append(cp)
+        return reg, cp
+
+    yield make
+    for proc in reversed(made):
+        proc.stop()

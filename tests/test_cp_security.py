@@ -66,29 +66,6 @@ async def stored_keys(http: aiohttp.ClientSession, registry: str) -> list[str]:
         return [] if resp.status == 404 else list(await resp.json())
 
 
-@pytest.fixture
-def acl_processes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Callable[..., tuple[RegistryProcess, ControlPlaneProcess]]:
-    """A registry process and a control plane process whose environment holds
-    CONSUL_HTTP_TOKEN (the management token, or `cp_token`)."""
-    made: list[Any] = []
-
-    def make(acl: bool = True, cp_token: str = MANAGEMENT) -> tuple[Any, Any]:
-        reg = RegistryProcess(tmp_path / "reg", MANAGEMENT if acl else None)
-        reg.start()
-        made.append(reg)
-        monkeypatch.setenv("CONSUL_HTTP_TOKEN", cp_token)
-        cp = ControlPlaneProcess(reg.port, tmp_path / "cp.log")
-        cp.start()
-        made.append(cp)
-        return reg, cp
-
-    yield make  # type: ignore[misc]
-    for proc in reversed(made):
-        proc.stop()
-
-
 async def test_callers_use_their_own_token_never_the_control_planes(
     acl_processes: Callable[..., tuple[RegistryProcess, ControlPlaneProcess]],
 ) -> None:

@@ -9,13 +9,19 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, stop_group
+from tests.conftest import (
+    MANAGEMENT_TOKEN,
+    ControlPlaneProcess,
+    RegistryProcess,
+    free_port,
+    stop_group,
+)
 from tests.sidecar_harness import ROOT, poll
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.slow]
@@ -107,3 +113,26 @@ def test_dashboard_graph_shows_the_demo_live(browser: Any, demo: str, tmp_path: 
     )
     browser.save_screenshot(str(tmp_path / "canary.png"))
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+def test_with_acls_on_the_page_asks_for_a_token_and_sends_it(
+    browser: Any, acl_processes: Callable[..., tuple[RegistryProcess, ControlPlaneProcess]]
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    _, cp = acl_processes()
+    browser.get(f"{cp.url}/ui/")
+    notice = browser.find_element(By.ID, "notice")
+    poll(lambda: notice.is_displayed() and "token" in notice.text, 20, "the token notice", 0.2)
+    assert "X-Tether-Token" in notice.text  # the control plane's 401 says what to send
+    field = browser.find_element(By.ID, "token")
+    field.send_keys(MANAGEMENT_TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+    heading = browser.find_element(By.CSS_SELECTOR, "#page h2")
+    poll(lambda: not notice.is_displayed() and "replicas" in heading.text, 20, "the graph", 0.2)
+    # Kept for this tab only (sessionStorage), and sent with every call since.
+    stored = browser.execute_script("return sessionStorage.getItem('tether-token')")
+    assert stored == MANAGEMENT_TOKEN
+    browser.get(f"{cp.url}/ui/#/sidecars")
+    poll(lambda: "config version" in browser.find_element(By.ID, "page").text, 20, "sidecars", 0.2)
+    assert not browser.find_element(By.ID, "notice").is_displayed()

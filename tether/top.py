@@ -32,18 +32,27 @@ def _success(row: Mapping[str, Any]) -> Text:
 
 
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}ms"
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _table(title: str, columns: tuple[str, ...], names: int) -> Table:
+    # Fits 80 columns: the box's blank separators are the only space between columns.
+    table = Table(
+        title=title, box=box.SIMPLE_HEAD, title_justify="left", padding=0,
+        pad_edge=False, show_edge=False,
+    )  # fmt: skip
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i < names else "right", no_wrap=True)
+    return table
 
 
 def render(stats: Mapping[str, Any], source: str = "") -> RenderableType:
     """One frame from the answer of `GET /api/v1/stats`."""
-    services = Table(
-        title="services (requests in, as their sidecars handed them to the app)",
-        box=box.SIMPLE_HEAD,
-        title_justify="left",
+    services = _table(
+        "services: requests handed to the app",
+        ("service", "rps", "success", "p50 ms", "p99 ms", "sidecars"),
+        1,
     )
-    for col in ("service", "rps", "success", "p50", "p99", "sidecars"):
-        services.add_column(col, justify="left" if col == "service" else "right", no_wrap=True)
     for row in stats.get("services", ()):
         services.add_row(
             row["service"],
@@ -53,19 +62,16 @@ def render(stats: Mapping[str, Any], source: str = "") -> RenderableType:
             _ms(row.get("p99_ms")),
             str(row.get("sidecars", 0)),
         )
-    edges = Table(
-        title="edges (caller -> callee, as the caller's sidecar saw them)",
-        box=box.SIMPLE_HEAD,
-        title_justify="left",
+    edges = _table(
+        "edges: caller -> callee, as the caller's sidecar saw them",
+        ("source", "destination", "subset", "rps", "success", "p50", "p99", "retry", "eject"),
+        3,
     )
-    cols = ("source", "destination", "rps", "success", "p50", "p99", "retries", "ejections")
-    for col in cols:
-        edges.add_column(col, justify="left" if col in cols[:2] else "right", no_wrap=True)
     for row in stats.get("edges", ()):
-        dest = row["destination"] + (f" ({row['subset']})" if row.get("subset") else "")
         edges.add_row(
             row["source"],
-            dest,
+            row["destination"],
+            row.get("subset") or "-",
             _rate(row),
             _success(row),
             _ms(row.get("p50_ms")),
@@ -75,20 +81,13 @@ def render(stats: Mapping[str, Any], source: str = "") -> RenderableType:
         )
     replicas = ", ".join(stats.get("replicas", ()))
     head = Text(
-        f"tether top  {source}  window {stats.get('window', 0):.0f}s  replicas: {replicas}",
+        f"tether top  {source}  last {stats.get('window', 0):.0f}s  replicas: {replicas}"
+        "  (p50/p99 in ms)",
         style="bold",
     )
     if not stats.get("services") and not stats.get("edges"):
         return Group(head, Text("no traffic reported in the window yet", style="dim"))
-    return Group(head, services, edges)
-
-
-def frame_text(stats: Mapping[str, Any], width: int = 100, source: str = "") -> str:
-    """One frame as plain text (what `--once` prints when not on a terminal)."""
-    console = Console(record=True, width=width, force_terminal=False, color_system=None)
-    with console.capture():
-        console.print(render(stats, source))
-    return console.export_text()
+    return Group(head, Text(""), services, Text(""), edges)
 
 
 def run(
