@@ -250,14 +250,16 @@ class MeshStats:
                         continue
                     c = mine.setdefault(key, Counts())
                     c.add(_counts_of(row, 1.0))
+            # Every reporting sidecar counts for its service, busy or not.
+            agg.services.setdefault(source, Counts()).sidecars += 1
             for (kind, name), c in mine.items():
                 c.rate = c.requests / seconds if seconds else 0.0
-                c.sidecars = 1
                 if kind == "service":
                     assert isinstance(name, str)
-                    agg.services.setdefault(name, Counts()).add(c)
+                    agg.services[name].add(c)
                 else:
                     assert isinstance(name, tuple)
+                    c.sidecars = 1  # callers' sidecars that sent on this edge
                     agg.edges.setdefault(name, Counts()).add(c)
         return agg
 

@@ -100,7 +100,10 @@ def test_mesh_stats_aggregates_edges_and_expires_the_window() -> None:
     assert edge["success_rate"] == pytest.approx(39 / 40)
     services = {s["service"]: s for s in out["services"]}
     assert services["orders.default"]["rps"] == 20.0
-    assert services["frontend.default"]["requests"] == 0  # known from the edge only
+    assert services["orders.default"]["sidecars"] == 1
+    # frontend's sidecars reported (calls out only): the service is there, idle.
+    assert services["frontend.default"]["requests"] == 0
+    assert services["frontend.default"]["sidecars"] == 2
     # Another replica's aggregate, as read from the KV, adds up.
     other = Aggregate.from_dict(json.loads(json.dumps(mesh.aggregate().to_dict())))
     merged = mesh.aggregate()

@@ -63,7 +63,7 @@ def render(stats: Mapping[str, Any], source: str = "") -> RenderableType:
             str(row.get("sidecars", 0)),
         )
     edges = _table(
-        "edges: caller -> callee, as the caller's sidecar saw them",
+        "edges: caller -> callee, as the caller's sidecar saw them (p50/p99 in ms)",
         ("source", "destination", "subset", "rps", "success", "p50", "p99", "retry", "eject"),
         3,
     )
@@ -81,8 +81,7 @@ def render(stats: Mapping[str, Any], source: str = "") -> RenderableType:
         )
     replicas = ", ".join(stats.get("replicas", ()))
     head = Text(
-        f"tether top  {source}  last {stats.get('window', 0):.0f}s  replicas: {replicas}"
-        "  (p50/p99 in ms)",
+        f"tether top  {source}  last {stats.get('window', 0):.0f}s  replicas: {replicas}",
         style="bold",
     )
     if not stats.get("services") and not stats.get("edges"):

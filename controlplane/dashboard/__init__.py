@@ -83,7 +83,9 @@ async def _services(cp: ControlPlane) -> list[dict[str, Any]]:
     with registry_call():
         _, catalog = await cp.consul.catalog.services()
     out = []
-    for name in sorted(catalog or {})[:MAX_SERVICES]:
+    # "consul" is the registry's own servers (Consul registers itself), not the mesh's.
+    names = sorted(n for n in catalog or {} if n != "consul")
+    for name in names[:MAX_SERVICES]:
         with registry_call():
             _, entries = await cp.consul.health.service(name)
         instances = []
