@@ -167,6 +167,15 @@ def test_stats_reach_the_control_plane_top_and_prometheus(
         assert got["rps"] > 0 and got["success_rate"] == 1.0
         assert 0 < got["p50_ms"] <= got["p99_ms"] < 10_000
 
+        # The dashboard's service pages: the registry's instances of the mesh's services.
+        def instances() -> dict[str, Any]:
+            body = http_json(f"{cp.url}/api/v1/services")
+            return {s["service"]: s["instances"] for s in body["services"]}
+
+        assert sorted(instances()) == ["a", "b"]  # not the registry's own "consul"
+        (inst,) = poll(lambda: [i for i in instances()["b"] if i["health"] == "passing"], 10, "b")
+        assert (inst["version"], inst["namespace"]) == ("v1", "default")
+
         top = run_tether("top", "--once", "--controlplane", cp.url, env=env, timeout=30)
         assert top.returncode == 0, top.stderr
         lines = [line for line in top.stdout.splitlines() if "a.default" in line]
