@@ -10,21 +10,28 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # The build reads pyproject.toml and README.md (the package's readme); the packages
-# are the ones pyproject.toml ships.
+# are the ones pyproject.toml ships (the demo's policies are in tether/demo/policies).
 COPY pyproject.toml README.md ./
 COPY tether ./tether
 COPY proxy ./proxy
 COPY registry ./registry
 COPY controlplane ./controlplane
-COPY examples ./examples
+
+# iptables: the init container of `tether inject --capture iptables` (Kubernetes) runs
+# this image to redirect the app's outbound TCP to its sidecar.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iptables \
+    && rm -rf /var/lib/apt/lists/*
 
 # /data is the registry's state (a named volume takes this directory's owner).
 RUN pip install . \
-    && useradd --create-home --uid 10001 --user-group tether \
+    && groupadd --gid 10001 tether \
+    && useradd --create-home --uid 10001 --gid 10001 tether \
     && mkdir /data \
-    && chown tether:tether /data
+    && chown 10001:10001 /data
 
-USER tether
+# Numeric, so the runtime knows it is not root without reading /etc/passwd (DL3066).
+USER 10001:10001
 
 ENTRYPOINT ["tether"]
 CMD ["--help"]

@@ -4,16 +4,27 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint typecheck pytest browser fuzz bench bench-registry bench-push bench-balance clean
+.PHONY: up test test-tools lint typecheck pytest fuzz bench bench-registry bench-push bench-balance clean
 
+# One line per step: pip's own output stays quiet, but a first run never looks stuck.
+# A .venv without pip (venv created without ensurepip, e.g. Debian lacking python3-venv)
+# is made again rather than half-used.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	@echo "make: [1/3] creating $(VENV) with $(PYTHON) -m venv"
+	@test -x $(BIN)/pip || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } || { \
+	  rm -rf $(VENV); \
+	  echo "make: $(PYTHON) -m venv failed: Python 3.11+ with venv is needed" \
+	       "(on Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }
+	@echo "make: [2/3] upgrading pip (from the package index)"
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@echo "make: [3/3] installing tether and its dependencies into $(VENV) (a minute or two the first time)"
+	@$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+	@echo "make: $(VENV) is ready"
 
+# UP_FLAGS: flags for `tether up` (e.g. UP_FLAGS="--registry-port 0 --no-view").
 up: $(STAMP)
-	$(BIN)/tether up
+	$(BIN)/tether up $(UP_FLAGS)
 
 test: $(STAMP) lint typecheck pytest
 
@@ -24,17 +35,22 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) browser
+pytest: $(STAMP) test-tools
 	$(BIN)/pytest -q -p no:cacheprovider
 
-# The dashboard's browser test drives Debian's chromium through chromium-driver:
-# installed here when missing (idempotent, quick when present); where apt cannot install
-# it, the test is skipped and says why.
-browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-	  { (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	      chromium chromium-driver) >/dev/null 2>&1 || \
-	    echo "make browser: chromium could not be installed; the dashboard's browser test will skip"; }
+# Tools the tests run besides the venv, from Debian's packages (command:package):
+# docker-compose (`docker-compose config` checks what `tether inject` writes for compose;
+# it needs no Docker engine), chromium and its driver (the dashboard's browser test).
+# Installed when missing and apt-get is there; otherwise those tests skip and say why.
+TEST_TOOLS := docker-compose:docker-compose chromium:chromium chromedriver:chromium-driver
+test-tools:
+	@missing=""; for t in $(TEST_TOOLS); do \
+	  command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
+	  [ -z "$$missing" ] || ! command -v apt-get >/dev/null 2>&1 \
+	  || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null 2>&1 \
+	  || (apt-get update -qq >/dev/null 2>&1 \
+	      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null 2>&1) \
+	  || echo "could not install$$missing: the tests that need them skip and say why"
 
 # Coverage-guided differential fuzzing of the HTTP codecs (tests/fuzz_codec.py): the
 # corpus check `make test` runs, for FUZZ_SECONDS on inputs atheris makes up.

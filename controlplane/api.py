@@ -34,7 +34,6 @@ from controlplane.schema import (
     Problem,
     Resource,
     ResourceKey,
-    TrafficSplitSpec,
     canonical_kind,
 )
 from controlplane.store import ApplyResult
@@ -258,10 +257,10 @@ async def read_files(request: web.Request) -> list[tuple[str, str]]:
 
 
 async def _instances(cp: Any, resources: Sequence[Resource]) -> InstanceView | None:
-    """The registry's view of the instances of every service a TrafficSplit splits."""
+    """The registry's view of the instances of every service the resources configure."""
     view: dict[tuple[str, str], list[Mapping[str, str]]] = {}
     for res in resources:
-        if not isinstance(res.spec, TrafficSplitSpec) or (res.namespace, res.name) in view:
+        if res.kind in CLUSTER_KINDS or (res.namespace, res.name) in view:
             continue
         try:
             _, nodes = await cp.consul.catalog.service(res.name)
@@ -284,10 +283,11 @@ async def _apply(request: web.Request, *, dry_run: bool) -> web.Response:
     instances = await _instances(cp, first.resources)
     result = validate(files, existing.resources, instances)
     warnings = result.warnings
-    if instances is None and any(isinstance(r.spec, TrafficSplitSpec) for r in result.resources):
+    if instances is None and any(r.kind not in CLUSTER_KINDS for r in result.resources):
         warnings.append(
             Problem(
-                "registry catalog unavailable: subset selectors not checked", severity="warning"
+                "registry catalog unavailable: services and subset selectors not checked",
+                severity="warning",
             )
         )
     outcome = await cp.store.apply(

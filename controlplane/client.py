@@ -84,7 +84,13 @@ class ControlPlaneClient:
             ) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise ApiError(0, "unreachable", f"control plane at {self.url}: {reason}") from None
+            hint = (
+                "is one running? `tether up` or `tether controlplane` starts one; "
+                "else pass --controlplane URL or set TETHER_CONTROLPLANE"
+            )
+            raise ApiError(
+                0, "unreachable", f"control plane at {self.url}: {reason} ({hint})"
+            ) from None
 
     # -- resources ----------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from controlplane.schema import (
     FUTURE_KINDS,
     KINDS,
     Problem,
+    Resource,
     ResourceKey,
     canonical_kind,
 )
@@ -68,7 +69,7 @@ def _fail(exc: ApiError, err: TextIO) -> int:
         errors = sum(1 for p in exc.problems if p.is_error)
         print(f"rejected: {errors} error(s); nothing was changed", file=err)
     else:
-        print(f"error: {exc}", file=err)
+        print(f"Error: {exc}", file=err)
     return 1
 
 
@@ -90,7 +91,32 @@ def _local_check(files: Sequence[tuple[str, str]], err: TextIO) -> bool:
         _print_problems(checked.problems, err)
         print(f"rejected: {len(checked.errors)} error(s); nothing was changed", file=err)
         return False
+    if not checked.resources:
+        names = ", ".join(name for name, _ in files)
+        print(f"Error: no documents in {names}; nothing was changed", file=err)
+        return False
     return True
+
+
+def in_namespace(files: Sequence[tuple[str, str]], namespace: str) -> list[tuple[str, str]]:
+    """The documents with `namespace` where they name none (as `kubectl apply -n`); a
+    document naming another namespace is an InputError. Mesh-wide kinds are left alone."""
+    out = []
+    for name, text in files:
+        docs = []
+        for doc in yaml.safe_load_all(text):
+            if isinstance(doc, dict) and doc.get("kind") not in CLUSTER_KINDS:
+                meta = doc.setdefault("metadata", {})
+                if isinstance(meta, dict):
+                    given = meta.setdefault("namespace", namespace)
+                    if given != namespace:
+                        raise InputError(
+                            f"{name}: {doc.get('kind')} {meta.get('name')} is in namespace "
+                            f"{given!r}, not {namespace!r} (-n)"
+                        )
+            docs.append(doc)
+        out.append((name, yaml.safe_dump_all(docs, sort_keys=False)))
+    return out
 
 
 def apply(
@@ -99,14 +125,19 @@ def apply(
     dry_run: bool,
     out: TextIO,
     err: TextIO,
+    namespace: str | None = None,
 ) -> int:
     if not _local_check(files, err):
         return 1
+    if namespace is not None:
+        files = in_namespace(files, namespace)
     try:
         result = client.apply(files, dry_run=dry_run)
     except ApiError as exc:
         return _fail(exc, err)
     _report(result, out, err, show_diff=True)
+    if not result.get("dryRun"):
+        print(f"config version {result.get('version')}", file=out)
     return 0
 
 
@@ -153,6 +184,7 @@ def get(
     output: str,
     out: TextIO,
     err: TextIO,
+    show_defaults: bool = False,
 ) -> int:
     try:
         kind = resolve_kind(kind_text)
@@ -162,10 +194,14 @@ def get(
             ns = None if all_namespaces else (namespace or DEFAULT_NAMESPACE)
             items = client.list(kind, ns)["items"]
     except InputError as exc:
-        print(f"error: {exc}", file=err)
+        print(f"Error: {exc}", file=err)
         return 1
     except ApiError as exc:
         return _fail(exc, err)
+    if show_defaults:  # what is in force: the defaults the author left out filled in
+        # (the metadata as served: decoding keeps only the fields the author may set)
+        full = [Resource.from_dict(doc).to_dict(defaults=True) for doc in items]
+        items = [{**f, "metadata": doc["metadata"]} for f, doc in zip(full, items, strict=True)]
     if output == "json":
         json.dump(items[0] if name is not None else items, out, indent=2)
         out.write("\n")
@@ -230,7 +266,7 @@ def delete(
             kind = resolve_kind(kind_text)
             result = client.delete(key_for(kind, name, namespace), dry_run=dry_run)
     except InputError as exc:
-        print(f"error: {exc}", file=err)
+        print(f"Error: {exc}", file=err)
         return 1
     except ApiError as exc:
         return _fail(exc, err)

@@ -9,8 +9,9 @@ sidecar list only to a token that may read the push status in the KV.
 
 Source of truth is the registry KV: the ControlPlane's one blocking query on the
 policy prefix sees every change, whichever replica made it, and `install` subscribes
-this server to the snapshots it publishes. The snapshot version is the KV index the
-resources were read at, so every replica gives the same change the same version. Each
+this server to the snapshots it publishes. The snapshot version is the config version
+(the counter stored with the resources, the number `tether apply` prints), so every
+replica gives the same change the same version and it means the same everywhere. Each
 change is diffed per service against the previous one, and only sidecars whose needed
 set (the services they call, their own, and what routes among those lead to) touches a
 changed service get a new snapshot; a MeshConfig change concerns everyone.
@@ -640,12 +641,12 @@ PUSH_SERVER: web.AppKey[PushServer] = web.AppKey("push_server")
 
 
 def index_of(snap: ConfigSnapshot) -> ResourceIndex:
-    """The ResourceIndex of a store snapshot; its version is the snapshot's KV index."""
+    """The ResourceIndex of a store snapshot; its version is the config version."""
     docs = [res.to_dict() for _, res in sorted(snap.resources.items())]
     for d in docs:
         # Server-set, and not policy: a sidecar's snapshot does not change with it.
         d["metadata"].pop("generation", None)
-    return ResourceIndex(docs, snap.index)
+    return ResourceIndex(docs, snap.version)
 
 
 def install(cp: ControlPlane) -> PushServer:

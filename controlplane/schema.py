@@ -14,7 +14,10 @@ The same field declarations drive three things, so they cannot drift apart:
   fields, wrong types, missing fields and "exactly one of" groups become `Problem`s
   naming the field path (`spec.rules[2].match.path.regex`) and, for text parsed here,
   the line (PyYAML's composed nodes keep their marks);
-- encoding (`Resource.to_dict`), omitting defaults, so `from_dict(to_dict(r)) == r`;
+- encoding (`Resource.to_dict`), omitting defaults the author did not write: a field
+  written with its default value is kept (`Resource.explicit`, as Kubernetes keeps
+  explicit fields), so what was applied is what `tether get` gives back, and
+  `from_dict(to_dict(r)) == r`;
 - the JSON Schema in `docs/schema/` (`python -m controlplane.schema --write docs/schema`).
 
 Meaning (weights summing to 100, regexes compiling as RE2, rules that can never match,
@@ -511,6 +514,9 @@ class Resource:
     metadata: MetadataSpec
     spec: AnySpec
     api_version: str = API_VERSION
+    # Paths (document names, from the top: ("spec", "protocol")) of the fields the
+    # author wrote with their default value: encoded too, though a default.
+    explicit: frozenset[FieldPath] = frozenset()
 
     @property
     def key(self) -> ResourceKey:
@@ -524,7 +530,9 @@ class Resource:
     def namespace(self) -> str:
         return self.metadata.namespace
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, defaults: bool = False) -> dict[str, Any]:
+        """The document as applied (explicit fields kept); `defaults`: every field, the
+        defaults filled in (what is in force, as `tether get --show-defaults` shows)."""
         meta = encode(self.metadata)
         if self.kind in CLUSTER_KINDS:
             meta.pop("namespace", None)
@@ -534,7 +542,7 @@ class Resource:
             "apiVersion": self.api_version,
             "kind": self.kind,
             "metadata": meta,
-            "spec": encode(self.spec),
+            "spec": encode(self.spec, ("spec",), self.explicit, defaults),
         }
 
     @classmethod
@@ -556,6 +564,7 @@ class Resource:
         return (
             self.kind == other.kind
             and self.spec == other.spec
+            and self.explicit == other.explicit
             and (a.name, a.namespace, a.labels, a.annotations)
             == (b.name, b.namespace, b.labels, b.annotations)
         )
@@ -697,6 +706,8 @@ class Decoder:
         self.positions = positions or {}
         self.key_positions = key_positions or {}
         self.problems: list[Problem] = []
+        # Fields of the resource being decoded written with their default value.
+        self.explicit: set[FieldPath] = set()
 
     def fail(self, path: FieldPath, message: str) -> Any:
         pos = locate(self.positions, path, self.key_positions)
@@ -705,6 +716,7 @@ class Decoder:
         return _INVALID
 
     def resource(self, data: Any) -> Resource | None:
+        self.explicit = set()
         if not isinstance(data, dict):
             self.fail((), f"a resource must be a mapping, not {_type_name(data)}")
             return None
@@ -740,7 +752,8 @@ class Decoder:
         spec = self.value(spec_type, raw_spec, ("spec",))
         if meta is _INVALID or spec is _INVALID or self.problems:
             return None
-        return Resource(kind, meta, spec)
+        explicit = frozenset(p for p in self.explicit if p[:1] == ("spec",))
+        return Resource(kind, meta, spec, explicit=explicit)
 
     def metadata(self, kind: str, data: Any) -> Any:
         path: FieldPath = ("metadata",)
@@ -857,6 +870,8 @@ class Decoder:
                 ok = False
             else:
                 kwargs[f.attr] = decoded
+                if not f.required and decoded == f.default:
+                    self.explicit.add((*path, f.key))
         for group in getattr(cls, "ONE_OF", ()):
             present = [k for k in group if value.get(k) is not None]
             if len(present) != 1:
@@ -897,30 +912,45 @@ def locate(
 # -- encoding ----------------------------------------------------------------------------
 
 
-def encode(obj: Any) -> dict[str, Any]:
-    """A schema dataclass → plain data with document names, leaving out defaults."""
+def encode(
+    obj: Any,
+    path: FieldPath = (),
+    explicit: frozenset[FieldPath] = frozenset(),
+    defaults: bool = False,
+) -> dict[str, Any]:
+    """A schema dataclass → plain data with document names, leaving out defaults except
+    those `explicit` names (paths from the top; `obj` is at `path`), or none (`defaults`;
+    unset optional fields stay out)."""
     out: dict[str, Any] = {}
     for f in fields_of(type(obj)):
         v = getattr(obj, f.attr)
-        if not f.required and v == f.default:
+        here = (*path, f.key)
+        left_out = not f.required and v == f.default and here not in explicit
+        if left_out and (not defaults or v is None):
             continue
-        out[f.key] = _encode_value(f.type, v)
+        out[f.key] = _encode_value(f.type, v, here, explicit, defaults)
     return out
 
 
-def _encode_value(tp: Any, v: Any) -> Any:
+def _encode_value(
+    tp: Any,
+    v: Any,
+    path: FieldPath = (),
+    explicit: frozenset[FieldPath] = frozenset(),
+    defaults: bool = False,
+) -> Any:
     if v is None:
         return None
     inner = _optional_inner(tp)
     if inner is not None:
-        return _encode_value(inner, v)
+        return _encode_value(inner, v, path, explicit, defaults)
     if _is_duration(tp):
         return format_duration(v)
     if dataclasses.is_dataclass(v):
-        return encode(v)
+        return encode(v, path, explicit, defaults)
     if isinstance(v, tuple):
         (item_tp, _) = get_args(tp)
-        return [_encode_value(item_tp, x) for x in v]
+        return [_encode_value(item_tp, x, (*path, i), explicit, defaults) for i, x in enumerate(v)]
     if isinstance(v, dict):
         return dict(v)
     return v

@@ -263,7 +263,12 @@ class ControlPlane:
 async def serve(spec: ControlPlaneSpec) -> None:
     """Run a control plane until cancelled."""
     cp = ControlPlane(spec)
-    await cp.start()
+    try:
+        await cp.start()
+    except BaseException:
+        await cp.aclose()  # the registry clients too: no "Unclosed client session"
+        raise
+    print(f"tether controlplane: listening on {cp.url}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:

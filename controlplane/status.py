@@ -2,6 +2,14 @@
 
 Pure formatting of `GET /api/v1/sidecars` (controlplane/push.py); kept apart from the
 push server so the command does not import aiohttp.
+
+CONFIG VERSION is the version of the snapshot the sidecar acked: the config version
+`tether apply` prints. A sidecar is only sent a new snapshot when a change concerns it,
+so one that acked an older version can be current; SYNCED says which (as
+`istioctl proxy-status`): `in sync` (it acked what it should run), `stale` (not acked
+yet, or no longer connected) or `nacked` (it refused the last push, and runs the one
+before). Disconnected sidecars are shown for `retention` seconds after they were last
+seen, then left out (the output says how many).
 """
 
 from __future__ import annotations
@@ -9,7 +17,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-HEADERS = ("NAMESPACE", "SERVICE", "INSTANCE", "VERSION", "STATE", "LAST SEEN", "REPLICA", "ERROR")
+HEADERS = (
+    "NAMESPACE",
+    "SERVICE",
+    "INSTANCE",
+    "CONFIG VERSION",
+    "SYNCED",
+    "STATE",
+    "LAST SEEN",
+    "REPLICA",
+    "ERROR",
+)
+SYNCED = {"acked": "in sync", "nacked": "nacked"}  # any other state: stale
+DEFAULT_RETENTION = 120.0  # seconds a disconnected sidecar stays in the listing
 
 
 def ago(seconds: float) -> str:
@@ -38,11 +58,28 @@ def row(rec: Mapping[str, Any], now: float) -> tuple[str, ...]:
         str(rec.get("service", "")),
         str(rec.get("instance", "")),
         version,
+        synced(rec),
         state,
         ago(now - last) if last else "-",
         str(rec.get("replica", "")),
         error,
     )
+
+
+def synced(rec: Mapping[str, Any]) -> str:
+    return SYNCED.get(str(rec.get("state", "")), "stale")
+
+
+def retained(
+    records: Sequence[Mapping[str, Any]], now: float, retention: float
+) -> tuple[list[Mapping[str, Any]], int]:
+    """The records to show, and how many disconnected ones were left out (older)."""
+    keep = [
+        r
+        for r in records
+        if r.get("state") != "disconnected" or now - float(r.get("last_seen") or 0) <= retention
+    ]
+    return keep, len(records) - len(keep)
 
 
 def table(records: Sequence[Mapping[str, Any]], now: float) -> str:

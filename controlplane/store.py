@@ -92,7 +92,7 @@ class Change:
         """A unified diff of the documents (server-set metadata left out)."""
         if self.action in ("unchanged", "absent"):
             return ""
-        name = f"{self.key.kind}/{self.key.namespace or '-'}/{self.key.name}"
+        name = resource_key_path(self.key).removeprefix(RESOURCES)  # as the KV and the API name it
         lines = difflib.unified_diff(
             _yaml(self.old),
             _yaml(self.new),

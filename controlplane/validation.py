@@ -12,8 +12,9 @@ resources with every `Problem` found:
   TrafficSplit defines (or a change that removes a subset a Route still uses), HTTP
   routing for a service declared `tcp`. Everything is resolved inside one namespace,
   which is what makes namespaces isolate;
-- against the registry (warnings only, instances may appear later): a subset whose
-  selector matches no instance.
+- against the registry (warnings only, instances may appear later): a resource for a
+  service no instance has registered (a typo in the name?), a subset whose selector
+  matches no instance.
 
 Each problem names the file, the document (number, kind and name), the field path
 and the line. The module does no I/O: the caller fetches the registry's view.
@@ -222,13 +223,43 @@ def check_instances(
     sources: Mapping[ResourceKey, SourceDocument],
     instances: InstanceView,
 ) -> list[Problem]:
-    """Warnings for subsets that select no instance registered right now."""
+    """Warnings for services no instance has registered, and for subsets that select no
+    instance registered right now."""
     problems: list[Problem] = []
+
+    def warn(res: Resource, msg: str, path: FieldPath) -> None:
+        doc = sources.get(res.key)
+        if doc is not None:
+            problems.append(doc.problem(msg, path, severity="warning"))
+            return
+        problems.append(
+            Problem(
+                msg,
+                format_path(path),
+                kind=res.kind,
+                namespace=res.namespace,
+                name=res.name,
+                severity="warning",
+            )
+        )
+
+    unregistered_named: set[tuple[str, str]] = set()  # once per service, at its first
     for res in resources:
-        if not isinstance(res.spec, TrafficSplitSpec):
-            continue
         metas = instances.get((res.namespace, res.name))
-        if metas is None:
+        if metas is None or res.kind in CLUSTER_KINDS:
+            continue
+        if not metas:
+            if (res.namespace, res.name) in unregistered_named:
+                continue
+            unregistered_named.add((res.namespace, res.name))
+            warn(
+                res,
+                f"no instance of service {res.namespace}/{res.name} is registered "
+                "(a typo in the name? instances may also register later)",
+                ("metadata", "name"),
+            )
+            continue
+        if not isinstance(res.spec, TrafficSplitSpec):
             continue
         for i, subset in enumerate(res.spec.subsets):
             if any(selects(subset.selector, m) for m in metas):
@@ -237,21 +268,7 @@ def check_instances(
                 f"subset {subset.name!r} selects no instance of {res.namespace}/{res.name} "
                 f"yet (of {len(metas)} registered)"
             )
-            path: FieldPath = ("spec", "subsets", i, "selector")
-            doc = sources.get(res.key)
-            if doc is not None:
-                problems.append(doc.problem(msg, path, severity="warning"))
-            else:
-                problems.append(
-                    Problem(
-                        msg,
-                        format_path(path),
-                        kind=res.kind,
-                        namespace=res.namespace,
-                        name=res.name,
-                        severity="warning",
-                    )
-                )
+            warn(res, msg, ("spec", "subsets", i, "selector"))
     return problems
 
 

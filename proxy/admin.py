@@ -81,8 +81,9 @@ class AdminServer:
             self._runner = None
 
     async def _index(self, request: web.Request) -> web.Response:
+        # A set: add_get registers HEAD beside GET, one route each for the same path.
         paths = sorted(
-            r.resource.canonical for r in self.app.router.routes() if r.resource is not None
+            {r.resource.canonical for r in self.app.router.routes() if r.resource is not None}
         )
         return web.Response(text="\n".join(paths) + "\n")
 

@@ -169,6 +169,7 @@ class Registration:
         self.deregistered = False
         self.last_error: str | None = None
         self.registrations = 0  # how many times it was (re-)registered
+        self.app_status: str | None = None  # the registry's app check, as last read
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -224,6 +225,8 @@ class Registration:
                         # data, or reaped it while we were cut off). Register again.
                         log.warning("registry forgot %s; registering again", self.spec.instance_id)
                         await self.register_once()
+                    else:
+                        await self._note_app_check()
                 attempt = 0
                 await asyncio.sleep(heartbeat)
             except asyncio.CancelledError:
@@ -234,6 +237,22 @@ class Registration:
                     log.warning("registration of %s: %s", self.spec.instance_id, self.last_error)
                 await asyncio.sleep(self.backoff.delay(attempt, self.rng))
                 attempt += 1
+
+    async def _note_app_check(self) -> None:
+        """Log when the registry's check of the app turns critical (and back): callers
+        are steered away from this instance then, and the app's own log may say nothing."""
+        check_id = self.spec.app_check_id
+        checks = await self.client.agent.checks(filter_expr=f'CheckID == "{check_id}"')
+        check = (checks or {}).get(check_id) or {}
+        status = check.get("Status")
+        if status == self.app_status or status is None:
+            return
+        if status == "critical":
+            output = " ".join(str(check.get("Output") or "").split())[:200]
+            log.warning("app check of %s turned critical: %s", self.spec.instance_id, output)
+        elif self.app_status == "critical":
+            log.info("app check of %s is %s again", self.spec.instance_id, status)
+        self.app_status = status
 
     async def deregister(self, timeout: float = 3.0) -> bool:
         """Stop the heartbeat and remove the instance (and its checks) from the registry."""

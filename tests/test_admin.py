@@ -54,6 +54,10 @@ async def test_admin_routes(registry: RegistryServer, consul_client: Any) -> Non
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base}/ready") as r:
                 assert r.status == 503 and (await r.text()).strip() == "PRE_INITIALIZING"
+            async with http.get(f"{base}/") as r:  # the index: each path once
+                assert (await r.text()).split() == [
+                    "/", "/clusters", "/config_dump", "/live", "/ready", "/stats/prometheus",
+                ]  # fmt: skip
             assert await directory.resolve("default", "orders") is not None
             async with http.get(f"{base}/ready") as r:
                 assert r.status == 200 and (await r.text()).strip() == "LIVE"

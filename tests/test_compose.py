@@ -13,6 +13,7 @@ copies paths that exist; the policies job applies files that exist and validate.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -45,10 +46,18 @@ def load_compose() -> dict[str, Any]:
 
 
 COMPOSE = load_compose()
-SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+# The services `docker compose up` runs: profiles (a real Consul) aside.
+SERVICES: dict[str, dict[str, Any]] = {
+    n: s for n, s in COMPOSE["services"].items() if "profiles" not in s
+}
 TETHER_SERVICES = sorted(n for n, s in SERVICES.items() if "entrypoint" not in s)
 APP_SERVICES = sorted(n for n, s in SERVICES.items() if "entrypoint" in s)
 SIDECARS = sorted(n for n in TETHER_SERVICES if SERVICES[n]["command"][0] == "sidecar")
+
+
+def default_of(value: str) -> str:
+    """A value as compose interpolates it with its variables unset (`${VAR:-default}`)."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
 
 
 def argv(service: str) -> list[str]:
@@ -145,7 +154,7 @@ def test_sidecar_shares_its_app_namespace_and_is_reachable(sidecar: str) -> None
     assert spec.advertised == app
     assert "ports" not in SERVICES[sidecar]  # a shared namespace publishes on its owner
     env = SERVICES[sidecar]["environment"]
-    host, _, port = env["CONSUL_HTTP_ADDR"].rpartition(":")
+    host, _, port = default_of(env["CONSUL_HTTP_ADDR"]).rpartition(":")
     assert host in SERVICES and SERVICES[host]["command"][0] == "registry"
     assert int(port) == tether_params(host)["port"]
     cp = urlsplit(spec.controlplane or "")
@@ -171,6 +180,8 @@ def test_demo_app_command_line_matches_its_sidecar(
     assert "127.0.0.1" in SERVICES[app]["environment"]["NO_PROXY"].split(",")
     assert healthcheck_url(app) == f"http://127.0.0.1:{args.port}/health"
     assert args.rate == (2.0 if demo == "frontend" else 0.0)  # only frontend drives traffic
+    if args.rate:  # ... and only once its sidecar is ready (compose starts the app first)
+        assert args.wait_for == f"http://127.0.0.1:{spec.admin_port}/ready"
     with pytest.raises(SystemExit):  # the demo parser does refuse bad input
         monkeypatch.setattr(sys, "argv", ["x", "--port", "not-a-port"])
         demo_server.parse_args(demo)
@@ -232,7 +243,7 @@ def test_registry_and_control_plane() -> None:
     assert healthcheck_url("registry") == f"http://127.0.0.1:{reg['port']}/v1/status/leader"
     cp = tether_params("controlplane")
     assert healthcheck_url("controlplane") == f"http://127.0.0.1:{cp['port']}/api/v1/health"
-    host = SERVICES["controlplane"]["environment"]["CONSUL_HTTP_ADDR"]
+    host = default_of(SERVICES["controlplane"]["environment"]["CONSUL_HTTP_ADDR"])
     assert host == f"registry:{reg['port']}"
 
 
@@ -263,7 +274,7 @@ def test_policies_job_applies_files_that_exist_and_validate() -> None:
         mounts[target] = ROOT / source
     (target,) = params["files"]
     host_path = mounts[target]
-    assert host_path.is_dir() and host_path == ROOT / "examples" / "policies"
+    assert host_path.is_dir() and host_path == ROOT / "tether" / "demo" / "policies"
     files = read_inputs([str(host_path)])
     assert len(files) >= 2
     checked = decode_files(files)
@@ -291,16 +302,22 @@ def test_dockerfile_copies_what_exists_and_runs_tether_unprivileged() -> None:
 
         packages = tomllib.load(f)["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
     assert set(packages) <= copied and {"pyproject.toml", "README.md"} <= copied
-    assert "examples" in copied
     users = [rest for op, rest in instructions if op == "USER"]
-    assert users and users[-1] not in ("root", "0")
+    # Numeric UID:GID (hadolint DL3066), not root, and the one the RUN step creates.
+    assert users and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[-1]), users
+    uid, gid = users[-1].split(":")
     (entrypoint,) = [rest for op, rest in instructions if op == "ENTRYPOINT"]
     assert json.loads(entrypoint) == ["tether"]
     run = " ".join(rest for op, rest in instructions if op == "RUN")
     assert "pip install ." in run and "mkdir /data" in run
-    # Every service runs this image.
+    assert f"--uid {uid}" in run and f"--gid {gid}" in run and f"chown {uid}:{gid} /data" in run
+    # Every service runs this image; one builds it, the others never pull it.
+    builders = [name for name, spec in SERVICES.items() if "build" in spec]
+    assert builders == ["registry"] and SERVICES["registry"]["build"] == "."
     for name, spec in SERVICES.items():
-        assert spec["image"] == "tether:local" and spec["build"] == ".", name
+        assert spec["image"] == "tether:local", name
+        if name not in builders:
+            assert spec["pull_policy"] == "never", name
 
 
 def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
@@ -312,7 +329,6 @@ def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
     assert {".git", ".venv"} <= set(patterns)
     copied = {"pyproject.toml", "README.md", "tether", "proxy", "registry", "controlplane"}
     assert not copied & set(patterns)
-    assert "examples" not in patterns
 
 
 @pytest.mark.parametrize("sidecar", SIDECARS[:1])
@@ -331,3 +347,36 @@ def test_app_check_is_reachable_from_the_registry(sidecar: str) -> None:
     target = check.get("HTTP") or f"tcp://{check['TCP']}"
     # The registry container runs the check; a loopback address there is not the app.
     assert urlsplit(target).hostname not in ("127.0.0.1", "localhost", "::1")
+
+
+def test_consul_profile_puts_a_real_consul_in_the_registry_s_place(tmp_path: Path) -> None:
+    """`--profile consul` with TETHER_REGISTRY_ADDR: every part's registry is Consul (as
+    the real `docker-compose config` resolves it); without them, the embedded one."""
+    import os
+    import shutil
+    import subprocess
+
+    consul = COMPOSE["services"]["consul"]
+    assert consul["profiles"] == ["consul"] and consul["image"].startswith("hashicorp/consul:")
+    assert "-server" in consul["command"] and "-bootstrap-expect=1" in consul["command"]
+    assert "-client=0.0.0.0" in consul["command"]
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose is not installed (make test-tools installs it)")
+
+    def resolved(*args: str, **env: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [exe, "-f", str(COMPOSE_FILE), *args, "config"],
+            cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        services: dict[str, Any] = yaml.safe_load(done.stdout)["services"]
+        return services
+
+    users = [*SIDECARS, "controlplane"]
+    default = resolved()
+    assert default["consul"]["profiles"] == ["consul"]  # listed, started only with --profile
+    assert {default[n]["environment"]["CONSUL_HTTP_ADDR"] for n in users} == {"registry:8500"}
+    with_consul = resolved("--profile", "consul", TETHER_REGISTRY_ADDR="consul:8500")
+    assert "consul" in with_consul
+    assert {with_consul[n]["environment"]["CONSUL_HTTP_ADDR"] for n in users} == {"consul:8500"}

@@ -18,7 +18,7 @@ from registry.server import RegistryServer
 from tests.conftest import serving_registry
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "tether" / "demo" / "policies").glob("*.yaml"))
 HEAD = "apiVersion: tether.dev/v1alpha1\n"
 
 MakeCP = Callable[..., Awaitable[ControlPlane]]
@@ -64,11 +64,9 @@ async def test_apply_list_get_and_reapply(make_cp: MakeCP, http: aiohttp.ClientS
     assert body["version"] == 1 and body["dryRun"] is False
     split_change = next(c for c in body["changes"] if c["kind"] == "TrafficSplit")
     assert "+    weight: 90\n" in split_change["diff"]
-    # No instances registered yet: a warning per subset, not an error.
-    assert {w["path"] for w in body["warnings"]} == {
-        "spec.subsets[0].selector",
-        "spec.subsets[1].selector",
-    }
+    # No instances registered yet: a warning per service configured, not an error.
+    assert {w["path"] for w in body["warnings"]} == {"metadata.name"}
+    assert len(body["warnings"]) == 3  # once per service: frontend, inventory, orders
     # The writing replica publishes before answering.
     assert cp.snapshot.version == 1 and len(cp.snapshot.resources) == 6
 
@@ -207,6 +205,10 @@ async def test_subset_warning_follows_registered_instances(
     make_cp: MakeCP, http: aiohttp.ClientSession, consul_client: Any
 ) -> None:
     cp = await make_cp()
+    status, body = await call(http, "POST", f"{cp.url}/api/v1/diff", json=example_files())
+    # Nothing registered yet: each service the documents configure is named, once.
+    assert sorted(w["name"] for w in body["warnings"]) == ["frontend", "inventory", "orders"]
+    assert all("no instance of service default/" in w["message"] for w in body["warnings"])
     for i, version in enumerate(["v1", "v2"]):
         await consul_client.agent.service.register(
             "orders",
@@ -214,6 +216,8 @@ async def test_subset_warning_follows_registered_instances(
             port=9000 + i,
             meta={"version": version, "namespace": "default"},
         )
+    for service in ("frontend", "inventory"):
+        await consul_client.agent.service.register(service, service_id=f"{service}-0", port=9100)
     status, body = await call(http, "POST", f"{cp.url}/api/v1/apply", json=example_files())
     assert status == 200 and body["warnings"] == []
     split = EXAMPLES[0].read_text().replace("version: v2}", "version: v9}")

@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import ROOT, ControlPlaneProcess, RegistryProcess, free_port, run_tether
 
-EXAMPLES = ROOT / "examples" / "policies"
+EXAMPLES = ROOT / "tether" / "demo" / "policies"
 HEAD = "apiVersion: tether.dev/v1alpha1\n"
 
 
@@ -58,7 +58,8 @@ def test_apply_get_diff_delete(tether: Tether, tmp_path: Path) -> None:
     assert "route default/orders created" in r.stdout
     assert "meshconfig mesh created" in r.stdout
     assert "+    weight: 90" in r.stdout  # the diff is shown
-    assert "warning: subset 'v1' selects no instance" in r.stderr
+    assert "no instance of service default/orders is registered" in r.stderr
+    assert "config version 1" in r.stdout  # the version this apply produced
 
     r = tether("get", "trafficsplit", "orders", "-o", "yaml")
     assert r.returncode == 0, r.stderr
@@ -156,6 +157,106 @@ def test_finding_the_control_plane(tether: Tether) -> None:
     r = tether("get", "route", "--controlplane", tether.url, env={"TETHER_CONTROLPLANE": ""})
     assert r.returncode == 0 and "no Route resources" in r.stderr
     r = tether("get", "route", env={"TETHER_CONTROLPLANE": f"http://127.0.0.1:{free_port()}"})
-    assert r.returncode == 1 and "error: control plane at http://127.0.0.1:" in r.stderr
+    assert r.returncode == 1 and "Error: control plane at http://127.0.0.1:" in r.stderr
     r = tether("get", "frobnicators")
     assert r.returncode == 1 and "unknown kind 'frobnicators'" in r.stderr
+
+
+def test_what_was_applied_comes_back_defaults_included(tether: Tether) -> None:
+    """Fields written with their default value are kept, as Kubernetes keeps them."""
+    r = tether("apply", "-f", str(EXAMPLES / "services.yaml"))
+    assert r.returncode == 0, r.stderr
+    mesh = yaml.safe_load(tether("get", "meshconfig", "mesh", "-o", "yaml").stdout)
+    assert mesh["spec"] == {"egress": {"mode": "allow"}, "connectTimeout": "5s",
+                            "requestTimeout": "15s"}  # fmt: skip
+    r = tether("get", "sd", "frontend", "-o", "yaml")
+    frontend = yaml.safe_load(r.stdout)
+    assert frontend["spec"] == {"protocol": "http", "loadBalancer": {"policy": "round_robin"}}
+    # On request, what is in force: every default filled in.
+    r = tether("get", "sd", "frontend", "-o", "json", "--show-defaults")
+    full = json.loads(r.stdout)
+    assert full["metadata"]["generation"] == 1 and full["spec"]["protocol"] == "http"
+    assert full["spec"]["loadBalancer"]["policy"] == "round_robin"
+    assert full["spec"]["loadBalancer"]["locality"] is True and full["spec"]["opaquePorts"] == []
+    r = tether("get", "mc", "-o", "yaml", "--show-defaults")
+    (mesh_full,) = yaml.safe_load_all(r.stdout)
+    assert mesh_full["spec"]["egress"] == {"mode": "allow", "hosts": []}
+    # Applying the same again changes nothing; leaving the default out is a change.
+    r = tether("apply", "-f", str(EXAMPLES / "services.yaml"))
+    assert "meshconfig mesh unchanged" in r.stdout, r.stdout
+    r = tether(
+        "apply", "-f", "-", stdin=HEAD + "kind: MeshConfig\nmetadata: {name: mesh}\nspec: {}\n"
+    )
+    assert "meshconfig mesh configured" in r.stdout and "-  connectTimeout: 5s" in r.stdout
+    assert yaml.safe_load(tether("get", "meshconfig", "mesh", "-o", "yaml").stdout)["spec"] == {}
+
+
+def test_a_service_nobody_registered_is_a_warning(tether: Tether) -> None:
+    doc = HEAD + "kind: ServiceDefaults\nmetadata: {name: paymnets}\nspec: {protocol: http}\n"
+    r = tether("apply", "-f", "-", stdin=doc)
+    assert r.returncode == 0 and "servicedefaults default/paymnets created" in r.stdout
+    assert "warning" in r.stderr and "no instance of service default/paymnets" in r.stderr
+    assert "metadata.name" in r.stderr
+
+
+def test_operator_usage_is_consistent(tether: Tether, tmp_path: Path) -> None:
+    # No arguments: a usage error (exit 2) for both.
+    for args in (("apply",), ("delete",), ("delete", "route")):
+        r = tether(*args)
+        assert r.returncode == 2 and "Usage: tether" in r.stderr, (args, r.stderr)
+    # Empty input is an error, not a silent success.
+    for text in ("", "# nothing here\n"):
+        r = tether("apply", "-f", "-", stdin=text)
+        assert r.returncode == 1 and "Error: no documents in <stdin>" in r.stderr, r.stderr
+    # -h is --help.
+    for args in (("-h",), ("apply", "-h"), ("status", "-h")):
+        r = tether(*args)
+        assert r.returncode == 0 and r.stdout.startswith("Usage: tether"), r
+    # -n/--namespace on apply: documents without one go there; another one is refused.
+    sd = HEAD + "kind: ServiceDefaults\nmetadata: {name: orders}\nspec: {protocol: http}\n"
+    r = tether("apply", "-n", "shop", "-f", "-", stdin=sd)
+    assert r.returncode == 0 and "servicedefaults shop/orders created" in r.stdout, r.stderr
+    got = tether.api("/resources/ServiceDefaults/shop/orders")
+    assert got["metadata"]["namespace"] == "shop" and got["spec"] == {"protocol": "http"}
+    elsewhere = HEAD + "kind: ServiceDefaults\nmetadata: {name: a, namespace: x}\nspec: {}\n"
+    r = tether("apply", "-n", "shop", "-f", "-", stdin=elsewhere)
+    assert r.returncode == 1 and "namespace 'x', not 'shop'" in r.stderr
+    # diff names a mesh-wide resource as the API does (`_`, not `-`).
+    mesh = HEAD + "kind: MeshConfig\nmetadata: {name: mesh}\nspec: {connectTimeout: 2s}\n"
+    r = tether("diff", "-f", "-", stdin=mesh)
+    assert r.returncode == 1 and "b/MeshConfig/_/mesh" in r.stdout, r.stdout
+    # Every error line reads the same.
+    r = tether("get", "frobnicators")
+    assert "Error: unknown kind" in r.stderr
+    # A control plane not found: the hint says how to get or point at one.
+    r = tether("status", env={"TETHER_CONTROLPLANE": f"http://127.0.0.1:{free_port()}"})
+    assert r.returncode == 1 and "tether controlplane" in r.stderr
+    assert "TETHER_CONTROLPLANE" in r.stderr and r.stderr.startswith("Error: ")
+
+
+def test_ports_are_range_checked_on_every_command() -> None:
+    env = dict(os.environ)
+    for args in (
+        ("registry", "--port", "99999"),
+        ("controlplane", "--port", "70000"),
+        ("up", "--registry-port", "70000"),
+        ("up", "--controlplane-port", "-1"),
+        ("sidecar", "--service", "a", "--app-port", "65536"),
+    ):
+        r = run_tether(*args, env=env)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Usage: tether" in r.stderr and "is not in the range 0<=x<=65535" in r.stderr
+
+
+def test_a_malformed_consul_http_addr_is_a_usage_error() -> None:
+    for addr in ("127.0.0.1:x", "http://", "127.0.0.1:99999", "a:1/path"):
+        env = dict(os.environ, CONSUL_HTTP_ADDR=addr)
+        r = run_tether("controlplane", "--port", "0", env=env)
+        assert r.returncode == 2 and "CONSUL_HTTP_ADDR" in r.stderr, (addr, r.stderr)
+        r = run_tether("sidecar", "--service", "a", "--app-port", "1", env=env)
+        assert r.returncode == 2 and "CONSUL_HTTP_ADDR" in r.stderr, (addr, r.stderr)
+
+
+def test_up_flags_that_need_the_control_plane() -> None:
+    r = run_tether("up", "--no-controlplane", "--policies", str(EXAMPLES), env=dict(os.environ))
+    assert r.returncode == 2 and "--policies needs the control plane" in r.stderr

@@ -8,6 +8,7 @@ version=v1/v2). Policies are applied with `tether apply`, convergence is read wi
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import json
 import os
@@ -106,6 +107,18 @@ def sidecars_status(cp: ControlPlaneProcess) -> dict[str, dict[str, Any]]:
     code, out = tether(cp, "status", "-o", "json")
     assert code == 0, out
     return {r["id"]: r for r in json.loads(out)["sidecars"]}
+
+
+def put_with_version(kv: Any, key: str, doc: dict[str, Any]) -> None:
+    """A resource written straight into the KV, with the next config version in the same
+    transaction, as the store writes it (the version sidecars are pushed is that counter)."""
+    _, entry = kv.kv.get("tether/v1/version")
+    version = int(entry["Value"]) + 1 if entry else 1
+    ops = [
+        {"KV": {"Verb": "set", "Key": k, "Value": base64.b64encode(v.encode()).decode()}}
+        for k, v in ((key, json.dumps(doc)), ("tether/v1/version", str(version)))
+    ]
+    kv.txn.put(ops)
 
 
 def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -258,7 +271,7 @@ def test_apply_split_header_route_nack_and_control_plane_outage(mesh: Mesh, tmp_
             "metadata": {"name": "orders", "namespace": "default"},
             "spec": {"rules": [{"match": {"path": {"regex": "(unclosed"}}}]},
         }
-        assert kv.kv.put("tether/v1/resources/Route/default/orders", json.dumps(bad))
+        put_with_version(kv, "tether/v1/resources/Route/default/orders", bad)
 
         def nacked() -> dict[str, Any] | None:
             rec = sidecars_status(m.cp).get(frontend_id)
@@ -279,7 +292,7 @@ def test_apply_split_header_route_nack_and_control_plane_outage(mesh: Mesh, tmp_
         # the sidecars reconnect and converge on the fixed config.
         good = dict(bad, spec={"rules": [{"match": {"path": {"prefix": "/v2"}},
                                           "destination": {"subset": "v2"}}]})  # fmt: skip
-        assert kv.kv.put("tether/v1/resources/Route/default/orders", json.dumps(good))
+        put_with_version(kv, "tether/v1/resources/Route/default/orders", good)
     finally:
         kv.http.session.close()
     m.cp.start()

@@ -4,6 +4,7 @@ against a real registry KV with real WebSocket clients."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import time
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from controlplane.push import PUSH_SERVER, PushServer, ResourceIndex, SidecarRecord
 from controlplane.server import ControlPlane, ControlPlaneSpec, RegistryAddress
-from controlplane.store import RESOURCES
+from controlplane.store import RESOURCES, VERSION_KEY
 from proxy import push_codec as wire
 from proxy.balance import Endpoint
 from proxy.cluster import Cluster, StaticDirectory
@@ -354,9 +355,17 @@ async def push_server(registry: RegistryServer) -> AsyncIterator[tuple[PushServe
 
 
 async def put(consul: Any, d: dict[str, Any]) -> None:
+    """Write a resource and the next config version in one transaction, as the store does
+    (the version pushed to sidecars is that counter)."""
     meta = d["metadata"]
     key = f"{RESOURCES}{d['kind']}/{meta.get('namespace') or '_'}/{meta['name']}"
-    assert await consul.kv.put(key, json.dumps(d))
+    _, entry = await consul.kv.get(VERSION_KEY)
+    version = int(entry["Value"]) + 1 if entry else 1
+    ops = [
+        {"KV": {"Verb": "set", "Key": k, "Value": base64.b64encode(v.encode()).decode()}}
+        for k, v in ((key, json.dumps(d)), (VERSION_KEY, str(version)))
+    ]
+    await consul.txn.put(ops)
 
 
 async def test_push_ack_nack_interest_and_only_concerned(
@@ -675,12 +684,22 @@ def test_status_table() -> None:
                       error="bad\nregex " * 30, last_seen=now - 90).to_dict(),
     ]  # fmt: skip
     lines = status.table(recs, now).splitlines()
-    assert lines[0].split() == ["NAMESPACE", "SERVICE", "INSTANCE", "VERSION", "STATE", "LAST",
-                                "SEEN", "REPLICA", "ERROR"]  # fmt: skip
-    assert lines[1].split()[:6] == ["default", "a", "1", "7", "acked", "now"]
+    assert lines[0].split() == ["NAMESPACE", "SERVICE", "INSTANCE", "CONFIG", "VERSION", "SYNCED",
+                                "STATE", "LAST", "SEEN", "REPLICA", "ERROR"]  # fmt: skip
+    assert lines[1].split()[:8] == ["default", "a", "1", "7", "in", "sync", "acked", "now"]
     assert "5 (refused 7)" in lines[2] and "nacked" in lines[2] and "90s ago" in lines[2]
     assert lines[2].endswith("...") and "\n" not in lines[2]
     assert status.summary(recs) == "2 sidecars: 1 acked, 1 nacked"
+    # Sent but not acked yet, or gone: stale. Gone longer than the retention: left out.
+    pending = SidecarRecord("default/c/3", "c", "default", "3", "", "r1", sent_version=7,
+                            sent_hash="h2", acked_hash="h", last_seen=now)  # fmt: skip
+    gone = SidecarRecord("default/d/4", "d", "default", "4", "", "r1", connected=False,
+                         last_seen=now - 300)  # fmt: skip
+    assert [status.synced(r.to_dict()) for r in (pending, gone)] == ["stale", "stale"]
+    shown, hidden = status.retained([*recs, pending.to_dict(), gone.to_dict()], now, 120)
+    assert [r["instance"] for r in shown] == ["1", "2", "3"] and hidden == 1
+    shown, hidden = status.retained([gone.to_dict()], now, 600)
+    assert len(shown) == 1 and hidden == 0
 
 
 async def test_mesh_config_egress_policy_on_the_outbound_path() -> None:

@@ -28,7 +28,7 @@ from controlplane.schema import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples" / "policies"
+EXAMPLES = ROOT / "tether" / "demo" / "policies"
 
 
 def example_resources() -> list[Resource]:

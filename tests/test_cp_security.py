@@ -25,7 +25,7 @@ from registry.server import RegistryServer
 from tests.conftest import MANAGEMENT_TOKEN, ControlPlaneProcess, RegistryProcess, serving_registry
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "tether" / "demo" / "policies").glob("*.yaml"))
 MANAGEMENT = MANAGEMENT_TOKEN
 
 

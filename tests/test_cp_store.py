@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def examples() -> list[Resource]:
     out: list[Resource] = []
-    for f in sorted((ROOT / "examples" / "policies").glob("*.yaml")):
+    for f in sorted((ROOT / "tether" / "demo" / "policies").glob("*.yaml")):
         out += parse_resources(f.read_text(), str(f))
     return out
 

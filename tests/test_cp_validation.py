@@ -8,7 +8,7 @@ from controlplane.schema import Resource, ResourceKey, parse_resources
 from controlplane.validation import Validated, decode_files, identities, validate, validate_deletion
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "tether" / "demo" / "policies").glob("*.yaml"))
 
 HEAD = "apiVersion: tether.dev/v1alpha1\n"
 
@@ -163,9 +163,13 @@ def test_namespaces_isolate() -> None:
     # Subset warnings only count instances of the resource's namespace.
     instances = {("shop", "orders"): [{"version": "v2", "namespace": "shop"}]}
     assert validate([("s.yaml", split)], instances=instances).warnings == []
-    other_ns = {("shop", "orders"): []}
+    other_ns = {("shop", "orders"): [{"version": "v1", "namespace": "shop"}]}
     (w,) = validate([("s.yaml", split)], instances=other_ns).warnings
     assert (w.path, w.line, w.severity) == ("spec.subsets[0].selector", 6, "warning")
+    # No instance at all in the namespace: the service itself is named (a typo?).
+    (w,) = validate([("s.yaml", split)], instances={("shop", "orders"): []}).warnings
+    assert (w.path, w.severity) == ("metadata.name", "warning")
+    assert "no instance of service shop/orders is registered" in w.message
 
 
 def test_subset_selecting_nothing_is_a_warning_not_an_error() -> None:

@@ -81,6 +81,17 @@ def test_app_cannot_reach_admin_or_registry_through_egress(
     assert status == 200 and b'"a"' in body
 
 
+def test_operators_may_allow_egress_to_the_control_surfaces(
+    mesh: tuple[RegistryProcess, ProcessSet],
+) -> None:
+    """`--egress-to-control allow` is the documented switch: the registry answers then."""
+    reg, procs = mesh
+    sa = procs.sidecar("a", procs.app("a"), "--egress-to-control", "allow")
+    status, headers, body = sa.call(f"http://127.0.0.1:{reg.port}/v1/status/leader")
+    assert status == 200, (status, body)
+    assert "x-tether-error" not in headers
+
+
 def test_endless_response_head_is_cut_and_the_sidecar_memory_stays_flat(
     mesh: tuple[RegistryProcess, ProcessSet],
 ) -> None:

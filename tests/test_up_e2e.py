@@ -42,7 +42,7 @@ def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
         started = descendants(proc.pid)
         # registry + control plane + 6 apps + 6 sidecars, each its own child
         assert len(started) >= 14, text
-        # examples/policies/ went in through the control plane's API at start.
+        # tether/demo/policies/ went in through the control plane's API at start.
         assert "policies | trafficsplit default/orders created" in text, text
         conn = http.client.HTTPConnection("127.0.0.1", cp_port, timeout=15)
         conn.request("GET", "/api/v1/resources/TrafficSplit/default/orders")
@@ -87,6 +87,15 @@ def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
             )
 
         poll(all_acked, 15, "every sidecar acked", interval=0.2)
+        # `tether status`: one number (the config version `apply` printed), and in sync.
+        st = subprocess.run(
+            [sys.executable, "-m", "tether.cli", "status", "--controlplane",
+             f"http://127.0.0.1:{cp_port}"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert st.returncode == 0, st.stderr
+        assert st.stdout.count(" in sync ") == 6 and "; config version 1" in st.stdout, st.stdout
+        assert "applied" in text and "config version 1" in text
 
         def order(n: int) -> tuple[int, dict[str, str]]:
             conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=15)
@@ -122,6 +131,15 @@ def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
             return health == {"critical"}
 
         poll(zone_a_out, 20, "zone-a's orders instances critical", interval=0.2)
+        # The sidecars of the killed apps say so (their app check turned critical).
+        poll(
+            lambda: (
+                len(re.findall(r"app check of orders-\S+ turned critical", log.read_text())) >= 2
+            ),
+            20,
+            "the sidecars logged their apps' checks turning critical",
+            interval=0.2,
+        )
         answers = [order(n) for n in range(20)]
         assert all(s == 200 and o["zone"] == "zone-b" for s, o in answers), answers
 

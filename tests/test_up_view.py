@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from rich.console import Console
@@ -12,6 +13,11 @@ from controlplane.server import ControlPlane, ControlPlaneSpec, RegistryAddress
 from registry.server import RegistryServer
 from tether.up import DEMO, ROOT, Instance, Mesh, UpSpec, render, split_shares, zone_shares
 
+TS = (
+    "apiVersion: tether.dev/v1alpha1\nkind: TrafficSplit\nmetadata: {{name: orders}}\nspec:\n"
+    "  subsets:\n    - {{name: v1, selector: {{version: v1}}, weight: {v1}}}\n"
+    "    - {{name: v2, selector: {{version: v2}}, weight: {v2}}}\n"
+)
 SUBSETS = [
     {"name": "v1", "selector": {"version": "v1"}, "weight": 90},
     {"name": "v2", "selector": {"version": "v2"}, "weight": 10},
@@ -49,8 +55,12 @@ def test_the_view_shows_zone_version_share_and_the_split() -> None:
     mesh = Mesh(UpSpec(), lambda name, line: None)
     try:
         mesh.instances = instances({"orders-1": (0, 90), "orders-4": (0, 10)})
+        for i in mesh.instances:
+            i.ready, i.app_health, i.policy_version = True, "passing", 3
+        mesh.instances[1].app_health = "critical"  # orders-1's app died; its sidecar runs
         mesh.split = SUBSETS
-        mesh.policy_status = "6 from policies applied (config version 1)"
+        mesh.cp_port, mesh.config_version = 15010, 3
+        mesh.policy_status = "6 from policies applied"
         console = Console(record=True, width=160)
         console.print(render(mesh, deque()))
         text = console.export_text()
@@ -59,7 +69,16 @@ def test_the_view_shows_zone_version_share_and_the_split() -> None:
     assert "orders v2" in text and "zone-b" in text
     assert "orders split (last 10 s): v1 90% · v2 10%   (configured: v1 90% · v2 10%)" in text
     assert "orders by zone (frontend-1 is in zone-a): zone-a 100% · zone-b 0%" in text
-    assert "policies: 6 from policies applied" in text
+    assert "policies: 6 from policies applied; config version 3" in text
+    header = next(line for line in text.splitlines() if "instance" in line).split()
+    assert header[:6] == ["instance", "service", "zone", "sidecar", "app", "config"]
+    row = next(line for line in text.splitlines() if line.startswith("orders-1 ")).split()
+    assert row[4:7] == ["up", "critical", "3"], row
+    # The table fits an 80-column terminal whole (nothing cut to "…").
+    narrow = Console(record=True, width=80)
+    narrow.print(render(mesh, deque()))
+    table = narrow.export_text().splitlines()[:9]
+    assert not any("…" in line for line in table), table
 
 
 async def test_policies_go_through_the_control_plane_api(
@@ -74,11 +93,20 @@ async def test_policies_go_through_the_control_plane_api(
     mesh.cp_port = int(cp.url.rpartition(":")[2])
     try:
         async with aiohttp.ClientSession() as session:
-            assert await mesh.apply_policies(session, ROOT / "examples" / "policies")
+            assert await mesh.apply_policies(session, ROOT / "tether" / "demo" / "policies")
             assert ("policies", "trafficsplit default/orders created") in lines
-            assert mesh.policy_status.endswith("applied (config version 1)")
+            assert mesh.policy_status == "6 from policies applied"
+            assert mesh.describe_policies().endswith("; config version 1")
             await mesh.refresh_split(session)
             assert [(s["name"], s["weight"]) for s in mesh.split] == [("v1", 90), ("v2", 10)]
+            # An apply after start (as `tether apply` does): the view's version follows.
+            ts = TS.format(v1=50, v2=50)
+            async with session.post(
+                f"{cp.url}/api/v1/apply", json={"files": [{"name": "ts.yaml", "text": ts}]}
+            ) as resp:
+                assert resp.status == 200 and (await resp.json())["version"] == 2
+            await mesh.refresh_version(session)
+            assert mesh.describe_policies().endswith("; config version 2")
 
             # A bad document: refused with where and why, the split in force unchanged.
             bad = tmp_path / "bad.yaml"
@@ -92,9 +120,35 @@ async def test_policies_go_through_the_control_plane_api(
             assert mesh.policy_status.startswith("rejected: ")
             assert any("bad.yaml:" in line and "spec.subsets" in line for _, line in lines), lines
             await mesh.refresh_split(session)
-            assert [s["weight"] for s in mesh.split] == [90, 10]
+            assert [s["weight"] for s in mesh.split] == [50, 50]
+            assert mesh.config_version == 2
     finally:
         await cp.aclose()
+
+
+async def test_the_app_column_is_the_registry_check_of_the_app(
+    registry: RegistryServer, consul_client: Any
+) -> None:
+    """A dead app behind a live sidecar shows as critical (the sidecar's readiness is its
+    own column); an instance not registered shows nothing."""
+    mesh = Mesh(UpSpec(), lambda name, line: None)
+    mesh.data_dir.rmdir()
+    mesh.registry_port = registry.port
+    for name, status in (("orders-1", "critical"), ("orders-2", "passing")):
+        assert await consul_client.agent.service.register(
+            "orders",
+            service_id=f"orders-{name}",
+            meta={"instance": name},
+            check={"CheckID": f"service:orders-{name}:app", "TTL": "60s", "Status": status},
+        )
+    async with aiohttp.ClientSession() as session:
+        await mesh.refresh_app_health(session)
+    health = {i.name: i.app_health for i in mesh.instances}
+    assert (health["orders-1"], health["orders-2"], health["orders-3"]) == (
+        "critical",
+        "passing",
+        "",
+    )
 
 
 def test_up_never_hands_out_a_port_twice() -> None:

@@ -1,4 +1,5 @@
-"""Limits on every aiohttp listener (registry, control plane, sidecar admin): caps and timeouts.
+"""Limits on every aiohttp listener (registry, control plane, sidecar admin, injection
+webhook): caps and timeouts.
 
 `serve(app, host, port, limits)` runs an aiohttp application behind these limits:
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -215,6 +217,7 @@ class LimitedSite(web.BaseSite):
         *,
         backlog: int = 128,
         reuse_address: bool | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self.host = host
@@ -222,10 +225,12 @@ class LimitedSite(web.BaseSite):
         self.limits = limits
         self.gate = ConnectionGate(limits)
         self.reuse_address = reuse_address
+        self.ssl_context = ssl_context  # HTTPS (the injection webhook)
 
     @property
     def name(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> None:
         await super().start()
@@ -253,6 +258,7 @@ class LimitedSite(web.BaseSite):
             self.port,
             backlog=self._backlog,
             reuse_address=self.reuse_address,
+            ssl=self.ssl_context,
         )
         self._server = server
         if server.sockets:
@@ -295,6 +301,7 @@ async def serve(
     backlog: int = 128,
     reuse_address: bool | None = None,
     shutdown_timeout: float = 60.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, LimitedSite]:
     """Run `app` on host:port behind `limits`; `site.port` is the bound port,
     `runner.cleanup()` stops it."""
@@ -304,6 +311,14 @@ async def serve(
         app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
     )
     await runner.setup()
-    site = LimitedSite(runner, host, port, limits, backlog=backlog, reuse_address=reuse_address)
+    site = LimitedSite(
+        runner,
+        host,
+        port,
+        limits,
+        backlog=backlog,
+        reuse_address=reuse_address,
+        ssl_context=ssl_context,
+    )
     await site.start()
     return runner, site

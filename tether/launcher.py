@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -23,6 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 Sink = Callable[[str, str], None]  # (child name, one line of its output)
+
+
+class ChildExitedError(Exception):
+    """A child exited before it printed the line it was awaited for."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        last = next((line for line in reversed(child.tail) if line.strip()), "")
+        # The child's own one-line reason ("Error: port 8500 is in use; ..."), if it gave one.
+        self.reason = last.strip().removeprefix("Error: ") or f"exit status {child.returncode}"
+        super().__init__(f"{child.name} exited ({child.returncode}): {self.reason}")
+
 
 _PR_SET_PDEATHSIG = 1
 
@@ -56,6 +69,18 @@ class Child:
         self.started = time.monotonic()
         self.tail: deque[str] = deque(maxlen=50)
         self.reader: asyncio.Task[None] | None = None
+        self.waiters: list[tuple[re.Pattern[str], asyncio.Future[re.Match[str]]]] = []
+
+    def heard(self, line: str) -> None:
+        for pattern, fut in self.waiters:
+            m = pattern.search(line)
+            if m and not fut.done():
+                fut.set_result(m)
+
+    def exited(self) -> None:
+        for _, fut in self.waiters:
+            if not fut.done():
+                fut.set_exception(ChildExitedError(self))
 
     @property
     def name(self) -> str:
@@ -124,23 +149,52 @@ class Launcher:
                 break
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             child.tail.append(line)
+            child.heard(line)
             self.sink(child.name, line)
         await child.proc.wait()
+        child.exited()
         self._exited.put_nowait(child)
+
+    async def wait_for_line(self, name: str, pattern: str, timeout: float) -> re.Match[str]:
+        """The first line of the child's output that matches `pattern` (its "listening
+        on" line: proof that this child, not another process, holds the port).
+        ChildExitedError if it exits first, TimeoutError if it says nothing in time."""
+        child = self.children[name]
+        compiled = re.compile(pattern)
+        for line in child.tail:
+            m = compiled.search(line)
+            if m:
+                return m
+        if child.returncode is not None and child.reader is not None and child.reader.done():
+            raise ChildExitedError(child)
+        fut: asyncio.Future[re.Match[str]] = asyncio.get_running_loop().create_future()
+        child.waiters.append((compiled, fut))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            child.waiters.remove((compiled, fut))
 
     async def next_exit(self) -> Child:
         """Wait for the next child to exit (to notice crashes)."""
         return await self._exited.get()
 
-    async def stop(self, name: str, timeout: float | None = None) -> int | None:
-        """SIGTERM the child's process group, SIGKILL it after `timeout`; its exit code."""
+    def send_signal(self, name: str, sig: int) -> bool:
+        """Send `sig` to a running child's process group (`tether run` forwards signals)."""
+        child = self.children.get(name)
+        return child is not None and child.returncode is None and _signal_group(child.pid, sig)
+
+    async def stop(
+        self, name: str, timeout: float | None = None, sig: int = signal.SIGTERM
+    ) -> int | None:
+        """`sig` (SIGTERM) to the child's process group, SIGKILL after `timeout`; its exit
+        code."""
         child = self.children.get(name)
         if child is None:
             return None
         grace = child.spec.stop_timeout if timeout is None else timeout
         pgid = child.pid  # the child leads its own group (start_new_session)
         if child.returncode is None:
-            _signal_group(pgid, signal.SIGTERM)
+            _signal_group(pgid, sig)
             try:
                 await asyncio.wait_for(child.proc.wait(), grace)
             except TimeoutError:

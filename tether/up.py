@@ -5,8 +5,13 @@ shares): the registry first (8500 if free, else any free port; state in a tempor
 directory), the control plane, then per instance its app and its sidecar. The app
 listens on 127.0.0.1 with `HTTP_PROXY` pointing at its sidecar's outbound listener, so
 `frontend` calls `http://orders/...` through the mesh. Once the callees are ready, the
-policies of `examples/policies/` are applied through the control plane's REST API (the
+policies of the demo are applied through the control plane's REST API (the
 path `tether apply` takes: validated there, stored, pushed), then `frontend` starts.
+The policies are the demo's own, shipped in the package (`tether/demo/policies/`).
+Each server child is awaited by its "listening on" line, not by its port answering:
+another process on that port must not pass for ours (the demo would register into
+someone else's registry). Any child that exits before the mesh is ready stops
+`tether up` with one line naming it and its reason; nothing has been written by then.
 The view reads every sidecar's admin `/stats/prometheus` and `/config_dump` once a
 second and the TrafficSplit of `orders` from the control plane, and shows where the
 calls go: per instance (zone, version, share of its service), per version against the
@@ -34,6 +39,13 @@ from tether.launcher import Launcher, ProcessSpec
 from tether.ports import free_port, port_is_free
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO_POLICIES = Path(__file__).resolve().parent / "demo" / "policies"
+# What a server child prints once it listens (tether registry, tether controlplane).
+LISTENING = r"listening on https?://\S+:(\d+)"
+
+
+class UpError(Exception):
+    """`tether up` cannot go on: one line naming the part, the cause and the fix."""
 
 
 @dataclass
@@ -54,8 +66,9 @@ class Instance:
     outbound_total: float = 0.0
     rate: float = 0.0
     history: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=10))
-    policy_version: int = 0  # of the snapshot its sidecar runs (0: defaults)
+    policy_version: int = 0  # config version of the snapshot its sidecar runs (0: none)
     app_pid: int = 0
+    app_health: str = ""  # the registry's check of the app: passing, critical, ...
 
     @property
     def recent(self) -> float:
@@ -121,7 +134,7 @@ def describe_zones(zones: dict[str, float]) -> str:
 
 
 # frontend → orders → inventory. orders runs v1 and v2 (the canary of
-# examples/policies/) in each of two zones, so the caller's zone preference and the
+# tether/demo/policies/) in each of two zones, so the caller's zone preference and the
 # split both show, and each version can fail over to the other zone.
 DEMO: tuple[tuple[str, str, str, str], ...] = (
     ("frontend", "frontend-1", "zone-a", "v1"),
@@ -143,25 +156,22 @@ class UpSpec:
     drain_seconds: float = 5.0
     view: bool | None = None  # None: a live view when stdout is a terminal
     check_interval: float = 2.0
-    # A control plane too (15010 if free), so `tether apply -f examples/policies/`
+    # A control plane too (15010 if free), so `tether apply -f tether/demo/policies/`
     # steers the demo's traffic (the v1/v2 canary of orders).
     controlplane: bool = True
     controlplane_port: int | None = None  # None: 15010 if free, else any free port
     # Applied through the control plane once the callees are ready (None: nothing).
-    policies: Path | None = ROOT / "examples" / "policies"
+    policies: Path | None = DEMO_POLICIES
 
 
-async def wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on 127.0.0.1:{port}") from None
-            await asyncio.sleep(0.1)
+def _chosen_port(name: str, given: int | None, preferred: int, flag: str) -> int:
+    """The port to start a server child on: the one given (0: any), else `preferred` if
+    free, else any. A given port already in use fails here, before anything starts."""
+    if given is None:
+        return preferred if port_is_free(preferred) else 0
+    if given and not port_is_free(given):
+        raise UpError(f"{name} cannot start: port {given} is in use; pass {flag} 0 (any free port)")
+    return given
 
 
 def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -211,82 +221,109 @@ class Mesh:
         self.data_dir = Path(tempfile.mkdtemp(prefix="tether-up-"))
         self.sink = sink
         self.policy_status = ""  # what applying the policies gave, for the view
+        self.config_version = 0  # the control plane's, read with every poll
         self.split: list[dict[str, Any]] = []  # SPLIT_SERVICE's subsets, from the CP
 
     async def start(self, session: Any) -> None:
-        """Start the registry, then the callees before their callers (inventory, orders,
-        then frontend once they are ready), so the first calls find their services."""
+        """Start the registry, the control plane, every sidecar (and the callees' apps),
+        apply the policies once the sidecars are registered, then start frontend's app,
+        which drives the traffic: its first calls find their services and policies."""
         spec = self.spec
         py = sys.executable
-        if spec.registry_port:
-            self.registry_port = spec.registry_port
-        else:
-            self.registry_port = 8500 if port_is_free(8500) else free_port()
+        port = _chosen_port("registry", spec.registry_port, 8500, "--registry-port")
         await self.launcher.start(
             ProcessSpec(
                 "registry",
-                [py, "-m", "tether.cli", "registry", "--port", str(self.registry_port),
+                [py, "-m", "tether.cli", "registry", "--port", str(port),
                  "--data-dir", str(self.data_dir / "registry"), "--node", "local"],
-                cwd=ROOT,
                 stop_timeout=5.0,
             )
         )  # fmt: skip
-        await wait_for_port(self.registry_port, 30)
+        self.registry_port = await self.listening("registry")
         registry_env = {"CONSUL_HTTP_ADDR": f"127.0.0.1:{self.registry_port}"}
         sidecar_extra: list[str] = []
         if spec.controlplane:
-            self.cp_port = spec.controlplane_port or (15010 if port_is_free(15010) else free_port())
+            port = _chosen_port(
+                "controlplane", spec.controlplane_port, 15010, "--controlplane-port"
+            )
             await self.launcher.start(
                 ProcessSpec(
                     "controlplane",
-                    [py, "-m", "tether.cli", "controlplane", "--port", str(self.cp_port)],
+                    [py, "-m", "tether.cli", "controlplane", "--port", str(port)],
                     env=registry_env,
-                    cwd=ROOT,
                     stop_timeout=5.0,
                 )
             )
-            await wait_for_port(self.cp_port, 30)
+            self.cp_port = await self.listening("controlplane")
             sidecar_extra = ["--controlplane", f"http://127.0.0.1:{self.cp_port}"]
-        for inst in sorted(self.instances, key=lambda i: i.service == "frontend"):
-            if inst.service == "frontend":
-                await self.wait_ready(session, 30, [i for i in self.instances if i is not inst])
-                if self.cp_port and spec.policies is not None:
-                    await self.apply_policies(session, spec.policies)
+        for inst in self.instances:
             inst.app_port, inst.outbound = free_port(), free_port()
             inst.inbound, inst.admin = free_port(), free_port()
-            rate = spec.rate if inst.service == "frontend" else 0.0
-            app = await self.launcher.start(
-                ProcessSpec(
-                    inst.name,
-                    [py, "-m", f"tether.demo.{inst.service}", "--port", str(inst.app_port),
-                     "--instance", inst.name, "--zone", inst.zone, "--version", inst.version,
-                     "--rate", str(rate)],
-                    env={
-                        "HTTP_PROXY": f"http://127.0.0.1:{inst.outbound}",
-                        "http_proxy": f"http://127.0.0.1:{inst.outbound}",
-                        "NO_PROXY": "localhost,127.0.0.1",
-                        "no_proxy": "localhost,127.0.0.1",
-                    },
-                    cwd=ROOT,
-                    stop_timeout=5.0,
-                )
-            )  # fmt: skip
-            inst.app_pid = app.pid
-            await self.launcher.start(
-                ProcessSpec(
-                    f"{inst.name}.sidecar",
-                    [py, "-m", "tether.cli", "sidecar", "--service", inst.service,
-                     "--app-port", str(inst.app_port), "--app-health-path", "/health",
-                     "--outbound-port", str(inst.outbound), "--inbound-port", str(inst.inbound),
-                     "--admin-port", str(inst.admin), "--zone", inst.zone,
-                     "--version", inst.version, "--meta", f"instance={inst.name}",
-                     "--drain-seconds", str(spec.drain_seconds),
-                     "--check-interval", str(spec.check_interval), *sidecar_extra],
-                    env=registry_env,
-                    cwd=ROOT,
-                    stop_timeout=spec.drain_seconds + 5.0,
-                )
-            )  # fmt: skip
+            if inst.service == "frontend":
+                # Its sidecar now (registered when the policies are checked against the
+                # registry), its app, which drives the traffic, once the policies are in.
+                await self.start_sidecar(inst, sidecar_extra, registry_env)
+            else:  # the app first: its sidecar then registers it passing at once
+                await self.start_app(inst)
+                await self.start_sidecar(inst, sidecar_extra, registry_env)
+        await self.wait_ready(session, 30, apps=False)  # frontend's app is not started
+        if self.cp_port and spec.policies is not None:
+            await self.apply_policies(session, spec.policies)
+        for inst in self.instances:
+            if inst.service == "frontend":
+                await self.start_app(inst)
+
+    async def start_app(self, inst: Instance) -> None:
+        """The demo app of `inst`, calling out through its sidecar (HTTP_PROXY)."""
+        rate = self.spec.rate if inst.service == "frontend" else 0.0
+        app = await self.launcher.start(
+            ProcessSpec(
+                inst.name,
+                [sys.executable, "-m", f"tether.demo.{inst.service}",
+                 "--port", str(inst.app_port), "--instance", inst.name, "--zone", inst.zone,
+                 "--version", inst.version, "--rate", str(rate),
+                 "--wait-for", f"http://127.0.0.1:{inst.admin}/ready"],
+                env={
+                    "HTTP_PROXY": f"http://127.0.0.1:{inst.outbound}",
+                    "http_proxy": f"http://127.0.0.1:{inst.outbound}",
+                    "NO_PROXY": "localhost,127.0.0.1",
+                    "no_proxy": "localhost,127.0.0.1",
+                },
+                stop_timeout=5.0,
+            )
+        )  # fmt: skip
+        inst.app_pid = app.pid
+
+    async def start_sidecar(
+        self, inst: Instance, extra: list[str], registry_env: dict[str, str]
+    ) -> None:
+        spec = self.spec
+        await self.launcher.start(
+            ProcessSpec(
+                f"{inst.name}.sidecar",
+                [sys.executable, "-m", "tether.cli", "sidecar", "--service", inst.service,
+                 "--app-port", str(inst.app_port), "--app-health-path", "/health",
+                 "--outbound-port", str(inst.outbound), "--inbound-port", str(inst.inbound),
+                 "--admin-port", str(inst.admin), "--zone", inst.zone,
+                 "--version", inst.version, "--meta", f"instance={inst.name}",
+                 "--drain-seconds", str(spec.drain_seconds),
+                 "--check-interval", str(spec.check_interval), *extra],
+                env=registry_env,
+                stop_timeout=spec.drain_seconds + 5.0,
+            )
+        )  # fmt: skip
+
+    async def listening(self, name: str) -> int:
+        """The port child `name` says it listens on; UpError if it exits first."""
+        from tether.launcher import ChildExitedError
+
+        try:
+            m = await self.launcher.wait_for_line(name, LISTENING, 30)
+        except ChildExitedError as exc:
+            raise UpError(f"{name} did not start: {exc.reason}") from None
+        except TimeoutError:
+            raise UpError(f"{name} did not say it was listening within 30 s") from None
+        return int(m.group(1))
 
     async def apply_policies(self, session: Any, path: Path) -> bool:
         """Apply the policy files under `path` as `tether apply -f` does: the control
@@ -321,9 +358,40 @@ class Mesh:
         for w in result.get("warnings") or ():
             self.sink("policies", f"warning: {w.get('message', w)}")
         n = len(result.get("changes") or ())
-        self.policy_status = f"{n} from {path.name} applied (config version {result['version']})"
-        self.sink("policies", f"applied {path}: version {result['version']}")
+        self.config_version = int(result["version"])
+        self.policy_status = f"{n} from {path.name} applied"
+        self.sink("policies", f"applied {path}: config version {result['version']}")
         return True
+
+    async def refresh_app_health(self, session: Any) -> None:
+        """Each instance's app check as the registry sees it (the instance Meta names it)."""
+        base = f"http://127.0.0.1:{self.registry_port}/v1/health/service"
+        for service in sorted({i.service for i in self.instances}):
+            try:
+                async with session.get(f"{base}/{service}") as resp:
+                    entries = await resp.json(content_type=None)
+            except Exception:
+                return  # the registry is away: keep what it said last
+            status: dict[str, str] = {}
+            for e in entries if isinstance(entries, list) else ():
+                name = ((e.get("Service") or {}).get("Meta") or {}).get("instance", "")
+                for check in e.get("Checks") or ():
+                    if str(check.get("CheckID", "")).endswith(":app"):
+                        status[name] = str(check.get("Status", ""))
+            for i in self.instances:
+                if i.service == service:
+                    i.app_health = status.get(i.name, "")  # "": not registered
+
+    async def refresh_version(self, session: Any) -> None:
+        """The config version in force (moves with every `tether apply`)."""
+        if not self.cp_port:
+            return
+        try:
+            async with session.get(f"http://127.0.0.1:{self.cp_port}/api/v1/version") as resp:
+                body = await resp.json(content_type=None)
+            self.config_version = int(body["version"])
+        except Exception:
+            return  # the control plane is away: keep showing what it said last
 
     async def refresh_split(self, session: Any) -> None:
         """The configured subsets of SPLIT_SERVICE's TrafficSplit (empty: none)."""
@@ -367,16 +435,20 @@ class Mesh:
             t0, n0 = inst.history[0]
             inst.rate = (inst.inbound_total - n0) / (now - t0) if now > t0 else 0.0
 
-        await asyncio.gather(*(one(i) for i in self.instances), self.refresh_split(session))
+        await asyncio.gather(
+            *(one(i) for i in self.instances),
+            self.refresh_split(session),
+            self.refresh_version(session),
+            self.refresh_app_health(session),
+        )
 
-    async def wait_ready(
-        self, session: Any, timeout: float, which: list[Instance] | None = None
-    ) -> bool:
+    async def wait_ready(self, session: Any, timeout: float, apps: bool = True) -> bool:
+        """Until every sidecar is ready (registered, discovery up) and, with `apps`,
+        the registry's check of every app passes (callers then find it healthy)."""
         deadline = time.monotonic() + timeout
-        which = self.instances if which is None else which
         while time.monotonic() < deadline:
             await self.poll(session)
-            if all(i.ready for i in which):
+            if all(i.ready and (i.app_health == "passing" or not apps) for i in self.instances):
                 return True
             await asyncio.sleep(0.2)
         return False
@@ -394,13 +466,16 @@ class Mesh:
         lines.append(f"{SPLIT_SERVICE} by zone ({front.name} is in {front.zone}): {zones}")
         return lines
 
+    def describe_policies(self) -> str:
+        applied = self.policy_status or "no policies applied at start"
+        return f"{applied}; config version {self.config_version}"
+
     def listing(self) -> list[str]:
         lines = [f"registry     http://127.0.0.1:{self.registry_port}  (CONSUL_HTTP_ADDR)"]
         if self.cp_port:
             cp = f"http://127.0.0.1:{self.cp_port}"
-            applied = self.policy_status or "no policies applied"
-            lines.append(f"controlplane {cp}  ({applied}; change with: tether apply -f FILE "
-                         f"--controlplane {cp})")  # fmt: skip
+            lines.append(f"controlplane {cp}  ({self.describe_policies()}; change with: "
+                         f"tether apply -f FILE --controlplane {cp})")  # fmt: skip
             lines.append(f"dashboard    {cp}/ui/  (or: tether top --controlplane {cp})")
         for i in self.instances:
             lines.append(
@@ -438,17 +513,20 @@ def render(mesh: Mesh, logs: deque[str]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    # Fits 80 columns: light borders, short headers (cfg: the policy snapshot it runs).
+    # Fits 80 columns: light borders, short headers. sidecar: up (ready) or down; app: the
+    # registry's check of the app; config: the config version of the snapshot the
+    # sidecar runs; in, out: calls in and out.
     table = Table(
         title=f"tether up: registry 127.0.0.1:{mesh.registry_port}",
         expand=False,
         box=box.SIMPLE_HEAD,
-        padding=(0, 1, 0, 0),
+        padding=(0, 0, 0, 0),  # the box's column separator is the only gap
         show_edge=False,
     )
-    cols = ("instance", "service", "zone", "up", "cfg", "calls in", "share", "/s", "5xx", "out")
+    cols = ("instance", "service", "zone", "sidecar", "app", "config", "in", "share", "/s",
+            "5xx", "out")  # fmt: skip
     for col in cols:
-        right = col in ("calls in", "share", "/s", "5xx", "out")
+        right = col in ("in", "share", "/s", "5xx", "out")
         table.add_column(col, justify="right" if right else "left", no_wrap=True)
     per_service: dict[str, float] = {}
     recent: dict[str, float] = {}
@@ -459,14 +537,15 @@ def render(mesh: Mesh, logs: deque[str]) -> Any:
         share = i.recent / recent[i.service] if recent[i.service] else 0.0
         table.add_row(
             i.name, f"{i.service} {i.version}", i.zone,
-            Text("yes", "green") if i.ready else Text("no", "red"),
-            f"v{i.policy_version}" if i.policy_version else "-",
+            Text("up", "green") if i.ready else Text("down", "red"),
+            Text(i.app_health or "-", "green" if i.app_health == "passing" else "red"),
+            str(i.policy_version) if i.policy_version else "-",
             f"{i.inbound_total:.0f}", f"{share:.0%}", f"{i.rate:.1f}",
             f"{i.inbound_errors:.0f}", f"{i.outbound_total:.0f}",
         )  # fmt: skip
     totals = "  ".join(f"{svc}: {n:.0f}" for svc, n in per_service.items())
     front = mesh.instances[0]
-    policies = f"policies: {mesh.policy_status}\n" if mesh.policy_status else ""
+    policies = f"policies: {mesh.describe_policies()}\n" if mesh.cp_port else ""
     where = "".join(f"{line}\n" for line in mesh.where_calls_go())
     hint = Text(
         f"calls per service: {totals}\n{where}{policies}"
@@ -494,16 +573,29 @@ async def run_up(spec: UpSpec) -> int:
         loop.add_signal_handler(sig, stop.set)
     mesh = Mesh(spec, sink)
     stopping = False
+    started = False
+    failed = asyncio.Event()  # a child exited before the mesh was ready
+    failure = ""
 
     async def watch_exits() -> None:
+        nonlocal failure
+        from tether.launcher import ChildExitedError
+
         while True:
             child = await mesh.launcher.next_exit()
-            if not stopping:  # a crash, not our doing: say so where the user looks
+            if stopping:
+                continue
+            if not started:  # nothing may go on half-started: stop, and say who and why
+                failure = f"{child.name} did not start: {ChildExitedError(child).reason}"
+                failed.set()
+            else:  # a crash, not our doing: say so where the user looks
                 sink("tether up", f"{child.name} exited with status {child.returncode}")
 
     async def serve(session: Any) -> None:
+        nonlocal started
         await mesh.start(session)
         ready = await mesh.wait_ready(session, 60)
+        started = True
         print("\n".join(mesh.listing()), flush=True)
         print("tether up: ready" if ready else "tether up: not every sidecar is ready yet",
               flush=True)  # fmt: skip
@@ -533,26 +625,34 @@ async def run_up(spec: UpSpec) -> int:
             # Ctrl-C is honoured at any point, during start-up too.
             main_task = asyncio.ensure_future(serve(session))
             stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({main_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (main_task, stopper):
+            crashed = asyncio.ensure_future(failed.wait())
+            await asyncio.wait({main_task, stopper, crashed}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (main_task, stopper, crashed):
                 t.cancel()
-            await asyncio.gather(stopper, return_exceptions=True)
+            await asyncio.gather(stopper, crashed, return_exceptions=True)
             try:
                 await main_task
             except asyncio.CancelledError:
                 pass
+            if failure:
+                raise UpError(failure)
+    except UpError as exc:
+        print(f"tether up: {exc}", file=sys.stderr, flush=True)
+        code = 1
     except Exception as exc:
         print(f"tether up: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
         stopping = True
-        print("tether up: draining and stopping everything ...", flush=True)
+        if mesh.launcher.children:
+            print("tether up: draining and stopping everything ...", flush=True)
         # A second Ctrl-C must not cut the shutdown short and leave processes behind.
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: None)
         await mesh.stop()
         watcher.cancel()
-        print("tether up: stopped", flush=True)
+        if mesh.launcher.children:
+            print("tether up: stopped", flush=True)
     return code
 
 

@@ -1,7 +1,8 @@
 """Demo `frontend`: shows orders, asking `orders` by name, and drives steady traffic.
 
 The traffic loop sends one request at a time at `--rate` per second (bounded: it
-never queues more), so the live view of `tether up` always has something to show.
+never queues more), so the live view of `tether up` always has something to show. With
+`--wait-for URL` (its sidecar's admin `/ready`) it starts only once that answers.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from aiohttp import ClientError, web
 
-from tether.demo.server import CLIENT, IDENTITY, run
+from tether.demo.server import CLIENT, IDENTITY, run, wait_for
 
 
 async def fetch_order(app: web.Application, oid: int) -> tuple[int, Any]:
@@ -38,7 +39,8 @@ async def index(request: web.Request) -> web.Response:
 async def traffic(app: web.Application, args: argparse.Namespace) -> None:
     if args.rate <= 0:
         return
-    await asyncio.sleep(1.0)  # let the sidecars register first
+    if args.wait_for:
+        await wait_for(app[CLIENT], args.wait_for)  # no traffic before the sidecar
     for oid in itertools.count(1):
         await fetch_order(app, oid % 1000)
         await asyncio.sleep(1.0 / args.rate)

@@ -14,7 +14,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 
 @dataclass
@@ -44,7 +44,26 @@ def parse_args(service: str) -> argparse.Namespace:
     p.add_argument("--zone", default=os.environ.get("TETHER_ZONE", ""))
     p.add_argument("--version", default="v1")
     p.add_argument("--rate", type=float, default=2.0, help="requests/s the app drives itself")
+    p.add_argument(
+        "--wait-for",
+        default=None,
+        metavar="URL",
+        help="drive no traffic until this URL answers 200 (its sidecar's admin /ready)",
+    )
     return p.parse_args()
+
+
+async def wait_for(client: ClientSession, url: str) -> None:
+    """Until `url` answers 200: an app started before its sidecar (compose starts the
+    app's container first, the sidecar joins its network namespace) waits for it."""
+    while True:
+        try:
+            async with client.get(url, proxy=None) as resp:
+                if resp.status == 200:
+                    return
+        except (OSError, TimeoutError, ClientError):
+            pass
+        await asyncio.sleep(0.5)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -1,0 +1,1 @@
+"""Sidecar injection: Kubernetes pods (webhook and `tether inject`), compose files."""
