@@ -38,15 +38,19 @@ typecheck: $(STAMP)
 pytest: $(STAMP) test-tools
 	$(BIN)/pytest -q -p no:cacheprovider
 
-# Tools the tests run besides the venv: Debian's docker-compose (`docker-compose config`
-# checks what `tether inject` writes for compose; it needs no Docker engine). Installed
-# when missing and apt-get is there; otherwise those tests skip and say why.
+# Tools the tests run besides the venv, from Debian's packages (command:package):
+# docker-compose (`docker-compose config` checks what `tether inject` writes for compose;
+# it needs no Docker engine), chromium and its driver (the dashboard's browser test).
+# Installed when missing and apt-get is there; otherwise those tests skip and say why.
+TEST_TOOLS := docker-compose:docker-compose chromium:chromium chromedriver:chromium-driver
 test-tools:
-	@command -v docker-compose >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 \
-	  || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null 2>&1 \
+	@missing=""; for t in $(TEST_TOOLS); do \
+	  command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
+	  [ -z "$$missing" ] || ! command -v apt-get >/dev/null 2>&1 \
+	  || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null 2>&1 \
 	  || (apt-get update -qq >/dev/null 2>&1 \
-	      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null 2>&1) \
-	  || echo "docker-compose could not be installed: its tests will skip"
+	      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null 2>&1) \
+	  || echo "could not install$$missing: the tests that need them skip and say why"
 
 # Coverage-guided differential fuzzing of the HTTP codecs (tests/fuzz_codec.py): the
 # corpus check `make test` runs, for FUZZ_SECONDS on inputs atheris makes up.

@@ -64,6 +64,12 @@ READ_POLICY = Permission("key", POLICY_PREFIX, "read")
 WRITE_POLICY = Permission("key", POLICY_PREFIX, "write")
 # Reading every sidecar's push state (`tether status`): ids, zones, NACK errors.
 READ_STATUS = Permission("key", STATUS_PREFIX, "read")
+# Reading the mesh's traffic numbers (`tether top`, the dashboard); replicas write them
+# under this prefix (controlplane/meshstats.py).
+STATS_PREFIX = "tether/push/stats/"
+READ_STATS = Permission("key", STATS_PREFIX, "read")
+# Reading the registry's services and instances (the dashboard's service pages).
+READ_SERVICES = Permission("service", "", "read")
 
 
 def write_service(name: str) -> Permission:

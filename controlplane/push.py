@@ -20,6 +20,9 @@ Per sidecar the replica records what it sent, what was acked and nacked (with th
 error) and when it last heard from it: in memory, and in the KV in a few shards per
 replica written at most once per `flush_interval`, so the KV sees a bounded number of
 writes however many sidecars ack at once, and any replica can answer `tether status`.
+
+Sidecars' `stats` reports go to the replica's `MeshStats` (controlplane/meshstats.py),
+at most 256 KiB each and two a second per connection (more are dropped and counted).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from aiohttp import web
 from controlplane.api import route
 from controlplane.auth import READ_STATUS, RegistryAuthorizer, caller_token, write_service
 from controlplane.errors import ControlPlaneError
+from controlplane.meshstats import MeshStats
+from controlplane.meshstats import install as install_stats
 from controlplane.store import ConfigSnapshot
 from wire import push as protocol
 
@@ -62,6 +67,8 @@ STALE_AFTER = 60.0
 FORGET_AFTER = 3600.0
 # Closure depth when routes send to other services (routes to routes to ...).
 MAX_ROUTE_DEPTH = 8
+# A connection's stats reports closer together than this are dropped.
+MIN_STATS_GAP = 0.5
 
 
 # -- what each sidecar needs -------------------------------------------------------------
@@ -230,6 +237,7 @@ class Session:
     needed: frozenset[ServiceKey] = frozenset()
     pending: str | None = None
     writer: asyncio.Task[None] | None = None
+    last_stats: float = float("-inf")  # monotonic time of the last report taken
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -273,6 +281,9 @@ class PushServer:
         self._closing = False
         self.pushes = 0
         self.kv_writes = 0
+        # The stats reports of this replica's sidecars (what `tether top` reads).
+        self.stats = MeshStats()
+        self.stats_dropped = 0
 
     # -- wiring ----------------------------------------------------------------------------
 
@@ -401,6 +412,9 @@ class PushServer:
                 except protocol.PushProtocolError as exc:
                     await self._refuse(ws, exc.code, str(exc))
                     break
+                if isinstance(msg, protocol.Stats):
+                    self._on_stats(session, msg, len(frame.data))
+                    continue
                 self._on_message(session, msg)
         finally:
             if session is not None:
@@ -462,6 +476,16 @@ class PushServer:
                 s.calls |= new
                 s.needed = self.index.needed(s.calls)
                 self._offer(s)
+
+    def _on_stats(self, s: Session, msg: protocol.Stats, size: int) -> None:
+        """Keep a stats report, within the size and rate a connection may send."""
+        now = time.monotonic()
+        if size > protocol.MAX_STATS_BYTES or now - s.last_stats < MIN_STATS_GAP:
+            self.stats_dropped += 1
+            return
+        s.last_stats = now
+        node = s.node
+        self.stats.record(node.key, protocol.service_key(node.service, node.namespace), msg)
 
     def _close(self, s: Session) -> None:
         rec = s.record
@@ -605,6 +629,8 @@ class PushServer:
             "sidecars": len(self.sessions),
             "pushes": self.pushes,
             "kv_writes": self.kv_writes,
+            "stats_reports": self.stats.reports,
+            "stats_dropped": self.stats_dropped,
         }
 
     def __repr__(self) -> str:
@@ -648,6 +674,7 @@ def install(cp: ControlPlane) -> PushServer:
     # The WebSocket checks the sidecar's token at its hello, once it names its service.
     route(cp.app, "GET", protocol.PATH, server.handle_push, None)
     route(cp.app, "GET", "/api/v1/sidecars", server.handle_sidecars, READ_STATUS)
+    install_stats(cp, server.stats, lambda: server.replica)
     cp.app.on_startup.append(_start)
     cp.app.on_shutdown.append(_stop)
     cp.app[PUSH_SERVER] = server

@@ -137,10 +137,13 @@ class ControlPlane:
         """Where the parts of the control plane plug into the app, in one place."""
         from controlplane.api import register
         from controlplane.ca.service import install as install_ca
+        from controlplane.dashboard import install as install_dashboard
 
         register(self.app)
         # The mesh CA (controlplane/ca/): its routes and its start/stop hooks.
         install_ca(self)
+        # The dashboard at /ui/ (controlplane/dashboard/), over the same REST API.
+        install_dashboard(self)
         # The push server (WebSocket at /api/v1/push) installs itself with
         # `controlplane.push.install(cp)`: routes, on_startup/on_cleanup, subscribe().
         try:

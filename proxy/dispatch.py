@@ -276,7 +276,6 @@ class OutboundRouter:
             return RouteResult.answer(
                 local_reply.NO_HEALTHY_UPSTREAM,
                 f"discovery did not answer about {service}.{ns} in {self.resolve_timeout}s",
-                dstats=self.stats.destination(self.name, f"{service}.{ns}"),
             )
         if cluster is not None:
             return self._to_cluster(head, peer, path, cluster)

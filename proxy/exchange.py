@@ -677,6 +677,7 @@ class Exchange:
         if not now:
             now = self.server.clock()
         route = self.route
+        ds = None
         if route is not None:
             latency = now - self.start
             ep, tracker = route.endpoint, route.tracker
@@ -686,7 +687,7 @@ class Exchange:
             if ds is not None:
                 ds.record(outcome.status, latency)
         if outcome.reason:
-            self.server.stats.local_reply(outcome.reason)
+            self.server.stats.local_reply(outcome.reason, ds)
         self.conn.exchange_done(self, now)
 
     def __repr__(self) -> str:

@@ -5,7 +5,9 @@ it runs), then applies each snapshot through its `Applier` and answers ACK, or N
 with the error while the last good config keeps serving. When the app starts calling a
 service the control plane has not heard of, `want` sends an "interest" message. When
 the control plane is away the sidecar keeps what it has (defaults, if it never got
-anything) and reconnects with exponential backoff and jitter. Protocol:
+anything) and reconnects with exponential backoff and jitter. While connected it sends
+a `stats` report every `stats_interval` seconds (what the sidecar handled since the
+last one), which `tether top` and the dashboard read at the control plane. Protocol:
 docs/push-protocol.md; messages: wire/push.py.
 """
 
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -26,6 +29,12 @@ log = logging.getLogger("tether.policy")
 
 # A connection that lasted this long resets the backoff, even if it ended in an error.
 STABLE_AFTER = 5.0
+# How often a sidecar reports its stats ("every few seconds"); the control plane takes
+# reports at most twice a second per connection.
+STATS_INTERVAL = 2.0
+
+# Given a monotonic clock reading, what the sidecar handled since it was last asked.
+StatsSource = Callable[[float], protocol.Stats]
 
 
 class Applier(Protocol):
@@ -50,6 +59,8 @@ class PolicyClient:
         rng: random.Random | None = None,
         heartbeat: float = 15.0,
         token: str | None = None,
+        stats: StatsSource | None = None,
+        stats_interval: float = STATS_INTERVAL,
     ) -> None:
         self.url = push_url(url)
         # The sidecar's registry token: with ACLs on, the control plane serves a hello
@@ -68,6 +79,11 @@ class PolicyClient:
         self.acks = 0
         self.nacks = 0
         self.last_nack = ""
+        # The answer to the last snapshot: "ack", "nack" or "none" (none received yet).
+        self.last_result = "none"
+        self.stats = stats
+        self.stats_interval = stats_interval
+        self.reports = 0
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -174,26 +190,47 @@ class PolicyClient:
             self.connected = True
             self.last_contact = time.time()
             self.last_error = ""
-            served = False
-            async for frame in ws:
-                if frame.type != aiohttp.WSMsgType.TEXT:
-                    if frame.type == aiohttp.WSMsgType.ERROR:
-                        raise ConnectionError(str(ws.exception()))
-                    continue
-                self.last_contact = time.time()
-                msg = protocol.decode(frame.data)
-                served = True
-                if isinstance(msg, protocol.Snapshot):
-                    await self._on_snapshot(ws, msg)
-                elif isinstance(msg, protocol.ErrorMessage):
-                    if msg.code == protocol.ProtocolVersionError.code:
-                        raise protocol.ProtocolVersionError(msg.message)
-                    raise protocol.PushProtocolError(f"control plane: {msg.code}: {msg.message}")
-                else:
-                    raise protocol.PushProtocolError(f"unexpected {type(msg).__name__} from server")
-            # A close after a quiet, current hello is a normal end (e.g. a replica
-            # restarting): the hello was answered by silence, which means "current".
-            return served or ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
+            reporter = asyncio.get_running_loop().create_task(self._report(ws))
+            try:
+                return await self._serve(ws)
+            finally:
+                reporter.cancel()
+
+    async def _report(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Send a stats report every `stats_interval` while the connection lasts."""
+        if self.stats is None:
+            return
+        while not ws.closed:
+            # The first report covers the time since the sidecar started (after a
+            # reconnect, since the last report); one is sent even when empty, as the
+            # control plane divides by the seconds reports cover.
+            report = self.stats(time.monotonic())
+            await self._send_quiet(ws, protocol.encode(report))
+            self.reports += 1
+            await asyncio.sleep(self.stats_interval)
+
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
+        """Answer the control plane's messages until the connection ends."""
+        served = False
+        async for frame in ws:
+            if frame.type != aiohttp.WSMsgType.TEXT:
+                if frame.type == aiohttp.WSMsgType.ERROR:
+                    raise ConnectionError(str(ws.exception()))
+                continue
+            self.last_contact = time.time()
+            msg = protocol.decode(frame.data)
+            served = True
+            if isinstance(msg, protocol.Snapshot):
+                await self._on_snapshot(ws, msg)
+            elif isinstance(msg, protocol.ErrorMessage):
+                if msg.code == protocol.ProtocolVersionError.code:
+                    raise protocol.ProtocolVersionError(msg.message)
+                raise protocol.PushProtocolError(f"control plane: {msg.code}: {msg.message}")
+            else:
+                raise protocol.PushProtocolError(f"unexpected {type(msg).__name__} from server")
+        # A close after a quiet, current hello is a normal end (e.g. a replica
+        # restarting): the hello was answered by silence, which means "current".
+        return served or ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
 
     async def _on_snapshot(
         self, ws: aiohttp.ClientWebSocketResponse, snap: protocol.Snapshot
@@ -212,10 +249,12 @@ class PolicyClient:
         if error:
             self.nacks += 1
             self.last_nack = error
+            self.last_result = "nack"
             log.warning("refused config version %d: %s", snap.version, error)
             reply: protocol.Message = protocol.Nack(snap.version, snap.nonce, error)
         else:
             self.acks += 1
+            self.last_result = "ack"
             reply = protocol.Ack(snap.version, snap.nonce)
         await ws.send_str(protocol.encode(reply))
 
@@ -228,6 +267,7 @@ class PolicyClient:
             "acks": self.acks,
             "nacks": self.nacks,
             "last_nack": self.last_nack,
+            "stats_reports": self.reports,
             "calls": list(self.calls),
         }
 

@@ -61,6 +61,8 @@ class SidecarSpec:
     # whose discovery has not yet seen the removal are not refused.
     deregister_grace: float = 1.0
     check_interval: float = 5.0
+    # Seconds between the stats reports sent to the control plane.
+    stats_interval: float = 2.0
     # "inbound": the registry checks the app through the inbound listener (it runs in
     # another network namespace and cannot reach the app's 127.0.0.1).
     app_check_via: Literal["app", "inbound"] = "app"
@@ -185,7 +187,7 @@ class Sidecar:
 
         spec = self.spec
         assert self.directory is not None
-        self.stats = ProxyStats()
+        self.stats = ProxyStats(source=f"{spec.service}.{spec.namespace}")
         # Inbound first: its port names the instance (registration, control plane).
         self.inbound = await start_inbound(
             spec.app_port,
@@ -253,7 +255,12 @@ class Sidecar:
             zone=spec.zone,
         )
         self.policy_client = PolicyClient(
-            spec.controlplane, node, policy, token=spec.registry_token
+            spec.controlplane,
+            node,
+            policy,
+            token=spec.registry_token,
+            stats=self.stats.report,
+            stats_interval=spec.stats_interval,
         )
         policy.interest = self.policy_client.want
         self.policy = policy
@@ -385,7 +392,20 @@ class Sidecar:
         }
 
     def prometheus(self) -> str:
-        return self.stats.render_prometheus() if self.stats is not None else ""
+        from proxy.stats import render_config_metrics
+
+        if self.stats is None:
+            return ""
+        pc = self.policy_client
+        config = render_config_metrics(
+            self.policy.version if self.policy is not None else 0,
+            bool(pc and pc.connected),
+            pc.acks if pc else 0,
+            pc.nacks if pc else 0,
+            pc.last_result if pc else "none",
+        )
+        rendered: str = self.stats.render_prometheus()
+        return rendered + config
 
     def __repr__(self) -> str:
         return f"<Sidecar {self.spec.service} {self.state} ports={self.ports()}>"

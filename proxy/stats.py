@@ -1,39 +1,34 @@
 """Data-plane counters and histograms, kept as plain ints and lists, rendered as Prometheus.
 
 The hot path touches only `DestinationStats.record` (two list increments, a bisect and
-a float add) and the connection gauges; rendering happens in the admin listener.
+a float add) and the connection gauges; rendering happens in the admin listener, and
+`ProxyStats.report` turns what changed since the last report into the push protocol's
+`stats` message (docs/push-protocol.md). Every label value is bounded: destinations are
+mesh services (and their policy's subsets), `egress` for every egress host together,
+or `app`; pools are labelled by destination, never by address. docs/metrics.md lists
+every metric.
 """
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from wire import push as protocol
+
 # Upper bounds (seconds) of the latency histogram's buckets; the last bucket is +Inf.
-LATENCY_BOUNDS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+# The push protocol's (stats reports add up across sidecars only with the same buckets).
+LATENCY_BOUNDS = protocol.LATENCY_BOUNDS
 _CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class DestinationStats:
-    """Requests to one destination (a cluster `svc.ns`, an egress host, or the local app)."""
+    """Requests to one destination (a cluster `svc.ns` or `svc.ns/subset`, all egress, or
+    the local app)."""
 
-    __slots__ = ("buckets", "by_class", "latency_sum", "name")
+    __slots__ = ("buckets", "by_class", "latency_sum", "name", "reasons")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -41,6 +36,8 @@ class DestinationStats:
         self.by_class = [0, 0, 0, 0, 0, 0]
         self.buckets = [0] * (len(LATENCY_BOUNDS) + 1)
         self.latency_sum = 0.0
+        # Local replies (the sidecar answered itself) by reason; reasons are a fixed set.
+        self.reasons: dict[str, int] = {}
 
     def record(self, status: int, latency: float) -> None:
         self.by_class[status // 100 if 0 < status < 600 else 0] += 1
@@ -55,12 +52,22 @@ class DestinationStats:
         return f"<DestinationStats {self.name} total={self.total} 5xx={self.by_class[5]}>"
 
 
+def split_destination(name: str) -> tuple[str, str]:
+    """`orders.default/v2` -> ("orders.default", "v2"); a name without subset -> (name, "")."""
+    service, _, subset = name.partition("/")
+    return service, subset
+
+
 class ProxyStats:
     """All counters of one sidecar's listeners (shared by outbound and inbound)."""
 
-    def __init__(self) -> None:
+    def __init__(self, source: str = "", started: float | None = None) -> None:
+        # The service this sidecar fronts (`svc.ns`): the source of its outbound requests.
+        self.source = source
         self.destinations: dict[tuple[str, str], DestinationStats] = {}
         self.local_replies: dict[str, int] = {}
+        # Local replies before any destination was known (bad requests, unknown names).
+        self.unrouted = DestinationStats("none")
         # Per listener name: open downstream connections and all ever accepted.
         self.downstream_active: dict[str, int] = {}
         self.downstream_total: dict[str, int] = {}
@@ -68,6 +75,10 @@ class ProxyStats:
         self.tunnels_total = 0
         # Callables returning the live pools (set by the listeners that own them).
         self.pool_sources: list[Callable[[], Iterable[Any]]] = []
+        # What the last `report` covered: per destination key, its counts then.
+        self._reported: dict[tuple[str, str], tuple[tuple[int, ...], float]] = {}
+        # When the last report ended (monotonic): the first covers the time since start.
+        self._reported_at = time.monotonic() if started is None else started
 
     def destination(self, listener: str, name: str) -> DestinationStats:
         key = (listener, name)
@@ -76,29 +87,76 @@ class ProxyStats:
             ds = self.destinations[key] = DestinationStats(name)
         return ds
 
-    def local_reply(self, reason: str) -> None:
+    def local_reply(self, reason: str, dstats: DestinationStats | None = None) -> None:
         self.local_replies[reason] = self.local_replies.get(reason, 0) + 1
+        reasons = (dstats or self.unrouted).reasons
+        reasons[reason] = reasons.get(reason, 0) + 1
 
     def pools(self) -> list[Any]:
         return [pool for source in self.pool_sources for pool in source()]
+
+    # -- reports to the control plane ---------------------------------------------------
+
+    def report(self, now: float) -> protocol.Stats:
+        """What every destination handled since the previous call (since the start, the
+        first time). `now` is a monotonic clock reading; the busiest MAX_STATS_ROWS
+        destinations are reported when there are more."""
+        since, self._reported_at = self._reported_at, now
+        rows: list[tuple[int, protocol.StatsRow]] = []
+        for key, ds in self.destinations.items():
+            counts = (*ds.by_class, *ds.buckets)
+            before = self._reported.get(key)
+            self._reported[key] = (counts, ds.latency_sum)
+            if before is None:
+                before = ((0,) * len(counts), 0.0)
+            delta = tuple(a - b for a, b in zip(counts, before[0], strict=True))
+            n = sum(delta[: len(protocol.STATUS_CLASSES)])
+            if not n:
+                continue
+            service, subset = split_destination(ds.name)
+            row = protocol.StatsRow(
+                listener=key[0],
+                destination=service,
+                subset=subset,
+                classes=delta[: len(protocol.STATUS_CLASSES)],
+                buckets=delta[len(protocol.STATUS_CLASSES) :],
+                latency_sum=max(ds.latency_sum - before[1], 0.0),
+            )
+            rows.append((n, row))
+        rows.sort(key=lambda r: -r[0])
+        return protocol.Stats(
+            seconds=max(now - since, 0.001),
+            rows=tuple(row for _, row in rows[: protocol.MAX_STATS_ROWS]),
+        )
+
+    # -- Prometheus ---------------------------------------------------------------------
+
+    def _labels(self, listener: str, name: str) -> str:
+        service, subset = split_destination(name)
+        # The caller of an inbound request is known once mTLS identities land.
+        source = self.source if listener == "outbound" else "unknown"
+        return f'source="{source}",listener="{listener}",destination="{service}",subset="{subset}"'
 
     def render_prometheus(self, prefix: str = "tether") -> str:
         """Prometheus text exposition format (version 0.0.4)."""
         out: list[str] = []
         p = prefix
-        out.append(f"# HELP {p}_requests_total Requests by listener, destination, status class.")
+        dests = sorted(self.destinations.items())
+        out.append(
+            f"# HELP {p}_requests_total Requests by source, destination, subset, status class."
+        )
         out.append(f"# TYPE {p}_requests_total counter")
-        for (listener, name), ds in sorted(self.destinations.items()):
+        for (listener, name), ds in dests:
+            labels = self._labels(listener, name)
             for i, cls in enumerate(_CLASSES):
                 if ds.by_class[i]:
                     out.append(
-                        f'{p}_requests_total{{listener="{listener}",destination="{name}",'
-                        f'status_class="{cls}"}} {ds.by_class[i]}'
+                        f'{p}_requests_total{{{labels},status_class="{cls}"}} {ds.by_class[i]}'
                     )
         out.append(f"# HELP {p}_request_duration_seconds Time from request head to response end.")
         out.append(f"# TYPE {p}_request_duration_seconds histogram")
-        for (listener, name), ds in sorted(self.destinations.items()):
-            labels = f'listener="{listener}",destination="{name}"'
+        for (listener, name), ds in dests:
+            labels = self._labels(listener, name)
             running = 0
             for bound, count in zip(LATENCY_BOUNDS, ds.buckets, strict=False):
                 running += count
@@ -108,10 +166,18 @@ class ProxyStats:
             out.append(f'{p}_request_duration_seconds_bucket{{{labels},le="+Inf"}} {running}')
             out.append(f"{p}_request_duration_seconds_sum{{{labels}}} {ds.latency_sum:.6f}")
             out.append(f"{p}_request_duration_seconds_count{{{labels}}} {running}")
-        out.append(f"# HELP {p}_local_replies_total Replies the sidecar answered itself.")
+        out.append(
+            f"# HELP {p}_local_replies_total Replies the sidecar answered itself, by reason."
+        )
         out.append(f"# TYPE {p}_local_replies_total counter")
-        for reason, count in sorted(self.local_replies.items()):
-            out.append(f'{p}_local_replies_total{{reason="{reason}"}} {count}')
+        unrouted = [(("none", "none"), self.unrouted)] if self.unrouted.reasons else []
+        for (listener, name), ds in [*dests, *unrouted]:
+            service, subset = split_destination(name)
+            for reason, count in sorted(ds.reasons.items()):
+                out.append(
+                    f'{p}_local_replies_total{{listener="{listener}",destination="{service}",'
+                    f'subset="{subset}",reason="{reason}"}} {count}'
+                )
         out.append(f"# HELP {p}_downstream_connections_active Open client connections.")
         out.append(f"# TYPE {p}_downstream_connections_active gauge")
         for listener, n in sorted(self.downstream_active.items()):
@@ -123,19 +189,55 @@ class ProxyStats:
         out.append(f"# HELP {p}_tunnels_active Open tunnels (CONNECT, Upgrade, opaque TCP).")
         out.append(f"# TYPE {p}_tunnels_active gauge")
         out.append(f"{p}_tunnels_active {self.tunnels_active}")
-        out.append(f"# HELP {p}_upstream_pool_connections Upstream connections by pool and state.")
-        out.append(f"# TYPE {p}_upstream_pool_connections gauge")
+        # Pools are per endpoint (an address): summed per destination, so no address
+        # becomes a label value. A pool's name is "<destination>/<host>:<port>".
+        idle: dict[str, int] = {}
+        busy: dict[str, int] = {}
+        pending: dict[str, int] = {}
         for pool in self.pools():
-            labels = f'pool="{pool.name}"'
-            out.append(f'{p}_upstream_pool_connections{{{labels},state="idle"}} {len(pool.idle)}')
-            busy = pool.size - len(pool.idle)
-            out.append(f'{p}_upstream_pool_connections{{{labels},state="busy"}} {busy}')
+            dest = split_destination(pool.name)[0]
+            idle[dest] = idle.get(dest, 0) + len(pool.idle)
+            busy[dest] = busy.get(dest, 0) + pool.size - len(pool.idle)
+            pending[dest] = pending.get(dest, 0) + len(pool.waiters)
+        out.append(
+            f"# HELP {p}_upstream_pool_connections Upstream connections by destination and state."
+        )
+        out.append(f"# TYPE {p}_upstream_pool_connections gauge")
+        for dest in sorted(idle):
+            out.append(f'{p}_upstream_pool_connections{{destination="{dest}",state="idle"}} '
+                       f"{idle[dest]}")  # fmt: skip
+            out.append(f'{p}_upstream_pool_connections{{destination="{dest}",state="busy"}} '
+                       f"{busy[dest]}")  # fmt: skip
         out.append(f"# HELP {p}_upstream_pool_pending Requests waiting for a pooled connection.")
         out.append(f"# TYPE {p}_upstream_pool_pending gauge")
-        for pool in self.pools():
-            out.append(f'{p}_upstream_pool_pending{{pool="{pool.name}"}} {len(pool.waiters)}')
+        for dest in sorted(pending):
+            out.append(f'{p}_upstream_pool_pending{{destination="{dest}"}} {pending[dest]}')
         return "\n".join(out) + "\n"
 
     def __repr__(self) -> str:
         total = sum(ds.total for ds in self.destinations.values())
         return f"<ProxyStats destinations={len(self.destinations)} requests={total}>"
+
+
+def render_config_metrics(
+    version: int, connected: bool, acks: int, nacks: int, last: str, prefix: str = "tether"
+) -> str:
+    """The config the sidecar runs and how its last push went (`last`: ack, nack or none)."""
+    p = prefix
+    out = [
+        f"# HELP {p}_config_version Version of the policy snapshot the sidecar runs (0: defaults).",
+        f"# TYPE {p}_config_version gauge",
+        f"{p}_config_version {version}",
+        f"# HELP {p}_controlplane_connected Whether the push connection is up (1) or not (0).",
+        f"# TYPE {p}_controlplane_connected gauge",
+        f"{p}_controlplane_connected {int(connected)}",
+        f"# HELP {p}_config_pushes_total Snapshots received, by the answer the sidecar gave.",
+        f"# TYPE {p}_config_pushes_total counter",
+        f'{p}_config_pushes_total{{result="ack"}} {acks}',
+        f'{p}_config_pushes_total{{result="nack"}} {nacks}',
+        f"# HELP {p}_config_last_push Result of the last snapshot (1 on the current result).",
+        f"# TYPE {p}_config_last_push gauge",
+    ]
+    for result in ("ack", "nack", "none"):
+        out.append(f'{p}_config_last_push{{result="{result}"}} {int(result == last)}')
+    return "\n".join(out) + "\n"

@@ -66,6 +66,24 @@ async def secured_registry(tmp_path: Path) -> AsyncIterator[RegistryServer]:
 
 
 @pytest.fixture
+async def acl_cp(tmp_path: Path) -> AsyncIterator[tuple[RegistryServer, Any]]:
+    """A registry with ACLs on (`MANAGEMENT_TOKEN`) and a control plane over it, which
+    holds that token for its own reads."""
+    from controlplane.server import ControlPlane, ControlPlaneSpec, RegistryAddress
+
+    async with serving_registry(tmp_path / "acl", management_token=MANAGEMENT_TOKEN) as reg:
+        spec = ControlPlaneSpec(
+            port=0, registry=RegistryAddress("127.0.0.1", reg.port, "http", MANAGEMENT_TOKEN)
+        )
+        cp = ControlPlane(spec)
+        await cp.start()
+        try:
+            yield reg, cp
+        finally:
+            await cp.aclose()
+
+
+@pytest.fixture
 async def registry_admin(secured_registry: RegistryServer) -> AsyncIterator[Any]:
     """A `consul.aio` client of `secured_registry` with its management token."""
     c = consul.aio.Consul(host="127.0.0.1", port=secured_registry.port, token=MANAGEMENT_TOKEN)
@@ -238,3 +256,29 @@ def registry_process(tmp_path: Path) -> Iterator[Callable[..., RegistryProcess]]
     yield make
     for rp in made:
         rp.stop()
+
+
+@pytest.fixture
+def acl_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., tuple[RegistryProcess, ControlPlaneProcess]]]:
+    """A registry process (ACLs on with `MANAGEMENT_TOKEN`, unless `acl=False`) and a
+    control plane process whose environment holds CONSUL_HTTP_TOKEN (that token, or
+    `cp_token`)."""
+    made: list[Any] = []
+
+    def make(
+        acl: bool = True, cp_token: str = MANAGEMENT_TOKEN
+    ) -> tuple[RegistryProcess, ControlPlaneProcess]:
+        reg = RegistryProcess(tmp_path / "reg", MANAGEMENT_TOKEN if acl else None)
+        reg.start()
+        made.append(reg)
+        monkeypatch.setenv("CONSUL_HTTP_TOKEN", cp_token)
+        cp = ControlPlaneProcess(reg.port, tmp_path / "cp.log")
+        cp.start()
+        made.append(cp)
+        return reg, cp
+
+    yield make
+    for proc in reversed(made):
+        proc.stop()

@@ -21,12 +21,12 @@ import pytest
 from controlplane.server import ControlPlane, ControlPlaneSpec, RegistryAddress
 from proxy.policy_client import PolicyClient, push_url
 from registry.server import RegistryServer
-from tests.conftest import ControlPlaneProcess, RegistryProcess, serving_registry
+from tests.conftest import MANAGEMENT_TOKEN, ControlPlaneProcess, RegistryProcess, serving_registry
 from wire import push as protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "tether" / "demo" / "policies").glob("*.yaml"))
-MANAGEMENT = "root-secret"
+MANAGEMENT = MANAGEMENT_TOKEN
 
 
 def example_files() -> dict[str, Any]:
@@ -64,29 +64,6 @@ async def stored_keys(http: aiohttp.ClientSession, registry: str) -> list[str]:
         f"{registry}/v1/kv/tether/v1/?keys", headers={"X-Consul-Token": MANAGEMENT}
     ) as resp:
         return [] if resp.status == 404 else list(await resp.json())
-
-
-@pytest.fixture
-def acl_processes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Callable[..., tuple[RegistryProcess, ControlPlaneProcess]]:
-    """A registry process and a control plane process whose environment holds
-    CONSUL_HTTP_TOKEN (the management token, or `cp_token`)."""
-    made: list[Any] = []
-
-    def make(acl: bool = True, cp_token: str = MANAGEMENT) -> tuple[Any, Any]:
-        reg = RegistryProcess(tmp_path / "reg", MANAGEMENT if acl else None)
-        reg.start()
-        made.append(reg)
-        monkeypatch.setenv("CONSUL_HTTP_TOKEN", cp_token)
-        cp = ControlPlaneProcess(reg.port, tmp_path / "cp.log")
-        cp.start()
-        made.append(cp)
-        return reg, cp
-
-    yield make  # type: ignore[misc]
-    for proc in reversed(made):
-        proc.stop()
 
 
 async def test_callers_use_their_own_token_never_the_control_planes(
@@ -184,20 +161,6 @@ class NullApplier:
 
     async def apply(self, snapshot: protocol.Snapshot) -> None:
         self.version, self.hash = snapshot.version, snapshot.hash
-
-
-@pytest.fixture
-async def acl_cp(tmp_path: Path) -> AsyncIterator[tuple[RegistryServer, ControlPlane]]:
-    async with serving_registry(tmp_path / "acl", management_token=MANAGEMENT) as reg:
-        spec = ControlPlaneSpec(
-            port=0, registry=RegistryAddress("127.0.0.1", reg.port, "http", MANAGEMENT)
-        )
-        cp = ControlPlane(spec)
-        await cp.start()
-        try:
-            yield reg, cp
-        finally:
-            await cp.aclose()
 
 
 async def refusal(url: str, token: str | None, service: str) -> protocol.ErrorMessage:

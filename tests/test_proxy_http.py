@@ -262,8 +262,8 @@ async def test_keep_alive_both_hops_and_pooled_upstream(mesh: Mesh) -> None:
     assert len(pools) == 1 and len(pools[0].idle) == 1
     assert repr(pools[0]).startswith("<Pool app idle=1 busy=0 connecting=0 pending=0")
     text = mesh.stats.render_prometheus()
-    labels = 'listener="outbound",destination="orders.default",status_class="2xx"'
-    assert f"tether_requests_total{{{labels}}} 5" in text
+    labels = 'listener="outbound",destination="orders.default",subset="",status_class="2xx"'
+    assert f"{labels}}} 5" in text
 
 
 async def test_absolute_form_namespaces_and_forwarded_headers(mesh: Mesh) -> None:
@@ -555,7 +555,10 @@ async def test_local_replies(mesh: Mesh) -> None:
     await reset.aclose()
     await silent.aclose()
     text = mesh.stats.render_prometheus()
-    assert 'tether_local_replies_total{reason="unknown_service"} 1' in text
+    assert (
+        'tether_local_replies_total{listener="none",destination="none",subset="",'
+        'reason="unknown_service"} 1'
+    ) in text
 
 
 async def test_egress_allowed_and_denied(mesh: Mesh) -> None:
@@ -904,7 +907,7 @@ async def test_inbound_drain_and_prometheus_pools(mesh: Mesh) -> None:
     status, _, _, _ = await request(mesh.outbound.port, b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n")
     assert status == 200
     text = mesh.stats.render_prometheus()
-    assert 'tether_upstream_pool_connections{pool="app",state="idle"} 1' in text
+    assert 'tether_upstream_pool_connections{destination="app",state="idle"} 1' in text
     assert "tether_request_duration_seconds_bucket" in text
     (pool,) = [p for p in mesh.outbound.pools() if p.name.startswith("orders")]
     assert pool.size == 1

@@ -100,7 +100,7 @@ def test_call_through_two_sidecars(mesh: tuple[RegistryProcess, ProcessSet]) -> 
     assert dump["registration"]["payload"]["Meta"]["team"] == "x"
     assert dump["spec"]["app_port"] == b_app.port and "registry_token" not in dump["spec"]
     _, metrics = sa.admin("/stats/prometheus")
-    assert 'tether_requests_total{listener="outbound",destination="b.default"' in metrics
+    assert 'listener="outbound",destination="b.default",subset=""' in metrics
     _, metrics_b = sb.admin("/stats/prometheus")
     assert 'listener="inbound"' in metrics_b
 

@@ -927,5 +927,30 @@ def check(cp_url: str, ports: tuple[int, ...]) -> None:
     raise SystemExit(1 if failed else 0)
 
 
+# -- tether top: the mesh's live traffic from the control plane (tether/top.py) -------
+
+
+@main.command()
+@_cp_option
+@_token_option
+@click.option("--interval", default=2.0, show_default=True, type=float, help="Seconds per frame.")
+@click.option("--once", is_flag=True, help="Print one frame and exit.")
+def top(cp_url: str, token: str | None, interval: float, once: bool) -> None:
+    """Services and the edges between them: requests/s, success rate, p50/p99, retries,
+    ejections, from the stats every sidecar reports to the control plane."""
+    from controlplane.client import ApiError, ControlPlaneClient
+    from tether import top as view
+
+    client = ControlPlaneClient(cp_url, token=token)
+
+    def fetch() -> Any:
+        try:
+            return client.request("GET", "/stats")
+        except ApiError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    view.run(fetch, cp_url, interval=max(interval, 0.2), once=once)
+
+
 if __name__ == "__main__":  # `python -m tether.cli` (how `tether up` starts its parts)
     main(prog_name="tether")

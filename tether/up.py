@@ -476,6 +476,7 @@ class Mesh:
             cp = f"http://127.0.0.1:{self.cp_port}"
             lines.append(f"controlplane {cp}  ({self.describe_policies()}; change with: "
                          f"tether apply -f FILE --controlplane {cp})")  # fmt: skip
+            lines.append(f"dashboard    {cp}/ui/  (or: tether top --controlplane {cp})")
         for i in self.instances:
             lines.append(
                 f"{i.name:<12} {i.service} {i.version} {i.zone}  app=127.0.0.1:{i.app_port} "

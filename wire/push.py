@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,32 @@ PROTOCOL = 1
 SUBPROTOCOL = f"tether.push.v{PROTOCOL}"
 PATH = "/api/v1/push"
 MAX_MESSAGE = 16 * 1024 * 1024
+
+# Stats reports (sidecar -> control plane): upper bounds (seconds) of the latency
+# histogram's buckets, the last bucket being +Inf; the sidecar's histograms
+# (proxy/stats.py) use these, so a report's buckets add up across sidecars.
+LATENCY_BOUNDS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+# Response classes of a report's `classes`: no status (ended without a response), 1xx..5xx.
+STATUS_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+# A report names at most this many destinations (a sidecar sends its busiest), and is
+# at most this many bytes: the control plane drops bigger ones.
+MAX_STATS_ROWS = 256
+MAX_STATS_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +110,43 @@ class ErrorMessage:
     message: str
 
 
-Message = Hello | Interest | Snapshot | Ack | Nack | ErrorMessage
+@dataclass(frozen=True, slots=True)
+class StatsRow:
+    """Requests one listener of a sidecar handled for one destination, over a report's
+    `seconds`: counts by response class, latency histogram counts, and counters that
+    later features fill (retries, outlier ejections)."""
+
+    listener: str
+    destination: str
+    subset: str = ""
+    classes: tuple[int, ...] = (0,) * len(STATUS_CLASSES)
+    buckets: tuple[int, ...] = (0,) * (len(LATENCY_BOUNDS) + 1)
+    latency_sum: float = 0.0
+    retries: int = 0
+    ejections: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "listener": self.listener,
+            "destination": self.destination,
+            "subset": self.subset,
+            "classes": list(self.classes),
+            "buckets": list(self.buckets),
+            "sum": round(self.latency_sum, 6),
+            "retries": self.retries,
+            "ejections": self.ejections,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """What a sidecar handled since its previous report (deltas, not totals)."""
+
+    seconds: float
+    rows: tuple[StatsRow, ...]
+
+
+Message = Hello | Interest | Snapshot | Ack | Nack | ErrorMessage | Stats
 
 
 def service_key(service: str, namespace: str) -> str:
@@ -146,6 +209,15 @@ def encode(msg: Message) -> str:
                 "version": msg.version,
                 "nonce": msg.nonce,
                 "error": msg.error,
+            }
+        )
+    if isinstance(msg, Stats):
+        return _dump(
+            {
+                "proto": PROTOCOL,
+                "type": "stats",
+                "seconds": round(msg.seconds, 3),
+                "rows": [r.to_dict() for r in msg.rows],
             }
         )
     return _dump({"proto": PROTOCOL, "type": "error", "code": msg.code, "message": msg.message})
@@ -239,9 +311,65 @@ def decode(text: str | bytes) -> Message:
             nonce=_field(obj, "nonce", str),
             error=_field(obj, "error", str),
         )
+    if kind == "stats":
+        return _stats(obj)
     if kind == "error":
         return ErrorMessage(code=_field(obj, "code", str), message=_field(obj, "message", str, ""))
     raise PushProtocolError(f"unknown message type {kind!r}")
+
+
+def _counts(row: dict[str, Any], name: str, size: int) -> tuple[int, ...]:
+    values = _field(row, name, list)
+    if len(values) != size or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+    ):
+        raise PushProtocolError(f"{name} must be {size} counts (non-negative integers)")
+    return tuple(values)
+
+
+def _count(row: dict[str, Any], name: str) -> int:
+    value = _field(row, name, int, 0)
+    if value < 0:
+        raise PushProtocolError(f"{name} must not be negative")
+    return int(value)
+
+
+def _stats(obj: dict[str, Any]) -> Stats:
+    seconds = _field(obj, "seconds", (int, float))
+    # A first report covers the sidecar's whole life so far: days are fine, NaN is not.
+    if isinstance(seconds, bool) or not 0 < seconds < math.inf:
+        raise PushProtocolError("stats: seconds must be a positive number")
+    raw = _field(obj, "rows", list)
+    if len(raw) > MAX_STATS_ROWS:
+        raise PushProtocolError(f"stats: more than {MAX_STATS_ROWS} rows")
+    rows = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise PushProtocolError("stats: rows must be JSON objects")
+        try:
+            rows.append(_stats_row(item))
+        except PushProtocolError as exc:
+            raise PushProtocolError(f"stats: rows[{i}]: {exc}") from None
+    return Stats(seconds=float(seconds), rows=tuple(rows))
+
+
+def _stats_row(item: dict[str, Any]) -> StatsRow:
+    latency_sum = _field(item, "sum", (int, float), 0.0)
+    if isinstance(latency_sum, bool) or not 0 <= latency_sum < math.inf:
+        raise PushProtocolError("sum must be a non-negative number")
+    names = [_field(item, k, str, "") for k in ("listener", "destination", "subset")]
+    if not names[0] or not names[1] or any(len(n) > 256 for n in names):
+        raise PushProtocolError("listener and destination are 1 to 256 characters")
+    return StatsRow(
+        listener=names[0],
+        destination=names[1],
+        subset=names[2],
+        classes=_counts(item, "classes", len(STATUS_CLASSES)),
+        buckets=_counts(item, "buckets", len(LATENCY_BOUNDS) + 1),
+        latency_sum=float(latency_sum),
+        retries=_count(item, "retries"),
+        ejections=_count(item, "ejections"),
+    )
 
 
 def union(names: Iterable[str], more: Iterable[str]) -> tuple[str, ...]:
