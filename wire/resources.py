@@ -367,7 +367,7 @@ class RouteRuleSpec:
     """A match and where matching requests go; rules are tried in order, first match wins."""
 
     FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"retries", "retryPolicy", "fault", "faultInjection", "mirror", "rateLimit"}
+        {"retries", "retryPolicy", "faultInjection"}
     )
 
     match: RouteMatchSpec = spec_field("Conditions; empty: every request.", factory=RouteMatchSpec)
@@ -379,6 +379,126 @@ class RouteRuleSpec:
     )
     response_headers: HeaderChangeSpec | None = spec_field(
         "Edits to the response's headers.", default=None
+    )
+    # L7 traffic policy per rule (docs/traffic.md): run at the caller's sidecar, except
+    # a rate limit with `at: inbound`.
+    fault: FaultSpec | None = spec_field(
+        "Inject delays and aborts (resilience testing).", default=None
+    )
+    rewrite: RewriteSpec | None = spec_field(
+        "Rewrite the path (prefix or regex) and the Host before forwarding.", default=None
+    )
+    redirect: RedirectSpec | None = spec_field(
+        "Answer with a redirect instead of forwarding.", default=None
+    )
+    rate_limit: RateLimitSpec | None = spec_field(
+        "A token bucket; over the limit: 429 rate_limited with Retry-After.", default=None
+    )
+    mirror: MirrorSpec | None = spec_field(
+        "Copy a share of requests to a shadow service (responses discarded).", default=None
+    )
+
+
+@dataclass(frozen=True)
+class FaultDelaySpec:
+    """Hold a share of requests for a fixed time before forwarding them."""
+
+    fixed: Duration = spec_field("How long.")
+    percentage: float = spec_field("Share of requests delayed, 0-100.", default=100.0)
+
+
+@dataclass(frozen=True)
+class FaultAbortSpec:
+    """Answer a share of requests with a status instead of forwarding them."""
+
+    status: int = spec_field("The status to answer with (200-599).")
+    percentage: float = spec_field("Share of requests aborted, 0-100.", default=100.0)
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """Fault injection: a delay, an abort or both, for every request or only those whose
+    headers match (all of `headers`)."""
+
+    delay: FaultDelaySpec | None = spec_field("Delay before forwarding.", default=None)
+    abort: FaultAbortSpec | None = spec_field("Abort with a status.", default=None)
+    headers: tuple[HeaderMatchSpec, ...] = spec_field(
+        "Only requests with these headers (all) get the fault; empty: every request.",
+        default=(),
+    )
+
+
+@dataclass(frozen=True)
+class RegexRewriteSpec:
+    """Replace the whole path's matches of `pattern` (RE2) by `substitution` (\\1 refers
+    to a group)."""
+
+    pattern: str = spec_field("RE2 regular expression, searched in the path.")
+    substitution: str = spec_field("Replacement; \\1..\\9 are the pattern's groups.")
+
+
+@dataclass(frozen=True)
+class RewriteSpec:
+    """Rewrite the request before forwarding: path by prefix or regex, and the Host."""
+
+    prefix: str | None = spec_field(
+        "Replace the prefix the rule's match.path.prefix matched with this.", default=None
+    )
+    regex: RegexRewriteSpec | None = spec_field("Rewrite the path by a regex.", default=None)
+    host: str | None = spec_field("Replace the Host header with this.", default=None)
+
+
+RedirectScheme = Literal["http", "https"]
+
+
+@dataclass(frozen=True)
+class RedirectSpec:
+    """Answer with a redirect: the request's URL with the given parts replaced."""
+
+    status: int = spec_field("301, 302, 303, 307 or 308.", default=302)
+    scheme: RedirectScheme | None = spec_field("http or https; unset: http.", default=None)
+    host: str | None = spec_field("Host; unset: the request's.", default=None)
+    port: int | None = spec_field("Port; unset: none (the scheme's default).", default=None)
+    path: str | None = spec_field("Path; unset: the request's path and query.", default=None)
+
+
+RateLimitSide = Literal["outbound", "inbound"]
+RateLimitKey = Literal["none", "caller", "header"]
+
+
+@dataclass(frozen=True)
+class RateLimitSpec:
+    """A token bucket: `requests` tokens every `interval`, holding at most `burst`."""
+
+    requests: int = spec_field("Tokens added per interval.")
+    interval: Duration = spec_field("The refill interval.", default=1.0)
+    burst: int | None = spec_field("Bucket size; unset: `requests`.", default=None)
+    at: RateLimitSide = spec_field(
+        "outbound: at each caller's sidecar, per caller; inbound: at the service's own "
+        "sidecars, over all callers (keyed by `key`).",
+        default="outbound",
+    )
+    key: RateLimitKey = spec_field(
+        "none: one bucket; caller: one per caller identity (inbound only); header: one "
+        "per value of `header`.",
+        default="none",
+    )
+    header: str | None = spec_field("The header for key: header.", default=None)
+    max_keys: int = spec_field(
+        "Buckets kept (least recently used dropped): bounds memory.", default=10000
+    )
+
+
+@dataclass(frozen=True)
+class MirrorSpec:
+    """Copy a share of requests to a shadow; its responses are discarded."""
+
+    service: str | None = spec_field("Shadow service; unset: the rule's destination.",
+                                     default=None)  # fmt: skip
+    subset: str | None = spec_field("A subset of it (from its TrafficSplit).", default=None)
+    percentage: float = spec_field("Share of requests copied, 0-100.", default=100.0)
+    max_body_bytes: int = spec_field(
+        "Requests with larger bodies are not mirrored (counted).", default=65536
     )
 
 
@@ -466,6 +586,12 @@ FUTURE_KINDS = frozenset(
         "PeerAuthentication",
     }
 )
+# Reserved kinds whose behaviour arrived as fields of another kind: refused, naming it.
+REPLACED_KINDS: dict[str, str] = {
+    "FaultInjection": "a Route rule's 'fault' field (spec.rules[].fault)",
+    "Mirror": "a Route rule's 'mirror' field (spec.rules[].mirror)",
+    "RateLimit": "a Route rule's 'rateLimit' field (spec.rules[].rateLimit)",
+}
 # Metadata other tools set: accepted (so `get -o yaml | apply` works) and ignored.
 # (`generation` is a field: the store sets it, whatever a document says.)
 SERVER_SET_METADATA = frozenset({"resourceVersion", "uid", "creationTimestamp"})
@@ -723,6 +849,9 @@ class Decoder:
             return None
         if not isinstance(kind, str):
             self.fail(("kind",), f"expected a string, got {_type_name(kind)}")
+            return None
+        if kind in REPLACED_KINDS:
+            self.fail(("kind",), f"there is no kind {kind}: use {REPLACED_KINDS[kind]}")
             return None
         if kind in FUTURE_KINDS:
             self.fail(("kind",), f"kind {kind} {FUTURE}")
@@ -1140,6 +1269,110 @@ def _check_route(c: _Checker, spec: RouteSpec) -> None:
                             ("responseHeaders", rule.response_headers)):  # fmt: skip
             if change is not None:
                 _check_header_change(c, (*at, key), change)
+        _check_rule_traffic(c, at, rule)
+
+
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+
+
+def _check_percentage(c: _Checker, path: FieldPath, value: float) -> None:
+    if not 0 <= value <= 100:
+        c.add(path, f"percentage {value} out of range 0-100")
+
+
+def _check_rule_traffic(c: _Checker, at: FieldPath, rule: RouteRuleSpec) -> None:
+    """The L7 fields of one rule: fault, rewrite, redirect, rateLimit, mirror."""
+    f = rule.fault
+    if f is not None:
+        fa: FieldPath = (*at, "fault")
+        if f.delay is None and f.abort is None:
+            c.add(fa, "a fault needs 'delay', 'abort' or both")
+        if f.delay is not None:
+            if not 0 < f.delay.fixed <= 3600:
+                c.add((*fa, "delay", "fixed"), "must be greater than zero and at most 1h")
+            _check_percentage(c, (*fa, "delay", "percentage"), f.delay.percentage)
+        if f.abort is not None:
+            if not 200 <= f.abort.status <= 599:
+                c.add((*fa, "abort", "status"), f"status {f.abort.status} out of range 200-599")
+            _check_percentage(c, (*fa, "abort", "percentage"), f.abort.percentage)
+        for j, hm in enumerate(f.headers):
+            c.token((*fa, "headers", j, "name"), hm.name, "header name")
+            if hm.regex is not None:
+                c.regex((*fa, "headers", j, "regex"), hm.regex)
+    rw = rule.rewrite
+    if rw is not None:
+        ra: FieldPath = (*at, "rewrite")
+        if rw.prefix is None and rw.regex is None and rw.host is None:
+            c.add(ra, "a rewrite needs 'prefix', 'regex' or 'host'")
+        if rw.prefix is not None and rw.regex is not None:
+            c.add(ra, "at most one of prefix, regex (got both)")
+        if rw.prefix is not None:
+            p = rule.match.path
+            if p is None or p.prefix is None:
+                c.add((*ra, "prefix"), "a prefix rewrite needs the rule's match.path.prefix")
+            if not rw.prefix.startswith("/"):
+                c.add((*ra, "prefix"), "a path starts with '/'")
+        if rw.regex is not None:
+            c.regex((*ra, "regex", "pattern"), rw.regex.pattern)
+            if any(ch in rw.regex.substitution for ch in "\r\n\0 "):
+                c.add((*ra, "regex", "substitution"), "no spaces, CR, LF or NUL in a path")
+        if rw.host is not None and not _valid_authority(rw.host):
+            c.add((*ra, "host"), f"invalid host {rw.host!r}")
+    rd = rule.redirect
+    if rd is not None:
+        da: FieldPath = (*at, "redirect")
+        if rd.status not in REDIRECT_STATUSES:
+            c.add((*da, "status"), f"status {rd.status} is not one of 301, 302, 303, 307, 308")
+        if rd.host is not None and not _valid_authority(rd.host):
+            c.add((*da, "host"), f"invalid host {rd.host!r}")
+        if rd.port is not None and not 1 <= rd.port <= 65535:
+            c.add((*da, "port"), f"port {rd.port} out of range 1-65535")
+        if rd.path is not None and (
+            not rd.path.startswith("/") or any(ch in rd.path for ch in "\r\n\0 ")
+        ):
+            c.add((*da, "path"), "a path starts with '/' and has no spaces, CR, LF or NUL")
+        for other in ("rewrite", "mirror", "fault", "rate_limit"):
+            if getattr(rule, other) is not None:
+                c.add(da, f"a redirect answers at once: it cannot have '{camel(other)}'")
+        if rule.destination.service is not None or rule.destination.subset is not None:
+            c.add(da, "a redirect answers at once: it cannot have a 'destination'")
+    rl = rule.rate_limit
+    if rl is not None:
+        la: FieldPath = (*at, "rateLimit")
+        if not 1 <= rl.requests <= 1_000_000_000:
+            c.add((*la, "requests"), "must be between 1 and 1000000000")
+        c.positive((*la, "interval"), rl.interval)
+        if rl.burst is not None and not 1 <= rl.burst <= 1_000_000_000:
+            c.add((*la, "burst"), "must be between 1 and 1000000000")
+        if not 1 <= rl.max_keys <= 1_000_000:
+            c.add((*la, "maxKeys"), "must be between 1 and 1000000")
+        if rl.key == "header":
+            if rl.header is None:
+                c.add(la, "key: header needs 'header'")
+            else:
+                c.token((*la, "header"), rl.header, "header name")
+        elif rl.header is not None:
+            c.add((*la, "header"), "only for key: header")
+        if rl.key == "caller" and rl.at != "inbound":
+            c.add((*la, "key"), "the caller's identity is known at the inbound sidecar only "
+                  "(at: inbound)")  # fmt: skip
+    mi = rule.mirror
+    if mi is not None:
+        ma: FieldPath = (*at, "mirror")
+        _check_percentage(c, (*ma, "percentage"), mi.percentage)
+        if mi.service is not None and not valid_name(mi.service):
+            c.add((*ma, "service"), f"invalid service name {mi.service!r}")
+        if mi.subset is not None and not valid_name(mi.subset):
+            c.add((*ma, "subset"), f"invalid subset name {mi.subset!r}")
+        if not 0 <= mi.max_body_bytes <= 16 * 1024 * 1024:
+            c.add((*ma, "maxBodyBytes"), "must be between 0 and 16777216")
+
+
+_AUTHORITY = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?$")
+
+
+def _valid_authority(host: str) -> bool:
+    return len(host) <= 253 and _AUTHORITY.match(host) is not None
 
 
 def _check_header_change(c: _Checker, at: FieldPath, change: HeaderChangeSpec) -> None:
