@@ -211,7 +211,12 @@ def test_compiled_rules_carry_their_filters_and_read_their_headers() -> None:
                         "match": {"path": {"prefix": "/limited"}},
                         "rateLimit": {"requests": 1, "key": "header", "header": "X-User"},
                     },
-                    {"fault": {"abort": {"status": 500}, "headers": [{"name": "X-Chaos", "present": True}]}},
+                    {
+                        "fault": {
+                            "abort": {"status": 500},
+                            "headers": [{"name": "X-Chaos", "present": True}],
+                        }
+                    },
                 ]
             },
         }
