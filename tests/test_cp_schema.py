@@ -212,7 +212,8 @@ def test_later_kinds_are_refused_as_not_supported_yet(kind: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "field"), [("FaultInjection", "fault"), ("Mirror", "mirror"), ("RateLimit", "rateLimit")]
+    ("kind", "field"),
+    [("FaultInjection", "fault"), ("Mirror", "mirror"), ("RateLimit", "rateLimit")],
 )
 def test_reserved_kinds_name_the_route_field_that_replaces_them(kind: str, field: str) -> None:
     text = f"apiVersion: {API_VERSION}\nkind: {kind}\nmetadata: {{name: a}}\nspec: {{}}\n"

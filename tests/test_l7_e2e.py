@@ -69,7 +69,9 @@ class HangingApp(App):
         super().close()
 
 
-def call(sc: Sidecar, path: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+def call(
+    sc: Sidecar, path: str, headers: dict[str, str] | None = None, timeout: float = 10.0
+) -> tuple[int, dict[str, str], bytes]:
     return sc.call(f"http://b{path}", headers, timeout=timeout)
 
 

@@ -32,7 +32,8 @@ def test_a_rule_with_every_l7_field_is_valid() -> None:
             "        abort: {status: 503, percentage: 5}\n"
             "        headers: [{name: x-chaos, exact: 'on'}]\n"
             "      rewrite: {prefix: /v2, host: orders-v2}\n"
-            "      rateLimit: {requests: 10, interval: 1s, burst: 20, key: header, header: x-user}\n"
+            "      rateLimit:\n"
+            "        {requests: 10, interval: 1s, burst: 20, key: header, header: x-user}\n"
             "      mirror: {service: orders-next, percentage: 25, maxBodyBytes: 1024}\n"
         )
         == {}
