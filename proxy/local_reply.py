@@ -8,6 +8,7 @@ from the application's without parsing prose.
 from __future__ import annotations
 
 import json
+import math
 
 UNKNOWN_SERVICE = "unknown_service"
 NO_HEALTHY_UPSTREAM = "no_healthy_upstream"
@@ -102,3 +103,8 @@ def render(
         lines.append(b"connection: close")
     head = b"\r\n".join(lines) + b"\r\n\r\n"
     return head if head_only else head + body
+
+
+def retry_after(wait: float) -> bytes:
+    """A Retry-After value in whole seconds (RFC 9110 10.2.3), at least 1."""
+    return b"%d" % max(1, math.ceil(wait))

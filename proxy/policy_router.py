@@ -40,7 +40,7 @@ from proxy.listener import Listener, _listen_outbound
 from proxy.mirror import MirrorSender, MirrorTap, pick_endpoint
 from proxy.policy import Policy
 from proxy.pool import PoolPolicy
-from proxy.route_filters import Mirror, RuleFilters, retry_after
+from proxy.route_filters import Mirror, RuleFilters
 from proxy.route_result import Peer, RouteResult
 from proxy.routing import Decision
 from proxy.stats import ProxyStats
@@ -161,7 +161,7 @@ class PolicyRouter(OutboundRouter):
                 return RouteResult.answer(
                     local_reply.RATE_LIMITED,
                     f"over the route's rate limit; retry in {wait:.3f}s",
-                    headers=((b"retry-after", retry_after(wait)),),
+                    headers=((b"retry-after", local_reply.retry_after(wait)),),
                 )
         target = path or head.target
         rd = filters.redirect

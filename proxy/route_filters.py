@@ -11,7 +11,6 @@ held, then routed), the rewrite (path by prefix or RE2 regex, Host), and the mir
 
 from __future__ import annotations
 
-import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
@@ -113,11 +112,6 @@ class RateLimit:
         else:
             k = ""
         return self.buckets.take(k, now)
-
-
-def retry_after(wait: float) -> bytes:
-    """Retry-After in whole seconds (RFC 9110 10.2.3), at least 1."""
-    return b"%d" % max(1, math.ceil(wait))
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,8 @@ spec:
       rewrite: {prefix: /v2, host: b-internal}
     - match: {path: {prefix: /shadowed}}
       mirror: {service: c, percentage: 100}
+    - match: {path: {prefix: /per-user}}
+      rateLimit: {requests: 2, interval: 1m, at: inbound, key: header, header: x-user}
 """
 
 
@@ -87,7 +89,7 @@ def test_l7_route_fields_through_real_sidecars(
     try:
         cp.start()
         b_app = procs.app("b")
-        procs.sidecar("b", b_app)
+        sb = procs.sidecar("b", b_app, "--controlplane", cp.url)
         procs.sidecar("c", shadow)
         sa = procs.sidecar("a", procs.app("a"), "--controlplane", cp.url)
         policy = tmp_path / "b.yaml"
@@ -145,6 +147,23 @@ def test_l7_route_fields_through_real_sidecars(
         assert copy["path"].startswith("/shadowed/")
         assert copy["x-tether-mirror"] == "1"
         assert copy["host"] == "b-shadow"
+        mirrors = sa.admin("/config_dump")[1]["mirrors"]
+        assert mirrors["busy"] == 0 and mirrors["too_large"] == 0
+
+        # An inbound limit per x-user, at b's own sidecar: alice's third call is refused
+        # there (the caller's sidecar passes it on), bob has his own bucket.
+        def acked() -> bool:
+            resources = sb.admin("/config_dump")[1]["policy"]["resources"]
+            return any(r["kind"] == "Route" for r in resources)
+
+        poll(acked, 15, "b's sidecar has the policy")
+        alice, bob = {"x-user": "alice"}, {"x-user": "bob"}
+        assert [call(sa, "/per-user", alice)[0] for _ in range(2)] == [200, 200]
+        status, headers, _ = call(sa, "/per-user", alice)
+        assert (status, headers["x-tether-error"]) == (429, "rate_limited")
+        assert int(headers["retry-after"]) >= 1
+        assert call(sa, "/per-user", bob)[0] == 200
+        assert "rate_limited" in admin_text(sb, "/stats/prometheus")
 
         # The local replies are counted by reason at the caller's sidecar.
         def counted() -> bool:

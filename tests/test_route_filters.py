@@ -9,9 +9,10 @@ import random
 import pytest
 
 from controlplane.validation import validate
+from proxy.local_reply import retry_after
 from proxy.mirror import shadow_host
 from proxy.policy import compile_table
-from proxy.route_filters import BucketStore, Fault, Redirect, Rewrite, TokenBuckets, retry_after
+from proxy.route_filters import BucketStore, Fault, Redirect, Rewrite, TokenBuckets
 from proxy.routing import StringMatch
 from wire.resources import Resource
 
