@@ -177,7 +177,7 @@ def key_for(kind: str, name: str, namespace: str | None) -> ResourceKey:
 
 def get(
     client: ControlPlaneClient,
-    kind_text: str,
+    kind_text: str | None,
     name: str | None,
     namespace: str | None,
     all_namespaces: bool,
@@ -186,6 +186,8 @@ def get(
     err: TextIO,
     show_defaults: bool = False,
 ) -> int:
+    if kind_text is None or kind_text.lower() == "all":
+        return get_all(client, name, namespace, all_namespaces, output, out, err, show_defaults)
     try:
         kind = resolve_kind(kind_text)
         if name is not None:
@@ -228,6 +230,62 @@ def get(
                 "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3],
                 file=out,
             )
+    return 0
+
+
+def get_all(
+    client: ControlPlaneClient,
+    name: str | None,
+    namespace: str | None,
+    all_namespaces: bool,
+    output: str,
+    out: TextIO,
+    err: TextIO,
+    show_defaults: bool = False,
+) -> int:
+    """`tether get all` (or `tether get`): every resource of every kind, as `kubectl get
+    all` lists a namespace's workloads; mesh-wide ones (MeshConfig) with any namespace."""
+    if name is not None:
+        print("Error: 'get all' takes no NAME", file=err)
+        return 1
+    try:
+        ns = None if all_namespaces else (namespace or DEFAULT_NAMESPACE)
+        items = client.list(None, ns)["items"]
+    except ApiError as exc:
+        return _fail(exc, err)
+    order = {k: i for i, k in enumerate(KINDS)}
+    items.sort(key=lambda d: (order.get(d["kind"], len(order)), d["metadata"].get("namespace",
+               ""), d["metadata"]["name"]))  # fmt: skip
+    if show_defaults:
+        full = [Resource.from_dict(doc).to_dict(defaults=True) for doc in items]
+        items = [{**f, "metadata": doc["metadata"]} for f, doc in zip(full, items, strict=True)]
+    if output == "json":
+        json.dump(items, out, indent=2)
+        out.write("\n")
+        return 0
+    if output == "yaml":
+        out.write(yaml.safe_dump_all(items, sort_keys=False) if items else "")
+        return 0
+    if not items:
+        where = "any namespace" if ns is None else f"namespace {ns}"
+        print(f"no resources in {where}", file=err)
+        return 0
+    rows = [("KIND", "NAMESPACE", "NAME", "GENERATION", "SUMMARY")]
+    for doc in items:
+        meta = doc["metadata"]
+        rows.append(
+            (
+                doc["kind"],
+                meta.get("namespace") or "-",
+                meta["name"],
+                str(meta.get("generation", "")),
+                summary(doc),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4],
+              file=out)  # fmt: skip
     return 0
 
 

@@ -466,7 +466,7 @@ def diff(files: tuple[str, ...], cp_url: str, token: str | None) -> None:
 
 
 @main.command()
-@click.argument("kind")
+@click.argument("kind", required=False)
 @click.argument("name", required=False)
 @click.option("-n", "--namespace", default=None, help="Namespace (default: default).")
 @click.option("-A", "--all-namespaces", is_flag=True)
@@ -477,7 +477,7 @@ def diff(files: tuple[str, ...], cp_url: str, token: str | None) -> None:
 @_cp_option
 @_token_option
 def get(
-    kind: str,
+    kind: str | None,
     name: str | None,
     namespace: str | None,
     all_namespaces: bool,
@@ -486,7 +486,8 @@ def get(
     cp_url: str,
     token: str | None,
 ) -> None:
-    """Show resources of KIND (ServiceDefaults, Route, TrafficSplit, MeshConfig)."""
+    """Show resources of KIND (ServiceDefaults, Route, TrafficSplit, MeshConfig), or of
+    every kind (`get all`, or no KIND)."""
     import sys
 
     from controlplane import operator
