@@ -41,3 +41,21 @@ def test_traffic_examples_pass_a_dry_run(tether: Tether) -> None:  # noqa: F811
     for name in ("payments", "search", "reports", "legacy-shop"):
         assert f"route default/{name} created (dry run)" in r.stdout
     assert tether.api("/resources")["items"] == []
+
+
+def test_explain_against_a_running_control_plane(tether: Tether) -> None:  # noqa: F811
+    assert tether("apply", "-f", str(EXAMPLES)).returncode == 0
+    r = tether(
+        "explain", "http://orders/api/v1/items", "-H", "x-canary: true", "--from", "frontend"
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "request: GET http://orders/api/v1/items from frontend.default"
+    assert "  rules[0]: MATCHES (all conditions hold)" in lines
+    assert "  destination: orders subset v2" in lines
+    assert "timeouts: connect 1s, request 2s" in lines
+    assert any(line.startswith("caller: no sidecar of frontend") for line in lines)
+    r = tether("explain", "http://orders/", "-X", "DELETE")
+    assert r.returncode == 0 and "  rules[0]: no: header x-canary is absent" in r.stdout
+    r = tether("explain", "http://orders/", "-H", "broken")
+    assert r.returncode == 2 and "expected 'Name: value'" in r.stderr

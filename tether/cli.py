@@ -591,6 +591,62 @@ def status(
         )
 
 
+@main.command()
+@click.argument("url")
+@click.option("-X", "--method", default="GET", show_default=True, help="The request's method.")
+@click.option(
+    "-H", "--header", "headers", multiple=True, help="A request header 'Name: value' (repeatable)."
+)
+@click.option(
+    "--from", "caller", default=None, help="The calling service, SERVICE or SERVICE.NAMESPACE."
+)
+@_cp_option
+@_token_option
+def explain(
+    url: str,
+    method: str,
+    headers: tuple[str, ...],
+    caller: str | None,
+    cp_url: str,
+    token: str | None,
+) -> None:
+    """What the mesh would do with a request to URL, and why: the matching route rule (and
+    why earlier ones do not match), filters, split, endpoints, balancer, timeouts."""
+    from controlplane.client import ApiError, ControlPlaneClient
+    from tether.explain import ExplainError, ExplainRequest
+    from tether.explain import explain as run_explain
+
+    fields: dict[str, str] = {}
+    for h in headers:
+        name, colon, value = h.partition(":")
+        if not colon or not name.strip():
+            raise click.UsageError(f"-H {h!r}: expected 'Name: value'")
+        fields[name.strip().lower()] = value.strip()
+    service, _, namespace = (caller or "").partition(".")
+    req = ExplainRequest(url, method, fields, service, namespace or "default")
+    client = ControlPlaneClient(cp_url, token)
+    try:
+        listing = client.list()
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from None
+    services: list[dict[str, str]] = []
+    sidecars: list[dict[str, str]] = []
+    notes = []
+    try:
+        services = client.request("GET", "/services").get("services", [])
+    except ApiError as exc:
+        notes.append(f"(endpoints not shown: {exc})")
+    try:
+        sidecars = client.request("GET", "/sidecars").get("sidecars", [])
+    except ApiError as exc:
+        notes.append(f"(sidecars not shown: {exc})")
+    try:
+        lines = run_explain(req, listing["items"], services, sidecars, int(listing["version"]))
+    except ExplainError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("\n".join([*lines, *notes]))
+
+
 @main.group()
 def token() -> None:
     """Registry ACL tokens for the mesh (CONSUL_HTTP_ADDR; your token: CONSUL_HTTP_TOKEN)."""
