@@ -584,6 +584,12 @@ def status(
         return
     click.echo(view.table(records, now))
     click.echo(f"\n{view.summary(records)}; config version {body.get('version')}")
+    try:
+        splits = ControlPlaneClient(cp_url).list("TrafficSplit", namespace)["items"]
+    except ApiError:
+        splits = []
+    for line in view.analyses(splits, now):
+        click.echo(line)
     if hidden:
         click.echo(
             f"{hidden} disconnected sidecar(s) last seen over {retention:g}s ago not shown "

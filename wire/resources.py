@@ -540,6 +540,34 @@ class TrafficSplitSpec:
     subsets: tuple[SubsetSpec, ...] = spec_field("The subsets and their weights.")
     sticky: StickyPolicy | None = spec_field("Stickiness; unset: every request is drawn anew.",
                                              default=None)  # fmt: skip
+    analysis: AnalysisSpec | None = spec_field(
+        "Progressive delivery: the control plane moves weight to the canary step by step "
+        "while it meets the thresholds, and back to 0 when it breaks one.",
+        default=None,
+    )
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    """A canary analysis: `canary` gets each step's weight in turn (`stable` the rest of
+    what the two hold), each held for `interval`, while the canary's numbers (from the
+    sidecars' stats) meet the thresholds; a breach rolls the canary back to 0."""
+
+    canary: str = spec_field("The subset being promoted.")
+    stable: str = spec_field("The subset that gives up weight to it.")
+    steps: tuple[int, ...] = spec_field("The canary's weights in order, e.g. [5, 25, 50, 100].")
+    interval: Duration = spec_field("How long each step is held and watched.")
+    min_requests: int = spec_field(
+        "Requests to the canary the stats window must hold before a step may advance.",
+        default=20,
+    )
+    min_success_rate: float | None = spec_field(
+        "Lowest acceptable share of the canary's requests answered below 500, in percent.",
+        default=None,
+    )
+    max_p99: Duration | None = spec_field(
+        "Highest acceptable 99th-percentile latency of the canary's requests.", default=None
+    )
 
 
 @dataclass(frozen=True)
@@ -1414,6 +1442,8 @@ def _check_split(c: _Checker, spec: TrafficSplitSpec) -> None:
                 c.add((*at, "selector"), "Meta keys must not be empty")
     if total != 100:
         c.add(("spec", "subsets"), f"weights sum to {total}, not 100")
+    if spec.analysis is not None:
+        _check_analysis(c, spec, names)
     st = spec.sticky
     if st is not None:
         if st.header is not None:
@@ -1423,6 +1453,35 @@ def _check_split(c: _Checker, spec: TrafficSplitSpec) -> None:
         if st.ttl is not None and st.cookie is None:
             c.add(("spec", "sticky", "ttl"), "ttl only applies to cookie stickiness")
         c.positive(("spec", "sticky", "ttl"), st.ttl)
+
+
+def _check_analysis(c: _Checker, spec: TrafficSplitSpec, names: Mapping[str, int]) -> None:
+    an = spec.analysis
+    assert an is not None
+    at: FieldPath = ("spec", "analysis")
+    for key, name in (("canary", an.canary), ("stable", an.stable)):
+        if name not in names:
+            c.add((*at, key), f"{name!r} is not a subset of this TrafficSplit")
+    if an.canary == an.stable:
+        c.add((*at, "stable"), "the stable subset must differ from the canary")
+    if not an.steps:
+        c.add((*at, "steps"), "at least one step is required")
+    others = sum(s.weight for s in spec.subsets if s.name not in (an.canary, an.stable))
+    prev = 0
+    for i, w in enumerate(an.steps):
+        if not prev < w <= 100 - others:
+            c.add((*at, "steps", i), f"steps must rise, each within 1-{100 - others} "
+                  f"(the other subsets hold {others}), got {w}")  # fmt: skip
+        prev = max(prev, w)
+    if not 1.0 <= an.interval <= 86400.0:
+        c.add((*at, "interval"), "must be between 1s and 24h")
+    if not 1 <= an.min_requests <= 1_000_000:
+        c.add((*at, "minRequests"), "must be between 1 and 1000000")
+    if an.min_success_rate is not None and not 0 <= an.min_success_rate <= 100:
+        c.add((*at, "minSuccessRate"), "must be within 0-100")
+    c.positive((*at, "maxP99"), an.max_p99)
+    if an.min_success_rate is None and an.max_p99 is None:
+        c.add(at, "an analysis needs a threshold: minSuccessRate, maxP99 or both")
 
 
 def _check_mesh(c: _Checker, spec: MeshConfigSpec) -> None:
