@@ -240,3 +240,10 @@ def test_compiled_rules_carry_their_filters_and_read_their_headers() -> None:
     assert pol2.rules[0].filters.rate_limit is not None
     assert limited.filters.rate_limit is not None
     assert pol2.rules[0].filters.rate_limit.buckets is limited.filters.rate_limit.buckets
+
+
+def test_a_mirror_subset_must_be_defined_by_the_shadows_split() -> None:
+    text = HEAD + "    - mirror: {service: search-next, subset: canary}\n"
+    got = {p.path: p for p in validate([("r.yaml", text)]).problems if p.is_error}
+    p = got["spec.rules[0].mirror.subset"]
+    assert "not defined by a TrafficSplit default/search-next" in p.message and p.line == 6

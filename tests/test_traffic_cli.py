@@ -40,6 +40,7 @@ def test_traffic_examples_pass_a_dry_run(tether: Tether) -> None:  # noqa: F811
     assert r.returncode == 0, r.stderr
     for name in ("payments", "search", "reports", "legacy-shop"):
         assert f"route default/{name} created (dry run)" in r.stdout
+    assert "trafficsplit default/checkout created (dry run)" in r.stdout
     assert tether.api("/resources")["items"] == []
 
 
