@@ -49,6 +49,7 @@ from proxy.routing import (
     StringMatch,
     Subset,
 )
+from proxy.rule_index import INDEX_MIN, RuleIndex
 from wire import push as protocol
 from wire import resources as schema
 
@@ -296,7 +297,8 @@ def compile_table(
                 names.update(n.encode() for n in rule.filters.header_names)
             if rule.subset is None:
                 names |= sticky_names(services.get((rule.namespace, rule.service)))
-        services[key] = dataclasses.replace(pol, header_names=frozenset(names))
+        index = RuleIndex(pol.rules) if len(pol.rules) > INDEX_MIN else None
+        services[key] = dataclasses.replace(pol, header_names=frozenset(names), index=index)
     # A route may name a subset only of a destination that defines it.
     for pol in services.values():
         for i, rule in enumerate(pol.rules):

@@ -27,6 +27,7 @@ from proxy.balance import Endpoint
 
 if TYPE_CHECKING:
     from proxy.route_filters import RuleFilters
+    from proxy.rule_index import RuleIndex
 
 MatchKind = Literal["exact", "prefix", "regex", "present", "absent"]
 
@@ -267,12 +268,18 @@ class ServicePolicy:
     defaults: object | None = None
     # Lower-case header names the rules and splits read (the only ones decoded).
     header_names: frozenset[bytes] = frozenset()
+    # For many rules, the candidates per request (proxy/rule_index.py); None: a scan.
+    index: RuleIndex | None = None
 
     def match(
         self, method: str, path: str, headers: Mapping[str, str], qs: str = ""
     ) -> RouteRule | None:
         query: Mapping[str, str] | None = None
-        for rule in self.rules:
+        index = self.index
+        rules: Sequence[RouteRule] = self.rules
+        if index is not None:
+            rules = [rules[i] for i in index.candidates(path, headers)]
+        for rule in rules:
             m = rule.match
             if not m.test(method, path, headers):
                 continue
