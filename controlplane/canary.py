@@ -248,8 +248,11 @@ class CanaryController:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # A new session next time (the old one expires by its TTL): the registry
+                # may have lost it.
                 log.warning("canary analysis: %s (retrying)", exc)
-                self.session = None if "session" in str(exc).lower() else self.session
+                self.session = None
+                self.held.clear()
             await asyncio.sleep(self.tick)
 
     async def _session(self) -> str:
@@ -279,6 +282,8 @@ class CanaryController:
     async def run_once(self) -> int:
         """One pass over the analyses; how many statuses it changed."""
         snap = self.cp.snapshot
+        for key in snap.orphan_statuses:
+            await self.cp.store.delete_status(key)
         splits = [
             r for r in snap.of_kind("TrafficSplit")
             if isinstance(r.spec, TrafficSplitSpec) and r.spec.analysis is not None

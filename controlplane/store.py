@@ -137,6 +137,9 @@ class ConfigSnapshot:
     resources: Mapping[ResourceKey, Resource] = field(default_factory=dict)
     # Each resource's status (controlplane/canary.py), as JSON data, and its ModifyIndex.
     statuses: Mapping[ResourceKey, tuple[dict[str, Any], int]] = field(default_factory=dict)
+    # Statuses left by resources since deleted (controlplane/canary.py removes them, so
+    # a resource created again under the name starts afresh).
+    orphan_statuses: frozenset[ResourceKey] = frozenset()
 
     def status(self, key: ResourceKey) -> dict[str, Any] | None:
         got = self.statuses.get(key)
@@ -253,8 +256,9 @@ class PolicyStore:
                 resources[key] = res
             elif res is not None:
                 log.warning("skipping %s: it holds %s", path, res.key)
+        orphans = frozenset(k for k in statuses if k not in resources)
         statuses = {k: v for k, v in statuses.items() if k in resources}
-        return ConfigSnapshot(version, int(idx or 0), resources, statuses)
+        return ConfigSnapshot(version, int(idx or 0), resources, statuses, orphans)
 
     async def get(self, key: ResourceKey) -> Resource | None:
         res, _ = await self._read(resource_key_path(key))

@@ -37,6 +37,10 @@ valid in (`TABLE` is the same, as data; tests/test_exchange.py walks every cell)
 | deadline, client_gone, bad_request | any but ENDED | drop the upstream, end |
 | last_request | any but ENDED | the connection carries nothing after this exchange |
 
+A routed request whose rule mirrors it (`RouteResult.mirror`, proxy/mirror.py) also has
+a `MirrorCopy`: request_body feeds it (up to its limit), request_end sends it; the copy
+never touches this exchange's state.
+
 Anywhere else an event raises `ExchangeStateError` (the caller broke the protocol),
 except an answer that arrives after the end (`LATE`: a discovery answer, a pool's
 connection for a client that left), which is dropped, its resources returned.

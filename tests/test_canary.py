@@ -175,6 +175,12 @@ async def test_two_control_planes_never_drive_one_analysis(tmp_path: Path) -> No
             await a.aclose()
             await b.run_once()
             assert b.held == {res.key}
+            # Deleted, its status goes too: created again, it starts a new analysis.
+            await cps[1].store.delete([res.key])
+            snap = await cps[1].refresh()
+            assert snap.orphan_statuses == {res.key}
+            await b.run_once()
+            assert (await cps[1].refresh()).orphan_statuses == frozenset()
             await b.aclose()
         finally:
             for cp in cps:
