@@ -203,7 +203,7 @@ def get(
     if show_defaults:  # what is in force: the defaults the author left out filled in
         # (the metadata as served: decoding keeps only the fields the author may set)
         full = [Resource.from_dict(doc).to_dict(defaults=True) for doc in items]
-        items = [{**f, "metadata": doc["metadata"]} for f, doc in zip(full, items, strict=True)]
+        items = [_served(f, doc) for f, doc in zip(full, items, strict=True)]
     if output == "json":
         json.dump(items[0] if name is not None else items, out, indent=2)
         out.write("\n")
@@ -258,7 +258,7 @@ def get_all(
                ""), d["metadata"]["name"]))  # fmt: skip
     if show_defaults:
         full = [Resource.from_dict(doc).to_dict(defaults=True) for doc in items]
-        items = [{**f, "metadata": doc["metadata"]} for f, doc in zip(full, items, strict=True)]
+        items = [_served(f, doc) for f, doc in zip(full, items, strict=True)]
     if output == "json":
         json.dump(items, out, indent=2)
         out.write("\n")
@@ -289,12 +289,25 @@ def get_all(
     return 0
 
 
+def _served(full: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
+    """`full` (defaults filled in) with the metadata and status as served."""
+    out = {**full, "metadata": doc["metadata"]}
+    if "status" in doc:
+        out["status"] = doc["status"]
+    return out
+
+
 def summary(doc: dict[str, Any]) -> str:
     """One line about a resource for `tether get`'s table."""
     spec = doc.get("spec") or {}
     kind = doc.get("kind")
     if kind == "TrafficSplit":
-        return " ".join(f"{s['name']}={s['weight']}" for s in spec.get("subsets", []))
+        line = " ".join(f"{s['name']}={s['weight']}" for s in spec.get("subsets", []))
+        an = (doc.get("status") or {}).get("analysis")
+        if isinstance(an, dict):  # a canary analysis: its phase and the live weights
+            live = " ".join(f"{k}={v}" for k, v in (an.get("weights") or {}).items())
+            line += f" (analysis {an.get('phase')}: {live})"
+        return line
     if kind == "Route":
         return f"{len(spec.get('rules', []))} rule(s)"
     if kind == "ServiceDefaults":

@@ -127,9 +127,12 @@ def test_canary_analysis(
             assert [h["event"] for h in an["history"]] == ["started", "rolled back"]
             assert last["requests"] >= 10 and last["successRate"] < 0.95
             assert "below 95%" in last["reason"]
+        want = "Promoted" if healthy else "RolledBack"
+        table = tether("get", "ts").stdout
+        live = "v1=0 v2=100" if healthy else "v1=100 v2=0"
+        assert f"v1=100 v2=0 (analysis {want}: {live})" in table, table
         status = tether("status")
         assert status.returncode == 0, status.stderr
-        want = "Promoted" if healthy else "RolledBack"
         assert f"canary default/b: {want}" in status.stdout
     finally:
         procs.close()
