@@ -247,3 +247,14 @@ def test_a_mirror_subset_must_be_defined_by_the_shadows_split() -> None:
     got = {p.path: p for p in validate([("r.yaml", text)]).problems if p.is_error}
     p = got["spec.rules[0].mirror.subset"]
     assert "not defined by a TrafficSplit default/search-next" in p.message and p.line == 6
+
+
+def test_mirror_draws_follow_the_percentage() -> None:
+    from proxy.route_filters import Mirror
+
+    rng = random.Random(11)
+    m = Mirror("shadow", "default", None, 25.0, 1024)
+    hits = sum(m.draw(rng) for _ in range(10_000))
+    assert abs(hits - 2500) < 5 * (10_000 * 0.25 * 0.75) ** 0.5  # 5 standard deviations
+    assert all(Mirror("s", "d", None, 100.0, 0).draw(rng) for _ in range(100))
+    assert not any(Mirror("s", "d", None, 0.0, 0).draw(rng) for _ in range(100))
