@@ -258,3 +258,13 @@ def test_mirror_draws_follow_the_percentage() -> None:
     assert abs(hits - 2500) < 5 * (10_000 * 0.25 * 0.75) ** 0.5  # 5 standard deviations
     assert all(Mirror("s", "d", None, 100.0, 0).draw(rng) for _ in range(100))
     assert not any(Mirror("s", "d", None, 0.0, 0).draw(rng) for _ in range(100))
+
+
+def test_l7_fields_on_service_defaults_say_where_they_belong() -> None:
+    text = (
+        "apiVersion: tether.dev/v1alpha1\nkind: ServiceDefaults\nmetadata: {name: orders}\n"
+        "spec:\n  rateLimit: {requests: 1}\n"
+    )
+    got = {p.path: p for p in validate([("sd.yaml", text)]).problems if p.is_error}
+    p = got["spec.rateLimit"]
+    assert "belongs to a Route rule's 'rateLimit'" in p.message and p.line == 5

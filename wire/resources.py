@@ -239,6 +239,12 @@ class ServiceDefaultsSpec:
         {"retries", "retryPolicy", "fault", "faultInjection", "mirror", "rateLimit", "mtls"}
     )
 
+    # Fields written here that live on a Route rule: the error says where.
+    MOVED_FIELDS: ClassVar[dict[str, str]] = {
+        k: f"a Route rule's '{k}' (spec.rules[].{k} of the service's Route)"
+        for k in ("fault", "mirror", "rateLimit")
+    }
+
     protocol: Protocol = spec_field("http or tcp.", default="http")
     opaque_ports: tuple[int, ...] = spec_field(
         "Ports carried as opaque TCP, without protocol detection.", default=()
@@ -967,12 +973,15 @@ class Decoder:
         infos = fields_of(cls)
         by_key = {f.key: f for f in infos}
         future: frozenset[str] = getattr(cls, "FUTURE_FIELDS", frozenset())
+        moved: dict[str, str] = getattr(cls, "MOVED_FIELDS", {})
         ok = True
         for key in value:
             if key in by_key:
                 continue
             ok = False
-            if key in future:
+            if key in moved:
+                self.fail((*path, key), f"field {key!r} belongs to {moved[key]}")
+            elif key in future:
                 self.fail((*path, key), f"field {key!r} {FUTURE}")
             else:
                 known = ", ".join(sorted(by_key))
