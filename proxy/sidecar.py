@@ -128,6 +128,11 @@ class Sidecar:
         self.policy: Any = None
         self.policy_client: Any = None
         self.egress_guard = EgressGuard()
+        # The mesh identity (proxy/identity.py) and its TLS (proxy/tls.py): set when a
+        # control plane with a CA issued this sidecar a certificate; None is plaintext.
+        self.identity: Any = None
+        self.mesh_tls: Any = None
+        self._renewer: asyncio.Task[None] | None = None
         self.state = "PRE_INITIALIZING"
         self.started_at = time.time()
 
@@ -151,6 +156,7 @@ class Sidecar:
             self.client, balancer_factory=lambda: build_balancer(None, zone)
         )
         self.directory.start()
+        await self._start_identity()
         await self._start_listeners()
         self.registration = Registration(
             self.client,
@@ -181,6 +187,47 @@ class Sidecar:
             self.egress_guard.protect_local("this sidecar's admin listener", self.admin.port)
         self.state = "STARTING"
 
+    async def _start_identity(self) -> None:
+        """A certificate from the control plane's CA, before any listener opens: with one,
+        every hop to and from other sidecars is mTLS. Waits (with backoff) while the
+        control plane cannot be reached; a refused credential stops the sidecar."""
+        spec = self.spec
+        if not spec.controlplane:
+            log.warning(
+                "no control plane: no mesh CA, so this sidecar speaks plaintext to other "
+                "sidecars and accepts plaintext"
+            )
+            return
+        from proxy.identity import IdentityError, SidecarIdentity
+
+        identity = SidecarIdentity(
+            spec.controlplane, spec.service, spec.namespace, token=spec.registry_token
+        )
+        attempt = 0
+        while True:
+            try:
+                tls = await identity.bootstrap()
+                break
+            except IdentityError as exc:
+                if exc.status in (400, 401, 403):
+                    raise RuntimeError(
+                        f"the mesh CA refused this sidecar's identity: {exc}"
+                    ) from None
+                delay = identity.backoff.delay(attempt, identity.rng)
+                attempt += 1
+                log.warning("no certificate yet: %s (again in %.1fs)", exc, delay)
+                await asyncio.sleep(delay)
+        if tls is None:
+            log.warning(
+                "the control plane's CA is off: this sidecar speaks plaintext to other "
+                "sidecars and accepts plaintext"
+            )
+            return
+        self.identity = identity
+        self.mesh_tls = tls
+        log.info("mesh identity %s (mTLS on)", tls.identity)
+        self._renewer = asyncio.get_running_loop().create_task(identity.run())
+
     async def _start_listeners(self) -> None:
         from proxy.listener import start_inbound, start_outbound, start_tcp_proxy
         from proxy.stats import ProxyStats
@@ -195,6 +242,7 @@ class Sidecar:
             host=spec.inbound_host,
             port=spec.inbound_port,
             app_host=spec.app_host,
+            mesh_tls=self.mesh_tls,
         )
         await self._guard_control_surfaces()
         if spec.controlplane:
@@ -261,6 +309,7 @@ class Sidecar:
             token=spec.registry_token,
             stats=self.stats.report,
             stats_interval=spec.stats_interval,
+            on_bundle=self.identity.on_bundle if self.identity is not None else None,
         )
         policy.interest = self.policy_client.want
         self.policy = policy
@@ -273,6 +322,7 @@ class Sidecar:
             namespace=spec.namespace,
             egress=spec.egress,
             egress_guard=self.egress_guard,
+            mesh_tls=self.mesh_tls,
         )
         self.policy_client.start()
         return listener
@@ -311,6 +361,10 @@ class Sidecar:
             await self.outbound.drain(max(0.0, deadline - time.monotonic()))
 
     async def aclose(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
         parts = (self.policy_client, self.admin, self.inbound, *self.opaque.values(),
                  self.outbound, self.directory)  # fmt: skip
         for part in parts:
@@ -386,6 +440,7 @@ class Sidecar:
             "opaque_ports": {str(a): s.port for a, s in self.opaque.items()},
             "policy": self.policy.describe() if self.policy is not None else None,
             "controlplane": self.policy_client.describe() if self.policy_client else None,
+            "identity": self.identity.describe() if self.identity is not None else None,
             "registry": f"{self.spec.registry_scheme}://{self.spec.registry_host}:"
             f"{self.spec.registry_port}",
             "clusters": [{k: v for k, v in c.items() if k != "endpoints"} for c in self.clusters()],
