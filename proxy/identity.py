@@ -113,13 +113,11 @@ class SidecarIdentity:
             except ValueError:
                 data = {}
             if resp.status != 200:
-                err = data.get("error") if isinstance(data, dict) else None
-                code = str(err.get("code", "")) if isinstance(err, dict) else ""
-                message = (
-                    str(err.get("message", ""))
-                    if isinstance(err, dict)
-                    else raw[:200].decode("utf-8", "replace")
-                )
+                # The REST API's errors: {"error": code, "message": ...} (docs/api.md).
+                if isinstance(data, dict) and isinstance(data.get("error"), str):
+                    code, message = data["error"], str(data.get("message", ""))
+                else:
+                    code, message = "", raw[:200].decode("utf-8", "replace")
                 raise IdentityError(
                     f"{path}: {resp.status} {code}: {message}", status=resp.status, code=code
                 )

@@ -320,3 +320,125 @@ async def test_the_inbound_sidecar_refuses_certificates_that_are_not_mesh_identi
     cert = _leaf(bad_id, root_cert, root_key, k, start=now - dt.timedelta(minutes=1))
     assert await _served(mesh.b.inbound.port, _client_context(tmp_path, k, cert, roots_pem)) == b""
     assert b_tls.refused == before + 1
+
+
+# -- renewal and rotation --------------------------------------------------------------
+
+
+async def _steady_load(port: int, stop: asyncio.Event, limit: int = 2000) -> tuple[int, list[Any]]:
+    """Requests one after another on two keep-alive clients (bounded in count), until
+    `stop`; returns (how many, the failures)."""
+    done = 0
+    failures: list[Any] = []
+    conn = aiohttp.TCPConnector(limit=2, force_close=False)
+    async with aiohttp.ClientSession(connector=conn) as s:
+
+        async def worker() -> None:
+            nonlocal done
+            while not stop.is_set() and done < limit:
+                try:
+                    async with s.get(
+                        f"http://127.0.0.1:{port}/load",
+                        headers={"Host": "b"},
+                        timeout=aiohttp.ClientTimeout(total=10),
+                    ) as resp:
+                        await resp.read()
+                        if resp.status != 200:
+                            failures.append((resp.status, resp.headers.get("x-tether-error")))
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    failures.append(repr(exc))
+                done += 1
+
+        await asyncio.gather(worker(), worker())
+    return done, failures
+
+
+async def test_leaf_renewal_under_load_fails_no_request(mesh: Mesh) -> None:
+    a_tls, b_tls = mesh.a.mesh_tls, mesh.b.mesh_tls
+    assert isinstance(a_tls, MeshTLS) and isinstance(b_tls, MeshTLS)
+    port = mesh.a.ports()["outbound"]
+    await until(lambda: _ok(port), 20, "the first call from a to b")
+    serials = {(a_tls.leaf.serial_number, b_tls.leaf.serial_number)}  # type: ignore[union-attr]
+    stop = asyncio.Event()
+    load = asyncio.ensure_future(_steady_load(port, stop))
+    before = mesh.b.inbound.server.tls_accepted
+    for _ in range(3):
+        await mesh.a.identity.renew()
+        await mesh.b.identity.renew()
+        serials.add((a_tls.leaf.serial_number, b_tls.leaf.serial_number))  # type: ignore[union-attr]
+        # A new connection (made after the renewal) carries the new certificates.
+        await _fresh_pool_connection(mesh)
+    stop.set()
+    done, failures = await load
+    assert failures == [] and done > 0
+    assert len(serials) == 4
+    assert mesh.b.inbound.server.tls_accepted > before
+    # The new leaves are the ones presented now: a new handshake sees b's new serial.
+    seen = await _peer_serial(mesh.b.inbound.port, a_tls)
+    assert seen == b_tls.leaf.serial_number  # type: ignore[union-attr]
+
+
+async def _ok(port: int) -> bool:
+    status, _, _ = await get(port, "/", headers={"Host": "b"})
+    return status == 200
+
+
+async def _fresh_pool_connection(mesh: Mesh) -> None:
+    """Close a's idle pooled connections to b, so the next call makes a new handshake."""
+    for pool in mesh.a.outbound.pools():
+        for conn in list(pool.idle):
+            conn.close()
+
+
+async def _peer_serial(port: int, tls: MeshTLS) -> int:
+    """The serial of the certificate the server at `port` presents (handshake with `tls`'s
+    client context, as a sidecar makes it)."""
+    assert tls.client is not None
+    _, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=tls.client, server_hostname=""
+    )
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der).serial_number
+    finally:
+        writer.close()
+
+
+async def test_the_renewal_timer_is_due_at_half_the_lifetime(mesh: Mesh) -> None:
+    identity = mesh.a.identity
+    leaf = identity.tls.leaf
+    life = (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds()
+    now = dt.datetime.now(dt.UTC)
+    identity.clock = lambda: leaf.not_valid_before_utc
+    identity.rng.uniform = lambda lo, hi: 0.0  # no jitter
+    assert identity.due_in() == pytest.approx(life / 2)
+    identity.clock = lambda: now + dt.timedelta(days=1)
+    assert identity.due_in() == 0.0
+
+
+async def test_root_rotation_end_to_end(mesh: Mesh) -> None:
+    a_tls, b_tls = mesh.a.mesh_tls, mesh.b.mesh_tls
+    assert isinstance(a_tls, MeshTLS) and isinstance(b_tls, MeshTLS)
+    port = mesh.a.ports()["outbound"]
+    await until(lambda: _ok(port), 20, "the first call from a to b")
+    old_root = a_tls.roots[0]
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"http://127.0.0.1:{mesh.cp.port}/api/v1/ca/rotate") as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["crossSigned"] is True
+    # The new root reaches both sidecars through the push; the old one stays.
+    await until(lambda: len(a_tls.roots) == 2 and len(b_tls.roots) == 2, 20, "the new bundle")
+    assert old_root in a_tls.roots
+    # b renews from the new root; a still has its old leaf: both ways still verify.
+    await mesh.b.identity.renew()
+    assert b_tls.leaf.issuer != a_tls.leaf.issuer  # type: ignore[union-attr]
+    await _fresh_pool_connection(mesh)
+    status, _, body = await get(port, "/after-rotation", headers={"Host": "b"})
+    assert status == 200, body
+    assert body["headers"]["x-tether-peer-identity"] == a_tls.identity.uri
+    await mesh.a.identity.renew()
+    await _fresh_pool_connection(mesh)
+    status, _, body = await get(port, "/both-new", headers={"Host": "b"})
+    assert status == 200, body
