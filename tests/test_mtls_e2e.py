@@ -394,9 +394,7 @@ async def _peer_serial(port: int, tls: MeshTLS) -> int:
     """The serial of the certificate the server at `port` presents (handshake with `tls`'s
     client context, as a sidecar makes it)."""
     assert tls.client is not None
-    _, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=tls.client, server_hostname=""
-    )
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls.client, server_hostname="")
     try:
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
         return x509.load_der_x509_certificate(der).serial_number
