@@ -312,6 +312,7 @@ class Sidecar:
             on_bundle=self.identity.on_bundle if self.identity is not None else None,
         )
         policy.interest = self.policy_client.want
+        policy.on_applied.append(self._follow_mtls_mode)
         self.policy = policy
         listener = await start_policy_outbound(
             self.directory,
@@ -326,6 +327,24 @@ class Sidecar:
         )
         self.policy_client.start()
         return listener
+
+    def _follow_mtls_mode(self) -> None:
+        """The inbound port's mTLS mode from the policy in force (strict by default)."""
+        from wire.resources import effective_mtls_mode
+
+        server: Any = getattr(self.inbound, "server", None)
+        if self.mesh_tls is None or not hasattr(server, "mode"):
+            return
+        policy, spec = self.policy, self.spec
+        defaults = policy.defaults(spec.namespace, spec.service)
+        mode = effective_mtls_mode(
+            policy.mesh.mtls if policy.mesh is not None else None,
+            defaults.mtls if defaults is not None else None,
+            spec.namespace,
+        )
+        if server.mode != mode:
+            log.info("inbound mTLS mode: %s", mode)
+            server.mode = mode
 
     @property
     def instance_id(self) -> str:

@@ -440,3 +440,62 @@ async def test_root_rotation_end_to_end(mesh: Mesh) -> None:
     await _fresh_pool_connection(mesh)
     status, _, body = await get(port, "/both-new", headers={"Host": "b"})
     assert status == 200, body
+
+
+# -- modes ------------------------------------------------------------------------------
+
+
+async def _apply(cp: ControlPlane, doc: dict[str, Any]) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"http://127.0.0.1:{cp.port}/api/v1/apply", json=doc) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+def _doc(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if kind != "MeshConfig":
+        meta["namespace"] = "default"
+    return {"apiVersion": "tether.dev/v1alpha1", "kind": kind, "metadata": meta, "spec": spec}
+
+
+async def test_permissive_mode_serves_plaintext_and_the_service_can_insist(mesh: Mesh) -> None:
+    server = mesh.b.inbound.server
+    port = mesh.b.inbound.port
+    assert server.mode == "strict"
+    status, body = await _apply(
+        mesh.cp, _doc("MeshConfig", "mesh", {"mtls": {"mode": "permissive"}})
+    )
+    assert status == 200, body
+    await until(lambda: server.mode == "permissive", 20, "b follows the mesh's permissive mode")
+    status, _, got = await get(
+        port, "/plain", headers={"x-tether-peer-identity": "spiffe://x/ns/a/dc/b/svc/c"}
+    )
+    assert status == 200 and got["path"] == "/plain"
+    # Plaintext has no identity: the forged one is dropped, none is added.
+    assert "x-tether-peer-identity" not in got["headers"]
+    # mTLS callers still come with theirs.
+    status, _, got = await get(mesh.a.ports()["outbound"], "/tls", headers={"Host": "b"})
+    assert status == 200 and got["headers"]["x-tether-peer-identity"].endswith("/svc/a")
+    # The namespace's setting wins over the mesh's, the service's over both.
+    ns_doc = {"mtls": {"mode": "permissive", "namespaces": {"default": {"mode": "strict"}}}}
+    assert (await _apply(mesh.cp, _doc("MeshConfig", "mesh", ns_doc)))[0] == 200
+    await until(lambda: server.mode == "strict", 20, "the namespace's strict mode")
+    sd = _doc("ServiceDefaults", "b", {"mtls": {"mode": "permissive"}})
+    assert (await _apply(mesh.cp, sd))[0] == 200
+    await until(lambda: server.mode == "permissive", 20, "the service's permissive mode")
+    assert (await get(port, "/again"))[0] == 200
+
+
+async def test_other_meshes_kinds_are_refused_naming_what_replaces_them(mesh: Mesh) -> None:
+    for kind, instead in (
+        ("PeerAuthentication", "MeshConfig spec.mtls"),
+        ("MTLSPolicy", "ServiceDefaults spec.mtls.mode"),
+        ("AuthorizationPolicy", "Intention"),
+    ):
+        status, body = await _apply(mesh.cp, _doc(kind, "x", {}))
+        assert status == 422 or status == 400, body
+        assert instead in json.dumps(body), body
+    status, body = await _apply(mesh.cp, _doc("MeshConfig", "mesh", {"mtls": {"mode": "off"}}))
+    assert status in (400, 422) and "spec.mtls.mode" in json.dumps(body), body
