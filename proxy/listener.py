@@ -231,6 +231,46 @@ async def start_inbound(
     return Listener(proxy, server)
 
 
+async def start_ingress(
+    inner: OutboundRouter,
+    service: str,
+    namespace: str,
+    *,
+    stats: ProxyStats,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    timeouts: TimeoutPolicy | None = None,
+) -> Listener:
+    """The ingress listener (proxy/ingress.py): outside callers to `service` through
+    `inner`, an outbound router of its own (egress denied) named "ingress" in stats."""
+    from proxy.ingress import IngressRouter
+
+    inner.name = "ingress"
+    router = IngressRouter(inner, service, namespace)
+    listener = await _listen(router, stats, timeouts or TimeoutPolicy(), host, port, None)
+    inner.listen_port = listener.port
+    return listener
+
+
+async def start_expose(
+    path: str,
+    app_port: int,
+    *,
+    stats: ProxyStats,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    app_host: str = "127.0.0.1",
+    timeouts: TimeoutPolicy | None = None,
+) -> Listener:
+    """The plaintext health-check listener (proxy/expose.py): the app's `path` only."""
+    from proxy.expose import ExposeRouter
+
+    timeouts = timeouts or TimeoutPolicy()
+    policy = PoolPolicy(connect_timeout=timeouts.connect, max_connections=16)
+    router = ExposeRouter(path, app_port, stats, app_host=app_host, pool_policy=policy)
+    return await _listen(router, stats, timeouts, host, port, None)
+
+
 async def start_tcp_proxy(
     pick: Callable[[], tuple[str, int] | None],
     *,

@@ -29,6 +29,8 @@ DRAINING = "draining"
 MTLS_REQUIRED = "mtls_required"
 # The TLS handshake with a remote sidecar failed, or it is not the destination.
 UPSTREAM_TLS_ERROR = "upstream_tls_error"
+# The health-check listener serves the app's health path only (proxy/expose.py).
+NOT_EXPOSED = "not_exposed"
 
 # Status and default message per reason; the caller may give a more precise message.
 REPLIES: dict[str, tuple[int, str]] = {
@@ -49,6 +51,7 @@ REPLIES: dict[str, tuple[int, str]] = {
     HEADER_TIMEOUT: (408, "the request head did not arrive in time"),
     PROXY_LOOP: (508, "the request would loop back into this sidecar"),
     MTLS_REQUIRED: (400, "this port accepts mutual TLS only"),
+    NOT_EXPOSED: (404, "only the app's health path is served here"),
     UPSTREAM_TLS_ERROR: (502, "the upstream's TLS identity could not be verified"),
 }
 

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from proxy.balance import build_balancer
 from proxy.discovery import ConsulDirectory
 from proxy.egress import EgressGuard
+from proxy.errors import SidecarStartError
 from proxy.registration import Registration, RegistrationSpec
 
 log = logging.getLogger("tether.sidecar")
@@ -66,6 +67,9 @@ class SidecarSpec:
     # "inbound": the registry checks the app through the inbound listener (it runs in
     # another network namespace and cannot reach the app's 127.0.0.1).
     app_check_via: Literal["app", "inbound"] = "app"
+    # A plaintext listener for callers outside the mesh (proxy/ingress.py), bound on
+    # inbound_host; None: none.
+    ingress_port: int | None = None
     # SCHED_BATCH once listening (proxy.listener.settle_process); False keeps the
     # kernel's normal policy, for hosts where wake-up latency matters more than CPU.
     sched_batch: bool = True
@@ -78,6 +82,8 @@ class SidecarSpec:
         errors = []
         if not self.service or "." in self.service or "/" in self.service:
             errors.append(f"--service: {self.service!r} must be a single DNS label")
+        if self.ingress_port is not None and not 0 <= self.ingress_port < 65536:
+            errors.append(f"--ingress-port: {self.ingress_port} is not a valid port")
         for name in ("app_port", "outbound_port", "inbound_port", "admin_port"):
             port = getattr(self, name)
             if not 0 <= port < 65536 or (name == "app_port" and port == 0):
@@ -125,6 +131,10 @@ class Sidecar:
         self.admin: Any = None
         self.stats: Any = None
         self.opaque: dict[int, Any] = {}  # app port -> its raw TCP listener
+        self.ingress: Any = None
+        # The plaintext health-check listener (proxy/expose.py), with mTLS and a
+        # registry that checks the app from outside.
+        self.expose: Any = None
         self.policy: Any = None
         self.policy_client: Any = None
         self.egress_guard = EgressGuard()
@@ -173,9 +183,7 @@ class Sidecar:
                 version=spec.version,
                 meta=self._meta(),
                 check_interval=spec.check_interval,
-                check_via=(spec.advertised, self.inbound.port)
-                if spec.app_check_via == "inbound"
-                else None,
+                check_via=self._check_via(),
             ),
         )
         self.registration.start()
@@ -186,6 +194,13 @@ class Sidecar:
         if spec.egress_to_control == "deny":
             self.egress_guard.protect_local("this sidecar's admin listener", self.admin.port)
         self.state = "STARTING"
+
+    def _check_via(self) -> tuple[str, int] | None:
+        spec = self.spec
+        if spec.app_check_via != "inbound":
+            return None
+        port = self.expose.port if self.expose is not None else self.inbound.port
+        return (spec.advertised, port)
 
     async def _start_identity(self) -> None:
         """A certificate from the control plane's CA, before any listener opens: with one,
@@ -210,7 +225,7 @@ class Sidecar:
                 break
             except IdentityError as exc:
                 if exc.status in (400, 401, 403):
-                    raise RuntimeError(
+                    raise SidecarStartError(
                         f"the mesh CA refused this sidecar's identity: {exc}"
                     ) from None
                 delay = identity.backoff.delay(attempt, identity.rng)
@@ -229,7 +244,7 @@ class Sidecar:
         self._renewer = asyncio.get_running_loop().create_task(identity.run())
 
     async def _start_listeners(self) -> None:
-        from proxy.listener import start_inbound, start_outbound, start_tcp_proxy
+        from proxy.listener import start_expose, start_inbound, start_outbound, start_tcp_proxy
         from proxy.stats import ProxyStats
 
         spec = self.spec
@@ -257,6 +272,17 @@ class Sidecar:
                 egress=spec.egress,
                 egress_guard=self.egress_guard,
             )
+        if self.mesh_tls is not None and spec.app_check_via == "inbound" and spec.app_health_path:
+            # The registry has no mesh certificate: its check gets a door of its own.
+            self.expose = await start_expose(
+                spec.app_health_path,
+                spec.app_port,
+                stats=self.stats,
+                host=spec.inbound_host,
+                app_host=spec.app_host,
+            )
+        if spec.ingress_port is not None:
+            self.ingress = await self._start_ingress()
         # An opaque app port is exposed to the mesh as raw TCP on a port of its own,
         # advertised in Meta `opaque_ports` as "APP_PORT:LISTEN_PORT,...".
         for app_port in spec.opaque_ports:
@@ -264,6 +290,49 @@ class Sidecar:
                 _fixed_target(spec.app_host, app_port), host=spec.inbound_host, port=0
             )
             self.opaque[app_port] = server
+
+    async def _start_ingress(self) -> Any:
+        """The listener for callers outside the mesh, to this sidecar's own service."""
+        from proxy.dispatch import OutboundRouter
+        from proxy.downstream import TimeoutPolicy
+        from proxy.listener import start_ingress
+        from proxy.pool import PoolPolicy
+
+        spec = self.spec
+        assert self.directory is not None and spec.ingress_port is not None
+        pool_policy = PoolPolicy(connect_timeout=TimeoutPolicy().connect)
+        inner: OutboundRouter
+        if self.policy is not None:
+            from proxy.policy_router import PolicyRouter
+
+            inner = PolicyRouter(
+                self.directory,
+                self.stats,
+                self.policy,
+                namespace=spec.namespace,
+                egress="deny",
+                pool_policy=pool_policy,
+                egress_guard=self.egress_guard,
+                mesh_tls=self.mesh_tls,
+            )
+        else:
+            inner = OutboundRouter(
+                self.directory,
+                self.stats,
+                namespace=spec.namespace,
+                egress="deny",
+                pool_policy=pool_policy,
+                egress_guard=self.egress_guard,
+                mesh_tls=self.mesh_tls,
+            )
+        return await start_ingress(
+            inner,
+            spec.service,
+            spec.namespace,
+            stats=self.stats,
+            host=spec.inbound_host,
+            port=spec.ingress_port,
+        )
 
     async def _guard_control_surfaces(self) -> None:
         """What the app may not reach as egress (the admin port is added once bound)."""
@@ -357,11 +426,16 @@ class Sidecar:
         return meta
 
     def ports(self) -> dict[str, int]:
-        return {
+        ports = {
             "outbound": self.outbound.port if self.outbound else 0,
             "inbound": self.inbound.port if self.inbound else 0,
             "admin": self.admin.port if self.admin else 0,
         }
+        if self.ingress is not None:
+            ports["ingress"] = self.ingress.port
+        if self.expose is not None:
+            ports["check"] = self.expose.port
+        return ports
 
     async def drain(self) -> None:
         """The SIGTERM path; returns once everything in flight finished or the deadline."""
@@ -374,6 +448,8 @@ class Sidecar:
             await asyncio.sleep(grace)
         if self.inbound is not None:
             await self.inbound.drain(max(0.0, deadline - time.monotonic()))
+        if self.ingress is not None:
+            await self.ingress.drain(max(0.0, deadline - time.monotonic()))
         for server in self.opaque.values():
             await server.aclose()  # stops accepting; spliced connections run on
         if self.outbound is not None:
@@ -384,8 +460,8 @@ class Sidecar:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
-        parts = (self.policy_client, self.admin, self.inbound, *self.opaque.values(),
-                 self.outbound, self.directory)  # fmt: skip
+        parts = (self.policy_client, self.admin, self.ingress, self.inbound, self.expose,
+                 *self.opaque.values(), self.outbound, self.directory)  # fmt: skip
         for part in parts:
             if part is not None:
                 with contextlib.suppress(Exception):
@@ -409,11 +485,15 @@ class Sidecar:
             settle_process(batch=self.spec.sched_batch)
             ports = self.ports()
             reg = self.registration
+            ingress = (
+                f"ingress={self.spec.inbound_host}:{ports['ingress']} " if self.ingress else ""
+            )
             print(
                 f"tether sidecar {self.spec.service}: listening "
                 f"outbound=127.0.0.1:{ports['outbound']} "
                 f"inbound={self.spec.inbound_host}:{ports['inbound']} "
-                f"admin=127.0.0.1:{ports['admin']} "
+                f"admin=127.0.0.1:{ports['admin']} {ingress}"
+                f"mtls={'on' if self.mesh_tls is not None else 'off'} "
                 f"id={reg.spec.instance_id if reg else '-'} pid={os.getpid()}",
                 flush=True,
             )

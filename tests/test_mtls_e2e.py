@@ -85,7 +85,7 @@ async def cp(
 async def start_sidecar(registry: RegistryServer) -> AsyncIterator[StartSidecar]:
     made: list[Sidecar] = []
 
-    async def start(service: str, app_port: int, controlplane: str | None) -> Sidecar:
+    async def start(service: str, app_port: int, controlplane: str | None, **kw: Any) -> Sidecar:
         spec = SidecarSpec(
             service=service,
             app_port=app_port,
@@ -96,6 +96,7 @@ async def start_sidecar(registry: RegistryServer) -> AsyncIterator[StartSidecar]
             controlplane=controlplane,
             check_interval=0.5,
             sched_batch=False,
+            **kw,
         )
         sidecar = Sidecar(spec)
         made.append(sidecar)
@@ -114,7 +115,9 @@ async def mesh(cp: ControlPlane, start_sidecar: StartSidecar) -> AsyncIterator[M
     runner, app_port = await serve_app(app)
     url = f"http://127.0.0.1:{cp.port}"
     try:
-        b = await start_sidecar("b", app_port, url)
+        b = await start_sidecar(
+            "b", app_port, url, ingress_port=0, app_check_via="inbound", app_health_path="/health"
+        )
         a = await start_sidecar("a", app_port, url)
         yield Mesh(cp, a, b, app_port)
     finally:
@@ -499,3 +502,62 @@ async def test_other_meshes_kinds_are_refused_naming_what_replaces_them(mesh: Me
         assert instead in json.dumps(body), body
     status, body = await _apply(mesh.cp, _doc("MeshConfig", "mesh", {"mtls": {"mode": "off"}}))
     assert status in (400, 422) and "spec.mtls.mode" in json.dumps(body), body
+
+
+# -- the ingress and health-check listeners ------------------------------------------------
+
+
+async def test_the_ingress_listener_takes_outside_callers_into_the_mesh(mesh: Mesh) -> None:
+    port = mesh.b.ports()["ingress"]
+    b_tls = mesh.b.mesh_tls
+    assert isinstance(b_tls, MeshTLS)
+
+    async def call() -> Any:
+        status, _, body = await get(
+            port, "/from-outside", headers={"Host": "localhost:8080", "x-tether-peer-identity": "x"}
+        )
+        return body if status == 200 else None
+
+    body = await until(call, 20, "a call through b's ingress")
+    # Routed as b's own outbound calls are: over mTLS to an instance of b (itself here).
+    assert body["headers"]["x-tether-peer-identity"] == b_tls.identity.uri
+    assert body["headers"]["x-forwarded-host"] == "localhost:8080"
+
+    # Not an open proxy: no absolute-form egress, no CONNECT.
+    def raw(head: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(head)
+            return sock.recv(65536)
+
+    loop = asyncio.get_running_loop()
+    for head in (
+        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    ):
+        answer = await loop.run_in_executor(None, raw, head)
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"x-tether-error: bad_request" in answer
+
+
+async def test_the_registry_checks_the_app_through_a_health_only_listener(
+    mesh: Mesh, registry: RegistryServer
+) -> None:
+    ports = mesh.b.ports()
+    assert ports["check"] not in (ports["inbound"], 0)
+    import consul.aio
+
+    c = consul.aio.Consul(host="127.0.0.1", port=registry.port)
+    try:
+
+        async def passing() -> bool:
+            _, nodes = await c.health.service("b", passing=True)
+            return bool(nodes)
+
+        await until(passing, 20, "b's checks passing (the app's through the check listener)")
+        _, checks = await c.health.checks("b")
+        http_checks = [ch for ch in checks if "HTTP" in ch.get("Name", "")]
+        assert http_checks and str(ports["check"]) in http_checks[0]["Output"] + str(http_checks[0])
+    finally:
+        await c.close()
+    assert (await get(ports["check"], "/health"))[0] == 200
+    status, headers, _ = await get(ports["check"], "/secret")
+    assert status == 404 and headers["x-tether-error"] == "not_exposed"

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from controlplane.ca.service import CA_SERVICE
 from controlplane.ca.tokens import create_service_token
 from controlplane.server import ControlPlane, ControlPlaneSpec, RegistryAddress
+from proxy.errors import SidecarStartError
 from proxy.identity import IdentityError, SidecarIdentity, http_base
 from proxy.sidecar import Sidecar, SidecarSpec
 from registry.server import RegistryServer
@@ -115,7 +116,7 @@ async def test_a_token_for_one_service_cannot_get_another_identity(
         )
     )
     try:
-        with pytest.raises(RuntimeError, match="refused this sidecar's identity"):
+        with pytest.raises(SidecarStartError, match="refused this sidecar's identity"):
             await sidecar.start()
         assert sidecar.inbound is None and sidecar.mesh_tls is None
     finally:

@@ -1023,9 +1023,7 @@ def _encode_value(
         return [_encode_value(item_tp, x, (*path, i), explicit, defaults) for i, x in enumerate(v)]
     if isinstance(v, dict):
         (_, item_tp) = get_args(tp)
-        return {
-            k: _encode_value(item_tp, x, (*path, k), explicit, defaults) for k, x in v.items()
-        }
+        return {k: _encode_value(item_tp, x, (*path, k), explicit, defaults) for k, x in v.items()}
     return v
 
 
