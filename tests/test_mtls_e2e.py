@@ -523,19 +523,23 @@ async def test_the_ingress_listener_takes_outside_callers_into_the_mesh(mesh: Me
     assert body["headers"]["x-tether-peer-identity"] == b_tls.identity.uri
     assert body["headers"]["x-forwarded-host"] == "localhost:8080"
 
-    # Not an open proxy: no absolute-form egress, no CONNECT.
+    # Not an open proxy: an absolute-form request goes to b all the same; no CONNECT.
     def raw(head: bytes) -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(head)
             return sock.recv(65536)
 
     loop = asyncio.get_running_loop()
-    for head in (
-        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n",
-        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
-    ):
-        answer = await loop.run_in_executor(None, raw, head)
-        assert answer.startswith(b"HTTP/1.1 400 ") and b"x-tether-error: bad_request" in answer
+    answer = await loop.run_in_executor(
+        None, raw, b"GET http://example.com/abs HTTP/1.1\r\nHost: example.com\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    got = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert got["path"] == "/abs" and got["headers"]["x-forwarded-host"] == "example.com"
+    answer = await loop.run_in_executor(
+        None, raw, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"x-tether-error: bad_request" in answer
 
 
 async def test_the_registry_checks_the_app_through_a_health_only_listener(
