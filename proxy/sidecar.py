@@ -143,6 +143,8 @@ class Sidecar:
         self.identity: Any = None
         self.mesh_tls: Any = None
         self._renewer: asyncio.Task[None] | None = None
+        # Why this sidecar has no identity (said once at start), None with mTLS.
+        self.plaintext_reason: str | None = None
         self.state = "PRE_INITIALIZING"
         self.started_at = time.time()
 
@@ -208,10 +210,7 @@ class Sidecar:
         control plane cannot be reached; a refused credential stops the sidecar."""
         spec = self.spec
         if not spec.controlplane:
-            log.warning(
-                "no control plane: no mesh CA, so this sidecar speaks plaintext to other "
-                "sidecars and accepts plaintext"
-            )
+            self.plaintext_reason = "no control plane, so no mesh CA"
             return
         from proxy.identity import IdentityError, SidecarIdentity
 
@@ -233,10 +232,7 @@ class Sidecar:
                 log.warning("no certificate yet: %s (again in %.1fs)", exc, delay)
                 await asyncio.sleep(delay)
         if tls is None:
-            log.warning(
-                "the control plane's CA is off: this sidecar speaks plaintext to other "
-                "sidecars and accepts plaintext"
-            )
+            self.plaintext_reason = "the control plane's CA is off"
             return
         self.identity = identity
         self.mesh_tls = tls
@@ -486,17 +482,23 @@ class Sidecar:
             ports = self.ports()
             reg = self.registration
             ingress = (
-                f"ingress={self.spec.inbound_host}:{ports['ingress']} " if self.ingress else ""
+                f" ingress={self.spec.inbound_host}:{ports['ingress']}" if self.ingress else ""
             )
             print(
                 f"tether sidecar {self.spec.service}: listening "
                 f"outbound=127.0.0.1:{ports['outbound']} "
                 f"inbound={self.spec.inbound_host}:{ports['inbound']} "
-                f"admin=127.0.0.1:{ports['admin']} {ingress}"
-                f"mtls={'on' if self.mesh_tls is not None else 'off'} "
-                f"id={reg.spec.instance_id if reg else '-'} pid={os.getpid()}",
+                f"admin=127.0.0.1:{ports['admin']} "
+                f"id={reg.spec.instance_id if reg else '-'} pid={os.getpid()}{ingress} "
+                f"mtls={'on' if self.mesh_tls is not None else 'off'}",
                 flush=True,
             )
+            if self.plaintext_reason:
+                print(
+                    f"tether sidecar {self.spec.service}: plaintext between sidecars "
+                    f"({self.plaintext_reason})",
+                    flush=True,
+                )
             await stop.wait()
             stop.clear()
             log.info("draining (up to %ss)", self.spec.drain_seconds)

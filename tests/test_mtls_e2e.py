@@ -565,3 +565,22 @@ async def test_the_registry_checks_the_app_through_a_health_only_listener(
     assert (await get(ports["check"], "/health"))[0] == 200
     status, headers, _ = await get(ports["check"], "/secret")
     assert status == 404 and headers["x-tether-error"] == "not_exposed"
+
+
+async def test_a_sidecar_without_a_control_plane_speaks_plaintext(
+    start_sidecar: StartSidecar,
+) -> None:
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", echo)
+    runner, app_port = await serve_app(app)
+    try:
+        plain = await start_sidecar("p", app_port, None)
+        assert plain.mesh_tls is None and plain.identity is None
+        assert plain.plaintext_reason == "no control plane, so no mesh CA"
+        # Its inbound port is the plain listener: an HTTP request is served.
+        status, _, body = await get(
+            plain.inbound.port, "/x", headers={"x-tether-peer-identity": "spiffe://forged"}
+        )
+        assert status == 200 and "x-tether-peer-identity" not in body["headers"]
+    finally:
+        await runner.cleanup()
