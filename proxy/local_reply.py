@@ -29,6 +29,12 @@ DRAINING = "draining"
 FAULT_ABORT = "fault_abort"
 RATE_LIMITED = "rate_limited"
 REDIRECT = "redirect"
+# Plaintext at an inbound port that accepts mutual TLS only (proxy/tls.py).
+MTLS_REQUIRED = "mtls_required"
+# The TLS handshake with a remote sidecar failed, or it is not the destination.
+UPSTREAM_TLS_ERROR = "upstream_tls_error"
+# The health-check listener serves the app's health path only (proxy/expose.py).
+NOT_EXPOSED = "not_exposed"
 
 # Status and default message per reason; the caller may give a more precise message.
 REPLIES: dict[str, tuple[int, str]] = {
@@ -51,6 +57,9 @@ REPLIES: dict[str, tuple[int, str]] = {
     FAULT_ABORT: (503, "aborted by the route's fault injection"),
     RATE_LIMITED: (429, "over the route's rate limit"),
     REDIRECT: (302, "redirected by the route"),
+    MTLS_REQUIRED: (400, "this port accepts mutual TLS only"),
+    NOT_EXPOSED: (404, "only the app's health path is served here"),
+    UPSTREAM_TLS_ERROR: (502, "the upstream's TLS identity could not be verified"),
 }
 
 _PHRASES = {

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from proxy.balance import Endpoint
     from proxy.heads import RequestHead
     from proxy.route_filters import Mirror
+    from proxy.tls import UpstreamTLS
+
+# Where a copy goes: the shadow's endpoint, and the mTLS it is dialled with (None: plain).
+Target = tuple["Endpoint", "UpstreamTLS | None"]
 
 MIRROR_HEADER = (b"x-tether-mirror", b"1")
 # Fields the copy frames itself (its body is whole: Content-Length), or replaces.
@@ -42,13 +46,14 @@ class MirrorSender:
 
     def __init__(
         self,
-        pick: Callable[[Mirror], Endpoint | None],
+        pick: Callable[[Mirror], Target | None],
         *,
         ssl: ssl_module.SSLContext | None = None,
         max_in_flight: int = 64,
         timeout: float = 5.0,
     ) -> None:
-        self.pick = pick  # the shadow's endpoint for a mirror (its cluster or subset)
+        # The shadow's endpoint for a mirror (its cluster or subset), and its mTLS.
+        self.pick = pick
         self.ssl = ssl
         self.max_in_flight = max_in_flight
         self.timeout = timeout
@@ -62,20 +67,30 @@ class MirrorSender:
         if len(self.tasks) >= self.max_in_flight:
             self.counts["busy"] += 1
             return
-        ep = self.pick(copy.mirror)
-        if ep is None:
+        target = self.pick(copy.mirror)
+        if target is None:
             self.counts["no_endpoint"] += 1
             return
+        ep, tls = target
         data = b"".join((copy.head, b"Content-Length: %d\r\n\r\n" % copy.size, *copy.body))
-        task = asyncio.get_running_loop().create_task(self._send(ep.host, ep.port, data))
+        task = asyncio.get_running_loop().create_task(self._send(ep.host, ep.port, tls, data))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _send(self, host: str, port: int, data: bytes) -> None:
+    async def _send(self, host: str, port: int, tls: UpstreamTLS | None, data: bytes) -> None:
         writer = None
         try:
             async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_connection(host, port, ssl=self.ssl)
+                if tls is not None:
+                    # A mesh peer, as the pools dial it: mTLS, checked by its SPIFFE ID.
+                    reader, writer = await asyncio.open_connection(
+                        host, port, ssl=tls.context, server_hostname=""
+                    )
+                    if tls.check(writer.transport) is not None:
+                        self.counts["failed"] += 1
+                        return
+                else:
+                    reader, writer = await asyncio.open_connection(host, port, ssl=self.ssl)
                 writer.write(data)
                 await writer.drain()
                 # Read the response head and drop it: the shadow's answer is not ours.

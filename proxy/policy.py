@@ -392,6 +392,8 @@ class Policy:
         self._lock = asyncio.Lock()
         # The rate-limit buckets of the applied table (kept while a rule's limit stays).
         self.buckets = BucketStore()
+        # Called after each snapshot is in force (the sidecar's mTLS mode follows it).
+        self.on_applied: list[Callable[[], None]] = []
 
     # -- hot path --------------------------------------------------------------------------
 
@@ -489,6 +491,8 @@ class Policy:
                 original.update(cluster.endpoints)
                 cluster.balancer = original
             self.balancers = {k: v for k, v in lb.items() if k in self._replaced}
+        for callback in self.on_applied:
+            callback()
 
     def use_pool_policy(self, pool_policy: PoolPolicy) -> None:
         """The sidecar's own pool settings (its connect timeout applies where neither

@@ -26,7 +26,7 @@ import random
 import ssl as ssl_module
 import time
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from proxy import local_reply
 from proxy.balance import Endpoint
@@ -45,6 +45,9 @@ from proxy.route_result import Peer, RouteResult
 from proxy.routing import Decision
 from proxy.stats import ProxyStats
 from proxy.target import Authority, parse_authority
+
+if TYPE_CHECKING:
+    from proxy.tls import MeshTLS, UpstreamTLS
 
 
 class PolicyRouter(OutboundRouter):
@@ -209,14 +212,15 @@ class PolicyRouter(OutboundRouter):
         await asyncio.sleep(delay)
         return self._destination(head, peer, path, cluster, decision, tap)
 
-    def _mirror_endpoint(self, mirror: Mirror) -> Endpoint | None:
+    def _mirror_endpoint(self, mirror: Mirror) -> tuple[Endpoint, UpstreamTLS | None] | None:
         if mirror.subset is not None:
             cluster = self.policy.subset_cluster(mirror.namespace, mirror.service, mirror.subset)
         else:
             cluster = self.directory.lookup(mirror.namespace, mirror.service)
         if cluster is None:
             return None
-        return pick_endpoint(cluster.endpoints, time.monotonic(), self.rng)
+        ep = pick_endpoint(cluster.endpoints, time.monotonic(), self.rng)
+        return None if ep is None else (ep, self._upstream_tls(cluster))
 
     # -- egress: MeshConfig's policy, when there is one, over the --egress flag ----------
 
@@ -274,6 +278,7 @@ async def start_policy_outbound(
     upstream_ssl: ssl_module.SSLContext | None = None,
     rng: random.Random | None = None,
     egress_guard: EgressGuard | None = None,
+    mesh_tls: MeshTLS | None = None,
 ) -> Listener:
     """`proxy.listener.start_outbound`, with the policy step in the router.
 
@@ -295,5 +300,6 @@ async def start_policy_outbound(
         upstream_ssl=upstream_ssl,
         rng=rng,
         egress_guard=egress_guard,
+        mesh_tls=mesh_tls,
     )
     return await _listen_outbound(router, stats, timeouts, host, port, ssl)

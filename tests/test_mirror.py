@@ -65,7 +65,7 @@ def head(chunked: bool = False) -> RequestHead:
 
 
 async def test_the_copy_carries_the_body_and_the_shadow_marks(shadow: Shadow) -> None:
-    sender = MirrorSender(lambda m: Endpoint("s", "127.0.0.1", shadow.port), timeout=5)
+    sender = MirrorSender(lambda m: (Endpoint("s", "127.0.0.1", shadow.port), None), timeout=5)
     copy = sender.tap(MIRROR).copy(head(), None, [], False)
     assert copy is not None
     copy = copy.feed(b"abcd")
@@ -82,7 +82,7 @@ async def test_the_copy_carries_the_body_and_the_shadow_marks(shadow: Shadow) ->
 
 
 async def test_body_pieces_that_arrived_while_routing_are_copied(shadow: Shadow) -> None:
-    sender = MirrorSender(lambda m: Endpoint("s", "127.0.0.1", shadow.port))
+    sender = MirrorSender(lambda m: (Endpoint("s", "127.0.0.1", shadow.port), None))
     assert sender.tap(MIRROR).copy(head(), b"/other", [b"abcdefgh"], True) is None  # sent
     await until(lambda: sender.counts["sent"] == 1)
     assert shadow.received[0].startswith(b"POST /other HTTP/1.1\r\n")
@@ -94,7 +94,9 @@ async def test_body_pieces_that_arrived_while_routing_are_copied(shadow: Shadow)
 
 async def test_large_bodies_and_a_full_house_are_counted_not_sent(shadow: Shadow) -> None:
     shadow.hang.set()
-    sender = MirrorSender(lambda m: Endpoint("s", "127.0.0.1", shadow.port), max_in_flight=2)
+    sender = MirrorSender(
+        lambda m: (Endpoint("s", "127.0.0.1", shadow.port), None), max_in_flight=2
+    )
     copy = sender.tap(MIRROR).copy(head(), None, [], False)
     assert copy is not None and copy.feed(b"x" * 11) is None
     assert sender.counts["too_large"] == 1
