@@ -5,7 +5,8 @@ A rule's `rateLimit` with `at: inbound` runs where the service is, over all its 
 is): the inbound router asks `InboundLimits.wait` for each request, which matches the
 Route of this sidecar's own service with the same compiled matcher the outbound uses
 (proxy/routing.py) and takes a token from the matched rule's buckets, keyed by nothing,
-a header, or the caller: its SPIFFE identity, or its address while no mTLS names it.
+a header, or the caller: its SPIFFE identity, or its address when it came in plaintext
+(permissive mode).
 A table without such a limit costs one identity check per request.
 """
 

@@ -5,6 +5,7 @@ Host rewrites, and mirroring to a shadow that hangs without slowing the caller."
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -78,8 +79,13 @@ def call(
 
 
 def test_l7_route_fields_through_real_sidecars(
-    registry_process: Callable[..., RegistryProcess], tmp_path: Path
+    registry_process: Callable[..., RegistryProcess],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The control plane runs its CA: every sidecar gets an identity, calls (and copies to
+    # the shadow) go over mTLS.
+    monkeypatch.setenv("TETHER_CA_ENCRYPTION_KEY", base64.b64encode(bytes(range(1, 33))).decode())
     reg = registry_process()
     env = dict(os.environ, CONSUL_HTTP_ADDR=f"127.0.0.1:{reg.port}")
     cp = ControlPlaneProcess(reg.port, tmp_path / "cp.log")
@@ -90,7 +96,7 @@ def test_l7_route_fields_through_real_sidecars(
         cp.start()
         b_app = procs.app("b")
         sb = procs.sidecar("b", b_app, "--controlplane", cp.url)
-        procs.sidecar("c", shadow)
+        procs.sidecar("c", shadow, "--controlplane", cp.url)
         sa = procs.sidecar("a", procs.app("a"), "--controlplane", cp.url)
         policy = tmp_path / "b.yaml"
         policy.write_text(POLICY)
@@ -144,6 +150,10 @@ def test_l7_route_fields_through_real_sidecars(
             assert status == 200 and json.loads(body)["name"] == "b"
         poll(lambda: len(shadow.seen) >= 5, 10, "the shadow received the copies")
         copy = shadow.seen[0]
+        # Over mTLS: the shadow's sidecar names the caller (its SPIFFE ID).
+        caller = copy["x-tether-peer-identity"]
+        assert caller.startswith("spiffe://") and "/ns/default/" in caller
+        assert caller.endswith("/svc/a")
         assert copy["path"].startswith("/shadowed/")
         assert copy["x-tether-mirror"] == "1"
         assert copy["host"] == "b-shadow"
