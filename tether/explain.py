@@ -212,7 +212,11 @@ def explain(
     lines.append(f"retries: {_setting(spec.retry)}")
     lines.append(f"circuit breaker: {_setting(spec.circuit_breaker)}")
     lines.append(f"outlier detection: {_setting(spec.outlier_detection)}")
-    lines.append("authorization: allowed (no authorization policy exists in this mesh version)")
+    d = dest.defaults if dest is not None else None
+    svc_mtls = d.mtls if isinstance(d, schema.ServiceDefaultsSpec) else None
+    mode = schema.effective_mtls_mode(mesh.mtls if mesh else None, svc_mtls, dest_ns)
+    lines.append(f"mTLS at the destination: {mode} (callers proven by SPIFFE ID)")
+    lines.append("authorization: allowed (no intentions exist in this mesh version)")
     return lines
 
 
