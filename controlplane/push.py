@@ -46,7 +46,8 @@ from aiohttp import web
 from controlplane.api import route
 from controlplane.auth import READ_STATUS, RegistryAuthorizer, caller_token, write_service
 from controlplane.ca.provider import TrustBundle
-from controlplane.ca.service import CA_SERVICE
+from controlplane.ca.service import CA_SERVICE, CAService
+from controlplane.ca.tls_port import PeerVerificationError, is_tls, peer_identity
 from controlplane.canary import install as install_canary
 from controlplane.canary import with_live_weights
 from controlplane.errors import ControlPlaneError
@@ -292,6 +293,8 @@ class PushServer:
         self.stats_dropped = 0
         # The mesh CA's trust bundle, encoded (None while the CA is off or starting).
         self.bundle: str | None = None
+        # The mesh CA, whose certificates identify sidecars on the TLS port.
+        self.ca: CAService | None = None
 
     def set_bundle(self, bundle: protocol.Bundle) -> None:
         """A new trust bundle: every connected sidecar gets it (CAService.subscribe_bundle)."""
@@ -419,7 +422,12 @@ class PushServer:
             if not isinstance(hello, protocol.Hello):
                 await self._refuse(ws, "bad_message", "the first message must be a hello")
                 return ws
-            if self.authorizer is not None:
+            if is_tls(request):
+                refused = await self._check_certificate(request, hello)
+                if refused is not None:
+                    await self._refuse(ws, "permission_denied", f"{hello.node.key}: {refused}")
+                    return ws
+            elif self.authorizer is not None:
                 try:
                     await self.authorizer.require(
                         caller_token(request.headers), write_service(hello.node.service)
@@ -446,6 +454,23 @@ class PushServer:
             if session is not None:
                 self._close(session)
         return ws
+
+    async def _check_certificate(self, request: web.Request, hello: protocol.Hello) -> str | None:
+        """On the TLS port a sidecar is who its mesh certificate says: it must have one,
+        and say hello as that service in that namespace (so it gets only that config)."""
+        provider = self.ca.provider if self.ca is not None else None
+        if provider is None:
+            return "the mesh CA is not running"
+        try:
+            ident = await peer_identity(request, provider)
+        except (PeerVerificationError, ControlPlaneError) as exc:
+            return f"its certificate is refused: {exc}"
+        if ident is None:
+            return "the push on the TLS port takes the sidecar's mesh certificate"
+        node = hello.node
+        if (ident.service, ident.namespace) != (node.service, node.namespace):
+            return f"its certificate is {ident}, not {node.service} in {node.namespace}"
+        return None
 
     async def _refuse(self, ws: web.WebSocketResponse, code: str, message: str) -> None:
         log.warning("push: refusing a sidecar: %s: %s", code, message)
@@ -702,6 +727,7 @@ def install(cp: ControlPlane) -> PushServer:
     ca = cp.app.get(CA_SERVICE)
     if ca is not None:
         ca.subscribe_bundle(on_bundle)
+        server.ca = ca
 
     async def _start(_app: web.Application) -> None:
         server.consul = cp.consul
