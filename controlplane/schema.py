@@ -276,7 +276,7 @@ def _json_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
     if origin is tuple:
         return {"type": "array", "items": _json_schema(get_args(tp)[0], defs)}
     if origin is dict:
-        return {"type": "object", "additionalProperties": {"type": "string"}}
+        return {"type": "object", "additionalProperties": _json_schema(get_args(tp)[1], defs)}
     if _is_schema_class(tp):
         name = tp.__name__
         if name not in defs:
@@ -323,6 +323,11 @@ def json_schema(kind: str) -> dict[str, Any]:
     meta = _object_schema(MetadataSpec, defs)
     meta["properties"]["name"]["pattern"] = _NAME_PATTERN
     meta["properties"]["namespace"]["pattern"] = _NAME_PATTERN
+    if kind == "Intention":  # `*`: every service (and with namespace `*`, every namespace)
+        wild = {"anyOf": [{"pattern": _NAME_PATTERN}, {"const": "*"}]}
+        for key in ("name", "namespace"):
+            del meta["properties"][key]["pattern"]
+            meta["properties"][key].update(wild)
     for extra in sorted(SERVER_SET_METADATA):
         meta["properties"][extra] = {"description": "Set by the control plane; ignored."}
     if kind in CLUSTER_KINDS:
