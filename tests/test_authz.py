@@ -316,10 +316,10 @@ def test_isolated_namespace_lets_in_intentions_naming_the_callers_namespace() ->
             "ledger",
             [{"name": "web", "namespace": "default", "action": "allow"}],
             namespace="payments",
-        ),  # fmt: skip
+        ),
         intention(
             "*", [{"name": "*", "namespace": "shop", "action": "allow"}], namespace="payments"
-        ),  # fmt: skip
+        ),
         mesh("allow", isolated=("payments",)),
     ]
     p = policy(*docs, ns="payments", svc="ledger")
@@ -362,7 +362,7 @@ def test_isolation_applies_to_l7_allows_too() -> None:
     ok = policy(
         intention(
             "ledger", [{"name": "web", "namespace": "default", "permissions": perms}], "payments"
-        ),  # fmt: skip
+        ),
         mesh("deny", isolated=("payments",)),
         ns="payments",
         svc="ledger",
@@ -416,7 +416,7 @@ def ixn(sources: Any, name: str = "api", namespace: str = "default") -> dict[str
                         "permissions": [{"action": "deny", "http": {"methods": ["GET"]}}],
                     }
                 ]
-            ),  # fmt: skip
+            ),
             "spec.sources[0]: exactly one of action, permissions",
         ),
         (ixn([{"name": "web", "action": "maybe"}]), "spec.sources[0].action: expected one of"),
@@ -438,7 +438,7 @@ def ixn(sources: Any, name: str = "api", namespace: str = "default") -> dict[str
                         "permissions": [{"action": "allow", "http": {"path": {"regex": "(a)\\1"}}}],
                     }
                 ]
-            ),  # fmt: skip
+            ),
             "spec.sources[0].permissions[0].http.path.regex: invalid regular expression",
         ),
         (
@@ -449,7 +449,7 @@ def ixn(sources: Any, name: str = "api", namespace: str = "default") -> dict[str
                         "permissions": [{"action": "allow", "http": {"methods": ["get"]}}],
                     }
                 ]
-            ),  # fmt: skip
+            ),
             "spec.sources[0].permissions[0].http.methods[0]: unknown method 'get' (methods are",
         ),
         (
@@ -465,7 +465,7 @@ def ixn(sources: Any, name: str = "api", namespace: str = "default") -> dict[str
                         ],
                     }
                 ]
-            ),  # fmt: skip
+            ),
             "spec.sources[0].permissions[0].http.headers[0]: exactly one of",
         ),
         (
@@ -476,7 +476,7 @@ def ixn(sources: Any, name: str = "api", namespace: str = "default") -> dict[str
                         "permissions": [{"action": "allow", "http": {"path": {"prefix": "x"}}}],
                     }
                 ]
-            ),  # fmt: skip
+            ),
             "spec.sources[0].permissions[0].http.path.prefix: a path starts with '/'",
         ),
         (ixn([{"name": "web", "action": "allow"}], namespace="*"), "metadata.namespace"),
@@ -489,7 +489,7 @@ def ixn(sources: Any, name: str = "api", namespace: str = "default") -> dict[str
                 "kind": "MeshConfig",
                 "metadata": {"name": "mesh"},
                 "spec": {"authorization": {"defaultAction": "block"}},
-            },  # fmt: skip
+            },
             "spec.authorization.defaultAction: expected one of",
         ),
         (
@@ -497,7 +497,7 @@ def ixn(sources: Any, name: str = "api", namespace: str = "default") -> dict[str
                 "kind": "MeshConfig",
                 "metadata": {"name": "mesh"},
                 "spec": {"mtls": {"namespaces": {"pay": {"isolated": "yes"}}}},
-            },  # fmt: skip
+            },
             "spec.mtls.namespaces.pay.isolated: expected a boolean",
         ),
     ],
