@@ -144,6 +144,10 @@ class ControlPlane:
         install_ca(self)
         # The dashboard at /ui/ (controlplane/dashboard/), over the same REST API.
         install_dashboard(self)
+        # Consul's intentions API (/v1/connect/intentions) over the Intention resources.
+        from controlplane.intentions import register as register_intentions
+
+        register_intentions(self.app)
         # The push server (WebSocket at /api/v1/push) installs itself with
         # `controlplane.push.install(cp)`: routes, on_startup/on_cleanup, subscribe().
         try:
