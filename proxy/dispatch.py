@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl as ssl_module
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from proxy import local_reply
 from proxy.balance import PickContext
@@ -31,6 +31,9 @@ from proxy.pool import Pool, PoolPolicy
 from proxy.route_result import Peer, RouteResult
 from proxy.stats import DestinationStats, ProxyStats
 from proxy.target import Authority, parse_authority, split_absolute_form
+
+if TYPE_CHECKING:
+    from proxy.authz import InboundAuthz  # the schema loads only with a control plane
 
 _NO_HASH = PickContext()
 # How long a two-label name the directory did not know stays classified as egress.
@@ -357,9 +360,13 @@ class InboundRouter:
         pool_policy: PoolPolicy | None = None,
         app_ssl: ssl_module.SSLContext | None = None,
         head_cache: HeadCache | None = None,
+        authz: InboundAuthz | None = None,
     ) -> None:
         # Heads llhttp already parsed (proxy/head_cache.py), requests and responses.
         self.head_cache = head_cache if head_cache is not None else HeadCache()
+        # Intentions for this sidecar's service (proxy/authz.py); None: not checked
+        # (a sidecar without a control plane).
+        self.authz = authz
         self.pool = Pool(
             app_host,
             app_port,
@@ -389,6 +396,11 @@ class InboundRouter:
                 self._hosts.add(host)
         except BadMessageError as e:
             return RouteResult.answer(e.reason, e.message, status=e.status, dstats=self.dstats)
+        authz = self.authz
+        if authz is not None and authz.policy is not None:
+            refused = authz.check(head, peer, path, self.dstats)
+            if refused is not None:
+                return refused
         if path is None:
             return self._result
         return RouteResult(self.pool, dstats=self.dstats, path=path)

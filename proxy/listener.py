@@ -20,7 +20,7 @@ import os
 import ssl as ssl_module
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from proxy.cluster import ServiceDirectory
 from proxy.dispatch import InboundRouter, OutboundRouter
@@ -29,6 +29,9 @@ from proxy.egress import EgressGuard
 from proxy.pool import Pool, PoolPolicy
 from proxy.stats import ProxyStats
 from proxy.tunnel import TcpProxyServer
+
+if TYPE_CHECKING:
+    from proxy.authz import InboundAuthz
 
 
 def settle_process(*, batch: bool = True) -> None:
@@ -203,12 +206,16 @@ async def start_inbound(
     pool_policy: PoolPolicy | None = None,
     ssl: ssl_module.SSLContext | None = None,
     app_ssl: ssl_module.SSLContext | None = None,
+    authz: InboundAuthz | None = None,
 ) -> Listener:
-    """Other sidecars' way in: every request goes to the app at app_host:app_port."""
+    """Other sidecars' way in: every request goes to the app at app_host:app_port, once
+    `authz` (the service's intentions, when a control plane sends them) allows it."""
     stats = stats if stats is not None else ProxyStats()
     timeouts = timeouts or TimeoutPolicy()
     policy = pool_policy or PoolPolicy(connect_timeout=timeouts.connect)
-    router = InboundRouter(app_port, stats, app_host=app_host, pool_policy=policy, app_ssl=app_ssl)
+    router = InboundRouter(
+        app_port, stats, app_host=app_host, pool_policy=policy, app_ssl=app_ssl, authz=authz
+    )
     return await _listen(router, stats, timeouts, host, port, ssl)
 
 

@@ -25,6 +25,7 @@ NOT_IMPLEMENTED = "not_implemented"
 HEADER_TIMEOUT = "request_header_timeout"
 PROXY_LOOP = "proxy_loop"
 DRAINING = "draining"
+FORBIDDEN_BY_POLICY = "forbidden_by_policy"
 
 # Status and default message per reason; the caller may give a more precise message.
 REPLIES: dict[str, tuple[int, str]] = {
@@ -38,6 +39,7 @@ REPLIES: dict[str, tuple[int, str]] = {
     UPSTREAM_RESPONSE_TOO_LARGE: (502, "the upstream's response head is over the limits"),
     UPSTREAM_TIMEOUT: (504, "the upstream did not answer in time"),
     EGRESS_DENIED: (403, "calls outside the mesh are denied by policy"),
+    FORBIDDEN_BY_POLICY: (403, "the destination's authorization policy refuses this call"),
     BAD_REQUEST: (400, "malformed request"),
     REQUEST_LINE_TOO_LONG: (400, "request line longer than 8 KiB"),
     HEADERS_TOO_LARGE: (431, "request header section larger than 64 KiB"),

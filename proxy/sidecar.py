@@ -127,6 +127,7 @@ class Sidecar:
         self.opaque: dict[int, Any] = {}  # app port -> its raw TCP listener
         self.policy: Any = None
         self.policy_client: Any = None
+        self.authz: Any = None  # proxy/authz.InboundAuthz with a control plane
         self.egress_guard = EgressGuard()
         self.state = "PRE_INITIALIZING"
         self.started_at = time.time()
@@ -188,6 +189,12 @@ class Sidecar:
         spec = self.spec
         assert self.directory is not None
         self.stats = ProxyStats(source=f"{spec.service}.{spec.namespace}")
+        # With a control plane, the inbound listener enforces the service's intentions
+        # (proxy/authz.py), compiled from each snapshot the policy applies.
+        if spec.controlplane:
+            from proxy.authz import InboundAuthz
+
+            self.authz = InboundAuthz(spec.namespace, spec.service)
         # Inbound first: its port names the instance (registration, control plane).
         self.inbound = await start_inbound(
             spec.app_port,
@@ -195,6 +202,7 @@ class Sidecar:
             host=spec.inbound_host,
             port=spec.inbound_port,
             app_host=spec.app_host,
+            authz=self.authz,
         )
         await self._guard_control_surfaces()
         if spec.controlplane:
@@ -263,6 +271,7 @@ class Sidecar:
             stats_interval=spec.stats_interval,
         )
         policy.interest = self.policy_client.want
+        policy.inbound_authz = self.authz
         self.policy = policy
         listener = await start_policy_outbound(
             self.directory,

@@ -1,0 +1,181 @@
+"""Authorization at the inbound listener: the intentions for this sidecar's service.
+
+`InboundAuthz` holds the `DestinationPolicy` (wire/authz.py) compiled from each applied
+snapshot for the sidecar's own namespace and service; the inbound router asks it about
+every request before routing to the app. A denied request is answered locally, 403
+with reason `forbidden_by_policy`; the caller learns no more than that, and the
+sidecar's log says who was refused and why (both identities and the deciding rule),
+once per caller and reason per policy, at most `LOG_BURST` lines per `LOG_WINDOW`
+seconds (what is left out is counted and said with the next line).
+
+The caller is the SPIFFE ID mTLS verified on the connection (`Peer.identity`); a
+connection without one (a sidecar without mTLS, a permissive port) is an anonymous
+caller, which only intentions from `*` in namespace `*` and the default action let
+in. Before the first snapshot, and in a sidecar without a control plane, there is no
+policy and nothing is checked (as without a control plane).
+
+Per request: one attribute read when there is no policy or it trivially allows; with
+L4 rules only, the decision is made once per connection (it depends on the caller
+alone) and kept in the peer's router state; L7 rules are evaluated per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from proxy import local_reply
+from proxy.heads import RequestHead
+from proxy.route_result import Peer, RouteResult
+from proxy.stats import DestinationStats
+from wire import resources as schema
+from wire.authz import (
+    Decision,
+    DestinationPolicy,
+    Intentions,
+    Source,
+    read_headers,
+    source_of_spiffe_id,
+)
+
+log = logging.getLogger("tether.authz")
+
+LOG_BURST = 20
+LOG_WINDOW = 10.0
+# Distinct (caller, reason) pairs remembered per policy before the memory starts over.
+MAX_REMEMBERED = 4096
+MESSAGE = "the destination's authorization policy does not allow this caller or request"
+
+
+class DenialLog:
+    """Says each refusal once per caller and reason, and at most `burst` lines per
+    `window` seconds; the clock is injected (tests)."""
+
+    def __init__(
+        self,
+        *,
+        burst: int = LOG_BURST,
+        window: float = LOG_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+        emit: Callable[[str], None] | None = None,
+    ) -> None:
+        self.burst = burst
+        self.window = window
+        self.clock = clock
+        self.emit = emit or (lambda line: log.warning("%s", line))
+        self.seen: set[tuple[str, str]] = set()
+        self.window_start = -1e18
+        self.in_window = 0
+        self.suppressed = 0
+
+    def reset(self) -> None:
+        """A new policy: its decisions are news again."""
+        self.seen.clear()
+
+    def denied(self, caller: str, destination: str, decision: Decision) -> bool:
+        """Log a refusal if it is news and the rate allows; True if a line was written."""
+        key = (caller, decision.reason)
+        if key in self.seen:
+            return False
+        if len(self.seen) >= MAX_REMEMBERED:
+            self.seen.clear()
+        self.seen.add(key)
+        now = self.clock()
+        if now - self.window_start >= self.window:
+            self.window_start, self.in_window = now, 0
+        if self.in_window >= self.burst:
+            self.suppressed += 1
+            return False
+        self.in_window += 1
+        more = ""
+        if self.suppressed:
+            more = f" ({self.suppressed} more refusals not logged)"
+            self.suppressed = 0
+        self.emit(
+            f"authz: refused {caller} -> {destination}: {local_reply.FORBIDDEN_BY_POLICY}: "
+            f"{decision.reason}{more}"
+        )
+        return True
+
+
+class InboundAuthz:
+    """The inbound listener's authorization for one service; swapped per snapshot."""
+
+    def __init__(self, namespace: str, service: str, denial_log: DenialLog | None = None) -> None:
+        self.namespace = namespace
+        self.service = service
+        self.destination = f"{namespace}/{service}"
+        # None: nothing to check (no policy yet, or one that allows everyone).
+        self.policy: DestinationPolicy | None = None
+        self.compiled: DestinationPolicy | None = None
+        self.log = denial_log or DenialLog()
+        self.denied = 0
+
+    def compile(self, resources: Iterable[schema.Resource]) -> DestinationPolicy:
+        """This service's policy from a snapshot's resources (raises on a bad regex; the
+        snapshot was checked before, so only a bug gets there)."""
+        return Intentions.compile(resources).for_destination(self.namespace, self.service)
+
+    def install(self, policy: DestinationPolicy) -> None:
+        """Make `policy` the one in force (no await: requests see the old or the new)."""
+        self.compiled = policy
+        self.policy = None if policy.trivially_allows else policy
+        self.log.reset()
+
+    def check(
+        self, head: RequestHead, peer: Peer, path: bytes | None, dstats: DestinationStats
+    ) -> RouteResult | None:
+        """None if the request may go on; else the local reply refusing it."""
+        policy = self.policy
+        if policy is None:
+            return None
+        state = peer.routing
+        if state is not None and state[0] is policy:
+            src = state[1]
+            if state[2] is not None:  # L4 only: decided for this connection already
+                decision: Decision = state[2]
+                return None if decision.allowed else self._refuse(peer, src, decision, dstats)
+        else:
+            ident = peer.identity
+            src = source_of_spiffe_id(ident) if ident else None
+        if policy.has_l7:
+            target = path if path is not None else head.target
+            query = target.find(b"?")
+            if query >= 0:
+                target = target[:query]
+            decision = policy.decide(
+                src,
+                head.method.decode("latin-1"),
+                target.decode("latin-1"),
+                read_headers(policy.header_names, head.headers),
+            )
+            peer.routing = (policy, src, None)
+        else:
+            decision = policy.decide(src)
+            peer.routing = (policy, src, decision)
+        return None if decision.allowed else self._refuse(peer, src, decision, dstats)
+
+    def _refuse(
+        self, peer: Peer, src: Source | None, decision: Decision, dstats: DestinationStats
+    ) -> RouteResult:
+        self.denied += 1
+        caller = peer.identity or f"anonymous ({peer.address.decode('latin-1')})"
+        self.log.denied(caller, self.destination, decision)
+        return RouteResult.answer(local_reply.FORBIDDEN_BY_POLICY, MESSAGE, dstats=dstats)
+
+    def describe(self) -> dict[str, object]:
+        pol = self.compiled
+        return {
+            "destination": self.destination,
+            "rules": [str(r) for r in pol.rules] if pol else [],
+            "defaultAction": ("allow" if pol.default_allow else "deny") if pol else "allow",
+            "isolated": pol.isolated if pol else False,
+            "enforced": self.policy is not None,
+            "denied": self.denied,
+        }
+
+    def __repr__(self) -> str:
+        pol = self.compiled
+        rules = len(pol.rules) if pol else 0
+        return f"<InboundAuthz {self.destination} rules={rules} enforced={self.policy is not None}>"
