@@ -16,7 +16,10 @@ policy and nothing is checked (as without a control plane).
 
 Per request: one attribute read when there is no policy or it trivially allows; with
 L4 rules only, the decision is made once per connection (it depends on the caller
-alone) and kept in the peer's router state; L7 rules are evaluated per request.
+alone) and kept in the peer's router state; L7 rules are evaluated per request, on
+the path without its query, normalized (`wire.authz.normalize_path`: `%2e` decoded,
+`//` merged, dot segments removed) so `/public/../admin` is judged as `/admin`; the
+app still receives the path as sent.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from wire.authz import (
     DestinationPolicy,
     Intentions,
     Source,
+    normalize_path,
     read_headers,
     source_of_spiffe_id,
 )
@@ -147,7 +151,7 @@ class InboundAuthz:
             decision = policy.decide(
                 src,
                 head.method.decode("latin-1"),
-                target.decode("latin-1"),
+                normalize_path(target.decode("latin-1")),
                 read_headers(policy.header_names, head.headers),
             )
             peer.routing = (policy, src, None)

@@ -513,3 +513,26 @@ def test_wildcard_names_accepted_and_round_trip() -> None:
         assert problems(doc) == []
         res = Resource.from_dict({"apiVersion": API_VERSION, **doc})
         assert Resource.from_dict(res.to_dict()) == res
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("/a/b", "/a/b"),
+        ("/a//b", "/a/b"),
+        ("//admin", "/admin"),
+        ("/a/./b", "/a/b"),
+        ("/a/../b", "/b"),
+        ("/../a", "/a"),
+        ("/a/b/..", "/a/"),
+        ("/a/b/.", "/a/b/"),
+        ("/%2e%2e/admin", "/admin"),
+        ("/a/%2E%2e/b", "/b"),
+        ("/x%41y", "/xAy"),
+        ("/a%2fb", "/a%2Fb"),  # an escaped slash stays escaped (Envoy's default)
+        ("/a%zz", "/a%zz"),
+        ("/", "/"),
+    ],
+)
+def test_normalize_path(raw: str, normal: str) -> None:
+    assert authz.normalize_path(raw) == normal

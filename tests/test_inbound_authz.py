@@ -156,3 +156,17 @@ def test_refusal_log_rate_limited_and_counts_what_it_left_out() -> None:
     lines.now = 10.0  # the next window
     authz.check(head(), Peer(b"10.0.0.1", f"{TD}/ns/default/dc/dc1/svc/late"), None, dstats)
     assert len(lines.lines) == 4 and "(7 more refusals not logged)" in lines.lines[3]
+
+
+def test_l7_paths_are_judged_normalized() -> None:
+    perms = [
+        {"action": "deny", "http": {"path": {"prefix": "/admin"}}},
+        {"action": "allow", "http": {"path": {"prefix": "/"}}},
+    ]
+    authz, dstats = make(
+        res("Intention", "api", {"sources": [{"name": "web", "permissions": perms}]})
+    )
+    web = Peer(b"10.0.0.1", WEB)
+    for sneaky in ("/admin", "//admin", "/x/../admin", "/%2e%2e/admin/x", "/./admin"):
+        assert authz.check(head("GET", sneaky), web, None, dstats) is not None, sneaky
+    assert authz.check(head("GET", "/public/x"), web, None, dstats) is None

@@ -316,6 +316,53 @@ class DestinationPolicy:
         )
 
 
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def normalize_path(path: str) -> str:
+    """The path L7 permissions are matched against, as Envoy's `normalize_path` and
+    `merge_slashes` make it: percent-encoded unreserved characters decoded (RFC 3986
+    6.2.2.2, other escapes upper-cased and kept, so `%2F` stays an escaped slash), runs
+    of `/` merged, and `.` and `..` segments removed (RFC 3986 5.2.4). A path that
+    needs none of it is returned as is (the usual case, checked first)."""
+    if "%" not in path and "//" not in path and "/." not in path:
+        return path
+    if "%" in path:
+        out: list[str] = []
+        i, n = 0, len(path)
+        while i < n:
+            ch = path[i]
+            if ch == "%" and i + 2 < n and _is_hex(path[i + 1 : i + 3]):
+                decoded = chr(int(path[i + 1 : i + 3], 16))
+                out.append(decoded if decoded in _UNRESERVED else path[i : i + 3].upper())
+                i += 3
+            else:
+                out.append(ch)
+                i += 1
+        path = "".join(out)
+    segments: list[str] = []
+    parts = path.split("/")
+    for j, seg in enumerate(parts[1:] if path.startswith("/") else parts):
+        last = j == len(parts) - (2 if path.startswith("/") else 1)
+        if seg == "..":
+            if segments:
+                segments.pop()
+            if last:
+                segments.append("")
+        elif seg == ".":
+            if last:
+                segments.append("")
+        elif seg == "" and not last:
+            continue  # merge slashes
+        else:
+            segments.append(seg)
+    return "/" + "/".join(segments)
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) == 2 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
 def read_headers(
     names: frozenset[bytes], headers: Sequence[tuple[bytes, bytes]]
 ) -> Mapping[str, str]:
