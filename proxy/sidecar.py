@@ -395,6 +395,7 @@ class Sidecar:
             "opaque_ports": {str(a): s.port for a, s in self.opaque.items()},
             "policy": self.policy.describe() if self.policy is not None else None,
             "controlplane": self.policy_client.describe() if self.policy_client else None,
+            "authorization": self.authz.describe() if self.authz is not None else None,
             "registry": f"{self.spec.registry_scheme}://{self.spec.registry_host}:"
             f"{self.spec.registry_port}",
             "clusters": [{k: v for k, v in c.items() if k != "endpoints"} for c in self.clusters()],

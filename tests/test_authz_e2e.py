@@ -148,8 +148,15 @@ def test_anonymous_callers_default_action_l7_and_isolation(
         assert c.connect.intentions.upsert("shop/*", "api", action="allow") is True
         assert c.connect.intentions.check("shop/web", "api") is True
         assert status("/private") == (403, "forbidden_by_policy")  # anonymous: still refused
+        want = ["shop/* => default/api (Precedence: 8)", "*/* => default/api (Precedence: 7)"]
+        poll(lambda: api.admin("/config_dump")[1]["authorization"]["rules"] == want, 20,
+             "the sidecar runs the intentions as the API left them")  # fmt: skip
         _, dump = api.admin("/config_dump")
         assert dump["controlplane"]["nacks"] == 0
+        authz = dump["authorization"]
+        assert authz["destination"] == "default/api" and authz["isolated"] is True
+        assert authz["enforced"] is True and authz["denied"] >= 25
+        assert web.admin("/config_dump")[1]["authorization"] is None  # no control plane
     finally:
         procs.close()
         cp.stop()
