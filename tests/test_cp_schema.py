@@ -39,7 +39,7 @@ def example_resources() -> list[Resource]:
 def test_examples_parse_and_are_valid() -> None:
     resources = example_resources()
     kinds = {r.kind for r in resources}
-    assert kinds == {"ServiceDefaults", "Route", "TrafficSplit", "MeshConfig"}
+    assert kinds == {"ServiceDefaults", "Route", "TrafficSplit", "MeshConfig", "Intention"}
     for r in resources:
         assert check_resource(r) == [], r.key
     split = next(r for r in resources if r.kind == "TrafficSplit")
@@ -201,7 +201,7 @@ spec:
 
 @pytest.mark.parametrize(
     "kind",
-    ["RetryPolicy", "FaultInjection", "Mirror", "RateLimit", "AuthorizationPolicy", "MTLSPolicy"],
+    ["RetryPolicy", "FaultInjection", "Mirror", "RateLimit", "MTLSPolicy"],
 )
 def test_later_kinds_are_refused_as_not_supported_yet(kind: str) -> None:
     text = f"apiVersion: {API_VERSION}\nkind: {kind}\nmetadata: {{name: a}}\nspec: {{}}\n"
@@ -209,6 +209,17 @@ def test_later_kinds_are_refused_as_not_supported_yet(kind: str) -> None:
         parse_resources(text, "f.yaml")
     (p,) = info.value.problems
     assert p.message == f"kind {kind} is not supported yet"
+    assert (p.path, p.line) == ("kind", 2)
+
+
+def test_replaced_kinds_are_refused_naming_their_replacement() -> None:
+    text = (
+        f"apiVersion: {API_VERSION}\nkind: AuthorizationPolicy\nmetadata: {{name: a}}\nspec: {{}}\n"
+    )
+    with pytest.raises(SchemaError) as info:
+        parse_resources(text, "f.yaml")
+    (p,) = info.value.problems
+    assert p.message.startswith("kind AuthorizationPolicy is not supported: use kind Intention")
     assert (p.path, p.line) == ("kind", 2)
 
 
