@@ -135,6 +135,8 @@ def test_anonymous_callers_default_action_l7_and_isolation(
                          env=env, timeout=30)  # fmt: skip
         assert got.returncode == 0, got.stderr
         assert '"action": "allow"' in got.stdout and "permissions" not in got.stdout
+        table = run_tether("get", "intentions", "--controlplane", cp.url, env=env, timeout=30)
+        assert table.returncode == 0 and "*/*=allow" in table.stdout, table.stdout
 
         # An isolated namespace: an anonymous caller is from no namespace, and a `*`
         # intention does not name one: refused even with the default action allow.

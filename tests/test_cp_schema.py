@@ -39,7 +39,7 @@ def example_resources() -> list[Resource]:
 def test_examples_parse_and_are_valid() -> None:
     resources = example_resources()
     kinds = {r.kind for r in resources}
-    assert kinds == {"ServiceDefaults", "Route", "TrafficSplit", "MeshConfig", "Intention"}
+    assert kinds == {"ServiceDefaults", "Route", "TrafficSplit", "MeshConfig"}
     for r in resources:
         assert check_resource(r) == [], r.key
     split = next(r for r in resources if r.kind == "TrafficSplit")

@@ -95,7 +95,7 @@ async def test_policies_go_through_the_control_plane_api(
         async with aiohttp.ClientSession() as session:
             assert await mesh.apply_policies(session, ROOT / "tether" / "demo" / "policies")
             assert ("policies", "trafficsplit default/orders created") in lines
-            assert mesh.policy_status == "7 from policies applied"
+            assert mesh.policy_status == "6 from policies applied"
             assert mesh.describe_policies().endswith("; config version 1")
             await mesh.refresh_split(session)
             assert [(s["name"], s["weight"]) for s in mesh.split] == [("v1", 90), ("v2", 10)]

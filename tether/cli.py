@@ -486,7 +486,7 @@ def get(
     cp_url: str,
     token: str | None,
 ) -> None:
-    """Show resources of KIND (ServiceDefaults, Route, TrafficSplit, MeshConfig)."""
+    """Show resources of KIND (ServiceDefaults, Route, TrafficSplit, MeshConfig, Intention)."""
     import sys
 
     from controlplane import operator
