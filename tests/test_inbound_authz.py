@@ -13,6 +13,7 @@ from proxy.dispatch import InboundRouter
 from proxy.route_result import Peer
 from proxy.stats import ProxyStats
 from tests.fakes import parse_request
+from wire import authz as authz_module
 from wire.resources import API_VERSION, Resource
 
 TD = "spiffe://11111111-2222-3333-4444-555555555555.consul"
@@ -170,3 +171,25 @@ def test_l7_paths_are_judged_normalized() -> None:
     for sneaky in ("/admin", "//admin", "/x/../admin", "/%2e%2e/admin/x", "/./admin"):
         assert authz.check(head("GET", sneaky), web, None, dstats) is not None, sneaky
     assert authz.check(head("GET", "/public/x"), web, None, dstats) is None
+
+
+def test_headers_read_from_a_cached_heads_raw_lines_equal_the_field_list() -> None:
+    """Differential: searching a cached head's raw field lines gives what the
+    materialised field list gives, and leaves the head unmaterialised."""
+    from proxy.authz import _headers
+    from proxy.heads import RequestHead
+
+    raws = [
+        b"Host: api\r\nAccept: */*\r\n",
+        b"X-Role: admin\r\nAccept:  a \r\nx-role:root\r\nX-ROLE: \t\r\n",
+        b"X-Roles: no\r\nY-X-Role: no\r\nx-role: yes\r\n",
+        b"",
+    ]
+    names = frozenset({b"x-role", b"accept", b"absent"})
+    for raw in raws:
+        cached = RequestHead(raw=raw)
+        got = _headers(cached, names)
+        assert cached.raw == raw  # not materialised
+        listed = RequestHead(raw=raw)
+        want = authz_module.read_headers(names, listed.headers)
+        assert got == want, raw
