@@ -93,7 +93,7 @@ class DenialLog:
         self.window = window
         self.clock = clock
         self.emit = emit or (lambda line: log.warning("%s", line))
-        self.seen: set[tuple[str, str]] = set()
+        self.seen: set[tuple[str, str, int, int]] = set()
         self.window_start = -1e18
         self.in_window = 0
         self.suppressed = 0
@@ -104,7 +104,9 @@ class DenialLog:
 
     def denied(self, caller: str, destination: str, decision: Decision) -> bool:
         """Log a refusal if it is news and the rate allows; True if a line was written."""
-        key = (caller, decision.reason)
+        # Which rule and permission decided, not the reason's text: no formatting unless
+        # a line is written.
+        key = (caller, decision.why, id(decision.rule), decision.permission)
         if key in self.seen:
             return False
         if len(self.seen) >= MAX_REMEMBERED:

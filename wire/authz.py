@@ -175,11 +175,44 @@ class Rule:
 
 
 class Decision(NamedTuple):
-    """The answer for one request: allowed or not, and why (for logs and APIs)."""
+    """The answer for one request: allowed or not, and why. The reason's text is made
+    only when asked for (logs, APIs): a request pays for no string formatting.
+
+    `why`: "l4" (an L4 rule's action), "l7" (an L7 rule's permission `permission`),
+    "l7-none" (an L7 rule, no permission matched: the default action), "l7-as-deny"
+    (an L7 rule where only L4 is judged), "default" (no rule), "isolated" (an allow
+    refused by isolation; `cause` is that allow, `namespace` and `source` name who)."""
 
     allowed: bool
-    reason: str
+    why: str
     rule: Rule | None = None
+    permission: int = -1
+    cause: Decision | None = None
+    namespace: str = ""
+    source: Source | None = None
+
+    @property
+    def reason(self) -> str:
+        why, rule = self.why, self.rule
+        if why == "l4":
+            return f"Matched L4 intention: {rule}"
+        if why == "l7":
+            return f"Matched L7 intention: {rule}, permission [{self.permission}]"
+        if why == "l7-as-deny":
+            return f"Matched L7 intention: {rule}"
+        if why == "isolated":
+            who = str(self.source) if self.source is not None else "an anonymous caller"
+            cause = self.cause.reason if self.cause is not None else ""
+            return (
+                f"Namespace {self.namespace} is isolated: no intention of it names the "
+                f"namespace of {who} ({cause})"
+            )
+        default = (
+            f"Default behavior configured by MeshConfig ({'allow' if self.allowed else 'deny'})"
+        )
+        if why == "l7-none":
+            return f"Matched L7 intention: {rule}, but no permission; {default}"
+        return default
 
 
 def _text_match(spec: schema.IntentionHeaderMatchSpec) -> TextMatch:
@@ -274,25 +307,15 @@ class DestinationPolicy:
             if not rule.matches(src):
                 continue
             if rule.action is not None:
-                allowed = rule.action == "allow"
-                return self._isolate(src, Decision(allowed, f"Matched L4 intention: {rule}", rule))
+                return self._isolate(src, Decision(rule.action == "allow", "l4", rule))
             if l4_only:
-                return Decision(False, f"Matched L7 intention: {rule}", rule)
+                return Decision(False, "l7-as-deny", rule)
             hdrs = headers if headers is not None else {}
             for i, perm in enumerate(rule.permissions):
                 if perm.test(method, path, hdrs):
-                    why = f"Matched L7 intention: {rule}, permission [{i}]"
-                    return self._isolate(src, Decision(perm.allow, why, rule))
-            return self._isolate(
-                src, self._default(f"Matched L7 intention: {rule}, but no permission; ")
-            )
-        return self._isolate(src, self._default(""))
-
-    def _default(self, prefix: str) -> Decision:
-        action = "allow" if self.default_allow else "deny"
-        return Decision(
-            self.default_allow, f"{prefix}Default behavior configured by MeshConfig ({action})"
-        )
+                    return self._isolate(src, Decision(perm.allow, "l7", rule, i))
+            return self._isolate(src, Decision(self.default_allow, "l7-none", rule))
+        return self._isolate(src, Decision(self.default_allow, "default"))
 
     def _isolate(self, src: Source | None, d: Decision) -> Decision:
         if not (d.allowed and self.isolated):
@@ -303,17 +326,12 @@ class DestinationPolicy:
         if (
             src is not None
             and rule is not None
+            and d.why != "l7-none"
             and rule.destination_namespace == self.namespace
             and rule.source_namespace == src.namespace
         ):
             return d
-        who = str(src) if src is not None else "an anonymous caller"
-        return Decision(
-            False,
-            f"Namespace {self.namespace} is isolated: no intention of it names the "
-            f"namespace of {who} ({d.reason})",
-            rule,
-        )
+        return Decision(False, "isolated", rule, d.permission, d, self.namespace, src)
 
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
