@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 from wire import resources as schema
 
 WILDCARD = schema.WILDCARD
+NO_HEADERS: Mapping[str, str] = {}
 
 
 class Source(NamedTuple):
@@ -272,6 +273,9 @@ def sort_rules(rules: Iterable[Rule]) -> list[Rule]:
 
 # -- evaluation ----------------------------------------------------------------------------
 
+# A rule and the decisions it can make: L4 (or None), per permission, none matching.
+CompiledRule = tuple[Rule, Decision | None, tuple[tuple[Permission, Decision], ...], Decision]
+
 
 @dataclass(frozen=True)
 class DestinationPolicy:
@@ -287,6 +291,23 @@ class DestinationPolicy:
     header_names: frozenset[bytes] = frozenset()
     # Whether any rule has L7 permissions (else a decision depends on the source alone).
     has_l7: bool = False
+    # Per rule, the decisions it can make, made once here (a request allocates none):
+    # (rule, its L4 decision or None, one per permission, the no-permission one).
+    _compiled: tuple[CompiledRule, ...] = field(default=(), compare=False, repr=False)
+    _default_decision: Decision = field(
+        default=Decision(True, "default"), compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        compiled = []
+        for rule in self.rules:
+            l4 = Decision(rule.action == "allow", "l4", rule) if rule.action is not None else None
+            perms = tuple(
+                (p, Decision(p.allow, "l7", rule, i)) for i, p in enumerate(rule.permissions)
+            )
+            compiled.append((rule, l4, perms, Decision(self.default_allow, "l7-none", rule)))
+        object.__setattr__(self, "_compiled", tuple(compiled))
+        object.__setattr__(self, "_default_decision", Decision(self.default_allow, "default"))
 
     @property
     def trivially_allows(self) -> bool:
@@ -303,19 +324,23 @@ class DestinationPolicy:
         l4_only: bool = False,
     ) -> Decision:
         """`l4_only`: as Consul's check and authorize, a matching L7 rule denies."""
-        for rule in self.rules:
+        d = self._default_decision
+        for rule, l4, perms, none in self._compiled:
             if not rule.matches(src):
                 continue
-            if rule.action is not None:
-                return self._isolate(src, Decision(rule.action == "allow", "l4", rule))
-            if l4_only:
+            if l4 is not None:
+                d = l4
+            elif l4_only:
                 return Decision(False, "l7-as-deny", rule)
-            hdrs = headers if headers is not None else {}
-            for i, perm in enumerate(rule.permissions):
-                if perm.test(method, path, hdrs):
-                    return self._isolate(src, Decision(perm.allow, "l7", rule, i))
-            return self._isolate(src, Decision(self.default_allow, "l7-none", rule))
-        return self._isolate(src, Decision(self.default_allow, "default"))
+            else:
+                hdrs = headers if headers is not None else NO_HEADERS
+                d = none
+                for perm, decision in perms:
+                    if perm.test(method, path, hdrs):
+                        d = decision
+                        break
+            break
+        return self._isolate(src, d) if self.isolated else d
 
     def _isolate(self, src: Source | None, d: Decision) -> Decision:
         if not (d.allowed and self.isolated):
