@@ -14,9 +14,10 @@ caller, which only intentions from `*` in namespace `*` and the default action l
 in. Before the first snapshot, and in a sidecar without a control plane, there is no
 policy and nothing is checked (as without a control plane).
 
-Per request: one attribute read when there is no policy or it trivially allows; with
-L4 rules only, the decision is made once per connection (it depends on the caller
-alone) and kept in the peer's router state; L7 rules are evaluated per request, on
+Per request: one attribute read when there is no policy or it trivially allows. Which
+rule decides depends on the caller alone, so it is found once per connection (and per
+policy) and kept in the peer's router state, with the decision itself when that rule is
+L4 or there is none; only an L7 rule's permissions are evaluated per request, on
 the path without its query, normalized (`wire.authz.normalize_path`: `%2e` decoded,
 `//` merged, dot segments removed) so `/public/../admin` is judged as `/admin`; the
 app still receives the path as sent.
@@ -162,31 +163,29 @@ class InboundAuthz:
         if policy is None:
             return None
         state = peer.routing
-        if state is not None and state[0] is policy:
-            src = state[1]
-            if state[2] is not None:  # L4 only: decided for this connection already
-                decision: Decision = state[2]
-                return None if decision.allowed else self._refuse(peer, src, decision, dstats)
-        else:
+        if state is None or state[0] is not policy:
+            # Once per connection and policy: who the caller is, the rule that decides
+            # for it, and the decision when the request does not matter.
             ident = peer.identity
             src = source_of_spiffe_id(ident) if ident else None
-        if policy.has_l7:
+            entry = policy.first(src)
+            state = peer.routing = (policy, src, policy.fixed(src, entry), entry)
+        decision: Decision | None = state[2]
+        if decision is None:  # an L7 rule: its permissions judge this request
+            entry = state[3]
             target = path if path is not None else head.target
             query = target.find(b"?")
             if query >= 0:
                 target = target[:query]
-            names = policy.header_names
-            decision = policy.decide(
-                src,
+            names = entry[4]
+            decision = policy.permit(
+                state[1],
+                entry,
                 head.method.decode("latin-1"),
                 normalize_path(target.decode("latin-1")),
                 _headers(head, names) if names else NO_HEADERS,
             )
-            peer.routing = (policy, src, None)
-        else:
-            decision = policy.decide(src)
-            peer.routing = (policy, src, decision)
-        return None if decision.allowed else self._refuse(peer, src, decision, dstats)
+        return None if decision.allowed else self._refuse(peer, state[1], decision, dstats)
 
     def _refuse(
         self, peer: Peer, src: Source | None, decision: Decision, dstats: DestinationStats

@@ -273,8 +273,11 @@ def sort_rules(rules: Iterable[Rule]) -> list[Rule]:
 
 # -- evaluation ----------------------------------------------------------------------------
 
-# A rule and the decisions it can make: L4 (or None), per permission, none matching.
-CompiledRule = tuple[Rule, Decision | None, tuple[tuple[Permission, Decision], ...], Decision]
+# A rule and the decisions it can make: L4 (or None), per permission, none matching;
+# and the header names its permissions read (lower-case bytes).
+CompiledRule = tuple[
+    Rule, Decision | None, tuple[tuple[Permission, Decision], ...], Decision, frozenset[bytes]
+]
 
 
 @dataclass(frozen=True)
@@ -305,7 +308,9 @@ class DestinationPolicy:
             perms = tuple(
                 (p, Decision(p.allow, "l7", rule, i)) for i, p in enumerate(rule.permissions)
             )
-            compiled.append((rule, l4, perms, Decision(self.default_allow, "l7-none", rule)))
+            names = frozenset(n.encode("latin-1") for p in rule.permissions for n, _ in p.headers)
+            none = Decision(self.default_allow, "l7-none", rule)
+            compiled.append((rule, l4, perms, none, names))
         object.__setattr__(self, "_compiled", tuple(compiled))
         object.__setattr__(self, "_default_decision", Decision(self.default_allow, "default"))
 
@@ -324,22 +329,49 @@ class DestinationPolicy:
         l4_only: bool = False,
     ) -> Decision:
         """`l4_only`: as Consul's check and authorize, a matching L7 rule denies."""
-        d = self._default_decision
-        for rule, l4, perms, none in self._compiled:
-            if not rule.matches(src):
-                continue
-            if l4 is not None:
-                d = l4
-            elif l4_only:
-                return Decision(False, "l7-as-deny", rule)
-            else:
-                hdrs = headers if headers is not None else NO_HEADERS
-                d = none
-                for perm, decision in perms:
-                    if perm.test(method, path, hdrs):
-                        d = decision
-                        break
-            break
+        entry = self.first(src)
+        fixed = self.fixed(src, entry)
+        if fixed is not None:
+            return fixed
+        assert entry is not None
+        if l4_only:
+            return Decision(False, "l7-as-deny", entry[0])
+        return self.permit(src, entry, method, path, headers if headers is not None else NO_HEADERS)
+
+    def first(self, src: Source | None) -> CompiledRule | None:
+        """The rule that decides for `src` (the first whose source matches), or None:
+        it depends on the caller alone, so a sidecar finds it once per connection."""
+        for entry in self._compiled:
+            if entry[0].matches(src):
+                return entry
+        return None
+
+    def fixed(self, src: Source | None, entry: CompiledRule | None) -> Decision | None:
+        """The decision when it does not depend on the request (no rule, or an L4 one);
+        None for an L7 rule, whose permissions judge each request (`permit`)."""
+        if entry is None:
+            d = self._default_decision
+        elif entry[1] is not None:
+            d = entry[1]
+        else:
+            return None
+        return self._isolate(src, d) if self.isolated else d
+
+    def permit(
+        self,
+        src: Source | None,
+        entry: CompiledRule,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+    ) -> Decision:
+        """An L7 rule's decision for one request: its first matching permission, else the
+        default action."""
+        d = entry[3]
+        for perm, decision in entry[2]:
+            if perm.test(method, path, headers):
+                d = decision
+                break
         return self._isolate(src, d) if self.isolated else d
 
     def _isolate(self, src: Source | None, d: Decision) -> Decision:
