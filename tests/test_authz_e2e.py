@@ -23,7 +23,8 @@ import consul
 import pytest
 
 from tests.conftest import ControlPlaneProcess, RegistryProcess, run_tether
-from tests.sidecar_harness import ProcessSet, Sidecar, poll
+from tests.polling import poll
+from tests.sidecar_harness import ProcessSet, Sidecar
 
 pytestmark = pytest.mark.timeout(120)
 
