@@ -333,7 +333,10 @@ class Policy:
             resources = decode(snapshot.resources)
             table, mesh = compile_table(resources, snapshot.version, snapshot.hash)
             authz = self.inbound_authz
-            inbound = authz.compile(resources) if authz is not None else None
+            try:
+                inbound = authz.compile(resources) if authz is not None else None
+            except Exception as exc:  # checked by decode already: a bug if it gets here
+                raise PolicyError(f"intentions: {exc}") from None
             specs = compile_specs(table, mesh, self.pool_policy, self.pool_keys)
             lb = specs.load_balancers()
             # Make: clusters for every destination, then the subsets over them, and the

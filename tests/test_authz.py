@@ -536,3 +536,28 @@ def test_wildcard_names_accepted_and_round_trip() -> None:
 )
 def test_normalize_path(raw: str, normal: str) -> None:
     assert authz.normalize_path(raw) == normal
+
+
+def test_apply_validation_names_file_line_and_field_of_an_intention() -> None:
+    from controlplane.validation import validate
+
+    text = """apiVersion: tether.dev/v1alpha1
+kind: Intention
+metadata: {name: api}
+spec:
+  sources:
+    - name: web
+      permissions:
+        - action: allow
+          http:
+            path: {regex: "(a)\\\\1"}
+"""
+    result = validate([("ixn.yaml", text)])
+    assert not result.ok
+    (p,) = result.errors
+    assert (p.file, p.line, p.path) == (
+        "ixn.yaml",
+        10,
+        "spec.sources[0].permissions[0].http.path.regex",
+    )
+    assert "RE2" in p.message

@@ -92,6 +92,8 @@ async def test_upsert_read_list_delete_and_one_source_of_truth(
     ]  # fmt: skip
     only = await ixn.list(filter_expr='DestinationName == "orders"')
     assert [i["DestinationName"] for i in only] == ["orders"]
+    with pytest.raises(consul.ConsulException, match="boolean expression"):
+        await ixn.list(filter_expr="DestinationName ==")
     # Delete one source: the Intention keeps the other; delete the last: it goes.
     assert await ixn.delete("web", "api") is True
     assert await ixn.read("web", "api") is None  # 404: py-consul answers None
