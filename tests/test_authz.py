@@ -482,7 +482,7 @@ def ixn(sources: Any, name: str = "api", namespace: str = "default") -> dict[str
         (ixn([{"name": "web", "action": "allow"}], namespace="*"), "metadata.namespace"),
         (
             {"kind": "AuthorizationPolicy", "metadata": {"name": "x"}, "spec": {}},
-            "kind: kind AuthorizationPolicy is not supported: use kind Intention",
+            "kind: kind AuthorizationPolicy is not a Tether kind: use the Intention kind",
         ),
         (
             {
