@@ -2,12 +2,12 @@
 `tether sidecar` processes; intentions written with `tether apply` and with py-consul's
 intentions API, enforced at the destination's inbound sidecar.
 
-Without mTLS between the sidecars (not on this branch), the inbound sidecar has no
-verified identity for its caller: every caller is anonymous, which the first test
-covers (default action, `*` intentions, L7 permissions, isolation). The identity
-matrix (allow/deny by the caller's service, namespaces) needs the caller's SPIFFE ID
-from mTLS and is written against that interface; it is skipped until sidecars verify
-each other's certificates.
+The first test runs the control plane without a CA, so the sidecars speak plaintext
+and every caller is anonymous at the inbound sidecar: the default action, `*`
+intentions, L7 permissions and isolation. The second runs the mesh CA, so every hop is
+mTLS and the inbound sidecar decides by the caller's verified SPIFFE ID: allow and deny
+by service, L7 by method, default deny, and an isolated namespace letting in only the
+namespace its intention names.
 """
 
 from __future__ import annotations
@@ -195,17 +195,18 @@ spec:
 """
 
 
-@pytest.mark.skip(
-    reason="needs sidecar-to-sidecar mTLS: the inbound sidecar's Peer.identity set from the "
-    "caller's verified certificate (the mTLS half of issue 12, not on main yet)"
-)
 def test_identity_matrix_over_mtls_sidecars(
-    registry_process: Callable[..., RegistryProcess], tmp_path: Path
+    registry_process: Callable[..., RegistryProcess],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every sidecar attached to the control plane speaks mTLS; the inbound sidecar
     decides by the caller's SPIFFE ID."""
     reg = registry_process()
     env = dict(os.environ, CONSUL_HTTP_ADDR=f"127.0.0.1:{reg.port}")
+    # The control plane runs the mesh CA (its root key in a 0700 directory), so every
+    # sidecar attached to it gets a certificate and the hops between them are mTLS.
+    monkeypatch.setenv("TETHER_CA_KEY_DIR", str(tmp_path / "ca"))
     cp = ControlPlaneProcess(reg.port, tmp_path / "cp.log")
     procs = ProcessSet(tmp_path, reg.port)
     try:
@@ -219,7 +220,8 @@ def test_identity_matrix_over_mtls_sidecars(
             return procs.sidecar(service, procs.app(service), "--namespace", namespace,
                                  "--controlplane", cp.url)  # fmt: skip
 
-        sidecar("api")
+        api = sidecar("api")
+        assert "mtls=on" in api.output(), api.output()
         sidecar("ledger", "payments")
         callers = {name: sidecar(name) for name in ("web", "billing", "admin", "other")}
         shop_web = sidecar("web", "shop")
@@ -241,6 +243,12 @@ def test_identity_matrix_over_mtls_sidecars(
             poll(lambda w=who, m=method, u=url, e=want: call(callers[w], u, m)[0] == e, 20,
                  f"{who} {method} {url} -> {want}")  # fmt: skip
         assert call(shop_web, "http://api.default/x") == (403, "forbidden_by_policy")
+        assert call(shop_web, "http://ledger.payments/x") == (403, "forbidden_by_policy")
+        # The refusals are logged at the destination with both identities.
+        refused = [ln for ln in api.output().splitlines() if "authz: refused" in ln]
+        assert any("/ns/default/dc/dc1/svc/billing -> default/api" in ln and
+                   "Matched L4 intention: default/billing => default/api" in ln
+                   for ln in refused), refused  # fmt: skip
         # The app is told who called (the sidecar strips any such header from outside).
         status, _, body = callers["web"].call(
             "http://api/x", {"x-tether-peer-identity": "spiffe://evil/ns/default/dc/dc1/svc/web"}
