@@ -34,6 +34,7 @@ from proxy.target import Authority, parse_authority, split_absolute_form
 
 if TYPE_CHECKING:
     from proxy.authz import InboundAuthz  # the schema loads only with a control plane
+    from proxy.inbound_limits import InboundLimits
     from proxy.tls import MeshTLS, UpstreamTLS
 
 _NO_HASH = PickContext()
@@ -394,6 +395,9 @@ class InboundRouter:
         self._result = RouteResult(self.pool, dstats=self.dstats)
         # Host values seen to be well-formed authorities (bounded like the outbound's).
         self._hosts: set[bytes] = set()
+        # The Route's `at: inbound` rate limits (proxy/inbound_limits.py), once a control
+        # plane's policy is attached; None: none.
+        self.limits: InboundLimits | None = None
 
     def route(self, head: RequestHead, peer: Peer) -> RouteResult:
         path = None
@@ -410,11 +414,23 @@ class InboundRouter:
                 self._hosts.add(host)
         except BadMessageError as e:
             return RouteResult.answer(e.reason, e.message, status=e.status, dstats=self.dstats)
+        # Authorization before the rate limits (identity, authorization, per-caller
+        # limits): a refused caller spends none of the budget of those let in.
         authz = self.authz
         if authz is not None and authz.policy is not None:
             refused = authz.check(head, peer, path, self.dstats)
             if refused is not None:
                 return refused
+        limits = self.limits
+        if limits is not None:
+            wait = limits.wait(head, peer)
+            if wait > 0.0:
+                return RouteResult.answer(
+                    local_reply.RATE_LIMITED,
+                    f"over the service's rate limit; retry in {wait:.3f}s",
+                    dstats=self.dstats,
+                    headers=((b"retry-after", local_reply.retry_after(wait)),),
+                )
         if path is None:
             return self._result
         return RouteResult(self.pool, dstats=self.dstats, path=path)
