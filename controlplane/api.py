@@ -281,7 +281,7 @@ async def _instances(cp: Any, resources: Sequence[Resource]) -> InstanceView | N
     """The registry's view of the instances of every service the resources configure."""
     view: dict[tuple[str, str], list[Mapping[str, str]]] = {}
     for res in resources:
-        if res.kind in CLUSTER_KINDS or (res.namespace, res.name) in view:
+        if res.kind in CLUSTER_KINDS or (res.namespace, res.name) in view or res.name == "*":
             continue
         try:
             _, nodes = await cp.consul.catalog.service(res.name)

@@ -14,7 +14,9 @@ this server to the snapshots it publishes. The snapshot version is the config ve
 replica gives the same change the same version and it means the same everywhere. Each
 change is diffed per service against the previous one, and only sidecars whose needed
 set (the services they call, their own, and what routes among those lead to) touches a
-changed service get a new snapshot; a MeshConfig change concerns everyone.
+changed service get a new snapshot; a MeshConfig change concerns everyone. A service's
+Intentions reach its own sidecars that way (every sidecar needs its own service); an
+Intention named `*` is mesh-wide like MeshConfig.
 
 Per sidecar the replica records what it sent, what was acked and nacked (with the
 error) and when it last heard from it: in memory, and in the KV in a few shards per
@@ -80,11 +82,14 @@ MIN_STATS_GAP = 0.5
 
 
 def concern(doc: Mapping[str, Any]) -> ServiceKey | None:
-    """The service a stored document configures; None for mesh-wide kinds."""
+    """The service a stored document configures; None for mesh-wide kinds (and for
+    Intentions of every service, `*`, which every sidecar may need)."""
     if doc.get("kind") == "MeshConfig":
         return None
     meta = doc.get("metadata")
     meta = meta if isinstance(meta, dict) else {}
+    if doc.get("kind") == "Intention" and meta.get("name") == "*":
+        return None
     return (str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
 
 

@@ -153,6 +153,10 @@ class ControlPlane:
         install_dashboard(self)
         # Under Kubernetes: terminating injected pods leave rotation at once.
         install_podwatch(self)
+        # Consul's intentions API (/v1/connect/intentions) over the Intention resources.
+        from controlplane.intentions import register as register_intentions
+
+        register_intentions(self.app)
         # The push server (WebSocket at /api/v1/push) installs itself with
         # `controlplane.push.install(cp)`: routes, on_startup/on_cleanup, subscribe().
         try:

@@ -33,6 +33,7 @@ from proxy.stats import DestinationStats, ProxyStats
 from proxy.target import Authority, parse_authority, split_absolute_form
 
 if TYPE_CHECKING:
+    from proxy.authz import InboundAuthz  # the schema loads only with a control plane
     from proxy.inbound_limits import InboundLimits
     from proxy.tls import MeshTLS, UpstreamTLS
 
@@ -374,9 +375,13 @@ class InboundRouter:
         pool_policy: PoolPolicy | None = None,
         app_ssl: ssl_module.SSLContext | None = None,
         head_cache: HeadCache | None = None,
+        authz: InboundAuthz | None = None,
     ) -> None:
         # Heads llhttp already parsed (proxy/head_cache.py), requests and responses.
         self.head_cache = head_cache if head_cache is not None else HeadCache()
+        # Intentions for this sidecar's service (proxy/authz.py); None: not checked
+        # (a sidecar without a control plane).
+        self.authz = authz
         self.pool = Pool(
             app_host,
             app_port,
@@ -395,16 +400,6 @@ class InboundRouter:
         self.limits: InboundLimits | None = None
 
     def route(self, head: RequestHead, peer: Peer) -> RouteResult:
-        limits = self.limits
-        if limits is not None:
-            wait = limits.wait(head, peer)
-            if wait > 0.0:
-                return RouteResult.answer(
-                    local_reply.RATE_LIMITED,
-                    f"over the service's rate limit; retry in {wait:.3f}s",
-                    dstats=self.dstats,
-                    headers=((b"retry-after", local_reply.retry_after(wait)),),
-                )
         path = None
         try:
             if head.target[0] != 47:  # not origin-form (b"/"); llhttp never gives one empty
@@ -419,6 +414,23 @@ class InboundRouter:
                 self._hosts.add(host)
         except BadMessageError as e:
             return RouteResult.answer(e.reason, e.message, status=e.status, dstats=self.dstats)
+        # Authorization before the rate limits (identity, authorization, per-caller
+        # limits): a refused caller spends none of the budget of those let in.
+        authz = self.authz
+        if authz is not None and authz.policy is not None:
+            refused = authz.check(head, peer, path, self.dstats)
+            if refused is not None:
+                return refused
+        limits = self.limits
+        if limits is not None:
+            wait = limits.wait(head, peer)
+            if wait > 0.0:
+                return RouteResult.answer(
+                    local_reply.RATE_LIMITED,
+                    f"over the service's rate limit; retry in {wait:.3f}s",
+                    dstats=self.dstats,
+                    headers=((b"retry-after", local_reply.retry_after(wait)),),
+                )
         if path is None:
             return self._result
         return RouteResult(self.pool, dstats=self.dstats, path=path)

@@ -29,6 +29,7 @@ DRAINING = "draining"
 FAULT_ABORT = "fault_abort"
 RATE_LIMITED = "rate_limited"
 REDIRECT = "redirect"
+FORBIDDEN_BY_POLICY = "forbidden_by_policy"
 # Plaintext at an inbound port that accepts mutual TLS only (proxy/tls.py).
 MTLS_REQUIRED = "mtls_required"
 # The TLS handshake with a remote sidecar failed, or it is not the destination.
@@ -48,6 +49,7 @@ REPLIES: dict[str, tuple[int, str]] = {
     UPSTREAM_RESPONSE_TOO_LARGE: (502, "the upstream's response head is over the limits"),
     UPSTREAM_TIMEOUT: (504, "the upstream did not answer in time"),
     EGRESS_DENIED: (403, "calls outside the mesh are denied by policy"),
+    FORBIDDEN_BY_POLICY: (403, "the destination's authorization policy refuses this call"),
     BAD_REQUEST: (400, "malformed request"),
     REQUEST_LINE_TOO_LONG: (400, "request line longer than 8 KiB"),
     HEADERS_TOO_LARGE: (431, "request header section larger than 64 KiB"),

@@ -167,6 +167,7 @@ class Sidecar:
         self.expose: Any = None
         self.policy: Any = None
         self.policy_client: Any = None
+        self.authz: Any = None  # proxy/authz.InboundAuthz with a control plane
         self.egress_guard = EgressGuard()
         # The mesh identity (proxy/identity.py) and its TLS (proxy/tls.py): set when a
         # control plane with a CA issued this sidecar a certificate; None is plaintext.
@@ -279,6 +280,12 @@ class Sidecar:
         spec = self.spec
         assert self.directory is not None
         self.stats = ProxyStats(source=f"{spec.service}.{spec.namespace}")
+        # With a control plane, the inbound listener enforces the service's intentions
+        # (proxy/authz.py), compiled from each snapshot the policy applies.
+        if spec.controlplane:
+            from proxy.authz import InboundAuthz
+
+            self.authz = InboundAuthz(spec.namespace, spec.service)
         # Inbound first: its port names the instance (registration, control plane).
         self.inbound = await start_inbound(
             spec.app_port,
@@ -287,6 +294,7 @@ class Sidecar:
             port=spec.inbound_port,
             app_host=spec.app_host,
             mesh_tls=self.mesh_tls,
+            authz=self.authz,
         )
         await self._guard_control_surfaces()
         if spec.controlplane:
@@ -415,6 +423,7 @@ class Sidecar:
         )
         policy.interest = self.policy_client.want
         policy.on_applied.append(self._follow_mtls_mode)
+        policy.inbound_authz = self.authz
         self.policy = policy
         # The Route's `at: inbound` rate limits for this sidecar's own service.
         from proxy.dispatch import InboundRouter
@@ -587,6 +596,7 @@ class Sidecar:
             "controlplane": self.policy_client.describe() if self.policy_client else None,
             "mirrors": self._mirror_counts(),
             "identity": self.identity.describe() if self.identity is not None else None,
+            "authorization": self.authz.describe() if self.authz is not None else None,
             "registry": f"{self.spec.registry_scheme}://{self.spec.registry_host}:"
             f"{self.spec.registry_port}",
             "clusters": [{k: v for k, v in c.items() if k != "endpoints"} for c in self.clusters()],

@@ -521,8 +521,8 @@ def get(
     cp_url: str,
     token: str | None,
 ) -> None:
-    """Show resources of KIND (ServiceDefaults, Route, TrafficSplit, MeshConfig), or of
-    every kind (`get all`, or no KIND)."""
+    """Show resources of KIND (ServiceDefaults, Route, TrafficSplit, MeshConfig,
+    Intention), or of every kind (`get all`, or no KIND)."""
     import sys
 
     from controlplane import operator

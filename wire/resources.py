@@ -3,7 +3,7 @@
 Resources are Kubernetes-style documents::
 
     apiVersion: tether.dev/v1alpha1
-    kind: TrafficSplit            # ServiceDefaults | Route | TrafficSplit | MeshConfig
+    kind: TrafficSplit            # ServiceDefaults | Route | TrafficSplit | MeshConfig | Intention
     metadata: {name: orders, namespace: default, labels: {team: shop}}
     spec: {...}
 
@@ -23,7 +23,9 @@ numbers lives in `controlplane.schema`, so a sidecar never loads PyYAML.
 
 Naming: a service's `ServiceDefaults`, `Route` and `TrafficSplit` are each named after
 the service they configure (one of each per service and namespace, as Consul's
-config entries); `MeshConfig` is mesh-wide, named `mesh`, without a namespace.
+config entries); `MeshConfig` is mesh-wide, named `mesh`, without a namespace. An
+`Intention` is named after its destination service, or `*` (every service of its
+namespace; namespace `*` too: every service of the mesh).
 """
 
 # ruff: noqa: RUF009  (spec_field() is the schema's dataclass field specifier)
@@ -253,7 +255,8 @@ class NamespaceMTLSPolicy:
         "strict or permissive for the namespace's services; unset: the mesh's.", default=None
     )
     isolated: bool = spec_field(
-        "Only intentions that name this namespace let other namespaces' callers in.",
+        "Only intentions of this namespace that name the caller's namespace let other "
+        "namespaces' callers in (not the default action, not wildcard namespaces).",
         default=False,
     )
 
@@ -617,6 +620,22 @@ class EgressPolicy:
     )
 
 
+IntentionAction = Literal["allow", "deny"]
+# An intention's source or destination that stands for every service (or namespace).
+WILDCARD = "*"
+
+
+@dataclass(frozen=True)
+class MeshAuthorizationPolicy:
+    """What the inbound sidecar does with a call no intention decides."""
+
+    default_action: IntentionAction = spec_field(
+        "allow or deny: the answer when no intention matches the caller (or an L7 "
+        "intention's permissions match none of its requests).",
+        default="allow",
+    )
+
+
 @dataclass(frozen=True)
 class MeshConfigSpec:
     """Mesh-wide defaults."""
@@ -626,18 +645,96 @@ class MeshConfigSpec:
     egress: EgressPolicy = spec_field("Egress policy.", factory=EgressPolicy)
     connect_timeout: Duration = spec_field("Default connect timeout.", default=5.0)
     request_timeout: Duration = spec_field("Default whole-request timeout.", default=15.0)
+    authorization: MeshAuthorizationPolicy = spec_field(
+        "Authorization at the inbound sidecar: the default action.",
+        factory=MeshAuthorizationPolicy,
+    )
     mtls: MeshMTLSPolicy = spec_field(
         "mTLS between sidecars: the mode, and per-namespace settings.", factory=MeshMTLSPolicy
     )
 
 
-AnySpec = Union[ServiceDefaultsSpec, RouteSpec, TrafficSplitSpec, MeshConfigSpec]  # noqa: UP007
+@dataclass(frozen=True)
+class IntentionHeaderMatchSpec:
+    """A request header (name case-insensitive; several values joined by ',') is
+    present, or equals, starts with, ends with or matches; `invert` negates it."""
+
+    ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = (
+        ("exact", "prefix", "suffix", "regex", "present"),
+    )
+
+    name: str = spec_field("Header name.")
+    exact: str | None = spec_field("The value equals this.", default=None)
+    prefix: str | None = spec_field("The value starts with this.", default=None)
+    suffix: str | None = spec_field("The value ends with this.", default=None)
+    regex: str | None = spec_field(
+        "The whole value matches this regular expression (RE2 syntax).", default=None
+    )
+    present: bool | None = spec_field(
+        "true: the header is present (false is not allowed: use invert).", default=None
+    )
+    invert: bool = spec_field("Negate the condition.", default=False)
+
+
+@dataclass(frozen=True)
+class IntentionHTTPMatchSpec:
+    """L7 conditions of a permission; all given ones must hold (at least one is given)."""
+
+    path: PathMatchSpec | None = spec_field(
+        "Path condition (the path without the query).", default=None
+    )
+    methods: tuple[str, ...] = spec_field("Methods, e.g. [GET, HEAD]; empty: any.", default=())
+    headers: tuple[IntentionHeaderMatchSpec, ...] = spec_field(
+        "Header conditions (all).", default=()
+    )
+
+
+@dataclass(frozen=True)
+class IntentionPermissionSpec:
+    """An action for the requests an L7 match selects; a source's permissions are tried
+    in order and the first match decides."""
+
+    action: IntentionAction = spec_field("allow or deny.")
+    http: IntentionHTTPMatchSpec = spec_field("Which requests.")
+
+
+@dataclass(frozen=True)
+class IntentionSourceSpec:
+    """Who may (or may not) call: a service, or `*`, of a namespace, or `*`.
+
+    Exactly one of `action` (every request of the caller: an L4 intention) or
+    `permissions` (an L7 intention: the first matching permission decides, none
+    matching leaves it to the mesh's default action)."""
+
+    name: str = spec_field("The calling service, or '*' for every service.")
+    namespace: str | None = spec_field(
+        "Its namespace, or '*' for every namespace; unset: the Intention's namespace.",
+        default=None,
+    )
+    action: IntentionAction | None = spec_field("allow or deny (L4).", default=None)
+    permissions: tuple[IntentionPermissionSpec, ...] = spec_field(
+        "L7 permissions, in order (instead of action).", default=()
+    )
+    description: str = spec_field("Free-form description.", default="")
+
+
+@dataclass(frozen=True)
+class IntentionSpec:
+    """Which callers may call the Intention's service (its name; `*`: every service of
+    its namespace; name and namespace `*`: every service of the mesh), as Consul's
+    service-intentions config entry. The most specific matching source decides."""
+
+    sources: tuple[IntentionSourceSpec, ...] = spec_field("The callers, in any order.")
+
+
+AnySpec = Union[ServiceDefaultsSpec, RouteSpec, TrafficSplitSpec, MeshConfigSpec, IntentionSpec]  # noqa: UP007
 
 SPEC_TYPES: dict[str, type[Any]] = {
     "ServiceDefaults": ServiceDefaultsSpec,
     "Route": RouteSpec,
     "TrafficSplit": TrafficSplitSpec,
     "MeshConfig": MeshConfigSpec,
+    "Intention": IntentionSpec,
 }
 KINDS: tuple[str, ...] = tuple(SPEC_TYPES)
 # Mesh-wide kinds: no namespace.
@@ -683,6 +780,7 @@ for _k in (*KINDS, *FUTURE_KINDS):
     _KIND_ALIASES[_k.lower()] = _k
     _KIND_ALIASES[_k.lower() + "s"] = _k
 _KIND_ALIASES.update({"sd": "ServiceDefaults", "ts": "TrafficSplit", "mc": "MeshConfig"})
+_KIND_ALIASES.update({"ixn": "Intention", "serviceintentions": "Intention"})
 
 
 def canonical_kind(name: str) -> str | None:
@@ -1244,11 +1342,17 @@ def check_resource(res: Resource) -> list[Problem]:
     """
     c = _Checker()
     meta = res.metadata
-    if not valid_name(meta.name):
+    # An Intention may name every service (`*`), and then every namespace too (`*`).
+    wild_name = res.kind == "Intention" and meta.name == WILDCARD
+    wild_ns = wild_name and meta.namespace == WILDCARD
+    if not valid_name(meta.name) and not wild_name:
         c.add(("metadata", "name"), f"invalid name {meta.name!r}: lower-case letters, digits "
               "and '-', starting and ending with a letter or digit, at most 63")  # fmt: skip
-    if res.kind not in CLUSTER_KINDS and not valid_name(meta.namespace):
-        c.add(("metadata", "namespace"), f"invalid namespace {meta.namespace!r}")
+    if res.kind not in CLUSTER_KINDS and not valid_name(meta.namespace) and not wild_ns:
+        hint = ""
+        if res.kind == "Intention" and meta.namespace == WILDCARD:
+            hint = " (namespace '*' goes with name '*' only)"
+        c.add(("metadata", "namespace"), f"invalid namespace {meta.namespace!r}{hint}")
     for k, v in meta.labels.items():
         if not _LABEL_KEY.match(k) or len(k) > 317:
             c.add(("metadata", "labels", k), f"invalid label key {k!r}")
@@ -1263,6 +1367,8 @@ def check_resource(res: Resource) -> list[Problem]:
         _check_split(c, spec)
     elif isinstance(spec, MeshConfigSpec):
         _check_mesh(c, spec)
+    elif isinstance(spec, IntentionSpec):
+        _check_intention(c, spec, meta.namespace)
     return c.problems
 
 
@@ -1554,3 +1660,68 @@ def _check_mesh(c: _Checker, spec: MeshConfigSpec) -> None:
     for ns in spec.mtls.namespaces:
         if not valid_name(ns):
             c.add(("spec", "mtls", "namespaces", ns), f"invalid namespace {ns!r}")
+
+
+# Methods an intention may name (RFC 9110's, and PATCH); others are refused as typos.
+INTENTION_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+
+
+def _check_intention(c: _Checker, spec: IntentionSpec, namespace: str) -> None:
+    if not spec.sources:
+        c.add(("spec", "sources"), "at least one source is required")
+    seen: dict[tuple[str, str], int] = {}
+    for i, src in enumerate(spec.sources):
+        at: FieldPath = ("spec", "sources", i)
+        if src.name != WILDCARD and not valid_name(src.name):
+            c.add((*at, "name"), f"invalid service name {src.name!r} (a service, or '*')")
+        ns = src.namespace if src.namespace is not None else namespace
+        if src.namespace is not None and ns != WILDCARD and not valid_name(ns):
+            c.add((*at, "namespace"), f"invalid namespace {ns!r} (a namespace, or '*')")
+        if ns == WILDCARD and src.name != WILDCARD:
+            c.add((*at, "name"), "a source of every namespace ('*') must be every service ('*')")
+        if (ns, src.name) in seen:
+            c.add(
+                at, f"source {ns}/{src.name} is already listed at sources[{seen[(ns, src.name)]}]"
+            )
+        seen.setdefault((ns, src.name), i)
+        if src.action is None and not src.permissions:
+            c.add(at, "exactly one of action, permissions is required (got none)")
+        elif src.action is not None and src.permissions:
+            c.add(at, "exactly one of action, permissions is required (got action, permissions)")
+        if len(src.description) > 512:
+            c.add((*at, "description"), "longer than 512 characters")
+        for j, perm in enumerate(src.permissions):
+            _check_permission(c, (*at, "permissions", j, "http"), perm.http)
+
+
+def _check_permission(c: _Checker, at: FieldPath, http: IntentionHTTPMatchSpec) -> None:
+    if http.path is None and not http.methods and not http.headers:
+        c.add(at, "an HTTP match needs at least one of path, methods, headers")
+    if http.path is not None:
+        p = http.path
+        for key, text in (("exact", p.exact), ("prefix", p.prefix)):
+            if text is not None and not text.startswith("/"):
+                c.add((*at, "path", key), "a path starts with '/'")
+        if p.regex is not None:
+            c.regex((*at, "path", "regex"), p.regex)
+    seen: set[str] = set()
+    for k, m in enumerate(http.methods):
+        if m not in INTENTION_METHODS:
+            hint = (
+                f" (methods are upper-case: {m.upper()!r})"
+                if m.upper() in INTENTION_METHODS
+                else ""
+            )
+            c.add((*at, "methods", k), f"unknown method {m!r}{hint}")
+        elif m in seen:
+            c.add((*at, "methods", k), f"method {m} listed twice")
+        seen.add(m)
+    for k, h in enumerate(http.headers):
+        c.token((*at, "headers", k, "name"), h.name, "header name")
+        if h.regex is not None:
+            c.regex((*at, "headers", k, "regex"), h.regex)
+        if h.present is False:
+            c.add((*at, "headers", k, "present"), "present: false is not allowed: "
+                  "use present: true with invert: true")  # fmt: skip
