@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from proxy import local_reply
 from proxy import outcome as outcomes
+from proxy import retry as retries
+from proxy.balance.outlier import classify
 from proxy.errors import BadMessageError
 from proxy.forwarding import (
     Forwarder,
@@ -62,8 +64,12 @@ from proxy.pool import PoolOverflowError
 from proxy.upstream import PAUSE_UPSTREAM as PAUSE_UPSTREAM  # the upstream's buffer is full
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from proxy.balance import Endpoint
     from proxy.heads import Fields, RequestHead, ResponseHead
     from proxy.pool import Pool
+    from proxy.resilience import Resilience
     from proxy.route_result import Peer, RouteResult
     from proxy.stats import ProxyStats
     from proxy.upstream import UpstreamConnection
@@ -107,7 +113,12 @@ _SENT_CONTINUE = 1
 _RETRIED = 2
 _EARLY_HINT = 4
 MAX_EARLY_HINTS = 2
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_IDEMPOTENT = retries.IDEMPOTENT_METHODS
+# `rflags` (resilience): an attempt is open (the tracker owes it an on_end); the
+# request holds a slot of its breakers; its retry holds a retry slot.
+_ATTEMPT = 1
+_ADMITTED = 2
+_RETRY_SLOT = 4
 
 # The state table as data: event -> the states it is valid in (anything else raises,
 # except in ENDED, where the events in `LATE` are dropped).
@@ -153,8 +164,25 @@ class Timeouts(Protocol):
     def request(self) -> float: ...
 
 
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Rerouter(Protocol):
+    def retry_route(
+        self, head: RequestHead, peer: Peer, previous: RouteResult, tried: list[Any]
+    ) -> RouteResult:
+        """Where a retry goes: another endpoint of `previous`'s cluster where one is
+        available (not in `tried`), else `previous`."""
+
+
 class Server(Forwarder, Protocol):
     """What an exchange reads of its listener (proxy/downstream.py's ProxyServer)."""
+
+    @property
+    def router(self) -> Rerouter: ...
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        """Per-try timeouts and retry backoff (only requests with a retry policy)."""
 
     @property
     def timeouts(self) -> Timeouts: ...
@@ -196,7 +224,10 @@ class Exchange:
     (a `RouteResult` the router may share between requests, never changed)."""
 
     __slots__ = (
+        "abandoned",
         "after",
+        "attempt",
+        "attempt_start",
         "conn",
         "deadline",
         "flags",
@@ -204,16 +235,23 @@ class Exchange:
         "keep_alive",
         "outcome",
         "progress",
+        "replay",
+        "replay_size",
         "req_done",
         "request_bytes",
+        "res",
         "resp_chunked",
+        "rflags",
         "route",
+        "rspec",
         "seen_progress",
         "server",
         "start",
         "state",
         "status",
         "timer",
+        "timer_handle",
+        "tried",
         "tunnel",
         "upstream",
     )
@@ -223,6 +261,12 @@ class Exchange:
     tunnel: tuple[Any, bytes]
     request_bytes: bytes
     resp_chunked: bool
+    # Requests with a retry policy: endpoints tried, the connection given up last, how
+    # many body bytes are kept for a replay, when the current attempt started.
+    tried: list[Endpoint] | None
+    abandoned: UpstreamConnection | None
+    replay_size: int
+    attempt_start: float
 
     def __init__(self, conn: Downstream, head: RequestHead) -> None:
         server = conn.server
@@ -241,8 +285,15 @@ class Exchange:
         # Bumped by both sockets' data; the sweep renews the idle deadline on progress.
         self.progress = 0
         self.seen_progress = 0
-        # Set when first needed: resp_chunked, request_bytes, tunnel, outcome, after.
+        # Set when first needed: resp_chunked, request_bytes, tunnel, outcome, after,
+        # and for requests with a resilience policy: rspec, replay_size, tried, abandoned.
         self.status = 0
+        self.attempt = 0  # attempts so far (1: the first is out)
+        self.rflags = 0
+        self.res: Resilience | None = None
+        self.replay: list[bytes] | None = None  # body bytes kept for a retry
+        self.timer_handle: TimerHandle | None = None
+        self.rspec: retries.RetrySpec | None = None
 
     def _invalid(self, event: str) -> None:
         """An event outside the table: dropped after the end if it may come late, else
@@ -278,6 +329,9 @@ class Exchange:
             ubuf.append(b"\r\n")
         else:
             ubuf.append(data)
+        replay = self.replay
+        if replay is not None:
+            self._keep_for_replay(replay, data)
         if self.upstream is None and state != DIALING:
             self.conn.set_pause(PAUSE_CONNECTING)
 
@@ -288,7 +342,10 @@ class Exchange:
             return
         self.req_done = True
         if self.head.chunked:
-            self.conn.ubuf.append(encode_last_chunk(trailers))
+            last = encode_last_chunk(trailers)
+            self.conn.ubuf.append(last)
+            if self.replay is not None:
+                self.replay.append(last)
         if state < RESPONDING and state != DIALING:
             self.timer = T_REQUEST
             self.deadline = self.server.clock() + self._request_timeout()
@@ -318,12 +375,13 @@ class Exchange:
         pool = result.pool
         if pool is None:
             raise ExchangeStateError(f"{result!r} names no destination")
-        ep, tracker = result.endpoint, result.tracker
-        if ep is not None and tracker is not None:
-            # The balancer hears of the request at the pick, not once a connection is
-            # attached: a burst to an endpoint still connecting must see it busy. It
-            # hears of the end exactly once, in end().
-            tracker.on_start(ep, self.start)
+        # The balancer hears of the request at the pick, not once a connection is
+        # attached: a burst to an endpoint still connecting must see it busy. It hears
+        # of the attempt's end exactly once (_attempt_end).
+        self._attempt_start(result, self.start)
+        res = result.resilience
+        if res is not None and self._resilient(res):
+            return
         if self.timer == T_REQUEST and result.request_timeout:
             # The request ended while routing: its timeout is the route's.
             self.deadline = self.start + result.request_timeout
@@ -339,6 +397,8 @@ class Exchange:
         else:
             ubuf.append(data)
         self._acquire(pool)
+        if self.rspec is not None and self.state < RESPONDING:
+            self._arm_try()
 
     def _acquire(self, pool: Pool) -> None:
         self.state = CONNECTING
@@ -378,6 +438,12 @@ class Exchange:
             return
         conn = self.conn
         conn.ubuf.clear()
+        if self.res is not None:
+            code = local_reply.REPLIES.get(reason, (502, ""))[0]
+            failed = outcomes.local(outcomes.ConnectFailure, reason, code)
+            if self._retry(retries.F_CONNECT, failed, message):
+                conn.flush()
+                return
         conn.clear_pause(PAUSE_CONNECTING)
         self._reply(outcomes.ConnectFailure, reason, message)
         conn.flush()
@@ -432,8 +498,13 @@ class Exchange:
     def on_response_head(self, rhead: ResponseHead) -> None:
         if self.state != SENDING:
             self._invalid("response_head")
+        if self.timer_handle is not None:
+            self._cancel_timer()  # the per-try timeout covers the wait for this head
         head = self.head
         status = rhead.status
+        spec = self.rspec
+        if spec is not None and status >= 200 and self._retry_response(spec, rhead):
+            return
         if status == 101 and head.upgrade is None:
             raise BadMessageError(
                 "101 to a request that asked for no upgrade",
@@ -513,8 +584,8 @@ class Exchange:
 
     def on_upstream_lost(self, up: UpstreamConnection, reason: str, message: str) -> None:
         if up is not self.upstream:
-            if self.state == ENDED:
-                return
+            if self.state == ENDED or (self.res is not None and up is self.abandoned):
+                return  # the connection of an attempt given up for a retry
             self._invalid("upstream_lost")
         self.upstream = None
         up.unbind()
@@ -545,6 +616,10 @@ class Exchange:
             ubuf.append(self.request_bytes)
             self._acquire(route.pool)
             return
+        if self.state == SENDING and self.res is not None:
+            failed = outcomes.local(outcomes.Reset, reason, 502)
+            if self._retry(retries.F_RESET, failed, message):
+                return
         self._reply(outcomes.Reset, reason, message)
 
     # -- what the bound upstream connection asks of it (proxy/upstream.py) -------------
@@ -576,7 +651,8 @@ class Exchange:
                 if waiting
                 else f"no progress for {self.server.timeouts.idle}s"
             )
-            reason = local_reply.UPSTREAM_TIMEOUT
+            # The whole request's timeout and the idle one: each its own reason.
+            reason = local_reply.REQUEST_TIMEOUT if waiting else local_reply.UPSTREAM_TIMEOUT
             status = local_reply.REPLIES[reason][0]
             self._render(reason, message, status, close=not waiting)
             after = KEEP if self.keep_alive and self.req_done else CLOSE
@@ -612,6 +688,8 @@ class Exchange:
 
     def _drop_upstream(self) -> None:
         """Stop waiting for a connection and abort the one in use: its state is unknown."""
+        if self.timer_handle is not None:
+            self._cancel_timer()
         up = self.upstream
         if up is not None:
             self.upstream = None
@@ -661,6 +739,239 @@ class Exchange:
             )
         )
 
+    # -- attempts: retries, per-try timeouts, breakers, outlier detection ---------------
+    #
+    # An attempt starts at `_attempt_start` (the pick's tracker hears of it) and ends at
+    # `_attempt_end` with its own typed outcome (the tracker and the outlier detector
+    # read it); a request has one attempt, or more when its route's retry policy
+    # (proxy/retry.py) sends it again. Nothing of a failed attempt reaches the client.
+
+    def _attempt_start(self, route: RouteResult, now: float) -> None:
+        self.attempt += 1
+        self.attempt_start = now
+        ep, tracker = route.endpoint, route.tracker
+        if ep is not None and tracker is not None:
+            tracker.on_start(ep, now)
+            self.rflags |= _ATTEMPT
+        ds = route.dstats
+        if ds is not None:
+            ds.attempts += 1
+
+    def _attempt_end(self, outcome: Outcome, now: float) -> None:
+        self.rflags &= ~_ATTEMPT
+        route = self.route
+        assert route is not None
+        ep, tracker = route.endpoint, route.tracker
+        if ep is not None and tracker is not None:
+            tracker.on_end(ep, now, now - self.attempt_start, outcome.ok)
+        res = self.res
+        if res is not None:
+            if self.rflags & _RETRY_SLOT:
+                self.rflags &= ~_RETRY_SLOT
+                res.retry_done()
+            detector, cluster = res.outlier, res.cluster
+            if detector is not None and ep is not None and cluster is not None:
+                what = classify(outcome.kind, outcome.status)
+                detector.observe(ep, what, now, cluster.endpoints)
+
+    def _release(self, outcome: Outcome, now: float) -> None:
+        """At the end: the open attempt ends with the request's outcome; the breakers'
+        slots and the timer are given back."""
+        if self.rflags & _ATTEMPT:
+            self._attempt_end(outcome, now)
+        res = self.res
+        if res is not None:
+            if self.timer_handle is not None:
+                self._cancel_timer()
+            if self.rflags & _ADMITTED:
+                res.release()
+        self.rflags = 0
+
+    def _resilient(self, res: Resilience) -> bool:
+        """The route has a resilience policy: take the breakers' slots (True: refused,
+        answered 503 overflow), count the request in the retry budget, keep its body."""
+        self.res = res
+        if res.breaker is not None or res.rule_breaker is not None:
+            refused = res.admit()
+            if refused is not None:
+                self.conn.ubuf.clear()
+                self.local_reply(
+                    local_reply.OVERFLOW,
+                    f"circuit breaker {refused.name}: "
+                    f"{refused.spec.max_active_requests} requests in flight",
+                )
+                return True
+            self.rflags |= _ADMITTED
+        spec = res.retry
+        if spec is not None and res.budget is not None:
+            if spec.header_override:
+                spec = _overridden(spec, self.head.headers)
+            self.rspec = spec
+            res.budget.request(self.start)
+            self.tried = None
+            self.abandoned = None
+            # Body bytes that came before the route (the head goes first, apart).
+            pieces = list(self.conn.ubuf)
+            self.replay = pieces
+            self.replay_size = 0
+            for piece in pieces:
+                self._keep_for_replay([], piece)
+        return False
+
+    def _keep_for_replay(self, replay: list[bytes], data: bytes) -> None:
+        size = self.replay_size + len(data)
+        spec = self.rspec
+        if spec is None or size > spec.buffer_limit:
+            self.replay = None  # too long to send again: never retried
+            return
+        self.replay_size = size
+        if replay is self.replay:
+            if self.head.chunked:
+                replay.append(chunk_prefix(len(data)))
+                replay.append(data)
+                replay.append(b"\r\n")
+            else:
+                replay.append(data)
+
+    def _arm_try(self) -> None:
+        spec = self.rspec
+        if spec is not None and spec.per_try_timeout:
+            self.timer_handle = self.server.call_later(spec.per_try_timeout, self.on_try_timeout)
+
+    def _cancel_timer(self) -> None:
+        handle = self.timer_handle
+        self.timer_handle = None
+        if handle is not None:
+            handle.cancel()
+
+    def on_try_timeout(self) -> None:
+        """The per-try timeout fired before the attempt's response head."""
+        self.timer_handle = None
+        if self.state not in (CONNECTING, SENDING):
+            return
+        self._drop_upstream()
+        conn = self.conn
+        conn.ubuf.clear()
+        reason = local_reply.PER_TRY_TIMEOUT
+        status = local_reply.REPLIES[reason][0]
+        failed = outcomes.timeout("per_try", reason, status)
+        spec = self.rspec
+        message = f"no response within the per-try timeout ({spec.per_try_timeout if spec else 0}s)"
+        if not self._retry(retries.F_TIMEOUT, failed, message):
+            conn.clear_pause(PAUSE_CONNECTING)
+            self._render(reason, message, status, close=False)
+            after = KEEP if self.keep_alive and self.req_done else CLOSE
+            self.end(failed, after)
+        conn.flush()
+
+    def _retry_response(self, spec: retries.RetrySpec, rhead: ResponseHead) -> bool:
+        """A response head the policy may retry (its status, or headers): True when the
+        exchange took it (a retry, or 503 retry_budget_exhausted), so it is not relayed."""
+        status = rhead.status
+        names = None
+        if spec.reads_headers:
+            names = frozenset(n.lower() for n, _ in rhead.headers)
+        if not spec.retriable(retries.F_STATUS, status, names):
+            return False
+        return self._retry(
+            retries.F_STATUS, outcomes.completed(status), f"the upstream answered {status}"
+        )
+
+    def _retry(self, failure: int, failed: Outcome, message: str) -> bool:
+        """An attempt failed before its response head was relayed: send the request
+        again (True) after a backoff, to another endpoint where there is one, if the
+        policy covers the failure and allows another attempt; else False (the caller
+        ends the request with the failure), or, when only the budget is spent, answer
+        `retry_budget_exhausted` with the failure's status (True)."""
+        spec, res = self.rspec, self.res
+        if spec is None or res is None or res.budget is None:
+            return False
+        if failure != retries.F_STATUS and not spec.retriable(failure):
+            return False
+        now = self.server.clock()
+        why = retries.may_retry(
+            spec, self.attempt, self.head.method, self.replay is not None, res.budget, now
+        )
+        if not why and not res.admit_retry():
+            why = retries.OVERFLOW
+        route = self.route
+        assert route is not None
+        ds = route.dstats
+        if why:
+            if ds is not None:
+                ds.retries_refused[why] = ds.retries_refused.get(why, 0) + 1
+            if why != retries.BUDGET_EXHAUSTED:
+                return False
+            self._abandon()
+            self._attempt_end(failed, now)
+            self.conn.ubuf.clear()
+            self.conn.clear_pause(PAUSE_CONNECTING)
+            self._reply(
+                outcomes.LocalReply,
+                local_reply.RETRY_BUDGET_EXHAUSTED,
+                f"{message}; not retried: the retry budget of {res.name} is spent",
+                status=failed.status or 503,
+            )
+            return True
+        res.budget.spend(now)
+        if ds is not None:
+            ds.retries += 1
+        self._abandon()
+        self._attempt_end(failed, now)
+        self.rflags |= _RETRY_SLOT
+        tried = self.tried
+        if tried is None:
+            tried = self.tried = []
+        if route.endpoint is not None:
+            tried.append(route.endpoint)
+        self.state = CONNECTING
+        self.status = 0
+        self.conn.ubuf.clear()
+        if not self.req_done:
+            self.conn.set_pause(PAUSE_CONNECTING)
+        delay = retries.backoff(spec, self.attempt, retries.RNG)
+        self.timer_handle = self.server.call_later(delay, self._send_retry)
+        return True
+
+    def _abandon(self) -> None:
+        """Give up the attempt's connection (mid-response, or mid-request)."""
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            self.abandoned = up
+            up.unbind()
+            up.abort()
+
+    def _send_retry(self) -> None:
+        """The backoff is over: the next attempt, on the endpoint the router picks."""
+        self.timer_handle = None
+        if self.state != CONNECTING or self.upstream is not None:
+            return
+        route = self.route
+        assert route is not None
+        server = self.server
+        tried = self.tried or []
+        nxt = server.router.retry_route(self.head, self.conn.peer, route, tried)
+        if nxt.pool is None:
+            nxt = route  # nowhere else (no endpoint available): the same one again
+        self.route = nxt
+        self._attempt_start(nxt, server.clock())
+        conn = self.conn
+        ubuf = conn.ubuf
+        ubuf.clear()
+        data = self.request_bytes
+        ubuf.append(b"%sx-tether-attempt: %d\r\n\r\n" % (data[:-2], self.attempt))
+        if self.replay:
+            ubuf.extend(self.replay)
+        pool = nxt.pool
+        assert pool is not None
+        self._acquire(pool)
+        if self.state == SENDING:
+            conn.clear_pause(PAUSE_CONNECTING)
+        if self.state < RESPONDING:
+            self._arm_try()
+        conn.flush()
+
     # -- the end --------------------------------------------------------------------------
 
     def end(self, outcome: Outcome, after: int = CLOSE, now: float = 0.0) -> None:
@@ -679,13 +990,11 @@ class Exchange:
         route = self.route
         ds = None
         if route is not None:
-            latency = now - self.start
-            ep, tracker = route.endpoint, route.tracker
-            if ep is not None and tracker is not None:
-                tracker.on_end(ep, now, latency, outcome.ok)
+            if self.rflags:
+                self._release(outcome, now)
             ds = route.dstats
             if ds is not None:
-                ds.record(outcome.status, latency)
+                ds.record(outcome.status, now - self.start)
         if outcome.reason:
             self.server.stats.local_reply(outcome.reason, ds)
         self.conn.exchange_done(self, now)
@@ -698,3 +1007,19 @@ class Exchange:
             f"<Exchange {head.method.decode()} {head.target[:40]!r}"
             f" {STATE_NAMES[self.state]}{up}{out}>"
         )
+
+
+_RETRY_ATTEMPTS = b"x-tether-retry-attempts"
+_RETRY_ON = b"x-tether-retry-on"
+
+
+def _overridden(spec: retries.RetrySpec, headers: Fields) -> retries.RetrySpec:
+    """The policy as the request's x-tether-retry-* headers change it (allowHeaderOverride)."""
+    attempts = on = None
+    for name, value in headers:
+        low = name.lower()
+        if low == _RETRY_ATTEMPTS:
+            attempts = value
+        elif low == _RETRY_ON:
+            on = value
+    return spec.override(attempts, on) if attempts is not None or on is not None else spec

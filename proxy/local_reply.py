@@ -25,6 +25,10 @@ NOT_IMPLEMENTED = "not_implemented"
 HEADER_TIMEOUT = "request_header_timeout"
 PROXY_LOOP = "proxy_loop"
 DRAINING = "draining"
+REQUEST_TIMEOUT = "request_timeout"
+PER_TRY_TIMEOUT = "per_try_timeout"
+UPSTREAM_CONNECT_TIMEOUT = "upstream_connect_timeout"
+RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"
 
 # Status and default message per reason; the caller may give a more precise message.
 REPLIES: dict[str, tuple[int, str]] = {
@@ -44,6 +48,10 @@ REPLIES: dict[str, tuple[int, str]] = {
     NOT_IMPLEMENTED: (501, "not implemented"),
     HEADER_TIMEOUT: (408, "the request head did not arrive in time"),
     PROXY_LOOP: (508, "the request would loop back into this sidecar"),
+    REQUEST_TIMEOUT: (504, "no response within the request timeout"),
+    PER_TRY_TIMEOUT: (504, "no response within the per-try timeout"),
+    UPSTREAM_CONNECT_TIMEOUT: (503, "the connection to the upstream timed out"),
+    RETRY_BUDGET_EXHAUSTED: (503, "the failure was not retried: the retry budget is spent"),
 }
 
 _PHRASES = {
@@ -53,6 +61,7 @@ _PHRASES = {
     408: b"Request Timeout",
     417: b"Expectation Failed",
     431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
     501: b"Not Implemented",
     502: b"Bad Gateway",
     503: b"Service Unavailable",

@@ -23,10 +23,12 @@ from typing import Any
 
 from proxy import balance
 from proxy.balance import Balancer, WeightedRoundRobin
+from proxy.circuit_breaker import CircuitBreakerSpec
 from proxy.cluster import Cluster, ServiceDirectory
 from proxy.cluster_spec import ClusterSpecs, PoolKeys, compile_specs, default_specs
 from proxy.errors import PolicyError
 from proxy.pool import PoolPolicy
+from proxy.retry import RetrySpec
 from proxy.routing import (
     NO_EDIT,
     HeaderEdit,
@@ -105,6 +107,10 @@ def _rule(res: schema.Resource, i: int, rule: schema.RouteRuleSpec) -> RouteRule
         subset=rule.destination.subset,
         request_headers=_edit(rule.request_headers),
         response_headers=_edit(rule.response_headers),
+        retry=RetrySpec.of(rule.retries) if rule.retries is not None else None,
+        circuit_breaker=(
+            CircuitBreakerSpec.of(rule.circuit_breaker) if rule.circuit_breaker else None
+        ),
     )
 
 

@@ -175,7 +175,13 @@ class Pool:
                 if isinstance(e, TimeoutError)
                 else f"connect to {self.name} failed: {e}"
             )
-            waiter.on_upstream_failed("upstream_connect_error", message)
+            # A timeout has its own reason (503 upstream_connect_timeout), a refusal 502.
+            reason = (
+                local_reply.UPSTREAM_CONNECT_TIMEOUT
+                if isinstance(e, TimeoutError)
+                else local_reply.UPSTREAM_CONNECT_ERROR
+            )
+            waiter.on_upstream_failed(reason, message)
             # Queued waiters get their own attempt rather than waiting for nothing.
             if self.waiters and self.size < self.policy.max_connections:
                 self._connect(self.waiters.popleft())

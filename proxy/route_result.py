@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from proxy.cluster_spec import ClusterSpec
     from proxy.heads import Fields
     from proxy.pool import Pool
+    from proxy.resilience import Resilience
     from proxy.stats import DestinationStats
 
 
@@ -72,6 +73,7 @@ class RouteResult:
         "pool",
         "reply",
         "request_timeout",
+        "resilience",
         "response_edit",
         "spec",
         "tracker",
@@ -92,6 +94,7 @@ class RouteResult:
         tunnel: tuple[str, int] | None = None,
         pending: Awaitable[RouteResult] | None = None,
         spec: ClusterSpec | None = None,
+        resilience: Resilience | None = None,
     ) -> None:
         self.pool = pool
         self.dstats = dstats
@@ -107,6 +110,9 @@ class RouteResult:
         self.tunnel = tunnel  # CONNECT: (host, port) to dial
         self.pending = pending
         self.spec = spec  # the destination cluster's compiled settings (proxy/cluster_spec.py)
+        # Retries, breakers and outlier detection for requests on this route
+        # (proxy/resilience.py); None: none.
+        self.resilience = resilience
 
     def replace(self, **changes: Any) -> RouteResult:
         """A copy with `changes` (the fields' names as keywords)."""

@@ -140,6 +140,10 @@ class RouteRule:
     subset: str | None = None
     request_headers: HeaderEdit = NO_EDIT
     response_headers: HeaderEdit = NO_EDIT
+    # The rule's own retries and limits (proxy/retry.py, proxy/circuit_breaker.py
+    # specs); None: the destination's.
+    retry: Any = None
+    circuit_breaker: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +249,8 @@ class Decision:
     subset: str | None
     request_headers: HeaderEdit = NO_EDIT
     response_headers: HeaderEdit = NO_EDIT
+    # The matching rule when it has retries or limits of its own.
+    rule: RouteRule | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +344,8 @@ class RoutingTable:
                     resp = HeaderEdit(
                         add=(*resp.add, ("set-cookie", cookie)), set=resp.set, remove=resp.remove
                     )
-        return Decision(service, namespace, subset, req, resp)
+        own = rule if rule is not None and (rule.retry or rule.circuit_breaker) else None
+        return Decision(service, namespace, subset, req, resp, own)
 
     def subsets_in_use(self) -> set[tuple[str, str, str]]:
         """(namespace, service, subset) for every subset a rule or split can choose."""

@@ -765,9 +765,9 @@ async def test_request_timeouts_of_service_defaults_and_mesh_config() -> None:
 
             # Enforced by the listener's sweep (1 s ticks): within a tick of the timeout.
             status, error, took = await timed("orders")
-            assert (status, error) == (504, "upstream_timeout") and 0.3 <= took < 2.0, took
+            assert (status, error) == (504, "request_timeout") and 0.3 <= took < 2.0, took
             status, error, took = await timed("inventory")  # MeshConfig's 1 s
-            assert (status, error) == (504, "upstream_timeout") and 1.0 <= took < 2.8, took
+            assert (status, error) == (504, "request_timeout") and 1.0 <= took < 2.8, took
             # A fast answer is untouched.
             async with http.get("http://orders/who", proxy=proxy_url) as resp:
                 assert resp.status == 200

@@ -377,7 +377,7 @@ def test_request_timeout_runs_from_the_request_end_and_is_the_routes() -> None:
     assert w.ex.deadline == w.clock.now + 3.0
     w.clock.advance(3.0)
     w.ex.on_deadline()
-    assert w.ex.outcome == outcomes.Timeout(504, local_reply.UPSTREAM_TIMEOUT, "request")
+    assert w.ex.outcome == outcomes.Timeout(504, local_reply.REQUEST_TIMEOUT, "request")
     assert w.ex.after == KEEP  # the request was whole: the connection stays
     assert w.ex.upstream is None and w.down.client.data.startswith(b"HTTP/1.1 504 ")
 
