@@ -23,10 +23,12 @@ from __future__ import annotations
 import os
 import random
 import ssl as ssl_module
+import zlib
 from typing import Any, Literal
 
 from proxy import local_reply
 from proxy.cluster import Cluster, ServiceDirectory
+from proxy.cluster_spec import ClusterSpec
 from proxy.dispatch import OutboundRouter
 from proxy.downstream import RNG, TimeoutPolicy
 from proxy.egress import EgressGuard
@@ -35,7 +37,9 @@ from proxy.heads import RequestHead
 from proxy.listener import Listener, _listen_outbound
 from proxy.policy import Policy
 from proxy.pool import PoolPolicy
+from proxy.resilience import Resilience
 from proxy.route_result import Peer, RouteResult
+from proxy.routing import RouteRule
 from proxy.stats import ProxyStats
 from proxy.target import Authority, parse_authority
 
@@ -62,6 +66,10 @@ class PolicyRouter(OutboundRouter):
         self.rng = rng if rng is not None else RNG
         # The specs' connect timeouts fall back to this router's own.
         policy.use_pool_policy(self.pool_policy)
+        # Route rules' Resilience (their own retries or limits), per rule and cluster.
+        self._rule_res: dict[
+            tuple[int, str], tuple[RouteRule, ClusterSpec, Cluster, Resilience]
+        ] = {}
 
     def _to_cluster(
         self, head: RequestHead, peer: Peer, path: bytes | None, cluster: Cluster
@@ -101,7 +109,31 @@ class PolicyRouter(OutboundRouter):
         result = self._concrete(head, peer, path, target, spec)
         if decision.response_headers and result.reply is None:
             result = result.replace(response_edit=decision.response_headers.apply)
+        rule = decision.rule
+        if rule is not None and result.reply is None:
+            # The rule's own retries and limits, over its destination's.
+            result = result.replace(resilience=self._rule_resilience(rule, target, spec, result))
         return result
+
+    def _rule_resilience(
+        self, rule: RouteRule, cluster: Cluster, spec: ClusterSpec, result: RouteResult
+    ) -> Resilience:
+        key = (id(rule), cluster.name)
+        got = self._rule_res.get(key)
+        if got is not None and got[0] is rule and got[1] is spec and got[2] is cluster:
+            return got[3]
+        rule_key = (
+            cluster.namespace,
+            cluster.service,
+            f"rule-{zlib.crc32(repr(rule.match).encode()):08x}",
+        )
+        res = self.resilience.for_rule(
+            result.resilience, cluster, rule_key, rule.retry, rule.circuit_breaker
+        )
+        if len(self._rule_res) > 4096:
+            self._rule_res.clear()
+        self._rule_res[key] = (rule, spec, cluster, res)
+        return res
 
     # -- egress: MeshConfig's policy, when there is one, over the --egress flag ----------
 
