@@ -43,11 +43,12 @@ class CircuitBreakerSpec:
 class Breaker:
     """In-flight requests and retries of one service or rule, against its limits."""
 
-    __slots__ = ("active", "name", "overflows", "retries", "retry_overflows", "spec")
+    __slots__ = ("active", "key", "name", "overflows", "retries", "retry_overflows", "spec")
 
-    def __init__(self, spec: CircuitBreakerSpec, name: str = "") -> None:
+    def __init__(self, spec: CircuitBreakerSpec, name: str = "", key: tuple[str, ...] = ()) -> None:
         self.spec = spec
         self.name = name
+        self.key = key  # (namespace, service) or (namespace, service, rule)
         self.active = 0
         self.retries = 0
         self.overflows = 0  # requests refused with 503 overflow
@@ -105,7 +106,7 @@ class Breakers:
     def get(self, key: tuple[str, ...], spec: CircuitBreakerSpec) -> Breaker:
         b = self._by_key.get(key)
         if b is None:
-            b = self._by_key[key] = Breaker(spec, "/".join(key))
+            b = self._by_key[key] = Breaker(spec, "/".join(key), key)
         else:
             # New limits apply to the same counters: requests in flight end on this one.
             b.spec = spec

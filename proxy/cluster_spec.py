@@ -31,6 +31,7 @@ from proxy.balance.outlier import OutlierSpec
 from proxy.circuit_breaker import CircuitBreakerSpec
 from proxy.errors import PolicyError
 from proxy.pool import PoolPolicy
+from proxy.retry import DEFAULT as DEFAULT_RETRY
 from proxy.retry import RetrySpec
 
 if TYPE_CHECKING:
@@ -106,8 +107,9 @@ class ClusterSpecs:
 
 
 def default_specs(pool: PoolPolicy, keys: PoolKeys) -> ClusterSpecs:
-    """The specs of a sidecar without policy: every service on `pool`, listener timeouts."""
-    return ClusterSpecs(ClusterSpec("", "", None, pool, keys.key(pool)))
+    """The specs of a sidecar without policy: every service on `pool`, listener timeouts,
+    the default retry policy."""
+    return ClusterSpecs(ClusterSpec("", "", None, pool, keys.key(pool), retry=DEFAULT_RETRY))
 
 
 def compile_specs(
@@ -124,7 +126,7 @@ def compile_specs(
 
     mesh_connect = mesh.connect_timeout if mesh is not None else 0.0
     mesh_request = mesh.request_timeout if mesh is not None else 0.0
-    mesh_retry = _retry(mesh.retries if mesh is not None else None)
+    mesh_retry = _retry(mesh.retries if mesh is not None else None) or DEFAULT_RETRY
     mesh_breaker = _breaker(mesh.circuit_breaker if mesh is not None else None)
     mesh_outlier = _outlier(mesh.outlier_detection if mesh is not None else None)
 

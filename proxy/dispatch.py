@@ -341,16 +341,14 @@ class OutboundRouter:
         )
         out.append("# TYPE tether_circuit_breaker_overflows_total counter")
         for b in sorted(self.resilience.breakers.all(), key=lambda b: b.name):
-            if b.overflows:
-                out.append(
-                    f'tether_circuit_breaker_overflows_total{{breaker="{b.name}",'
-                    f'kind="requests"}} {b.overflows}'
-                )
-            if b.retry_overflows:
-                out.append(
-                    f'tether_circuit_breaker_overflows_total{{breaker="{b.name}",'
-                    f'kind="retries"}} {b.retry_overflows}'
-                )
+            ns, svc, *rule = b.key
+            labels = f'destination="{svc}.{ns}",rule="{rule[0] if rule else ""}"'
+            for limit, n in (("max_active_requests", b.overflows),
+                             ("max_active_retries", b.retry_overflows)):  # fmt: skip
+                if n:
+                    out.append(
+                        f'tether_circuit_breaker_overflows_total{{{labels},limit="{limit}"}} {n}'
+                    )
         return out
 
     def _egress(self, auth: Authority, path: bytes | None) -> RouteResult:

@@ -871,11 +871,13 @@ class Exchange:
         names = None
         if spec.reads_headers:
             names = frozenset(n.lower() for n, _ in rhead.headers)
-        if not spec.retriable(retries.F_STATUS, status, names):
-            return False
-        return self._retry(
-            retries.F_STATUS, outcomes.completed(status), f"the upstream answered {status}"
-        )
+        failure = retries.F_STATUS
+        if not spec.retriable(failure, status, names):
+            # A remote sidecar's own 502/503: its app refused, or reset (one hop on).
+            failure = retries.remote(status, rhead.headers)
+            if not failure or not spec.retriable(failure):
+                return False
+        return self._retry(failure, outcomes.completed(status), f"the upstream answered {status}")
 
     def _retry(self, failure: int, failed: Outcome, message: str) -> bool:
         """An attempt failed before its response head was relayed: send the request
@@ -889,13 +891,20 @@ class Exchange:
         if failure != retries.F_STATUS and not spec.retriable(failure):
             return False
         now = self.server.clock()
+        refused = failure == retries.F_CONNECT or failure == retries.F_REFUSED
         why = retries.may_retry(
-            spec, self.attempt, self.head.method, self.replay is not None, res.budget, now
+            spec, self.attempt, self.head.method, self.replay is not None, res.budget, now, refused
         )
-        if not why and not res.admit_retry():
-            why = retries.OVERFLOW
         route = self.route
         assert route is not None
+        if (
+            not why
+            and failed.reason == local_reply.UPSTREAM_CONNECT_TIMEOUT
+            and not self._elsewhere(route, now)
+        ):
+            why = retries.NO_OTHER_ENDPOINT  # a second timeout on the same endpoint is likely
+        if not why and not res.admit_retry():
+            why = retries.OVERFLOW
         ds = route.dstats
         if why:
             if ds is not None:
@@ -932,6 +941,18 @@ class Exchange:
         delay = retries.backoff(spec, self.attempt, retries.RNG)
         self.timer_handle = self.server.call_later(delay, self._send_retry)
         return True
+
+    def _elsewhere(self, route: RouteResult, now: float) -> bool:
+        """Whether the cluster has an available endpoint this request has not tried."""
+        res = self.res
+        cluster = res.cluster if res is not None else None
+        if cluster is None:
+            return False
+        tried = self.tried or ()
+        return any(
+            ep is not route.endpoint and ep not in tried and ep.available(now)
+            for ep in cluster.endpoints
+        )
 
     def _abandon(self) -> None:
         """Give up the attempt's connection (mid-response, or mid-request)."""

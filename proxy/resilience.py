@@ -130,6 +130,8 @@ class ResilienceState:
         outlier: OutlierSpec | None,
     ) -> Resilience | None:
         """A service's Resilience (None when it has none of the three)."""
+        if retry is not None and retry.attempts <= 1 and not retry.per_try_timeout:
+            retry = None  # retries off: nothing kept per request for them
         if retry is None and breaker is None and outlier is None:
             return None
         return Resilience(

@@ -44,6 +44,7 @@ _BITS: Final = {
 }
 # Why a retry was refused (or "" when it goes ahead): counted per destination.
 NO_ATTEMPTS_LEFT: Final = "attempts"
+NO_OTHER_ENDPOINT: Final = "no_other_endpoint"
 NOT_IDEMPOTENT: Final = "not_idempotent"
 NOT_REPLAYABLE: Final = "body_too_large"
 BUDGET_EXHAUSTED: Final = "budget"
@@ -59,6 +60,16 @@ F_CONNECT: Final = 1  # no connection (refused, timed out): nothing reached the 
 F_RESET: Final = 2  # the connection broke before a response head
 F_TIMEOUT: Final = 3  # the per-try timeout fired before a response head
 F_STATUS: Final = 4  # a response head with a status (and headers) the policy may retry
+F_REFUSED: Final = 5  # the next hop said it did not process the request (see `remote`)
+
+# Local-reply reasons of a remote sidecar (its `x-tether-error`) that say the request
+# never reached its application (as HTTP/2's REFUSED_STREAM: safe to send again, for
+# any method), and the one that says its application's connection broke mid-request.
+_REFUSED_REASONS: Final = frozenset(
+    {b"upstream_connect_error", b"upstream_connect_timeout", b"draining", b"overflow"}
+)
+_RESET_REASON: Final = b"upstream_reset"
+_ERROR_HEADER: Final = b"x-tether-error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +126,8 @@ class RetrySpec:
             return bool(on & (CONNECT_FAILURE | GATEWAY_ERROR | STATUS_5XX))
         if failure == F_RESET:
             return bool(on & (RESET | GATEWAY_ERROR | STATUS_5XX))
+        if failure == F_REFUSED:
+            return bool(on & (REFUSED_STREAM | CONNECT_FAILURE))
         if failure == F_TIMEOUT:
             # A per-try timeout is a gateway error (Envoy: 5xx and gateway-error cover it).
             return bool(on & (GATEWAY_ERROR | STATUS_5XX))
@@ -150,6 +163,20 @@ class RetrySpec:
         return spec
 
 
+def remote(status: int, headers: list[tuple[bytes, bytes]]) -> int:
+    """What a 502/503 from the next hop means when it is a remote sidecar's local reply:
+    F_REFUSED (its app was never reached), F_RESET (its app's connection broke), or 0
+    (an application's own error, or not a sidecar's)."""
+    if status not in (502, 503):
+        return 0
+    for name, value in headers:
+        if name.lower() == _ERROR_HEADER:
+            if value in _REFUSED_REASONS:
+                return F_REFUSED
+            return F_RESET if value == _RESET_REASON else 0
+    return 0
+
+
 def _replace(spec: RetrySpec, **changes: object) -> RetrySpec:
     import dataclasses
 
@@ -163,19 +190,28 @@ def may_retry(
     replayable: bool,
     budget: RetryBudget,
     now: float,
+    refused: bool = False,
 ) -> str:
     """ "" when attempt `attempt + 1` may go out, else why not (NO_ATTEMPTS_LEFT,
-    NOT_IDEMPOTENT, NOT_REPLAYABLE, BUDGET_EXHAUSTED). The budget is asked last, and
-    only it is charged (by the caller, with `budget.spend`) once the retry is decided."""
+    NOT_IDEMPOTENT, NOT_REPLAYABLE, BUDGET_EXHAUSTED). A `refused` request (one that
+    reached no application: a connect failure, a remote sidecar's refusal) may be sent
+    again whatever its method. The budget is asked last, and charged by the caller
+    (`budget.spend`) once the retry is decided."""
     if attempt >= spec.attempts:
         return NO_ATTEMPTS_LEFT
-    if not spec.non_idempotent and method not in IDEMPOTENT_METHODS:
+    if not (spec.non_idempotent or refused) and method not in IDEMPOTENT_METHODS:
         return NOT_IDEMPOTENT
     if not replayable:
         return NOT_REPLAYABLE
     if not budget.allows(now):
         return BUDGET_EXHAUSTED
     return ""
+
+
+# The policy in force where none is configured (MeshConfig and ServiceDefaults without
+# `retries`): 2 attempts for connect failures, refusals and resets of idempotent
+# requests. `retries: {attempts: 1}` turns retries off.
+DEFAULT = RetrySpec()
 
 
 def backoff(spec: RetrySpec, retry: int, rng: random.Random) -> float:

@@ -251,9 +251,10 @@ async def test_circuit_breaker_sheds_past_max_active_requests(
     assert statuses == [200, 200, 503, 503, 503], results
     assert {r[1] for r in results if r[0] == 503} == {"overflow"}
     text = mesh.listener.proxy.stats.render_prometheus()
-    assert 'tether_circuit_breaker_overflows_total{breaker="default/orders",kind="requests"} 3' in (
-        text
-    )
+    assert (
+        'tether_circuit_breaker_overflows_total{destination="orders.default",rule="",'
+        'limit="max_active_requests"} 3'
+    ) in text
     # Slots are given back: the next requests pass.
     assert (await mesh.request())[0] == 200
 
