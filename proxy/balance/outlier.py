@@ -284,18 +284,22 @@ class OutlierDetector:
         return ejected
 
     def describe(self, ep: Endpoint, now: float) -> dict[str, object]:
-        """What `/clusters` shows of an endpoint."""
-        h = ep.outlier
-        if h is None or h.state == HEALTHY:
-            return {"ejected": False}
-        if h.state == TRIAL:
-            return {"ejected": True, "reason": h.reason, "probation": "trial in flight"}
-        left = max(0.0, ep.ejected_until - now)
-        out: dict[str, object] = {"ejected": left > 0, "reason": h.reason}
-        out["probation" if left <= 0 else "ejected_for"] = (
-            "next request is the trial" if left <= 0 else round(left, 3)
-        )
-        return out
+        return describe(ep, now)
 
     def __repr__(self) -> str:
         return f"<OutlierDetector {self.name} {self.spec}>"
+
+
+def describe(ep: Endpoint, now: float) -> dict[str, object]:
+    """What `/clusters` shows of an endpoint's outlier state."""
+    h = ep.outlier
+    if h is None or h.state == HEALTHY:
+        return {"ejected": False}
+    if h.state == TRIAL:
+        return {"ejected": True, "reason": h.reason, "probation": "trial in flight"}
+    left = max(0.0, ep.ejected_until - now)
+    out: dict[str, object] = {"ejected": left > 0, "reason": h.reason}
+    out["probation" if left <= 0 else "ejected_for"] = (
+        "next request is the trial" if left <= 0 else round(left, 3)
+    )
+    return out
