@@ -478,6 +478,8 @@ class Exchange:
         # that sent `Expect: 100-continue`; 103 Early Hints at most MAX_EARLY_HINTS times;
         # other 1xx are dropped. The codec fails a flood of them (502).
         if self.state != SENDING:
+            if self._stale():
+                return
             self._invalid("informational")
         head = self.head
         if head.version != "1.1":
@@ -497,6 +499,8 @@ class Exchange:
 
     def on_response_head(self, rhead: ResponseHead) -> None:
         if self.state != SENDING:
+            if self._stale():
+                return
             self._invalid("response_head")
         if self.timer_handle is not None:
             self._cancel_timer()  # the per-try timeout covers the wait for this head
@@ -538,6 +542,8 @@ class Exchange:
 
     def on_response_body(self, data: bytes) -> None:
         if self.state != RESPONDING:
+            if self._stale():
+                return
             self._invalid("response_body")
         wbuf = self.conn.wbuf
         if self.resp_chunked:
@@ -550,7 +556,7 @@ class Exchange:
     def on_response_end(self, trailers: Fields | None) -> None:
         state = self.state
         if state != RESPONDING:
-            if state == SWITCHING:
+            if state == SWITCHING or self._stale():
                 return  # the tunnel takes over in on_upstream_switched
             self._invalid("response_end")
         if self.resp_chunked:
@@ -787,10 +793,25 @@ class Exchange:
                 res.release()
         self.rflags = 0
 
+    def _stale(self) -> bool:
+        """Whether a response event comes from the connection of an attempt given up
+        for a retry (its codec finishes the bytes it was parsing; they are dropped)."""
+        return (
+            self.res is not None
+            and self.abandoned is not None
+            and self.state
+            in (
+                CONNECTING,
+                ENDED,
+            )
+        )
+
     def _resilient(self, res: Resilience) -> bool:
         """The route has a resilience policy: take the breakers' slots (True: refused,
         answered 503 overflow), count the request in the retry budget, keep its body."""
         self.res = res
+        self.tried = None
+        self.abandoned = None
         if res.breaker is not None or res.rule_breaker is not None:
             refused = res.admit()
             if refused is not None:
@@ -808,8 +829,6 @@ class Exchange:
                 spec = _overridden(spec, self.head.headers)
             self.rspec = spec
             res.budget.request(self.start)
-            self.tried = None
-            self.abandoned = None
             # Body bytes that came before the route (the head goes first, apart).
             pieces = list(self.conn.ubuf)
             self.replay = pieces

@@ -199,11 +199,13 @@ def test_kill_failing_and_slow_instances_under_load_then_a_retry_storm(tmp_path:
         client = procs.sidecar("loadgen", procs.app("loadgen"), "--controlplane", cp.url)
 
         def configured() -> bool:
+            # A call makes the sidecar tell the control plane it calls orders.
+            called = client.call("http://orders/")[0] == 200
             _, dump = client.admin("/config_dump")
             kinds = {r["kind"] for r in (dump["policy"] or {}).get("resources", [])}
-            return "ServiceDefaults" in kinds and client.call("http://orders/")[0] == 200
+            return called and "ServiceDefaults" in kinds
 
-        poll(configured, 60, "the client's sidecar runs the policy")
+        poll(configured, 60, "the client's sidecar runs the policy", interval=0.2)
         poll(lambda: len(client.endpoint_ids("orders")) == 3, 30, "the client sees 3")
 
         with Load(client.ports["outbound"]) as load:
