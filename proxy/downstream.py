@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from proxy import local_reply
 from proxy.codec import RequestCodec
 from proxy.errors import BadMessageError
-from proxy.exchange import (
+from proxy.exchange import Exchange
+from proxy.exchange_states import (
     ABORT,
     GONE,
     KEEP,
@@ -39,7 +40,6 @@ from proxy.exchange import (
     PAUSE_SWITCHING,
     T_IDLE,
     TUNNEL,
-    Exchange,
 )
 from proxy.forwarding import ResponseMemo
 from proxy.head_cache import HeadCache

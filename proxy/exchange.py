@@ -44,12 +44,12 @@ connection for a client that left), which is dropped, its resources returned.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy import local_reply
 from proxy import outcome as outcomes
 from proxy import retry as retries
-from proxy.balance.outlier import classify
+from proxy.attempts import Attempts, Rerouter, TimerHandle
 from proxy.errors import BadMessageError
 from proxy.forwarding import (
     Forwarder,
@@ -66,46 +66,31 @@ from proxy.upstream import PAUSE_UPSTREAM as PAUSE_UPSTREAM  # the upstream's bu
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from proxy.balance import Endpoint
     from proxy.heads import Fields, RequestHead, ResponseHead
     from proxy.pool import Pool
-    from proxy.resilience import Resilience
     from proxy.route_result import Peer, RouteResult
     from proxy.stats import ProxyStats
     from proxy.upstream import UpstreamConnection
 
-ROUTING: Final = 0  # the head is in; waiting for the router's answer
-CONNECTING: Final = 1  # routed to a pool; waiting for a connection
-DIALING: Final = 2  # CONNECT: the tunnel's connection is being dialled
-SENDING: Final = 3  # an upstream connection carries the request; no response head yet
-RESPONDING: Final = 4  # the response head went to the client; its body follows
-SWITCHING: Final = 5  # 101 relayed; the upstream connection becomes a tunnel
-ENDED: Final = 6
-STATE_NAMES: Final = (
-    "routing",
-    "connecting",
-    "dialing",
-    "sending",
-    "responding",
-    "switching",
-    "ended",
-)
-
-# What the connection does once the exchange ended (`after`).
-KEEP: Final = 0  # ready for the next request
-CLOSE: Final = 1  # write what is pending, then close
-ABORT: Final = 2  # the response was cut short: reset, so the client cannot take it as whole
-TUNNEL: Final = 3  # splice the client with `tunnel` (transport, bytes it sent first)
-GONE: Final = 4  # the client left: nothing to do
-
-# Why reading from the client is paused (bits; reading resumes when none is left).
-PAUSE_BACKLOG: Final = 1  # pipelined requests wait behind the one in flight
-PAUSE_CONNECTING: Final = 4  # no upstream connection yet; body pieces would pile up
-PAUSE_SWITCHING: Final = 8  # Upgrade/CONNECT: bytes after the head wait for the tunnel
-
-# Deadlines: idle (renewed by progress), request (from the request's end to the response).
-T_IDLE: Final = 0
-T_REQUEST: Final = 1
+from proxy.exchange_states import (
+    ABORT,
+    CLOSE,
+    CONNECTING,
+    DIALING,
+    ENDED,
+    GONE,
+    KEEP,
+    LATE,
+    PAUSE_CONNECTING,
+    RESPONDING,
+    ROUTING,
+    SENDING,
+    STATE_NAMES,
+    SWITCHING,
+    T_IDLE,
+    T_REQUEST,
+    TUNNEL,
+)  # fmt: skip
 
 # `flags`: a 100 was relayed; the request was sent again once; 103s relayed, counted in
 # steps of _EARLY_HINT (at most MAX_EARLY_HINTS).
@@ -114,41 +99,6 @@ _RETRIED = 2
 _EARLY_HINT = 4
 MAX_EARLY_HINTS = 2
 _IDEMPOTENT = retries.IDEMPOTENT_METHODS
-# `rflags` (resilience): an attempt is open (the tracker owes it an on_end); the
-# request holds a slot of its breakers; its retry holds a retry slot.
-_ATTEMPT = 1
-_ADMITTED = 2
-_RETRY_SLOT = 4
-
-# The state table as data: event -> the states it is valid in (anything else raises,
-# except in ENDED, where the events in `LATE` are dropped).
-TABLE: Final[dict[str, frozenset[int]]] = {
-    "request_body": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING}),
-    "request_end": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING}),
-    "routed": frozenset({ROUTING}),
-    "upstream_ready": frozenset({CONNECTING}),
-    "upstream_failed": frozenset({CONNECTING}),
-    "tunnel_ready": frozenset({DIALING}),
-    "tunnel_failed": frozenset({DIALING}),
-    "informational": frozenset({SENDING}),
-    "response_head": frozenset({SENDING}),
-    "response_body": frozenset({RESPONDING}),
-    "response_end": frozenset({RESPONDING, SWITCHING}),
-    "upstream_switched": frozenset({SWITCHING}),
-    "upstream_lost": frozenset({SENDING, RESPONDING, SWITCHING}),
-    "deadline": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
-    "client_gone": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
-    "bad_request": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
-    "last_request": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
-}
-# Events that may arrive after the end and are dropped (their resources given back):
-# all but the response events, which come only from the upstream bound to the exchange.
-LATE: Final = frozenset(TABLE) - {
-    "informational",
-    "response_head",
-    "response_body",
-    "response_end",
-}
 
 
 class ExchangeStateError(Exception):
@@ -162,18 +112,6 @@ class Timeouts(Protocol):
     def idle(self) -> float: ...
     @property
     def request(self) -> float: ...
-
-
-class TimerHandle(Protocol):
-    def cancel(self) -> None: ...
-
-
-class Rerouter(Protocol):
-    def retry_route(
-        self, head: RequestHead, peer: Peer, previous: RouteResult, tried: list[Any]
-    ) -> RouteResult:
-        """Where a retry goes: another endpoint of `previous`'s cluster where one is
-        available (not in `tried`), else `previous`."""
 
 
 class Server(Forwarder, Protocol):
@@ -217,17 +155,14 @@ class Downstream(Protocol):
         """The exchange ended (`exchange.after` says what the connection does next)."""
 
 
-class Exchange:
+class Exchange(Attempts):
     """One request and its response (see the module's docstring for the state table).
 
     Only what changes per request lives here; what the router decided stays in `route`
     (a `RouteResult` the router may share between requests, never changed)."""
 
     __slots__ = (
-        "abandoned",
         "after",
-        "attempt",
-        "attempt_start",
         "conn",
         "deadline",
         "flags",
@@ -235,25 +170,14 @@ class Exchange:
         "keep_alive",
         "outcome",
         "progress",
-        "replay",
-        "replay_size",
         "req_done",
         "request_bytes",
-        "res",
         "resp_chunked",
-        "rflags",
-        "route",
-        "rspec",
         "seen_progress",
         "server",
         "start",
-        "state",
-        "status",
         "timer",
-        "timer_handle",
-        "tried",
         "tunnel",
-        "upstream",
     )
 
     outcome: Outcome
@@ -261,12 +185,6 @@ class Exchange:
     tunnel: tuple[Any, bytes]
     request_bytes: bytes
     resp_chunked: bool
-    # Requests with a retry policy: endpoints tried, the connection given up last, how
-    # many body bytes are kept for a replay, when the current attempt started.
-    tried: list[Endpoint] | None
-    abandoned: UpstreamConnection | None
-    replay_size: int
-    attempt_start: float
 
     def __init__(self, conn: Downstream, head: RequestHead) -> None:
         server = conn.server
@@ -285,15 +203,9 @@ class Exchange:
         # Bumped by both sockets' data; the sweep renews the idle deadline on progress.
         self.progress = 0
         self.seen_progress = 0
-        # Set when first needed: resp_chunked, request_bytes, tunnel, outcome, after,
-        # and for requests with a resilience policy: rspec, replay_size, tried, abandoned.
+        # Set when first needed: resp_chunked, request_bytes, tunnel, outcome, after.
         self.status = 0
-        self.attempt = 0  # attempts so far (1: the first is out)
-        self.rflags = 0
-        self.res: Resilience | None = None
-        self.replay: list[bytes] | None = None  # body bytes kept for a retry
-        self.timer_handle: TimerHandle | None = None
-        self.rspec: retries.RetrySpec | None = None
+        self._no_attempts()
 
     def _invalid(self, event: str) -> None:
         """An event outside the table: dropped after the end if it may come late, else
@@ -745,273 +657,6 @@ class Exchange:
             )
         )
 
-    # -- attempts: retries, per-try timeouts, breakers, outlier detection ---------------
-    #
-    # An attempt starts at `_attempt_start` (the pick's tracker hears of it) and ends at
-    # `_attempt_end` with its own typed outcome (the tracker and the outlier detector
-    # read it); a request has one attempt, or more when its route's retry policy
-    # (proxy/retry.py) sends it again. Nothing of a failed attempt reaches the client.
-
-    def _attempt_start(self, route: RouteResult, now: float) -> None:
-        self.attempt += 1
-        self.attempt_start = now
-        ep, tracker = route.endpoint, route.tracker
-        if ep is not None and tracker is not None:
-            tracker.on_start(ep, now)
-            self.rflags |= _ATTEMPT
-        ds = route.dstats
-        if ds is not None:
-            ds.attempts += 1
-
-    def _attempt_end(self, outcome: Outcome, now: float) -> None:
-        self.rflags &= ~_ATTEMPT
-        route = self.route
-        assert route is not None
-        ep, tracker = route.endpoint, route.tracker
-        if ep is not None and tracker is not None:
-            tracker.on_end(ep, now, now - self.attempt_start, outcome.ok)
-        res = self.res
-        if res is not None:
-            if self.rflags & _RETRY_SLOT:
-                self.rflags &= ~_RETRY_SLOT
-                res.retry_done()
-            detector, cluster = res.outlier, res.cluster
-            if detector is not None and ep is not None and cluster is not None:
-                what = classify(outcome.kind, outcome.status)
-                detector.observe(ep, what, now, cluster.endpoints)
-
-    def _release(self, outcome: Outcome, now: float) -> None:
-        """At the end: the open attempt ends with the request's outcome; the breakers'
-        slots and the timer are given back."""
-        if self.rflags & _ATTEMPT:
-            self._attempt_end(outcome, now)
-        res = self.res
-        if res is not None:
-            if self.timer_handle is not None:
-                self._cancel_timer()
-            if self.rflags & _ADMITTED:
-                res.release()
-        self.rflags = 0
-
-    def _stale(self) -> bool:
-        """Whether a response event comes from the connection of an attempt given up
-        for a retry (its codec finishes the bytes it was parsing; they are dropped)."""
-        return (
-            self.res is not None
-            and self.abandoned is not None
-            and self.state
-            in (
-                CONNECTING,
-                ENDED,
-            )
-        )
-
-    def _resilient(self, res: Resilience) -> bool:
-        """The route has a resilience policy: take the breakers' slots (True: refused,
-        answered 503 overflow), count the request in the retry budget, keep its body."""
-        self.res = res
-        self.tried = None
-        self.abandoned = None
-        if res.breaker is not None or res.rule_breaker is not None:
-            refused = res.admit()
-            if refused is not None:
-                self.conn.ubuf.clear()
-                self.local_reply(
-                    local_reply.OVERFLOW,
-                    f"circuit breaker {refused.name}: "
-                    f"{refused.spec.max_active_requests} requests in flight",
-                )
-                return True
-            self.rflags |= _ADMITTED
-        spec = res.retry
-        if spec is not None and res.budget is not None:
-            if spec.header_override:
-                spec = _overridden(spec, self.head.headers)
-            self.rspec = spec
-            res.budget.request(self.start)
-            # Body bytes that came before the route (the head goes first, apart).
-            pieces = list(self.conn.ubuf)
-            self.replay = pieces
-            self.replay_size = 0
-            for piece in pieces:
-                self._keep_for_replay([], piece)
-        return False
-
-    def _keep_for_replay(self, replay: list[bytes], data: bytes) -> None:
-        size = self.replay_size + len(data)
-        spec = self.rspec
-        if spec is None or size > spec.buffer_limit:
-            self.replay = None  # too long to send again: never retried
-            return
-        self.replay_size = size
-        if replay is self.replay:
-            if self.head.chunked:
-                replay.append(chunk_prefix(len(data)))
-                replay.append(data)
-                replay.append(b"\r\n")
-            else:
-                replay.append(data)
-
-    def _arm_try(self) -> None:
-        spec = self.rspec
-        if spec is not None and spec.per_try_timeout:
-            self.timer_handle = self.server.call_later(spec.per_try_timeout, self.on_try_timeout)
-
-    def _cancel_timer(self) -> None:
-        handle = self.timer_handle
-        self.timer_handle = None
-        if handle is not None:
-            handle.cancel()
-
-    def on_try_timeout(self) -> None:
-        """The per-try timeout fired before the attempt's response head."""
-        self.timer_handle = None
-        if self.state not in (CONNECTING, SENDING):
-            return
-        self._drop_upstream()
-        conn = self.conn
-        conn.ubuf.clear()
-        reason = local_reply.PER_TRY_TIMEOUT
-        status = local_reply.REPLIES[reason][0]
-        failed = outcomes.timeout("per_try", reason, status)
-        spec = self.rspec
-        message = f"no response within the per-try timeout ({spec.per_try_timeout if spec else 0}s)"
-        if not self._retry(retries.F_TIMEOUT, failed, message):
-            conn.clear_pause(PAUSE_CONNECTING)
-            self._render(reason, message, status, close=False)
-            after = KEEP if self.keep_alive and self.req_done else CLOSE
-            self.end(failed, after)
-        conn.flush()
-
-    def _retry_response(self, spec: retries.RetrySpec, rhead: ResponseHead) -> bool:
-        """A response head the policy may retry (its status, or headers): True when the
-        exchange took it (a retry, or 503 retry_budget_exhausted), so it is not relayed."""
-        status = rhead.status
-        names = None
-        if spec.reads_headers:
-            names = frozenset(n.lower() for n, _ in rhead.headers)
-        failure = retries.F_STATUS
-        if not spec.retriable(failure, status, names):
-            # A remote sidecar's own 502/503: its app refused, or reset (one hop on).
-            failure = retries.remote(status, rhead.headers)
-            if not failure or not spec.retriable(failure):
-                return False
-        return self._retry(failure, outcomes.completed(status), f"the upstream answered {status}")
-
-    def _retry(self, failure: int, failed: Outcome, message: str) -> bool:
-        """An attempt failed before its response head was relayed: send the request
-        again (True) after a backoff, to another endpoint where there is one, if the
-        policy covers the failure and allows another attempt; else False (the caller
-        ends the request with the failure), or, when only the budget is spent, answer
-        `retry_budget_exhausted` with the failure's status (True)."""
-        spec, res = self.rspec, self.res
-        if spec is None or res is None or res.budget is None:
-            return False
-        if failure != retries.F_STATUS and not spec.retriable(failure):
-            return False
-        now = self.server.clock()
-        refused = failure == retries.F_CONNECT or failure == retries.F_REFUSED
-        why = retries.may_retry(
-            spec, self.attempt, self.head.method, self.replay is not None, res.budget, now, refused
-        )
-        route = self.route
-        assert route is not None
-        if (
-            not why
-            and failed.reason == local_reply.UPSTREAM_CONNECT_TIMEOUT
-            and not self._elsewhere(route, now)
-        ):
-            why = retries.NO_OTHER_ENDPOINT  # a second timeout on the same endpoint is likely
-        if not why and not res.admit_retry():
-            why = retries.OVERFLOW
-        ds = route.dstats
-        if why:
-            if ds is not None:
-                ds.retries_refused[why] = ds.retries_refused.get(why, 0) + 1
-            if why != retries.BUDGET_EXHAUSTED:
-                return False
-            self._abandon()
-            self._attempt_end(failed, now)
-            self.conn.ubuf.clear()
-            self.conn.clear_pause(PAUSE_CONNECTING)
-            self._reply(
-                outcomes.LocalReply,
-                local_reply.RETRY_BUDGET_EXHAUSTED,
-                f"{message}; not retried: the retry budget of {res.name} is spent",
-                status=failed.status or 503,
-            )
-            return True
-        res.budget.spend(now)
-        if ds is not None:
-            ds.retries += 1
-        self._abandon()
-        self._attempt_end(failed, now)
-        self.rflags |= _RETRY_SLOT
-        tried = self.tried
-        if tried is None:
-            tried = self.tried = []
-        if route.endpoint is not None:
-            tried.append(route.endpoint)
-        self.state = CONNECTING
-        self.status = 0
-        self.conn.ubuf.clear()
-        if not self.req_done:
-            self.conn.set_pause(PAUSE_CONNECTING)
-        delay = retries.backoff(spec, self.attempt, retries.RNG)
-        self.timer_handle = self.server.call_later(delay, self._send_retry)
-        return True
-
-    def _elsewhere(self, route: RouteResult, now: float) -> bool:
-        """Whether the cluster has an available endpoint this request has not tried."""
-        res = self.res
-        cluster = res.cluster if res is not None else None
-        if cluster is None:
-            return False
-        tried = self.tried or ()
-        return any(
-            ep is not route.endpoint and ep not in tried and ep.available(now)
-            for ep in cluster.endpoints
-        )
-
-    def _abandon(self) -> None:
-        """Give up the attempt's connection (mid-response, or mid-request)."""
-        up = self.upstream
-        if up is not None:
-            self.upstream = None
-            self.abandoned = up
-            up.unbind()
-            up.abort()
-
-    def _send_retry(self) -> None:
-        """The backoff is over: the next attempt, on the endpoint the router picks."""
-        self.timer_handle = None
-        if self.state != CONNECTING or self.upstream is not None:
-            return
-        route = self.route
-        assert route is not None
-        server = self.server
-        tried = self.tried or []
-        nxt = server.router.retry_route(self.head, self.conn.peer, route, tried)
-        if nxt.pool is None:
-            nxt = route  # nowhere else (no endpoint available): the same one again
-        self.route = nxt
-        self._attempt_start(nxt, server.clock())
-        conn = self.conn
-        ubuf = conn.ubuf
-        ubuf.clear()
-        data = self.request_bytes
-        ubuf.append(b"%sx-tether-attempt: %d\r\n\r\n" % (data[:-2], self.attempt))
-        if self.replay:
-            ubuf.extend(self.replay)
-        pool = nxt.pool
-        assert pool is not None
-        self._acquire(pool)
-        if self.state == SENDING:
-            conn.clear_pause(PAUSE_CONNECTING)
-        if self.state < RESPONDING:
-            self._arm_try()
-        conn.flush()
-
     # -- the end --------------------------------------------------------------------------
 
     def end(self, outcome: Outcome, after: int = CLOSE, now: float = 0.0) -> None:
@@ -1047,19 +692,3 @@ class Exchange:
             f"<Exchange {head.method.decode()} {head.target[:40]!r}"
             f" {STATE_NAMES[self.state]}{up}{out}>"
         )
-
-
-_RETRY_ATTEMPTS = b"x-tether-retry-attempts"
-_RETRY_ON = b"x-tether-retry-on"
-
-
-def _overridden(spec: retries.RetrySpec, headers: Fields) -> retries.RetrySpec:
-    """The policy as the request's x-tether-retry-* headers change it (allowHeaderOverride)."""
-    attempts = on = None
-    for name, value in headers:
-        low = name.lower()
-        if low == _RETRY_ATTEMPTS:
-            attempts = value
-        elif low == _RETRY_ON:
-            on = value
-    return spec.override(attempts, on) if attempts is not None or on is not None else spec

@@ -14,7 +14,8 @@ from proxy import local_reply
 from proxy import outcome as outcomes
 from proxy.balance import Endpoint, WeightedRoundRobin
 from proxy.cluster import Cluster
-from proxy.exchange import CONNECTING, ENDED, RESPONDING, Exchange
+from proxy.exchange import Exchange
+from proxy.exchange_states import CONNECTING, ENDED, RESPONDING
 from proxy.head_cache import HeadCache
 from proxy.pool import Pool, PoolPolicy
 from proxy.resilience import ResilienceState
