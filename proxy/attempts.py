@@ -19,7 +19,7 @@ test at the route and one at the end.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from proxy import local_reply
 from proxy import outcome as outcomes
@@ -39,11 +39,11 @@ from proxy.outcome import Outcome
 
 if TYPE_CHECKING:
     from proxy.balance import Endpoint
-    from proxy.exchange import Downstream, Server
+    from proxy.exchange_states import Downstream, Server, TimerHandle
     from proxy.heads import Fields, RequestHead, ResponseHead
     from proxy.pool import Pool
     from proxy.resilience import Resilience
-    from proxy.route_result import Peer, RouteResult
+    from proxy.route_result import RouteResult
     from proxy.upstream import UpstreamConnection
 
 # `rflags`: an attempt is open (the tracker owes it an on_end); the request holds a
@@ -51,18 +51,6 @@ if TYPE_CHECKING:
 _ATTEMPT = 1
 _ADMITTED = 2
 _RETRY_SLOT = 4
-
-
-class TimerHandle(Protocol):
-    def cancel(self) -> None: ...
-
-
-class Rerouter(Protocol):
-    def retry_route(
-        self, head: RequestHead, peer: Peer, previous: RouteResult, tried: list[Any]
-    ) -> RouteResult:
-        """Where a retry goes: another endpoint of `previous`'s cluster where one is
-        available (not in `tried`), else `previous`."""
 
 
 class Attempts:
@@ -109,16 +97,6 @@ class Attempts:
     tried: list[Endpoint] | None
     abandoned: UpstreamConnection | None
     timer_handle: TimerHandle | None
-
-    def _no_attempts(self) -> None:
-        """A new exchange: no attempt yet (the rest is set by `_resilient`, when the
-        route has a policy)."""
-        self.attempt = 0  # attempts so far (1: the first is out)
-        self.rflags = 0
-        self.res = None
-        self.replay = None  # body bytes kept for a retry
-        self.timer_handle = None
-        self.rspec = None
 
     # The state machine's own actions (proxy/exchange.py).
     def end(self, outcome: Outcome, after: int = CLOSE, now: float = 0.0) -> None:
@@ -223,11 +201,14 @@ class Attempts:
             self.rspec = spec
             res.budget.request(self.start)
             # Body bytes that came before the route (the head goes first, apart).
-            pieces = list(self.conn.ubuf)
-            self.replay = pieces
+            ubuf = self.conn.ubuf
             self.replay_size = 0
-            for piece in pieces:
-                self._keep_for_replay([], piece)
+            if ubuf:
+                self.replay = pieces = list(ubuf)
+                for piece in pieces:
+                    self._keep_for_replay([], piece)
+            else:
+                self.replay = []
         return False
 
     def _keep_for_replay(self, replay: list[bytes], data: bytes) -> None:
@@ -280,6 +261,8 @@ class Attempts:
         """A response head the policy may retry (its status, or headers): True when the
         exchange took it (a retry, or 503 retry_budget_exhausted), so it is not relayed."""
         status = rhead.status
+        if status < 200:
+            return False  # a 101: switching, not an answer to retry
         names = None
         if spec.reads_headers:
             names = frozenset(n.lower() for n, _ in rhead.headers)

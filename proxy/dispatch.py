@@ -183,20 +183,43 @@ class OutboundRouter:
         path: bytes | None,
         cluster: Cluster,
         spec: ClusterSpec,
+        tried: list[Endpoint] | None = None,
     ) -> RouteResult:
-        """The balancer's pick in `cluster` and its pool under `spec`."""
+        """The balancer's pick in `cluster` and its pool under `spec`; for a retry
+        (`tried`), an endpoint not tried yet where the balancer offers one in a few
+        picks (Envoy's previous-hosts retry predicate)."""
         name = cluster.name
         dstats = self._dstats.get(name)
         if dstats is None:
             dstats = self._dstats[name] = self.stats.destination(self.name, name)
         balancer = cluster.balancer
-        ep = self._pick(head, peer, path, balancer, None)
+        now = time.monotonic()
+        # Only the hashing balancers read the request; the others share one empty context.
+        if balancer.uses_context:
+            pick = peer.routing
+            if pick is None:
+                pick = peer.routing = _PeerPick(peer)
+            pick.head = head
+            ctx = pick.ctx
+            ctx.path = (path or head.target).decode("latin-1")
+            ep = balancer.pick(ctx, now, RNG)
+            if tried:
+                ep = _pick_again(balancer, ctx, now, ep, tried)
+            pick.head = None
+        else:
+            ep = balancer.pick(_NO_HASH, now, RNG)
+            if tried:
+                ep = _pick_again(balancer, _NO_HASH, now, ep, tried)
         if ep is None:
             return RouteResult.answer(
                 local_reply.NO_HEALTHY_UPSTREAM,
                 f"service {name} has no healthy endpoint",
                 dstats=dstats,
             )
+        h = ep.outlier
+        if h is not None and h.state == EJECTED:
+            # Back from ejection: this request is its one trial (balance/outlier.py).
+            start_trial(ep, now)
         tracker = balancer.tracker  # a layer may delegate on_start/on_end
         key = (ep.host, ep.port, spec.pool_key)
         if path is None:
@@ -230,42 +253,6 @@ class OutboundRouter:
             self._results[key] = result
         return result
 
-    def _pick(
-        self,
-        head: RequestHead,
-        peer: Peer,
-        path: bytes | None,
-        balancer: Balancer,
-        tried: list[Endpoint] | None,
-    ) -> Endpoint | None:
-        """The balancer's pick; for a retry (`tried`), one not tried yet where the
-        balancer offers one in a few picks (Envoy's previous-hosts retry predicate)."""
-        now = time.monotonic()
-        # Only the hashing balancers read the request; the others share one empty context.
-        if balancer.uses_context:
-            pick = peer.routing
-            if pick is None:
-                pick = peer.routing = _PeerPick(peer)
-            pick.head = head
-            ctx = pick.ctx
-            ctx.path = (path or head.target).decode("latin-1")
-        else:
-            ctx = _NO_HASH
-        ep = balancer.pick(ctx, now, RNG)
-        if tried:
-            for _ in range(_RETRY_PICKS):
-                if ep is None or ep not in tried:
-                    break
-                ep = balancer.pick(ctx, now, RNG)
-        if ctx is not _NO_HASH:
-            peer.routing.head = None
-        if ep is not None:
-            h = ep.outlier
-            if h is not None and h.state == EJECTED:
-                # Back from ejection: this request is its one trial (balance/outlier.py).
-                start_trial(ep, now)
-        return ep
-
     def _resilience_of(self, cluster: Cluster, spec: ClusterSpec) -> Resilience | None:
         """The Resilience of requests to `cluster` under `spec` (one per pair)."""
         key = (cluster.namespace, cluster.name)
@@ -289,12 +276,11 @@ class OutboundRouter:
         spec = previous.spec
         if res is None or res.cluster is None or spec is None:
             return previous
-        cluster = res.cluster
-        ep = self._pick(head, peer, previous.path, cluster.balancer, tried)
-        if ep is None or ep is previous.endpoint:
+        nxt = self._concrete(head, peer, previous.path, res.cluster, spec, tried)
+        if nxt.pool is None or nxt.endpoint is previous.endpoint:
             return previous
-        pool = self._endpoint_pool(cluster, ep, spec)
-        return previous.replace(pool=pool, endpoint=ep, tracker=cluster.balancer.tracker)
+        # The first attempt's route, on the new endpoint (a rule's edits and limits kept).
+        return previous.replace(pool=nxt.pool, endpoint=nxt.endpoint, tracker=nxt.tracker)
 
     def _endpoint_pool(self, cluster: Cluster, ep: Endpoint, spec: ClusterSpec) -> Pool:
         key = (ep.host, ep.port, spec.pool_key)
@@ -451,6 +437,16 @@ class OutboundRouter:
             f"<OutboundRouter ns={self.namespace} egress={self.egress}"
             f" pools={len(self._pools)} egress_pools={len(self._egress_pools)}>"
         )
+
+
+def _pick_again(
+    balancer: Balancer, ctx: PickContext, now: float, ep: Endpoint | None, tried: list[Endpoint]
+) -> Endpoint | None:
+    for _ in range(_RETRY_PICKS):
+        if ep is None or ep not in tried:
+            break
+        ep = balancer.pick(ctx, now, RNG)
+    return ep
 
 
 def _sweep(pools: dict[Any, Pool], now: float) -> None:

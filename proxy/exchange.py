@@ -25,35 +25,39 @@ valid in (`TABLE` is the same, as data; tests/test_exchange.py walks every cell)
 | request_end | ROUTING..RESPONDING | mark the request whole; arm the request timeout |
 | routed | ROUTING | local reply (end), dial (DIALING), or take a connection |
 | upstream_ready | CONNECTING | bind it, send what is buffered (SENDING) |
-| upstream_failed | CONNECTING | end: connect failure (502) |
+| upstream_failed | CONNECTING | retry (after a backoff), or end: connect failure |
 | tunnel_ready | DIALING | answer 200, end: completed, tunnel |
 | tunnel_failed | DIALING | end: connect failure (502) |
 | informational | SENDING | relay a 1xx to an HTTP/1.1 client |
-| response_head | SENDING | relay the rewritten head (RESPONDING, or SWITCHING on 101) |
+| response_head | SENDING | retry (a status the policy covers), or relay (RESPONDING, SWITCHING) |
 | response_body | RESPONDING | relay (re-chunked if needed) |
 | response_end | RESPONDING, SWITCHING | end: completed, release the connection (SWITCHING: wait) |
 | upstream_switched | SWITCHING | end: completed 101, tunnel |
-| upstream_lost | SENDING..SWITCHING | retry once (reused connection), else end: reset |
+| upstream_lost | SENDING..SWITCHING | retry (before a head), else end: reset |
+| try_timeout | CONNECTING, SENDING | retry, or end: 504 per_try_timeout |
 | deadline, client_gone, bad_request | any but ENDED | drop the upstream, end |
 | last_request | any but ENDED | the connection carries nothing after this exchange |
 
 Anywhere else an event raises `ExchangeStateError` (the caller broke the protocol),
 except an answer that arrives after the end (`LATE`: a discovery answer, a pool's
-connection for a client that left), which is dropped, its resources returned.
+connection for a client that left), which is dropped, its resources returned, and the
+rest of a response whose attempt was given up for a retry.
+
+Retries, per-try timeouts, circuit breakers and the outlier detector's input are the
+attempts' part (proxy/attempts.py, this class's base): each attempt has its own start
+and end around the pick, its connection and its typed outcome.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from proxy import local_reply
 from proxy import outcome as outcomes
 from proxy import retry as retries
-from proxy.attempts import Attempts, Rerouter, TimerHandle
+from proxy.attempts import _ATTEMPT, Attempts
 from proxy.errors import BadMessageError
 from proxy.forwarding import (
-    Forwarder,
-    ResponseMemo,
     cached_response_head,
     forwarded_request_head,
     forwarded_response_head,
@@ -64,12 +68,10 @@ from proxy.pool import PoolOverflowError
 from proxy.upstream import PAUSE_UPSTREAM as PAUSE_UPSTREAM  # the upstream's buffer is full
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
+    from proxy.exchange_states import Downstream
     from proxy.heads import Fields, RequestHead, ResponseHead
     from proxy.pool import Pool
-    from proxy.route_result import Peer, RouteResult
-    from proxy.stats import ProxyStats
+    from proxy.route_result import RouteResult
     from proxy.upstream import UpstreamConnection
 
 from proxy.exchange_states import (
@@ -103,56 +105,6 @@ _IDEMPOTENT = retries.IDEMPOTENT_METHODS
 
 class ExchangeStateError(Exception):
     """An event arrived in a state where it cannot happen (a bug in the caller)."""
-
-
-class Timeouts(Protocol):
-    """Seconds (proxy/downstream.py's TimeoutPolicy)."""
-
-    @property
-    def idle(self) -> float: ...
-    @property
-    def request(self) -> float: ...
-
-
-class Server(Forwarder, Protocol):
-    """What an exchange reads of its listener (proxy/downstream.py's ProxyServer)."""
-
-    @property
-    def router(self) -> Rerouter: ...
-    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
-        """Per-try timeouts and retry backoff (only requests with a retry policy)."""
-
-    @property
-    def timeouts(self) -> Timeouts: ...
-    @property
-    def stats(self) -> ProxyStats: ...
-    @property
-    def draining(self) -> bool: ...
-    def clock(self) -> float: ...
-
-
-class Downstream(Protocol):
-    """What an exchange needs of the connection that carries it (its actions)."""
-
-    @property
-    def server(self) -> Server: ...
-    @property
-    def peer(self) -> Peer: ...
-    @property
-    def memo(self) -> ResponseMemo: ...
-
-    # Bytes waiting for flush(): to the client, and to the upstream connection.
-    wbuf: list[bytes]
-    ubuf: list[bytes]
-
-    def flush(self) -> None: ...
-    def set_pause(self, bit: int) -> None: ...
-    def clear_pause(self, bit: int) -> None: ...
-    def dial(self, exchange: Exchange, host: str, port: int) -> None:
-        """CONNECT: dial host:port, then call on_tunnel_ready / on_tunnel_failed."""
-
-    def exchange_done(self, exchange: Exchange, now: float) -> None:
-        """The exchange ended (`exchange.after` says what the connection does next)."""
 
 
 class Exchange(Attempts):
@@ -205,7 +157,12 @@ class Exchange(Attempts):
         self.seen_progress = 0
         # Set when first needed: resp_chunked, request_bytes, tunnel, outcome, after.
         self.status = 0
-        self._no_attempts()
+        self.attempt = 0  # attempts so far (1: the first is out)
+        self.rflags = 0  # proxy/attempts.py's
+        self.res = None  # the route's Resilience, when it has one
+        self.replay = None  # body bytes kept for a retry
+        self.timer_handle = None
+        self.rspec = None  # the retry policy in force
 
     def _invalid(self, event: str) -> None:
         """An event outside the table: dropped after the end if it may come late, else
@@ -419,7 +376,11 @@ class Exchange(Attempts):
         head = self.head
         status = rhead.status
         spec = self.rspec
-        if spec is not None and status >= 200 and self._retry_response(spec, rhead):
+        if (
+            spec is not None
+            and (status >= 500 or spec.any_status)
+            and self._retry_response(spec, rhead)
+        ):
             return
         if status == 101 and head.upgrade is None:
             raise BadMessageError(
@@ -675,8 +636,13 @@ class Exchange(Attempts):
         route = self.route
         ds = None
         if route is not None:
-            if self.rflags:
-                self._release(outcome, now)
+            rflags = self.rflags
+            if rflags:
+                if rflags == _ATTEMPT and self.timer_handle is None:
+                    self._attempt_end(outcome, now)  # the tracker's on_end, owed
+                    self.rflags = 0
+                else:
+                    self._release(outcome, now)
             ds = route.dstats
             if ds is not None:
                 ds.record(outcome.status, now - self.start)

@@ -1,12 +1,25 @@
-"""The exchange's states, what its connection does after it, and why reading pauses.
+"""The exchange's vocabulary: its states and state table, what its connection does after
+it, why reading pauses, and the interfaces it acts through (`Downstream`, `Server`).
 
-Plain integers (compared on every event), shared by the exchange (proxy/exchange.py),
-its attempts (proxy/attempts.py) and the HTTP/1 connection (proxy/downstream.py).
+The constants are plain integers (compared on every event), shared by the exchange
+(proxy/exchange.py), its attempts (proxy/attempts.py) and the HTTP/1 connection
+(proxy/downstream.py), which implements `Downstream` (and its ProxyServer `Server`).
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from proxy.forwarding import Forwarder
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from proxy.exchange import Exchange
+    from proxy.forwarding import ResponseMemo
+    from proxy.heads import RequestHead
+    from proxy.route_result import Peer, RouteResult
+    from proxy.stats import ProxyStats
 
 ROUTING: Final = 0  # the head is in; waiting for the router's answer
 CONNECTING: Final = 1  # routed to a pool; waiting for a connection
@@ -70,3 +83,65 @@ LATE: Final = frozenset(TABLE) - {
     "response_body",
     "response_end",
 }
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Rerouter(Protocol):
+    def retry_route(
+        self, head: RequestHead, peer: Peer, previous: RouteResult, tried: list[Any]
+    ) -> RouteResult:
+        """Where a retry goes: another endpoint of `previous`'s cluster where one is
+        available (not in `tried`), else `previous`."""
+
+
+class Timeouts(Protocol):
+    """Seconds (proxy/downstream.py's TimeoutPolicy)."""
+
+    @property
+    def idle(self) -> float: ...
+    @property
+    def request(self) -> float: ...
+
+
+class Server(Forwarder, Protocol):
+    """What an exchange reads of its listener (proxy/downstream.py's ProxyServer)."""
+
+    @property
+    def router(self) -> Rerouter: ...
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        """Per-try timeouts and retry backoff (only requests with a retry policy)."""
+
+    @property
+    def timeouts(self) -> Timeouts: ...
+    @property
+    def stats(self) -> ProxyStats: ...
+    @property
+    def draining(self) -> bool: ...
+    def clock(self) -> float: ...
+
+
+class Downstream(Protocol):
+    """What an exchange needs of the connection that carries it (its actions)."""
+
+    @property
+    def server(self) -> Server: ...
+    @property
+    def peer(self) -> Peer: ...
+    @property
+    def memo(self) -> ResponseMemo: ...
+
+    # Bytes waiting for flush(): to the client, and to the upstream connection.
+    wbuf: list[bytes]
+    ubuf: list[bytes]
+
+    def flush(self) -> None: ...
+    def set_pause(self, bit: int) -> None: ...
+    def clear_pause(self, bit: int) -> None: ...
+    def dial(self, exchange: Exchange, host: str, port: int) -> None:
+        """CONNECT: dial host:port, then call on_tunnel_ready / on_tunnel_failed."""
+
+    def exchange_done(self, exchange: Exchange, now: float) -> None:
+        """The exchange ended (`exchange.after` says what the connection does next)."""

@@ -89,6 +89,14 @@ class RetrySpec:
     non_idempotent: bool = False
     buffer_limit: int = 65536
     header_override: bool = False
+    # Whether a status below 500 may be retried (retriable-status-codes or -headers):
+    # otherwise the exchange looks no further at a response under 500.
+    any_status: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "any_status", bool(self.on & (RETRIABLE_STATUS | RETRIABLE_HEADERS))
+        )
 
     @classmethod
     def of(cls, p: schema.RetryPolicy) -> RetrySpec:
@@ -227,7 +235,16 @@ class RetryBudget:
     minPerSecond * window. One per destination (service, or Route rule with its own
     retries), kept across snapshots while its settings stay the same."""
 
-    __slots__ = ("_requests", "_retries", "_start", "min_per_second", "ratio", "slice", "window")
+    __slots__ = (
+        "_requests",
+        "_retries",
+        "_size",
+        "_start",
+        "min_per_second",
+        "ratio",
+        "slice",
+        "window",
+    )
 
     def __init__(self, ratio: float, window: float, min_per_second: int, buckets: int = 10) -> None:
         self.ratio = ratio
@@ -236,6 +253,7 @@ class RetryBudget:
         self.slice = window / buckets
         self._requests = [0] * buckets
         self._retries = [0] * buckets
+        self._size = buckets
         self._start = 0  # the slice number bucket 0.. was last cleared at
 
     @classmethod
@@ -258,8 +276,12 @@ class RetryBudget:
         return n % size
 
     def request(self, now: float) -> None:
-        """A request (its first attempt) went out."""
-        self._requests[self._index(now)] += 1
+        """A request (its first attempt) went out (once per request: the common case,
+        the same slice as the last one, costs a division and a comparison)."""
+        n = int(now / self.slice)
+        if n != self._start:
+            self._index(now)
+        self._requests[n % self._size] += 1
 
     def allows(self, now: float) -> bool:
         self._index(now)
