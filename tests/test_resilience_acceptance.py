@@ -62,7 +62,7 @@ class Instance:
         self.port = free_port()
         self.posts = tmp / f"posts-{name}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.chaos_app", str(self.port), str(self.posts)],
+            [sys.executable, "-m", "bench.chaos_app", str(self.port), str(self.posts)],
             cwd=ROOT, stdout=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         procs.closers.append(self.kill)
@@ -104,8 +104,11 @@ class Load:
     """GETs and every tenth a POST (with a unique id) to `orders` through the client's
     sidecar, from a few threads, steady and bounded in count and time."""
 
-    def __init__(self, outbound: int, threads: int = 3, limit: int = 30000) -> None:
+    def __init__(
+        self, outbound: int, threads: int = 3, limit: int = 30000, phase: str = "run"
+    ) -> None:
         self.outbound = outbound
+        self.phase = phase  # POST ids are unique across phases
         self.limit = limit
         self.lock = threading.Lock()
         self.results: list[tuple[float, str, int]] = []  # (time, method, status)
@@ -128,7 +131,7 @@ class Load:
             headers = {}
             body = None
             if method == "POST":
-                pid = f"{n}-{k}"
+                pid = f"{self.phase}-{n}-{k}"
                 headers["x-post-id"] = pid
                 body = b'{"order": "%s"}' % pid.encode()
                 with self.lock:
@@ -257,7 +260,7 @@ def test_kill_failing_and_slow_instances_under_load_then_a_retry_storm(tmp_path:
         c.control(fail=1.0)
         hits_before = b.hits() + c.hits()
         retries_before = metric(client, "tether_retries_total")
-        with Load(client.ports["outbound"], limit=600) as storm:
+        with Load(client.ports["outbound"], limit=600, phase="storm") as storm:
             poll(lambda: storm.count() >= 600, 90, "storm requests", interval=0.1)
         b.control(fail=0)
         c.control(fail=0)

@@ -1,6 +1,6 @@
 """An app for the resilience tests, run as its own process so it can be SIGKILLed:
 
-    python -m tests.chaos_app PORT LOG
+    python -m bench.chaos_app PORT LOG
 
 - `GET /` answers 200 `{"name", "pid"}`, or 500 for a share of requests after
   `GET /control?fail=0.5`, after an extra delay after `GET /control?delay=0.3`;
