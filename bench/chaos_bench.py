@@ -364,7 +364,10 @@ def render(r: dict[str, Any]) -> str:
             f"{r['storm_hits']} / {r['storm_retries']:.0f} ({per:.2f} per request) |",
             "",
             "Hedging is not built yet: the p99 under the latency fault is that of plain "
-            "retries and balancing (the slowed instance keeps its share under round robin).",
+            "retries and balancing (the slowed instance keeps its share under round robin). "
+            "In the storm the budget allows 20% of the requests of the last 10 s (the "
+            "storm's, and the run's before it) plus 10 a second: the apps saw that much "
+            "more than the client sent, not 3 attempts per request.",
             SECTION_END,
         ]
     )
