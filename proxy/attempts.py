@@ -160,6 +160,8 @@ class Attempts:
         if res is not None:
             if self.timer_handle is not None:
                 self._cancel_timer()
+            if self.rflags & _RETRY_SLOT:
+                res.retry_done()  # ended while a retry waited out its backoff
             if self.rflags & _ADMITTED:
                 res.release()
         self.rflags = 0

@@ -13,6 +13,7 @@ import pytest
 from proxy import local_reply
 from proxy import outcome as outcomes
 from proxy.balance import Endpoint, WeightedRoundRobin
+from proxy.circuit_breaker import CircuitBreakerSpec
 from proxy.cluster import Cluster
 from proxy.exchange import Exchange
 from proxy.exchange_states import CONNECTING, ENDED, RESPONDING
@@ -102,7 +103,9 @@ def pool_with_idle(port: int, cache: HeadCache | None = None) -> Pool:
 
 
 class RetryWorld:
-    def __init__(self, request: bytes, spec: RetrySpec) -> None:
+    def __init__(
+        self, request: bytes, spec: RetrySpec, breaker: CircuitBreakerSpec | None = None
+    ) -> None:
         from tests.fakes import FakeClock
 
         self.clock = FakeClock()
@@ -115,7 +118,7 @@ class RetryWorld:
         self.cluster.set_endpoints(self.eps)
         self.dstats = self.server.stats.destination("outbound", "svc.default")
         state = ResilienceState()
-        self.res = state.make(("default", "svc"), self.cluster, spec, None, None)
+        self.res = state.make(("default", "svc"), self.cluster, spec, breaker, None)
         cache = warm_cache()
         self.pools = [pool_with_idle(20001 + i, cache) for i in range(2)]
         self.routes = [
@@ -227,3 +230,20 @@ def test_a_relayed_response_cancels_the_per_try_timer() -> None:
     assert up is not None
     up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel")
     assert w.ex.state == RESPONDING and timer.cancelled
+
+
+def test_a_client_leaving_during_the_backoff_gives_every_slot_back() -> None:
+    w = RetryWorld(GET, RETRY_5XX, CircuitBreakerSpec(max_active_requests=5))
+    w.ex.on_routed(w.routes[0])
+    w.ex.on_request_end(None)
+    up = w.ex.upstream
+    assert up is not None
+    up.data_received(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n")
+    assert w.res is not None and w.res.breaker is not None
+    breaker = w.res.breaker
+    assert (breaker.active, breaker.retries) == (1, 1) and w.ex.state == CONNECTING
+    timer = w.server.timers[-1]
+    w.ex.on_client_gone()
+    assert w.ex.state == ENDED and timer.cancelled
+    assert (breaker.active, breaker.retries) == (0, 0)
+    assert [ep.active for ep in w.eps] == [0, 0]
