@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl as ssl_module
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from proxy import local_reply
 from proxy.balance import Balancer, Endpoint, PickContext
@@ -33,6 +33,9 @@ from proxy.resilience import Resilience, ResilienceState
 from proxy.route_result import Peer, RouteResult
 from proxy.stats import DestinationStats, ProxyStats
 from proxy.target import Authority, parse_authority, split_absolute_form
+
+if TYPE_CHECKING:
+    from proxy.tls import MeshTLS, UpstreamTLS
 
 _NO_HASH = PickContext()
 # Picks a retry makes to find an endpoint the request has not tried.
@@ -102,8 +105,12 @@ class OutboundRouter:
         resolve_timeout: float = 5.0,
         egress_guard: EgressGuard | None = None,
         head_cache: HeadCache | None = None,
+        mesh_tls: MeshTLS | None = None,
     ) -> None:
         self.directory = directory
+        # The sidecar's identity when attached to a control plane: mesh endpoints are
+        # dialled with mTLS and must prove they are the destination (proxy/tls.py).
+        self.mesh_tls = mesh_tls
         # Heads llhttp already parsed, for this listener's requests and its pools'
         # responses (proxy/head_cache.py).
         self.head_cache = head_cache if head_cache is not None else HeadCache()
@@ -293,6 +300,7 @@ class OutboundRouter:
                 ssl=self.upstream_ssl,
                 name=f"{cluster.name}/{ep.host}:{ep.port}",
                 head_cache=self.head_cache,
+                tls=self._upstream_tls(cluster),
             )
         return pool
 
@@ -336,6 +344,14 @@ class OutboundRouter:
                         f'tether_circuit_breaker_overflows_total{{{labels},limit="{limit}"}} {n}'
                     )
         return out
+
+    def _upstream_tls(self, cluster: Cluster) -> UpstreamTLS | None:
+        mesh = self.mesh_tls
+        if mesh is None:
+            return None
+        from proxy.tls import UpstreamTLS  # cryptography: only for a sidecar with an identity
+
+        return UpstreamTLS(mesh, cluster.namespace, cluster.service)
 
     def _egress(self, auth: Authority, path: bytes | None) -> RouteResult:
         dstats = self._egress_stats

@@ -29,6 +29,12 @@ REQUEST_TIMEOUT = "request_timeout"
 PER_TRY_TIMEOUT = "per_try_timeout"
 UPSTREAM_CONNECT_TIMEOUT = "upstream_connect_timeout"
 RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"
+# Plaintext at an inbound port that accepts mutual TLS only (proxy/tls.py).
+MTLS_REQUIRED = "mtls_required"
+# The TLS handshake with a remote sidecar failed, or it is not the destination.
+UPSTREAM_TLS_ERROR = "upstream_tls_error"
+# The health-check listener serves the app's health path only (proxy/expose.py).
+NOT_EXPOSED = "not_exposed"
 
 # Status and default message per reason; the caller may give a more precise message.
 REPLIES: dict[str, tuple[int, str]] = {
@@ -52,6 +58,9 @@ REPLIES: dict[str, tuple[int, str]] = {
     PER_TRY_TIMEOUT: (504, "no response within the per-try timeout"),
     UPSTREAM_CONNECT_TIMEOUT: (503, "the connection to the upstream timed out"),
     RETRY_BUDGET_EXHAUSTED: (503, "the failure was not retried: the retry budget is spent"),
+    MTLS_REQUIRED: (400, "this port accepts mutual TLS only"),
+    NOT_EXPOSED: (404, "only the app's health path is served here"),
+    UPSTREAM_TLS_ERROR: (502, "the upstream's TLS identity could not be verified"),
 }
 
 _PHRASES = {

@@ -24,7 +24,7 @@ import os
 import random
 import ssl as ssl_module
 import zlib
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from proxy import local_reply
 from proxy.cluster import Cluster, ServiceDirectory
@@ -42,6 +42,9 @@ from proxy.route_result import Peer, RouteResult
 from proxy.routing import RouteRule
 from proxy.stats import ProxyStats
 from proxy.target import Authority, parse_authority
+
+if TYPE_CHECKING:
+    from proxy.tls import MeshTLS
 
 
 class PolicyRouter(OutboundRouter):
@@ -187,6 +190,7 @@ async def start_policy_outbound(
     upstream_ssl: ssl_module.SSLContext | None = None,
     rng: random.Random | None = None,
     egress_guard: EgressGuard | None = None,
+    mesh_tls: MeshTLS | None = None,
 ) -> Listener:
     """`proxy.listener.start_outbound`, with the policy step in the router.
 
@@ -208,5 +212,6 @@ async def start_policy_outbound(
         upstream_ssl=upstream_ssl,
         rng=rng,
         egress_guard=egress_guard,
+        mesh_tls=mesh_tls,
     )
     return await _listen_outbound(router, stats, timeouts, host, port, ssl)
