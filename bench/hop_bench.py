@@ -12,7 +12,7 @@ it is worth against nginx.
 
     .venv/bin/python -m bench.hop_bench [--hop outbound|inbound] [--policy NAME[+locality]]
                                          [--count 50000] [--rounds 7] [--profile]
-                                         [--instructions] [--unique-ids]
+                                         [--instructions] [--unique-ids] [--no-retries]
                                          [--authz none|l4|l7]
 
 `--authz` (inbound hop): the service's intentions checked before routing, for a caller
@@ -111,8 +111,11 @@ def _authz(kind: str) -> Any:
     return authz
 
 
-def build(hop: str, policy: str, endpoints: int, authz: str = "none") -> tuple[Any, Any]:
-    """A ProxyServer for `hop` with warm pools; returns (server, downstream connection)."""
+def build(
+    hop: str, policy: str, endpoints: int, authz: str = "none", retries: bool = True
+) -> tuple[Any, Any]:
+    """A ProxyServer for `hop` with warm pools; returns (server, downstream connection).
+    Outbound, the default retry policy applies unless `retries` is False."""
     from proxy.balance import Endpoint, HashPolicy, LoadBalancerPolicy, build_balancer
     from proxy.cluster import Cluster, StaticDirectory
     from proxy.dispatch import InboundRouter, OutboundRouter
@@ -138,6 +141,12 @@ def build(hop: str, policy: str, endpoints: int, authz: str = "none") -> tuple[A
             ]
         )
         router = OutboundRouter(StaticDirectory([cluster]), stats, pool_policy=pool_policy)
+        if not retries:
+            import dataclasses
+
+            from proxy.cluster_spec import ClusterSpecs
+
+            router.specs = ClusterSpecs(dataclasses.replace(router.specs.default, retry=None))
         pools = [
             router._pools.setdefault(
                 (ep.host, ep.port, router.specs.default.pool_key),
@@ -176,9 +185,10 @@ def run(
     rounds: int,
     unique_ids: bool = False,
     authz: str = "none",
+    retries: bool = True,
 ) -> float:
     """Best µs per request over `rounds` rounds of `count` requests (round 0 warms up)."""
-    _, conn = build(hop, policy, endpoints, authz)
+    _, conn = build(hop, policy, endpoints, authz, retries)
     one(conn)
     up_t = conn.transport
     assert up_t.last.startswith(b"HTTP/1.1 200 OK\r\n"), up_t.last[:80]
@@ -201,7 +211,7 @@ async def _main(args: argparse.Namespace) -> None:
         import cProfile
         import pstats
 
-        _, conn = build(args.hop, args.policy, args.endpoints, args.authz)
+        _, conn = build(args.hop, args.policy, args.endpoints, args.authz, not args.no_retries)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.count):
@@ -210,7 +220,14 @@ async def _main(args: argparse.Namespace) -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
         return
     us = run(
-        args.hop, args.policy, args.endpoints, args.count, args.rounds, args.unique_ids, args.authz
+        args.hop,
+        args.policy,
+        args.endpoints,
+        args.count,
+        args.rounds,
+        args.unique_ids,
+        args.authz,
+        not args.no_retries,
     )
     print(
         f"{args.hop} {args.policy} x{args.endpoints}: {us:.2f} µs/request (best of {args.rounds})"
@@ -227,7 +244,8 @@ def instructions(args: argparse.Namespace) -> int:
                sys.executable, "-m", "bench.hop_bench", "--hop", args.hop,
                "--policy", args.policy, "--endpoints", str(args.endpoints),
                "--count", str(count), "--rounds", "0",
-               *(["--unique-ids"] if args.unique_ids else []), "--authz", args.authz]  # fmt: skip
+               *(["--unique-ids"] if args.unique_ids else []), "--authz", args.authz,
+               *(["--no-retries"] if args.no_retries else [])]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
         m = re.search(r"Collected : (\d+)", out)
         if m is None:
@@ -248,6 +266,11 @@ def main() -> None:
     ap.add_argument("--instructions", action="store_true")
     ap.add_argument("--unique-ids", action="store_true")
     ap.add_argument("--authz", choices=["none", "l4", "l7"], default="none")
+    ap.add_argument(
+        "--no-retries",
+        action="store_true",
+        help="outbound without the default retry policy (to measure what it costs)",
+    )
     args = ap.parse_args()
     if args.instructions:
         n = instructions(args)

@@ -30,6 +30,10 @@ FAULT_ABORT = "fault_abort"
 RATE_LIMITED = "rate_limited"
 REDIRECT = "redirect"
 FORBIDDEN_BY_POLICY = "forbidden_by_policy"
+REQUEST_TIMEOUT = "request_timeout"
+PER_TRY_TIMEOUT = "per_try_timeout"
+UPSTREAM_CONNECT_TIMEOUT = "upstream_connect_timeout"
+RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"
 # Plaintext at an inbound port that accepts mutual TLS only (proxy/tls.py).
 MTLS_REQUIRED = "mtls_required"
 # The TLS handshake with a remote sidecar failed, or it is not the destination.
@@ -59,6 +63,10 @@ REPLIES: dict[str, tuple[int, str]] = {
     FAULT_ABORT: (503, "aborted by the route's fault injection"),
     RATE_LIMITED: (429, "over the route's rate limit"),
     REDIRECT: (302, "redirected by the route"),
+    REQUEST_TIMEOUT: (504, "no response within the request timeout"),
+    PER_TRY_TIMEOUT: (504, "no response within the per-try timeout"),
+    UPSTREAM_CONNECT_TIMEOUT: (503, "the connection to the upstream timed out"),
+    RETRY_BUDGET_EXHAUSTED: (503, "the failure was not retried: the retry budget is spent"),
     MTLS_REQUIRED: (400, "this port accepts mutual TLS only"),
     NOT_EXPOSED: (404, "only the app's health path is served here"),
     UPSTREAM_TLS_ERROR: (502, "the upstream's TLS identity could not be verified"),

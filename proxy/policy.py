@@ -24,10 +24,12 @@ from typing import Any
 from proxy import balance
 from proxy.authz import InboundAuthz
 from proxy.balance import Balancer, WeightedRoundRobin
+from proxy.circuit_breaker import CircuitBreakerSpec
 from proxy.cluster import Cluster, ServiceDirectory
 from proxy.cluster_spec import ClusterSpecs, PoolKeys, compile_specs, default_specs
 from proxy.errors import PolicyError
 from proxy.pool import PoolPolicy
+from proxy.retry import RetrySpec
 from proxy.route_filters import (
     BucketStore,
     Fault,
@@ -120,6 +122,10 @@ def _rule(
         request_headers=_edit(rule.request_headers),
         response_headers=_edit(rule.response_headers),
         filters=_filters(res, i, rule, buckets),
+        retry=RetrySpec.of(rule.retries) if rule.retries is not None else None,
+        circuit_breaker=(
+            CircuitBreakerSpec.of(rule.circuit_breaker) if rule.circuit_breaker else None
+        ),
     )
 
 

@@ -288,12 +288,143 @@ def effective_mtls_mode(
     return mesh.mode
 
 
+RetryOn = Literal[
+    "connect-failure",
+    "refused-stream",
+    "reset",
+    "5xx",
+    "gateway-error",
+    "retriable-status-codes",
+    "retriable-headers",
+]
+RETRY_ON_DEFAULT: tuple[RetryOn, ...] = ("connect-failure", "refused-stream", "reset")
+
+
+@dataclass(frozen=True)
+class BackoffPolicy:
+    """Wait before a retry: a random time in [0, min(max, base * 2**(retry - 1))] (full
+    jitter)."""
+
+    base: Duration = spec_field("The first retry's cap.", default=0.025)
+    max: Duration = spec_field("The cap of every retry's wait.", default=0.25)
+
+
+@dataclass(frozen=True)
+class RetryBudgetPolicy:
+    """Retries allowed over a sliding window: `ratio` of the requests, plus `minPerSecond`."""
+
+    ratio: float = spec_field("Retries per request over the window, 0-1.", default=0.2)
+    window: Duration = spec_field("The sliding window.", default=10.0)
+    min_per_second: int = spec_field("Retries always allowed per second.", default=10)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Send a failed request again, to another instance where there is one."""
+
+    attempts: int = spec_field("Attempts in all, the first included (at least 1).", default=2)
+    per_try_timeout: Duration | None = spec_field(
+        "Timeout of each attempt (until its response head); unset: only the request's.",
+        default=None,
+    )
+    retry_on: tuple[RetryOn, ...] = spec_field(
+        "What is retried: connect-failure, refused-stream, reset, 5xx, gateway-error "
+        "(502, 503, 504), retriable-status-codes, retriable-headers.",
+        default=RETRY_ON_DEFAULT,
+    )
+    retriable_status_codes: tuple[int, ...] = spec_field(
+        "Statuses retried with retriable-status-codes.", default=()
+    )
+    retriable_headers: tuple[str, ...] = spec_field(
+        "Response headers whose presence makes a response retriable (retriable-headers).",
+        default=(),
+    )
+    backoff: BackoffPolicy = spec_field("Wait before each retry.", factory=BackoffPolicy)
+    budget: RetryBudgetPolicy = spec_field(
+        "How many retries the destination takes.", factory=RetryBudgetPolicy
+    )
+    retry_non_idempotent: bool = spec_field(
+        "Retry POST, PATCH, CONNECT too (only if the application de-duplicates).", default=False
+    )
+    buffer_limit: int = spec_field(
+        "Request body bytes kept for a replay; a longer body is never retried.", default=65536
+    )
+    allow_header_override: bool = spec_field(
+        "Let x-tether-retry-attempts / x-tether-retry-on request headers lower or change "
+        "this policy per request.",
+        default=False,
+    )
+
+
+@dataclass(frozen=True)
+class CircuitBreakerPolicy:
+    """Resource limits; past one the request gets 503 `overflow` at once."""
+
+    max_connections: int = spec_field("Connections to each instance.", default=1024)
+    max_pending_requests: int = spec_field(
+        "Requests waiting for a connection to each instance.", default=1024
+    )
+    max_active_requests: int = spec_field("Requests in flight to the service.", default=1024)
+    max_active_retries: int = spec_field("Retries in flight to the service.", default=3)
+
+
+@dataclass(frozen=True)
+class SuccessRatePolicy:
+    """Eject instances whose success rate is below mean - stdevFactor * stdev."""
+
+    minimum_hosts: int = spec_field("Instances with enough requests needed.", default=5)
+    request_volume: int = spec_field("Requests an instance needs in the interval.", default=100)
+    stdev_factor: float = spec_field("How many standard deviations below the mean.", default=1.9)
+
+
+@dataclass(frozen=True)
+class FailurePercentagePolicy:
+    """Eject instances failing at least `threshold` percent of their requests."""
+
+    threshold: int = spec_field("Failure percentage, 0-100.", default=85)
+    minimum_hosts: int = spec_field("Instances with enough requests needed.", default=5)
+    request_volume: int = spec_field("Requests an instance needs in the interval.", default=50)
+
+
+@dataclass(frozen=True)
+class OutlierDetectionPolicy:
+    """Take failing instances out of rotation for a while; back through one trial request."""
+
+    consecutive_5xx: int = spec_field(
+        "Consecutive 5xx (connect failures, resets and timeouts included) that eject; 0: off.",
+        default=5,
+    )
+    consecutive_gateway_errors: int = spec_field(
+        "Consecutive 502/503/504 (and local failures) that eject; 0: off.", default=0
+    )
+    consecutive_connect_failures: int = spec_field(
+        "Consecutive connect failures that eject; 0: off.", default=0
+    )
+    interval: Duration = spec_field(
+        "How often success rate and failure percentage are evaluated.", default=1.0
+    )
+    success_rate: SuccessRatePolicy | None = spec_field(
+        "Success-rate ejection; unset: off.", default=None
+    )
+    failure_percentage: FailurePercentagePolicy | None = spec_field(
+        "Failure-percentage ejection; unset: off.", default=None
+    )
+    base_ejection_time: Duration = spec_field(
+        "First ejection's length; each further one lasts one base longer.", default=30.0
+    )
+    max_ejection_time: Duration = spec_field("Cap on an ejection's length.", default=300.0)
+    max_ejection_percent: int = spec_field(
+        "Most instances ejected at once, in percent (at least one may always be).", default=10
+    )
+
+
 @dataclass(frozen=True)
 class ServiceDefaultsSpec:
     """Per-service defaults: protocol, balancing and timeouts."""
 
     FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"retries", "retryPolicy", "fault", "faultInjection", "mirror", "rateLimit"}
+        {"retryPolicy", "fault", "faultInjection", "mirror", "rateLimit", "hedging"}
+        | {"healthCheck"}
     )
 
     # Fields written here that live on a Route rule: the error says where.
@@ -317,6 +448,15 @@ class ServiceDefaultsSpec:
     )
     mtls: ServiceMTLSPolicy = spec_field(
         "mTLS mode of the service's inbound sidecars.", factory=ServiceMTLSPolicy
+    )
+    retries: RetryPolicy | None = spec_field(
+        "Retries of calls to the service; unset: MeshConfig's.", default=None
+    )
+    circuit_breaker: CircuitBreakerPolicy | None = spec_field(
+        "Resource limits of calls to the service; unset: MeshConfig's.", default=None
+    )
+    outlier_detection: OutlierDetectionPolicy | None = spec_field(
+        "Ejection of failing instances; unset: MeshConfig's.", default=None
     )
 
 
@@ -407,7 +547,7 @@ class RouteRuleSpec:
     """A match and where matching requests go; rules are tried in order, first match wins."""
 
     FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"retries", "retryPolicy", "faultInjection"}
+        {"retryPolicy", "faultInjection", "hedging"}
     )
 
     match: RouteMatchSpec = spec_field("Conditions; empty: every request.", factory=RouteMatchSpec)
@@ -419,6 +559,13 @@ class RouteRuleSpec:
     )
     response_headers: HeaderChangeSpec | None = spec_field(
         "Edits to the response's headers.", default=None
+    )
+    retries: RetryPolicy | None = spec_field(
+        "Retries of matching requests; unset: the destination's.", default=None
+    )
+    circuit_breaker: CircuitBreakerPolicy | None = spec_field(
+        "Limits of matching requests, within the destination's; unset: none of its own.",
+        default=None,
     )
     # L7 traffic policy per rule (docs/traffic.md): run at the caller's sidecar, except
     # a rate limit with `at: inbound`.
@@ -640,7 +787,9 @@ class MeshAuthorizationPolicy:
 class MeshConfigSpec:
     """Mesh-wide defaults."""
 
-    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset({"tls", "retries", "rateLimit"})
+    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"tls", "rateLimit", "hedging", "healthCheck"}
+    )
 
     egress: EgressPolicy = spec_field("Egress policy.", factory=EgressPolicy)
     connect_timeout: Duration = spec_field("Default connect timeout.", default=5.0)
@@ -651,6 +800,15 @@ class MeshConfigSpec:
     )
     mtls: MeshMTLSPolicy = spec_field(
         "mTLS between sidecars: the mode, and per-namespace settings.", factory=MeshMTLSPolicy
+    )
+    retries: RetryPolicy | None = spec_field(
+        "Default retries; unset: none (a service's or route's own apply).", default=None
+    )
+    circuit_breaker: CircuitBreakerPolicy | None = spec_field(
+        "Default resource limits; unset: none.", default=None
+    )
+    outlier_detection: OutlierDetectionPolicy | None = spec_field(
+        "Default ejection of failing instances; unset: none.", default=None
     )
 
 
@@ -1418,6 +1576,7 @@ def _check_service_defaults(c: _Checker, spec: ServiceDefaultsSpec) -> None:
             c.add((*at, "slowStart", "minWeightPercent"), "must be within 0-100")
     c.positive(("spec", "connectTimeout"), spec.connect_timeout)
     c.positive(("spec", "requestTimeout"), spec.request_timeout)
+    _check_resilience(c, ("spec",), spec)
 
 
 def _check_route(c: _Checker, spec: RouteSpec) -> None:
@@ -1463,6 +1622,7 @@ def _check_route(c: _Checker, spec: RouteSpec) -> None:
                             ("responseHeaders", rule.response_headers)):  # fmt: skip
             if change is not None:
                 _check_header_change(c, (*at, key), change)
+        _check_resilience(c, at, rule)
         _check_rule_traffic(c, at, rule)
 
 
@@ -1657,6 +1817,7 @@ def _check_mesh(c: _Checker, spec: MeshConfigSpec) -> None:
                   f"invalid host {host!r}: a DNS name, optionally starting with '*.'")  # fmt: skip
     c.positive(("spec", "connectTimeout"), spec.connect_timeout)
     c.positive(("spec", "requestTimeout"), spec.request_timeout)
+    _check_resilience(c, ("spec",), spec)
     for ns in spec.mtls.namespaces:
         if not valid_name(ns):
             c.add(("spec", "mtls", "namespaces", ns), f"invalid namespace {ns!r}")
@@ -1725,3 +1886,90 @@ def _check_permission(c: _Checker, at: FieldPath, http: IntentionHTTPMatchSpec) 
         if h.present is False:
             c.add((*at, "headers", k, "present"), "present: false is not allowed: "
                   "use present: true with invert: true")  # fmt: skip
+
+
+# -- resilience: retries, circuit breakers, outlier detection ------------------------------
+
+MAX_ATTEMPTS = 10
+MAX_BUFFER_LIMIT = 16 * 1024 * 1024
+
+
+def _check_resilience(c: _Checker, at: FieldPath, spec: Any) -> None:
+    """The retries, circuitBreaker and outlierDetection of a ServiceDefaults, a Route
+    rule or the MeshConfig (`at` is where they are)."""
+    retries: RetryPolicy | None = getattr(spec, "retries", None)
+    if retries is not None:
+        _check_retries(c, (*at, "retries"), retries)
+    breaker: CircuitBreakerPolicy | None = getattr(spec, "circuit_breaker", None)
+    if breaker is not None:
+        cb: FieldPath = (*at, "circuitBreaker")
+        for name in ("max_connections", "max_pending_requests", "max_active_requests"):
+            if getattr(breaker, name) < 1:
+                c.add((*cb, camel(name)), "must be at least 1")
+        if breaker.max_active_retries < 0:
+            c.add((*cb, "maxActiveRetries"), "must not be negative")
+    od: OutlierDetectionPolicy | None = getattr(spec, "outlier_detection", None)
+    if od is not None:
+        _check_outlier(c, (*at, "outlierDetection"), od)
+
+
+def _check_retries(c: _Checker, at: FieldPath, r: RetryPolicy) -> None:
+    if not 1 <= r.attempts <= MAX_ATTEMPTS:
+        c.add((*at, "attempts"), f"must be between 1 and {MAX_ATTEMPTS}")
+    c.positive((*at, "perTryTimeout"), r.per_try_timeout)
+    seen: set[str] = set()
+    for i, on in enumerate(r.retry_on):
+        if on in seen:
+            c.add((*at, "retryOn", i), f"{on!r} listed twice")
+        seen.add(on)
+    if "retriable-status-codes" in seen and not r.retriable_status_codes:
+        c.add((*at, "retriableStatusCodes"), "retriable-status-codes needs at least one status")
+    if r.retriable_status_codes and "retriable-status-codes" not in seen:
+        c.add((*at, "retriableStatusCodes"), "only read with retryOn retriable-status-codes")
+    for i, code in enumerate(r.retriable_status_codes):
+        if not 200 <= code <= 599:
+            c.add((*at, "retriableStatusCodes", i), f"status {code} out of range 200-599")
+    if "retriable-headers" in seen and not r.retriable_headers:
+        c.add((*at, "retriableHeaders"), "retriable-headers needs at least one header name")
+    for i, name in enumerate(r.retriable_headers):
+        c.token((*at, "retriableHeaders", i), name, "header name")
+    b = r.backoff
+    c.positive((*at, "backoff", "base"), b.base)
+    if b.max < b.base:
+        c.add((*at, "backoff", "max"), "must be at least backoff.base")
+    bud = r.budget
+    if not 0 <= bud.ratio <= 1:
+        c.add((*at, "budget", "ratio"), "must be within 0-1")
+    c.positive((*at, "budget", "window"), bud.window)
+    if bud.min_per_second < 0:
+        c.add((*at, "budget", "minPerSecond"), "must not be negative")
+    if not 0 <= r.buffer_limit <= MAX_BUFFER_LIMIT:
+        c.add((*at, "bufferLimit"), f"must be within 0-{MAX_BUFFER_LIMIT}")
+
+
+def _check_outlier(c: _Checker, at: FieldPath, od: OutlierDetectionPolicy) -> None:
+    for name in ("consecutive_5xx", "consecutive_gateway_errors", "consecutive_connect_failures"):
+        if getattr(od, name) < 0:
+            c.add((*at, camel(name)), "must not be negative")
+    c.positive((*at, "interval"), od.interval)
+    c.positive((*at, "baseEjectionTime"), od.base_ejection_time)
+    if od.max_ejection_time < od.base_ejection_time:
+        c.add((*at, "maxEjectionTime"), "must be at least baseEjectionTime")
+    if not 0 <= od.max_ejection_percent <= 100:
+        c.add((*at, "maxEjectionPercent"), "must be within 0-100")
+    sr = od.success_rate
+    if sr is not None:
+        if sr.minimum_hosts < 1:
+            c.add((*at, "successRate", "minimumHosts"), "must be at least 1")
+        if sr.request_volume < 1:
+            c.add((*at, "successRate", "requestVolume"), "must be at least 1")
+        if not sr.stdev_factor > 0:
+            c.add((*at, "successRate", "stdevFactor"), "must be greater than zero")
+    fp = od.failure_percentage
+    if fp is not None:
+        if not 0 <= fp.threshold <= 100:
+            c.add((*at, "failurePercentage", "threshold"), "must be within 0-100")
+        if fp.minimum_hosts < 1:
+            c.add((*at, "failurePercentage", "minimumHosts"), "must be at least 1")
+        if fp.request_volume < 1:
+            c.add((*at, "failurePercentage", "requestVolume"), "must be at least 1")
