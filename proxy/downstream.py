@@ -49,8 +49,10 @@ from proxy.stats import ProxyStats
 from proxy.upstream import WRITE_HIGH, WRITE_LOW
 
 if TYPE_CHECKING:
+    from proxy.access_log import ListenerAccessLog
     from proxy.egress import EgressGuard
     from proxy.pool import Pool
+    from proxy.tracing import ListenerTracing
 
 # Route answers and CONNECT dials in flight (held so they are not garbage-collected).
 _TASKS: set[asyncio.Task[None]] = set()
@@ -132,6 +134,9 @@ class ProxyServer:
         self.xfp_line = b"X-Forwarded-Proto: " + scheme + b"\r\n"
         self.connections: set[DownstreamConnection] = set()
         self.draining = False
+        # Set by the sidecar when tracing or the access log is on (None: off, free).
+        self.tracer: ListenerTracing | None = None
+        self.access_log: ListenerAccessLog | None = None
         # Request ids look like UUIDs: a random per-process head and a counter.
         rnd = os.urandom(10).hex()
         self._id_head = f"{rnd[:8]}-{rnd[8:12]}-4{rnd[13:16]}-a{rnd[17:20]}-".encode()

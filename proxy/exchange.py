@@ -62,10 +62,13 @@ from proxy.pool import PoolOverflowError
 from proxy.upstream import PAUSE_UPSTREAM as PAUSE_UPSTREAM  # the upstream's buffer is full
 
 if TYPE_CHECKING:
+    from proxy.access_log import ListenerAccessLog
     from proxy.heads import Fields, RequestHead, ResponseHead
     from proxy.pool import Pool
     from proxy.route_result import Peer, RouteResult
     from proxy.stats import ProxyStats
+    from proxy.trace_context import Propagation
+    from proxy.tracing import ListenerTracing, SampledTrace
     from proxy.upstream import UpstreamConnection
 
 ROUTING: Final = 0  # the head is in; waiting for the router's answer
@@ -162,6 +165,11 @@ class Server(Forwarder, Protocol):
     def stats(self) -> ProxyStats: ...
     @property
     def draining(self) -> bool: ...
+    # Tracing (proxy/tracing.py) and the access log (proxy/access_log.py): None when off.
+    @property
+    def tracer(self) -> ListenerTracing | None: ...
+    @property
+    def access_log(self) -> ListenerAccessLog | None: ...
     def clock(self) -> float: ...
 
 
@@ -197,6 +205,9 @@ class Exchange:
 
     __slots__ = (
         "after",
+        "attempts",
+        "bytes_in",
+        "bytes_out",
         "conn",
         "deadline",
         "flags",
@@ -214,6 +225,7 @@ class Exchange:
         "state",
         "status",
         "timer",
+        "trace",
         "tunnel",
         "upstream",
     )
@@ -243,6 +255,14 @@ class Exchange:
         self.seen_progress = 0
         # Set when first needed: resp_chunked, request_bytes, tunnel, outcome, after.
         self.status = 0
+        # Attempts sent upstream; body bytes received from the client and sent to it.
+        self.attempts = self.bytes_in = self.bytes_out = 0
+        # This request's trace (proxy/tracing.py): None when tracing is off, or the
+        # incoming context goes on unchanged. Decided in plain code, per request.
+        tracer = server.tracer
+        self.trace: SampledTrace | Propagation | None = (
+            tracer.begin(self) if tracer is not None else None
+        )
 
     def _invalid(self, event: str) -> None:
         """An event outside the table: dropped after the end if it may come late, else
@@ -271,6 +291,7 @@ class Exchange:
         if state > RESPONDING:
             self._invalid("request_body")  # after a local reply or early response: dropped
             return
+        self.bytes_in += len(data)
         ubuf = self.conn.ubuf
         if self.head.chunked:
             ubuf.append(chunk_prefix(len(data)))
@@ -341,6 +362,14 @@ class Exchange:
         self._acquire(pool)
 
     def _acquire(self, pool: Pool) -> None:
+        """One attempt: a connection from `pool` for the request in `ubuf` (its head,
+        `request_bytes`, first). An attempt that fails and is sent again calls
+        `_attempt_failed` before its next `_acquire`."""
+        self.attempts += 1
+        trace = self.trace
+        if trace is not None:
+            # The attempt's own trace context goes into the head it sends.
+            self.conn.ubuf[0] = trace.attempt_start(self, self.request_bytes)
         self.state = CONNECTING
         try:
             up = pool.acquire(self)
@@ -468,6 +497,7 @@ class Exchange:
     def on_response_body(self, data: bytes) -> None:
         if self.state != RESPONDING:
             self._invalid("response_body")
+        self.bytes_out += len(data)
         wbuf = self.conn.wbuf
         if self.resp_chunked:
             wbuf.append(chunk_prefix(len(data)))
@@ -540,12 +570,19 @@ class Exchange:
                 tracker.on_end(ep, now, now - self.start, False)
                 tracker.on_start(ep, now)
             self.flags |= _RETRIED
+            self._attempt_failed(reason)
             ubuf = self.conn.ubuf
             ubuf.clear()
             ubuf.append(self.request_bytes)
             self._acquire(route.pool)
             return
         self._reply(outcomes.Reset, reason, message)
+
+    def _attempt_failed(self, reason: str) -> None:
+        """The attempt in flight failed and the request is sent again (its span ends)."""
+        trace = self.trace
+        if trace is not None:
+            trace.attempt_end(self, reason)
 
     # -- what the bound upstream connection asks of it (proxy/upstream.py) -------------
 
@@ -688,6 +725,12 @@ class Exchange:
                 ds.record(outcome.status, latency)
         if outcome.reason:
             self.server.stats.local_reply(outcome.reason, ds)
+        trace = self.trace
+        if trace is not None:
+            trace.end(self, now)
+        log = self.server.access_log
+        if log is not None:
+            log.record(self, now)
         self.conn.exchange_done(self, now)
 
     def __repr__(self) -> str:

@@ -105,6 +105,7 @@ def _rule(res: schema.Resource, i: int, rule: schema.RouteRuleSpec) -> RouteRule
         subset=rule.destination.subset,
         request_headers=_edit(rule.request_headers),
         response_headers=_edit(rule.response_headers),
+        label=f"{res.name}.{res.namespace}#{i}",
     )
 
 

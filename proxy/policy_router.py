@@ -36,7 +36,7 @@ from proxy.listener import Listener, _listen_outbound
 from proxy.policy import Policy
 from proxy.pool import PoolPolicy
 from proxy.route_result import Peer, RouteResult
-from proxy.stats import ProxyStats
+from proxy.stats import DestinationStats, ProxyStats
 from proxy.target import Authority, parse_authority
 
 
@@ -62,6 +62,7 @@ class PolicyRouter(OutboundRouter):
         self.rng = rng if rng is not None else RNG
         # The specs' connect timeouts fall back to this router's own.
         policy.use_pool_policy(self.pool_policy)
+        self._route_dstats: dict[tuple[str, str], DestinationStats] = {}
 
     def _to_cluster(
         self, head: RequestHead, peer: Peer, path: bytes | None, cluster: Cluster
@@ -101,7 +102,17 @@ class PolicyRouter(OutboundRouter):
         result = self._concrete(head, peer, path, target, spec)
         if decision.response_headers and result.reply is None:
             result = result.replace(response_edit=decision.response_headers.apply)
+        if decision.route:
+            # Requests a Route rule sent are counted under that rule (a bounded label).
+            result = result.replace(dstats=self._route_stats(target.name, decision.route))
         return result
+
+    def _route_stats(self, name: str, route: str) -> DestinationStats:
+        key = (name, route)
+        ds = self._route_dstats.get(key)
+        if ds is None:
+            ds = self._route_dstats[key] = self.stats.destination(self.name, name, route)
+        return ds
 
     # -- egress: MeshConfig's policy, when there is one, over the --egress flag ----------
 

@@ -140,6 +140,8 @@ class RouteRule:
     subset: str | None = None
     request_headers: HeaderEdit = NO_EDIT
     response_headers: HeaderEdit = NO_EDIT
+    # What metrics, spans and access logs call it: `<route>.<namespace>#<rule index>`.
+    label: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +247,7 @@ class Decision:
     subset: str | None
     request_headers: HeaderEdit = NO_EDIT
     response_headers: HeaderEdit = NO_EDIT
+    route: str = ""  # the matched rule's label ("" when no rule matched)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +341,7 @@ class RoutingTable:
                     resp = HeaderEdit(
                         add=(*resp.add, ("set-cookie", cookie)), set=resp.set, remove=resp.remove
                     )
-        return Decision(service, namespace, subset, req, resp)
+        return Decision(service, namespace, subset, req, resp, rule.label if rule else "")
 
     def subsets_in_use(self) -> set[tuple[str, str, str]]:
         """(namespace, service, subset) for every subset a rule or split can choose."""

@@ -73,9 +73,23 @@ class SidecarSpec:
     registry_port: int = 8500
     registry_scheme: str = "http"
     registry_token: str | None = None
+    # The access log (proxy/access_log.py): a path, "-" for standard output, or None;
+    # the share of requests logged, and the status classes logged (empty: all).
+    access_log: str | None = None
+    access_log_sample: float = 1.0
+    access_log_status: str = ""
 
     def __post_init__(self) -> None:
         errors = []
+        if not 0.0 <= self.access_log_sample <= 1.0:
+            errors.append(f"--access-log-sample: {self.access_log_sample} is not within 0..1")
+        if self.access_log_status:
+            from proxy.access_log import parse_status_classes
+
+            try:
+                parse_status_classes(self.access_log_status)
+            except ValueError as e:
+                errors.append(str(e))
         if not self.service or "." in self.service or "/" in self.service:
             errors.append(f"--service: {self.service!r} must be a single DNS label")
         for name in ("app_port", "outbound_port", "inbound_port", "admin_port"):
@@ -128,6 +142,8 @@ class Sidecar:
         self.policy: Any = None
         self.policy_client: Any = None
         self.egress_guard = EgressGuard()
+        self.tracing: Any = None  # proxy.tracing.Tracing when OTEL_TRACES_EXPORTER is set
+        self.access_log: Any = None  # proxy.access_log.AccessLog with --access-log
         self.state = "PRE_INITIALIZING"
         self.started_at = time.time()
 
@@ -152,6 +168,7 @@ class Sidecar:
         )
         self.directory.start()
         await self._start_listeners()
+        self._start_observability()
         self.registration = Registration(
             self.client,
             RegistrationSpec(
@@ -216,6 +233,44 @@ class Sidecar:
                 _fixed_target(spec.app_host, app_port), host=spec.inbound_host, port=0
             )
             self.opaque[app_port] = server
+
+    def _start_observability(self, env: Mapping[str, str] = os.environ) -> None:
+        """Tracing (only when the environment asks for an exporter: otherwise the SDK is
+        never imported) and the access log, on both HTTP listeners."""
+        spec = self.spec
+        servers = [(name, getattr(self, name).proxy) for name in ("outbound", "inbound")]
+        from proxy.trace_context import tracing_requested
+
+        if tracing_requested(env):
+            from proxy.trace_context import sampling_from_env
+            from proxy.tracing import Tracing, exporter_from_env
+
+            exporter = exporter_from_env(env)
+            if exporter is not None:
+                self.tracing = Tracing(
+                    exporter,
+                    sampling_from_env(env, None),
+                    service=spec.service,
+                    namespace=spec.namespace,
+                    zone=spec.zone,
+                    # MeshConfig's ratio applies unless the environment chose a sampler.
+                    mesh=self.policy if not env.get("OTEL_TRACES_SAMPLER") else None,
+                )
+                for name, server in servers:
+                    server.tracer = self.tracing.for_listener(name)
+                log.info("tracing on: %r", self.tracing)
+        if spec.access_log:
+            from proxy.access_log import AccessLog, parse_status_classes
+
+            self.access_log = AccessLog(
+                spec.access_log,
+                source=f"{spec.service}.{spec.namespace}",
+                sample=spec.access_log_sample,
+                statuses=parse_status_classes(spec.access_log_status),
+            )
+            self.access_log.start()
+            for name, server in servers:
+                server.access_log = self.access_log.for_listener(name)
 
     async def _guard_control_surfaces(self) -> None:
         """What the app may not reach as egress (the admin port is added once bound)."""
@@ -322,6 +377,11 @@ class Sidecar:
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await self.client.close()
+        # Last: the requests drained above are logged and their spans exported.
+        if self.access_log is not None:
+            await self.access_log.aclose()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
 
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT; drain; a second signal skips the wait."""
@@ -405,6 +465,8 @@ class Sidecar:
             pc.last_result if pc else "none",
         )
         rendered: str = self.stats.render_prometheus()
+        if self.access_log is not None:
+            config += self.access_log.render_prometheus()
         return rendered + config
 
     def __repr__(self) -> str:

@@ -433,6 +433,16 @@ class EgressPolicy:
 
 
 @dataclass(frozen=True)
+class TracingPolicy:
+    """Tracing's sampling (the sidecar's OTEL_TRACES_SAMPLER, when set, wins)."""
+
+    sampling_ratio: float = spec_field(
+        "Share of new traces recorded, 0-1 (parent-based: a caller's decision is kept).",
+        default=1.0,
+    )
+
+
+@dataclass(frozen=True)
 class MeshConfigSpec:
     """Mesh-wide defaults."""
 
@@ -441,6 +451,10 @@ class MeshConfigSpec:
     egress: EgressPolicy = spec_field("Egress policy.", factory=EgressPolicy)
     connect_timeout: Duration = spec_field("Default connect timeout.", default=5.0)
     request_timeout: Duration = spec_field("Default whole-request timeout.", default=15.0)
+    tracing: TracingPolicy | None = spec_field(
+        "Tracing sampling; absent: OpenTelemetry's default (parent-based, always on).",
+        default=None,
+    )
 
 
 AnySpec = Union[ServiceDefaultsSpec, RouteSpec, TrafficSplitSpec, MeshConfigSpec]  # noqa: UP007
@@ -1199,3 +1213,5 @@ def _check_mesh(c: _Checker, spec: MeshConfigSpec) -> None:
                   f"invalid host {host!r}: a DNS name, optionally starting with '*.'")  # fmt: skip
     c.positive(("spec", "connectTimeout"), spec.connect_timeout)
     c.positive(("spec", "requestTimeout"), spec.request_timeout)
+    if spec.tracing is not None and not 0.0 <= spec.tracing.sampling_ratio <= 1.0:
+        c.add(("spec", "tracing", "samplingRatio"), "must be within 0-1")
