@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any, Final
 
 from proxy.stats import split_destination
-from proxy.trace_context import find_parent
+from proxy.trace_context import find_parent, path_of
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
@@ -164,19 +164,15 @@ class AccessLog:
 
     def render_prometheus(self, prefix: str = "tether") -> str:
         p = prefix
-        return (
-            "\n".join(
-                (
-                    f"# HELP {p}_access_log_lines_total Access-log lines written.",
-                    f"# TYPE {p}_access_log_lines_total counter",
-                    f"{p}_access_log_lines_total {self.written}",
-                    f"# HELP {p}_access_log_dropped_total Access-log lines dropped, not waited for.",
-                    f"# TYPE {p}_access_log_dropped_total counter",
-                    f"{p}_access_log_dropped_total {self.dropped}",
-                )
-            )
-            + "\n"
-        )
+        lines = [
+            f"# HELP {p}_access_log_lines_total Access-log lines written.",
+            f"# TYPE {p}_access_log_lines_total counter",
+            f"{p}_access_log_lines_total {self.written}",
+            f"# HELP {p}_access_log_dropped_total Access-log lines dropped, never waited for.",
+            f"# TYPE {p}_access_log_dropped_total counter",
+            f"{p}_access_log_dropped_total {self.dropped}",
+        ]
+        return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
         return (
@@ -256,9 +252,7 @@ def format_line(values: tuple[Any, ...]) -> bytes:
         parent, _ = find_parent(head)
         if parent is not None and parent.trace_id:
             trace_id = parent.trace_id
-    target = path if path is not None else head.target
-    if target[:1] == b"/":
-        target = target.partition(b"?")[0]
+    target = path_of(path if path is not None else head.target)
     destination = subset = route = None
     if dest is not None:
         destination, subset = split_destination(dest[0])

@@ -16,8 +16,9 @@ Formats (W3C Trace Context Level 1; B3 as openzipkin/b3-propagation documents it
   `X-B3-Flags: 1` (debug).
 
 `traceparent` wins over B3 when both are present. B3 is accepted and converted: a sampled
-request goes on with a W3C `traceparent` (and a `b3` single header, so an app that reads
-only B3 keeps its context); the incoming B3 fields are not forwarded as they were.
+request goes on with a W3C `traceparent`, and, when the caller sent any B3 field, a `b3`
+single header with the same ids (so an app that reads only B3 keeps its context); the
+incoming B3 fields are not forwarded as they were.
 """
 
 from __future__ import annotations
@@ -255,10 +256,10 @@ def parse_fields(fields: list[tuple[bytes, bytes]]) -> tuple[Parent | None, bool
     if traceparent is not None:
         parent = parse_traceparent(traceparent)
         if parent is not None:
-            if tracestate:
-                parent = Parent(
-                    parent.trace_id, parent.span_id, parent.sampled, tracestate[:_MAX_TRACESTATE]
-                )
+            spoke_b3 = b3 is not None or multi is not None
+            if tracestate or spoke_b3:
+                state = tracestate[:_MAX_TRACESTATE] if tracestate else None
+                parent = Parent(parent.trace_id, parent.span_id, parent.sampled, state, spoke_b3)
             return parent, True
     if b3 is not None:
         parent = parse_b3_single(b3)
@@ -298,6 +299,18 @@ def strip_fields(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
         for f in fields
         if len(f[0]) not in _LENGTHS or TRACE_FIELDS.get(f[0].lower(), TRACESTATE) == TRACESTATE
     ]
+
+
+def path_of(target: bytes) -> bytes:
+    """The path of a request target, without its query: origin-form as is, absolute-form
+    after its authority (`http://b/who?x=1` -> `/who`), authority-form (CONNECT) as is."""
+    if target[:1] != b"/":
+        scheme = target.find(b"://")
+        if scheme < 0:
+            return target
+        slash = target.find(b"/", scheme + 3)
+        target = target[slash:] if slash >= 0 else b"/"
+    return target.partition(b"?")[0].partition(b"#")[0]
 
 
 def traceparent_line(trace_id: bytes, span_id: bytes, sampled: bool) -> bytes:

@@ -46,6 +46,7 @@ from proxy.trace_context import (
     decide,
     find_parent,
     new_ids,
+    path_of,
     strip_fields,
     traceparent_line,
     tracing_requested,
@@ -205,8 +206,7 @@ class SampledTrace:
             ctx = otel.set_span_in_context(NonRecordingSpan(remote))
         self.b3 = parent is not None and parent.b3
         method = head.method.decode("latin-1")
-        target = head.target
-        path = target.partition(b"?")[0] if target[:1] == b"/" else target
+        path = path_of(head.target)
         attrs: dict[str, Any] = {
             "http.request.method": method,
             "url.path": path.decode("latin-1")[:256],
