@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import local_reply
 from proxy.exchange import ENDED, Exchange
@@ -38,10 +40,11 @@ from proxy.trace_context import (
     sampling_from_env,
 )
 from proxy.tracing import Tracing
-from tests.conftest import RegistryProcess
+from tests.conftest import ControlPlaneProcess, RegistryProcess, run_tether
 from tests.fakes import parse_request
 from tests.otlp_collector import Collector, Span
 from tests.sidecar_harness import ROOT, ProcessSet, poll
+from tests.test_access_log import read_log
 from tests.test_exchange import World
 
 TP = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -562,3 +565,86 @@ def test_sampling_and_b3_over_otlp(
         assert collector.trace(root[3:35]) == [] and collector.trace("a" * 32) == []
     finally:
         procs.close()
+
+
+ROUTE_AND_MESH = """
+apiVersion: tether.dev/v1alpha1
+kind: Route
+metadata: {name: b, namespace: default}
+spec:
+  rules:
+    - match: {path: {prefix: /api}}
+      destination: {}
+---
+apiVersion: tether.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  tracing: {samplingRatio: RATIO}
+"""
+
+
+@pytestmark_e2e
+def test_route_label_and_mesh_config_sampling(
+    registry_process: Callable[..., RegistryProcess], tmp_path: Path, collector: Collector
+) -> None:
+    """With a control plane: a Route rule names the requests it sent (metric label, span
+    attribute, access-log field), and MeshConfig's samplingRatio decides for new traces
+    when the environment chose no sampler."""
+    reg = registry_process()
+    env = dict(os.environ, CONSUL_HTTP_ADDR=f"127.0.0.1:{reg.port}")
+    cp = ControlPlaneProcess(reg.port, tmp_path / "cp.log")
+    procs = ProcessSet(tmp_path, reg.port)
+    log = tmp_path / "a.log"
+    try:
+        cp.start()
+        procs.sidecar("b", procs.app("b"), env=collector.env())
+        sa = procs.sidecar(
+            "a", procs.app("a"), "--controlplane", cp.url, "--access-log", str(log),
+            env=collector.env(),
+        )  # fmt: skip
+
+        def apply(ratio: str) -> None:
+            policy = tmp_path / "policy.yaml"
+            policy.write_text(ROUTE_AND_MESH.replace("RATIO", ratio))
+            done = run_tether("apply", "-f", str(policy), "--controlplane", cp.url, env=env)
+            assert done.returncode == 0, done.stderr
+
+            def applied() -> bool:
+                resources = sa.admin("/config_dump")[1]["policy"]["resources"]
+                kinds = {r["kind"]: r for r in resources}
+                mesh = kinds.get("MeshConfig", {}).get("spec", {})
+                return "Route" in kinds and mesh.get("tracing") == {"samplingRatio": float(ratio)}
+
+            poll(applied, 15, "the sidecar runs the Route and the MeshConfig")
+
+        assert sa.call("http://b/warm")[0] == 200  # a calls b: b's Route is pushed to it
+        apply("0")
+        _, _, raw = sa.call("http://b/api/items?id=1")
+        tp = json.loads(raw)["headers"]["traceparent"]
+        assert tp.endswith("-00")  # ratio 0: not sampled, the decision passed on
+        assert sa.call("http://b/other")[0] == 200
+        apply("1")
+        _, _, raw = sa.call("http://b/api/items?id=2")
+        sampled = json.loads(raw)["headers"]["traceparent"]
+        assert sampled.endswith("-01")
+        spans = poll(lambda: at_least(collector, sampled[3:35], 4), 20, "the sampled trace")
+        (a_srv,) = by_kind(spans, "a", "server")
+        assert a_srv.attributes["tether.route"] == "b.default#0"
+        assert collector.trace(tp[3:35]) == []
+
+        _, text = sa.admin("/stats/prometheus")
+        requests = {
+            (s.labels["route"], s.labels["status_class"]): s.value
+            for f in text_string_to_metric_families(text)
+            if f.name == "tether_requests"
+            for s in f.samples
+            if s.labels["destination"] == "b.default"
+        }
+        assert requests == {("b.default#0", "2xx"): 2, ("", "2xx"): 2}
+        lines = poll(lambda: read_log(log, 4), 15, "a's access log")
+        assert [line["route"] for line in lines] == [None, "b.default#0", None, "b.default#0"]
+        assert lines[3]["trace_id"] == sampled[3:35] and lines[1]["trace_id"] == tp[3:35]
+    finally:
+        procs.close()
+        cp.stop()
