@@ -148,10 +148,11 @@ class ProxyStats:
         service, subset = split_destination(name)
         # The caller of an inbound request is known once mTLS identities land.
         source = self.source if listener == "outbound" else "unknown"
-        return (
-            f'source="{source}",listener="{listener}",destination="{service}",'
-            f'subset="{subset}",route="{route}"'
+        labels = (
+            f'source="{source}",listener="{listener}",destination="{service}",subset="{subset}"'
         )
+        # An empty label is the same as none to Prometheus: written only when set.
+        return f'{labels},route="{route}"' if route else labels
 
     def render_prometheus(self, prefix: str = "tether") -> str:
         """Prometheus text exposition format (version 0.0.4)."""

@@ -82,7 +82,7 @@ async def test_admin_routes(registry: RegistryServer, consul_client: Any) -> Non
                 assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
                 text = await r.text()
             assert (
-                'listener="outbound",destination="orders.default",subset="",route="",'
+                'listener="outbound",destination="orders.default",subset="",'
                 'status_class="2xx"} 1' in text
             )
             source.draining = True

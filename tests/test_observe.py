@@ -200,7 +200,7 @@ def test_stats_reach_the_control_plane_top_and_prometheus(
         assert any(
             s.labels == {
                 "source": "a.default", "listener": "outbound", "destination": "b.default",
-                "subset": "", "route": "", "status_class": "2xx"} and s.value == 30
+                "subset": "", "status_class": "2xx"} and s.value == 30
             for s in requests
         ), requests  # fmt: skip
         assert sum(s.value for s in requests if s.labels["destination"] == "egress") == 2

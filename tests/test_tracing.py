@@ -635,7 +635,7 @@ def test_route_label_and_mesh_config_sampling(
 
         _, text = sa.admin("/stats/prometheus")
         requests = {
-            (s.labels["route"], s.labels["status_class"]): s.value
+            (s.labels.get("route", ""), s.labels["status_class"]): s.value
             for f in text_string_to_metric_families(text)
             if f.name == "tether_requests"
             for s in f.samples
