@@ -242,20 +242,13 @@ class Sidecar:
         from proxy.trace_context import tracing_requested
 
         if tracing_requested(env):
-            from proxy.trace_context import sampling_from_env
-            from proxy.tracing import Tracing, exporter_from_env
+            from proxy.tracing import from_env
 
-            exporter = exporter_from_env(env)
-            if exporter is not None:
-                self.tracing = Tracing(
-                    exporter,
-                    sampling_from_env(env, None),
-                    service=spec.service,
-                    namespace=spec.namespace,
-                    zone=spec.zone,
-                    # MeshConfig's ratio applies unless the environment chose a sampler.
-                    mesh=self.policy if not env.get("OTEL_TRACES_SAMPLER") else None,
-                )
+            self.tracing = from_env(
+                env, service=spec.service, namespace=spec.namespace, zone=spec.zone,
+                mesh=self.policy,
+            )  # fmt: skip
+            if self.tracing is not None:
                 for name, server in servers:
                     server.tracer = self.tracing.for_listener(name)
                 log.info("tracing on: %r", self.tracing)

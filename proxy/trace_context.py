@@ -24,15 +24,16 @@ incoming B3 fields are not forwarded as they were.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from proxy.heads import RequestHead
 
-_HEX: Final = frozenset(b"0123456789abcdef")
+_HEX_DIGITS: Final = b"0123456789abcdef"
 _ZERO_TRACE: Final = b"0" * 32
 _ZERO_SPAN: Final = b"0" * 16
 
@@ -60,16 +61,15 @@ _LENGTHS: Final = frozenset(len(n) for n in TRACE_FIELDS)
 _MAX_TRACESTATE = 512  # bytes kept of an incoming tracestate (W3C: 32 members)
 
 
-@dataclass(frozen=True, slots=True)
-class Parent:
+class Parent(NamedTuple):
     """The incoming context: ids as lower-case hex bytes; `sampled` None when the caller
-    left the decision to us (B3 without a sampling state)."""
+    left the decision to us (B3 without a sampling state). A tuple: made per request."""
 
     trace_id: bytes
     span_id: bytes
     sampled: bool | None
     tracestate: bytes | None = None
-    b3: bool = False  # it came as B3 (answered with B3 too)
+    b3: bool = False  # the caller sent B3 fields (answered with B3 too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,25 +163,34 @@ def decide(spec: SamplingSpec, parent: Parent | None, draw: float) -> bool:
 
 
 def _hex(value: bytes, n: int) -> bool:
-    return len(value) == n and all(c in _HEX for c in value)
+    return len(value) == n and not value.translate(None, _HEX_DIGITS)
+
+
+# version-traceid-parentid-flags, lower-case hex; a version after 00 may append fields.
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.S)
+
+
+_ODD_HEX: Final = frozenset(b"13579bdf")
 
 
 def parse_traceparent(value: bytes) -> Parent | None:
     """A W3C traceparent, or None when it is not valid (then it is ignored)."""
-    value = value.strip(b" \t")
-    if len(value) < 55:
+    if (
+        len(value) == 55
+        and value[2] == value[35] == value[52] == 45  # "-"
+        and value[:2] == b"00"
+        and not value.translate(None, b"-0123456789abcdef")
+    ):
+        # Version 00 as nearly everyone sends it: checked with a few C calls.
+        trace_id, span_id = value[3:35], value[36:52]
+        if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+            return None
+        return Parent(trace_id, span_id, value[54] in _ODD_HEX)
+    m = _TRACEPARENT.fullmatch(value.strip(b" \t"))
+    if m is None:
         return None
-    version = value[:2]
-    if not _hex(version, 2) or version == b"ff":
-        return None
-    if version == b"00" and len(value) != 55:
-        return None
-    if len(value) > 55 and value[55:56] != b"-":
-        return None
-    if value[2:3] != b"-" or value[35:36] != b"-" or value[52:53] != b"-":
-        return None
-    trace_id, span_id, flags = value[3:35], value[36:52], value[53:55]
-    if not (_hex(trace_id, 32) and _hex(span_id, 16) and _hex(flags, 2)):
+    version, trace_id, span_id, flags, rest = m.groups()
+    if version == b"ff" or (version == b"00" and rest is not None):
         return None
     if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
@@ -325,6 +334,22 @@ def with_line(head_bytes: bytes, line: bytes) -> bytes:
 def new_ids(rng: random.Random) -> tuple[bytes, bytes]:
     """A random (trace id, span id), as lower-case hex, neither all zeros."""
     return b"%032x" % (rng.getrandbits(128) or 1), b"%016x" % (rng.getrandbits(64) or 1)
+
+
+class UnsampledIds:
+    """`traceparent` lines for unsampled roots, made cheaply: a random per-process head
+    and a counter (their only use is to carry the decision not to sample; no span is
+    ever recorded under them, here or after)."""
+
+    __slots__ = ("_head", "_seq")
+
+    def __init__(self, rng: random.Random) -> None:
+        self._head = b"traceparent: 00-%016x" % (rng.getrandbits(64) | 1 << 63)
+        self._seq = 0
+
+    def line(self) -> bytes:
+        self._seq = seq = self._seq + 1
+        return b"%s%016x-%016x-00\r\n" % (self._head, seq, seq)
 
 
 class Propagation:

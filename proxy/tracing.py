@@ -43,10 +43,11 @@ from proxy.trace_context import (
     Parent,
     Propagation,
     SamplingSpec,
+    UnsampledIds,
     decide,
     find_parent,
-    new_ids,
     path_of,
+    sampling_from_env,
     strip_fields,
     traceparent_line,
     tracing_requested,
@@ -115,7 +116,7 @@ class Tracing:
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer(SCOPE)
         self.sampled = 0  # requests recorded
-        self.propagated = 0  # unsampled roots whose decision was passed on
+        self.unsampled_ids = UnsampledIds(self.rng)
 
     def for_listener(self, listener: str) -> ListenerTracing:
         return ListenerTracing(self, listener)
@@ -147,6 +148,29 @@ class Tracing:
         )
 
 
+def from_env(
+    env: Mapping[str, str],
+    *,
+    service: str,
+    namespace: str,
+    zone: str = "",
+    mesh: MeshSource | None = None,
+) -> Tracing | None:
+    """The sidecar's tracing as the environment configures it (None: off). MeshConfig's
+    ratio (`mesh`) applies only when the environment chose no sampler."""
+    exporter = exporter_from_env(env)
+    if exporter is None:
+        return None
+    return Tracing(
+        exporter,
+        sampling_from_env(env, None),
+        service=service,
+        namespace=namespace,
+        zone=zone,
+        mesh=mesh if not env.get("OTEL_TRACES_SAMPLER") else None,
+    )
+
+
 class ListenerTracing:
     """What one listener's exchanges call (`ProxyServer.tracer`)."""
 
@@ -163,15 +187,17 @@ class ListenerTracing:
         tracing = self.tracing
         head = ex.head
         parent, present = find_parent(head)
-        draw = tracing.rng.random() if parent is None or parent.sampled is None else 1.0
-        if not decide(tracing.current(), parent, draw):
+        if parent is None:
+            sampled = tracing.rng.random() < tracing.current().ratio
+        else:
+            draw = tracing.rng.random() if parent.sampled is None else 1.0
+            sampled = decide(tracing.current(), parent, draw)
+        if not sampled:
             if parent is not None and parent.trace_id:
                 return None  # the caller's context goes on unchanged
-            trace_id, span_id = new_ids(tracing.rng)
             if present:
                 head.headers = strip_fields(head.headers)
-            tracing.propagated += 1
-            return Propagation(traceparent_line(trace_id, span_id, False))
+            return Propagation(tracing.unsampled_ids.line())
         if present:
             head.headers = strip_fields(head.headers)
         tracing.sampled += 1
