@@ -290,14 +290,24 @@ def parse_fields(fields: list[tuple[bytes, bytes]]) -> tuple[Parent | None, bool
 
 
 def find_parent(head: RequestHead) -> tuple[Parent | None, bool]:
-    """`parse_fields` of a head; a cached head (`raw`) is searched as bytes first and its
-    field list made only when it carries a trace field."""
+    """`parse_fields` of a head. A head that kept its field lines as bytes (`raw`, from
+    the head cache) is searched as bytes: a lone `traceparent` is read in place, so the
+    head keeps its fast serialisation; its field list is made only for B3 fields. The
+    parent found in place has no tracestate (read again from the fields when the
+    request is sampled: `parse_fields`)."""
     raw = head.raw
-    if raw is not None:
-        low = raw.lower()
-        if b"traceparent:" not in low and b"b3" not in low:
-            return None, False
-    return parse_fields(head.headers)
+    if raw is None:
+        return parse_fields(head.headers)
+    low = b"\n" + raw.lower()
+    if b"\nb3:" in low or b"\nx-b3-" in low:
+        return parse_fields(head.headers)
+    i = low.find(b"\ntraceparent:")
+    if i < 0:
+        return None, b"\ntracestate:" in low
+    # low[i + 1:] lines up with raw[i:]: the value starts after "traceparent:".
+    start = i + 12
+    end = raw.find(b"\r\n", start)
+    return parse_traceparent(raw[start:end].strip(b" \t")), True
 
 
 def strip_fields(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

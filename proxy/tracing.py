@@ -46,6 +46,7 @@ from proxy.trace_context import (
     UnsampledIds,
     decide,
     find_parent,
+    parse_fields,
     path_of,
     sampling_from_env,
     strip_fields,
@@ -199,7 +200,10 @@ class ListenerTracing:
                 head.headers = strip_fields(head.headers)
             return Propagation(tracing.unsampled_ids.line())
         if present:
-            head.headers = strip_fields(head.headers)
+            fields = head.headers
+            if parent is not None and parent.tracestate is None:
+                parent = parse_fields(fields)[0]  # with its tracestate, if it has one
+            head.headers = strip_fields(fields)
         tracing.sampled += 1
         return SampledTrace(self, ex, parent if parent is not None and parent.trace_id else None)
 

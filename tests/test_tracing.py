@@ -116,6 +116,26 @@ def test_b3_single_and_multi_convert() -> None:
     assert parse_fields([(b"traceparent", b"garbage")]) == (None, True)
 
 
+def test_a_cached_head_is_read_in_place() -> None:
+    """A head that kept its field lines as bytes (the head cache's) is searched as bytes:
+    its traceparent is read without making the field list, B3 makes it."""
+    from proxy.heads import RequestHead
+    from proxy.trace_context import find_parent
+
+    def head(lines: bytes) -> RequestHead:
+        return RequestHead(raw=b"Host: svc\r\n" + lines, method=b"GET", target=b"/", host=b"svc")
+
+    h = head(b"TraceParent: " + TP[:-2] + b"00\r\nCookie: b3=1\r\n")
+    parent, present = find_parent(h)
+    assert present and parent is not None and parent.trace_id == TRACE.encode()
+    assert parent.sampled is False and h.raw is not None  # the fast serialisation stays
+    assert find_parent(head(b"Cookie: id=ab3f\r\n")) == (None, False)
+    assert find_parent(head(b"tracestate: k=v\r\n")) == (None, True)
+    h = head(b"X-B3-TraceId: " + TRACE.encode() + b"\r\nX-B3-SpanId: " + b"1" * 16 + b"\r\n")
+    parent, _ = find_parent(h)
+    assert parent is not None and parent.b3 and parent.sampled is None and h.raw is None
+
+
 def test_sampling_environment_wins_over_mesh_config() -> None:
     assert sampling_from_env({}, None) == DEFAULT_SAMPLING
     assert sampling_from_env({}, 0.25) == SamplingSpec(0.25, True)
@@ -181,7 +201,10 @@ def _answer(w: World) -> None:
 
 
 def test_a_retry_is_two_client_spans_under_one_server_span() -> None:
-    get = b"GET /items?id=7 HTTP/1.1\r\nHost: svc\r\ntraceparent: " + TP + b"\r\n\r\n"
+    get = (
+        b"GET /items?id=7 HTTP/1.1\r\nHost: svc\r\ntraceparent: " + TP
+        + b"\r\ntracestate: vendor=1\r\n\r\n"
+    )  # fmt: skip
     w, tracing = traced_world(get, SamplingSpec(0.0, True))
     pool = w.pool(idle=2)
     for up in pool.idle:
@@ -216,6 +239,8 @@ def test_a_retry_is_two_client_spans_under_one_server_span() -> None:
         tp = b"00-%032x-%016x-01" % (span.context.trace_id, span.context.span_id)
         assert data.count(b"traceparent") == 1 and b"traceparent: " + tp + b"\r\n" in data
     assert w.ex.request_bytes.count(b"traceparent") == 0
+    assert b"tracestate: vendor=1\r\n" in first  # kept as it came
+    assert srv.parent.trace_state.get("vendor") == "1"
 
 
 def test_unsampled_requests_make_no_spans_and_pass_the_decision_on() -> None:
