@@ -290,14 +290,21 @@ def parse_fields(fields: list[tuple[bytes, bytes]]) -> tuple[Parent | None, bool
 
 
 def find_parent(head: RequestHead) -> tuple[Parent | None, bool]:
-    """`parse_fields` of a head. A head that kept its field lines as bytes (`raw`, from
+    """`parse_fields` of a head, from what the codec noted (`traceparent`, `b3`): a pass
+    over the fields only for B3. A head that kept its field lines as bytes (`raw`, from
     the head cache) is searched as bytes: a lone `traceparent` is read in place, so the
     head keeps its fast serialisation; its field list is made only for B3 fields. The
     parent found in place has no tracestate (read again from the fields when the
     request is sampled: `parse_fields`)."""
     raw = head.raw
     if raw is None:
-        return parse_fields(head.headers)
+        # The codec noted the trace fields as it parsed (proxy/fields.py).
+        if head.b3:
+            return parse_fields(head.headers)
+        tp = head.traceparent
+        if tp is None:
+            return None, False
+        return parse_traceparent(tp), True
     low = b"\n" + raw.lower()
     if b"\nb3:" in low or b"\nx-b3-" in low:
         return parse_fields(head.headers)

@@ -34,6 +34,7 @@ from proxy.trace_context import (
     SamplingSpec,
     check_env,
     decide,
+    find_parent,
     parse_b3_single,
     parse_fields,
     parse_traceparent,
@@ -116,11 +117,23 @@ def test_b3_single_and_multi_convert() -> None:
     assert parse_fields([(b"traceparent", b"garbage")]) == (None, True)
 
 
+def test_the_codec_notes_trace_fields() -> None:
+    head = parse_request(
+        b"GET / HTTP/1.1\r\nHost: svc\r\nTraceParent: " + TP + b"\r\ntraceparent: x\r\n\r\n"
+    )
+    assert head.traceparent == TP and not head.b3  # the first one
+    assert [n for n, _ in head.headers] == [b"Host", b"TraceParent", b"traceparent"]
+    head = parse_request(b"GET / HTTP/1.1\r\nHost: svc\r\nX-B3-Sampled: 1\r\n\r\n")
+    assert head.b3 and head.traceparent is None
+    assert find_parent(head) == (None, True)  # a sampling state without ids: a new trace
+    plain = parse_request(b"GET / HTTP/1.1\r\nHost: svc\r\nCookie: b3=1\r\n\r\n")
+    assert not plain.b3 and plain.traceparent is None and find_parent(plain) == (None, False)
+
+
 def test_a_cached_head_is_read_in_place() -> None:
     """A head that kept its field lines as bytes (the head cache's) is searched as bytes:
     its traceparent is read without making the field list, B3 makes it."""
     from proxy.heads import RequestHead
-    from proxy.trace_context import find_parent
 
     def head(lines: bytes) -> RequestHead:
         return RequestHead(raw=b"Host: svc\r\n" + lines, method=b"GET", target=b"/", host=b"svc")
