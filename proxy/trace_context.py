@@ -85,6 +85,8 @@ class SamplingSpec:
             raise ValueError(f"sampling ratio {self.ratio} is not within 0..1")
 
 
+_new_tuple: Final = tuple.__new__
+
 # OpenTelemetry's default (the SDK documents `parentbased_always_on`).
 DEFAULT_SAMPLING: Final = SamplingSpec()
 _SAMPLERS: Final[dict[str, tuple[bool, float | None]]] = {
@@ -185,7 +187,8 @@ def parse_traceparent(value: bytes) -> Parent | None:
         trace_id, span_id = value[3:35], value[36:52]
         if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
             return None
-        return Parent(trace_id, span_id, value[54] in _ODD_HEX)
+        # tuple.__new__: NamedTuple's own __new__ is a Python function (3x the cost).
+        return _new_tuple(Parent, (trace_id, span_id, value[54] in _ODD_HEX, None, False))
     m = _TRACEPARENT.fullmatch(value.strip(b" \t"))
     if m is None:
         return None
@@ -339,6 +342,10 @@ def path_of(target: bytes) -> bytes:
     return target.partition(b"?")[0].partition(b"#")[0]
 
 
+def propagation(line: bytes) -> Propagation:
+    return _new_tuple(Propagation, (line,))
+
+
 def traceparent_line(trace_id: bytes, span_id: bytes, sampled: bool) -> bytes:
     return b"traceparent: 00-%s-%s-%s\r\n" % (trace_id, span_id, b"01" if sampled else b"00")
 
@@ -354,38 +361,38 @@ def new_ids(rng: random.Random) -> tuple[bytes, bytes]:
 
 
 class UnsampledIds:
-    """`traceparent` lines for unsampled roots, made cheaply: a random per-process head
-    and a counter (their only use is to carry the decision not to sample; no span is
-    ever recorded under them, here or after)."""
+    """`traceparent` lines for unsampled roots, made cheaply: the trace id a random
+    per-process half and a counter, the parent id random per process (their only use
+    is to carry the decision not to sample, and the trace id to name the request in
+    access logs; no span is ever recorded under them, here or after)."""
 
-    __slots__ = ("_head", "_seq")
+    __slots__ = ("_head", "_seq", "_tail")
 
     def __init__(self, rng: random.Random) -> None:
         self._head = b"traceparent: 00-%016x" % (rng.getrandbits(64) | 1 << 63)
+        self._tail = b"-%016x-00\r\n" % (rng.getrandbits(64) | 1 << 63)
         self._seq = 0
 
     def line(self) -> bytes:
         self._seq = seq = self._seq + 1
-        return b"%s%016x-%016x-00\r\n" % (self._head, seq, seq)
+        return self._head + b"%016x" % seq + self._tail
 
 
-class Propagation:
+class Propagation(tuple[bytes]):
     """An unsampled request that started its trace here: its attempts carry a
-    `traceparent` with the sampled flag 00, so the sidecars after this one do not start
-    traces of their own (the decision is made once, at the root). No SDK objects."""
+    `traceparent` with the sampled flag 00 (`self[0]`, the field line), so the sidecars
+    after this one do not start traces of their own (the decision is made once, at the
+    root). No SDK objects; a tuple, made by C code (`propagation(line)`)."""
 
-    __slots__ = ("line",)
+    __slots__ = ()
 
     sampled = False
 
-    def __init__(self, line: bytes) -> None:
-        self.line = line
-
     def trace_id(self) -> bytes:
-        return self.line[16:48]  # b"traceparent: 00-" then the trace id
+        return self[0][16:48]  # b"traceparent: 00-" then the trace id
 
     def attempt_start(self, ex: object, data: bytes) -> bytes:
-        return with_line(data, self.line)
+        return data[:-2] + self[0] + b"\r\n"
 
     def attempt_end(self, ex: object, reason: str) -> None:
         return None

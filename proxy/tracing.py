@@ -47,7 +47,9 @@ from proxy.trace_context import (
     decide,
     find_parent,
     parse_fields,
+    parse_traceparent,
     path_of,
+    propagation,
     sampling_from_env,
     strip_fields,
     traceparent_line,
@@ -187,18 +189,26 @@ class ListenerTracing:
         `SampledTrace` (spans)."""
         tracing = self.tracing
         head = ex.head
-        parent, present = find_parent(head)
-        if parent is None:
-            sampled = tracing.rng.random() < tracing.current().ratio
+        if head.raw is None and not head.b3:
+            # The common case, without a call: what the codec noted (find_parent's).
+            tp = head.traceparent
+            present = tp is not None
+            parent = parse_traceparent(tp) if tp is not None else None
         else:
-            draw = tracing.rng.random() if parent.sampled is None else 1.0
-            sampled = decide(tracing.current(), parent, draw)
+            parent, present = find_parent(head)
+        spec = tracing.sampling if tracing.mesh is None else tracing.current()
+        if parent is None:
+            sampled = tracing.rng.random() < spec.ratio
+        elif parent.sampled is not None and spec.parent_based:
+            sampled = parent.sampled
+        else:
+            sampled = decide(spec, parent, tracing.rng.random())
         if not sampled:
             if parent is not None and parent.trace_id:
                 return None  # the caller's context goes on unchanged
             if present:
                 head.headers = strip_fields(head.headers)
-            return Propagation(tracing.unsampled_ids.line())
+            return propagation(tracing.unsampled_ids.line())
         if present:
             fields = head.headers
             if parent is not None and parent.tracestate is None:
