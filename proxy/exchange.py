@@ -703,9 +703,10 @@ class Exchange:
     def end(self, outcome: Outcome, after: int = CLOSE, now: float = 0.0) -> None:
         """Where every request ends, once: the outcome goes to the balancer's tracker
         (`on_end`, owed since the pick's `on_start`), the destination's stats and the
-        local-reply counters; then the connection does `after` (KEEP, CLOSE, ABORT,
-        TUNNEL, GONE). Later features read the outcome here: outlier detection, retry
-        budgets, spans, access logs."""
+        local-reply counters, the trace (its spans close) and the access log (it keeps
+        the request's values); then the connection does `after` (KEEP, CLOSE, ABORT,
+        TUNNEL, GONE). Later features read the outcome here too: outlier detection,
+        retry budgets."""
         if self.state == ENDED:
             raise ExchangeStateError(f"ended twice: {self.outcome!r}, then {outcome!r}")
         self.state = ENDED
