@@ -246,8 +246,10 @@ def instructions(args: argparse.Namespace) -> int:
                "--policy", args.policy, "--endpoints", str(args.endpoints),
                "--count", str(count), "--rounds", "0",
                *(["--unique-ids"] if args.unique_ids else []),
-               *(["--realistic"] if args.realistic else []),
-               *(["--tracing", str(args.tracing)] if args.tracing is not None else [])]  # fmt: skip
+               # (bench/balance_path_bench.py passes a Namespace without these two)
+               *(["--realistic"] if getattr(args, "realistic", False) else []),
+               *(["--tracing", str(args.tracing)]
+                 if getattr(args, "tracing", None) is not None else [])]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
         m = re.search(r"Collected : (\d+)", out)
         if m is None:
