@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from proxy.exchange import Exchange
 
 SCOPE = "tether.sidecar"
+_EVEN_HEX = frozenset(b"02468ace")  # the last flags digit of an unsampled traceparent
 
 
 class MeshSource(Protocol):
@@ -189,14 +190,18 @@ class ListenerTracing:
         `SampledTrace` (spans)."""
         tracing = self.tracing
         head = ex.head
+        spec = tracing.sampling if tracing.mesh is None else tracing.current()
         if head.raw is None and not head.b3:
             # The common case, without a call: what the codec noted (find_parent's).
             tp = head.traceparent
+            if tp is not None and len(tp) == 55 and tp[54] in _EVEN_HEX and spec.parent_based:
+                # A caller's unsampled version-00 context: all that matters is its flag,
+                # and it goes on unchanged (the ids are not even checked).
+                return None
             present = tp is not None
             parent = parse_traceparent(tp) if tp is not None else None
         else:
             parent, present = find_parent(head)
-        spec = tracing.sampling if tracing.mesh is None else tracing.current()
         if parent is None:
             sampled = tracing.rng.random() < spec.ratio
         elif parent.sampled is not None and spec.parent_based:
@@ -328,9 +333,11 @@ class SampledTrace:
         span.end()
 
     def end(self, ex: Exchange, now: float) -> None:
-        """The exchange ended: the last attempt's span, then the server span."""
+        """The exchange ended: the last attempt's span, then the server span (their
+        attributes set at once: each `set_attribute` takes the span's lock)."""
         outcome = ex.outcome
         status = outcome.status
+        reason = outcome.reason
         route = ex.route
         server = self.server
         span = self.client
@@ -341,31 +348,30 @@ class SampledTrace:
                 st = _status(status)
                 if st is not None:
                     span.set_status(st)
-            elif outcome.reason:
-                span.set_attribute("tether.reason", outcome.reason)
-                span.set_attribute("error.type", outcome.reason)
-                span.set_status(Status(StatusCode.ERROR, outcome.reason))
+            elif reason:
+                span.set_attributes({"tether.reason": reason, "error.type": reason})
+                span.set_status(Status(StatusCode.ERROR, reason))
             span.end()
+        attrs: dict[str, Any] = {"tether.outcome": outcome.kind}
         if status:
-            server.set_attribute("http.response.status_code", status)
-        server.set_attribute("tether.outcome", outcome.kind)
+            attrs["http.response.status_code"] = status
         if self.attempts:
-            server.set_attribute("tether.attempts", self.attempts)
-        if outcome.reason:
-            server.set_attribute("tether.reason", outcome.reason)
-            server.set_attribute("error.type", outcome.reason)
-        if route is not None:
-            ds = route.dstats
-            if ds is not None and self.lt.listener != "inbound":
+            attrs["tether.attempts"] = self.attempts
+        if reason:
+            attrs["tether.reason"] = attrs["error.type"] = reason
+        ds = route.dstats if route is not None else None
+        if ds is not None:
+            if self.lt.listener != "inbound":
                 service, subset = split_destination(ds.name)
                 name, _, ns = service.partition(".")
-                server.set_attribute("tether.destination.service", name)
+                attrs["tether.destination.service"] = name
                 if ns:
-                    server.set_attribute("tether.destination.namespace", ns)
+                    attrs["tether.destination.namespace"] = ns
                 if subset:
-                    server.set_attribute("tether.destination.subset", subset)
-            if ds is not None and ds.route:
-                server.set_attribute("tether.route", ds.route)
+                    attrs["tether.destination.subset"] = subset
+            if ds.route:
+                attrs["tether.route"] = ds.route
+        server.set_attributes(attrs)
         st = _status(status)
         if st is not None:
             server.set_status(st)
