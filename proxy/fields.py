@@ -36,6 +36,9 @@ REQUEST_FIELDS = {
     b"x-b3-parentspanid": B3,
     b"x-b3-sampled": B3,
     b"x-b3-flags": B3,
+    # Only the inbound sidecar says who the caller is (from its certificate): a value
+    # arriving from outside is dropped on every listener, as hop-by-hop fields are.
+    b"x-tether-peer-identity": HOP,
 }
 RESPONSE_FIELDS = {
     b"content-length": CL,
