@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from proxy.balance import Balancer, Endpoint
     from proxy.cluster_spec import ClusterSpec
     from proxy.heads import Fields
+    from proxy.mirror import MirrorTap
     from proxy.pool import Pool
     from proxy.stats import DestinationStats
 
@@ -64,6 +65,8 @@ class Reply:
     message: str | None = None
     status: int | None = None
     close: bool = False
+    # Fields the reply carries besides its own (Retry-After, Location).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class RouteResult:
@@ -76,6 +79,7 @@ class RouteResult:
     __slots__ = (
         "dstats",
         "endpoint",
+        "mirror",
         "path",
         "pending",
         "pool",
@@ -101,6 +105,7 @@ class RouteResult:
         tunnel: tuple[str, int] | None = None,
         pending: Awaitable[RouteResult] | None = None,
         spec: ClusterSpec | None = None,
+        mirror: MirrorTap | None = None,
     ) -> None:
         self.pool = pool
         self.dstats = dstats
@@ -116,6 +121,8 @@ class RouteResult:
         self.tunnel = tunnel  # CONNECT: (host, port) to dial
         self.pending = pending
         self.spec = spec  # the destination cluster's compiled settings (proxy/cluster_spec.py)
+        # Copy this request to a shadow (proxy/mirror.py); None: no copy.
+        self.mirror = mirror
 
     def replace(self, **changes: Any) -> RouteResult:
         """A copy with `changes` (the fields' names as keywords)."""
@@ -133,9 +140,10 @@ class RouteResult:
         status: int | None = None,
         close: bool = False,
         dstats: DestinationStats | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> RouteResult:
         """A local reply instead of a destination."""
-        return cls(reply=Reply(reason, message, status, close), dstats=dstats)
+        return cls(reply=Reply(reason, message, status, close, headers), dstats=dstats)
 
     def __repr__(self) -> str:
         if self.reply is not None:
