@@ -13,11 +13,18 @@ it is worth against nginx.
     .venv/bin/python -m bench.hop_bench [--hop outbound|inbound] [--policy NAME[+locality]]
                                          [--count 50000] [--rounds 7] [--profile]
                                          [--instructions] [--unique-ids] [--no-retries]
-                                         [--authz none|l4|l7]
+                                         [--authz none|l4|l7] [--realistic] [--tracing RATIO]
 
 `--authz` (inbound hop): the service's intentions checked before routing, for a caller
 with a SPIFFE ID: `l4` an intention allowing it (decided once per connection), `l7` one
 allowing GET on a path prefix and a header (matched per request).
+
+
+`--realistic`: every request has its own path, X-Request-Id and cookie, and every other
+one an unsampled `traceparent` (flag 00), the others none: what tracing's cost is judged
+on. `--tracing RATIO`: tracing on (proxy/tracing.py), parent-based, RATIO of new traces
+sampled; spans go to the SDK's batch processor with an exporter that discards them (the
+OTLP export runs on the processor's thread and is measured end to end by `make bench`).
 
 `--instructions` counts instead of timing: the process runs twice under valgrind's
 callgrind (2,000 and 12,000 requests) and the difference is divided by 10,000, so
@@ -46,6 +53,21 @@ RESPONSE = (
     * 100
 )
 ZONES = ("zone-a", "zone-a", "zone-b")
+# --realistic: a browser-like head with its own path, id and cookie; odd requests also
+# carry a caller's unsampled trace context.
+REALISTIC = (
+    b"GET /api/items/%d?page=2 HTTP/1.1\r\nHost: svc\r\nUser-Agent: Mozilla/5.0 (X11; Linux)"
+    b"\r\nAccept: application/json\r\nAccept-Encoding: gzip\r\n"
+    b"Cookie: session=%016x; theme=dark\r\nX-Request-Id: 6f1c2a9e-%010d\r\n"
+)
+TRACEPARENT = b"traceparent: 00-%032x-%016x-00\r\n"
+
+
+def realistic(i: int) -> bytes:
+    head = REALISTIC % (i, i * 7919, i)
+    if i & 1:
+        head += TRACEPARENT % (i * 104729 + 1, i + 1)
+    return head + b"\r\n"
 
 
 class FakeTransport:
@@ -111,8 +133,31 @@ def _authz(kind: str) -> Any:
     return authz
 
 
+def _tracer(ratio: float, hop: str) -> Any:
+    """Tracing as a sidecar runs it, its spans discarded by the exporter."""
+    from collections.abc import Sequence
+
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from proxy.trace_context import SamplingSpec
+    from proxy.tracing import Tracing
+
+    class Discard(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    tracing = Tracing(Discard(), SamplingSpec(ratio, True), service="bench", namespace="default")
+    return tracing.for_listener(hop)
+
+
 def build(
-    hop: str, policy: str, endpoints: int, authz: str = "none", retries: bool = True
+    hop: str,
+    policy: str,
+    endpoints: int,
+    authz: str = "none",
+    retries: bool = True,
+    tracing: float | None = None,
 ) -> tuple[Any, Any]:
     """A ProxyServer for `hop` with warm pools; returns (server, downstream connection).
     Outbound, the default retry policy applies unless `retries` is False."""
@@ -158,6 +203,8 @@ def build(
         router = InboundRouter(20000, stats, pool_policy=pool_policy, authz=_authz(authz))
         pools = router.pools()
     server = ProxyServer(router, TimeoutPolicy(), stats, scheme=b"http")
+    if tracing is not None:
+        server.tracer = _tracer(tracing, hop)
     for pool in pools:  # a few idle keep-alive connections each, as under load
         for _ in range(4):
             up = UpstreamConnection(pool)
@@ -186,17 +233,22 @@ def run(
     unique_ids: bool = False,
     authz: str = "none",
     retries: bool = True,
+    real: bool = False,
+    tracing: float | None = None,
 ) -> float:
     """Best µs per request over `rounds` rounds of `count` requests (round 0 warms up)."""
-    _, conn = build(hop, policy, endpoints, authz, retries)
+    _, conn = build(hop, policy, endpoints, authz, retries, tracing)
     one(conn)
     up_t = conn.transport
     assert up_t.last.startswith(b"HTTP/1.1 200 OK\r\n"), up_t.last[:80]
     best = float("inf")
     for r in range(rounds + 1):
-        requests = [
-            REQUEST_WITH_ID % (r * count + i) if unique_ids else REQUEST for i in range(count)
-        ]
+        if real:
+            requests = [realistic(r * count + i) for i in range(count)]
+        else:
+            requests = [
+                REQUEST_WITH_ID % (r * count + i) if unique_ids else REQUEST for i in range(count)
+            ]
         start = time.perf_counter()
         for request in requests:
             one(conn, request)
@@ -211,7 +263,9 @@ async def _main(args: argparse.Namespace) -> None:
         import cProfile
         import pstats
 
-        _, conn = build(args.hop, args.policy, args.endpoints, args.authz, not args.no_retries)
+        _, conn = build(
+            args.hop, args.policy, args.endpoints, args.authz, not args.no_retries, args.tracing
+        )
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.count):
@@ -220,18 +274,17 @@ async def _main(args: argparse.Namespace) -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
         return
     us = run(
-        args.hop,
-        args.policy,
-        args.endpoints,
-        args.count,
-        args.rounds,
-        args.unique_ids,
-        args.authz,
-        not args.no_retries,
-    )
-    print(
-        f"{args.hop} {args.policy} x{args.endpoints}: {us:.2f} µs/request (best of {args.rounds})"
-    )
+        args.hop, args.policy, args.endpoints, args.count, args.rounds, args.unique_ids,
+        args.authz, not args.no_retries, args.realistic, args.tracing,
+    )  # fmt: skip
+    print(f"{_label(args)}: {us:.2f} µs/request (best of {args.rounds})")
+
+
+def _label(args: argparse.Namespace) -> str:
+    extra = " realistic" if args.realistic else ""
+    if args.tracing is not None:
+        extra += f" tracing={args.tracing:g}"
+    return f"{args.hop} {args.policy} x{args.endpoints}{extra}"
 
 
 def instructions(args: argparse.Namespace) -> int:
@@ -244,8 +297,13 @@ def instructions(args: argparse.Namespace) -> int:
                sys.executable, "-m", "bench.hop_bench", "--hop", args.hop,
                "--policy", args.policy, "--endpoints", str(args.endpoints),
                "--count", str(count), "--rounds", "0",
-               *(["--unique-ids"] if args.unique_ids else []), "--authz", args.authz,
-               *(["--no-retries"] if args.no_retries else [])]  # fmt: skip
+               *(["--unique-ids"] if args.unique_ids else []),
+               # (bench/balance_path_bench.py passes a Namespace without these four)
+               "--authz", getattr(args, "authz", "none"),
+               *(["--no-retries"] if getattr(args, "no_retries", False) else []),
+               *(["--realistic"] if getattr(args, "realistic", False) else []),
+               *(["--tracing", str(args.tracing)]
+                 if getattr(args, "tracing", None) is not None else [])]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
         m = re.search(r"Collected : (\d+)", out)
         if m is None:
@@ -271,10 +329,12 @@ def main() -> None:
         action="store_true",
         help="outbound without the default retry policy (to measure what it costs)",
     )
+    ap.add_argument("--realistic", action="store_true")
+    ap.add_argument("--tracing", type=float, default=None, metavar="RATIO")
     args = ap.parse_args()
     if args.instructions:
         n = instructions(args)
-        print(f"{args.hop} {args.policy} x{args.endpoints}: {n} instructions/request")
+        print(f"{_label(args)}: {n} instructions/request")
         return
     import uvloop
 

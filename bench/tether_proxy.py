@@ -7,7 +7,9 @@ It runs exactly the listener code the sidecar runs (proxy/listener.py on uvloop)
 the sidecar's default balancer, minus discovery and registration, so the benchmark needs
 no registry. `--sched normal` leaves
 the kernel's default scheduling policy (the sidecar asks for SCHED_BATCH). `--profile FILE` writes
-cProfile stats at SIGTERM. Prints `ready <port>` on stdout once listening.
+cProfile stats at SIGTERM. `--tracing` traces as a sidecar with OTEL_TRACES_EXPORTER=otlp
+does (the OTEL_* variables of its environment). Prints `ready <port>` on stdout once
+listening.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def _parse() -> argparse.Namespace:
         default=None,
         help="DIR of bench/mtls_material.py: inbound serves mTLS as service `svc`; "
         "outbound dials its clusters with mTLS as service `caller`",
+    )
+    p.add_argument(
+        "--tracing",
+        action="store_true",
+        help="trace as a sidecar does when OTEL_TRACES_EXPORTER=otlp (OTEL_* honoured)",
     )
     return p.parse_args()
 
@@ -68,6 +75,16 @@ async def _serve(args: argparse.Namespace) -> None:
         listener = await start_outbound(directory, port=args.port, mesh_tls=_tls(args, "caller"))
     else:
         listener = await start_inbound(args.app_port, port=args.port, mesh_tls=_tls(args, "svc"))
+    tracing = None
+    if args.tracing:
+        import os
+
+        from proxy.tracing import from_env
+
+        tracing = from_env(os.environ, service="bench", namespace="default")
+        if tracing is None:
+            sys.exit("--tracing: set OTEL_TRACES_EXPORTER=otlp")
+        listener.proxy.tracer = tracing.for_listener(args.mode)
     settle_process(batch=args.sched == "batch")
     print(f"ready {listener.port}", flush=True)
     stop = asyncio.Event()
@@ -77,6 +94,9 @@ async def _serve(args: argparse.Namespace) -> None:
     await stop.wait()
     await listener.drain(1.0)
     await listener.aclose()
+    if tracing is not None:
+        print(f"tracing: {tracing!r}", flush=True)
+        await asyncio.to_thread(tracing.shutdown)
 
 
 def main() -> None:

@@ -134,6 +134,10 @@ class Attempts:
         if ds is not None:
             ds.attempts += 1
 
+    def _attempt_failed(self, reason: str) -> None:
+        """An attempt failed and the request is sent again: the exchange ends the
+        attempt's span here (proxy/exchange.py)."""
+
     def _attempt_end(self, outcome: Outcome, now: float) -> None:
         self.rflags &= ~_ATTEMPT
         route = self.route
@@ -324,6 +328,7 @@ class Attempts:
             ds.retries += 1
         self._abandon()
         self._attempt_end(failed, now)
+        self._attempt_failed(failed.reason or f"status {failed.status}")
         self.rflags |= _RETRY_SLOT
         tried = self.tried
         if tried is None:

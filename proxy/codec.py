@@ -33,6 +33,7 @@ import httptools
 
 from proxy.errors import BadMessageError
 from proxy.fields import (
+    B3,
     CL,
     CONN,
     EXPECT,
@@ -40,6 +41,7 @@ from proxy.fields import (
     PLAIN,
     REQUEST_FIELDS,
     TE,
+    TRACEPARENT,
     UPGRADE,
     XFF,
     XFP,
@@ -363,6 +365,13 @@ class RequestCodec:
         elif kind == EXPECT:
             if value.strip().lower() == b"100-continue":
                 head.expect_continue = True
+            fields.append((name, value))
+        elif kind == TRACEPARENT:
+            if head.traceparent is None:
+                head.traceparent = value
+            fields.append((name, value))
+        elif kind == B3:
+            head.b3 = True
             fields.append((name, value))
         # HOP: dropped.
 

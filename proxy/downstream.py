@@ -49,8 +49,10 @@ from proxy.stats import ProxyStats
 from proxy.upstream import WRITE_HIGH, WRITE_LOW
 
 if TYPE_CHECKING:
+    from proxy.access_log import ListenerAccessLog
     from proxy.egress import EgressGuard
     from proxy.pool import Pool
+    from proxy.tracing import ListenerTracing
 
 # Route answers and CONNECT dials in flight (held so they are not garbage-collected).
 _TASKS: set[asyncio.Task[None]] = set()
@@ -138,6 +140,9 @@ class ProxyServer:
         self.xfp_line = b"X-Forwarded-Proto: " + scheme + b"\r\n"
         self.connections: set[DownstreamConnection] = set()
         self.draining = False
+        # Set by the sidecar when tracing or the access log is on (None: off, free).
+        self.tracer: ListenerTracing | None = None
+        self.access_log: ListenerAccessLog | None = None
         # An mTLS listener's check of each connection (proxy/tls.py InboundIdentity):
         # the caller's SPIFFE ID, "" for plaintext it accepts, None to refuse.
         self.identify: Callable[[Any], str | None] | None = None

@@ -77,6 +77,8 @@ if TYPE_CHECKING:
     from proxy.mirror import MirrorCopy
     from proxy.pool import Pool
     from proxy.route_result import RouteResult
+    from proxy.trace_context import Propagation
+    from proxy.tracing import SampledTrace
     from proxy.upstream import UpstreamConnection
 
 from proxy.exchange_states import (
@@ -120,6 +122,9 @@ class Exchange(Attempts):
 
     __slots__ = (
         "after",
+        "attempts",
+        "bytes_in",
+        "bytes_out",
         "conn",
         "deadline",
         "flags",
@@ -135,6 +140,7 @@ class Exchange(Attempts):
         "server",
         "start",
         "timer",
+        "trace",
         "tunnel",
     )
 
@@ -170,6 +176,14 @@ class Exchange(Attempts):
         self.replay = None  # body bytes kept for a retry
         self.timer_handle = None
         self.rspec = None  # the retry policy in force
+        # Attempts sent upstream; body bytes received from the client and sent to it.
+        self.attempts = self.bytes_in = self.bytes_out = 0
+        # This request's trace (proxy/tracing.py): None when tracing is off, or the
+        # incoming context goes on unchanged. Decided in plain code, per request.
+        tracer = server.tracer
+        self.trace: SampledTrace | Propagation | None = (
+            tracer.begin(self) if tracer is not None else None
+        )
 
     def _invalid(self, event: str) -> None:
         """An event outside the table: dropped after the end if it may come late, else
@@ -198,6 +212,7 @@ class Exchange(Attempts):
         if state > RESPONDING:
             self._invalid("request_body")  # after a local reply or early response: dropped
             return
+        self.bytes_in += len(data)
         ubuf = self.conn.ubuf
         if self.mirror is not None:
             self.mirror = self.mirror.feed(data)
@@ -289,6 +304,17 @@ class Exchange(Attempts):
             self._arm_try()
 
     def _acquire(self, pool: Pool) -> None:
+        """One attempt: a connection from `pool` for the request in `ubuf` (its head,
+        `request_bytes`, first). An attempt that fails and is sent again calls
+        `_attempt_failed` before its next `_acquire`."""
+        self.attempts += 1
+        trace = self.trace
+        if trace is not None:
+            # The attempt's own trace context goes into the head it sends.
+            # (ubuf[0] is the head as this attempt sends it: a retry's carries
+            # x-tether-attempt.)
+            ubuf = self.conn.ubuf
+            ubuf[0] = trace.attempt_start(self, ubuf[0])
         self.state = CONNECTING
         try:
             up = pool.acquire(self)
@@ -437,6 +463,7 @@ class Exchange(Attempts):
             if self._stale():
                 return
             self._invalid("response_body")
+        self.bytes_out += len(data)
         wbuf = self.conn.wbuf
         if self.resp_chunked:
             wbuf.append(chunk_prefix(len(data)))
@@ -509,6 +536,7 @@ class Exchange(Attempts):
                 tracker.on_end(ep, now, now - self.start, False)
                 tracker.on_start(ep, now)
             self.flags |= _RETRIED
+            self._attempt_failed(reason)
             ubuf = self.conn.ubuf
             ubuf.clear()
             ubuf.append(self.request_bytes)
@@ -519,6 +547,12 @@ class Exchange(Attempts):
             if self._retry(retries.F_RESET, failed, message):
                 return
         self._reply(outcomes.Reset, reason, message)
+
+    def _attempt_failed(self, reason: str) -> None:
+        """The attempt in flight failed and the request is sent again (its span ends)."""
+        trace = self.trace
+        if trace is not None:
+            trace.attempt_end(self, reason)
 
     # -- what the bound upstream connection asks of it (proxy/upstream.py) -------------
 
@@ -649,9 +683,10 @@ class Exchange(Attempts):
     def end(self, outcome: Outcome, after: int = CLOSE, now: float = 0.0) -> None:
         """Where every request ends, once: the outcome goes to the balancer's tracker
         (`on_end`, owed since the pick's `on_start`), the destination's stats and the
-        local-reply counters; then the connection does `after` (KEEP, CLOSE, ABORT,
-        TUNNEL, GONE). Later features read the outcome here: outlier detection, retry
-        budgets, spans, access logs."""
+        local-reply counters, the trace (its spans close) and the access log (it keeps
+        the request's values); then the connection does `after` (KEEP, CLOSE, ABORT,
+        TUNNEL, GONE). Later features read the outcome here too: outlier detection,
+        retry budgets."""
         if self.state == ENDED:
             raise ExchangeStateError(f"ended twice: {self.outcome!r}, then {outcome!r}")
         self.state = ENDED
@@ -674,6 +709,12 @@ class Exchange(Attempts):
                 ds.record(outcome.status, now - self.start)
         if outcome.reason:
             self.server.stats.local_reply(outcome.reason, ds)
+        trace = self.trace
+        if trace is not None:
+            trace.end(self, now)
+        log = self.server.access_log
+        if log is not None:
+            log.record(self, now)
         self.conn.exchange_done(self, now)
 
     def __repr__(self) -> str:

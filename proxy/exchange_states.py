@@ -15,11 +15,13 @@ from proxy.forwarding import Forwarder
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from proxy.access_log import ListenerAccessLog
     from proxy.exchange import Exchange
     from proxy.forwarding import ResponseMemo
     from proxy.heads import RequestHead
     from proxy.route_result import Peer, RouteResult
     from proxy.stats import ProxyStats
+    from proxy.tracing import ListenerTracing
 
 ROUTING: Final = 0  # the head is in; waiting for the router's answer
 CONNECTING: Final = 1  # routed to a pool; waiting for a connection
@@ -120,6 +122,11 @@ class Server(Forwarder, Protocol):
     def stats(self) -> ProxyStats: ...
     @property
     def draining(self) -> bool: ...
+    # Tracing (proxy/tracing.py) and the access log (proxy/access_log.py): None when off.
+    @property
+    def tracer(self) -> ListenerTracing | None: ...
+    @property
+    def access_log(self) -> ListenerAccessLog | None: ...
     def clock(self) -> float: ...
 
 

@@ -13,6 +13,9 @@ from proxy.heads import Fields
 
 # What each interpreted field name means to the codec; anything else is end-to-end.
 HOST, CL, TE, CONN, HOP, UPGRADE, EXPECT, XFF, XRID, XFP = range(10)
+# Trace context (proxy/trace_context.py): kept as end-to-end fields, and noted on the
+# head, so tracing finds them without a pass over the fields.
+TRACEPARENT, B3 = 10, 11
 REQUEST_FIELDS = {
     b"host": HOST,
     b"content-length": CL,
@@ -26,6 +29,13 @@ REQUEST_FIELDS = {
     b"x-forwarded-for": XFF,
     b"x-request-id": XRID,
     b"x-forwarded-proto": XFP,
+    b"traceparent": TRACEPARENT,
+    b"b3": B3,
+    b"x-b3-traceid": B3,
+    b"x-b3-spanid": B3,
+    b"x-b3-parentspanid": B3,
+    b"x-b3-sampled": B3,
+    b"x-b3-flags": B3,
     # Only the inbound sidecar says who the caller is (from its certificate): a value
     # arriving from outside is dropped on every listener, as hop-by-hop fields are.
     b"x-tether-peer-identity": HOP,

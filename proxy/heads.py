@@ -48,6 +48,7 @@ class RequestHead:
     __slots__ = (
         "_fields",
         "_host_index",
+        "b3",
         "chunked",
         "connection_tokens",
         "content_length",
@@ -60,6 +61,7 @@ class RequestHead:
         "raw",
         "request_id",
         "target",
+        "traceparent",
         "upgrade",
         "version",
     )
@@ -93,6 +95,10 @@ class RequestHead:
         self.upgrade: bytes | None = None
         self.expect_continue = False
         self.connection_tokens: list[bytes] | None = None
+        # Trace context the codec saw (the first traceparent; any B3 field), so tracing
+        # needs no pass over the fields. A cached head (`raw`) is searched as bytes.
+        self.traceparent: bytes | None = None
+        self.b3 = False
 
     def _materialise(self) -> Fields:
         fields, self._host_index = _field_list(self.raw or b"", True)
@@ -184,6 +190,8 @@ def _from_template(args: tuple[Any, ...]) -> RequestHead:
     head.upgrade = None
     head.expect_continue = False
     head.connection_tokens = None
+    head.traceparent = None
+    head.b3 = False
     return head
 
 

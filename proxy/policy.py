@@ -121,6 +121,7 @@ def _rule(
         subset=rule.destination.subset,
         request_headers=_edit(rule.request_headers),
         response_headers=_edit(rule.response_headers),
+        label=f"{res.name}.{res.namespace}#{i}",
         filters=_filters(res, i, rule, buckets),
         retry=RetrySpec.of(rule.retries) if rule.retries is not None else None,
         circuit_breaker=(

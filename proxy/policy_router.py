@@ -46,7 +46,7 @@ from proxy.resilience import Resilience
 from proxy.route_filters import Mirror, RuleFilters
 from proxy.route_result import Peer, RouteResult
 from proxy.routing import Decision, RouteRule
-from proxy.stats import ProxyStats
+from proxy.stats import DestinationStats, ProxyStats
 from proxy.target import Authority, parse_authority
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class PolicyRouter(OutboundRouter):
         self.rng = rng if rng is not None else RNG
         # The specs' connect timeouts fall back to this router's own.
         policy.use_pool_policy(self.pool_policy)
+        self._route_dstats: dict[tuple[str, str], DestinationStats] = {}
         # Copies for rules with `mirror` (proxy/mirror.py), over the same mTLS.
         self.mirrors = MirrorSender(self._mirror_endpoint, ssl=self.upstream_ssl)
         # Route rules' Resilience (their own retries or limits), per rule and cluster.
@@ -158,6 +159,9 @@ class PolicyRouter(OutboundRouter):
         ):
             # The rule's own retries and limits, over its destination's.
             result = result.replace(resilience=self._rule_resilience(rule, target, spec, result))
+        if rule is not None and rule.label:
+            # Requests a Route rule sent are counted under that rule (a bounded label).
+            result = result.replace(dstats=self._route_stats(target.name, rule.label))
         return result
 
     def _rule_resilience(
@@ -179,6 +183,13 @@ class PolicyRouter(OutboundRouter):
             self._rule_res.clear()
         self._rule_res[key] = (rule, spec, cluster, res)
         return res
+
+    def _route_stats(self, name: str, route: str) -> DestinationStats:
+        key = (name, route)
+        ds = self._route_dstats.get(key)
+        if ds is None:
+            ds = self._route_dstats[key] = self.stats.destination(self.name, name, route)
+        return ds
 
     # -- a matched rule's L7 filters --------------------------------------------------------
 

@@ -144,6 +144,8 @@ class RouteRule:
     subset: str | None = None
     request_headers: HeaderEdit = NO_EDIT
     response_headers: HeaderEdit = NO_EDIT
+    # What metrics, spans and access logs call it: `<route>.<namespace>#<rule index>`.
+    label: str = ""
     # The rule's L7 filters (proxy/route_filters.py: fault, rate limit, redirect,
     # rewrite, mirror); None: none.
     filters: RuleFilters | None = None

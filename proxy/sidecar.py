@@ -83,9 +83,23 @@ class SidecarSpec:
     ca_file: str | None = None
     # A Kubernetes service-account token file for the CSR (TETHER_IDENTITY_TOKEN).
     identity_token_file: str | None = None
+    # The access log (proxy/access_log.py): a path, "-" for standard output, or None;
+    # the share of requests logged, and the status classes logged (empty: all).
+    access_log: str | None = None
+    access_log_sample: float = 1.0
+    access_log_status: str = ""
 
     def __post_init__(self) -> None:
         errors = []
+        if not 0.0 <= self.access_log_sample <= 1.0:
+            errors.append(f"--access-log-sample: {self.access_log_sample} is not within 0..1")
+        if self.access_log_status:
+            from proxy.access_log import parse_status_classes
+
+            try:
+                parse_status_classes(self.access_log_status)
+            except ValueError as e:
+                errors.append(str(e))
         if not self.service or "." in self.service or "/" in self.service:
             errors.append(f"--service: {self.service!r} must be a single DNS label")
         if self.ingress_port is not None and not 0 <= self.ingress_port < 65536:
@@ -169,6 +183,8 @@ class Sidecar:
         self.policy_client: Any = None
         self.authz: Any = None  # proxy/authz.InboundAuthz with a control plane
         self.egress_guard = EgressGuard()
+        self.tracing: Any = None  # proxy.tracing.Tracing when OTEL_TRACES_EXPORTER is set
+        self.access_log: Any = None  # proxy.access_log.AccessLog with --access-log
         # The mesh identity (proxy/identity.py) and its TLS (proxy/tls.py): set when a
         # control plane with a CA issued this sidecar a certificate; None is plaintext.
         self.identity: Any = None
@@ -201,6 +217,7 @@ class Sidecar:
         self.directory.start()
         await self._start_identity()
         await self._start_listeners()
+        self._start_observability()
         self.registration = Registration(
             self.client,
             RegistrationSpec(
@@ -327,6 +344,41 @@ class Sidecar:
                 _fixed_target(spec.app_host, app_port), host=spec.inbound_host, port=0
             )
             self.opaque[app_port] = server
+
+    def _start_observability(self, env: Mapping[str, str] = os.environ) -> None:
+        """Tracing (only when the environment asks for an exporter: otherwise the SDK is
+        never imported) and the access log, on every HTTP listener."""
+        spec = self.spec
+        servers = [
+            (name, getattr(self, name).proxy)
+            for name in ("outbound", "inbound", "ingress")
+            if getattr(self, name) is not None
+        ]
+        from proxy.trace_context import tracing_requested
+
+        if tracing_requested(env):
+            from proxy.tracing import from_env
+
+            self.tracing = from_env(
+                env, service=spec.service, namespace=spec.namespace, zone=spec.zone,
+                mesh=self.policy,
+            )  # fmt: skip
+            if self.tracing is not None:
+                for name, server in servers:
+                    server.tracer = self.tracing.for_listener(name)
+                log.info("tracing on: %r", self.tracing)
+        if spec.access_log:
+            from proxy.access_log import AccessLog, parse_status_classes
+
+            self.access_log = AccessLog(
+                spec.access_log,
+                source=f"{spec.service}.{spec.namespace}",
+                sample=spec.access_log_sample,
+                statuses=parse_status_classes(spec.access_log_status),
+            )
+            self.access_log.start()
+            for name, server in servers:
+                server.access_log = self.access_log.for_listener(name)
 
     async def _start_ingress(self) -> Any:
         """The listener for callers outside the mesh, to this sidecar's own service."""
@@ -520,6 +572,11 @@ class Sidecar:
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await self.client.close()
+        # Last: the requests drained above are logged and their spans exported.
+        if self.access_log is not None:
+            await self.access_log.aclose()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
 
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT; drain; a second signal skips the wait."""
@@ -625,6 +682,8 @@ class Sidecar:
             pc.last_result if pc else "none",
         )
         rendered: str = self.stats.render_prometheus()
+        if self.access_log is not None:
+            config += self.access_log.render_prometheus()
         return rendered + config
 
     def __repr__(self) -> str:

@@ -37,10 +37,14 @@ class DestinationStats:
         "reasons",
         "retries",
         "retries_refused",
+        "route",
     )
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, route: str = "") -> None:
         self.name = name
+        # The Route rule that sent the requests here (`<route>#<rule index>`), "" when
+        # no rule matched (or the destination has no Route): a bounded label value.
+        self.route = route
         # Index status // 100; index 0 counts requests that ended without a status.
         self.by_class = [0, 0, 0, 0, 0, 0]
         self.buckets = [0] * (len(LATENCY_BOUNDS) + 1)
@@ -78,7 +82,8 @@ class ProxyStats:
     def __init__(self, source: str = "", started: float | None = None) -> None:
         # The service this sidecar fronts (`svc.ns`): the source of its outbound requests.
         self.source = source
-        self.destinations: dict[tuple[str, str], DestinationStats] = {}
+        # By (listener, destination, route).
+        self.destinations: dict[tuple[str, str, str], DestinationStats] = {}
         self.local_replies: dict[str, int] = {}
         # Local replies before any destination was known (bad requests, unknown names).
         self.unrouted = DestinationStats("none")
@@ -92,15 +97,15 @@ class ProxyStats:
         # Callables returning the lines of outlier and circuit-breaker metrics.
         self.resilience_sources: list[Callable[[], list[str]]] = []
         # What the last `report` covered: per destination key, its counts then.
-        self._reported: dict[tuple[str, str], tuple[tuple[int, ...], float]] = {}
+        self._reported: dict[tuple[str, str, str], tuple[tuple[int, ...], float]] = {}
         # When the last report ended (monotonic): the first covers the time since start.
         self._reported_at = time.monotonic() if started is None else started
 
-    def destination(self, listener: str, name: str) -> DestinationStats:
-        key = (listener, name)
+    def destination(self, listener: str, name: str, route: str = "") -> DestinationStats:
+        key = (listener, name, route)
         ds = self.destinations.get(key)
         if ds is None:
-            ds = self.destinations[key] = DestinationStats(name)
+            ds = self.destinations[key] = DestinationStats(name, route)
         return ds
 
     def local_reply(self, reason: str, dstats: DestinationStats | None = None) -> None:
@@ -119,6 +124,8 @@ class ProxyStats:
         destinations are reported when there are more."""
         since, self._reported_at = self._reported_at, now
         rows: list[tuple[int, protocol.StatsRow]] = []
+        # The push protocol has no route: a destination's routes are summed.
+        merged: dict[tuple[str, str], tuple[tuple[int, ...], float]] = {}
         for key, ds in self.destinations.items():
             counts = (*ds.by_class, *ds.buckets)
             before = self._reported.get(key)
@@ -126,17 +133,24 @@ class ProxyStats:
             if before is None:
                 before = ((0,) * len(counts), 0.0)
             delta = tuple(a - b for a, b in zip(counts, before[0], strict=True))
+            dsum = max(ds.latency_sum - before[1], 0.0)
+            other = merged.get(key[:2])
+            if other is not None:
+                delta = tuple(a + b for a, b in zip(delta, other[0], strict=True))
+                dsum += other[1]
+            merged[key[:2]] = (delta, dsum)
+        for (listener, name), (delta, dsum) in merged.items():
             n = sum(delta[: len(protocol.STATUS_CLASSES)])
             if not n:
                 continue
-            service, subset = split_destination(ds.name)
+            service, subset = split_destination(name)
             row = protocol.StatsRow(
-                listener=key[0],
+                listener=listener,
                 destination=service,
                 subset=subset,
                 classes=delta[: len(protocol.STATUS_CLASSES)],
                 buckets=delta[len(protocol.STATUS_CLASSES) :],
-                latency_sum=max(ds.latency_sum - before[1], 0.0),
+                latency_sum=dsum,
             )
             rows.append((n, row))
         rows.sort(key=lambda r: -r[0])
@@ -147,11 +161,15 @@ class ProxyStats:
 
     # -- Prometheus ---------------------------------------------------------------------
 
-    def _labels(self, listener: str, name: str) -> str:
+    def _labels(self, listener: str, name: str, route: str) -> str:
         service, subset = split_destination(name)
         # The caller of an inbound request is known once mTLS identities land.
         source = self.source if listener == "outbound" else "unknown"
-        return f'source="{source}",listener="{listener}",destination="{service}",subset="{subset}"'
+        labels = (
+            f'source="{source}",listener="{listener}",destination="{service}",subset="{subset}"'
+        )
+        # An empty label is the same as none to Prometheus: written only when set.
+        return f'{labels},route="{route}"' if route else labels
 
     def render_prometheus(self, prefix: str = "tether") -> str:
         """Prometheus text exposition format (version 0.0.4)."""
@@ -162,8 +180,8 @@ class ProxyStats:
             f"# HELP {p}_requests_total Requests by source, destination, subset, status class."
         )
         out.append(f"# TYPE {p}_requests_total counter")
-        for (listener, name), ds in dests:
-            labels = self._labels(listener, name)
+        for (listener, name, route), ds in dests:
+            labels = self._labels(listener, name, route)
             for i, cls in enumerate(_CLASSES):
                 if ds.by_class[i]:
                     out.append(
@@ -171,8 +189,8 @@ class ProxyStats:
                     )
         out.append(f"# HELP {p}_request_duration_seconds Time from request head to response end.")
         out.append(f"# TYPE {p}_request_duration_seconds histogram")
-        for (listener, name), ds in dests:
-            labels = self._labels(listener, name)
+        for (listener, name, route), ds in dests:
+            labels = self._labels(listener, name, route)
             running = 0
             for bound, count in zip(LATENCY_BOUNDS, ds.buckets, strict=False):
                 running += count
@@ -186,14 +204,18 @@ class ProxyStats:
             f"# HELP {p}_local_replies_total Replies the sidecar answered itself, by reason."
         )
         out.append(f"# TYPE {p}_local_replies_total counter")
-        unrouted = [(("none", "none"), self.unrouted)] if self.unrouted.reasons else []
-        for (listener, name), ds in [*dests, *unrouted]:
+        unrouted = [(("none", "none", ""), self.unrouted)] if self.unrouted.reasons else []
+        reasons: dict[tuple[str, str, str], int] = {}
+        for (listener, name, _), ds in [*dests, *unrouted]:
+            for reason, count in ds.reasons.items():
+                key = (listener, name, reason)
+                reasons[key] = reasons.get(key, 0) + count
+        for (listener, name, reason), count in sorted(reasons.items()):
             service, subset = split_destination(name)
-            for reason, count in sorted(ds.reasons.items()):
-                out.append(
-                    f'{p}_local_replies_total{{listener="{listener}",destination="{service}",'
-                    f'subset="{subset}",reason="{reason}"}} {count}'
-                )
+            out.append(
+                f'{p}_local_replies_total{{listener="{listener}",destination="{service}",'
+                f'subset="{subset}",reason="{reason}"}} {count}'
+            )
         self._render_resilience(out, dests)
         out.append(f"# HELP {p}_downstream_connections_active Open client connections.")
         out.append(f"# TYPE {p}_downstream_connections_active gauge")
@@ -232,26 +254,37 @@ class ProxyStats:
         return "\n".join(out) + "\n"
 
     def _render_resilience(
-        self, out: list[str], dests: list[tuple[tuple[str, str], DestinationStats]]
+        self, out: list[str], dests: list[tuple[tuple[str, str, str], DestinationStats]]
     ) -> None:
         p = "tether"
+        # Per destination: a Route rule's requests (their own `route` entry) add in.
+        attempts: dict[tuple[str, str], int] = {}
+        made: dict[tuple[str, str], int] = {}
+        refused: dict[tuple[str, str, str], int] = {}
+        for (listener, name, _), ds in dests:
+            key = (listener, name)
+            attempts[key] = attempts.get(key, 0) + ds.attempts
+            made[key] = made.get(key, 0) + ds.retries
+            for reason, n in ds.retries_refused.items():
+                rkey = (listener, name, reason)
+                refused[rkey] = refused.get(rkey, 0) + n
         out.append(f"# HELP {p}_upstream_attempts_total Upstream attempts, retries included.")
         out.append(f"# TYPE {p}_upstream_attempts_total counter")
-        for (listener, name), ds in dests:
-            if ds.attempts:
-                labels = self._labels(listener, name)
-                out.append(f"{p}_upstream_attempts_total{{{labels}}} {ds.attempts}")
+        for (listener, name), n in sorted(attempts.items()):
+            if n:
+                labels = self._labels(listener, name, "")
+                out.append(f"{p}_upstream_attempts_total{{{labels}}} {n}")
         out.append(f"# HELP {p}_retries_total Retries made.")
         out.append(f"# TYPE {p}_retries_total counter")
-        for (listener, name), ds in dests:
-            if ds.retries:
-                out.append(f"{p}_retries_total{{{self._labels(listener, name)}}} {ds.retries}")
+        for (listener, name), n in sorted(made.items()):
+            if n:
+                labels = self._labels(listener, name, "")
+                out.append(f"{p}_retries_total{{{labels}}} {n}")
         out.append(f"# HELP {p}_retries_refused_total Retries the policy allowed but not made.")
         out.append(f"# TYPE {p}_retries_refused_total counter")
-        for (listener, name), ds in dests:
-            labels = self._labels(listener, name)
-            for reason, n in sorted(ds.retries_refused.items()):
-                out.append(f'{p}_retries_refused_total{{{labels},reason="{reason}"}} {n}')
+        for (listener, name, reason), n in sorted(refused.items()):
+            labels = self._labels(listener, name, "")
+            out.append(f'{p}_retries_refused_total{{{labels},reason="{reason}"}} {n}')
         for source in self.resilience_sources:
             out.extend(source())
 

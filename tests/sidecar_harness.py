@@ -179,7 +179,15 @@ class ProcessSet:
         self.apps.append(a)
         return a
 
-    def sidecar(self, service: str, app: App, *args: str, wait_ready: bool = True) -> Sidecar:
+    def sidecar(
+        self,
+        service: str,
+        app: App,
+        *args: str,
+        wait_ready: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> Sidecar:
+        """A sidecar for `app`; `env`: variables added to this process's environment."""
         log = self.tmp / f"sidecar-{service}-{len(self.sidecars)}.log"
         cmd = [
             sys.executable, "-m", "tether.cli", "sidecar", "--service", service,
@@ -187,7 +195,7 @@ class ProcessSet:
             "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0",
             "--check-interval", "1", *args,
         ]  # fmt: skip
-        env = dict(os.environ, CONSUL_HTTP_ADDR=f"127.0.0.1:{self.registry_port}")
+        env = dict(os.environ, **(env or {}), CONSUL_HTTP_ADDR=f"127.0.0.1:{self.registry_port}")
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,

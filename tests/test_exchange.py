@@ -62,6 +62,8 @@ class Server:
         self.timeouts = Timeouts()
         self.stats = ProxyStats()
         self.draining = False
+        self.tracer: Any = None
+        self.access_log: Any = None
         self.xfp = (b"X-Forwarded-Proto", b"http")
         self.xfp_line = b"X-Forwarded-Proto: http\r\n"
         self.clock = clock

@@ -122,11 +122,17 @@ def test_mesh_stats_aggregates_edges_and_expires_the_window() -> None:
 pytestmark_e2e = pytest.mark.timeout(120)
 
 
-def documented_metrics() -> dict[str, str]:
-    """name -> type from the table in docs/metrics.md (the exposed ones only)."""
+def documented_metrics(access_log: bool = False) -> dict[str, str]:
+    """name -> type from the tables in docs/metrics.md (the exposed ones only; the access
+    log's only for a sidecar with --access-log)."""
     text = (ROOT / "docs" / "metrics.md").read_text()
     section = text.split("## The sidecar's metrics", 1)[1].split("Planned,", 1)[0]
-    return dict(re.findall(r"^\| `(tether_\w+)` \| (\w+) \|", section, re.M))
+    always, _, with_log = section.partition("With `--access-log`")
+    pattern = r"^\| `(tether_\w+)` \| (\w+) \|"
+    found = dict(re.findall(pattern, always, re.M))
+    if access_log:
+        found.update(re.findall(pattern, with_log, re.M))
+    return found
 
 
 def http_json(url: str) -> Any:

@@ -226,6 +226,25 @@ def _meta_pairs(
     help="Linux scheduling policy: batch (no wake-up preemption; fewer context switches "
     "per request, see docs/benchmarks.md) or the kernel's normal one.",
 )
+@click.option(
+    "--access-log",
+    default=None,
+    metavar="PATH|-",
+    help="Write one JSON line per request to PATH (appended), or to standard output with -.",
+)
+@click.option(
+    "--access-log-sample",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Share of requests logged, 0-1.",
+)
+@click.option(
+    "--access-log-status",
+    default="",
+    metavar="CLASSES",
+    help="Log only these status classes, e.g. 4xx,5xx (none: ended without a status).",
+)
 def sidecar(
     service: str,
     app_port: int,
@@ -249,8 +268,13 @@ def sidecar(
     check_interval: float,
     app_check_via: str,
     sched: str,
+    access_log: str | None,
+    access_log_sample: float,
+    access_log_status: str,
 ) -> None:
-    """Run the sidecar proxy beside one app instance (registry: CONSUL_HTTP_ADDR)."""
+    """Run the sidecar proxy beside one app instance (registry: CONSUL_HTTP_ADDR).
+
+    Tracing is on when OTEL_TRACES_EXPORTER=otlp (docs/observability.md)."""
     import logging
 
     from proxy.sidecar import Sidecar, SidecarSpec
@@ -294,7 +318,13 @@ def sidecar(
             registry_port=port,
             registry_scheme="https" if raw.startswith("https://") or ssl else "http",
             registry_token=os.environ.get("CONSUL_HTTP_TOKEN") or None,
+            access_log=access_log,
+            access_log_sample=access_log_sample,
+            access_log_status=access_log_status,
         )
+        from proxy.trace_context import check_env
+
+        check_env(os.environ)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     from proxy.errors import SidecarStartError

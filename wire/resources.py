@@ -784,6 +784,16 @@ class MeshAuthorizationPolicy:
 
 
 @dataclass(frozen=True)
+class TracingPolicy:
+    """Tracing's sampling (the sidecar's OTEL_TRACES_SAMPLER, when set, wins)."""
+
+    sampling_ratio: float = spec_field(
+        "Share of new traces recorded, 0-1 (parent-based: a caller's decision is kept).",
+        default=1.0,
+    )
+
+
+@dataclass(frozen=True)
 class MeshConfigSpec:
     """Mesh-wide defaults."""
 
@@ -809,6 +819,10 @@ class MeshConfigSpec:
     )
     outlier_detection: OutlierDetectionPolicy | None = spec_field(
         "Default ejection of failing instances; unset: none.", default=None
+    )
+    tracing: TracingPolicy | None = spec_field(
+        "Tracing sampling; absent: OpenTelemetry's default (parent-based, always on).",
+        default=None,
     )
 
 
@@ -1821,6 +1835,8 @@ def _check_mesh(c: _Checker, spec: MeshConfigSpec) -> None:
     for ns in spec.mtls.namespaces:
         if not valid_name(ns):
             c.add(("spec", "mtls", "namespaces", ns), f"invalid namespace {ns!r}")
+    if spec.tracing is not None and not 0.0 <= spec.tracing.sampling_ratio <= 1.0:
+        c.add(("spec", "tracing", "samplingRatio"), "must be within 0-1")
 
 
 # Methods an intention may name (RFC 9110's, and PATCH); others are refused as typos.
