@@ -28,7 +28,7 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -70,17 +70,17 @@ COMPILED: tuple[str, ...] = (
 )
 
 
-def source_path(module: str) -> Path:
-    return ROOT.joinpath(*module.split(".")).with_suffix(".py")
+def source_path(module: str, root: Path = ROOT) -> Path:
+    return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
 def source_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def extension_path(module: str) -> Path | None:
+def extension_path(module: str, root: Path = ROOT) -> Path | None:
     """The extension module that would shadow `module`'s source, if there is one."""
-    base = source_path(module).with_suffix("")
+    base = source_path(module, root).with_suffix("")
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         candidate = base.with_name(base.name + suffix)
         if candidate.exists():
@@ -106,13 +106,15 @@ class Build:
         return {"build": self.name, "detail": self.detail, "modules": list(COMPILED)}
 
 
-def decide(environ: dict[str, str] | os._Environ[str] | None = None) -> Build:
-    """Which build may run, from the record, the sources and the environment."""
+def decide(environ: Mapping[str, str] | None = None, root: Path = ROOT) -> Build:
+    """Which build may run, from the record, the sources under `root` and the
+    environment."""
     env = os.environ if environ is None else environ
     if env.get("TETHER_PURE", "") not in ("", "0"):
         return Build(False, "TETHER_PURE is set")
+    record_path = root / "proxy" / RECORD.name
     try:
-        record = json.loads(RECORD.read_text())
+        record = json.loads(record_path.read_text())
         hashes: dict[str, str] = record["sources"]
         compiler = str(record.get("compiler", "mypyc"))
     except FileNotFoundError:
@@ -120,17 +122,17 @@ def decide(environ: dict[str, str] | os._Environ[str] | None = None) -> Build:
     except (OSError, ValueError, KeyError, TypeError) as e:
         return Build(False, f"unreadable build record {RECORD.name}: {e}")
     for module in COMPILED:
-        path = source_path(module)
+        path = source_path(module, root)
         if module not in hashes:
             return Build(False, f"{module} is not in the compiled build; run make to rebuild")
-        if extension_path(module) is None:
+        if extension_path(module, root) is None:
             return Build(False, f"no compiled extension for {module}; run make to rebuild")
         try:
             current = source_hash(path)
         except OSError as e:
             return Build(False, f"cannot read {path.name}: {e}")
         if current != hashes[module]:
-            rel = path.relative_to(ROOT)
+            rel = path.relative_to(root)
             return Build(False, f"{rel} changed since it was compiled; run make to rebuild")
     return Build(True, f"{compiler}, {len(COMPILED)} modules")
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from proxy.balance import build_balancer
+from proxy.build_info import BUILD
 from proxy.discovery import ConsulDirectory
 from proxy.egress import EgressGuard
 from proxy.registration import Registration, RegistrationSpec
@@ -341,9 +342,12 @@ class Sidecar:
                 f"outbound=127.0.0.1:{ports['outbound']} "
                 f"inbound={self.spec.inbound_host}:{ports['inbound']} "
                 f"admin=127.0.0.1:{ports['admin']} "
-                f"id={reg.spec.instance_id if reg else '-'} pid={os.getpid()}",
+                f"id={reg.spec.instance_id if reg else '-'} pid={os.getpid()} "
+                f"build={BUILD.name}",
                 flush=True,
             )
+            if not BUILD.compiled:  # and why (proxy/build_info.py)
+                print(f"tether sidecar {self.spec.service}: {BUILD.line()}", flush=True)
             await stop.wait()
             stop.clear()
             log.info("draining (up to %ss)", self.spec.drain_seconds)
