@@ -12,12 +12,14 @@ it is worth against nginx.
 
     .venv/bin/python -m bench.hop_bench [--hop outbound|inbound] [--policy NAME[+locality]]
                                          [--count 50000] [--rounds 7] [--profile]
-                                         [--instructions] [--unique-ids]
+                                         [--instructions] [--unique-ids | --realistic]
 
 `--instructions` counts instead of timing: the process runs twice under valgrind's
 callgrind (2,000 and 12,000 requests) and the difference is divided by 10,000, so
 start-up cancels out. Instruction counts do not move with the machine's load at all,
-which makes them the measure for small changes (about 25 s per figure).
+which makes them the measure for small changes (about 25 s per figure). `--realistic`
+gives every request its own path, request id, `traceparent` and cookie; it and the
+other options apply to the build that runs (compiled, or TETHER_PURE=1 for the sources).
 """
 
 from __future__ import annotations
@@ -30,10 +32,26 @@ import sys
 import time
 from typing import Any
 
+from proxy.build_info import BUILD
+
 REQUEST = b"GET /api/items HTTP/1.1\r\nHost: svc\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 # --unique-ids: each request carries its own X-Request-Id, as every request reaching an
 # inbound hop from another sidecar does (such heads never repeat: no head cache hit).
 REQUEST_WITH_ID = REQUEST[:-2] + b"X-Request-Id: 6f1c2a9e-%010d\r\n\r\n"
+# --realistic: what real traffic looks like, every head its own: a varying path, request
+# id, W3C `traceparent` and session cookie (the head cache never hits).
+REALISTIC = (
+    b"GET /api/items/%d?page=%d HTTP/1.1\r\nHost: svc\r\nUser-Agent: bench\r\n"
+    b"Accept: application/json\r\nX-Request-Id: 6f1c2a9e-%010d\r\n"
+    b"traceparent: 00-4bf92f3577b34da6a3ce%012x-00f067aa%08x-01\r\n"
+    b"Cookie: session=%016x; theme=dark\r\n\r\n"
+)
+
+
+def realistic(n: int) -> bytes:
+    return REALISTIC % (n % 9973, n % 7, n, n, n, n * 2654435761 % (1 << 64))
+
+
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 29 Nov 2026 00:00:00 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n"
@@ -135,7 +153,7 @@ def one(conn: Any, request: bytes = REQUEST) -> None:
 
 
 def run(
-    hop: str, policy: str, endpoints: int, count: int, rounds: int, unique_ids: bool = False
+    hop: str, policy: str, endpoints: int, count: int, rounds: int, heads: str = "repeated"
 ) -> float:
     """Best µs per request over `rounds` rounds of `count` requests (round 0 warms up)."""
     _, conn = build(hop, policy, endpoints)
@@ -145,7 +163,12 @@ def run(
     best = float("inf")
     for r in range(rounds + 1):
         requests = [
-            REQUEST_WITH_ID % (r * count + i) if unique_ids else REQUEST for i in range(count)
+            realistic(r * count + i)
+            if heads == "realistic"
+            else REQUEST_WITH_ID % (r * count + i)
+            if heads == "unique-ids"
+            else REQUEST
+            for i in range(count)
         ]
         start = time.perf_counter()
         for request in requests:
@@ -169,10 +192,15 @@ async def _main(args: argparse.Namespace) -> None:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
         return
-    us = run(args.hop, args.policy, args.endpoints, args.count, args.rounds, args.unique_ids)
+    us = run(args.hop, args.policy, args.endpoints, args.count, args.rounds, heads_of(args))
     print(
-        f"{args.hop} {args.policy} x{args.endpoints}: {us:.2f} µs/request (best of {args.rounds})"
+        f"{args.hop} {args.policy} x{args.endpoints} {heads_of(args)} heads ({BUILD.name}):"
+        f" {us:.2f} µs/request (best of {args.rounds})"
     )
+
+
+def heads_of(args: argparse.Namespace) -> str:
+    return "realistic" if args.realistic else "unique-ids" if args.unique_ids else "repeated"
 
 
 def instructions(args: argparse.Namespace) -> int:
@@ -185,7 +213,8 @@ def instructions(args: argparse.Namespace) -> int:
                sys.executable, "-m", "bench.hop_bench", "--hop", args.hop,
                "--policy", args.policy, "--endpoints", str(args.endpoints),
                "--count", str(count), "--rounds", "0",
-               *(["--unique-ids"] if args.unique_ids else [])]  # fmt: skip
+               *(["--unique-ids"] if args.unique_ids else []),
+               *(["--realistic"] if args.realistic else [])]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
         m = re.search(r"Collected : (\d+)", out)
         if m is None:
@@ -205,10 +234,14 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--instructions", action="store_true")
     ap.add_argument("--unique-ids", action="store_true")
+    ap.add_argument("--realistic", action="store_true")
     args = ap.parse_args()
     if args.instructions:
         n = instructions(args)
-        print(f"{args.hop} {args.policy} x{args.endpoints}: {n} instructions/request")
+        print(
+            f"{args.hop} {args.policy} x{args.endpoints} {heads_of(args)} heads"
+            f" ({BUILD.name}): {n} instructions/request"
+        )
         return
     import uvloop
 
