@@ -588,3 +588,46 @@ def test_a_full_head_cache_is_renewed_only_once_it_earned_its_keep() -> None:
         assert rec.events[0][1].raw is not None
     feed_requests([unique % (10 * size, 10 * size)])  # ...so the next new head empties it
     assert len(cache) == 1 and HEADS.request_hits == 0
+
+
+def test_a_whole_plain_head_parsed_without_field_callbacks_is_the_same_head() -> None:
+    """A whole head of a plain request at the start of a read is checked by llhttp
+    without a callback per field and split by the codec (RequestCodec._lean_parse): the
+    same head as llhttp's callbacks give when it arrives in pieces, for fields with
+    surrounding whitespace, hop-by-hop fields, repeated names and none at all; a head
+    llhttp refuses is refused the same way; one with a body goes the usual way."""
+    heads = [
+        b"GET /a?b=1 HTTP/1.1\r\nHost: orders\r\nX-A:  spaced \t\r\nX-A: again\r\n"
+        b"Cookie: s=1; t=2\r\ntraceparent: 00-4bf9-00f0-01\r\nKeep-Alive: 5\r\n"
+        b"X-Forwarded-For: 10.0.0.1\r\nX-Request-Id: r1\r\nConnection: keep-alive, X-A\r\n\r\n",
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"DELETE /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  # refused: two Hosts
+        b"GET / HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n",  # refused by llhttp
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n",  # refused by llhttp
+    ]
+    for data in heads:
+        rec = Recorder()
+        codec = RequestCodec(rec, None)
+        whole: Any
+        try:
+            codec.feed(data)
+            whole = summary(rec)
+        except BadMessageError as e:
+            whole = ("refused", e.status)
+        for pieces in ([data[i : i + 1] for i in range(len(data))], [data[:-1], data[-1:]]):
+            rec = Recorder()
+            split_codec = RequestCodec(rec, None)
+            try:
+                for piece in pieces:
+                    split_codec.feed(piece)
+                got: Any = summary(rec)
+            except BadMessageError as e:
+                got = ("refused", e.status)
+            assert got == whole, data
+    lean = RequestCodec(Recorder(), None)
+    lean.feed(heads[0])
+    assert lean._lean is not None and lean._parser is lean._full  # taken without callbacks
+    with_body = RequestCodec(Recorder(), None)
+    with_body.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok")
+    assert with_body._lean is None
