@@ -131,6 +131,8 @@ class ControlPlane:
         # Its client is set at start; the push server holds this same object.
         self.authorizer = RegistryAuthorizer(None)
         self.port = spec.port
+        # Set when the control plane runs under Kubernetes (controlplane/inject/podwatch.py).
+        self.pod_watcher: Any = None
         self._install_parts()
 
     def _install_parts(self) -> None:
@@ -138,12 +140,15 @@ class ControlPlane:
         from controlplane.api import register
         from controlplane.ca.service import install as install_ca
         from controlplane.dashboard import install as install_dashboard
+        from controlplane.inject.podwatch import install as install_podwatch
 
         register(self.app)
         # The mesh CA (controlplane/ca/): its routes and its start/stop hooks.
         install_ca(self)
         # The dashboard at /ui/ (controlplane/dashboard/), over the same REST API.
         install_dashboard(self)
+        # Under Kubernetes: terminating injected pods leave rotation at once.
+        install_podwatch(self)
         # The push server (WebSocket at /api/v1/push) installs itself with
         # `controlplane.push.install(cp)`: routes, on_startup/on_cleanup, subscribe().
         try:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from controlplane.inject.errors import InjectError
 from controlplane.inject.manifests import InjectSpec, inject_object
 from controlplane.inject.webhook import WebhookServer, WebhookSpec
 from tests.test_compose import parse_tether
@@ -131,3 +132,51 @@ def test_grace_period_covers_the_prestop_wait_and_the_drain() -> None:
         injected, _ = inject_object(deployment, InjectSpec(drain_seconds=drain))
         spec = injected["spec"]["template"]["spec"]
         assert spec["terminationGracePeriodSeconds"] >= 2 * drain
+
+
+def test_app_keeps_serving_while_callers_learn_it_is_leaving() -> None:
+    """Native sidecars: the kubelet signals the app first, so the app gets a preStop sleep
+    while the control plane (which may watch pods) takes the pod out of rotation."""
+    job = yaml.safe_load((DATA / "kinds" / "deployment.yaml").read_text())
+    injected, _ = inject_object(job, InjectSpec())
+    spec = injected["spec"]["template"]["spec"]
+    for c in spec["containers"]:
+        assert c["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    # Kubernetes' default grace (30 s) covers the sleep, the sidecar's wait and its drain.
+    assert spec.get("terminationGracePeriodSeconds", 30) >= 5 + 2 * 10 + 5
+    # A container's own preStop is its own way to stop: left alone.
+    own = yaml.safe_load((DATA / "kinds" / "deployment.yaml").read_text())
+    template = own["spec"]["template"]
+    template["spec"]["containers"][0]["lifecycle"] = {"preStop": {"exec": {"command": ["x"]}}}
+    template["metadata"].setdefault("annotations", {})
+    injected, _ = inject_object(own, InjectSpec())
+    (c, *_) = injected["spec"]["template"]["spec"]["containers"]
+    assert c["lifecycle"]["preStop"] == {"exec": {"command": ["x"]}}
+    # The annotation sets it; 0 turns it off; nonsense is refused naming the annotation.
+    template["spec"]["containers"][0].pop("lifecycle")
+    template["metadata"]["annotations"]["tether.dev/app-stop-delay"] = "0"
+    injected, _ = inject_object(own, InjectSpec())
+    assert "lifecycle" not in injected["spec"]["template"]["spec"]["containers"][0]
+    template["metadata"]["annotations"]["tether.dev/app-stop-delay"] = "soon"
+    with pytest.raises(InjectError, match="app-stop-delay"):
+        inject_object(own, InjectSpec())
+    # Clusters before 1.29 (no native sidecars) do not know the sleep action either.
+    legacy, _ = inject_object(job, InjectSpec(native=False))
+    apps = legacy["spec"]["template"]["spec"]["containers"][:-1]
+    assert all("lifecycle" not in c for c in apps)
+
+
+def test_controlplane_may_watch_pods() -> None:
+    """The pod watch (controlplane/inject/podwatch.py) needs get/list/watch on pods, bound
+    to the control plane's service account."""
+    roles = {d["metadata"]["name"]: d for d in by_kind("ClusterRole")}
+    bindings = by_kind("ClusterRoleBinding")
+    granted = set()
+    for b in bindings:
+        subjects = {(s["name"], s.get("namespace")) for s in b["subjects"]}
+        role = roles.get(b["roleRef"]["name"])
+        if ("tether-controlplane", "tether-system") in subjects and role:
+            for rule in role["rules"]:
+                if "pods" in rule["resources"] and "" in rule["apiGroups"]:
+                    granted |= set(rule["verbs"])
+    assert granted >= {"get", "list", "watch"}

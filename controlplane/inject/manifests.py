@@ -43,6 +43,9 @@ SERVICE = PREFIX + "service"  # the mesh service name (default: app labels)
 PORT = PREFIX + "port"  # the app port (default: the first containerPort)
 LOG_LEVEL = PREFIX + "log-level"
 EXCLUDE_OUTBOUND = PREFIX + "exclude-outbound-ports"  # iptables capture leaves them alone
+# Seconds an app container keeps serving after its pod's deletion starts, while callers
+# learn it is out of rotation (native sidecars; 0: none). See controlplane/inject/podwatch.py.
+STOP_DELAY = PREFIX + "app-stop-delay"
 RESOURCE_ANNOTATIONS = {
     PREFIX + "proxy-cpu": ("requests", "cpu"),
     PREFIX + "proxy-memory": ("requests", "memory"),
@@ -86,6 +89,8 @@ class InjectSpec:
     native: bool = True  # native sidecars (Kubernetes 1.29+)
     capture: Literal["proxy", "iptables"] = "proxy"
     drain_seconds: float = 10.0
+    # The app containers' preStop sleep with native sidecars (STOP_DELAY overrides).
+    app_stop_delay: int = 5
     log_level: str = "info"
     resources: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: {
@@ -370,6 +375,42 @@ def app_env(container: Mapping[str, Any]) -> list[dict[str, str]]:
     return [{"name": n, "value": v} for n, v in wanted if n.upper() not in have]
 
 
+def app_stop_delay(annotations: Mapping[str, str], spec: InjectSpec) -> int:
+    """The app containers' preStop sleep, in seconds (0: none)."""
+    if STOP_DELAY not in annotations:
+        return spec.app_stop_delay
+    raw = str(annotations[STOP_DELAY]).strip()
+    if not raw.isdigit() or int(raw) > 300:
+        raise AnnotationError(
+            f"metadata.annotations[{STOP_DELAY}]", f"{raw!r} is not a whole number of seconds 0-300"
+        )
+    return int(raw)
+
+
+def app_stop_ops(containers: Sequence[Mapping[str, Any]], seconds: int) -> list[Operation]:
+    """A `preStop` sleep for each app container that has no preStop of its own.
+
+    With native sidecars the kubelet signals the app first. The control plane sees the
+    pod's deletion start and takes it out of rotation (controlplane/inject/podwatch.py);
+    the sleep keeps the app serving meanwhile, so no caller is sent to a closed port.
+    A container's own preStop is left alone: it is the app's own way to stop."""
+    ops: list[Operation] = []
+    hook = {"sleep": {"seconds": seconds}}
+    for i, c in enumerate(containers):
+        if not isinstance(c, dict):
+            continue
+        lifecycle = c.get("lifecycle")
+        if not lifecycle:
+            ops.append(
+                {"op": "add", "path": f"/spec/containers/{i}/lifecycle", "value": {"preStop": hook}}
+            )
+        elif isinstance(lifecycle, dict) and "preStop" not in lifecycle:
+            ops.append(
+                {"op": "add", "path": f"/spec/containers/{i}/lifecycle/preStop", "value": hook}
+            )
+    return ops
+
+
 def pod_patch(
     pod: Mapping[str, Any],
     spec: InjectSpec,
@@ -429,6 +470,9 @@ def pod_patch(
             ops += [{"op": "add", "path": f"/spec/containers/{i}/env/-", "value": e} for e in env]
         else:
             ops.append({"op": "add", "path": f"/spec/containers/{i}/env", "value": env})
+    delay = app_stop_delay(annotations, spec)
+    if spec.native and delay:
+        ops += app_stop_ops(pod_spec["containers"], delay)
     if not spec.native:
         ops.append({"op": "add", "path": "/spec/containers/-", "value": sidecar})
         ops.append({"op": "add", "path": "/spec/shareProcessNamespace", "value": True})
@@ -453,7 +497,7 @@ def pod_patch(
     # The sidecar's preStop waits up to drain_seconds for the app, then drains for as
     # long again: the grace period must cover both.
     grace = int(pod_spec.get("terminationGracePeriodSeconds", 30))
-    needed = int(2 * spec.drain_seconds) + 5
+    needed = int(2 * spec.drain_seconds) + 5 + (delay if spec.native else 0)
     if grace < needed:
         ops.append({"op": "add", "path": "/spec/terminationGracePeriodSeconds", "value": needed})
     return Injection(ops, "injected")
