@@ -84,13 +84,10 @@ class RequestCodec:
         "_clean",
         "_fields_seen",
         "_fill",
-        "_full",
         "_h2c_body",
         "_head",
         "_last_head",
         "_last_template",
-        "_lean",
-        "_lean_head",
         "_parser",
         "_remaining",
         "_size",
@@ -108,11 +105,7 @@ class RequestCodec:
         self.sink = sink
         # Heads llhttp already parsed (proxy/head_cache.py); None: llhttp every time.
         self.cache = cache
-        # llhttp with a callback per field (`on_header`), and, made when first needed,
-        # llhttp without them for whole heads of plain requests (`_lean_parse`).
-        self._parser = self._full = httptools.HttpRequestParser(self)
-        self._lean: Any = None
-        self._lean_head = b""
+        self._parser = httptools.HttpRequestParser(self)
         self.upgraded = False
         self.in_body = False
         self.head_bytes = 0
@@ -201,7 +194,7 @@ class RequestCodec:
             # A stripped h2c upgrade: not switching. A new parser for what follows
             # (fed outside this handler, so its errors do not chain to this one).
             self._h2c_body = -1
-            self._parser = self._full = httptools.HttpRequestParser(self)
+            self._parser = httptools.HttpRequestParser(self)
             self._clean = True
             if length:
                 self._remaining = length
@@ -242,7 +235,7 @@ class RequestCodec:
         else:
             found = self._lookup(data)
             if found is None:
-                return self._lean_parse(data)
+                return -1
             head, end, length = found
         sink = self.sink
         self.in_body = True
@@ -270,13 +263,9 @@ class RequestCodec:
         key = data[: end + 4]
         cache = self.cache
         if cache is None:
-            if data[0] > 32:  # the head starts at data[0]: llhttp could take it whole
-                self._lean_head = key
             return None
         template = cache.requests.get(key)
         if template is None:
-            if data[0] > 32:
-                self._lean_head = key
             # Cache what llhttp makes of it, if the head starts at data[0] (the method,
             # not an empty line llhttp would skip) and the cache has room or has earned
             # a refill.
@@ -288,68 +277,6 @@ class RequestCodec:
         self._last_head = key
         self._last_template = template
         return _from_template(args), end + 4, length
-
-    def _lean_parse(self, data: bytes) -> int:
-        """A whole head of a plain request (no body, no upgrade, within the limits) at
-        data[0]: llhttp checks it without a callback per field, and its field lines are
-        split here (`_lean_headers_complete`). Bytes used, or -1 for the usual path.
-
-        llhttp calls back into Python twice per field otherwise, most of a realistic
-        head's cost (bench/parse_bench.py). The fields are the same: a head llhttp
-        accepted has one `name:value` per CRLF-ended line, no folding, and the value's
-        surrounding whitespace is what llhttp and `on_header` leave out. A head llhttp
-        refuses goes the usual way, which refuses it as it would have."""
-        key = self._lean_head
-        self._lean_head = b""
-        if not key or len(key) > MAX_REQUEST_LINE or key.startswith(b"CONNECT "):
-            return -1
-        low = key.lower()
-        if (
-            b"\ncontent-length:" in low
-            or b"\ntransfer-encoding:" in low
-            or b"\nupgrade:" in low
-            or b"\nexpect:" in low
-            or low.count(b"\n") > MAX_HEADER_FIELDS
-        ):
-            return -1
-        lean = self._lean
-        if lean is None:
-            lean = self._lean = httptools.HttpRequestParser(_Lean(self))
-        self._lean_head = key
-        self._parser = lean  # on_headers_complete reads the version and method from it
-        try:
-            lean.feed_data(key)
-        except httptools.HttpParserCallbackError as e:
-            self._fill = None
-            cause = e.__context__
-            if isinstance(cause, BaseException):
-                raise cause from None
-            raise BadMessageError(str(e)) from None
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            # Refused: parsed again the usual way, which says why as it would have.
-            self._lean = None
-            self._lean_head = b""
-            self._new_head()
-            self._clean = True
-            self.in_body = False
-            self.head_bytes = 0
-            self._parser = self._full
-            return -1
-        self._lean_head = b""
-        # After a head without keep-alive llhttp refuses any further byte: the parser
-        # that took it gets them.
-        self._parser = lean if not self._clean else self._full
-        return len(key)
-
-    def _lean_headers_complete(self) -> None:
-        """The lean parser's end of head: the fields from the head's own lines."""
-        key = self._lean_head
-        start = key.index(b"\r\n") + 2
-        field = self._field
-        for line in key[start : len(key) - 2].split(b"\r\n")[:-1]:
-            name, _, value = line.partition(b":")
-            field(name, value.strip(b" \t"))
-        self.on_headers_complete()
 
     def _remember(self, head: RequestHead, key: bytes) -> None:
         """Remember what llhttp made of a head (simple framing only) under its bytes."""
@@ -385,9 +312,7 @@ class RequestCodec:
     def on_header(self, name: bytes, value: bytes) -> None:
         # llhttp drops leading whitespace; the field value excludes trailing OWS too
         # (RFC 9110 5.5), as the cached and split paths see it.
-        self._field(name, value.rstrip(b" \t"))
-
-    def _field(self, name: bytes, value: bytes) -> None:
+        value = value.rstrip(b" \t")
         self._size += len(name) + len(value) + 4
         self._fields_seen += 1
         if self._fields_seen > MAX_HEADER_FIELDS:
@@ -523,25 +448,3 @@ class RequestCodec:
     def __repr__(self) -> str:
         state = "upgraded" if self.upgraded else ("body" if self.in_body else "head")
         return f"<RequestCodec {state} head_bytes={self.head_bytes}>"
-
-
-class _Lean:
-    """The lean parser's protocol: the codec's callbacks but `on_header` (httptools then
-    calls nothing per field) and `on_body` (it takes no request with a body)."""
-
-    __slots__ = ("codec",)
-
-    def __init__(self, codec: RequestCodec) -> None:
-        self.codec = codec
-
-    def on_message_begin(self) -> None:
-        self.codec.on_message_begin()
-
-    def on_url(self, url: bytes) -> None:
-        self.codec.on_url(url)
-
-    def on_headers_complete(self) -> None:
-        self.codec._lean_headers_complete()
-
-    def on_message_complete(self) -> None:
-        self.codec.on_message_complete()
