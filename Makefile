@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 
 # Never fails: without a compiler (or if compiling fails) the pure-Python modules run,
 # and the sidecar says which build it runs.
-$(COMPILED): $(STAMP) $(HOT_SOURCES) proxy/build.py proxy/build_info.py
+$(COMPILED): $(HOT_SOURCES) proxy/build.py proxy/build_info.py | $(STAMP)
 	@$(BIN)/python -m proxy.build
 	@touch $(COMPILED)
 

@@ -19,7 +19,15 @@ import sysconfig
 import time
 from pathlib import Path
 
-from proxy.build_info import COMPILED, RECORD, ROOT, extension_path, source_hash, source_path
+from proxy.build_info import (
+    COMPILED,
+    RECORD,
+    ROOT,
+    decide,
+    extension_path,
+    source_hash,
+    source_path,
+)
 
 BUILD_DIR = ROOT / "build" / "mypyc"
 GROUP = "proxy.hot"  # the shared library: proxy/hot__mypyc.<abi>.so
@@ -90,7 +98,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m proxy.build", description=__doc__)
     ap.add_argument("--clean", action="store_true", help="remove the compiled build")
     ap.add_argument("--require", action="store_true", help="fail when it cannot compile")
+    ap.add_argument("--force", action="store_true", help="compile even when up to date")
     args = ap.parse_args()
+    if not args.clean and not args.force and decide({}).compiled:
+        print("proxy.build: the compiled build matches its sources")
+        return 0
     clean()
     if args.clean:
         print("proxy.build: compiled build removed; the pure-Python modules run")
