@@ -54,6 +54,7 @@ COMPILED: tuple[str, ...] = (
     "proxy.dispatch",
     "proxy.downstream",
     "proxy.exchange",
+    "proxy.expose",
     "proxy.fields",
     "proxy.forwarding",
     "proxy.head_cache",

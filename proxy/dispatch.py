@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl as ssl_module
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from proxy import local_reply
 from proxy.balance import PickContext
@@ -31,6 +31,10 @@ from proxy.pool import Pool, PoolPolicy
 from proxy.route_result import Peer, RouteResult
 from proxy.stats import DestinationStats, ProxyStats
 from proxy.target import Authority, parse_authority, split_absolute_form
+
+if TYPE_CHECKING:
+    from proxy.inbound_limits import InboundLimits
+    from proxy.tls import MeshTLS, UpstreamTLS
 
 _NO_HASH = PickContext()
 # How long a two-label name the directory did not know stays classified as egress.
@@ -98,8 +102,12 @@ class OutboundRouter:
         resolve_timeout: float = 5.0,
         egress_guard: EgressGuard | None = None,
         head_cache: HeadCache | None = None,
+        mesh_tls: MeshTLS | None = None,
     ) -> None:
         self.directory = directory
+        # The sidecar's identity when attached to a control plane: mesh endpoints are
+        # dialled with mTLS and must prove they are the destination (proxy/tls.py).
+        self.mesh_tls = mesh_tls
         # Heads llhttp already parsed, for this listener's requests and its pools'
         # responses (proxy/head_cache.py).
         self.head_cache = head_cache if head_cache is not None else HeadCache()
@@ -222,6 +230,7 @@ class OutboundRouter:
                 ssl=self.upstream_ssl,
                 name=f"{name}/{ep.host}:{ep.port}",
                 head_cache=self.head_cache,
+                tls=self._upstream_tls(cluster),
             )
         # The exchange tells the tracker of the start at once, and of the end once.
         result = RouteResult(
@@ -236,6 +245,14 @@ class OutboundRouter:
         if path is None:
             self._results[key] = result
         return result
+
+    def _upstream_tls(self, cluster: Cluster) -> UpstreamTLS | None:
+        mesh = self.mesh_tls
+        if mesh is None:
+            return None
+        from proxy.tls import UpstreamTLS  # cryptography: only for a sidecar with an identity
+
+        return UpstreamTLS(mesh, cluster.namespace, cluster.service)
 
     def _egress(self, auth: Authority, path: bytes | None) -> RouteResult:
         dstats = self._egress_stats
@@ -373,8 +390,21 @@ class InboundRouter:
         self._result = RouteResult(self.pool, dstats=self.dstats)
         # Host values seen to be well-formed authorities (bounded like the outbound's).
         self._hosts: set[bytes] = set()
+        # The Route's `at: inbound` rate limits (proxy/inbound_limits.py), once a control
+        # plane's policy is attached; None: none.
+        self.limits: InboundLimits | None = None
 
     def route(self, head: RequestHead, peer: Peer) -> RouteResult:
+        limits = self.limits
+        if limits is not None:
+            wait = limits.wait(head, peer)
+            if wait > 0.0:
+                return RouteResult.answer(
+                    local_reply.RATE_LIMITED,
+                    f"over the service's rate limit; retry in {wait:.3f}s",
+                    dstats=self.dstats,
+                    headers=((b"retry-after", local_reply.retry_after(wait)),),
+                )
         path = None
         try:
             if head.target[0] != 47:  # not origin-form (b"/"); llhttp never gives one empty

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from proxy.balance import Balancer, Endpoint
     from proxy.cluster_spec import ClusterSpec
     from proxy.heads import Fields
+    from proxy.mirror import MirrorTap
     from proxy.pool import Pool
     from proxy.stats import DestinationStats
 
@@ -32,7 +33,7 @@ class Peer:
     mTLS lands. One per connection; `routing` is the router's own per-connection state
     (the hashing balancers' pick context), which the router alone reads and writes."""
 
-    __slots__ = ("address", "identity", "routing", "xff", "xff_line")
+    __slots__ = ("address", "identity", "identity_line", "routing", "xff", "xff_line")
 
     def __init__(self, address: bytes, identity: str | None = None) -> None:
         self.address = address
@@ -41,6 +42,15 @@ class Peer:
         # The X-Forwarded-For this peer adds (as a field, and as a ready line).
         self.xff = (b"X-Forwarded-For", address)
         self.xff_line = b"X-Forwarded-For: " + address + b"\r\n"
+        # What the inbound sidecar tells the app of a caller proven by mTLS.
+        self.identity_line = b""
+        if identity:
+            self.set_identity(identity)
+
+    def set_identity(self, identity: str) -> None:
+        """The caller's SPIFFE ID from its certificate (the inbound listener's check)."""
+        self.identity = identity
+        self.identity_line = b"x-tether-peer-identity: " + identity.encode() + b"\r\n"
 
     def __repr__(self) -> str:
         who = f" {self.identity}" if self.identity else ""
@@ -56,6 +66,8 @@ class Reply:
     message: str | None = None
     status: int | None = None
     close: bool = False
+    # Fields the reply carries besides its own (Retry-After, Location).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class RouteResult:
@@ -68,6 +80,7 @@ class RouteResult:
     __slots__ = (
         "dstats",
         "endpoint",
+        "mirror",
         "path",
         "pending",
         "pool",
@@ -93,6 +106,7 @@ class RouteResult:
         tunnel: tuple[str, int] | None = None,
         pending: Awaitable[RouteResult] | None = None,
         spec: ClusterSpec | None = None,
+        mirror: MirrorTap | None = None,
     ) -> None:
         self.pool = pool
         self.dstats = dstats
@@ -108,6 +122,8 @@ class RouteResult:
         self.tunnel = tunnel  # CONNECT: (host, port) to dial
         self.pending = pending
         self.spec = spec  # the destination cluster's compiled settings (proxy/cluster_spec.py)
+        # Copy this request to a shadow (proxy/mirror.py); None: no copy.
+        self.mirror = mirror
 
     def replace(self, **changes: Any) -> RouteResult:
         """A copy with `changes` (the fields' names as keywords)."""
@@ -126,9 +142,10 @@ class RouteResult:
         status: int | None = None,
         close: bool = False,
         dstats: DestinationStats | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> RouteResult:
         """A local reply instead of a destination."""
-        return cls(reply=Reply(reason, message, status, close), dstats=dstats)
+        return cls(reply=Reply(reason, message, status, close, headers), dstats=dstats)
 
     def __repr__(self) -> str:
         if self.reply is not None:
