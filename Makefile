@@ -4,7 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test test-tools lint typecheck pytest fuzz bench bench-registry bench-push bench-balance bench-chaos clean
+.PHONY: up test test-tools lint typecheck pytest pytest-pure fuzz bench bench-registry bench-push bench-balance bench-chaos clean
+
+# The per-request modules compiled with mypyc (proxy/build_info.py lists them): built by
+# the install step and again whenever one of their sources is newer than the build.
+# Without a C compiler nothing is compiled and the same sources run as pure Python.
+COMPILED := $(VENV)/.compiled
+HOT_SOURCES := $(shell sed -n 's/^    "\(proxy\.[a-z0-9_.]*\)",$$/\1/p' proxy/build_info.py | tr . / | sed 's/$$/.py/')
 
 # One line per step: pip's own output stays quiet, but a first run never looks stuck.
 # A .venv without pip (venv created without ensurepip, e.g. Debian lacking python3-venv)
@@ -22,8 +28,14 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@echo "make: $(VENV) is ready"
 
+# Never fails: without a compiler (or if compiling fails) the pure-Python modules run,
+# and the sidecar says which build it runs.
+$(COMPILED): $(HOT_SOURCES) proxy/build.py proxy/build_info.py | $(STAMP)
+	@$(BIN)/python -m proxy.build
+	@touch $(COMPILED)
+
 # UP_FLAGS: flags for `tether up` (e.g. UP_FLAGS="--registry-port 0 --no-view").
-up: $(STAMP)
+up: $(COMPILED)
 	$(BIN)/tether up $(UP_FLAGS)
 
 test: $(STAMP) lint typecheck pytest
@@ -35,8 +47,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) test-tools
+pytest: $(COMPILED) test-tools
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# The proxy's own tests with the compiled build switched off (CI runs both builds).
+PURE_TESTS := tests/test_exchange.py tests/test_proxy_codec.py tests/test_codec_differential.py \
+  tests/test_router_conformance.py tests/test_proxy_http.py tests/test_proxy_hardening.py \
+  tests/test_balance_units.py tests/test_build.py
+pytest-pure: $(STAMP)
+	TETHER_PURE=1 $(BIN)/pytest -q -p no:cacheprovider $(PURE_TESTS)
 
 # Tools the tests run besides the venv, from Debian's packages (command:package):
 # docker-compose (`docker-compose config` checks what `tether inject` writes for compose;
@@ -59,7 +78,7 @@ fuzz: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[fuzz]'
 	$(BIN)/python -m tests.fuzz_codec -max_total_time=$(FUZZ_SECONDS)
 
-bench: $(STAMP)
+bench: $(COMPILED)
 	$(BIN)/python -m bench.proxy_bench
 	$(BIN)/python -m bench.balance_path_bench
 
@@ -77,4 +96,5 @@ bench-chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos_bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	-$(BIN)/python -m proxy.build --clean
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

@@ -170,7 +170,9 @@ def hop_instructions(policies: list[tuple[str, int]]) -> dict[tuple[str, int], i
     def count(item: tuple[str, int]) -> int:
         policy, endpoints = item  # ("inbound", 0): the inbound hop
         hop = "inbound" if policy == "inbound" else "outbound"
-        ns = argparse.Namespace(hop=hop, policy=policy, endpoints=endpoints, unique_ids=False)
+        ns = argparse.Namespace(
+            hop=hop, policy=policy, endpoints=endpoints, unique_ids=False, realistic=False
+        )
         return instructions(ns)
 
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -12,24 +12,25 @@ it is worth against nginx.
 
     .venv/bin/python -m bench.hop_bench [--hop outbound|inbound] [--policy NAME[+locality]]
                                          [--count 50000] [--rounds 7] [--profile]
-                                         [--instructions] [--unique-ids] [--no-retries]
-                                         [--authz none|l4|l7] [--realistic] [--tracing RATIO]
+                                         [--instructions] [--unique-ids | --realistic]
+                                         [--no-retries] [--authz none|l4|l7] [--tracing RATIO]
 
 `--authz` (inbound hop): the service's intentions checked before routing, for a caller
 with a SPIFFE ID: `l4` an intention allowing it (decided once per connection), `l7` one
 allowing GET on a path prefix and a header (matched per request).
 
-
-`--realistic`: every request has its own path, X-Request-Id and cookie, and every other
-one an unsampled `traceparent` (flag 00), the others none: what tracing's cost is judged
-on. `--tracing RATIO`: tracing on (proxy/tracing.py), parent-based, RATIO of new traces
-sampled; spans go to the SDK's batch processor with an exporter that discards them (the
-OTLP export runs on the processor's thread and is measured end to end by `make bench`).
+`--realistic`: every request has its own path, X-Request-Id, cookie and a caller's
+unsampled `traceparent` (flag 00). `--tracing RATIO`: tracing on (proxy/tracing.py),
+parent-based, RATIO of new traces sampled; spans go to the SDK's batch processor with an
+exporter that discards them (the OTLP export runs on the processor's thread and is
+measured end to end by `make bench`).
 
 `--instructions` counts instead of timing: the process runs twice under valgrind's
 callgrind (2,000 and 12,000 requests) and the difference is divided by 10,000, so
 start-up cancels out. Instruction counts do not move with the machine's load at all,
-which makes them the measure for small changes (about 25 s per figure).
+which makes them the measure for small changes (about 25 s per figure). `--realistic`
+gives every request its own path, request id, `traceparent` and cookie; it and the
+other options apply to the build that runs (compiled, or TETHER_PURE=1 for the sources).
 """
 
 from __future__ import annotations
@@ -42,10 +43,27 @@ import sys
 import time
 from typing import Any
 
+from proxy.build_info import BUILD
+
 REQUEST = b"GET /api/items HTTP/1.1\r\nHost: svc\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 # --unique-ids: each request carries its own X-Request-Id, as every request reaching an
 # inbound hop from another sidecar does (such heads never repeat: no head cache hit).
 REQUEST_WITH_ID = REQUEST[:-2] + b"X-Request-Id: 6f1c2a9e-%010d\r\n\r\n"
+# --realistic: what real traffic looks like, every head its own: a varying path, request
+# id, W3C `traceparent` (a caller's, not sampled, as most are at a 1% rate) and session
+# cookie (the head cache never hits).
+REALISTIC = (
+    b"GET /api/items/%d?page=%d HTTP/1.1\r\nHost: svc\r\nUser-Agent: bench\r\n"
+    b"Accept: application/json\r\nX-Request-Id: 6f1c2a9e-%010d\r\n"
+    b"traceparent: 00-4bf92f3577b34da6a3ce%012x-00f067aa%08x-00\r\n"
+    b"Cookie: session=%016x; theme=dark\r\n\r\n"
+)
+
+
+def realistic(n: int) -> bytes:
+    return REALISTIC % (n % 9973, n % 7, n, n, n, n * 2654435761 % (1 << 64))
+
+
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 29 Nov 2026 00:00:00 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n"
@@ -53,21 +71,6 @@ RESPONSE = (
     * 100
 )
 ZONES = ("zone-a", "zone-a", "zone-b")
-# --realistic: a browser-like head with its own path, id and cookie; odd requests also
-# carry a caller's unsampled trace context.
-REALISTIC = (
-    b"GET /api/items/%d?page=2 HTTP/1.1\r\nHost: svc\r\nUser-Agent: Mozilla/5.0 (X11; Linux)"
-    b"\r\nAccept: application/json\r\nAccept-Encoding: gzip\r\n"
-    b"Cookie: session=%016x; theme=dark\r\nX-Request-Id: 6f1c2a9e-%010d\r\n"
-)
-TRACEPARENT = b"traceparent: 00-%032x-%016x-00\r\n"
-
-
-def realistic(i: int) -> bytes:
-    head = REALISTIC % (i, i * 7919, i)
-    if i & 1:
-        head += TRACEPARENT % (i * 104729 + 1, i + 1)
-    return head + b"\r\n"
 
 
 class FakeTransport:
@@ -230,10 +233,9 @@ def run(
     endpoints: int,
     count: int,
     rounds: int,
-    unique_ids: bool = False,
+    heads: str = "repeated",
     authz: str = "none",
     retries: bool = True,
-    real: bool = False,
     tracing: float | None = None,
 ) -> float:
     """Best µs per request over `rounds` rounds of `count` requests (round 0 warms up)."""
@@ -243,12 +245,14 @@ def run(
     assert up_t.last.startswith(b"HTTP/1.1 200 OK\r\n"), up_t.last[:80]
     best = float("inf")
     for r in range(rounds + 1):
-        if real:
-            requests = [realistic(r * count + i) for i in range(count)]
-        else:
-            requests = [
-                REQUEST_WITH_ID % (r * count + i) if unique_ids else REQUEST for i in range(count)
-            ]
+        requests = [
+            realistic(r * count + i)
+            if heads == "realistic"
+            else REQUEST_WITH_ID % (r * count + i)
+            if heads == "unique-ids"
+            else REQUEST
+            for i in range(count)
+        ]
         start = time.perf_counter()
         for request in requests:
             one(conn, request)
@@ -274,17 +278,29 @@ async def _main(args: argparse.Namespace) -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
         return
     us = run(
-        args.hop, args.policy, args.endpoints, args.count, args.rounds, args.unique_ids,
-        args.authz, not args.no_retries, args.realistic, args.tracing,
+        args.hop, args.policy, args.endpoints, args.count, args.rounds, heads_of(args),
+        args.authz, not args.no_retries, args.tracing,
     )  # fmt: skip
     print(f"{_label(args)}: {us:.2f} µs/request (best of {args.rounds})")
 
 
 def _label(args: argparse.Namespace) -> str:
-    extra = " realistic" if args.realistic else ""
-    if args.tracing is not None:
+    extra = ""
+    if getattr(args, "authz", "none") != "none":
+        extra += f" authz={args.authz}"
+    if getattr(args, "no_retries", False):
+        extra += " no-retries"
+    if getattr(args, "tracing", None) is not None:
         extra += f" tracing={args.tracing:g}"
-    return f"{args.hop} {args.policy} x{args.endpoints}{extra}"
+    return (
+        f"{args.hop} {args.policy} x{args.endpoints} {heads_of(args)} heads{extra} ({BUILD.name})"
+    )
+
+
+def heads_of(args: argparse.Namespace) -> str:
+    if getattr(args, "realistic", False):
+        return "realistic"
+    return "unique-ids" if args.unique_ids else "repeated"
 
 
 def instructions(args: argparse.Namespace) -> int:

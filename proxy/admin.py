@@ -10,15 +10,19 @@ when it starts the admin listener. Routes, after Envoy's admin interface:
 - `/clusters`: per service: endpoints, health, zone, active requests, data source.
 - `/config_dump`: the effective configuration, listeners' actual ports included.
 - `/stats/prometheus`: counters and histograms in Prometheus' text format.
+- `/server_info`: which build of the per-request modules runs (compiled or pure Python,
+  and why; proxy/build_info.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from proxy.build_info import BUILD
 from tether.http_limits import ADMIN_LIMITS, ListenerLimits
 from tether.http_limits import serve as serve_http
 
@@ -67,6 +71,7 @@ class AdminServer:
         r.add_get("/clusters", self._clusters)
         r.add_get("/config_dump", self._config_dump)
         r.add_get("/stats/prometheus", self._prometheus)
+        r.add_get("/server_info", self._server_info)
         self.app = app
 
     async def start(self) -> None:
@@ -105,6 +110,9 @@ class AdminServer:
             body=self.source.prometheus().encode("utf-8"),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
+
+    async def _server_info(self, request: web.Request) -> web.Response:
+        return _json({"pid": os.getpid(), **BUILD.as_dict()})
 
     def __repr__(self) -> str:
         return f"<AdminServer {self.host}:{self.port}>"

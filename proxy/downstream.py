@@ -512,8 +512,12 @@ class DownstreamConnection(asyncio.Protocol):
         for i, (kind, value) in enumerate(events):
             if self.closed:
                 return
-            if self.backlog is not None:
-                self.backlog.extend(events[i:])
+            # Read through a call: the handlers below may set `backlog` again, which a
+            # narrowing of `self.backlog` to None after the assignment above would miss
+            # (and the compiled build would then refuse the list).
+            later = self._backlog()
+            if later is not None:
+                later.extend(events[i:])
                 return
             if kind == 0:
                 self.on_request_head(value)
@@ -523,8 +527,11 @@ class DownstreamConnection(asyncio.Protocol):
                 self.on_request_end(value)
             else:
                 self._bad_request(value)
-        if self.backlog is None:
+        if self._backlog() is None:
             self.clear_pause(PAUSE_BACKLOG)
+
+    def _backlog(self) -> list[tuple[int, Any]] | None:
+        return self.backlog
 
     def _to_tunnel(self, ex: Exchange) -> None:
         """After 101 or CONNECT's 200: from now on both sockets carry raw bytes."""

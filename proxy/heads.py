@@ -9,7 +9,7 @@ are forwarded, and builds `headers` only when something reads it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -37,6 +37,29 @@ def _field_list(raw: bytes, host_index: bool) -> tuple[Fields, int]:
     return out, index
 
 
+# RequestHead's attributes (a compiled class has no `__slots__` to read them from).
+REQUEST_HEAD_SLOTS: Final = (
+    "_fields",
+    "_host_index",
+    "b3",
+    "chunked",
+    "connection_tokens",
+    "content_length",
+    "expect_continue",
+    "forwarded_for",
+    "forwarded_proto",
+    "host",
+    "keep_alive",
+    "method",
+    "raw",
+    "request_id",
+    "target",
+    "traceparent",
+    "upgrade",
+    "version",
+)
+
+
 class RequestHead:
     """A parsed request head; `headers` are the end-to-end fields only.
 
@@ -45,26 +68,7 @@ class RequestHead:
     hop-by-hop fields and X-Forwarded-For left out), and builds `headers` on first access.
     """
 
-    __slots__ = (
-        "_fields",
-        "_host_index",
-        "b3",
-        "chunked",
-        "connection_tokens",
-        "content_length",
-        "expect_continue",
-        "forwarded_for",
-        "forwarded_proto",
-        "host",
-        "keep_alive",
-        "method",
-        "raw",
-        "request_id",
-        "target",
-        "traceparent",
-        "upgrade",
-        "version",
-    )
+    __slots__ = REQUEST_HEAD_SLOTS
 
     def __init__(
         self,
@@ -166,7 +170,14 @@ class _CachedRequestHead(RequestHead):
     """
 
     __slots__ = ()
-    __init__ = object.__init__
+
+
+try:
+    # Interpreted, the call then only allocates. A compiled class refuses (TypeError) and
+    # keeps its native `__init__`, which costs no frame.
+    setattr(_CachedRequestHead, "__init__", object.__init__)  # noqa: B010
+except (TypeError, AttributeError):
+    pass
 
 
 def _from_template(args: tuple[Any, ...]) -> RequestHead:

@@ -27,7 +27,7 @@ import ssl as ssl_module
 import time
 import zlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from proxy import local_reply
 from proxy.balance import Endpoint
@@ -37,6 +37,7 @@ from proxy.dispatch import OutboundRouter
 from proxy.downstream import RNG, TimeoutPolicy
 from proxy.egress import EgressGuard
 from proxy.errors import BadMessageError
+from proxy.head_cache import HeadCache
 from proxy.heads import RequestHead
 from proxy.listener import Listener, _listen_outbound
 from proxy.mirror import MirrorSender, MirrorTap, pick_endpoint
@@ -65,9 +66,29 @@ class PolicyRouter(OutboundRouter):
         policy: Policy,
         *,
         rng: random.Random | None = None,
-        **kw: Any,
+        namespace: str = "default",
+        egress: Literal["allow", "deny"] = "allow",
+        pool_policy: PoolPolicy | None = None,
+        upstream_ssl: ssl_module.SSLContext | None = None,
+        resolve_timeout: float = 5.0,
+        egress_guard: EgressGuard | None = None,
+        head_cache: HeadCache | None = None,
+        mesh_tls: MeshTLS | None = None,
     ) -> None:
-        super().__init__(directory, stats, **kw)
+        # OutboundRouter's keywords spelled out: the compiled build cannot pass `**kw`
+        # on to keyword-only parameters.
+        super().__init__(
+            directory,
+            stats,
+            namespace=namespace,
+            egress=egress,
+            pool_policy=pool_policy,
+            upstream_ssl=upstream_ssl,
+            resolve_timeout=resolve_timeout,
+            egress_guard=egress_guard,
+            head_cache=head_cache,
+            mesh_tls=mesh_tls,
+        )
         self.policy = policy
         # The sidecar's --egress, what applies while no MeshConfig says otherwise.
         self.default_egress: Literal["allow", "deny"] = self.egress

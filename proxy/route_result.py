@@ -14,6 +14,7 @@ answer to the exchange.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -132,10 +133,11 @@ class RouteResult:
 
     def replace(self, **changes: Any) -> RouteResult:
         """A copy with `changes` (the fields' names as keywords)."""
-        fields = {name: getattr(self, name) for name in RouteResult.__slots__}
-        fields.update(changes)
-        pool = fields.pop("pool")
-        return RouteResult(pool, **fields)
+        # A copy, not a rebuild from `__slots__`: a compiled class has no `__slots__`.
+        result = copy.copy(self)
+        for name, value in changes.items():
+            setattr(result, name, value)
+        return result
 
     @classmethod
     def answer(

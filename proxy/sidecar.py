@@ -26,6 +26,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from proxy.balance import build_balancer
+from proxy.build_info import BUILD
 from proxy.discovery import ConsulDirectory
 from proxy.egress import EgressGuard
 from proxy.errors import SidecarStartError
@@ -600,9 +601,11 @@ class Sidecar:
                 f"inbound={self.spec.inbound_host}:{ports['inbound']} "
                 f"admin=127.0.0.1:{ports['admin']} "
                 f"id={reg.spec.instance_id if reg else '-'} pid={os.getpid()}{ingress} "
-                f"mtls={'on' if self.mesh_tls is not None else 'off'}",
+                f"mtls={'on' if self.mesh_tls is not None else 'off'} build={BUILD.name}",
                 flush=True,
             )
+            if not BUILD.compiled:  # and why (proxy/build_info.py)
+                print(f"tether sidecar {self.spec.service}: {BUILD.line()}", flush=True)
             if self.plaintext_reason:
                 print(
                     f"tether sidecar {self.spec.service}: plaintext between sidecars "

@@ -58,7 +58,8 @@ class _Unowned:
     def on_response_head(self, head: ResponseHead) -> None:
         raise BadMessageError("response without a request", status=502)
 
-    on_informational = on_response_head
+    def on_informational(self, head: ResponseHead) -> None:
+        raise BadMessageError("response without a request", status=502)
 
     def on_response_body(self, data: bytes) -> None:
         raise BadMessageError("response without a request", status=502)

@@ -97,6 +97,7 @@ class Sidecar:
         self.log = log
         self.ports: dict[str, int] = {}
         self.instance_id = ""
+        self.build = ""  # "compiled" or "pure" (proxy/build_info.py)
 
     def wait_listening(self, timeout: float = 20.0) -> None:
         def found() -> bool:
@@ -109,6 +110,7 @@ class Sidecar:
             for name in ("outbound", "inbound", "admin"):
                 self.ports[name] = int(fields[name].rpartition(":")[2])
             self.instance_id = fields["id"]
+            self.build = fields["build"]
             return True
 
         deadline = time.monotonic() + timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -9,6 +10,7 @@ import aiohttp
 import consul.aio
 
 from proxy.admin import AdminServer
+from proxy.build_info import BUILD
 from proxy.discovery import ConsulDirectory
 from proxy.stats import ProxyStats
 from registry.server import RegistryServer
@@ -56,7 +58,8 @@ async def test_admin_routes(registry: RegistryServer, consul_client: Any) -> Non
                 assert r.status == 503 and (await r.text()).strip() == "PRE_INITIALIZING"
             async with http.get(f"{base}/") as r:  # the index: each path once
                 assert (await r.text()).split() == [
-                    "/", "/clusters", "/config_dump", "/live", "/ready", "/stats/prometheus",
+                    "/", "/clusters", "/config_dump", "/live", "/ready", "/server_info",
+                    "/stats/prometheus",
                 ]  # fmt: skip
             assert await directory.resolve("default", "orders") is not None
             async with http.get(f"{base}/ready") as r:
@@ -79,6 +82,12 @@ async def test_admin_routes(registry: RegistryServer, consul_client: Any) -> Non
             }
             async with http.get(f"{base}/config_dump") as r:
                 assert await r.json() == {"watches": ["orders"]}
+            async with http.get(f"{base}/server_info") as r:
+                info = await r.json()
+            # Which build this process runs: the one proxy/build_info.py chose.
+            assert info["build"] == BUILD.name and info["detail"] == BUILD.detail
+            assert info["build"] in ("compiled", "pure") and info["pid"] == os.getpid()
+            assert "proxy.exchange" in info["modules"]
             async with http.get(f"{base}/stats/prometheus") as r:
                 assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
                 text = await r.text()

@@ -304,10 +304,14 @@ def test_locality_layer_outcomes_reach_the_endpoint_estimate() -> None:
     assert b.remote.estimate(local, 1.05) == pytest.approx(0.05)  # the endpoint's own
     # A layer over a balancer that keeps per-instance state hears the outcomes itself.
 
-    class PerInstance(WeightedRoundRobin):
-        endpoint_tracking = False
+    # (Set on an instance, not in a subclass: the compiled build's classes take no
+    # interpreted subclasses.)
+    def per_instance() -> WeightedRoundRobin:
+        balancer = WeightedRoundRobin()
+        balancer.endpoint_tracking = False
+        return balancer
 
-    layered = LocalityBalancer(PerInstance, "z1")
+    layered = LocalityBalancer(per_instance, "z1")
     assert layered.tracker is layered
     assert isinstance(LocalityBalancer(WeightedRoundRobin, "z1").tracker, WeightedRoundRobin)
 

@@ -10,6 +10,7 @@ from proxy.codec import RequestCodec
 from proxy.errors import BadMessageError
 from proxy.head_cache import HeadCache
 from proxy.heads import (
+    REQUEST_HEAD_SLOTS,
     RequestHead,
     ResponseHead,
     _from_template,
@@ -453,7 +454,7 @@ def test_a_head_from_a_cache_template_sets_every_slot_as_init_does() -> None:
     assert made[1].raw is not None  # taken from the cache
     reference = RequestHead(*template)
     for head in made:
-        for slot in RequestHead.__slots__:
+        for slot in REQUEST_HEAD_SLOTS:
             if slot == "raw":
                 continue
             assert getattr(head, slot) == getattr(reference, slot), slot

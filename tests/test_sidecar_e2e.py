@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from proxy.build_info import BUILD
 from tests.conftest import RegistryProcess
 from tests.sidecar_harness import ProcessSet, poll
 
@@ -103,11 +104,17 @@ def test_call_through_two_sidecars(mesh: tuple[RegistryProcess, ProcessSet]) -> 
     assert 'listener="outbound",destination="b.default",subset=""' in metrics
     _, metrics_b = sb.admin("/stats/prometheus")
     assert 'listener="inbound"' in metrics_b
+    # Which build of the per-request modules runs, said once at start-up and at
+    # /server_info: the one this test process chose from the same tree (build_info).
+    status, info = sa.admin("/server_info")
+    assert status == 200 and info["pid"] == sa.proc.pid
+    assert info["build"] == sa.build == BUILD.name and info["detail"] == BUILD.detail
 
     # The idle-RSS budget of a sidecar (DESIGN.md): 64 MB, imports included.
     status_text = Path(f"/proc/{sa.proc.pid}/status").read_text()
     rss_kb = int(re.search(r"VmRSS:\s+(\d+) kB", status_text).group(1))  # type: ignore[union-attr]
     assert rss_kb < 64 * 1024, f"sidecar RSS {rss_kb} kB"
+    print(f"idle sidecar RSS {rss_kb} kB ({BUILD.name})")
     # Batch scheduling by default (docs/benchmarks.md), the kernel's normal one on request.
     assert os.sched_getscheduler(sa.proc.pid) == os.SCHED_BATCH
     assert os.sched_getscheduler(sb.proc.pid) == os.SCHED_OTHER

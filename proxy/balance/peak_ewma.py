@@ -148,7 +148,9 @@ class PeakEwma(P2cBalancer):
             return b
         else:
             return self._pick_drawn(now, rng, _DRAWS - 1)
-        st = b.lb_state
+        # Typed: the compiled build reads the state's fields directly (update() made one
+        # for every endpoint of the pool).
+        st: _Rtt = b.lb_state
         if st.observed:
             elapsed = now - st.stamp
             est = st.estimate * _exp(-elapsed / self.decay) if elapsed > 0 else st.estimate
@@ -174,7 +176,7 @@ class PeakEwma(P2cBalancer):
         if ep.active > 0:
             ep.active -= 1
         st = ep.lb_state
-        if st is None:
+        if not isinstance(st, _Rtt):
             st = self._state(ep, now)
         if not ok:
             latency = max(latency, self.estimate(ep, now))
