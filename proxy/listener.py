@@ -99,12 +99,19 @@ class Listener:
         for conn in list(proxy.connections):
             if not conn.active:
                 conn.close()
+        h2 = proxy.h2
+        if h2 is not None:
+            h2.drain()  # GOAWAY: streams in flight finish
         deadline = time.monotonic() + seconds
-        while proxy.connections and time.monotonic() < deadline:
+        while (
+            proxy.connections or (h2 is not None and h2.connections)
+        ) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        clean = not proxy.connections
+        clean = not proxy.connections and not (h2 is not None and h2.connections)
         for conn in list(proxy.connections):
             conn.abort()
+        if h2 is not None:
+            h2.abort()
         proxy.router.close()
         return clean
 
@@ -203,13 +210,18 @@ async def start_inbound(
     pool_policy: PoolPolicy | None = None,
     ssl: ssl_module.SSLContext | None = None,
     app_ssl: ssl_module.SSLContext | None = None,
+    app_protocol: str = "http",
 ) -> Listener:
-    """Other sidecars' way in: every request goes to the app at app_host:app_port."""
+    """Other sidecars' way in: every request goes to the app at app_host:app_port.
+
+    HTTP/2 streams reach the app over h2c when `app_protocol` is `http2` or `grpc`."""
     stats = stats if stats is not None else ProxyStats()
     timeouts = timeouts or TimeoutPolicy()
     policy = pool_policy or PoolPolicy(connect_timeout=timeouts.connect)
     router = InboundRouter(app_port, stats, app_host=app_host, pool_policy=policy, app_ssl=app_ssl)
-    return await _listen(router, stats, timeouts, host, port, ssl)
+    listener = await _listen(router, stats, timeouts, host, port, ssl)
+    listener.proxy.app_h2 = app_protocol in ("http2", "grpc")
+    return listener
 
 
 async def start_tcp_proxy(
