@@ -37,6 +37,7 @@ from proxy.exchange import (
     PAUSE_BACKLOG,
     PAUSE_CONNECTING,
     PAUSE_SWITCHING,
+    SERVE,
     T_IDLE,
     TUNNEL,
     Exchange,
@@ -511,6 +512,9 @@ class DownstreamConnection(asyncio.Protocol):
                 self.flush()
         elif after == TUNNEL:
             self._to_tunnel(ex)
+        elif after == SERVE and not self.server.draining and not self.closed:
+            # After the codec handed over the bytes that followed the CONNECT head.
+            asyncio.get_running_loop().call_soon(self._serve_inside)
         elif after == ABORT:
             self.flush()
             self.abort()
@@ -536,6 +540,22 @@ class DownstreamConnection(asyncio.Protocol):
                 self._bad_request(value)
         if self.backlog is None:
             self.clear_pause(PAUSE_BACKLOG)
+
+    def _serve_inside(self) -> None:
+        """CONNECT to a mesh name was answered: the bytes after it are requests again
+        (HTTP/1, or HTTP/2 after its preface), parsed and routed here."""
+        if self.closed:
+            return
+        self.flush()
+        rest = self.early or b""
+        self.early = None
+        self.codec = RequestCodec(self, self.server.head_cache)
+        self.sniff = b""
+        self.phase = IDLE
+        self.deadline = self.server.clock() + self.server.timeouts.idle
+        self.clear_pause(PAUSE_SWITCHING)
+        if rest:
+            self.data_received(rest)
 
     def _to_tunnel(self, ex: Exchange) -> None:
         """After 101 or CONNECT's 200: from now on both sockets carry raw bytes."""
