@@ -161,6 +161,8 @@ class H2Link(asyncio.Protocol):
             self.protocol_error(e)
             return
         for event in events:
+            if self.closed:
+                break  # cut off (GOAWAY sent): the rest of this read is not acted on
             self.dispatch(event)
         self.flush()
         flush_touched()
@@ -173,9 +175,10 @@ class H2Link(asyncio.Protocol):
 
     def protocol_error(self, e: ProtocolError) -> None:
         code = getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR)
-        self.flush()
+        self.flush()  # the GOAWAY h2 queued
+        self.closed = True
+        self.transport.close()
         self._lose(f"HTTP/2 protocol error ({ErrorCodes(code).name}): {e}")
-        self.close()
 
     def eof_received(self) -> bool:
         return False
@@ -394,6 +397,8 @@ class H2Link(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             self._lose("connection closed")
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
 
     def abort(self) -> None:
         if not self.closed:

@@ -22,6 +22,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from proxy import local_reply
+from proxy.h2_link import flush_touched
 from proxy.h2_upstream import H2UpstreamConnection
 
 if TYPE_CHECKING:
@@ -153,6 +154,12 @@ class H2Pool:
         task.add_done_callback(self._tasks.discard)
 
     async def _open(self) -> None:
+        try:
+            await self._opened()
+        finally:
+            flush_touched()  # what the waiters wrote to their clients
+
+    async def _opened(self) -> None:
         try:
             try:
                 conn = await dial_h2(

@@ -56,6 +56,8 @@ class SidecarSpec:
     # operator allows it.
     egress_to_control: Literal["allow", "deny"] = "deny"
     opaque_ports: tuple[int, ...] = ()
+    # What the app speaks: http (HTTP/1.1), or http2/grpc (h2c from the inbound sidecar).
+    app_protocol: str = "http"
     drain_seconds: float = 15.0
     # How long after deregistering the inbound listener keeps accepting, so callers
     # whose discovery has not yet seen the removal are not refused.
@@ -89,6 +91,8 @@ class SidecarSpec:
             errors.append(f"--egress: {self.egress!r} must be allow or deny")
         if self.egress_to_control not in ("allow", "deny"):
             errors.append(f"egress_to_control: {self.egress_to_control!r} must be allow or deny")
+        if self.app_protocol not in ("http", "http2", "grpc"):
+            errors.append(f"--app-protocol: {self.app_protocol!r} must be http, http2 or grpc")
         if self.drain_seconds < 0:
             errors.append("--drain-seconds: must not be negative")
         if not self.namespace or "." in self.namespace:
@@ -165,6 +169,7 @@ class Sidecar:
                 namespace=spec.namespace,
                 zone=spec.zone,
                 version=spec.version,
+                protocol=spec.app_protocol,
                 meta=self._meta(),
                 check_interval=spec.check_interval,
                 check_via=(spec.advertised, self.inbound.port)
@@ -195,6 +200,7 @@ class Sidecar:
             host=spec.inbound_host,
             port=spec.inbound_port,
             app_host=spec.app_host,
+            app_protocol=spec.app_protocol,
         )
         await self._guard_control_surfaces()
         if spec.controlplane:

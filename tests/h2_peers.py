@@ -169,6 +169,7 @@ class H2Client:
         self.auto_ack = auto_ack
         self.responses: dict[int, H2Response] = {}
         self.goaway: ConnectionTerminated | None = None
+        self._sending: dict[int, tuple[bytes, Fields | None]] = {}
         self.closed = asyncio.Event()
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -215,6 +216,10 @@ class H2Client:
             r.body.extend(ev.data)
             if self.auto_ack:
                 self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif ev.flow_controlled_length:
+                # A slow reader of this stream: the connection's window is returned (other
+                # streams go on), the stream's only by `ack`.
+                self.conn.increment_flow_control_window(ev.flow_controlled_length)
         elif isinstance(ev, TrailersReceived):
             self.responses[ev.stream_id].trailers = dict(ev.headers)
         elif isinstance(ev, StreamEnded):
@@ -225,6 +230,8 @@ class H2Client:
             r.done.set()
         elif isinstance(ev, ConnectionTerminated):
             self.goaway = ev
+        elif isinstance(ev, WindowUpdated):
+            self._pump()
 
     def start(
         self,
@@ -247,16 +254,29 @@ class H2Client:
         ]
         end = not body and trailers is None
         self.conn.send_headers(sid, fields, end_stream=end)
-        if body:
-            # Within the first window (tests send less than the sidecar's 256 KiB).
-            size = self.conn.max_outbound_frame_size
-            for i in range(0, len(body), size):
-                last = i + size >= len(body)
-                self.conn.send_data(sid, body[i : i + size], end_stream=last and trailers is None)
-        if trailers is not None:
-            self.conn.send_headers(sid, trailers, end_stream=True)
+        if body or trailers is not None:
+            self._sending[sid] = (body or b"", trailers)
+            self._pump()
         self.flush()
         return r
+
+    def _pump(self) -> None:
+        """Send queued request bodies as the windows allow, then their trailers."""
+        conn = self.conn
+        for sid in list(self._sending):
+            data, trailers = self._sending[sid]
+            while data:
+                n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if n <= 0:
+                    break
+                piece, data = data[:n], data[n:]
+                conn.send_data(sid, piece, end_stream=not data and trailers is None)
+            if data:
+                self._sending[sid] = (data, trailers)
+                continue
+            del self._sending[sid]
+            if trailers is not None:
+                conn.send_headers(sid, trailers, end_stream=True)
 
     async def request(self, path: str, authority: str, **kw: Any) -> H2Response:
         r = self.start(path, authority, **kw)
@@ -264,7 +284,7 @@ class H2Client:
         return r
 
     def ack(self, stream_id: int, size: int) -> None:
-        self.conn.acknowledge_received_data(size, stream_id)
+        self.conn.increment_flow_control_window(size, stream_id=stream_id)
         self.flush()
 
     async def aclose(self) -> None:

@@ -192,11 +192,16 @@ class ProcessSet:
         self.apps.append(a)
         return a
 
-    def sidecar(self, service: str, app: App, *args: str, wait_ready: bool = True) -> Sidecar:
+    def sidecar(
+        self, service: str, app: Any, *args: str, wait_ready: bool = True,
+        health_path: str | None = "/health",
+    ) -> Sidecar:  # fmt: skip
+        """`app`: anything with a `port`; `health_path` None checks it over TCP."""
         log = self.tmp / f"sidecar-{service}-{len(self.sidecars)}.log"
+        health = ["--app-health-path", health_path] if health_path else []
         cmd = [
             sys.executable, "-m", "tether.cli", "sidecar", "--service", service,
-            "--app-port", str(app.port), "--app-health-path", "/health",
+            "--app-port", str(app.port), *health,
             "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0",
             "--check-interval", "1", *args,
         ]  # fmt: skip
