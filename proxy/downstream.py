@@ -146,6 +146,8 @@ class ProxyServer:
         # connection; `app_h2`: the inbound app speaks HTTP/2 (protocol http2 or grpc).
         self.h2: H2Front | None = None
         self.app_h2 = False
+        # The app's protocol as policy says (its service's ServiceDefaults), if pushed.
+        self.app_protocol: Callable[[], str | None] | None = None
 
     def __call__(self) -> DownstreamConnection:
         return DownstreamConnection(self)

@@ -84,7 +84,7 @@ class H2Front:
         """The HTTP/2 pool to the address of the HTTP/1 `pool` the router chose, or None
         when that upstream speaks HTTP/1.1 only (the inbound app, unless its protocol
         says otherwise)."""
-        if self.router.name == "inbound" and not self.app_h2:
+        if self.router.name == "inbound" and not self.app_speaks_h2():
             return None
         ssl = None
         if pool.ssl is not None:
@@ -104,6 +104,14 @@ class H2Front:
                 guard=pool.guard,
             )
         return h2pool
+
+    def app_speaks_h2(self) -> bool:
+        """Inbound: the app's protocol is http2 or grpc (its sidecar's --app-protocol, or
+        the pushed ServiceDefaults of its service)."""
+        if self.app_h2:
+            return True
+        source = self.server.app_protocol
+        return source is not None and source() in ("http2", "grpc")
 
     def adopt(self, transport: Any, peer: Peer, received: bytes) -> H2DownstreamConnection:
         """Take over an accepted socket whose first bytes were the preface."""

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from h2.errors import ErrorCodes
 
@@ -51,9 +51,31 @@ from proxy.outcome import Outcome
 
 if TYPE_CHECKING:
     from proxy.h2_downstream import H2DownstreamConnection
-    from proxy.h2_pool import H2Pool
-    from proxy.h2_upstream import H2UpstreamConnection
     from proxy.route_result import RouteResult
+
+
+class StreamUpstream(Protocol):
+    """Where a stream's request goes: a stream of a pooled HTTP/2 connection
+    (proxy/h2_upstream.py), or an HTTP/1 connection bridged (proxy/h2_bridge.py)."""
+
+    def open_stream(self, sink: Any, headers: Fields, end: bool) -> int: ...
+    def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None: ...
+    def send_trailers(self, stream_id: int, headers: Fields) -> None: ...
+    def open_window(self, stream_id: int, size: int) -> None: ...
+    def reset(self, stream_id: int, code: int = ...) -> None: ...
+    def touch(self) -> None: ...
+    def flush(self) -> None: ...
+    def finished_receiving(self, stream_id: int) -> None: ...
+
+
+class StreamPool(Protocol):
+    """What gives a stream its upstream (proxy/h2_pool.py, or the bridge)."""
+
+    closed: bool
+
+    def acquire(self, waiter: H2Exchange) -> StreamUpstream | None: ...
+    def cancel(self, waiter: H2Exchange) -> None: ...
+
 
 ROUTING: Final = 0
 CONNECTING: Final = 1
@@ -137,8 +159,8 @@ class H2Exchange:
         self.sid = sid
         self.state = ROUTING
         self.route: RouteResult | None = None
-        self.pool: H2Pool | None = None
-        self.upstream: H2UpstreamConnection | None = None
+        self.pool: StreamPool | None = None
+        self.upstream: StreamUpstream | None = None
         self.usid = 0
         self.up_side = _UpstreamSide(self)
         self.body: list[bytes] = []
@@ -228,14 +250,13 @@ class H2Exchange:
             self.local_reply(local_reply.NOT_IMPLEMENTED, "tunnels over HTTP/2")
             return
         front = self.conn.front
-        h2pool = front.pool_for(pool)
+        h2pool: StreamPool | None = front.pool_for(pool)
         if h2pool is None:
-            self.local_reply(
-                local_reply.UPSTREAM_PROTOCOL_ERROR,
-                "the app speaks HTTP/1.1 only; its protocol must be http2 or grpc for HTTP/2",
-                status=502,
-            )
-            return
+            # That upstream speaks HTTP/1.1 (an app whose protocol is http): the stream
+            # goes as one HTTP/1.1 request on the ordinary pool.
+            from proxy.h2_bridge import H1Bridge
+
+            h2pool = H1Bridge(self, pool)
         self.pool = h2pool
         ep, tracker = result.endpoint, result.tracker
         if ep is not None and tracker is not None:
@@ -276,7 +297,7 @@ class H2Exchange:
 
     # -- the pool's answers ---------------------------------------------------------------
 
-    def on_h2_ready(self, up: H2UpstreamConnection) -> None:
+    def on_h2_ready(self, up: StreamUpstream) -> None:
         if self.state != CONNECTING:
             return  # ended meanwhile: the stream was never opened
         self.state = SENDING

@@ -112,6 +112,10 @@ class SidecarSpec:
         return self.inbound_host
 
 
+def _protocol_of(defaults: Any) -> str | None:
+    return getattr(defaults, "protocol", None)
+
+
 def _fixed_target(host: str, port: int) -> Callable[[], tuple[str, int] | None]:
     return lambda: (host, port)
 
@@ -270,6 +274,12 @@ class Sidecar:
         )
         policy.interest = self.policy_client.want
         self.policy = policy
+        # The app's own protocol may come from policy (ServiceDefaults of this service):
+        # HTTP/2 callers then reach it over h2c (proxy/h2_downstream.py).
+        self.policy_client.want(spec.service, spec.namespace)
+        self.inbound.proxy.app_protocol = lambda: _protocol_of(
+            policy.defaults(spec.namespace, spec.service)
+        )
         listener = await start_policy_outbound(
             self.directory,
             policy,
