@@ -285,7 +285,8 @@ class H2Exchange:
             (b":authority", head.host or b""),
             (b":path", path),
         ]
-        out.extend(head.headers)
+        # Lowercase (RFC 9113 8.2.1): a policy's request edits may name X-Y.
+        out.extend([(n.lower(), v) for n, v in head.headers])
         ff = head.forwarded_for
         peer = conn.peer.address
         out.append((b"x-forwarded-for", peer if ff is None else ff + b", " + peer))
@@ -402,7 +403,7 @@ class H2Exchange:
             pseudo = [(n, v) for n, v in headers if n[:1] == b":"]
             fields = [(n, v) for n, v in headers if n[:1] != b":"]
             edit(fields)
-            headers = pseudo + fields
+            headers = pseudo + [(n.lower(), v) for n, v in fields]  # policy may say X-Y
         conn = self.conn
         conn.send_headers(self.sid, headers, end)
         conn.touch()

@@ -146,8 +146,10 @@ class H2Link(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         h2 = self.h2
-        h2.local_settings.update(settings(server=self.server_side))
         h2.initiate_connection()
+        # Ours apply once the peer acknowledges them (RFC 9113 6.5.3); the header-list
+        # limit already holds (see __init__).
+        h2.update_settings(settings(server=self.server_side))
         h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
 

@@ -9,6 +9,7 @@ last test runs two real sidecar processes with the registry.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -482,3 +483,158 @@ def test_grpcio_through_two_sidecar_processes_by_service_name(procs: ProcessSet)
     finally:
         for app in apps:
             app.server.stop(0)
+
+
+async def test_a_grpc_stream_outlives_a_policy_push() -> None:
+    from proxy.policy import Policy
+    from proxy.policy_router import start_policy_outbound
+    from wire import push as protocol
+
+    servers = [grpc_server("g0")]
+    inbound = await start_inbound(servers[0][1], stats=ProxyStats(), port=0, app_protocol="grpc")
+    greeter = Cluster("greeter", "default")
+    greeter.set_endpoints([Endpoint("g-0", "127.0.0.1", inbound.port)])
+    directory = StaticDirectory([greeter])
+    policy = Policy(directory)
+    outbound = await start_policy_outbound(directory, policy, port=0)
+
+    def snapshot(version: int, value: str) -> protocol.Snapshot:
+        docs = [
+            {
+                "apiVersion": "tether.dev/v1alpha1",
+                "kind": "Route",
+                "metadata": {"name": "greeter", "namespace": "default"},
+                "spec": {"rules": [{"responseHeaders": {"set": {"x-policy": value}}}]},
+            }
+        ]
+        text = protocol.canonical_json(docs)
+        return protocol.Snapshot(version, protocol.content_hash(text), f"n{version}", tuple(docs))
+
+    import queue
+    import threading
+
+    sent: queue.Queue[bytes | None] = queue.Queue()
+    got: list[bytes] = []
+    first = threading.Event()
+    meta: list[Any] = []
+
+    def bidi() -> None:
+        channel = grpc.insecure_channel(
+            f"127.0.0.1:{outbound.port}", options=[("grpc.default_authority", "greeter")]
+        )
+        call = channel.stream_stream("/t.S/B")(iter(sent.get, None), timeout=20)
+        for message in call:
+            got.append(message)
+            first.set()
+        meta.append(dict(call.initial_metadata()))
+        meta.append(call.code())
+        channel.close()
+
+    try:
+        await policy.apply(snapshot(1, "one"))
+        thread = threading.Thread(target=bidi)
+        thread.start()
+        sent.put(b"abc")
+        await until(first.is_set, what="the first reply")
+        # A push while the stream is open: it goes on under the policy it started with.
+        await policy.apply(snapshot(2, "two"))
+        assert policy.version == 2
+        sent.put(b"def")
+        sent.put(None)
+        await asyncio.to_thread(thread.join, 20)
+        assert got == [b"cba", b"fed"]
+        assert meta[0].get("x-policy") == "one" and meta[1] == grpc.StatusCode.OK
+        # A new call sees the new policy.
+        channel = grpc.insecure_channel(
+            f"127.0.0.1:{outbound.port}", options=[("grpc.default_authority", "greeter")]
+        )
+        _, call = await asyncio.to_thread(channel.unary_unary("/t.S/U").with_call, b"x", timeout=10)
+        assert dict(call.initial_metadata()).get("x-policy") == "two"
+        channel.close()
+    finally:
+        await outbound.aclose()
+        await inbound.aclose()
+        servers[0][0].stop(0)
+
+
+async def test_h2_to_an_http1_app_is_bridged() -> None:
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response(
+            {
+                "path": request.path_qs,
+                "len": len(body),
+                "chunked": request.headers.get("Transfer-Encoding") == "chunked",
+                "host": request.host,
+                "te": request.headers.get("TE"),
+            }
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    inbound = await start_inbound(port, stats=ProxyStats(), port=0)  # protocol http
+    web_cluster = Cluster("web", "default")
+    web_cluster.set_endpoints([Endpoint("web-1", "127.0.0.1", inbound.port)])
+    outbound = await start_outbound(StaticDirectory([web_cluster]), stats=ProxyStats(), port=0)
+    client = await H2Client().connect(outbound.port)
+    try:
+        r = await client.request("/a?b=1", "web", headers=[(b"te", b"trailers")])
+        assert r.status == 200
+        assert json.loads(bytes(r.body)) == {
+            "path": "/a?b=1",
+            "len": 0,
+            "chunked": False,
+            "host": "web",
+            "te": None,
+        }
+        # A body of unknown length goes chunked; many streams share the app's pool.
+        posts = await asyncio.gather(
+            *(client.request("/p", "web", method="POST", body=b"z" * 300_000) for _ in range(3))
+        )
+        for p in posts:
+            assert json.loads(bytes(p.body))["len"] == 300_000
+            assert json.loads(bytes(p.body))["chunked"] is True
+        assert inbound.proxy.h2 is not None and not inbound.proxy.h2.pools
+    finally:
+        await client.aclose()
+        await outbound.aclose()
+        await inbound.aclose()
+        await runner.cleanup()
+
+
+async def test_settings_limits_are_advertised_and_enforced(mesh: H2Mesh) -> None:
+    client = await H2Client().connect(mesh.outbound.port)
+    try:
+        await until(lambda: client.conn.remote_settings.max_concurrent_streams == 128)
+        settings = client.conn.remote_settings
+        assert settings.max_header_list_size == MAX_HEADER_LIST_SIZE
+        assert settings.initial_window_size == STREAM_WINDOW
+        assert settings.max_frame_size == 16384
+        # A header section over the limit (literal, in CONTINUATION frames): refused
+        # before any of it is forwarded, the connection closed with ENHANCE_YOUR_CALM.
+        r = client.start("/who", "orders", headers=[(b"x-big", b"v" * 70_000)])
+        await asyncio.wait_for(client.closed.wait(), 5)
+        assert client.goaway is not None
+        assert client.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        assert r.status == 0 and sum(a.streams for a in mesh.apps) == 0
+    finally:
+        await client.aclose()
+    # More streams than MAX_CONCURRENT_STREAMS: the connection is refused (h2 treats it
+    # as a connection error); the ones within the limit were forwarded.
+    reader, writer = await _raw_h2(mesh.outbound.port)
+    enc = Encoder()
+    for i in range(130):
+        block = enc.encode(
+            [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/slow?s=2"),
+             (b":authority", b"orders")]
+        )  # fmt: skip
+        writer.write(_frame(1, 0x5, 1 + 2 * i, block))
+    assert await _goaway(reader) == ErrorCodes.PROTOCOL_ERROR
+    assert sum(a.streams for a in mesh.apps) <= 128
