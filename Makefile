@@ -61,6 +61,7 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.proxy_bench
+	$(BIN)/python -m bench.h2_bench
 	$(BIN)/python -m bench.balance_path_bench
 
 bench-registry: $(STAMP)

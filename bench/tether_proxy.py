@@ -1,7 +1,7 @@
 """Bench-side launcher: one Tether listener in its own process, with a StaticDirectory.
 
     python -m bench.tether_proxy outbound --port P --cluster svc=127.0.0.1:9000 [...]
-    python -m bench.tether_proxy inbound --port P --app-port 9000
+    python -m bench.tether_proxy inbound --port P --app-port 9000 [--app-protocol http2]
 
 It runs exactly the listener code the sidecar runs (proxy/listener.py on uvloop), with
 the sidecar's default balancer, minus discovery and registration, so the benchmark needs
@@ -24,6 +24,12 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--cluster", action="append", default=[], help="NAME=HOST:PORT (outbound)")
     p.add_argument("--app-port", type=int, default=0, help="inbound: the app's port")
+    p.add_argument(
+        "--app-protocol",
+        choices=["http", "http2", "grpc"],
+        default="http",
+        help="inbound: what the app speaks (http2/grpc: HTTP/2 streams reach it over h2c)",
+    )
     p.add_argument(
         "--sched",
         choices=["batch", "normal"],
@@ -50,7 +56,9 @@ async def _serve(args: argparse.Namespace) -> None:
             directory.add(cluster)
         listener = await start_outbound(directory, port=args.port)
     else:
-        listener = await start_inbound(args.app_port, port=args.port)
+        listener = await start_inbound(
+            args.app_port, port=args.port, app_protocol=args.app_protocol
+        )
     settle_process(batch=args.sched == "batch")
     print(f"ready {listener.port}", flush=True)
     stop = asyncio.Event()

@@ -118,10 +118,12 @@ class _UpstreamSide:
         self.ex.on_upstream_reset(code, message)
 
     def on_sent(self, size: int) -> None:
-        # Request bytes went upstream: the client may send as much again.
+        # Request bytes went upstream: the client may send as much again (unless its
+        # request is complete: no window is owed on a stream that sends no more).
         ex = self.ex
-        ex.conn.open_window(ex.sid, size)
-        ex.conn.touch()
+        if not ex.req_done:
+            ex.conn.open_window(ex.sid, size)
+            ex.conn.touch()
 
 
 class H2Exchange:
@@ -415,10 +417,16 @@ class H2Exchange:
             return
         self.progress += 1
         conn = self.conn
+        if end:
+            # No window is owed to an upstream that sends no more (`on_sent`).
+            self.upstream, up = None, self.upstream
+            conn.send_data(self.sid, data, end)
+            self.upstream = up
+            conn.touch()
+            self._completed(None)
+            return
         conn.send_data(self.sid, data, end)
         conn.touch()
-        if end:
-            self._completed(None)
 
     def on_response_trailers(self, headers: Fields) -> None:
         if self.state != RESPONDING:
