@@ -139,7 +139,7 @@ def h2load(port: int, kind: str, seconds: float, body: Path) -> tuple[float, flo
     codes = re.search(r"status codes: (\d+) 2xx", out)
     if not m or not rate or not codes:
         raise RuntimeError(f"h2load through port {port} failed:\n{out}")
-    failed = int(m.group(2)) - int(codes.group(1))
+    failed = max(0, int(m.group(2)) - int(codes.group(1)))
     if failed * 1000 > int(m.group(2)):
         raise RuntimeError(f"h2load through port {port}: {failed} not 2xx:\n{out}")
     FAILED[port] = FAILED.get(port, 0) + failed

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError
 
+from proxy import local_reply
 from proxy.h2_exchange import T_IDLE, H2Exchange
 from proxy.h2_link import Fields, H2Link, flush_touched
 from proxy.h2_pool import H2Pool
@@ -174,9 +176,13 @@ class H2DownstreamConnection(H2Link):
         if remote and not self.resets.take(time.monotonic()):
             # CVE-2023-44487: resetting streams as fast as they open costs the client
             # nothing and us a routing decision and an upstream stream each.
-            self.front.stats.local_reply("h2_rapid_reset")
+            self.front.stats.local_reply(local_reply.H2_RAPID_RESET)
             self.send_goaway(ErrorCodes.ENHANCE_YOUR_CALM)
             self.abort()
+
+    def protocol_error(self, e: ProtocolError) -> None:
+        self.front.stats.local_reply(local_reply.H2_PROTOCOL_ERROR)
+        super().protocol_error(e)
 
     def exchange_done(self, ex: H2Exchange) -> None:
         self.exchanges.pop(ex.sid, None)

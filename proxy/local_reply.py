@@ -25,6 +25,10 @@ NOT_IMPLEMENTED = "not_implemented"
 HEADER_TIMEOUT = "request_header_timeout"
 PROXY_LOOP = "proxy_loop"
 DRAINING = "draining"
+# Counted with the local replies, though no reply is sent: an HTTP/2 connection closed
+# with GOAWAY for resetting streams too fast (CVE-2023-44487), or for a protocol error.
+H2_RAPID_RESET = "h2_rapid_reset"
+H2_PROTOCOL_ERROR = "h2_protocol_error"
 
 # Status and default message per reason; the caller may give a more precise message.
 REPLIES: dict[str, tuple[int, str]] = {
