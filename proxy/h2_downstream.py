@@ -181,7 +181,8 @@ class H2DownstreamConnection(H2Link):
             self.abort()
 
     def protocol_error(self, e: ProtocolError) -> None:
-        self.front.stats.local_reply(local_reply.H2_PROTOCOL_ERROR)
+        if not self.peer_goaway and not self.h2_closed_by_peer(e):
+            self.front.stats.local_reply(local_reply.H2_PROTOCOL_ERROR)
         super().protocol_error(e)
 
     def exchange_done(self, ex: H2Exchange) -> None:

@@ -73,6 +73,12 @@ def flush_touched() -> None:
         link.flush()
 
 
+def _after_close(e: ProtocolError) -> bool:
+    """A frame that arrived after the peer's GOAWAY in the same read (h2 closes its state
+    machine at GOAWAY and refuses anything after it, as "... in state CLOSED")."""
+    return "in state ConnectionState.CLOSED" in str(e)
+
+
 class StreamSink(Protocol):
     """What hears one stream's events (the exchange's downstream or upstream side)."""
 
@@ -142,6 +148,7 @@ class H2Link(asyncio.Protocol):
         self._conn_credit = 0
         self.closed = False
         self.goaway = False  # the peer or we sent GOAWAY: no new streams
+        self.peer_goaway = False
         self.progress = 0  # bumped on every read; the sweep renews idle deadlines by it
         self.touched = False
 
@@ -180,8 +187,17 @@ class H2Link(asyncio.Protocol):
             self.touched = True
             _TOUCHED.append(self)
 
+    @staticmethod
+    def h2_closed_by_peer(e: ProtocolError) -> bool:
+        return _after_close(e)
+
     def protocol_error(self, e: ProtocolError) -> None:
         code = getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR)
+        if self.peer_goaway or _after_close(e):
+            # The peer said GOAWAY and went on (a PING, a second GOAWAY: gRPC servers
+            # do when they stop), which `h2` refuses once it saw the first: the
+            # connection was ending anyway, so it ends without blaming the peer.
+            self.h2.clear_outbound_data_buffer()
         self.flush()  # the GOAWAY h2 queued
         self.closed = True
         self.transport.close()
@@ -263,7 +279,7 @@ class H2Link(asyncio.Protocol):
 
     def on_goaway(self, code: int, last_stream_id: int) -> None:
         """The peer sent GOAWAY: streams above `last_stream_id` were never processed."""
-        self.goaway = True
+        self.goaway = self.peer_goaway = True
         for sid in [s for s in self.sinks if s > last_stream_id]:
             sink = self.sinks.pop(sid)
             self._out.pop(sid, None)
@@ -424,6 +440,7 @@ class H2Link(asyncio.Protocol):
             sink.on_reset(-1, message)
             self.stream_closed(sid)
         self.connection_gone()
+        flush_touched()  # what the streams' other sides were told (replies, resets)
 
     def connection_gone(self) -> None:
         """The connection is closed (subclasses unregister it)."""

@@ -189,6 +189,13 @@ class H2Pool:
                     local_reply.EGRESS_DENIED, f"egress to {self.name} reaches {what}"
                 )
                 return
+        if conn.closed:
+            # It ended before it could carry anything (the peer's GOAWAY, a protocol
+            # error in its first bytes): the waiters fail rather than dial in a loop.
+            self._fail_waiters(
+                local_reply.UPSTREAM_CONNECT_ERROR, f"{self.name} closed the connection at once"
+            )
+            return
         conn.idle_since = asyncio.get_running_loop().time()
         self.conns.append(conn)
         # Before the peer's SETTINGS arrive, h2 assumes unlimited streams; a pool

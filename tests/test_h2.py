@@ -638,3 +638,41 @@ async def test_settings_limits_are_advertised_and_enforced(mesh: H2Mesh) -> None
         writer.write(_frame(1, 0x5, 1 + 2 * i, block))
     assert await _goaway(reader) == ErrorCodes.PROTOCOL_ERROR
     assert sum(a.streams for a in mesh.apps) <= 128
+
+
+async def test_frames_after_an_upstream_goaway_end_the_connection_quietly() -> None:
+    # gRPC servers that stop send GOAWAY, then PING: h2 refuses anything after a GOAWAY,
+    # and the sidecar must not answer that with a GOAWAY blaming the server.
+    got: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(len(PREFACE))
+        goaway = struct.pack(">II", 0, 0)  # last stream 0, NO_ERROR
+        writer.write(_frame(4, 0, 0, b"") + _frame(7, 0, 0, goaway) + _frame(6, 0, 0, b"p" * 8))
+        while data := await reader.read(65536):
+            got.append(data)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    app_port = server.sockets[0].getsockname()[1]
+    inbound = await start_inbound(app_port, stats=ProxyStats(), port=0, app_protocol="http2")
+    client = await H2Client().connect(inbound.port)
+    try:
+        r = await client.request("/x", "app")
+        # Before or after the request went out, depending on when the GOAWAY is read.
+        assert r.status == 502
+        assert r.headers[b"x-tether-error"] in (b"upstream_reset", b"upstream_connect_error")
+        sent = b"".join(got)
+        # Frames the sidecar sent the server after the preface: no GOAWAY among them.
+        kinds = []
+        i = len(PREFACE) if sent.startswith(PREFACE) else 0
+        while i + 9 <= len(sent):
+            length = int.from_bytes(sent[i : i + 3], "big")
+            kinds.append(sent[i + 3])
+            i += 9 + length
+        assert 7 not in kinds
+        assert inbound.proxy.stats.local_replies.get("h2_protocol_error") is None
+    finally:
+        await client.aclose()
+        await inbound.aclose()
+        server.close()
