@@ -84,10 +84,13 @@ class H2Front:
 
     def pool_for(self, pool: Pool) -> H2Pool | None:
         """The HTTP/2 pool to the address of the HTTP/1 `pool` the router chose, or None
-        when that upstream speaks HTTP/1.1 only (the inbound app, unless its protocol
-        says otherwise)."""
+        when that upstream is spoken to as HTTP/1.1: the inbound app, unless its
+        protocol says otherwise, and egress hosts (h2c with prior knowledge is for the
+        mesh's own hops)."""
         if self.router.name == "inbound" and not self.app_speaks_h2():
             return None
+        if pool.guard is not None:
+            return None  # egress: a host outside the mesh, spoken to as HTTP/1.1
         ssl = None
         if pool.ssl is not None:
             ssl = self.h2_ssl

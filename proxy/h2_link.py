@@ -43,6 +43,7 @@ from h2.events import (
 )
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes
+from hyperframe.frame import Frame, GoAwayFrame
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -71,6 +72,23 @@ def flush_touched() -> None:
         link = _TOUCHED.pop()
         link.touched = False
         link.flush()
+
+
+class GracefulH2Connection(H2Connection):
+    """`h2`'s connection, except that a graceful GOAWAY (NO_ERROR, RFC 9113 6.8) lets the
+    streams it covers finish: `h2` closes its whole state machine at any GOAWAY, which
+    would cut every stream in flight when a peer (another sidecar draining, a gRPC
+    server stopping) shuts down politely. New streams are refused by `H2Link` itself
+    (`goaway`)."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Event]]:
+        if frame.error_code:
+            return super()._receive_goaway_frame(frame)
+        event = ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
 
 def _after_close(e: ProtocolError) -> bool:
@@ -136,7 +154,7 @@ class H2Link(asyncio.Protocol):
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self.h2 = H2Connection(config)
+        self.h2: H2Connection = GracefulH2Connection(config)
         # Until our SETTINGS are acknowledged h2 applies the protocol's defaults; the
         # header-list limit holds from the first byte.
         self.h2.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
@@ -404,9 +422,17 @@ class H2Link(asyncio.Protocol):
     # -- closing ------------------------------------------------------------------------
 
     def send_goaway(self, code: int = ErrorCodes.NO_ERROR) -> None:
+        """GOAWAY. With NO_ERROR and streams still open, a graceful one: they finish,
+        the peer opens no more (h2's own `close_connection` would stop them too, so the
+        frame is `hyperframe`'s, written after what `h2` has queued)."""
         if self.closed:
             return
         self.goaway = True
+        if code == ErrorCodes.NO_ERROR and self.sinks:
+            self.flush()
+            frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id)
+            self.transport.write(frame.serialize())
+            return
         try:
             self.h2.close_connection(code)
         except ProtocolError:

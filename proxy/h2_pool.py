@@ -125,6 +125,9 @@ class H2Pool:
     def stream_closed(self, conn: H2UpstreamConnection) -> None:
         """A stream ended on `conn`: a waiter may take its place."""
         if not conn.sinks:
+            if conn.goaway:
+                conn.close()  # its last stream ended after a GOAWAY
+                return
             conn.idle_since = asyncio.get_running_loop().time()
         self._serve(conn)
 

@@ -28,6 +28,8 @@ from h2.events import (
     WindowUpdated,
 )
 
+from proxy.h2_link import GracefulH2Connection
+
 Fields = list[tuple[bytes, bytes]]
 
 
@@ -162,10 +164,14 @@ class H2Response:
 
 
 class H2Client:
-    """One h2c connection to a listener; `request` runs a stream on it."""
+    """One h2c connection to a listener; `request` runs a stream on it. It lets streams
+    finish after a graceful GOAWAY, as gRPC and browsers do (plain `h2` would cut them:
+    proxy/h2_link.py's `GracefulH2Connection`)."""
 
     def __init__(self, auto_ack: bool = True) -> None:
-        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.conn: H2Connection = GracefulH2Connection(
+            H2Configuration(client_side=True, header_encoding=None)
+        )
         self.auto_ack = auto_ack
         self.responses: dict[int, H2Response] = {}
         self.goaway: ConnectionTerminated | None = None

@@ -676,3 +676,25 @@ async def test_frames_after_an_upstream_goaway_end_the_connection_quietly() -> N
         await client.aclose()
         await inbound.aclose()
         server.close()
+
+
+async def test_drain_says_goaway_and_lets_streams_in_flight_finish(mesh: H2Mesh) -> None:
+    client = await H2Client().connect(mesh.outbound.port)
+    try:
+        # An inbound sidecar draining: its GOAWAY reaches the outbound sidecar's pooled
+        # connection, whose stream in flight still completes.
+        first = client.start("/slow?s=0.5", "orders")
+        await until(lambda: sum(a.streams for a in mesh.apps) == 1, what="the stream is up")
+        busy = next(i for i, a in enumerate(mesh.apps) if a.streams)
+        assert await mesh.inbounds[busy].drain(5.0)
+        await asyncio.wait_for(first.done.wait(), 5)
+        assert first.status == 200 and first.reset is None
+        # The outbound listener draining: GOAWAY to its client, the stream finishes.
+        slow = client.start("/slow?s=0.5", "orders")
+        await until(lambda: sum(a.streams for a in mesh.apps) == 2, what="the stream is up")
+        clean = await mesh.outbound.drain(5.0)
+        assert clean
+        assert slow.status == 200 and bytes(slow.body).startswith(b"app-")
+        assert client.goaway is not None and client.goaway.error_code == ErrorCodes.NO_ERROR
+    finally:
+        await client.aclose()
