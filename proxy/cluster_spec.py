@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from proxy import balance
-from proxy.errors import PolicyError
 from proxy.pool import PoolPolicy
 
 if TYPE_CHECKING:
@@ -112,9 +111,8 @@ def compile_specs(
     keys: PoolKeys,
 ) -> ClusterSpecs:
     """The specs of one snapshot. `base` is the sidecar's own pool policy (its connect
-    timeout applies where neither ServiceDefaults nor MeshConfig set one). Raises
-    PolicyError naming the resource and field of a load-balancer policy that does not
-    compile."""
+    timeout applies where neither ServiceDefaults nor MeshConfig set one). The
+    resources were checked (`check_resource`) before they compile."""
     from wire import resources as schema
 
     mesh_connect = mesh.connect_timeout if mesh is not None else 0.0
@@ -136,10 +134,8 @@ def compile_specs(
         d = pol.defaults
         if not isinstance(d, schema.ServiceDefaultsSpec):
             continue
-        try:
-            lbp = balance.LoadBalancerPolicy.from_dict(d.load_balancer.balancer_options())
-        except balance.PolicyError as exc:
-            raise PolicyError(f"ServiceDefaults {ns}/{svc}: spec.loadBalancer: {exc}") from None
+        # Validated with the resource (check_resource) before the snapshot compiles.
+        lbp = d.load_balancer
         pool, key = pool_for(d.connect_timeout)
         specs[(ns, svc)] = ClusterSpec(
             ns,

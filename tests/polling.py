@@ -3,7 +3,8 @@
 `until(cond)` calls `cond` (a plain function, or one returning an awaitable) until it
 returns something truthy, or exactly `want` when given, and returns that value; after
 `timeout` seconds it fails naming `what` and the last value seen. Synchronous tests
-(driving processes) use `asyncio.run(until(...))`.
+(driving processes) use `poll(...)`, the same loop without an event loop, which also
+takes an exception from `cond` (a connection refused, say) as "not yet".
 """
 
 from __future__ import annotations
@@ -36,3 +37,19 @@ async def until(
             expected = "" if want is _TRUTHY else f", wanted {want!r}"
             raise AssertionError(f"{what}: not within {timeout}s (last: {got!r}{expected})")
         await asyncio.sleep(interval)
+
+
+def poll(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Call `cond` until it returns something truthy; fail after `timeout` seconds. An
+    exception from `cond` counts as not yet (the last one is in the failure)."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = cond()
+            if result:
+                return result
+        except Exception as exc:  # not there yet (connection refused, ...)
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout}s (last error: {last_exc!r})")

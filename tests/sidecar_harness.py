@@ -23,22 +23,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.polling import poll
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def poll(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Call `cond` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = cond()
-            if result:
-                return result
-        except Exception as exc:  # not there yet (connection refused, ...)
-            last_exc = exc
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout}s (last error: {last_exc!r})")
 
 
 class App:

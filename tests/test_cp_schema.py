@@ -13,8 +13,6 @@ import yaml
 from controlplane import schema
 from controlplane.schema import (
     API_VERSION,
-    HashPolicy,
-    LoadBalancerPolicy,
     Resource,
     RouteSpec,
     SchemaError,
@@ -310,17 +308,6 @@ def test_check_resource_meaning() -> None:
     assert "needs 'hashPolicies'" in got["spec.loadBalancer"]
     assert "prime" in got["spec.loadBalancer.tableSize"]
     assert "invalid name" in problems("Route", {"rules": []}, name="Orders_1")["metadata.name"]
-
-
-def test_balancer_options_feed_the_balancer() -> None:
-    from proxy.balance.policy import LoadBalancerPolicy as BalancerPolicy
-
-    lb = LoadBalancerPolicy(
-        policy="ring_hash", hash_policies=(HashPolicy("header", "x-user"),), ring_size=64
-    )
-    built = BalancerPolicy.from_dict(lb.balancer_options())
-    assert built.policy == "ring_hash" and built.ring_size == 64
-    assert built.hash_policies[0].field == "header" and built.hash_policies[0].name == "x-user"
 
 
 def test_committed_json_schema_is_current() -> None:

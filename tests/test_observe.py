@@ -8,9 +8,8 @@ import asyncio
 import json
 import os
 import re
-import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from proxy.policy_client import PolicyClient, push_url
 from proxy.stats import ProxyStats
 from registry.server import RegistryServer
 from tests.conftest import ControlPlaneProcess, RegistryProcess, run_tether
+from tests.polling import until
 from tests.sidecar_harness import ROOT, ProcessSet, poll
 from tests.test_cp_security import make_token
 from wire import push as protocol
@@ -215,16 +215,6 @@ async def stats_of(http: aiohttp.ClientSession, url: str, token: str | None = No
     async with http.get(f"{url}/api/v1/stats", headers=headers) as resp:
         assert resp.status == 200, await resp.text()
         return await resp.json()
-
-
-async def until(cond: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s (last: {got!r})"
-        await asyncio.sleep(0.05)
 
 
 async def test_two_replicas_merge_their_sidecars_stats(registry: RegistryServer) -> None:

@@ -6,18 +6,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from tests.polling import until
 from tether.podlife import PodSidecar, other_container_pids, prestop
-
-
-async def wait_until(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.02)
 
 
 def fake_proc(root: Path, others: list[int]) -> Path:
@@ -54,7 +47,7 @@ async def test_pod_sidecar_restarts_and_exits_with_the_app(tmp_path: Path) -> No
     )
     task = asyncio.ensure_future(sidecar.run())
     try:
-        await wait_until(
+        await until(
             lambda: runs.exists() and len(runs.read_text().split()) == 2, 15, "not restarted"
         )
         assert not task.done()  # the app still runs: the sidecar stays

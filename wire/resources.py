@@ -205,11 +205,8 @@ class SlowStartPolicy:
 
 @dataclass(frozen=True)
 class LoadBalancerPolicy:
-    """How a caller picks an instance of a service (proxy/balance `build_balancer`).
-
-    `balancer_options()` gives it in the shape `proxy.balance.LoadBalancerPolicy.from_dict`
-    takes.
-    """
+    """How a caller picks an instance of a service: `proxy.balance.build_balancer` takes
+    this very type."""
 
     policy: BalancerName = spec_field(
         "round_robin, random, least_request (power of two choices), peak_ewma, "
@@ -232,29 +229,6 @@ class LoadBalancerPolicy:
         "Ramp new instances up (not for ring_hash or maglev); unset: no slow start.",
         default=None,
     )
-
-    def balancer_options(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "policy": self.policy,
-            "hash_policies": [
-                {"field": h.field, "name": h.name, "terminal": h.terminal}
-                for h in self.hash_policies
-            ],
-            "choice_count": self.choice_count,
-            "ring_size": self.ring_size,
-            "max_ring_size": self.max_ring_size,
-            "table_size": self.table_size,
-            "locality": self.locality,
-            "locality_threshold": self.locality_threshold,
-        }
-        if self.slow_start is not None:
-            ss = self.slow_start
-            out["slow_start"] = {
-                "window": ss.window,
-                "aggression": ss.aggression,
-                "min_weight_percent": ss.min_weight_percent,
-            }
-        return out
 
 
 @dataclass(frozen=True)

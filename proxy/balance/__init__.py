@@ -7,7 +7,7 @@ from proxy.balance.least_request import LeastRequest
 from proxy.balance.locality import LocalityBalancer
 from proxy.balance.maglev import Maglev
 from proxy.balance.peak_ewma import PeakEwma
-from proxy.balance.policy import POLICIES, LoadBalancerPolicy, build_balancer
+from proxy.balance.policy import POLICIES, LoadBalancerPolicy, Tuning, build_balancer
 from proxy.balance.ring_hash import RingHash
 from proxy.balance.round_robin import WeightedRoundRobin
 from proxy.balance.slow_start import SlowStartPolicy
@@ -27,6 +27,7 @@ __all__ = [
     "PolicyError",
     "RingHash",
     "SlowStartPolicy",
+    "Tuning",
     "WeightedRandom",
     "WeightedRoundRobin",
     "build_balancer",

@@ -14,46 +14,33 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 from urllib.parse import parse_qsl
 
 from proxy.balance.base import PickContext
-from proxy.balance.errors import PolicyError
+from wire.resources import HashPolicy
 
-HashField = Literal["header", "cookie", "query_parameter", "source_ip"]
-FIELDS: tuple[HashField, ...] = ("header", "cookie", "query_parameter", "source_ip")
+__all__ = ["HashPolicy", "hash64", "policy_value", "request_hash"]
 _MASK = (1 << 64) - 1
 
 
-@dataclass(frozen=True)
-class HashPolicy:
-    field: HashField
-    name: str = ""  # header, cookie or parameter name; unused for source_ip
-    terminal: bool = False
-
-    def __post_init__(self) -> None:
-        if self.field not in FIELDS:
-            raise PolicyError("hash_policies.field", f"must be one of {', '.join(FIELDS)}")
-        if self.field != "source_ip" and not self.name:
-            raise PolicyError("hash_policies.name", f"a {self.field} policy needs a name")
-
-    def value(self, ctx: PickContext) -> str | None:
-        if self.field == "source_ip":
-            return ctx.source_ip or None
-        if self.field == "query_parameter":
-            _, sep, query = ctx.path.partition("?")
-            if not sep:
-                return None
-            for k, v in parse_qsl(query, keep_blank_values=True):
-                if k == self.name:
-                    return v
+def policy_value(policy: HashPolicy, ctx: PickContext) -> str | None:
+    """The value a hash policy (the schema's `HashPolicy`) finds in a request, or None."""
+    field = policy.field
+    if field == "source_ip":
+        return ctx.source_ip or None
+    if field == "query_parameter":
+        _, sep, query = ctx.path.partition("?")
+        if not sep:
             return None
-        if ctx.header is None:
-            return None
-        if self.field == "header":
-            return ctx.header(self.name)
-        return cookie_value(ctx.header("cookie"), self.name)
+        for k, v in parse_qsl(query, keep_blank_values=True):
+            if k == policy.name:
+                return v
+        return None
+    if ctx.header is None:
+        return None
+    if field == "header":
+        return ctx.header(policy.name)
+    return cookie_value(ctx.header("cookie"), policy.name)
 
 
 def cookie_value(cookie_header: str | None, name: str) -> str | None:
@@ -100,7 +87,7 @@ def request_hash(ctx: PickContext, policies: Sequence[HashPolicy]) -> int | None
         return hash64(ctx.hash_key)
     result: int | None = None
     for policy in policies:
-        value = policy.value(ctx)
+        value = policy_value(policy, ctx)
         if value is None:
             continue
         h = value_hash(value)

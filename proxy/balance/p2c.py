@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from proxy.balance.base import Balancer, Endpoint, PickContext
 from proxy.balance.edf import EdfScheduler
-from proxy.balance.slow_start import SlowStartPolicy
+from proxy.balance.slow_start import SlowStartPolicy, ramp
 
 # Random draws before falling back to scanning for the available endpoints.
 _DRAWS = 4
@@ -37,7 +37,7 @@ class P2cBalancer(Balancer):
         bias: float = 1.0,
     ) -> None:
         super().__init__()
-        self.slow_start = slow_start if slow_start is not None and slow_start.enabled else None
+        self.slow_start = ramp(slow_start)
         self.choice_count = max(2, choice_count)
         self.bias = bias
         self._pool: tuple[Endpoint, ...] = ()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from proxy.balance.base import Balancer, Endpoint, PickContext
 from proxy.balance.edf import EdfScheduler
-from proxy.balance.slow_start import SlowStartPolicy
+from proxy.balance.slow_start import SlowStartPolicy, ramp
 
 
 class WeightedRoundRobin(Balancer):
@@ -23,7 +23,7 @@ class WeightedRoundRobin(Balancer):
 
     def __init__(self, slow_start: SlowStartPolicy | None = None) -> None:
         super().__init__()
-        self.slow_start = slow_start if slow_start is not None and slow_start.enabled else None
+        self.slow_start = ramp(slow_start)
         self._ramp_ends = float("-inf")
         self._pool: tuple[Endpoint, ...] = ()
         self._next = 0

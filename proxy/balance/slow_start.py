@@ -16,29 +16,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from proxy.balance.base import Endpoint
-from proxy.balance.errors import PolicyError
+from wire.resources import SlowStartPolicy
+
+__all__ = ["SlowStart", "SlowStartPolicy", "ramp"]
 
 
-@dataclass(frozen=True)
-class SlowStartPolicy:
-    window: float = 0.0  # seconds; 0 turns slow start off
-    aggression: float = 1.0  # 1.0 is a linear ramp; larger ramps faster early on
-    min_weight_percent: float = 10.0
+def ramp(policy: SlowStartPolicy | None) -> SlowStart | None:
+    """The ramp for a balancer, or None when the policy does not ramp."""
+    return SlowStart(policy) if policy is not None and policy.window > 0 else None
 
-    def __post_init__(self) -> None:
-        if not self.window >= 0:
-            raise PolicyError("slow_start.window", "must be a number of seconds >= 0")
-        if not self.aggression > 0:
-            raise PolicyError("slow_start.aggression", "must be > 0")
-        if not 0 <= self.min_weight_percent <= 100:
-            raise PolicyError("slow_start.min_weight_percent", "must be within 0..100")
 
-    @property
-    def enabled(self) -> bool:
-        return self.window > 0
+class SlowStart:
+    """The ramp of one balancer, made from the schema's `SlowStartPolicy` (validated by
+    the schema's checks) by `ramp()`."""
+
+    __slots__ = ("aggression", "min_weight_percent", "window")
+
+    def __init__(self, policy: SlowStartPolicy) -> None:
+        self.window = float(policy.window)
+        self.aggression = float(policy.aggression)
+        self.min_weight_percent = float(policy.min_weight_percent)
 
     def factor(self, added_at: float, now: float) -> float:
         """The weight multiplier in (0, 1] of an endpoint added at `added_at`."""

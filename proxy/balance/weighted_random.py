@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from itertools import accumulate
 
 from proxy.balance.base import Balancer, Endpoint, PickContext
-from proxy.balance.slow_start import SlowStartPolicy
+from proxy.balance.slow_start import SlowStartPolicy, ramp
 
 # Redraws before falling back to a scan of the available endpoints. Rejecting an
 # unavailable draw and redrawing keeps the distribution exact over the available ones.
@@ -22,7 +22,7 @@ class WeightedRandom(Balancer):
 
     def __init__(self, slow_start: SlowStartPolicy | None = None) -> None:
         super().__init__()
-        self.slow_start = slow_start if slow_start is not None and slow_start.enabled else None
+        self.slow_start = ramp(slow_start)
         self._ramp_ends = float("-inf")
         self._pool: tuple[Endpoint, ...] = ()
         self._cumulative: list[float] = []
