@@ -141,7 +141,7 @@ class H2Exchange:
         "progress",
         "req_done",
         "req_trailers",
-        "request_fields",
+        "retried",
         "route",
         "seen_progress",
         "sid",
@@ -168,6 +168,7 @@ class H2Exchange:
         self.body: list[bytes] = []
         self.req_trailers: Fields | None = None
         self.req_done = end
+        self.retried = False
         self.status = 0
         front = conn.front
         self.start = now = front.clock()
@@ -199,7 +200,6 @@ class H2Exchange:
                         self.call_deadline = now + timeout
                 fields.append((name, value))
         self.grpc = grpc.is_grpc(content_type)
-        self.request_fields = fields
         head = RequestHead(
             method=method, target=path or b"/", host=authority or host, keep_alive=True
         )
@@ -315,8 +315,6 @@ class H2Exchange:
                 up.send_data(usid, chunk, last and self.req_done and self.req_trailers is None)
         if self.req_trailers is not None:
             up.send_trailers(usid, self.req_trailers)
-        elif self.req_done and body and not end_now:
-            pass  # END_STREAM went with the last chunk
         up.flush()
 
     def on_h2_failed(self, reason: str, message: str) -> None:
@@ -334,7 +332,11 @@ class H2Exchange:
     def on_data(self, data: bytes, end: bool) -> None:
         self.progress += 1
         if self.state == ENDED:
-            self.conn.open_window(self.sid, len(data))  # answered already: drop, keep flowing
+            # Answered already: the rest is dropped, and keeps flowing until it ends.
+            if end:
+                self.conn.finished_receiving(self.sid)
+            else:
+                self.conn.open_window(self.sid, len(data))
             return
         if end:
             self.req_done = True
@@ -349,6 +351,7 @@ class H2Exchange:
 
     def on_trailers(self, headers: Fields) -> None:
         if self.state == ENDED:
+            self.conn.finished_receiving(self.sid)
             return
         self.req_done = True
         self._arm_request_timeout()
@@ -470,10 +473,10 @@ class H2Exchange:
         nothing with it (RFC 9113 8.7), so it goes once more on a fresh stream if its
         request had no body (nothing of which is kept)."""
         pool = self.pool
-        if pool is None or self.body or not self.req_done or self.progress:
-            return False
+        if pool is None or self.retried or not self.req_done or self.progress:
+            return False  # once, and only for a request whose body was not streamed
         self.state = CONNECTING
-        self.progress = 1  # once
+        self.retried = True
         try:
             up = pool.acquire(self)
         except H2PoolOverflowError:
