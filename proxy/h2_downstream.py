@@ -75,6 +75,8 @@ class H2Front:
         self.app_h2: bool = getattr(server, "app_h2", False)
         self.connections: set[H2DownstreamConnection] = set()
         self.pools: dict[tuple[str, int, int], H2Pool] = {}
+        # The pool gauges count HTTP/2 connections beside the HTTP/1 ones.
+        self.stats.pool_sources.append(lambda: list(self.pools.values()))
         self.reset_rate = 100.0
         self.reset_burst = 200.0
         # The TLS context HTTP/2 pools dial with where the router's pool uses TLS: it

@@ -101,6 +101,11 @@ class H2Pool:
     def size(self) -> int:
         return len(self.conns) + self.connecting
 
+    @property
+    def idle(self) -> list[H2UpstreamConnection]:
+        """Connections carrying no stream (the pool gauges' `idle`, as for HTTP/1)."""
+        return [c for c in self.conns if not c.sinks]
+
     def acquire(self, waiter: H2PoolWaiter) -> H2UpstreamConnection | None:
         for conn in self.conns:
             if conn.capacity > 0:

@@ -104,6 +104,11 @@ async def test_h2c_streams_of_one_connection_spread_over_every_instance(mesh: H2
         assert [a.streams for a in mesh.apps] == [3, 3, 3]
         # Each hop carried its streams on one pooled connection.
         assert [a.connections for a in mesh.apps] == [1, 1, 1]
+        # The pool gauges count them (summed per destination, idle once streams ended).
+        text = mesh.outbound.proxy.stats.render_prometheus()
+        assert (
+            'tether_upstream_pool_connections{destination="orders.default",state="idle"} 3' in text
+        )
         seen = responses[0].headers
         assert seen[b"x-seen-authority"] == b"orders"
         assert seen[b"x-seen-xff"].startswith(b"127.0.0.1")
