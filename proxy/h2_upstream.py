@@ -32,8 +32,8 @@ class H2UpstreamConnection(H2Link):
         """How many more streams the peer lets us open now."""
         if self.closed or self.goaway:
             return 0
-        h2 = self.h2
-        return h2.remote_settings.max_concurrent_streams - h2.open_outbound_streams
+        # Our streams are those with a sink (h2's own count walks every stream).
+        return self.h2.remote_settings.max_concurrent_streams - len(self.sinks)
 
     def open_stream(self, sink: StreamSink, headers: Fields, end: bool) -> int:
         sid: int = self.h2.get_next_available_stream_id()
