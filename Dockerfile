@@ -24,12 +24,15 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends iptables \
     && rm -rf /var/lib/apt/lists/*
 
-# /data is the registry's state (a named volume takes this directory's owner).
+# /data is the registry's state, /ca the mesh CA's root key (the control plane's
+# TETHER_CA_KEY_DIR); a named volume takes its directory's owner and mode.
 RUN pip install . \
     && groupadd --gid 10001 tether \
     && useradd --create-home --uid 10001 --gid 10001 tether \
     && mkdir /data \
-    && chown 10001:10001 /data
+    && chown 10001:10001 /data \
+    && mkdir -m 0700 /ca \
+    && chown 10001:10001 /ca
 
 # Numeric, so the runtime knows it is not root without reading /etc/passwd (DL3066).
 USER 10001:10001

@@ -35,6 +35,7 @@ from controlplane.schema import (
     Resource,
     ResourceKey,
     canonical_kind,
+    replaced_kind_message,
 )
 from controlplane.store import ApplyResult
 from controlplane.validation import InstanceView, instance_namespace, validate, validate_deletion
@@ -152,6 +153,9 @@ def _flag(request: web.Request, name: str) -> bool:
 
 def _kind(text: str) -> str:
     kind = canonical_kind(text)
+    replaced = replaced_kind_message(kind) if kind is not None else None
+    if replaced is not None:
+        raise BadRequestError(replaced)
     if kind in FUTURE_KINDS:
         raise BadRequestError(f"kind {kind} is not supported yet")
     if kind is None:

@@ -28,6 +28,7 @@ from controlplane.schema import (
     Resource,
     ResourceKey,
     canonical_kind,
+    replaced_kind_message,
 )
 from controlplane.validation import decode_files
 
@@ -164,6 +165,9 @@ def resolve_kind(text: str) -> str:
     kind = canonical_kind(text)
     if kind is None:
         raise InputError(f"unknown kind {text!r} (known: {', '.join(KINDS)})")
+    replaced = replaced_kind_message(kind)
+    if replaced is not None:
+        raise InputError(replaced)
     if kind in FUTURE_KINDS:
         raise InputError(f"kind {kind} is not supported yet")
     return kind

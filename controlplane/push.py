@@ -45,6 +45,8 @@ from aiohttp import web
 
 from controlplane.api import route
 from controlplane.auth import READ_STATUS, RegistryAuthorizer, caller_token, write_service
+from controlplane.ca.provider import TrustBundle
+from controlplane.ca.service import CA_SERVICE
 from controlplane.errors import ControlPlaneError
 from controlplane.meshstats import MeshStats
 from controlplane.meshstats import install as install_stats
@@ -236,6 +238,8 @@ class Session:
     calls: set[ServiceKey] = field(default_factory=set)
     needed: frozenset[ServiceKey] = frozenset()
     pending: str | None = None
+    # The trust bundle to send (encoded), ahead of any snapshot.
+    bundle: str | None = None
     writer: asyncio.Task[None] | None = None
     last_stats: float = float("-inf")  # monotonic time of the last report taken
 
@@ -284,6 +288,21 @@ class PushServer:
         # The stats reports of this replica's sidecars (what `tether top` reads).
         self.stats = MeshStats()
         self.stats_dropped = 0
+        # The mesh CA's trust bundle, encoded (None while the CA is off or starting).
+        self.bundle: str | None = None
+
+    def set_bundle(self, bundle: protocol.Bundle) -> None:
+        """A new trust bundle: every connected sidecar gets it (CAService.subscribe_bundle)."""
+        self.bundle = protocol.encode(bundle)
+        for s in self.sessions.values():
+            self._send_bundle(s)
+
+    def _send_bundle(self, s: Session) -> None:
+        if self.bundle is None:
+            return
+        s.bundle = self.bundle
+        if s.writer is None or s.writer.done():
+            s.writer = asyncio.get_running_loop().create_task(self._write(s))
 
     # -- wiring ----------------------------------------------------------------------------
 
@@ -359,8 +378,13 @@ class PushServer:
     async def _write(self, s: Session) -> None:
         # One writer per session: a slow sidecar gets only the newest snapshot, and
         # never holds up the others.
-        while s.pending is not None and not s.ws.closed:
-            text, s.pending = s.pending, None
+        while (s.pending is not None or s.bundle is not None) and not s.ws.closed:
+            text: str | None
+            if s.bundle is not None:
+                text, s.bundle = s.bundle, None
+            else:
+                text, s.pending = s.pending, None
+            assert text is not None
             try:
                 await s.ws.send_str(text)
             except (ConnectionError, RuntimeError):
@@ -459,6 +483,7 @@ class PushServer:
         self.sessions[node.key] = s
         self.records.pop(node.key, None)
         self._mark(rec)
+        self._send_bundle(s)
         self._offer(s)
         return s
 
@@ -661,6 +686,15 @@ def install(cp: ControlPlane) -> PushServer:
         # An empty KV publishes no change, so the first snapshot is taken from here.
         await cp.synced.wait()
         server.update(index_of(cp.snapshot))
+
+    async def on_bundle(bundle: TrustBundle) -> None:
+        server.set_bundle(
+            protocol.Bundle(bundle.trust_domain, tuple(bundle.root_pems), bundle.index)
+        )
+
+    ca = cp.app.get(CA_SERVICE)
+    if ca is not None:
+        ca.subscribe_bundle(on_bundle)
 
     async def _start(_app: web.Application) -> None:
         server.consul = cp.consul

@@ -276,7 +276,7 @@ def _json_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
     if origin is tuple:
         return {"type": "array", "items": _json_schema(get_args(tp)[0], defs)}
     if origin is dict:
-        return {"type": "object", "additionalProperties": {"type": "string"}}
+        return {"type": "object", "additionalProperties": _json_schema(get_args(tp)[1], defs)}
     if _is_schema_class(tp):
         name = tp.__name__
         if name not in defs:

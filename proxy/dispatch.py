@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl as ssl_module
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from proxy import local_reply
 from proxy.balance import PickContext
@@ -31,6 +31,9 @@ from proxy.pool import Pool, PoolPolicy
 from proxy.route_result import Peer, RouteResult
 from proxy.stats import DestinationStats, ProxyStats
 from proxy.target import Authority, parse_authority, split_absolute_form
+
+if TYPE_CHECKING:
+    from proxy.tls import MeshTLS, UpstreamTLS
 
 _NO_HASH = PickContext()
 # How long a two-label name the directory did not know stays classified as egress.
@@ -98,8 +101,12 @@ class OutboundRouter:
         resolve_timeout: float = 5.0,
         egress_guard: EgressGuard | None = None,
         head_cache: HeadCache | None = None,
+        mesh_tls: MeshTLS | None = None,
     ) -> None:
         self.directory = directory
+        # The sidecar's identity when attached to a control plane: mesh endpoints are
+        # dialled with mTLS and must prove they are the destination (proxy/tls.py).
+        self.mesh_tls = mesh_tls
         # Heads llhttp already parsed, for this listener's requests and its pools'
         # responses (proxy/head_cache.py).
         self.head_cache = head_cache if head_cache is not None else HeadCache()
@@ -222,6 +229,7 @@ class OutboundRouter:
                 ssl=self.upstream_ssl,
                 name=f"{name}/{ep.host}:{ep.port}",
                 head_cache=self.head_cache,
+                tls=self._upstream_tls(cluster),
             )
         # The exchange tells the tracker of the start at once, and of the end once.
         result = RouteResult(
@@ -236,6 +244,14 @@ class OutboundRouter:
         if path is None:
             self._results[key] = result
         return result
+
+    def _upstream_tls(self, cluster: Cluster) -> UpstreamTLS | None:
+        mesh = self.mesh_tls
+        if mesh is None:
+            return None
+        from proxy.tls import UpstreamTLS  # cryptography: only for a sidecar with an identity
+
+        return UpstreamTLS(mesh, cluster.namespace, cluster.service)
 
     def _egress(self, auth: Authority, path: bytes | None) -> RouteResult:
         dstats = self._egress_stats

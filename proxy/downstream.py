@@ -134,6 +134,9 @@ class ProxyServer:
         self.xfp_line = b"X-Forwarded-Proto: " + scheme + b"\r\n"
         self.connections: set[DownstreamConnection] = set()
         self.draining = False
+        # An mTLS listener's check of each connection (proxy/tls.py InboundIdentity):
+        # the caller's SPIFFE ID, "" for plaintext it accepts, None to refuse.
+        self.identify: Callable[[Any], str | None] | None = None
         # Request ids look like UUIDs: a random per-process head and a counter.
         rnd = os.urandom(10).hex()
         self._id_head = f"{rnd[:8]}-{rnd[8:12]}-4{rnd[13:16]}-a{rnd[17:20]}-".encode()
@@ -238,6 +241,14 @@ class DownstreamConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = Peer(str(peer[0]).encode() if peer else b"unknown")
         server = self.server
+        if server.identify is not None:
+            identity = server.identify(transport)
+            if identity is None:
+                self.closed = True
+                transport.abort()
+                return
+            if identity:
+                self.peer.set_identity(identity)
         server.connections.add(self)
         server.stats.downstream_active[server.name] += 1
         server.stats.downstream_total[server.name] += 1

@@ -29,6 +29,10 @@ class BadMessageError(ProxyError):
     reason = "bad_request"
 
 
+class SidecarStartError(Exception):
+    """The sidecar cannot start (the mesh CA refused its identity); the message says why."""
+
+
 # -- policy from the control plane (never a local reply; push errors: wire/errors.py) ---
 
 

@@ -26,6 +26,9 @@ REQUEST_FIELDS = {
     b"x-forwarded-for": XFF,
     b"x-request-id": XRID,
     b"x-forwarded-proto": XFP,
+    # Only the inbound sidecar says who the caller is (from its certificate): a value
+    # arriving from outside is dropped on every listener, as hop-by-hop fields are.
+    b"x-tether-peer-identity": HOP,
 }
 RESPONSE_FIELDS = {
     b"content-length": CL,

@@ -2,7 +2,9 @@
 
 Hop-by-hop fields were already dropped by the codec (proxy/codec.py). A request goes
 upstream with `X-Forwarded-For` (the peer appended), `X-Forwarded-Proto` (if absent),
-`X-Request-Id` (kept, or generated), `Via` and its framing fields; a response goes to
+`X-Request-Id` (kept, or generated), `x-tether-peer-identity` (the caller's SPIFFE ID,
+at an inbound listener over mTLS; the codec dropped any that arrived), `Via` and its
+framing fields; a response goes to
 the client with `Via`, its framing for this client (Content-Length, or chunked for an
 HTTP/1.1 client when the upstream delimited the body by closing; none for HEAD, 204
 and 304) and `Connection` when the client's connection closes or is HTTP/1.0
@@ -85,6 +87,7 @@ def forwarded_request_head(head: RequestHead, path: bytes, peer: Peer, fwd: Forw
                 if ff is None
                 else b"X-Forwarded-For: " + ff + b", " + peer.address + b"\r\n",
                 fwd.xfp_line if head.forwarded_proto is None else b"",
+                peer.identity_line,
                 rid_name,
                 rid,
                 end,
@@ -94,6 +97,8 @@ def forwarded_request_head(head: RequestHead, path: bytes, peer: Peer, fwd: Forw
     headers.append(peer.xff if ff is None else (b"X-Forwarded-For", ff + b", " + peer.address))
     if head.forwarded_proto is None:
         headers.append(fwd.xfp)
+    if peer.identity:
+        headers.append((b"x-tether-peer-identity", peer.identity.encode()))
     if head.request_id is None:
         head.request_id = rid = fwd.new_request_id()
         headers.append((b"X-Request-Id", rid))

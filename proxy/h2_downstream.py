@@ -94,11 +94,12 @@ class H2Front:
         if pool.guard is not None:
             return None  # egress: a host outside the mesh, spoken to as HTTP/1.1
         ssl = None
-        if pool.ssl is not None:
+        tls = pool.tls
+        if tls is None and pool.ssl is not None:
             ssl = self.h2_ssl
             if ssl is None:
-                return None  # no HTTP/2 over this TLS (yet): the caller says so
-        key = (pool.host, pool.port, id(ssl))
+                return None  # no HTTP/2 context for this TLS: the stream goes as HTTP/1.1
+        key = (pool.host, pool.port, id(ssl) if tls is None else id(tls))
         h2pool = self.pools.get(key)
         if h2pool is None:
             h2pool = self.pools[key] = H2Pool(
@@ -109,6 +110,7 @@ class H2Front:
                 server_hostname=pool.server_hostname,
                 name=pool.name,
                 guard=pool.guard,
+                tls=tls,
             )
         return h2pool
 

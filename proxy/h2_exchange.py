@@ -90,7 +90,9 @@ T_CALL: Final = 2  # grpc-timeout: the whole call
 
 # Fields a proxy does not pass on (RFC 9113 8.2.2 forbids the connection-specific ones;
 # h2 refuses them already, `host` is carried as :authority).
-_DROP = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto"})
+# Only the inbound sidecar says who the caller is (proxy/fields.py): a value arriving
+# from outside is dropped here too.
+_DROP = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-tether-peer-identity"})
 _TASKS: set[asyncio.Task[None]] = set()
 
 
@@ -293,6 +295,9 @@ class H2Exchange:
         peer = conn.peer.address
         out.append((b"x-forwarded-for", peer if ff is None else ff + b", " + peer))
         out.append((b"x-forwarded-proto", front.scheme))
+        identity = conn.peer.identity
+        if identity:  # the caller's SPIFFE ID, proved by its certificate (inbound, mTLS)
+            out.append((b"x-tether-peer-identity", identity.encode()))
         if head.request_id is None:
             head.request_id = rid = front.server.new_request_id()
             out.append((b"x-request-id", rid))

@@ -28,6 +28,7 @@ from proxy.h2_upstream import H2UpstreamConnection
 if TYPE_CHECKING:
     from proxy.egress import EgressGuard
     from proxy.pool import PoolPolicy
+    from proxy.tls import UpstreamTLS
 
 
 class H2PoolWaiter(Protocol):
@@ -57,7 +58,8 @@ async def dial_h2(
             host,
             port,
             ssl=ssl,
-            server_hostname=pool.server_hostname if ssl else None,
+            # A mesh peer is checked by its SPIFFE ID (pool.tls), not a host name.
+            server_hostname=("" if pool.tls is not None else pool.server_hostname) if ssl else None,
         ),
         timeout,
     )
@@ -81,8 +83,12 @@ class H2Pool:
         server_hostname: str | None = None,
         name: str | None = None,
         guard: EgressGuard | None = None,
+        tls: UpstreamTLS | None = None,
     ) -> None:
         self.host = host
+        # Mesh TLS (proxy/tls.py): the sidecar's ALPN-h2 client context, and the peer's
+        # SPIFFE ID checked after each handshake, as the HTTP/1 pools do.
+        self.tls = tls
         self.port = port
         self.policy = policy
         self.ssl = ssl
@@ -169,10 +175,10 @@ class H2Pool:
 
     async def _opened(self) -> None:
         try:
+            tls = self.tls
+            ctx = tls.h2_context if tls is not None else self.ssl
             try:
-                conn = await dial_h2(
-                    self, self.host, self.port, self.ssl, self.policy.connect_timeout
-                )
+                conn = await dial_h2(self, self.host, self.port, ctx, self.policy.connect_timeout)
             finally:
                 self.connecting -= 1
         except (OSError, TimeoutError, ssl_module.SSLError) as e:
@@ -182,8 +188,20 @@ class H2Pool:
                 if isinstance(e, TimeoutError)
                 else f"connect to {self.name} failed: {e}"
             )
-            self._fail_waiters(local_reply.UPSTREAM_CONNECT_ERROR, message)
+            reason = (
+                local_reply.UPSTREAM_TLS_ERROR
+                if isinstance(e, ssl_module.SSLError)
+                else local_reply.UPSTREAM_CONNECT_ERROR
+            )
+            self._fail_waiters(reason, message)
             return
+        if tls is not None:
+            refused = tls.check(conn.transport)
+            if refused is not None:
+                conn.abort()
+                self.connect_failures += 1
+                self._fail_waiters(local_reply.UPSTREAM_TLS_ERROR, f"{self.name}: {refused}")
+                return
         self.connects += 1
         if self.closed:
             conn.close()

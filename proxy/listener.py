@@ -20,7 +20,7 @@ import os
 import ssl as ssl_module
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from proxy.cluster import ServiceDirectory
 from proxy.dispatch import InboundRouter, OutboundRouter
@@ -29,6 +29,9 @@ from proxy.egress import EgressGuard
 from proxy.pool import Pool, PoolPolicy
 from proxy.stats import ProxyStats
 from proxy.tunnel import TcpProxyServer
+
+if TYPE_CHECKING:
+    from proxy.tls import MeshTLS, Mode
 
 
 def settle_process(*, batch: bool = True) -> None:
@@ -54,7 +57,7 @@ def settle_process(*, batch: bool = True) -> None:
 class Listener:
     """One bound HTTP listener: `.port`, `.drain(seconds)`, `.aclose()`."""
 
-    def __init__(self, proxy: ProxyServer, server: asyncio.Server) -> None:
+    def __init__(self, proxy: ProxyServer, server: asyncio.Server | Any) -> None:
         self.proxy = proxy
         self.server = server
         sockname = server.sockets[0].getsockname()
@@ -164,6 +167,7 @@ async def start_outbound(
     ssl: ssl_module.SSLContext | None = None,
     upstream_ssl: ssl_module.SSLContext | None = None,
     egress_guard: EgressGuard | None = None,
+    mesh_tls: MeshTLS | None = None,
 ) -> Listener:
     """The app's way out: absolute-form (HTTP_PROXY) and Host-named requests, CONNECT.
 
@@ -180,6 +184,7 @@ async def start_outbound(
         pool_policy=policy,
         upstream_ssl=upstream_ssl,
         egress_guard=egress_guard,
+        mesh_tls=mesh_tls,
     )
     return await _listen_outbound(router, stats, timeouts, host, port, ssl)
 
@@ -210,18 +215,72 @@ async def start_inbound(
     pool_policy: PoolPolicy | None = None,
     ssl: ssl_module.SSLContext | None = None,
     app_ssl: ssl_module.SSLContext | None = None,
+    mesh_tls: MeshTLS | None = None,
+    mtls_mode: Mode = "strict",
     app_protocol: str = "http",
 ) -> Listener:
     """Other sidecars' way in: every request goes to the app at app_host:app_port.
 
+    With `mesh_tls` the port speaks mutual TLS (proxy/tls.py): the caller's SPIFFE ID
+    goes on its `Peer` and to the app as `x-tether-peer-identity`; plaintext is refused
+    with `400 mtls_required` (`mtls_mode` "strict") or served (mode "permissive").
     HTTP/2 streams reach the app over h2c when `app_protocol` is `http2` or `grpc`."""
     stats = stats if stats is not None else ProxyStats()
     timeouts = timeouts or TimeoutPolicy()
     policy = pool_policy or PoolPolicy(connect_timeout=timeouts.connect)
     router = InboundRouter(app_port, stats, app_host=app_host, pool_policy=policy, app_ssl=app_ssl)
-    listener = await _listen(router, stats, timeouts, host, port, ssl)
-    listener.proxy.app_h2 = app_protocol in ("http2", "grpc")
+    if mesh_tls is None:
+        listener = await _listen(router, stats, timeouts, host, port, ssl)
+        listener.proxy.app_h2 = app_protocol in ("http2", "grpc")
+        return listener
+    from proxy.tls import InboundIdentity, MeshServer
+
+    proxy = ProxyServer(router, timeouts, stats, scheme=b"https")
+    proxy.identify = InboundIdentity(mesh_tls)
+    proxy.app_h2 = app_protocol in ("http2", "grpc")
+    server = await MeshServer.start(proxy, mesh_tls, host, port, mtls_mode)
+    stats.pool_sources.append(router.pools)
+    return Listener(proxy, server)
+
+
+async def start_ingress(
+    inner: OutboundRouter,
+    service: str,
+    namespace: str,
+    *,
+    stats: ProxyStats,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    timeouts: TimeoutPolicy | None = None,
+) -> Listener:
+    """The ingress listener (proxy/ingress.py): outside callers to `service` through
+    `inner`, an outbound router of its own (egress denied) named "ingress" in stats."""
+    from proxy.ingress import IngressRouter
+
+    inner.name = "ingress"
+    router = IngressRouter(inner, service, namespace)
+    listener = await _listen(router, stats, timeouts or TimeoutPolicy(), host, port, None)
+    inner.listen_port = listener.port
     return listener
+
+
+async def start_expose(
+    path: str,
+    app_port: int,
+    *,
+    stats: ProxyStats,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    app_host: str = "127.0.0.1",
+    timeouts: TimeoutPolicy | None = None,
+) -> Listener:
+    """The plaintext health-check listener (proxy/expose.py): the app's `path` only."""
+    from proxy.expose import ExposeRouter
+
+    timeouts = timeouts or TimeoutPolicy()
+    policy = PoolPolicy(connect_timeout=timeouts.connect, max_connections=16)
+    router = ExposeRouter(path, app_port, stats, app_host=app_host, pool_policy=policy)
+    return await _listen(router, stats, timeouts, host, port, None)
 
 
 async def start_tcp_proxy(

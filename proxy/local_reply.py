@@ -25,6 +25,12 @@ NOT_IMPLEMENTED = "not_implemented"
 HEADER_TIMEOUT = "request_header_timeout"
 PROXY_LOOP = "proxy_loop"
 DRAINING = "draining"
+# Plaintext at an inbound port that accepts mutual TLS only (proxy/tls.py).
+MTLS_REQUIRED = "mtls_required"
+# The TLS handshake with a remote sidecar failed, or it is not the destination.
+UPSTREAM_TLS_ERROR = "upstream_tls_error"
+# The health-check listener serves the app's health path only (proxy/expose.py).
+NOT_EXPOSED = "not_exposed"
 # Counted with the local replies, though no reply is sent: an HTTP/2 connection closed
 # with GOAWAY for resetting streams too fast (CVE-2023-44487), or for a protocol error.
 H2_RAPID_RESET = "h2_rapid_reset"
@@ -48,6 +54,9 @@ REPLIES: dict[str, tuple[int, str]] = {
     NOT_IMPLEMENTED: (501, "not implemented"),
     HEADER_TIMEOUT: (408, "the request head did not arrive in time"),
     PROXY_LOOP: (508, "the request would loop back into this sidecar"),
+    MTLS_REQUIRED: (400, "this port accepts mutual TLS only"),
+    NOT_EXPOSED: (404, "only the app's health path is served here"),
+    UPSTREAM_TLS_ERROR: (502, "the upstream's TLS identity could not be verified"),
 }
 
 _PHRASES = {

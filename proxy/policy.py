@@ -287,6 +287,8 @@ class Policy:
         # The hot path's one lookup: every service seen so far -> its policy or None.
         self._routes: dict[tuple[str, str], ServicePolicy | None] = {}
         self._lock = asyncio.Lock()
+        # Called after each snapshot is in force (the sidecar's mTLS mode follows it).
+        self.on_applied: list[Callable[[], None]] = []
 
     # -- hot path --------------------------------------------------------------------------
 
@@ -382,6 +384,8 @@ class Policy:
                 original.update(cluster.endpoints)
                 cluster.balancer = original
             self.balancers = {k: v for k, v in lb.items() if k in self._replaced}
+        for callback in self.on_applied:
+            callback()
 
     def use_pool_policy(self, pool_policy: PoolPolicy) -> None:
         """The sidecar's own pool settings (its connect timeout applies where neither

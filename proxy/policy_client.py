@@ -7,7 +7,9 @@ service the control plane has not heard of, `want` sends an "interest" message. 
 the control plane is away the sidecar keeps what it has (defaults, if it never got
 anything) and reconnects with exponential backoff and jitter. While connected it sends
 a `stats` report every `stats_interval` seconds (what the sidecar handled since the
-last one), which `tether top` and the dashboard read at the control plane. Protocol:
+last one), which `tether top` and the dashboard read at the control plane. The mesh
+CA's trust bundle arrives after the hello and on every change of the roots, and goes
+to `on_bundle` (the sidecar's identity). Protocol:
 docs/push-protocol.md; messages: wire/push.py.
 """
 
@@ -61,6 +63,7 @@ class PolicyClient:
         token: str | None = None,
         stats: StatsSource | None = None,
         stats_interval: float = STATS_INTERVAL,
+        on_bundle: Callable[[protocol.Bundle], None] | None = None,
     ) -> None:
         self.url = push_url(url)
         # The sidecar's registry token: with ACLs on, the control plane serves a hello
@@ -84,6 +87,9 @@ class PolicyClient:
         self.stats = stats
         self.stats_interval = stats_interval
         self.reports = 0
+        # The mesh CA's trust bundle goes to the sidecar's identity (proxy/identity.py).
+        self.on_bundle = on_bundle
+        self.bundles = 0
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -222,6 +228,13 @@ class PolicyClient:
             served = True
             if isinstance(msg, protocol.Snapshot):
                 await self._on_snapshot(ws, msg)
+            elif isinstance(msg, protocol.Bundle):
+                self.bundles += 1
+                if self.on_bundle is not None:
+                    try:
+                        self.on_bundle(msg)
+                    except ValueError as exc:
+                        log.error("refused the trust bundle (index %d): %s", msg.index, exc)
             elif isinstance(msg, protocol.ErrorMessage):
                 if msg.code == protocol.ProtocolVersionError.code:
                     raise protocol.ProtocolVersionError(msg.message)
@@ -268,6 +281,7 @@ class PolicyClient:
             "nacks": self.nacks,
             "last_nack": self.last_nack,
             "stats_reports": self.reports,
+            "bundles": self.bundles,
             "calls": list(self.calls),
         }
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import random
 import ssl as ssl_module
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from proxy import local_reply
 from proxy.cluster import Cluster, ServiceDirectory
@@ -38,6 +38,9 @@ from proxy.pool import PoolPolicy
 from proxy.route_result import Peer, RouteResult
 from proxy.stats import ProxyStats
 from proxy.target import Authority, parse_authority
+
+if TYPE_CHECKING:
+    from proxy.tls import MeshTLS
 
 
 class PolicyRouter(OutboundRouter):
@@ -155,6 +158,7 @@ async def start_policy_outbound(
     upstream_ssl: ssl_module.SSLContext | None = None,
     rng: random.Random | None = None,
     egress_guard: EgressGuard | None = None,
+    mesh_tls: MeshTLS | None = None,
 ) -> Listener:
     """`proxy.listener.start_outbound`, with the policy step in the router.
 
@@ -176,5 +180,6 @@ async def start_policy_outbound(
         upstream_ssl=upstream_ssl,
         rng=rng,
         egress_guard=egress_guard,
+        mesh_tls=mesh_tls,
     )
     return await _listen_outbound(router, stats, timeouts, host, port, ssl)

@@ -14,12 +14,15 @@ import asyncio
 import ssl as ssl_module
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from proxy import local_reply
 from proxy.egress import EgressGuard
 from proxy.head_cache import HeadCache
 from proxy.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from proxy.tls import UpstreamTLS
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,12 @@ class Pool:
         name: str | None = None,
         guard: EgressGuard | None = None,
         head_cache: HeadCache | None = None,
+        tls: UpstreamTLS | None = None,
     ) -> None:
         self.host = host
+        # mTLS to a remote sidecar: the context at each connect (it changes on renewal)
+        # and the check that the peer is the destination's identity.
+        self.tls = tls
         # Egress pools: what each new connection reached is checked before use.
         self.guard = guard
         # Response heads llhttp already parsed, shared by the pools of one listener.
@@ -153,6 +160,8 @@ class Pool:
 
     async def _open(self, waiter: PoolWaiter) -> None:
         loop = asyncio.get_running_loop()
+        tls = self.tls
+        ctx = tls.context if tls is not None else self.ssl
         try:
             try:
                 _, conn = await asyncio.wait_for(
@@ -160,8 +169,11 @@ class Pool:
                         lambda: UpstreamConnection(self),
                         self.host,
                         self.port,
-                        ssl=self.ssl,
-                        server_hostname=self.server_hostname if self.ssl else None,
+                        ssl=ctx,
+                        # A mesh peer is checked by its SPIFFE ID, not a host name.
+                        server_hostname=""
+                        if tls is not None
+                        else (self.server_hostname if ctx else None),
                     ),
                     self.policy.connect_timeout,
                 )
@@ -175,7 +187,12 @@ class Pool:
                 if isinstance(e, TimeoutError)
                 else f"connect to {self.name} failed: {e}"
             )
-            waiter.on_upstream_failed("upstream_connect_error", message)
+            reason = (
+                local_reply.UPSTREAM_TLS_ERROR
+                if isinstance(e, ssl_module.SSLError)
+                else local_reply.UPSTREAM_CONNECT_ERROR
+            )
+            waiter.on_upstream_failed(reason, message)
             # Queued waiters get their own attempt rather than waiting for nothing.
             if self.waiters and self.size < self.policy.max_connections:
                 self._connect(self.waiters.popleft())
@@ -185,6 +202,13 @@ class Pool:
             conn.close()
             waiter.on_upstream_failed("upstream_connect_error", "pool closed")
             return
+        if tls is not None:
+            refused = tls.check(conn.transport)
+            if refused is not None:
+                conn.abort()
+                self.connect_failures += 1
+                waiter.on_upstream_failed(local_reply.UPSTREAM_TLS_ERROR, f"{self.name}: {refused}")
+                return
         if self.guard is not None:
             what = self.guard.denied(conn.transport)
             if what is not None:

@@ -31,7 +31,7 @@ class Peer:
     mTLS lands. One per connection; `routing` is the router's own per-connection state
     (the hashing balancers' pick context), which the router alone reads and writes."""
 
-    __slots__ = ("address", "identity", "routing", "xff", "xff_line")
+    __slots__ = ("address", "identity", "identity_line", "routing", "xff", "xff_line")
 
     def __init__(self, address: bytes, identity: str | None = None) -> None:
         self.address = address
@@ -40,6 +40,15 @@ class Peer:
         # The X-Forwarded-For this peer adds (as a field, and as a ready line).
         self.xff = (b"X-Forwarded-For", address)
         self.xff_line = b"X-Forwarded-For: " + address + b"\r\n"
+        # What the inbound sidecar tells the app of a caller proven by mTLS.
+        self.identity_line = b""
+        if identity:
+            self.set_identity(identity)
+
+    def set_identity(self, identity: str) -> None:
+        """The caller's SPIFFE ID from its certificate (the inbound listener's check)."""
+        self.identity = identity
+        self.identity_line = b"x-tether-peer-identity: " + identity.encode() + b"\r\n"
 
     def __repr__(self) -> str:
         who = f" {self.identity}" if self.identity else ""

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from proxy.balance import build_balancer
 from proxy.discovery import ConsulDirectory
 from proxy.egress import EgressGuard
+from proxy.errors import SidecarStartError
 from proxy.registration import Registration, RegistrationSpec
 
 log = logging.getLogger("tether.sidecar")
@@ -68,6 +69,9 @@ class SidecarSpec:
     # "inbound": the registry checks the app through the inbound listener (it runs in
     # another network namespace and cannot reach the app's 127.0.0.1).
     app_check_via: Literal["app", "inbound"] = "app"
+    # A plaintext listener for callers outside the mesh (proxy/ingress.py), bound on
+    # inbound_host; None: none.
+    ingress_port: int | None = None
     # SCHED_BATCH once listening (proxy.listener.settle_process); False keeps the
     # kernel's normal policy, for hosts where wake-up latency matters more than CPU.
     sched_batch: bool = True
@@ -80,6 +84,8 @@ class SidecarSpec:
         errors = []
         if not self.service or "." in self.service or "/" in self.service:
             errors.append(f"--service: {self.service!r} must be a single DNS label")
+        if self.ingress_port is not None and not 0 <= self.ingress_port < 65536:
+            errors.append(f"--ingress-port: {self.ingress_port} is not a valid port")
         for name in ("app_port", "outbound_port", "inbound_port", "admin_port"):
             port = getattr(self, name)
             if not 0 <= port < 65536 or (name == "app_port" and port == 0):
@@ -133,9 +139,20 @@ class Sidecar:
         self.admin: Any = None
         self.stats: Any = None
         self.opaque: dict[int, Any] = {}  # app port -> its raw TCP listener
+        self.ingress: Any = None
+        # The plaintext health-check listener (proxy/expose.py), with mTLS and a
+        # registry that checks the app from outside.
+        self.expose: Any = None
         self.policy: Any = None
         self.policy_client: Any = None
         self.egress_guard = EgressGuard()
+        # The mesh identity (proxy/identity.py) and its TLS (proxy/tls.py): set when a
+        # control plane with a CA issued this sidecar a certificate; None is plaintext.
+        self.identity: Any = None
+        self.mesh_tls: Any = None
+        self._renewer: asyncio.Task[None] | None = None
+        # Why this sidecar has no identity (said once at start), None with mTLS.
+        self.plaintext_reason: str | None = None
         self.state = "PRE_INITIALIZING"
         self.started_at = time.time()
 
@@ -159,6 +176,7 @@ class Sidecar:
             self.client, balancer_factory=lambda: build_balancer(None, zone)
         )
         self.directory.start()
+        await self._start_identity()
         await self._start_listeners()
         self.registration = Registration(
             self.client,
@@ -176,9 +194,7 @@ class Sidecar:
                 protocol=spec.app_protocol,
                 meta=self._meta(),
                 check_interval=spec.check_interval,
-                check_via=(spec.advertised, self.inbound.port)
-                if spec.app_check_via == "inbound"
-                else None,
+                check_via=self._check_via(),
             ),
         )
         self.registration.start()
@@ -190,8 +206,50 @@ class Sidecar:
             self.egress_guard.protect_local("this sidecar's admin listener", self.admin.port)
         self.state = "STARTING"
 
+    def _check_via(self) -> tuple[str, int] | None:
+        spec = self.spec
+        if spec.app_check_via != "inbound":
+            return None
+        port = self.expose.port if self.expose is not None else self.inbound.port
+        return (spec.advertised, port)
+
+    async def _start_identity(self) -> None:
+        """A certificate from the control plane's CA, before any listener opens: with one,
+        every hop to and from other sidecars is mTLS. Waits (with backoff) while the
+        control plane cannot be reached; a refused credential stops the sidecar."""
+        spec = self.spec
+        if not spec.controlplane:
+            self.plaintext_reason = "no control plane, so no mesh CA"
+            return
+        from proxy.identity import IdentityError, SidecarIdentity
+
+        identity = SidecarIdentity(
+            spec.controlplane, spec.service, spec.namespace, token=spec.registry_token
+        )
+        attempt = 0
+        while True:
+            try:
+                tls = await identity.bootstrap()
+                break
+            except IdentityError as exc:
+                if exc.status in (400, 401, 403):
+                    raise SidecarStartError(
+                        f"the mesh CA refused this sidecar's identity: {exc}"
+                    ) from None
+                delay = identity.backoff.delay(attempt, identity.rng)
+                attempt += 1
+                log.warning("no certificate yet: %s (again in %.1fs)", exc, delay)
+                await asyncio.sleep(delay)
+        if tls is None:
+            self.plaintext_reason = "the control plane's CA is off"
+            return
+        self.identity = identity
+        self.mesh_tls = tls
+        log.info("mesh identity %s (mTLS on)", tls.identity)
+        self._renewer = asyncio.get_running_loop().create_task(identity.run())
+
     async def _start_listeners(self) -> None:
-        from proxy.listener import start_inbound, start_outbound, start_tcp_proxy
+        from proxy.listener import start_expose, start_inbound, start_outbound, start_tcp_proxy
         from proxy.stats import ProxyStats
 
         spec = self.spec
@@ -205,6 +263,7 @@ class Sidecar:
             port=spec.inbound_port,
             app_host=spec.app_host,
             app_protocol=spec.app_protocol,
+            mesh_tls=self.mesh_tls,
         )
         await self._guard_control_surfaces()
         if spec.controlplane:
@@ -219,6 +278,17 @@ class Sidecar:
                 egress=spec.egress,
                 egress_guard=self.egress_guard,
             )
+        if self.mesh_tls is not None and spec.app_check_via == "inbound" and spec.app_health_path:
+            # The registry has no mesh certificate: its check gets a door of its own.
+            self.expose = await start_expose(
+                spec.app_health_path,
+                spec.app_port,
+                stats=self.stats,
+                host=spec.inbound_host,
+                app_host=spec.app_host,
+            )
+        if spec.ingress_port is not None:
+            self.ingress = await self._start_ingress()
         # An opaque app port is exposed to the mesh as raw TCP on a port of its own,
         # advertised in Meta `opaque_ports` as "APP_PORT:LISTEN_PORT,...".
         for app_port in spec.opaque_ports:
@@ -226,6 +296,49 @@ class Sidecar:
                 _fixed_target(spec.app_host, app_port), host=spec.inbound_host, port=0
             )
             self.opaque[app_port] = server
+
+    async def _start_ingress(self) -> Any:
+        """The listener for callers outside the mesh, to this sidecar's own service."""
+        from proxy.dispatch import OutboundRouter
+        from proxy.downstream import TimeoutPolicy
+        from proxy.listener import start_ingress
+        from proxy.pool import PoolPolicy
+
+        spec = self.spec
+        assert self.directory is not None and spec.ingress_port is not None
+        pool_policy = PoolPolicy(connect_timeout=TimeoutPolicy().connect)
+        inner: OutboundRouter
+        if self.policy is not None:
+            from proxy.policy_router import PolicyRouter
+
+            inner = PolicyRouter(
+                self.directory,
+                self.stats,
+                self.policy,
+                namespace=spec.namespace,
+                egress="deny",
+                pool_policy=pool_policy,
+                egress_guard=self.egress_guard,
+                mesh_tls=self.mesh_tls,
+            )
+        else:
+            inner = OutboundRouter(
+                self.directory,
+                self.stats,
+                namespace=spec.namespace,
+                egress="deny",
+                pool_policy=pool_policy,
+                egress_guard=self.egress_guard,
+                mesh_tls=self.mesh_tls,
+            )
+        return await start_ingress(
+            inner,
+            spec.service,
+            spec.namespace,
+            stats=self.stats,
+            host=spec.inbound_host,
+            port=spec.ingress_port,
+        )
 
     async def _guard_control_surfaces(self) -> None:
         """What the app may not reach as egress (the admin port is added once bound)."""
@@ -271,8 +384,10 @@ class Sidecar:
             token=spec.registry_token,
             stats=self.stats.report,
             stats_interval=spec.stats_interval,
+            on_bundle=self.identity.on_bundle if self.identity is not None else None,
         )
         policy.interest = self.policy_client.want
+        policy.on_applied.append(self._follow_mtls_mode)
         self.policy = policy
         # The app's own protocol may come from policy (ServiceDefaults of this service):
         # HTTP/2 callers then reach it over h2c (proxy/h2_downstream.py).
@@ -289,9 +404,28 @@ class Sidecar:
             namespace=spec.namespace,
             egress=spec.egress,
             egress_guard=self.egress_guard,
+            mesh_tls=self.mesh_tls,
         )
         self.policy_client.start()
         return listener
+
+    def _follow_mtls_mode(self) -> None:
+        """The inbound port's mTLS mode from the policy in force (strict by default)."""
+        from wire.resources import effective_mtls_mode
+
+        server: Any = getattr(self.inbound, "server", None)
+        if self.mesh_tls is None or not hasattr(server, "mode"):
+            return
+        policy, spec = self.policy, self.spec
+        defaults = policy.defaults(spec.namespace, spec.service)
+        mode = effective_mtls_mode(
+            policy.mesh.mtls if policy.mesh is not None else None,
+            defaults.mtls if defaults is not None else None,
+            spec.namespace,
+        )
+        if server.mode != mode:
+            log.info("inbound mTLS mode: %s", mode)
+            server.mode = mode
 
     @property
     def instance_id(self) -> str:
@@ -304,11 +438,16 @@ class Sidecar:
         return meta
 
     def ports(self) -> dict[str, int]:
-        return {
+        ports = {
             "outbound": self.outbound.port if self.outbound else 0,
             "inbound": self.inbound.port if self.inbound else 0,
             "admin": self.admin.port if self.admin else 0,
         }
+        if self.ingress is not None:
+            ports["ingress"] = self.ingress.port
+        if self.expose is not None:
+            ports["check"] = self.expose.port
+        return ports
 
     async def drain(self) -> None:
         """The SIGTERM path; returns once everything in flight finished or the deadline."""
@@ -321,14 +460,20 @@ class Sidecar:
             await asyncio.sleep(grace)
         if self.inbound is not None:
             await self.inbound.drain(max(0.0, deadline - time.monotonic()))
+        if self.ingress is not None:
+            await self.ingress.drain(max(0.0, deadline - time.monotonic()))
         for server in self.opaque.values():
             await server.aclose()  # stops accepting; spliced connections run on
         if self.outbound is not None:
             await self.outbound.drain(max(0.0, deadline - time.monotonic()))
 
     async def aclose(self) -> None:
-        parts = (self.policy_client, self.admin, self.inbound, *self.opaque.values(),
-                 self.outbound, self.directory)  # fmt: skip
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        parts = (self.policy_client, self.admin, self.ingress, self.inbound, self.expose,
+                 *self.opaque.values(), self.outbound, self.directory)  # fmt: skip
         for part in parts:
             if part is not None:
                 with contextlib.suppress(Exception):
@@ -352,14 +497,24 @@ class Sidecar:
             settle_process(batch=self.spec.sched_batch)
             ports = self.ports()
             reg = self.registration
+            ingress = (
+                f" ingress={self.spec.inbound_host}:{ports['ingress']}" if self.ingress else ""
+            )
             print(
                 f"tether sidecar {self.spec.service}: listening "
                 f"outbound=127.0.0.1:{ports['outbound']} "
                 f"inbound={self.spec.inbound_host}:{ports['inbound']} "
                 f"admin=127.0.0.1:{ports['admin']} "
-                f"id={reg.spec.instance_id if reg else '-'} pid={os.getpid()}",
+                f"id={reg.spec.instance_id if reg else '-'} pid={os.getpid()}{ingress} "
+                f"mtls={'on' if self.mesh_tls is not None else 'off'}",
                 flush=True,
             )
+            if self.plaintext_reason:
+                print(
+                    f"tether sidecar {self.spec.service}: plaintext between sidecars "
+                    f"({self.plaintext_reason})",
+                    flush=True,
+                )
             await stop.wait()
             stop.clear()
             log.info("draining (up to %ss)", self.spec.drain_seconds)
@@ -402,6 +557,7 @@ class Sidecar:
             "opaque_ports": {str(a): s.port for a, s in self.opaque.items()},
             "policy": self.policy.describe() if self.policy is not None else None,
             "controlplane": self.policy_client.describe() if self.policy_client else None,
+            "identity": self.identity.describe() if self.identity is not None else None,
             "registry": f"{self.spec.registry_scheme}://{self.spec.registry_host}:"
             f"{self.spec.registry_port}",
             "clusters": [{k: v for k, v in c.items() if k != "endpoints"} for c in self.clusters()],

@@ -1,4 +1,4 @@
-"""The peer check the sidecar runs (`controlplane.ca.spiffe.verify_peer`), one refusal per
+"""The peer check the sidecar runs (`wire.spiffe.verify_peer`), one refusal per
 test, over certificates generated here; and the SPIFFE ID grammar."""
 
 from __future__ import annotations
@@ -177,12 +177,11 @@ def test_renewal_is_at_about_half_the_lifetime() -> None:
 
 
 def test_the_sidecar_can_import_the_check_alone() -> None:
-    """Nothing of the control plane, aiohttp or py-consul comes with it."""
+    """`wire.spiffe`: nothing of the control plane, the proxy, aiohttp or py-consul."""
     code = (
-        "import sys, controlplane.ca.spiffe as s; "
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'consul', 'yaml') "
-        "or (m.startswith('controlplane') and m not in "
-        "('controlplane', 'controlplane.ca', 'controlplane.ca.spiffe'))]; "
+        "import sys, wire.spiffe as s; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('aiohttp', 'consul', 'yaml', 'controlplane', 'proxy')]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     out = subprocess.run(

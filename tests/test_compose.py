@@ -112,6 +112,7 @@ def sidecar_spec(service: str) -> SidecarSpec:
         drain_seconds=p["drain_seconds"],
         check_interval=p["check_interval"],
         app_check_via=p["app_check_via"],
+        ingress_port=p["ingress_port"],
     )
 
 
@@ -245,6 +246,10 @@ def test_registry_and_control_plane() -> None:
     assert healthcheck_url("controlplane") == f"http://127.0.0.1:{cp['port']}/api/v1/health"
     host = default_of(SERVICES["controlplane"]["environment"]["CONSUL_HTTP_ADDR"])
     assert host == f"registry:{reg['port']}"
+    # The mesh CA is on (so sidecars run mTLS), its key in a named volume.
+    ca_dir = SERVICES["controlplane"]["environment"]["TETHER_CA_KEY_DIR"]
+    assert f"ca-keys:{ca_dir}" in SERVICES["controlplane"]["volumes"]
+    assert "ca-keys" in COMPOSE["volumes"]
 
 
 def test_only_frontend_and_registry_publish_ports() -> None:
@@ -252,12 +257,13 @@ def test_only_frontend_and_registry_publish_ports() -> None:
     assert published == {"frontend-1", "registry"}
     reg = tether_params("registry")
     assert SERVICES["registry"]["ports"] == [f"{reg['port']}:{reg['port']}"]
-    # The app listens on 127.0.0.1 only: what is published is its sidecar's inbound
-    # listener, which is on every address of the namespace.
+    # The app listens on 127.0.0.1 only, the inbound listener takes mTLS only: what is
+    # published is its sidecar's ingress listener, on every address of the namespace.
     (frontend_port,) = SERVICES["frontend-1"]["ports"]
     (sidecar,) = [s for s in SIDECARS if owner(s) == "frontend-1"]
     spec = sidecar_spec(sidecar)
-    assert frontend_port.split(":")[-1] == str(spec.inbound_port)
+    assert spec.ingress_port is not None and spec.inbound_host == "0.0.0.0"
+    assert frontend_port.split(":")[-1] == str(spec.ingress_port)
 
 
 def test_policies_job_applies_files_that_exist_and_validate() -> None:
@@ -309,7 +315,7 @@ def test_dockerfile_copies_what_exists_and_runs_tether_unprivileged() -> None:
     (entrypoint,) = [rest for op, rest in instructions if op == "ENTRYPOINT"]
     assert json.loads(entrypoint) == ["tether"]
     run = " ".join(rest for op, rest in instructions if op == "RUN")
-    assert "pip install ." in run and "mkdir /data" in run
+    assert "pip install ." in run and "mkdir /data" in run and "mkdir -m 0700 /ca" in run
     assert f"--uid {uid}" in run and f"--gid {gid}" in run and f"chown {uid}:{gid} /data" in run
     # Every service runs this image; one builds it, the others never pull it.
     builders = [name for name, spec in SERVICES.items() if "build" in spec]

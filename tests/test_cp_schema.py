@@ -200,9 +200,23 @@ spec:
 
 
 @pytest.mark.parametrize(
-    "kind",
-    ["RetryPolicy", "FaultInjection", "Mirror", "RateLimit", "AuthorizationPolicy", "MTLSPolicy"],
+    ("kind", "instead"),
+    [
+        ("AuthorizationPolicy", "the Intention kind"),
+        ("MTLSPolicy", "MeshConfig spec.mtls"),
+        ("PeerAuthentication", "ServiceDefaults spec.mtls.mode"),
+    ],
 )
+def test_other_meshes_kinds_are_refused_naming_their_replacement(kind: str, instead: str) -> None:
+    text = f"apiVersion: {API_VERSION}\nkind: {kind}\nmetadata: {{name: a}}\nspec: {{}}\n"
+    with pytest.raises(SchemaError) as info:
+        parse_resources(text, "f.yaml")
+    (p,) = info.value.problems
+    assert p.message.startswith(f"kind {kind} is not a Tether kind: use ") and instead in p.message
+    assert (p.path, p.line) == ("kind", 2)
+
+
+@pytest.mark.parametrize("kind", ["RetryPolicy", "FaultInjection", "Mirror", "RateLimit"])
 def test_later_kinds_are_refused_as_not_supported_yet(kind: str) -> None:
     text = f"apiVersion: {API_VERSION}\nkind: {kind}\nmetadata: {{name: a}}\nspec: {{}}\n"
     with pytest.raises(SchemaError) as info:

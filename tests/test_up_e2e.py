@@ -49,10 +49,13 @@ def test_up_serves_and_sigint_stops_everything(tmp_path: Path) -> None:
         split = json.loads(conn.getresponse().read())
         conn.close()
         assert [s["weight"] for s in split["spec"]["subsets"]] == [90, 10], split
-        m = re.search(r"curl -x http://127\.0\.0\.1:(\d+) http://frontend/", text)
+        # Every sidecar got a certificate from the control plane's CA: mTLS between them.
+        assert text.count("mtls=on") == 6, text
+        # In from outside through frontend's ingress listener, then mTLS between sidecars.
+        m = re.search(r"try: curl http://127\.0\.0\.1:(\d+)/", text)
         assert m is not None, text
         conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=15)
-        conn.request("GET", "http://frontend/?order=7")
+        conn.request("GET", "/?order=7")
         resp = conn.getresponse()
         body = json.loads(resp.read())
         conn.close()

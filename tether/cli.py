@@ -178,6 +178,13 @@ def _meta_pairs(
 @click.option("--inbound-port", default=15006, show_default=True, type=PORT)
 @click.option("--admin-port", default=15000, show_default=True, type=PORT)
 @click.option("--inbound-host", default="127.0.0.1", show_default=True, help="Inbound bind.")
+@click.option(
+    "--ingress-port",
+    default=None,
+    type=PORT,
+    help="A plaintext listener (bound on --inbound-host) for callers outside the mesh, "
+    "routed to this service like the app's own calls (default: none).",
+)
 @click.option("--advertise-host", default=None, help="Address callers dial (default: bind).")
 @click.option("--namespace", default="default", show_default=True)
 @click.option("--zone", default="", help="Locality zone of this instance.")
@@ -228,6 +235,7 @@ def sidecar(
     inbound_port: int,
     admin_port: int,
     inbound_host: str,
+    ingress_port: int | None,
     advertise_host: str | None,
     namespace: str,
     zone: str,
@@ -267,6 +275,7 @@ def sidecar(
             inbound_port=inbound_port,
             admin_port=admin_port,
             inbound_host=inbound_host,
+            ingress_port=ingress_port,
             advertise_host=advertise_host,
             namespace=namespace,
             zone=zone,
@@ -288,10 +297,14 @@ def sidecar(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    from proxy.errors import SidecarStartError
+
     try:
         run_async(Sidecar(spec).run())
     except OSError as exc:  # a port in use, an address not on this host
         raise click.ClickException(f"cannot listen: {exc}") from exc
+    except SidecarStartError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()

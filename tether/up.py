@@ -60,6 +60,7 @@ class Instance:
     outbound: int = 0
     inbound: int = 0
     admin: int = 0
+    ingress: int = 0  # frontend's: where outside callers (curl, a browser) come in
     ready: bool = False
     inbound_total: float = 0.0
     inbound_errors: float = 0.0
@@ -250,7 +251,9 @@ class Mesh:
                 ProcessSpec(
                     "controlplane",
                     [py, "-m", "tether.cli", "controlplane", "--port", str(port)],
-                    env=registry_env,
+                    # The mesh CA, its root key in a 0600 file of this run's directory:
+                    # every sidecar gets a certificate and the hops between them are mTLS.
+                    env={**registry_env, "TETHER_CA_KEY_DIR": str(self.data_dir / "ca")},
                     stop_timeout=5.0,
                 )
             )
@@ -260,6 +263,7 @@ class Mesh:
             inst.app_port, inst.outbound = free_port(), free_port()
             inst.inbound, inst.admin = free_port(), free_port()
             if inst.service == "frontend":
+                inst.ingress = free_port()
                 # Its sidecar now (registered when the policies are checked against the
                 # registry), its app, which drives the traffic, once the policies are in.
                 await self.start_sidecar(inst, sidecar_extra, registry_env)
@@ -307,7 +311,8 @@ class Mesh:
                  "--admin-port", str(inst.admin), "--zone", inst.zone,
                  "--version", inst.version, "--meta", f"instance={inst.name}",
                  "--drain-seconds", str(spec.drain_seconds),
-                 "--check-interval", str(spec.check_interval), *extra],
+                 "--check-interval", str(spec.check_interval), *extra,
+                 *(["--ingress-port", str(inst.ingress)] if inst.ingress else [])],
                 env=registry_env,
                 stop_timeout=spec.drain_seconds + 5.0,
             )
@@ -484,7 +489,7 @@ class Mesh:
                 f"admin=127.0.0.1:{i.admin} pid={i.app_pid}"
             )
         front = self.instances[0]
-        lines.append(f"try: curl -x http://127.0.0.1:{front.outbound} http://frontend/")
+        lines.append(f"try: curl http://127.0.0.1:{front.ingress}/   (frontend's ingress)")
         local = [i for i in self.instances if i.service == SPLIT_SERVICE and i.zone == front.zone]
         if local:
             pids = " ".join(str(i.app_pid) for i in local)
@@ -549,7 +554,7 @@ def render(mesh: Mesh, logs: deque[str]) -> Any:
     where = "".join(f"{line}\n" for line in mesh.where_calls_go())
     hint = Text(
         f"calls per service: {totals}\n{where}{policies}"
-        f"try: curl -x http://127.0.0.1:{front.outbound} http://frontend/   (Ctrl-C stops)"
+        f"try: curl http://127.0.0.1:{front.ingress}/   (Ctrl-C stops)"
     )
     tail = [Text(line, style="dim", no_wrap=True, overflow="ellipsis") for line in logs]
     return Group(table, hint, *tail)

@@ -146,7 +146,17 @@ class Stats:
     rows: tuple[StatsRow, ...]
 
 
-Message = Hello | Interest | Snapshot | Ack | Nack | ErrorMessage | Stats
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """The mesh CA's trust bundle (control plane -> sidecar): sent after the hello and
+    again whenever the trusted roots change (a rotation, a retired root). PEM roots."""
+
+    trust_domain: str
+    roots: tuple[str, ...]
+    index: int = 0
+
+
+Message = Hello | Interest | Snapshot | Ack | Nack | ErrorMessage | Stats | Bundle
 
 
 def service_key(service: str, namespace: str) -> str:
@@ -218,6 +228,16 @@ def encode(msg: Message) -> str:
                 "type": "stats",
                 "seconds": round(msg.seconds, 3),
                 "rows": [r.to_dict() for r in msg.rows],
+            }
+        )
+    if isinstance(msg, Bundle):
+        return _dump(
+            {
+                "proto": PROTOCOL,
+                "type": "bundle",
+                "trustDomain": msg.trust_domain,
+                "roots": list(msg.roots),
+                "index": msg.index,
             }
         )
     return _dump({"proto": PROTOCOL, "type": "error", "code": msg.code, "message": msg.message})
@@ -313,6 +333,8 @@ def decode(text: str | bytes) -> Message:
         )
     if kind == "stats":
         return _stats(obj)
+    if kind == "bundle":
+        return _bundle(obj)
     if kind == "error":
         return ErrorMessage(code=_field(obj, "code", str), message=_field(obj, "message", str, ""))
     raise PushProtocolError(f"unknown message type {kind!r}")
@@ -370,6 +392,21 @@ def _stats_row(item: dict[str, Any]) -> StatsRow:
         retries=_count(item, "retries"),
         ejections=_count(item, "ejections"),
     )
+
+
+MAX_BUNDLE_ROOTS = 16
+
+
+def _bundle(obj: dict[str, Any]) -> Bundle:
+    roots = _field(obj, "roots", list)
+    if not roots or len(roots) > MAX_BUNDLE_ROOTS:
+        raise PushProtocolError(f"bundle: 1 to {MAX_BUNDLE_ROOTS} roots")
+    if not all(isinstance(r, str) and r.startswith("-----BEGIN CERTIFICATE-----") for r in roots):
+        raise PushProtocolError("bundle: roots must be PEM certificates")
+    trust_domain = _field(obj, "trustDomain", str)
+    if not trust_domain:
+        raise PushProtocolError("bundle: trustDomain is empty")
+    return Bundle(trust_domain=trust_domain, roots=tuple(roots), index=_field(obj, "index", int, 0))
 
 
 def union(names: Iterable[str], more: Iterable[str]) -> tuple[str, ...]:

@@ -231,12 +231,66 @@ class LoadBalancerPolicy:
     )
 
 
+MTLSMode = Literal["strict", "permissive"]
+
+
+@dataclass(frozen=True)
+class ServiceMTLSPolicy:
+    """How a service's inbound sidecars treat plaintext callers."""
+
+    mode: MTLSMode | None = spec_field(
+        "strict (plaintext refused: 400 mtls_required) or permissive (mTLS and plaintext, "
+        "for a migration); unset: the namespace's, then the mesh's.",
+        default=None,
+    )
+
+
+@dataclass(frozen=True)
+class NamespaceMTLSPolicy:
+    """mTLS settings of one namespace."""
+
+    mode: MTLSMode | None = spec_field(
+        "strict or permissive for the namespace's services; unset: the mesh's.", default=None
+    )
+    isolated: bool = spec_field(
+        "Only intentions that name this namespace let other namespaces' callers in.",
+        default=False,
+    )
+
+
+@dataclass(frozen=True)
+class MeshMTLSPolicy:
+    """Mutual TLS between sidecars (every sidecar attached to a control plane with a CA)."""
+
+    mode: MTLSMode = spec_field(
+        "strict (default: plaintext refused) or permissive (both accepted).", default="strict"
+    )
+    namespaces: dict[str, NamespaceMTLSPolicy] = spec_field(
+        "Per-namespace settings, by namespace name.", factory=dict
+    )
+
+
+def effective_mtls_mode(
+    mesh: MeshMTLSPolicy | None, service: ServiceMTLSPolicy | None, namespace: str
+) -> MTLSMode:
+    """The mode a service's inbound sidecars run: its ServiceDefaults' if set, else its
+    namespace's in the MeshConfig, else the mesh's (strict without any MeshConfig)."""
+    if service is not None and service.mode is not None:
+        return service.mode
+    if mesh is None:
+        return "strict"
+    ns = mesh.namespaces.get(namespace)
+    if ns is not None and ns.mode is not None:
+        return ns.mode
+    return mesh.mode
+
+
 @dataclass(frozen=True)
 class ServiceDefaultsSpec:
     """Per-service defaults: protocol, balancing and timeouts."""
 
     FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"retries", "retryPolicy", "fault", "faultInjection", "mirror", "rateLimit", "mtls"}
+        {"retries", "retryPolicy", "fault", "faultInjection", "mirror", "rateLimit"}
     )
 
     protocol: Protocol = spec_field(
@@ -253,6 +307,9 @@ class ServiceDefaultsSpec:
     )
     request_timeout: Duration | None = spec_field(
         "Whole-request timeout; unset: MeshConfig's.", default=None
+    )
+    mtls: ServiceMTLSPolicy = spec_field(
+        "mTLS mode of the service's inbound sidecars.", factory=ServiceMTLSPolicy
     )
 
 
@@ -412,11 +469,14 @@ class EgressPolicy:
 class MeshConfigSpec:
     """Mesh-wide defaults."""
 
-    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset({"mtls", "tls", "retries", "rateLimit"})
+    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset({"tls", "retries", "rateLimit"})
 
     egress: EgressPolicy = spec_field("Egress policy.", factory=EgressPolicy)
     connect_timeout: Duration = spec_field("Default connect timeout.", default=5.0)
     request_timeout: Duration = spec_field("Default whole-request timeout.", default=15.0)
+    mtls: MeshMTLSPolicy = spec_field(
+        "mTLS between sidecars: the mode, and per-namespace settings.", factory=MeshMTLSPolicy
+    )
 
 
 AnySpec = Union[ServiceDefaultsSpec, RouteSpec, TrafficSplitSpec, MeshConfigSpec]  # noqa: UP007
@@ -442,6 +502,22 @@ FUTURE_KINDS = frozenset(
         "PeerAuthentication",
     }
 )
+# Kinds other meshes have, refused with what takes their place here.
+REPLACED_KINDS: dict[str, str] = {
+    "MTLSPolicy": "MeshConfig spec.mtls (mode, namespaces.<ns>.mode) and ServiceDefaults "
+    "spec.mtls.mode",
+    "PeerAuthentication": "MeshConfig spec.mtls (mode, namespaces.<ns>.mode) and "
+    "ServiceDefaults spec.mtls.mode",
+    "AuthorizationPolicy": "the Intention kind and MeshConfig spec.mtls.namespaces.<ns>.isolated",
+}
+
+
+def replaced_kind_message(kind: str) -> str | None:
+    """Why a kind of another mesh is refused, naming what replaces it (None: not one)."""
+    instead = REPLACED_KINDS.get(kind)
+    return None if instead is None else f"kind {kind} is not a Tether kind: use {instead}"
+
+
 # Metadata other tools set: accepted (so `get -o yaml | apply` works) and ignored.
 # (`generation` is a field: the store sets it, whatever a document says.)
 SERVER_SET_METADATA = frozenset({"resourceVersion", "uid", "creationTimestamp"})
@@ -700,6 +776,10 @@ class Decoder:
         if not isinstance(kind, str):
             self.fail(("kind",), f"expected a string, got {_type_name(kind)}")
             return None
+        replaced = replaced_kind_message(kind)
+        if replaced is not None:
+            self.fail(("kind",), replaced)
+            return None
         if kind in FUTURE_KINDS:
             self.fail(("kind",), f"kind {kind} {FUTURE}")
             return None
@@ -791,14 +871,15 @@ class Decoder:
         if origin is dict:
             if not isinstance(value, dict):
                 return self.fail(path, f"expected a mapping, got {_type_name(value)}")
-            out: dict[str, str] = {}
+            out: dict[str, Any] = {}
             ok = True
+            item_tp = get_args(tp)[1]
             for k, v in value.items():
                 if not isinstance(k, str):
                     self.fail(path, f"keys must be strings, got {_type_name(k)}")
                     ok = False
                     continue
-                item = self.value(str, v, (*path, k))
+                item = self.value(item_tp, v, (*path, k))
                 ok = ok and item is not _INVALID
                 out[k] = item
             return out if ok else _INVALID
@@ -917,7 +998,8 @@ def _encode_value(
         (item_tp, _) = get_args(tp)
         return [_encode_value(item_tp, x, (*path, i), explicit, defaults) for i, x in enumerate(v)]
     if isinstance(v, dict):
-        return dict(v)
+        (_, item_tp) = get_args(tp)
+        return {k: _encode_value(item_tp, x, (*path, k), explicit, defaults) for k, x in v.items()}
     return v
 
 
@@ -1175,3 +1257,6 @@ def _check_mesh(c: _Checker, spec: MeshConfigSpec) -> None:
                   f"invalid host {host!r}: a DNS name, optionally starting with '*.'")  # fmt: skip
     c.positive(("spec", "connectTimeout"), spec.connect_timeout)
     c.positive(("spec", "requestTimeout"), spec.request_timeout)
+    for ns in spec.mtls.namespaces:
+        if not valid_name(ns):
+            c.add(("spec", "mtls", "namespaces", ns), f"invalid namespace {ns!r}")

@@ -358,9 +358,16 @@ async def sign(request: web.Request) -> web.Response:
 
 
 async def bundle(request: web.Request) -> web.Response:
-    trust = await _service(request).require().trust_bundle()
+    svc = _service(request)
+    trust = await svc.require().trust_bundle()
     return reply(
-        {"trustDomain": trust.trust_domain, "roots": list(trust.root_pems), "index": trust.index}
+        {
+            "trustDomain": trust.trust_domain,
+            "roots": list(trust.root_pems),
+            "index": trust.index,
+            # What a sidecar puts in the SPIFFE ID it asks for.
+            "datacenter": svc.spec.datacenter,
+        }
     )
 
 
