@@ -1,9 +1,10 @@
 """Mesh TLS in the sidecar: its identity as SSL contexts, the peer checks, and the TLS port.
 
 `MeshTLS` holds the sidecar's key, its leaf (with intermediates) and the trust bundle,
-and builds from them one server and one client `ssl.SSLContext` (TLS 1.3 only, ALPN
-`http/1.1`, a certificate required from the peer and verified by OpenSSL against the
-bundle). A renewal or a new bundle builds new contexts: connections already open keep
+and builds from them a server and two client `ssl.SSLContext`s (TLS 1.3 only, a
+certificate required from the peer and verified by OpenSSL against the bundle; ALPN:
+the server offers `h2` and `http/1.1`, the HTTP/1 pools' client `http/1.1`, the HTTP/2
+pools' client `h2`, so each pool gets the protocol it speaks). A renewal or a new bundle builds new contexts: connections already open keep
 the one they were made with, new handshakes take the new one, nothing is dropped.
 
 After each handshake the peer's leaf is checked again with `wire.spiffe.verify_peer`
