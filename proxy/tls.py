@@ -4,8 +4,9 @@
 and builds from them a server and two client `ssl.SSLContext`s (TLS 1.3 only, a
 certificate required from the peer and verified by OpenSSL against the bundle; ALPN:
 the server offers `h2` and `http/1.1`, the HTTP/1 pools' client `http/1.1`, the HTTP/2
-pools' client `h2`, so each pool gets the protocol it speaks). A renewal or a new bundle builds new contexts: connections already open keep
-the one they were made with, new handshakes take the new one, nothing is dropped.
+pools' client `h2`, so each pool gets the protocol it speaks). A renewal or a new
+bundle builds new contexts: connections already open keep the one they were made with,
+new handshakes take the new one, nothing is dropped.
 
 After each handshake the peer's leaf is checked again with `wire.spiffe.verify_peer`
 (the SPIFFE rules OpenSSL does not know: one URI SAN in Consul's form, the trust
