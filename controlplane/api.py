@@ -214,19 +214,28 @@ async def list_resources(request: web.Request) -> web.Response:
     ns = request.query.get("namespace") or None
     snap = await _cp(request).store.snapshot()
     items = [
-        r.to_dict()
+        _with_status(r.to_dict(), snap.status(k))
         for k, r in sorted(snap.resources.items())
         if (kind is None or k.kind == kind) and (ns is None or k.namespace in (ns, ""))
     ]
     return reply({"version": snap.version, "items": items})
 
 
+def _with_status(doc: dict[str, Any], status: dict[str, Any] | None) -> dict[str, Any]:
+    """A resource's document with the control plane's `status` (a canary analysis's live
+    weights and history, controlplane/canary.py), which `apply` never changes."""
+    if status:
+        doc["status"] = status
+    return doc
+
+
 async def get_resource(request: web.Request) -> web.Response:
     key = _key(request)
-    res = await _cp(request).store.get(key)
+    cp = _cp(request)
+    res = await cp.store.get(key)
     if res is None:
         raise NotFoundError(f"{key} not found")
-    return reply(res.to_dict())
+    return reply(_with_status(res.to_dict(), cp.snapshot.status(key)))
 
 
 # -- writes ------------------------------------------------------------------------------

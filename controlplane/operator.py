@@ -181,7 +181,7 @@ def key_for(kind: str, name: str, namespace: str | None) -> ResourceKey:
 
 def get(
     client: ControlPlaneClient,
-    kind_text: str,
+    kind_text: str | None,
     name: str | None,
     namespace: str | None,
     all_namespaces: bool,
@@ -190,6 +190,8 @@ def get(
     err: TextIO,
     show_defaults: bool = False,
 ) -> int:
+    if kind_text is None or kind_text.lower() == "all":
+        return get_all(client, name, namespace, all_namespaces, output, out, err, show_defaults)
     try:
         kind = resolve_kind(kind_text)
         if name is not None:
@@ -205,7 +207,7 @@ def get(
     if show_defaults:  # what is in force: the defaults the author left out filled in
         # (the metadata as served: decoding keeps only the fields the author may set)
         full = [Resource.from_dict(doc).to_dict(defaults=True) for doc in items]
-        items = [{**f, "metadata": doc["metadata"]} for f, doc in zip(full, items, strict=True)]
+        items = [_served(f, doc) for f, doc in zip(full, items, strict=True)]
     if output == "json":
         json.dump(items[0] if name is not None else items, out, indent=2)
         out.write("\n")
@@ -235,12 +237,81 @@ def get(
     return 0
 
 
+def get_all(
+    client: ControlPlaneClient,
+    name: str | None,
+    namespace: str | None,
+    all_namespaces: bool,
+    output: str,
+    out: TextIO,
+    err: TextIO,
+    show_defaults: bool = False,
+) -> int:
+    """`tether get all` (or `tether get`): every resource of every kind, as `kubectl get
+    all` lists a namespace's workloads; mesh-wide ones (MeshConfig) with any namespace."""
+    if name is not None:
+        print("Error: 'get all' takes no NAME", file=err)
+        return 1
+    try:
+        ns = None if all_namespaces else (namespace or DEFAULT_NAMESPACE)
+        items = client.list(None, ns)["items"]
+    except ApiError as exc:
+        return _fail(exc, err)
+    order = {k: i for i, k in enumerate(KINDS)}
+    items.sort(key=lambda d: (order.get(d["kind"], len(order)), d["metadata"].get("namespace",
+               ""), d["metadata"]["name"]))  # fmt: skip
+    if show_defaults:
+        full = [Resource.from_dict(doc).to_dict(defaults=True) for doc in items]
+        items = [_served(f, doc) for f, doc in zip(full, items, strict=True)]
+    if output == "json":
+        json.dump(items, out, indent=2)
+        out.write("\n")
+        return 0
+    if output == "yaml":
+        out.write(yaml.safe_dump_all(items, sort_keys=False) if items else "")
+        return 0
+    if not items:
+        where = "any namespace" if ns is None else f"namespace {ns}"
+        print(f"no resources in {where}", file=err)
+        return 0
+    rows = [("KIND", "NAMESPACE", "NAME", "GENERATION", "SUMMARY")]
+    for doc in items:
+        meta = doc["metadata"]
+        rows.append(
+            (
+                doc["kind"],
+                meta.get("namespace") or "-",
+                meta["name"],
+                str(meta.get("generation", "")),
+                summary(doc),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4],
+              file=out)  # fmt: skip
+    return 0
+
+
+def _served(full: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
+    """`full` (defaults filled in) with the metadata and status as served."""
+    out = {**full, "metadata": doc["metadata"]}
+    if "status" in doc:
+        out["status"] = doc["status"]
+    return out
+
+
 def summary(doc: dict[str, Any]) -> str:
     """One line about a resource for `tether get`'s table."""
     spec = doc.get("spec") or {}
     kind = doc.get("kind")
     if kind == "TrafficSplit":
-        return " ".join(f"{s['name']}={s['weight']}" for s in spec.get("subsets", []))
+        line = " ".join(f"{s['name']}={s['weight']}" for s in spec.get("subsets", []))
+        an = (doc.get("status") or {}).get("analysis")
+        if isinstance(an, dict):  # a canary analysis: its phase and the live weights
+            live = " ".join(f"{k}={v}" for k, v in (an.get("weights") or {}).items())
+            line += f" (analysis {an.get('phase')}: {live})"
+        return line
     if kind == "Route":
         return f"{len(spec.get('rules', []))} rule(s)"
     if kind == "ServiceDefaults":

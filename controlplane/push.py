@@ -47,6 +47,8 @@ from controlplane.api import route
 from controlplane.auth import READ_STATUS, RegistryAuthorizer, caller_token, write_service
 from controlplane.ca.provider import TrustBundle
 from controlplane.ca.service import CA_SERVICE
+from controlplane.canary import install as install_canary
+from controlplane.canary import with_live_weights
 from controlplane.errors import ControlPlaneError
 from controlplane.meshstats import MeshStats
 from controlplane.meshstats import install as install_stats
@@ -666,8 +668,13 @@ PUSH_SERVER: web.AppKey[PushServer] = web.AppKey("push_server")
 
 
 def index_of(snap: ConfigSnapshot) -> ResourceIndex:
-    """The ResourceIndex of a store snapshot; its version is the config version."""
-    docs = [res.to_dict() for _, res in sorted(snap.resources.items())]
+    """The ResourceIndex of a store snapshot; its version is the config version. A
+    TrafficSplit under a canary analysis goes out with the analysis's live weights
+    (controlplane/canary.py), not the ones written."""
+    docs = [
+        with_live_weights(res.to_dict(), snap.status(key))
+        for key, res in sorted(snap.resources.items())
+    ]
     for d in docs:
         # Server-set, and not policy: a sidecar's snapshot does not change with it.
         d["metadata"].pop("generation", None)
@@ -708,7 +715,13 @@ def install(cp: ControlPlane) -> PushServer:
     # The WebSocket checks the sidecar's token at its hello, once it names its service.
     route(cp.app, "GET", protocol.PATH, server.handle_push, None)
     route(cp.app, "GET", "/api/v1/sidecars", server.handle_sidecars, READ_STATUS)
-    install_stats(cp, server.stats, lambda: server.replica)
+    publisher = install_stats(cp, server.stats, lambda: server.replica)
+
+    async def mesh_numbers() -> Any:
+        return (await publisher.mesh())[0]
+
+    # Canary analyses read the same numbers `GET /api/v1/stats` serves.
+    install_canary(cp, mesh_numbers)
     cp.app.on_startup.append(_start)
     cp.app.on_shutdown.append(_stop)
     cp.app[PUSH_SERVER] = server

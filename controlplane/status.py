@@ -99,3 +99,32 @@ def summary(records: Sequence[Mapping[str, Any]]) -> str:
         counts[str(r.get("state"))] = counts.get(str(r.get("state")), 0) + 1
     parts = [f"{n} {state}" for state, n in sorted(counts.items())]
     return f"{len(records)} sidecars: " + (", ".join(parts) if parts else "none")
+
+
+def analyses(splits: Sequence[Mapping[str, Any]], now: float) -> list[str]:
+    """A line per TrafficSplit under a canary analysis: phase, step, live weights, and
+    the last decision with its numbers (controlplane/canary.py)."""
+    out = []
+    for doc in splits:
+        an = (doc.get("status") or {}).get("analysis")
+        if not isinstance(an, Mapping):
+            continue
+        meta = doc.get("metadata") or {}
+        weights = " ".join(f"{k}={v}" for k, v in (an.get("weights") or {}).items())
+        steps = ((doc.get("spec") or {}).get("analysis") or {}).get("steps") or []
+        line = (
+            f"canary {meta.get('namespace', '')}/{meta.get('name', '')}: {an.get('phase')}, "
+            f"step {int(an.get('step', 0)) + 1}/{len(steps)}, weights {weights}"
+        )
+        history = an.get("history") or []
+        if history:
+            last = history[-1]
+            rate = last.get("successRate")
+            numbers = f"{last.get('requests', 0)} requests"
+            if rate is not None:
+                numbers += f", {rate * 100:.1f}% ok"
+            why = f": {last['reason']}" if last.get("reason") else ""
+            line += f"; {last.get('event')} {ago(now - float(last.get('time', now)))}"
+            line += f" ({numbers}){why}"
+        out.append(line)
+    return out

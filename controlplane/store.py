@@ -52,6 +52,9 @@ log = logging.getLogger("tether.controlplane.store")
 PREFIX = "tether/v1/"
 RESOURCES = PREFIX + "resources/"
 VERSION_KEY = PREFIX + "version"
+# What the control plane records about a resource (a canary analysis's live weights and
+# history): apart from the resource, so an apply never overwrites it.
+STATUS = PREFIX + "status/"
 _MESH_WIDE = "_"
 # Resources per transaction: Consul takes 64 operations per txn, one is the version.
 TXN_RESOURCES = 63
@@ -61,6 +64,10 @@ Action = Literal["created", "configured", "unchanged", "deleted", "absent"]
 
 def resource_key_path(key: ResourceKey) -> str:
     return f"{RESOURCES}{key.kind}/{key.namespace or _MESH_WIDE}/{key.name}"
+
+
+def status_key_path(key: ResourceKey) -> str:
+    return f"{STATUS}{key.kind}/{key.namespace or _MESH_WIDE}/{key.name}"
 
 
 def key_of_path(path: str) -> ResourceKey | None:
@@ -128,6 +135,15 @@ class ConfigSnapshot:
     version: int = 0
     index: int = 0
     resources: Mapping[ResourceKey, Resource] = field(default_factory=dict)
+    # Each resource's status (controlplane/canary.py), as JSON data, and its ModifyIndex.
+    statuses: Mapping[ResourceKey, tuple[dict[str, Any], int]] = field(default_factory=dict)
+    # Statuses left by resources since deleted (controlplane/canary.py removes them, so
+    # a resource created again under the name starts afresh).
+    orphan_statuses: frozenset[ResourceKey] = frozenset()
+
+    def status(self, key: ResourceKey) -> dict[str, Any] | None:
+        got = self.statuses.get(key)
+        return got[0] if got is not None else None
 
     def get(self, key: ResourceKey) -> Resource | None:
         return self.resources.get(key)
@@ -143,7 +159,12 @@ class ConfigSnapshot:
         )
 
     def same_content(self, other: ConfigSnapshot) -> bool:
-        return self.version == other.version and dict(self.resources) == dict(other.resources)
+        return (
+            self.version == other.version
+            and dict(self.resources) == dict(other.resources)
+            and {k: v[0] for k, v in self.statuses.items()}
+            == {k: v[0] for k, v in other.statuses.items()}
+        )
 
 
 @dataclass
@@ -215,10 +236,17 @@ class PolicyStore:
             idx, entries = await self.reader.kv.get(PREFIX, recurse=True, index=index, wait=wait)
         version = 0
         resources: dict[ResourceKey, Resource] = {}
+        statuses: dict[ResourceKey, tuple[dict[str, Any], int]] = {}
         for entry in entries or ():
             path = entry.get("Key", "")
             if path == VERSION_KEY:
                 version = _parse_version(entry.get("Value"))
+                continue
+            if path.startswith(STATUS):
+                skey = key_of_path(RESOURCES + path.removeprefix(STATUS))
+                status = _status(path, entry.get("Value"))
+                if skey is not None and status is not None:
+                    statuses[skey] = (status, int(entry.get("ModifyIndex", 0)))
                 continue
             key = key_of_path(path)
             if key is None:
@@ -228,7 +256,9 @@ class PolicyStore:
                 resources[key] = res
             elif res is not None:
                 log.warning("skipping %s: it holds %s", path, res.key)
-        return ConfigSnapshot(version, int(idx or 0), resources)
+        orphans = frozenset(k for k in statuses if k not in resources)
+        statuses = {k: v for k, v in statuses.items() if k in resources}
+        return ConfigSnapshot(version, int(idx or 0), resources, statuses, orphans)
 
     async def get(self, key: ResourceKey) -> Resource | None:
         res, _ = await self._read(resource_key_path(key))
@@ -413,6 +443,19 @@ class PolicyStore:
             await self._backoff(attempt)
         raise ConflictError(f"{key}: lost {self.max_attempts} check-and-set races in a row")
 
+    async def write_status(self, key: ResourceKey, status: Mapping[str, Any], cas: int) -> bool:
+        """Replace a resource's status if it is still at ModifyIndex `cas` (0: absent);
+        False when another writer got there first. Written with the control plane's own
+        token: the status is the control plane's record, not a user's change."""
+        body = json.dumps(status, separators=(",", ":"), sort_keys=True)
+        with _registry_call():
+            ok = await self.reader.kv.put(status_key_path(key), body, cas=cas)
+        return bool(ok)
+
+    async def delete_status(self, key: ResourceKey) -> None:
+        with _registry_call():
+            await self.reader.kv.delete(status_key_path(key))
+
     async def bump_version(self, token: str | None = None) -> int:
         """CAS-increment the config version; every replica's bump counts."""
         attempts = self.max_attempts * 4
@@ -442,6 +485,15 @@ def _parse_version(raw: Any) -> int:
     except (TypeError, ValueError):
         log.warning("config version %r is not a number; counting from 0", raw)
         return 0
+
+
+def _status(path: str, raw: Any) -> dict[str, Any] | None:
+    try:
+        data = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        log.warning("skipping %s: not JSON", path)
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _decode(path: str, raw: Any) -> Resource | None:

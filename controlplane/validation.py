@@ -194,6 +194,38 @@ def check_references(
                     else f"subset {dest.subset!r} is still used by Route {ns}/{service} rules[{i}]"
                 )
             problems.append(_blame(key, split_key, sources, msg, path, ("spec", "subsets")))
+    return problems + check_mirror_references(view, sources, changed)
+
+
+def check_mirror_references(
+    view: Mapping[ResourceKey, Resource],
+    sources: Mapping[ResourceKey, SourceDocument],
+    changed: set[ResourceKey],
+) -> list[Problem]:
+    """A rule's `mirror.subset` must be one its shadow service's TrafficSplit defines."""
+    problems: list[Problem] = []
+    for key, res in view.items():
+        if not isinstance(res.spec, RouteSpec):
+            continue
+        for i, rule in enumerate(res.spec.rules):
+            mirror = rule.mirror
+            if mirror is None or mirror.subset is None:
+                continue
+            target = mirror.service or rule.destination.service or key.name
+            split_key = ResourceKey("TrafficSplit", key.namespace, target)
+            if key not in changed and split_key not in changed:
+                continue
+            split = view.get(split_key)
+            if isinstance(split.spec if split else None, TrafficSplitSpec):
+                assert split is not None and isinstance(split.spec, TrafficSplitSpec)
+                if mirror.subset in {s.name for s in split.spec.subsets}:
+                    continue
+            msg = (
+                f"mirror subset {mirror.subset!r} is not defined by a TrafficSplit "
+                f"{key.namespace}/{target}"
+            )
+            path: FieldPath = ("spec", "rules", i, "mirror", "subset")
+            problems.append(_blame(key, split_key, sources, msg, path, ("spec", "subsets")))
     return problems
 
 

@@ -33,6 +33,7 @@ from proxy.stats import DestinationStats, ProxyStats
 from proxy.target import Authority, parse_authority, split_absolute_form
 
 if TYPE_CHECKING:
+    from proxy.inbound_limits import InboundLimits
     from proxy.tls import MeshTLS, UpstreamTLS
 
 _NO_HASH = PickContext()
@@ -385,8 +386,21 @@ class InboundRouter:
         self._result = RouteResult(self.pool, dstats=self.dstats)
         # Host values seen to be well-formed authorities (bounded like the outbound's).
         self._hosts: set[bytes] = set()
+        # The Route's `at: inbound` rate limits (proxy/inbound_limits.py), once a control
+        # plane's policy is attached; None: none.
+        self.limits: InboundLimits | None = None
 
     def route(self, head: RequestHead, peer: Peer) -> RouteResult:
+        limits = self.limits
+        if limits is not None:
+            wait = limits.wait(head, peer)
+            if wait > 0.0:
+                return RouteResult.answer(
+                    local_reply.RATE_LIMITED,
+                    f"over the service's rate limit; retry in {wait:.3f}s",
+                    dstats=self.dstats,
+                    headers=((b"retry-after", local_reply.retry_after(wait)),),
+                )
         path = None
         try:
             if head.target[0] != 47:  # not origin-form (b"/"); llhttp never gives one empty

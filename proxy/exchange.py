@@ -37,6 +37,10 @@ valid in (`TABLE` is the same, as data; tests/test_exchange.py walks every cell)
 | deadline, client_gone, bad_request | any but ENDED | drop the upstream, end |
 | last_request | any but ENDED | the connection carries nothing after this exchange |
 
+A routed request whose rule mirrors it (`RouteResult.mirror`, proxy/mirror.py) also has
+a `MirrorCopy`: request_body feeds it (up to its limit), request_end sends it; the copy
+never touches this exchange's state.
+
 Anywhere else an event raises `ExchangeStateError` (the caller broke the protocol),
 except an answer that arrives after the end (`LATE`: a discovery answer, a pool's
 connection for a client that left), which is dropped, its resources returned.
@@ -63,6 +67,7 @@ from proxy.upstream import PAUSE_UPSTREAM as PAUSE_UPSTREAM  # the upstream's bu
 
 if TYPE_CHECKING:
     from proxy.heads import Fields, RequestHead, ResponseHead
+    from proxy.mirror import MirrorCopy
     from proxy.pool import Pool
     from proxy.route_result import Peer, RouteResult
     from proxy.stats import ProxyStats
@@ -203,6 +208,7 @@ class Exchange:
         "flags",
         "head",
         "keep_alive",
+        "mirror",
         "outcome",
         "progress",
         "req_done",
@@ -234,6 +240,7 @@ class Exchange:
         self.route: RouteResult | None = None
         self.upstream: UpstreamConnection | None = None
         self.req_done = False
+        self.mirror: MirrorCopy | None = None  # the copy of the request for a shadow
         self.keep_alive = head.keep_alive and not server.draining
         self.flags = 0  # _SENT_CONTINUE, _RETRIED, 103s counted in steps of _EARLY_HINT
         self.start = now = server.clock()
@@ -273,6 +280,8 @@ class Exchange:
             self._invalid("request_body")  # after a local reply or early response: dropped
             return
         ubuf = self.conn.ubuf
+        if self.mirror is not None:
+            self.mirror = self.mirror.feed(data)
         if self.head.chunked:
             ubuf.append(chunk_prefix(len(data)))
             ubuf.append(data)
@@ -288,6 +297,9 @@ class Exchange:
             self._invalid("request_end")
             return
         self.req_done = True
+        if self.mirror is not None:
+            self.mirror.send()
+            self.mirror = None
         if self.head.chunked:
             self.conn.ubuf.append(encode_last_chunk(trailers))
         if state < RESPONDING and state != DIALING:
@@ -310,7 +322,10 @@ class Exchange:
         self.route = result
         reply = result.reply
         if reply is not None:
-            self.local_reply(reply.reason, reply.message, status=reply.status, close=reply.close)
+            self.local_reply(
+                reply.reason, reply.message, status=reply.status, close=reply.close,
+                headers=reply.headers,
+            )  # fmt: skip
             return
         if result.tunnel is not None:
             self.state = DIALING
@@ -330,6 +345,10 @@ class Exchange:
             # attached: a burst to an endpoint still connecting must see it busy. It
             # hears of the end exactly once, in end().
             tracker.on_start(ep, self.start)
+        tap = result.mirror
+        if tap is not None:
+            # Body pieces that arrived while it was routed are in ubuf, not yet framed.
+            self.mirror = tap.copy(self.head, result.path, self.conn.ubuf, self.req_done)
         if self.timer == T_REQUEST and result.request_timeout:
             # The request ended while routing: its timeout is the route's.
             self.deadline = self.start + result.request_timeout
@@ -632,14 +651,17 @@ class Exchange:
 
     def local_reply(
         self, reason: str, message: str | None = None, *, status: int | None = None,
-        close: bool = False,
+        close: bool = False, headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:  # fmt: skip
         """Answer the request ourselves (or cut the response short if it started)."""
-        self._reply(outcomes.LocalReply, reason, message, status=status, close=close)
+        self._reply(
+            outcomes.LocalReply, reason, message, status=status, close=close, headers=headers
+        )
 
     def _reply(
         self, kind: type[Outcome], reason: str, message: str | None, *,
         status: int | None = None, close: bool = False,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:  # fmt: skip
         if self.state >= RESPONDING:
             # Part of the response went out: the client must see it cut short.
@@ -647,11 +669,14 @@ class Exchange:
             self.end(outcomes.local(cut, reason, 0), ABORT)
             return
         code = status if status is not None else local_reply.REPLIES.get(reason, (500, ""))[0]
-        self._render(reason, message, code, close)
+        self._render(reason, message, code, close, headers)
         after = KEEP if self.keep_alive and self.req_done else CLOSE
         self.end(outcomes.local(kind, reason, code), after)
 
-    def _render(self, reason: str, message: str | None, code: int, close: bool) -> None:
+    def _render(
+        self, reason: str, message: str | None, code: int, close: bool,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:  # fmt: skip
         head = self.head
         if close or not self.req_done:
             self.keep_alive = False
@@ -664,6 +689,7 @@ class Exchange:
                 close=not self.keep_alive,
                 head_only=head.method == b"HEAD",
                 request_id=head.request_id,
+                headers=headers,
             )
         )
 

@@ -244,7 +244,7 @@ class H2Exchange:
         self.route = result
         reply = result.reply
         if reply is not None:
-            self.local_reply(reply.reason, reply.message, status=reply.status)
+            self.local_reply(reply.reason, reply.message, status=reply.status, extra=reply.headers)
             return
         pool = result.pool
         if pool is None:
@@ -538,32 +538,49 @@ class H2Exchange:
     # -- answering ------------------------------------------------------------------------
 
     def local_reply(
-        self, reason: str, message: str | None = None, *, status: int | None = None
+        self,
+        reason: str,
+        message: str | None = None,
+        *,
+        status: int | None = None,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
-        self._reply(outcomes.LocalReply, reason, message, status=status)
+        self._reply(outcomes.LocalReply, reason, message, status=status, extra=extra)
 
     def _reply(
-        self, kind: type[Outcome], reason: str, message: str | None, *, status: int | None = None
+        self,
+        kind: type[Outcome],
+        reason: str,
+        message: str | None,
+        *,
+        status: int | None = None,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         if self.state >= RESPONDING:
             self.conn.reset(self.sid, ErrorCodes.INTERNAL_ERROR)
             self.end(outcomes.local(outcomes.Reset, reason, 0))
             return
         code = status if status is not None else local_reply.REPLIES.get(reason, (500, ""))[0]
-        self.end(self._answered(kind, reason, self._render(reason, message, code)))
+        self.end(self._answered(kind, reason, self._render(reason, message, code, extra)))
 
     def _answered(self, kind: type[Outcome], reason: str, grpc_code: int | None) -> Outcome:
         out = outcomes.local(kind, reason, self.status)
         return out if grpc_code is None else outcomes.with_grpc(out, grpc_code)
 
-    def _render(self, reason: str, message: str | None, code: int) -> int | None:
+    def _render(
+        self,
+        reason: str,
+        message: str | None,
+        code: int,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> int | None:
         """Write a local reply on the stream: a gRPC error to a gRPC caller (its code is
         returned), else JSON."""
         text = message or local_reply.REPLIES.get(reason, (500, "internal error"))[1]
         conn, sid = self.conn, self.sid
         if self.grpc:
             headers = grpc.reply_headers(reason, text, code)
-            conn.send_headers(sid, headers, True)
+            conn.send_headers(sid, headers + [(n.lower(), v) for n, v in extra], True)
             self.status = 200
             return int(headers[2][1])
         body = json.dumps({"error": reason, "message": text}).encode()
@@ -572,6 +589,7 @@ class H2Exchange:
             (b"content-type", b"application/json"),
             (b"content-length", b"%d" % len(body)),
             (b"x-tether-error", reason.encode()),
+            *[(n.lower(), v) for n, v in extra],  # Location, Retry-After (a route's)
         ]
         if self.head.request_id is not None:
             head.append((b"x-request-id", self.head.request_id))

@@ -8,6 +8,7 @@ from the application's without parsing prose.
 from __future__ import annotations
 
 import json
+import math
 
 UNKNOWN_SERVICE = "unknown_service"
 NO_HEALTHY_UPSTREAM = "no_healthy_upstream"
@@ -25,6 +26,9 @@ NOT_IMPLEMENTED = "not_implemented"
 HEADER_TIMEOUT = "request_header_timeout"
 PROXY_LOOP = "proxy_loop"
 DRAINING = "draining"
+FAULT_ABORT = "fault_abort"
+RATE_LIMITED = "rate_limited"
+REDIRECT = "redirect"
 # Plaintext at an inbound port that accepts mutual TLS only (proxy/tls.py).
 MTLS_REQUIRED = "mtls_required"
 # The TLS handshake with a remote sidecar failed, or it is not the destination.
@@ -54,18 +58,28 @@ REPLIES: dict[str, tuple[int, str]] = {
     NOT_IMPLEMENTED: (501, "not implemented"),
     HEADER_TIMEOUT: (408, "the request head did not arrive in time"),
     PROXY_LOOP: (508, "the request would loop back into this sidecar"),
+    FAULT_ABORT: (503, "aborted by the route's fault injection"),
+    RATE_LIMITED: (429, "over the route's rate limit"),
+    REDIRECT: (302, "redirected by the route"),
     MTLS_REQUIRED: (400, "this port accepts mutual TLS only"),
     NOT_EXPOSED: (404, "only the app's health path is served here"),
     UPSTREAM_TLS_ERROR: (502, "the upstream's TLS identity could not be verified"),
 }
 
 _PHRASES = {
+    301: b"Moved Permanently",
+    302: b"Found",
+    303: b"See Other",
+    307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
     400: b"Bad Request",
     403: b"Forbidden",
     404: b"Not Found",
     408: b"Request Timeout",
     417: b"Expectation Failed",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
     501: b"Not Implemented",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
@@ -82,6 +96,7 @@ def render(
     close: bool = False,
     head_only: bool = False,
     request_id: bytes | None = None,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> bytes:
     """The full bytes of a local reply (head and body) for one reason."""
     default_status, default_message = REPLIES.get(reason, (500, "internal error"))
@@ -95,7 +110,14 @@ def render(
     ]
     if request_id is not None:
         lines.append(b"x-request-id: " + request_id)
+    for name, value in headers:
+        lines.append(name + b": " + value)
     if close:
         lines.append(b"connection: close")
     head = b"\r\n".join(lines) + b"\r\n\r\n"
     return head if head_only else head + body
+
+
+def retry_after(wait: float) -> bytes:
+    """A Retry-After value in whole seconds (RFC 9110 10.2.3), at least 1."""
+    return b"%d" % max(1, math.ceil(wait))

@@ -27,6 +27,16 @@ from proxy.cluster import Cluster, ServiceDirectory
 from proxy.cluster_spec import ClusterSpecs, PoolKeys, compile_specs, default_specs
 from proxy.errors import PolicyError
 from proxy.pool import PoolPolicy
+from proxy.route_filters import (
+    BucketStore,
+    Fault,
+    Mirror,
+    RateLimit,
+    Redirect,
+    Rewrite,
+    RuleFilters,
+    TokenBuckets,
+)
 from proxy.routing import (
     NO_EDIT,
     HeaderEdit,
@@ -39,6 +49,7 @@ from proxy.routing import (
     StringMatch,
     Subset,
 )
+from proxy.rule_index import INDEX_MIN, RuleIndex
 from wire import push as protocol
 from wire import resources as schema
 
@@ -74,7 +85,9 @@ def _edit(spec: schema.HeaderChangeSpec | None) -> HeaderEdit:
     )
 
 
-def _rule(res: schema.Resource, i: int, rule: schema.RouteRuleSpec) -> RouteRule:
+def _rule(
+    res: schema.Resource, i: int, rule: schema.RouteRuleSpec, buckets: BucketStore | None = None
+) -> RouteRule:
     where = f"{res.key}: spec.rules[{i}]"
     m = rule.match
     path = None
@@ -105,7 +118,80 @@ def _rule(res: schema.Resource, i: int, rule: schema.RouteRuleSpec) -> RouteRule
         subset=rule.destination.subset,
         request_headers=_edit(rule.request_headers),
         response_headers=_edit(rule.response_headers),
+        filters=_filters(res, i, rule, buckets),
     )
+
+
+def _filters(
+    res: schema.Resource, i: int, rule: schema.RouteRuleSpec, buckets: BucketStore | None
+) -> RuleFilters | None:
+    """A rule's L7 filters (proxy/route_filters.py), or None when it has none."""
+    if not (rule.fault or rule.rate_limit or rule.redirect or rule.rewrite or rule.mirror):
+        return None
+    where = f"{res.key}: spec.rules[{i}]"
+    names: set[str] = set()
+    fault = None
+    if rule.fault is not None:
+        f = rule.fault
+        fheaders = tuple(
+            (h.name.lower(),
+             _string_match(h.exact, h.regex, h.present, f"{where}.fault.headers[{j}]"))
+            for j, h in enumerate(f.headers)
+        )  # fmt: skip
+        names.update(n for n, _ in fheaders)
+        fault = Fault(
+            headers=fheaders,
+            delay=f.delay.fixed if f.delay else 0.0,
+            delay_fraction=f.delay.percentage if f.delay else 0.0,
+            abort_status=f.abort.status if f.abort else 0,
+            abort_fraction=f.abort.percentage if f.abort else 0.0,
+        )
+    limit = None
+    if rule.rate_limit is not None:
+        rl = rule.rate_limit
+
+        def make() -> TokenBuckets:
+            return TokenBuckets(rl.requests, rl.interval, rl.burst or rl.requests, rl.max_keys)
+
+        # A snapshot that leaves this rule's limit as it was keeps its buckets.
+        key = (res.namespace, res.name, i, rl)
+        tb = buckets.get(key, make) if buckets is not None else make()
+        header = (rl.header or "").lower()
+        if rl.key == "header":
+            names.add(header)
+        limit = RateLimit(tb, rl.at, rl.key, header)
+    redirect = None
+    if rule.redirect is not None:
+        rd = rule.redirect
+        redirect = Redirect(rd.status, rd.scheme, rd.host, rd.port, rd.path)
+    rewrite = None
+    if rule.rewrite is not None:
+        rw = rule.rewrite
+        mp = rule.match.path
+        pattern = None
+        if rw.regex is not None:
+            try:
+                pattern = StringMatch.of("regex", rw.regex.pattern).pattern
+            except RegexError as exc:
+                raise PolicyError(f"{where}.rewrite.regex.pattern: {exc}") from None
+        rewrite = Rewrite(
+            prefix=mp.prefix if rw.prefix is not None and mp is not None else None,
+            replacement=rw.prefix or "",
+            pattern=pattern,
+            substitution=rw.regex.substitution if rw.regex is not None else "",
+            host=rw.host,
+        )
+    mirror = None
+    if rule.mirror is not None:
+        mi = rule.mirror
+        mirror = Mirror(
+            service=mi.service or rule.destination.service or res.name,
+            namespace=res.namespace,
+            subset=mi.subset,
+            fraction=mi.percentage,
+            max_body=mi.max_body_bytes,
+        )
+    return RuleFilters(fault, limit, redirect, rewrite, mirror, frozenset(names))
 
 
 def decode(resources: Sequence[Mapping[str, Any]]) -> list[schema.Resource]:
@@ -134,9 +220,13 @@ def decode(resources: Sequence[Mapping[str, Any]]) -> list[schema.Resource]:
 
 
 def compile_table(
-    resources: Iterable[schema.Resource], version: int = 0, hash_: str = ""
+    resources: Iterable[schema.Resource],
+    version: int = 0,
+    hash_: str = "",
+    buckets: BucketStore | None = None,
 ) -> tuple[RoutingTable, schema.MeshConfigSpec | None]:
-    """The RoutingTable for these resources (and the MeshConfig among them)."""
+    """The RoutingTable for these resources (and the MeshConfig among them); rate-limit
+    buckets are taken from `buckets` when it has them, and added to it."""
     routes: dict[tuple[str, str], schema.Resource] = {}
     splits: dict[tuple[str, str], schema.Resource] = {}
     defaults: dict[tuple[str, str], schema.Resource] = {}
@@ -158,7 +248,7 @@ def compile_table(
         if key in routes:
             res = routes[key]
             assert isinstance(res.spec, schema.RouteSpec)
-            rules = tuple(_rule(res, i, r) for i, r in enumerate(res.spec.rules))
+            rules = tuple(_rule(res, i, r, buckets) for i, r in enumerate(res.spec.rules))
         split = None
         subsets: dict[str, Subset] = {}
         if key in splits:
@@ -203,9 +293,12 @@ def compile_table(
         names = sticky_names(pol)
         for rule in pol.rules:
             names.update(n.encode() for n, _ in rule.match.headers)
+            if rule.filters is not None:
+                names.update(n.encode() for n in rule.filters.header_names)
             if rule.subset is None:
                 names |= sticky_names(services.get((rule.namespace, rule.service)))
-        services[key] = dataclasses.replace(pol, header_names=frozenset(names))
+        index = RuleIndex(pol.rules) if len(pol.rules) > INDEX_MIN else None
+        services[key] = dataclasses.replace(pol, header_names=frozenset(names), index=index)
     # A route may name a subset only of a destination that defines it.
     for pol in services.values():
         for i, rule in enumerate(pol.rules):
@@ -216,6 +309,16 @@ def compile_table(
                 raise PolicyError(
                     f"Route {pol.namespace}/{pol.service}: spec.rules[{i}].destination: "
                     f"subset {rule.subset!r} of {rule.service} is not defined by a TrafficSplit"
+                )
+        for i, rule in enumerate(pol.rules):
+            mirror = rule.filters.mirror if rule.filters is not None else None
+            if mirror is None or mirror.subset is None:
+                continue
+            dest = services.get((mirror.namespace, mirror.service))
+            if dest is None or mirror.subset not in dest.subsets:
+                raise PolicyError(
+                    f"Route {pol.namespace}/{pol.service}: spec.rules[{i}].mirror: subset "
+                    f"{mirror.subset!r} of {mirror.service} is not defined by a TrafficSplit"
                 )
     return RoutingTable(services, version, hash_), mesh
 
@@ -287,6 +390,8 @@ class Policy:
         # The hot path's one lookup: every service seen so far -> its policy or None.
         self._routes: dict[tuple[str, str], ServicePolicy | None] = {}
         self._lock = asyncio.Lock()
+        # The rate-limit buckets of the applied table (kept while a rule's limit stays).
+        self.buckets = BucketStore()
         # Called after each snapshot is in force (the sidecar's mTLS mode follows it).
         self.on_applied: list[Callable[[], None]] = []
 
@@ -329,7 +434,8 @@ class Policy:
         """Check, compile, make, switch, break. Raises PolicyError; then nothing changed."""
         async with self._lock:
             resources = decode(snapshot.resources)
-            table, mesh = compile_table(resources, snapshot.version, snapshot.hash)
+            self.buckets.discard()
+            table, mesh = compile_table(resources, snapshot.version, snapshot.hash, self.buckets)
             specs = compile_specs(table, mesh, self.pool_policy, self.pool_keys)
             lb = specs.load_balancers()
             # Make: clusters for every destination, then the subsets over them, and the
@@ -364,6 +470,7 @@ class Policy:
             # Switch (no await from here on, so no request sees half of it).
             self.table, self.mesh = table, mesh
             self.specs = specs
+            self.buckets.commit()
             self._routes = {key: _routing(table.policy(*key)) for key in self._routes}
             for key, pol in table.services.items():
                 self._routes[key] = _routing(pol)

@@ -20,12 +20,16 @@ Calls outside the mesh follow MeshConfig's egress policy once there is one (the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import ssl as ssl_module
+import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from proxy import local_reply
+from proxy.balance import Endpoint
 from proxy.cluster import Cluster, ServiceDirectory
 from proxy.dispatch import OutboundRouter
 from proxy.downstream import RNG, TimeoutPolicy
@@ -33,14 +37,17 @@ from proxy.egress import EgressGuard
 from proxy.errors import BadMessageError
 from proxy.heads import RequestHead
 from proxy.listener import Listener, _listen_outbound
+from proxy.mirror import MirrorSender, MirrorTap, pick_endpoint
 from proxy.policy import Policy
 from proxy.pool import PoolPolicy
+from proxy.route_filters import Mirror, RuleFilters
 from proxy.route_result import Peer, RouteResult
+from proxy.routing import Decision
 from proxy.stats import ProxyStats
 from proxy.target import Authority, parse_authority
 
 if TYPE_CHECKING:
-    from proxy.tls import MeshTLS
+    from proxy.tls import MeshTLS, UpstreamTLS
 
 
 class PolicyRouter(OutboundRouter):
@@ -65,6 +72,8 @@ class PolicyRouter(OutboundRouter):
         self.rng = rng if rng is not None else RNG
         # The specs' connect timeouts fall back to this router's own.
         policy.use_pool_policy(self.pool_policy)
+        # Copies for rules with `mirror` (proxy/mirror.py), over the same mTLS.
+        self.mirrors = MirrorSender(self._mirror_endpoint, ssl=self.upstream_ssl)
 
     def _to_cluster(
         self, head: RequestHead, peer: Peer, path: bytes | None, cluster: Cluster
@@ -75,15 +84,43 @@ class PolicyRouter(OutboundRouter):
         if sp is None:
             spec = specs.get(cluster.namespace, cluster.service)
             return self._concrete(head, peer, path, cluster, spec)
+        headers = sp.read_headers(head.headers)
         decision = policy.table.decide(
             sp,
             head.method.decode("latin-1"),
             (path or head.target).decode("latin-1"),
-            sp.read_headers(head.headers),
+            headers,
             self.rng,
         )
         if decision.request_headers:
             decision.request_headers.apply(head.headers)
+        rule = decision.rule
+        if rule is not None and rule.filters is not None:
+            # The rule's L7 filters (proxy/route_filters.py): an answer of their own, or
+            # the request rewritten, held and/or copied to a shadow.
+            step = self._filter(rule.filters, head, peer, path, headers)
+            if isinstance(step, RouteResult):
+                return step
+            path, delay, tap = step
+            if delay > 0.0:
+                return RouteResult(
+                    pending=self._delayed(delay, head, peer, path, cluster, decision, tap)
+                )
+            return self._destination(head, peer, path, cluster, decision, tap)
+        return self._destination(head, peer, path, cluster, decision, None)
+
+    def _destination(
+        self,
+        head: RequestHead,
+        peer: Peer,
+        path: bytes | None,
+        cluster: Cluster,
+        decision: Decision,
+        tap: MirrorTap | None,
+    ) -> RouteResult:
+        """The decision's concrete target: its service's (or subset's) cluster."""
+        policy = self.policy
+        specs = policy.specs
         target: Cluster | None = cluster
         if (decision.namespace, decision.service) != (cluster.namespace, cluster.service):
             target = self.directory.lookup(decision.namespace, decision.service)
@@ -104,7 +141,86 @@ class PolicyRouter(OutboundRouter):
         result = self._concrete(head, peer, path, target, spec)
         if decision.response_headers and result.reply is None:
             result = result.replace(response_edit=decision.response_headers.apply)
+        if tap is not None and result.reply is None:
+            result = result.replace(mirror=tap)
         return result
+
+    # -- a matched rule's L7 filters --------------------------------------------------------
+
+    def _filter(
+        self,
+        filters: RuleFilters,
+        head: RequestHead,
+        peer: Peer,
+        path: bytes | None,
+        headers: Mapping[str, str],
+    ) -> RouteResult | tuple[bytes | None, float, MirrorTap | None]:
+        """Rate limit, redirect, fault, rewrite and mirror draw, in that order: a local
+        answer, or (the origin-form target if rewritten, seconds to hold, the copy)."""
+        limit = filters.outbound_limit
+        if limit is not None:
+            wait = limit.check(headers, peer.identity, time.monotonic())
+            if wait > 0.0:
+                return RouteResult.answer(
+                    local_reply.RATE_LIMITED,
+                    f"over the route's rate limit; retry in {wait:.3f}s",
+                    headers=((b"retry-after", local_reply.retry_after(wait)),),
+                )
+        target = path or head.target
+        rd = filters.redirect
+        if rd is not None:
+            host = (head.host or b"").decode("latin-1")
+            location = rd.location(host, target.decode("latin-1"))
+            return RouteResult.answer(
+                local_reply.REDIRECT,
+                f"redirected to {location}",
+                status=rd.status,
+                headers=((b"location", location.encode("latin-1")),),
+            )
+        delay = 0.0
+        fault = filters.fault
+        if fault is not None:
+            status, delay = fault.draw(headers, self.rng)
+            if status:
+                return RouteResult.answer(
+                    local_reply.FAULT_ABORT, "aborted by fault injection", status=status
+                )
+        rw = filters.rewrite
+        if rw is not None:
+            new = rw.path(target.decode("latin-1"))
+            if new is not None:
+                path = new.encode("latin-1")
+            if rw.host is not None:
+                head.set_host(rw.host.encode("latin-1"))
+        tap = None
+        mirror = filters.mirror
+        if mirror is not None and mirror.draw(self.rng):
+            tap = self.mirrors.tap(mirror)
+        return path, delay, tap
+
+    async def _delayed(
+        self,
+        delay: float,
+        head: RequestHead,
+        peer: Peer,
+        path: bytes | None,
+        cluster: Cluster,
+        decision: Decision,
+        tap: MirrorTap | None,
+    ) -> RouteResult:
+        """A fault's delay: the request is held, then goes where it was going."""
+        await asyncio.sleep(delay)
+        return self._destination(head, peer, path, cluster, decision, tap)
+
+    def _mirror_endpoint(self, mirror: Mirror) -> tuple[Endpoint, UpstreamTLS | None] | None:
+        if mirror.subset is not None:
+            cluster = self.policy.subset_cluster(mirror.namespace, mirror.service, mirror.subset)
+        else:
+            cluster = self.directory.lookup(mirror.namespace, mirror.service)
+        if cluster is None:
+            return None
+        ep = pick_endpoint(cluster.endpoints, time.monotonic(), self.rng)
+        return None if ep is None else (ep, self._upstream_tls(cluster))
 
     # -- egress: MeshConfig's policy, when there is one, over the --egress flag ----------
 
@@ -126,6 +242,10 @@ class PolicyRouter(OutboundRouter):
             host = ""  # the plain router answers the bad target
         self.egress = self._egress_mode(host)
         return super().connect(head, peer)
+
+    def close(self) -> None:
+        self.mirrors.close()
+        super().close()
 
     def __repr__(self) -> str:
         return f"<PolicyRouter {self.policy!r} {super().__repr__()}>"

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from proxy.balance import Balancer, Endpoint
     from proxy.cluster_spec import ClusterSpec
     from proxy.heads import Fields
+    from proxy.mirror import MirrorTap
     from proxy.pool import Pool
     from proxy.stats import DestinationStats
 
@@ -64,6 +65,8 @@ class Reply:
     message: str | None = None
     status: int | None = None
     close: bool = False
+    # Fields the reply carries besides its own (Retry-After, Location).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class RouteResult:
@@ -76,6 +79,7 @@ class RouteResult:
     __slots__ = (
         "dstats",
         "endpoint",
+        "mirror",
         "path",
         "pending",
         "pool",
@@ -103,6 +107,7 @@ class RouteResult:
         pending: Awaitable[RouteResult] | None = None,
         spec: ClusterSpec | None = None,
         serve: bytes | None = None,
+        mirror: MirrorTap | None = None,
     ) -> None:
         self.pool = pool
         self.dstats = dstats
@@ -122,6 +127,8 @@ class RouteResult:
         # serve what follows on this connection here, each request (each HTTP/2
         # stream) routed on its own, instead of a blind tunnel. The authority named.
         self.serve = serve
+        # Copy this request to a shadow (proxy/mirror.py); None: no copy.
+        self.mirror = mirror
 
     def replace(self, **changes: Any) -> RouteResult:
         """A copy with `changes` (the fields' names as keywords)."""
@@ -139,9 +146,10 @@ class RouteResult:
         status: int | None = None,
         close: bool = False,
         dstats: DestinationStats | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> RouteResult:
         """A local reply instead of a destination."""
-        return cls(reply=Reply(reason, message, status, close), dstats=dstats)
+        return cls(reply=Reply(reason, message, status, close, headers), dstats=dstats)
 
     def __repr__(self) -> str:
         if self.reply is not None:

@@ -18,12 +18,16 @@ import random
 import zlib
 from collections.abc import Iterable, Mapping, MutableSequence, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl
 
 import re2
 
 from proxy.balance import Endpoint
+
+if TYPE_CHECKING:
+    from proxy.route_filters import RuleFilters
+    from proxy.rule_index import RuleIndex
 
 MatchKind = Literal["exact", "prefix", "regex", "present", "absent"]
 
@@ -140,6 +144,9 @@ class RouteRule:
     subset: str | None = None
     request_headers: HeaderEdit = NO_EDIT
     response_headers: HeaderEdit = NO_EDIT
+    # The rule's L7 filters (proxy/route_filters.py: fault, rate limit, redirect,
+    # rewrite, mirror); None: none.
+    filters: RuleFilters | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +252,7 @@ class Decision:
     subset: str | None
     request_headers: HeaderEdit = NO_EDIT
     response_headers: HeaderEdit = NO_EDIT
+    rule: RouteRule | None = None  # the rule that matched (None: the service itself)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,12 +268,18 @@ class ServicePolicy:
     defaults: object | None = None
     # Lower-case header names the rules and splits read (the only ones decoded).
     header_names: frozenset[bytes] = frozenset()
+    # For many rules, the candidates per request (proxy/rule_index.py); None: a scan.
+    index: RuleIndex | None = None
 
     def match(
         self, method: str, path: str, headers: Mapping[str, str], qs: str = ""
     ) -> RouteRule | None:
         query: Mapping[str, str] | None = None
-        for rule in self.rules:
+        index = self.index
+        rules: Sequence[RouteRule] = self.rules
+        if index is not None:
+            rules = [rules[i] for i in index.candidates(path, headers)]
+        for rule in rules:
             m = rule.match
             if not m.test(method, path, headers):
                 continue
@@ -338,7 +352,7 @@ class RoutingTable:
                     resp = HeaderEdit(
                         add=(*resp.add, ("set-cookie", cookie)), set=resp.set, remove=resp.remove
                     )
-        return Decision(service, namespace, subset, req, resp)
+        return Decision(service, namespace, subset, req, resp, rule)
 
     def subsets_in_use(self) -> set[tuple[str, str, str]]:
         """(namespace, service, subset) for every subset a rule or split can choose."""
@@ -349,6 +363,9 @@ class RoutingTable:
             for rule in pol.rules:
                 if rule.subset is not None:
                     used.add((rule.namespace, rule.service, rule.subset))
+                mirror = rule.filters.mirror if rule.filters is not None else None
+                if mirror is not None and mirror.subset is not None:
+                    used.add((mirror.namespace, mirror.service, mirror.subset))
         return used
 
     def subset(self, namespace: str, service: str, name: str) -> Subset | None:
@@ -360,4 +377,8 @@ class RoutingTable:
         out = set(self.services)
         for pol in self.services.values():
             out.update((r.namespace, r.service) for r in pol.rules)
+            for r in pol.rules:
+                mirror = r.filters.mirror if r.filters is not None else None
+                if mirror is not None:
+                    out.add((mirror.namespace, mirror.service))
         return out

@@ -395,6 +395,13 @@ class Sidecar:
         self.inbound.proxy.app_protocol = lambda: _protocol_of(
             policy.defaults(spec.namespace, spec.service)
         )
+        # The Route's `at: inbound` rate limits for this sidecar's own service.
+        from proxy.dispatch import InboundRouter
+        from proxy.inbound_limits import InboundLimits
+
+        router = self.inbound.router
+        if isinstance(router, InboundRouter):
+            router.limits = InboundLimits(policy, spec.namespace, spec.service)
         listener = await start_policy_outbound(
             self.directory,
             policy,
@@ -557,11 +564,21 @@ class Sidecar:
             "opaque_ports": {str(a): s.port for a, s in self.opaque.items()},
             "policy": self.policy.describe() if self.policy is not None else None,
             "controlplane": self.policy_client.describe() if self.policy_client else None,
+            "mirrors": self._mirror_counts(),
             "identity": self.identity.describe() if self.identity is not None else None,
             "registry": f"{self.spec.registry_scheme}://{self.spec.registry_host}:"
             f"{self.spec.registry_port}",
             "clusters": [{k: v for k, v in c.items() if k != "endpoints"} for c in self.clusters()],
         }
+
+    def _mirror_counts(self) -> dict[str, int] | None:
+        """Request copies to shadows (proxy/mirror.py): sent, failed, and not sent."""
+        if self.policy is None or self.outbound is None:
+            return None
+        from proxy.policy_router import PolicyRouter
+
+        router = self.outbound.router
+        return dict(router.mirrors.counts) if isinstance(router, PolicyRouter) else None
 
     def prometheus(self) -> str:
         from proxy.stats import render_config_metrics

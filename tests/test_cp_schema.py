@@ -216,13 +216,26 @@ def test_other_meshes_kinds_are_refused_naming_their_replacement(kind: str, inst
     assert (p.path, p.line) == ("kind", 2)
 
 
-@pytest.mark.parametrize("kind", ["RetryPolicy", "FaultInjection", "Mirror", "RateLimit"])
+@pytest.mark.parametrize("kind", ["RetryPolicy"])
 def test_later_kinds_are_refused_as_not_supported_yet(kind: str) -> None:
     text = f"apiVersion: {API_VERSION}\nkind: {kind}\nmetadata: {{name: a}}\nspec: {{}}\n"
     with pytest.raises(SchemaError) as info:
         parse_resources(text, "f.yaml")
     (p,) = info.value.problems
     assert p.message == f"kind {kind} is not supported yet"
+    assert (p.path, p.line) == ("kind", 2)
+
+
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [("FaultInjection", "fault"), ("Mirror", "mirror"), ("RateLimit", "rateLimit")],
+)
+def test_reserved_kinds_name_the_route_field_that_replaces_them(kind: str, field: str) -> None:
+    text = f"apiVersion: {API_VERSION}\nkind: {kind}\nmetadata: {{name: a}}\nspec: {{}}\n"
+    with pytest.raises(SchemaError) as info:
+        parse_resources(text, "f.yaml")
+    (p,) = info.value.problems
+    assert p.message.startswith(f"kind {kind} is not a Tether kind: use a Route rule's '{field}'")
     assert (p.path, p.line) == ("kind", 2)
 
 

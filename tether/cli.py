@@ -489,7 +489,7 @@ def diff(files: tuple[str, ...], cp_url: str, token: str | None) -> None:
 
 
 @main.command()
-@click.argument("kind")
+@click.argument("kind", required=False)
 @click.argument("name", required=False)
 @click.option("-n", "--namespace", default=None, help="Namespace (default: default).")
 @click.option("-A", "--all-namespaces", is_flag=True)
@@ -500,7 +500,7 @@ def diff(files: tuple[str, ...], cp_url: str, token: str | None) -> None:
 @_cp_option
 @_token_option
 def get(
-    kind: str,
+    kind: str | None,
     name: str | None,
     namespace: str | None,
     all_namespaces: bool,
@@ -509,7 +509,8 @@ def get(
     cp_url: str,
     token: str | None,
 ) -> None:
-    """Show resources of KIND (ServiceDefaults, Route, TrafficSplit, MeshConfig)."""
+    """Show resources of KIND (ServiceDefaults, Route, TrafficSplit, MeshConfig), or of
+    every kind (`get all`, or no KIND)."""
     import sys
 
     from controlplane import operator
@@ -606,11 +607,73 @@ def status(
         return
     click.echo(view.table(records, now))
     click.echo(f"\n{view.summary(records)}; config version {body.get('version')}")
+    try:
+        splits = ControlPlaneClient(cp_url).list("TrafficSplit", namespace)["items"]
+    except ApiError:
+        splits = []
+    for line in view.analyses(splits, now):
+        click.echo(line)
     if hidden:
         click.echo(
             f"{hidden} disconnected sidecar(s) last seen over {retention:g}s ago not shown "
             "(--retention SECONDS)"
         )
+
+
+@main.command()
+@click.argument("url")
+@click.option("-X", "--method", default="GET", show_default=True, help="The request's method.")
+@click.option(
+    "-H", "--header", "headers", multiple=True, help="A request header 'Name: value' (repeatable)."
+)
+@click.option(
+    "--from", "caller", default=None, help="The calling service, SERVICE or SERVICE.NAMESPACE."
+)
+@_cp_option
+@_token_option
+def explain(
+    url: str,
+    method: str,
+    headers: tuple[str, ...],
+    caller: str | None,
+    cp_url: str,
+    token: str | None,
+) -> None:
+    """What the mesh would do with a request to URL, and why: the matching route rule (and
+    why earlier ones do not match), filters, split, endpoints, balancer, timeouts."""
+    from controlplane.client import ApiError, ControlPlaneClient
+    from tether.explain import ExplainError, ExplainRequest
+    from tether.explain import explain as run_explain
+
+    fields: dict[str, str] = {}
+    for h in headers:
+        name, colon, value = h.partition(":")
+        if not colon or not name.strip():
+            raise click.UsageError(f"-H {h!r}: expected 'Name: value'")
+        fields[name.strip().lower()] = value.strip()
+    service, _, namespace = (caller or "").partition(".")
+    req = ExplainRequest(url, method, fields, service, namespace or "default")
+    client = ControlPlaneClient(cp_url, token)
+    try:
+        listing = client.list()
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from None
+    services: list[dict[str, str]] = []
+    sidecars: list[dict[str, str]] = []
+    notes = []
+    try:
+        services = client.request("GET", "/services").get("services", [])
+    except ApiError as exc:
+        notes.append(f"(endpoints not shown: {exc})")
+    try:
+        sidecars = client.request("GET", "/sidecars").get("sidecars", [])
+    except ApiError as exc:
+        notes.append(f"(sidecars not shown: {exc})")
+    try:
+        lines = run_explain(req, listing["items"], services, sidecars, int(listing["version"]))
+    except ExplainError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("\n".join([*lines, *notes]))
 
 
 @main.group()

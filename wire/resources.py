@@ -293,6 +293,12 @@ class ServiceDefaultsSpec:
         {"retries", "retryPolicy", "fault", "faultInjection", "mirror", "rateLimit"}
     )
 
+    # Fields written here that live on a Route rule: the error says where.
+    MOVED_FIELDS: ClassVar[dict[str, str]] = {
+        k: f"a Route rule's '{k}' (spec.rules[].{k} of the service's Route)"
+        for k in ("fault", "mirror", "rateLimit")
+    }
+
     protocol: Protocol = spec_field(
         "http, tcp, http2 or grpc (HTTP/2: the app is served h2c).", default="http"
     )
@@ -400,7 +406,7 @@ class RouteRuleSpec:
     """A match and where matching requests go; rules are tried in order, first match wins."""
 
     FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"retries", "retryPolicy", "fault", "faultInjection", "mirror", "rateLimit"}
+        {"retries", "retryPolicy", "faultInjection"}
     )
 
     match: RouteMatchSpec = spec_field("Conditions; empty: every request.", factory=RouteMatchSpec)
@@ -412,6 +418,126 @@ class RouteRuleSpec:
     )
     response_headers: HeaderChangeSpec | None = spec_field(
         "Edits to the response's headers.", default=None
+    )
+    # L7 traffic policy per rule (docs/traffic.md): run at the caller's sidecar, except
+    # a rate limit with `at: inbound`.
+    fault: FaultSpec | None = spec_field(
+        "Inject delays and aborts (resilience testing).", default=None
+    )
+    rewrite: RewriteSpec | None = spec_field(
+        "Rewrite the path (prefix or regex) and the Host before forwarding.", default=None
+    )
+    redirect: RedirectSpec | None = spec_field(
+        "Answer with a redirect instead of forwarding.", default=None
+    )
+    rate_limit: RateLimitSpec | None = spec_field(
+        "A token bucket; over the limit: 429 rate_limited with Retry-After.", default=None
+    )
+    mirror: MirrorSpec | None = spec_field(
+        "Copy a share of requests to a shadow service (responses discarded).", default=None
+    )
+
+
+@dataclass(frozen=True)
+class FaultDelaySpec:
+    """Hold a share of requests for a fixed time before forwarding them."""
+
+    fixed: Duration = spec_field("How long.")
+    percentage: float = spec_field("Share of requests delayed, 0-100.", default=100.0)
+
+
+@dataclass(frozen=True)
+class FaultAbortSpec:
+    """Answer a share of requests with a status instead of forwarding them."""
+
+    status: int = spec_field("The status to answer with (200-599).")
+    percentage: float = spec_field("Share of requests aborted, 0-100.", default=100.0)
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """Fault injection: a delay, an abort or both, for every request or only those whose
+    headers match (all of `headers`)."""
+
+    delay: FaultDelaySpec | None = spec_field("Delay before forwarding.", default=None)
+    abort: FaultAbortSpec | None = spec_field("Abort with a status.", default=None)
+    headers: tuple[HeaderMatchSpec, ...] = spec_field(
+        "Only requests with these headers (all) get the fault; empty: every request.",
+        default=(),
+    )
+
+
+@dataclass(frozen=True)
+class RegexRewriteSpec:
+    """Replace the whole path's matches of `pattern` (RE2) by `substitution` (\\1 refers
+    to a group)."""
+
+    pattern: str = spec_field("RE2 regular expression, searched in the path.")
+    substitution: str = spec_field("Replacement; \\1..\\9 are the pattern's groups.")
+
+
+@dataclass(frozen=True)
+class RewriteSpec:
+    """Rewrite the request before forwarding: path by prefix or regex, and the Host."""
+
+    prefix: str | None = spec_field(
+        "Replace the prefix the rule's match.path.prefix matched with this.", default=None
+    )
+    regex: RegexRewriteSpec | None = spec_field("Rewrite the path by a regex.", default=None)
+    host: str | None = spec_field("Replace the Host header with this.", default=None)
+
+
+RedirectScheme = Literal["http", "https"]
+
+
+@dataclass(frozen=True)
+class RedirectSpec:
+    """Answer with a redirect: the request's URL with the given parts replaced."""
+
+    status: int = spec_field("301, 302, 303, 307 or 308.", default=302)
+    scheme: RedirectScheme | None = spec_field("http or https; unset: http.", default=None)
+    host: str | None = spec_field("Host; unset: the request's.", default=None)
+    port: int | None = spec_field("Port; unset: none (the scheme's default).", default=None)
+    path: str | None = spec_field("Path; unset: the request's path and query.", default=None)
+
+
+RateLimitSide = Literal["outbound", "inbound"]
+RateLimitKey = Literal["none", "caller", "header"]
+
+
+@dataclass(frozen=True)
+class RateLimitSpec:
+    """A token bucket: `requests` tokens every `interval`, holding at most `burst`."""
+
+    requests: int = spec_field("Tokens added per interval.")
+    interval: Duration = spec_field("The refill interval.", default=1.0)
+    burst: int | None = spec_field("Bucket size; unset: `requests`.", default=None)
+    at: RateLimitSide = spec_field(
+        "outbound: at each caller's sidecar, per caller; inbound: at the service's own "
+        "sidecars, over all callers (keyed by `key`).",
+        default="outbound",
+    )
+    key: RateLimitKey = spec_field(
+        "none: one bucket; caller: one per caller identity (inbound only); header: one "
+        "per value of `header`.",
+        default="none",
+    )
+    header: str | None = spec_field("The header for key: header.", default=None)
+    max_keys: int = spec_field(
+        "Buckets kept (least recently used dropped): bounds memory.", default=10000
+    )
+
+
+@dataclass(frozen=True)
+class MirrorSpec:
+    """Copy a share of requests to a shadow; its responses are discarded."""
+
+    service: str | None = spec_field("Shadow service; unset: the rule's destination.",
+                                     default=None)  # fmt: skip
+    subset: str | None = spec_field("A subset of it (from its TrafficSplit).", default=None)
+    percentage: float = spec_field("Share of requests copied, 0-100.", default=100.0)
+    max_body_bytes: int = spec_field(
+        "Requests with larger bodies are not mirrored (counted).", default=65536
     )
 
 
@@ -453,6 +579,34 @@ class TrafficSplitSpec:
     subsets: tuple[SubsetSpec, ...] = spec_field("The subsets and their weights.")
     sticky: StickyPolicy | None = spec_field("Stickiness; unset: every request is drawn anew.",
                                              default=None)  # fmt: skip
+    analysis: AnalysisSpec | None = spec_field(
+        "Progressive delivery: the control plane moves weight to the canary step by step "
+        "while it meets the thresholds, and back to 0 when it breaks one.",
+        default=None,
+    )
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    """A canary analysis: `canary` gets each step's weight in turn (`stable` the rest of
+    what the two hold), each held for `interval`, while the canary's numbers (from the
+    sidecars' stats) meet the thresholds; a breach rolls the canary back to 0."""
+
+    canary: str = spec_field("The subset being promoted.")
+    stable: str = spec_field("The subset that gives up weight to it.")
+    steps: tuple[int, ...] = spec_field("The canary's weights in order, e.g. [5, 25, 50, 100].")
+    interval: Duration = spec_field("How long each step is held and watched.")
+    min_requests: int = spec_field(
+        "Requests to the canary the stats window must hold before a step may advance.",
+        default=20,
+    )
+    min_success_rate: float | None = spec_field(
+        "Lowest acceptable share of the canary's requests answered below 500, in percent.",
+        default=None,
+    )
+    max_p99: Duration | None = spec_field(
+        "Highest acceptable 99th-percentile latency of the canary's requests.", default=None
+    )
 
 
 @dataclass(frozen=True)
@@ -502,13 +656,17 @@ FUTURE_KINDS = frozenset(
         "PeerAuthentication",
     }
 )
-# Kinds other meshes have, refused with what takes their place here.
+# Kinds other meshes have, or reserved kinds whose behaviour arrived as fields of
+# another kind: refused, naming what takes their place here.
 REPLACED_KINDS: dict[str, str] = {
     "MTLSPolicy": "MeshConfig spec.mtls (mode, namespaces.<ns>.mode) and ServiceDefaults "
     "spec.mtls.mode",
     "PeerAuthentication": "MeshConfig spec.mtls (mode, namespaces.<ns>.mode) and "
     "ServiceDefaults spec.mtls.mode",
     "AuthorizationPolicy": "the Intention kind and MeshConfig spec.mtls.namespaces.<ns>.isolated",
+    "FaultInjection": "a Route rule's 'fault' field (spec.rules[].fault)",
+    "Mirror": "a Route rule's 'mirror' field (spec.rules[].mirror)",
+    "RateLimit": "a Route rule's 'rateLimit' field (spec.rules[].rateLimit)",
 }
 
 
@@ -893,12 +1051,15 @@ class Decoder:
         infos = fields_of(cls)
         by_key = {f.key: f for f in infos}
         future: frozenset[str] = getattr(cls, "FUTURE_FIELDS", frozenset())
+        moved: dict[str, str] = getattr(cls, "MOVED_FIELDS", {})
         ok = True
         for key in value:
             if key in by_key:
                 continue
             ok = False
-            if key in future:
+            if key in moved:
+                self.fail((*path, key), f"field {key!r} belongs to {moved[key]}")
+            elif key in future:
                 self.fail((*path, key), f"field {key!r} {FUTURE}")
             else:
                 known = ", ".join(sorted(by_key))
@@ -1198,6 +1359,110 @@ def _check_route(c: _Checker, spec: RouteSpec) -> None:
                             ("responseHeaders", rule.response_headers)):  # fmt: skip
             if change is not None:
                 _check_header_change(c, (*at, key), change)
+        _check_rule_traffic(c, at, rule)
+
+
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+
+
+def _check_percentage(c: _Checker, path: FieldPath, value: float) -> None:
+    if not 0 <= value <= 100:
+        c.add(path, f"percentage {value} out of range 0-100")
+
+
+def _check_rule_traffic(c: _Checker, at: FieldPath, rule: RouteRuleSpec) -> None:
+    """The L7 fields of one rule: fault, rewrite, redirect, rateLimit, mirror."""
+    f = rule.fault
+    if f is not None:
+        fa: FieldPath = (*at, "fault")
+        if f.delay is None and f.abort is None:
+            c.add(fa, "a fault needs 'delay', 'abort' or both")
+        if f.delay is not None:
+            if not 0 < f.delay.fixed <= 3600:
+                c.add((*fa, "delay", "fixed"), "must be greater than zero and at most 1h")
+            _check_percentage(c, (*fa, "delay", "percentage"), f.delay.percentage)
+        if f.abort is not None:
+            if not 200 <= f.abort.status <= 599:
+                c.add((*fa, "abort", "status"), f"status {f.abort.status} out of range 200-599")
+            _check_percentage(c, (*fa, "abort", "percentage"), f.abort.percentage)
+        for j, hm in enumerate(f.headers):
+            c.token((*fa, "headers", j, "name"), hm.name, "header name")
+            if hm.regex is not None:
+                c.regex((*fa, "headers", j, "regex"), hm.regex)
+    rw = rule.rewrite
+    if rw is not None:
+        ra: FieldPath = (*at, "rewrite")
+        if rw.prefix is None and rw.regex is None and rw.host is None:
+            c.add(ra, "a rewrite needs 'prefix', 'regex' or 'host'")
+        if rw.prefix is not None and rw.regex is not None:
+            c.add(ra, "at most one of prefix, regex (got both)")
+        if rw.prefix is not None:
+            p = rule.match.path
+            if p is None or p.prefix is None:
+                c.add((*ra, "prefix"), "a prefix rewrite needs the rule's match.path.prefix")
+            if not rw.prefix.startswith("/"):
+                c.add((*ra, "prefix"), "a path starts with '/'")
+        if rw.regex is not None:
+            c.regex((*ra, "regex", "pattern"), rw.regex.pattern)
+            if any(ch in rw.regex.substitution for ch in "\r\n\0 "):
+                c.add((*ra, "regex", "substitution"), "no spaces, CR, LF or NUL in a path")
+        if rw.host is not None and not _valid_authority(rw.host):
+            c.add((*ra, "host"), f"invalid host {rw.host!r}")
+    rd = rule.redirect
+    if rd is not None:
+        da: FieldPath = (*at, "redirect")
+        if rd.status not in REDIRECT_STATUSES:
+            c.add((*da, "status"), f"status {rd.status} is not one of 301, 302, 303, 307, 308")
+        if rd.host is not None and not _valid_authority(rd.host):
+            c.add((*da, "host"), f"invalid host {rd.host!r}")
+        if rd.port is not None and not 1 <= rd.port <= 65535:
+            c.add((*da, "port"), f"port {rd.port} out of range 1-65535")
+        if rd.path is not None and (
+            not rd.path.startswith("/") or any(ch in rd.path for ch in "\r\n\0 ")
+        ):
+            c.add((*da, "path"), "a path starts with '/' and has no spaces, CR, LF or NUL")
+        for other in ("rewrite", "mirror", "fault", "rate_limit"):
+            if getattr(rule, other) is not None:
+                c.add(da, f"a redirect answers at once: it cannot have '{camel(other)}'")
+        if rule.destination.service is not None or rule.destination.subset is not None:
+            c.add(da, "a redirect answers at once: it cannot have a 'destination'")
+    rl = rule.rate_limit
+    if rl is not None:
+        la: FieldPath = (*at, "rateLimit")
+        if not 1 <= rl.requests <= 1_000_000_000:
+            c.add((*la, "requests"), "must be between 1 and 1000000000")
+        c.positive((*la, "interval"), rl.interval)
+        if rl.burst is not None and not 1 <= rl.burst <= 1_000_000_000:
+            c.add((*la, "burst"), "must be between 1 and 1000000000")
+        if not 1 <= rl.max_keys <= 1_000_000:
+            c.add((*la, "maxKeys"), "must be between 1 and 1000000")
+        if rl.key == "header":
+            if rl.header is None:
+                c.add(la, "key: header needs 'header'")
+            else:
+                c.token((*la, "header"), rl.header, "header name")
+        elif rl.header is not None:
+            c.add((*la, "header"), "only for key: header")
+        if rl.key == "caller" and rl.at != "inbound":
+            c.add((*la, "key"), "the caller's identity is known at the inbound sidecar only "
+                  "(at: inbound)")  # fmt: skip
+    mi = rule.mirror
+    if mi is not None:
+        ma: FieldPath = (*at, "mirror")
+        _check_percentage(c, (*ma, "percentage"), mi.percentage)
+        if mi.service is not None and not valid_name(mi.service):
+            c.add((*ma, "service"), f"invalid service name {mi.service!r}")
+        if mi.subset is not None and not valid_name(mi.subset):
+            c.add((*ma, "subset"), f"invalid subset name {mi.subset!r}")
+        if not 0 <= mi.max_body_bytes <= 16 * 1024 * 1024:
+            c.add((*ma, "maxBodyBytes"), "must be between 0 and 16777216")
+
+
+_AUTHORITY = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?$")
+
+
+def _valid_authority(host: str) -> bool:
+    return len(host) <= 253 and _AUTHORITY.match(host) is not None
 
 
 def _check_header_change(c: _Checker, at: FieldPath, change: HeaderChangeSpec) -> None:
@@ -1239,6 +1504,8 @@ def _check_split(c: _Checker, spec: TrafficSplitSpec) -> None:
                 c.add((*at, "selector"), "Meta keys must not be empty")
     if total != 100:
         c.add(("spec", "subsets"), f"weights sum to {total}, not 100")
+    if spec.analysis is not None:
+        _check_analysis(c, spec, names)
     st = spec.sticky
     if st is not None:
         if st.header is not None:
@@ -1248,6 +1515,35 @@ def _check_split(c: _Checker, spec: TrafficSplitSpec) -> None:
         if st.ttl is not None and st.cookie is None:
             c.add(("spec", "sticky", "ttl"), "ttl only applies to cookie stickiness")
         c.positive(("spec", "sticky", "ttl"), st.ttl)
+
+
+def _check_analysis(c: _Checker, spec: TrafficSplitSpec, names: Mapping[str, int]) -> None:
+    an = spec.analysis
+    assert an is not None
+    at: FieldPath = ("spec", "analysis")
+    for key, name in (("canary", an.canary), ("stable", an.stable)):
+        if name not in names:
+            c.add((*at, key), f"{name!r} is not a subset of this TrafficSplit")
+    if an.canary == an.stable:
+        c.add((*at, "stable"), "the stable subset must differ from the canary")
+    if not an.steps:
+        c.add((*at, "steps"), "at least one step is required")
+    others = sum(s.weight for s in spec.subsets if s.name not in (an.canary, an.stable))
+    prev = 0
+    for i, w in enumerate(an.steps):
+        if not prev < w <= 100 - others:
+            c.add((*at, "steps", i), f"steps must rise, each within 1-{100 - others} "
+                  f"(the other subsets hold {others}), got {w}")  # fmt: skip
+        prev = max(prev, w)
+    if not 1.0 <= an.interval <= 86400.0:
+        c.add((*at, "interval"), "must be between 1s and 24h")
+    if not 1 <= an.min_requests <= 1_000_000:
+        c.add((*at, "minRequests"), "must be between 1 and 1000000")
+    if an.min_success_rate is not None and not 0 <= an.min_success_rate <= 100:
+        c.add((*at, "minSuccessRate"), "must be within 0-100")
+    c.positive((*at, "maxP99"), an.max_p99)
+    if an.min_success_rate is None and an.max_p99 is None:
+        c.add(at, "an analysis needs a threshold: minSuccessRate, maxP99 or both")
 
 
 def _check_mesh(c: _Checker, spec: MeshConfigSpec) -> None:
