@@ -699,6 +699,8 @@ async def test_drain_says_goaway_and_lets_streams_in_flight_finish(mesh: H2Mesh)
         await until(lambda: sum(a.streams for a in mesh.apps) == 2, what="the stream is up")
         clean = await mesh.outbound.drain(5.0)
         assert clean
+        # Drained: the sidecar wrote the response and closed; the client reads it.
+        await asyncio.wait_for(slow.done.wait(), 5)
         assert slow.status == 200 and bytes(slow.body).startswith(b"app-")
         assert client.goaway is not None and client.goaway.error_code == ErrorCodes.NO_ERROR
     finally:
