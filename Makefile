@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test test-tools lint typecheck pytest fuzz bench bench-registry bench-push bench-balance clean
+.PHONY: up test test-tools lint typecheck pytest fuzz bench bench-registry bench-push bench-balance bench-chaos clean
 
 # One line per step: pip's own output stays quiet, but a first run never looks stuck.
 # A .venv without pip (venv created without ensurepip, e.g. Debian lacking python3-venv)
@@ -72,6 +72,10 @@ bench-push: $(STAMP)
 
 bench-balance: $(STAMP)
 	$(BIN)/python -m bench.balance_bench
+
+# Faults at full scale (kill, 50% failing, latency, retry storm): docs/benchmarks.md.
+bench-chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos_bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -12,7 +12,12 @@ it is worth against nginx.
 
     .venv/bin/python -m bench.hop_bench [--hop outbound|inbound] [--policy NAME[+locality]]
                                          [--count 50000] [--rounds 7] [--profile]
-                                         [--instructions] [--unique-ids]
+                                         [--instructions] [--unique-ids] [--no-retries]
+                                         [--authz none|l4|l7]
+
+`--authz` (inbound hop): the service's intentions checked before routing, for a caller
+with a SPIFFE ID: `l4` an intention allowing it (decided once per connection), `l7` one
+allowing GET on a path prefix and a header (matched per request).
 
 `--instructions` counts instead of timing: the process runs twice under valgrind's
 callgrind (2,000 and 12,000 requests) and the difference is divided by 10,000, so
@@ -79,8 +84,38 @@ class FakeTransport:
         self.closed = True
 
 
-def build(hop: str, policy: str, endpoints: int) -> tuple[Any, Any]:
-    """A ProxyServer for `hop` with warm pools; returns (server, downstream connection)."""
+def _authz(kind: str) -> Any:
+    """The inbound authorization `--authz` names, or None."""
+    if kind == "none":
+        return None
+    from proxy.authz import InboundAuthz
+    from wire.resources import API_VERSION, Resource
+
+    source: dict[str, Any] = {"name": "web", "action": "allow"}
+    if kind == "l7":
+        http = {"path": {"prefix": "/api/"}, "methods": ["GET"],
+                "headers": [{"name": "accept", "present": True}]}  # fmt: skip
+        source = {"name": "web", "permissions": [{"action": "allow", "http": http}]}
+    docs = [
+        {"kind": "Intention", "metadata": {"name": "svc"}, "spec": {"sources": [source]}},
+        {
+            "kind": "MeshConfig",
+            "metadata": {"name": "mesh"},
+            "spec": {"authorization": {"defaultAction": "deny"}},
+        },
+    ]
+    authz = InboundAuthz("default", "svc")
+    authz.install(
+        authz.compile([Resource.from_dict({"apiVersion": API_VERSION, **d}) for d in docs])
+    )
+    return authz
+
+
+def build(
+    hop: str, policy: str, endpoints: int, authz: str = "none", retries: bool = True
+) -> tuple[Any, Any]:
+    """A ProxyServer for `hop` with warm pools; returns (server, downstream connection).
+    Outbound, the default retry policy applies unless `retries` is False."""
     from proxy.balance import Endpoint, HashPolicy, LoadBalancerPolicy, build_balancer
     from proxy.cluster import Cluster, StaticDirectory
     from proxy.dispatch import InboundRouter, OutboundRouter
@@ -106,6 +141,12 @@ def build(hop: str, policy: str, endpoints: int) -> tuple[Any, Any]:
             ]
         )
         router = OutboundRouter(StaticDirectory([cluster]), stats, pool_policy=pool_policy)
+        if not retries:
+            import dataclasses
+
+            from proxy.cluster_spec import ClusterSpecs
+
+            router.specs = ClusterSpecs(dataclasses.replace(router.specs.default, retry=None))
         pools = [
             router._pools.setdefault(
                 (ep.host, ep.port, router.specs.default.pool_key),
@@ -114,7 +155,7 @@ def build(hop: str, policy: str, endpoints: int) -> tuple[Any, Any]:
             for ep in cluster.endpoints
         ]
     else:
-        router = InboundRouter(20000, stats, pool_policy=pool_policy)
+        router = InboundRouter(20000, stats, pool_policy=pool_policy, authz=_authz(authz))
         pools = router.pools()
     server = ProxyServer(router, TimeoutPolicy(), stats, scheme=b"http")
     for pool in pools:  # a few idle keep-alive connections each, as under load
@@ -125,6 +166,8 @@ def build(hop: str, policy: str, endpoints: int) -> tuple[Any, Any]:
             pool.idle.append(up)
     conn = server()
     conn.connection_made(FakeTransport())
+    # The caller's identity, as mTLS would have verified it.
+    conn.peer.identity = "spiffe://bench.consul/ns/default/dc/dc1/svc/web"
     return server, conn
 
 
@@ -135,10 +178,17 @@ def one(conn: Any, request: bytes = REQUEST) -> None:
 
 
 def run(
-    hop: str, policy: str, endpoints: int, count: int, rounds: int, unique_ids: bool = False
+    hop: str,
+    policy: str,
+    endpoints: int,
+    count: int,
+    rounds: int,
+    unique_ids: bool = False,
+    authz: str = "none",
+    retries: bool = True,
 ) -> float:
     """Best µs per request over `rounds` rounds of `count` requests (round 0 warms up)."""
-    _, conn = build(hop, policy, endpoints)
+    _, conn = build(hop, policy, endpoints, authz, retries)
     one(conn)
     up_t = conn.transport
     assert up_t.last.startswith(b"HTTP/1.1 200 OK\r\n"), up_t.last[:80]
@@ -161,7 +211,7 @@ async def _main(args: argparse.Namespace) -> None:
         import cProfile
         import pstats
 
-        _, conn = build(args.hop, args.policy, args.endpoints)
+        _, conn = build(args.hop, args.policy, args.endpoints, args.authz, not args.no_retries)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.count):
@@ -169,7 +219,16 @@ async def _main(args: argparse.Namespace) -> None:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
         return
-    us = run(args.hop, args.policy, args.endpoints, args.count, args.rounds, args.unique_ids)
+    us = run(
+        args.hop,
+        args.policy,
+        args.endpoints,
+        args.count,
+        args.rounds,
+        args.unique_ids,
+        args.authz,
+        not args.no_retries,
+    )
     print(
         f"{args.hop} {args.policy} x{args.endpoints}: {us:.2f} µs/request (best of {args.rounds})"
     )
@@ -185,7 +244,8 @@ def instructions(args: argparse.Namespace) -> int:
                sys.executable, "-m", "bench.hop_bench", "--hop", args.hop,
                "--policy", args.policy, "--endpoints", str(args.endpoints),
                "--count", str(count), "--rounds", "0",
-               *(["--unique-ids"] if args.unique_ids else [])]  # fmt: skip
+               *(["--unique-ids"] if args.unique_ids else []), "--authz", args.authz,
+               *(["--no-retries"] if args.no_retries else [])]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
         m = re.search(r"Collected : (\d+)", out)
         if m is None:
@@ -205,6 +265,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--instructions", action="store_true")
     ap.add_argument("--unique-ids", action="store_true")
+    ap.add_argument("--authz", choices=["none", "l4", "l7"], default="none")
+    ap.add_argument(
+        "--no-retries",
+        action="store_true",
+        help="outbound without the default retry policy (to measure what it costs)",
+    )
     args = ap.parse_args()
     if args.instructions:
         n = instructions(args)

@@ -164,7 +164,14 @@ class Fleet:
         wait_port(port, popen)
         return proc
 
-    def nginx(self, name: str, cpu: str, server_block: str, upstream_port: int | None) -> Proc:
+    def nginx(
+        self,
+        name: str,
+        cpu: str,
+        server_block: str,
+        upstream_port: int | None,
+        listen_extra: str = "",
+    ) -> Proc:
         port = free_port()
         d = self.workdir / name
         d.mkdir()
@@ -189,7 +196,7 @@ http {{
     scgi_temp_path {d}/scgi;
     {upstream}
     server {{
-        listen 127.0.0.1:{port} backlog=1024;
+        listen 127.0.0.1:{port} {listen_extra} backlog=1024;
         {server_block}
     }}
 }}
@@ -207,6 +214,31 @@ http {{
         block = (
             "location / { proxy_pass http://up; proxy_http_version 1.1;"
             ' proxy_set_header Connection ""; }'
+        )
+        return self.nginx(name, PROXY_CPU, block, upstream_port)
+
+    def nginx_mtls_server(self, name: str, upstream_port: int, certs: Path) -> Proc:
+        """The second hop of the nginx mTLS pair: TLS 1.3, a client certificate required
+        (verified against the bench CA), plain HTTP to the upstream."""
+        block = (
+            f"ssl_certificate {certs}/svc.crt; ssl_certificate_key {certs}/svc.key;"
+            f" ssl_client_certificate {certs}/ca.pem; ssl_verify_client on;"
+            " ssl_protocols TLSv1.3;"
+            " location / { proxy_pass http://up; proxy_http_version 1.1;"
+            ' proxy_set_header Connection ""; }'
+        )
+        return self.nginx(name, PROXY_CPU, block, upstream_port, listen_extra="ssl")
+
+    def nginx_mtls_client(self, name: str, upstream_port: int, certs: Path) -> Proc:
+        """The first hop: plain from wrk, mTLS to the second (`proxy_ssl` with its client
+        certificate, the server's verified; a keep-alive pool and session reuse)."""
+        block = (
+            "location / { proxy_pass https://up; proxy_http_version 1.1;"
+            ' proxy_set_header Connection "";'
+            f" proxy_ssl_certificate {certs}/caller.crt;"
+            f" proxy_ssl_certificate_key {certs}/caller.key;"
+            f" proxy_ssl_trusted_certificate {certs}/ca.pem; proxy_ssl_verify on;"
+            " proxy_ssl_name svc; proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on; }"
         )
         return self.nginx(name, PROXY_CPU, block, upstream_port)
 
@@ -420,6 +452,43 @@ def perf_split(proc: Proc, seconds: float) -> list[tuple[str, float]]:
     return rows[:8]
 
 
+def sidecar_idle_rss_mtls(fleet: Fleet, tmp: Path) -> float | None:
+    """Idle RSS of a real `tether sidecar` attached to a control plane running the mesh
+    CA: its certificate obtained, TLS (cryptography, ssl contexts) loaded, in MB."""
+    reg_port, cp_port, out_port = free_port(), free_port(), free_port()
+    try:
+        cmd = [
+            sys.executable, "-m", "tether.cli", "registry",
+            "--port", str(reg_port), "--data-dir", str(tmp / "registry-mtls"), "--node", "bench",
+        ]  # fmt: skip
+        fleet.start("registry-mtls", cmd, reg_port, LOAD_CPU)
+        env = dict(os.environ, CONSUL_HTTP_ADDR=f"127.0.0.1:{reg_port}")
+        cp_env = dict(env, TETHER_CA_KEY_DIR=str(tmp / "ca-keys"))
+        cmd = [
+            sys.executable, "-m", "tether.cli", "controlplane",
+            "--port", str(cp_port), "--tls-port", "0",
+        ]  # fmt: skip
+        fleet.start("controlplane-mtls", cmd, cp_port, LOAD_CPU, env=cp_env)
+        cmd = [
+            sys.executable, "-m", "tether.cli", "sidecar", "--service", "benchsvc",
+            "--app-port", "1", "--outbound-port", str(out_port), "--inbound-port", "0",
+            "--admin-port", "0", "--controlplane", f"http://127.0.0.1:{cp_port}",
+        ]  # fmt: skip
+        # Its outbound listener opens only once it holds its certificate.
+        sidecar = fleet.start("sidecar-mtls", cmd, out_port, PROXY_CPU, env=env)
+    except (RuntimeError, TimeoutError, OSError) as e:
+        print(f"real mTLS sidecar not measured: {e}", flush=True)
+        return None
+    time.sleep(2.0)
+    log = (fleet.workdir / "sidecar-mtls.log").read_text(errors="replace")
+    if "mtls=on" not in log:
+        print(f"real mTLS sidecar not measured: it runs without mTLS:\n{log}", flush=True)
+        return None
+    rss = sidecar.rss_mb()
+    sidecar.stop()
+    return rss
+
+
 def sidecar_idle_rss(fleet: Fleet, tmp: Path) -> float | None:
     """Idle RSS of a real `tether sidecar` (registered in a `tether registry`), in MB."""
     reg_port = free_port()
@@ -542,6 +611,19 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
     nout = fleet.tether(
         "tether-out-n", ["outbound", "--cluster", f"svc=127.0.0.1:{nin.port}", "--sched", "normal"]
     )
+    # Two hops with mTLS between them (TLS 1.3, client certificates), same certificates.
+    from bench.mtls_material import write as write_certs
+
+    certs = write_certs(tmp / "certs")
+    ngx_tls_b = fleet.nginx_mtls_server("nginx-tls-b", up.port, certs)
+    ngx_tls_a = fleet.nginx_mtls_client("nginx-tls-a", ngx_tls_b.port, certs)
+    tls_in = fleet.tether(
+        "tether-tls-in", ["inbound", "--app-port", str(up.port), "--mtls", str(certs)]
+    )
+    tls_out = fleet.tether(
+        "tether-tls-out",
+        ["outbound", "--cluster", f"svc=127.0.0.1:{tls_in.port}", "--mtls", str(certs)],
+    )
     unique = tmp / "unique.lua"
     unique.write_text(UNIQUE_LUA)
     paths = [
@@ -561,11 +643,19 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
             "tether x2, unique heads", tout.port, "svc", [tout, tin], 2,
             script=unique, versus="nginx x2, unique heads",
         ),
+        Path_(
+            "nginx x2 mTLS", ngx_tls_a.port, "localhost", [ngx_tls_a, ngx_tls_b], 2,
+            versus="nginx x2 mTLS",
+        ),
+        Path_(
+            "tether x2 mTLS", tls_out.port, "svc", [tls_out, tls_in], 2,
+            versus="nginx x2 mTLS",
+        ),
     ]  # fmt: skip
     time.sleep(0.5)
     for p in paths:
         p.idle_rss_mb = sum(x.rss_mb() for x in p.proxies)
-    tether_idle = {x.name: x.rss_mb() for x in (t1, tin, tout)}
+    tether_idle = {x.name: x.rss_mb() for x in (t1, tin, tout, tls_in, tls_out)}
     # Warm up every path (pools, caches) before measuring.
     for p in paths:
         wrk(p.port, p.host, 1.0, p.script)
@@ -621,6 +711,7 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
     prof_rows = profile_summary(prof_file, prof_requests + warm_requests)
     perf_rows = perf_split(t1, args.seconds)
     real_sidecar_rss = sidecar_idle_rss(fleet, tmp)
+    real_mtls_rss = sidecar_idle_rss_mtls(fleet, tmp)
     print("counting instructions per request (callgrind) ...", flush=True)
     from bench.balance_path_bench import hop_instructions
 
@@ -667,6 +758,10 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
             f" {med(lambda r: r.p99_ms):.2f} | {cpu} | {x} | {sw} | {idle} | {loaded} |"
         )
     two_hop = ratio("tether x2", "nginx x2")
+    mtls_x = ratio("tether x2 mTLS", "nginx x2 mTLS")
+    mtls_idle = max(tether_idle["tether-tls-in"], tether_idle["tether-tls-out"])
+    if real_mtls_rss is not None:
+        mtls_idle = max(mtls_idle, real_mtls_rss)
     spread = [
         x.cpu_us / y.cpu_us
         for x, y in zip(by["tether x2"].runs, by["nginx x2"].runs, strict=True)
@@ -702,6 +797,15 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
         f" {tether_idle['tether-in']:.1f}; a real `tether sidecar` with discovery,"
         " registration and the admin listener, registered in a `tether registry`: "
         + (f"{real_sidecar_rss:.1f} MB" if real_sidecar_rss is not None else "not measured")
+        + ").",
+        f"- two hops with mTLS between them ≤ 1.6× nginx's (`proxy_ssl` with a client"
+        f" certificate, `ssl_verify_client on`, TLS 1.3 both): **{mtls_x:.2f}×**"
+        f" — {'met' if mtls_x <= 1.6 else 'NOT met'} (issue 12);",
+        f"- idle RSS with TLS loaded ≤ 64 MB: **{mtls_idle:.1f} MB**"
+        f" — {'met' if mtls_idle <= 64 else 'NOT met'} (mTLS listener processes: outbound"
+        f" {tether_idle['tether-tls-out']:.1f}, inbound {tether_idle['tether-tls-in']:.1f};"
+        " a real `tether sidecar` holding its certificate from a control plane's mesh CA: "
+        + (f"{real_mtls_rss:.1f} MB" if real_mtls_rss is not None else "not measured")
         + ").",
         "",
         "Reading the CPU figures: the byte relay (no HTTP parsing at all, one upstream"

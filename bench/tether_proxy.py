@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from typing import Any
 
 
 def _parse() -> argparse.Namespace:
@@ -37,7 +38,23 @@ def _parse() -> argparse.Namespace:
         help="batch: as the sidecar does (SCHED_BATCH); normal: the kernel's default",
     )
     p.add_argument("--profile", default=None, help="write cProfile stats here at SIGTERM")
+    p.add_argument(
+        "--mtls",
+        default=None,
+        help="DIR of bench/mtls_material.py: inbound serves mTLS as service `svc`; "
+        "outbound dials its clusters with mTLS as service `caller`",
+    )
     return p.parse_args()
+
+
+def _tls(args: argparse.Namespace, service: str) -> Any:
+    if not args.mtls:
+        return None
+    from pathlib import Path
+
+    from bench.mtls_material import mesh_tls
+
+    return mesh_tls(Path(args.mtls), service)
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -54,10 +71,13 @@ async def _serve(args: argparse.Namespace) -> None:
             cluster = Cluster(name, "default", build_balancer())
             cluster.set_endpoints([Endpoint(f"{name}-0", host, int(port))])
             directory.add(cluster)
-        listener = await start_outbound(directory, port=args.port)
+        listener = await start_outbound(directory, port=args.port, mesh_tls=_tls(args, "caller"))
     else:
         listener = await start_inbound(
-            args.app_port, port=args.port, app_protocol=args.app_protocol
+            args.app_port,
+            port=args.port,
+            mesh_tls=_tls(args, "svc"),
+            app_protocol=args.app_protocol,
         )
     settle_process(batch=args.sched == "batch")
     print(f"ready {listener.port}", flush=True)

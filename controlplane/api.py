@@ -177,9 +177,17 @@ def _key(request: web.Request) -> ResourceKey:
 
 
 async def index(request: web.Request) -> web.Response:
+    from controlplane.ca.service import CA_SERVICE
+
     cp = _cp(request)
+    ca = request.app.get(CA_SERVICE)
+    tls = ca.tls if ca is not None else None
     return reply(
         {
+            # The port of the push and CSR signing (TLS, the mesh CA's certificate);
+            # null while it is not open, with tlsStarting true until it is.
+            "tlsPort": tls.port if tls is not None else None,
+            "tlsStarting": bool(ca is not None and ca.tls_wanted and tls is None),
             "apiVersion": API_VERSION,
             "kinds": list(KINDS),
             "version": cp.snapshot.version,
@@ -273,7 +281,7 @@ async def _instances(cp: Any, resources: Sequence[Resource]) -> InstanceView | N
     """The registry's view of the instances of every service the resources configure."""
     view: dict[tuple[str, str], list[Mapping[str, str]]] = {}
     for res in resources:
-        if res.kind in CLUSTER_KINDS or (res.namespace, res.name) in view:
+        if res.kind in CLUSTER_KINDS or (res.namespace, res.name) in view or res.name == "*":
             continue
         try:
             _, nodes = await cp.consul.catalog.service(res.name)

@@ -319,6 +319,13 @@ def summary(doc: dict[str, Any]) -> str:
         return f"{spec.get('protocol', 'http')} {lb}"
     if kind == "MeshConfig":
         return f"egress={(spec.get('egress') or {}).get('mode', 'allow')}"
+    if kind == "Intention":
+        ns = (doc.get("metadata") or {}).get("namespace")
+        return " ".join(
+            f"{'' if s.get('namespace', ns) == ns else s.get('namespace') + '/'}{s.get('name')}"
+            f"={s.get('action') or 'L7'}"
+            for s in spec.get("sources", [])
+        )
     return ""
 
 

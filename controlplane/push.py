@@ -14,7 +14,9 @@ this server to the snapshots it publishes. The snapshot version is the config ve
 replica gives the same change the same version and it means the same everywhere. Each
 change is diffed per service against the previous one, and only sidecars whose needed
 set (the services they call, their own, and what routes among those lead to) touches a
-changed service get a new snapshot; a MeshConfig change concerns everyone.
+changed service get a new snapshot; a MeshConfig change concerns everyone. A service's
+Intentions reach its own sidecars that way (every sidecar needs its own service); an
+Intention named `*` is mesh-wide like MeshConfig.
 
 Per sidecar the replica records what it sent, what was acked and nacked (with the
 error) and when it last heard from it: in memory, and in the KV in a few shards per
@@ -46,7 +48,8 @@ from aiohttp import web
 from controlplane.api import route
 from controlplane.auth import READ_STATUS, RegistryAuthorizer, caller_token, write_service
 from controlplane.ca.provider import TrustBundle
-from controlplane.ca.service import CA_SERVICE
+from controlplane.ca.service import CA_SERVICE, CAService
+from controlplane.ca.tls_port import PeerVerificationError, is_tls, peer_identity
 from controlplane.canary import install as install_canary
 from controlplane.canary import with_live_weights
 from controlplane.errors import ControlPlaneError
@@ -79,11 +82,14 @@ MIN_STATS_GAP = 0.5
 
 
 def concern(doc: Mapping[str, Any]) -> ServiceKey | None:
-    """The service a stored document configures; None for mesh-wide kinds."""
+    """The service a stored document configures; None for mesh-wide kinds (and for
+    Intentions of every service, `*`, which every sidecar may need)."""
     if doc.get("kind") == "MeshConfig":
         return None
     meta = doc.get("metadata")
     meta = meta if isinstance(meta, dict) else {}
+    if doc.get("kind") == "Intention" and meta.get("name") == "*":
+        return None
     return (str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
 
 
@@ -292,6 +298,8 @@ class PushServer:
         self.stats_dropped = 0
         # The mesh CA's trust bundle, encoded (None while the CA is off or starting).
         self.bundle: str | None = None
+        # The mesh CA, whose certificates identify sidecars on the TLS port.
+        self.ca: CAService | None = None
 
     def set_bundle(self, bundle: protocol.Bundle) -> None:
         """A new trust bundle: every connected sidecar gets it (CAService.subscribe_bundle)."""
@@ -419,7 +427,12 @@ class PushServer:
             if not isinstance(hello, protocol.Hello):
                 await self._refuse(ws, "bad_message", "the first message must be a hello")
                 return ws
-            if self.authorizer is not None:
+            if is_tls(request):
+                refused = await self._check_certificate(request, hello)
+                if refused is not None:
+                    await self._refuse(ws, "permission_denied", f"{hello.node.key}: {refused}")
+                    return ws
+            elif self.authorizer is not None:
                 try:
                     await self.authorizer.require(
                         caller_token(request.headers), write_service(hello.node.service)
@@ -446,6 +459,23 @@ class PushServer:
             if session is not None:
                 self._close(session)
         return ws
+
+    async def _check_certificate(self, request: web.Request, hello: protocol.Hello) -> str | None:
+        """On the TLS port a sidecar is who its mesh certificate says: it must have one,
+        and say hello as that service in that namespace (so it gets only that config)."""
+        provider = self.ca.provider if self.ca is not None else None
+        if provider is None:
+            return "the mesh CA is not running"
+        try:
+            ident = await peer_identity(request, provider)
+        except (PeerVerificationError, ControlPlaneError) as exc:
+            return f"its certificate is refused: {exc}"
+        if ident is None:
+            return "the push on the TLS port takes the sidecar's mesh certificate"
+        node = hello.node
+        if (ident.service, ident.namespace) != (node.service, node.namespace):
+            return f"its certificate is {ident}, not {node.service} in {node.namespace}"
+        return None
 
     async def _refuse(self, ws: web.WebSocketResponse, code: str, message: str) -> None:
         log.warning("push: refusing a sidecar: %s: %s", code, message)
@@ -702,6 +732,7 @@ def install(cp: ControlPlane) -> PushServer:
     ca = cp.app.get(CA_SERVICE)
     if ca is not None:
         ca.subscribe_bundle(on_bundle)
+        server.ca = ca
 
     async def _start(_app: web.Application) -> None:
         server.consul = cp.consul

@@ -323,6 +323,11 @@ def json_schema(kind: str) -> dict[str, Any]:
     meta = _object_schema(MetadataSpec, defs)
     meta["properties"]["name"]["pattern"] = _NAME_PATTERN
     meta["properties"]["namespace"]["pattern"] = _NAME_PATTERN
+    if kind == "Intention":  # `*`: every service (and with namespace `*`, every namespace)
+        wild = {"anyOf": [{"pattern": _NAME_PATTERN}, {"const": "*"}]}
+        for key in ("name", "namespace"):
+            del meta["properties"][key]["pattern"]
+            meta["properties"][key].update(wild)
     for extra in sorted(SERVER_SET_METADATA):
         meta["properties"][extra] = {"description": "Set by the control plane; ignored."}
     if kind in CLUSTER_KINDS:

@@ -95,6 +95,10 @@ class ControlPlaneSpec:
     max_body: int = 4 * 1024 * 1024
     # Connection caps and timeouts of the listener (tether/http_limits.py).
     limits: ListenerLimits = CONTROLPLANE_LIMITS
+    # The TLS port of the push and CSR signing, opened once the mesh CA has started
+    # (`tether controlplane --tls-port`, 15012 by default; 0: any free port); None: none,
+    # the push and signing stay on `port`.
+    tls_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,10 @@ class ControlPlane:
         install_dashboard(self)
         # Under Kubernetes: terminating injected pods leave rotation at once.
         install_podwatch(self)
+        # Consul's intentions API (/v1/connect/intentions) over the Intention resources.
+        from controlplane.intentions import register as register_intentions
+
+        register_intentions(self.app)
         # The push server (WebSocket at /api/v1/push) installs itself with
         # `controlplane.push.install(cp)`: routes, on_startup/on_cleanup, subscribe().
         try:
@@ -182,6 +190,12 @@ class ControlPlane:
         )
         self.port = site.port
         log.info("control plane on %s:%d", self.spec.host, self.port)
+        if self.spec.tls_port is not None:
+            from controlplane.ca.service import CA_SERVICE
+
+            ca = self.app.get(CA_SERVICE)
+            if ca is not None:
+                ca.serve_tls(self._runner, self.spec.host, self.spec.tls_port, self.spec.limits)
 
     async def aclose(self) -> None:
         if self._watch_task is not None:

@@ -29,7 +29,7 @@ import difflib
 import json
 import logging
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -297,6 +297,56 @@ class PolicyStore:
         if result.changes[0].action == "absent":
             raise NotFoundError(f"{key} not found")
         return result
+
+    async def modify(
+        self,
+        key: ResourceKey,
+        edit: Callable[[Resource | None], Resource | None],
+        *,
+        token: str | None = None,
+    ) -> ApplyResult:
+        """Read-modify-write of one resource: `edit(current)` is the new resource (None:
+        delete it). A race lost to another writer re-runs `edit` on the fresh state, so
+        what the other writer did is kept (the Consul intentions API edits one source of
+        an Intention this way). `edit` may raise to refuse; nothing is written then."""
+        path = resource_key_path(key)
+        for attempt in range(self.max_attempts):
+            seen, _ = await self._read(path)
+            change, op = await self._plan(key, edit(seen))
+            fresh = change.old
+            if (fresh is None) != (seen is None) or (
+                fresh is not None
+                and seen is not None
+                and fresh.metadata.generation != seen.metadata.generation
+            ):
+                self.cas_retries += 1
+                continue  # changed between the two reads: edit the newer one
+            if op is None:
+                return ApplyResult([change], await self.version())
+            current, index = await self._read_version()
+            bump = {
+                "KV": {
+                    "Verb": "cas",
+                    "Key": VERSION_KEY,
+                    "Index": index,
+                    "Value": base64.b64encode(str(current + 1).encode()).decode(),
+                }
+            }
+            outcome = await self._txn([op, bump], token) if self.transactions else None
+            if outcome is None:  # no /v1/txn: one CAS write, then the counter
+                self.transactions = False
+                new = change.new
+                done = (
+                    await self._put(new, token)
+                    if new is not None
+                    else await self._delete(key, token)
+                )
+                return ApplyResult([done], await self.bump_version(token))
+            if outcome:
+                return ApplyResult([change], current + 1)
+            self.cas_retries += 1
+            await self._backoff(attempt)
+        raise ConflictError(f"lost {self.max_attempts} check-and-set races in a row")
 
     async def _change(
         self,

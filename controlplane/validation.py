@@ -194,6 +194,7 @@ def check_references(
                     else f"subset {dest.subset!r} is still used by Route {ns}/{service} rules[{i}]"
                 )
             problems.append(_blame(key, split_key, sources, msg, path, ("spec", "subsets")))
+        problems += check_route_limits(key, res.spec, view, sources, changed)
     return problems + check_mirror_references(view, sources, changed)
 
 
@@ -226,6 +227,59 @@ def check_mirror_references(
             )
             path: FieldPath = ("spec", "rules", i, "mirror", "subset")
             problems.append(_blame(key, split_key, sources, msg, path, ("spec", "subsets")))
+    return problems
+
+
+# A Route rule's circuit-breaker limits, by field name, and how they read in documents.
+_LIMITS = (
+    ("max_connections", "maxConnections"),
+    ("max_pending_requests", "maxPendingRequests"),
+    ("max_active_requests", "maxActiveRequests"),
+    ("max_active_retries", "maxActiveRetries"),
+)
+
+
+def check_route_limits(
+    key: ResourceKey,
+    spec: RouteSpec,
+    view: Mapping[ResourceKey, Resource],
+    sources: Mapping[ResourceKey, SourceDocument],
+    changed: set[ResourceKey],
+) -> list[Problem]:
+    """A rule's circuit breaker may only narrow its destination's: a limit above the
+    destination ServiceDefaults' (or, without one there, MeshConfig's) is refused."""
+    problems: list[Problem] = []
+    mesh_key = ResourceKey("MeshConfig", "", "mesh")
+    for i, rule in enumerate(spec.rules):
+        cb = rule.circuit_breaker
+        if cb is None:
+            continue
+        target = rule.destination.service or key.name
+        sd_key = ResourceKey("ServiceDefaults", key.namespace, target)
+        outer_key = sd_key
+        sd = view.get(sd_key)
+        outer = (
+            sd.spec.circuit_breaker
+            if sd is not None and isinstance(sd.spec, ServiceDefaultsSpec)
+            else None
+        )
+        if outer is None:
+            mesh = view.get(mesh_key)
+            outer = getattr(mesh.spec, "circuit_breaker", None) if mesh is not None else None
+            outer_key = mesh_key
+        if outer is None or not {key, outer_key} & changed:
+            continue
+        for attr, name in _LIMITS:
+            mine, theirs = getattr(cb, attr), getattr(outer, attr)
+            if mine > theirs:
+                msg = (
+                    f"circuitBreaker.{name} {mine} is above the {outer_key.kind} limit "
+                    f"{theirs} of service {target!r}"
+                )
+                path: FieldPath = ("spec", "rules", i, "circuitBreaker", name)
+                problems.append(
+                    _blame(key, outer_key, sources, msg, path, ("spec", "circuitBreaker", name))
+                )
     return problems
 
 

@@ -13,8 +13,10 @@ per request: equal pool policies get the same key in every snapshot (`PoolKeys`)
 an unchanged timeout keeps its warm connections across snapshots, and a changed one
 gets new pools while the old ones drain and are swept.
 
-The slots for the settings later issues bring (retries and hedging, circuit breakers,
-outlier detection) are here, empty, so they arrive as typed fields of the same spec.
+Retries, circuit breakers and outlier detection are typed fields of the same spec
+(ServiceDefaults', else MeshConfig's; a Route rule's own retries and limits are compiled
+onto its `RouteRule`, proxy/routing.py). A circuit breaker's `maxConnections` and
+`maxPendingRequests` become the endpoints' pool policy.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from proxy import balance
+from proxy.balance.outlier import OutlierSpec
+from proxy.circuit_breaker import CircuitBreakerSpec
 from proxy.pool import PoolPolicy
+from proxy.retry import DEFAULT as DEFAULT_RETRY
+from proxy.retry import RetrySpec
 
 if TYPE_CHECKING:
     # Only compile_specs reads them, when a snapshot applies (proxy/policy.py imports
@@ -45,11 +51,11 @@ class ClusterSpec:
     pool: PoolPolicy  # each endpoint's pool (its connect_timeout is the resolved one)
     pool_key: int  # equal `pool`s, equal keys (PoolKeys)
     request_timeout: float = 0.0  # seconds; 0: the listener's
-    # Filled by later issues (retry budget and policy, circuit breakers, outlier
-    # detection); None: off.
-    retry: Any = None
-    circuit_breaker: Any = None
-    outlier_detection: Any = None
+    # Retries, resource limits and ejection (ServiceDefaults', else MeshConfig's);
+    # None: off. The runtime halves (budget, counters, detector) are proxy/resilience.py's.
+    retry: RetrySpec | None = None
+    circuit_breaker: CircuitBreakerSpec | None = None
+    outlier_detection: OutlierSpec | None = None
 
     @property
     def connect_timeout(self) -> float:
@@ -100,8 +106,9 @@ class ClusterSpecs:
 
 
 def default_specs(pool: PoolPolicy, keys: PoolKeys) -> ClusterSpecs:
-    """The specs of a sidecar without policy: every service on `pool`, listener timeouts."""
-    return ClusterSpecs(ClusterSpec("", "", None, pool, keys.key(pool)))
+    """The specs of a sidecar without policy: every service on `pool`, listener timeouts,
+    the default retry policy."""
+    return ClusterSpecs(ClusterSpec("", "", None, pool, keys.key(pool), retry=DEFAULT_RETRY))
 
 
 def compile_specs(
@@ -117,18 +124,40 @@ def compile_specs(
 
     mesh_connect = mesh.connect_timeout if mesh is not None else 0.0
     mesh_request = mesh.request_timeout if mesh is not None else 0.0
+    mesh_retry = _retry(mesh.retries if mesh is not None else None) or DEFAULT_RETRY
+    mesh_breaker = _breaker(mesh.circuit_breaker if mesh is not None else None)
+    mesh_outlier = _outlier(mesh.outlier_detection if mesh is not None else None)
 
-    def pool_for(connect: float | None) -> tuple[PoolPolicy, int]:
+    def pool_for(
+        connect: float | None, breaker: CircuitBreakerSpec | None
+    ) -> tuple[PoolPolicy, int]:
         timeout = float(connect or mesh_connect or base.connect_timeout)
         pool = (
             base
             if timeout == base.connect_timeout
             else dataclasses.replace(base, connect_timeout=timeout)
         )
+        if breaker is not None:
+            # maxConnections and maxPendingRequests bound each endpoint's pool.
+            pool = dataclasses.replace(
+                pool,
+                max_connections=breaker.max_connections,
+                max_pending=breaker.max_pending_requests,
+            )
         return pool, keys.key(pool)
 
-    pool, key = pool_for(None)
-    default = ClusterSpec("", "", None, pool, key, request_timeout=float(mesh_request or 0.0))
+    pool, key = pool_for(None, mesh_breaker)
+    default = ClusterSpec(
+        "",
+        "",
+        None,
+        pool,
+        key,
+        request_timeout=float(mesh_request or 0.0),
+        retry=mesh_retry,
+        circuit_breaker=mesh_breaker,
+        outlier_detection=mesh_outlier,
+    )
     specs: dict[tuple[str, str], ClusterSpec] = {}
     for (ns, svc), pol in table.services.items():
         d = pol.defaults
@@ -136,7 +165,8 @@ def compile_specs(
             continue
         # Validated with the resource (check_resource) before the snapshot compiles.
         lbp = d.load_balancer
-        pool, key = pool_for(d.connect_timeout)
+        breaker = _breaker(d.circuit_breaker) or mesh_breaker
+        pool, key = pool_for(d.connect_timeout, breaker)
         specs[(ns, svc)] = ClusterSpec(
             ns,
             svc,
@@ -144,5 +174,20 @@ def compile_specs(
             pool,
             key,
             request_timeout=float(d.request_timeout or mesh_request or 0.0),
+            retry=_retry(d.retries) or mesh_retry,
+            circuit_breaker=breaker,
+            outlier_detection=_outlier(d.outlier_detection) or mesh_outlier,
         )
     return ClusterSpecs(default, specs, table.version)
+
+
+def _retry(p: schema.RetryPolicy | None) -> RetrySpec | None:
+    return RetrySpec.of(p) if p is not None else None
+
+
+def _breaker(p: schema.CircuitBreakerPolicy | None) -> CircuitBreakerSpec | None:
+    return CircuitBreakerSpec.of(p) if p is not None else None
+
+
+def _outlier(p: schema.OutlierDetectionPolicy | None) -> OutlierSpec | None:
+    return OutlierSpec.of(p) if p is not None else None

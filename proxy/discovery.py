@@ -38,6 +38,7 @@ from typing import Any
 
 from proxy.backoff import BackoffPolicy
 from proxy.balance import Balancer, Endpoint, WeightedRoundRobin
+from proxy.balance.outlier import describe as describe_outlier
 from proxy.cluster import Cluster, Source
 
 log = logging.getLogger("tether.discovery")
@@ -306,6 +307,8 @@ class ConsulDirectory:
                             "version": ep.meta.get("version", ""),
                             "health": _health(ep, now),
                             "active_requests": ep.active,
+                            # Outlier detection: ejected or not, why, for how long.
+                            "outlier": describe_outlier(ep, now),
                         }
                         for ep in cluster.endpoints
                     ],

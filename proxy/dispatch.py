@@ -19,7 +19,8 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 from proxy import local_reply
-from proxy.balance import PickContext
+from proxy.balance import Balancer, Endpoint, PickContext
+from proxy.balance.outlier import EJECTED, start_trial
 from proxy.cluster import Cluster, ServiceDirectory
 from proxy.cluster_spec import ClusterSpec, ClusterSpecs, PoolKeys, default_specs
 from proxy.downstream import RNG
@@ -28,15 +29,19 @@ from proxy.errors import BadMessageError
 from proxy.head_cache import HeadCache
 from proxy.heads import RequestHead
 from proxy.pool import Pool, PoolPolicy
+from proxy.resilience import Resilience, ResilienceState
 from proxy.route_result import Peer, RouteResult
 from proxy.stats import DestinationStats, ProxyStats
 from proxy.target import Authority, parse_authority, split_absolute_form
 
 if TYPE_CHECKING:
+    from proxy.authz import InboundAuthz  # the schema loads only with a control plane
     from proxy.inbound_limits import InboundLimits
     from proxy.tls import MeshTLS, UpstreamTLS
 
 _NO_HASH = PickContext()
+# Picks a retry makes to find an endpoint the request has not tried.
+_RETRY_PICKS = 3
 # How long a two-label name the directory did not know stays classified as egress.
 NOT_MESH_TTL = 5.0
 _MAX_CACHED_AUTHORITIES = 4096
@@ -132,6 +137,11 @@ class OutboundRouter:
         self._dstats: dict[str, DestinationStats] = {}
         self._egress_stats = stats.destination(self.name, "egress")
         self._tasks: set[asyncio.Task[None]] = set()
+        # Retry budgets, breakers and outlier detectors, kept across snapshots; each
+        # (cluster, spec) pair's Resilience, made when the pair is first seen.
+        self.resilience = ResilienceState()
+        self._resilience: dict[tuple[str, str], tuple[Cluster, ClusterSpec, Resilience | None]] = {}
+        stats.resilience_sources.append(self._resilience_metrics)
 
     def _authority(self, raw: bytes, default_port: int = 80) -> Authority:
         auth = self._authorities.get(raw)
@@ -182,13 +192,17 @@ class OutboundRouter:
         path: bytes | None,
         cluster: Cluster,
         spec: ClusterSpec,
+        tried: list[Endpoint] | None = None,
     ) -> RouteResult:
-        """The balancer's pick in `cluster` and its pool under `spec`."""
+        """The balancer's pick in `cluster` and its pool under `spec`; for a retry
+        (`tried`), an endpoint not tried yet where the balancer offers one in a few
+        picks (Envoy's previous-hosts retry predicate)."""
         name = cluster.name
         dstats = self._dstats.get(name)
         if dstats is None:
             dstats = self._dstats[name] = self.stats.destination(self.name, name)
         balancer = cluster.balancer
+        now = time.monotonic()
         # Only the hashing balancers read the request; the others share one empty context.
         if balancer.uses_context:
             pick = peer.routing
@@ -197,16 +211,24 @@ class OutboundRouter:
             pick.head = head
             ctx = pick.ctx
             ctx.path = (path or head.target).decode("latin-1")
-            ep = balancer.pick(ctx, time.monotonic(), RNG)
+            ep = balancer.pick(ctx, now, RNG)
+            if tried:
+                ep = _pick_again(balancer, ctx, now, ep, tried)
             pick.head = None
         else:
-            ep = balancer.pick(_NO_HASH, time.monotonic(), RNG)
+            ep = balancer.pick(_NO_HASH, now, RNG)
+            if tried:
+                ep = _pick_again(balancer, _NO_HASH, now, ep, tried)
         if ep is None:
             return RouteResult.answer(
                 local_reply.NO_HEALTHY_UPSTREAM,
                 f"service {name} has no healthy endpoint",
                 dstats=dstats,
             )
+        h = ep.outlier
+        if h is not None and h.state == EJECTED:
+            # Back from ejection: this request is its one trial (balance/outlier.py).
+            start_trial(ep, now)
         tracker = balancer.tracker  # a layer may delegate on_start/on_end
         key = (ep.host, ep.port, spec.pool_key)
         if path is None:
@@ -219,19 +241,12 @@ class OutboundRouter:
                 and result.tracker is tracker
                 and result.dstats is dstats
                 and result.spec is spec
+                and (result.resilience is None or result.resilience.cluster is cluster)
             ):
                 return result
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = Pool(
-                ep.host,
-                ep.port,
-                spec.pool,
-                ssl=self.upstream_ssl,
-                name=f"{name}/{ep.host}:{ep.port}",
-                head_cache=self.head_cache,
-                tls=self._upstream_tls(cluster),
-            )
+            pool = self._endpoint_pool(cluster, ep, spec)
         # The exchange tells the tracker of the start at once, and of the end once.
         result = RouteResult(
             pool,
@@ -241,10 +256,96 @@ class OutboundRouter:
             path=path,
             request_timeout=spec.request_timeout,
             spec=spec,
+            resilience=self._resilience_of(cluster, spec),
         )
         if path is None:
             self._results[key] = result
         return result
+
+    def _resilience_of(self, cluster: Cluster, spec: ClusterSpec) -> Resilience | None:
+        """The Resilience of requests to `cluster` under `spec` (one per pair)."""
+        key = (cluster.namespace, cluster.name)
+        got = self._resilience.get(key)
+        if got is not None and got[0] is cluster and got[1] is spec:
+            return got[2]
+        res = self.resilience.make(
+            (cluster.namespace, cluster.service),
+            cluster,
+            spec.retry,
+            spec.circuit_breaker,
+            spec.outlier_detection,
+        )
+        self._resilience[key] = (cluster, spec, res)
+        return res
+
+    def retry_route(
+        self, head: RequestHead, peer: Peer, previous: RouteResult, tried: list[Endpoint]
+    ) -> RouteResult:
+        res = previous.resilience
+        spec = previous.spec
+        if res is None or res.cluster is None or spec is None:
+            return previous
+        nxt = self._concrete(head, peer, previous.path, res.cluster, spec, tried)
+        if nxt.pool is None or nxt.endpoint is previous.endpoint:
+            return previous
+        # The first attempt's route, on the new endpoint (a rule's edits and limits kept).
+        return previous.replace(pool=nxt.pool, endpoint=nxt.endpoint, tracker=nxt.tracker)
+
+    def _endpoint_pool(self, cluster: Cluster, ep: Endpoint, spec: ClusterSpec) -> Pool:
+        key = (ep.host, ep.port, spec.pool_key)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = Pool(
+                ep.host,
+                ep.port,
+                spec.pool,
+                ssl=self.upstream_ssl,
+                name=f"{cluster.name}/{ep.host}:{ep.port}",
+                head_cache=self.head_cache,
+                tls=self._upstream_tls(cluster),
+            )
+        return pool
+
+    def _resilience_metrics(self) -> list[str]:
+        """Outlier ejections and circuit-breaker overflows (label sets bounded: services,
+        and the fixed reasons)."""
+        from proxy.balance.outlier import HEALTHY
+
+        out = [
+            "# HELP tether_outlier_ejected Endpoints out of rotation now, by destination.",
+            "# TYPE tether_outlier_ejected gauge",
+        ]
+        totals: list[str] = []
+        for (ns, svc), det in sorted(self.resilience.detectors().items()):
+            cluster = self.directory.lookup(ns, svc)
+            eps = cluster.endpoints if cluster is not None else ()
+            n = sum(1 for e in eps if e.outlier is not None and e.outlier.state != HEALTHY)
+            dest = f"{svc}.{ns}"
+            out.append(f'tether_outlier_ejected{{destination="{dest}"}} {n}')
+            for reason, count in sorted(det.ejections_total.items()):
+                if count:
+                    totals.append(
+                        f'tether_outlier_ejections_total{{destination="{dest}",'
+                        f'reason="{reason}"}} {count}'
+                    )
+        out.append("# HELP tether_outlier_ejections_total Ejections, by destination and reason.")
+        out.append("# TYPE tether_outlier_ejections_total counter")
+        out.extend(totals)
+        out.append(
+            "# HELP tether_circuit_breaker_overflows_total Requests and retries refused by a "
+            "circuit breaker."
+        )
+        out.append("# TYPE tether_circuit_breaker_overflows_total counter")
+        for b in sorted(self.resilience.breakers.all(), key=lambda b: b.name):
+            ns, svc, *rule = b.key
+            labels = f'destination="{svc}.{ns}",rule="{rule[0] if rule else ""}"'
+            for limit, n in (("max_active_requests", b.overflows),
+                             ("max_active_retries", b.retry_overflows)):  # fmt: skip
+                if n:
+                    out.append(
+                        f'tether_circuit_breaker_overflows_total{{{labels},limit="{limit}"}} {n}'
+                    )
+        return out
 
     def _upstream_tls(self, cluster: Cluster) -> UpstreamTLS | None:
         mesh = self.mesh_tls
@@ -330,6 +431,11 @@ class OutboundRouter:
     def sweep(self, now: float) -> None:
         _sweep(self._pools, now)
         _sweep(self._egress_pools, now)
+        # Outlier detection's periodic half: success rate and failure percentage.
+        for (ns, svc), det in self.resilience.detectors().items():
+            cluster = self.directory.lookup(ns, svc)
+            if cluster is not None:
+                det.evaluate(cluster.endpoints, now)
         for key in [k for k in self._results if k not in self._pools]:
             del self._results[key]
 
@@ -345,6 +451,16 @@ class OutboundRouter:
             f"<OutboundRouter ns={self.namespace} egress={self.egress}"
             f" pools={len(self._pools)} egress_pools={len(self._egress_pools)}>"
         )
+
+
+def _pick_again(
+    balancer: Balancer, ctx: PickContext, now: float, ep: Endpoint | None, tried: list[Endpoint]
+) -> Endpoint | None:
+    for _ in range(_RETRY_PICKS):
+        if ep is None or ep not in tried:
+            break
+        ep = balancer.pick(ctx, now, RNG)
+    return ep
 
 
 def _sweep(pools: dict[Any, Pool], now: float) -> None:
@@ -370,9 +486,13 @@ class InboundRouter:
         pool_policy: PoolPolicy | None = None,
         app_ssl: ssl_module.SSLContext | None = None,
         head_cache: HeadCache | None = None,
+        authz: InboundAuthz | None = None,
     ) -> None:
         # Heads llhttp already parsed (proxy/head_cache.py), requests and responses.
         self.head_cache = head_cache if head_cache is not None else HeadCache()
+        # Intentions for this sidecar's service (proxy/authz.py); None: not checked
+        # (a sidecar without a control plane).
+        self.authz = authz
         self.pool = Pool(
             app_host,
             app_port,
@@ -391,16 +511,6 @@ class InboundRouter:
         self.limits: InboundLimits | None = None
 
     def route(self, head: RequestHead, peer: Peer) -> RouteResult:
-        limits = self.limits
-        if limits is not None:
-            wait = limits.wait(head, peer)
-            if wait > 0.0:
-                return RouteResult.answer(
-                    local_reply.RATE_LIMITED,
-                    f"over the service's rate limit; retry in {wait:.3f}s",
-                    dstats=self.dstats,
-                    headers=((b"retry-after", local_reply.retry_after(wait)),),
-                )
         path = None
         try:
             if head.target[0] != 47:  # not origin-form (b"/"); llhttp never gives one empty
@@ -415,9 +525,31 @@ class InboundRouter:
                 self._hosts.add(host)
         except BadMessageError as e:
             return RouteResult.answer(e.reason, e.message, status=e.status, dstats=self.dstats)
+        # Authorization before the rate limits (identity, authorization, per-caller
+        # limits): a refused caller spends none of the budget of those let in.
+        authz = self.authz
+        if authz is not None and authz.policy is not None:
+            refused = authz.check(head, peer, path, self.dstats)
+            if refused is not None:
+                return refused
+        limits = self.limits
+        if limits is not None:
+            wait = limits.wait(head, peer)
+            if wait > 0.0:
+                return RouteResult.answer(
+                    local_reply.RATE_LIMITED,
+                    f"over the service's rate limit; retry in {wait:.3f}s",
+                    dstats=self.dstats,
+                    headers=((b"retry-after", local_reply.retry_after(wait)),),
+                )
         if path is None:
             return self._result
         return RouteResult(self.pool, dstats=self.dstats, path=path)
+
+    def retry_route(
+        self, head: RequestHead, peer: Peer, previous: RouteResult, tried: list[Endpoint]
+    ) -> RouteResult:
+        return previous  # one destination: the local app
 
     def connect(self, head: RequestHead, peer: Peer) -> RouteResult:
         return RouteResult.answer(

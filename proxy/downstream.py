@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from proxy import local_reply
 from proxy.codec import RequestCodec
 from proxy.errors import BadMessageError
-from proxy.exchange import (
+from proxy.exchange import Exchange
+from proxy.exchange_states import (
     ABORT,
     GONE,
     KEEP,
@@ -40,7 +41,6 @@ from proxy.exchange import (
     SERVE,
     T_IDLE,
     TUNNEL,
-    Exchange,
 )
 from proxy.forwarding import ResponseMemo
 from proxy.head_cache import HeadCache
@@ -103,6 +103,12 @@ class Router(Protocol):
     def connect(self, head: RequestHead, peer: Peer) -> RouteResult:
         """CONNECT: a tunnel target, or a local reply."""
 
+    def retry_route(
+        self, head: RequestHead, peer: Peer, previous: RouteResult, tried: list[Any]
+    ) -> RouteResult:
+        """Where a retry of a request routed to `previous` goes (another endpoint of its
+        cluster not in `tried`, where one is available)."""
+
     def sweep(self, now: float) -> None: ...
 
     def pools(self) -> list[Pool]: ...
@@ -163,6 +169,10 @@ class ProxyServer:
         if not low:
             self._id_block = b"%s%010x" % (self._id_head, seq >> 8)
         return self._id_block + _HEX2[low]
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        """A timer (per-try timeouts and retry backoff: requests with a retry policy)."""
+        return asyncio.get_running_loop().call_later(delay, callback)
 
     def sweep(self, now: float) -> None:
         idle_timeout = self.timeouts.idle

@@ -25,15 +25,16 @@ valid in (`TABLE` is the same, as data; tests/test_exchange.py walks every cell)
 | request_end | ROUTING..RESPONDING | mark the request whole; arm the request timeout |
 | routed | ROUTING | local reply (end), dial (DIALING), or take a connection |
 | upstream_ready | CONNECTING | bind it, send what is buffered (SENDING) |
-| upstream_failed | CONNECTING | end: connect failure (502) |
+| upstream_failed | CONNECTING | retry (after a backoff), or end: connect failure |
 | tunnel_ready | DIALING | answer 200, end: completed, tunnel |
 | tunnel_failed | DIALING | end: connect failure (502) |
 | informational | SENDING | relay a 1xx to an HTTP/1.1 client |
-| response_head | SENDING | relay the rewritten head (RESPONDING, or SWITCHING on 101) |
+| response_head | SENDING | retry (a status the policy covers), or relay (RESPONDING, SWITCHING) |
 | response_body | RESPONDING | relay (re-chunked if needed) |
 | response_end | RESPONDING, SWITCHING | end: completed, release the connection (SWITCHING: wait) |
 | upstream_switched | SWITCHING | end: completed 101, tunnel |
-| upstream_lost | SENDING..SWITCHING | retry once (reused connection), else end: reset |
+| upstream_lost | SENDING..SWITCHING | retry (before a head), else end: reset |
+| try_timeout | CONNECTING, SENDING | retry, or end: 504 per_try_timeout |
 | deadline, client_gone, bad_request | any but ENDED | drop the upstream, end |
 | last_request | any but ENDED | the connection carries nothing after this exchange |
 
@@ -43,19 +44,24 @@ never touches this exchange's state.
 
 Anywhere else an event raises `ExchangeStateError` (the caller broke the protocol),
 except an answer that arrives after the end (`LATE`: a discovery answer, a pool's
-connection for a client that left), which is dropped, its resources returned.
+connection for a client that left), which is dropped, its resources returned, and the
+rest of a response whose attempt was given up for a retry.
+
+Retries, per-try timeouts, circuit breakers and the outlier detector's input are the
+attempts' part (proxy/attempts.py, this class's base): each attempt has its own start
+and end around the pick, its connection and its typed outcome.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any
 
 from proxy import local_reply
 from proxy import outcome as outcomes
+from proxy import retry as retries
+from proxy.attempts import _ATTEMPT, Attempts
 from proxy.errors import BadMessageError
 from proxy.forwarding import (
-    Forwarder,
-    ResponseMemo,
     cached_response_head,
     forwarded_request_head,
     forwarded_response_head,
@@ -66,46 +72,33 @@ from proxy.pool import PoolOverflowError
 from proxy.upstream import PAUSE_UPSTREAM as PAUSE_UPSTREAM  # the upstream's buffer is full
 
 if TYPE_CHECKING:
+    from proxy.exchange_states import Downstream
     from proxy.heads import Fields, RequestHead, ResponseHead
     from proxy.mirror import MirrorCopy
     from proxy.pool import Pool
-    from proxy.route_result import Peer, RouteResult
-    from proxy.stats import ProxyStats
+    from proxy.route_result import RouteResult
     from proxy.upstream import UpstreamConnection
 
-ROUTING: Final = 0  # the head is in; waiting for the router's answer
-CONNECTING: Final = 1  # routed to a pool; waiting for a connection
-DIALING: Final = 2  # CONNECT: the tunnel's connection is being dialled
-SENDING: Final = 3  # an upstream connection carries the request; no response head yet
-RESPONDING: Final = 4  # the response head went to the client; its body follows
-SWITCHING: Final = 5  # 101 relayed; the upstream connection becomes a tunnel
-ENDED: Final = 6
-STATE_NAMES: Final = (
-    "routing",
-    "connecting",
-    "dialing",
-    "sending",
-    "responding",
-    "switching",
-    "ended",
-)
-
-# What the connection does once the exchange ended (`after`).
-KEEP: Final = 0  # ready for the next request
-CLOSE: Final = 1  # write what is pending, then close
-ABORT: Final = 2  # the response was cut short: reset, so the client cannot take it as whole
-TUNNEL: Final = 3  # splice the client with `tunnel` (transport, bytes it sent first)
-GONE: Final = 4  # the client left: nothing to do
-SERVE: Final = 5  # CONNECT to a mesh name answered: serve what follows as new requests
-
-# Why reading from the client is paused (bits; reading resumes when none is left).
-PAUSE_BACKLOG: Final = 1  # pipelined requests wait behind the one in flight
-PAUSE_CONNECTING: Final = 4  # no upstream connection yet; body pieces would pile up
-PAUSE_SWITCHING: Final = 8  # Upgrade/CONNECT: bytes after the head wait for the tunnel
-
-# Deadlines: idle (renewed by progress), request (from the request's end to the response).
-T_IDLE: Final = 0
-T_REQUEST: Final = 1
+from proxy.exchange_states import (
+    ABORT,
+    CLOSE,
+    CONNECTING,
+    DIALING,
+    ENDED,
+    GONE,
+    KEEP,
+    LATE,
+    PAUSE_CONNECTING,
+    RESPONDING,
+    ROUTING,
+    SENDING,
+    SERVE,
+    STATE_NAMES,
+    SWITCHING,
+    T_IDLE,
+    T_REQUEST,
+    TUNNEL,
+)  # fmt: skip
 
 # `flags`: a 100 was relayed; the request was sent again once; 103s relayed, counted in
 # steps of _EARLY_HINT (at most MAX_EARLY_HINTS).
@@ -113,89 +106,14 @@ _SENT_CONTINUE = 1
 _RETRIED = 2
 _EARLY_HINT = 4
 MAX_EARLY_HINTS = 2
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-
-# The state table as data: event -> the states it is valid in (anything else raises,
-# except in ENDED, where the events in `LATE` are dropped).
-TABLE: Final[dict[str, frozenset[int]]] = {
-    "request_body": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING}),
-    "request_end": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING}),
-    "routed": frozenset({ROUTING}),
-    "upstream_ready": frozenset({CONNECTING}),
-    "upstream_failed": frozenset({CONNECTING}),
-    "tunnel_ready": frozenset({DIALING}),
-    "tunnel_failed": frozenset({DIALING}),
-    "informational": frozenset({SENDING}),
-    "response_head": frozenset({SENDING}),
-    "response_body": frozenset({RESPONDING}),
-    "response_end": frozenset({RESPONDING, SWITCHING}),
-    "upstream_switched": frozenset({SWITCHING}),
-    "upstream_lost": frozenset({SENDING, RESPONDING, SWITCHING}),
-    "deadline": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
-    "client_gone": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
-    "bad_request": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
-    "last_request": frozenset({ROUTING, CONNECTING, DIALING, SENDING, RESPONDING, SWITCHING}),
-}
-# Events that may arrive after the end and are dropped (their resources given back):
-# all but the response events, which come only from the upstream bound to the exchange.
-LATE: Final = frozenset(TABLE) - {
-    "informational",
-    "response_head",
-    "response_body",
-    "response_end",
-}
+_IDEMPOTENT = retries.IDEMPOTENT_METHODS
 
 
 class ExchangeStateError(Exception):
     """An event arrived in a state where it cannot happen (a bug in the caller)."""
 
 
-class Timeouts(Protocol):
-    """Seconds (proxy/downstream.py's TimeoutPolicy)."""
-
-    @property
-    def idle(self) -> float: ...
-    @property
-    def request(self) -> float: ...
-
-
-class Server(Forwarder, Protocol):
-    """What an exchange reads of its listener (proxy/downstream.py's ProxyServer)."""
-
-    @property
-    def timeouts(self) -> Timeouts: ...
-    @property
-    def stats(self) -> ProxyStats: ...
-    @property
-    def draining(self) -> bool: ...
-    def clock(self) -> float: ...
-
-
-class Downstream(Protocol):
-    """What an exchange needs of the connection that carries it (its actions)."""
-
-    @property
-    def server(self) -> Server: ...
-    @property
-    def peer(self) -> Peer: ...
-    @property
-    def memo(self) -> ResponseMemo: ...
-
-    # Bytes waiting for flush(): to the client, and to the upstream connection.
-    wbuf: list[bytes]
-    ubuf: list[bytes]
-
-    def flush(self) -> None: ...
-    def set_pause(self, bit: int) -> None: ...
-    def clear_pause(self, bit: int) -> None: ...
-    def dial(self, exchange: Exchange, host: str, port: int) -> None:
-        """CONNECT: dial host:port, then call on_tunnel_ready / on_tunnel_failed."""
-
-    def exchange_done(self, exchange: Exchange, now: float) -> None:
-        """The exchange ended (`exchange.after` says what the connection does next)."""
-
-
-class Exchange:
+class Exchange(Attempts):
     """One request and its response (see the module's docstring for the state table).
 
     Only what changes per request lives here; what the router decided stays in `route`
@@ -214,15 +132,11 @@ class Exchange:
         "req_done",
         "request_bytes",
         "resp_chunked",
-        "route",
         "seen_progress",
         "server",
         "start",
-        "state",
-        "status",
         "timer",
         "tunnel",
-        "upstream",
     )
 
     outcome: Outcome
@@ -251,6 +165,12 @@ class Exchange:
         self.seen_progress = 0
         # Set when first needed: resp_chunked, request_bytes, tunnel, outcome, after.
         self.status = 0
+        self.attempt = 0  # attempts so far (1: the first is out)
+        self.rflags = 0  # proxy/attempts.py's
+        self.res = None  # the route's Resilience, when it has one
+        self.replay = None  # body bytes kept for a retry
+        self.timer_handle = None
+        self.rspec = None  # the retry policy in force
 
     def _invalid(self, event: str) -> None:
         """An event outside the table: dropped after the end if it may come late, else
@@ -288,6 +208,9 @@ class Exchange:
             ubuf.append(b"\r\n")
         else:
             ubuf.append(data)
+        replay = self.replay
+        if replay is not None:
+            self._keep_for_replay(replay, data)
         if self.upstream is None and state != DIALING:
             self.conn.set_pause(PAUSE_CONNECTING)
 
@@ -301,7 +224,10 @@ class Exchange:
             self.mirror.send()
             self.mirror = None
         if self.head.chunked:
-            self.conn.ubuf.append(encode_last_chunk(trailers))
+            last = encode_last_chunk(trailers)
+            self.conn.ubuf.append(last)
+            if self.replay is not None:
+                self.replay.append(last)
         if state < RESPONDING and state != DIALING:
             self.timer = T_REQUEST
             self.deadline = self.server.clock() + self._request_timeout()
@@ -339,12 +265,13 @@ class Exchange:
         pool = result.pool
         if pool is None:
             raise ExchangeStateError(f"{result!r} names no destination")
-        ep, tracker = result.endpoint, result.tracker
-        if ep is not None and tracker is not None:
-            # The balancer hears of the request at the pick, not once a connection is
-            # attached: a burst to an endpoint still connecting must see it busy. It
-            # hears of the end exactly once, in end().
-            tracker.on_start(ep, self.start)
+        # The balancer hears of the request at the pick, not once a connection is
+        # attached: a burst to an endpoint still connecting must see it busy. It hears
+        # of the attempt's end exactly once (_attempt_end).
+        self._attempt_start(result, self.start)
+        res = result.resilience
+        if res is not None and self._resilient(res):
+            return
         tap = result.mirror
         if tap is not None:
             # Body pieces that arrived while it was routed are in ubuf, not yet framed.
@@ -364,6 +291,8 @@ class Exchange:
         else:
             ubuf.append(data)
         self._acquire(pool)
+        if self.rspec is not None and self.state < RESPONDING:
+            self._arm_try()
 
     def _acquire(self, pool: Pool) -> None:
         self.state = CONNECTING
@@ -403,6 +332,12 @@ class Exchange:
             return
         conn = self.conn
         conn.ubuf.clear()
+        if self.res is not None:
+            code = local_reply.REPLIES.get(reason, (502, ""))[0]
+            failed = outcomes.local(outcomes.ConnectFailure, reason, code)
+            if self._retry(retries.F_CONNECT, failed, message):
+                conn.flush()
+                return
         conn.clear_pause(PAUSE_CONNECTING)
         self._reply(outcomes.ConnectFailure, reason, message)
         conn.flush()
@@ -437,6 +372,8 @@ class Exchange:
         # that sent `Expect: 100-continue`; 103 Early Hints at most MAX_EARLY_HINTS times;
         # other 1xx are dropped. The codec fails a flood of them (502).
         if self.state != SENDING:
+            if self._stale():
+                return
             self._invalid("informational")
         head = self.head
         if head.version != "1.1":
@@ -456,9 +393,20 @@ class Exchange:
 
     def on_response_head(self, rhead: ResponseHead) -> None:
         if self.state != SENDING:
+            if self._stale():
+                return
             self._invalid("response_head")
+        if self.timer_handle is not None:
+            self._cancel_timer()  # the per-try timeout covers the wait for this head
         head = self.head
         status = rhead.status
+        spec = self.rspec
+        if (
+            spec is not None
+            and (status >= 500 or spec.any_status)
+            and self._retry_response(spec, rhead)
+        ):
+            return
         if status == 101 and head.upgrade is None:
             raise BadMessageError(
                 "101 to a request that asked for no upgrade",
@@ -492,6 +440,8 @@ class Exchange:
 
     def on_response_body(self, data: bytes) -> None:
         if self.state != RESPONDING:
+            if self._stale():
+                return
             self._invalid("response_body")
         wbuf = self.conn.wbuf
         if self.resp_chunked:
@@ -504,7 +454,7 @@ class Exchange:
     def on_response_end(self, trailers: Fields | None) -> None:
         state = self.state
         if state != RESPONDING:
-            if state == SWITCHING:
+            if state == SWITCHING or self._stale():
                 return  # the tunnel takes over in on_upstream_switched
             self._invalid("response_end")
         if self.resp_chunked:
@@ -538,8 +488,8 @@ class Exchange:
 
     def on_upstream_lost(self, up: UpstreamConnection, reason: str, message: str) -> None:
         if up is not self.upstream:
-            if self.state == ENDED:
-                return
+            if self.state == ENDED or (self.res is not None and up is self.abandoned):
+                return  # the connection of an attempt given up for a retry
             self._invalid("upstream_lost")
         self.upstream = None
         up.unbind()
@@ -570,6 +520,10 @@ class Exchange:
             ubuf.append(self.request_bytes)
             self._acquire(route.pool)
             return
+        if self.state == SENDING and self.res is not None:
+            failed = outcomes.local(outcomes.Reset, reason, 502)
+            if self._retry(retries.F_RESET, failed, message):
+                return
         self._reply(outcomes.Reset, reason, message)
 
     # -- what the bound upstream connection asks of it (proxy/upstream.py) -------------
@@ -601,7 +555,8 @@ class Exchange:
                 if waiting
                 else f"no progress for {self.server.timeouts.idle}s"
             )
-            reason = local_reply.UPSTREAM_TIMEOUT
+            # The whole request's timeout and the idle one: each its own reason.
+            reason = local_reply.REQUEST_TIMEOUT if waiting else local_reply.UPSTREAM_TIMEOUT
             status = local_reply.REPLIES[reason][0]
             self._render(reason, message, status, close=not waiting)
             after = KEEP if self.keep_alive and self.req_done else CLOSE
@@ -637,6 +592,8 @@ class Exchange:
 
     def _drop_upstream(self) -> None:
         """Stop waiting for a connection and abort the one in use: its state is unknown."""
+        if self.timer_handle is not None:
+            self._cancel_timer()
         up = self.upstream
         if up is not None:
             self.upstream = None
@@ -711,13 +668,16 @@ class Exchange:
         route = self.route
         ds = None
         if route is not None:
-            latency = now - self.start
-            ep, tracker = route.endpoint, route.tracker
-            if ep is not None and tracker is not None:
-                tracker.on_end(ep, now, latency, outcome.ok)
+            rflags = self.rflags
+            if rflags:
+                if rflags == _ATTEMPT and self.timer_handle is None:
+                    self._attempt_end(outcome, now)  # the tracker's on_end, owed
+                    self.rflags = 0
+                else:
+                    self._release(outcome, now)
             ds = route.dstats
             if ds is not None:
-                ds.record(outcome.status, latency)
+                ds.record(outcome.status, now - self.start)
         if outcome.reason:
             self.server.stats.local_reply(outcome.reason, ds)
         self.conn.exchange_done(self, now)

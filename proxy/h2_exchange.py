@@ -265,6 +265,9 @@ class H2Exchange:
         ep, tracker = result.endpoint, result.tracker
         if ep is not None and tracker is not None:
             tracker.on_start(ep, self.start)
+        ds = result.dstats
+        if ds is not None:
+            ds.attempts += 1  # one attempt per stream (no retries over HTTP/2 yet)
         if self.timer == T_REQUEST and result.request_timeout:
             self.deadline = self.start + result.request_timeout
         self.state = CONNECTING
@@ -499,7 +502,10 @@ class H2Exchange:
         call = self.call_deadline and now >= self.call_deadline
         which: outcomes.TimeoutKind = "request" if call or self.timer == T_REQUEST else "idle"
         self._drop_upstream()
-        reason = local_reply.UPSTREAM_TIMEOUT
+        # As HTTP/1: no response head within the request's (or the call's) time is
+        # request_timeout; a stalled stream, or one cut short, upstream_timeout.
+        waiting = which == "request" and self.state < RESPONDING
+        reason = local_reply.REQUEST_TIMEOUT if waiting else local_reply.UPSTREAM_TIMEOUT
         if call:
             message = "the call's grpc-timeout passed"
         elif which == "request":

@@ -188,11 +188,14 @@ class H2Pool:
                 if isinstance(e, TimeoutError)
                 else f"connect to {self.name} failed: {e}"
             )
-            reason = (
-                local_reply.UPSTREAM_TLS_ERROR
-                if isinstance(e, ssl_module.SSLError)
-                else local_reply.UPSTREAM_CONNECT_ERROR
-            )
+            # As proxy/pool.py: a timeout has its own reason (503 upstream_connect_timeout),
+            # a failed TLS handshake its own (502 upstream_tls_error), a refusal 502.
+            if isinstance(e, TimeoutError):
+                reason = local_reply.UPSTREAM_CONNECT_TIMEOUT
+            elif isinstance(e, ssl_module.SSLError):
+                reason = local_reply.UPSTREAM_TLS_ERROR
+            else:
+                reason = local_reply.UPSTREAM_CONNECT_ERROR
             self._fail_waiters(reason, message)
             return
         if tls is not None:

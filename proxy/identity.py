@@ -22,20 +22,32 @@ import logging
 import random
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from proxy.backoff import BackoffPolicy
 from proxy.tls import MeshTLS
 from wire import push as protocol
-from wire.spiffe import SpiffeId, make_csr, new_key, renew_at
+from wire.spiffe import (
+    PeerVerificationError,
+    SpiffeId,
+    identity_of,
+    make_csr,
+    new_key,
+    renew_at,
+)
 
 log = logging.getLogger("tether.identity")
 
 SIGN_PATH = "/api/v1/ca/sign"
 BUNDLE_PATH = "/api/v1/ca/bundle"
+INDEX_PATH = "/api/v1"
+# The control plane's own identity on its TLS port (controlplane/ca/serving.py).
+CONTROL_PLANE = ("tether-system", "tether-controlplane")
 MAX_ANSWER = 256 * 1024
 
 
@@ -81,6 +93,13 @@ class SidecarIdentity:
         backoff: BackoffPolicy | None = None,
     ) -> None:
         self.base = http_base(controlplane)
+        # The TLS port's base URL (push and signing), once `GET /api/v1` announced it.
+        self.tls_base: str | None = None
+        # Roots to trust the TLS port with before the first bundle (`--ca-file`).
+        self.ca_file_roots: list[str] | None = None
+        # A Kubernetes service-account token file (the injected TETHER_IDENTITY_TOKEN),
+        # re-read at every CSR as the kubelet rotates it; sent as `kubernetesToken`.
+        self.kubernetes_token_file: str | None = None
         self.service = service
         self.namespace = namespace
         self._headers = {"X-Consul-Token": token} if token else {}
@@ -95,14 +114,22 @@ class SidecarIdentity:
         self.bundle_index = 0
 
     async def _call(
-        self, session: aiohttp.ClientSession, method: str, path: str, body: Any = None
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        base: str | None = None,
+        ctx: ssl.SSLContext | None = None,
     ) -> dict[str, Any]:
+        url = (base or self.base) + path
         async with session.request(
             method,
-            self.base + path,
+            url,
             json=body,
             headers=self._headers,
-            ssl=self.ca_context if self.ca_context is not None else True,
+            ssl=ctx if ctx is not None else True,
             timeout=aiohttp.ClientTimeout(total=15),
         ) as resp:
             raw = await resp.content.read(MAX_ANSWER + 1)
@@ -125,18 +152,60 @@ class SidecarIdentity:
                 raise IdentityError(f"{path}: the answer is not a JSON object")
             return data
 
+    def _session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(connector=_CheckedConnector(check_control_plane))
+
+    def _roots_context(self, roots: list[str]) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = False  # the server is checked by its SPIFFE ID (above)
+        ctx.load_verify_locations(
+            cadata="".join(r if r.endswith("\n") else r + "\n" for r in roots)
+        )
+        return ctx
+
+    async def _discover(self, session: aiohttp.ClientSession) -> None:
+        """Where the TLS port is (`GET /api/v1` on the plain port)."""
+        index = await self._call(session, "GET", INDEX_PATH)
+        if index.get("tlsStarting"):
+            raise IdentityError("the control plane's TLS port is starting", code="tls_starting")
+        port = index.get("tlsPort")
+        if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+            host = self.base.partition("://")[2].rpartition(":")[0] or "127.0.0.1"
+            self.tls_base = f"https://{host}:{port}"
+
+    @property
+    def push_url(self) -> str | None:
+        """The push WebSocket on the TLS port (None: the plain port's)."""
+        if self.tls_base is None:
+            return None
+        return "wss://" + self.tls_base.removeprefix("https://") + protocol.PATH
+
     async def bootstrap(self) -> MeshTLS | None:
         """The first leaf (None when the control plane's CA is off). Raises
         IdentityError when the CA refused or could not be reached."""
-        async with aiohttp.ClientSession() as session:
+        async with self._session() as session:
             try:
-                bundle = await self._call(session, "GET", BUNDLE_PATH)
+                await self._discover(session)
+                if self.tls_base is not None and self.ca_file_roots is not None:
+                    # Roots the operator gave: the bundle itself comes over verified TLS.
+                    self.ca_context = self._roots_context(self.ca_file_roots)
+                    bundle = await self._call(
+                        session, "GET", BUNDLE_PATH, base=self.tls_base, ctx=self.ca_context
+                    )
+                else:
+                    # Trust on first use: the bundle as the plain port serves it.
+                    bundle = await self._call(session, "GET", BUNDLE_PATH)
+                    if self.tls_base is not None:
+                        self.ca_context = self._roots_context([str(r) for r in bundle["roots"]])
             except IdentityError as exc:
                 if exc.code == "ca_not_configured":
                     return None
                 raise
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise IdentityError(f"the control plane is not reachable: {exc}") from None
+            except (KeyError, TypeError, ssl.SSLError, ValueError) as exc:
+                raise IdentityError(f"the CA's bundle: {exc}") from None
             try:
                 identity = SpiffeId(
                     str(bundle["trustDomain"]),
@@ -155,8 +224,24 @@ class SidecarIdentity:
         key = new_key()
         csr = make_csr(key, tls.identity)
         pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+        # Over the TLS port when there is one: the first time with the bootstrap roots,
+        # then with the sidecar's own context (its certificate, the current bundle).
+        ctx = tls.client if tls.client is not None else self.ca_context
+        body: dict[str, Any] = {"csr": pem}
+        if self.kubernetes_token_file:
+            try:
+                # A small file on a local volume (the kubelet's projection).
+                token = Path(self.kubernetes_token_file).read_text(encoding="utf-8")  # noqa: ASYNC240
+                body["kubernetesToken"] = token[: 64 * 1024].strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise IdentityError(f"the service-account token: {exc}") from None
         try:
-            issued = await self._call(session, "POST", SIGN_PATH, {"csr": pem})
+            if self.tls_base is not None:
+                issued = await self._call(
+                    session, "POST", SIGN_PATH, body, base=self.tls_base, ctx=ctx
+                )
+            else:
+                issued = await self._call(session, "POST", SIGN_PATH, body)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise IdentityError(f"the CA is not reachable: {exc}") from None
         try:
@@ -177,7 +262,7 @@ class SidecarIdentity:
     async def renew(self) -> None:
         """A new key and leaf into the same MeshTLS (open connections keep theirs)."""
         assert self.tls is not None
-        async with aiohttp.ClientSession() as session:
+        async with self._session() as session:
             await self._sign(session, self.tls)
         self.renewals += 1
         leaf = self.tls.leaf
@@ -236,6 +321,40 @@ class SidecarIdentity:
 
     def __repr__(self) -> str:
         return f"<SidecarIdentity {self.service}.{self.namespace} {self.tls!r}>"
+
+
+def check_control_plane(sslobj: Any) -> None:
+    """A TLS connection to the control plane: its certificate (whose chain the handshake
+    verified against the bundle) must name the control plane, not any mesh service."""
+    der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+    if not der:
+        raise IdentityError("the control plane's TLS port sent no certificate")
+    try:
+        ident = identity_of(x509.load_der_x509_certificate(der))
+    except PeerVerificationError as exc:
+        raise IdentityError(f"the control plane's certificate: {exc}") from None
+    if (ident.namespace, ident.service) != CONTROL_PLANE:
+        raise IdentityError(f"the TLS port is {ident}, not the control plane")
+
+
+class _CheckedConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, checking each new TLS connection's peer before any request
+    goes over it (aiohttp has no public hook between the handshake and the request)."""
+
+    def __init__(self, check: Callable[[Any], None]) -> None:
+        super().__init__()
+        self._check = check
+
+    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, proto = await super()._wrap_create_connection(*args, **kwargs)
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is not None:
+            try:
+                self._check(sslobj)
+            except BaseException:
+                transport.abort()
+                raise
+        return transport, proto
 
 
 def _pems(tls: MeshTLS) -> list[str]:

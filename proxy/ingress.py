@@ -21,6 +21,7 @@ from proxy.route_result import Peer, RouteResult
 from proxy.target import split_absolute_form
 
 if TYPE_CHECKING:
+    from proxy.balance import Endpoint
     from proxy.dispatch import OutboundRouter
     from proxy.egress import EgressGuard
     from proxy.head_cache import HeadCache
@@ -57,6 +58,11 @@ class IngressRouter:
             head.headers.append((b"X-Forwarded-Host", host))
         head.set_host(self.authority)
         return self.inner.route(head, peer)
+
+    def retry_route(
+        self, head: RequestHead, peer: Peer, previous: RouteResult, tried: list[Endpoint]
+    ) -> RouteResult:
+        return self.inner.retry_route(head, peer, previous, tried)  # as the outbound's
 
     def connect(self, head: RequestHead, peer: Peer) -> RouteResult:
         return RouteResult.answer(

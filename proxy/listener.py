@@ -31,6 +31,7 @@ from proxy.stats import ProxyStats
 from proxy.tunnel import TcpProxyServer
 
 if TYPE_CHECKING:
+    from proxy.authz import InboundAuthz
     from proxy.tls import MeshTLS, Mode
 
 
@@ -217,9 +218,11 @@ async def start_inbound(
     app_ssl: ssl_module.SSLContext | None = None,
     mesh_tls: MeshTLS | None = None,
     mtls_mode: Mode = "strict",
+    authz: InboundAuthz | None = None,
     app_protocol: str = "http",
 ) -> Listener:
-    """Other sidecars' way in: every request goes to the app at app_host:app_port.
+    """Other sidecars' way in: every request goes to the app at app_host:app_port, once
+    `authz` (the service's intentions, when a control plane sends them) allows it.
 
     With `mesh_tls` the port speaks mutual TLS (proxy/tls.py): the caller's SPIFFE ID
     goes on its `Peer` and to the app as `x-tether-peer-identity`; plaintext is refused
@@ -228,7 +231,9 @@ async def start_inbound(
     stats = stats if stats is not None else ProxyStats()
     timeouts = timeouts or TimeoutPolicy()
     policy = pool_policy or PoolPolicy(connect_timeout=timeouts.connect)
-    router = InboundRouter(app_port, stats, app_host=app_host, pool_policy=policy, app_ssl=app_ssl)
+    router = InboundRouter(
+        app_port, stats, app_host=app_host, pool_policy=policy, app_ssl=app_ssl, authz=authz
+    )
     if mesh_tls is None:
         listener = await _listen(router, stats, timeouts, host, port, ssl)
         listener.proxy.app_h2 = app_protocol in ("http2", "grpc")

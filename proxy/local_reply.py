@@ -29,6 +29,11 @@ DRAINING = "draining"
 FAULT_ABORT = "fault_abort"
 RATE_LIMITED = "rate_limited"
 REDIRECT = "redirect"
+FORBIDDEN_BY_POLICY = "forbidden_by_policy"
+REQUEST_TIMEOUT = "request_timeout"
+PER_TRY_TIMEOUT = "per_try_timeout"
+UPSTREAM_CONNECT_TIMEOUT = "upstream_connect_timeout"
+RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"
 # Plaintext at an inbound port that accepts mutual TLS only (proxy/tls.py).
 MTLS_REQUIRED = "mtls_required"
 # The TLS handshake with a remote sidecar failed, or it is not the destination.
@@ -52,6 +57,7 @@ REPLIES: dict[str, tuple[int, str]] = {
     UPSTREAM_RESPONSE_TOO_LARGE: (502, "the upstream's response head is over the limits"),
     UPSTREAM_TIMEOUT: (504, "the upstream did not answer in time"),
     EGRESS_DENIED: (403, "calls outside the mesh are denied by policy"),
+    FORBIDDEN_BY_POLICY: (403, "the destination's authorization policy refuses this call"),
     BAD_REQUEST: (400, "malformed request"),
     REQUEST_LINE_TOO_LONG: (400, "request line longer than 8 KiB"),
     HEADERS_TOO_LARGE: (431, "request header section larger than 64 KiB"),
@@ -61,6 +67,10 @@ REPLIES: dict[str, tuple[int, str]] = {
     FAULT_ABORT: (503, "aborted by the route's fault injection"),
     RATE_LIMITED: (429, "over the route's rate limit"),
     REDIRECT: (302, "redirected by the route"),
+    REQUEST_TIMEOUT: (504, "no response within the request timeout"),
+    PER_TRY_TIMEOUT: (504, "no response within the per-try timeout"),
+    UPSTREAM_CONNECT_TIMEOUT: (503, "the connection to the upstream timed out"),
+    RETRY_BUDGET_EXHAUSTED: (503, "the failure was not retried: the retry budget is spent"),
     MTLS_REQUIRED: (400, "this port accepts mutual TLS only"),
     NOT_EXPOSED: (404, "only the app's health path is served here"),
     UPSTREAM_TLS_ERROR: (502, "the upstream's TLS identity could not be verified"),

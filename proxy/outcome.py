@@ -13,8 +13,9 @@ a reader can `match` on it:
   (connect error or timeout, the pool closed).
 - `Reset(reason, status)`: the upstream connection failed mid-exchange (closed, or sent
   a bad response); status 502, or 0 when the response was already cut short.
-- `Timeout(which, ...)`: a timeout fired: `request` (no response head in time) or
-  `idle` (no progress); 504, or 0 when the response was cut short.
+- `Timeout(which, ...)`: a timeout fired: `request` (no response head in time),
+  `per_try` (an attempt's head not in time) or `idle` (no progress); 504, or 0 when
+  the response was cut short.
 - `ClientGone()`: the client closed or reset its connection first (status 0).
 
 `grpc_status` is the gRPC status a gRPC caller received (-1 otherwise): the relayed
@@ -32,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-TimeoutKind = Literal["request", "idle"]
+TimeoutKind = Literal["request", "idle", "per_try"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,11 +22,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from proxy import balance
+from proxy.authz import InboundAuthz
 from proxy.balance import Balancer, WeightedRoundRobin
+from proxy.circuit_breaker import CircuitBreakerSpec
 from proxy.cluster import Cluster, ServiceDirectory
 from proxy.cluster_spec import ClusterSpecs, PoolKeys, compile_specs, default_specs
 from proxy.errors import PolicyError
 from proxy.pool import PoolPolicy
+from proxy.retry import RetrySpec
 from proxy.route_filters import (
     BucketStore,
     Fault,
@@ -119,6 +122,10 @@ def _rule(
         request_headers=_edit(rule.request_headers),
         response_headers=_edit(rule.response_headers),
         filters=_filters(res, i, rule, buckets),
+        retry=RetrySpec.of(rule.retries) if rule.retries is not None else None,
+        circuit_breaker=(
+            CircuitBreakerSpec.of(rule.circuit_breaker) if rule.circuit_breaker else None
+        ),
     )
 
 
@@ -378,6 +385,9 @@ class Policy:
         self.version = 0
         self.hash = ""
         self.applied_at = 0.0
+        # The inbound listener's intentions (proxy/authz.py), compiled and switched with
+        # each snapshot; None: this policy does not authorize (tests, no inbound).
+        self.inbound_authz: InboundAuthz | None = None
         self.subset_clusters: dict[tuple[str, str, str], SubsetCluster] = {}
         # Every cluster's compiled settings (proxy/cluster_spec.py: balancer, timeouts),
         # resolved against the sidecar's own pool policy (`use_pool_policy`).
@@ -436,6 +446,11 @@ class Policy:
             resources = decode(snapshot.resources)
             self.buckets.discard()
             table, mesh = compile_table(resources, snapshot.version, snapshot.hash, self.buckets)
+            authz = self.inbound_authz
+            try:
+                inbound = authz.compile(resources) if authz is not None else None
+            except Exception as exc:  # checked by decode already: a bug if it gets here
+                raise PolicyError(f"intentions: {exc}") from None
             specs = compile_specs(table, mesh, self.pool_policy, self.pool_keys)
             lb = specs.load_balancers()
             # Make: clusters for every destination, then the subsets over them, and the
@@ -469,6 +484,8 @@ class Policy:
                 sc.current()
             # Switch (no await from here on, so no request sees half of it).
             self.table, self.mesh = table, mesh
+            if authz is not None and inbound is not None:
+                authz.install(inbound)
             self.specs = specs
             self.buckets.commit()
             self._routes = {key: _routing(table.policy(*key)) for key in self._routes}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -64,6 +65,8 @@ class PolicyClient:
         stats: StatsSource | None = None,
         stats_interval: float = STATS_INTERVAL,
         on_bundle: Callable[[protocol.Bundle], None] | None = None,
+        tls: Callable[[], ssl.SSLContext | None] | None = None,
+        check_server: Callable[[Any], None] | None = None,
     ) -> None:
         self.url = push_url(url)
         # The sidecar's registry token: with ACLs on, the control plane serves a hello
@@ -90,6 +93,10 @@ class PolicyClient:
         # The mesh CA's trust bundle goes to the sidecar's identity (proxy/identity.py).
         self.on_bundle = on_bundle
         self.bundles = 0
+        # On the control plane's TLS port: the sidecar's current client context (its
+        # certificate is its identity there) and the check of the server's certificate.
+        self.tls = tls
+        self.check_server = check_server
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -182,7 +189,10 @@ class PolicyClient:
             max_msg_size=protocol.MAX_MESSAGE,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
             headers=self._headers,
+            ssl=(self.tls() or True) if self.tls is not None else True,
         ) as ws:
+            if self.check_server is not None:
+                self.check_server(ws.get_extra_info("ssl_object"))
             self._ws = ws
             self.connects += 1
             self._connected_at = time.monotonic()

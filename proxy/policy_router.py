@@ -25,12 +25,14 @@ import os
 import random
 import ssl as ssl_module
 import time
+import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from proxy import local_reply
 from proxy.balance import Endpoint
 from proxy.cluster import Cluster, ServiceDirectory
+from proxy.cluster_spec import ClusterSpec
 from proxy.dispatch import OutboundRouter
 from proxy.downstream import RNG, TimeoutPolicy
 from proxy.egress import EgressGuard
@@ -40,9 +42,10 @@ from proxy.listener import Listener, _listen_outbound
 from proxy.mirror import MirrorSender, MirrorTap, pick_endpoint
 from proxy.policy import Policy
 from proxy.pool import PoolPolicy
+from proxy.resilience import Resilience
 from proxy.route_filters import Mirror, RuleFilters
 from proxy.route_result import Peer, RouteResult
-from proxy.routing import Decision
+from proxy.routing import Decision, RouteRule
 from proxy.stats import ProxyStats
 from proxy.target import Authority, parse_authority
 
@@ -74,6 +77,10 @@ class PolicyRouter(OutboundRouter):
         policy.use_pool_policy(self.pool_policy)
         # Copies for rules with `mirror` (proxy/mirror.py), over the same mTLS.
         self.mirrors = MirrorSender(self._mirror_endpoint, ssl=self.upstream_ssl)
+        # Route rules' Resilience (their own retries or limits), per rule and cluster.
+        self._rule_res: dict[
+            tuple[int, str], tuple[RouteRule, ClusterSpec, Cluster, Resilience]
+        ] = {}
 
     def _to_cluster(
         self, head: RequestHead, peer: Peer, path: bytes | None, cluster: Cluster
@@ -143,7 +150,35 @@ class PolicyRouter(OutboundRouter):
             result = result.replace(response_edit=decision.response_headers.apply)
         if tap is not None and result.reply is None:
             result = result.replace(mirror=tap)
+        rule = decision.rule
+        if (
+            rule is not None
+            and (rule.retry is not None or rule.circuit_breaker is not None)
+            and result.reply is None
+        ):
+            # The rule's own retries and limits, over its destination's.
+            result = result.replace(resilience=self._rule_resilience(rule, target, spec, result))
         return result
+
+    def _rule_resilience(
+        self, rule: RouteRule, cluster: Cluster, spec: ClusterSpec, result: RouteResult
+    ) -> Resilience:
+        key = (id(rule), cluster.name)
+        got = self._rule_res.get(key)
+        if got is not None and got[0] is rule and got[1] is spec and got[2] is cluster:
+            return got[3]
+        rule_key = (
+            cluster.namespace,
+            cluster.service,
+            f"rule-{zlib.crc32(repr(rule.match).encode()):08x}",
+        )
+        res = self.resilience.for_rule(
+            result.resilience, cluster, rule_key, rule.retry, rule.circuit_breaker
+        )
+        if len(self._rule_res) > 4096:
+            self._rule_res.clear()
+        self._rule_res[key] = (rule, spec, cluster, res)
+        return res
 
     # -- a matched rule's L7 filters --------------------------------------------------------
 

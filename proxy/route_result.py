@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from proxy.heads import Fields
     from proxy.mirror import MirrorTap
     from proxy.pool import Pool
+    from proxy.resilience import Resilience
     from proxy.stats import DestinationStats
 
 
@@ -85,6 +86,7 @@ class RouteResult:
         "pool",
         "reply",
         "request_timeout",
+        "resilience",
         "response_edit",
         "serve",
         "spec",
@@ -108,6 +110,7 @@ class RouteResult:
         spec: ClusterSpec | None = None,
         serve: bytes | None = None,
         mirror: MirrorTap | None = None,
+        resilience: Resilience | None = None,
     ) -> None:
         self.pool = pool
         self.dstats = dstats
@@ -129,6 +132,9 @@ class RouteResult:
         self.serve = serve
         # Copy this request to a shadow (proxy/mirror.py); None: no copy.
         self.mirror = mirror
+        # Retries, breakers and outlier detection for requests on this route
+        # (proxy/resilience.py); None: none.
+        self.resilience = resilience
 
     def replace(self, **changes: Any) -> RouteResult:
         """A copy with `changes` (the fields' names as keywords)."""

@@ -147,6 +147,10 @@ class RouteRule:
     # The rule's L7 filters (proxy/route_filters.py: fault, rate limit, redirect,
     # rewrite, mirror); None: none.
     filters: RuleFilters | None = None
+    # The rule's own retries and limits (proxy/retry.py, proxy/circuit_breaker.py
+    # specs); None: the destination's.
+    retry: Any = None
+    circuit_breaker: Any = None
 
 
 @dataclass(frozen=True, slots=True)

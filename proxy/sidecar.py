@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -79,6 +80,11 @@ class SidecarSpec:
     registry_port: int = 8500
     registry_scheme: str = "http"
     registry_token: str | None = None
+    # PEM roots to trust the control plane's TLS port with at bootstrap (default: the
+    # bundle its plain port serves, trusted on first use).
+    ca_file: str | None = None
+    # A Kubernetes service-account token file for the CSR (TETHER_IDENTITY_TOKEN).
+    identity_token_file: str | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -118,6 +124,30 @@ class SidecarSpec:
         return self.inbound_host
 
 
+def _read_roots(path: str) -> list[str]:
+    """The PEM certificates of `--ca-file`."""
+    try:
+        text = Path(path).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SidecarStartError(f"--ca-file {path}: {exc}") from None
+    end = "-----END CERTIFICATE-----"
+    roots = [p.strip() + "\n" + end + "\n" for p in text.split(end) if "BEGIN CERTIFICATE" in p]
+    if not roots:
+        raise SidecarStartError(f"--ca-file {path}: no PEM certificate in it")
+    return roots
+
+
+def _control_plane_check(sslobj: Any) -> None:
+    """The push's server is the control plane (its SPIFFE ID), else no push."""
+    from proxy.identity import IdentityError, check_control_plane
+    from wire import push as protocol
+
+    try:
+        check_control_plane(sslobj)
+    except IdentityError as exc:
+        raise protocol.PushProtocolError(str(exc)) from None
+
+
 def _protocol_of(defaults: Any) -> str | None:
     return getattr(defaults, "protocol", None)
 
@@ -145,6 +175,7 @@ class Sidecar:
         self.expose: Any = None
         self.policy: Any = None
         self.policy_client: Any = None
+        self.authz: Any = None  # proxy/authz.InboundAuthz with a control plane
         self.egress_guard = EgressGuard()
         # The mesh identity (proxy/identity.py) and its TLS (proxy/tls.py): set when a
         # control plane with a CA issued this sidecar a certificate; None is plaintext.
@@ -226,13 +257,16 @@ class Sidecar:
         identity = SidecarIdentity(
             spec.controlplane, spec.service, spec.namespace, token=spec.registry_token
         )
+        if spec.ca_file:
+            identity.ca_file_roots = _read_roots(spec.ca_file)
+        identity.kubernetes_token_file = spec.identity_token_file
         attempt = 0
         while True:
             try:
                 tls = await identity.bootstrap()
                 break
             except IdentityError as exc:
-                if exc.status in (400, 401, 403):
+                if exc.status in (400, 401, 403) and exc.code != "use_tls_port":
                     raise SidecarStartError(
                         f"the mesh CA refused this sidecar's identity: {exc}"
                     ) from None
@@ -255,6 +289,12 @@ class Sidecar:
         spec = self.spec
         assert self.directory is not None
         self.stats = ProxyStats(source=f"{spec.service}.{spec.namespace}")
+        # With a control plane, the inbound listener enforces the service's intentions
+        # (proxy/authz.py), compiled from each snapshot the policy applies.
+        if spec.controlplane:
+            from proxy.authz import InboundAuthz
+
+            self.authz = InboundAuthz(spec.namespace, spec.service)
         # Inbound first: its port names the instance (registration, control plane).
         self.inbound = await start_inbound(
             spec.app_port,
@@ -264,6 +304,7 @@ class Sidecar:
             app_host=spec.app_host,
             app_protocol=spec.app_protocol,
             mesh_tls=self.mesh_tls,
+            authz=self.authz,
         )
         await self._guard_control_surfaces()
         if spec.controlplane:
@@ -377,17 +418,22 @@ class Sidecar:
             instance=self.instance_id,
             zone=spec.zone,
         )
+        push_url = self.identity.push_url if self.identity is not None else None
+        mesh_tls = self.mesh_tls
         self.policy_client = PolicyClient(
-            spec.controlplane,
+            push_url or spec.controlplane,
             node,
             policy,
             token=spec.registry_token,
             stats=self.stats.report,
             stats_interval=spec.stats_interval,
             on_bundle=self.identity.on_bundle if self.identity is not None else None,
+            tls=(lambda: mesh_tls.client) if push_url and mesh_tls is not None else None,
+            check_server=_control_plane_check if push_url else None,
         )
         policy.interest = self.policy_client.want
         policy.on_applied.append(self._follow_mtls_mode)
+        policy.inbound_authz = self.authz
         self.policy = policy
         # The app's own protocol may come from policy (ServiceDefaults of this service):
         # HTTP/2 callers then reach it over h2c (proxy/h2_downstream.py).
@@ -566,6 +612,7 @@ class Sidecar:
             "controlplane": self.policy_client.describe() if self.policy_client else None,
             "mirrors": self._mirror_counts(),
             "identity": self.identity.describe() if self.identity is not None else None,
+            "authorization": self.authz.describe() if self.authz is not None else None,
             "registry": f"{self.spec.registry_scheme}://{self.spec.registry_host}:"
             f"{self.spec.registry_port}",
             "clusters": [{k: v for k, v in c.items() if k != "endpoints"} for c in self.clusters()],

@@ -28,7 +28,16 @@ class DestinationStats:
     """Requests to one destination (a cluster `svc.ns` or `svc.ns/subset`, all egress, or
     the local app)."""
 
-    __slots__ = ("buckets", "by_class", "latency_sum", "name", "reasons")
+    __slots__ = (
+        "attempts",
+        "buckets",
+        "by_class",
+        "latency_sum",
+        "name",
+        "reasons",
+        "retries",
+        "retries_refused",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -38,6 +47,11 @@ class DestinationStats:
         self.latency_sum = 0.0
         # Local replies (the sidecar answered itself) by reason; reasons are a fixed set.
         self.reasons: dict[str, int] = {}
+        # Upstream attempts (first ones and retries), retries made, and retries a policy
+        # would have made but did not, by why not (proxy/retry.py's fixed reasons).
+        self.attempts = 0
+        self.retries = 0
+        self.retries_refused: dict[str, int] = {}
 
     def record(self, status: int, latency: float) -> None:
         self.by_class[status // 100 if 0 < status < 600 else 0] += 1
@@ -75,6 +89,8 @@ class ProxyStats:
         self.tunnels_total = 0
         # Callables returning the live pools (set by the listeners that own them).
         self.pool_sources: list[Callable[[], Iterable[Any]]] = []
+        # Callables returning the lines of outlier and circuit-breaker metrics.
+        self.resilience_sources: list[Callable[[], list[str]]] = []
         # What the last `report` covered: per destination key, its counts then.
         self._reported: dict[tuple[str, str], tuple[tuple[int, ...], float]] = {}
         # When the last report ended (monotonic): the first covers the time since start.
@@ -178,6 +194,7 @@ class ProxyStats:
                     f'{p}_local_replies_total{{listener="{listener}",destination="{service}",'
                     f'subset="{subset}",reason="{reason}"}} {count}'
                 )
+        self._render_resilience(out, dests)
         out.append(f"# HELP {p}_downstream_connections_active Open client connections.")
         out.append(f"# TYPE {p}_downstream_connections_active gauge")
         for listener, n in sorted(self.downstream_active.items()):
@@ -213,6 +230,30 @@ class ProxyStats:
         for dest in sorted(pending):
             out.append(f'{p}_upstream_pool_pending{{destination="{dest}"}} {pending[dest]}')
         return "\n".join(out) + "\n"
+
+    def _render_resilience(
+        self, out: list[str], dests: list[tuple[tuple[str, str], DestinationStats]]
+    ) -> None:
+        p = "tether"
+        out.append(f"# HELP {p}_upstream_attempts_total Upstream attempts, retries included.")
+        out.append(f"# TYPE {p}_upstream_attempts_total counter")
+        for (listener, name), ds in dests:
+            if ds.attempts:
+                labels = self._labels(listener, name)
+                out.append(f"{p}_upstream_attempts_total{{{labels}}} {ds.attempts}")
+        out.append(f"# HELP {p}_retries_total Retries made.")
+        out.append(f"# TYPE {p}_retries_total counter")
+        for (listener, name), ds in dests:
+            if ds.retries:
+                out.append(f"{p}_retries_total{{{self._labels(listener, name)}}} {ds.retries}")
+        out.append(f"# HELP {p}_retries_refused_total Retries the policy allowed but not made.")
+        out.append(f"# TYPE {p}_retries_refused_total counter")
+        for (listener, name), ds in dests:
+            labels = self._labels(listener, name)
+            for reason, n in sorted(ds.retries_refused.items()):
+                out.append(f'{p}_retries_refused_total{{{labels},reason="{reason}"}} {n}')
+        for source in self.resilience_sources:
+            out.extend(source())
 
     def __repr__(self) -> str:
         total = sum(ds.total for ds in self.destinations.values())

@@ -131,13 +131,33 @@ async def test_configuration_needs_operator_write(cp: ControlPlane, root_client:
             await c.connect.ca.configuration()
 
 
-async def test_authorize_follows_consuls_default_without_intentions(
+async def test_authorize_without_intentions_follows_the_mesh_default(
     cp: ControlPlane, cp_client: Any, root_client: Any
 ) -> None:
+    """No intention matches: MeshConfig's default action decides (allow when unset), as
+    the inbound sidecars do; tests/test_intentions_api.py has intentions deciding."""
     roots = await cp_client.agent.connect.ca.roots()
     uri = f"spiffe://{roots['TrustDomain']}/ns/default/dc/dc1/svc/web"
     got = await cp_client.agent.connect.authorize("db", uri, "01")
-    assert got == {"Authorized": False, "Reason": "Default behavior configured by ACLs"}
+    assert got == {
+        "Authorized": True,
+        "Reason": "Default behavior configured by MeshConfig (allow)",
+    }
+    mesh = {
+        "apiVersion": "tether.dev/v1alpha1",
+        "kind": "MeshConfig",
+        "metadata": {"name": "mesh"},
+        "spec": {"authorization": {"defaultAction": "deny"}},
+    }
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{cp.url}/api/v1/apply", json=mesh,
+                             headers={"X-Tether-Token": "root"}) as resp:  # fmt: skip
+            assert resp.status == 200, await resp.text()
+    got = await cp_client.agent.connect.authorize("db", uri, "01")
+    assert got == {
+        "Authorized": False,
+        "Reason": "Default behavior configured by MeshConfig (deny)",
+    }
     foreign = await cp_client.agent.connect.authorize(
         "db", "spiffe://other.consul/ns/default/dc/dc1/svc/web", "01"
     )

@@ -12,6 +12,7 @@ from proxy import balance
 from proxy.cluster_spec import ClusterSpec, PoolKeys, compile_specs, default_specs
 from proxy.policy import compile_table, decode
 from proxy.pool import PoolPolicy
+from proxy.retry import RetrySpec
 
 BASE = PoolPolicy(connect_timeout=2.0)
 
@@ -34,7 +35,10 @@ def test_without_policy_every_service_has_the_sidecars_own_settings() -> None:
     assert spec is specs.default
     assert spec.pool is BASE and spec.connect_timeout == 2.0 and spec.request_timeout == 0.0
     assert spec.load_balancer is None
-    assert (spec.retry, spec.circuit_breaker, spec.outlier_detection) == (None, None, None)
+    # The default retry policy (2 attempts for connect failures, refusals and resets of
+    # idempotent requests); no breakers, no outlier detection.
+    assert spec.retry == RetrySpec() and spec.retry.attempts == 2
+    assert (spec.circuit_breaker, spec.outlier_detection) == (None, None)
 
 
 def test_service_defaults_win_over_mesh_config_which_wins_over_the_sidecar() -> None:

@@ -367,6 +367,7 @@ async def test_bad_requests_get_json_errors(make_cp: MakeCP, http: aiohttp.Clien
         "Route",
         "TrafficSplit",
         "MeshConfig",
+        "Intention",
     ]
     assert f"{api[len(cp.url) :]}/apply" in body["endpoints"]
     assert json.dumps(body)

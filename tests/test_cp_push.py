@@ -765,9 +765,9 @@ async def test_request_timeouts_of_service_defaults_and_mesh_config() -> None:
 
             # Enforced by the listener's sweep (1 s ticks): within a tick of the timeout.
             status, error, took = await timed("orders")
-            assert (status, error) == (504, "upstream_timeout") and 0.3 <= took < 2.0, took
+            assert (status, error) == (504, "request_timeout") and 0.3 <= took < 2.0, took
             status, error, took = await timed("inventory")  # MeshConfig's 1 s
-            assert (status, error) == (504, "upstream_timeout") and 1.0 <= took < 2.8, took
+            assert (status, error) == (504, "request_timeout") and 1.0 <= took < 2.8, took
             # A fast answer is untouched.
             async with http.get("http://orders/who", proxy=proxy_url) as resp:
                 assert resp.status == 200
@@ -778,7 +778,8 @@ async def test_request_timeouts_of_service_defaults_and_mesh_config() -> None:
 
 async def test_connect_timeouts_of_service_defaults_and_mesh_config() -> None:
     """A connect that never completes (a listener whose accept queue is full drops the
-    SYN) fails with 502 after the destination's connect timeout: ServiceDefaults', else
+    SYN) fails with 503 upstream_connect_timeout after the destination's connect timeout
+    (not retried: the only endpoint timed out): ServiceDefaults', else
     MeshConfig's, else the sidecar's own; a changed policy reaches pools made before it."""
     from tests.conftest import black_hole_ports
 
@@ -809,7 +810,7 @@ async def _connect_timeouts(orders_port: int, inventory_port: int) -> None:
                     return resp.status, error, time.monotonic() - start, body
 
             status, error, took, body = await timed("orders")  # no policy: the sidecar's 2 s
-            assert (status, error) == (502, "upstream_connect_error"), body
+            assert (status, error) == (503, "upstream_connect_timeout"), body
             assert 2.0 <= took < 3.5 and "timed out after 2.0s" in body, (took, body)
             await policy.apply(
                 snapshot(
@@ -821,10 +822,10 @@ async def _connect_timeouts(orders_port: int, inventory_port: int) -> None:
                 )
             )
             status, error, took, body = await timed("orders")  # the same pool, now 300 ms
-            assert (status, error) == (502, "upstream_connect_error"), body
+            assert (status, error) == (503, "upstream_connect_timeout"), body
             assert 0.3 <= took < 0.8 and "timed out after 0.3s" in body, (took, body)
             status, error, took, body = await timed("inventory")  # MeshConfig's 800 ms
-            assert (status, error) == (502, "upstream_connect_error"), body
+            assert (status, error) == (503, "upstream_connect_timeout"), body
             assert 0.8 <= took < 1.6 and "timed out after 0.8s" in body, (took, body)
     finally:
         await listener.aclose()

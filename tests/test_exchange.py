@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from proxy import exchange as ex_mod
 from proxy import local_reply
 from proxy import outcome as outcomes
 from proxy.balance import Endpoint, WeightedRoundRobin
 from proxy.errors import BadMessageError
-from proxy.exchange import (
+from proxy.exchange import Exchange, ExchangeStateError
+from proxy.exchange_states import (
+    ABORT,
     CLOSE,
     CONNECTING,
     DIALING,
@@ -35,8 +36,6 @@ from proxy.exchange import (
     SWITCHING,
     TABLE,
     TUNNEL,
-    Exchange,
-    ExchangeStateError,
 )
 from proxy.forwarding import ResponseMemo
 from proxy.heads import ResponseHead
@@ -377,7 +376,7 @@ def test_request_timeout_runs_from_the_request_end_and_is_the_routes() -> None:
     assert w.ex.deadline == w.clock.now + 3.0
     w.clock.advance(3.0)
     w.ex.on_deadline()
-    assert w.ex.outcome == outcomes.Timeout(504, local_reply.UPSTREAM_TIMEOUT, "request")
+    assert w.ex.outcome == outcomes.Timeout(504, local_reply.REQUEST_TIMEOUT, "request")
     assert w.ex.after == KEEP  # the request was whole: the connection stays
     assert w.ex.upstream is None and w.down.client.data.startswith(b"HTTP/1.1 504 ")
 
@@ -387,7 +386,7 @@ def test_a_timeout_mid_response_aborts() -> None:
     up = w.upstream
     w.ex.on_deadline()
     assert up.transport.aborted
-    assert w.ex.after == ex_mod.ABORT
+    assert w.ex.after == ABORT
     assert w.ex.outcome == outcomes.Timeout(0, local_reply.UPSTREAM_TIMEOUT, "idle")
     assert w.server.stats.local_replies == {local_reply.UPSTREAM_TIMEOUT: 1}
 

@@ -182,7 +182,7 @@ async def test_grpc_timeout_is_the_deadline() -> None:
             "/slow?s=5", "orders", method="POST", headers=[*GRPC, (b"grpc-timeout", b"200m")]
         )
         assert r.headers[b"grpc-status"] == b"%d" % grpc_codes.DEADLINE_EXCEEDED
-        assert r.headers[b"x-tether-error"] == b"upstream_timeout"
+        assert r.headers[b"x-tether-error"] == b"request_timeout"
         # The upstream stream was cancelled, not left running.
         await until(lambda: m.apps[0].resets == 1, what="the app saw its stream reset")
     finally:
@@ -343,6 +343,9 @@ def test_grpc_timeout_and_status_mapping() -> None:
     assert not grpc_codes.is_grpc(b"application/grpc-web") and not grpc_codes.is_grpc(None)
     assert grpc_codes.status_for("overflow", 503) == grpc_codes.RESOURCE_EXHAUSTED
     assert grpc_codes.status_for("upstream_timeout", 504) == grpc_codes.DEADLINE_EXCEEDED
+    assert grpc_codes.status_for("request_timeout", 504) == grpc_codes.DEADLINE_EXCEEDED
+    assert grpc_codes.status_for("upstream_connect_timeout", 503) == grpc_codes.UNAVAILABLE
+    assert grpc_codes.status_for("forbidden_by_policy", 403) == grpc_codes.PERMISSION_DENIED
     assert grpc_codes.status_for("forbidden", 403) == grpc_codes.PERMISSION_DENIED
     assert grpc_codes.status_for("something_new", 503) == grpc_codes.UNAVAILABLE
 

@@ -72,9 +72,10 @@ async def cp(
     monkeypatch.setenv("TETHER_CA_ENCRYPTION_KEY", KEK)
     monkeypatch.setenv("TETHER_CA_LEAF_TTL", "10m")
     reg = RegistryAddress("127.0.0.1", registry.port, "http", None)
-    server = ControlPlane(ControlPlaneSpec(port=0, registry=reg, watch_wait="5s"))
+    server = ControlPlane(ControlPlaneSpec(port=0, registry=reg, watch_wait="5s", tls_port=0))
     await server.start()
     await asyncio.wait_for(server.app[CA_SERVICE].ready.wait(), 15)
+    await until(lambda: server.app[CA_SERVICE].tls is not None, 15, "the TLS port open")
     try:
         yield server
     finally:
@@ -613,3 +614,47 @@ async def test_http2_between_sidecars_is_mtls_with_alpn_h2(mesh: Mesh) -> None:
         assert mesh.b.inbound.proxy.h2 is not None
     finally:
         await client.aclose()
+
+
+# -- the control plane's TLS port -------------------------------------------------------
+
+
+async def test_the_push_and_signing_live_on_the_tls_port(mesh: Mesh, tmp_path: Path) -> None:
+    cp = mesh.cp
+    tls_port = cp.app[CA_SERVICE].tls.port  # type: ignore[union-attr]
+    status, _, index = await get(cp.port, "/api/v1")
+    assert status == 200 and index["tlsPort"] == tls_port and index["tlsStarting"] is False
+    # The plain port refuses what moved, naming the port.
+    async with aiohttp.ClientSession() as s:
+        for method, path in (("POST", "/api/v1/ca/sign"), ("GET", "/api/v1/push")):
+            async with s.request(method, f"http://127.0.0.1:{cp.port}{path}", json={}) as r:
+                body = await r.json()
+                assert r.status == 403 and body["error"] == "use_tls_port", body
+                assert str(tls_port) in body["message"]
+    # Both sidecars hold the push on the TLS port, identified by their certificates.
+    for sc in (mesh.a, mesh.b):
+        pc = sc.policy_client
+        assert pc.url == f"wss://127.0.0.1:{tls_port}/api/v1/push"
+        await until(lambda pc=pc: pc.connected and pc.bundles >= 1, 20, "push over TLS")
+    # A certificate for `a` cannot ask for `b`'s config; no certificate: no push.
+    a_tls = mesh.a.mesh_tls
+    assert isinstance(a_tls, MeshTLS) and a_tls.client is not None
+    bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    bare.check_hostname = False
+    bare.load_verify_locations(cadata=a_tls.roots_pem)
+    for ctx, service, why in (
+        (a_tls.client, "b", "not b in default"),
+        (bare, "a", "takes the sidecar's mesh certificate"),
+    ):
+        hello = {"proto": 1, "type": "hello", "node": {"service": service, "namespace": "default"}}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.ws_connect(
+                f"wss://127.0.0.1:{tls_port}/api/v1/push", ssl=ctx, protocols=("tether.push.v1",)
+            ) as ws,
+        ):
+            await ws.send_json(hello)
+            msg = await ws.receive(timeout=10)
+            got = json.loads(msg.data)
+            assert got["type"] == "error" and got["code"] == "permission_denied", got
+            assert why in got["message"], got

@@ -557,7 +557,7 @@ async def test_local_replies(mesh: Mesh) -> None:
     await _assert_local(port, b"GET / HTTP/1.1\r\nHost: reset\r\n\r\n", 502, "upstream_reset")
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    await _assert_local(port, b"GET / HTTP/1.1\r\nHost: silent\r\n\r\n", 504, "upstream_timeout")
+    await _assert_local(port, b"GET / HTTP/1.1\r\nHost: silent\r\n\r\n", 504, "request_timeout")
     assert 0.5 <= loop.time() - t0 < 3.0
     await reset.aclose()
     await silent.aclose()

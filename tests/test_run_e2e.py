@@ -244,10 +244,11 @@ def test_a_crashed_replica_is_restarted_and_back_in_rotation(
         new_pid = echo.status()["replicas"][1]["pid"]
         poll(lambda: new_pid in load.seen, 30, "the restarted replica serves")
     total = load.count()
-    # The requests already on their way to the replica as it died fail (the caller's
-    # sidecar does not retry yet); everything after the crash was noticed succeeds.
-    assert len(load.failed) <= 5, f"{len(load.failed)} of {total} failed: {load.failed}"
-    print(f"crash under load: {len(load.failed)} of {total} requests failed")
+    # The requests on their way to the replica as it died are retried by the caller's
+    # sidecar (its default retry policy: the dead app's sidecar answers 502
+    # upstream_connect_error or upstream_reset, a refusal or a reset one hop on, both
+    # retried on another replica for a GET): no request fails.
+    assert load.failed == [], f"{len(load.failed)} of {total} failed: {load.failed}"
 
 
 def test_a_replica_failing_its_health_check_is_replaced(

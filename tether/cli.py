@@ -191,6 +191,13 @@ def _meta_pairs(
 @click.option("--version", "version_", default="", help="Version tag (e.g. v2).")
 @click.option("--meta", multiple=True, callback=_meta_pairs, help="Extra Meta KEY=VALUE.")
 @click.option("--controlplane", default=None, help="Control plane URL (policy push).")
+@click.option(
+    "--ca-file",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM roots to trust the control plane's TLS port with (default: the bundle its "
+    "plain port serves, trusted on first use).",
+)
 @click.option("--egress", type=click.Choice(["allow", "deny"]), default="allow", show_default=True)
 @click.option(
     "--egress-to-control",
@@ -242,6 +249,7 @@ def sidecar(
     version_: str,
     meta: dict[str, str],
     controlplane: str | None,
+    ca_file: str | None,
     egress: str,
     egress_to_control: str,
     opaque_port: tuple[int, ...],
@@ -282,6 +290,8 @@ def sidecar(
             version=version_,
             meta=meta,
             controlplane=controlplane,
+            ca_file=ca_file,
+            identity_token_file=os.environ.get("TETHER_IDENTITY_TOKEN") or None,
             egress="deny" if egress == "deny" else "allow",
             egress_to_control="allow" if egress_to_control == "allow" else "deny",
             opaque_ports=opaque_port,
@@ -359,6 +369,14 @@ def up(
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=15010, show_default=True, type=PORT, help="API port.")
 @click.option(
+    "--tls-port",
+    default=15012,
+    show_default=True,
+    type=PORT,
+    help="TLS port of the push and CSR signing, opened when the mesh CA is on "
+    "(certificate from the mesh CA).",
+)
+@click.option(
     "--registry-wait",
     default=10.0,
     show_default=True,
@@ -372,7 +390,9 @@ def up(
     type=click.IntRange(min=1),
     help="Open connections in all, sidecars' push connections included; more get 503.",
 )
-def controlplane(host: str, port: int, registry_wait: float, max_connections: int) -> None:
+def controlplane(
+    host: str, port: int, tls_port: int, registry_wait: float, max_connections: int
+) -> None:
     """Run the control plane (registry: CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN)."""
     from dataclasses import replace
 
@@ -388,7 +408,9 @@ def controlplane(host: str, port: int, registry_wait: float, max_connections: in
             f"({reached}); start it, or point CONSUL_HTTP_ADDR at it"
         )
     limits = replace(CONTROLPLANE_LIMITS, max_connections=max_connections)
-    spec = ControlPlaneSpec(host=host, port=port, registry=registry, limits=limits)
+    spec = ControlPlaneSpec(
+        host=host, port=port, registry=registry, limits=limits, tls_port=tls_port
+    )
     serve_or_exit(serve(spec), port, "--port")
 
 
@@ -509,8 +531,8 @@ def get(
     cp_url: str,
     token: str | None,
 ) -> None:
-    """Show resources of KIND (ServiceDefaults, Route, TrafficSplit, MeshConfig), or of
-    every kind (`get all`, or no KIND)."""
+    """Show resources of KIND (ServiceDefaults, Route, TrafficSplit, MeshConfig,
+    Intention), or of every kind (`get all`, or no KIND)."""
     import sys
 
     from controlplane import operator

@@ -24,9 +24,13 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from proxy import policy as compiled
+from proxy.balance.outlier import OutlierSpec
+from proxy.circuit_breaker import CircuitBreakerSpec
 from proxy.cluster_spec import PoolKeys, compile_specs
 from proxy.errors import BadMessageError, PolicyError
 from proxy.pool import PoolPolicy
+from proxy.retry import _BITS as RETRY_ON_BITS
+from proxy.retry import RetrySpec
 from proxy.route_filters import RuleFilters
 from proxy.routing import RequestMatch, ServicePolicy, StringMatch
 from proxy.target import parse_authority
@@ -209,19 +213,83 @@ def explain(
         lines.append(f"balancer: {lb.policy} (ServiceDefaults), {zone}")
     request_timeout = spec.request_timeout or LISTENER_REQUEST_TIMEOUT
     lines.append(f"timeouts: connect {spec.connect_timeout:g}s, request {request_timeout:g}s")
-    lines.append(f"retries: {_setting(spec.retry)}")
-    lines.append(f"circuit breaker: {_setting(spec.circuit_breaker)}")
-    lines.append(f"outlier detection: {_setting(spec.outlier_detection)}")
+    lines.append(f"retries: {_retry_line(spec.retry)}")
+    lines.append(f"circuit breaker: {_breaker_line(spec.circuit_breaker)}")
+    lines.append(f"outlier detection: {_outlier_line(spec.outlier_detection)}")
     d = dest.defaults if dest is not None else None
     svc_mtls = d.mtls if isinstance(d, schema.ServiceDefaultsSpec) else None
     mode = schema.effective_mtls_mode(mesh.mtls if mesh else None, svc_mtls, dest_ns)
     lines.append(f"mTLS at the destination: {mode} (callers proven by SPIFFE ID)")
-    lines.append("authorization: allowed (no intentions exist in this mesh version)")
+    lines.append(_authorization_line(decoded, req, dest_ns, dest_svc, method, path, headers))
     return lines
 
 
-def _setting(value: Any) -> str:
-    return "none configured" if value is None else repr(value)
+def _authorization_line(
+    decoded: Sequence[schema.Resource],
+    req: ExplainRequest,
+    dest_ns: str,
+    dest_svc: str,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+) -> str:
+    """What the destination's inbound sidecar decides for this caller (its intentions,
+    the mesh's default action, isolation), as proxy/authz.py would."""
+    from proxy.authz import InboundAuthz
+    from wire.authz import Source
+
+    policy = InboundAuthz(dest_ns, dest_svc).compile(decoded)
+    src = Source(req.caller_namespace, req.caller) if req.caller else None
+    d = policy.decide(src, method, path, headers)
+    verdict = "allowed" if d.allowed else "refused (403 forbidden_by_policy)"
+    who = str(src) if src is not None else "an anonymous caller (no --from)"
+    return f"authorization at the destination: {verdict} for {who}: {d.reason}"
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
+
+
+def _retry_line(spec: RetrySpec | None) -> str:
+    if spec is None or spec.attempts <= 1:
+        return "none (1 attempt)"
+    on = [name for name, bit in RETRY_ON_BITS.items() if spec.on & bit]
+    text = f"{spec.attempts} attempts on {', '.join(on) or 'nothing'}"
+    if spec.statuses:
+        text += f" (statuses {', '.join(str(c) for c in sorted(spec.statuses))})"
+    text += "; per try " + (_seconds(spec.per_try_timeout) if spec.per_try_timeout else "none")
+    text += f"; backoff {_seconds(spec.backoff_base)}-{_seconds(spec.backoff_max)}"
+    text += (
+        f"; budget {spec.budget_ratio:.0%} over {_seconds(spec.budget_window)} "
+        f"(min {spec.budget_min_per_second}/s)"
+    )
+    if not spec.non_idempotent:
+        text += "; idempotent methods only"
+    return text
+
+
+def _breaker_line(spec: CircuitBreakerSpec | None) -> str:
+    if spec is None:
+        return "none configured"
+    return (
+        f"max {spec.max_connections} connections, {spec.max_pending_requests} pending, "
+        f"{spec.max_active_requests} active requests, {spec.max_active_retries} active retries"
+    )
+
+
+def _outlier_line(spec: OutlierSpec | None) -> str:
+    if spec is None:
+        return "none configured"
+    text = (
+        f"eject after {spec.consecutive_5xx} consecutive 5xx for "
+        f"{_seconds(spec.base_ejection)} (growing to {_seconds(spec.max_ejection)}), "
+        f"at most {spec.max_ejection_percent}% of endpoints"
+    )
+    if spec.success_rate is not None:
+        text += "; success-rate ejection on"
+    if spec.failure_percentage is not None:
+        text += "; failure-percentage ejection on"
+    return text
 
 
 def _fields(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:

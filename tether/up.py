@@ -250,7 +250,18 @@ class Mesh:
             await self.launcher.start(
                 ProcessSpec(
                     "controlplane",
-                    [py, "-m", "tether.cli", "controlplane", "--port", str(port)],
+                    # The push and CSR signing port (TLS): 15012 when free, else any;
+                    # sidecars find it through GET /api/v1.
+                    [
+                        py,
+                        "-m",
+                        "tether.cli",
+                        "controlplane",
+                        "--port",
+                        str(port),
+                        "--tls-port",
+                        str(15012 if port_is_free(15012) else 0),
+                    ],
                     # The mesh CA, its root key in a 0600 file of this run's directory:
                     # every sidecar gets a certificate and the hops between them are mTLS.
                     env={**registry_env, "TETHER_CA_KEY_DIR": str(self.data_dir / "ca")},

@@ -3,7 +3,7 @@
 Resources are Kubernetes-style documents::
 
     apiVersion: tether.dev/v1alpha1
-    kind: TrafficSplit            # ServiceDefaults | Route | TrafficSplit | MeshConfig
+    kind: TrafficSplit            # ServiceDefaults | Route | TrafficSplit | MeshConfig | Intention
     metadata: {name: orders, namespace: default, labels: {team: shop}}
     spec: {...}
 
@@ -23,7 +23,9 @@ numbers lives in `controlplane.schema`, so a sidecar never loads PyYAML.
 
 Naming: a service's `ServiceDefaults`, `Route` and `TrafficSplit` are each named after
 the service they configure (one of each per service and namespace, as Consul's
-config entries); `MeshConfig` is mesh-wide, named `mesh`, without a namespace.
+config entries); `MeshConfig` is mesh-wide, named `mesh`, without a namespace. An
+`Intention` is named after its destination service, or `*` (every service of its
+namespace; namespace `*` too: every service of the mesh).
 """
 
 # ruff: noqa: RUF009  (spec_field() is the schema's dataclass field specifier)
@@ -253,7 +255,8 @@ class NamespaceMTLSPolicy:
         "strict or permissive for the namespace's services; unset: the mesh's.", default=None
     )
     isolated: bool = spec_field(
-        "Only intentions that name this namespace let other namespaces' callers in.",
+        "Only intentions of this namespace that name the caller's namespace let other "
+        "namespaces' callers in (not the default action, not wildcard namespaces).",
         default=False,
     )
 
@@ -285,12 +288,143 @@ def effective_mtls_mode(
     return mesh.mode
 
 
+RetryOn = Literal[
+    "connect-failure",
+    "refused-stream",
+    "reset",
+    "5xx",
+    "gateway-error",
+    "retriable-status-codes",
+    "retriable-headers",
+]
+RETRY_ON_DEFAULT: tuple[RetryOn, ...] = ("connect-failure", "refused-stream", "reset")
+
+
+@dataclass(frozen=True)
+class BackoffPolicy:
+    """Wait before a retry: a random time in [0, min(max, base * 2**(retry - 1))] (full
+    jitter)."""
+
+    base: Duration = spec_field("The first retry's cap.", default=0.025)
+    max: Duration = spec_field("The cap of every retry's wait.", default=0.25)
+
+
+@dataclass(frozen=True)
+class RetryBudgetPolicy:
+    """Retries allowed over a sliding window: `ratio` of the requests, plus `minPerSecond`."""
+
+    ratio: float = spec_field("Retries per request over the window, 0-1.", default=0.2)
+    window: Duration = spec_field("The sliding window.", default=10.0)
+    min_per_second: int = spec_field("Retries always allowed per second.", default=10)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Send a failed request again, to another instance where there is one."""
+
+    attempts: int = spec_field("Attempts in all, the first included (at least 1).", default=2)
+    per_try_timeout: Duration | None = spec_field(
+        "Timeout of each attempt (until its response head); unset: only the request's.",
+        default=None,
+    )
+    retry_on: tuple[RetryOn, ...] = spec_field(
+        "What is retried: connect-failure, refused-stream, reset, 5xx, gateway-error "
+        "(502, 503, 504), retriable-status-codes, retriable-headers.",
+        default=RETRY_ON_DEFAULT,
+    )
+    retriable_status_codes: tuple[int, ...] = spec_field(
+        "Statuses retried with retriable-status-codes.", default=()
+    )
+    retriable_headers: tuple[str, ...] = spec_field(
+        "Response headers whose presence makes a response retriable (retriable-headers).",
+        default=(),
+    )
+    backoff: BackoffPolicy = spec_field("Wait before each retry.", factory=BackoffPolicy)
+    budget: RetryBudgetPolicy = spec_field(
+        "How many retries the destination takes.", factory=RetryBudgetPolicy
+    )
+    retry_non_idempotent: bool = spec_field(
+        "Retry POST, PATCH, CONNECT too (only if the application de-duplicates).", default=False
+    )
+    buffer_limit: int = spec_field(
+        "Request body bytes kept for a replay; a longer body is never retried.", default=65536
+    )
+    allow_header_override: bool = spec_field(
+        "Let x-tether-retry-attempts / x-tether-retry-on request headers lower or change "
+        "this policy per request.",
+        default=False,
+    )
+
+
+@dataclass(frozen=True)
+class CircuitBreakerPolicy:
+    """Resource limits; past one the request gets 503 `overflow` at once."""
+
+    max_connections: int = spec_field("Connections to each instance.", default=1024)
+    max_pending_requests: int = spec_field(
+        "Requests waiting for a connection to each instance.", default=1024
+    )
+    max_active_requests: int = spec_field("Requests in flight to the service.", default=1024)
+    max_active_retries: int = spec_field("Retries in flight to the service.", default=3)
+
+
+@dataclass(frozen=True)
+class SuccessRatePolicy:
+    """Eject instances whose success rate is below mean - stdevFactor * stdev."""
+
+    minimum_hosts: int = spec_field("Instances with enough requests needed.", default=5)
+    request_volume: int = spec_field("Requests an instance needs in the interval.", default=100)
+    stdev_factor: float = spec_field("How many standard deviations below the mean.", default=1.9)
+
+
+@dataclass(frozen=True)
+class FailurePercentagePolicy:
+    """Eject instances failing at least `threshold` percent of their requests."""
+
+    threshold: int = spec_field("Failure percentage, 0-100.", default=85)
+    minimum_hosts: int = spec_field("Instances with enough requests needed.", default=5)
+    request_volume: int = spec_field("Requests an instance needs in the interval.", default=50)
+
+
+@dataclass(frozen=True)
+class OutlierDetectionPolicy:
+    """Take failing instances out of rotation for a while; back through one trial request."""
+
+    consecutive_5xx: int = spec_field(
+        "Consecutive 5xx (connect failures, resets and timeouts included) that eject; 0: off.",
+        default=5,
+    )
+    consecutive_gateway_errors: int = spec_field(
+        "Consecutive 502/503/504 (and local failures) that eject; 0: off.", default=0
+    )
+    consecutive_connect_failures: int = spec_field(
+        "Consecutive connect failures that eject; 0: off.", default=0
+    )
+    interval: Duration = spec_field(
+        "How often success rate and failure percentage are evaluated.", default=1.0
+    )
+    success_rate: SuccessRatePolicy | None = spec_field(
+        "Success-rate ejection; unset: off.", default=None
+    )
+    failure_percentage: FailurePercentagePolicy | None = spec_field(
+        "Failure-percentage ejection; unset: off.", default=None
+    )
+    base_ejection_time: Duration = spec_field(
+        "First ejection's length; each further one lasts one base longer.", default=30.0
+    )
+    max_ejection_time: Duration = spec_field("Cap on an ejection's length.", default=300.0)
+    max_ejection_percent: int = spec_field(
+        "Most instances ejected at once, in percent (at least one may always be).", default=10
+    )
+
+
 @dataclass(frozen=True)
 class ServiceDefaultsSpec:
     """Per-service defaults: protocol, balancing and timeouts."""
 
     FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"retries", "retryPolicy", "fault", "faultInjection", "mirror", "rateLimit"}
+        {"retryPolicy", "fault", "faultInjection", "mirror", "rateLimit", "hedging"}
+        | {"healthCheck"}
     )
 
     # Fields written here that live on a Route rule: the error says where.
@@ -316,6 +450,15 @@ class ServiceDefaultsSpec:
     )
     mtls: ServiceMTLSPolicy = spec_field(
         "mTLS mode of the service's inbound sidecars.", factory=ServiceMTLSPolicy
+    )
+    retries: RetryPolicy | None = spec_field(
+        "Retries of calls to the service; unset: MeshConfig's.", default=None
+    )
+    circuit_breaker: CircuitBreakerPolicy | None = spec_field(
+        "Resource limits of calls to the service; unset: MeshConfig's.", default=None
+    )
+    outlier_detection: OutlierDetectionPolicy | None = spec_field(
+        "Ejection of failing instances; unset: MeshConfig's.", default=None
     )
 
 
@@ -406,7 +549,7 @@ class RouteRuleSpec:
     """A match and where matching requests go; rules are tried in order, first match wins."""
 
     FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"retries", "retryPolicy", "faultInjection"}
+        {"retryPolicy", "faultInjection", "hedging"}
     )
 
     match: RouteMatchSpec = spec_field("Conditions; empty: every request.", factory=RouteMatchSpec)
@@ -418,6 +561,13 @@ class RouteRuleSpec:
     )
     response_headers: HeaderChangeSpec | None = spec_field(
         "Edits to the response's headers.", default=None
+    )
+    retries: RetryPolicy | None = spec_field(
+        "Retries of matching requests; unset: the destination's.", default=None
+    )
+    circuit_breaker: CircuitBreakerPolicy | None = spec_field(
+        "Limits of matching requests, within the destination's; unset: none of its own.",
+        default=None,
     )
     # L7 traffic policy per rule (docs/traffic.md): run at the caller's sidecar, except
     # a rate limit with `at: inbound`.
@@ -619,27 +769,132 @@ class EgressPolicy:
     )
 
 
+IntentionAction = Literal["allow", "deny"]
+# An intention's source or destination that stands for every service (or namespace).
+WILDCARD = "*"
+
+
+@dataclass(frozen=True)
+class MeshAuthorizationPolicy:
+    """What the inbound sidecar does with a call no intention decides."""
+
+    default_action: IntentionAction = spec_field(
+        "allow or deny: the answer when no intention matches the caller (or an L7 "
+        "intention's permissions match none of its requests).",
+        default="allow",
+    )
+
+
 @dataclass(frozen=True)
 class MeshConfigSpec:
     """Mesh-wide defaults."""
 
-    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset({"tls", "retries", "rateLimit"})
+    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"tls", "rateLimit", "hedging", "healthCheck"}
+    )
 
     egress: EgressPolicy = spec_field("Egress policy.", factory=EgressPolicy)
     connect_timeout: Duration = spec_field("Default connect timeout.", default=5.0)
     request_timeout: Duration = spec_field("Default whole-request timeout.", default=15.0)
+    authorization: MeshAuthorizationPolicy = spec_field(
+        "Authorization at the inbound sidecar: the default action.",
+        factory=MeshAuthorizationPolicy,
+    )
     mtls: MeshMTLSPolicy = spec_field(
         "mTLS between sidecars: the mode, and per-namespace settings.", factory=MeshMTLSPolicy
     )
+    retries: RetryPolicy | None = spec_field(
+        "Default retries; unset: none (a service's or route's own apply).", default=None
+    )
+    circuit_breaker: CircuitBreakerPolicy | None = spec_field(
+        "Default resource limits; unset: none.", default=None
+    )
+    outlier_detection: OutlierDetectionPolicy | None = spec_field(
+        "Default ejection of failing instances; unset: none.", default=None
+    )
 
 
-AnySpec = Union[ServiceDefaultsSpec, RouteSpec, TrafficSplitSpec, MeshConfigSpec]  # noqa: UP007
+@dataclass(frozen=True)
+class IntentionHeaderMatchSpec:
+    """A request header (name case-insensitive; several values joined by ',') is
+    present, or equals, starts with, ends with or matches; `invert` negates it."""
+
+    ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = (
+        ("exact", "prefix", "suffix", "regex", "present"),
+    )
+
+    name: str = spec_field("Header name.")
+    exact: str | None = spec_field("The value equals this.", default=None)
+    prefix: str | None = spec_field("The value starts with this.", default=None)
+    suffix: str | None = spec_field("The value ends with this.", default=None)
+    regex: str | None = spec_field(
+        "The whole value matches this regular expression (RE2 syntax).", default=None
+    )
+    present: bool | None = spec_field(
+        "true: the header is present (false is not allowed: use invert).", default=None
+    )
+    invert: bool = spec_field("Negate the condition.", default=False)
+
+
+@dataclass(frozen=True)
+class IntentionHTTPMatchSpec:
+    """L7 conditions of a permission; all given ones must hold (at least one is given)."""
+
+    path: PathMatchSpec | None = spec_field(
+        "Path condition (the path without the query).", default=None
+    )
+    methods: tuple[str, ...] = spec_field("Methods, e.g. [GET, HEAD]; empty: any.", default=())
+    headers: tuple[IntentionHeaderMatchSpec, ...] = spec_field(
+        "Header conditions (all).", default=()
+    )
+
+
+@dataclass(frozen=True)
+class IntentionPermissionSpec:
+    """An action for the requests an L7 match selects; a source's permissions are tried
+    in order and the first match decides."""
+
+    action: IntentionAction = spec_field("allow or deny.")
+    http: IntentionHTTPMatchSpec = spec_field("Which requests.")
+
+
+@dataclass(frozen=True)
+class IntentionSourceSpec:
+    """Who may (or may not) call: a service, or `*`, of a namespace, or `*`.
+
+    Exactly one of `action` (every request of the caller: an L4 intention) or
+    `permissions` (an L7 intention: the first matching permission decides, none
+    matching leaves it to the mesh's default action)."""
+
+    name: str = spec_field("The calling service, or '*' for every service.")
+    namespace: str | None = spec_field(
+        "Its namespace, or '*' for every namespace; unset: the Intention's namespace.",
+        default=None,
+    )
+    action: IntentionAction | None = spec_field("allow or deny (L4).", default=None)
+    permissions: tuple[IntentionPermissionSpec, ...] = spec_field(
+        "L7 permissions, in order (instead of action).", default=()
+    )
+    description: str = spec_field("Free-form description.", default="")
+
+
+@dataclass(frozen=True)
+class IntentionSpec:
+    """Which callers may call the Intention's service (its name; `*`: every service of
+    its namespace; name and namespace `*`: every service of the mesh), as Consul's
+    service-intentions config entry. The most specific matching source decides."""
+
+    sources: tuple[IntentionSourceSpec, ...] = spec_field("The callers, in any order.")
+
+
+AnySpec = Union[ServiceDefaultsSpec, RouteSpec, TrafficSplitSpec, MeshConfigSpec, IntentionSpec]  # noqa: UP007
 
 SPEC_TYPES: dict[str, type[Any]] = {
     "ServiceDefaults": ServiceDefaultsSpec,
     "Route": RouteSpec,
     "TrafficSplit": TrafficSplitSpec,
     "MeshConfig": MeshConfigSpec,
+    "Intention": IntentionSpec,
 }
 KINDS: tuple[str, ...] = tuple(SPEC_TYPES)
 # Mesh-wide kinds: no namespace.
@@ -685,6 +940,7 @@ for _k in (*KINDS, *FUTURE_KINDS):
     _KIND_ALIASES[_k.lower()] = _k
     _KIND_ALIASES[_k.lower() + "s"] = _k
 _KIND_ALIASES.update({"sd": "ServiceDefaults", "ts": "TrafficSplit", "mc": "MeshConfig"})
+_KIND_ALIASES.update({"ixn": "Intention", "serviceintentions": "Intention"})
 
 
 def canonical_kind(name: str) -> str | None:
@@ -1246,11 +1502,17 @@ def check_resource(res: Resource) -> list[Problem]:
     """
     c = _Checker()
     meta = res.metadata
-    if not valid_name(meta.name):
+    # An Intention may name every service (`*`), and then every namespace too (`*`).
+    wild_name = res.kind == "Intention" and meta.name == WILDCARD
+    wild_ns = wild_name and meta.namespace == WILDCARD
+    if not valid_name(meta.name) and not wild_name:
         c.add(("metadata", "name"), f"invalid name {meta.name!r}: lower-case letters, digits "
               "and '-', starting and ending with a letter or digit, at most 63")  # fmt: skip
-    if res.kind not in CLUSTER_KINDS and not valid_name(meta.namespace):
-        c.add(("metadata", "namespace"), f"invalid namespace {meta.namespace!r}")
+    if res.kind not in CLUSTER_KINDS and not valid_name(meta.namespace) and not wild_ns:
+        hint = ""
+        if res.kind == "Intention" and meta.namespace == WILDCARD:
+            hint = " (namespace '*' goes with name '*' only)"
+        c.add(("metadata", "namespace"), f"invalid namespace {meta.namespace!r}{hint}")
     for k, v in meta.labels.items():
         if not _LABEL_KEY.match(k) or len(k) > 317:
             c.add(("metadata", "labels", k), f"invalid label key {k!r}")
@@ -1265,6 +1527,8 @@ def check_resource(res: Resource) -> list[Problem]:
         _check_split(c, spec)
     elif isinstance(spec, MeshConfigSpec):
         _check_mesh(c, spec)
+    elif isinstance(spec, IntentionSpec):
+        _check_intention(c, spec, meta.namespace)
     return c.problems
 
 
@@ -1314,6 +1578,7 @@ def _check_service_defaults(c: _Checker, spec: ServiceDefaultsSpec) -> None:
             c.add((*at, "slowStart", "minWeightPercent"), "must be within 0-100")
     c.positive(("spec", "connectTimeout"), spec.connect_timeout)
     c.positive(("spec", "requestTimeout"), spec.request_timeout)
+    _check_resilience(c, ("spec",), spec)
 
 
 def _check_route(c: _Checker, spec: RouteSpec) -> None:
@@ -1359,6 +1624,7 @@ def _check_route(c: _Checker, spec: RouteSpec) -> None:
                             ("responseHeaders", rule.response_headers)):  # fmt: skip
             if change is not None:
                 _check_header_change(c, (*at, key), change)
+        _check_resilience(c, at, rule)
         _check_rule_traffic(c, at, rule)
 
 
@@ -1553,6 +1819,159 @@ def _check_mesh(c: _Checker, spec: MeshConfigSpec) -> None:
                   f"invalid host {host!r}: a DNS name, optionally starting with '*.'")  # fmt: skip
     c.positive(("spec", "connectTimeout"), spec.connect_timeout)
     c.positive(("spec", "requestTimeout"), spec.request_timeout)
+    _check_resilience(c, ("spec",), spec)
     for ns in spec.mtls.namespaces:
         if not valid_name(ns):
             c.add(("spec", "mtls", "namespaces", ns), f"invalid namespace {ns!r}")
+
+
+# Methods an intention may name (RFC 9110's, and PATCH); others are refused as typos.
+INTENTION_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+
+
+def _check_intention(c: _Checker, spec: IntentionSpec, namespace: str) -> None:
+    if not spec.sources:
+        c.add(("spec", "sources"), "at least one source is required")
+    seen: dict[tuple[str, str], int] = {}
+    for i, src in enumerate(spec.sources):
+        at: FieldPath = ("spec", "sources", i)
+        if src.name != WILDCARD and not valid_name(src.name):
+            c.add((*at, "name"), f"invalid service name {src.name!r} (a service, or '*')")
+        ns = src.namespace if src.namespace is not None else namespace
+        if src.namespace is not None and ns != WILDCARD and not valid_name(ns):
+            c.add((*at, "namespace"), f"invalid namespace {ns!r} (a namespace, or '*')")
+        if ns == WILDCARD and src.name != WILDCARD:
+            c.add((*at, "name"), "a source of every namespace ('*') must be every service ('*')")
+        if (ns, src.name) in seen:
+            c.add(
+                at, f"source {ns}/{src.name} is already listed at sources[{seen[(ns, src.name)]}]"
+            )
+        seen.setdefault((ns, src.name), i)
+        if src.action is None and not src.permissions:
+            c.add(at, "exactly one of action, permissions is required (got none)")
+        elif src.action is not None and src.permissions:
+            c.add(at, "exactly one of action, permissions is required (got action, permissions)")
+        if len(src.description) > 512:
+            c.add((*at, "description"), "longer than 512 characters")
+        for j, perm in enumerate(src.permissions):
+            _check_permission(c, (*at, "permissions", j, "http"), perm.http)
+
+
+def _check_permission(c: _Checker, at: FieldPath, http: IntentionHTTPMatchSpec) -> None:
+    if http.path is None and not http.methods and not http.headers:
+        c.add(at, "an HTTP match needs at least one of path, methods, headers")
+    if http.path is not None:
+        p = http.path
+        for key, text in (("exact", p.exact), ("prefix", p.prefix)):
+            if text is not None and not text.startswith("/"):
+                c.add((*at, "path", key), "a path starts with '/'")
+        if p.regex is not None:
+            c.regex((*at, "path", "regex"), p.regex)
+    seen: set[str] = set()
+    for k, m in enumerate(http.methods):
+        if m not in INTENTION_METHODS:
+            hint = (
+                f" (methods are upper-case: {m.upper()!r})"
+                if m.upper() in INTENTION_METHODS
+                else ""
+            )
+            c.add((*at, "methods", k), f"unknown method {m!r}{hint}")
+        elif m in seen:
+            c.add((*at, "methods", k), f"method {m} listed twice")
+        seen.add(m)
+    for k, h in enumerate(http.headers):
+        c.token((*at, "headers", k, "name"), h.name, "header name")
+        if h.regex is not None:
+            c.regex((*at, "headers", k, "regex"), h.regex)
+        if h.present is False:
+            c.add((*at, "headers", k, "present"), "present: false is not allowed: "
+                  "use present: true with invert: true")  # fmt: skip
+
+
+# -- resilience: retries, circuit breakers, outlier detection ------------------------------
+
+MAX_ATTEMPTS = 10
+MAX_BUFFER_LIMIT = 16 * 1024 * 1024
+
+
+def _check_resilience(c: _Checker, at: FieldPath, spec: Any) -> None:
+    """The retries, circuitBreaker and outlierDetection of a ServiceDefaults, a Route
+    rule or the MeshConfig (`at` is where they are)."""
+    retries: RetryPolicy | None = getattr(spec, "retries", None)
+    if retries is not None:
+        _check_retries(c, (*at, "retries"), retries)
+    breaker: CircuitBreakerPolicy | None = getattr(spec, "circuit_breaker", None)
+    if breaker is not None:
+        cb: FieldPath = (*at, "circuitBreaker")
+        for name in ("max_connections", "max_pending_requests", "max_active_requests"):
+            if getattr(breaker, name) < 1:
+                c.add((*cb, camel(name)), "must be at least 1")
+        if breaker.max_active_retries < 0:
+            c.add((*cb, "maxActiveRetries"), "must not be negative")
+    od: OutlierDetectionPolicy | None = getattr(spec, "outlier_detection", None)
+    if od is not None:
+        _check_outlier(c, (*at, "outlierDetection"), od)
+
+
+def _check_retries(c: _Checker, at: FieldPath, r: RetryPolicy) -> None:
+    if not 1 <= r.attempts <= MAX_ATTEMPTS:
+        c.add((*at, "attempts"), f"must be between 1 and {MAX_ATTEMPTS}")
+    c.positive((*at, "perTryTimeout"), r.per_try_timeout)
+    seen: set[str] = set()
+    for i, on in enumerate(r.retry_on):
+        if on in seen:
+            c.add((*at, "retryOn", i), f"{on!r} listed twice")
+        seen.add(on)
+    if "retriable-status-codes" in seen and not r.retriable_status_codes:
+        c.add((*at, "retriableStatusCodes"), "retriable-status-codes needs at least one status")
+    if r.retriable_status_codes and "retriable-status-codes" not in seen:
+        c.add((*at, "retriableStatusCodes"), "only read with retryOn retriable-status-codes")
+    for i, code in enumerate(r.retriable_status_codes):
+        if not 200 <= code <= 599:
+            c.add((*at, "retriableStatusCodes", i), f"status {code} out of range 200-599")
+    if "retriable-headers" in seen and not r.retriable_headers:
+        c.add((*at, "retriableHeaders"), "retriable-headers needs at least one header name")
+    for i, name in enumerate(r.retriable_headers):
+        c.token((*at, "retriableHeaders", i), name, "header name")
+    b = r.backoff
+    c.positive((*at, "backoff", "base"), b.base)
+    if b.max < b.base:
+        c.add((*at, "backoff", "max"), "must be at least backoff.base")
+    bud = r.budget
+    if not 0 <= bud.ratio <= 1:
+        c.add((*at, "budget", "ratio"), "must be within 0-1")
+    c.positive((*at, "budget", "window"), bud.window)
+    if bud.min_per_second < 0:
+        c.add((*at, "budget", "minPerSecond"), "must not be negative")
+    if not 0 <= r.buffer_limit <= MAX_BUFFER_LIMIT:
+        c.add((*at, "bufferLimit"), f"must be within 0-{MAX_BUFFER_LIMIT}")
+
+
+def _check_outlier(c: _Checker, at: FieldPath, od: OutlierDetectionPolicy) -> None:
+    for name in ("consecutive_5xx", "consecutive_gateway_errors", "consecutive_connect_failures"):
+        if getattr(od, name) < 0:
+            c.add((*at, camel(name)), "must not be negative")
+    c.positive((*at, "interval"), od.interval)
+    c.positive((*at, "baseEjectionTime"), od.base_ejection_time)
+    if od.max_ejection_time < od.base_ejection_time:
+        c.add((*at, "maxEjectionTime"), "must be at least baseEjectionTime")
+    if not 0 <= od.max_ejection_percent <= 100:
+        c.add((*at, "maxEjectionPercent"), "must be within 0-100")
+    sr = od.success_rate
+    if sr is not None:
+        if sr.minimum_hosts < 1:
+            c.add((*at, "successRate", "minimumHosts"), "must be at least 1")
+        if sr.request_volume < 1:
+            c.add((*at, "successRate", "requestVolume"), "must be at least 1")
+        if not sr.stdev_factor > 0:
+            c.add((*at, "successRate", "stdevFactor"), "must be greater than zero")
+    fp = od.failure_percentage
+    if fp is not None:
+        if not 0 <= fp.threshold <= 100:
+            c.add((*at, "failurePercentage", "threshold"), "must be within 0-100")
+        if fp.minimum_hosts < 1:
+            c.add((*at, "failurePercentage", "minimumHosts"), "must be at least 1")
+        if fp.request_volume < 1:
+            c.add((*at, "failurePercentage", "requestVolume"), "must be at least 1")

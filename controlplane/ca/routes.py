@@ -4,7 +4,8 @@ Consul's (`/v1/...`), so Consul clients (py-consul's `agent.connect` and `connec
 work against the control plane: roots (both paths, `?pem`, blocking `?index=&wait=`),
 the leaf endpoint (the key made here, for Consul clients only; a token that may write
 the service), the configuration (operator:write), and authorize (service:write on the
-target). Errors are plain text with Consul's status codes.
+target; the intentions decide, as at the inbound sidecar). Errors are plain text
+with Consul's status codes.
 
 Tether's (`/api/v1/ca/...`, JSON, errors as the rest of the REST API): `sign` takes a
 CSR and the sidecar's bootstrap credential (its registry token in the usual headers,
@@ -23,7 +24,7 @@ from typing import Any
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from controlplane.api import reply, route
+from controlplane.api import _cp, reply, route
 from controlplane.auth import caller_token
 from controlplane.ca import certs
 from controlplane.ca.authority import RESERVED_NAMESPACE
@@ -34,6 +35,7 @@ from controlplane.ca.spiffe import SpiffeId, SpiffeIdError, make_csr, new_key, p
 from controlplane.ca.state import RootRecord, RootsState, iso
 from controlplane.errors import BadRequestError, ControlPlaneError, PermissionDeniedError
 from controlplane.schema import format_duration, parse_duration
+from wire.authz import Intentions, Source
 
 log = logging.getLogger("tether.controlplane.ca")
 
@@ -279,8 +281,10 @@ async def _json_body(request: web.Request, limit: int) -> dict[str, Any]:
 
 async def authorize(request: web.Request) -> web.StreamResponse:
     """Consul's authorize: may this client certificate's identity connect to Target?
-    Tether has no intentions yet, so, as Consul without intentions, the ACLs' default
-    decides: allowed with ACLs off, denied with them on (default deny)."""
+    The intentions decide (wire/authz.py, as the inbound sidecar does; an L7 intention
+    counts as deny here, as in Consul), then the mesh's default action
+    (`MeshConfig.spec.authorization.defaultAction`) and namespace isolation. A client
+    of another trust domain is not authorized."""
     svc = _service(request)
     provider = svc.require()
     body = {k.lower(): v for k, v in (await _json_body(request, MAX_SIGN_BODY)).items()}
@@ -304,12 +308,14 @@ async def authorize(request: web.Request) -> web.StreamResponse:
             {"Authorized": False, "Reason": f"Client is in another trust domain ({uri})"},
             state.index,
         )
-    if not grant.acls_enabled:
-        return consul_reply(
-            {"Authorized": True, "Reason": "Default behavior configured by ACLs"}, state.index
-        )
+    namespace = body.get("namespace") or request.query.get("ns") or "default"
+    if not isinstance(namespace, str):
+        raise BadRequestError("Namespace must be a string")
+    snap = await _cp(request).store.snapshot()
+    policy = Intentions.compile(snap.resources.values()).for_destination(namespace, target)
+    decision = policy.decide(Source(client.namespace, client.service), l4_only=True)
     return consul_reply(
-        {"Authorized": False, "Reason": "Default behavior configured by ACLs"}, state.index
+        {"Authorized": decision.allowed, "Reason": decision.reason}, max(state.index, snap.index)
     )
 
 

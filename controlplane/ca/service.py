@@ -34,7 +34,9 @@ from controlplane.ca.errors import (
 from controlplane.ca.provider import IssuedLeaf, StoredCA, TrustBundle, live
 from controlplane.ca.spec import CASpec
 from controlplane.ca.supplied import OperatorCA
+from controlplane.ca.tls_port import TLSPort, plain_port_guard
 from controlplane.errors import ControlPlaneError
+from tether.http_limits import ListenerLimits
 
 if TYPE_CHECKING:
     from controlplane.server import ControlPlane
@@ -67,6 +69,44 @@ class CAService:
         self._task: asyncio.Task[None] | None = None
         self.watch_wait = "30s"
         self.leaf_cache: dict[tuple[str, str], tuple[IssuedLeaf, str]] = {}
+        # The push and CSR signing port (controlplane/ca/tls_port.py), once open; and
+        # whether one is wanted (`--tls-port`), so `GET /api/v1` can say "starting".
+        self.tls: TLSPort | None = None
+        self.tls_wanted = False
+        self._tls_task: asyncio.Task[None] | None = None
+
+    def serve_tls(
+        self, runner: web.BaseRunner, host: str, port: int, limits: ListenerLimits
+    ) -> None:
+        """Open the TLS port once the CA has started (its certificate is the CA's)."""
+        if not self.spec.configured:
+            return
+        self.tls_wanted = True
+        self._tls_task = asyncio.get_running_loop().create_task(
+            self._open_tls(runner, host, port, limits), name="controlplane-tls-port"
+        )
+
+    async def _open_tls(
+        self, runner: web.BaseRunner, host: str, port: int, limits: ListenerLimits
+    ) -> None:
+        delay = 0.1
+        while True:
+            await self.ready.wait()
+            assert self.provider is not None
+            tls = TLSPort(self.provider, datacenter=self.spec.datacenter, host=host, port=port)
+            try:
+                await tls.start(runner, limits)
+            except OSError as exc:
+                log.error("control plane TLS port %s:%d cannot open: %s", host, port, exc)
+                self.tls_wanted = False
+                return
+            except (ControlPlaneError, CAError) as exc:
+                log.warning("control plane TLS port: %s (again in %.1fs)", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.tls = tls
+            return
 
     # -- what the routes use ---------------------------------------------------------
 
@@ -113,6 +153,13 @@ class CAService:
         self._task = asyncio.create_task(self._run(self.provider), name="mesh-ca")
 
     async def on_cleanup(self, app: web.Application) -> None:
+        if self._tls_task is not None:
+            self._tls_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tls_task
+        if self.tls is not None:
+            await self.tls.aclose()
+            self.tls = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -192,6 +239,8 @@ def install(cp: ControlPlane, spec: CASpec | None = None) -> CAService:
     service = CAService(cp, spec or CASpec.from_env())
     cp.app[CA_SERVICE] = service
     routes.register(cp.app)
+    # Once the TLS port is open, the push and signing are refused on the plain one.
+    cp.app.middlewares.append(plain_port_guard(lambda: service.tls))  # type: ignore[arg-type]
     cp.app.on_startup.append(service.on_startup)
     cp.app.on_cleanup.append(service.on_cleanup)
     return service

@@ -12,6 +12,7 @@ identity on the push is that certificate: `peer_identity` reads and checks it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
@@ -76,9 +77,11 @@ class TLSPort:
                 await self._renewer
             except asyncio.CancelledError:
                 pass
-        if self.site is not None:
-            await self.site.stop()
-            self.site = None
+        site, self.site = self.site, None
+        if site is not None:
+            # The runner may have stopped it already (on_cleanup runs after the sites).
+            with contextlib.suppress(RuntimeError):
+                await site.stop()
 
     def __repr__(self) -> str:
         return f"<TLSPort {self.host}:{self.port} {'open' if self.open else 'closed'}>"

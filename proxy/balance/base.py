@@ -38,6 +38,9 @@ class Endpoint:
     # endpoint, like `active`, so it survives membership updates, costs no lookup per
     # request, and every balancer instance over the endpoint reads the same.
     lb_state: Any = field(default=None, repr=False)
+    # What outlier detection knows of it (balance/outlier.py's EndpointHealth), kept
+    # here for the same reasons.
+    outlier: Any = field(default=None, repr=False)
 
     def available(self, now: float) -> bool:
         return self.healthy and not self.draining and now >= self.ejected_until

@@ -1,0 +1,165 @@
+"""The resilience of one destination: its retry policy and budget, breakers and detector.
+
+`Resilience` is what a `RouteResult` carries for the exchange (proxy/exchange.py) to
+drive retries, circuit breaking and outlier detection for one request: the compiled
+retry policy (proxy/retry.py) and the destination's retry budget, the service's breaker
+and a Route rule's own (proxy/circuit_breaker.py), and the cluster's outlier detector
+(proxy/balance/outlier.py). None of it is looked up per request: the router makes one
+`Resilience` per (service, spec) and per (rule, spec) when a snapshot's specs first
+reach it, and shares it between requests.
+
+`ResilienceState` keeps the runtime halves (budgets, breakers, detectors) across
+snapshots, so an unrelated policy change does not reset a budget or forget an ejection.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from proxy.balance.outlier import OutlierDetector, OutlierSpec
+from proxy.circuit_breaker import Breaker, Breakers, CircuitBreakerSpec
+from proxy.retry import RetryBudget, RetrySpec
+
+if TYPE_CHECKING:
+    from proxy.cluster import Cluster
+
+
+class Resilience:
+    __slots__ = ("breaker", "budget", "cluster", "name", "outlier", "retry", "rule_breaker")
+
+    def __init__(
+        self,
+        name: str,
+        cluster: Cluster | None,
+        retry: RetrySpec | None = None,
+        budget: RetryBudget | None = None,
+        breaker: Breaker | None = None,
+        rule_breaker: Breaker | None = None,
+        outlier: OutlierDetector | None = None,
+    ) -> None:
+        self.name = name
+        # Where a retry picks another endpoint (and the detector's endpoint set).
+        self.cluster = cluster
+        self.retry = retry
+        self.budget = budget
+        self.breaker = breaker
+        self.rule_breaker = rule_breaker
+        self.outlier = outlier
+
+    def admit(self) -> Breaker | None:
+        """Take a request slot in every breaker; the breaker that refused, or None."""
+        b = self.breaker
+        if b is not None and not b.admit():
+            return b
+        rb = self.rule_breaker
+        if rb is not None and not rb.admit():
+            if b is not None:
+                b.done()
+            return rb
+        return None
+
+    def release(self) -> None:
+        b = self.breaker
+        if b is not None:
+            b.done()
+        rb = self.rule_breaker
+        if rb is not None:
+            rb.done()
+
+    def admit_retry(self) -> bool:
+        b = self.breaker
+        if b is not None and not b.admit_retry():
+            return False
+        rb = self.rule_breaker
+        if rb is not None and not rb.admit_retry():
+            if b is not None:
+                b.retry_done()
+            return False
+        return True
+
+    def retry_done(self) -> None:
+        b = self.breaker
+        if b is not None:
+            b.retry_done()
+        rb = self.rule_breaker
+        if rb is not None:
+            rb.retry_done()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Resilience {self.name} retry={self.retry is not None} "
+            f"breaker={self.breaker!r} outlier={self.outlier is not None}>"
+        )
+
+
+class ResilienceState:
+    """Budgets, breakers and detectors by owner, kept across snapshots."""
+
+    def __init__(self) -> None:
+        self.breakers = Breakers()
+        self._budgets: dict[tuple[str, ...], RetryBudget] = {}
+        self._detectors: dict[tuple[str, str], OutlierDetector] = {}
+
+    def budget(self, key: tuple[str, ...], spec: RetrySpec) -> RetryBudget:
+        b = self._budgets.get(key)
+        if b is None or (b.ratio, b.window, b.min_per_second) != (
+            spec.budget_ratio,
+            spec.budget_window,
+            spec.budget_min_per_second,
+        ):
+            b = self._budgets[key] = RetryBudget.of(spec)
+        return b
+
+    def detector(self, key: tuple[str, str], spec: OutlierSpec, name: str) -> OutlierDetector:
+        d = self._detectors.get(key)
+        if d is None:
+            d = self._detectors[key] = OutlierDetector(spec, name)
+        else:
+            d.spec = spec
+        return d
+
+    def detectors(self) -> dict[tuple[str, str], OutlierDetector]:
+        return self._detectors
+
+    def make(
+        self,
+        key: tuple[str, str],
+        cluster: Cluster,
+        retry: RetrySpec | None,
+        breaker: CircuitBreakerSpec | None,
+        outlier: OutlierSpec | None,
+    ) -> Resilience | None:
+        """A service's Resilience (None when it has none of the three)."""
+        if retry is not None and retry.attempts <= 1 and not retry.per_try_timeout:
+            retry = None  # retries off: nothing kept per request for them
+        if retry is None and breaker is None and outlier is None:
+            return None
+        return Resilience(
+            cluster.name,
+            cluster,
+            retry,
+            self.budget(key, retry) if retry is not None else None,
+            self.breakers.get(key, breaker) if breaker is not None else None,
+            None,
+            self.detector(key, outlier, cluster.name) if outlier is not None else None,
+        )
+
+    def for_rule(
+        self,
+        base: Resilience | None,
+        cluster: Cluster,
+        rule_key: tuple[str, ...],
+        retry: RetrySpec | None,
+        breaker: CircuitBreakerSpec | None,
+    ) -> Resilience:
+        """A Route rule's: its own retries (and budget) over the service's, its own
+        breaker beside the service's."""
+        r = Resilience(cluster.name, cluster)
+        if base is not None:
+            r.retry, r.budget = base.retry, base.budget
+            r.breaker, r.outlier = base.breaker, base.outlier
+        if retry is not None:
+            r.retry, r.budget = retry, self.budget(rule_key, retry)
+        if breaker is not None:
+            r.rule_breaker = self.breakers.get(rule_key, breaker)
+        return r
