@@ -80,6 +80,7 @@ fuzz: $(STAMP)
 
 bench: $(COMPILED)
 	$(BIN)/python -m bench.proxy_bench
+	$(BIN)/python -m bench.h2_bench
 	$(BIN)/python -m bench.balance_path_bench
 
 bench-registry: $(STAMP)

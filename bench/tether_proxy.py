@@ -1,7 +1,7 @@
 """Bench-side launcher: one Tether listener in its own process, with a StaticDirectory.
 
     python -m bench.tether_proxy outbound --port P --cluster svc=127.0.0.1:9000 [...]
-    python -m bench.tether_proxy inbound --port P --app-port 9000
+    python -m bench.tether_proxy inbound --port P --app-port 9000 [--app-protocol http2]
 
 It runs exactly the listener code the sidecar runs (proxy/listener.py on uvloop), with
 the sidecar's default balancer, minus discovery and registration, so the benchmark needs
@@ -27,6 +27,12 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--cluster", action="append", default=[], help="NAME=HOST:PORT (outbound)")
     p.add_argument("--app-port", type=int, default=0, help="inbound: the app's port")
+    p.add_argument(
+        "--app-protocol",
+        choices=["http", "http2", "grpc"],
+        default="http",
+        help="inbound: what the app speaks (http2/grpc: HTTP/2 streams reach it over h2c)",
+    )
     p.add_argument(
         "--sched",
         choices=["batch", "normal"],
@@ -74,7 +80,12 @@ async def _serve(args: argparse.Namespace) -> None:
             directory.add(cluster)
         listener = await start_outbound(directory, port=args.port, mesh_tls=_tls(args, "caller"))
     else:
-        listener = await start_inbound(args.app_port, port=args.port, mesh_tls=_tls(args, "svc"))
+        listener = await start_inbound(
+            args.app_port,
+            port=args.port,
+            mesh_tls=_tls(args, "svc"),
+            app_protocol=args.app_protocol,
+        )
     tracing = None
     if args.tracing:
         import os

@@ -417,12 +417,8 @@ class OutboundRouter:
             auth.namespace is None
             or self.directory.lookup(auth.namespace, auth.service) is not None
         ):
-            return RouteResult.answer(
-                local_reply.BAD_REQUEST,
-                f"CONNECT tunnels egress only; {auth.host} is a mesh name (use http://)",
-                close=True,
-                dstats=dstats,
-            )
+            # A mesh name: what the client sends inside is served (and routed) here.
+            return RouteResult(serve=head.target)
         if self.egress == "deny":
             return RouteResult.answer(
                 local_reply.EGRESS_DENIED,

@@ -38,6 +38,7 @@ from proxy.exchange_states import (
     PAUSE_BACKLOG,
     PAUSE_CONNECTING,
     PAUSE_SWITCHING,
+    SERVE,
     T_IDLE,
     TUNNEL,
 )
@@ -51,6 +52,7 @@ from proxy.upstream import WRITE_HIGH, WRITE_LOW
 if TYPE_CHECKING:
     from proxy.access_log import ListenerAccessLog
     from proxy.egress import EgressGuard
+    from proxy.h2_downstream import H2Front
     from proxy.pool import Pool
     from proxy.tracing import ListenerTracing
 
@@ -154,6 +156,12 @@ class ProxyServer:
         self._id_block = self._id_head + b"%010x" % 0
         stats.downstream_active.setdefault(self.name, 0)
         stats.downstream_total.setdefault(self.name, 0)
+        # The listener's HTTP/2 side (proxy/h2_downstream.py), made at the first h2c
+        # connection; `app_h2`: the inbound app speaks HTTP/2 (protocol http2 or grpc).
+        self.h2: H2Front | None = None
+        self.app_h2 = False
+        # The app's protocol as policy says (its service's ServiceDefaults), if pushed.
+        self.app_protocol: Callable[[], str | None] | None = None
 
     def __call__(self) -> DownstreamConnection:
         return DownstreamConnection(self)
@@ -184,6 +192,8 @@ class ProxyServer:
                 ex.deadline = now + idle_timeout
             elif now >= ex.deadline:
                 ex.on_deadline()
+        if self.h2 is not None:
+            self.h2.sweep(now)
         self.router.sweep(now)
 
     def __repr__(self) -> str:
@@ -208,6 +218,7 @@ class DownstreamConnection(asyncio.Protocol):
         "peer",
         "phase",
         "server",
+        "sniff",
         "transport",
         "ubuf",
         "wbuf",
@@ -230,6 +241,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.backlog: list[tuple[int, Any]] | None = None
         # Bytes after an Upgrade/CONNECT head, for the tunnel.
         self.early: bytes | None = None
+        # The first bytes, until they tell HTTP/1 from the HTTP/2 preface (None: told).
+        self.sniff: bytes | None = b""
 
     @property
     def active(self) -> bool:
@@ -257,6 +270,10 @@ class DownstreamConnection(asyncio.Protocol):
         self.deadline = server.clock() + server.timeouts.idle
 
     def data_received(self, data: bytes) -> None:
+        if self.sniff is not None:
+            data = self._sniff(data)
+            if not data:
+                return
         if self.early is not None:
             self.early += data
             return
@@ -276,6 +293,29 @@ class DownstreamConnection(asyncio.Protocol):
         if codec.head_bytes and not codec.in_body and self.phase == IDLE and not self.closed:
             self.phase = HEAD
             self.deadline = self.server.clock() + self.server.timeouts.header_read
+
+    def _sniff(self, data: bytes) -> bytes:
+        """HTTP/2 with prior knowledge starts with the preface: hand the socket to the
+        HTTP/2 side. Anything else is HTTP/1 (returned, to be parsed)."""
+        from proxy.h2_downstream import PREFACE
+
+        seen = self.sniff + data if self.sniff else data
+        if not PREFACE.startswith(seen[:24]):
+            self.sniff = None
+            return seen
+        if len(seen) < len(PREFACE):
+            self.sniff = seen  # part of the preface so far
+            return b""
+        self.sniff = None
+        self.phase = TUNNEL_PHASE  # the socket is the HTTP/2 connection's from now on
+        server = self.server
+        server.connections.discard(self)
+        if server.h2 is None:
+            from proxy.h2_downstream import H2Front
+
+            server.h2 = H2Front(server)
+        server.h2.adopt(self.transport, self.peer, seen)
+        return b""
 
     def eof_received(self) -> bool:
         # A client may half-close after its request and still read the response; one
@@ -500,6 +540,9 @@ class DownstreamConnection(asyncio.Protocol):
                 self.flush()
         elif after == TUNNEL:
             self._to_tunnel(ex)
+        elif after == SERVE and not self.server.draining and not self.closed:
+            # After the codec handed over the bytes that followed the CONNECT head.
+            asyncio.get_running_loop().call_soon(self._serve_inside)
         elif after == ABORT:
             self.flush()
             self.abort()
@@ -532,6 +575,22 @@ class DownstreamConnection(asyncio.Protocol):
 
     def _backlog(self) -> list[tuple[int, Any]] | None:
         return self.backlog
+
+    def _serve_inside(self) -> None:
+        """CONNECT to a mesh name was answered: the bytes after it are requests again
+        (HTTP/1, or HTTP/2 after its preface), parsed and routed here."""
+        if self.closed:
+            return
+        self.flush()
+        rest = self.early or b""
+        self.early = None
+        self.codec = RequestCodec(self, self.server.head_cache)
+        self.sniff = b""
+        self.phase = IDLE
+        self.deadline = self.server.clock() + self.server.timeouts.idle
+        self.clear_pause(PAUSE_SWITCHING)
+        if rest:
+            self.data_received(rest)
 
     def _to_tunnel(self, ex: Exchange) -> None:
         """After 101 or CONNECT's 200: from now on both sockets carry raw bytes."""

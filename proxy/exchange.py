@@ -94,6 +94,7 @@ from proxy.exchange_states import (
     RESPONDING,
     ROUTING,
     SENDING,
+    SERVE,
     STATE_NAMES,
     SWITCHING,
     T_IDLE,
@@ -270,6 +271,11 @@ class Exchange(Attempts):
         if result.tunnel is not None:
             self.state = DIALING
             self.conn.dial(self, *result.tunnel)
+            return
+        if result.serve is not None:
+            self.conn.wbuf.append(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            self.status = 200
+            self.end(outcomes.completed(200), SERVE)
             return
         pool = result.pool
         if pool is None:

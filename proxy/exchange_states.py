@@ -46,6 +46,7 @@ CLOSE: Final = 1  # write what is pending, then close
 ABORT: Final = 2  # the response was cut short: reset, so the client cannot take it as whole
 TUNNEL: Final = 3  # splice the client with `tunnel` (transport, bytes it sent first)
 GONE: Final = 4  # the client left: nothing to do
+SERVE: Final = 5  # CONNECT to a mesh name answered: serve what follows as new requests
 
 # Why reading from the client is paused (bits; reading resumes when none is left).
 PAUSE_BACKLOG: Final = 1  # pipelined requests wait behind the one in flight

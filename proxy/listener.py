@@ -103,12 +103,19 @@ class Listener:
         for conn in list(proxy.connections):
             if not conn.active:
                 conn.close()
+        h2 = proxy.h2
+        if h2 is not None:
+            h2.drain()  # GOAWAY: streams in flight finish
         deadline = time.monotonic() + seconds
-        while proxy.connections and time.monotonic() < deadline:
+        while (
+            proxy.connections or (h2 is not None and h2.connections)
+        ) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        clean = not proxy.connections
+        clean = not proxy.connections and not (h2 is not None and h2.connections)
         for conn in list(proxy.connections):
             conn.abort()
+        if h2 is not None:
+            h2.abort()
         proxy.router.close()
         return clean
 
@@ -212,13 +219,15 @@ async def start_inbound(
     mesh_tls: MeshTLS | None = None,
     mtls_mode: Mode = "strict",
     authz: InboundAuthz | None = None,
+    app_protocol: str = "http",
 ) -> Listener:
     """Other sidecars' way in: every request goes to the app at app_host:app_port, once
     `authz` (the service's intentions, when a control plane sends them) allows it.
 
     With `mesh_tls` the port speaks mutual TLS (proxy/tls.py): the caller's SPIFFE ID
     goes on its `Peer` and to the app as `x-tether-peer-identity`; plaintext is refused
-    with `400 mtls_required` (`mtls_mode` "strict") or served (mode "permissive")."""
+    with `400 mtls_required` (`mtls_mode` "strict") or served (mode "permissive").
+    HTTP/2 streams reach the app over h2c when `app_protocol` is `http2` or `grpc`."""
     stats = stats if stats is not None else ProxyStats()
     timeouts = timeouts or TimeoutPolicy()
     policy = pool_policy or PoolPolicy(connect_timeout=timeouts.connect)
@@ -226,11 +235,14 @@ async def start_inbound(
         app_port, stats, app_host=app_host, pool_policy=policy, app_ssl=app_ssl, authz=authz
     )
     if mesh_tls is None:
-        return await _listen(router, stats, timeouts, host, port, ssl)
+        listener = await _listen(router, stats, timeouts, host, port, ssl)
+        listener.proxy.app_h2 = app_protocol in ("http2", "grpc")
+        return listener
     from proxy.tls import InboundIdentity, MeshServer
 
     proxy = ProxyServer(router, timeouts, stats, scheme=b"https")
     proxy.identify = InboundIdentity(mesh_tls)
+    proxy.app_h2 = app_protocol in ("http2", "grpc")
     server = await MeshServer.start(proxy, mesh_tls, host, port, mtls_mode)
     stats.pool_sources.append(router.pools)
     return Listener(proxy, server)

@@ -40,6 +40,10 @@ MTLS_REQUIRED = "mtls_required"
 UPSTREAM_TLS_ERROR = "upstream_tls_error"
 # The health-check listener serves the app's health path only (proxy/expose.py).
 NOT_EXPOSED = "not_exposed"
+# Counted with the local replies, though no reply is sent: an HTTP/2 connection closed
+# with GOAWAY for resetting streams too fast (CVE-2023-44487), or for a protocol error.
+H2_RAPID_RESET = "h2_rapid_reset"
+H2_PROTOCOL_ERROR = "h2_protocol_error"
 
 # Status and default message per reason; the caller may give a more precise message.
 REPLIES: dict[str, tuple[int, str]] = {

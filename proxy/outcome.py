@@ -18,6 +18,9 @@ a reader can `match` on it:
   the response was cut short.
 - `ClientGone()`: the client closed or reset its connection first (status 0).
 
+`grpc_status` is the gRPC status a gRPC caller received (-1 otherwise): the relayed
+`grpc-status` trailer, or the code of the sidecar's own gRPC error.
+
 `status` is what the client received (0: nothing complete); every kind but a
 `Completed` below 500 counts as a failure (`ok` False).
 
@@ -27,7 +30,7 @@ instances (`completed(200)` allocates nothing after the first 200).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 TimeoutKind = Literal["request", "idle", "per_try"]
@@ -43,6 +46,9 @@ class Outcome:
     # Whether the balancer (and later outlier detection) counts it as a success: a
     # field, not a property, as it is read once per request.
     ok: bool = field(default=False, init=False, repr=False, compare=False)
+    # The gRPC status the caller received (grpc-status), -1 when not a gRPC call: what
+    # retry policies read to retry on `unavailable`, `resource-exhausted`, ...
+    grpc_status: int = field(default=-1, kw_only=True)
 
     @property
     def kind(self) -> str:
@@ -108,4 +114,18 @@ def timeout(which: TimeoutKind, reason: str, status: int) -> Timeout:
     if out is None:
         out = _LOCAL[key] = Timeout(status, reason, which)
     assert isinstance(out, Timeout)
+    return out
+
+
+_GRPC: dict[tuple[Outcome, int], Outcome] = {}
+
+
+def with_grpc(outcome: Outcome, grpc_status: int) -> Outcome:
+    """The shared copy of `outcome` that says which gRPC status the caller received."""
+    key = (outcome, grpc_status)
+    out = _GRPC.get(key)
+    if out is None:
+        if len(_GRPC) > 4096:  # grpc-status is the peer's: bound what it can grow
+            _GRPC.clear()
+        out = _GRPC[key] = replace(outcome, grpc_status=grpc_status)
     return out

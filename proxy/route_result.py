@@ -89,6 +89,7 @@ class RouteResult:
         "request_timeout",
         "resilience",
         "response_edit",
+        "serve",
         "spec",
         "tracker",
         "tunnel",
@@ -108,6 +109,7 @@ class RouteResult:
         tunnel: tuple[str, int] | None = None,
         pending: Awaitable[RouteResult] | None = None,
         spec: ClusterSpec | None = None,
+        serve: bytes | None = None,
         mirror: MirrorTap | None = None,
         resilience: Resilience | None = None,
     ) -> None:
@@ -125,6 +127,10 @@ class RouteResult:
         self.tunnel = tunnel  # CONNECT: (host, port) to dial
         self.pending = pending
         self.spec = spec  # the destination cluster's compiled settings (proxy/cluster_spec.py)
+        # CONNECT to a mesh name (a gRPC client honouring http_proxy): answer 200 and
+        # serve what follows on this connection here, each request (each HTTP/2
+        # stream) routed on its own, instead of a blind tunnel. The authority named.
+        self.serve = serve
         # Copy this request to a shadow (proxy/mirror.py); None: no copy.
         self.mirror = mirror
         # Retries, breakers and outlier detection for requests on this route
@@ -158,6 +164,8 @@ class RouteResult:
             return f"<RouteResult reply {self.reply.reason}>"
         if self.pending is not None:
             return "<RouteResult pending>"
+        if self.serve is not None:
+            return f"<RouteResult serve {self.serve.decode('latin-1')}>"
         if self.tunnel is not None:
             return f"<RouteResult tunnel {self.tunnel[0]}:{self.tunnel[1]}>"
         where = self.pool.name if self.pool is not None else "?"

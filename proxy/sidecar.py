@@ -59,6 +59,8 @@ class SidecarSpec:
     # operator allows it.
     egress_to_control: Literal["allow", "deny"] = "deny"
     opaque_ports: tuple[int, ...] = ()
+    # What the app speaks: http (HTTP/1.1), or http2/grpc (h2c from the inbound sidecar).
+    app_protocol: str = "http"
     drain_seconds: float = 15.0
     # How long after deregistering the inbound listener keeps accepting, so callers
     # whose discovery has not yet seen the removal are not refused.
@@ -116,6 +118,8 @@ class SidecarSpec:
             errors.append(f"--egress: {self.egress!r} must be allow or deny")
         if self.egress_to_control not in ("allow", "deny"):
             errors.append(f"egress_to_control: {self.egress_to_control!r} must be allow or deny")
+        if self.app_protocol not in ("http", "http2", "grpc"):
+            errors.append(f"--app-protocol: {self.app_protocol!r} must be http, http2 or grpc")
         if self.drain_seconds < 0:
             errors.append("--drain-seconds: must not be negative")
         if not self.namespace or "." in self.namespace:
@@ -157,6 +161,10 @@ def _control_plane_check(sslobj: Any) -> None:
         check_control_plane(sslobj)
     except IdentityError as exc:
         raise protocol.PushProtocolError(str(exc)) from None
+
+
+def _protocol_of(defaults: Any) -> str | None:
+    return getattr(defaults, "protocol", None)
 
 
 def _fixed_target(host: str, port: int) -> Callable[[], tuple[str, int] | None]:
@@ -232,6 +240,7 @@ class Sidecar:
                 namespace=spec.namespace,
                 zone=spec.zone,
                 version=spec.version,
+                protocol=spec.app_protocol,
                 meta=self._meta(),
                 check_interval=spec.check_interval,
                 check_via=self._check_via(),
@@ -311,6 +320,7 @@ class Sidecar:
             host=spec.inbound_host,
             port=spec.inbound_port,
             app_host=spec.app_host,
+            app_protocol=spec.app_protocol,
             mesh_tls=self.mesh_tls,
             authz=self.authz,
         )
@@ -478,6 +488,12 @@ class Sidecar:
         policy.on_applied.append(self._follow_mtls_mode)
         policy.inbound_authz = self.authz
         self.policy = policy
+        # The app's own protocol may come from policy (ServiceDefaults of this service):
+        # HTTP/2 callers then reach it over h2c (proxy/h2_downstream.py).
+        self.policy_client.want(spec.service, spec.namespace)
+        self.inbound.proxy.app_protocol = lambda: _protocol_of(
+            policy.defaults(spec.namespace, spec.service)
+        )
         # The Route's `at: inbound` rate limits for this sidecar's own service.
         from proxy.dispatch import InboundRouter
         from proxy.inbound_limits import InboundLimits

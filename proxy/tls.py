@@ -1,10 +1,12 @@
 """Mesh TLS in the sidecar: its identity as SSL contexts, the peer checks, and the TLS port.
 
 `MeshTLS` holds the sidecar's key, its leaf (with intermediates) and the trust bundle,
-and builds from them one server and one client `ssl.SSLContext` (TLS 1.3 only, ALPN
-`http/1.1`, a certificate required from the peer and verified by OpenSSL against the
-bundle). A renewal or a new bundle builds new contexts: connections already open keep
-the one they were made with, new handshakes take the new one, nothing is dropped.
+and builds from them a server and two client `ssl.SSLContext`s (TLS 1.3 only, a
+certificate required from the peer and verified by OpenSSL against the bundle; ALPN:
+the server offers `h2` and `http/1.1`, the HTTP/1 pools' client `http/1.1`, the HTTP/2
+pools' client `h2`, so each pool gets the protocol it speaks). A renewal or a new
+bundle builds new contexts: connections already open keep the one they were made with,
+new handshakes take the new one, nothing is dropped.
 
 After each handshake the peer's leaf is checked again with `wire.spiffe.verify_peer`
 (the SPIFFE rules OpenSSL does not know: one URI SAN in Consul's form, the trust
@@ -42,6 +44,10 @@ from wire.spiffe import PeerVerificationError, SpiffeId, verify_peer
 log = logging.getLogger("tether.tls")
 
 ALPN = ("http/1.1",)
+# The accepting side offers both and the client chooses: the HTTP/1 pools' client
+# context offers http/1.1 only, the HTTP/2 pools' one (`client_h2`) h2 only.
+ALPN_SERVER = ("h2", "http/1.1")
+ALPN_H2 = ("h2",)
 MTLS_REQUIRED = "mtls_required"
 TLS_RECORD_HANDSHAKE = 0x16
 # How long a client has to send its first byte, and then to finish the handshake.
@@ -74,6 +80,7 @@ class MeshTLS:
         self._chain_pem = ""
         self.server: ssl.SSLContext | None = None
         self.client: ssl.SSLContext | None = None
+        self.client_h2: ssl.SSLContext | None = None  # ALPN h2 (proxy/h2_pool.py)
         self.generation = 0  # bumped on every new pair of contexts
         self.refused = 0  # peers whose certificate was refused after the handshake
 
@@ -117,16 +124,17 @@ class MeshTLS:
     def _rebuild(self) -> None:
         if self._key is None or not self.roots:
             return
-        self.server = self._context(ssl.PROTOCOL_TLS_SERVER)
+        self.server = self._context(ssl.PROTOCOL_TLS_SERVER, ALPN_SERVER)
         self.client = self._context(ssl.PROTOCOL_TLS_CLIENT)
+        self.client_h2 = self._context(ssl.PROTOCOL_TLS_CLIENT, ALPN_H2)
         self.generation += 1
 
-    def _context(self, protocol: int) -> ssl.SSLContext:
+    def _context(self, protocol: int, alpn: Sequence[str] = ALPN) -> ssl.SSLContext:
         ctx = ssl.SSLContext(protocol)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = False  # identities are SPIFFE URIs, checked after the handshake
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.set_alpn_protocols(list(ALPN))
+        ctx.set_alpn_protocols(list(alpn))
         ctx.load_verify_locations(cadata=self.roots_pem)
         assert self._key is not None
         _load_chain(ctx, self._key, self._chain_pem)
@@ -202,6 +210,11 @@ class UpstreamTLS:
     @property
     def context(self) -> ssl.SSLContext | None:
         return self.mesh.client
+
+    @property
+    def h2_context(self) -> ssl.SSLContext | None:
+        """The client context offering ALPN `h2` (the HTTP/2 pools')."""
+        return self.mesh.client_h2
 
     def check(self, transport: Any) -> str | None:
         """None if the peer is the destination, else why not."""

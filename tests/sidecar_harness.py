@@ -184,16 +184,19 @@ class ProcessSet:
     def sidecar(
         self,
         service: str,
-        app: App,
+        app: Any,
         *args: str,
         wait_ready: bool = True,
         env: dict[str, str] | None = None,
+        health_path: str | None = "/health",
     ) -> Sidecar:
-        """A sidecar for `app`; `env`: variables added to this process's environment."""
+        """A sidecar for `app` (anything with a `port`); `env`: variables added to this
+        process's environment; `health_path` None checks the app over TCP."""
         log = self.tmp / f"sidecar-{service}-{len(self.sidecars)}.log"
+        health = ["--app-health-path", health_path] if health_path else []
         cmd = [
             sys.executable, "-m", "tether.cli", "sidecar", "--service", service,
-            "--app-port", str(app.port), "--app-health-path", "/health",
+            "--app-port", str(app.port), *health,
             "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0",
             "--check-interval", "1", *args,
         ]  # fmt: skip

@@ -587,6 +587,35 @@ async def test_a_sidecar_without_a_control_plane_speaks_plaintext(
         await runner.cleanup()
 
 
+async def test_http2_between_sidecars_is_mtls_with_alpn_h2(mesh: Mesh) -> None:
+    from tests.h2_peers import H2Client
+
+    a_tls = mesh.a.mesh_tls
+    assert isinstance(a_tls, MeshTLS)
+    client = await H2Client().connect(mesh.a.ports()["outbound"])
+    try:
+
+        async def call() -> Any:
+            r = await client.request(
+                "/hello", "b", headers=[(b"x-tether-peer-identity", b"spiffe://evil/x")]
+            )
+            return json.loads(bytes(r.body)) if r.status == 200 else None
+
+        body = await until(call, 20, "an HTTP/2 call from a to b through both sidecars")
+        # b's app speaks HTTP/1.1: the stream was bridged; the identity is the proved one.
+        assert body["headers"]["x-tether-peer-identity"] == a_tls.identity.uri
+        h2 = mesh.a.outbound.proxy.h2
+        assert h2 is not None
+        (pool,) = [p for p in h2.pools.values() if p.name.startswith("b.default/")]
+        assert pool.tls is not None and pool.connects >= 1
+        (conn,) = pool.conns
+        tls = conn.transport.get_extra_info("ssl_object")
+        assert tls is not None and tls.selected_alpn_protocol() == "h2"
+        assert mesh.b.inbound.proxy.h2 is not None
+    finally:
+        await client.aclose()
+
+
 # -- the control plane's TLS port -------------------------------------------------------
 
 

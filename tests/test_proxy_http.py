@@ -466,11 +466,18 @@ async def test_connect_tunnels_to_egress_host(mesh: Mesh) -> None:
         mesh.outbound.port, b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n"
     )
     assert status == 502 and headers["x-tether-error"] == ["upstream_connect_error"]
-    # CONNECT to a mesh name is refused: it tunnels egress only.
-    status, headers, _, _ = await request(
-        mesh.outbound.port, b"CONNECT orders:443 HTTP/1.1\r\nHost: orders:443\r\n\r\n"
+    # CONNECT to a mesh name is not tunnelled: answered here, and the requests that
+    # follow on the connection are routed one by one (to `orders`, by their Host).
+    c = await RawClient.open(mesh.outbound.port)
+    await c.send(
+        b"CONNECT orders:80 HTTP/1.1\r\nHost: orders:80\r\n\r\n"
+        b"GET /inside HTTP/1.1\r\nHost: orders\r\n\r\n"
     )
-    assert status == 400
+    head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200") and b"x-tether-error" not in head.lower()
+    c.writer.close()
 
 
 async def test_connect_keeps_what_a_server_says_first(mesh: Mesh) -> None:

@@ -70,7 +70,9 @@ def kind(request: pytest.FixtureRequest) -> Kind:
 def one_of(result: RouteResult) -> str:
     """Which kind of answer a result is; exactly one must be set."""
     set_ = [
-        name for name in ("reply", "pool", "tunnel", "pending") if getattr(result, name) is not None
+        name
+        for name in ("reply", "pool", "tunnel", "pending", "serve")
+        if getattr(result, name) is not None
     ]
     assert len(set_) == 1, (result, set_)
     return set_[0]
@@ -126,12 +128,17 @@ def test_connect_is_a_tunnel_or_a_local_reply_never_a_pool(kind: Kind) -> None:
         assert result.reply is not None and result.reply.close
 
 
-def test_connect_to_a_mesh_name_is_refused(kind: Kind) -> None:
+def test_connect_to_a_mesh_name_is_served_here_or_refused(kind: Kind) -> None:
+    # Outbound: what follows the CONNECT is served and routed per request (a gRPC
+    # client honouring http_proxy); never a blind tunnel. Inbound: refused.
     router = kind.make()
     head = parse_request(b"CONNECT svc:443 HTTP/1.1\r\nHost: svc:443\r\n\r\n")
     result = router.connect(head, PEER)
-    assert one_of(result) == "reply"
-    assert result.reply is not None and result.reply.reason == local_reply.BAD_REQUEST
+    if kind.tunnels:
+        assert one_of(result) == "serve" and result.serve == b"svc:443"
+    else:
+        assert one_of(result) == "reply"
+        assert result.reply is not None and result.reply.reason == local_reply.BAD_REQUEST
 
 
 def test_routing_changes_nothing_of_the_peer_but_its_routing_state(kind: Kind) -> None:

@@ -208,6 +208,14 @@ def _meta_pairs(
     "plane, the registry): refused with 403 egress_denied unless allowed.",
 )
 @click.option("--opaque-port", multiple=True, type=PORT, help="Port proxied as raw TCP.")
+@click.option(
+    "--app-protocol",
+    type=click.Choice(["http", "http2", "grpc"]),
+    default="http",
+    show_default=True,
+    help="What the app speaks: HTTP/2 callers reach an http2 or grpc app over h2c "
+    "(registered as Meta protocol).",
+)
 @click.option("--drain-seconds", default=15.0, show_default=True, type=float)
 @click.option("--check-interval", default=5.0, show_default=True, type=float)
 @click.option(
@@ -264,6 +272,7 @@ def sidecar(
     egress: str,
     egress_to_control: str,
     opaque_port: tuple[int, ...],
+    app_protocol: str,
     drain_seconds: float,
     check_interval: float,
     app_check_via: str,
@@ -310,6 +319,7 @@ def sidecar(
             egress="deny" if egress == "deny" else "allow",
             egress_to_control="allow" if egress_to_control == "allow" else "deny",
             opaque_ports=opaque_port,
+            app_protocol=app_protocol,
             drain_seconds=drain_seconds,
             check_interval=check_interval,
             app_check_via="inbound" if app_check_via == "inbound" else "app",

@@ -163,7 +163,7 @@ def camel(name: str) -> str:
 
 # -- the resources -----------------------------------------------------------------------
 
-Protocol = Literal["http", "tcp"]
+Protocol = Literal["http", "tcp", "http2", "grpc"]
 BalancerName = Literal["round_robin", "random", "least_request", "peak_ewma", "ring_hash", "maglev"]
 HashSource = Literal["header", "cookie", "query_parameter", "source_ip"]
 EgressMode = Literal["allow", "deny"]
@@ -433,7 +433,9 @@ class ServiceDefaultsSpec:
         for k in ("fault", "mirror", "rateLimit")
     }
 
-    protocol: Protocol = spec_field("http or tcp.", default="http")
+    protocol: Protocol = spec_field(
+        "http, tcp, http2 or grpc (HTTP/2: the app is served h2c).", default="http"
+    )
     opaque_ports: tuple[int, ...] = spec_field(
         "Ports carried as opaque TCP, without protocol detection.", default=()
     )

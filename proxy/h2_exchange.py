@@ -1,0 +1,639 @@
+"""The HTTP/2 exchange: one stream's request and response, routed per stream, with one end.
+
+An `H2Exchange` is what proxy/exchange.py's `Exchange` is for an HTTP/1 request, for
+one stream of an HTTP/2 connection (proxy/h2_downstream.py): it is made by the
+request's HEADERS, asks the router for a `RouteResult` (so every stream is balanced on
+its own: one client connection spreads over all endpoints), takes a stream on a pooled
+HTTP/2 upstream connection (proxy/h2_pool.py), relays both directions with their
+trailers, and ends exactly once in `end(outcome)`, which feeds the balancer's tracker,
+the destination's stats and the local-reply counters, like the HTTP/1 exchange's. A
+gRPC caller's outcome carries the `grpc-status` it received.
+
+States: ROUTING → CONNECTING → SENDING → RESPONDING → ENDED.
+
+| event | valid in | does |
+|---|---|---|
+| request data/end/trailers | before ENDED | buffered until a stream is open, then relayed |
+| routed | ROUTING | local reply (end), or take a stream from the HTTP/2 pool |
+| h2_ready | CONNECTING | open the upstream stream, send what is buffered (SENDING) |
+| h2_failed | CONNECTING | end: connect failure (502, gRPC 14) |
+| response headers | SENDING | relay (RESPONDING); with END_STREAM: end, completed |
+| response data | RESPONDING | relay |
+| response trailers / end | RESPONDING | relay; end: completed (with grpc-status) |
+| upstream reset | SENDING, RESPONDING | no response yet: local reply (502, gRPC 14); else reset |
+| client reset, deadline | any but ENDED | reset the upstream stream; end |
+
+Back-pressure is the windows': bytes received on one side open the other side's
+stream window only once they were framed out (`on_sent`), so each direction of each
+stream holds at most one stream window (proxy/h2_link.py's STREAM_WINDOW) in the
+sidecar. While no upstream stream is open, the request's bytes wait here, bounded by
+the same window, which the client cannot exceed.
+
+Deadlines: idle (no progress on the stream), the request timeout (from the request's
+end to the response head, as HTTP/1), and the caller's `grpc-timeout`, which bounds the
+whole call: past it a gRPC caller gets `grpc-status: 4`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from h2.errors import ErrorCodes
+
+from proxy import grpc, local_reply
+from proxy import outcome as outcomes
+from proxy.h2_link import Fields, flush_touched
+from proxy.h2_pool import H2PoolOverflowError
+from proxy.heads import RequestHead
+from proxy.outcome import Outcome
+
+if TYPE_CHECKING:
+    from proxy.h2_downstream import H2DownstreamConnection
+    from proxy.route_result import RouteResult
+
+
+class StreamUpstream(Protocol):
+    """Where a stream's request goes: a stream of a pooled HTTP/2 connection
+    (proxy/h2_upstream.py), or an HTTP/1 connection bridged (proxy/h2_bridge.py)."""
+
+    def open_stream(self, sink: Any, headers: Fields, end: bool) -> int: ...
+    def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None: ...
+    def send_trailers(self, stream_id: int, headers: Fields) -> None: ...
+    def open_window(self, stream_id: int, size: int) -> None: ...
+    def reset(self, stream_id: int, code: int = ...) -> None: ...
+    def touch(self) -> None: ...
+    def flush(self) -> None: ...
+    def finished_receiving(self, stream_id: int) -> None: ...
+
+
+class StreamPool(Protocol):
+    """What gives a stream its upstream (proxy/h2_pool.py, or the bridge)."""
+
+    closed: bool
+
+    def acquire(self, waiter: H2Exchange) -> StreamUpstream | None: ...
+    def cancel(self, waiter: H2Exchange) -> None: ...
+
+
+ROUTING: Final = 0
+CONNECTING: Final = 1
+SENDING: Final = 3
+RESPONDING: Final = 4
+ENDED: Final = 6
+STATE_NAMES: Final = {0: "routing", 1: "connecting", 3: "sending", 4: "responding", 6: "ended"}
+
+T_IDLE: Final = 0
+T_REQUEST: Final = 1
+T_CALL: Final = 2  # grpc-timeout: the whole call
+
+# Fields a proxy does not pass on (RFC 9113 8.2.2 forbids the connection-specific ones;
+# h2 refuses them already, `host` is carried as :authority).
+# Only the inbound sidecar says who the caller is (proxy/fields.py): a value arriving
+# from outside is dropped here too.
+_DROP = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-tether-peer-identity"})
+_TASKS: set[asyncio.Task[None]] = set()
+
+
+class _UpstreamSide:
+    """The exchange as the sink of its upstream stream."""
+
+    __slots__ = ("ex",)
+
+    def __init__(self, ex: H2Exchange) -> None:
+        self.ex = ex
+
+    def on_headers(self, headers: Fields, end: bool) -> None:
+        self.ex.on_response_head(headers, end)
+
+    def on_data(self, data: bytes, end: bool) -> None:
+        self.ex.on_response_data(data, end)
+
+    def on_trailers(self, headers: Fields) -> None:
+        self.ex.on_response_trailers(headers)
+
+    def on_end(self) -> None:
+        pass
+
+    def on_reset(self, code: int, message: str) -> None:
+        self.ex.on_upstream_reset(code, message)
+
+    def on_sent(self, size: int) -> None:
+        # Request bytes went upstream: the client may send as much again (unless its
+        # request is complete: no window is owed on a stream that sends no more).
+        ex = self.ex
+        if not ex.req_done:
+            ex.conn.open_window(ex.sid, size)
+            ex.conn.touch()
+
+
+class H2Exchange:
+    """One stream (see the module's docstring)."""
+
+    __slots__ = (
+        "body",
+        "call_deadline",
+        "conn",
+        "deadline",
+        "grpc",
+        "head",
+        "outcome",
+        "pool",
+        "progress",
+        "req_done",
+        "req_trailers",
+        "retried",
+        "route",
+        "seen_progress",
+        "sid",
+        "start",
+        "state",
+        "status",
+        "timer",
+        "up_side",
+        "upstream",
+        "usid",
+    )
+
+    outcome: Outcome
+
+    def __init__(self, conn: H2DownstreamConnection, sid: int, headers: Fields, end: bool) -> None:
+        self.conn = conn
+        self.sid = sid
+        self.state = ROUTING
+        self.route: RouteResult | None = None
+        self.pool: StreamPool | None = None
+        self.upstream: StreamUpstream | None = None
+        self.usid = 0
+        self.up_side = _UpstreamSide(self)
+        self.body: list[bytes] = []
+        self.req_trailers: Fields | None = None
+        self.req_done = end
+        self.retried = False
+        self.status = 0
+        front = conn.front
+        self.start = now = front.clock()
+        self.timer = T_IDLE
+        self.deadline = now + front.timeouts.idle
+        self.call_deadline = 0.0
+        self.progress = 0
+        self.seen_progress = 0
+        method = path = authority = b""
+        host = None
+        content_type = None
+        fields: Fields = []
+        for name, value in headers:
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+            elif name == b"host":
+                host = value
+            else:
+                if name == b"content-type":
+                    content_type = value
+                elif name == b"grpc-timeout":
+                    timeout = grpc.parse_timeout(value)
+                    if timeout is not None:
+                        self.call_deadline = now + timeout
+                fields.append((name, value))
+        self.grpc = grpc.is_grpc(content_type)
+        head = RequestHead(
+            method=method, target=path or b"/", host=authority or host, keep_alive=True
+        )
+        head.headers = [(n, v) for n, v in fields if n not in _DROP]
+        for n, v in fields:
+            if n == b"x-request-id":
+                head.request_id = v
+            elif n == b"x-forwarded-for":
+                head.forwarded_for = v
+        if self.req_done:
+            self._arm_request_timeout()
+        self.head = head
+
+    # -- routing --------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        head = self.head
+        if head.method == b"CONNECT":
+            self.local_reply(local_reply.NOT_IMPLEMENTED, "CONNECT over HTTP/2 is not supported")
+            return
+        if head.host is None:
+            self.local_reply(local_reply.BAD_REQUEST, "the request has no :authority")
+            return
+        result = self.conn.front.router.route(head, self.conn.peer)
+        if result.pending is not None:
+            task = asyncio.get_running_loop().create_task(self._routed(result.pending))
+            _TASKS.add(task)
+            task.add_done_callback(_TASKS.discard)
+            return
+        self.on_routed(result)
+
+    async def _routed(self, pending: Any) -> None:
+        result = await pending
+        if self.state == ROUTING:
+            self.on_routed(result)
+            self.conn.flush()
+            flush_touched()
+
+    def on_routed(self, result: RouteResult) -> None:
+        self.route = result
+        reply = result.reply
+        if reply is not None:
+            self.local_reply(reply.reason, reply.message, status=reply.status, extra=reply.headers)
+            return
+        pool = result.pool
+        if pool is None:
+            self.local_reply(local_reply.NOT_IMPLEMENTED, "no HTTP/2 destination")
+            return
+        if result.tunnel is not None:
+            self.local_reply(local_reply.NOT_IMPLEMENTED, "tunnels over HTTP/2")
+            return
+        front = self.conn.front
+        h2pool: StreamPool | None = front.pool_for(pool)
+        if h2pool is None:
+            # That upstream speaks HTTP/1.1 (an app whose protocol is http): the stream
+            # goes as one HTTP/1.1 request on the ordinary pool.
+            from proxy.h2_bridge import H1Bridge
+
+            h2pool = H1Bridge(self, pool)
+        self.pool = h2pool
+        ep, tracker = result.endpoint, result.tracker
+        if ep is not None and tracker is not None:
+            tracker.on_start(ep, self.start)
+        ds = result.dstats
+        if ds is not None:
+            ds.attempts += 1  # one attempt per stream (no retries over HTTP/2 yet)
+        if self.timer == T_REQUEST and result.request_timeout:
+            self.deadline = self.start + result.request_timeout
+        self.state = CONNECTING
+        try:
+            up = h2pool.acquire(self)
+        except H2PoolOverflowError as e:
+            reason = local_reply.DRAINING if h2pool.closed else local_reply.OVERFLOW
+            self.local_reply(reason, str(e))
+            return
+        if up is not None:
+            self.on_h2_ready(up)
+
+    def _upstream_headers(self) -> Fields:
+        head = self.head
+        route = self.route
+        path = route.path if route is not None and route.path is not None else head.target
+        conn = self.conn
+        front = conn.front
+        out: Fields = [
+            (b":method", head.method),
+            (b":scheme", front.scheme),
+            (b":authority", head.host or b""),
+            (b":path", path),
+        ]
+        # Lowercase (RFC 9113 8.2.1): a policy's request edits may name X-Y.
+        out.extend([(n.lower(), v) for n, v in head.headers])
+        ff = head.forwarded_for
+        peer = conn.peer.address
+        out.append((b"x-forwarded-for", peer if ff is None else ff + b", " + peer))
+        out.append((b"x-forwarded-proto", front.scheme))
+        identity = conn.peer.identity
+        if identity:  # the caller's SPIFFE ID, proved by its certificate (inbound, mTLS)
+            out.append((b"x-tether-peer-identity", identity.encode()))
+        if head.request_id is None:
+            head.request_id = rid = front.server.new_request_id()
+            out.append((b"x-request-id", rid))
+        return out
+
+    # -- the pool's answers ---------------------------------------------------------------
+
+    def on_h2_ready(self, up: StreamUpstream) -> None:
+        if self.state != CONNECTING:
+            return  # ended meanwhile: the stream was never opened
+        self.state = SENDING
+        self.upstream = up
+        body = self.body
+        end_now = self.req_done and not body and self.req_trailers is None
+        self.usid = usid = up.open_stream(self.up_side, self._upstream_headers(), end_now)
+        if body:
+            self.body = []
+            for i, chunk in enumerate(body):
+                last = i == len(body) - 1
+                up.send_data(usid, chunk, last and self.req_done and self.req_trailers is None)
+        if self.req_trailers is not None:
+            up.send_trailers(usid, self.req_trailers)
+        up.flush()
+
+    def on_h2_failed(self, reason: str, message: str) -> None:
+        if self.state != CONNECTING:
+            return
+        self._reply(outcomes.ConnectFailure, reason, message)
+        self.conn.touch()
+
+    # -- request events (the downstream stream's sink) ----------------------------------
+
+    def on_headers(self, headers: Fields, end: bool) -> None:
+        # h2 reports a second HEADERS block as trailers; anything else is its error.
+        self.on_trailers(headers)
+
+    def on_data(self, data: bytes, end: bool) -> None:
+        self.progress += 1
+        if self.state == ENDED:
+            # Answered already: the rest is dropped, and keeps flowing until it ends.
+            if end:
+                self.conn.finished_receiving(self.sid)
+            else:
+                self.conn.open_window(self.sid, len(data))
+            return
+        if end:
+            self.req_done = True
+            self._arm_request_timeout()
+        up = self.upstream
+        if up is None:
+            if data:
+                self.body.append(data)
+            return
+        up.send_data(self.usid, data, end)
+        up.touch()
+
+    def on_trailers(self, headers: Fields) -> None:
+        if self.state == ENDED:
+            self.conn.finished_receiving(self.sid)
+            return
+        self.req_done = True
+        self._arm_request_timeout()
+        up = self.upstream
+        if up is None:
+            self.req_trailers = headers
+            return
+        up.send_trailers(self.usid, headers)
+        up.touch()
+
+    def on_end(self) -> None:
+        pass
+
+    def on_reset(self, code: int, message: str) -> None:
+        """The client reset its stream, or its connection is gone."""
+        if self.state == ENDED:
+            return
+        self._drop_upstream()
+        self.end(outcomes.CLIENT_GONE)
+
+    def on_sent(self, size: int) -> None:
+        # Response bytes reached the client's connection: the upstream may send more.
+        up = self.upstream
+        if up is not None:
+            up.open_window(self.usid, size)
+            up.touch()
+
+    def _arm_request_timeout(self) -> None:
+        if self.state < RESPONDING and self.timer == T_IDLE:
+            self.timer = T_REQUEST
+            route = self.route
+            timeout = route.request_timeout if route is not None else 0.0
+            self.deadline = self.conn.front.clock() + (timeout or self.conn.front.timeouts.request)
+
+    # -- response events (the upstream stream's sink) -----------------------------------
+
+    def on_response_head(self, headers: Fields, end: bool) -> None:
+        if self.state != SENDING:
+            return
+        status = 0
+        for name, value in headers:
+            if name == b":status":
+                status = int(value)
+                break
+        if status < 200:
+            return  # 1xx: h2 reports them apart; nothing to relay
+        self.status = status
+        self.state = RESPONDING
+        self.timer = T_IDLE
+        self.deadline = self.conn.front.clock() + self.conn.front.timeouts.idle
+        route = self.route
+        edit = route.response_edit if route is not None else None
+        if edit is not None:
+            pseudo = [(n, v) for n, v in headers if n[:1] == b":"]
+            fields = [(n, v) for n, v in headers if n[:1] != b":"]
+            edit(fields)
+            headers = pseudo + [(n.lower(), v) for n, v in fields]  # policy may say X-Y
+        conn = self.conn
+        conn.send_headers(self.sid, headers, end)
+        conn.touch()
+        if end:
+            self._completed(headers)
+
+    def on_response_data(self, data: bytes, end: bool) -> None:
+        if self.state != RESPONDING:
+            return
+        self.progress += 1
+        conn = self.conn
+        if end:
+            # No window is owed to an upstream that sends no more (`on_sent`).
+            self.upstream, up = None, self.upstream
+            conn.send_data(self.sid, data, end)
+            self.upstream = up
+            conn.touch()
+            self._completed(None)
+            return
+        conn.send_data(self.sid, data, end)
+        conn.touch()
+
+    def on_response_trailers(self, headers: Fields) -> None:
+        if self.state != RESPONDING:
+            return
+        self.conn.send_trailers(self.sid, headers)
+        self.conn.touch()
+        self._completed(headers)
+
+    def _completed(self, fields: Fields | None) -> None:
+        up = self.upstream
+        self.upstream = None
+        if up is not None:
+            up.finished_receiving(self.usid)
+            if not self.req_done:
+                up.reset(self.usid, ErrorCodes.NO_ERROR)
+                up.touch()
+        out: Outcome = outcomes.completed(self.status)
+        if self.grpc:
+            code = -1
+            for name, value in fields or ():
+                if name == b"grpc-status":
+                    code = int(value) if value.isdigit() and len(value) < 4 else grpc.UNKNOWN
+            out = outcomes.with_grpc(out, code)
+        self.end(out)
+
+    def on_upstream_reset(self, code: int, message: str) -> None:
+        if self.state == ENDED:
+            return
+        self.upstream = None
+        if self.state < RESPONDING:
+            if code == ErrorCodes.REFUSED_STREAM and self.state == SENDING and self._may_retry():
+                return
+            self._reply(outcomes.Reset, local_reply.UPSTREAM_RESET, message)
+        else:
+            self.conn.reset(self.sid, ErrorCodes.INTERNAL_ERROR if code < 0 else code)
+            self.end(outcomes.local(outcomes.Reset, local_reply.UPSTREAM_RESET, 0))
+        self.conn.touch()
+
+    def _may_retry(self) -> bool:
+        """REFUSED_STREAM (or a GOAWAY that left the stream unprocessed): the upstream did
+        nothing with it (RFC 9113 8.7), so it goes once more on a fresh stream if its
+        request had no body (nothing of which is kept)."""
+        pool = self.pool
+        if pool is None or self.retried or not self.req_done or self.progress:
+            return False  # once, and only for a request whose body was not streamed
+        self.state = CONNECTING
+        self.retried = True
+        try:
+            up = pool.acquire(self)
+        except H2PoolOverflowError:
+            self.state = SENDING
+            return False
+        if up is not None:
+            self.on_h2_ready(up)
+        return True
+
+    # -- the connection's events ----------------------------------------------------------
+
+    def on_deadline(self, now: float) -> None:
+        if self.state == ENDED:
+            return
+        call = self.call_deadline and now >= self.call_deadline
+        which: outcomes.TimeoutKind = "request" if call or self.timer == T_REQUEST else "idle"
+        self._drop_upstream()
+        # As HTTP/1: no response head within the request's (or the call's) time is
+        # request_timeout; a stalled stream, or one cut short, upstream_timeout.
+        waiting = which == "request" and self.state < RESPONDING
+        reason = local_reply.REQUEST_TIMEOUT if waiting else local_reply.UPSTREAM_TIMEOUT
+        if call:
+            message = "the call's grpc-timeout passed"
+        elif which == "request":
+            message = "no response in time"
+        else:
+            message = f"no progress for {self.conn.front.timeouts.idle}s"
+        if self.state < RESPONDING:
+            grpc_code = self._render(reason, message, local_reply.REPLIES[reason][0])
+            out: Outcome = outcomes.timeout(which, reason, self.status)
+            self.end(out if grpc_code is None else outcomes.with_grpc(out, grpc_code))
+        elif self.grpc:
+            # The response started: a gRPC caller still gets its status, as trailers.
+            self.conn.send_trailers(
+                self.sid,
+                [
+                    (b"grpc-status", b"%d" % grpc.DEADLINE_EXCEEDED),
+                    (b"grpc-message", message.encode()),
+                    (b"x-tether-error", reason.encode()),
+                ],
+            )
+            self.end(outcomes.with_grpc(outcomes.timeout(which, reason, 0), 4))
+        else:
+            self.conn.reset(self.sid, ErrorCodes.CANCEL)
+            self.end(outcomes.timeout(which, reason, 0))
+        self.conn.flush()
+
+    def _drop_upstream(self) -> None:
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            up.reset(self.usid, ErrorCodes.CANCEL)
+            up.touch()
+        elif self.state == CONNECTING and self.pool is not None:
+            self.pool.cancel(self)
+
+    # -- answering ------------------------------------------------------------------------
+
+    def local_reply(
+        self,
+        reason: str,
+        message: str | None = None,
+        *,
+        status: int | None = None,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        self._reply(outcomes.LocalReply, reason, message, status=status, extra=extra)
+
+    def _reply(
+        self,
+        kind: type[Outcome],
+        reason: str,
+        message: str | None,
+        *,
+        status: int | None = None,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        if self.state >= RESPONDING:
+            self.conn.reset(self.sid, ErrorCodes.INTERNAL_ERROR)
+            self.end(outcomes.local(outcomes.Reset, reason, 0))
+            return
+        code = status if status is not None else local_reply.REPLIES.get(reason, (500, ""))[0]
+        self.end(self._answered(kind, reason, self._render(reason, message, code, extra)))
+
+    def _answered(self, kind: type[Outcome], reason: str, grpc_code: int | None) -> Outcome:
+        out = outcomes.local(kind, reason, self.status)
+        return out if grpc_code is None else outcomes.with_grpc(out, grpc_code)
+
+    def _render(
+        self,
+        reason: str,
+        message: str | None,
+        code: int,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> int | None:
+        """Write a local reply on the stream: a gRPC error to a gRPC caller (its code is
+        returned), else JSON."""
+        text = message or local_reply.REPLIES.get(reason, (500, "internal error"))[1]
+        conn, sid = self.conn, self.sid
+        if self.grpc:
+            headers = grpc.reply_headers(reason, text, code)
+            conn.send_headers(sid, headers + [(n.lower(), v) for n, v in extra], True)
+            self.status = 200
+            return int(headers[2][1])
+        body = json.dumps({"error": reason, "message": text}).encode()
+        head = [
+            (b":status", b"%d" % code),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"x-tether-error", reason.encode()),
+            *[(n.lower(), v) for n, v in extra],  # Location, Retry-After (a route's)
+        ]
+        if self.head.request_id is not None:
+            head.append((b"x-request-id", self.head.request_id))
+        self.status = code
+        if self.head.method == b"HEAD":
+            conn.send_headers(sid, head, True)
+        else:
+            conn.send_headers(sid, head, False)
+            conn.send_data(sid, body, True)
+        return None
+
+    # -- the end --------------------------------------------------------------------------
+
+    def end(self, outcome: Outcome) -> None:
+        """Where every stream ends, once (as proxy/exchange.py's `Exchange.end`)."""
+        if self.state == ENDED:
+            raise RuntimeError(f"ended twice: {self.outcome!r}, then {outcome!r}")
+        self.state = ENDED
+        self.outcome = outcome
+        front = self.conn.front
+        now = front.clock()
+        route = self.route
+        ds = None
+        if route is not None:
+            latency = now - self.start
+            ep, tracker = route.endpoint, route.tracker
+            if ep is not None and tracker is not None and self.pool is not None:
+                tracker.on_end(ep, now, latency, outcome.ok)
+            ds = route.dstats
+            if ds is not None:
+                ds.record(outcome.status, latency)
+        if outcome.reason:
+            front.stats.local_reply(outcome.reason, ds)
+        self.conn.exchange_done(self)
+
+    def __repr__(self) -> str:
+        out = f" {self.outcome!r}" if self.state == ENDED else ""
+        return (
+            f"<H2Exchange stream={self.sid} {self.head.method.decode()}"
+            f" {self.head.target[:40]!r} {STATE_NAMES[self.state]}{out}>"
+        )
