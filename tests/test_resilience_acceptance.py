@@ -29,30 +29,15 @@ from typing import Any, cast
 
 import pytest
 
+from bench.chaos_bench import POLICY as CHAOS_POLICY
 from tests.conftest import ROOT, ControlPlaneProcess, RegistryProcess, run_tether, wait_for_port
 from tests.sidecar_harness import App, ProcessSet, Sidecar, poll
 from tether.ports import free_port
 
 pytestmark = pytest.mark.timeout(240)
 
-POLICY = """\
-apiVersion: tether.dev/v1alpha1
-kind: ServiceDefaults
-metadata:
-  name: orders
-spec:
-  loadBalancer: {policy: round_robin}
-  retries:
-    attempts: 3
-    retryOn: [5xx]
-  outlierDetection:
-    consecutive5xx: 5
-    interval: 500ms
-    failurePercentage: {threshold: 30, minimumHosts: 2, requestVolume: 10}
-    baseEjectionTime: 1s
-    maxEjectionTime: 4s
-    maxEjectionPercent: 67
-"""
+# The same policy `make bench-chaos` runs at full scale.
+POLICY = CHAOS_POLICY
 
 
 class Instance:
