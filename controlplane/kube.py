@@ -29,8 +29,12 @@ from typing import Any
 
 import aiohttp
 
+from controlplane.ca.bodies import BodyTooLargeError, read_bounded
+
 # One watch event (a whole pod object) larger than this is refused, not buffered.
 MAX_EVENT = 4 * 1024 * 1024
+# A whole list (every pod of a large cluster fits; past it the watch does not start).
+MAX_LIST = 256 * 1024 * 1024
 
 
 class KubeError(Exception):
@@ -89,9 +93,9 @@ class KubeClient:
             ) as resp:
                 if resp.status != 200:
                     raise KubeError(f"GET {path}: {resp.status} {(await resp.text())[:200]}")
-                if (resp.content_length or 0) > 64 * MAX_EVENT:
-                    raise KubeError(f"GET {path}: the list is too large")
-                body = await resp.read()
+                body = await read_bounded(resp.content, MAX_LIST, self.timeout * 3)
+        except BodyTooLargeError:
+            raise KubeError(f"GET {path}: the list is over {MAX_LIST} bytes") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise KubeError(f"GET {path}: {exc}") from exc
         doc = json.loads(body)

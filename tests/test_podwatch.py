@@ -144,3 +144,29 @@ async def test_terminating_pods_leave_rotation(
         await api.events.put(None)  # ends the watch stream
         await runner.cleanup()
         await client.close()
+
+
+async def test_a_list_past_its_bound_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod list is read with a bound even when the server sends no Content-Length."""
+    from controlplane import kube
+
+    async def pods(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()  # chunked: no Content-Length
+        await resp.prepare(request)
+        for _ in range(8):
+            await resp.write(b" " * 1024)
+        await resp.write(b'{"items": []}')
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/api/v1/pods", pods)
+    runner, port = await serve_app(app)
+    client = kube.KubeClient(kube.KubeConfig(f"http://127.0.0.1:{port}"))
+    try:
+        assert (await client.list("/api/v1/pods"))["items"] == []
+        monkeypatch.setattr(kube, "MAX_LIST", 4096)
+        with pytest.raises(kube.KubeError, match="over 4096 bytes"):
+            await client.list("/api/v1/pods")
+    finally:
+        await client.close()
+        await runner.cleanup()
