@@ -28,6 +28,7 @@ from proxy.egress import EgressGuard
 from proxy.errors import BadMessageError
 from proxy.head_cache import HeadCache
 from proxy.heads import RequestHead
+from proxy.health_check import HealthChecks
 from proxy.pool import Pool, PoolPolicy
 from proxy.resilience import Resilience, ResilienceState
 from proxy.route_result import Peer, RouteResult
@@ -142,6 +143,9 @@ class OutboundRouter:
         self.resilience = ResilienceState()
         self._resilience: dict[tuple[str, str], tuple[Cluster, ClusterSpec, Resilience | None]] = {}
         stats.resilience_sources.append(self._resilience_metrics)
+        # Active health checks of the destinations requests go to (proxy/health_check.py).
+        self.health_checks = HealthChecks(directory, self._mesh_tls_of, upstream_ssl)
+        stats.resilience_sources.append(self.health_checks.metrics)
 
     def _authority(self, raw: bytes, default_port: int = 80) -> Authority:
         auth = self._authorities.get(raw)
@@ -276,6 +280,7 @@ class OutboundRouter:
             spec.outlier_detection,
         )
         self._resilience[key] = (cluster, spec, res)
+        self.health_checks.watch(cluster.namespace, cluster.service, spec.health_check)
         return res
 
     def retry_route(
@@ -348,12 +353,15 @@ class OutboundRouter:
         return out
 
     def _upstream_tls(self, cluster: Cluster) -> UpstreamTLS | None:
+        return self._mesh_tls_of(cluster.namespace, cluster.service)
+
+    def _mesh_tls_of(self, namespace: str, service: str) -> UpstreamTLS | None:
         mesh = self.mesh_tls
         if mesh is None:
             return None
         from proxy.tls import UpstreamTLS  # cryptography: only for a sidecar with an identity
 
-        return UpstreamTLS(mesh, cluster.namespace, cluster.service)
+        return UpstreamTLS(mesh, namespace, service)
 
     def _egress(self, auth: Authority, path: bytes | None) -> RouteResult:
         dstats = self._egress_stats
@@ -443,6 +451,7 @@ class OutboundRouter:
         return [*self._pools.values(), *self._egress_pools.values()]
 
     def close(self) -> None:
+        self.health_checks.close()
         for pool in self.pools():
             pool.close()
 
