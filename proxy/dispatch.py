@@ -444,8 +444,18 @@ class OutboundRouter:
             cluster = self.directory.lookup(ns, svc)
             if cluster is not None:
                 det.evaluate(cluster.endpoints, now)
+        # Active health checks follow the specs of the destinations requests went to,
+        # also when a snapshot changes them between two requests.
+        specs = self.current_specs()
+        for cluster, _, _ in self._resilience.values():
+            ns, svc = cluster.namespace, cluster.service
+            self.health_checks.watch(ns, svc, specs.get(ns, svc).health_check)
         for key in [k for k in self._results if k not in self._pools]:
             del self._results[key]
+
+    def current_specs(self) -> ClusterSpecs:
+        """The specs requests are routed with now (a policy router's are its policy's)."""
+        return self.specs
 
     def pools(self) -> list[Pool]:
         return [*self._pools.values(), *self._egress_pools.values()]

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal
 from proxy import local_reply
 from proxy.balance import Endpoint
 from proxy.cluster import Cluster, ServiceDirectory
-from proxy.cluster_spec import ClusterSpec
+from proxy.cluster_spec import ClusterSpec, ClusterSpecs
 from proxy.dispatch import OutboundRouter
 from proxy.downstream import RNG, TimeoutPolicy
 from proxy.egress import EgressGuard
@@ -103,6 +103,9 @@ class PolicyRouter(OutboundRouter):
         self._rule_res: dict[
             tuple[int, str], tuple[RouteRule, ClusterSpec, Cluster, Resilience]
         ] = {}
+
+    def current_specs(self) -> ClusterSpecs:
+        return self.policy.specs
 
     def _to_cluster(
         self, head: RequestHead, peer: Peer, path: bytes | None, cluster: Cluster

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from proxy.balance import Endpoint
 from proxy.cluster import Cluster, StaticDirectory
+from proxy.dispatch import OutboundRouter
 from proxy.health_check import (
     MAX_STATUS_LINE,
     ClusterChecker,
@@ -27,9 +28,10 @@ from proxy.health_check import (
     probe,
     status_of,
 )
-from tests.conftest import free_port, serve_app
+from tests.conftest import serve_app
 from tests.polling import until
 from tests.test_retry_e2e import Backend, doc, make_mesh, snapshot
+from tether.ports import free_port
 from wire import resources as schema
 
 SPEC = HealthCheckSpec("/healthz", interval=1.0, timeout=0.5, unhealthy_threshold=3,
@@ -269,7 +271,9 @@ async def test_an_instance_failing_its_health_path_stops_receiving_requests_then
     mesh = await make_mesh([a, b], {"healthCheck": hc})
     closers.append(mesh.listener.aclose)
     assert (await mesh.request())[0] == 200  # the first request starts the checker
-    checks = mesh.listener.proxy.router.health_checks
+    router = mesh.listener.proxy.router
+    assert isinstance(router, OutboundRouter)
+    checks = router.health_checks
     await until(lambda: all(ep.check is not None for ep in mesh.cluster.endpoints), 10)
     a.sick = True
     await until(lambda: not mesh.cluster.endpoints[0].healthy, 10)
@@ -285,9 +289,13 @@ async def test_an_instance_failing_its_health_path_stops_receiving_requests_then
     await until(lambda: mesh.cluster.endpoints[0].healthy, 10)
     results = [await mesh.request() for _ in range(20)]
     assert {r[2] for r in results} == {"a", "b"}
-    # Health checks removed from the policy: the registry's word alone again.
+    # Health checks removed from the policy: the registry's word alone again, without
+    # waiting for a request (the router's sweep follows the specs).
     spec = {"loadBalancer": {"policy": "round_robin"}}
     await mesh.policy.apply(snapshot(2, [doc("ServiceDefaults", "orders", spec)]))
-    assert (await mesh.request())[0] == 200
-    assert checks.checkers == {}
+    await until(lambda: checks.checkers == {}, 10)
     assert all(ep.check is None for ep in mesh.cluster.endpoints)
+    # And back, again without a request.
+    again = doc("ServiceDefaults", "orders", {**spec, "healthCheck": hc})
+    await mesh.policy.apply(snapshot(3, [again]))
+    await until(lambda: all(ep.check is not None for ep in mesh.cluster.endpoints), 10)
