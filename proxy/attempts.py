@@ -13,6 +13,10 @@ not tried yet (`retry_route`), or lets the failure stand. Nothing of a failed at
 reaches the client: the response head is relayed only once the exchange decided not to
 retry it.
 
+Whatever the policy, a request without a body and with an idempotent method is sent
+once more on a fresh connection when a reused keep-alive connection was closed under it
+(`_resend_stale`, RFC 9110 9.2.2).
+
 Requests without a resilience policy (`RouteResult.resilience` None) pay one attribute
 test at the route and one at the end.
 """
@@ -51,6 +55,9 @@ if TYPE_CHECKING:
 _ATTEMPT = 1
 _ADMITTED = 2
 _RETRY_SLOT = 4
+# The exchange's `flags` bit for a request sent again on a fresh connection after a
+# reused one was closed under it (`_resend_stale`).
+_RETRIED = 2
 
 
 class Attempts:
@@ -62,6 +69,7 @@ class Attempts:
         "abandoned",
         "attempt",
         "attempt_start",
+        "flags",
         "replay",
         "replay_size",
         "res",
@@ -82,6 +90,7 @@ class Attempts:
     head: RequestHead
     route: RouteResult | None
     upstream: UpstreamConnection | None
+    flags: int
     req_done: bool
     keep_alive: bool
     status: int
@@ -169,6 +178,42 @@ class Attempts:
             if self.rflags & _ADMITTED:
                 res.release()
         self.rflags = 0
+
+    @property
+    def retried(self) -> bool:
+        """Whether the request was sent again once, after a reused connection's reset."""
+        return bool(self.flags & _RETRIED)
+
+    def _resend_stale(self, up: UpstreamConnection, reason: str) -> bool:
+        """A reused keep-alive connection the server closed as we sent (its idle timeout
+        raced our request): the request goes again once on another connection, for
+        idempotent methods without a body only (RFC 9110 9.2.2); True when it did. The
+        balancer hears of the failed attempt; the request stays with its endpoint (the
+        same pool). Any retry policy or none."""
+        head = self.head
+        route = self.route
+        if (
+            reason != local_reply.UPSTREAM_RESET
+            or up.requests <= 1
+            or self.flags & _RETRIED
+            or head.has_body
+            or head.method not in retries.IDEMPOTENT_METHODS
+            or route is None
+            or route.pool is None
+        ):
+            return False
+        ep, tracker = route.endpoint, route.tracker
+        if ep is not None and tracker is not None:
+            now = self.server.clock()
+            tracker.on_end(ep, now, now - self.start, False)
+            tracker.on_start(ep, now)
+        self.flags |= _RETRIED
+        self._attempt_failed(reason)
+        ubuf = self.conn.ubuf
+        ubuf.clear()
+        ubuf.append(self.request_bytes)
+        self._acquire(route.pool)
+        return True
 
     def _stale(self) -> bool:
         """Whether a response event comes from the connection of an attempt given up
