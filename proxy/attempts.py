@@ -39,6 +39,7 @@ from proxy.exchange_states import (
     SENDING,
 )
 from proxy.heads import chunk_prefix
+from proxy.hedging import HEDGE_LOST, Hedge
 from proxy.outcome import Outcome
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 _ATTEMPT = 1
 _ADMITTED = 2
 _RETRY_SLOT = 4
+# A hedge (proxy/hedging.py) is armed or in flight: the end goes through `_release`.
+_HEDGE = 8
 # The exchange's `flags` bit for a request sent again on a fresh connection after a
 # reused one was closed under it (`_resend_stale`).
 _RETRIED = 2
@@ -70,6 +73,7 @@ class Attempts:
         "attempt",
         "attempt_start",
         "flags",
+        "hedge",
         "replay",
         "replay_size",
         "res",
@@ -106,6 +110,7 @@ class Attempts:
     tried: list[Endpoint] | None
     abandoned: UpstreamConnection | None
     timer_handle: TimerHandle | None
+    hedge: Hedge | None
 
     # The state machine's own actions (proxy/exchange.py).
     def end(self, outcome: Outcome, after: int = CLOSE, now: float = 0.0) -> None:
@@ -177,6 +182,10 @@ class Attempts:
                 res.retry_done()  # ended while a retry waited out its backoff
             if self.rflags & _ADMITTED:
                 res.release()
+            hedge = self.hedge if self.rflags & _HEDGE else None
+            if hedge is not None:
+                self.hedge = None
+                hedge.cancel()  # the other attempt of a race (or its timer)
         self.rflags = 0
 
     @property
@@ -260,6 +269,11 @@ class Attempts:
                     self._keep_for_replay([], piece)
             else:
                 self.replay = []
+        hedging = res.hedging
+        self.hedge = None
+        if hedging is not None and hedging.spec.applies(self.head.method):
+            self.hedge = Hedge(self, res, hedging)
+            self.rflags |= _HEDGE
         return False
 
     def _keep_for_replay(self, replay: list[bytes], data: bytes) -> None:
@@ -331,6 +345,8 @@ class Attempts:
         policy covers the failure and allows another attempt; else False (the caller
         ends the request with the failure), or, when only the budget is spent, answer
         `retry_budget_exhausted` with the failure's status (True)."""
+        if self.rflags & _HEDGE and self._yield_to_hedge(failed):
+            return True
         spec, res = self.rspec, self.res
         if spec is None or res is None or res.budget is None:
             return False
@@ -388,6 +404,51 @@ class Attempts:
         delay = retries.backoff(spec, self.attempt, retries.RNG)
         self.timer_handle = self.server.call_later(delay, self._send_retry)
         return True
+
+    # -- hedging (proxy/hedging.py) ---------------------------------------------------------
+
+    def _yield_to_hedge(self, failed: Outcome) -> bool:
+        """This attempt failed while a hedge is in flight: wait for the hedge (True)."""
+        hedge = self.hedge
+        if hedge is None or not hedge.in_flight:
+            return False
+        self._abandon()
+        self._attempt_end(failed, self.server.clock())
+        self._attempt_failed(failed.reason or f"status {failed.status}")
+        self.state = CONNECTING
+        self.status = 0
+        self.conn.ubuf.clear()
+        hedge.sole = True
+        return True
+
+    def _hedge_won(
+        self, route: RouteResult, up: UpstreamConnection, start: float, now: float
+    ) -> None:
+        """The hedge's response head came first: give up this attempt (its connection
+        aborted, its end told with an outcome the outlier detector ignores) and take over
+        the hedge's connection, route and attempt."""
+        if self.upstream is not None or self.state == CONNECTING:
+            self._drop_upstream()
+        elif self.timer_handle is not None:
+            self._cancel_timer()
+        if self.rflags & _ATTEMPT:
+            self._attempt_end(outcomes.local(outcomes.LocalReply, HEDGE_LOST, 0), now)
+            self._attempt_failed(HEDGE_LOST)
+        self.hedge = None
+        self.rflags = (self.rflags & ~_HEDGE) | _ATTEMPT | _RETRY_SLOT
+        self.route = route
+        self.attempt_start = start
+        self.conn.ubuf.clear()
+        self.state = SENDING
+        self.upstream = up
+        up.bind(self, self.head.method == b"HEAD")  # type: ignore[arg-type]
+        self.conn.clear_pause(PAUSE_CONNECTING)
+
+    def _hedge_done(self, hedge: Hedge) -> None:
+        """The hedge failed: this exchange goes on alone."""
+        if self.rflags & _HEDGE and self.hedge is hedge:
+            self.hedge = None
+            self.rflags &= ~_HEDGE
 
     def _elsewhere(self, route: RouteResult, now: float) -> bool:
         """Whether the cluster has an available endpoint this request has not tried."""

@@ -30,6 +30,7 @@ from proxy import balance
 from proxy.balance.outlier import OutlierSpec
 from proxy.circuit_breaker import CircuitBreakerSpec
 from proxy.health_check import HealthCheckSpec
+from proxy.hedging import HedgeSpec
 from proxy.pool import PoolPolicy
 from proxy.retry import DEFAULT as DEFAULT_RETRY
 from proxy.retry import RetrySpec
@@ -59,6 +60,8 @@ class ClusterSpec:
     outlier_detection: OutlierSpec | None = None
     # Active health checks of its endpoints (proxy/health_check.py); None: off.
     health_check: HealthCheckSpec | None = None
+    # Hedged requests (proxy/hedging.py); None: none.
+    hedging: HedgeSpec | None = None
 
     @property
     def connect_timeout(self) -> float:
@@ -183,6 +186,7 @@ def compile_specs(
             circuit_breaker=breaker,
             outlier_detection=_outlier(d.outlier_detection) or mesh_outlier,
             health_check=_health_check(d.health_check) or mesh_check,
+            hedging=HedgeSpec.of(d.hedging) if d.hedging is not None else None,
         )
     return ClusterSpecs(default, specs, table.version)
 

@@ -29,6 +29,7 @@ from proxy.errors import BadMessageError
 from proxy.head_cache import HeadCache
 from proxy.heads import RequestHead
 from proxy.health_check import HealthChecks
+from proxy.hedging import render_metrics as render_hedging
 from proxy.pool import Pool, PoolPolicy
 from proxy.resilience import Resilience, ResilienceState
 from proxy.route_result import Peer, RouteResult
@@ -146,6 +147,7 @@ class OutboundRouter:
         # Active health checks of the destinations requests go to (proxy/health_check.py).
         self.health_checks = HealthChecks(directory, self._mesh_tls_of, upstream_ssl)
         stats.resilience_sources.append(self.health_checks.metrics)
+        stats.resilience_sources.append(self._hedging_metrics)
 
     def _authority(self, raw: bytes, default_port: int = 80) -> Authority:
         auth = self._authorities.get(raw)
@@ -278,6 +280,7 @@ class OutboundRouter:
             spec.retry,
             spec.circuit_breaker,
             spec.outlier_detection,
+            spec.hedging,
         )
         self._resilience[key] = (cluster, spec, res)
         self.health_checks.watch(cluster.namespace, cluster.service, spec.health_check)
@@ -351,6 +354,9 @@ class OutboundRouter:
                         f'tether_circuit_breaker_overflows_total{{{labels},limit="{limit}"}} {n}'
                     )
         return out
+
+    def _hedging_metrics(self) -> list[str]:
+        return render_hedging(self.resilience.hedgings())
 
     def _upstream_tls(self, cluster: Cluster) -> UpstreamTLS | None:
         return self._mesh_tls_of(cluster.namespace, cluster.service)

@@ -178,7 +178,9 @@ class PolicyRouter(OutboundRouter):
         rule = decision.rule
         if (
             rule is not None
-            and (rule.retry is not None or rule.circuit_breaker is not None)
+            and (
+                rule.retry is not None or rule.circuit_breaker is not None or rule.hedge is not None
+            )
             and result.reply is None
         ):
             # The rule's own retries and limits, over its destination's.
@@ -201,7 +203,7 @@ class PolicyRouter(OutboundRouter):
             f"rule-{zlib.crc32(repr(rule.match).encode()):08x}",
         )
         res = self.resilience.for_rule(
-            result.resilience, cluster, rule_key, rule.retry, rule.circuit_breaker
+            result.resilience, cluster, rule_key, rule.retry, rule.circuit_breaker, rule.hedge
         )
         if len(self._rule_res) > 4096:
             self._rule_res.clear()

@@ -419,6 +419,20 @@ class OutlierDetectionPolicy:
 
 
 @dataclass(frozen=True)
+class HedgingPolicy:
+    """Send an idempotent request a second time, to another instance, when the first
+    attempt has no response head after `delay`; the first head wins, the other attempt
+    is cancelled."""
+
+    delay: Duration = spec_field("How long the first attempt waits for its response head.")
+    max_hedges: int = spec_field("Hedges per request (1).", default=1)
+    idempotent: bool = spec_field(
+        "Hedge every method (the requests are idempotent); false: GET, HEAD, OPTIONS only.",
+        default=False,
+    )
+
+
+@dataclass(frozen=True)
 class HealthCheckPolicy:
     """Active health checks by the caller's sidecar: an HTTP GET of `path` on each
     instance it sends to, through the same mTLS as its requests; an instance is used only
@@ -445,7 +459,7 @@ class ServiceDefaultsSpec:
     """Per-service defaults: protocol, balancing and timeouts."""
 
     FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"retryPolicy", "fault", "faultInjection", "mirror", "rateLimit", "hedging"}
+        {"retryPolicy", "fault", "faultInjection", "mirror", "rateLimit"}
     )
 
     # Fields written here that live on a Route rule: the error says where.
@@ -484,6 +498,9 @@ class ServiceDefaultsSpec:
     health_check: HealthCheckPolicy | None = spec_field(
         "Active health checks of its instances by callers' sidecars; unset: MeshConfig's.",
         default=None,
+    )
+    hedging: HedgingPolicy | None = spec_field(
+        "Hedged requests to the service; unset: none.", default=None
     )
 
 
@@ -573,9 +590,7 @@ class HeaderChangeSpec:
 class RouteRuleSpec:
     """A match and where matching requests go; rules are tried in order, first match wins."""
 
-    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"retryPolicy", "faultInjection", "hedging"}
-    )
+    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset({"retryPolicy", "faultInjection"})
 
     match: RouteMatchSpec = spec_field("Conditions; empty: every request.", factory=RouteMatchSpec)
     destination: DestinationSpec = spec_field(
@@ -593,6 +608,9 @@ class RouteRuleSpec:
     circuit_breaker: CircuitBreakerPolicy | None = spec_field(
         "Limits of matching requests, within the destination's; unset: none of its own.",
         default=None,
+    )
+    hedging: HedgingPolicy | None = spec_field(
+        "Hedged requests for matching requests; unset: the destination's.", default=None
     )
     # L7 traffic policy per rule (docs/traffic.md): run at the caller's sidecar, except
     # a rate limit with `at: inbound`.
@@ -1955,6 +1973,12 @@ def _check_resilience(c: _Checker, at: FieldPath, spec: Any) -> None:
     od: OutlierDetectionPolicy | None = getattr(spec, "outlier_detection", None)
     if od is not None:
         _check_outlier(c, (*at, "outlierDetection"), od)
+    hedging: HedgingPolicy | None = getattr(spec, "hedging", None)
+    if hedging is not None:
+        hp: FieldPath = (*at, "hedging")
+        c.positive((*hp, "delay"), hedging.delay)
+        if hedging.max_hedges != 1:
+            c.add((*hp, "maxHedges"), "must be 1 (one hedge per request)")
     hc: HealthCheckPolicy | None = getattr(spec, "health_check", None)
     if hc is not None:
         _check_health_check(c, (*at, "healthCheck"), hc)
