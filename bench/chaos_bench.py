@@ -3,8 +3,9 @@
 Real processes on 127.0.0.1: a registry, a control plane, three instances of `orders`
 (bench/chaos_app.py, each with its sidecar) and a client's sidecar, under steady load
 from a few threads for `--seconds` (30 by default): GETs, and every tenth request a POST
-with a unique id the apps record. The policy: 3 attempts on 5xx, outlier detection
-(5 consecutive 5xx, failure percentage 30% over 500 ms intervals, 1 s base ejection).
+with a unique id the apps record. The policy: 3 attempts on 5xx, GETs hedged after
+50 ms without a response head, outlier detection (5 consecutive 5xx, failure
+percentage 30% over 500 ms intervals, 1 s base ejection).
 The faults, on a fixed timeline (fractions of the run):
 
 - 15%: instance b answers 500 to half its requests, until 65%;
@@ -22,7 +23,7 @@ under faults" section of docs/benchmarks.md (`--no-docs` to skip).
 
     .venv/bin/python -m bench.chaos_bench [--seconds 30] [--no-docs]
 
-Hedging is not built yet, so there is no hedged p99 to report.
+The latency-fault p99 is the hedged one (the issue asks for under 150 ms).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ spec:
   retries:
     attempts: 3
     retryOn: [5xx]
+  hedging: {delay: 50ms}
   outlierDetection:
     consecutive5xx: 5
     interval: 500ms
@@ -303,6 +305,9 @@ def run(seconds: float, tmp: Path) -> dict[str, Any]:
             pass
         storm_hits = b.hits() + c.hits() - hits0
         storm_retries = metric(client, "tether_retries_total") - retries0
+        hedges = metric(client, "tether_hedges_total")
+        hedges_won = metric(client, "tether_hedges_won_total")
+        hedges_refused = metric(client, "tether_hedges_refused_total")
     finally:
         procs.close()
     gets = [r for r in results if r[1] == "GET"]
@@ -328,6 +333,9 @@ def run(seconds: float, tmp: Path) -> dict[str, Any]:
         "storm_requests": len(storm.results),
         "storm_hits": storm_hits,
         "storm_retries": storm_retries,
+        "hedges": hedges,
+        "hedges_won": hedges_won,
+        "hedges_refused": hedges_refused,
     }
 
 
@@ -342,8 +350,9 @@ def render(r: dict[str, Any]) -> str:
             f"`make bench-chaos` (bench/chaos_bench.py), {now}, {cpu}, Python "
             f"{platform.python_version()}: three instances of a service behind the mesh, "
             f"{r['seconds']:.0f} s of steady load (4 threads, GETs and every tenth a POST "
-            "with a unique id) through the client's sidecar; 3 attempts on 5xx, outlier "
-            "detection (failure percentage 30% over 500 ms, 1 s base ejection). At 15% of "
+            "with a unique id) through the client's sidecar; 3 attempts on 5xx, GETs hedged "
+            "after 50 ms, outlier detection (failure percentage 30% over 500 ms, 1 s base "
+            "ejection). At 15% of "
             "the run one instance starts failing half its requests (until 65%), at 25% "
             "another is SIGKILLed with its sidecar, at 40% the third gets 300 ms extra "
             "latency for a third of the run; then 10 s of every instance failing.",
@@ -356,16 +365,18 @@ def render(r: dict[str, Any]) -> str:
             f"(of {r['posts_delivered']} delivered) |",
             f"| upstream attempts per request | {r['attempts'] / max(r['requests'], 1):.3f} |",
             f"| GET latency p50 / p99, whole run | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms |",
-            f"| GET latency p50 / p99 during the latency fault (no hedging) | "
+            f"| GET latency p50 / p99 during the latency fault (hedged after 50 ms) | "
             f"{r['slow_p50_ms']:.1f} / {r['slow_p99_ms']:.1f} ms |",
             f"| failing instance ejected after it started failing | {r['eject_s']:.2f} s |",
             f"| healed instance back in rotation (after its trial) | {r['return_s']:.2f} s |",
             f"| retry storm: requests / reached the apps / retries | {r['storm_requests']} / "
             f"{r['storm_hits']} / {r['storm_retries']:.0f} ({per:.2f} per request) |",
+            f"| hedges sent / won / not sent | {r['hedges']:.0f} / {r['hedges_won']:.0f} / "
+            f"{r['hedges_refused']:.0f} |",
             "",
-            "Hedging is not built yet: the p99 under the latency fault is that of plain "
-            "retries and balancing (the slowed instance keeps its share under round robin). "
-            "In the storm the budget allows 20% of the requests of the last 10 s (the "
+            "Under the latency fault the slowed instance keeps its share under round robin; "
+            "a GET it has not answered after 50 ms is sent to another instance too, and the "
+            "first response head wins (hedges spend the retry budget). In the storm the budget allows 20% of the requests of the last 10 s (the "
             "storm's, and the run's before it) plus 10 a second: the apps saw that much "
             "more than the client sent, not 3 attempts per request.",
             SECTION_END,
