@@ -388,11 +388,15 @@ def render(r: dict[str, Any]) -> str:
             f"| retry storm: requests / reached the apps / retries | {r['storm_requests']} / "
             f"{r['storm_hits']} / {r['storm_retries']:.0f} ({per:.2f} per request) |",
             f"| hedges sent / won / not sent | {r['hedges']:.0f} / {r['hedges_won']:.0f} / "
-            f"{r['hedges_refused']:.0f} {r['hedges_refused_by']} |",
+            f"{r['hedges_refused']:.0f} ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(r["hedges_refused_by"].items()))
+            + ") |",
             "",
             "Under the latency fault the slowed instance keeps its share under round "
             "robin; a GET it has not answered after 50 ms is sent to another instance too, "
-            "and the first response head wins (hedges spend the retry budget). In the storm "
+            "and the first response head wins (hedges spend the retry budget; a hedge with no "
+            "other instance available, as while one is dead and another ejected, is not "
+            "sent). In the storm "
             f"the budget allows {BUDGET_RATIO:.0%} of the requests of the last 10 s (the "
             f"storm's, and the run's before it) plus {BUDGET_MIN_PER_SECOND} a second: the "
             "apps saw that much more than the client sent, not 3 attempts per request.",
