@@ -9,7 +9,7 @@ import pytest
 from proxy import outcome as outcomes
 from proxy.circuit_breaker import CircuitBreakerSpec
 from proxy.exchange_states import ENDED, SENDING
-from proxy.hedging import Hedging, HedgeSpec
+from proxy.hedging import HedgeSpec, Hedging
 from proxy.retry import RetrySpec
 from tests.test_exchange_retry import GET, RetryWorld
 
