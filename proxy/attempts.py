@@ -434,12 +434,8 @@ class Attempts:
         if self.rflags & _ATTEMPT:
             self._attempt_end(outcomes.local(outcomes.LocalReply, HEDGE_LOST, 0), now)
             self._attempt_failed(HEDGE_LOST)
-        old = self.route
-        if old is not None and old.endpoint is not None:
-            tried = self.tried
-            if tried is None:
-                tried = self.tried = []
-            tried.append(old.endpoint)  # a retry of the hedge's answer goes elsewhere
+        # The first attempt's endpoint is not counted as tried: it was only slow, and a
+        # retry of the hedge's answer may need it.
         self.hedge = None
         self.rflags = (self.rflags & ~_HEDGE) | _ATTEMPT | _RETRY_SLOT
         self.route = route
