@@ -415,11 +415,38 @@ class Attempts:
         self._abandon()
         self._attempt_end(failed, self.server.clock())
         self._attempt_failed(failed.reason or f"status {failed.status}")
+        route = self.route
+        if route is not None and route.endpoint is not None:
+            tried = self.tried
+            if tried is None:
+                tried = self.tried = []
+            tried.append(route.endpoint)  # it failed: a later retry goes elsewhere
         self.state = CONNECTING
         self.status = 0
         self.conn.ubuf.clear()
         hedge.sole = True
         return True
+
+    def _hedge_failed_alone(
+        self, route: RouteResult, start: float, failed: Outcome, message: str
+    ) -> None:
+        """The hedge failed after this exchange's own attempt had: its attempt becomes
+        the exchange's, whose failure is retried as any (or answers the request)."""
+        self.route = route
+        self.attempt_start = start
+        self.rflags |= _ATTEMPT | _RETRY_SLOT  # the hedge's end and retry slot, owed
+        kind = failed.kind
+        failure = (
+            retries.F_CONNECT
+            if kind == "ConnectFailure"
+            else retries.F_RESET
+            if kind == "Reset"
+            else 0
+        )
+        if failure and self._retry(failure, failed, message):
+            return
+        self.conn.clear_pause(PAUSE_CONNECTING)
+        self._reply(type(failed), failed.reason, message, status=failed.status or 502)
 
     def _hedge_won(
         self, route: RouteResult, up: UpstreamConnection, start: float, now: float

@@ -16,8 +16,9 @@ Both attempts race for their response head:
   at the exchange's end (its connection aborted, its attempt ended).
 
 If the exchange's own attempt fails while the hedge is in flight, the request waits for
-the hedge instead of retrying; if the hedge fails, the exchange goes on alone (or ends
-with the hedge's failure when nothing else is left). A hedge counts as an attempt and as
+the hedge instead of retrying; if the hedge fails, the exchange goes on alone (or, when
+its own attempt had failed, takes the hedge's attempt and failure over as its own, to
+retry or answer). A hedge counts as an attempt and as
 a retry in the budget and in the breakers' retry slots; `Hedging` counts the hedges sent,
 won and not sent, by reason.
 
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Final
 from proxy import local_reply
 from proxy import outcome as outcomes
 from proxy.balance.outlier import classify
-from proxy.exchange_states import CONNECTING, ENDED, PAUSE_CONNECTING, SENDING
+from proxy.exchange_states import CONNECTING, ENDED, SENDING
 from proxy.pool import PoolOverflowError
 
 if TYPE_CHECKING:
@@ -333,17 +334,18 @@ class Hedge:
         ex._hedge_won(route, up, self.start, now)
 
     def _failed(self, failed: Outcome, message: str) -> None:
-        """The hedged attempt failed: its end is told; the exchange goes on alone, or
-        ends with this failure if its own attempt had already failed."""
+        """The hedged attempt failed: its end is told and the exchange goes on alone;
+        if its own attempt had already failed, the exchange takes this failure over as
+        its own attempt's (retried as one, or the request's answer)."""
         self.state = DONE
         ex = self.ex
-        now = ex.server.clock()
-        self._end_attempt(failed, now)
         ex._hedge_done(self)
-        if self.sole and ex.state != ENDED:
-            ex.conn.clear_pause(PAUSE_CONNECTING)
-            ex._reply(type(failed), failed.reason, message, status=failed.status or 502)
+        route = self.route
+        if self.sole and ex.state != ENDED and route is not None:
+            ex._hedge_failed_alone(route, self.start, failed, message)
             ex.conn.flush()
+            return
+        self._end_attempt(failed, ex.server.clock())
 
     def _end_attempt(self, outcome: Outcome, now: float) -> None:
         route = self.route

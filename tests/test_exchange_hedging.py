@@ -97,22 +97,33 @@ def test_a_first_attempt_reset_waits_for_the_hedge() -> None:
     assert [ep.active for ep in w.eps] == [0, 0]
 
 
-def test_when_both_fail_the_request_ends_with_the_hedges_failure() -> None:
-    w = world()
-    w.ex.on_routed(w.routes[0])
-    w.ex.on_request_end(None)
-    w.down.flush()
-    first = w.ex.upstream
-    assert first is not None
-    w.server.fire()
-    hedge = w.ex.hedge
-    assert hedge is not None and hedge.up is not None
-    first.connection_lost(ConnectionResetError("reset"))
-    hedge.up.connection_lost(ConnectionResetError("reset"))
-    assert w.ex.state == ENDED and w.ex.outcome.kind == "Reset"
-    w.down.flush()
-    assert w.down.client.data.startswith(b"HTTP/1.1 502 ")
-    assert [ep.active for ep in w.eps] == [0, 0]
+def test_when_both_fail_the_hedges_failure_is_retried_or_answered() -> None:
+    for attempts in (3, 2):
+        w = RetryWorld(GET, RetrySpec(on=8, attempts=attempts))
+        assert w.res is not None
+        w.res.hedging = Hedging(HedgeSpec(0.05), "svc.default")
+        w.ex.on_routed(w.routes[0])
+        w.ex.on_request_end(None)
+        w.down.flush()
+        first = w.ex.upstream
+        assert first is not None
+        w.server.fire()
+        hedge = w.ex.hedge
+        assert hedge is not None and hedge.up is not None
+        first.connection_lost(ConnectionResetError("reset"))
+        hedge.up.connection_lost(ConnectionResetError("reset"))
+        if attempts == 3:
+            # The hedge's failure is the exchange's attempt's: retried (after a backoff).
+            assert w.ex.state != ENDED and w.dstats.retries == 1
+            assert [t for t in w.server.timers if not t.cancelled]
+            w.ex.on_client_gone()
+        else:
+            # No attempt left: the hedge's failure is the answer.
+            assert w.ex.state == ENDED and w.ex.outcome.kind == "Reset"
+            w.down.flush()
+            assert w.down.client.data.startswith(b"HTTP/1.1 502 ")
+            assert w.dstats.retries_refused == {"attempts": 1}
+        assert [ep.active for ep in w.eps] == [0, 0]
 
 
 def test_a_response_before_the_delay_disarms_the_hedge_and_posts_get_none() -> None:
