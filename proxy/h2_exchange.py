@@ -371,6 +371,7 @@ class H2Exchange:
             status=status,
             grpc_code=code,
         )
+        self.conn.touch()
 
     def flush_all(self) -> None:
         self.conn.flush()
@@ -389,7 +390,7 @@ class H2Exchange:
             (b":path", path),
         ]
         # Lowercase (RFC 9113 8.2.1): a policy's request edits may name X-Y.
-        out.extend([(n.lower(), v) for n, v in head.headers if n.lower() != b"x-tether-attempt"])
+        out.extend([(n.lower(), v) for n, v in head.headers])
         ff = head.forwarded_for
         peer = conn.peer.address
         out.append((b"x-forwarded-for", peer if ff is None else ff + b", " + peer))
