@@ -22,7 +22,7 @@ from proxy.balance import Endpoint
 from proxy.cluster import Cluster, StaticDirectory
 from proxy.listener import Listener, start_inbound
 from proxy.policy import Policy
-from proxy.policy_router import start_policy_outbound
+from proxy.policy_router import PolicyRouter, start_policy_outbound
 from proxy.stats import ProxyStats
 from tests.polling import until
 from wire import push as protocol
@@ -301,7 +301,9 @@ async def test_a_mirror_to_a_shadow_that_hangs_neither_delays_nor_piles_up(
     route = doc("Route", "greeter", {"rules": [{"mirror": {"service": "shadow"}}]})
     mesh = await _mesh([GrpcApp("g0")], {}, [route], shadow=shadow)
     closing.append(mesh)
-    sender = mesh.outbound.proxy.router.mirrors
+    router = mesh.outbound.proxy.router
+    assert isinstance(router, PolicyRouter)
+    sender = router.mirrors
     sender.max_in_flight = 3
     sender.timeout = 0.5
     channel = mesh.channel()
