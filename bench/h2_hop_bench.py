@@ -37,6 +37,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from typing import Any
 
 from h2.config import H2Configuration
@@ -264,7 +265,7 @@ def child_main(args: argparse.Namespace) -> None:
     except ImportError:
         pass
     if args.profile_child:
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.process_time)
         prof.enable()
         asyncio.run(serve_hops(args.hops, args.origin_port))
         prof.disable()
@@ -284,9 +285,9 @@ def print_shares(prof: cProfile.Profile) -> None:
         by[key] = by.get(key, 0.0) + tt
     for key, t in sorted(by.items(), key=lambda kv: -kv[1]):
         print(f"{key:28} {100 * t / total:5.1f}%", file=sys.stderr)
-    # The twelve costliest functions of the library.
+    # The costliest functions.
     top = sorted(
-        ((tt, f"{path.rsplit('/', 2)[-2]}/{path.rsplit('/', 1)[-1]}:{func}")
+        ((tt, f"{'/'.join(path.split('/')[-2:])}:{func}")
          for (path, _l, func), (_c, _n, tt, _ct, _cl) in raw.items()),
         reverse=True,
     )[:15]  # fmt: skip
@@ -303,7 +304,7 @@ def _package(path: str, func: str) -> str:
     if "asyncio" in path or "uvloop" in path:
         return "asyncio/uvloop"
     if path == "~":
-        return f"builtins ({func[:40]})" if "socket" in func or "write" in func else "builtins"
+        return "builtins (C functions, compiled modules' calls)"
     return "other"
 
 

@@ -48,6 +48,7 @@ class GrpcApp:
     mode: str = "ok"
     attempts: list[str | None] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
+    called: threading.Event = field(default_factory=threading.Event)
     server: Any = None
     port: int = 0
 
@@ -75,12 +76,20 @@ class GrpcApp:
             ctx.abort(grpc.StatusCode.UNAVAILABLE, "gone mid-stream")
         yield b"end"
 
+    def client_stream(self, requests: Iterator[bytes], ctx: Any) -> bytes:
+        self._record(ctx)
+        self.called.set()
+        if self.mode == "unavailable":
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is down")
+        return self.name.encode() + b":" + b"".join(requests)
+
     def start(self) -> GrpcApp:
         handler = grpc.method_handlers_generic_handler(
             "t.S",
             {
                 "U": grpc.unary_unary_rpc_method_handler(self.unary),
                 "SS": grpc.unary_stream_rpc_method_handler(self.stream),
+                "C": grpc.stream_unary_rpc_method_handler(self.client_stream),
             },
         )
         self.server = grpc.server(futures.ThreadPoolExecutor(8))
@@ -181,6 +190,65 @@ async def test_unavailable_on_one_instance_is_retried_on_another(closing: list[M
     assert retried == ["2"] * len(down.attempts)
     ds = mesh.stats()
     assert ds.retries == len(down.attempts) and ds.attempts == 12 + len(down.attempts)
+
+
+async def test_a_client_stream_failed_mid_request_is_replayed_on_another_instance(
+    closing: list[Mesh],
+) -> None:
+    taken = threading.Event()  # either app took the call
+    down = GrpcApp("down", mode="unavailable", called=taken)
+    up = GrpcApp("up", called=taken)
+    mesh = await _mesh([down, up], {"retries": {"attempts": 2, "retryOn": ["unavailable"]}})
+    closing.append(mesh)
+    channel = mesh.channel()
+
+    def call() -> bytes:
+        taken.clear()
+
+        def messages() -> Iterator[bytes]:
+            yield b"a" * 1000
+            # The rest only once an app took the call: a failure then is mid-request.
+            assert taken.wait(10)
+            yield b"b" * 1000
+            yield b"c"
+
+        reply: bytes = channel.stream_unary("/t.S/C")(messages(), timeout=10)
+        return reply
+
+    replies = [await asyncio.to_thread(call) for _ in range(2)]
+    channel.close()
+    # Both ended on `up` with every byte sent; a call that met `down` first went to `up`
+    # as attempt 2, the bytes `down` had taken sent again, the rest after them.
+    assert replies == [b"up:" + b"a" * 1000 + b"b" * 1000 + b"c"] * 2
+    assert down.attempts and set(down.attempts) == {None}
+    assert up.attempts.count("2") == len(down.attempts)
+
+
+async def test_a_body_over_the_buffer_limit_is_not_retried(closing: list[Mesh]) -> None:
+    down, up = GrpcApp("down", mode="unavailable"), GrpcApp("up")
+    retries = {"attempts": 3, "retryOn": ["unavailable"], "bufferLimit": 1000}
+    mesh = await _mesh([down, up], {"retries": retries})
+    closing.append(mesh)
+    channel = mesh.channel()
+    big = channel.unary_unary("/t.S/U")
+
+    def calls() -> list[Any]:
+        out = []
+        for _ in range(4):
+            try:
+                out.append(big(b"z" * 4000, timeout=10)[:3])
+            except grpc.RpcError as e:
+                out.append(e.code())
+        return out
+
+    out = await asyncio.to_thread(calls)
+    channel.close()
+    # The calls that met `down` failed: their bodies were too long to send again.
+    assert sorted(map(str, out)) == sorted(
+        map(str, [b"up:"] * 2 + [grpc.StatusCode.UNAVAILABLE] * 2)
+    )
+    assert mesh.stats().retries == 0
+    assert mesh.stats().retries_refused.get("body_too_large") == 2
 
 
 async def test_a_status_in_trailers_before_any_message_is_retried_after_it_not(
@@ -320,3 +388,43 @@ async def test_a_mirror_to_a_shadow_that_hangs_neither_delays_nor_piles_up(
     await asyncio.to_thread(_unary, channel, 1)
     channel.close()
     await until(lambda: len(shadow.attempts) == 4, what="a fourth copy")
+
+
+# -- pure parts ---------------------------------------------------------------------------
+
+GRPC_POLICY = """\
+apiVersion: tether.dev/v1alpha1
+kind: ServiceDefaults
+metadata:
+  name: greeter
+spec:
+  retries:
+    retryOn: [unavailable, resource-exhausted, {bad}]
+"""
+
+
+def test_grpc_retry_on_values_validate_and_compile() -> None:
+    from controlplane.validation import validate
+    from proxy import grpc as codes
+    from proxy import retry as retries
+    from wire import resources as schema
+
+    out = validate([("sd.yaml", GRPC_POLICY.format(bad="cancelled"))])
+    assert out.ok, out.errors
+    out = validate([("sd.yaml", GRPC_POLICY.format(bad="unavailble"))])
+    assert ("spec.retries.retryOn[2]", 7) in {(p.path, p.line) for p in out.errors}
+    policy = schema.RetryPolicy(retry_on=("unavailable", "deadline-exceeded", "reset"))
+    spec = retries.RetrySpec.of(policy)
+    assert spec.reads_grpc and not spec.any_status
+    assert spec.retriable_grpc(codes.UNAVAILABLE) and spec.retriable_grpc(4)
+    assert not spec.retriable_grpc(codes.OK) and not spec.retriable_grpc(8)
+    # The HTTP conditions are untouched by the gRPC bits.
+    assert spec.retriable(retries.F_RESET) and not spec.retriable(retries.F_STATUS, 503)
+    assert not retries.RetrySpec.of(schema.RetryPolicy()).reads_grpc
+    # A gRPC status to outlier detection: the HTTP status it stands for.
+    assert codes.http_status(codes.UNAVAILABLE) == 503
+    assert codes.http_status(codes.RESOURCE_EXHAUSTED) == 429
+    assert codes.http_status(99) == 500
+    assert codes.status_of([(b"grpc-status", b"14")]) == 14
+    assert codes.status_of([(b"grpc-status", b"x")]) == codes.UNKNOWN
+    assert codes.status_of([]) == -1
