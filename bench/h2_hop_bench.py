@@ -11,12 +11,14 @@ written on the same `h2` library with the same configuration (`--hops glue`: eac
 stream's events passed to the other side, no routing, no flow-control pump, no policy):
 the floor that `h2` and asyncio alone set for an HTTP/2 proxy in Python.
 
-`--instructions` runs the hops under valgrind's callgrind twice (`--count` 200 and
-1,200 requests, 32 streams in flight on one client connection) and divides the
-difference by 1,000, so start-up cancels out; the result does not move with the
-machine's load. `--profile` runs them under cProfile instead and prints the share of
-the hops' Python time by package (h2, hpack, hyperframe, Tether's proxy/, asyncio and
-the rest), which cProfile distorts (it inflates small calls) but splits.
+`--instructions` runs the hops under valgrind's callgrind twice (`--count`/6 and
+`--count` requests, default 100 and 600, 32 streams in flight on one client
+connection) and divides the difference by the difference in requests, so start-up
+cancels out; the result does not move with the machine's load. `--profile` runs them
+under cProfile instead (CPU time) and prints the share of the hops' Python time by
+package (h2, hpack, hyperframe, Tether's proxy/, asyncio and the rest), which cProfile
+distorts (it inflates small calls, and compiled modules' own time shows under their
+callers or as C functions) but splits.
 
     .venv/bin/python -m bench.h2_hop_bench [--kind get|grpc] [--hops tether|glue]
                                            [--instructions | --profile] [--count N]
@@ -86,7 +88,9 @@ class Origin(asyncio.Protocol):
             if isinstance(ev, StreamEnded):
                 sid = ev.stream_id
                 if self.grpc.pop(sid, False):
-                    h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+                    h2.send_headers(
+                        sid, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                    )
                     h2.send_data(sid, GRPC_MESSAGE)
                     h2.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
                 else:
@@ -174,7 +178,9 @@ class GlueDown(asyncio.Protocol):
         self.h2.increment_flow_control_window(1 << 30)
         transport.write(self.h2.data_to_send())
         loop = asyncio.get_running_loop()
-        loop.create_task(loop.create_connection(lambda: GlueUp(self), "127.0.0.1", self.up_port))
+        self.dial = loop.create_task(
+            loop.create_connection(lambda: GlueUp(self), "127.0.0.1", self.up_port)
+        )
 
     def data_received(self, data: bytes) -> None:
         up = self.up
@@ -245,9 +251,7 @@ async def serve_hops(hops: str, origin_port: int) -> None:
         from proxy.listener import start_inbound, start_outbound
         from proxy.stats import ProxyStats
 
-        inbound = await start_inbound(
-            origin_port, stats=ProxyStats(), port=0, app_protocol="http2"
-        )
+        inbound = await start_inbound(origin_port, stats=ProxyStats(), port=0, app_protocol="http2")
         svc = Cluster("svc", "default")
         svc.set_endpoints([Endpoint("svc-0", "127.0.0.1", inbound.port)])
         outbound = await start_outbound(StaticDirectory([svc]), stats=ProxyStats(), port=0)
@@ -344,14 +348,15 @@ def instructions(args: argparse.Namespace) -> int:
         return int(m.group(1))
 
     low, high = args.count // 6, args.count
-    return (collected(high) - collected(low)) // (high - low)
+    n: int = (collected(high) - collected(low)) // (high - low)
+    return n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="bench.h2_hop_bench")
     ap.add_argument("--kind", choices=["get", "grpc"], default="get")
     ap.add_argument("--hops", choices=["tether", "glue"], default="tether")
-    ap.add_argument("--count", type=int, default=1200)
+    ap.add_argument("--count", type=int, default=600)
     ap.add_argument("--instructions", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
