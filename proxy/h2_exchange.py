@@ -22,6 +22,13 @@ States: ROUTING → CONNECTING → SENDING → RESPONDING → ENDED.
 | response trailers / end | RESPONDING | relay; end: completed (with grpc-status) |
 | upstream reset | SENDING, RESPONDING | no response yet: local reply (502, gRPC 14); else reset |
 | client reset, deadline | any but ENDED | reset the upstream stream; end |
+| retried failure | CONNECTING, SENDING | new attempt after a backoff (proxy/h2_retry.py) |
+
+A route with a resilience policy gives the stream an `H2Retry` (proxy/h2_retry.py):
+connect failures, resets and refusals, per-try timeouts and response heads (or a gRPC
+status) its policy retries start a new attempt instead of ending the stream, as long
+as nothing of the response was relayed; a gRPC response head may be held (`held`)
+until its first message or its status for that.
 
 Back-pressure is the windows': bytes received on one side open the other side's
 stream window only once they were framed out (`on_sent`), so each direction of each
