@@ -109,22 +109,7 @@ async def run_client(port: int, count: int, kind: str) -> None:
     h2 = H2Connection(_config(True))
     h2.initiate_connection()
     h2.increment_flow_control_window(1 << 30)
-    if kind == "grpc":
-        head = [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":authority", b"svc"),
-            (b":path", b"/t.S/U"),
-            (b"content-type", b"application/grpc"),
-            (b"te", b"trailers"),
-        ]
-    else:
-        head = [
-            (b":method", b"GET"),
-            (b":scheme", b"http"),
-            (b":authority", b"svc"),
-            (b":path", b"/"),
-        ]
+    head = _request_head(kind)
     started = done = 0
 
     def start() -> None:
@@ -157,6 +142,24 @@ async def run_client(port: int, count: int, kind: str) -> None:
                     start()
         writer.write(h2.data_to_send())
     writer.close()
+
+
+def _request_head(kind: str) -> list[tuple[bytes, bytes]]:
+    if kind == "grpc":
+        return [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", b"svc"),
+            (b":path", b"/t.S/U"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ]
+    return [
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":authority", b"svc"),
+        (b":path", b"/"),
+    ]
 
 
 # -- the hops (child process, measured) --------------------------------------------------
@@ -261,7 +264,136 @@ async def serve_hops(hops: str, origin_port: int) -> None:
     await loop.run_in_executor(None, sys.stdin.read)
 
 
+# -- in memory: the library's own share (no sockets, no event loop) --------------------
+
+
+class MemoryChain:
+    """client → `hops` minimal relays → origin, all `h2` connections in memory: bytes
+    handed from one to the next, each hop passing its streams' events on, nothing else.
+    The difference between two hops and none is what `h2` itself costs two hops."""
+
+    def __init__(self, hops: int, kind: str) -> None:
+        self.kind = kind
+        # conns[0] client; then (server, client) per hop; then the origin.
+        self.conns = [H2Connection(_config(True))]
+        for _ in range(hops):
+            self.conns += [H2Connection(_config(False)), H2Connection(_config(True))]
+        self.conns.append(H2Connection(_config(False)))
+        for c in self.conns:
+            c.initiate_connection()
+            c.increment_flow_control_window(1 << 30)
+        # Stream maps per hop: downstream sid → upstream sid, and back.
+        self.fwd: list[dict[int, int]] = [{} for _ in range(hops)]
+        self.back: list[dict[int, int]] = [{} for _ in range(hops)]
+        self.done = 0
+        self.grpc: dict[int, bool] = {}
+        self.pump()
+
+    def pump(self) -> None:
+        conns = self.conns
+        moved = True
+        while moved:
+            moved = False
+            for i in range(0, len(conns), 2):  # the links: (i, i + 1)
+                a, b = conns[i], conns[i + 1]
+                out = a.data_to_send()
+                if out:
+                    moved = True
+                    self.events(i + 1, b.receive_data(out))
+                back = b.data_to_send()
+                if back:
+                    moved = True
+                    self.events(i, a.receive_data(back))
+
+    def events(self, at: int, events: list[Any]) -> None:
+        conns = self.conns
+        c = conns[at]
+        last = len(conns) - 1
+        for ev in events:
+            if isinstance(ev, DataReceived):
+                c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            if at == 0:  # the client
+                if isinstance(ev, StreamEnded):
+                    self.done += 1
+                continue
+            if at == last:  # the origin
+                if isinstance(ev, RequestReceived):
+                    self.grpc[ev.stream_id] = dict(ev.headers).get(b":method") == b"POST"
+                elif isinstance(ev, StreamEnded):
+                    sid = ev.stream_id
+                    if self.grpc.pop(sid, False):
+                        c.send_headers(
+                            sid, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                        )
+                        c.send_data(sid, GRPC_MESSAGE)
+                        c.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+                    else:
+                        c.send_headers(sid, [(b":status", b"200"), (b"content-length", b"100")])
+                        c.send_data(sid, BODY, end_stream=True)
+                continue
+            hop = (at - 1) // 2
+            if at % 2:  # a hop's server side: requests go on, to its client side
+                other = conns[at + 1]
+                if isinstance(ev, RequestReceived):
+                    usid = other.get_next_available_stream_id()
+                    self.fwd[hop][ev.stream_id] = usid
+                    self.back[hop][usid] = ev.stream_id
+                    other.send_headers(usid, ev.headers, end_stream=ev.stream_ended is not None)
+                elif isinstance(ev, DataReceived):
+                    other.send_data(
+                        self.fwd[hop][ev.stream_id], ev.data, ev.stream_ended is not None
+                    )
+                elif isinstance(ev, TrailersReceived):
+                    other.send_headers(self.fwd[hop][ev.stream_id], ev.headers, end_stream=True)
+            else:  # a hop's client side: responses go back
+                other = conns[at - 1]
+                if isinstance(ev, ResponseReceived):
+                    other.send_headers(
+                        self.back[hop][ev.stream_id], ev.headers, ev.stream_ended is not None
+                    )
+                elif isinstance(ev, DataReceived):
+                    other.send_data(
+                        self.back[hop][ev.stream_id], ev.data, ev.stream_ended is not None
+                    )
+                elif isinstance(ev, TrailersReceived):
+                    other.send_headers(self.back[hop][ev.stream_id], ev.headers, end_stream=True)
+
+    def run(self, count: int) -> None:
+        client = self.conns[0]
+        head = _request_head(self.kind)
+        started = 0
+        while self.done < count:
+            while started < count and started - self.done < INFLIGHT:
+                sid = client.get_next_available_stream_id()
+                if self.kind == "grpc":
+                    client.send_headers(sid, head)
+                    client.send_data(sid, GRPC_MESSAGE, end_stream=True)
+                else:
+                    client.send_headers(sid, head, end_stream=True)
+                started += 1
+            self.pump()
+
+
+def memory_instructions(args: argparse.Namespace, hops: int) -> int:
+    def collected(count: int) -> int:
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+               sys.executable, "-m", "bench.h2_hop_bench", "--child", "--memory", str(hops),
+               "--kind", args.kind, "--count", str(count)]  # fmt: skip
+        err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+        m = re.search(r"Collected : (\d+)", err)
+        if m is None:
+            sys.exit("no instruction count in valgrind's output")
+        return int(m.group(1))
+
+    low, high = args.count // 6, args.count
+    n: int = (collected(high) - collected(low)) // (high - low)
+    return n
+
+
 def child_main(args: argparse.Namespace) -> None:
+    if args.memory >= 0:
+        MemoryChain(args.memory, args.kind).run(args.count)
+        return
     try:
         import uvloop
 
@@ -361,6 +493,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--memory", type=int, default=-1, metavar="HOPS")
     ap.add_argument("--origin-port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -369,7 +502,10 @@ def main() -> None:
     from proxy.build_info import BUILD
 
     label = f"{args.kind}, {args.hops} hops x2 ({BUILD.name})"
-    if args.instructions:
+    if args.memory >= 0:
+        label = f"{args.kind}, in memory, {args.memory} minimal hops"
+        print(f"{label}: {memory_instructions(args, args.memory)} instructions/request")
+    elif args.instructions:
         print(f"{label}: {instructions(args)} instructions/request (two hops)")
     elif args.profile:
         print(f"{label}: shares of the hops' Python time (cProfile)")
