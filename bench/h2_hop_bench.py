@@ -9,7 +9,10 @@ and the hops are either Tether's (`--hops tether`: the outbound listener, then t
 inbound listener with app protocol http2, as `make bench` runs them) or a minimal relay
 written on the same `h2` library with the same configuration (`--hops glue`: each
 stream's events passed to the other side, no routing, no flow-control pump, no policy):
-the floor that `h2` and asyncio alone set for an HTTP/2 proxy in Python.
+the floor that `h2` and asyncio alone set for an HTTP/2 proxy in Python. `--hops nginx`
+(with `--instructions`): two nginx hops as bench/h2_bench.py configures them (h2c,
+`grpc_pass` to a keep-alive upstream), each a single process (`master_process off`),
+their instructions summed, for the same unit on both sides.
 
 `--instructions` runs the hops under valgrind's callgrind twice (`--count`/6 and
 `--count` requests, default 100 and 600, 32 streams in flight on one client
@@ -468,16 +471,93 @@ def run(args: argparse.Namespace, count: int, wrap: list[str]) -> str:
     return asyncio.run(main())
 
 
+NGINX_CONF = """
+worker_processes 1;
+master_process off;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream up {{ server 127.0.0.1:{up}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port} http2;
+        location / {{ grpc_pass grpc://up; }}
+    }}
+}}
+"""
+
+
+def run_nginx(args: argparse.Namespace, count: int, wrap: list[str]) -> list[str]:
+    """Two nginx hops (`listen ... http2`, `grpc_pass` to a keep-alive upstream, as
+    bench/h2_bench.py runs them), each one process (`master_process off`); their stderr."""
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    from bench.ports import free_port
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        origin = await loop.create_server(Origin, "127.0.0.1", 0)
+        up = origin.sockets[0].getsockname()[1]
+        procs = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("b", "a"):
+                d = Path(tmp) / name
+                d.mkdir()
+                port = free_port()
+                (d / "nginx.conf").write_text(NGINX_CONF.format(d=d, up=up, port=port))
+                procs.append(
+                    await asyncio.create_subprocess_exec(
+                        *wrap,
+                        "nginx",
+                        "-p",
+                        str(d),
+                        "-c",
+                        str(d / "nginx.conf"),
+                        stderr=subprocess.PIPE,
+                    )
+                )
+                for _ in range(600):  # until it listens (slow under valgrind)
+                    with socket.socket() as s:
+                        if s.connect_ex(("127.0.0.1", port)) == 0:
+                            break
+                    await asyncio.sleep(0.1)
+                up = port
+            await asyncio.wait_for(run_client(up, count, args.kind), 1200)
+            errs = []
+            for p in procs:
+                p.terminate()
+                _, err = await asyncio.wait_for(p.communicate(), 120)
+                errs.append(err.decode())
+        origin.close()
+        return errs
+
+    return asyncio.run(main())
+
+
 def instructions(args: argparse.Namespace) -> int:
     if shutil.which("valgrind") is None:
         sys.exit("--instructions needs valgrind")
     wrap = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
 
     def collected(count: int) -> int:
-        m = re.search(r"Collected : (\d+)", run(args, count, wrap))
-        if m is None:
-            sys.exit("no instruction count in valgrind's output")
-        return int(m.group(1))
+        errs = run_nginx(args, count, wrap) if args.hops == "nginx" else [run(args, count, wrap)]
+        total = 0
+        for err in errs:
+            m = re.search(r"Collected : (\d+)", err)
+            if m is None:
+                sys.exit(f"no instruction count in valgrind's output: {err[-1000:]}")
+            total += int(m.group(1))
+        return total
 
     low, high = args.count // 6, args.count
     n: int = (collected(high) - collected(low)) // (high - low)
@@ -487,7 +567,7 @@ def instructions(args: argparse.Namespace) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="bench.h2_hop_bench")
     ap.add_argument("--kind", choices=["get", "grpc"], default="get")
-    ap.add_argument("--hops", choices=["tether", "glue"], default="tether")
+    ap.add_argument("--hops", choices=["tether", "glue", "nginx"], default="tether")
     ap.add_argument("--count", type=int, default=600)
     ap.add_argument("--instructions", action="store_true")
     ap.add_argument("--profile", action="store_true")
