@@ -390,6 +390,46 @@ async def test_a_mirror_to_a_shadow_that_hangs_neither_delays_nor_piles_up(
     await until(lambda: len(shadow.attempts) == 4, what="a fourth copy")
 
 
+async def test_an_h2_get_answered_503_is_retried_on_another_instance(
+    closing: list[Mesh],
+) -> None:
+    # Not gRPC: a raw h2 client, h2c apps, retryOn gateway-error on the response status.
+    from tests.h2_peers import H2App, H2Client
+
+    apps = [await H2App(f"app-{i}").start() for i in range(2)]
+    apps[0].status = b"503"
+    inbounds = [
+        await start_inbound(a.port, stats=ProxyStats(), port=0, app_protocol="http2") for a in apps
+    ]
+    cluster = Cluster("orders", "default")
+    cluster.set_endpoints(
+        [Endpoint(f"o{i}", "127.0.0.1", ib.port) for i, ib in enumerate(inbounds)]
+    )
+    directory = StaticDirectory([cluster])
+    policy = Policy(directory)
+    spec = {"loadBalancer": {"policy": "round_robin"}, "retries": {"retryOn": ["gateway-error"]}}
+    await policy.apply(snapshot(1, [doc("ServiceDefaults", "orders", spec)]))
+    outbound = await start_policy_outbound(directory, policy, port=0)
+    client = await H2Client().connect(outbound.port)
+    try:
+        responses = [await client.request("/who", "orders") for _ in range(6)]
+        assert [(r.status, bytes(r.body)) for r in responses] == [(200, b"app-1")] * 6
+        # app-0 saw first attempts only; app-1 saw each of them again as attempt 2.
+        first = [dict(h).get(b"x-tether-attempt") for h in apps[0].seen]
+        again = [dict(h).get(b"x-tether-attempt") for h in apps[1].seen]
+        assert first and set(first) == {None}
+        assert again.count(b"2") == len(first)
+        ds = outbound.proxy.stats.destination("outbound", "orders.default")
+        assert ds.retries == len(first)
+    finally:
+        await client.aclose()
+        await outbound.aclose()
+        for ib in inbounds:
+            await ib.aclose()
+        for a in apps:
+            await a.aclose()
+
+
 # -- pure parts ---------------------------------------------------------------------------
 
 GRPC_POLICY = """\
