@@ -390,6 +390,25 @@ async def test_a_mirror_to_a_shadow_that_hangs_neither_delays_nor_piles_up(
     await until(lambda: len(shadow.attempts) == 4, what="a fourth copy")
 
 
+async def test_a_remote_sidecar_whose_app_is_down_is_a_refusal_retried_by_default(
+    closing: list[Mesh],
+) -> None:
+    # No retry policy written: the mesh's default retries refusals, whatever the method.
+    # The inbound sidecar of a stopped app answers a gRPC error (14, x-tether-error
+    # upstream_connect_error): its app never saw the call, so it goes elsewhere.
+    up = GrpcApp("up")
+    gone = GrpcApp("gone")
+    mesh = await _mesh([up, gone], {})
+    closing.append(mesh)
+    gone.server.stop(0)
+    channel = mesh.channel()
+    out = await asyncio.to_thread(_unary, channel, 6)
+    channel.close()
+    assert out == [(grpc.StatusCode.OK, b"up:x")] * 6
+    assert not gone.attempts and up.attempts.count("2") >= 1
+    assert mesh.stats().retries == up.attempts.count("2")
+
+
 async def test_an_h2_get_answered_503_is_retried_on_another_instance(
     closing: list[Mesh],
 ) -> None:
