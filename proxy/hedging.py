@@ -40,6 +40,7 @@ from proxy.pool import PoolOverflowError
 
 if TYPE_CHECKING:
     from proxy.attempts import Attempts
+    from proxy.balance import Endpoint
     from proxy.exchange_states import TimerHandle
     from proxy.heads import Fields, ResponseHead
     from proxy.outcome import Outcome
@@ -156,6 +157,7 @@ class Hedge:
     """One request's hedged attempt (see the module's docstring)."""
 
     __slots__ = (
+        "avoid",
         "data",
         "ex",
         "hedging",
@@ -182,6 +184,7 @@ class Hedge:
         self.progress = 0
         self.sole = False  # the exchange's own attempt failed: only this one is left
         self.won = False
+        self.avoid: list[Endpoint] = []  # where a hedge could not connect
         self.timer: TimerHandle | None = ex.server.call_later(hedging.spec.delay, self.fire)
 
     @property
@@ -208,6 +211,7 @@ class Hedge:
         nxt = None
         if not why and route is not None:
             tried = [*(ex.tried or ()), *((route.endpoint,) if route.endpoint else ())]
+            tried += self.avoid
             nxt = server.router.retry_route(ex.head, ex.conn.peer, route, tried)
             if nxt.pool is None or nxt.endpoint is None or nxt.endpoint in tried:
                 why = NO_OTHER_ENDPOINT
@@ -263,7 +267,18 @@ class Hedge:
         if self.state != PENDING:
             return
         code = local_reply.REPLIES.get(reason, (502, ""))[0]
-        self._failed(outcomes.local(outcomes.ConnectFailure, reason, code), message)
+        failed = outcomes.local(outcomes.ConnectFailure, reason, code)
+        route = self.route
+        if not self.sole and not self.avoid and route is not None and route.endpoint is not None:
+            # Nothing reached an application (a dead instance the registry still lists):
+            # the hedge goes once more, elsewhere, while the first attempt waits.
+            self._end_attempt(failed, self.ex.server.clock())
+            self.avoid.append(route.endpoint)
+            self.route = None
+            self.state = ARMED
+            self.fire()
+            return
+        self._failed(failed, message)
 
     # -- the connection's events (its codec's sink until the race is decided) ------------
 
