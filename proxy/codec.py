@@ -27,7 +27,7 @@ forwarded field lines as bytes (`raw`) and builds `headers` on first access.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
@@ -60,6 +60,9 @@ from proxy.heads import (
     _encode_fields,
     _from_template,
 )
+
+if TYPE_CHECKING:
+    from proxy.downstream import DownstreamConnection
 
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEADER_SECTION = 64 * 1024
@@ -97,6 +100,7 @@ class RequestCodec:
         "_trailers",
         "_url",
         "cache",
+        "conn",
         "head_bytes",
         "in_body",
         "sink",
@@ -105,6 +109,9 @@ class RequestCodec:
 
     def __init__(self, sink: RequestSink, cache: HeadCache | None = None) -> None:
         self.sink = sink
+        # `sink` when it is the HTTP/1 connection, called directly in the compiled build
+        # (set by proxy/downstream.py); None: through RequestSink.
+        self.conn: DownstreamConnection | None = None
         # Heads llhttp already parsed (proxy/head_cache.py); None: llhttp every time.
         self.cache = cache
         self._parser = httptools.HttpRequestParser(self)
@@ -166,12 +173,11 @@ class RequestCodec:
             # loop): _fast(), shortened for this case.
             args, length = self._last_template
             head = _from_template(args)
-            sink = self.sink
             self.in_body = True
-            sink.on_request_head(head)
+            self._to_head(head)
             if length <= 0:
                 self.in_body = False
-                sink.on_request_end(None)
+                self._to_end()
             else:
                 self._remaining = length
             return None
@@ -239,23 +245,45 @@ class RequestCodec:
             if found is None:
                 return -1
             head, end, length = found
-        sink = self.sink
         self.in_body = True
-        sink.on_request_head(head)
+        self._to_head(head)
         if length <= 0:
             self.in_body = False
-            sink.on_request_end(None)
+            self._to_end()
             return end
         avail = len(data) - end
         if avail < length:
             self._remaining = length - avail
             if avail:
-                sink.on_request_body(data[end:])
+                self._to_body(data[end:])
             return len(data)
         self.in_body = False
-        sink.on_request_body(data[end : end + length])
-        sink.on_request_end(None)
+        self._to_body(data[end : end + length])
+        self._to_end()
         return end + length
+
+    # The sink's events from the fast path: the connection called directly when it is one.
+
+    def _to_head(self, head: RequestHead) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.on_request_head(head)
+        else:
+            self.sink.on_request_head(head)
+
+    def _to_body(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.on_request_body(data)
+        else:
+            self.sink.on_request_body(data)
+
+    def _to_end(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.on_request_end(None)
+        else:
+            self.sink.on_request_end(None)
 
     def _lookup(self, data: bytes) -> tuple[RequestHead, int, int] | None:
         """The cached head `data` starts with: (head, its end, body length), or None."""
