@@ -11,6 +11,8 @@ at the end of this module), at the level the test needs:
   (no registry), in front of one app: the proxy path over real sockets;
 - `Mesh.with_registry`: an in-process outbound listener over a `ConsulDirectory`
   watching a real registry, with "who" apps registered in it: discovery and balancing;
+- `Mesh.with_policy`: the static level's directory with the control plane's routing
+  step (an applied `Policy` snapshot): retries, timeouts, breakers, outliers;
 - `ProcessMesh`: registry, control plane and sidecars as real processes
   (`tether registry|controlplane|sidecar`), "who" apps on a thread: policy end to end.
 
@@ -334,6 +336,7 @@ class Mesh:
     inbound_listener: Listener | None = None  # the static level's
     app_port: int = 0
     consul: Any = None  # consul.aio.Consul on the registry (Mesh.with_registry)
+    policy: Any = None  # proxy.policy.Policy (Mesh.with_policy)
     delays: dict[str, float] = field(default_factory=dict)  # who_app's, by name
     closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
 
@@ -405,6 +408,40 @@ class Mesh:
         """The inbound listener in front of the app (the static level)."""
         assert self.inbound_listener is not None, "no inbound listener at this level"
         return self.inbound_listener
+
+    @classmethod
+    async def with_policy(cls, directory: StaticDirectory, policy: Any) -> Mesh:
+        """client → the policy-routing outbound listener → `directory`'s endpoints, with
+        `policy` (a proxy.policy.Policy over `directory`, a snapshot applied)."""
+        from proxy.policy_router import start_policy_outbound
+
+        listener = await start_policy_outbound(directory, policy, port=0)
+        stats = listener.proxy.stats
+        return cls(listener, directory, stats, policy=policy, closers=[listener.aclose])
+
+    def cluster(self, service: str, namespace: str = "default") -> Cluster:
+        found: Cluster | None = self.directory.lookup(namespace, service)
+        assert found is not None, f"no cluster {service}.{namespace}"
+        return found
+
+    def destination(self, name: str, listener: str = "outbound") -> Any:
+        """The listener's stats of one destination (`svc.ns`)."""
+        return self.stats.destination(listener, name)
+
+    async def request(
+        self,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        url: str = "http://orders/x",
+    ) -> tuple[int, str, str]:
+        """One request through the outbound listener as an HTTP proxy (aiohttp): its
+        status, its `x-tether-error` reason ("" for none) and its body."""
+        proxy = f"http://127.0.0.1:{self.outbound.port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.request(method, url, data=body, proxy=proxy, headers=headers) as resp:
+                text = await resp.text()
+                return resp.status, resp.headers.get("x-tether-error", ""), text
 
     def add_cluster(self, name: str, port: int) -> None:
         """A cluster `name.default` with one endpoint at `port` (the static level)."""
