@@ -157,16 +157,16 @@ class RequestCodec:
             n = len(data)
             if n < remaining:
                 self._remaining = remaining - n
-                self.sink.on_request_body(data)
+                self._to_body(data)
                 return None
             self._remaining = 0
             self.in_body = False
             if n == remaining:
-                self.sink.on_request_body(data)
-                self.sink.on_request_end(None)
+                self._to_body(data)
+                self._to_end()
                 return None
-            self.sink.on_request_body(data[:remaining])
-            self.sink.on_request_end(None)
+            self._to_body(data[:remaining])
+            self._to_end()
             data = data[remaining:]
         elif data == self._last_head and self._clean and not self.in_body:
             # The previous head of this connection again, alone (a client's keep-alive
@@ -262,28 +262,31 @@ class RequestCodec:
         self._to_end()
         return end + length
 
-    # The sink's events from the fast path: the connection called directly when it is one.
+    # The sink's events: the connection called directly (compiled) when it is one.
 
     def _to_head(self, head: RequestHead) -> None:
         conn = self.conn
         if conn is not None:
             conn.on_request_head(head)
         else:
-            self.sink.on_request_head(head)
+            sink = self.sink
+            sink.on_request_head(head)
 
     def _to_body(self, data: bytes) -> None:
         conn = self.conn
         if conn is not None:
             conn.on_request_body(data)
         else:
-            self.sink.on_request_body(data)
+            sink = self.sink
+            sink.on_request_body(data)
 
-    def _to_end(self) -> None:
+    def _to_end(self, trailers: Fields | None = None) -> None:
         conn = self.conn
         if conn is not None:
-            conn.on_request_end(None)
+            conn.on_request_end(trailers)
         else:
-            self.sink.on_request_end(None)
+            sink = self.sink
+            sink.on_request_end(trailers)
 
     def _lookup(self, data: bytes) -> tuple[RequestHead, int, int] | None:
         """The cached head `data` starts with: (head, its end, body length), or None."""
@@ -445,7 +448,7 @@ class RequestCodec:
         self._fields_seen = 0  # trailers are counted afresh
         if key is not None:
             self._remember(head, key)
-        self.sink.on_request_head(head)
+        self._to_head(head)
 
     def _strip_h2c(self, head: RequestHead) -> None:
         """Forward an `Upgrade: h2c` request as a plain HTTP/1.1 one, as Envoy does.
@@ -465,7 +468,7 @@ class RequestCodec:
         self._h2c_body = head.content_length or 0
 
     def on_body(self, body: bytes) -> None:
-        self.sink.on_request_body(body)
+        self._to_body(body)
 
     def on_message_complete(self) -> None:
         if self._h2c_body > 0:
@@ -478,9 +481,9 @@ class RequestCodec:
         self._clean = self._head.keep_alive
         self._new_head()
         if trailers:
-            self.sink.on_request_end(clean_trailers(trailers))
+            self._to_end(clean_trailers(trailers))
         else:
-            self.sink.on_request_end(None)
+            self._to_end()
 
     def __repr__(self) -> str:
         state = "upgraded" if self.upgraded else ("body" if self.in_body else "head")

@@ -132,16 +132,16 @@ class ResponseCodec:
             n = len(data)
             if n < remaining:
                 self._remaining = remaining - n
-                self.sink.on_response_body(data)
+                self._to_body(data)
                 return None
             self._remaining = 0
             self.in_body = False
             if n == remaining:
-                self.sink.on_response_body(data)
-                self.sink.on_response_end(None)
+                self._to_body(data)
+                self._to_end()
                 return None
-            self.sink.on_response_body(data[:remaining])
-            self.sink.on_response_end(None)
+            self._to_body(data[:remaining])
+            self._to_end()
             data = data[remaining:]
         while self._clean and not self.in_body:
             used = self._fast(data)
@@ -228,28 +228,31 @@ class ResponseCodec:
         self._to_end()
         return end + length
 
-    # The sink's events from the fast path: the exchange called directly when it is one.
+    # The sink's events: the exchange called directly (compiled) when it is one.
 
     def _to_head(self, head: ResponseHead) -> None:
         native = self.native
         if native is not None:
             native.on_response_head(head)
         else:
-            self.sink.on_response_head(head)
+            sink = self.sink
+            sink.on_response_head(head)
 
     def _to_body(self, data: bytes) -> None:
         native = self.native
         if native is not None:
             native.on_response_body(data)
         else:
-            self.sink.on_response_body(data)
+            sink = self.sink
+            sink.on_response_body(data)
 
-    def _to_end(self) -> None:
+    def _to_end(self, trailers: Fields | None = None) -> None:
         native = self.native
         if native is not None:
-            native.on_response_end(None)
+            native.on_response_end(trailers)
         else:
-            self.sink.on_response_end(None)
+            sink = self.sink
+            sink.on_response_end(trailers)
 
     def _remember(self, head: ResponseHead, key: bytes) -> None:
         status = head.status
@@ -276,7 +279,7 @@ class ResponseCodec:
         if self.in_body and self._close_delimited:
             self.in_body = False
             self._head = ResponseHead()
-            self.sink.on_response_end(None)
+            self._to_end()
             return True
         return False
 
@@ -370,15 +373,15 @@ class ResponseCodec:
             if self.head_request:
                 self.in_body = False
                 self._head = ResponseHead()
-                self.sink.on_response_head(head)
-                self.sink.on_response_end(None)
+                self._to_head(head)
+                self._to_end()
                 raise _SkipBody
         else:
             self._close_delimited = not head.chunked and head.content_length is None
-        self.sink.on_response_head(head)
+        self._to_head(head)
 
     def on_body(self, body: bytes) -> None:
-        self.sink.on_response_body(body)
+        self._to_body(body)
 
     def on_message_complete(self) -> None:
         # llhttp refuses any byte after a message without keep-alive: so must the cache.
@@ -391,7 +394,7 @@ class ResponseCodec:
         self._trailers = None
         self.in_body = False
         self._head = ResponseHead()
-        self.sink.on_response_end(clean_trailers(trailers) if trailers else None)
+        self._to_end(clean_trailers(trailers) if trailers else None)
 
     def __repr__(self) -> str:
         state = "upgraded" if self.upgraded else ("body" if self.in_body else "idle")
