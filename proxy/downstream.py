@@ -56,6 +56,10 @@ if TYPE_CHECKING:
     from proxy.pool import Pool
     from proxy.tracing import ListenerTracing
 
+# HTTP/2 with prior knowledge (RFC 9113 section 3.4): here, so that sniffing an HTTP/1
+# connection does not import the HTTP/2 side (the h2 package) into an idle sidecar.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
 # Route answers and CONNECT dials in flight (held so they are not garbage-collected).
 _TASKS: set[asyncio.Task[None]] = set()
 # The balancers' random source: module-level, so nothing is allocated per request.
@@ -297,13 +301,11 @@ class DownstreamConnection(asyncio.Protocol):
     def _sniff(self, data: bytes) -> bytes:
         """HTTP/2 with prior knowledge starts with the preface: hand the socket to the
         HTTP/2 side. Anything else is HTTP/1 (returned, to be parsed)."""
-        from proxy.h2_downstream import PREFACE
-
         seen = self.sniff + data if self.sniff else data
-        if not PREFACE.startswith(seen[:24]):
+        if not H2_PREFACE.startswith(seen[:24]):
             self.sniff = None
             return seen
-        if len(seen) < len(PREFACE):
+        if len(seen) < len(H2_PREFACE):
             self.sniff = seen  # part of the preface so far
             return b""
         self.sniff = None
