@@ -223,6 +223,7 @@ class DownstreamConnection(asyncio.Protocol):
         "phase",
         "server",
         "sniff",
+        "tls",
         "transport",
         "ubuf",
         "wbuf",
@@ -231,6 +232,8 @@ class DownstreamConnection(asyncio.Protocol):
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.transport: Any = None
+        # A TLS transport: what one flush writes goes as one record (see `flush`).
+        self.tls = False
         self.codec = RequestCodec(self, server.head_cache)
         self.peer = Peer(b"")
         self.memo = ResponseMemo()
@@ -256,6 +259,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.tls = transport.get_extra_info("sslcontext") is not None
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         peer = transport.get_extra_info("peername")
         self.peer = Peer(str(peer[0]).encode() if peer else b"unknown")
@@ -351,7 +355,12 @@ class DownstreamConnection(asyncio.Protocol):
     # output (the exchange's actions) ----------------------------------------------------
 
     def flush(self) -> None:
-        """Write what the last callbacks produced: one call per socket."""
+        """Write what the last callbacks produced: one call per socket.
+
+        Over TLS the pieces are joined first: the TLS transport encrypts each piece of
+        `writelines` as a record of its own (a head and a small body would be two
+        records, two AEAD passes and twice the framing), where a plaintext transport
+        sends them with one writev."""
         buf = self.ubuf
         if buf:
             ex = self.exchange
@@ -359,6 +368,8 @@ class DownstreamConnection(asyncio.Protocol):
             if up is not None and not up.closed:
                 if len(buf) == 1:
                     up.transport.write(buf[0])
+                elif up.tls:
+                    up.transport.write(b"".join(buf))
                 else:
                     up.transport.writelines(buf)
                 buf.clear()
@@ -366,6 +377,8 @@ class DownstreamConnection(asyncio.Protocol):
         if buf and not self.closed:
             if len(buf) == 1:
                 self.transport.write(buf[0])
+            elif self.tls:
+                self.transport.write(b"".join(buf))
             else:
                 self.transport.writelines(buf)
             buf.clear()
