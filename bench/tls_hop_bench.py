@@ -3,15 +3,17 @@
     python -m bench.tls_hop_bench [--requests 20000] [--connections 16] [--rounds 3]
                                   [--syscalls] [--instructions]
 
-Runs Tether's two hops (`bench.tether_proxy` outbound → inbound → a uvloop upstream
-answering 100 bytes) three ways: plaintext; mTLS as the sidecar runs it; and mTLS with
-malloc's thresholds left as glibc sets them (`--malloc glibc`, before
-`proxy.listener.keep_reads_on_heap`). A client process sends `--requests` requests over
-`--connections` keep-alive connections (each sends its next request once the last
-answer is in); the proxies are pinned to CPU 0, the client and upstream to CPU 1 (as
-`make bench`). Per path, from /proc/<pid>/stat of the two proxy processes: CPU µs per
-request (utime+stime; moves with the machine's load: the median of `--rounds`
-interleaved rounds) and minor page faults per request (does not move). `--syscalls`:
+Runs Tether's two hops (`bench.tether_proxy` outbound → inbound → an nginx upstream
+answering 100 bytes, as `make bench`) three ways: plaintext; mTLS as the sidecar runs
+it; and mTLS with malloc's thresholds left as glibc sets them (`--malloc glibc`, before
+`proxy.listener.keep_reads_on_heap`); and nginx's two hops, plaintext and mTLS (the
+configuration of `make bench`: TLS 1.3, client certificates, a keep-alive pool). A
+client process sends `--requests` requests over `--connections` keep-alive connections
+(each sends its next request once the last answer is in); the proxies are pinned to
+CPU 0, the client and upstream to CPU 1. Per path, from /proc/<pid>/stat of the proxy
+processes: CPU µs per request (utime+stime; moves with the machine's load: the median
+of `--rounds` interleaved rounds, ratios taken within each round) and minor page
+faults per request (does not move). `--syscalls`:
 system calls per request of each proxy, by name (strace -c, one extra round).
 `--instructions`: user-space instructions per request of both proxies (callgrind: two
 runs of 500 and 2,500 requests, the difference divided by 2,000, so start-up cancels out;
@@ -209,6 +211,48 @@ def instructions(tmp: Path, name: str, flags: list[str]) -> int:
     return (total(2_500) - total(500)) // 2_000
 
 
+class FleetPath:
+    """A measured path of `bench.proxy_bench`'s Fleet (its processes, its nginx configs)."""
+
+    def __init__(self, name: str, procs: list[Any], port: int) -> None:
+        self.name = name
+        self.procs = procs
+        self.port = port
+        self.drive(200, 4)
+
+    def drive(self, requests: int, connections: int) -> None:
+        Path2.drive(self, requests, connections)  # type: ignore[arg-type]
+
+    def measure(self, requests: int, connections: int) -> tuple[float, float]:
+        pids = [pid for p in self.procs for pid in p.pids()]
+        before = [_stat(p) for p in pids]
+        self.drive(requests, connections)
+        after = [_stat(p) for p in pids]
+        cpu = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+        faults = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+        return cpu / requests * 1e6, faults / requests
+
+
+def fleet_paths(fleet: Any, certs: Path) -> dict[str, FleetPath]:
+    up = fleet.upstream()
+    out: dict[str, FleetPath] = {}
+    b = fleet.nginx_proxy("nginx-b", up.port)
+    a = fleet.nginx_proxy("nginx-a", b.port)
+    out["nginx x2"] = FleetPath("nginx x2", [a, b], a.port)
+    b = fleet.nginx_mtls_server("nginx-tls-b", up.port, certs)
+    a = fleet.nginx_mtls_client("nginx-tls-a", b.port, certs)
+    out["nginx x2 mTLS"] = FleetPath("nginx x2 mTLS", [a, b], a.port)
+    for name, flags in PATHS.items():
+        extra = [x for f in flags for x in ([f, str(certs)] if f == "--mtls" else [f])]
+        slug = name.replace(" ", "-").replace(",", "")
+        tin = fleet.tether(f"{slug}-in", ["inbound", "--app-port", str(up.port), *extra])
+        tout = fleet.tether(
+            f"{slug}-out", ["outbound", "--cluster", f"svc=127.0.0.1:{tin.port}", *extra]
+        )
+        out[name] = FleetPath(name, [tout, tin], tout.port)
+    return out
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("upstream", "client"):
         import uvloop
@@ -229,43 +273,53 @@ def main() -> None:
         sys.exit("--requests 1..1000000, --connections 1..256")
     from bench.mtls_material import write as write_certs
 
+    from bench.proxy_bench import Fleet
+
     with tempfile.TemporaryDirectory(prefix="tether-tlshop-") as d:
         tmp = Path(d)
-        write_certs(tmp / "certs")
-        paths = {name: Path2(tmp, name, flags) for name, flags in PATHS.items()}
-        cpu: dict[str, list[float]] = {n: [] for n in paths}
-        ratio: dict[str, list[float]] = {n: [] for n in paths}
+        certs = write_certs(tmp / "certs")
+        fleet = Fleet(tmp)
+        cpu: dict[str, list[float]] = {}
+        ratio: dict[str, list[float]] = {}
         faults: dict[str, float] = {}
         calls: dict[str, dict[str, Counter[str]]] = {}
         try:
+            paths = fleet_paths(fleet, certs)
+            cpu = {n: [] for n in paths}
+            ratio = {n: [] for n in paths}
             for _ in range(args.rounds):
                 this = {}
                 for name, path in paths.items():
                     this[name], faults[name] = path.measure(args.requests, args.connections)
                     cpu[name].append(this[name])
                 for name in paths:
-                    ratio[name].append(this[name] / this["tether x2"])
-            if args.syscalls:
-                for name, path in paths.items():
-                    calls[name] = path.syscalls(args.requests // 4, args.connections, tmp)
+                    base = "nginx x2 mTLS" if "mTLS" in name else "nginx x2"
+                    ratio[name].append(this[name] / this[base])
         finally:
-            for path in paths.values():
-                path.stop()
+            fleet.stop()
+        if args.syscalls:
+            for name, flags in PATHS.items():
+                path2 = Path2(tmp, name, flags)
+                try:
+                    calls[name] = path2.syscalls(args.requests // 4, args.connections, tmp)
+                finally:
+                    path2.stop()
         ins = {n: instructions(tmp, n, f) for n, f in PATHS.items()} if args.instructions else {}
     print(f"{args.requests} requests over {args.connections} connections, median of "
-          f"{args.rounds} rounds; two proxy processes pinned to one core")  # fmt: skip
-    head = "| path | proxy CPU µs / request | × plaintext | minor faults / request |"
+          f"{args.rounds} rounds; the proxies pinned to one core")  # fmt: skip
+    head = "| path | proxy CPU µs / request | × nginx (mTLS rows: × nginx mTLS) |"
+    head += " minor faults / request |"
     sep = "|---|---|---|---|"
     if ins:
         head += " instructions / request (user space) |"
         sep += "---|"
     print(head)
     print(sep)
-    for name in paths:
+    for name in cpu:
         row = (f"| {name} | {statistics.median(cpu[name]):.1f} | "
                f"{statistics.median(ratio[name]):.2f} | {faults[name]:.2f} |")  # fmt: skip
         if ins:
-            row += f" {ins[name]:,} |"
+            row += f" {ins[name]:,} |" if name in ins else " |"
         print(row)
     if calls:
         n = args.requests // 4

@@ -78,8 +78,9 @@ def keep_reads_on_heap() -> bool:
     its threshold by itself only when a large mmapped block is freed, which the shrunk
     block never is. With the threshold above the read size, the block comes from the
     heap and the shrink happens in place; with the trim threshold above it too, the
-    heap's top is not given back and taken again on every read (brk).
-    Returns whether the options were set."""
+    heap's top is not given back and taken again on every read (brk). What start-up
+    left free is given back once, here (malloc_trim), so the higher trim threshold does
+    not keep it. Returns whether the options were set."""
     try:
         import ctypes
 
@@ -89,9 +90,14 @@ def keep_reads_on_heap() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return bool(
+    done = bool(
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim.argtypes = (ctypes.c_size_t,)
+        trim(0)
+    return done
 
 
 class Listener:
