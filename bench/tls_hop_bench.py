@@ -128,7 +128,21 @@ class Path2:
              "--cluster", f"svc=127.0.0.1:{inb}", *extra], out, PROXY_CPU, tmp,
         )  # fmt: skip
         self.port = out
-        self.drive(200, 4)  # pools filled, handshakes done, head caches warm
+        self.warm()
+
+    def warm(self) -> None:
+        """Pools filled, handshakes done, head caches warm (a first answer may be a 503
+        while a slow start, under valgrind, still handshakes)."""
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                self.drive(20, 1)
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+        self.drive(200, 4)
 
     def _start(self, cmd: list[str], port: int, cpu: str, tmp: Path) -> subprocess.Popen[Any]:
         log = open(tmp / f"{port}.log", "wb")  # noqa: SIM115
@@ -218,7 +232,7 @@ class FleetPath:
         self.name = name
         self.procs = procs
         self.port = port
-        self.drive(200, 4)
+        Path2.warm(self)  # type: ignore[arg-type]
 
     def drive(self, requests: int, connections: int) -> None:
         Path2.drive(self, requests, connections)  # type: ignore[arg-type]
