@@ -7,10 +7,10 @@ It runs exactly the listener code the sidecar runs (proxy/listener.py on uvloop)
 the sidecar's default balancer, minus discovery and registration, so the benchmark needs
 no registry. `--sched normal` leaves
 the kernel's default scheduling policy (the sidecar asks for SCHED_BATCH); `--malloc glibc`
-leaves malloc's thresholds as glibc sets them (the sidecar keeps TLS reads on the heap). `--profile FILE` writes
-cProfile stats at SIGTERM. `--tracing` traces as a sidecar with OTEL_TRACES_EXPORTER=otlp
-does (the OTEL_* variables of its environment). Prints `ready <port>` on stdout once
-listening.
+leaves malloc's thresholds as glibc sets them (the sidecar keeps TLS reads on the heap).
+`--profile FILE` writes cProfile stats at SIGTERM. `--tracing` traces as a sidecar with
+OTEL_TRACES_EXPORTER=otlp does (the OTEL_* variables of its environment). Prints
+`ready <port>` on stdout once listening.
 """
 
 from __future__ import annotations

@@ -286,7 +286,6 @@ def main() -> None:
     if not (0 < args.requests <= 1_000_000 and 0 < args.connections <= 256):
         sys.exit("--requests 1..1000000, --connections 1..256")
     from bench.mtls_material import write as write_certs
-
     from bench.proxy_bench import Fleet
 
     with tempfile.TemporaryDirectory(prefix="tether-tlshop-") as d:

@@ -40,7 +40,7 @@ def consul_aio() -> ModuleType:
 def _preload(package: ModuleType) -> None:
     check = importlib.import_module(f"{_PACKAGE}.check")
     exceptions = importlib.import_module(f"{_PACKAGE}.exceptions")
-    package.Check = check.Check  # type: ignore[attr-defined]  # consul.api.agent
+    setattr(package, "Check", check.Check)  # noqa: B010 (consul.api.agent imports it)
     for name in dir(exceptions):  # consul.aio: Timeout; callers: ConsulException, ...
         value = getattr(exceptions, name)
         if isinstance(value, type) and issubclass(value, Exception):
@@ -54,10 +54,10 @@ def _preload(package: ModuleType) -> None:
             # A submodule (`from consul import base`): the import system loads it
             # once the attribute is missing.
             raise AttributeError(name)
-        del package.__getattr__  # type: ignore[attr-defined]
+        delattr(package, "__getattr__")
         spec = package.__spec__
         assert spec is not None and spec.loader is not None
         spec.loader.exec_module(package)
         return getattr(package, name)
 
-    package.__getattr__ = complete  # type: ignore[attr-defined]  # PEP 562
+    setattr(package, "__getattr__", complete)  # noqa: B010 (PEP 562: the module's hook)

@@ -22,8 +22,8 @@ import yaml
 from controlplane.inject.compose import ComposeSpec, inject_compose, token_variable
 from controlplane.inject.errors import InjectError
 from tests.conftest import ROOT, run_tether, stop_group, wait_for_port
-from tests.sidecar_harness import ProcessSet, Sidecar
 from tests.polling import poll
+from tests.sidecar_harness import ProcessSet, Sidecar
 from tether.ports import free_port
 
 DATA = Path(__file__).parent / "data" / "inject" / "compose"
@@ -172,9 +172,7 @@ def test_injected_token_variable_reaches_the_sidecar(tmp_path: Path) -> None:
 
 def _interpolated(value: str, variables: dict[str, str]) -> str:
     """`${VAR:-default}` as compose resolves it."""
-    return re.sub(
-        r"\$\{(\w+):-([^}]*)\}", lambda m: variables.get(m.group(1)) or m.group(2), value
-    )
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: variables.get(m.group(1)) or m.group(2), value)
 
 
 def _with(cmd: list[str], flag: str, value: str) -> list[str]:
