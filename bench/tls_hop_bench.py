@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +110,16 @@ def _stat(pid: int) -> tuple[float, int]:
 class Path2:
     """Two Tether hops and their upstream, started once, driven many times."""
 
-    def __init__(self, tmp: Path, name: str, flags: list[str], wrap: list[str] = ()) -> None:  # type: ignore[assignment]
+    def __init__(self, tmp: Path, name: str, flags: list[str], wrap: Sequence[str] = ()) -> None:
         self.name = name
         self.procs: list[subprocess.Popen[Any]] = []
+        try:
+            self._launch(tmp, flags, list(wrap))
+        except BaseException:
+            self.stop()
+            raise
+
+    def _launch(self, tmp: Path, flags: list[str], wrap: list[str]) -> None:
         py = sys.executable
         up = free_port()
         self._start([py, "-m", "bench.tls_hop_bench", "upstream", str(up)], up, LOAD_CPU, tmp)
