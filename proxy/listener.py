@@ -72,9 +72,10 @@ def keep_reads_on_heap() -> bool:
 
     uvloop's TLS transport decrypts each record with `SSLObject.read(256 KiB)`: a 256 KiB
     bytes object, shrunk to the few hundred bytes read. Above glibc's initial mmap
-    threshold (128 KiB) that is an mmap, an mremap and later an munmap per read, and a
-    page fault on a fresh zero page: measured on the inbound hop of the mTLS path, 0.87
-    of each per request (strace), kernel work a plaintext hop never does. glibc raises
+    threshold (128 KiB), whenever the heap has no free block that large, that is an
+    mmap, an mremap and later an munmap per read, and page faults on fresh zero pages:
+    measured on the inbound hop of the mTLS path, one of each per request (strace; 2
+    page faults per request), kernel work a plaintext hop never does. glibc raises
     its threshold by itself only when a large mmapped block is freed, which the shrunk
     block never is. With the threshold above the read size, the block comes from the
     heap and the shrink happens in place; with the trim threshold above it too, the
