@@ -182,10 +182,10 @@ class Sidecar:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        import consul.aio
+        from proxy.registry_client import consul_aio
 
         spec = self.spec
-        self.client = consul.aio.Consul(
+        self.client = consul_aio().Consul(
             host=spec.registry_host,
             port=spec.registry_port,
             scheme=spec.registry_scheme,

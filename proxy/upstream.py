@@ -104,12 +104,15 @@ class UpstreamConnection(asyncio.Protocol):
         "reading_paused",
         "requests",
         "sink",
+        "tls",
         "transport",
     )
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: Any = None
+        # A TLS transport: what one flush writes goes as one record (proxy/downstream.py).
+        self.tls = False
         self.codec = ResponseCodec(UNOWNED, pool.head_cache)
         self.sink: Exchange | None = None
         # `sink` when it is a proxy.exchange.Exchange (see _ExchangeType), else None.
@@ -176,6 +179,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.tls = transport.get_extra_info("sslcontext") is not None
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
 
     def data_received(self, data: bytes) -> None:
