@@ -6,10 +6,11 @@
 It runs exactly the listener code the sidecar runs (proxy/listener.py on uvloop), with
 the sidecar's default balancer, minus discovery and registration, so the benchmark needs
 no registry. `--sched normal` leaves
-the kernel's default scheduling policy (the sidecar asks for SCHED_BATCH). `--profile FILE` writes
-cProfile stats at SIGTERM. `--tracing` traces as a sidecar with OTEL_TRACES_EXPORTER=otlp
-does (the OTEL_* variables of its environment). Prints `ready <port>` on stdout once
-listening.
+the kernel's default scheduling policy (the sidecar asks for SCHED_BATCH); `--malloc glibc`
+leaves malloc's thresholds as glibc sets them (the sidecar keeps TLS reads on the heap).
+`--profile FILE` writes cProfile stats at SIGTERM. `--tracing` traces as a sidecar with
+OTEL_TRACES_EXPORTER=otlp does (the OTEL_* variables of its environment). Prints
+`ready <port>` on stdout once listening.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ def _parse() -> argparse.Namespace:
         choices=["batch", "normal"],
         default="batch",
         help="batch: as the sidecar does (SCHED_BATCH); normal: the kernel's default",
+    )
+    p.add_argument(
+        "--malloc",
+        choices=["heap-reads", "glibc"],
+        default="heap-reads",
+        help="heap-reads: as the sidecar does (proxy.listener.keep_reads_on_heap); "
+        "glibc: malloc's own thresholds",
     )
     p.add_argument("--profile", default=None, help="write cProfile stats here at SIGTERM")
     p.add_argument(
@@ -96,7 +104,7 @@ async def _serve(args: argparse.Namespace) -> None:
         if tracing is None:
             sys.exit("--tracing: set OTEL_TRACES_EXPORTER=otlp")
         listener.proxy.tracer = tracing.for_listener(args.mode)
-    settle_process(batch=args.sched == "batch")
+    settle_process(batch=args.sched == "batch", heap_reads=args.malloc == "heap-reads")
     print(f"ready {listener.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from proxy import local_reply
 from proxy.codec import RequestCodec
@@ -56,19 +56,23 @@ if TYPE_CHECKING:
     from proxy.pool import Pool
     from proxy.tracing import ListenerTracing
 
+# HTTP/2 with prior knowledge (RFC 9113 section 3.4): here, so that sniffing an HTTP/1
+# connection does not import the HTTP/2 side (the h2 package) into an idle sidecar.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
 # Route answers and CONNECT dials in flight (held so they are not garbage-collected).
 _TASKS: set[asyncio.Task[None]] = set()
 # The balancers' random source: module-level, so nothing is allocated per request.
 RNG = random.Random()
 
 # Phases of the connection, for the sweep that enforces its own timeouts.
-IDLE = 0  # between requests (keep-alive idle timeout)
-HEAD = 1  # part of a request head received (header-read timeout)
-BUSY = 2  # an exchange is in flight (its own deadline applies)
-TUNNEL_PHASE = 3  # handed over to a tunnel
+IDLE: Final = 0  # between requests (keep-alive idle timeout)
+HEAD: Final = 1  # part of a request head received (header-read timeout)
+BUSY: Final = 2  # an exchange is in flight (its own deadline applies)
+TUNNEL_PHASE: Final = 3  # handed over to a tunnel
 
 # The last two hex digits of a request id (see ProxyServer.new_request_id).
-_HEX2 = tuple(b"%02x" % i for i in range(256))
+_HEX2: Final = tuple(b"%02x" % i for i in range(256))
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,7 @@ class DownstreamConnection(asyncio.Protocol):
         "phase",
         "server",
         "sniff",
+        "tls",
         "transport",
         "ubuf",
         "wbuf",
@@ -227,7 +232,10 @@ class DownstreamConnection(asyncio.Protocol):
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.transport: Any = None
+        # A TLS transport: what one flush writes goes as one record (see `flush`).
+        self.tls = False
         self.codec = RequestCodec(self, server.head_cache)
+        self.codec.conn = self  # called directly (compiled), not through RequestSink
         self.peer = Peer(b"")
         self.memo = ResponseMemo()
         self.wbuf: list[bytes] = []  # to the client
@@ -252,6 +260,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.tls = transport.get_extra_info("sslcontext") is not None
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         peer = transport.get_extra_info("peername")
         self.peer = Peer(str(peer[0]).encode() if peer else b"unknown")
@@ -297,13 +306,11 @@ class DownstreamConnection(asyncio.Protocol):
     def _sniff(self, data: bytes) -> bytes:
         """HTTP/2 with prior knowledge starts with the preface: hand the socket to the
         HTTP/2 side. Anything else is HTTP/1 (returned, to be parsed)."""
-        from proxy.h2_downstream import PREFACE
-
         seen = self.sniff + data if self.sniff else data
-        if not PREFACE.startswith(seen[:24]):
+        if not H2_PREFACE.startswith(seen[:24]):
             self.sniff = None
             return seen
-        if len(seen) < len(PREFACE):
+        if len(seen) < len(H2_PREFACE):
             self.sniff = seen  # part of the preface so far
             return b""
         self.sniff = None
@@ -349,7 +356,12 @@ class DownstreamConnection(asyncio.Protocol):
     # output (the exchange's actions) ----------------------------------------------------
 
     def flush(self) -> None:
-        """Write what the last callbacks produced: one call per socket."""
+        """Write what the last callbacks produced: one call per socket.
+
+        Over TLS the pieces are joined first: the TLS transport encrypts each piece of
+        `writelines` as a record of its own (a head and a small body would be two
+        records, two AEAD passes and twice the framing), where a plaintext transport
+        sends them with one writev."""
         buf = self.ubuf
         if buf:
             ex = self.exchange
@@ -357,6 +369,8 @@ class DownstreamConnection(asyncio.Protocol):
             if up is not None and not up.closed:
                 if len(buf) == 1:
                     up.transport.write(buf[0])
+                elif up.tls:
+                    up.transport.write(b"".join(buf))
                 else:
                     up.transport.writelines(buf)
                 buf.clear()
@@ -364,6 +378,8 @@ class DownstreamConnection(asyncio.Protocol):
         if buf and not self.closed:
             if len(buf) == 1:
                 self.transport.write(buf[0])
+            elif self.tls:
+                self.transport.write(b"".join(buf))
             else:
                 self.transport.writelines(buf)
             buf.clear()
@@ -585,6 +601,7 @@ class DownstreamConnection(asyncio.Protocol):
         rest = self.early or b""
         self.early = None
         self.codec = RequestCodec(self, self.server.head_cache)
+        self.codec.conn = self
         self.sniff = b""
         self.phase = IDLE
         self.deadline = self.server.clock() + self.server.timeouts.idle

@@ -27,6 +27,7 @@ from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
 from proxy import local_reply
+from proxy.downstream import H2_PREFACE
 from proxy.h2_exchange import T_IDLE, H2Exchange
 from proxy.h2_link import Fields, H2Link, flush_touched
 from proxy.h2_pool import H2Pool
@@ -36,7 +37,9 @@ if TYPE_CHECKING:
     from proxy.pool import Pool, PoolPolicy
     from proxy.route_result import Peer
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# The HTTP/2 preface (defined beside the HTTP/1 sniffing that looks for it).
+PREFACE = H2_PREFACE
 
 
 class ResetBudget:

@@ -17,15 +17,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import re2
-
 if TYPE_CHECKING:
     from proxy.routing import RouteRule
 
 INDEX_MIN = 16
-
-_OPTIONS = re2.Options()
-_OPTIONS.log_errors = False
 
 
 class RuleIndex:
@@ -58,7 +53,7 @@ class RuleIndex:
                 self.prefixes.setdefault(p.value, []).append(i)
             elif p is not None and p.kind == "regex":
                 if regexes is None:
-                    regexes = re2.Set.FullMatchSet(_OPTIONS)
+                    regexes = _regex_set()
                 regexes.Add(p.value)
                 self.regex_rules.append(i)
             else:
@@ -107,3 +102,13 @@ class RuleIndex:
             f"regexes={len(self.regex_rules)} headers={len(self.header_names)} "
             f"always={len(self.always)}>"
         )
+
+
+def _regex_set() -> Any:
+    """An empty RE2 set of full-match patterns (RE2 imported only for Routes with regex
+    paths: proxy/routing.py says why)."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False
+    return re2.Set.FullMatchSet(options)

@@ -14,7 +14,13 @@ and a sidecar process that dies is restarted inside its container by `tether
 pod-sidecar`, so the namespace stays (a sidecar *container* restarted by hand comes back
 in a new namespace: restart the app with it). The app gets `HTTP_PROXY` to its
 sidecar and `NO_PROXY` for the loopback and the services outside the mesh. The
-registry and the control plane are added when the file has none.
+registry and the control plane are added when the file has none; the control plane
+added runs the mesh CA (its root key in a 0600 file of the named volume
+`tether-ca-keys`), so the sidecars get certificates and the hops between them are mTLS,
+as under `tether up`. Each sidecar's bootstrap credential for its CSR is the registry
+ACL token in `CONSUL_HTTP_TOKEN`, taken from the variable `TETHER_TOKEN_<SERVICE>`
+(compose interpolation, e.g. from `.env`; empty: a registry without ACLs, whose CA signs
+for the service the sidecar names).
 
 A service whose port cannot be told (no `ports`, no `expose`, no `--port`) gets an
 outbound-only sidecar (it calls the mesh; the mesh cannot call it) and a warning
@@ -33,6 +39,13 @@ from controlplane.inject.errors import InjectError
 REGISTRY = "tether-registry"
 CONTROLPLANE = "tether-controlplane"
 SIDECAR_SUFFIX = "-sidecar"
+CA_VOLUME = "tether-ca-keys"
+# A control plane's environment naming a CA (controlplane/ca/spec.py); without one its
+# CA is off and the sidecars speak plaintext.
+CA_VARIABLES = (
+    "TETHER_CA_KEY_DIR", "TETHER_CA_ENCRYPTION_KEY", "TETHER_CA_ENCRYPTION_KEY_FILE",
+    "TETHER_CA_CERT_FILE",
+)  # fmt: skip
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
 ADMIN_PORT = 15000
@@ -112,6 +125,12 @@ def _add_env(service: dict[str, Any], values: dict[str, str]) -> None:
         service["environment"] = new
 
 
+def token_variable(service: str) -> str:
+    """The compose variable holding `service`'s registry ACL token (its bootstrap
+    credential): `TETHER_TOKEN_` and the name in capitals, other characters as `_`."""
+    return "TETHER_TOKEN_" + "".join(c if c.isalnum() else "_" for c in service.upper())
+
+
 def _depends(service: dict[str, Any]) -> dict[str, Any]:
     deps = service.get("depends_on")
     if isinstance(deps, list):
@@ -171,7 +190,10 @@ def mesh_services(spec: ComposeSpec) -> dict[str, dict[str, Any]]:
         CONTROLPLANE: {
             "image": spec.image,
             "command": ["controlplane", "--host", "0.0.0.0", "--port", "15010"],
-            "environment": {"CONSUL_HTTP_ADDR": f"{REGISTRY}:8500"},
+            # The mesh CA: its root key in a 0600 file of a named volume. The push and
+            # CSR signing are on the TLS port (15012), which sidecars find by GET /api/v1.
+            "environment": {"CONSUL_HTTP_ADDR": f"{REGISTRY}:8500", "TETHER_CA_KEY_DIR": "/ca"},
+            "volumes": [f"{CA_VOLUME}:/ca"],
             "depends_on": {REGISTRY: {"condition": "service_healthy"}},
             "restart": "unless-stopped",
             "healthcheck": _healthcheck("http://127.0.0.1:15010/api/v1/health"),
@@ -220,7 +242,14 @@ def inject_compose(doc: Mapping[str, Any], spec: ComposeSpec) -> ComposeResult:
             out["volumes"] = volumes
         if REGISTRY in added_mesh:
             volumes.setdefault("tether-registry-data", None)
+        if CONTROLPLANE in added_mesh:
+            volumes.setdefault(CA_VOLUME, None)
         notes += [f"{n}: added" for n in added_mesh]
+    if CONTROLPLANE not in added_mesh and not _names_ca(svcs[CONTROLPLANE]):
+        warnings.append(
+            f"{CONTROLPLANE}: its environment names no CA (TETHER_CA_KEY_DIR, ...), so "
+            "its CA is off and the sidecars speak plaintext; see docs/identity.md"
+        )
 
     for name, port in apps.items():
         app = svcs[name]
@@ -239,7 +268,11 @@ def inject_compose(doc: Mapping[str, Any], spec: ComposeSpec) -> ComposeResult:
         sidecar: dict[str, Any] = {
             "image": spec.image,
             "command": command,
-            "environment": {"CONSUL_HTTP_ADDR": f"{REGISTRY}:8500"},
+            # The bootstrap credential of its CSR (empty: a registry without ACLs).
+            "environment": {
+                "CONSUL_HTTP_ADDR": f"{REGISTRY}:8500",
+                "CONSUL_HTTP_TOKEN": f"${{{token_variable(name)}:-}}",
+            },
             "restart": "unless-stopped",
             "stop_grace_period": f"{int(spec.drain_seconds) + 5}s",
             "healthcheck": _healthcheck(f"http://127.0.0.1:{ADMIN_PORT}/ready"),
@@ -268,6 +301,12 @@ def inject_compose(doc: Mapping[str, Any], spec: ComposeSpec) -> ComposeResult:
         else:
             notes.append(f"{name}: sidecar {sidecar_name} (app port {port})")
     return ComposeResult(out, notes, warnings)
+
+
+def _names_ca(service: Any) -> bool:
+    return isinstance(service, dict) and bool(
+        _env_names(service.get("environment")) & set(CA_VARIABLES)
+    )
 
 
 def is_compose(doc: Any) -> bool:
