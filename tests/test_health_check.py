@@ -269,24 +269,24 @@ async def test_an_instance_failing_its_health_path_stops_receiving_requests_then
     hc = {"path": "/healthz", "interval": "50ms", "timeout": "40ms",
           "unhealthyThreshold": 2, "healthyThreshold": 2}  # fmt: skip
     mesh = await make_mesh([a, b], {"healthCheck": hc})
-    closers.append(mesh.listener.aclose)
+    closers.append(mesh.aclose)
     assert (await mesh.request())[0] == 200  # the first request starts the checker
-    router = mesh.listener.proxy.router
+    router = mesh.outbound.proxy.router
     assert isinstance(router, OutboundRouter)
     checks = router.health_checks
-    await until(lambda: all(ep.check is not None for ep in mesh.cluster.endpoints), 10)
+    await until(lambda: all(ep.check is not None for ep in mesh.cluster("orders").endpoints), 10)
     a.sick = True
-    await until(lambda: not mesh.cluster.endpoints[0].healthy, 10)
+    await until(lambda: not mesh.cluster("orders").endpoints[0].healthy, 10)
     a.seen.clear()
     results = [await mesh.request() for _ in range(20)]
     assert [r[2] for r in results] == ["b"] * 20 and a.seen == []
-    text = mesh.listener.proxy.stats.render_prometheus()
+    text = mesh.stats.render_prometheus()
     assert 'tether_health_check_failing{destination="orders.default"} 1' in text
     assert 'tether_health_check_probes_total{destination="orders.default",result="failure"}' in (
         text
     )
     a.sick = False
-    await until(lambda: mesh.cluster.endpoints[0].healthy, 10)
+    await until(lambda: mesh.cluster("orders").endpoints[0].healthy, 10)
     results = [await mesh.request() for _ in range(20)]
     assert {r[2] for r in results} == {"a", "b"}
     # Health checks removed from the policy: the registry's word alone again, without
@@ -294,8 +294,8 @@ async def test_an_instance_failing_its_health_path_stops_receiving_requests_then
     spec = {"loadBalancer": {"policy": "round_robin"}}
     await mesh.policy.apply(snapshot(2, [doc("ServiceDefaults", "orders", spec)]))
     await until(lambda: checks.checkers == {}, 10)
-    assert all(ep.check is None for ep in mesh.cluster.endpoints)
+    assert all(ep.check is None for ep in mesh.cluster("orders").endpoints)
     # And back, again without a request.
     again = doc("ServiceDefaults", "orders", {**spec, "healthCheck": hc})
     await mesh.policy.apply(snapshot(3, [again]))
-    await until(lambda: all(ep.check is not None for ep in mesh.cluster.endpoints), 10)
+    await until(lambda: all(ep.check is not None for ep in mesh.cluster("orders").endpoints), 10)

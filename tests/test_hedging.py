@@ -138,7 +138,7 @@ async def raced(a: GatedBackend, b: GatedBackend) -> tuple[GatedBackend, GatedBa
 
 def hedge_metrics(mesh: Any) -> dict[str, float]:
     out = {}
-    for line in mesh.listener.proxy.stats.render_prometheus().splitlines():
+    for line in mesh.stats.render_prometheus().splitlines():
         if line.startswith("tether_hedges") and 'destination="orders.default"' in line:
             name, value = line.rsplit(" ", 1)
             out[name.split("{")[0] + name[name.find("reason=") :].rstrip("}")] = float(value)
@@ -150,7 +150,7 @@ async def test_the_hedges_head_first_wins_and_the_first_attempt_is_cut(
 ) -> None:
     a, b = await two(cleanup)
     mesh = await make_mesh([a, b], HEDGING)  # type: ignore[list-item]
-    cleanup.append(mesh.listener.aclose)
+    cleanup.append(mesh.aclose)
     pending = asyncio.ensure_future(mesh.request())
     # The first attempt goes to one; 20 ms later the hedge goes to the other.
     first, hedge = await raced(a, b)
@@ -159,7 +159,7 @@ async def test_the_hedges_head_first_wins_and_the_first_attempt_is_cut(
     await until(lambda: first.hung_up == 1, 10)  # its connection aborted, not pooled
     m = hedge_metrics(mesh)
     assert m["tether_hedges_total"] == 1 and m["tether_hedges_won_total"] == 1
-    ds = mesh.stats()
+    ds = mesh.destination("orders.default")
     assert ds.attempts == 2
     # The next requests find both backends' pools usable.
     first.gate.set()
@@ -171,7 +171,7 @@ async def test_the_first_attempts_head_first_wins_and_the_hedge_is_cancelled(
 ) -> None:
     a, b = await two(cleanup)
     mesh = await make_mesh([a, b], HEDGING)  # type: ignore[list-item]
-    cleanup.append(mesh.listener.aclose)
+    cleanup.append(mesh.aclose)
     pending = asyncio.ensure_future(mesh.request())
     first, hedge = await raced(a, b)
     first.gate.set()
@@ -186,7 +186,7 @@ async def test_posts_are_not_hedged_and_a_failed_first_attempt_waits_for_the_hed
 ) -> None:
     a, b = await two(cleanup)
     mesh = await make_mesh([a, b], HEDGING)  # type: ignore[list-item]
-    cleanup.append(mesh.listener.aclose)
+    cleanup.append(mesh.aclose)
     pending = asyncio.ensure_future(mesh.request("POST", b"order-1"))
     await until(lambda: len(a.seen) + len(b.seen) == 1, 10)
     a.gate.set()
@@ -203,7 +203,9 @@ async def test_posts_are_not_hedged_and_a_failed_first_attempt_waits_for_the_hed
     first, hedge = await raced(a, b)
     first.mode = "reset"
     first.gate.set()
-    await until(lambda: mesh.stats().attempts == 3, 10)  # the POST's, then these two
+    await until(
+        lambda: mesh.destination("orders.default").attempts == 3, 10
+    )  # the POST's, then these two
     hedge.gate.set()
     assert await pending == (200, "", hedge.name)
     assert len(first.seen) == 1  # not retried meanwhile
@@ -214,7 +216,7 @@ async def test_no_hedge_past_the_budget(cleanup: list[Callable[[], Any]]) -> Non
     policy = {"hedging": {"delay": "20ms"},
               "retries": {"budget": {"ratio": 0, "minPerSecond": 0}}}  # fmt: skip
     mesh = await make_mesh([a, b], policy)  # type: ignore[list-item]
-    cleanup.append(mesh.listener.aclose)
+    cleanup.append(mesh.aclose)
     pending = asyncio.ensure_future(mesh.request())
     await until(lambda: hedge_metrics(mesh).get('tether_hedges_refused_totalreason="budget"'), 10)
     a.gate.set()
