@@ -271,6 +271,13 @@ class SampledTrace:
         if lt.listener == "inbound":
             attrs["tether.destination.service"] = tracing.service
             attrs["tether.destination.namespace"] = tracing.namespace
+            # The caller, from its verified mTLS identity (never from a header); a
+            # plaintext caller has none and the attributes are left out.
+            source = ex.conn.peer.source
+            if source:
+                name, _, ns = source.rpartition(".")
+                attrs["tether.source.service"] = name
+                attrs["tether.source.namespace"] = ns
         else:
             attrs["tether.source.service"] = tracing.service
             attrs["tether.source.namespace"] = tracing.namespace
