@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from proxy.egress import EgressGuard
     from proxy.h2_downstream import H2Front
     from proxy.pool import Pool
-    from proxy.tracing import ListenerTracing
+    from proxy.trace_context import ListenerTracing
 
 # Route answers and CONNECT dials in flight (held so they are not garbage-collected).
 _TASKS: set[asyncio.Task[None]] = set()
