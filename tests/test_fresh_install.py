@@ -68,9 +68,11 @@ def run_until_ready(argv: list[str], cwd: Path, log: Path) -> tuple[int, str]:
             start_new_session=True,
         )  # fmt: skip
     try:
+        # `make up` on a fresh copy first compiles the per-request modules (mypyc): on a
+        # slow or busy machine that alone can take minutes, so the bound is generous.
         poll(
             lambda: "tether up: ready" in log.read_text() or proc.poll() is not None,
-            120,
+            480,
             "tether up ready",
             interval=0.2,
         )

@@ -503,7 +503,10 @@ class FlakyApp:
                     if not head.startswith(b"GET /health"):
                         self.served += 1
                         self.seen.append(head)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    try:
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    except OSError:
+                        return  # the sidecar gave up on this connection first
 
     def close(self) -> None:
         self.sock.close()
