@@ -12,7 +12,8 @@ it is worth against nginx.
 
     .venv/bin/python -m bench.hop_bench [--hop outbound|inbound] [--policy NAME[+locality]]
                                          [--count 50000] [--rounds 7] [--profile]
-                                         [--instructions] [--unique-ids | --realistic]
+                                         [--instructions] [--unique-ids | --realistic
+                                                            | --new-traces]
                                          [--no-retries] [--authz none|l4|l7] [--tracing RATIO]
 
 `--authz` (inbound hop): the service's intentions checked before routing, for a caller
@@ -20,7 +21,10 @@ with a SPIFFE ID: `l4` an intention allowing it (decided once per connection), `
 allowing GET on a path prefix and a header (matched per request).
 
 `--realistic`: every request has its own path, X-Request-Id, cookie and a caller's
-unsampled `traceparent` (flag 00). `--tracing RATIO`: tracing on (proxy/tracing.py),
+unsampled `traceparent` (flag 00). `--new-traces`: the same, but only every other
+request carries that `traceparent` and the others none (what `make bench`'s tracing rows
+send: with tracing on, those start a trace here, sampled at the ratio with a seeded draw).
+`--tracing RATIO`: tracing on (proxy/tracing.py),
 parent-based, RATIO of new traces sampled; spans go to the SDK's batch processor with an
 exporter that discards them (the OTLP export runs on the processor's thread and is
 measured end to end by `make bench`).
