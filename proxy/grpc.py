@@ -56,6 +56,27 @@ _BY_HTTP: dict[int, int] = {
     503: UNAVAILABLE,
     504: UNAVAILABLE,
 }
+# A gRPC status as the HTTP status it stands for, to outlier detection (Envoy's
+# Grpc::Utility::grpcToHttpStatus): UNAVAILABLE counts as a 503, and so on.
+_TO_HTTP: dict[int, int] = {
+    OK: 200,
+    CANCELLED: 499,
+    UNKNOWN: 500,
+    3: 400,  # INVALID_ARGUMENT
+    DEADLINE_EXCEEDED: 504,
+    5: 404,  # NOT_FOUND
+    6: 409,  # ALREADY_EXISTS
+    PERMISSION_DENIED: 403,
+    RESOURCE_EXHAUSTED: 429,
+    9: 400,  # FAILED_PRECONDITION
+    10: 409,  # ABORTED
+    11: 400,  # OUT_OF_RANGE
+    UNIMPLEMENTED: 501,
+    INTERNAL: 500,
+    UNAVAILABLE: 503,
+    15: 500,  # DATA_LOSS
+    UNAUTHENTICATED: 401,
+}
 # grpc-timeout units (the protocol: at most 8 digits, then one of these).
 _UNITS: dict[int, float] = {
     ord("H"): 3600.0,
@@ -80,6 +101,20 @@ def status_for(reason: str, http_status: int) -> int:
     if code is not None:
         return code
     return _BY_HTTP.get(http_status, UNKNOWN)
+
+
+def http_status(code: int) -> int:
+    """The HTTP status a gRPC status stands for (500 for a code gRPC does not define)."""
+    return _TO_HTTP.get(code, 500)
+
+
+def status_of(fields: list[tuple[bytes, bytes]] | None) -> int:
+    """The `grpc-status` in a HEADERS block (trailers, or a Trailers-Only response), -1
+    when it has none, UNKNOWN when it is not a number."""
+    for name, value in fields or ():
+        if name == b"grpc-status":
+            return int(value) if value.isdigit() and len(value) < 4 else UNKNOWN
+    return -1
 
 
 def parse_timeout(value: bytes) -> float | None:

@@ -33,7 +33,7 @@ from proxy.h2_pool import H2Pool
 
 if TYPE_CHECKING:
     from proxy.downstream import ProxyServer
-    from proxy.pool import Pool
+    from proxy.pool import Pool, PoolPolicy
     from proxy.route_result import Peer
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -111,6 +111,17 @@ class H2Front:
                 name=pool.name,
                 guard=pool.guard,
                 tls=tls,
+            )
+        return h2pool
+
+    def shadow_pool(self, host: str, port: int, tls: Any, policy: PoolPolicy) -> H2Pool:
+        """The HTTP/2 pool to a mirror's shadow endpoint (proxy/h2_mirror.py): plain h2c,
+        or the mesh's mTLS (`tls`, ALPN h2) as the stream's own hops."""
+        key = (host, port, id(tls))
+        h2pool = self.pools.get(key)
+        if h2pool is None:
+            h2pool = self.pools[key] = H2Pool(
+                host, port, policy, name=f"shadow/{host}:{port}", tls=tls
             )
         return h2pool
 

@@ -22,6 +22,13 @@ States: ROUTING → CONNECTING → SENDING → RESPONDING → ENDED.
 | response trailers / end | RESPONDING | relay; end: completed (with grpc-status) |
 | upstream reset | SENDING, RESPONDING | no response yet: local reply (502, gRPC 14); else reset |
 | client reset, deadline | any but ENDED | reset the upstream stream; end |
+| retried failure | CONNECTING, SENDING | new attempt after a backoff (proxy/h2_retry.py) |
+
+A route with a resilience policy gives the stream an `H2Retry` (proxy/h2_retry.py):
+connect failures, resets and refusals, per-try timeouts and response heads (or a gRPC
+status) its policy retries start a new attempt instead of ending the stream, as long
+as nothing of the response was relayed; a gRPC response head may be held (`held`)
+until its first message or its status for that.
 
 Back-pressure is the windows': bytes received on one side open the other side's
 stream window only once they were framed out (`on_sent`), so each direction of each
@@ -44,8 +51,10 @@ from h2.errors import ErrorCodes
 
 from proxy import grpc, local_reply
 from proxy import outcome as outcomes
+from proxy import retry as retries
 from proxy.h2_link import Fields, flush_touched
 from proxy.h2_pool import H2PoolOverflowError
+from proxy.h2_retry import H2Retry
 from proxy.heads import RequestHead
 from proxy.outcome import Outcome
 
@@ -121,9 +130,13 @@ class _UpstreamSide:
 
     def on_sent(self, size: int) -> None:
         # Request bytes went upstream: the client may send as much again (unless its
-        # request is complete: no window is owed on a stream that sends no more).
+        # request is complete: no window is owed on a stream that sends no more). A
+        # retry's replayed bytes were credited on their first attempt.
         ex = self.ex
-        if not ex.req_done:
+        rt = ex.rt
+        if rt is not None:
+            size = rt.on_sent(size)
+        if not ex.req_done and size:
             ex.conn.open_window(ex.sid, size)
             ex.conn.touch()
 
@@ -138,6 +151,8 @@ class H2Exchange:
         "deadline",
         "grpc",
         "head",
+        "held",
+        "mirror",
         "outcome",
         "pool",
         "progress",
@@ -145,6 +160,7 @@ class H2Exchange:
         "req_trailers",
         "retried",
         "route",
+        "rt",
         "seen_progress",
         "sid",
         "start",
@@ -172,6 +188,11 @@ class H2Exchange:
         self.req_done = end
         self.retried = False
         self.status = 0
+        # The route's resilience (proxy/h2_retry.py), when it has a policy.
+        self.rt: H2Retry | None = None
+        # A gRPC response head held until its first message or its status (retries).
+        self.held: Fields | None = None
+        self.mirror: Any = None  # the request's copy for a shadow (proxy/mirror.py)
         front = conn.front
         self.start = now = front.clock()
         self.timer = T_IDLE
@@ -253,8 +274,38 @@ class H2Exchange:
         if result.tunnel is not None:
             self.local_reply(local_reply.NOT_IMPLEMENTED, "tunnels over HTTP/2")
             return
-        front = self.conn.front
-        h2pool: StreamPool | None = front.pool_for(pool)
+        res = result.resilience
+        rt = None
+        if res is not None:
+            rt = H2Retry(self, res)
+            if not rt.admit():
+                return  # a breaker refused it: answered overflow
+            self.rt = rt
+        if self.timer == T_REQUEST and result.request_timeout:
+            self.deadline = self.start + result.request_timeout
+        tap = result.mirror
+        if tap is not None:
+            from proxy.h2_mirror import h2_copy
+
+            self.mirror = h2_copy(self, tap)
+        if rt is not None:
+            rt.attempt_started(result, self.start)
+        else:
+            ep, tracker = result.endpoint, result.tracker
+            if ep is not None and tracker is not None:
+                tracker.on_start(ep, self.start)
+            ds = result.dstats
+            if ds is not None:
+                ds.attempts += 1  # one attempt (a route without a retry policy)
+        self._connect(result)
+        if rt is not None and self.state in (CONNECTING, SENDING):
+            rt.arm_try()
+
+    def _connect(self, result: RouteResult) -> None:
+        """One attempt: a stream from the HTTP/2 pool of the route's endpoint."""
+        pool = result.pool
+        assert pool is not None
+        h2pool: StreamPool | None = self.conn.front.pool_for(pool)
         if h2pool is None:
             # That upstream speaks HTTP/1.1 (an app whose protocol is http): the stream
             # goes as one HTTP/1.1 request on the ordinary pool.
@@ -262,14 +313,6 @@ class H2Exchange:
 
             h2pool = H1Bridge(self, pool)
         self.pool = h2pool
-        ep, tracker = result.endpoint, result.tracker
-        if ep is not None and tracker is not None:
-            tracker.on_start(ep, self.start)
-        ds = result.dstats
-        if ds is not None:
-            ds.attempts += 1  # one attempt per stream (no retries over HTTP/2 yet)
-        if self.timer == T_REQUEST and result.request_timeout:
-            self.deadline = self.start + result.request_timeout
         self.state = CONNECTING
         try:
             up = h2pool.acquire(self)
@@ -279,6 +322,67 @@ class H2Exchange:
             return
         if up is not None:
             self.on_h2_ready(up)
+
+    # -- retries (proxy/h2_retry.py drives them) ----------------------------------------
+
+    def waiting_for_head(self) -> bool:
+        """An attempt is out and no response head came yet (the per-try timeout runs)."""
+        return self.state in (CONNECTING, SENDING) and self.held is None and self.pool is not None
+
+    def waiting_for_retry(self) -> bool:
+        return self.state == CONNECTING and self.pool is None
+
+    def abandon(self) -> None:
+        """Give up the attempt's upstream stream (its response is not relayed)."""
+        self.held = None
+        up = self.upstream
+        if up is None:
+            return
+        self.upstream = None
+        usid = self.usid
+        up.finished_receiving(usid)  # when the upstream ended its side already
+        up.reset(usid, ErrorCodes.CANCEL)
+        up.touch()
+
+    def await_retry(self) -> None:
+        """The failed attempt is over; the next goes after the backoff (`start_attempt`)."""
+        self.state = CONNECTING
+        self.status = 0
+        self.pool = None
+        self.body = []  # what arrives meanwhile is kept in the replay
+
+    def start_attempt(self, route: RouteResult, now: float) -> None:
+        rt = self.rt
+        assert rt is not None
+        if rt.replay is None:
+            # The body outgrew the buffer while the retry waited: it cannot be sent again.
+            self._reply(outcomes.Reset, local_reply.UPSTREAM_RESET, "the request body is too "
+                        "large to send again")  # fmt: skip
+            return
+        self.route = route
+        self.body = list(rt.replay)
+        rt.attempt_started(route, now)
+        self._connect(route)
+        if self.state in (CONNECTING, SENDING):
+            rt.arm_try()
+
+    def budget_reply(self, failed: Outcome, message: str) -> None:
+        """A failure not retried because the budget is spent: `retry_budget_exhausted`
+        (a gRPC caller gets the gRPC status its upstream gave, if any)."""
+        code = failed.grpc_status if failed.grpc_status > 0 else None
+        status = failed.status if failed.status >= 500 else 503
+        self._reply(
+            outcomes.LocalReply,
+            local_reply.RETRY_BUDGET_EXHAUSTED,
+            message,
+            status=status,
+            grpc_code=code,
+        )
+        self.conn.touch()
+
+    def flush_all(self) -> None:
+        self.conn.flush()
+        flush_touched()
 
     def _upstream_headers(self) -> Fields:
         head = self.head
@@ -315,7 +419,18 @@ class H2Exchange:
         self.upstream = up
         body = self.body
         end_now = self.req_done and not body and self.req_trailers is None
-        self.usid = usid = up.open_stream(self.up_side, self._upstream_headers(), end_now)
+        rt = self.rt
+        if rt is None:
+            headers = self._upstream_headers()
+        else:
+            rt.sent = 0
+            first = rt.headers
+            if first is None:
+                first = rt.headers = self._upstream_headers()
+            headers = first
+            if rt.attempt > 1:
+                headers = [*headers, (b"x-tether-attempt", b"%d" % rt.attempt)]
+        self.usid = usid = up.open_stream(self.up_side, headers, end_now)
         if body:
             self.body = []
             for i, chunk in enumerate(body):
@@ -328,6 +443,13 @@ class H2Exchange:
     def on_h2_failed(self, reason: str, message: str) -> None:
         if self.state != CONNECTING:
             return
+        rt = self.rt
+        if rt is not None:
+            code = local_reply.REPLIES.get(reason, (502, ""))[0]
+            failed = outcomes.local(outcomes.ConnectFailure, reason, code)
+            if rt.retry(retries.F_CONNECT, failed, message):
+                self.conn.touch()
+                return
         self._reply(outcomes.ConnectFailure, reason, message)
         self.conn.touch()
 
@@ -349,6 +471,15 @@ class H2Exchange:
         if end:
             self.req_done = True
             self._arm_request_timeout()
+        rt = self.rt
+        if rt is not None:
+            rt.keep(data)
+        mirror = self.mirror
+        if mirror is not None:
+            self.mirror = mirror.feed(data) if data else mirror
+            if end and self.mirror is not None:
+                self.mirror.send()
+                self.mirror = None
         up = self.upstream
         if up is None:
             if data:
@@ -363,9 +494,14 @@ class H2Exchange:
             return
         self.req_done = True
         self._arm_request_timeout()
+        mirror = self.mirror
+        if mirror is not None:
+            self.mirror = None
+            mirror.send()
         up = self.upstream
+        if up is None or self.rt is not None:
+            self.req_trailers = headers  # kept for a retry, too
         if up is None:
-            self.req_trailers = headers
             return
         up.send_trailers(self.usid, headers)
         up.touch()
@@ -406,6 +542,28 @@ class H2Exchange:
                 break
         if status < 200:
             return  # 1xx: h2 reports them apart; nothing to relay
+        rt = self.rt
+        if rt is not None:
+            rt.cancel_timer()
+            failure = rt.response_failure(headers, status, end)
+            if failure:
+                failed: Outcome = outcomes.completed(status)
+                if self.grpc:
+                    failed = outcomes.with_grpc(failed, grpc.status_of(headers))
+                if rt.retry(failure, failed, f"the upstream answered {status}"):
+                    return
+            elif self.grpc and not end and rt.spec is not None and rt.spec.reads_grpc:
+                # Held until the first message or the status: a status that comes
+                # before any message may still be retried.
+                self.held = headers
+                self.status = status
+                self.timer = T_IDLE
+                self.deadline = self.conn.front.clock() + self.conn.front.timeouts.idle
+                return
+        self._relay_head(headers, status, end)
+
+    def _relay_head(self, headers: Fields, status: int, end: bool) -> None:
+        self.held = None
         self.status = status
         self.state = RESPONDING
         self.timer = T_IDLE
@@ -425,7 +583,10 @@ class H2Exchange:
 
     def on_response_data(self, data: bytes, end: bool) -> None:
         if self.state != RESPONDING:
-            return
+            held = self.held
+            if held is None or self.state != SENDING:
+                return
+            self._relay_head(held, self.status, False)  # a message: the call is committed
         self.progress += 1
         conn = self.conn
         if end:
@@ -441,7 +602,17 @@ class H2Exchange:
 
     def on_response_trailers(self, headers: Fields) -> None:
         if self.state != RESPONDING:
-            return
+            held = self.held
+            if held is None or self.state != SENDING:
+                return
+            code = grpc.status_of(headers)
+            rt = self.rt
+            if rt is not None and rt.spec is not None and code > 0 and rt.spec.retriable_grpc(code):
+                failed = outcomes.with_grpc(outcomes.completed(self.status), code)
+                # The stream ended upstream: abandon() closes it on our side.
+                if rt.retry(retries.F_GRPC, failed, f"the upstream's grpc-status was {code}"):
+                    return
+            self._relay_head(held, self.status, False)
         self.conn.send_trailers(self.sid, headers)
         self.conn.touch()
         self._completed(headers)
@@ -468,6 +639,15 @@ class H2Exchange:
             return
         self.upstream = None
         if self.state < RESPONDING:
+            self.held = None
+            rt = self.rt
+            if rt is not None and self.state == SENDING:
+                refused = code == ErrorCodes.REFUSED_STREAM
+                failure = retries.F_REFUSED if refused else retries.F_RESET
+                failed = outcomes.local(outcomes.Reset, local_reply.UPSTREAM_RESET, 502)
+                if rt.retry(failure, failed, message):
+                    self.conn.touch()
+                    return
             if code == ErrorCodes.REFUSED_STREAM and self.state == SENDING and self._may_retry():
                 return
             self._reply(outcomes.Reset, local_reply.UPSTREAM_RESET, message)
@@ -561,13 +741,15 @@ class H2Exchange:
         *,
         status: int | None = None,
         extra: tuple[tuple[bytes, bytes], ...] = (),
+        grpc_code: int | None = None,
     ) -> None:
         if self.state >= RESPONDING:
             self.conn.reset(self.sid, ErrorCodes.INTERNAL_ERROR)
             self.end(outcomes.local(outcomes.Reset, reason, 0))
             return
         code = status if status is not None else local_reply.REPLIES.get(reason, (500, ""))[0]
-        self.end(self._answered(kind, reason, self._render(reason, message, code, extra)))
+        rendered = self._render(reason, message, code, extra, grpc_code)
+        self.end(self._answered(kind, reason, rendered))
 
     def _answered(self, kind: type[Outcome], reason: str, grpc_code: int | None) -> Outcome:
         out = outcomes.local(kind, reason, self.status)
@@ -579,13 +761,16 @@ class H2Exchange:
         message: str | None,
         code: int,
         extra: tuple[tuple[bytes, bytes], ...] = (),
+        grpc_code: int | None = None,
     ) -> int | None:
         """Write a local reply on the stream: a gRPC error to a gRPC caller (its code is
-        returned), else JSON."""
+        returned; `grpc_code` when given, else the reason's), else JSON."""
         text = message or local_reply.REPLIES.get(reason, (500, "internal error"))[1]
         conn, sid = self.conn, self.sid
         if self.grpc:
             headers = grpc.reply_headers(reason, text, code)
+            if grpc_code is not None:
+                headers[2] = (b"grpc-status", b"%d" % grpc_code)
             conn.send_headers(sid, headers + [(n.lower(), v) for n, v in extra], True)
             self.status = 200
             return int(headers[2][1])
@@ -619,11 +804,16 @@ class H2Exchange:
         now = front.clock()
         route = self.route
         ds = None
+        self.mirror = None  # a request not received whole is not mirrored
         if route is not None:
             latency = now - self.start
-            ep, tracker = route.endpoint, route.tracker
-            if ep is not None and tracker is not None and self.pool is not None:
-                tracker.on_end(ep, now, latency, outcome.ok)
+            rt = self.rt
+            if rt is not None:
+                rt.release(outcome, now, self.pool is not None)
+            else:
+                ep, tracker = route.endpoint, route.tracker
+                if ep is not None and tracker is not None and self.pool is not None:
+                    tracker.on_end(ep, now, latency, outcome.ok)
             ds = route.dstats
             if ds is not None:
                 ds.record(outcome.status, latency)

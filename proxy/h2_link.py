@@ -23,9 +23,12 @@ the `h2` library's (sans-IO); this module only moves bytes and events:
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 from collections import deque
 from typing import Any, Protocol
 
+from h2 import __version__ as h2_version
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -74,21 +77,71 @@ def flush_touched() -> None:
         link.flush()
 
 
+# Graceful GOAWAY. `h2` (up to 4.4 at least, python-hyper/h2 issue #1181, open) moves its
+# whole state machine to CLOSED at any GOAWAY, sent or received, and has no public way
+# to keep the streams a graceful one covers. A NO_ERROR GOAWAY from a peer (another
+# sidecar draining, a gRPC server stopping) would cut every stream in flight. The one
+# way in is `H2Connection._receive_goaway_frame(frame)`, a private method: it is
+# replaced below only on `h2` releases where that method was checked to exist with that
+# signature and to return (frames, events), the releases in `H2_VERIFIED` (the tests
+# in tests/test_h2.py run against the installed one). On any other release the
+# sidecar keeps `h2`'s own behaviour (streams cut at a peer's GOAWAY), says so once in
+# its log, and `GRACEFUL_GOAWAY` is False. Sending is public API: the graceful GOAWAY
+# the sidecar writes itself is a `hyperframe` frame (`H2Link.send_goaway`).
+H2_VERIFIED: tuple[tuple[int, int], tuple[int, int]] = ((4, 1), (4, 4))
+
+
+def goaway_support(version: str, cls: type, verified: tuple[Any, Any] = H2_VERIFIED) -> str:
+    """ "" when the override of `cls._receive_goaway_frame` fits `h2` `version`, else why
+    not (a pure check: the version and the class are arguments)."""
+    parts = version.split(".")
+    try:
+        release = (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        return f"h2 {version!r}: not a release number"
+    low, high = verified
+    if not low <= release <= high:
+        return f"h2 {version} is not among the releases verified ({low} to {high})"
+    method = getattr(cls, "_receive_goaway_frame", None)
+    if method is None:
+        return f"h2 {version} has no _receive_goaway_frame"
+    try:
+        params = list(inspect.signature(method).parameters)
+    except (TypeError, ValueError):
+        return f"h2 {version}: _receive_goaway_frame has no readable signature"
+    if params != ["self", "frame"]:
+        return f"h2 {version}: _receive_goaway_frame takes {params}, not (self, frame)"
+    return ""
+
+
+GOAWAY_SUPPORT = goaway_support(h2_version, H2Connection)
+GRACEFUL_GOAWAY = not GOAWAY_SUPPORT
+if GOAWAY_SUPPORT:
+    logging.getLogger(__name__).warning(
+        "%s: a peer's graceful GOAWAY ends the HTTP/2 streams in flight", GOAWAY_SUPPORT
+    )
+
+
 class GracefulH2Connection(H2Connection):
     """`h2`'s connection, except that a graceful GOAWAY (NO_ERROR, RFC 9113 6.8) lets the
-    streams it covers finish: `h2` closes its whole state machine at any GOAWAY, which
-    would cut every stream in flight when a peer (another sidecar draining, a gRPC
-    server stopping) shuts down politely. New streams are refused by `H2Link` itself
-    (`goaway`)."""
+    streams it covers finish (where `GRACEFUL_GOAWAY`: see above). New streams are
+    refused by `H2Link` itself (`goaway`)."""
 
-    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Event]]:
-        if frame.error_code:
-            return super()._receive_goaway_frame(frame)
-        event = ConnectionTerminated()
-        event.error_code = ErrorCodes.NO_ERROR
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
+
+def _receive_goaway_frame(
+    self: H2Connection, frame: GoAwayFrame
+) -> tuple[list[Frame], list[Event]]:
+    if frame.error_code:
+        return H2Connection._receive_goaway_frame(self, frame)
+    event = ConnectionTerminated()
+    event.error_code = ErrorCodes.NO_ERROR
+    event.last_stream_id = frame.last_stream_id
+    event.additional_data = frame.additional_data or None
+    return [], [event]
+
+
+if GRACEFUL_GOAWAY:
+    setattr(GracefulH2Connection, "_receive_goaway_frame", _receive_goaway_frame)  # noqa: B010
 
 
 def _after_close(e: ProtocolError) -> bool:

@@ -58,13 +58,15 @@ class MirrorSender:
         self.max_in_flight = max_in_flight
         self.timeout = timeout
         self.tasks: set[asyncio.Task[None]] = set()
+        # Copies of HTTP/2 streams in flight (proxy/h2_mirror.py), bounded with the tasks.
+        self.streams: set[object] = set()
         self.counts = {"sent": 0, "failed": 0, "too_large": 0, "busy": 0, "no_endpoint": 0}
 
     def tap(self, mirror: Mirror) -> MirrorTap:
         return MirrorTap(self, mirror)
 
     def launch(self, copy: MirrorCopy) -> None:
-        if len(self.tasks) >= self.max_in_flight:
+        if len(self.tasks) + len(self.streams) >= self.max_in_flight:
             self.counts["busy"] += 1
             return
         target = self.pick(copy.mirror)

@@ -42,6 +42,38 @@ _BITS: Final = {
     "retriable-status-codes": RETRIABLE_STATUS,
     "retriable-headers": RETRIABLE_HEADERS,
 }
+# gRPC conditions (Envoy's names): the call's grpc-status, read from a Trailers-Only
+# response or from trailers that came before any message was relayed (HTTP/2 streams,
+# proxy/h2_retry.py). Bits apart from the HTTP ones, so `retriable` never sees them.
+GRPC_CANCELLED: Final = 128
+GRPC_DEADLINE_EXCEEDED: Final = 256
+GRPC_INTERNAL: Final = 512
+GRPC_RESOURCE_EXHAUSTED: Final = 1024
+GRPC_UNAVAILABLE: Final = 2048
+GRPC_ANY: Final = (
+    GRPC_CANCELLED
+    | GRPC_DEADLINE_EXCEEDED
+    | GRPC_INTERNAL
+    | GRPC_RESOURCE_EXHAUSTED
+    | GRPC_UNAVAILABLE
+)
+_BITS.update(
+    {
+        "cancelled": GRPC_CANCELLED,
+        "deadline-exceeded": GRPC_DEADLINE_EXCEEDED,
+        "internal": GRPC_INTERNAL,
+        "resource-exhausted": GRPC_RESOURCE_EXHAUSTED,
+        "unavailable": GRPC_UNAVAILABLE,
+    }
+)
+# grpc-status codes (the gRPC protocol's) → their retryOn bit.
+_GRPC_BITS: Final = {
+    1: GRPC_CANCELLED,
+    4: GRPC_DEADLINE_EXCEEDED,
+    8: GRPC_RESOURCE_EXHAUSTED,
+    13: GRPC_INTERNAL,
+    14: GRPC_UNAVAILABLE,
+}
 # Why a retry was refused (or "" when it goes ahead): counted per destination.
 NO_ATTEMPTS_LEFT: Final = "attempts"
 NO_OTHER_ENDPOINT: Final = "no_other_endpoint"
@@ -61,6 +93,7 @@ F_RESET: Final = 2  # the connection broke before a response head
 F_TIMEOUT: Final = 3  # the per-try timeout fired before a response head
 F_STATUS: Final = 4  # a response head with a status (and headers) the policy may retry
 F_REFUSED: Final = 5  # the next hop said it did not process the request (see `remote`)
+F_GRPC: Final = 6  # a gRPC call's grpc-status the policy may retry (`retriable_grpc`)
 
 # Local-reply reasons of a remote sidecar (its `x-tether-error`) that say the request
 # never reached its application (as HTTP/2's REFUSED_STREAM: safe to send again, for
@@ -148,6 +181,17 @@ class RetrySpec:
         if on & RETRIABLE_HEADERS and header_names is not None:
             return not self.headers.isdisjoint(header_names)
         return False
+
+    def retriable_grpc(self, code: int) -> bool:
+        """Whether `retryOn` names the gRPC status `code` (cancelled, deadline-exceeded,
+        internal, resource-exhausted, unavailable)."""
+        return bool(self.on & _GRPC_BITS.get(code, 0))
+
+    @property
+    def reads_grpc(self) -> bool:
+        """Whether `retryOn` names a gRPC status (then a gRPC response waits for its
+        status before it is relayed, proxy/h2_retry.py)."""
+        return bool(self.on & GRPC_ANY)
 
     @property
     def reads_headers(self) -> bool:

@@ -38,6 +38,7 @@ class H2App:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.status = b"200"  # what every response says (a test may make an app fail)
         self.streams = 0
         self.connections = 0
         self.resets = 0
@@ -97,7 +98,7 @@ class H2App:
             conn.send_headers(
                 sid,
                 [
-                    (b":status", b"200"),
+                    (b":status", self.status),
                     (b"x-app", self.name.encode()),
                     (b"x-seen-authority", head.get(b":authority", b"")),
                     (b"x-seen-xff", head.get(b"x-forwarded-for", b"")),

@@ -708,3 +708,62 @@ async def test_drain_says_goaway_and_lets_streams_in_flight_finish(mesh: H2Mesh)
         assert client.goaway is not None and client.goaway.error_code == ErrorCodes.NO_ERROR
     finally:
         await client.aclose()
+
+
+async def test_an_upstream_graceful_goaway_lets_its_stream_in_flight_finish() -> None:
+    # A raw HTTP/2 server: takes stream 1, says GOAWAY (NO_ERROR, last stream 1), then
+    # answers stream 1. h2 alone would close the connection at the GOAWAY and cut it.
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(len(PREFACE))
+        while True:
+            head = await reader.readexactly(9)
+            await reader.readexactly(int.from_bytes(head[:3], "big"))
+            if head[3] == 1:  # HEADERS: the request
+                break
+        stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+        block = Encoder().encode([(b":status", b"200"), (b"content-length", b"4")])
+        writer.write(
+            _frame(4, 0, 0, b"")
+            + _frame(7, 0, 0, struct.pack(">II", stream, 0))
+            + _frame(1, 0x4, stream, block)
+            + _frame(0, 0x1, stream, b"done")
+        )
+        await writer.drain()
+        await reader.read()  # until the sidecar closes the connection
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    app_port = server.sockets[0].getsockname()[1]
+    inbound = await start_inbound(app_port, stats=ProxyStats(), port=0, app_protocol="http2")
+    client = await H2Client().connect(inbound.port)
+    try:
+        r = await client.request("/x", "app")
+        assert r.status == 200 and bytes(r.body) == b"done"
+        # The pooled connection took no new stream after the GOAWAY and closed.
+        await until(
+            lambda: all(not p.conns for p in inbound.proxy.h2.pools.values()),  # type: ignore[union-attr]
+            what="the upstream connection closed",
+        )
+    finally:
+        await client.aclose()
+        await inbound.aclose()
+        server.close()
+
+
+def test_the_goaway_override_is_checked_against_the_h2_release() -> None:
+    from h2.connection import H2Connection
+
+    from proxy import h2_link
+
+    assert h2_link.goaway_support("4.4.1", H2Connection) == ""
+    assert "not among the releases verified" in h2_link.goaway_support("5.0.0", H2Connection)
+    assert "not a release number" in h2_link.goaway_support("dev", H2Connection)
+
+    class Changed:
+        def _receive_goaway_frame(self, frame: object, extra: object) -> None: ...
+
+    assert "not (self, frame)" in h2_link.goaway_support("4.4.0", Changed)
+    assert "has no _receive_goaway_frame" in h2_link.goaway_support("4.2.0", object)
+    # On this (verified) release the connection class has the override.
+    assert h2_link.GRACEFUL_GOAWAY
+    assert "_receive_goaway_frame" in vars(h2_link.GracefulH2Connection)

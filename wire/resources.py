@@ -296,6 +296,12 @@ RetryOn = Literal[
     "gateway-error",
     "retriable-status-codes",
     "retriable-headers",
+    # gRPC calls (HTTP/2 streams), by grpc-status, as Envoy's retry_on names them.
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
 ]
 RETRY_ON_DEFAULT: tuple[RetryOn, ...] = ("connect-failure", "refused-stream", "reset")
 
@@ -329,7 +335,8 @@ class RetryPolicy:
     )
     retry_on: tuple[RetryOn, ...] = spec_field(
         "What is retried: connect-failure, refused-stream, reset, 5xx, gateway-error "
-        "(502, 503, 504), retriable-status-codes, retriable-headers.",
+        "(502, 503, 504), retriable-status-codes, retriable-headers; for gRPC calls by "
+        "grpc-status: cancelled, deadline-exceeded, internal, resource-exhausted, unavailable.",
         default=RETRY_ON_DEFAULT,
     )
     retriable_status_codes: tuple[int, ...] = spec_field(
