@@ -5,7 +5,9 @@ the build) and by the wheel build (hatch_build.py). Without a C compiler, Python
 headers or mypyc it says so and leaves the pure-Python modules to run: everything works
 that way, only slower. proxy/build_info.py decides at import which build runs and
 refuses a compiled build whose sources changed since it was made; `--clean` removes
-the extensions and the record (pure Python from then on).
+the extensions and the record (pure Python from then on). `--check` (CI, after the
+tests) fails when a C compiler is there but the build a sidecar would run is the
+pure-Python one: a compile that failed falls back silently and every test still passes.
 """
 
 from __future__ import annotations
@@ -94,12 +96,36 @@ def compile_in_place(opt_level: str = "3") -> None:
     RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
+def check(root: Path = ROOT, toolchain: str | None = None) -> tuple[bool, str]:
+    """Whether the build a sidecar would run here is the one it should: compiled wherever
+    it can be built (`toolchain`: what `missing_toolchain()` says, None when there is
+    one). TETHER_PURE is not looked at: it is asked for, never a silent fall-back."""
+    build = decide({}, root)
+    if build.compiled:
+        return True, f"proxy.build: the sidecar runs the {build.line()} build"
+    if toolchain is not None:
+        return True, f"proxy.build: {toolchain}: the pure-Python build runs, as it must here"
+    return False, (
+        f"proxy.build: a C compiler is here but the sidecar would run the {build.line()} "
+        "build; run `python -m proxy.build --require` to see why compiling fails"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m proxy.build", description=__doc__)
     ap.add_argument("--clean", action="store_true", help="remove the compiled build")
     ap.add_argument("--require", action="store_true", help="fail when it cannot compile")
     ap.add_argument("--force", action="store_true", help="compile even when up to date")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="fail when a C compiler is here but the pure-Python build would run",
+    )
     args = ap.parse_args()
+    if args.check:
+        ok, line = check(toolchain=missing_toolchain())
+        print(line)
+        return 0 if ok else 1
     if not args.clean and not args.force and decide({}).compiled:
         print("proxy.build: the compiled build matches its sources")
         return 0

@@ -27,7 +27,7 @@ forwarded field lines as bytes (`raw`) and builds `headers` on first access.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
@@ -60,6 +60,9 @@ from proxy.heads import (
     _encode_fields,
     _from_template,
 )
+
+if TYPE_CHECKING:
+    from proxy.downstream import DownstreamConnection
 
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEADER_SECTION = 64 * 1024
@@ -97,6 +100,7 @@ class RequestCodec:
         "_trailers",
         "_url",
         "cache",
+        "conn",
         "head_bytes",
         "in_body",
         "sink",
@@ -105,6 +109,9 @@ class RequestCodec:
 
     def __init__(self, sink: RequestSink, cache: HeadCache | None = None) -> None:
         self.sink = sink
+        # `sink` when it is the HTTP/1 connection, called directly in the compiled build
+        # (set by proxy/downstream.py); None: through RequestSink.
+        self.conn: DownstreamConnection | None = None
         # Heads llhttp already parsed (proxy/head_cache.py); None: llhttp every time.
         self.cache = cache
         self._parser = httptools.HttpRequestParser(self)
@@ -150,28 +157,27 @@ class RequestCodec:
             n = len(data)
             if n < remaining:
                 self._remaining = remaining - n
-                self.sink.on_request_body(data)
+                self._to_body(data)
                 return None
             self._remaining = 0
             self.in_body = False
             if n == remaining:
-                self.sink.on_request_body(data)
-                self.sink.on_request_end(None)
+                self._to_body(data)
+                self._to_end()
                 return None
-            self.sink.on_request_body(data[:remaining])
-            self.sink.on_request_end(None)
+            self._to_body(data[:remaining])
+            self._to_end()
             data = data[remaining:]
         elif data == self._last_head and self._clean and not self.in_body:
             # The previous head of this connection again, alone (a client's keep-alive
             # loop): _fast(), shortened for this case.
             args, length = self._last_template
             head = _from_template(args)
-            sink = self.sink
             self.in_body = True
-            sink.on_request_head(head)
+            self._to_head(head)
             if length <= 0:
                 self.in_body = False
-                sink.on_request_end(None)
+                self._to_end()
             else:
                 self._remaining = length
             return None
@@ -239,23 +245,48 @@ class RequestCodec:
             if found is None:
                 return -1
             head, end, length = found
-        sink = self.sink
         self.in_body = True
-        sink.on_request_head(head)
+        self._to_head(head)
         if length <= 0:
             self.in_body = False
-            sink.on_request_end(None)
+            self._to_end()
             return end
         avail = len(data) - end
         if avail < length:
             self._remaining = length - avail
             if avail:
-                sink.on_request_body(data[end:])
+                self._to_body(data[end:])
             return len(data)
         self.in_body = False
-        sink.on_request_body(data[end : end + length])
-        sink.on_request_end(None)
+        self._to_body(data[end : end + length])
+        self._to_end()
         return end + length
+
+    # The sink's events: the connection called directly (compiled) when it is one.
+
+    def _to_head(self, head: RequestHead) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.on_request_head(head)
+        else:
+            sink = self.sink
+            sink.on_request_head(head)
+
+    def _to_body(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.on_request_body(data)
+        else:
+            sink = self.sink
+            sink.on_request_body(data)
+
+    def _to_end(self, trailers: Fields | None = None) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.on_request_end(trailers)
+        else:
+            sink = self.sink
+            sink.on_request_end(trailers)
 
     def _lookup(self, data: bytes) -> tuple[RequestHead, int, int] | None:
         """The cached head `data` starts with: (head, its end, body length), or None."""
@@ -417,7 +448,7 @@ class RequestCodec:
         self._fields_seen = 0  # trailers are counted afresh
         if key is not None:
             self._remember(head, key)
-        self.sink.on_request_head(head)
+        self._to_head(head)
 
     def _strip_h2c(self, head: RequestHead) -> None:
         """Forward an `Upgrade: h2c` request as a plain HTTP/1.1 one, as Envoy does.
@@ -437,7 +468,7 @@ class RequestCodec:
         self._h2c_body = head.content_length or 0
 
     def on_body(self, body: bytes) -> None:
-        self.sink.on_request_body(body)
+        self._to_body(body)
 
     def on_message_complete(self) -> None:
         if self._h2c_body > 0:
@@ -450,9 +481,9 @@ class RequestCodec:
         self._clean = self._head.keep_alive
         self._new_head()
         if trailers:
-            self.sink.on_request_end(clean_trailers(trailers))
+            self._to_end(clean_trailers(trailers))
         else:
-            self.sink.on_request_end(None)
+            self._to_end()
 
     def __repr__(self) -> str:
         state = "upgraded" if self.upgraded else ("body" if self.in_body else "head")

@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from proxy import local_reply
 from proxy.codec import RequestCodec
@@ -62,13 +62,13 @@ _TASKS: set[asyncio.Task[None]] = set()
 RNG = random.Random()
 
 # Phases of the connection, for the sweep that enforces its own timeouts.
-IDLE = 0  # between requests (keep-alive idle timeout)
-HEAD = 1  # part of a request head received (header-read timeout)
-BUSY = 2  # an exchange is in flight (its own deadline applies)
-TUNNEL_PHASE = 3  # handed over to a tunnel
+IDLE: Final = 0  # between requests (keep-alive idle timeout)
+HEAD: Final = 1  # part of a request head received (header-read timeout)
+BUSY: Final = 2  # an exchange is in flight (its own deadline applies)
+TUNNEL_PHASE: Final = 3  # handed over to a tunnel
 
 # The last two hex digits of a request id (see ProxyServer.new_request_id).
-_HEX2 = tuple(b"%02x" % i for i in range(256))
+_HEX2: Final = tuple(b"%02x" % i for i in range(256))
 
 
 @dataclass(frozen=True)
@@ -228,6 +228,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.server = server
         self.transport: Any = None
         self.codec = RequestCodec(self, server.head_cache)
+        self.codec.conn = self  # called directly (compiled), not through RequestSink
         self.peer = Peer(b"")
         self.memo = ResponseMemo()
         self.wbuf: list[bytes] = []  # to the client
@@ -585,6 +586,7 @@ class DownstreamConnection(asyncio.Protocol):
         rest = self.early or b""
         self.early = None
         self.codec = RequestCodec(self, self.server.head_cache)
+        self.codec.conn = self
         self.sniff = b""
         self.phase = IDLE
         self.deadline = self.server.clock() + self.server.timeouts.idle

@@ -15,7 +15,7 @@ without llhttp; a connection's repeated response with its whole body is taken in
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
@@ -36,6 +36,9 @@ from proxy.fields import (
 )
 from proxy.head_cache import HeadCache
 from proxy.heads import Fields, ResponseHead, _encode_fields
+
+if TYPE_CHECKING:
+    from proxy.exchange import Exchange as HttpExchange
 
 # Interim (1xx, not 101) responses an upstream may send before its final one: more is a
 # flood (a server answers 100 once, 103 a few times), and the exchange fails with 502.
@@ -84,12 +87,16 @@ class ResponseCodec:
         "head_bytes",
         "head_request",
         "in_body",
+        "native",
         "sink",
         "upgraded",
     )
 
     def __init__(self, sink: ResponseSink, cache: HeadCache | None = None) -> None:
         self.sink = sink
+        # `sink` when it is a proxy.exchange.Exchange, called directly in the compiled
+        # build (set by proxy/upstream.py's bind); None: through ResponseSink.
+        self.native: HttpExchange | None = None
         # Heads llhttp already parsed (proxy/head_cache.py); None: llhttp every time.
         self.cache = cache
         self._parser = httptools.HttpResponseParser(self)
@@ -125,16 +132,16 @@ class ResponseCodec:
             n = len(data)
             if n < remaining:
                 self._remaining = remaining - n
-                self.sink.on_response_body(data)
+                self._to_body(data)
                 return None
             self._remaining = 0
             self.in_body = False
             if n == remaining:
-                self.sink.on_response_body(data)
-                self.sink.on_response_end(None)
+                self._to_body(data)
+                self._to_end()
                 return None
-            self.sink.on_response_body(data[:remaining])
-            self.sink.on_response_end(None)
+            self._to_body(data[:remaining])
+            self._to_end()
             data = data[remaining:]
         while self._clean and not self.in_body:
             used = self._fast(data)
@@ -204,23 +211,48 @@ class ResponseCodec:
             self._last_template = template
             head, length = template
         self._close_delimited = False
-        sink = self.sink
         if self.head_request or not length:
-            sink.on_response_head(head)
-            sink.on_response_end(None)
+            self._to_head(head)
+            self._to_end()
             return end
         self.in_body = True
-        sink.on_response_head(head)
+        self._to_head(head)
         avail = len(data) - end
         if avail < length:
             self._remaining = length - avail
             if avail:
-                sink.on_response_body(data[end:])
+                self._to_body(data[end:])
             return len(data)
         self.in_body = False
-        sink.on_response_body(data[end : end + length])
-        sink.on_response_end(None)
+        self._to_body(data[end : end + length])
+        self._to_end()
         return end + length
+
+    # The sink's events: the exchange called directly (compiled) when it is one.
+
+    def _to_head(self, head: ResponseHead) -> None:
+        native = self.native
+        if native is not None:
+            native.on_response_head(head)
+        else:
+            sink = self.sink
+            sink.on_response_head(head)
+
+    def _to_body(self, data: bytes) -> None:
+        native = self.native
+        if native is not None:
+            native.on_response_body(data)
+        else:
+            sink = self.sink
+            sink.on_response_body(data)
+
+    def _to_end(self, trailers: Fields | None = None) -> None:
+        native = self.native
+        if native is not None:
+            native.on_response_end(trailers)
+        else:
+            sink = self.sink
+            sink.on_response_end(trailers)
 
     def _remember(self, head: ResponseHead, key: bytes) -> None:
         status = head.status
@@ -247,7 +279,7 @@ class ResponseCodec:
         if self.in_body and self._close_delimited:
             self.in_body = False
             self._head = ResponseHead()
-            self.sink.on_response_end(None)
+            self._to_end()
             return True
         return False
 
@@ -341,15 +373,15 @@ class ResponseCodec:
             if self.head_request:
                 self.in_body = False
                 self._head = ResponseHead()
-                self.sink.on_response_head(head)
-                self.sink.on_response_end(None)
+                self._to_head(head)
+                self._to_end()
                 raise _SkipBody
         else:
             self._close_delimited = not head.chunked and head.content_length is None
-        self.sink.on_response_head(head)
+        self._to_head(head)
 
     def on_body(self, body: bytes) -> None:
-        self.sink.on_response_body(body)
+        self._to_body(body)
 
     def on_message_complete(self) -> None:
         # llhttp refuses any byte after a message without keep-alive: so must the cache.
@@ -362,7 +394,7 @@ class ResponseCodec:
         self._trailers = None
         self.in_body = False
         self._head = ResponseHead()
-        self.sink.on_response_end(clean_trailers(trailers) if trailers else None)
+        self._to_end(clean_trailers(trailers) if trailers else None)
 
     def __repr__(self) -> str:
         state = "upgraded" if self.upgraded else ("body" if self.in_body else "idle")

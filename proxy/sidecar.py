@@ -21,7 +21,6 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -29,7 +28,7 @@ from proxy.balance import build_balancer
 from proxy.build_info import BUILD
 from proxy.discovery import ConsulDirectory
 from proxy.egress import EgressGuard
-from proxy.errors import SidecarStartError
+from proxy.identity_bootstrap import bootstrap_identity, control_plane_check
 from proxy.registration import Registration, RegistrationSpec
 
 log = logging.getLogger("tether.sidecar")
@@ -139,30 +138,6 @@ class SidecarSpec:
         return self.inbound_host
 
 
-def _read_roots(path: str) -> list[str]:
-    """The PEM certificates of `--ca-file`."""
-    try:
-        text = Path(path).read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SidecarStartError(f"--ca-file {path}: {exc}") from None
-    end = "-----END CERTIFICATE-----"
-    roots = [p.strip() + "\n" + end + "\n" for p in text.split(end) if "BEGIN CERTIFICATE" in p]
-    if not roots:
-        raise SidecarStartError(f"--ca-file {path}: no PEM certificate in it")
-    return roots
-
-
-def _control_plane_check(sslobj: Any) -> None:
-    """The push's server is the control plane (its SPIFFE ID), else no push."""
-    from proxy.identity import IdentityError, check_control_plane
-    from wire import push as protocol
-
-    try:
-        check_control_plane(sslobj)
-    except IdentityError as exc:
-        raise protocol.PushProtocolError(str(exc)) from None
-
-
 def _protocol_of(defaults: Any) -> str | None:
     return getattr(defaults, "protocol", None)
 
@@ -264,41 +239,23 @@ class Sidecar:
 
     async def _start_identity(self) -> None:
         """A certificate from the control plane's CA, before any listener opens: with one,
-        every hop to and from other sidecars is mTLS. Waits (with backoff) while the
-        control plane cannot be reached; a refused credential stops the sidecar."""
+        every hop to and from other sidecars is mTLS (proxy/identity_bootstrap.py)."""
         spec = self.spec
-        if not spec.controlplane:
-            self.plaintext_reason = "no control plane, so no mesh CA"
-            return
-        from proxy.identity import IdentityError, SidecarIdentity
-
-        identity = SidecarIdentity(
-            spec.controlplane, spec.service, spec.namespace, token=spec.registry_token
+        got = await bootstrap_identity(
+            spec.controlplane,
+            spec.service,
+            spec.namespace,
+            token=spec.registry_token,
+            ca_file=spec.ca_file,
+            identity_token_file=spec.identity_token_file,
         )
-        if spec.ca_file:
-            identity.ca_file_roots = _read_roots(spec.ca_file)
-        identity.kubernetes_token_file = spec.identity_token_file
-        attempt = 0
-        while True:
-            try:
-                tls = await identity.bootstrap()
-                break
-            except IdentityError as exc:
-                if exc.status in (400, 401, 403) and exc.code != "use_tls_port":
-                    raise SidecarStartError(
-                        f"the mesh CA refused this sidecar's identity: {exc}"
-                    ) from None
-                delay = identity.backoff.delay(attempt, identity.rng)
-                attempt += 1
-                log.warning("no certificate yet: %s (again in %.1fs)", exc, delay)
-                await asyncio.sleep(delay)
-        if tls is None:
-            self.plaintext_reason = "the control plane's CA is off"
+        self.plaintext_reason = got.plaintext_reason
+        if got.tls is None:
             return
-        self.identity = identity
-        self.mesh_tls = tls
-        log.info("mesh identity %s (mTLS on)", tls.identity)
-        self._renewer = asyncio.get_running_loop().create_task(identity.run())
+        self.identity = got.identity
+        self.mesh_tls = got.tls
+        log.info("mesh identity %s (mTLS on)", got.tls.identity)
+        self._renewer = asyncio.get_running_loop().create_task(got.identity.run())
 
     async def _start_listeners(self) -> None:
         from proxy.listener import start_expose, start_inbound, start_outbound, start_tcp_proxy
@@ -487,7 +444,7 @@ class Sidecar:
             stats_interval=spec.stats_interval,
             on_bundle=self.identity.on_bundle if self.identity is not None else None,
             tls=(lambda: mesh_tls.client) if push_url and mesh_tls is not None else None,
-            check_server=_control_plane_check if push_url else None,
+            check_server=control_plane_check if push_url else None,
         )
         policy.interest = self.policy_client.want
         policy.on_applied.append(self._follow_mtls_mode)

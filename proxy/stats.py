@@ -12,15 +12,17 @@ every metric.
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 from wire import push as protocol
 
 # Upper bounds (seconds) of the latency histogram's buckets; the last bucket is +Inf.
 # The push protocol's (stats reports add up across sidecars only with the same buckets).
 LATENCY_BOUNDS = protocol.LATENCY_BOUNDS
+# The same bounds as the compiled module's own constant (read without a global lookup).
+_BOUNDS: Final[tuple[float, ...]] = tuple(LATENCY_BOUNDS)
+_NBOUNDS: Final = len(_BOUNDS)
 _CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 # Inbound `source` label values: at most MAX_SOURCES distinct callers get their own; the
 # callers after them count under OTHER_SOURCE. A plaintext caller (no identity): UNKNOWN.
@@ -68,8 +70,20 @@ class DestinationStats:
         self.retries_refused: dict[str, int] = {}
 
     def record(self, status: int, latency: float) -> None:
-        self.by_class[status // 100 if 0 < status < 600 else 0] += 1
-        self.buckets[bisect_left(LATENCY_BOUNDS, latency)] += 1
+        by_class = self.by_class
+        i = status // 100 if 0 < status < 600 else 0
+        by_class[i] = by_class[i] + 1
+        # bisect_left(LATENCY_BOUNDS, latency), as compiled code (no call into bisect).
+        lo = 0
+        hi = _NBOUNDS
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if _BOUNDS[mid] < latency:
+                lo = mid + 1
+            else:
+                hi = mid
+        buckets = self.buckets
+        buckets[lo] = buckets[lo] + 1
         self.latency_sum += latency
 
     @property

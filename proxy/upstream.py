@@ -10,20 +10,21 @@ stops reading its client; when the downstream's fills, `pause()` stops reading h
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from proxy.errors import BadMessageError
 from proxy.heads import ResponseHead
 from proxy.response_codec import ResponseCodec
 
 if TYPE_CHECKING:
+    from proxy.exchange import Exchange as HttpExchange
     from proxy.pool import Pool
 
 # The downstream's pause reason for "the upstream socket's write buffer is full".
-PAUSE_UPSTREAM = 2
+PAUSE_UPSTREAM: Final = 2
 # Per-socket write buffer bounds: what one connection may hold in user space.
-WRITE_HIGH = 256 * 1024
-WRITE_LOW = 64 * 1024
+WRITE_HIGH: Final = 256 * 1024
+WRITE_LOW: Final = 64 * 1024
 
 
 class Exchange(Protocol):
@@ -68,7 +69,28 @@ class _Unowned:
         raise BadMessageError("response without a request", status=502)
 
 
-UNOWNED = _Unowned()
+UNOWNED: Final = _Unowned()
+
+
+class _ExchangeType:
+    """proxy.exchange.Exchange, imported on the first bind (it imports this module).
+    An instance of exactly that class is called directly, as a compiled class (the
+    `Exchange` protocol above goes through Python's method calls); any other sink
+    (HTTP/2's bridge, tests' fakes) through the protocol."""
+
+    def __init__(self) -> None:
+        self.cls: type | None = None
+
+    def get(self) -> type:
+        cls = self.cls
+        if cls is None:
+            from proxy.exchange import Exchange as HttpExchange
+
+            self.cls = cls = HttpExchange
+        return cls
+
+
+_EXCHANGE_TYPE: Final = _ExchangeType()
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -77,6 +99,7 @@ class UpstreamConnection(asyncio.Protocol):
         "codec",
         "idle_since",
         "keep_alive",
+        "native",
         "pool",
         "reading_paused",
         "requests",
@@ -89,6 +112,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: Any = None
         self.codec = ResponseCodec(UNOWNED, pool.head_cache)
         self.sink: Exchange | None = None
+        # `sink` when it is a proxy.exchange.Exchange (see _ExchangeType), else None.
+        self.native: HttpExchange | None = None
         self.keep_alive = True
         self.closed = False
         self.requests = 0
@@ -105,12 +130,21 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = exchange
         codec = self.codec
         codec.sink = exchange
+        if type(exchange) is _EXCHANGE_TYPE.get():
+            native = cast("HttpExchange", exchange)
+            self.native = native
+            codec.native = native
+        else:
+            self.native = codec.native = None
         codec.head_request = head_request
         self.requests += 1
 
     def unbind(self) -> None:
         self.sink = None
-        self.codec.sink = UNOWNED
+        self.native = None
+        codec = self.codec
+        codec.sink = UNOWNED
+        codec.native = None
         if self.reading_paused:
             self.reading_paused = False
             if not self.closed:
@@ -151,7 +185,11 @@ class UpstreamConnection(asyncio.Protocol):
             # connection's state is unknown, so it is never reused.
             self.abort()
             return
-        exchange.progress += 1
+        native = self.native
+        if native is not None:
+            native.progress += 1
+        else:
+            exchange.progress += 1
         try:
             rest = self.codec.feed(data)
         except BadMessageError as e:
@@ -161,6 +199,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if rest is not None:
             exchange.on_upstream_switched(self, rest)
+        elif native is not None:
+            native.flush()
         else:
             exchange.flush()
 

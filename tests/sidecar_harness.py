@@ -1,12 +1,28 @@
-"""Real processes for end-to-end tests: sidecars (`python -m tether.cli sidecar`) and apps.
+"""The mesh under test, at three levels, and the real processes of end-to-end tests.
 
 Everything here is a real process or a real server on 127.0.0.1 with an ephemeral
 port. Every process is started in its own session and killed (its whole group) by
 `ProcessSet.close`, which the fixtures call even when a test fails.
+
+One harness for every test that runs traffic through a mesh (`Mesh` and `ProcessMesh`
+at the end of this module), at the level the test needs:
+
+- `Mesh.static`: in-process outbound and inbound listeners over a `StaticDirectory`
+  (no registry), in front of one app: the proxy path over real sockets;
+- `Mesh.with_registry`: an in-process outbound listener over a `ConsulDirectory`
+  watching a real registry, with "who" apps registered in it: discovery and balancing;
+- `Mesh.with_policy`: the static level's directory with the control plane's routing
+  step (an applied `Policy` snapshot): retries, timeouts, breakers, outliers;
+- `ProcessMesh`: registry, control plane and sidecars as real processes
+  (`tether registry|controlplane|sidecar`), "who" apps on a thread: policy end to end.
+
+The "who" apps answer every path with `{"name": ..., "path": ...}`, and `calls` counts
+who answered (`who_answered`), at every level.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -17,12 +33,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
+from aiohttp import web
+
+from proxy.balance import Endpoint
+from proxy.cluster import Cluster, StaticDirectory
+from proxy.downstream import TimeoutPolicy
+from proxy.listener import Listener, start_inbound, start_outbound
+from proxy.stats import ProxyStats
+from tests.conftest import ControlPlaneProcess, RegistryProcess, serve_app
 from tests.polling import poll
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,3 +292,282 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state[state.rfind(")") + 2] != "Z"  # a zombie has exited
+
+
+# ---------------------------------------------------------------------------------------
+# The mesh under test: one harness, three levels (see the module's docstring)
+
+
+def who_app(name: str, delays: dict[str, float] | None = None) -> web.Application:
+    """An app that says who it is on every path and method: `{"name", "path"}`; it
+    answers after `delays[name]` seconds when the test sets one."""
+
+    async def who(request: web.Request) -> web.Response:
+        delay = delays.get(name, 0.0) if delays is not None else 0.0
+        if delay:
+            await asyncio.sleep(delay)
+        return web.json_response({"name": name, "path": request.path})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", who)
+    return app
+
+
+def who_answered(status: int, body: bytes) -> str:
+    """The name a "who" app answered with; `<status>` for anything else (a local reply,
+    an error)."""
+    if status == 200:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("name"), str):
+            return str(doc["name"])
+    return f"<{status}>"
+
+
+@dataclass
+class Mesh:
+    """The in-process levels: real listeners on the test's event loop."""
+
+    outbound: Listener
+    directory: Any  # StaticDirectory or ConsulDirectory
+    stats: ProxyStats
+    inbound_listener: Listener | None = None  # the static level's
+    app_port: int = 0
+    consul: Any = None  # consul.aio.Consul on the registry (Mesh.with_registry)
+    policy: Any = None  # proxy.policy.Policy (Mesh.with_policy)
+    delays: dict[str, float] = field(default_factory=dict)  # who_app's, by name
+    closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+
+    @classmethod
+    async def static(cls, app_port: int, timeouts: TimeoutPolicy | None = None) -> Mesh:
+        """client → outbound → inbound → the app at `app_port`: clusters `orders.default`
+        and `billing.payments` (both through the inbound listener) and `empty.default`
+        (no endpoint)."""
+        stats = ProxyStats()
+        inbound = await start_inbound(app_port, stats=stats, port=0, timeouts=timeouts)
+        orders = Cluster("orders", "default")
+        orders.set_endpoints([Endpoint("orders-1", "127.0.0.1", inbound.port)])
+        pay = Cluster("billing", "payments")
+        pay.set_endpoints([Endpoint("billing-1", "127.0.0.1", inbound.port)])
+        empty = Cluster("empty", "default")
+        directory = StaticDirectory([orders, pay, empty])
+        outbound = await start_outbound(directory, stats=stats, port=0, timeouts=timeouts)
+        return cls(outbound, directory, stats, inbound, app_port,
+                   closers=[outbound.aclose, inbound.aclose])  # fmt: skip
+
+    @classmethod
+    async def with_registry(
+        cls,
+        registry_port: int,
+        service: str,
+        instances: dict[str, str],
+        balancer_factory: Callable[[], Any],
+        rng: Any = None,
+    ) -> Mesh:
+        """client → outbound → `who_app`s: one per instance (id → zone), registered in the
+        registry at `registry_port` as `service` with a passing TTL check
+        (`ttl:<id>`), discovered with blocking queries."""
+        import consul.aio
+
+        from proxy.discovery import ConsulDirectory
+
+        mesh_delays: dict[str, float] = {}
+        client = consul.aio.Consul(host="127.0.0.1", port=registry_port)
+        closers: list[Callable[[], Awaitable[Any]]] = [client.close]
+        try:
+            for name, zone in instances.items():
+                runner, port = await serve_app(who_app(name, mesh_delays))
+                closers.insert(0, runner.cleanup)
+                assert await client.agent.service.register(
+                    service,
+                    service_id=name,
+                    address="127.0.0.1",
+                    port=port,
+                    meta={"zone": zone},
+                    check={"CheckID": f"ttl:{name}", "Name": "ttl", "TTL": "600s",
+                           "Status": "passing"},
+                )  # fmt: skip
+            directory = ConsulDirectory(
+                client, wait=5.0, rng=rng, balancer_factory=balancer_factory
+            )
+            directory.start()
+            closers.insert(0, directory.aclose)
+            stats = ProxyStats()
+            outbound = await start_outbound(directory, stats=stats, host="127.0.0.1", port=0)
+            closers.insert(0, outbound.aclose)
+        except BaseException:
+            for close in closers:
+                await close()
+            raise
+        return cls(outbound, directory, stats, consul=client, delays=mesh_delays, closers=closers)
+
+    @property
+    def inbound(self) -> Listener:
+        """The inbound listener in front of the app (the static level)."""
+        assert self.inbound_listener is not None, "no inbound listener at this level"
+        return self.inbound_listener
+
+    @classmethod
+    async def with_policy(cls, directory: StaticDirectory, policy: Any) -> Mesh:
+        """client → the policy-routing outbound listener → `directory`'s endpoints, with
+        `policy` (a proxy.policy.Policy over `directory`, a snapshot applied)."""
+        from proxy.policy_router import start_policy_outbound
+
+        listener = await start_policy_outbound(directory, policy, port=0)
+        stats = listener.proxy.stats
+        return cls(listener, directory, stats, policy=policy, closers=[listener.aclose])
+
+    def cluster(self, service: str, namespace: str = "default") -> Cluster:
+        found: Cluster | None = self.directory.lookup(namespace, service)
+        assert found is not None, f"no cluster {service}.{namespace}"
+        return found
+
+    def destination(self, name: str, listener: str = "outbound") -> Any:
+        """The listener's stats of one destination (`svc.ns`)."""
+        return self.stats.destination(listener, name)
+
+    async def request(
+        self,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        url: str = "http://orders/x",
+    ) -> tuple[int, str, str]:
+        """One request through the outbound listener as an HTTP proxy (aiohttp): its
+        status, its `x-tether-error` reason ("" for none) and its body."""
+        proxy = f"http://127.0.0.1:{self.outbound.port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.request(method, url, data=body, proxy=proxy, headers=headers) as resp:
+                text = await resp.text()
+                return resp.status, resp.headers.get("x-tether-error", ""), text
+
+    def add_cluster(self, name: str, port: int) -> None:
+        """A cluster `name.default` with one endpoint at `port` (the static level)."""
+        c = Cluster(name, "default")
+        c.set_endpoints([Endpoint(f"{name}-1", "127.0.0.1", port)])
+        self.directory.add(c)
+
+    async def calls(self, n: int, host: str, path: str = "/", concurrency: int = 8) -> Counter[str]:
+        """`n` requests to `host` through the outbound listener, `concurrency` at a time
+        on keep-alive connections; who answered (`who_answered`)."""
+        answered: Counter[str] = Counter()
+        todo = iter(range(n))
+        url = f"http://127.0.0.1:{self.outbound.port}{path}"
+        async with aiohttp.ClientSession() as http:
+
+            async def worker() -> None:
+                for _ in todo:
+                    async with http.get(url, headers={"Host": host}) as resp:
+                        answered[who_answered(resp.status, await resp.read())] += 1
+
+            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), 60)
+        return answered
+
+    def endpoints(self, service: str, namespace: str = "default") -> list[Any]:
+        cluster = self.directory.lookup(namespace, service)
+        return list(cluster.endpoints) if cluster is not None else []
+
+    def healthy(self, service: str) -> int:
+        """How many of `service`'s endpoints are in rotation."""
+        return sum(ep.healthy for ep in self.endpoints(service))
+
+    def zones(self, service: str) -> set[str]:
+        """Zones with an endpoint of `service` in rotation (failing instances stay
+        members, unhealthy)."""
+        return {ep.zone for ep in self.endpoints(service) if ep.healthy}
+
+    async def aclose(self) -> None:
+        for close in self.closers:
+            await close()
+
+
+class WhoApps:
+    """`who_app`s for processes to call: aiohttp servers on an event loop in a thread.
+
+    (aiohttp answers each response in one write; the threaded http.server of `App`
+    writes head and body apart, which costs a delayed ACK per request.)
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runners: list[web.AppRunner] = []
+        self.ports = {n: self._run(self._start(n)) for n in names}
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    async def _start(self, name: str) -> int:
+        runner, port = await serve_app(who_app(name))
+        self.runners.append(runner)
+        return port
+
+    def app(self, name: str) -> Any:
+        """What `ProcessSet.sidecar` takes: something with a `port`."""
+        return SimpleNamespace(port=self.ports[name])
+
+    def close(self) -> None:
+        async def stop() -> None:
+            for r in self.runners:
+                await r.cleanup()
+
+        self._run(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class ProcessMesh:
+    """The process level: a registry and a control plane as `tether` processes, sidecars
+    (`sidecar`) attached to that control plane, and `who_app`s named `apps`. `start`
+    starts them; `close` stops whatever started, even after a failed start."""
+
+    def __init__(self, tmp: Path, apps: list[str]) -> None:
+        self.registry = RegistryProcess(tmp / "reg")
+        self.cp = ControlPlaneProcess(self.registry.port, tmp / "cp.log")
+        self.procs = ProcessSet(tmp, self.registry.port)
+        self.app_names = apps
+        self.backends: WhoApps | None = None
+        self.caller: Sidecar | None = None  # whose outbound listener `calls` goes through
+        self.callee = ""  # the service `calls` calls
+
+    def start(self) -> None:
+        self.registry.start()
+        self.cp.start()
+        self.backends = WhoApps(self.app_names)
+
+    def sidecar(
+        self, service: str, app: str, *args: str, env: dict[str, str] | None = None
+    ) -> Sidecar:
+        """A sidecar for `service` in front of the app named `app`, on the control plane."""
+        assert self.backends is not None, "start() first"
+        return self.procs.sidecar(
+            service, self.backends.app(app), *args, "--controlplane", self.cp.url, env=env
+        )
+
+    def calls(
+        self, n: int, headers: dict[str, str] | None = None, path: str = "/who"
+    ) -> Counter[str]:
+        """`n` sequential requests to `callee` through `caller`'s outbound listener, on one
+        keep-alive connection, absolute-form; who answered (`who_answered`)."""
+        assert self.caller is not None and self.callee, "set caller and callee first"
+        got: Counter[str] = Counter()
+        port = self.caller.ports["outbound"]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            for _ in range(n):
+                conn.request("GET", f"http://{self.callee}{path}", headers=headers or {})
+                resp = conn.getresponse()
+                got[who_answered(resp.status, resp.read())] += 1
+        finally:
+            conn.close()
+        return got
+
+    def close(self) -> None:
+        self.procs.close()
+        if self.backends is not None:
+            self.backends.close()
+        self.cp.stop()
+        self.registry.stop()

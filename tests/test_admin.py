@@ -104,3 +104,25 @@ async def test_admin_routes(registry: RegistryServer, consul_client: Any) -> Non
         await admin.aclose()
         await directory.aclose()
         await client.close()
+
+
+def test_latency_buckets_are_bisect_left_of_the_bounds() -> None:
+    """`DestinationStats.record`'s own bucket search puts every latency where
+    `bisect_left(LATENCY_BOUNDS, latency)` does: each bound is in its own bucket."""
+    from bisect import bisect_left
+
+    from proxy.stats import LATENCY_BOUNDS, DestinationStats
+
+    cases = [0.0, 1e-9, 1e9, *LATENCY_BOUNDS]
+    cases += [b * (1 + 1e-9) for b in LATENCY_BOUNDS] + [b * (1 - 1e-9) for b in LATENCY_BOUNDS]
+    for latency in cases:
+        ds = DestinationStats("x")
+        ds.record(503, latency)
+        expected = [0] * (len(LATENCY_BOUNDS) + 1)
+        expected[bisect_left(LATENCY_BOUNDS, latency)] = 1
+        assert ds.buckets == expected, latency
+        assert ds.by_class == [0, 0, 0, 0, 0, 1] and ds.latency_sum == latency
+    ds = DestinationStats("x")
+    for status in (0, 99, 100, 204, 399, 404, 599, 600):
+        ds.record(status, 0.0)
+    assert ds.by_class == [3, 1, 1, 1, 1, 1]  # 0, 99 and 600 have no class

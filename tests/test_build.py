@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from proxy import build_info
-from proxy.build import missing_toolchain
+from proxy.build import check, missing_toolchain
 from proxy.build_info import COMPILED, Build, decide, source_hash, source_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +92,34 @@ def test_tether_pure_a_missing_extension_or_record_run_pure(tmp_path: Path) -> N
     assert decide({}, tmp_path).detail.startswith("unreadable build record")
     (tmp_path / "proxy" / "_compiled.json").unlink()
     assert decide({}, tmp_path).detail.startswith("not compiled")
+
+
+def test_ci_check_fails_a_silent_fall_back_only_where_a_compiler_is(tmp_path: Path) -> None:
+    """`python -m proxy.build --check` (.ci/run): a stale or failed build is an error
+    where a C compiler is there, the expected build where none is."""
+    fake_tree(tmp_path)
+    ok, line = check(tmp_path, toolchain=None)
+    assert ok and "runs the compiled (mypyc test" in line
+    (tmp_path / "proxy" / "_compiled.json").unlink()  # as a failed compile leaves it
+    ok, line = check(tmp_path, toolchain=None)
+    assert not ok and "would run the pure (not compiled" in line
+    ok, line = check(tmp_path, toolchain="no C compiler (cc)")
+    assert ok and line.startswith("proxy.build: no C compiler (cc): the pure-Python build")
+    fake_tree(tmp_path, stale="proxy.pool")
+    ok, line = check(tmp_path, toolchain=None)
+    assert not ok and "proxy/pool.py changed since it was compiled" in line
+
+
+def test_ci_check_on_this_tree_follows_the_real_build() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.build", "--check"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env=dict(os.environ, TETHER_PURE="1"),  # asked-for pure is not looked at
+    )  # fmt: skip
+    why = missing_toolchain()
+    expect_ok = why is not None or decide({}).compiled
+    assert (out.returncode == 0) == expect_ok, out.stdout + out.stderr
+    assert out.stdout.startswith("proxy.build: ")
 
 
 def test_the_guard_loads_every_module_from_its_source_when_stale(tmp_path: Path) -> None:

@@ -7,26 +7,21 @@ version=v1/v2). Policies are applied with `tether apply`, convergence is read wi
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import http.client
 import json
 import os
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import consul
 import pytest
-from aiohttp import web
 
-from tests.conftest import ControlPlaneProcess, RegistryProcess, run_tether, serve_app
-from tests.polling import until
-from tests.sidecar_harness import ProcessSet
+from tests.conftest import ControlPlaneProcess, run_tether
+from tests.polling import poll
+from tests.sidecar_harness import ProcessMesh
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -59,46 +54,6 @@ spec: {requestTimeout: 3s}
 """
 
 
-class Backends:
-    """Apps that say who they are: aiohttp servers on an event loop in a thread.
-
-    (aiohttp answers each response in one write; the threaded http.server of the
-    harness writes head and body apart, which costs a delayed ACK per request.)
-    """
-
-    def __init__(self, names: list[str]) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runners: list[web.AppRunner] = []
-        self.ports = {n: self._run(self._start(n)) for n in names}
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    async def _start(self, name: str) -> int:
-        async def who(request: web.Request) -> web.Response:
-            return web.json_response({"name": name, "path": request.path})
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", who)
-        runner, port = await serve_app(app)
-        self.runners.append(runner)
-        return port
-
-    def app(self, name: str) -> Any:
-        return SimpleNamespace(port=self.ports[name])
-
-    def close(self) -> None:
-        async def stop() -> None:
-            for r in self.runners:
-                await r.cleanup()
-
-        self._run(stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 def tether(cp: ControlPlaneProcess, *args: str, stdin: str | None = None) -> tuple[int, str]:
     done = run_tether(*args, env=dict(os.environ, TETHER_CONTROLPLANE=cp.url), stdin=stdin)
     return done.returncode, done.stdout + done.stderr
@@ -123,57 +78,28 @@ def put_with_version(kv: Any, key: str, doc: dict[str, Any]) -> None:
 
 
 def wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """`tests.polling.until` from this synchronous test (it drives processes)."""
-    return asyncio.run(until(cond, timeout, what, interval=0.1))
+    """`tests.polling.poll` at the pace of `tether status` (it runs a process)."""
+    return poll(cond, timeout, what, interval=0.1)
 
 
-class Mesh:
+class Mesh(ProcessMesh):
+    """`orders` v1 and v2 and `frontend`, each behind its sidecar; `calls` go from
+    `frontend` to `orders`."""
+
     def __init__(self, tmp: Path) -> None:
-        self.registry = RegistryProcess(tmp / "reg")
-        self.registry.start()
-        self.cp = ControlPlaneProcess(self.registry.port, tmp / "cp.log")
-        self.cp.start()
-        self.procs = ProcessSet(tmp, self.registry.port)
-        self.backends = Backends(["frontend", "orders-v1", "orders-v2"])
+        super().__init__(tmp, ["frontend", "orders-v1", "orders-v2"])
         self.frontend: Any = None
         self.orders: list[Any] = []
+        self.callee = "orders"
 
     def start(self) -> None:
-        os.environ["TETHER_POLICY_SEED"] = SEED
-        try:
-            b, cp = self.backends, ("--controlplane", self.cp.url)
-            self.orders = [
-                self.procs.sidecar("orders", b.app("orders-v1"), "--version", "v1", *cp),
-                self.procs.sidecar("orders", b.app("orders-v2"), "--version", "v2", *cp),
-            ]
-            self.frontend = self.procs.sidecar("frontend", b.app("frontend"), *cp)
-        finally:
-            os.environ.pop("TETHER_POLICY_SEED", None)
-
-    def calls(
-        self, n: int, headers: dict[str, str] | None = None, path: str = "/who"
-    ) -> Counter[str]:
-        """`n` sequential requests to orders through the frontend sidecar (keep-alive)."""
-        got: Counter[str] = Counter()
-        conn = http.client.HTTPConnection("127.0.0.1", self.frontend.ports["outbound"], timeout=10)
-        try:
-            for _ in range(n):
-                conn.request("GET", f"http://orders{path}", headers=headers or {})
-                resp = conn.getresponse()
-                raw = resp.read()
-                try:
-                    got[json.loads(raw).get("name", str(resp.status))] += 1
-                except ValueError:
-                    got[str(resp.status)] += 1
-        finally:
-            conn.close()
-        return got
-
-    def close(self) -> None:
-        self.procs.close()
-        self.backends.close()
-        self.cp.stop()
-        self.registry.stop()
+        super().start()
+        seed = {"TETHER_POLICY_SEED": SEED}
+        self.orders = [
+            self.sidecar("orders", "orders-v1", "--version", "v1", env=seed),
+            self.sidecar("orders", "orders-v2", "--version", "v2", env=seed),
+        ]
+        self.frontend = self.caller = self.sidecar("frontend", "frontend", env=seed)
 
 
 @pytest.fixture

@@ -22,14 +22,13 @@ from proxy.listener import start_outbound
 from proxy.policy import Policy
 from proxy.policy_router import start_policy_outbound
 from tests import test_proxy_http
+from tests.sidecar_harness import Mesh
 from tests.test_cp_push import doc, snapshot, split
 from tests.test_proxy_http import (
-    Mesh,
     RawClient,
     RawUpstream,
     _assert_local,
     _ok,
-    add_cluster,
     app_seen,
     request,
 )
@@ -100,7 +99,7 @@ async def _scripted(
 ) -> RawUpstream:
     up = RawUpstream(reply)
     await up.start()
-    add_cluster(mesh, "scripted", up.port)
+    mesh.add_cluster("scripted", up.port)
     return up
 
 
@@ -123,7 +122,7 @@ async def test_an_endless_response_field_is_cut_at_64_kib_with_502(mesh: Mesh) -
             writer.close()
 
     server = await asyncio.start_server(endless, "127.0.0.1", 0)
-    add_cluster(mesh, "endless", server.sockets[0].getsockname()[1])
+    mesh.add_cluster("endless", server.sockets[0].getsockname()[1])
     try:
         await _assert_local(
             mesh.outbound.port,

@@ -13,11 +13,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.balance import Endpoint
-from proxy.cluster import Cluster, StaticDirectory
 from proxy.downstream import TimeoutPolicy
-from proxy.listener import Listener, start_inbound, start_outbound, start_tcp_proxy
+from proxy.listener import start_outbound, start_tcp_proxy
 from proxy.stats import ProxyStats
+from tests.sidecar_harness import Mesh
 
 # ---------------------------------------------------------------------------------------
 # upstreams
@@ -107,15 +106,6 @@ async def _ok(up: RawUpstream, data: bytes) -> bytes | None:
     return b""
 
 
-@dataclass
-class Mesh:
-    app_port: int
-    outbound: Listener
-    inbound: Listener
-    stats: ProxyStats
-    directory: StaticDirectory
-
-
 @pytest.fixture
 async def app_port() -> AsyncIterator[int]:
     app = web.Application(client_max_size=1024**3)
@@ -134,24 +124,11 @@ TIMEOUTS = TimeoutPolicy(header_read=0.5, idle=1.0, request=0.6, connect=0.5)
 
 @pytest.fixture
 async def mesh(app_port: int) -> AsyncIterator[Mesh]:
-    stats = ProxyStats()
-    inbound = await start_inbound(app_port, stats=stats, port=0, timeouts=TIMEOUTS)
-    orders = Cluster("orders", "default")
-    orders.set_endpoints([Endpoint("orders-1", "127.0.0.1", inbound.port)])
-    pay = Cluster("billing", "payments")
-    pay.set_endpoints([Endpoint("billing-1", "127.0.0.1", inbound.port)])
-    empty = Cluster("empty", "default")
-    directory = StaticDirectory([orders, pay, empty])
-    outbound = await start_outbound(directory, stats=stats, port=0, timeouts=TIMEOUTS)
-    yield Mesh(app_port, outbound, inbound, stats, directory)
-    await outbound.aclose()
-    await inbound.aclose()
-
-
-def add_cluster(mesh: Mesh, name: str, port: int) -> None:
-    c = Cluster(name, "default")
-    c.set_endpoints([Endpoint(f"{name}-1", "127.0.0.1", port)])
-    mesh.directory.add(c)
+    m = await Mesh.static(app_port, TIMEOUTS)
+    try:
+        yield m
+    finally:
+        await m.aclose()
 
 
 # ---------------------------------------------------------------------------------------
@@ -311,7 +288,7 @@ async def test_chunked_request_and_response_with_trailers(mesh: Mesh) -> None:
 
     up = RawUpstream(reply)
     await up.start()
-    add_cluster(mesh, "raw", up.port)
+    mesh.add_cluster("raw", up.port)
     c = await RawClient.open(mesh.outbound.port)
     await c.send(
         b"POST /up HTTP/1.1\r\nHost: raw\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -337,7 +314,7 @@ async def test_close_delimited_response_becomes_chunked_for_http11(mesh: Mesh) -
 
     up = RawUpstream(reply, close_after=True)
     await up.start()
-    add_cluster(mesh, "raw10", up.port)
+    mesh.add_cluster("raw10", up.port)
     c = await RawClient.open(mesh.outbound.port)
     for _ in range(2):
         await c.send(b"GET / HTTP/1.1\r\nHost: raw10\r\n\r\n")
@@ -536,7 +513,7 @@ async def test_local_replies(mesh: Mesh) -> None:
     s, closed_port = await _echo_server()
     s.close()
     await s.wait_closed()
-    add_cluster(mesh, "dead", closed_port)
+    mesh.add_cluster("dead", closed_port)
     await _assert_local(
         port, b"GET / HTTP/1.1\r\nHost: dead\r\n\r\n", 502, "upstream_connect_error"
     )
@@ -552,8 +529,8 @@ async def test_local_replies(mesh: Mesh) -> None:
     silent = RawUpstream(never)
     await reset.start()
     await silent.start()
-    add_cluster(mesh, "reset", reset.port)
-    add_cluster(mesh, "silent", silent.port)
+    mesh.add_cluster("reset", reset.port)
+    mesh.add_cluster("silent", silent.port)
     await _assert_local(port, b"GET / HTTP/1.1\r\nHost: reset\r\n\r\n", 502, "upstream_reset")
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -635,7 +612,7 @@ MALFORMED = {
 async def test_malformed_requests_are_refused_and_never_forwarded(mesh: Mesh) -> None:
     up = RawUpstream(_ok)
     await up.start()
-    add_cluster(mesh, "raw", up.port)
+    mesh.add_cluster("raw", up.port)
     for name, (data, status) in MALFORMED.items():
         for port in (mesh.outbound.port, mesh.inbound.port):
             c = await RawClient.open(port)
@@ -658,7 +635,7 @@ async def test_malformed_requests_are_refused_and_never_forwarded(mesh: Mesh) ->
 
     up = RawUpstream(listen)
     await up.start()
-    add_cluster(mesh, "raw2", up.port)
+    mesh.add_cluster("raw2", up.port)
     c = await RawClient.open(mesh.outbound.port)
     await c.send(b"POST / HTTP/1.1\r\nHost: raw2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
     for _ in range(100):
@@ -717,7 +694,7 @@ async def test_client_leaving_mid_response_is_not_reused(mesh: Mesh) -> None:
 
     up = RawUpstream(big)
     await up.start()
-    add_cluster(mesh, "big", up.port)
+    mesh.add_cluster("big", up.port)
     c = await RawClient.open(mesh.outbound.port)
     await c.send(b"GET / HTTP/1.1\r\nHost: big\r\n\r\n")
     await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
@@ -776,7 +753,7 @@ async def test_streaming_upload_and_download_keep_memory_bounded(mesh: Mesh) -> 
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    add_cluster(mesh, "stream", server.sockets[0].getsockname()[1])
+    mesh.add_cluster("stream", server.sockets[0].getsockname()[1])
     # The upstream in this test is the raw server itself (outbound → raw), and the mesh
     # path adds the inbound hop in front of the same server.
     mesh.inbound.proxy.router.pool.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
@@ -814,7 +791,7 @@ async def test_idle_connection_closed_by_upstream_is_dropped_from_the_pool(mesh:
 
     up = RawUpstream(once, close_after=True)  # answers, then closes: keep-alive over
     await up.start()
-    add_cluster(mesh, "flaky", up.port)
+    mesh.add_cluster("flaky", up.port)
     c = await RawClient.open(mesh.outbound.port)
     await c.send(b"GET /1 HTTP/1.1\r\nHost: flaky\r\n\r\n")
     assert (await c.response())[0] == 200
@@ -846,7 +823,7 @@ async def test_reused_connection_closed_by_upstream_before_answer_is_retried(mes
 
     up = RawUpstream(answer_then_drop_next)
     await up.start()
-    add_cluster(mesh, "drop", up.port)
+    mesh.add_cluster("drop", up.port)
     for i in range(2):
         status, _, body, _ = await request(
             mesh.outbound.port, b"GET /%d HTTP/1.1\r\nHost: drop\r\n\r\n" % i
@@ -865,7 +842,7 @@ async def test_pool_overflow_answers_503(mesh: Mesh) -> None:
 
     up = RawUpstream(never)
     await up.start()
-    add_cluster(mesh, "tiny", up.port)
+    mesh.add_cluster("tiny", up.port)
     router = mesh.outbound.router
     tiny = PoolPolicy(max_connections=1, max_pending=0)
     key = ("127.0.0.1", up.port, router.specs.default.pool_key)  # type: ignore[attr-defined]
@@ -890,7 +867,7 @@ async def test_unasked_101_and_head_through_chunked_upstream(mesh: Mesh) -> None
 
     up = RawUpstream(reply)
     await up.start()
-    add_cluster(mesh, "odd", up.port)
+    mesh.add_cluster("odd", up.port)
     c = await RawClient.open(mesh.outbound.port)
     await c.send(b"HEAD / HTTP/1.1\r\nHost: odd\r\n\r\n")
     status, headers, _, _ = await c.response(head_request=True)

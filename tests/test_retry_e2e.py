@@ -13,18 +13,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
 from proxy.balance import Endpoint
 from proxy.balance.outlier import HEALTHY, TRIAL
 from proxy.cluster import Cluster, StaticDirectory
-from proxy.listener import Listener
 from proxy.policy import Policy
-from proxy.policy_router import start_policy_outbound
 from tests.conftest import black_hole_ports, free_port, serve_app
 from tests.polling import until
+from tests.sidecar_harness import Mesh
 from wire import push as protocol
 
 
@@ -72,28 +70,6 @@ class Backend:
         return b
 
 
-@dataclass
-class Mesh:
-    listener: Listener
-    policy: Policy
-    cluster: Cluster
-    backends: list[Backend]
-    url: str
-
-    async def request(
-        self, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None
-    ) -> tuple[int, str, str]:
-        async with aiohttp.ClientSession() as http:
-            async with http.request(
-                method, "http://orders/x", data=body, proxy=self.url, headers=headers
-            ) as resp:
-                text = await resp.text()
-                return resp.status, resp.headers.get("x-tether-error", ""), text
-
-    def stats(self) -> Any:
-        return self.listener.proxy.stats.destination("outbound", "orders.default")
-
-
 async def make_mesh(
     backends: list[Backend], defaults: dict[str, Any], extra: list[dict[str, Any]] | None = None
 ) -> Mesh:
@@ -103,8 +79,7 @@ async def make_mesh(
     policy = Policy(directory)
     spec = {"loadBalancer": {"policy": "round_robin"}, **defaults}
     await policy.apply(snapshot(1, [doc("ServiceDefaults", "orders", spec), *(extra or [])]))
-    listener = await start_policy_outbound(directory, policy, port=0)
-    return Mesh(listener, policy, cluster, backends, f"http://127.0.0.1:{listener.port}")
+    return await Mesh.with_policy(directory, policy)
 
 
 @pytest.fixture
@@ -134,16 +109,16 @@ async def test_a_failed_get_is_retried_on_another_endpoint_with_its_attempt_numb
     good = await Backend.start("good")
     await start(cleanup, bad, good)
     mesh = await make_mesh([bad, good], {"retries": {"retryOn": ["gateway-error"]}})
-    cleanup.append(mesh.listener.aclose)
+    cleanup.append(mesh.aclose)
     results = [await mesh.request() for _ in range(20)]
     assert all(r[:1] == (200,) and r[2] == "good" for r in results), results
     # Every request that met `bad` first went to `good` as attempt 2; none the reverse.
     assert bad.seen and all(attempt is None for _, _, attempt in bad.seen)
     retried = [a for _, _, a in good.seen if a is not None]
     assert retried == ["2"] * len(bad.seen)
-    ds = mesh.stats()
+    ds = mesh.destination("orders.default")
     assert ds.attempts == 20 + len(bad.seen) and ds.retries == len(bad.seen)
-    text = mesh.listener.proxy.stats.render_prometheus()
+    text = mesh.stats.render_prometheus()
     line = [x for x in text.splitlines() if x.startswith("tether_retries_total{")]
     assert line and line[0].endswith(f'destination="orders.default",subset=""}} {len(bad.seen)}')
 
@@ -155,12 +130,12 @@ async def test_post_is_not_retried_unless_the_policy_says_so_and_its_body_is_rep
     good = await Backend.start("good")
     await start(cleanup, bad, good)
     mesh = await make_mesh([bad, good], {"retries": {"retryOn": ["5xx"]}})
-    cleanup.append(mesh.listener.aclose)
+    cleanup.append(mesh.aclose)
     statuses = [(await mesh.request("POST", b"order-%d" % i))[0] for i in range(6)]
     # Not idempotent: each POST reached exactly one app, once; the 503s came through.
     assert sorted(statuses) == [200] * 3 + [503] * 3
     assert len(bad.seen) + len(good.seen) == 6
-    assert mesh.stats().retries_refused == {"not_idempotent": 3}
+    assert mesh.destination("orders.default").retries_refused == {"not_idempotent": 3}
     # retryNonIdempotent: the same body goes to the other app.
     retry = {"retryOn": ["5xx"], "retryNonIdempotent": True}
     spec = {"retries": retry, "loadBalancer": {"policy": "round_robin"}}
@@ -182,10 +157,10 @@ async def test_a_body_over_the_buffer_limit_is_never_retried(
     await start(cleanup, bad)
     retry = {"retryOn": ["5xx"], "bufferLimit": 100, "budget": {"minPerSecond": 100}}
     mesh = await make_mesh([bad], {"retries": retry})
-    cleanup.append(mesh.listener.aclose)
+    cleanup.append(mesh.aclose)
     assert (await mesh.request("PUT", b"y" * 101))[0] == 503
     assert len(bad.seen) == 1
-    assert mesh.stats().retries_refused == {"body_too_large": 1}
+    assert mesh.destination("orders.default").retries_refused == {"body_too_large": 1}
     assert (await mesh.request("PUT", b"y" * 100))[0] == 503
     assert len(bad.seen) == 3  # a body within the limit: two attempts (same endpoint)
 
@@ -197,10 +172,10 @@ async def test_connect_failures_and_resets_are_retried(cleanup: list[Callable[[]
     await start(cleanup, reset, good)
     dead = Backend("dead", port=dead_port)
     mesh = await make_mesh([dead, reset, good], {"retries": {"attempts": 3}})
-    cleanup.append(mesh.listener.aclose)
+    cleanup.append(mesh.aclose)
     results = [await mesh.request() for _ in range(12)]
     assert all(r == (200, "", "good") for r in results), results
-    assert reset.seen and mesh.stats().retries >= len(reset.seen)
+    assert reset.seen and mesh.destination("orders.default").retries >= len(reset.seen)
 
 
 async def test_budget_exhausted_answers_with_the_original_status(
@@ -210,12 +185,12 @@ async def test_budget_exhausted_answers_with_the_original_status(
     await start(cleanup, bad)
     retry = {"retryOn": ["gateway-error"], "budget": {"ratio": 0.0, "minPerSecond": 0}}
     mesh = await make_mesh([bad], {"retries": retry})
-    cleanup.append(mesh.listener.aclose)
+    cleanup.append(mesh.aclose)
     status, error, body = await mesh.request()
     assert (status, error) == (502, "retry_budget_exhausted"), body
     assert json.loads(body)["error"] == "retry_budget_exhausted"
     assert len(bad.seen) == 1
-    assert mesh.stats().retries_refused == {"budget": 1}
+    assert mesh.destination("orders.default").retries_refused == {"budget": 1}
 
 
 async def test_per_try_timeout_retries_elsewhere_and_answers_its_own_reason(
@@ -226,22 +201,22 @@ async def test_per_try_timeout_retries_elsewhere_and_answers_its_own_reason(
     await start(cleanup, slow, good)
     retry = {"perTryTimeout": "200ms", "retryOn": ["gateway-error"]}
     mesh = await make_mesh([slow, good], {"retries": retry})
-    cleanup.append(mesh.listener.aclose)
+    cleanup.append(mesh.aclose)
     results = [await mesh.request() for _ in range(4)]
     assert all(r == (200, "", "good") for r in results), results
     # One attempt only: the per-try timeout's own reply.
     retry = {"perTryTimeout": "200ms", "attempts": 1}
     await mesh.policy.apply(snapshot(2, [doc("ServiceDefaults", "orders", {"retries": retry})]))
-    mesh.cluster.set_endpoints([Endpoint("s", "127.0.0.1", slow.port)])
+    mesh.cluster("orders").set_endpoints([Endpoint("s", "127.0.0.1", slow.port)])
     status, error, _ = await mesh.request()
     assert (status, error) == (504, "per_try_timeout")
-    assert mesh.listener.proxy.stats.local_replies.get("per_try_timeout") == 1
+    assert mesh.stats.local_replies.get("per_try_timeout") == 1
 
 
 async def test_connect_timeout_has_its_own_reply(cleanup: list[Callable[[], Any]]) -> None:
     with black_hole_ports(1) as (port,):
         mesh = await make_mesh([Backend("hole", port=port)], {"connectTimeout": "200ms"})
-        cleanup.append(mesh.listener.aclose)
+        cleanup.append(mesh.aclose)
         status, error, body = await mesh.request()
         assert (status, error) == (503, "upstream_connect_timeout"), body
 
@@ -252,12 +227,12 @@ async def test_circuit_breaker_sheds_past_max_active_requests(
     slow = await Backend.start("slow", mode="slow", delay=0.5)
     await start(cleanup, slow)
     mesh = await make_mesh([slow], {"circuitBreaker": {"maxActiveRequests": 2}})
-    cleanup.append(mesh.listener.aclose)
+    cleanup.append(mesh.aclose)
     results = await asyncio.gather(*(mesh.request() for _ in range(5)))
     statuses = sorted(r[0] for r in results)
     assert statuses == [200, 200, 503, 503, 503], results
     assert {r[1] for r in results if r[0] == 503} == {"overflow"}
-    text = mesh.listener.proxy.stats.render_prometheus()
+    text = mesh.stats.render_prometheus()
     assert (
         'tether_circuit_breaker_overflows_total{destination="orders.default",rule="",'
         'limit="max_active_requests"} 3'
@@ -281,7 +256,7 @@ async def test_route_rule_limits_and_retries_apply_on_top_of_the_service(
         },
     )
     mesh = await make_mesh([slow], {"circuitBreaker": {"maxActiveRequests": 10}}, [route])
-    cleanup.append(mesh.listener.aclose)
+    cleanup.append(mesh.aclose)
     results = await asyncio.gather(*(mesh.request() for _ in range(3)))
     assert sorted(r[0] for r in results) == [200, 503, 503], results
 
@@ -301,13 +276,13 @@ async def test_consecutive_failures_eject_and_a_trial_brings_the_endpoint_back(
         },
     }
     mesh = await make_mesh([flaky, good], policy)
-    cleanup.append(mesh.listener.aclose)
-    ep = mesh.cluster.endpoints[0]
+    cleanup.append(mesh.aclose)
+    ep = mesh.cluster("orders").endpoints[0]
     for _ in range(8):
         assert (await mesh.request())[0] == 200
     assert ep.outlier is not None and ep.outlier.state != HEALTHY
     assert ep.outlier.reason == "consecutive_5xx"
-    text = mesh.listener.proxy.stats.render_prometheus()
+    text = mesh.stats.render_prometheus()
     assert 'tether_outlier_ejected{destination="orders.default"} 1' in text
     assert 'tether_outlier_ejections_total{destination="orders.default",' in text
     seen = len(flaky.seen)
