@@ -12,7 +12,8 @@ it is worth against nginx.
 
     .venv/bin/python -m bench.hop_bench [--hop outbound|inbound] [--policy NAME[+locality]]
                                          [--count 50000] [--rounds 7] [--profile]
-                                         [--instructions] [--unique-ids | --realistic]
+                                         [--instructions] [--unique-ids | --realistic
+                                                            | --new-traces]
                                          [--no-retries] [--authz none|l4|l7] [--tracing RATIO]
 
 `--authz` (inbound hop): the service's intentions checked before routing, for a caller
@@ -20,7 +21,10 @@ with a SPIFFE ID: `l4` an intention allowing it (decided once per connection), `
 allowing GET on a path prefix and a header (matched per request).
 
 `--realistic`: every request has its own path, X-Request-Id, cookie and a caller's
-unsampled `traceparent` (flag 00). `--tracing RATIO`: tracing on (proxy/tracing.py),
+unsampled `traceparent` (flag 00). `--new-traces`: the same, but only every other
+request carries that `traceparent` and the others none (what `make bench`'s tracing rows
+send: with tracing on, those start a trace here, sampled at the ratio with a seeded draw).
+`--tracing RATIO`: tracing on (proxy/tracing.py),
 parent-based, RATIO of new traces sampled; spans go to the SDK's batch processor with an
 exporter that discards them (the OTLP export runs on the processor's thread and is
 measured end to end by `make bench`).
@@ -36,6 +40,7 @@ other options apply to the build that runs (compiled, or TETHER_PURE=1 for the s
 from __future__ import annotations
 
 import argparse
+import random
 import re
 import shutil
 import subprocess
@@ -62,6 +67,18 @@ REALISTIC = (
 
 def realistic(n: int) -> bytes:
     return REALISTIC % (n % 9973, n % 7, n, n, n, n * 2654435761 % (1 << 64))
+
+
+# --new-traces: the realistic requests of `make bench`'s tracing rows (bench/proxy_bench.py's
+# NEW_TRACES_LUA): every other one carries a caller's unsampled `traceparent`, the others
+# none (with tracing on, the sidecar starts their trace: sampled at the ratio).
+NO_PARENT = REALISTIC.replace(b"traceparent: 00-4bf92f3577b34da6a3ce%012x-00f067aa%08x-00\r\n", b"")
+
+
+def new_traces(n: int) -> bytes:
+    if n % 2:
+        return realistic(n)
+    return NO_PARENT % (n % 9973, n % 7, n, n * 2654435761 % (1 << 64))
 
 
 RESPONSE = (
@@ -150,7 +167,14 @@ def _tracer(ratio: float, hop: str) -> Any:
         def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    tracing = Tracing(Discard(), SamplingSpec(ratio, True), service="bench", namespace="default")
+    # A seeded draw: the same requests are sampled in every run (callgrind's two runs).
+    tracing = Tracing(
+        Discard(),
+        SamplingSpec(ratio, True),
+        service="bench",
+        namespace="default",
+        rng=random.Random(13),
+    )
     return tracing.for_listener(hop)
 
 
@@ -227,6 +251,20 @@ def one(conn: Any, request: bytes = REQUEST) -> None:
     up.data_received(RESPONSE)
 
 
+def heads_for(heads: str, first: int, count: int) -> list[bytes]:
+    """`count` request heads of the kind `heads`, numbered from `first`."""
+    return [
+        realistic(first + i)
+        if heads == "realistic"
+        else new_traces(first + i)
+        if heads == "new-traces"
+        else REQUEST_WITH_ID % (first + i)
+        if heads == "unique-ids"
+        else REQUEST
+        for i in range(count)
+    ]
+
+
 def run(
     hop: str,
     policy: str,
@@ -245,14 +283,7 @@ def run(
     assert up_t.last.startswith(b"HTTP/1.1 200 OK\r\n"), up_t.last[:80]
     best = float("inf")
     for r in range(rounds + 1):
-        requests = [
-            realistic(r * count + i)
-            if heads == "realistic"
-            else REQUEST_WITH_ID % (r * count + i)
-            if heads == "unique-ids"
-            else REQUEST
-            for i in range(count)
-        ]
+        requests = heads_for(heads, r * count, count)
         start = time.perf_counter()
         for request in requests:
             one(conn, request)
@@ -270,10 +301,11 @@ async def _main(args: argparse.Namespace) -> None:
         _, conn = build(
             args.hop, args.policy, args.endpoints, args.authz, not args.no_retries, args.tracing
         )
+        requests = heads_for(heads_of(args), 0, args.count)
         prof = cProfile.Profile()
         prof.enable()
-        for _ in range(args.count):
-            one(conn)
+        for request in requests:
+            one(conn, request)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
         return
@@ -300,6 +332,8 @@ def _label(args: argparse.Namespace) -> str:
 def heads_of(args: argparse.Namespace) -> str:
     if getattr(args, "realistic", False):
         return "realistic"
+    if getattr(args, "new_traces", False):
+        return "new-traces"
     return "unique-ids" if args.unique_ids else "repeated"
 
 
@@ -318,6 +352,7 @@ def instructions(args: argparse.Namespace) -> int:
                "--authz", getattr(args, "authz", "none"),
                *(["--no-retries"] if getattr(args, "no_retries", False) else []),
                *(["--realistic"] if getattr(args, "realistic", False) else []),
+               *(["--new-traces"] if getattr(args, "new_traces", False) else []),
                *(["--tracing", str(args.tracing)]
                  if getattr(args, "tracing", None) is not None else [])]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
@@ -346,6 +381,7 @@ def main() -> None:
         help="outbound without the default retry policy (to measure what it costs)",
     )
     ap.add_argument("--realistic", action="store_true")
+    ap.add_argument("--new-traces", action="store_true")
     ap.add_argument("--tracing", type=float, default=None, metavar="RATIO")
     args = ap.parse_args()
     if args.instructions:

@@ -194,6 +194,9 @@ class SidecarRecord:
     last_seen: float = 0.0
     connected_since: float = 0.0
     sent_nonce: str = ""
+    # When the sidecar's mesh certificate expires (Unix time, from its stats reports);
+    # None until one says (or without mTLS).
+    cert_expiry: float | None = None
 
     # -- the per-sidecar exchange, without I/O ----------------------------------------
 
@@ -541,6 +544,9 @@ class PushServer:
             self.stats_dropped += 1
             return
         s.last_stats = now
+        if msg.cert_expiry is not None and msg.cert_expiry != s.record.cert_expiry:
+            s.record.cert_expiry = msg.cert_expiry  # a new certificate: status rewritten
+            self._mark(s.record)
         node = s.node
         self.stats.record(node.key, protocol.service_key(node.service, node.namespace), msg)
 

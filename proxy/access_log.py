@@ -189,8 +189,9 @@ class ListenerAccessLog:
     def __init__(self, log: AccessLog, listener: str) -> None:
         self.log = log
         self.listener = listener
-        # The caller is known on the outbound listener (this sidecar's app).
-        self.source = log.source if listener == "outbound" else "unknown"
+        # The caller: on the outbound listener this sidecar's app; on the inbound one
+        # ("" here) the service of the caller's verified mTLS identity, per request.
+        self.source = log.source if listener == "outbound" else ""
 
     def record(self, ex: Exchange, now: float) -> None:
         """Keep the request's values for the writer (filters first; full: dropped)."""
@@ -215,6 +216,9 @@ class ListenerAccessLog:
                 ep = (endpoint.host, endpoint.port)
             elif route.pool is not None:
                 ep = (route.pool.host, route.pool.port)
+        source = self.source
+        if not source:
+            source = ex.conn.peer.source or "unknown"  # plaintext: no identity
         trace = ex.trace
         trace_id: Any = None
         if trace is not None:
@@ -225,7 +229,7 @@ class ListenerAccessLog:
                 trace_id,
                 ex.head,
                 self.listener,
-                self.source,
+                source,
                 dest,
                 status,
                 outcome.reason,

@@ -73,6 +73,7 @@ COMPILED: tuple[str, ...] = (
     "proxy.route_result",
     "proxy.routing",
     "proxy.stats",
+    "proxy.trace_context",
     "proxy.upstream",
 )
 

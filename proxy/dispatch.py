@@ -33,7 +33,7 @@ from proxy.hedging import render_metrics as render_hedging
 from proxy.pool import Pool, PoolPolicy
 from proxy.resilience import Resilience, ResilienceState
 from proxy.route_result import Peer, RouteResult
-from proxy.stats import DestinationStats, ProxyStats
+from proxy.stats import OTHER_SOURCE, DestinationStats, ProxyStats
 from proxy.target import Authority, parse_authority, split_absolute_form
 
 if TYPE_CHECKING:
@@ -526,16 +526,38 @@ class InboundRouter:
             name="app",
             head_cache=self.head_cache,
         )
+        self.stats = stats
         self.dstats = stats.destination(self.name, "app")
         # Every origin-form request's answer: one shared, unchanging result.
         self._result = RouteResult(self.pool, dstats=self.dstats)
+        # Per caller (`Peer.source`: `svc.ns` from its verified mTLS identity, "" for
+        # plaintext), that answer with the caller's own stats (`source` label). Only
+        # callers given a label of their own are kept (ProxyStats.source_label bounds
+        # them); `_labels` holds one entry per label.
+        entry = (self._result, self.dstats)
+        self._sources: dict[str, tuple[RouteResult, DestinationStats]] = {"": entry}
+        self._labels: dict[str, tuple[RouteResult, DestinationStats]] = {"": entry}
         # Host values seen to be well-formed authorities (bounded like the outbound's).
         self._hosts: set[bytes] = set()
         # The Route's `at: inbound` rate limits (proxy/inbound_limits.py), once a control
         # plane's policy is attached; None: none.
         self.limits: InboundLimits | None = None
 
+    def _caller(self, source: str) -> tuple[RouteResult, DestinationStats]:
+        label = self.stats.source_label(source)
+        entry = self._labels.get(label)
+        if entry is None:
+            dstats = self.stats.destination(self.name, "app", "", label)
+            entry = self._labels[label] = (RouteResult(self.pool, dstats=dstats), dstats)
+        if label != OTHER_SOURCE:
+            self._sources[source] = entry
+        return entry
+
     def route(self, head: RequestHead, peer: Peer) -> RouteResult:
+        caller = self._sources.get(peer.source)
+        if caller is None:
+            caller = self._caller(peer.source)
+        result, dstats = caller
         path = None
         try:
             if head.target[0] != 47:  # not origin-form (b"/"); llhttp never gives one empty
@@ -549,12 +571,12 @@ class InboundRouter:
                     self._hosts.clear()
                 self._hosts.add(host)
         except BadMessageError as e:
-            return RouteResult.answer(e.reason, e.message, status=e.status, dstats=self.dstats)
+            return RouteResult.answer(e.reason, e.message, status=e.status, dstats=dstats)
         # Authorization before the rate limits (identity, authorization, per-caller
         # limits): a refused caller spends none of the budget of those let in.
         authz = self.authz
         if authz is not None and authz.policy is not None:
-            refused = authz.check(head, peer, path, self.dstats)
+            refused = authz.check(head, peer, path, dstats)
             if refused is not None:
                 return refused
         limits = self.limits
@@ -564,12 +586,12 @@ class InboundRouter:
                 return RouteResult.answer(
                     local_reply.RATE_LIMITED,
                     f"over the service's rate limit; retry in {wait:.3f}s",
-                    dstats=self.dstats,
+                    dstats=dstats,
                     headers=((b"retry-after", local_reply.retry_after(wait)),),
                 )
         if path is None:
-            return self._result
-        return RouteResult(self.pool, dstats=self.dstats, path=path)
+            return result
+        return RouteResult(self.pool, dstats=dstats, path=path)
 
     def retry_route(
         self, head: RequestHead, peer: Peer, previous: RouteResult, tried: list[Endpoint]

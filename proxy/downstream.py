@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from proxy.egress import EgressGuard
     from proxy.h2_downstream import H2Front
     from proxy.pool import Pool
-    from proxy.tracing import ListenerTracing
+    from proxy.trace_context import ListenerTracing
 
 # HTTP/2 with prior knowledge (RFC 9113 section 3.4): here, so that sniffing an HTTP/1
 # connection does not import the HTTP/2 side (the h2 package) into an idle sidecar.

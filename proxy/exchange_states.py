@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from proxy.heads import RequestHead
     from proxy.route_result import Peer, RouteResult
     from proxy.stats import ProxyStats
-    from proxy.tracing import ListenerTracing
+    from proxy.trace_context import ListenerTracing
 
 ROUTING: Final = 0  # the head is in; waiting for the router's answer
 CONNECTING: Final = 1  # routed to a pool; waiting for a connection

@@ -194,6 +194,8 @@ class H2Pool:
                 reason = local_reply.UPSTREAM_CONNECT_TIMEOUT
             elif isinstance(e, ssl_module.SSLError):
                 reason = local_reply.UPSTREAM_TLS_ERROR
+                if tls is not None:  # a mesh handshake (proxy/tls_stats.py)
+                    tls.handshake_failed(e)
             else:
                 reason = local_reply.UPSTREAM_CONNECT_ERROR
             self._fail_waiters(reason, message)

@@ -193,6 +193,8 @@ class Pool:
                 reason = local_reply.UPSTREAM_CONNECT_TIMEOUT
             elif isinstance(e, ssl_module.SSLError):
                 reason = local_reply.UPSTREAM_TLS_ERROR
+                if tls is not None:  # a mesh handshake (proxy/tls_stats.py)
+                    tls.handshake_failed(e)
             else:
                 reason = local_reply.UPSTREAM_CONNECT_ERROR
             waiter.on_upstream_failed(reason, message)

@@ -34,7 +34,7 @@ class Peer:
     mTLS lands. One per connection; `routing` is the router's own per-connection state
     (the hashing balancers' pick context), which the router alone reads and writes."""
 
-    __slots__ = ("address", "identity", "identity_line", "routing", "xff", "xff_line")
+    __slots__ = ("address", "identity", "identity_line", "routing", "source", "xff", "xff_line")
 
     def __init__(self, address: bytes, identity: str | None = None) -> None:
         self.address = address
@@ -45,6 +45,9 @@ class Peer:
         self.xff_line = b"X-Forwarded-For: " + address + b"\r\n"
         # What the inbound sidecar tells the app of a caller proven by mTLS.
         self.identity_line = b""
+        # The caller's service as `svc.ns`, from its verified identity ("" without one):
+        # the inbound listener's `source` (stats, spans, access log), never from a header.
+        self.source = ""
         if identity:
             self.set_identity(identity)
 
@@ -52,10 +55,20 @@ class Peer:
         """The caller's SPIFFE ID from its certificate (the inbound listener's check)."""
         self.identity = identity
         self.identity_line = b"x-tether-peer-identity: " + identity.encode() + b"\r\n"
+        self.source = source_of_identity(identity)
 
     def __repr__(self) -> str:
         who = f" {self.identity}" if self.identity else ""
         return f"<Peer {self.address.decode('latin-1')}{who}>"
+
+
+def source_of_identity(identity: str) -> str:
+    """`spiffe://<td>/ns/<ns>/dc/<dc>/svc/<svc>` (already verified) -> `svc.ns`; "" for
+    anything else. Plain string work: this module never loads the X.509 code."""
+    parts = identity.split("/")
+    if len(parts) != 9 or parts[3] != "ns" or parts[7] != "svc" or not parts[4] or not parts[8]:
+        return ""
+    return f"{parts[8]}.{parts[4]}"
 
 
 @dataclass(frozen=True, slots=True)

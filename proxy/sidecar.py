@@ -264,6 +264,11 @@ class Sidecar:
         spec = self.spec
         assert self.directory is not None
         self.stats = ProxyStats(source=f"{spec.service}.{spec.namespace}")
+        if self.mesh_tls is not None:
+            from proxy import tls_stats
+
+            mesh_tls = self.mesh_tls
+            self.stats.cert_expiry = lambda: tls_stats.expiry(mesh_tls)
         # With a control plane, the inbound listener enforces the service's intentions
         # (proxy/authz.py), compiled from each snapshot the policy applies.
         if spec.controlplane:
@@ -660,7 +665,20 @@ class Sidecar:
         rendered: str = self.stats.render_prometheus()
         if self.access_log is not None:
             config += self.access_log.render_prometheus()
+        if self.mesh_tls is not None:
+            config += self._tls_metrics()
         return rendered + config
+
+    def _tls_metrics(self) -> str:
+        """Handshakes, the leaf's expiry, the bundle (proxy/tls_stats.py); with the
+        inbound port's plaintext connections when it sorts TLS from plaintext."""
+        from proxy import tls_stats
+
+        server = getattr(self.inbound, "server", None) if self.inbound is not None else None
+        served = getattr(server, "plaintext_served", None)
+        refused = getattr(server, "plaintext_refused", None)
+        plaintext = (served, refused) if served is not None and refused is not None else None
+        return tls_stats.render(self.mesh_tls, plaintext)
 
     def __repr__(self) -> str:
         return f"<Sidecar {self.spec.service} {self.state} ports={self.ports()}>"

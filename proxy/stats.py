@@ -24,6 +24,11 @@ LATENCY_BOUNDS = protocol.LATENCY_BOUNDS
 _BOUNDS: Final[tuple[float, ...]] = tuple(LATENCY_BOUNDS)
 _NBOUNDS: Final = len(_BOUNDS)
 _CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+# Inbound `source` label values: at most MAX_SOURCES distinct callers get their own; the
+# callers after them count under OTHER_SOURCE. A plaintext caller (no identity): UNKNOWN.
+MAX_SOURCES = 64
+OTHER_SOURCE = "other"
+UNKNOWN_SOURCE = "unknown"
 
 
 class DestinationStats:
@@ -40,10 +45,15 @@ class DestinationStats:
         "retries",
         "retries_refused",
         "route",
+        "source",
     )
 
-    def __init__(self, name: str, route: str = "") -> None:
+    def __init__(self, name: str, route: str = "", source: str = "") -> None:
         self.name = name
+        # The caller (`svc.ns`) on the inbound listener, from its verified mTLS identity
+        # (a bounded label: `ProxyStats.source_label`); "" on the outbound listener,
+        # whose source is the sidecar's own service.
+        self.source = source
         # The Route rule that sent the requests here (`<route>#<rule index>`), "" when
         # no rule matched (or the destination has no Route): a bounded label value.
         self.route = route
@@ -96,8 +106,12 @@ class ProxyStats:
     def __init__(self, source: str = "", started: float | None = None) -> None:
         # The service this sidecar fronts (`svc.ns`): the source of its outbound requests.
         self.source = source
-        # By (listener, destination, route).
-        self.destinations: dict[tuple[str, str, str], DestinationStats] = {}
+        # By (listener, destination, route, source); source "" on the outbound listener.
+        self.destinations: dict[tuple[str, str, str, str], DestinationStats] = {}
+        # Inbound callers given a label of their own (`svc.ns` -> itself), and requests
+        # counted under OTHER_SOURCE because MAX_SOURCES callers already had one.
+        self.sources: dict[str, str] = {}
+        self.sources_overflowed = 0
         self.local_replies: dict[str, int] = {}
         # Local replies before any destination was known (bad requests, unknown names).
         self.unrouted = DestinationStats("none")
@@ -111,16 +125,36 @@ class ProxyStats:
         # Callables returning the lines of outlier and circuit-breaker metrics.
         self.resilience_sources: list[Callable[[], list[str]]] = []
         # What the last `report` covered: per destination key, its counts then.
-        self._reported: dict[tuple[str, str, str], tuple[tuple[int, ...], float]] = {}
+        self._reported: dict[tuple[str, str, str, str], tuple[tuple[int, ...], float]] = {}
+        # The sidecar's mesh certificate's expiry (Unix time) for the reports, when it
+        # runs mTLS (set by the sidecar: proxy/tls_stats.py's `expiry`).
+        self.cert_expiry: Callable[[], float | None] | None = None
         # When the last report ended (monotonic): the first covers the time since start.
         self._reported_at = time.monotonic() if started is None else started
 
-    def destination(self, listener: str, name: str, route: str = "") -> DestinationStats:
-        key = (listener, name, route)
+    def destination(
+        self, listener: str, name: str, route: str = "", source: str = ""
+    ) -> DestinationStats:
+        key = (listener, name, route, source)
         ds = self.destinations.get(key)
         if ds is None:
-            ds = self.destinations[key] = DestinationStats(name, route)
+            ds = self.destinations[key] = DestinationStats(name, route, source)
         return ds
+
+    def source_label(self, source: str) -> str:
+        """The inbound `source` key of a caller (`svc.ns` from its verified identity):
+        itself for the first MAX_SOURCES callers, OTHER_SOURCE after them (each such
+        lookup counted); "" for a caller without an identity (rendered UNKNOWN_SOURCE)."""
+        if not source:
+            return ""
+        label = self.sources.get(source)
+        if label is not None:
+            return label
+        if len(self.sources) >= MAX_SOURCES:
+            self.sources_overflowed += 1
+            return OTHER_SOURCE
+        self.sources[source] = source
+        return source
 
     def local_reply(self, reason: str, dstats: DestinationStats | None = None) -> None:
         self.local_replies[reason] = self.local_replies.get(reason, 0) + 1
@@ -168,17 +202,23 @@ class ProxyStats:
             )
             rows.append((n, row))
         rows.sort(key=lambda r: -r[0])
+        expiry = self.cert_expiry
         return protocol.Stats(
             seconds=max(now - since, 0.001),
             rows=tuple(row for _, row in rows[: protocol.MAX_STATS_ROWS]),
+            cert_expiry=expiry() if expiry is not None else None,
         )
 
     # -- Prometheus ---------------------------------------------------------------------
 
-    def _labels(self, listener: str, name: str, route: str) -> str:
+    def _labels(self, listener: str, name: str, route: str, source: str = "") -> str:
         service, subset = split_destination(name)
-        # The caller of an inbound request is known once mTLS identities land.
-        source = self.source if listener == "outbound" else "unknown"
+        # Outbound: this sidecar's service; inbound: the caller's verified identity
+        # (`source_label`), `unknown` without one.
+        if listener == "outbound":
+            source = self.source
+        elif not source:
+            source = UNKNOWN_SOURCE
         labels = (
             f'source="{source}",listener="{listener}",destination="{service}",subset="{subset}"'
         )
@@ -194,8 +234,8 @@ class ProxyStats:
             f"# HELP {p}_requests_total Requests by source, destination, subset, status class."
         )
         out.append(f"# TYPE {p}_requests_total counter")
-        for (listener, name, route), ds in dests:
-            labels = self._labels(listener, name, route)
+        for (listener, name, route, source), ds in dests:
+            labels = self._labels(listener, name, route, source)
             for i, cls in enumerate(_CLASSES):
                 if ds.by_class[i]:
                     out.append(
@@ -203,8 +243,8 @@ class ProxyStats:
                     )
         out.append(f"# HELP {p}_request_duration_seconds Time from request head to response end.")
         out.append(f"# TYPE {p}_request_duration_seconds histogram")
-        for (listener, name, route), ds in dests:
-            labels = self._labels(listener, name, route)
+        for (listener, name, route, source), ds in dests:
+            labels = self._labels(listener, name, route, source)
             running = 0
             for bound, count in zip(LATENCY_BOUNDS, ds.buckets, strict=False):
                 running += count
@@ -218,9 +258,9 @@ class ProxyStats:
             f"# HELP {p}_local_replies_total Replies the sidecar answered itself, by reason."
         )
         out.append(f"# TYPE {p}_local_replies_total counter")
-        unrouted = [(("none", "none", ""), self.unrouted)] if self.unrouted.reasons else []
+        unrouted = [(("none", "none", "", ""), self.unrouted)] if self.unrouted.reasons else []
         reasons: dict[tuple[str, str, str], int] = {}
-        for (listener, name, _), ds in [*dests, *unrouted]:
+        for (listener, name, _, _), ds in [*dests, *unrouted]:
             for reason, count in ds.reasons.items():
                 key = (listener, name, reason)
                 reasons[key] = reasons.get(key, 0) + count
@@ -242,6 +282,12 @@ class ProxyStats:
         out.append(f"# HELP {p}_tunnels_active Open tunnels (CONNECT, Upgrade, opaque TCP).")
         out.append(f"# TYPE {p}_tunnels_active gauge")
         out.append(f"{p}_tunnels_active {self.tunnels_active}")
+        out.append(
+            f"# HELP {p}_inbound_source_overflow_total Inbound requests labelled"
+            f' source="{OTHER_SOURCE}": {MAX_SOURCES} callers already had a label.'
+        )
+        out.append(f"# TYPE {p}_inbound_source_overflow_total counter")
+        out.append(f"{p}_inbound_source_overflow_total {self.sources_overflowed}")
         # Pools are per endpoint (an address): summed per destination, so no address
         # becomes a label value. A pool's name is "<destination>/<host>:<port>".
         idle: dict[str, int] = {}
@@ -268,39 +314,39 @@ class ProxyStats:
         return "\n".join(out) + "\n"
 
     def _render_resilience(
-        self, out: list[str], dests: list[tuple[tuple[str, str, str], DestinationStats]]
+        self, out: list[str], dests: list[tuple[tuple[str, str, str, str], DestinationStats]]
     ) -> None:
         p = "tether"
         # Per destination: a Route rule's requests (their own `route` entry) add in.
-        attempts: dict[tuple[str, str], int] = {}
-        made: dict[tuple[str, str], int] = {}
-        refused: dict[tuple[str, str, str], int] = {}
-        for (listener, name, _), ds in dests:
-            key = (listener, name)
+        attempts: dict[tuple[str, str, str], int] = {}
+        made: dict[tuple[str, str, str], int] = {}
+        refused: dict[tuple[str, str, str, str], int] = {}
+        for (listener, name, _, source), ds in dests:
+            key = (listener, name, source)
             attempts[key] = attempts.get(key, 0) + ds.attempts
             made[key] = made.get(key, 0) + ds.retries
             for reason, n in ds.retries_refused.items():
-                rkey = (listener, name, reason)
+                rkey = (listener, name, source, reason)
                 refused[rkey] = refused.get(rkey, 0) + n
         out.append(f"# HELP {p}_upstream_attempts_total Upstream attempts, retries included.")
         out.append(f"# TYPE {p}_upstream_attempts_total counter")
-        for (listener, name), n in sorted(attempts.items()):
+        for (listener, name, source), n in sorted(attempts.items()):
             if n:
-                labels = self._labels(listener, name, "")
+                labels = self._labels(listener, name, "", source)
                 out.append(f"{p}_upstream_attempts_total{{{labels}}} {n}")
         out.append(f"# HELP {p}_retries_total Retries made.")
         out.append(f"# TYPE {p}_retries_total counter")
-        for (listener, name), n in sorted(made.items()):
+        for (listener, name, source), n in sorted(made.items()):
             if n:
-                labels = self._labels(listener, name, "")
+                labels = self._labels(listener, name, "", source)
                 out.append(f"{p}_retries_total{{{labels}}} {n}")
         out.append(f"# HELP {p}_retries_refused_total Retries the policy allowed but not made.")
         out.append(f"# TYPE {p}_retries_refused_total counter")
-        for (listener, name, reason), n in sorted(refused.items()):
-            labels = self._labels(listener, name, "")
+        for (listener, name, source, reason), n in sorted(refused.items()):
+            labels = self._labels(listener, name, "", source)
             out.append(f'{p}_retries_refused_total{{{labels},reason="{reason}"}} {n}')
-        for source in self.resilience_sources:
-            out.extend(source())
+        for lines in self.resilience_sources:
+            out.extend(lines())
 
     def __repr__(self) -> str:
         total = sum(ds.total for ds in self.destinations.values())

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy import local_reply
+from proxy.tls_stats import HandshakeCounts, failure_reason
 from wire.spiffe import PeerVerificationError, SpiffeId, verify_peer
 
 log = logging.getLogger("tether.tls")
@@ -83,6 +84,7 @@ class MeshTLS:
         self.client_h2: ssl.SSLContext | None = None  # ALPN h2 (proxy/h2_pool.py)
         self.generation = 0  # bumped on every new pair of contexts
         self.refused = 0  # peers whose certificate was refused after the handshake
+        self.handshakes = HandshakeCounts()  # by side and result (proxy/tls_stats.py)
 
     @property
     def ready(self) -> bool:
@@ -216,13 +218,19 @@ class UpstreamTLS:
         """The client context offering ALPN `h2` (the HTTP/2 pools')."""
         return self.mesh.client_h2
 
+    def handshake_failed(self, exc: BaseException) -> None:
+        """A handshake with the destination failed before any check (counted)."""
+        self.mesh.handshakes.failed("client", failure_reason(exc))
+
     def check(self, transport: Any) -> str | None:
         """None if the peer is the destination, else why not."""
         try:
             self.mesh.peer_identity(transport, self.expected)
         except PeerVerificationError as exc:
             self.mesh.refused += 1
+            self.mesh.handshakes.failed("client", "identity")
             return str(exc)
+        self.mesh.handshakes.ok("client")
         return None
 
     def __repr__(self) -> str:
@@ -243,12 +251,15 @@ class InboundIdentity:
         if transport.get_extra_info("ssl_object") is None:
             return ""
         try:
-            return self.mesh.peer_identity(transport).uri
+            uri = self.mesh.peer_identity(transport).uri
         except PeerVerificationError as exc:
             self.mesh.refused += 1
+            self.mesh.handshakes.failed("server", "identity")
             peer = transport.get_extra_info("peername")
             log.warning("inbound: refused %s: %s", peer[0] if peer else "?", exc)
             return None
+        self.mesh.handshakes.ok("server")
+        return uri
 
 
 def mtls_required_reply() -> bytes:
@@ -382,6 +393,7 @@ class MeshServer:
             self.tls_accepted += 1
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             self.handshake_failures += 1
+            self.mesh.handshakes.failed("server", failure_reason(exc))
             log.debug("inbound: TLS handshake failed: %s", exc)
             conn.close()
 

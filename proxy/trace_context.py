@@ -26,11 +26,12 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from proxy.exchange import Exchange
     from proxy.heads import RequestHead
 
 _HEX_DIGITS: Final = b"0123456789abcdef"
@@ -343,7 +344,7 @@ def path_of(target: bytes) -> bytes:
 
 
 def propagation(line: bytes) -> Propagation:
-    return _new_tuple(Propagation, (line,))
+    return Propagation(line)
 
 
 def traceparent_line(trace_id: bytes, span_id: bytes, sampled: bool) -> bytes:
@@ -360,42 +361,109 @@ def new_ids(rng: random.Random) -> tuple[bytes, bytes]:
     return b"%032x" % (rng.getrandbits(128) or 1), b"%016x" % (rng.getrandbits(64) or 1)
 
 
+_HEX2: Final = [b"%02x" % i for i in range(256)]
+
+
 class UnsampledIds:
     """`traceparent` lines for unsampled roots, made cheaply: the trace id a random
     per-process half and a counter, the parent id random per process (their only use
     is to carry the decision not to sample, and the trace id to name the request in
     access logs; no span is ever recorded under them, here or after)."""
 
-    __slots__ = ("_head", "_seq", "_tail")
+    __slots__ = ("_block", "_head", "_seq", "_tail")
 
     def __init__(self, rng: random.Random) -> None:
         self._head = b"traceparent: 00-%016x" % (rng.getrandbits(64) | 1 << 63)
         self._tail = b"-%016x-00\r\n" % (rng.getrandbits(64) | 1 << 63)
         self._seq = 0
+        # The line up to the counter's last two hex digits, made again every 256 lines
+        # (formatting a number is most of what a line costs).
+        self._block = self._head + b"%014x" % 0
 
     def line(self) -> bytes:
         self._seq = seq = self._seq + 1
-        return self._head + b"%016x" % seq + self._tail
+        low = seq & 255
+        if not low:
+            self._block = self._head + b"%014x" % (seq >> 8)
+        return self._block + _HEX2[low] + self._tail
 
 
-class Propagation(tuple[bytes]):
+class Propagation:
     """An unsampled request that started its trace here: its attempts carry a
-    `traceparent` with the sampled flag 00 (`self[0]`, the field line), so the sidecars
+    `traceparent` with the sampled flag 00 (`line`, the field line), so the sidecars
     after this one do not start traces of their own (the decision is made once, at the
-    root). No SDK objects; a tuple, made by C code (`propagation(line)`)."""
+    root). No SDK objects: a compiled object with one field."""
 
-    __slots__ = ()
+    __slots__ = ("line",)
 
-    sampled = False
+    def __init__(self, line: bytes) -> None:
+        self.line = line
 
     def trace_id(self) -> bytes:
-        return self[0][16:48]  # b"traceparent: 00-" then the trace id
+        return self.line[16:48]  # b"traceparent: 00-" then the trace id
 
     def attempt_start(self, ex: object, data: bytes) -> bytes:
-        return data[:-2] + self[0] + b"\r\n"
+        return data[:-2] + self.line + b"\r\n"
 
     def attempt_end(self, ex: object, reason: str) -> None:
         return None
 
     def end(self, ex: object, now: float) -> None:
         return None
+
+
+_EVEN_HEX: Final = frozenset(b"02468ace")  # the last flags digit of an unsampled traceparent
+
+
+class ListenerTracing:
+    """What one listener's exchanges call (`ProxyServer.tracer`): the per-request
+    decision, in plain (compiled) code. `tracing` is the sidecar's `proxy.tracing.Tracing`
+    (sampling, random source, the SDK); only a sampled request reaches it (`start`)."""
+
+    __slots__ = ("ids", "listener", "rng", "tracing")
+
+    def __init__(self, tracing: Any, listener: str) -> None:
+        self.tracing = tracing
+        self.listener = listener
+        self.rng: random.Random = tracing.rng
+        self.ids: UnsampledIds = tracing.unsampled_ids
+
+    def begin(self, ex: Exchange) -> Any:
+        """The decision for a request whose head just arrived: None (pass the incoming
+        context on as it is), a `Propagation` (an unsampled root), or what
+        `tracing.start` makes of a sampled one (proxy/tracing.py's `SampledTrace`)."""
+        tracing = self.tracing
+        spec: SamplingSpec = tracing.sampling if tracing.mesh is None else tracing.current()
+        head = ex.head
+        if head.raw is None and not head.b3:
+            # The common case, without a call: what the codec noted (find_parent's).
+            tp = head.traceparent
+            if tp is not None and len(tp) == 55 and tp[54] in _EVEN_HEX and spec.parent_based:
+                # A caller's unsampled version-00 context: all that matters is its flag,
+                # and it goes on unchanged (the ids are not even checked).
+                return None
+            present = tp is not None
+            parent = parse_traceparent(tp) if tp is not None else None
+        else:
+            parent, present = find_parent(head)
+        if parent is None:
+            sampled = self.rng.random() < spec.ratio
+        elif parent.sampled is not None and spec.parent_based:
+            sampled = parent.sampled
+        else:
+            sampled = decide(spec, parent, self.rng.random())
+        if not sampled:
+            if parent is not None and parent.trace_id:
+                return None  # the caller's context goes on unchanged
+            if present:
+                head.headers = strip_fields(head.headers)
+            return Propagation(self.ids.line())
+        if present:
+            fields = head.headers
+            if parent is not None and parent.tracestate is None:
+                parent = parse_fields(fields)[0]  # with its tracestate, if it has one
+            head.headers = strip_fields(fields)
+        return tracing.start(self, ex, parent if parent is not None and parent.trace_id else None)
+
+    def __repr__(self) -> str:
+        return f"<ListenerTracing {self.listener}>"

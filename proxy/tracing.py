@@ -2,8 +2,9 @@
 
 Imported only when tracing is on (`OTEL_TRACES_EXPORTER=otlp`, or a test's exporter), so
 a sidecar without tracing never loads the SDK. Per request, `ListenerTracing.begin` runs
-in plain code (proxy/trace_context.py): find the incoming context, decide; only a
-sampled request gets a `SampledTrace`, the one object here that makes SDK spans:
+in plain code (proxy/trace_context.py, part of the compiled build): find the incoming
+context, decide; only a sampled request reaches `Tracing.start` and gets a
+`SampledTrace`, the one object here that makes SDK spans:
 
 - the server span (kind SERVER) starts when the request head arrived, as the child of
   the incoming context (or as a new trace's root), and ends at the exchange's
@@ -40,18 +41,12 @@ from opentelemetry.trace.status import Status, StatusCode
 from proxy import outcome as outcomes
 from proxy.stats import split_destination
 from proxy.trace_context import (
+    ListenerTracing,
     Parent,
-    Propagation,
     SamplingSpec,
     UnsampledIds,
-    decide,
-    find_parent,
-    parse_fields,
-    parse_traceparent,
     path_of,
-    propagation,
     sampling_from_env,
-    strip_fields,
     traceparent_line,
     tracing_requested,
     with_line,
@@ -61,7 +56,7 @@ if TYPE_CHECKING:
     from proxy.exchange import Exchange
 
 SCOPE = "tether.sidecar"
-_EVEN_HEX = frozenset(b"02468ace")  # the last flags digit of an unsampled traceparent
+__all__ = ["ListenerTracing", "SampledTrace", "Tracing", "exporter_from_env", "from_env"]
 
 
 class MeshSource(Protocol):
@@ -125,6 +120,12 @@ class Tracing:
     def for_listener(self, listener: str) -> ListenerTracing:
         return ListenerTracing(self, listener)
 
+    def start(self, lt: ListenerTracing, ex: Exchange, parent: Parent | None) -> SampledTrace:
+        """The spans of a request `lt.begin` decided to sample (`parent`: the caller's
+        context it continues, None for a new trace)."""
+        self.sampled += 1
+        return SampledTrace(lt, ex, parent)
+
     def current(self) -> SamplingSpec:
         """The sampling in force: MeshConfig's, when it has one and the environment set
         no sampler, else the environment's (or OpenTelemetry's default)."""
@@ -175,54 +176,6 @@ def from_env(
     )
 
 
-class ListenerTracing:
-    """What one listener's exchanges call (`ProxyServer.tracer`)."""
-
-    __slots__ = ("listener", "tracing")
-
-    def __init__(self, tracing: Tracing, listener: str) -> None:
-        self.tracing = tracing
-        self.listener = listener
-
-    def begin(self, ex: Exchange) -> SampledTrace | Propagation | None:
-        """The decision for a request whose head just arrived, in plain code: None (pass
-        the incoming context on as it is), a `Propagation` (an unsampled root), or a
-        `SampledTrace` (spans)."""
-        tracing = self.tracing
-        head = ex.head
-        spec = tracing.sampling if tracing.mesh is None else tracing.current()
-        if head.raw is None and not head.b3:
-            # The common case, without a call: what the codec noted (find_parent's).
-            tp = head.traceparent
-            if tp is not None and len(tp) == 55 and tp[54] in _EVEN_HEX and spec.parent_based:
-                # A caller's unsampled version-00 context: all that matters is its flag,
-                # and it goes on unchanged (the ids are not even checked).
-                return None
-            present = tp is not None
-            parent = parse_traceparent(tp) if tp is not None else None
-        else:
-            parent, present = find_parent(head)
-        if parent is None:
-            sampled = tracing.rng.random() < spec.ratio
-        elif parent.sampled is not None and spec.parent_based:
-            sampled = parent.sampled
-        else:
-            sampled = decide(spec, parent, tracing.rng.random())
-        if not sampled:
-            if parent is not None and parent.trace_id:
-                return None  # the caller's context goes on unchanged
-            if present:
-                head.headers = strip_fields(head.headers)
-            return propagation(tracing.unsampled_ids.line())
-        if present:
-            fields = head.headers
-            if parent is not None and parent.tracestate is None:
-                parent = parse_fields(fields)[0]  # with its tracestate, if it has one
-            head.headers = strip_fields(fields)
-        tracing.sampled += 1
-        return SampledTrace(self, ex, parent if parent is not None and parent.trace_id else None)
-
-
 def _status(code: int) -> Status | None:
     return Status(StatusCode.ERROR) if code >= 500 or code == 0 else None
 
@@ -271,6 +224,13 @@ class SampledTrace:
         if lt.listener == "inbound":
             attrs["tether.destination.service"] = tracing.service
             attrs["tether.destination.namespace"] = tracing.namespace
+            # The caller, from its verified mTLS identity (never from a header); a
+            # plaintext caller has none and the attributes are left out.
+            source = ex.conn.peer.source
+            if source:
+                name, _, ns = source.rpartition(".")
+                attrs["tether.source.service"] = name
+                attrs["tether.source.namespace"] = ns
         else:
             attrs["tether.source.service"] = tracing.service
             attrs["tether.source.namespace"] = tracing.namespace

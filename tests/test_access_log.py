@@ -83,7 +83,8 @@ def test_status_classes_and_sampling_filter_before_anything_is_kept() -> None:
     half = AccessLog("-", sample=0.5, rng=Draws([0.2, 0.7, 0.49])).for_listener("inbound")
     for _ in range(3):
         half.record(ok.ex, 0.0)
-    assert len(half.log.pending) == 2 and half.source == "unknown"
+    # Inbound, the caller is its verified mTLS identity; this one has none (plaintext).
+    assert len(half.log.pending) == 2 and [v[4] for v in half.log.pending] == ["unknown"] * 2
     full = AccessLog("-", max_pending=2).for_listener("outbound")
     for _ in range(5):
         full.record(ok.ex, 0.0)

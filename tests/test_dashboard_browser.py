@@ -113,6 +113,16 @@ def test_dashboard_graph_shows_the_demo_live(browser: Any, demo: str, tmp_path: 
     )
     browser.save_screenshot(str(tmp_path / "canary.png"))
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    # The sidecars page: the demo runs mTLS, so each sidecar's certificate expiry (from
+    # its stats reports) is shown with the time left.
+    browser.get(demo + "#/sidecars")
+
+    def expiries() -> list[str] | None:
+        text = browser.find_element(By.ID, "page").text
+        found = re.findall(r"\d{4}-\d\d-\d\dT[\d:]+Z \(in [\d.]+[mhd]\)", text)
+        return found if len(found) >= len(SERVICES) and "no mTLS" not in text else None
+
+    poll(expiries, 20, "every sidecar's certificate expiry on the sidecars page", 0.5)
 
 
 def test_with_acls_on_the_page_asks_for_a_token_and_sends_it(

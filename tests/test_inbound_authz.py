@@ -10,7 +10,7 @@ from typing import Any
 from proxy import local_reply
 from proxy.authz import DenialLog, InboundAuthz
 from proxy.dispatch import InboundRouter
-from proxy.route_result import Peer
+from proxy.route_result import Peer, source_of_identity
 from proxy.stats import ProxyStats
 from tests.fakes import parse_request
 from wire import authz as authz_module
@@ -125,7 +125,9 @@ def test_router_answers_403_before_the_app() -> None:
     )
     got = router.route(head(), Peer(b"1.2.3.4", WEB))
     assert got.reply is not None and got.reply.reason == "forbidden_by_policy"
-    assert got.dstats is router.dstats
+    # Counted under the app, with the caller's identity as its source (proxy/stats.py).
+    assert got.dstats is not None and got.dstats.name == "app"
+    assert got.dstats.source == source_of_identity(WEB) != ""
     body = local_reply.render(got.reply.reason, got.reply.message)
     assert body.startswith(b"HTTP/1.1 403 Forbidden\r\n")
     assert b"x-tether-error: forbidden_by_policy" in body.lower()

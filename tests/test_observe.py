@@ -122,14 +122,17 @@ def test_mesh_stats_aggregates_edges_and_expires_the_window() -> None:
 pytestmark_e2e = pytest.mark.timeout(120)
 
 
-def documented_metrics(access_log: bool = False) -> dict[str, str]:
-    """name -> type from the tables in docs/metrics.md (the exposed ones only; the access
-    log's only for a sidecar with --access-log)."""
+def documented_metrics(access_log: bool = False, mtls: bool = False) -> dict[str, str]:
+    """name -> type from the tables in docs/metrics.md (the exposed ones only; the mTLS
+    ones only for a sidecar with mTLS, the access log's for one with --access-log)."""
     text = (ROOT / "docs" / "metrics.md").read_text()
     section = text.split("## The sidecar's metrics", 1)[1].split("Planned,", 1)[0]
-    always, _, with_log = section.partition("With `--access-log`")
+    always, _, rest = section.partition("With mTLS (")
+    with_tls, _, with_log = rest.partition("With `--access-log`")
     pattern = r"^\| `(tether_\w+)` \| (\w+) \|"
     found = dict(re.findall(pattern, always, re.M))
+    if mtls:
+        found.update(re.findall(pattern, with_tls, re.M))
     if access_log:
         found.update(re.findall(pattern, with_log, re.M))
     return found
@@ -151,7 +154,7 @@ def test_stats_reach_the_control_plane_top_and_prometheus(
     try:
         cp.start()
         b_app = procs.app("b-v1")
-        procs.sidecar("b", b_app, "--version", "v1", "--controlplane", cp.url)
+        sb = procs.sidecar("b", b_app, "--version", "v1", "--controlplane", cp.url)
         sa = procs.sidecar("a", procs.app("a"), "--controlplane", cp.url)
         for _ in range(30):
             assert sa.call("http://b/who")[0] == 200
@@ -193,6 +196,8 @@ def test_stats_reach_the_control_plane_top_and_prometheus(
 
         _, text = sa.admin("/stats/prometheus")
         families = {f.name: f for f in text_string_to_metric_families(text)}
+        # (No CA here: the sidecars speak plaintext, so no TLS families; with mTLS:
+        # tests/test_observe_mtls.py.)
         assert {n: f.type for n, f in families.items()} == documented_metrics()
         values = {v for f in families.values() for s in f.samples for v in s.labels.values()}
         assert not [v for v in values if "127.0.0." in v or "nosuch" in v]
@@ -208,6 +213,13 @@ def test_stats_reach_the_control_plane_top_and_prometheus(
         assert any(s.labels["reason"] == "unknown_service" for s in replies), replies
         (connected,) = families["tether_controlplane_connected"].samples
         assert connected.value == 1
+        # Plaintext between the sidecars: b cannot know the caller (an identity comes
+        # only from an mTLS certificate, never from a header), so `unknown`.
+        _, text = sb.admin("/stats/prometheus")
+        b_requests = {f.name: f for f in text_string_to_metric_families(text)}["tether_requests"]
+        inbound = [s for s in b_requests.samples if s.labels["listener"] == "inbound"]
+        assert {s.labels["source"] for s in inbound if s.value} == {"unknown"}, inbound
+        assert sum(s.value for s in inbound) >= 30
     finally:
         procs.close()
         cp.stop()

@@ -32,6 +32,7 @@ from proxy.trace_context import (
     DEFAULT_SAMPLING,
     Parent,
     SamplingSpec,
+    UnsampledIds,
     check_env,
     decide,
     find_parent,
@@ -254,6 +255,16 @@ def test_a_retry_is_two_client_spans_under_one_server_span() -> None:
     assert w.ex.request_bytes.count(b"traceparent") == 0
     assert b"tracestate: vendor=1\r\n" in first  # kept as it came
     assert srv.parent.trace_state.get("vendor") == "1"
+
+
+def test_unsampled_root_ids_count_up_past_each_block_of_256() -> None:
+    ids = UnsampledIds(random.Random(7))
+    lines = [ids.line() for _ in range(600)]
+    parents = [parse_traceparent(line[len(b"traceparent: ") : -2]) for line in lines]
+    assert all(p is not None and p.sampled is False for p in parents)
+    trace_ids = [int(p.trace_id[16:], 16) for p in parents if p is not None]
+    assert trace_ids == list(range(1, 601))  # the counter, across the table's wrap
+    assert len({p.trace_id[:16] for p in parents if p is not None}) == 1
 
 
 def test_unsampled_requests_make_no_spans_and_pass_the_decision_on() -> None:

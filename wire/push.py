@@ -144,6 +144,8 @@ class Stats:
 
     seconds: float
     rows: tuple[StatsRow, ...]
+    # When the sidecar's mesh certificate expires (Unix time); None without mTLS.
+    cert_expiry: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +230,7 @@ def encode(msg: Message) -> str:
                 "type": "stats",
                 "seconds": round(msg.seconds, 3),
                 "rows": [r.to_dict() for r in msg.rows],
+                **({} if msg.cert_expiry is None else {"certExpiry": round(msg.cert_expiry)}),
             }
         )
     if isinstance(msg, Bundle):
@@ -372,7 +375,16 @@ def _stats(obj: dict[str, Any]) -> Stats:
             rows.append(_stats_row(item))
         except PushProtocolError as exc:
             raise PushProtocolError(f"stats: rows[{i}]: {exc}") from None
-    return Stats(seconds=float(seconds), rows=tuple(rows))
+    expiry = obj.get("certExpiry")
+    if expiry is not None and (
+        isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or not 0 <= expiry < 1e11
+    ):
+        raise PushProtocolError("stats: certExpiry must be a Unix time")
+    return Stats(
+        seconds=float(seconds),
+        rows=tuple(rows),
+        cert_expiry=float(expiry) if expiry is not None else None,
+    )
 
 
 def _stats_row(item: dict[str, Any]) -> StatsRow:

@@ -232,6 +232,17 @@ async function pageService(main, name) {
     ...(policies.length ? policies.map(p => el("pre", { text: yaml(p) })) : [span("no policy: the defaults apply", "dim")]));
 }
 
+// A sidecar's mesh certificate expiry (Unix time, from its stats reports): the date and
+// how long is left, amber within an hour, red once past; "-" without mTLS.
+function certExpiry(at, now) {
+  if (at === null || at === undefined) return span("- (no mTLS)", "dim");
+  const left = at - now;
+  const when = new Date(at * 1000).toISOString().replace(".000Z", "Z");
+  const rel = left <= 0 ? "expired" : left < 3600 ? `in ${Math.floor(left / 60)}m`
+    : left < 172800 ? `in ${(left / 3600).toFixed(1)}h` : `in ${Math.floor(left / 86400)}d`;
+  return span(`${when} (${rel})`, left <= 0 ? "bad" : left < 3600 ? "warn" : "ok");
+}
+
 async function pageSidecars(main) {
   const body = await get("/sidecars");
   const now = Date.now() / 1000;
@@ -239,7 +250,7 @@ async function pageSidecars(main) {
     ["sidecar", "zone", "replica", "state", "runs", "sent", "certificate expiry", "last seen", "error"],
     body.sidecars.map(s => [s.id, s.zone || "-", s.replica,
       span(s.state, s.state === "acked" ? "ok" : s.state === "pending" ? "warn" : "bad"),
-      "v" + s.acked_version, "v" + s.sent_version, span("- (no mTLS yet)", "dim"),
+      "v" + s.acked_version, "v" + s.sent_version, certExpiry(s.cert_expiry, now),
       Math.max(0, now - s.last_seen).toFixed(0) + "s ago", s.error || ""])));
 }
 
