@@ -30,7 +30,7 @@ only through its attempts' methods.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from proxy import local_reply
 from proxy import outcome as outcomes
@@ -153,6 +153,12 @@ SENT: Final = 2  # request written, waiting for the head
 DONE: Final = 3  # won, failed or cancelled
 
 
+def _trace_of(ex: Attempts) -> Any:
+    """The request's trace (proxy/tracing.py's SampledTrace or trace_context's
+    Propagation; None when tracing is off): the exchange's, which `Attempts` leaves to it."""
+    return ex.trace  # type: ignore[attr-defined]
+
+
 class Hedge:
     """One request's hedged attempt (see the module's docstring)."""
 
@@ -165,6 +171,7 @@ class Hedge:
         "res",
         "route",
         "sole",
+        "span",
         "start",
         "state",
         "timer",
@@ -185,6 +192,7 @@ class Hedge:
         self.sole = False  # the exchange's own attempt failed: only this one is left
         self.won = False
         self.avoid: list[Endpoint] = []  # where a hedge could not connect
+        self.span: Any = None  # its client span when the request is traced
         self.timer: TimerHandle | None = ex.server.call_later(hedging.spec.delay, self.fire)
 
     @property
@@ -235,6 +243,9 @@ class Hedge:
             ds.attempts += 1
         head = ex.request_bytes
         self.data = [b"%sx-tether-attempt: %d\r\n\r\n" % (head[:-2], ex.attempt)]
+        trace = _trace_of(ex)
+        if trace is not None:  # its own client span; its context goes into its head
+            self.data[0], self.span = trace.hedge_start(ex, self.data[0], nxt)
         if ex.replay:
             self.data.extend(ex.replay)
         pool = nxt.pool
@@ -347,6 +358,14 @@ class Hedge:
         route = self.route
         assert route is not None
         ex._hedge_won(route, up, self.start, now)
+        self._adopt_span()
+
+    def _adopt_span(self) -> None:
+        """The exchange takes this attempt over: its span too."""
+        span, trace = self.span, _trace_of(self.ex)
+        self.span = None
+        if span is not None and trace is not None:
+            trace.hedge_adopt(span)
 
     def _failed(self, failed: Outcome, message: str) -> None:
         """The hedged attempt failed: its end is told and the exchange goes on alone;
@@ -357,12 +376,17 @@ class Hedge:
         ex._hedge_done(self)
         route = self.route
         if self.sole and ex.state != ENDED and route is not None:
+            self._adopt_span()
             ex._hedge_failed_alone(route, self.start, failed, message)
             ex.conn.flush()
             return
         self._end_attempt(failed, ex.server.clock())
 
     def _end_attempt(self, outcome: Outcome, now: float) -> None:
+        span, trace = self.span, _trace_of(self.ex)
+        if span is not None and trace is not None:
+            self.span = None
+            trace.hedge_end(span, outcome.reason)
         route = self.route
         if route is None:
             return

@@ -408,6 +408,15 @@ class Propagation:
     def attempt_end(self, ex: object, reason: str) -> None:
         return None
 
+    def hedge_start(self, ex: object, data: bytes, route: object) -> tuple[bytes, object]:
+        return data[:-2] + self.line + b"\r\n", None
+
+    def hedge_end(self, span: object, reason: str) -> None:
+        return None
+
+    def hedge_adopt(self, span: object) -> None:
+        return None
+
     def end(self, ex: object, now: float) -> None:
         return None
 

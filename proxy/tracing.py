@@ -279,6 +279,34 @@ class SampledTrace:
             data = with_line(data, b"b3: %s-%s-1\r\n" % (trace_id, span_id))
         return data
 
+    def hedge_start(self, ex: Exchange, data: bytes, route: Any) -> tuple[bytes, Any]:
+        """A hedged attempt (proxy/hedging.py) races the exchange's own: its client span
+        is its own, kept by the hedge (`hedge_end`, or `hedge_adopt` when it wins)."""
+        own, saved = self.client, ex.route
+        self.client = None
+        ex.route = route  # the span's endpoint attributes are the hedge's
+        try:
+            data = self.attempt_start(ex, data)
+        finally:
+            ex.route = saved
+        span, self.client = self.client, own
+        span.set_attribute("tether.hedge", True)
+        return data, span
+
+    def hedge_end(self, span: Any, reason: str) -> None:
+        """The hedged attempt lost the race or failed (`reason`, a local-reply reason)."""
+        if reason:
+            span.set_attributes({"tether.reason": reason, "error.type": reason})
+            span.set_status(Status(StatusCode.ERROR, reason))
+        span.end()
+
+    def hedge_adopt(self, span: Any) -> None:
+        """The exchange took the hedge's attempt over: its span is the exchange's
+        current attempt's (the exchange's own ended when it gave its attempt up)."""
+        if self.client is not None:
+            self.hedge_end(self.client, "hedge_lost")
+        self.client = span
+
     def attempt_end(self, ex: Exchange, reason: str) -> None:
         """The attempt failed (`reason`, a local-reply reason) and another may follow;
         "" when it ends for the request's end."""

@@ -257,6 +257,59 @@ def test_a_retry_is_two_client_spans_under_one_server_span() -> None:
     assert srv.parent.trace_state.get("vendor") == "1"
 
 
+def _hedged_world(request: bytes) -> tuple[Any, Tracing]:
+    """test_exchange_hedging's world (two endpoints, hedge after 50 ms) with tracing on."""
+    from proxy.hedging import HedgeSpec, Hedging
+    from proxy.retry import RetrySpec
+    from tests.test_exchange_retry import RetryWorld
+
+    w = RetryWorld(request, RetrySpec(on=8, attempts=3))
+    assert w.res is not None
+    w.res.hedging = Hedging(HedgeSpec(0.05), "svc.default")
+    tracing = Tracing(
+        InMemorySpanExporter(), SamplingSpec(1.0, True), service="a", namespace="default"
+    )
+    w.server.tracer = tracing.for_listener("outbound")
+    w.ex = Exchange(w.down, parse_request(request))  # type: ignore[arg-type]
+    w.ex.on_routed(w.routes[0])
+    w.ex.on_request_end(None)
+    w.down.flush()
+    w.server.fire()  # the hedge's delay: sent to the other endpoint
+    return w, tracing
+
+
+OK5 = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+@pytest.mark.parametrize("winner", ["hedge", "first"])
+def test_a_hedge_is_its_own_client_span_whichever_head_wins(winner: str) -> None:
+    get = b"GET /items HTTP/1.1\r\nHost: svc\r\ntraceparent: " + TP + b"\r\n\r\n"
+    w, tracing = _hedged_world(get)
+    first, hedge = w.ex.upstream, w.ex.hedge
+    assert first is not None and hedge is not None and hedge.up is not None
+    hedge_up = hedge.up
+    (hedge_up if winner == "hedge" else first).data_received(OK5)
+    assert w.ex.state == ENDED
+    got = sorted(_exported(tracing), key=lambda s: s.start_time or 0)
+    (srv,) = [s for s in got if s.kind == SpanKind.SERVER]
+    own, hedged = [s for s in got if s.kind == SpanKind.CLIENT]
+    for span in (own, hedged):
+        assert span.parent is not None and span.parent.span_id == srv.context.span_id
+    a_own, a_hedge = own.attributes or {}, hedged.attributes or {}
+    assert a_own["tether.attempt"] == 1 and "tether.hedge" not in a_own
+    assert a_hedge["tether.attempt"] == 2 and a_hedge["tether.hedge"] is True
+    assert a_own["tether.endpoint"] == "127.0.0.1:20001"
+    assert a_hedge["tether.endpoint"] == "127.0.0.1:20002"
+    won, lost = (a_hedge, a_own) if winner == "hedge" else (a_own, a_hedge)
+    assert won["http.response.status_code"] == 200 and "tether.reason" not in won
+    assert lost["tether.reason"] == "hedge_lost"
+    assert (srv.attributes or {})["tether.attempts"] == 2
+    # The hedge's head carried its own span's context, once.
+    tp = b"00-%032x-%016x-01" % (hedged.context.trace_id, hedged.context.span_id)
+    sent = hedge_up.transport.data
+    assert sent.count(b"traceparent") == 1 and b"traceparent: " + tp + b"\r\n" in sent
+
+
 def test_unsampled_root_ids_count_up_past_each_block_of_256() -> None:
     ids = UnsampledIds(random.Random(7))
     lines = [ids.line() for _ in range(600)]
