@@ -169,6 +169,8 @@ class Sidecar:
         self.egress_guard = EgressGuard()
         self.tracing: Any = None  # proxy.tracing.Tracing when OTEL_TRACES_EXPORTER is set
         self.access_log: Any = None  # proxy.access_log.AccessLog with --access-log
+        # proxy.otel_metrics.OtelMetrics when OTEL_METRICS_EXPORTER=otlp.
+        self.otel_metrics: Any = None
         # The mesh identity (proxy/identity.py) and its TLS (proxy/tls.py): set when a
         # control plane with a CA issued this sidecar a certificate; None is plaintext.
         self.identity: Any = None
@@ -352,6 +354,16 @@ class Sidecar:
             self.access_log.start()
             for name, server in servers:
                 server.access_log = self.access_log.for_listener(name)
+        # Metrics over OTLP: the same families as /stats/prometheus (the SDK's metrics
+        # imported only when asked for).
+        if otel_metrics_requested(env):
+            from proxy import otel_metrics
+
+            self.otel_metrics = otel_metrics.from_env(
+                env, self.prometheus, asyncio.get_running_loop(),
+                service=spec.service, namespace=spec.namespace, zone=spec.zone,
+            )  # fmt: skip
+            log.info("metrics over OTLP: %r", self.otel_metrics)
 
     async def _start_ingress(self) -> Any:
         """The listener for callers outside the mesh, to this sidecar's own service."""
@@ -556,6 +568,9 @@ class Sidecar:
             await self.access_log.aclose()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)
+        if self.otel_metrics is not None:
+            # Its last export takes a snapshot on this loop: it must still run.
+            await asyncio.to_thread(self.otel_metrics.shutdown)
 
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT; drain; a second signal skips the wait."""
@@ -682,3 +697,34 @@ class Sidecar:
 
     def __repr__(self) -> str:
         return f"<Sidecar {self.spec.service} {self.state} ports={self.ports()}>"
+
+
+def otel_metrics_requested(env: Mapping[str, str]) -> bool:
+    """Whether `OTEL_METRICS_EXPORTER` asks for OTLP over HTTP/protobuf. Other exporters
+    (or protocols) get one warning each and are not used: metrics stay at
+    /stats/prometheus."""
+    names = [n.strip().lower() for n in env.get("OTEL_METRICS_EXPORTER", "").split(",")]
+    names = [n for n in names if n and n != "none"]
+    others = [n for n in names if n != "otlp"]
+    if others:
+        log.warning(
+            "OTEL_METRICS_EXPORTER=%s: only otlp is supported; %s ignored "
+            "(metrics stay at /stats/prometheus)",
+            ",".join(names),
+            ",".join(others),
+        )
+    if "otlp" not in names:
+        return False
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+    if protocol != "http/protobuf":
+        log.warning(
+            "OTEL_EXPORTER_OTLP_PROTOCOL=%s: only http/protobuf is supported; "
+            "metrics are not exported over OTLP",
+            protocol,
+        )
+        return False
+    return True
