@@ -167,6 +167,9 @@ class _WithHistograms(MetricExporter):
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
         extra = self.owner.histogram_metrics()
+        # The collection is over (the SDK released its locks): the next one takes a new
+        # snapshot, and families seen for the first time get their instruments now.
+        self.owner.collected()
         if extra:
             resource = self.owner.resource
             rms = list(metrics_data.resource_metrics)
@@ -189,18 +192,6 @@ class _WithHistograms(MetricExporter):
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
-
-
-class _SnapshotReader(PeriodicExportingMetricReader):
-    """Takes the loop's snapshot before each collection (outside the SDK's locks, so
-    the instruments of families seen for the first time can be made then)."""
-
-    owner: OtelMetrics
-
-    def collect(self, timeout_millis: float = 10_000) -> None:
-        with self.owner.lock:
-            self.owner.refresh()
-            super().collect(timeout_millis=timeout_millis)
 
 
 class OtelMetrics:
@@ -241,11 +232,15 @@ class OtelMetrics:
             )
 
             exporter = OTLPMetricExporter()
-        self.reader = _SnapshotReader(_WithHistograms(exporter, self))
-        self.reader.owner = self
+        self.reader = PeriodicExportingMetricReader(_WithHistograms(exporter, self))
         self.provider = MeterProvider(resource=self.resource, metric_readers=[self.reader])
         self.meter = self.provider.get_meter(SCOPE)
         self._instruments: dict[str, str] = {}  # OTLP name -> kind
+        # Made on the loop (the sidecar's start): the families known then get their
+        # instruments at once; the first collection takes a fresh snapshot.
+        self.families = parse(render())
+        self.stale = True
+        self._make_instruments()
 
     # -- on the reader thread -------------------------------------------------------
 
@@ -257,14 +252,15 @@ class OtelMetrics:
             if fut.set_running_or_notify_cancel():
                 try:
                     fut.set_result(self.render())
-                except Exception as exc:  # noqa: BLE001 - reported on the reader thread
+                except Exception as exc:
                     fut.set_exception(exc)
 
         try:
             self.loop.call_soon_threadsafe(take)
             text = fut.result(SNAPSHOT_TIMEOUT)
-        except (RuntimeError, concurrent.futures.TimeoutError) as exc:
-            # The loop is closed or too busy: this collection sends the last snapshot.
+        except Exception as exc:
+            # The loop is closed or too busy (or rendering failed): this collection
+            # sends the previous snapshot (a warning each time).
             fut.cancel()
             self.failures += 1
             log.warning("metrics snapshot not taken (%s): exporting the previous one", exc)
@@ -272,7 +268,15 @@ class OtelMetrics:
         self.families = parse(text)
         self.snapshot_ns = time.time_ns()
         self.collections += 1
-        for fam in self.families.values():
+
+    def collected(self) -> None:
+        """An export is under way: the next collection reads a new snapshot."""
+        with self.lock:
+            self.stale = True
+            self._make_instruments()
+
+    def _make_instruments(self) -> None:
+        for fam in list(self.families.values()):
             if fam.name not in self._instruments and fam.kind != "histogram":
                 self._instrument(fam)
 
@@ -288,7 +292,13 @@ class OtelMetrics:
 
     def _callback(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
-            fam = self.families.get(name)
+            # The first callback of a collection takes its snapshot (from the loop);
+            # the others read the same one.
+            with self.lock:
+                if self.stale:
+                    self.stale = False
+                    self.refresh()
+                fam = self.families.get(name)
             if fam is None:
                 return []
             return [

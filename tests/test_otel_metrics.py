@@ -18,7 +18,8 @@ from proxy.sidecar import otel_metrics_requested
 from proxy.stats import LATENCY_BOUNDS, ProxyStats
 from tests.conftest import RegistryProcess
 from tests.otlp_collector import Collector, Point
-from tests.sidecar_harness import ROOT, ProcessSet, poll
+from tests.polling import poll
+from tests.sidecar_harness import ROOT, ProcessSet
 from tests.test_tracing import call
 
 
@@ -119,7 +120,8 @@ def test_a_sidecar_exports_over_otlp_what_prometheus_shows(
         "NO_PROXY": "127.0.0.1,localhost",
     }
     try:
-        procs.sidecar("b", procs.app("b"))
+        # An exporter the sidecar does not speak: one warning, and it runs.
+        sb = procs.sidecar("b", procs.app("b"), env={"OTEL_METRICS_EXPORTER": "prometheus"})
         sa = procs.sidecar("a", procs.app("a"), env=env)
         port = sa.ports["outbound"]
         for _ in range(7):
@@ -161,6 +163,8 @@ def test_a_sidecar_exports_over_otlp_what_prometheus_shows(
                 assert fam.name in names, fam.name
         # No labels made up: each point's attributes are a Prometheus sample's labels.
         assert "tether_local_replies" in names
-        assert sa.proc.poll() is None
+        assert sa.proc.poll() is None and sb.proc.poll() is None
+        assert sb.output().count("OTEL_METRICS_EXPORTER=prometheus: only otlp") == 1
+        assert "metrics over OTLP" in sa.output() and "metrics over OTLP" not in sb.output()
     finally:
         procs.close()
