@@ -4,16 +4,20 @@ sidecar exporting to the collector stand-in the same counts /stats/prometheus sh
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.otel_metrics import histogram_point, parse
+from proxy.otel_metrics import OtelMetrics, histogram_point, parse
 from proxy.sidecar import otel_metrics_requested
 from proxy.stats import LATENCY_BOUNDS, ProxyStats
 from tests.conftest import RegistryProcess
@@ -50,6 +54,83 @@ def test_parse_keeps_names_labels_and_bucket_bounds() -> None:
     assert len(point.bucket_counts) == len(LATENCY_BOUNDS) + 1
     assert sum(point.bucket_counts) == 5 and point.bucket_counts[-1] == 1
     assert point.bucket_counts == ds.buckets
+
+
+class Capture(MetricExporter):
+    """Keeps what the periodic reader exports (the SDK's own data, before OTLP)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exports: list[MetricsData] = []
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        self.exports.append(metrics_data)
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        pass
+
+
+def _points(data: MetricsData) -> dict[str, list[Any]]:
+    return {
+        m.name: list(m.data.data_points)
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+
+
+def test_collections_read_a_snapshot_the_loop_renders() -> None:
+    """The reader's thread never renders: the loop does, between its callbacks. A
+    family that appears later is exported from the export after the one that saw it."""
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    stats = ProxyStats(source="a.default")
+    ds = stats.destination("outbound", "b.default")
+    rendered_on: set[int] = set()
+
+    def render() -> str:
+        rendered_on.add(threading.get_ident())
+        return stats.render_prometheus()
+
+    capture = Capture()
+
+    async def make() -> OtelMetrics:
+        ds.record(200, 0.01)
+        return OtelMetrics(render, loop, service="a", namespace="default", exporter=capture)
+
+    try:
+        om = asyncio.run_coroutine_threadsafe(make(), loop).result(10)
+        om.force_flush()
+        first = _points(capture.exports[-1])
+        (req,) = first["tether_requests"]
+        assert req.value == 1 and req.attributes["status_class"] == "2xx"
+        (hist,) = first["tether_request_duration_seconds"]
+        assert hist.count == 1 and list(hist.explicit_bounds) == list(LATENCY_BOUNDS)
+        loop.call_soon_threadsafe(ds.record, 503, 0.02)
+        hedges = ["# TYPE tether_hedges_total counter", 'tether_hedges_total{destination="b"} 3']
+        loop.call_soon_threadsafe(stats.resilience_sources.append, lambda: hedges)
+        om.force_flush()
+        second = _points(capture.exports[-1])
+        assert sorted(p.value for p in second["tether_requests"]) == [1, 1]
+        assert second["tether_request_duration_seconds"][0].count == 2
+        assert "tether_hedges" not in second  # its instrument was made at this export
+        om.force_flush()
+        (hedge,) = _points(capture.exports[-1])["tether_hedges"]
+        assert hedge.value == 3 and dict(hedge.attributes) == {"destination": "b"}
+        om.shutdown()  # one last export, its snapshot from the loop too
+        assert len(capture.exports) == 4
+        assert rendered_on == {runner.ident}
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
 
 
 def test_the_environment_switch_warns_once_for_what_it_does_not_speak(
