@@ -1,13 +1,18 @@
 """The HTTP/2 exchange: one stream's request and response, routed per stream, with one end.
 
 An `H2Exchange` is what proxy/exchange.py's `Exchange` is for an HTTP/1 request, for
-one stream of an HTTP/2 connection (proxy/h2_downstream.py): it is made by the
-request's HEADERS, asks the router for a `RouteResult` (so every stream is balanced on
-its own: one client connection spreads over all endpoints), takes a stream on a pooled
-HTTP/2 upstream connection (proxy/h2_pool.py), relays both directions with their
-trailers, and ends exactly once in `end(outcome)`, which feeds the balancer's tracker,
-the destination's stats and the local-reply counters, like the HTTP/1 exchange's. A
-gRPC caller's outcome carries the `grpc-status` it received.
+one stream of an HTTP/2 connection (proxy/h2_downstream.py): made by the request's
+HEADERS (read by proxy/h2_heads.py), it asks the router for a `RouteResult` (so every
+stream is balanced on its own), takes a stream on a pooled HTTP/2 upstream connection
+(proxy/h2_pool.py), relays both directions with their trailers, and ends exactly once
+in `end(outcome)`, which feeds the balancer's tracker, the destination's stats, the
+local-reply counters, the trace and the access log, like the HTTP/1 exchange's. A gRPC
+caller's outcome carries the `grpc-status` it received. What the sidecar answers itself,
+and what a passed deadline does, are proxy/h2_replies.py's.
+
+Tracing is HTTP/1's (proxy/trace_context.py, proxy/tracing.py): decided when the HEADERS
+arrive (`ListenerTracing.decide`); each attempt starts a client span whose context goes
+upstream in that attempt's `traceparent` (`tfields`); `end` ends the spans.
 
 States: ROUTING → CONNECTING → SENDING → RESPONDING → ENDED.
 
@@ -35,9 +40,6 @@ stream window only once they were framed out (`on_sent`), so each direction of e
 stream holds at most one stream window (proxy/h2_link.py's STREAM_WINDOW) in the
 sidecar. While no upstream stream is open, the request's bytes wait here, bounded by
 the same window, which the client cannot exceed.
-
-What the sidecar answers itself (local replies: JSON, or a gRPC error to a gRPC caller)
-and what a passed deadline does are proxy/h2_replies.py's.
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ from proxy.h2_retry import H2Retry
 from proxy.outcome import Outcome
 
 if TYPE_CHECKING:
+    from proxy.downstream import ProxyServer
     from proxy.h2_downstream import H2DownstreamConnection
     from proxy.route_result import RouteResult
+    from proxy.trace_context import Propagation
+    from proxy.tracing import SampledTrace
 
 
 class StreamUpstream(Protocol):
@@ -138,7 +143,10 @@ class H2Exchange:
     """One stream (see the module's docstring)."""
 
     __slots__ = (
+        "attempts",
         "body",
+        "bytes_in",
+        "bytes_out",
         "call_deadline",
         "conn",
         "deadline",
@@ -155,11 +163,14 @@ class H2Exchange:
         "route",
         "rt",
         "seen_progress",
+        "server",
         "sid",
         "start",
         "state",
         "status",
+        "tfields",
         "timer",
+        "trace",
         "up_side",
         "upstream",
         "usid",
@@ -200,6 +211,15 @@ class H2Exchange:
             self.call_deadline = now + request.timeout
         if self.req_done:
             self._arm_request_timeout()
+        # Attempts sent upstream; body bytes received from the client and sent to it.
+        self.attempts = self.bytes_in = self.bytes_out = 0
+        self.server: ProxyServer = front.server
+        # Its trace, and the trace fields of the attempt in flight (its client span's).
+        tracer = front.server.tracer
+        self.trace: SampledTrace | Propagation | None = (
+            tracer.decide(self.head, self) if tracer is not None else None
+        )
+        self.tfields: Fields = []
 
     # -- routing --------------------------------------------------------------------------
 
@@ -279,6 +299,10 @@ class H2Exchange:
             h2pool = H1Bridge(self, pool)
         self.pool = h2pool
         self.state = CONNECTING
+        self.attempts += 1
+        trace = self.trace
+        if trace is not None:  # the attempt's client span starts
+            self.tfields = trace.attempt_fields(self)
         try:
             up = h2pool.acquire(self)
         except H2PoolOverflowError as e:
@@ -355,6 +379,8 @@ class H2Exchange:
             headers = first
             if rt.attempt > 1:
                 headers = [*headers, (b"x-tether-attempt", b"%d" % rt.attempt)]
+        if self.tfields:
+            headers = [*headers, *self.tfields]
         self.usid = usid = up.open_stream(self.up_side, headers, end_now)
         if body:
             self.body = []
@@ -386,6 +412,7 @@ class H2Exchange:
 
     def on_data(self, data: bytes, end: bool) -> None:
         self.progress += 1
+        self.bytes_in += len(data)
         if self.state == ENDED:
             # Answered already: the rest is dropped, and keeps flowing until it ends.
             if end:
@@ -513,6 +540,7 @@ class H2Exchange:
                 return
             self._relay_head(held, self.status, False)  # a message: the call is committed
         self.progress += 1
+        self.bytes_out += len(data)
         conn = self.conn
         if end:
             # No window is owed to an upstream that sends no more (`on_sent`).
@@ -653,6 +681,12 @@ class H2Exchange:
                 ds.record(outcome.status, latency)
         if outcome.reason:
             front.stats.local_reply(outcome.reason, ds)
+        trace = self.trace
+        if trace is not None:
+            trace.end(self, now)
+        log = front.server.access_log
+        if log is not None:
+            log.record(self, now)
         self.conn.exchange_done(self)
 
     def __repr__(self) -> str:

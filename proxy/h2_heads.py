@@ -3,7 +3,8 @@
 The router, policies, mirrors, tracing and the access log read an HTTP/2 request as
 they read an HTTP/1 one: a `RequestHead` (proxy/heads.py) with its method, target
 (`:path`), host (`:authority`, else `host`) and the fields that are not pseudo-headers,
-`version` "2". Upstream, the head goes out again as HTTP/2 fields: pseudo-headers
+`version` "2", its trace fields noted (`traceparent`, `b3`) as HTTP/1's codec notes
+them. Upstream, the head goes out again as HTTP/2 fields: pseudo-headers
 first, field names lower-case (RFC 9113 8.2.1: a policy's request edits may name `X-Y`),
 `x-forwarded-for`/`-proto`, the caller's verified identity and an `x-request-id`.
 
@@ -68,6 +69,12 @@ def request_head(headers: Fields) -> StreamRequest:
             head.request_id = v
         elif n == b"x-forwarded-for":
             head.forwarded_for = v
+        elif n == b"traceparent":
+            # Noted as HTTP/1's codec notes them (proxy/trace_context.py reads these).
+            if head.traceparent is None:
+                head.traceparent = v
+        elif n == b"b3" or n[:5] == b"x-b3-":
+            head.b3 = True
     return StreamRequest(head, grpc.is_grpc(content_type), timeout)
 
 

@@ -243,6 +243,11 @@ class H2Retry:
             ds.retries += 1
         ex.abandon()
         self.attempt_end(failed, now)
+        trace = ex.trace
+        if trace is not None:  # its client span ends (the next attempt gets its own)
+            code = failed.grpc_status
+            why = f"grpc-status {code}" if code > 0 else f"status {failed.status}"
+            trace.attempt_end(ex, failed.reason or why)
         self.retry_slot = True
         if route.endpoint is not None:
             self.tried.append(route.endpoint)
