@@ -6,8 +6,9 @@
   `GET /control?fail=0.5`, after an extra delay after `GET /control?delay=0.3`;
 - `POST /` with an `x-post-id` header appends that id to LOG (one line each, written
   at once, so a SIGKILL loses nothing already answered), then answers like GET;
-- `GET /health` 200; `GET /hits` the number of requests served (health and control
-  excluded).
+- `GET /health` 200 (the registry's check); `GET /ready` 200, or 503 after
+  `GET /control?ready=0` (a path for the sidecars' active health checks);
+- `GET /hits` the number of requests served (health, readiness and control excluded).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 class State:
     fail = 0.0
     delay = 0.0
+    ready = 1.0
     hits = 0
     lock = threading.Lock()
     log_fd = -1
@@ -59,6 +61,8 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if url.path == "/health":
             self._answer(200, b"{}")
+        elif url.path == "/ready":
+            self._answer(200 if State.ready else 503, b"{}")
         elif url.path == "/hits":
             self._answer(200, json.dumps({"hits": State.hits}).encode())
         elif url.path == "/control":
@@ -66,6 +70,7 @@ class Handler(BaseHTTPRequestHandler):
             with State.lock:
                 State.fail = float(q.get("fail", [State.fail])[0])
                 State.delay = float(q.get("delay", [State.delay])[0])
+                State.ready = float(q.get("ready", [State.ready])[0])
             self._answer(200, b"{}")
         else:
             self._serve()

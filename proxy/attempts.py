@@ -13,6 +13,10 @@ not tried yet (`retry_route`), or lets the failure stand. Nothing of a failed at
 reaches the client: the response head is relayed only once the exchange decided not to
 retry it.
 
+Whatever the policy, a request without a body and with an idempotent method is sent
+once more on a fresh connection when a reused keep-alive connection was closed under it
+(`_resend_stale`, RFC 9110 9.2.2).
+
 Requests without a resilience policy (`RouteResult.resilience` None) pay one attribute
 test at the route and one at the end.
 """
@@ -35,6 +39,7 @@ from proxy.exchange_states import (
     SENDING,
 )
 from proxy.heads import chunk_prefix
+from proxy.hedging import HEDGE_LOST, Hedge
 from proxy.outcome import Outcome
 
 if TYPE_CHECKING:
@@ -51,6 +56,11 @@ if TYPE_CHECKING:
 _ATTEMPT = 1
 _ADMITTED = 2
 _RETRY_SLOT = 4
+# A hedge (proxy/hedging.py) is armed or in flight: the end goes through `_release`.
+_HEDGE = 8
+# The exchange's `flags` bit for a request sent again on a fresh connection after a
+# reused one was closed under it (`_resend_stale`).
+_RETRIED = 2
 
 
 class Attempts:
@@ -62,6 +72,8 @@ class Attempts:
         "abandoned",
         "attempt",
         "attempt_start",
+        "flags",
+        "hedge",
         "replay",
         "replay_size",
         "res",
@@ -82,6 +94,7 @@ class Attempts:
     head: RequestHead
     route: RouteResult | None
     upstream: UpstreamConnection | None
+    flags: int
     req_done: bool
     keep_alive: bool
     status: int
@@ -97,6 +110,7 @@ class Attempts:
     tried: list[Endpoint] | None
     abandoned: UpstreamConnection | None
     timer_handle: TimerHandle | None
+    hedge: Hedge | None
 
     # The state machine's own actions (proxy/exchange.py).
     def end(self, outcome: Outcome, after: int = CLOSE, now: float = 0.0) -> None:
@@ -168,7 +182,47 @@ class Attempts:
                 res.retry_done()  # ended while a retry waited out its backoff
             if self.rflags & _ADMITTED:
                 res.release()
+            hedge = self.hedge if self.rflags & _HEDGE else None
+            if hedge is not None:
+                self.hedge = None
+                hedge.cancel()  # the other attempt of a race (or its timer)
         self.rflags = 0
+
+    @property
+    def retried(self) -> bool:
+        """Whether the request was sent again once, after a reused connection's reset."""
+        return bool(self.flags & _RETRIED)
+
+    def _resend_stale(self, up: UpstreamConnection, reason: str) -> bool:
+        """A reused keep-alive connection the server closed as we sent (its idle timeout
+        raced our request): the request goes again once on another connection, for
+        idempotent methods without a body only (RFC 9110 9.2.2); True when it did. The
+        balancer hears of the failed attempt; the request stays with its endpoint (the
+        same pool). Any retry policy or none."""
+        head = self.head
+        route = self.route
+        if (
+            reason != local_reply.UPSTREAM_RESET
+            or up.requests <= 1
+            or self.flags & _RETRIED
+            or head.has_body
+            or head.method not in retries.IDEMPOTENT_METHODS
+            or route is None
+            or route.pool is None
+        ):
+            return False
+        ep, tracker = route.endpoint, route.tracker
+        if ep is not None and tracker is not None:
+            now = self.server.clock()
+            tracker.on_end(ep, now, now - self.start, False)
+            tracker.on_start(ep, now)
+        self.flags |= _RETRIED
+        self._attempt_failed(reason)
+        ubuf = self.conn.ubuf
+        ubuf.clear()
+        ubuf.append(self.request_bytes)
+        self._acquire(route.pool)
+        return True
 
     def _stale(self) -> bool:
         """Whether a response event comes from the connection of an attempt given up
@@ -215,6 +269,11 @@ class Attempts:
                     self._keep_for_replay([], piece)
             else:
                 self.replay = []
+        hedging = res.hedging
+        self.hedge = None
+        if hedging is not None and hedging.spec.applies(self.head.method):
+            self.hedge = Hedge(self, res, hedging)
+            self.rflags |= _HEDGE
         return False
 
     def _keep_for_replay(self, replay: list[bytes], data: bytes) -> None:
@@ -286,6 +345,8 @@ class Attempts:
         policy covers the failure and allows another attempt; else False (the caller
         ends the request with the failure), or, when only the budget is spent, answer
         `retry_budget_exhausted` with the failure's status (True)."""
+        if self.rflags & _HEDGE and self._yield_to_hedge(failed):
+            return True
         spec, res = self.rspec, self.res
         if spec is None or res is None or res.budget is None:
             return False
@@ -343,6 +404,80 @@ class Attempts:
         delay = retries.backoff(spec, self.attempt, retries.RNG)
         self.timer_handle = self.server.call_later(delay, self._send_retry)
         return True
+
+    # -- hedging (proxy/hedging.py) ---------------------------------------------------------
+
+    def _yield_to_hedge(self, failed: Outcome) -> bool:
+        """This attempt failed while a hedge is in flight: wait for the hedge (True)."""
+        hedge = self.hedge
+        if hedge is None or not hedge.in_flight:
+            return False
+        self._abandon()
+        self._attempt_end(failed, self.server.clock())
+        self._attempt_failed(failed.reason or f"status {failed.status}")
+        route = self.route
+        if route is not None and route.endpoint is not None:
+            tried = self.tried
+            if tried is None:
+                tried = self.tried = []
+            tried.append(route.endpoint)  # it failed: a later retry goes elsewhere
+        self.state = CONNECTING
+        self.status = 0
+        self.conn.ubuf.clear()
+        hedge.sole = True
+        return True
+
+    def _hedge_failed_alone(
+        self, route: RouteResult, start: float, failed: Outcome, message: str
+    ) -> None:
+        """The hedge failed after this exchange's own attempt had: its attempt becomes
+        the exchange's, whose failure is retried as any (or answers the request)."""
+        self.route = route
+        self.attempt_start = start
+        self.rflags |= _ATTEMPT | _RETRY_SLOT  # the hedge's end and retry slot, owed
+        kind = failed.kind
+        failure = (
+            retries.F_CONNECT
+            if kind == "ConnectFailure"
+            else retries.F_RESET
+            if kind == "Reset"
+            else 0
+        )
+        if failure and self._retry(failure, failed, message):
+            return
+        self.conn.clear_pause(PAUSE_CONNECTING)
+        self._reply(type(failed), failed.reason, message, status=failed.status or 502)
+
+    def _hedge_won(
+        self, route: RouteResult, up: UpstreamConnection, start: float, now: float
+    ) -> None:
+        """The hedge's response head came first: give up this attempt (its connection
+        aborted, its end told with an outcome the outlier detector ignores) and take over
+        the hedge's connection, route and attempt."""
+        if self.upstream is not None or self.state == CONNECTING:
+            self._drop_upstream()
+        elif self.timer_handle is not None:
+            self._cancel_timer()
+        if self.rflags & _ATTEMPT:
+            self._attempt_end(outcomes.local(outcomes.LocalReply, HEDGE_LOST, 0), now)
+            self._attempt_failed(HEDGE_LOST)
+        # The first attempt's endpoint is not counted as tried: it was only slow, and a
+        # retry of the hedge's answer may need it.
+        self.hedge = None
+        self.rflags = (self.rflags & ~_HEDGE) | _ATTEMPT | _RETRY_SLOT
+        self.route = route
+        self.attempt_start = start
+        self.conn.ubuf.clear()
+        self.state = SENDING
+        self.upstream = up
+        up.bind(self, self.head.method == b"HEAD")  # type: ignore[arg-type]
+        self.conn.clear_pause(PAUSE_CONNECTING)
+
+    def _hedge_done(self, hedge: Hedge) -> None:
+        """The hedge failed: this exchange goes on alone."""
+        if self.rflags & _HEDGE and self.hedge is hedge:
+            self.hedge = None
+            self.rflags &= ~_HEDGE
 
     def _elsewhere(self, route: RouteResult, now: float) -> bool:
         """Whether the cluster has an available endpoint this request has not tried."""

@@ -51,13 +51,21 @@ class Cluster:
         for ep in endpoints:
             prev = old.get(ep.id)
             if prev is not None:
-                if stamp and ep.healthy and not prev.healthy:
+                # `ep.healthy` is the registry's word, unless `ep` is an endpoint an
+                # active check already judged (a subset's, shared with its parent).
+                registry = ep.registry_healthy if ep.check is not None else ep.healthy
+                check = prev.check
+                healthy = registry and (check is None or check.healthy)
+                if stamp and healthy and not prev.healthy:
                     prev.added_at = now
                 prev.host, prev.port = ep.host, ep.port
                 prev.weight, prev.zone, prev.meta = ep.weight, ep.zone, ep.meta
-                prev.healthy, prev.draining = ep.healthy, ep.draining
+                prev.registry_healthy, prev.healthy = registry, healthy
+                prev.draining = ep.draining
                 merged.append(prev)
             else:
+                if ep.check is None:
+                    ep.registry_healthy = ep.healthy
                 # A subset cluster shares its parent's endpoints: one stamp is enough.
                 if stamp and ep.added_at <= 0:
                     ep.added_at = now

@@ -13,10 +13,10 @@ per request: equal pool policies get the same key in every snapshot (`PoolKeys`)
 an unchanged timeout keeps its warm connections across snapshots, and a changed one
 gets new pools while the old ones drain and are swept.
 
-Retries, circuit breakers and outlier detection are typed fields of the same spec
-(ServiceDefaults', else MeshConfig's; a Route rule's own retries and limits are compiled
-onto its `RouteRule`, proxy/routing.py). A circuit breaker's `maxConnections` and
-`maxPendingRequests` become the endpoints' pool policy.
+Retries, circuit breakers, outlier detection and active health checks are typed
+fields of the same spec (ServiceDefaults', else MeshConfig's; a Route rule's own retries
+and limits are compiled onto its `RouteRule`, proxy/routing.py). A circuit breaker's
+`maxConnections` and `maxPendingRequests` become the endpoints' pool policy.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 from proxy import balance
 from proxy.balance.outlier import OutlierSpec
 from proxy.circuit_breaker import CircuitBreakerSpec
+from proxy.health_check import HealthCheckSpec
+from proxy.hedging import HedgeSpec
 from proxy.pool import PoolPolicy
 from proxy.retry import DEFAULT as DEFAULT_RETRY
 from proxy.retry import RetrySpec
@@ -56,6 +58,10 @@ class ClusterSpec:
     retry: RetrySpec | None = None
     circuit_breaker: CircuitBreakerSpec | None = None
     outlier_detection: OutlierSpec | None = None
+    # Active health checks of its endpoints (proxy/health_check.py); None: off.
+    health_check: HealthCheckSpec | None = None
+    # Hedged requests (proxy/hedging.py); None: none.
+    hedging: HedgeSpec | None = None
 
     @property
     def connect_timeout(self) -> float:
@@ -127,6 +133,7 @@ def compile_specs(
     mesh_retry = _retry(mesh.retries if mesh is not None else None) or DEFAULT_RETRY
     mesh_breaker = _breaker(mesh.circuit_breaker if mesh is not None else None)
     mesh_outlier = _outlier(mesh.outlier_detection if mesh is not None else None)
+    mesh_check = _health_check(mesh.health_check if mesh is not None else None)
 
     def pool_for(
         connect: float | None, breaker: CircuitBreakerSpec | None
@@ -157,6 +164,7 @@ def compile_specs(
         retry=mesh_retry,
         circuit_breaker=mesh_breaker,
         outlier_detection=mesh_outlier,
+        health_check=mesh_check,
     )
     specs: dict[tuple[str, str], ClusterSpec] = {}
     for (ns, svc), pol in table.services.items():
@@ -177,6 +185,8 @@ def compile_specs(
             retry=_retry(d.retries) or mesh_retry,
             circuit_breaker=breaker,
             outlier_detection=_outlier(d.outlier_detection) or mesh_outlier,
+            health_check=_health_check(d.health_check) or mesh_check,
+            hedging=HedgeSpec.of(d.hedging) if d.hedging is not None else None,
         )
     return ClusterSpecs(default, specs, table.version)
 
@@ -191,3 +201,7 @@ def _breaker(p: schema.CircuitBreakerPolicy | None) -> CircuitBreakerSpec | None
 
 def _outlier(p: schema.OutlierDetectionPolicy | None) -> OutlierSpec | None:
     return OutlierSpec.of(p) if p is not None else None
+
+
+def _health_check(p: schema.HealthCheckPolicy | None) -> HealthCheckSpec | None:
+    return HealthCheckSpec.of(p) if p is not None else None

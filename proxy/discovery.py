@@ -40,6 +40,7 @@ from proxy.backoff import BackoffPolicy
 from proxy.balance import Balancer, Endpoint, WeightedRoundRobin
 from proxy.balance.outlier import describe as describe_outlier
 from proxy.cluster import Cluster, Source
+from proxy.health_check import describe as describe_check
 
 log = logging.getLogger("tether.discovery")
 
@@ -138,7 +139,8 @@ def _health(ep: Endpoint, now: float) -> str:
     if ep.draining:
         return "draining"
     if not ep.healthy:
-        return "critical"
+        # The registry's verdict, or the sidecar's own active check (proxy/health_check.py).
+        return "critical" if not ep.registry_healthy else "check_failing"
     return "ejected" if now < ep.ejected_until else "passing"
 
 
@@ -309,6 +311,8 @@ class ConsulDirectory:
                             "active_requests": ep.active,
                             # Outlier detection: ejected or not, why, for how long.
                             "outlier": describe_outlier(ep, now),
+                            # Active health check: its verdict, streaks, last error.
+                            "health_check": describe_check(ep, now),
                         }
                         for ep in cluster.endpoints
                     ],

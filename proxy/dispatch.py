@@ -28,6 +28,8 @@ from proxy.egress import EgressGuard
 from proxy.errors import BadMessageError
 from proxy.head_cache import HeadCache
 from proxy.heads import RequestHead
+from proxy.health_check import HealthChecks
+from proxy.hedging import render_metrics as render_hedging
 from proxy.pool import Pool, PoolPolicy
 from proxy.resilience import Resilience, ResilienceState
 from proxy.route_result import Peer, RouteResult
@@ -142,6 +144,10 @@ class OutboundRouter:
         self.resilience = ResilienceState()
         self._resilience: dict[tuple[str, str], tuple[Cluster, ClusterSpec, Resilience | None]] = {}
         stats.resilience_sources.append(self._resilience_metrics)
+        # Active health checks of the destinations requests go to (proxy/health_check.py).
+        self.health_checks = HealthChecks(directory, self._mesh_tls_of, upstream_ssl)
+        stats.resilience_sources.append(self.health_checks.metrics)
+        stats.resilience_sources.append(self._hedging_metrics)
 
     def _authority(self, raw: bytes, default_port: int = 80) -> Authority:
         auth = self._authorities.get(raw)
@@ -274,8 +280,10 @@ class OutboundRouter:
             spec.retry,
             spec.circuit_breaker,
             spec.outlier_detection,
+            spec.hedging,
         )
         self._resilience[key] = (cluster, spec, res)
+        self.health_checks.watch(cluster.namespace, cluster.service, spec.health_check)
         return res
 
     def retry_route(
@@ -347,13 +355,19 @@ class OutboundRouter:
                     )
         return out
 
+    def _hedging_metrics(self) -> list[str]:
+        return render_hedging(self.resilience.hedgings())
+
     def _upstream_tls(self, cluster: Cluster) -> UpstreamTLS | None:
+        return self._mesh_tls_of(cluster.namespace, cluster.service)
+
+    def _mesh_tls_of(self, namespace: str, service: str) -> UpstreamTLS | None:
         mesh = self.mesh_tls
         if mesh is None:
             return None
         from proxy.tls import UpstreamTLS  # cryptography: only for a sidecar with an identity
 
-        return UpstreamTLS(mesh, cluster.namespace, cluster.service)
+        return UpstreamTLS(mesh, namespace, service)
 
     def _egress(self, auth: Authority, path: bytes | None) -> RouteResult:
         dstats = self._egress_stats
@@ -436,13 +450,24 @@ class OutboundRouter:
             cluster = self.directory.lookup(ns, svc)
             if cluster is not None:
                 det.evaluate(cluster.endpoints, now)
+        # Active health checks follow the specs of the destinations requests went to,
+        # also when a snapshot changes them between two requests.
+        specs = self.current_specs()
+        for cluster, _, _ in self._resilience.values():
+            ns, svc = cluster.namespace, cluster.service
+            self.health_checks.watch(ns, svc, specs.get(ns, svc).health_check)
         for key in [k for k in self._results if k not in self._pools]:
             del self._results[key]
+
+    def current_specs(self) -> ClusterSpecs:
+        """The specs requests are routed with now (a policy router's are its policy's)."""
+        return self.specs
 
     def pools(self) -> list[Pool]:
         return [*self._pools.values(), *self._egress_pools.values()]
 
     def close(self) -> None:
+        self.health_checks.close()
         for pool in self.pools():
             pool.close()
 

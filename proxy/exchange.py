@@ -102,13 +102,11 @@ from proxy.exchange_states import (
     TUNNEL,
 )  # fmt: skip
 
-# `flags`: a 100 was relayed; the request was sent again once; 103s relayed, counted in
-# steps of _EARLY_HINT (at most MAX_EARLY_HINTS).
+# `flags`: a 100 was relayed; the request was sent again once (_RETRIED, attempts.py's
+# `_resend_stale`); 103s relayed, counted in steps of _EARLY_HINT (at most MAX_EARLY_HINTS).
 _SENT_CONTINUE = 1
-_RETRIED = 2
 _EARLY_HINT = 4
 MAX_EARLY_HINTS = 2
-_IDEMPOTENT = retries.IDEMPOTENT_METHODS
 
 
 class ExchangeStateError(Exception):
@@ -128,7 +126,6 @@ class Exchange(Attempts):
         "bytes_out",
         "conn",
         "deadline",
-        "flags",
         "head",
         "keep_alive",
         "mirror",
@@ -195,11 +192,6 @@ class Exchange(Attempts):
             f"{event} in state {STATE_NAMES[self.state]} ({self.head.method.decode()} "
             f"{self.head.target[:60]!r})"
         )
-
-    @property
-    def retried(self) -> bool:
-        """Whether the request was sent again (once, after a reused connection's reset)."""
-        return bool(self.flags & _RETRIED)
 
     @property
     def pool(self) -> Pool | None:
@@ -520,37 +512,11 @@ class Exchange(Attempts):
             self._invalid("upstream_lost")
         self.upstream = None
         up.unbind()
-        head = self.head
-        route = self.route
-        if (
-            self.state == SENDING
-            and reason == local_reply.UPSTREAM_RESET
-            and up.requests > 1
-            and not self.flags & _RETRIED
-            and not head.has_body
-            and head.method in _IDEMPOTENT
-            and route is not None
-            and route.pool is not None
-        ):
-            # A reused keep-alive connection the server closed as we sent (its idle
-            # timeout raced our request): sent again once on another connection, for
-            # idempotent methods only (RFC 9110 9.2.2). The balancer hears of the failed
-            # attempt; the request stays with its endpoint (the same pool).
-            ep, tracker = route.endpoint, route.tracker
-            if ep is not None and tracker is not None:
-                now = self.server.clock()
-                tracker.on_end(ep, now, now - self.start, False)
-                tracker.on_start(ep, now)
-            self.flags |= _RETRIED
-            self._attempt_failed(reason)
-            ubuf = self.conn.ubuf
-            ubuf.clear()
-            ubuf.append(self.request_bytes)
-            self._acquire(route.pool)
-            return
-        if self.state == SENDING and self.res is not None:
+        if self.state == SENDING:
+            if self._resend_stale(up, reason):
+                return
             failed = outcomes.local(outcomes.Reset, reason, 502)
-            if self._retry(retries.F_RESET, failed, message):
+            if self.res is not None and self._retry(retries.F_RESET, failed, message):
                 return
         self._reply(outcomes.Reset, reason, message)
 

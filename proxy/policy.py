@@ -28,6 +28,7 @@ from proxy.circuit_breaker import CircuitBreakerSpec
 from proxy.cluster import Cluster, ServiceDirectory
 from proxy.cluster_spec import ClusterSpecs, PoolKeys, compile_specs, default_specs
 from proxy.errors import PolicyError
+from proxy.hedging import HedgeSpec
 from proxy.pool import PoolPolicy
 from proxy.retry import RetrySpec
 from proxy.route_filters import (
@@ -127,6 +128,7 @@ def _rule(
         circuit_breaker=(
             CircuitBreakerSpec.of(rule.circuit_breaker) if rule.circuit_breaker else None
         ),
+        hedge=HedgeSpec.of(rule.hedging) if rule.hedging is not None else None,
     )
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal
 from proxy import local_reply
 from proxy.balance import Endpoint
 from proxy.cluster import Cluster, ServiceDirectory
-from proxy.cluster_spec import ClusterSpec
+from proxy.cluster_spec import ClusterSpec, ClusterSpecs
 from proxy.dispatch import OutboundRouter
 from proxy.downstream import RNG, TimeoutPolicy
 from proxy.egress import EgressGuard
@@ -103,6 +103,9 @@ class PolicyRouter(OutboundRouter):
         self._rule_res: dict[
             tuple[int, str], tuple[RouteRule, ClusterSpec, Cluster, Resilience]
         ] = {}
+
+    def current_specs(self) -> ClusterSpecs:
+        return self.policy.specs
 
     def _to_cluster(
         self, head: RequestHead, peer: Peer, path: bytes | None, cluster: Cluster
@@ -175,7 +178,9 @@ class PolicyRouter(OutboundRouter):
         rule = decision.rule
         if (
             rule is not None
-            and (rule.retry is not None or rule.circuit_breaker is not None)
+            and (
+                rule.retry is not None or rule.circuit_breaker is not None or rule.hedge is not None
+            )
             and result.reply is None
         ):
             # The rule's own retries and limits, over its destination's.
@@ -198,7 +203,7 @@ class PolicyRouter(OutboundRouter):
             f"rule-{zlib.crc32(repr(rule.match).encode()):08x}",
         )
         res = self.resilience.for_rule(
-            result.resilience, cluster, rule_key, rule.retry, rule.circuit_breaker
+            result.resilience, cluster, rule_key, rule.retry, rule.circuit_breaker, rule.hedge
         )
         if len(self._rule_res) > 4096:
             self._rule_res.clear()

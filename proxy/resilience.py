@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from proxy.balance.outlier import OutlierDetector, OutlierSpec
 from proxy.circuit_breaker import Breaker, Breakers, CircuitBreakerSpec
+from proxy.hedging import HedgeSpec, Hedging
+from proxy.retry import DEFAULT as DEFAULT_RETRY
 from proxy.retry import RetryBudget, RetrySpec
 
 if TYPE_CHECKING:
@@ -25,7 +27,16 @@ if TYPE_CHECKING:
 
 
 class Resilience:
-    __slots__ = ("breaker", "budget", "cluster", "name", "outlier", "retry", "rule_breaker")
+    __slots__ = (
+        "breaker",
+        "budget",
+        "cluster",
+        "hedging",
+        "name",
+        "outlier",
+        "retry",
+        "rule_breaker",
+    )
 
     def __init__(
         self,
@@ -36,6 +47,7 @@ class Resilience:
         breaker: Breaker | None = None,
         rule_breaker: Breaker | None = None,
         outlier: OutlierDetector | None = None,
+        hedging: Hedging | None = None,
     ) -> None:
         self.name = name
         # Where a retry picks another endpoint (and the detector's endpoint set).
@@ -45,6 +57,8 @@ class Resilience:
         self.breaker = breaker
         self.rule_breaker = rule_breaker
         self.outlier = outlier
+        # Hedged requests (proxy/hedging.py); None: none.
+        self.hedging = hedging
 
     def admit(self) -> Breaker | None:
         """Take a request slot in every breaker; the breaker that refused, or None."""
@@ -99,6 +113,7 @@ class ResilienceState:
         self.breakers = Breakers()
         self._budgets: dict[tuple[str, ...], RetryBudget] = {}
         self._detectors: dict[tuple[str, str], OutlierDetector] = {}
+        self._hedgings: dict[tuple[str, ...], Hedging] = {}
 
     def budget(self, key: tuple[str, ...], spec: RetrySpec) -> RetryBudget:
         b = self._budgets.get(key)
@@ -121,6 +136,17 @@ class ResilienceState:
     def detectors(self) -> dict[tuple[str, str], OutlierDetector]:
         return self._detectors
 
+    def hedging(self, key: tuple[str, ...], spec: HedgeSpec, name: str) -> Hedging:
+        h = self._hedgings.get(key)
+        if h is None:
+            h = self._hedgings[key] = Hedging(spec, name)
+        else:
+            h.spec = spec
+        return h
+
+    def hedgings(self) -> dict[tuple[str, ...], Hedging]:
+        return self._hedgings
+
     def make(
         self,
         key: tuple[str, str],
@@ -128,20 +154,24 @@ class ResilienceState:
         retry: RetrySpec | None,
         breaker: CircuitBreakerSpec | None,
         outlier: OutlierSpec | None,
+        hedge: HedgeSpec | None = None,
     ) -> Resilience | None:
-        """A service's Resilience (None when it has none of the three)."""
+        """A service's Resilience (None when it has none of the four)."""
         if retry is not None and retry.attempts <= 1 and not retry.per_try_timeout:
             retry = None  # retries off: nothing kept per request for them
-        if retry is None and breaker is None and outlier is None:
+        if retry is None and breaker is None and outlier is None and hedge is None:
             return None
+        budget = retry or (DEFAULT_RETRY if hedge is not None else None)
         return Resilience(
             cluster.name,
             cluster,
             retry,
-            self.budget(key, retry) if retry is not None else None,
+            # Hedges spend the retry budget (the default one when retries are off).
+            self.budget(key, budget) if budget is not None else None,
             self.breakers.get(key, breaker) if breaker is not None else None,
             None,
             self.detector(key, outlier, cluster.name) if outlier is not None else None,
+            self.hedging(key, hedge, cluster.name) if hedge is not None else None,
         )
 
     def for_rule(
@@ -151,15 +181,21 @@ class ResilienceState:
         rule_key: tuple[str, ...],
         retry: RetrySpec | None,
         breaker: CircuitBreakerSpec | None,
+        hedge: HedgeSpec | None = None,
     ) -> Resilience:
         """A Route rule's: its own retries (and budget) over the service's, its own
-        breaker beside the service's."""
+        breaker beside the service's, its own hedging over the service's."""
         r = Resilience(cluster.name, cluster)
         if base is not None:
             r.retry, r.budget = base.retry, base.budget
             r.breaker, r.outlier = base.breaker, base.outlier
+            r.hedging = base.hedging
         if retry is not None:
             r.retry, r.budget = retry, self.budget(rule_key, retry)
         if breaker is not None:
             r.rule_breaker = self.breakers.get(rule_key, breaker)
+        if hedge is not None:
+            r.hedging = self.hedging(rule_key, hedge, cluster.name)
+            if r.budget is None:
+                r.budget = self.budget(rule_key, DEFAULT_RETRY)
         return r

@@ -153,6 +153,7 @@ class RouteRule:
     # specs); None: the destination's.
     retry: Any = None
     circuit_breaker: Any = None
+    hedge: Any = None  # proxy/hedging.py's HedgeSpec; None: the destination's
 
 
 @dataclass(frozen=True, slots=True)

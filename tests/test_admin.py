@@ -79,6 +79,7 @@ async def test_admin_routes(registry: RegistryServer, consul_client: Any) -> Non
                 "health": "passing",
                 "active_requests": 0,
                 "outlier": {"ejected": False},
+                "health_check": None,
             }
             async with http.get(f"{base}/config_dump") as r:
                 assert await r.json() == {"watches": ["orders"]}

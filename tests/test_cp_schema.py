@@ -162,7 +162,7 @@ spec:
       - field: header
         nmae: x-user
   connectTimeout: 5
-  hedging: 3
+  retryPolicy: 3
 ---
 apiVersion: tether.dev/v1alpha1
 kind: TrafficSplit
@@ -183,13 +183,13 @@ spec:
         (1, "spec.opaquePorts[1]", 7),
         (1, "spec.loadBalancer.hashPolicies[0].nmae", 12),
         (1, "spec.connectTimeout", 13),
-        (1, "spec.hedging", 14),
+        (1, "spec.retryPolicy", 14),
         (2, "spec.subsets[0].selector.version", 23),
         (2, "spec.subsets[0].weight", 24),
         (2, "spec.sticky", 25),
     }
     by_path = {p.path: p for p in info.value.problems}
-    assert "not supported yet" in by_path["spec.hedging"].message
+    assert "not supported yet" in by_path["spec.retryPolicy"].message
     assert "quote it" in by_path["spec.subsets[0].selector.version"].message
     assert "unknown field 'nmae'" in by_path["spec.loadBalancer.hashPolicies[0].nmae"].message
     assert "exactly one of header, cookie" in by_path["spec.sticky"].message

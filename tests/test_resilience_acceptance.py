@@ -29,6 +29,7 @@ from typing import Any, cast
 
 import pytest
 
+from bench.chaos_bench import BUDGET_MIN_PER_SECOND, BUDGET_RATIO
 from bench.chaos_bench import POLICY as CHAOS_POLICY
 from tests.conftest import ROOT, ControlPlaneProcess, RegistryProcess, run_tether, wait_for_port
 from tests.sidecar_harness import App, ProcessSet, Sidecar, poll
@@ -240,8 +241,8 @@ def test_kill_failing_and_slow_instances_under_load_then_a_retry_storm(tmp_path:
         assert ejections >= 1
 
         # Retry storm: every instance left fails everything; the apps see at most the
-        # client's requests plus what the budget allows (20% of the window's requests
-        # plus 10 a second over its 10 s window).
+        # client's requests plus what the budget allows (BUDGET_RATIO of the window's
+        # requests plus BUDGET_MIN_PER_SECOND a second over its 10 s window).
         b.control(fail=1.0)
         c.control(fail=1.0)
         hits_before = b.hits() + c.hits()
@@ -254,14 +255,16 @@ def test_kill_failing_and_slow_instances_under_load_then_a_retry_storm(tmp_path:
         received = b.hits() + c.hits() - hits_before
         retried = metric(client, "tether_retries_total") - retries_before
         # The budget is a sliding 10 s window (ten 1 s slices): the retries of each 10 s
-        # of the storm are within 20% of the requests of the window that ends with them
+        # of the storm are within BUDGET_RATIO of the requests of the window that ends with them
         # (which reaches back into the one before), plus 10 a second; a storm longer than
         # a window has an allowance per window, each request counted in at most two.
         first = min(t for t, _, _ in storm.results)
         end = max(t for t, _, _ in storm.results)
         counted = [t for t, _, _ in load.results + storm.results if t >= first - 11.0]
         windows = math.ceil((end - first + 1.0) / 10.0)
-        allowance = 0.2 * len(counted) * min(windows, 2) + 10 * 10 * windows
+        allowance = (
+            BUDGET_RATIO * len(counted) * min(windows, 2) + BUDGET_MIN_PER_SECOND * 10 * windows
+        )
         assert retried <= allowance, (retried, allowance)
         assert received <= sent + allowance, (received, sent, allowance)
         print(

@@ -426,12 +426,47 @@ class OutlierDetectionPolicy:
 
 
 @dataclass(frozen=True)
+class HedgingPolicy:
+    """Send an idempotent request a second time, to another instance, when the first
+    attempt has no response head after `delay`; the first head wins, the other attempt
+    is cancelled."""
+
+    delay: Duration = spec_field("How long the first attempt waits for its response head.")
+    max_hedges: int = spec_field("Hedges per request (1).", default=1)
+    idempotent: bool = spec_field(
+        "Hedge every method (the requests are idempotent); false: GET, HEAD, OPTIONS only.",
+        default=False,
+    )
+
+
+@dataclass(frozen=True)
+class HealthCheckPolicy:
+    """Active health checks by the caller's sidecar: an HTTP GET of `path` on each
+    instance it sends to, through the same mTLS as its requests; an instance is used only
+    while both this check and the registry's say it is healthy."""
+
+    path: str = spec_field("The path probed (a 2xx answer is a success).")
+    interval: Duration = spec_field(
+        "Time between two probes of an instance (jittered by up to 10%).", default=5.0
+    )
+    timeout: Duration = spec_field(
+        "A probe's time to connect and read the response head (at most `interval`).",
+        default=1.0,
+    )
+    unhealthy_threshold: int = spec_field(
+        "Consecutive failed probes that take a healthy instance out of rotation.", default=2
+    )
+    healthy_threshold: int = spec_field(
+        "Consecutive successful probes that bring a failed instance back.", default=2
+    )
+
+
+@dataclass(frozen=True)
 class ServiceDefaultsSpec:
     """Per-service defaults: protocol, balancing and timeouts."""
 
     FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"retryPolicy", "fault", "faultInjection", "mirror", "rateLimit", "hedging"}
-        | {"healthCheck"}
+        {"retryPolicy", "fault", "faultInjection", "mirror", "rateLimit"}
     )
 
     # Fields written here that live on a Route rule: the error says where.
@@ -466,6 +501,13 @@ class ServiceDefaultsSpec:
     )
     outlier_detection: OutlierDetectionPolicy | None = spec_field(
         "Ejection of failing instances; unset: MeshConfig's.", default=None
+    )
+    health_check: HealthCheckPolicy | None = spec_field(
+        "Active health checks of its instances by callers' sidecars; unset: MeshConfig's.",
+        default=None,
+    )
+    hedging: HedgingPolicy | None = spec_field(
+        "Hedged requests to the service; unset: none.", default=None
     )
 
 
@@ -555,9 +597,7 @@ class HeaderChangeSpec:
 class RouteRuleSpec:
     """A match and where matching requests go; rules are tried in order, first match wins."""
 
-    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"retryPolicy", "faultInjection", "hedging"}
-    )
+    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset({"retryPolicy", "faultInjection"})
 
     match: RouteMatchSpec = spec_field("Conditions; empty: every request.", factory=RouteMatchSpec)
     destination: DestinationSpec = spec_field(
@@ -575,6 +615,9 @@ class RouteRuleSpec:
     circuit_breaker: CircuitBreakerPolicy | None = spec_field(
         "Limits of matching requests, within the destination's; unset: none of its own.",
         default=None,
+    )
+    hedging: HedgingPolicy | None = spec_field(
+        "Hedged requests for matching requests; unset: the destination's.", default=None
     )
     # L7 traffic policy per rule (docs/traffic.md): run at the caller's sidecar, except
     # a rate limit with `at: inbound`.
@@ -806,9 +849,7 @@ class TracingPolicy:
 class MeshConfigSpec:
     """Mesh-wide defaults."""
 
-    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"tls", "rateLimit", "hedging", "healthCheck"}
-    )
+    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset({"tls", "rateLimit", "hedging"})
 
     egress: EgressPolicy = spec_field("Egress policy.", factory=EgressPolicy)
     connect_timeout: Duration = spec_field("Default connect timeout.", default=5.0)
@@ -828,6 +869,9 @@ class MeshConfigSpec:
     )
     outlier_detection: OutlierDetectionPolicy | None = spec_field(
         "Default ejection of failing instances; unset: none.", default=None
+    )
+    health_check: HealthCheckPolicy | None = spec_field(
+        "Default active health checks by callers' sidecars; unset: none.", default=None
     )
     tracing: TracingPolicy | None = spec_field(
         "Tracing sampling; absent: OpenTelemetry's default (parent-based, always on).",
@@ -1936,6 +1980,15 @@ def _check_resilience(c: _Checker, at: FieldPath, spec: Any) -> None:
     od: OutlierDetectionPolicy | None = getattr(spec, "outlier_detection", None)
     if od is not None:
         _check_outlier(c, (*at, "outlierDetection"), od)
+    hedging: HedgingPolicy | None = getattr(spec, "hedging", None)
+    if hedging is not None:
+        hp: FieldPath = (*at, "hedging")
+        c.positive((*hp, "delay"), hedging.delay)
+        if hedging.max_hedges != 1:
+            c.add((*hp, "maxHedges"), "must be 1 (one hedge per request)")
+    hc: HealthCheckPolicy | None = getattr(spec, "health_check", None)
+    if hc is not None:
+        _check_health_check(c, (*at, "healthCheck"), hc)
 
 
 def _check_retries(c: _Checker, at: FieldPath, r: RetryPolicy) -> None:
@@ -1998,3 +2051,20 @@ def _check_outlier(c: _Checker, at: FieldPath, od: OutlierDetectionPolicy) -> No
             c.add((*at, "failurePercentage", "minimumHosts"), "must be at least 1")
         if fp.request_volume < 1:
             c.add((*at, "failurePercentage", "requestVolume"), "must be at least 1")
+
+
+MAX_HEALTH_THRESHOLD = 100
+_HEALTH_PATH = re.compile(r"^/[!-~]*$")
+
+
+def _check_health_check(c: _Checker, at: FieldPath, hc: HealthCheckPolicy) -> None:
+    if not _HEALTH_PATH.match(hc.path) or len(hc.path) > 1024:
+        c.add((*at, "path"), "must be an origin-form path: '/' then up to 1023 visible "
+              "ASCII characters, no spaces")  # fmt: skip
+    c.positive((*at, "interval"), hc.interval)
+    c.positive((*at, "timeout"), hc.timeout)
+    if hc.interval > 0 and hc.timeout > hc.interval:
+        c.add((*at, "timeout"), "must not exceed interval")
+    for name in ("unhealthy_threshold", "healthy_threshold"):
+        if not 1 <= getattr(hc, name) <= MAX_HEALTH_THRESHOLD:
+            c.add((*at, camel(name)), f"must be between 1 and {MAX_HEALTH_THRESHOLD}")

@@ -41,6 +41,10 @@ class Endpoint:
     # What outlier detection knows of it (balance/outlier.py's EndpointHealth), kept
     # here for the same reasons.
     outlier: Any = field(default=None, repr=False)
+    # The registry's word on its health; `healthy` is it and, where the destination has
+    # an active health check, `check`'s verdict too (proxy/health_check.py's `apply`).
+    registry_healthy: bool = True
+    check: Any = field(default=None, repr=False)
 
     def available(self, now: float) -> bool:
         return self.healthy and not self.draining and now >= self.ejected_until

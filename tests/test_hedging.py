@@ -1,0 +1,225 @@
+"""Hedged requests (proxy/hedging.py): the pure decision, and races through a real
+outbound listener against aiohttp backends whose answers the test releases (an
+`asyncio.Event` per backend), so which head comes first is decided by the test, not by
+timing. Each backend records what reached it, and whether the proxy hung up on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from proxy.hedging import (
+    ANSWERED,
+    BUDGET,
+    INCOMPLETE,
+    NOT_REPLAYABLE,
+    HedgeSpec,
+    may_hedge,
+)
+from proxy.retry import RetryBudget
+from tests.conftest import serve_app
+from tests.polling import until
+from tests.test_retry_e2e import make_mesh
+from wire import resources as schema
+
+# -- the decision ----------------------------------------------------------------------------
+
+
+def test_which_requests_are_hedged() -> None:
+    spec = HedgeSpec(0.05)
+    assert spec.applies(b"GET") and spec.applies(b"HEAD") and spec.applies(b"OPTIONS")
+    assert not spec.applies(b"POST") and not spec.applies(b"PUT")
+    assert HedgeSpec(0.05, idempotent=True).applies(b"POST")
+
+
+def test_may_hedge_with_an_injected_clock() -> None:
+    budget = RetryBudget(ratio=0.0, window=10.0, min_per_second=1)
+    assert may_hedge(True, True, True, budget, 100.0) == ""
+    assert may_hedge(False, True, True, budget, 100.0) == ANSWERED
+    assert may_hedge(True, False, True, budget, 100.0) == INCOMPLETE
+    assert may_hedge(True, True, False, budget, 100.0) == NOT_REPLAYABLE
+    for _ in range(10):  # 1 a second over the 10 s window
+        budget.spend(100.0)
+    assert may_hedge(True, True, True, budget, 100.0) == BUDGET
+    assert may_hedge(True, True, True, budget, 111.0) == ""  # the window moved on
+
+
+def test_the_schema_takes_hedging_on_services_and_rules_with_field_paths() -> None:
+    def problems(kind: str, spec: dict[str, Any]) -> dict[str, str]:
+        doc = {"apiVersion": "tether.dev/v1alpha1", "kind": kind,
+               "metadata": {"name": "orders"}, "spec": spec}  # fmt: skip
+        return {p.path: p.message for p in schema.check_resource(schema.Resource.from_dict(doc))}
+
+    assert problems("ServiceDefaults", {"hedging": {"delay": "50ms"}}) == {}
+    rule = {"rules": [{"hedging": {"delay": "20ms", "idempotent": True}}]}
+    assert problems("Route", rule) == {}
+    assert problems("ServiceDefaults", {"hedging": {"delay": "0s", "maxHedges": 2}}) == {
+        "spec.hedging.delay": "must be greater than zero",
+        "spec.hedging.maxHedges": "must be 1 (one hedge per request)",
+    }
+
+
+# -- races through the listener ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def cleanup() -> AsyncIterator[list[Callable[[], Any]]]:
+    """Closes what a test started; fails it if the event loop saw an error in a callback
+    (an exchange or a hedge raising in a protocol callback is logged, not raised)."""
+    done: list[Callable[[], Any]] = []
+    errors: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, ctx: errors.append(ctx))
+    yield done
+    for fn in reversed(done):
+        await fn()
+    loop.set_exception_handler(None)
+    assert errors == [], errors
+
+
+@dataclass
+class GatedBackend:
+    """Answers each request once `gate` is set (with `reset`: hangs up instead)."""
+
+    name: str
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    mode: str = "ok"  # ok | reset
+    seen: list[tuple[str, str | None]] = field(default_factory=list)
+    hung_up: int = 0
+    runner: Any = None
+    port: int = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.seen.append((request.method, request.headers.get("x-tether-attempt")))
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.hung_up += 1  # the proxy gave this attempt up
+            raise
+        if self.mode == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        return web.Response(text=self.name)
+
+    @classmethod
+    async def start(cls, name: str, **kw: Any) -> GatedBackend:
+        b = cls(name, **kw)
+        app = web.Application(handler_args={"handler_cancellation": True})
+        app.router.add_route("*", "/{tail:.*}", b.handle)
+        b.runner, b.port = await serve_app(app)
+        return b
+
+
+HEDGING = {"hedging": {"delay": "20ms"}, "retries": {"retryOn": ["5xx"]}}
+
+
+async def two(cleanup: list[Callable[[], Any]]) -> tuple[GatedBackend, GatedBackend]:
+    a = await GatedBackend.start("a")
+    b = await GatedBackend.start("b")
+    cleanup.extend([a.runner.cleanup, b.runner.cleanup])
+    return a, b
+
+
+async def raced(a: GatedBackend, b: GatedBackend) -> tuple[GatedBackend, GatedBackend]:
+    """Once both got the request: (the first attempt's backend, the hedge's)."""
+    await until(lambda: len(a.seen) == 1 and len(b.seen) == 1, 10)
+    first, hedge = (a, b) if a.seen[0][1] is None else (b, a)
+    assert first.seen == [("GET", None)] and hedge.seen == [("GET", "2")]
+    return first, hedge
+
+
+def hedge_metrics(mesh: Any) -> dict[str, float]:
+    out = {}
+    for line in mesh.stats.render_prometheus().splitlines():
+        if line.startswith("tether_hedges") and 'destination="orders.default"' in line:
+            name, value = line.rsplit(" ", 1)
+            out[name.split("{")[0] + name[name.find("reason=") :].rstrip("}")] = float(value)
+    return out
+
+
+async def test_the_hedges_head_first_wins_and_the_first_attempt_is_cut(
+    cleanup: list[Callable[[], Any]],
+) -> None:
+    a, b = await two(cleanup)
+    mesh = await make_mesh([a, b], HEDGING)  # type: ignore[list-item]
+    cleanup.append(mesh.aclose)
+    pending = asyncio.ensure_future(mesh.request())
+    # The first attempt goes to one; 20 ms later the hedge goes to the other.
+    first, hedge = await raced(a, b)
+    hedge.gate.set()
+    assert await pending == (200, "", hedge.name)
+    await until(lambda: first.hung_up == 1, 10)  # its connection aborted, not pooled
+    m = hedge_metrics(mesh)
+    assert m["tether_hedges_total"] == 1 and m["tether_hedges_won_total"] == 1
+    ds = mesh.destination("orders.default")
+    assert ds.attempts == 2
+    # The next requests find both backends' pools usable.
+    first.gate.set()
+    assert {(await mesh.request())[2] for _ in range(4)} == {"a", "b"}
+
+
+async def test_the_first_attempts_head_first_wins_and_the_hedge_is_cancelled(
+    cleanup: list[Callable[[], Any]],
+) -> None:
+    a, b = await two(cleanup)
+    mesh = await make_mesh([a, b], HEDGING)  # type: ignore[list-item]
+    cleanup.append(mesh.aclose)
+    pending = asyncio.ensure_future(mesh.request())
+    first, hedge = await raced(a, b)
+    first.gate.set()
+    assert await pending == (200, "", first.name)
+    await until(lambda: hedge.hung_up == 1, 10)
+    m = hedge_metrics(mesh)
+    assert m["tether_hedges_total"] == 1 and m["tether_hedges_won_total"] == 0
+
+
+async def test_posts_are_not_hedged_and_a_failed_first_attempt_waits_for_the_hedge(
+    cleanup: list[Callable[[], Any]],
+) -> None:
+    a, b = await two(cleanup)
+    mesh = await make_mesh([a, b], HEDGING)  # type: ignore[list-item]
+    cleanup.append(mesh.aclose)
+    pending = asyncio.ensure_future(mesh.request("POST", b"order-1"))
+    await until(lambda: len(a.seen) + len(b.seen) == 1, 10)
+    a.gate.set()
+    b.gate.set()
+    assert (await pending)[0] == 200
+    assert len(a.seen) + len(b.seen) == 1
+    assert hedge_metrics(mesh).get("tether_hedges_total", 0) == 0
+    # The first attempt resets after the hedge went out: the request waits for the
+    # hedge rather than retrying.
+    for x in (a, b):
+        x.gate.clear()
+        x.seen.clear()
+    pending = asyncio.ensure_future(mesh.request())
+    first, hedge = await raced(a, b)
+    first.mode = "reset"
+    first.gate.set()
+    await until(
+        lambda: mesh.destination("orders.default").attempts == 3, 10
+    )  # the POST's, then these two
+    hedge.gate.set()
+    assert await pending == (200, "", hedge.name)
+    assert len(first.seen) == 1  # not retried meanwhile
+
+
+async def test_no_hedge_past_the_budget(cleanup: list[Callable[[], Any]]) -> None:
+    a, b = await two(cleanup)
+    policy = {"hedging": {"delay": "20ms"},
+              "retries": {"budget": {"ratio": 0, "minPerSecond": 0}}}  # fmt: skip
+    mesh = await make_mesh([a, b], policy)  # type: ignore[list-item]
+    cleanup.append(mesh.aclose)
+    pending = asyncio.ensure_future(mesh.request())
+    await until(lambda: hedge_metrics(mesh).get('tether_hedges_refused_totalreason="budget"'), 10)
+    a.gate.set()
+    b.gate.set()
+    assert (await pending)[0] == 200
+    assert len(a.seen) + len(b.seen) == 1
