@@ -54,7 +54,7 @@ def of_kind(found: list[Any], kind: SpanKind) -> list[Any]:
 
 
 def hexid(n: int, width: int) -> str:
-    return "%0*x" % (width, n)
+    return f"{n:0{width}x}"
 
 
 @dataclass
