@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from controlplane.validation import validate
+from proxy.cluster import Cluster
+from proxy.cluster_spec import PoolKeys, compile_specs
 from proxy.hedging import (
     ANSWERED,
     BUDGET,
@@ -22,6 +25,9 @@ from proxy.hedging import (
     HedgeSpec,
     may_hedge,
 )
+from proxy.policy import compile_table, decode
+from proxy.pool import PoolPolicy
+from proxy.resilience import ResilienceState
 from proxy.retry import RetryBudget
 from tests.conftest import serve_app
 from tests.polling import until
@@ -63,6 +69,86 @@ def test_the_schema_takes_hedging_on_services_and_rules_with_field_paths() -> No
         "spec.hedging.delay": "must be greater than zero",
         "spec.hedging.maxHedges": "must be 1 (one hedge per request)",
     }
+
+
+def test_meshconfig_takes_hedging_as_the_mesh_wide_default_with_field_paths() -> None:
+    def problems(spec: dict[str, Any]) -> dict[str, str]:
+        doc = {"apiVersion": "tether.dev/v1alpha1", "kind": "MeshConfig",
+               "metadata": {"name": "mesh"}, "spec": spec}  # fmt: skip
+        return {p.path: p.message for p in schema.check_resource(schema.Resource.from_dict(doc))}
+
+    assert problems({"hedging": {"delay": "50ms"}}) == {}
+    assert problems({"hedging": {"delay": "0s", "maxHedges": 0}}) == {
+        "spec.hedging.delay": "must be greater than zero",
+        "spec.hedging.maxHedges": "must be 1 (one hedge per request)",
+    }
+
+
+MESH_HEDGING = """\
+apiVersion: tether.dev/v1alpha1
+kind: MeshConfig
+metadata:
+  name: mesh
+spec:
+  hedging:
+    delay: 0s
+"""
+
+
+def test_an_invalid_mesh_hedging_is_refused_with_its_line() -> None:
+    out = validate([("mesh.yaml", MESH_HEDGING)])
+    assert [(p.path, p.line) for p in out.errors] == [("spec.hedging.delay", 7)], out.errors
+    assert validate([("mesh.yaml", MESH_HEDGING.replace("0s", "90ms"))]).ok
+
+
+def _doc(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if kind != "MeshConfig":
+        meta["namespace"] = "default"
+    return {"apiVersion": "tether.dev/v1alpha1", "kind": kind, "metadata": meta, "spec": spec}
+
+
+def test_hedging_precedence_route_over_service_over_mesh() -> None:
+    resources = decode(
+        [
+            _doc("MeshConfig", "mesh", {"hedging": {"delay": "90ms"}}),
+            _doc("ServiceDefaults", "orders", {"hedging": {"delay": "50ms"}}),
+            _doc("ServiceDefaults", "other", {"retries": {"attempts": 3}}),
+            _doc(
+                "Route",
+                "orders",
+                {
+                    "rules": [
+                        {"match": {"path": {"prefix": "/fast"}}, "hedging": {"delay": "20ms"}},
+                        {"match": {"path": {"prefix": "/"}}},
+                    ]
+                },
+            ),
+        ]
+    )
+    table, mesh = compile_table(resources, 1)
+    specs = compile_specs(table, mesh, PoolPolicy(), PoolKeys())
+    orders, other = specs.get("default", "orders"), specs.get("default", "other")
+    assert orders.hedging == HedgeSpec(0.05)  # the service's own over the mesh's
+    assert other.hedging == HedgeSpec(0.09)  # ServiceDefaults without hedging: the mesh's
+    assert specs.default.hedging == HedgeSpec(0.09)  # no ServiceDefaults at all
+    fast, rest = table.services[("default", "orders")].rules
+    assert fast.hedge == HedgeSpec(0.02) and rest.hedge is None
+    # What a request gets at the route (proxy/policy_router.py): the rule's own hedging
+    # over the service's; a rule without one keeps the service's.
+    state = ResilienceState()
+    cluster = Cluster("orders", "default")
+    base = state.make(("default", "orders"), cluster, None, None, None, orders.hedging)
+    assert base is not None and base.hedging is not None
+    key = ("default", "orders", "orders#0")
+    fast_res = state.for_rule(base, cluster, key, fast.retry, fast.circuit_breaker, fast.hedge)
+    rest_res = state.for_rule(base, cluster, (*key[:2], "orders#1"), None, None, rest.hedge)
+    assert fast_res.hedging is not None and fast_res.hedging.spec.delay == 0.02
+    assert rest_res.hedging is base.hedging and base.hedging.spec.delay == 0.05
+    # Without any hedging written anywhere, none.
+    bare, _ = compile_table(decode([_doc("ServiceDefaults", "orders", {})]), 2)
+    bare_specs = compile_specs(bare, None, PoolPolicy(), PoolKeys())
+    assert bare_specs.get("default", "orders").hedging is None
 
 
 # -- races through the listener ----------------------------------------------------------------

@@ -849,7 +849,7 @@ class TracingPolicy:
 class MeshConfigSpec:
     """Mesh-wide defaults."""
 
-    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset({"tls", "rateLimit", "hedging"})
+    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset({"tls", "rateLimit"})
 
     egress: EgressPolicy = spec_field("Egress policy.", factory=EgressPolicy)
     connect_timeout: Duration = spec_field("Default connect timeout.", default=5.0)
@@ -872,6 +872,10 @@ class MeshConfigSpec:
     )
     health_check: HealthCheckPolicy | None = spec_field(
         "Default active health checks by callers' sidecars; unset: none.", default=None
+    )
+    hedging: HedgingPolicy | None = spec_field(
+        "Default hedged requests; unset: none (a service's or route's own apply).",
+        default=None,
     )
     tracing: TracingPolicy | None = spec_field(
         "Tracing sampling; absent: OpenTelemetry's default (parent-based, always on).",
