@@ -7,6 +7,7 @@ timing. Each backend records what reached it, and whether the proxy hung up on i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +23,12 @@ from proxy.hedging import (
     BUDGET,
     INCOMPLETE,
     NOT_REPLAYABLE,
+    RECOMPUTE_EVERY,
+    WINDOW,
     HedgeSpec,
+    Hedging,
     may_hedge,
+    percentile_delay,
 )
 from proxy.policy import compile_table, decode
 from proxy.pool import PoolPolicy
@@ -68,6 +73,83 @@ def test_the_schema_takes_hedging_on_services_and_rules_with_field_paths() -> No
     assert problems("ServiceDefaults", {"hedging": {"delay": "0s", "maxHedges": 2}}) == {
         "spec.hedging.delay": "must be greater than zero",
         "spec.hedging.maxHedges": "must be 1 (one hedge per request)",
+    }
+
+
+def test_percentile_delay_is_the_nearest_rank_within_floor_and_ceiling() -> None:
+    spec = HedgeSpec(0.0, percentile=90, min_delay=0.002, max_delay=0.1, min_samples=10)
+    ms = [i / 1000 for i in range(1, 11)]  # 1..10 ms
+    assert percentile_delay(ms[:9], spec) == 0.1  # too few yet: the ceiling
+    assert percentile_delay(ms, spec) == 0.009  # 90th of ten: the 9th
+    assert percentile_delay(list(reversed(ms)), spec) == 0.009  # order does not matter
+    assert percentile_delay([0.0005] * 10, spec) == 0.002  # the floor
+    assert percentile_delay([5.0] * 10, spec) == 0.1  # the ceiling
+    p50 = HedgeSpec(0.0, percentile=50, min_samples=1)
+    assert percentile_delay([0.03], p50) == 0.03
+    assert percentile_delay([], HedgeSpec(0.0, percentile=50, min_samples=1)) == 0.25
+
+
+def test_a_percentile_hedging_follows_the_latest_latencies() -> None:
+    spec = HedgeSpec(0.0, percentile=95, min_delay=0.001, max_delay=0.5, min_samples=20)
+    h = Hedging(spec, "orders")
+    assert h.delay() == 0.5  # nothing seen yet: the ceiling
+    for _ in range(19):
+        h.observe(0.010)
+    assert h.delay() == 0.5
+    h.observe(0.010)  # the 20th: the percentile is used from now on
+    assert h.delay() == 0.010
+    for _ in range(WINDOW):  # the destination slows down: the old latencies leave
+        h.observe(0.040)
+    assert len(h.samples) == WINDOW and h.delay() == 0.040
+    # 10 fast ones among the 128: the 95th percentile is still the slow one; recomputed
+    # only every RECOMPUTE_EVERY latencies.
+    for _ in range(RECOMPUTE_EVERY - 1):
+        h.observe(0.002)
+    assert h.delay() == 0.040
+    h.spec = dataclasses.replace(spec, percentile=5)  # a new snapshot: computed again
+    assert h.delay() == 0.002
+    static = Hedging(HedgeSpec(0.03), "orders")
+    static.observe(1.0)
+    assert static.delay() == 0.03 and static.samples == []  # a static delay keeps none
+
+
+def test_the_schema_takes_a_delay_percentile_validated() -> None:
+    def problems(hedging: dict[str, Any]) -> dict[str, str]:
+        doc = {"apiVersion": "tether.dev/v1alpha1", "kind": "ServiceDefaults",
+               "metadata": {"name": "orders"}, "spec": {"hedging": hedging}}  # fmt: skip
+        try:
+            res = schema.Resource.from_dict(doc)
+        except schema.SchemaError as e:
+            return {p.path: p.message for p in e.problems}
+        return {p.path: p.message for p in schema.check_resource(res)}
+
+    ok = {"delayPercentile": 95, "minDelay": "2ms", "maxDelay": "80ms", "minSamples": 50}
+    assert problems(ok) == {}
+    res = schema.Resource.from_dict(
+        {
+            "apiVersion": "tether.dev/v1alpha1",
+            "kind": "ServiceDefaults",
+            "metadata": {"name": "orders"},
+            "spec": {"hedging": ok},
+        }
+    )
+    assert HedgeSpec.of(res.spec.hedging) == HedgeSpec(  # type: ignore[union-attr, arg-type]
+        0.0, percentile=95, min_delay=0.002, max_delay=0.08, min_samples=50
+    )
+    both = problems({"delay": "50ms", "delayPercentile": 95})
+    assert list(both) == ["spec.hedging"] and "exactly one of delay, delayPercentile" in str(both)
+    assert list(problems({})) == ["spec.hedging"]
+    assert problems(
+        {"delayPercentile": 100, "minDelay": "90ms", "maxDelay": "80ms", "minSamples": 129}
+    ) == {
+        "spec.hedging.delayPercentile": "must be between 0 and 100 (both excluded)",
+        "spec.hedging.minDelay": "must not be above maxDelay",
+        "spec.hedging.minSamples": "must be between 1 and 128",
+    }
+    assert problems({"delayPercentile": 0, "minDelay": "0s", "minSamples": 0}) == {
+        "spec.hedging.delayPercentile": "must be between 0 and 100 (both excluded)",
+        "spec.hedging.minDelay": "must be greater than zero",
+        "spec.hedging.minSamples": "must be between 1 and 128",
     }
 
 
@@ -309,3 +391,32 @@ async def test_no_hedge_past_the_budget(cleanup: list[Callable[[], Any]]) -> Non
     b.gate.set()
     assert (await pending)[0] == 200
     assert len(a.seen) + len(b.seen) == 1
+
+
+async def test_a_percentile_delay_takes_over_from_the_ceiling_once_latencies_are_in(
+    cleanup: list[Callable[[], Any]],
+) -> None:
+    """Until 4 requests have ended the delay is maxDelay (60 s: no hedge within the test);
+    then it is their median within minDelay, so a held request is hedged."""
+    a, b = await two(cleanup)
+    a.gate.set()
+    b.gate.set()
+    policy = {"hedging": {"delayPercentile": 50, "minDelay": "20ms", "maxDelay": "60s",
+                          "minSamples": 4}}  # fmt: skip
+    mesh = await make_mesh([a, b], policy)  # type: ignore[list-item]
+    cleanup.append(mesh.aclose)
+    for _ in range(4):
+        assert (await mesh.request())[0] == 200
+    router: Any = mesh.outbound.router  # the policy router (proxy/dispatch.py)
+    hedging = next(iter(router.resilience.hedgings().values()))
+    assert len(hedging.samples) == 4 and hedging.delay() < 60
+    assert hedge_metrics(mesh).get("tether_hedges_total", 0) == 0
+    a.gate.clear()
+    b.gate.clear()
+    pending = asyncio.ensure_future(mesh.request())
+    await until(lambda: len(a.seen) + len(b.seen) == 6, 10)
+    assert sorted(s[1] or "" for s in a.seen[2:] + b.seen[2:]) == ["", "2"]
+    a.gate.set()
+    b.gate.set()
+    assert (await pending)[0] == 200
+    assert hedge_metrics(mesh)["tether_hedges_total"] == 1
