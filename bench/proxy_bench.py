@@ -695,7 +695,7 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
     )
     # The same two hops without a retry policy (a sidecar without policy has the default).
     nr_out = fleet.tether(
-        "tether-out-noretry", ["outbound", "--cluster", f"svc=127.0.0.1:{tin.port}", "--no-retry"]
+        "tether-out-noretry", ["outbound", "--cluster", f"svc=127.0.0.1:{tin.port}", "--no-retries"]
     )
     # Two hops with mTLS between them (TLS 1.3, client certificates), same certificates.
     from bench.mtls_material import write as write_certs

@@ -55,7 +55,7 @@ def _parse() -> argparse.Namespace:
         "outbound dials its clusters with mTLS as service `caller`",
     )
     p.add_argument(
-        "--no-retry",
+        "--no-retries",
         action="store_true",
         help="outbound: no retry policy (a sidecar without policy has the default one)",
     )
@@ -92,7 +92,7 @@ async def _serve(args: argparse.Namespace) -> None:
             cluster.set_endpoints([Endpoint(f"{name}-0", host, int(port))])
             directory.add(cluster)
         listener = await start_outbound(directory, port=args.port, mesh_tls=_tls(args, "caller"))
-        if args.no_retry:
+        if args.no_retries:
             import dataclasses
 
             from proxy.cluster_spec import ClusterSpecs
