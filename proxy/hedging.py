@@ -4,10 +4,11 @@ A destination's (or a Route rule's) `hedging` gives an idempotent request (GET, 
 OPTIONS; every method where the policy says the requests are idempotent) a `Hedge` at
 the route (proxy/attempts.py's `_resilient`). When the delay passes without a response
 head (`delay`, or with `delayPercentile` that percentile of the latest requests'
-latencies kept by `Hedging`, computed by the pure `percentile_delay`), and `may_hedge` allows it (the request whole and replayable, the retry budget not
-spent, a retry slot free in the breakers, another endpoint available), the hedge sends
-the same request, with `x-tether-attempt: N`, to an endpoint the request has not tried.
-Both attempts race for their response head:
+latencies kept by `Hedging`, computed by the pure `percentile_delay`), and `may_hedge`
+allows it (the request whole and replayable, the retry budget not spent, a retry slot
+free in the breakers, another endpoint available), the hedge sends the same request,
+with `x-tether-attempt: N`, to an endpoint the request has not tried. Both attempts
+race for their response head:
 
 - the hedge's head first: the exchange gives up its own attempt (its connection aborted,
   never pooled mid-response; its end told to the tracker with an outcome the outlier
