@@ -37,6 +37,7 @@ from proxy.trace_context import find_parent, path_of
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
+    from proxy.h2_exchange import H2Exchange
 
 STATUS_CLASSES: Final = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 MAX_PENDING: Final = 20_000  # lines kept between two flushes
@@ -193,7 +194,7 @@ class ListenerAccessLog:
         # ("" here) the service of the caller's verified mTLS identity, per request.
         self.source = log.source if listener == "outbound" else ""
 
-    def record(self, ex: Exchange, now: float) -> None:
+    def record(self, ex: Exchange | H2Exchange, now: float) -> None:
         """Keep the request's values for the writer (filters first; full: dropped)."""
         log = self.log
         outcome = ex.outcome

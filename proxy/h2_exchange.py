@@ -1,13 +1,18 @@
 """The HTTP/2 exchange: one stream's request and response, routed per stream, with one end.
 
 An `H2Exchange` is what proxy/exchange.py's `Exchange` is for an HTTP/1 request, for
-one stream of an HTTP/2 connection (proxy/h2_downstream.py): it is made by the
-request's HEADERS, asks the router for a `RouteResult` (so every stream is balanced on
-its own: one client connection spreads over all endpoints), takes a stream on a pooled
-HTTP/2 upstream connection (proxy/h2_pool.py), relays both directions with their
-trailers, and ends exactly once in `end(outcome)`, which feeds the balancer's tracker,
-the destination's stats and the local-reply counters, like the HTTP/1 exchange's. A
-gRPC caller's outcome carries the `grpc-status` it received.
+one stream of an HTTP/2 connection (proxy/h2_downstream.py): made by the request's
+HEADERS (read by proxy/h2_heads.py), it asks the router for a `RouteResult` (so every
+stream is balanced on its own), takes a stream on a pooled HTTP/2 upstream connection
+(proxy/h2_pool.py), relays both directions with their trailers, and ends exactly once
+in `end(outcome)`, which feeds the balancer's tracker, the destination's stats, the
+local-reply counters, the trace and the access log, like the HTTP/1 exchange's. A gRPC
+caller's outcome carries the `grpc-status` it received. What the sidecar answers itself,
+and what a passed deadline does, are proxy/h2_replies.py's.
+
+Tracing is HTTP/1's (proxy/trace_context.py, proxy/tracing.py): decided when the HEADERS
+arrive (`ListenerTracing.decide`); each attempt starts a client span whose context goes
+upstream in that attempt's `traceparent` (`tfields`); `end` ends the spans.
 
 States: ROUTING → CONNECTING → SENDING → RESPONDING → ENDED.
 
@@ -35,32 +40,30 @@ stream window only once they were framed out (`on_sent`), so each direction of e
 stream holds at most one stream window (proxy/h2_link.py's STREAM_WINDOW) in the
 sidecar. While no upstream stream is open, the request's bytes wait here, bounded by
 the same window, which the client cannot exceed.
-
-Deadlines: idle (no progress on the stream), the request timeout (from the request's
-end to the response head, as HTTP/1), and the caller's `grpc-timeout`, which bounds the
-whole call: past it a gRPC caller gets `grpc-status: 4`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from h2.errors import ErrorCodes
 
-from proxy import grpc, local_reply
+from proxy import grpc, h2_replies, local_reply
 from proxy import outcome as outcomes
 from proxy import retry as retries
+from proxy.h2_heads import request_head, upstream_fields
 from proxy.h2_link import Fields, flush_touched
 from proxy.h2_pool import H2PoolOverflowError
 from proxy.h2_retry import H2Retry
-from proxy.heads import RequestHead
 from proxy.outcome import Outcome
 
 if TYPE_CHECKING:
+    from proxy.downstream import ProxyServer
     from proxy.h2_downstream import H2DownstreamConnection
     from proxy.route_result import RouteResult
+    from proxy.trace_context import Propagation
+    from proxy.tracing import SampledTrace
 
 
 class StreamUpstream(Protocol):
@@ -97,11 +100,6 @@ T_IDLE: Final = 0
 T_REQUEST: Final = 1
 T_CALL: Final = 2  # grpc-timeout: the whole call
 
-# Fields a proxy does not pass on (RFC 9113 8.2.2 forbids the connection-specific ones;
-# h2 refuses them already, `host` is carried as :authority).
-# Only the inbound sidecar says who the caller is (proxy/fields.py): a value arriving
-# from outside is dropped here too.
-_DROP = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-tether-peer-identity"})
 _TASKS: set[asyncio.Task[None]] = set()
 
 
@@ -145,7 +143,10 @@ class H2Exchange:
     """One stream (see the module's docstring)."""
 
     __slots__ = (
+        "attempts",
         "body",
+        "bytes_in",
+        "bytes_out",
         "call_deadline",
         "conn",
         "deadline",
@@ -162,11 +163,14 @@ class H2Exchange:
         "route",
         "rt",
         "seen_progress",
+        "server",
         "sid",
         "start",
         "state",
         "status",
+        "tfields",
         "timer",
+        "trace",
         "up_side",
         "upstream",
         "usid",
@@ -200,41 +204,22 @@ class H2Exchange:
         self.call_deadline = 0.0
         self.progress = 0
         self.seen_progress = 0
-        method = path = authority = b""
-        host = None
-        content_type = None
-        fields: Fields = []
-        for name, value in headers:
-            if name[:1] == b":":
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
-            elif name == b"host":
-                host = value
-            else:
-                if name == b"content-type":
-                    content_type = value
-                elif name == b"grpc-timeout":
-                    timeout = grpc.parse_timeout(value)
-                    if timeout is not None:
-                        self.call_deadline = now + timeout
-                fields.append((name, value))
-        self.grpc = grpc.is_grpc(content_type)
-        head = RequestHead(
-            method=method, target=path or b"/", host=authority or host, keep_alive=True
-        )
-        head.headers = [(n, v) for n, v in fields if n not in _DROP]
-        for n, v in fields:
-            if n == b"x-request-id":
-                head.request_id = v
-            elif n == b"x-forwarded-for":
-                head.forwarded_for = v
+        request = request_head(headers)
+        self.head = request.head
+        self.grpc = request.grpc
+        if request.timeout is not None:
+            self.call_deadline = now + request.timeout
         if self.req_done:
             self._arm_request_timeout()
-        self.head = head
+        # Attempts sent upstream; body bytes received from the client and sent to it.
+        self.attempts = self.bytes_in = self.bytes_out = 0
+        self.server: ProxyServer = front.server
+        # Its trace, and the trace fields of the attempt in flight (its client span's).
+        tracer = front.server.tracer
+        self.trace: SampledTrace | Propagation | None = (
+            tracer.decide(self.head, self) if tracer is not None else None
+        )
+        self.tfields: Fields = []
 
     # -- routing --------------------------------------------------------------------------
 
@@ -314,6 +299,10 @@ class H2Exchange:
             h2pool = H1Bridge(self, pool)
         self.pool = h2pool
         self.state = CONNECTING
+        self.attempts += 1
+        trace = self.trace
+        if trace is not None:  # the attempt's client span starts
+            self.tfields = trace.attempt_fields(self)
         try:
             up = h2pool.acquire(self)
         except H2PoolOverflowError as e:
@@ -356,8 +345,8 @@ class H2Exchange:
         assert rt is not None
         if rt.replay is None:
             # The body outgrew the buffer while the retry waited: it cannot be sent again.
-            self._reply(outcomes.Reset, local_reply.UPSTREAM_RESET, "the request body is too "
-                        "large to send again")  # fmt: skip
+            message = "the request body is too large to send again"
+            h2_replies.reply(self, outcomes.Reset, local_reply.UPSTREAM_RESET, message)
             return
         self.route = route
         self.body = list(rt.replay)
@@ -366,49 +355,9 @@ class H2Exchange:
         if self.state in (CONNECTING, SENDING):
             rt.arm_try()
 
-    def budget_reply(self, failed: Outcome, message: str) -> None:
-        """A failure not retried because the budget is spent: `retry_budget_exhausted`
-        (a gRPC caller gets the gRPC status its upstream gave, if any)."""
-        code = failed.grpc_status if failed.grpc_status > 0 else None
-        status = failed.status if failed.status >= 500 else 503
-        self._reply(
-            outcomes.LocalReply,
-            local_reply.RETRY_BUDGET_EXHAUSTED,
-            message,
-            status=status,
-            grpc_code=code,
-        )
-        self.conn.touch()
-
     def flush_all(self) -> None:
         self.conn.flush()
         flush_touched()
-
-    def _upstream_headers(self) -> Fields:
-        head = self.head
-        route = self.route
-        path = route.path if route is not None and route.path is not None else head.target
-        conn = self.conn
-        front = conn.front
-        out: Fields = [
-            (b":method", head.method),
-            (b":scheme", front.scheme),
-            (b":authority", head.host or b""),
-            (b":path", path),
-        ]
-        # Lowercase (RFC 9113 8.2.1): a policy's request edits may name X-Y.
-        out.extend([(n.lower(), v) for n, v in head.headers])
-        ff = head.forwarded_for
-        peer = conn.peer.address
-        out.append((b"x-forwarded-for", peer if ff is None else ff + b", " + peer))
-        out.append((b"x-forwarded-proto", front.scheme))
-        identity = conn.peer.identity
-        if identity:  # the caller's SPIFFE ID, proved by its certificate (inbound, mTLS)
-            out.append((b"x-tether-peer-identity", identity.encode()))
-        if head.request_id is None:
-            head.request_id = rid = front.server.new_request_id()
-            out.append((b"x-request-id", rid))
-        return out
 
     # -- the pool's answers ---------------------------------------------------------------
 
@@ -421,15 +370,17 @@ class H2Exchange:
         end_now = self.req_done and not body and self.req_trailers is None
         rt = self.rt
         if rt is None:
-            headers = self._upstream_headers()
+            headers = upstream_fields(self.head, self.route, self.conn)
         else:
             rt.sent = 0
             first = rt.headers
             if first is None:
-                first = rt.headers = self._upstream_headers()
+                first = rt.headers = upstream_fields(self.head, self.route, self.conn)
             headers = first
             if rt.attempt > 1:
                 headers = [*headers, (b"x-tether-attempt", b"%d" % rt.attempt)]
+        if self.tfields:
+            headers = [*headers, *self.tfields]
         self.usid = usid = up.open_stream(self.up_side, headers, end_now)
         if body:
             self.body = []
@@ -450,7 +401,7 @@ class H2Exchange:
             if rt.retry(retries.F_CONNECT, failed, message):
                 self.conn.touch()
                 return
-        self._reply(outcomes.ConnectFailure, reason, message)
+        h2_replies.reply(self, outcomes.ConnectFailure, reason, message)
         self.conn.touch()
 
     # -- request events (the downstream stream's sink) ----------------------------------
@@ -461,6 +412,7 @@ class H2Exchange:
 
     def on_data(self, data: bytes, end: bool) -> None:
         self.progress += 1
+        self.bytes_in += len(data)
         if self.state == ENDED:
             # Answered already: the rest is dropped, and keeps flowing until it ends.
             if end:
@@ -588,6 +540,7 @@ class H2Exchange:
                 return
             self._relay_head(held, self.status, False)  # a message: the call is committed
         self.progress += 1
+        self.bytes_out += len(data)
         conn = self.conn
         if end:
             # No window is owed to an upstream that sends no more (`on_sent`).
@@ -650,7 +603,7 @@ class H2Exchange:
                     return
             if code == ErrorCodes.REFUSED_STREAM and self.state == SENDING and self._may_retry():
                 return
-            self._reply(outcomes.Reset, local_reply.UPSTREAM_RESET, message)
+            h2_replies.reply(self, outcomes.Reset, local_reply.UPSTREAM_RESET, message)
         else:
             self.conn.reset(self.sid, ErrorCodes.INTERNAL_ERROR if code < 0 else code)
             self.end(outcomes.local(outcomes.Reset, local_reply.UPSTREAM_RESET, 0))
@@ -677,40 +630,8 @@ class H2Exchange:
     # -- the connection's events ----------------------------------------------------------
 
     def on_deadline(self, now: float) -> None:
-        if self.state == ENDED:
-            return
-        call = self.call_deadline and now >= self.call_deadline
-        which: outcomes.TimeoutKind = "request" if call or self.timer == T_REQUEST else "idle"
-        self._drop_upstream()
-        # As HTTP/1: no response head within the request's (or the call's) time is
-        # request_timeout; a stalled stream, or one cut short, upstream_timeout.
-        waiting = which == "request" and self.state < RESPONDING
-        reason = local_reply.REQUEST_TIMEOUT if waiting else local_reply.UPSTREAM_TIMEOUT
-        if call:
-            message = "the call's grpc-timeout passed"
-        elif which == "request":
-            message = "no response in time"
-        else:
-            message = f"no progress for {self.conn.front.timeouts.idle}s"
-        if self.state < RESPONDING:
-            grpc_code = self._render(reason, message, local_reply.REPLIES[reason][0])
-            out: Outcome = outcomes.timeout(which, reason, self.status)
-            self.end(out if grpc_code is None else outcomes.with_grpc(out, grpc_code))
-        elif self.grpc:
-            # The response started: a gRPC caller still gets its status, as trailers.
-            self.conn.send_trailers(
-                self.sid,
-                [
-                    (b"grpc-status", b"%d" % grpc.DEADLINE_EXCEEDED),
-                    (b"grpc-message", message.encode()),
-                    (b"x-tether-error", reason.encode()),
-                ],
-            )
-            self.end(outcomes.with_grpc(outcomes.timeout(which, reason, 0), 4))
-        else:
-            self.conn.reset(self.sid, ErrorCodes.CANCEL)
-            self.end(outcomes.timeout(which, reason, 0))
-        self.conn.flush()
+        if self.state != ENDED:
+            h2_replies.deadline_passed(self, now)
 
     def _drop_upstream(self) -> None:
         up = self.upstream
@@ -731,66 +652,7 @@ class H2Exchange:
         status: int | None = None,
         extra: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
-        self._reply(outcomes.LocalReply, reason, message, status=status, extra=extra)
-
-    def _reply(
-        self,
-        kind: type[Outcome],
-        reason: str,
-        message: str | None,
-        *,
-        status: int | None = None,
-        extra: tuple[tuple[bytes, bytes], ...] = (),
-        grpc_code: int | None = None,
-    ) -> None:
-        if self.state >= RESPONDING:
-            self.conn.reset(self.sid, ErrorCodes.INTERNAL_ERROR)
-            self.end(outcomes.local(outcomes.Reset, reason, 0))
-            return
-        code = status if status is not None else local_reply.REPLIES.get(reason, (500, ""))[0]
-        rendered = self._render(reason, message, code, extra, grpc_code)
-        self.end(self._answered(kind, reason, rendered))
-
-    def _answered(self, kind: type[Outcome], reason: str, grpc_code: int | None) -> Outcome:
-        out = outcomes.local(kind, reason, self.status)
-        return out if grpc_code is None else outcomes.with_grpc(out, grpc_code)
-
-    def _render(
-        self,
-        reason: str,
-        message: str | None,
-        code: int,
-        extra: tuple[tuple[bytes, bytes], ...] = (),
-        grpc_code: int | None = None,
-    ) -> int | None:
-        """Write a local reply on the stream: a gRPC error to a gRPC caller (its code is
-        returned; `grpc_code` when given, else the reason's), else JSON."""
-        text = message or local_reply.REPLIES.get(reason, (500, "internal error"))[1]
-        conn, sid = self.conn, self.sid
-        if self.grpc:
-            headers = grpc.reply_headers(reason, text, code)
-            if grpc_code is not None:
-                headers[2] = (b"grpc-status", b"%d" % grpc_code)
-            conn.send_headers(sid, headers + [(n.lower(), v) for n, v in extra], True)
-            self.status = 200
-            return int(headers[2][1])
-        body = json.dumps({"error": reason, "message": text}).encode()
-        head = [
-            (b":status", b"%d" % code),
-            (b"content-type", b"application/json"),
-            (b"content-length", b"%d" % len(body)),
-            (b"x-tether-error", reason.encode()),
-            *[(n.lower(), v) for n, v in extra],  # Location, Retry-After (a route's)
-        ]
-        if self.head.request_id is not None:
-            head.append((b"x-request-id", self.head.request_id))
-        self.status = code
-        if self.head.method == b"HEAD":
-            conn.send_headers(sid, head, True)
-        else:
-            conn.send_headers(sid, head, False)
-            conn.send_data(sid, body, True)
-        return None
+        h2_replies.reply(self, outcomes.LocalReply, reason, message, status=status, extra=extra)
 
     # -- the end --------------------------------------------------------------------------
 
@@ -819,6 +681,12 @@ class H2Exchange:
                 ds.record(outcome.status, latency)
         if outcome.reason:
             front.stats.local_reply(outcome.reason, ds)
+        trace = self.trace
+        if trace is not None:
+            trace.end(self, now)
+        log = front.server.access_log
+        if log is not None:
+            log.record(self, now)
         self.conn.exchange_done(self)
 
     def __repr__(self) -> str:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from proxy import grpc, local_reply
+from proxy import grpc, h2_replies, local_reply
 from proxy import outcome as outcomes
 from proxy import retry as retries
 from proxy.balance.outlier import classify
@@ -170,7 +170,7 @@ class H2Retry:
         message = f"no response within the per-try timeout ({spec.per_try_timeout if spec else 0}s)"
         if not self.retry(retries.F_TIMEOUT, failed, message):
             ex.upstream = None
-            code = ex._render(reason, message, status)
+            code = h2_replies.render(ex, reason, message, status)
             ex.end(failed if code is None else outcomes.with_grpc(failed, code))
         ex.flush_all()
 
@@ -236,13 +236,18 @@ class H2Retry:
             ex.abandon()
             self.attempt_end(failed, now)
             text = f"{message}; not retried: the retry budget of {res.name} is spent"
-            ex.budget_reply(failed, text)
+            h2_replies.budget_reply(ex, failed, text)
             return True
         budget.spend(now)
         if ds is not None:
             ds.retries += 1
         ex.abandon()
         self.attempt_end(failed, now)
+        trace = ex.trace
+        if trace is not None:  # its client span ends (the next attempt gets its own)
+            code = failed.grpc_status
+            why = f"grpc-status {code}" if code > 0 else f"status {failed.status}"
+            trace.attempt_end(ex, failed.reason or why)
         self.retry_slot = True
         if route.endpoint is not None:
             self.tried.append(route.endpoint)

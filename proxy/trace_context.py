@@ -405,6 +405,10 @@ class Propagation:
     def attempt_start(self, ex: object, data: bytes) -> bytes:
         return data[:-2] + self.line + b"\r\n"
 
+    def attempt_fields(self, ex: object) -> list[tuple[bytes, bytes]]:
+        """The attempt's trace field for an HTTP/2 request (`attempt_start`'s line)."""
+        return [(b"traceparent", self.line[13:-2])]
+
     def attempt_end(self, ex: object, reason: str) -> None:
         return None
 
@@ -441,9 +445,13 @@ class ListenerTracing:
         """The decision for a request whose head just arrived: None (pass the incoming
         context on as it is), a `Propagation` (an unsampled root), or what
         `tracing.start` makes of a sampled one (proxy/tracing.py's `SampledTrace`)."""
+        return self.decide(ex.head, ex)
+
+    def decide(self, head: RequestHead, ex: object) -> Any:
+        """`begin` for any exchange with a `head` (an HTTP/2 stream's `H2Exchange`, which
+        is interpreted code, calls this)."""
         tracing = self.tracing
         spec: SamplingSpec = tracing.sampling if tracing.mesh is None else tracing.current()
-        head = ex.head
         if head.raw is None and not head.b3:
             # The common case, without a call: what the codec noted (find_parent's).
             tp = head.traceparent

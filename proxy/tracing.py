@@ -54,6 +54,7 @@ from proxy.trace_context import (
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
+    from proxy.h2_exchange import H2Exchange
 
 SCOPE = "tether.sidecar"
 __all__ = ["ListenerTracing", "SampledTrace", "Tracing", "exporter_from_env", "from_env"]
@@ -120,7 +121,9 @@ class Tracing:
     def for_listener(self, listener: str) -> ListenerTracing:
         return ListenerTracing(self, listener)
 
-    def start(self, lt: ListenerTracing, ex: Exchange, parent: Parent | None) -> SampledTrace:
+    def start(
+        self, lt: ListenerTracing, ex: Exchange | H2Exchange, parent: Parent | None
+    ) -> SampledTrace:
         """The spans of a request `lt.begin` decided to sample (`parent`: the caller's
         context it continues, None for a new trace)."""
         self.sampled += 1
@@ -185,7 +188,9 @@ class SampledTrace:
 
     __slots__ = ("attempts", "b3", "client", "lt", "server")
 
-    def __init__(self, lt: ListenerTracing, ex: Exchange, parent: Parent | None) -> None:
+    def __init__(
+        self, lt: ListenerTracing, ex: Exchange | H2Exchange, parent: Parent | None
+    ) -> None:
         self.lt = lt
         tracing = lt.tracing
         head = ex.head
@@ -245,9 +250,26 @@ class SampledTrace:
     def trace_id(self) -> bytes:
         return b"%032x" % self.server.get_span_context().trace_id
 
-    def attempt_start(self, ex: Exchange, data: bytes) -> bytes:
+    def attempt_start(self, ex: Exchange | H2Exchange, data: bytes) -> bytes:
         """A client span for the attempt about to be sent; `data` (the request head as
         forwarded) gets that span's context."""
+        trace_id, span_id = self._client_span(ex)
+        data = with_line(data, traceparent_line(trace_id, span_id, True))
+        if self.b3:
+            data = with_line(data, b"b3: %s-%s-1\r\n" % (trace_id, span_id))
+        return data
+
+    def attempt_fields(self, ex: Exchange | H2Exchange) -> list[tuple[bytes, bytes]]:
+        """`attempt_start` for an HTTP/2 stream: the fields its attempt's request gets."""
+        trace_id, span_id = self._client_span(ex)
+        fields = [(b"traceparent", b"00-%s-%s-01" % (trace_id, span_id))]
+        if self.b3:
+            fields.append((b"b3", b"%s-%s-1" % (trace_id, span_id)))
+        return fields
+
+    def _client_span(self, ex: Exchange | H2Exchange) -> tuple[bytes, bytes]:
+        """Start the attempt's client span (ending the previous one): its (trace id, span
+        id), as hex."""
         if self.client is not None:
             self.attempt_end(ex, "")
         self.attempts = n = self.attempts + 1
@@ -273,11 +295,7 @@ class SampledTrace:
             method, context=ctx, kind=SpanKind.CLIENT, attributes=attrs
         )
         sc = span.get_span_context()
-        trace_id, span_id = b"%032x" % sc.trace_id, b"%016x" % sc.span_id
-        data = with_line(data, traceparent_line(trace_id, span_id, True))
-        if self.b3:
-            data = with_line(data, b"b3: %s-%s-1\r\n" % (trace_id, span_id))
-        return data
+        return b"%032x" % sc.trace_id, b"%016x" % sc.span_id
 
     def hedge_start(self, ex: Exchange, data: bytes, route: Any) -> tuple[bytes, Any]:
         """A hedged attempt (proxy/hedging.py) races the exchange's own: its client span
@@ -307,7 +325,7 @@ class SampledTrace:
             self.hedge_end(self.client, "hedge_lost")
         self.client = span
 
-    def attempt_end(self, ex: Exchange, reason: str) -> None:
+    def attempt_end(self, ex: Exchange | H2Exchange, reason: str) -> None:
         """The attempt failed (`reason`, a local-reply reason) and another may follow;
         "" when it ends for the request's end."""
         span = self.client
@@ -320,7 +338,7 @@ class SampledTrace:
             span.set_status(Status(StatusCode.ERROR, reason))
         span.end()
 
-    def end(self, ex: Exchange, now: float) -> None:
+    def end(self, ex: Exchange | H2Exchange, now: float) -> None:
         """The exchange ended: the last attempt's span, then the server span (their
         attributes set at once: each `set_attribute` takes the span's lock)."""
         outcome = ex.outcome
