@@ -55,6 +55,11 @@ def _parse() -> argparse.Namespace:
         "outbound dials its clusters with mTLS as service `caller`",
     )
     p.add_argument(
+        "--no-retries",
+        action="store_true",
+        help="outbound: no retry policy (a sidecar without policy has the default one)",
+    )
+    p.add_argument(
         "--tracing",
         action="store_true",
         help="trace as a sidecar does when OTEL_TRACES_EXPORTER=otlp (OTEL_* honoured)",
@@ -87,6 +92,16 @@ async def _serve(args: argparse.Namespace) -> None:
             cluster.set_endpoints([Endpoint(f"{name}-0", host, int(port))])
             directory.add(cluster)
         listener = await start_outbound(directory, port=args.port, mesh_tls=_tls(args, "caller"))
+        if args.no_retries:
+            import dataclasses
+
+            from proxy.cluster_spec import ClusterSpecs
+            from proxy.dispatch import OutboundRouter
+
+            router = listener.router
+            assert isinstance(router, OutboundRouter)
+            # As `retries: {attempts: 1}` everywhere: no Resilience on the route at all.
+            router.specs = ClusterSpecs(dataclasses.replace(router.specs.default, retry=None))
     else:
         listener = await start_inbound(
             args.app_port,

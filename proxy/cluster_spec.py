@@ -134,6 +134,7 @@ def compile_specs(
     mesh_breaker = _breaker(mesh.circuit_breaker if mesh is not None else None)
     mesh_outlier = _outlier(mesh.outlier_detection if mesh is not None else None)
     mesh_check = _health_check(mesh.health_check if mesh is not None else None)
+    mesh_hedge = _hedge(mesh.hedging if mesh is not None else None)
 
     def pool_for(
         connect: float | None, breaker: CircuitBreakerSpec | None
@@ -165,6 +166,7 @@ def compile_specs(
         circuit_breaker=mesh_breaker,
         outlier_detection=mesh_outlier,
         health_check=mesh_check,
+        hedging=mesh_hedge,
     )
     specs: dict[tuple[str, str], ClusterSpec] = {}
     for (ns, svc), pol in table.services.items():
@@ -186,7 +188,7 @@ def compile_specs(
             circuit_breaker=breaker,
             outlier_detection=_outlier(d.outlier_detection) or mesh_outlier,
             health_check=_health_check(d.health_check) or mesh_check,
-            hedging=HedgeSpec.of(d.hedging) if d.hedging is not None else None,
+            hedging=_hedge(d.hedging) or mesh_hedge,
         )
     return ClusterSpecs(default, specs, table.version)
 
@@ -205,3 +207,7 @@ def _outlier(p: schema.OutlierDetectionPolicy | None) -> OutlierSpec | None:
 
 def _health_check(p: schema.HealthCheckPolicy | None) -> HealthCheckSpec | None:
     return HealthCheckSpec.of(p) if p is not None else None
+
+
+def _hedge(p: schema.HedgingPolicy | None) -> HedgeSpec | None:
+    return HedgeSpec.of(p) if p is not None else None

@@ -2,11 +2,13 @@
 
 A destination's (or a Route rule's) `hedging` gives an idempotent request (GET, HEAD,
 OPTIONS; every method where the policy says the requests are idempotent) a `Hedge` at
-the route (proxy/attempts.py's `_resilient`). When `delay` passes without a response
-head, and `may_hedge` allows it (the request whole and replayable, the retry budget not
-spent, a retry slot free in the breakers, another endpoint available), the hedge sends
-the same request, with `x-tether-attempt: N`, to an endpoint the request has not tried.
-Both attempts race for their response head:
+the route (proxy/attempts.py's `_resilient`). When the delay passes without a response
+head (`delay`, or with `delayPercentile` that percentile of the latest requests'
+latencies kept by `Hedging`, computed by the pure `percentile_delay`), and `may_hedge`
+allows it (the request whole and replayable, the retry budget not spent, a retry slot
+free in the breakers, another endpoint available), the hedge sends the same request,
+with `x-tether-attempt: N`, to an endpoint the request has not tried. Both attempts
+race for their response head:
 
 - the hedge's head first: the exchange gives up its own attempt (its connection aborted,
   never pooled mid-response; its end told to the tracker with an outcome the outlier
@@ -29,6 +31,8 @@ only through its attempts' methods.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -64,18 +68,52 @@ NO_OTHER_ENDPOINT: Final = "no_other_endpoint"
 HEDGE_LOST: Final = "hedge_lost"
 
 
+# Latencies a percentile hedging keeps (the latest ones), and how many new ones make it
+# compute its percentile again.
+WINDOW: Final = 128
+RECOMPUTE_EVERY: Final = 16
+
+
 @dataclass(frozen=True, slots=True)
 class HedgeSpec:
     delay: float
     max_hedges: int = 1
     idempotent: bool = False
+    # delayPercentile (0: the static `delay`), its floor and ceiling, and the latencies
+    # it needs first (until then: `max_delay`).
+    percentile: float = 0.0
+    min_delay: float = 0.005
+    max_delay: float = 0.25
+    min_samples: int = 20
 
     @classmethod
     def of(cls, p: schema.HedgingPolicy) -> HedgeSpec:
-        return cls(p.delay, p.max_hedges, p.idempotent)
+        if p.delay_percentile is None:
+            return cls(p.delay or 0.0, p.max_hedges, p.idempotent)
+        return cls(
+            0.0,
+            p.max_hedges,
+            p.idempotent,
+            p.delay_percentile,
+            p.min_delay,
+            p.max_delay,
+            p.min_samples,
+        )
 
     def applies(self, method: bytes) -> bool:
         return self.idempotent or method in HEDGE_METHODS
+
+
+def percentile_delay(samples: Sequence[float], spec: HedgeSpec) -> float:
+    """The hedge delay of a percentile hedging: the `percentile` (nearest rank) of
+    `samples` (latencies, seconds) within [min_delay, max_delay]; `max_delay` while
+    fewer than `min_samples` are in."""
+    n = len(samples)
+    if n < spec.min_samples or n == 0:
+        return spec.max_delay
+    rank = max(math.ceil(spec.percentile / 100.0 * n), 1)
+    value = sorted(samples)[rank - 1]
+    return min(max(value, spec.min_delay), spec.max_delay)
 
 
 def may_hedge(
@@ -98,7 +136,18 @@ def may_hedge(
 class Hedging:
     """A destination's (or rule's) hedging: its spec and counters, kept across snapshots."""
 
-    __slots__ = ("name", "refused", "sent", "spec", "won")
+    __slots__ = (
+        "_delay",
+        "_delay_of",
+        "_fresh",
+        "_next",
+        "name",
+        "refused",
+        "samples",
+        "sent",
+        "spec",
+        "won",
+    )
 
     def __init__(self, spec: HedgeSpec, name: str) -> None:
         self.spec = spec
@@ -106,12 +155,47 @@ class Hedging:
         self.sent = 0
         self.won = 0
         self.refused: dict[str, int] = {}
+        # A percentile hedging's latest request latencies (at most WINDOW, a ring once
+        # full), and the delay computed from them for `_delay_of` (the spec then).
+        self.samples: list[float] = []
+        self._next = 0
+        self._fresh = 0
+        self._delay = spec.max_delay if spec.percentile else spec.delay
+        self._delay_of = spec
+
+    def delay(self) -> float:
+        """How long a request waits before its hedge goes."""
+        spec = self.spec
+        if not spec.percentile:
+            return spec.delay
+        if self._delay_of is not spec:  # a new snapshot changed the policy
+            self._delay_of = spec
+            self._delay = percentile_delay(self.samples, spec)
+        return self._delay
+
+    def observe(self, latency: float) -> None:
+        """A request's latency (to its end, or to a winning hedge's head): kept by a
+        percentile hedging, its delay computed again every RECOMPUTE_EVERY of them."""
+        spec = self.spec
+        if not spec.percentile:
+            return
+        samples = self.samples
+        if len(samples) < WINDOW:
+            samples.append(latency)
+        else:
+            samples[self._next] = latency
+            self._next = (self._next + 1) % WINDOW
+        self._fresh += 1
+        if self._fresh >= RECOMPUTE_EVERY or len(samples) == spec.min_samples:
+            self._fresh = 0
+            self._delay_of = spec
+            self._delay = percentile_delay(samples, spec)
 
     def refuse(self, why: str) -> None:
         self.refused[why] = self.refused.get(why, 0) + 1
 
     def __repr__(self) -> str:
-        return f"<Hedging {self.name} after {self.spec.delay}s sent={self.sent} won={self.won}>"
+        return f"<Hedging {self.name} after {self.delay()}s sent={self.sent} won={self.won}>"
 
 
 def render_metrics(hedgings: dict[tuple[str, ...], Hedging]) -> list[str]:
@@ -193,7 +277,7 @@ class Hedge:
         self.won = False
         self.avoid: list[Endpoint] = []  # where a hedge could not connect
         self.span: Any = None  # its client span when the request is traced
-        self.timer: TimerHandle | None = ex.server.call_later(hedging.spec.delay, self.fire)
+        self.timer: TimerHandle | None = ex.server.call_later(hedging.delay(), self.fire)
 
     @property
     def in_flight(self) -> bool:
@@ -355,6 +439,7 @@ class Hedge:
         self.won = True
         self.state = DONE
         self.hedging.won += 1
+        self.hedging.observe(now - ex.start)
         route = self.route
         assert route is not None
         ex._hedge_won(route, up, self.start, now)
@@ -405,6 +490,9 @@ class Hedge:
         if state == DONE:
             return
         self.state = DONE
+        ex = self.ex
+        if self.hedging.spec.percentile:  # a static delay keeps no latencies
+            self.hedging.observe(ex.server.clock() - ex.start)
         timer = self.timer
         if timer is not None:
             self.timer = None

@@ -428,14 +428,32 @@ class OutlierDetectionPolicy:
 @dataclass(frozen=True)
 class HedgingPolicy:
     """Send an idempotent request a second time, to another instance, when the first
-    attempt has no response head after `delay`; the first head wins, the other attempt
-    is cancelled."""
+    attempt has no response head after `delay` (or after `delayPercentile` of the
+    latest requests' latencies); the first head wins, the other attempt is cancelled."""
 
-    delay: Duration = spec_field("How long the first attempt waits for its response head.")
+    ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = (("delay", "delayPercentile"),)
+
+    delay: Duration | None = spec_field(
+        "How long the first attempt waits for its response head.", default=None
+    )
     max_hedges: int = spec_field("Hedges per request (1).", default=1)
     idempotent: bool = spec_field(
         "Hedge every method (the requests are idempotent); false: GET, HEAD, OPTIONS only.",
         default=False,
+    )
+    delay_percentile: float | None = spec_field(
+        "Instead of delay: this percentile (0-100, exclusive) of the latest requests' "
+        "latencies to the destination, within minDelay-maxDelay.",
+        default=None,
+    )
+    min_delay: Duration = spec_field("With delayPercentile: the shortest delay.", default=0.005)
+    max_delay: Duration = spec_field(
+        "With delayPercentile: the longest delay, and the delay until minSamples are in.",
+        default=0.25,
+    )
+    min_samples: int = spec_field(
+        "With delayPercentile: latencies needed before the percentile is used (1-128).",
+        default=20,
     )
 
 
@@ -849,7 +867,7 @@ class TracingPolicy:
 class MeshConfigSpec:
     """Mesh-wide defaults."""
 
-    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset({"tls", "rateLimit", "hedging"})
+    FUTURE_FIELDS: ClassVar[frozenset[str]] = frozenset({"tls", "rateLimit"})
 
     egress: EgressPolicy = spec_field("Egress policy.", factory=EgressPolicy)
     connect_timeout: Duration = spec_field("Default connect timeout.", default=5.0)
@@ -872,6 +890,10 @@ class MeshConfigSpec:
     )
     health_check: HealthCheckPolicy | None = spec_field(
         "Default active health checks by callers' sidecars; unset: none.", default=None
+    )
+    hedging: HedgingPolicy | None = spec_field(
+        "Default hedged requests; unset: none (a service's or route's own apply).",
+        default=None,
     )
     tracing: TracingPolicy | None = spec_field(
         "Tracing sampling; absent: OpenTelemetry's default (parent-based, always on).",
@@ -1986,9 +2008,27 @@ def _check_resilience(c: _Checker, at: FieldPath, spec: Any) -> None:
         c.positive((*hp, "delay"), hedging.delay)
         if hedging.max_hedges != 1:
             c.add((*hp, "maxHedges"), "must be 1 (one hedge per request)")
+        _check_hedge_percentile(c, hp, hedging)
     hc: HealthCheckPolicy | None = getattr(spec, "health_check", None)
     if hc is not None:
         _check_health_check(c, (*at, "healthCheck"), hc)
+
+
+# Latencies a percentile hedging keeps (proxy/hedging.py's window): minSamples' bound.
+HEDGE_PERCENTILE_WINDOW = 128
+
+
+def _check_hedge_percentile(c: _Checker, hp: FieldPath, h: HedgingPolicy) -> None:
+    if h.delay_percentile is None:
+        return
+    if not 0 < h.delay_percentile < 100:
+        c.add((*hp, "delayPercentile"), "must be between 0 and 100 (both excluded)")
+    c.positive((*hp, "minDelay"), h.min_delay)
+    c.positive((*hp, "maxDelay"), h.max_delay)
+    if h.min_delay > h.max_delay:
+        c.add((*hp, "minDelay"), "must not be above maxDelay")
+    if not 1 <= h.min_samples <= HEDGE_PERCENTILE_WINDOW:
+        c.add((*hp, "minSamples"), f"must be between 1 and {HEDGE_PERCENTILE_WINDOW}")
 
 
 def _check_retries(c: _Checker, at: FieldPath, r: RetryPolicy) -> None:
