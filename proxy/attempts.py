@@ -45,7 +45,7 @@ from proxy.outcome import Outcome
 if TYPE_CHECKING:
     from proxy.balance import Endpoint
     from proxy.exchange_states import Downstream, Server, TimerHandle
-    from proxy.heads import Fields, RequestHead, ResponseHead
+    from proxy.heads import RequestHead, ResponseHead
     from proxy.pool import Pool
     from proxy.resilience import Resilience
     from proxy.route_result import RouteResult
@@ -257,7 +257,7 @@ class Attempts:
         spec = res.retry
         if spec is not None and res.budget is not None:
             if spec.header_override:
-                spec = _overridden(spec, self.head.headers)
+                spec = retries.overridden(spec, self.head.headers)
             self.rspec = spec
             res.budget.request(self.start)
             # Body bytes that came before the route (the head goes first, apart).
@@ -529,19 +529,3 @@ class Attempts:
         if self.state < RESPONDING:
             self._arm_try()
         conn.flush()
-
-
-_RETRY_ATTEMPTS = b"x-tether-retry-attempts"
-_RETRY_ON = b"x-tether-retry-on"
-
-
-def _overridden(spec: retries.RetrySpec, headers: Fields) -> retries.RetrySpec:
-    """The policy as the request's x-tether-retry-* headers change it (allowHeaderOverride)."""
-    attempts = on = None
-    for name, value in headers:
-        low = name.lower()
-        if low == _RETRY_ATTEMPTS:
-            attempts = value
-        elif low == _RETRY_ON:
-            on = value
-    return spec.override(attempts, on) if attempts is not None or on is not None else spec

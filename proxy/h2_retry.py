@@ -112,7 +112,7 @@ class H2Retry:
         spec = res.retry
         if spec is not None and res.budget is not None:
             if spec.header_override:
-                spec = _overridden(spec, ex.head.headers)
+                spec = retries.overridden(spec, ex.head.headers)
             self.spec = spec
             res.budget.request(ex.start)
             self.replay = []
@@ -326,19 +326,3 @@ class H2Retry:
         if self.admitted:
             self.admitted = False
             res.release()
-
-
-_RETRY_ATTEMPTS = b"x-tether-retry-attempts"
-_RETRY_ON = b"x-tether-retry-on"
-
-
-def _overridden(spec: retries.RetrySpec, headers: Fields) -> retries.RetrySpec:
-    """The policy as the request's x-tether-retry-* headers change it (allowHeaderOverride)."""
-    attempts = on = None
-    for name, value in headers:
-        low = name.lower()
-        if low == _RETRY_ATTEMPTS:
-            attempts = value
-        elif low == _RETRY_ON:
-            on = value
-    return spec.override(attempts, on) if attempts is not None or on is not None else spec

@@ -215,6 +215,23 @@ class RetrySpec:
         return spec
 
 
+_RETRY_ATTEMPTS: Final = b"x-tether-retry-attempts"
+_RETRY_ON: Final = b"x-tether-retry-on"
+
+
+def overridden(spec: RetrySpec, headers: list[tuple[bytes, bytes]]) -> RetrySpec:
+    """The policy as a request's x-tether-retry-* headers change it (allowHeaderOverride),
+    for the HTTP/1 exchange and HTTP/2 streams alike."""
+    attempts = on = None
+    for name, value in headers:
+        low = name.lower()
+        if low == _RETRY_ATTEMPTS:
+            attempts = value
+        elif low == _RETRY_ON:
+            on = value
+    return spec.override(attempts, on) if attempts is not None or on is not None else spec
+
+
 def remote(status: int, headers: list[tuple[bytes, bytes]]) -> int:
     """What a 502/503 from the next hop means when it is a remote sidecar's local reply:
     F_REFUSED (its app was never reached), F_RESET (its app's connection broke), or 0

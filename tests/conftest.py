@@ -102,6 +102,21 @@ async def consul_client(registry: RegistryServer) -> AsyncIterator[Any]:
         await c.close()
 
 
+@pytest.fixture
+async def cleanup() -> AsyncIterator[list[Callable[[], Any]]]:
+    """Closes what a test started; fails the test if the event loop saw an error in a
+    callback (an exchange raising in a protocol callback is logged, not raised)."""
+    done: list[Callable[[], Any]] = []
+    errors: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, ctx: errors.append(ctx))
+    yield done
+    for fn in reversed(done):
+        await fn()
+    loop.set_exception_handler(None)
+    assert errors == [], errors
+
+
 async def serve_app(app: web.Application, **runner: Any) -> tuple[web.AppRunner, int]:
     """Serve `app` on 127.0.0.1:<ephemeral>; the caller cleans the runner up.
 

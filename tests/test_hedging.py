@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 from aiohttp import web
 
 from controlplane.validation import validate
@@ -234,21 +233,6 @@ def test_hedging_precedence_route_over_service_over_mesh() -> None:
 
 
 # -- races through the listener ----------------------------------------------------------------
-
-
-@pytest.fixture
-async def cleanup() -> AsyncIterator[list[Callable[[], Any]]]:
-    """Closes what a test started; fails it if the event loop saw an error in a callback
-    (an exchange or a hedge raising in a protocol callback is logged, not raised)."""
-    done: list[Callable[[], Any]] = []
-    errors: list[dict[str, Any]] = []
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(lambda _, ctx: errors.append(ctx))
-    yield done
-    for fn in reversed(done):
-        await fn()
-    loop.set_exception_handler(None)
-    assert errors == [], errors
 
 
 @dataclass

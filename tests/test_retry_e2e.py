@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 from aiohttp import web
 
 from proxy.balance import Endpoint
@@ -80,21 +79,6 @@ async def make_mesh(
     spec = {"loadBalancer": {"policy": "round_robin"}, **defaults}
     await policy.apply(snapshot(1, [doc("ServiceDefaults", "orders", spec), *(extra or [])]))
     return await Mesh.with_policy(directory, policy)
-
-
-@pytest.fixture
-async def cleanup() -> AsyncIterator[list[Callable[[], Any]]]:
-    """Closes what a test started; fails the test if the event loop saw an error in a
-    callback (an exchange raising in a protocol callback is logged, not raised)."""
-    done: list[Callable[[], Any]] = []
-    errors: list[dict[str, Any]] = []
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(lambda _, ctx: errors.append(ctx))
-    yield done
-    for fn in reversed(done):
-        await fn()
-    loop.set_exception_handler(None)
-    assert errors == [], errors
 
 
 async def start(cleanup: list[Callable[[], Any]], *backends: Backend) -> None:
