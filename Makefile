@@ -47,8 +47,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist; most tests wait on real
+# processes and sockets, so two workers halve the time even on two cores). A module's
+# tests stay on one worker (--dist loadscope): module fixtures are made once.
+PYTEST_WORKERS ?= 2
 pytest: $(COMPILED) test-tools
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadscope
 
 # The proxy's own tests with the compiled build switched off (CI runs both builds).
 PURE_TESTS := tests/test_exchange.py tests/test_proxy_codec.py tests/test_codec_differential.py \
