@@ -354,23 +354,14 @@ class Attempts:
             return False
         now = self.server.clock()
         refused = failure == retries.F_CONNECT or failure == retries.F_REFUSED
-        why = retries.may_retry(
-            spec, self.attempt, self.head.method, self.replay is not None, res.budget, now, refused
-        )
         route = self.route
         assert route is not None
-        if (
-            not why
-            and failed.reason == local_reply.UPSTREAM_CONNECT_TIMEOUT
-            and not self._elsewhere(route, now)
-        ):
-            why = retries.NO_OTHER_ENDPOINT  # a second timeout on the same endpoint is likely
-        if not why and not res.admit_retry():
-            why = retries.OVERFLOW
+        why = res.retry_refusal(
+            spec, self.attempt, self.head.method, self.replay is not None, now, refused,
+            failed.reason, route, self.tried or (),
+        )  # fmt: skip
         ds = route.dstats
         if why:
-            if ds is not None:
-                ds.retries_refused[why] = ds.retries_refused.get(why, 0) + 1
             if why != retries.BUDGET_EXHAUSTED:
                 return False
             self._abandon()
@@ -478,18 +469,6 @@ class Attempts:
         if self.rflags & _HEDGE and self.hedge is hedge:
             self.hedge = None
             self.rflags &= ~_HEDGE
-
-    def _elsewhere(self, route: RouteResult, now: float) -> bool:
-        """Whether the cluster has an available endpoint this request has not tried."""
-        res = self.res
-        cluster = res.cluster if res is not None else None
-        if cluster is None:
-            return False
-        tried = self.tried or ()
-        return any(
-            ep is not route.endpoint and ep not in tried and ep.available(now)
-            for ep in cluster.endpoints
-        )
 
     def _abandon(self) -> None:
         """Give up the attempt's connection (mid-response, or mid-request)."""

@@ -214,23 +214,14 @@ class H2Retry:
         now = ex.conn.front.clock()
         # A connect failure, a refusal, or a gRPC status the policy names: any method.
         refused = failure in (retries.F_CONNECT, retries.F_REFUSED, retries.F_GRPC)
-        why = retries.may_retry(
-            spec, self.attempt, ex.head.method, self.replay is not None, budget, now, refused
-        )
         route = ex.route
         assert route is not None
-        if (
-            not why
-            and failed.reason == local_reply.UPSTREAM_CONNECT_TIMEOUT
-            and not self._elsewhere(route, now)
-        ):
-            why = retries.NO_OTHER_ENDPOINT
-        if not why and not res.admit_retry():
-            why = retries.OVERFLOW
+        why = res.retry_refusal(
+            spec, self.attempt, ex.head.method, self.replay is not None, now, refused,
+            failed.reason, route, self.tried,
+        )  # fmt: skip
         ds = route.dstats
         if why:
-            if ds is not None:
-                ds.retries_refused[why] = ds.retries_refused.get(why, 0) + 1
             if why != retries.BUDGET_EXHAUSTED:
                 return False
             ex.abandon()
@@ -255,16 +246,6 @@ class H2Retry:
         delay = retries.backoff(spec, self.attempt, retries.RNG)
         self.timer = asyncio.get_running_loop().call_later(delay, self.send_retry)
         return True
-
-    def _elsewhere(self, route: RouteResult, now: float) -> bool:
-        cluster = self.res.cluster
-        if cluster is None:
-            return False
-        tried = self.tried
-        return any(
-            ep is not route.endpoint and ep not in tried and ep.available(now)
-            for ep in cluster.endpoints
-        )
 
     def send_retry(self) -> None:
         """The backoff is over: the next attempt, on the endpoint the router picks."""

@@ -14,16 +14,21 @@ snapshots, so an unrelated policy change does not reset a budget or forget an ej
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
+from proxy import retry as retries
 from proxy.balance.outlier import OutlierDetector, OutlierSpec
 from proxy.circuit_breaker import Breaker, Breakers, CircuitBreakerSpec
 from proxy.hedging import HedgeSpec, Hedging
+from proxy.local_reply import UPSTREAM_CONNECT_TIMEOUT
 from proxy.retry import DEFAULT as DEFAULT_RETRY
 from proxy.retry import RetryBudget, RetrySpec
 
 if TYPE_CHECKING:
+    from proxy.balance import Endpoint
     from proxy.cluster import Cluster
+    from proxy.route_result import RouteResult
 
 
 class Resilience:
@@ -90,6 +95,43 @@ class Resilience:
                 b.retry_done()
             return False
         return True
+
+    def retry_refusal(
+        self,
+        spec: RetrySpec,
+        attempt: int,
+        method: bytes,
+        replayable: bool,
+        now: float,
+        refused: bool,
+        reason: str,
+        route: RouteResult,
+        tried: Collection[Endpoint],
+    ) -> str:
+        """Why the failed attempt `attempt` (its local-reply `reason`) is not sent again,
+        counted on the route's stats; "" when it may be, its retry slot taken. One
+        decision for the HTTP/1 exchange and HTTP/2 streams."""
+        budget = self.budget
+        assert budget is not None
+        why = retries.may_retry(spec, attempt, method, replayable, budget, now, refused)
+        if not why and reason == UPSTREAM_CONNECT_TIMEOUT and not self.untried(route, tried, now):
+            why = retries.NO_OTHER_ENDPOINT  # a second timeout on the same endpoint is likely
+        if not why and not self.admit_retry():
+            why = retries.OVERFLOW
+        ds = route.dstats
+        if why and ds is not None:
+            ds.retries_refused[why] = ds.retries_refused.get(why, 0) + 1
+        return why
+
+    def untried(self, route: RouteResult, tried: Collection[Endpoint], now: float) -> bool:
+        """Whether the cluster has an available endpoint the request has not tried."""
+        cluster = self.cluster
+        if cluster is None:
+            return False
+        return any(
+            ep is not route.endpoint and ep not in tried and ep.available(now)
+            for ep in cluster.endpoints
+        )
 
     def retry_done(self) -> None:
         b = self.breaker
