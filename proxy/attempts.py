@@ -23,7 +23,7 @@ test at the route and one at the end.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy import local_reply
 from proxy import outcome as outcomes
@@ -52,15 +52,19 @@ if TYPE_CHECKING:
     from proxy.upstream import UpstreamConnection
 
 # `rflags`: an attempt is open (the tracker owes it an on_end); the request holds a
-# slot of its breakers; its retry holds a retry slot.
-_ATTEMPT = 1
-_ADMITTED = 2
-_RETRY_SLOT = 4
+# slot of its breakers; its retry holds a retry slot. (Final: the compiled build reads
+# them as constants, not from the module's dict.)
+_ATTEMPT: Final = 1
+_ADMITTED: Final = 2
+_RETRY_SLOT: Final = 4
 # A hedge (proxy/hedging.py) is armed or in flight: the end goes through `_release`.
-_HEDGE = 8
+_HEDGE: Final = 8
 # The exchange's `flags` bit for a request sent again on a fresh connection after a
 # reused one was closed under it (`_resend_stale`).
-_RETRIED = 2
+_RETRIED: Final = 2
+# The replay buffer of a request without a body (`replay` is not None: it may be sent
+# again), shared: nothing is ever added to it (`_keep_for_replay` swaps it for a list).
+_NO_BODY: Final[list[bytes]] = []
 
 
 class Attempts:
@@ -164,10 +168,12 @@ class Attempts:
             if self.rflags & _RETRY_SLOT:
                 self.rflags &= ~_RETRY_SLOT
                 res.retry_done()
-            detector, cluster = res.outlier, res.cluster
-            if detector is not None and ep is not None and cluster is not None:
-                what = classify(outcome.kind, outcome.status)
-                detector.observe(ep, what, now, cluster.endpoints)
+            detector = res.outlier
+            if detector is not None and ep is not None:
+                cluster = res.cluster
+                if cluster is not None:
+                    what = classify(outcome.kind, outcome.status)
+                    detector.observe(ep, what, now, cluster.endpoints)
 
     def _release(self, outcome: Outcome, now: float) -> None:
         """At the end: the open attempt ends with the request's outcome; the breakers'
@@ -239,10 +245,16 @@ class Attempts:
 
     def _resilient(self, res: Resilience) -> bool:
         """The route has a resilience policy: take the breakers' slots (True: refused,
-        answered 503 overflow), count the request in the retry budget, keep its body."""
+        answered 503 overflow), count the request in the retry budget, keep its body.
+
+        Per request, whatever the policy, and nothing failing: the default policy (no
+        breaker, no hedging) costs the tests below, the budget's count and, for a
+        request with a body, its replay buffer; nothing is allocated for a request
+        without one (`_NO_BODY`)."""
         self.res = res
         self.tried = None
         self.abandoned = None
+        self.hedge = None
         if res.breaker is not None or res.rule_breaker is not None:
             refused = res.admit()
             if refused is not None:
@@ -260,17 +272,19 @@ class Attempts:
                 spec = retries.overridden(spec, self.head.headers)
             self.rspec = spec
             res.budget.request(self.start)
-            # Body bytes that came before the route (the head goes first, apart).
-            ubuf = self.conn.ubuf
             self.replay_size = 0
-            if ubuf:
-                self.replay = pieces = list(ubuf)
-                for piece in pieces:
-                    self._keep_for_replay([], piece)
+            if not self.head.has_body:
+                self.replay = _NO_BODY
             else:
-                self.replay = []
+                # Body bytes that came before the route (the head goes first, apart).
+                ubuf = self.conn.ubuf
+                if ubuf:
+                    self.replay = pieces = list(ubuf)
+                    for piece in pieces:
+                        self._keep_for_replay([], piece)
+                else:
+                    self.replay = []
         hedging = res.hedging
-        self.hedge = None
         if hedging is not None and hedging.spec.applies(self.head.method):
             self.hedge = Hedge(self, res, hedging)
             self.rflags |= _HEDGE
@@ -284,6 +298,8 @@ class Attempts:
             return
         self.replay_size = size
         if replay is self.replay:
+            if replay is _NO_BODY:
+                replay = self.replay = []  # (a body after all: never shared)
             if self.head.chunked:
                 replay.append(chunk_prefix(len(data)))
                 replay.append(data)

@@ -298,7 +298,8 @@ class Exchange(Attempts):
         else:
             ubuf.append(data)
         self._acquire(pool)
-        if self.rspec is not None and self.state < RESPONDING:
+        spec = self.rspec
+        if spec is not None and spec.per_try_timeout and self.state < RESPONDING:
             self._arm_try()
 
     def _acquire(self, pool: Pool) -> None:

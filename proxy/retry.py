@@ -294,13 +294,20 @@ class RetryBudget:
 
     A retry is allowed while retries in the window < ratio * requests in the window +
     minPerSecond * window. One per destination (service, or Route rule with its own
-    retries), kept across snapshots while its settings stay the same."""
+    retries), kept across snapshots while its settings stay the same.
+
+    Every request is counted, so the count costs as little as it can: a request in the
+    slice of the last one (nearly all) adds one to `_pending`, a plain counter, after
+    one comparison with the slice's end. The counter goes into its slice's bucket when
+    the slices move on or a decision reads the window (only after a failed attempt)."""
 
     __slots__ = (
+        "_pending",
         "_requests",
         "_retries",
         "_size",
         "_start",
+        "_until",
         "min_per_second",
         "ratio",
         "slice",
@@ -316,15 +323,21 @@ class RetryBudget:
         self._retries = [0] * buckets
         self._size = buckets
         self._start = 0  # the slice number bucket 0.. was last cleared at
+        self._until = self.slice  # where the slice `_start` ends
+        self._pending = 0  # requests of the slice `_start` not yet in its bucket
 
     @classmethod
     def of(cls, spec: RetrySpec) -> RetryBudget:
         return cls(spec.budget_ratio, spec.budget_window, spec.budget_min_per_second)
 
     def _index(self, now: float) -> int:
-        n = int(now / self.slice)
-        size = len(self._requests)
+        size = self._size
         start = self._start
+        pending = self._pending
+        if pending:
+            self._requests[start % size] += pending
+            self._pending = 0
+        n = int(now / self.slice)
         if n != start:
             # Clear the slices that went by since the last one written (all, after a
             # whole window of silence).
@@ -334,15 +347,17 @@ class RetryBudget:
                 self._requests[i] = 0
                 self._retries[i] = 0
             self._start = n
+            self._until = (n + 1) * self.slice
         return n % size
 
     def request(self, now: float) -> None:
-        """A request (its first attempt) went out (once per request: the common case,
-        the same slice as the last one, costs a division and a comparison)."""
-        n = int(now / self.slice)
-        if n != self._start:
+        """A request (its first attempt) went out: once per request, so the common
+        case (the slice of the last one) is a comparison and an addition."""
+        if now < self._until:
+            self._pending += 1
+        else:
             self._index(now)
-        self._requests[n % self._size] += 1
+            self._pending = 1
 
     def allows(self, now: float) -> bool:
         self._index(now)
@@ -361,6 +376,6 @@ class RetryBudget:
     def __repr__(self) -> str:
         return (
             f"<RetryBudget ratio={self.ratio} window={self.window}s "
-            f"min={self.min_per_second}/s requests={sum(self._requests)} "
+            f"min={self.min_per_second}/s requests={sum(self._requests) + self._pending} "
             f"retries={sum(self._retries)}>"
         )

@@ -247,3 +247,25 @@ def test_a_client_leaving_during_the_backoff_gives_every_slot_back() -> None:
     assert w.ex.state == ENDED and timer.cancelled
     assert (breaker.active, breaker.retries) == (0, 0)
     assert [ep.active for ep in w.eps] == [0, 0]
+
+
+def test_a_request_without_a_body_keeps_no_replay_buffer_of_its_own() -> None:
+    from proxy.attempts import _NO_BODY
+
+    w = RetryWorld(GET, RETRY_5XX)
+    w.ex.on_routed(w.routes[0])
+    w.ex.on_request_end(None)
+    # Replayable (not None), and shared: nothing allocated for it; no per-try timer.
+    assert w.ex.replay is _NO_BODY and w.server.timers == []
+    up = w.ex.upstream
+    assert up is not None
+    up.data_received(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")
+    w.server.fire()  # the backoff: the retry sends the head alone
+    assert len(w.down.ubuf) == 1 and b"x-tether-attempt: 2" in w.down.ubuf[0]
+    # A request with a body, before and after its route, keeps its own.
+    p = RetryWorld(PUT, RETRY_5XX)
+    p.ex.on_request_body(b"he")
+    p.ex.on_routed(p.routes[0])
+    p.ex.on_request_body(b"llo")
+    assert p.ex.replay == [b"he", b"llo"] and p.ex.replay is not _NO_BODY
+    assert _NO_BODY == []

@@ -123,6 +123,22 @@ def test_budget_allows_ratio_of_requests_plus_min_per_second_over_a_sliding_wind
     assert c.counts(10.5) == (1, 0)  # the slice of 0.5 s left the window
 
 
+def test_budget_counts_a_request_whose_start_is_in_an_earlier_slice() -> None:
+    # A request routed late (discovery's first answer) is counted with its start time,
+    # which may lie in a slice before the last request's: it is counted, and the window
+    # is kept (it is not taken for a clock gone back).
+    b = r.RetryBudget(ratio=1.0, window=10.0, min_per_second=0)
+    for _ in range(5):
+        b.request(100.2)
+    b.request(99.7)
+    assert b.counts(100.5) == (6, 0)
+    b.request(101.0)  # the next slice
+    b.spend(101.5)
+    assert b.counts(101.5) == (7, 1)
+    assert "requests=7 retries=1" in repr(b)
+    assert b.counts(110.5) == (1, 1)  # the slice of 101 s is all that is left
+
+
 def test_backoff_is_full_jitter_capped() -> None:
     s = spec("5xx", backoff=schema.BackoffPolicy(base=0.025, max=0.25))
 
