@@ -20,6 +20,9 @@ Per path: requests/s, p50, p99 (wrk), CPU µs per request of the proxy processes
 /proc/<pid>/stat utime+stime deltas), idle and loaded RSS. Ratios to nginx are taken
 within each round, then the median. Then a 1 GB upload and 1 GB download through the
 Tether mesh path with the proxies' peak RSS growth, and a cProfile of one Tether hop.
+Issue 11's pair (two hops with the default retry policy against none) is measured apart
+as well, both paths loaded at once (`retry_policy_cost`): a 3% target is below what
+rounds taken one path after the other can resolve on a shared machine.
 Results go to the "Data plane" section of docs/benchmarks.md and docs/bench_data_plane.png.
 
 Options: --rounds N (default 9), --seconds S per wrk run (default 3), --no-docs,
@@ -435,16 +438,9 @@ def measure(path: Path_, seconds: float) -> Run:
     return Run(rps, p50, p99, requests, cpu_us, peak[0], per_request, ns_us)
 
 
-# Paired samples of the default retry policy against none (issue 11's ≤ 1.03×) taken
-# after the rounds, besides the one pair per round: a 3% effect needs more samples than
-# the other rows' ratios (single rounds move by ±3%).
-RETRY_EXTRA_PAIRS = 7
-RETRY_PAIR_SECONDS = 2.0
-
-
 def measure_pair(a: Path_, b: Path_, seconds: float, a_first: bool) -> tuple[Run, Run, float]:
     """`a` and `b` back to back (in the order `a_first` says: alternate it between
-    samples so neither always runs first); their runs and a's CPU per request over b's,
+    rounds so neither always runs first); their runs and a's CPU per request over b's,
     from the scheduler's nanosecond account."""
     if a_first:
         ra = measure(a, seconds)
@@ -454,6 +450,66 @@ def measure_pair(a: Path_, b: Path_, seconds: float, a_first: bool) -> tuple[Run
         ra = measure(a, seconds)
     x = ra.cpu_ns_us / rb.cpu_ns_us if rb.cpu_ns_us else float("nan")
     return ra, rb, x
+
+
+# Issue 11's ≤ 1.03× (the default retry policy against none, two hops) is a small
+# effect: taken one path after the other, even back to back, single pairs move by ±20%
+# when other work loads the machine (measured: two identical sidecars came out
+# 0.78–1.41× apart), so the figure is taken with both paths loaded at once instead: two
+# outbound sidecars (one with the default policy, one started with --no-retries) in
+# front of the same inbound, each driven by its own wrk with half the connections, for
+# `RETRY_SAMPLES` samples; then `RETRY_CONTROLS` samples of two identical default
+# sidecars the same way, the method's own floor (what one process differs from another).
+RETRY_SAMPLES = 8
+RETRY_CONTROLS = 6
+RETRY_SAMPLE_SECONDS = 2
+
+
+def measure_together(outs: list[Proc], inbound: Proc, host: str, seconds: int) -> list[float]:
+    """CPU µs per request of the two-hop path through each of `outs` (all in front of
+    `inbound`), all loaded at once by a wrk each (CONNECTIONS split between them): each
+    outbound's own CPU per request plus the inbound's per request (the same share for
+    every path: it serves them all alike). CPU from the scheduler's nanosecond account."""
+    conns = max(1, CONNECTIONS // len(outs))
+    cmds = [
+        pinned(LOAD_CPU, ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-H", f"Host: {host}",
+                          f"http://127.0.0.1:{p.port}/"])
+        for p in outs
+    ]  # fmt: skip
+    before = [p.cpu_ns() for p in (*outs, inbound)]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in cmds]
+    texts = [w.communicate()[0] for w in procs]
+    after = [p.cpu_ns() for p in (*outs, inbound)]
+    used = [y - x for x, y in zip(before, after, strict=True)]
+    requests = []
+    for p, text in zip(outs, texts, strict=True):
+        m = re.search(r"(\d+) requests in", text)
+        if m is None or "Non-2xx" in text or "Socket errors" in text:
+            raise RuntimeError(f"{p.name}: wrk failed or saw errors:\n{text}")
+        requests.append(int(m.group(1)))
+    inbound_us = used[-1] / sum(requests) / 1e3
+    return [ns / n / 1e3 + inbound_us for ns, n in zip(used[:-1], requests, strict=True)]
+
+
+def retry_policy_cost(
+    default: Proc, default2: Proc, no_retries: Proc, inbound: Proc, host: str
+) -> tuple[list[float], list[float], list[tuple[float, float]]]:
+    """Issue 11's samples: (default policy over none, per sample), (one default sidecar
+    over another), and the (default, none) µs per request of each sample. Which process
+    is started first alternates."""
+    ratios, controls, costs = [], [], []
+    for i in range(RETRY_SAMPLES):
+        pair = [default, no_retries] if i % 2 == 0 else [no_retries, default]
+        us = measure_together(pair, inbound, host, RETRY_SAMPLE_SECONDS)
+        a, b = (us[0], us[1]) if i % 2 == 0 else (us[1], us[0])
+        ratios.append(a / b)
+        costs.append((a, b))
+    for i in range(RETRY_CONTROLS):
+        pair = [default, default2] if i % 2 == 0 else [default2, default]
+        us = measure_together(pair, inbound, host, RETRY_SAMPLE_SECONDS)
+        a, b = (us[0], us[1]) if i % 2 == 0 else (us[1], us[0])
+        controls.append(a / b)
+    return ratios, controls, costs
 
 
 # -- 1 GB streaming through the mesh path -----------------------------------------------
@@ -739,6 +795,8 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
     nr_out = fleet.tether(
         "tether-out-noretry", ["outbound", "--cluster", f"svc=127.0.0.1:{tin.port}", "--no-retries"]
     )
+    # A second default one beside `tout`: the control of issue 11's paired samples.
+    tout2 = fleet.tether("tether-out-2", ["outbound", "--cluster", f"svc=127.0.0.1:{tin.port}"])
     # Two hops with mTLS between them (TLS 1.3, client certificates), same certificates.
     from bench.mtls_material import write as write_certs
 
@@ -819,7 +877,7 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
         wrk(p.port, p.host, 1.0, p.script)
     # Issue 11's pair (the same two hops with and without the default retry policy)
     # runs back to back wherever `tether x2` comes in a round, first one then the other
-    # first from round to round; more pairs follow the rounds (`RETRY_EXTRA_PAIRS`).
+    # first from round to round; its figure is taken after the rounds (retry_policy_cost).
     retry_a = next(p for p in paths if p.name == "tether x2")
     retry_b = next(p for p in paths if p.name == "tether x2, no retry policy")
     retry_pairs: list[float] = []
@@ -844,13 +902,13 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
         )
 
     by = {p.name: p for p in paths}
-    pair_seconds = min(args.seconds, RETRY_PAIR_SECONDS)
-    for i in range(RETRY_EXTRA_PAIRS):
-        retry_pairs.append(
-            measure_pair(retry_a, retry_b, pair_seconds, (args.rounds + i) % 2 == 0)[2]
-        )
+    wrk(tout2.port, "svc", 1.0)  # (warm, as the others)
+    retry_ratios, retry_controls, retry_costs = retry_policy_cost(tout, tout2, nr_out, tin, "svc")
     print(
-        "default retry policy against none, paired: " + ", ".join(f"{x:.3f}" for x in retry_pairs),
+        "default retry policy against none, both loaded at once: "
+        + ", ".join(f"{x:.3f}" for x in retry_ratios)
+        + "; two default sidecars: "
+        + ", ".join(f"{x:.3f}" for x in retry_controls),
         flush=True,
     )
 
@@ -972,9 +1030,12 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
     real_rps_n = statistics.median(r.rps for r in by["nginx x2, realistic"].runs)
     real_rps_t = statistics.median(r.rps for r in by["tether x2, realistic"].runs)
     norm2 = cpu_of("tether x2, default scheduling")
-    pairs = sorted(x for x in retry_pairs if x == x)
-    retry_x = statistics.median(pairs)
-    retry_q = statistics.quantiles(pairs, n=4) if len(pairs) >= 2 else [retry_x, retry_x, retry_x]
+    retry_x = statistics.median(retry_ratios)
+    retry_q = statistics.quantiles(retry_ratios, n=4)
+    retry_ctl = statistics.median(retry_controls)
+    retry_a_us = statistics.median(a for a, _ in retry_costs)
+    retry_b_us = statistics.median(b for _, b in retry_costs)
+    retry_seq = statistics.median(x for x in retry_pairs if x == x)
     no_retry = cpu_of("tether x2, no retry policy")
     norm_x = ratio("tether x2, default scheduling", "nginx x2")
 
@@ -1013,11 +1074,15 @@ def run(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> str:
         + ").",
         "- two hops with the default retry policy (a sidecar without policy retries"
         " connect failures, refusals and resets) and nothing failing ≤ 1.03× the same"
-        f" two hops without one (issue 11): **{retry_x:.3f}×** ({tether2:.1f} µs against"
-        f" {no_retry:.1f}, same rounds; the median of {len(pairs)} paired samples, the"
-        " two paths back to back in alternating order, CPU from the scheduler's"
-        f" nanosecond account; quartiles {retry_q[0]:.3f}–{retry_q[2]:.3f}, single pairs"
-        f" {pairs[0]:.3f}–{pairs[-1]:.3f}) — {'met' if retry_x <= 1.03 else 'NOT met'};",
+        f" two hops without one (issue 11): **{retry_x:.3f}×**"
+        f" — {'met' if retry_x <= 1.03 else 'NOT met'} (the median of {len(retry_ratios)}"
+        f" samples of {RETRY_SAMPLE_SECONDS} s with both paths loaded at once, half the"
+        f" connections each, through the same inbound: {retry_a_us:.1f} µs against"
+        f" {retry_b_us:.1f}, quartiles {retry_q[0]:.3f}–{retry_q[2]:.3f}, single samples"
+        f" {min(retry_ratios):.3f}–{max(retry_ratios):.3f}; two identical default sidecars"
+        f" measured the same way: {retry_ctl:.3f}×, the method's floor. One after the other"
+        f" in the rounds' back-to-back pairs: {retry_seq:.3f}×, the rows {tether2:.1f} µs"
+        f" against {no_retry:.1f});",
         "",
         "Reading the CPU figures: the byte relay (no HTTP parsing at all, one upstream"
         f" connection per client connection) costs {floor:.1f} µs per request, about"
