@@ -68,6 +68,10 @@ MAX_REQUEST_LINE = 8 * 1024
 MAX_HEADER_SECTION = 64 * 1024
 # Field lines per head (Envoy's default max_headers_count), requests and responses alike.
 MAX_HEADER_FIELDS = 100
+# An X-Request-Id value a cached head may differ in (`RequestCodec._lookup_masked`):
+# at most this long, and only these bytes (visible ASCII, no space).
+MAX_MASKED_ID = 128
+ID_CHARS = bytes(range(0x21, 0x7F))
 
 
 class RequestSink(Protocol):
@@ -89,6 +93,7 @@ class RequestCodec:
         "_clean",
         "_fields_seen",
         "_fill",
+        "_fill_masked",
         "_h2c_body",
         "_head",
         "_last_head",
@@ -124,6 +129,9 @@ class RequestCodec:
         self._remaining = 0
         # The cache key of the head llhttp is about to parse (a miss), if any.
         self._fill: bytes | None = None
+        # With `_fill`: the head's key without its X-Request-Id value, and its
+        # X-Request-Id line as it arrived (`_lookup`), to cache it masked too.
+        self._fill_masked: tuple[bytes, bytes] | None = None
         # An h2c upgrade was stripped from the current request: llhttp still stops at its
         # head as at an upgrade, and this many body bytes follow it (-1: none pending).
         self._h2c_body = -1
@@ -210,12 +218,14 @@ class RequestCodec:
             after_h2c = rest
         except httptools.HttpParserCallbackError as e:
             self._fill = None
+            self._fill_masked = None
             cause = e.__context__
             if isinstance(cause, BaseException):
                 raise cause from None
             raise BadMessageError(str(e)) from None
         except httptools.HttpParserError as e:
             self._fill = None
+            self._fill_masked = None
             raise BadMessageError(str(e) or "malformed request") from None
         if after_h2c:
             return self.feed(after_h2c)
@@ -299,19 +309,78 @@ class RequestCodec:
             return None
         template = cache.requests.get(key)
         if template is None:
-            # Cache what llhttp makes of it, if the head starts at data[0] (the method,
-            # not an empty line llhttp would skip) and the cache has room or has earned
-            # a refill.
-            if data[0] > 32 and cache.may_fill_request():
-                self._fill = key
-            return None
+            return self._lookup_masked(data, key, end, cache)
         cache.request_hits += 1
         args, length = template
         self._last_head = key
         self._last_template = template
         return _from_template(args), end + 4, length
 
-    def _remember(self, head: RequestHead, key: bytes) -> None:
+    def _lookup_masked(
+        self, data: bytes, key: bytes, end: int, cache: HeadCache
+    ) -> tuple[RequestHead, int, int] | None:
+        """A head that differs from a cached one only in its X-Request-Id value.
+
+        Every request another sidecar forwards carries a request id of its own, so an
+        inbound listener would see no head twice. Its key here leaves the value out:
+        the rest of the head must equal, byte for byte, a head llhttp accepted, and the
+        value must be 1-128 visible ASCII characters (which llhttp accepts in any field
+        value), so the result is still exactly llhttp's. On a miss, `_fill` and
+        `_fill_masked` tell llhttp's head callback to cache what it makes of the head.
+        """
+        p = key.find(b"\r\nX-Request-Id: ")
+        marker = b"\x00"
+        if p < 0:
+            p = key.find(b"\r\nx-request-id: ")
+            marker = b"\x01"
+        masked: bytes | None = None
+        line = b""
+        if p > 0:
+            start = p + 16
+            stop = key.find(b"\r\n", start)
+            rid = key[start:stop]
+            after = key[stop + 2]
+            if (
+                0 < len(rid) <= MAX_MASKED_ID
+                and after != 32
+                and after != 9
+                and not rid.translate(None, ID_CHARS)
+            ):
+                masked = key[:p] + marker + key[stop:]
+                template = cache.masked_requests.get(masked)
+                if template is not None:
+                    cache.request_hits += 1
+                    args, pre, post, length = template
+                    head = _from_template(args)
+                    head.raw = pre + key[p + 2 : stop + 2] + post
+                    head.request_id = rid
+                    return head, end + 4, length
+                line = key[p + 2 : stop + 2]
+        # Cache what llhttp makes of it, if the head starts at data[0] (the method, not
+        # an empty line llhttp would skip) and the cache has room or has earned a refill.
+        if data[0] > 32 and cache.may_fill_request():
+            self._fill = key
+            if masked is not None:
+                self._fill_masked = (masked, line)
+        return None
+
+    def _remember_masked(
+        self, head: RequestHead, args: tuple[Any, ...], length: int, masked: bytes, line: bytes
+    ) -> None:
+        """Remember a head under its key without the X-Request-Id value (see
+        `_lookup_masked`): its forwarded lines before and after that field's line."""
+        cache = self.cache
+        assert cache is not None
+        raw: bytes = args[0]
+        if head.request_id != line[14:-2] or b"\nx-request-id:" in masked.lower():
+            return  # another X-Request-Id line: llhttp's value is the last one
+        i = (b"\r\n" + raw).find(b"\r\n" + line)
+        if i < 0:
+            return
+        cut = (b"", *args[1:-1], None)
+        cache.remember_masked_request(masked, (cut, raw[:i], raw[i + len(line) :], length))
+
+    def _remember(self, head: RequestHead, key: bytes, masked: tuple[bytes, bytes] | None) -> None:
         """Remember what llhttp made of a head (simple framing only) under its bytes."""
         if head.chunked or head.upgrade is not None or head.expect_continue:
             return
@@ -329,8 +398,10 @@ class RequestCodec:
             head.forwarded_proto,
             head.request_id,
         )
-        length = head.content_length
-        self.cache.remember_request(key, (args, -1 if length is None else length))
+        length = -1 if head.content_length is None else head.content_length
+        self.cache.remember_request(key, (args, length))
+        if masked is not None:
+            self._remember_masked(head, args, length, masked[0], masked[1])
 
     # httptools callbacks -------------------------------------------------------------
 
@@ -408,7 +479,8 @@ class RequestCodec:
 
     def on_headers_complete(self) -> None:
         key = self._fill
-        self._fill = None
+        masked = self._fill_masked
+        self._fill = self._fill_masked = None
         if self._size > MAX_HEADER_SECTION:
             raise BadMessageError(
                 "header section larger than 64 KiB",
@@ -447,7 +519,7 @@ class RequestCodec:
         self.head_bytes = 0
         self._fields_seen = 0  # trailers are counted afresh
         if key is not None:
-            self._remember(head, key)
+            self._remember(head, key, masked)
         self._to_head(head)
 
     def _strip_h2c(self, head: RequestHead) -> None:
