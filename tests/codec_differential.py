@@ -176,6 +176,10 @@ SEEDS = [
     b"\r\nX-Forwarded-Proto: http\r\nX-Request-Id: 4d2a96c1e0b34f6f\r\nVia: 1.1 tether\r\n\r\n"
     b"GET /api/items HTTP/1.1\r\nHost: svc\r\nUser-Agent: bench\r\nX-Forwarded-For: 127.0.0.1"
     b"\r\nX-Forwarded-Proto: http\r\nX-Request-Id: 77aa96c1e0b34f6f\r\nVia: 1.1 tether\r\n\r\n",
+    b"GET /m HTTP/1.1\r\nHost: a\r\nX-Request-Id: 1a\r\nVia: t\r\n\r\n"
+    b"GET /m HTTP/1.1\r\nHost: a\r\nX-Request-Id: 2b\r\nVia: t\r\n\r\n"
+    b"GET /m HTTP/1.1\r\nHost: a\r\nX-Request-Id: 3c\r\nVia: t\r\n\r\n"
+    b"GET /m HTTP/1.1\r\nHost: a\r\nX-Request-Id: 4-d\r\nVia: t\r\n\r\n",
     b"POST /o HTTP/1.1\r\nx-request-id: a-1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
     b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: 1\r\nX-Request-Id: 2\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: 1\r\nx-request-id: 1\r\n\r\n",

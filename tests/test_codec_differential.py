@@ -11,7 +11,7 @@ import pytest
 
 from proxy.codec import RequestCodec
 from proxy.head_cache import HeadCache
-from tests.codec_differential import corpus, differences, run
+from tests.codec_differential import _Events, corpus, differences, run
 from tests.test_proxy_codec import MALFORMED
 
 CORPUS = corpus()
@@ -105,6 +105,15 @@ def test_a_head_from_another_sidecar_is_taken_from_the_cache_with_its_own_reques
     assert cache.request_hits == 1
     assert events[0][14] == b"second-0123"
     assert (b"X-Request-Id", b"second-0123") in events[0][6]
+    # The same connection's next heads (its memo of the last masked head), one by one.
+    codec_hits = cache.request_hits
+    rec = _Events()
+    codec = RequestCodec(rec, cache)
+    for rid in (b"third", b"4th", b"fifth-5", b"6"):
+        codec.feed(head % rid)
+    assert [e[14] for e in rec.events if e[0] == "head"] == [b"third", b"4th", b"fifth-5", b"6"]
+    assert cache.request_hits == codec_hits + 4
+    assert codec._last_masked is not None
     for value in (b"a b", b"x\x01", b"r" * 129, b"1\r\n 2"):
         hits = cache.request_hits
         events, _, _ = run(lambda sink: RequestCodec(sink, cache), [head % value])
