@@ -52,7 +52,8 @@ from proxy.build_info import BUILD
 
 REQUEST = b"GET /api/items HTTP/1.1\r\nHost: svc\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 # --unique-ids: each request carries its own X-Request-Id, as every request reaching an
-# inbound hop from another sidecar does (such heads never repeat: no head cache hit).
+# inbound hop from another sidecar does (such heads never repeat byte for byte; the head
+# cache takes them without their X-Request-Id value: proxy/codec.py `_masked_key`).
 REQUEST_WITH_ID = REQUEST[:-2] + b"X-Request-Id: 6f1c2a9e-%010d\r\n\r\n"
 # --realistic: what real traffic looks like, every head its own: a varying path, request
 # id, W3C `traceparent` (a caller's, not sampled, as most are at a 1% rate) and session

@@ -68,6 +68,43 @@ MAX_REQUEST_LINE = 8 * 1024
 MAX_HEADER_SECTION = 64 * 1024
 # Field lines per head (Envoy's default max_headers_count), requests and responses alike.
 MAX_HEADER_FIELDS = 100
+# An X-Request-Id value a cached head may differ in (`RequestCodec._lookup_masked`):
+# at most this long, and only these bytes (visible ASCII, no space).
+MAX_MASKED_ID = 128
+# Those bytes to "a", any other to a space: `value.translate(VISIBLE).isalnum()` says
+# whether a value holds those bytes only (two C calls, no table made per call).
+VISIBLE = bytes(0x61 if 0x21 <= i <= 0x7E else 0x20 for i in range(256))
+
+
+def _masked_key(key: bytes) -> tuple[bytes, int, int] | None:
+    """A whole head's cache key without its X-Request-Id value, with where that field's
+    line starts (its CRLF before) and where the value stops; None when the head has no
+    such line or its value is one llhttp must see.
+
+    Every request another sidecar forwards carries a request id of its own, so an
+    inbound listener would see no head twice. Keyed without the value, the rest of the
+    head must still equal, byte for byte, a head llhttp accepted, and the value must be
+    1-128 visible ASCII characters with nothing around it (llhttp accepts any such
+    value, and nothing else in its result depends on it): the head cached this way
+    gives exactly llhttp's result. The name is matched as a sidecar writes it or in
+    lowercase; a marker byte (never in a head llhttp accepted) says which.
+    """
+    p = key.rfind(b"\r\nX-Request-Id: ")
+    marker = b"\x00"
+    if p < 0:
+        p = key.rfind(b"\r\nx-request-id: ")
+        if p < 0:
+            return None
+        marker = b"\x01"
+    start = p + 16
+    stop = key.find(b"\r\n", start)
+    n = stop - start
+    if n <= 0 or n > MAX_MASKED_ID:
+        return None
+    after = key[stop + 2]
+    if after == 32 or after == 9 or not key[start:stop].translate(VISIBLE).isalnum():
+        return None
+    return key[:p] + marker + key[stop:], p, stop
 
 
 class RequestSink(Protocol):
@@ -89,9 +126,11 @@ class RequestCodec:
         "_clean",
         "_fields_seen",
         "_fill",
+        "_fill_masked",
         "_h2c_body",
         "_head",
         "_last_head",
+        "_last_masked",
         "_last_template",
         "_parser",
         "_remaining",
@@ -124,12 +163,18 @@ class RequestCodec:
         self._remaining = 0
         # The cache key of the head llhttp is about to parse (a miss), if any.
         self._fill: bytes | None = None
+        # With `_fill`: the head's key without its X-Request-Id value, and its
+        # X-Request-Id line as it arrived (`_lookup`), to cache it masked too.
+        self._fill_masked: tuple[bytes, bytes] | None = None
         # An h2c upgrade was stripped from the current request: llhttp still stops at its
         # head as at an upgrade, and this many body bytes follow it (-1: none pending).
         self._h2c_body = -1
         # The previous cached head taken on this connection (with its blank line).
         self._last_head: bytes | None = None
         self._last_template: tuple[tuple[Any, ...], int] = ((), -1)
+        # The previous head taken masked (`_find`): the bytes before and after its
+        # X-Request-Id value, and its template.
+        self._last_masked: tuple[bytes, bytes, tuple[Any, ...], bytes, bytes, int] | None = None
         self._new_head()
 
     def _new_head(self) -> None:
@@ -210,12 +255,14 @@ class RequestCodec:
             after_h2c = rest
         except httptools.HttpParserCallbackError as e:
             self._fill = None
+            self._fill_masked = None
             cause = e.__context__
             if isinstance(cause, BaseException):
                 raise cause from None
             raise BadMessageError(str(e)) from None
         except httptools.HttpParserError as e:
             self._fill = None
+            self._fill_masked = None
             raise BadMessageError(str(e) or "malformed request") from None
         if after_h2c:
             return self.feed(after_h2c)
@@ -235,11 +282,28 @@ class RequestCodec:
         what it makes of this head.
         """
         last = self._last_head
+        masked = self._last_masked
         if last is not None and data.startswith(last):
             # The same head as this connection's previous request (no hashing at all).
             end = len(last)
             args, length = self._last_template
             head = _from_template(args)
+        elif (
+            masked is not None
+            and data.startswith(masked[0])
+            and data.endswith(masked[1])
+            and 0 < len(data) - len(masked[0]) - len(masked[1]) <= MAX_MASKED_ID
+            and data[len(masked[0]) : len(data) - len(masked[1])].translate(VISIBLE).isalnum()
+        ):
+            # The previous masked head of this connection with another X-Request-Id
+            # value, alone (see `_masked_key`).
+            prefix, suffix, args, pre, post, length = masked
+            end = len(data)
+            rid = data[len(prefix) : end - len(suffix)]
+            head = _from_template(args)
+            head.raw = pre + b"X-Request-Id: " + rid + b"\r\n" + post
+            head.request_id = rid
+            self.cache.request_hits += 1  # type: ignore[union-attr]
         else:
             found = self._lookup(data)
             if found is None:
@@ -289,29 +353,83 @@ class RequestCodec:
             sink.on_request_end(trailers)
 
     def _lookup(self, data: bytes) -> tuple[RequestHead, int, int] | None:
-        """The cached head `data` starts with: (head, its end, body length), or None."""
+        """The cached head `data` starts with: (head, its end, body length), or None.
+
+        On a miss nothing is consumed, and `_fill` (with `_fill_masked`) tells llhttp's
+        head callback to cache what it makes of the head.
+        """
+        cache = self.cache
+        if cache is None:
+            return None
+        n = len(data)
+        whole = data.endswith(b"\r\n\r\n")
+        if whole:
+            # Most often a head alone: looked up whole, without a search for its end (a
+            # cached head's only blank line is its last, so a hit is the first head).
+            found = self._find(data, n - 4, cache)
+            if found is not None:
+                return found
         end = data.find(b"\r\n\r\n")
         if end < 0 or end > MAX_HEADER_SECTION:
             return None
         key = data[: end + 4]
-        cache = self.cache
-        if cache is None:
-            return None
+        if not whole or end + 4 != n:
+            found = self._find(key, end, cache)
+            if found is not None:
+                return found
+        # Cache what llhttp makes of it, if the head starts at data[0] (the method, not
+        # an empty line llhttp would skip) and the cache has room or has earned a refill.
+        if data[0] > 32 and cache.may_fill_request():
+            self._fill = key
+            masked = _masked_key(key)
+            if masked is not None:
+                mkey, p, stop = masked
+                self._fill_masked = (mkey, key[p + 2 : stop + 2])
+        return None
+
+    def _find(self, key: bytes, end: int, cache: HeadCache) -> tuple[RequestHead, int, int] | None:
+        """The head `key` (a whole head) from the cache: as it is, or with another
+        X-Request-Id value (`_masked_key`)."""
         template = cache.requests.get(key)
-        if template is None:
-            # Cache what llhttp makes of it, if the head starts at data[0] (the method,
-            # not an empty line llhttp would skip) and the cache has room or has earned
-            # a refill.
-            if data[0] > 32 and cache.may_fill_request():
-                self._fill = key
+        if template is not None:
+            cache.request_hits += 1
+            args, length = template
+            self._last_head = key
+            self._last_template = template
+            return _from_template(args), end + 4, length
+        masked = _masked_key(key)
+        if masked is None:
+            return None
+        mkey, p, stop = masked
+        found = cache.masked_requests.get(mkey)
+        if found is None:
             return None
         cache.request_hits += 1
-        args, length = template
-        self._last_head = key
-        self._last_template = template
-        return _from_template(args), end + 4, length
+        args, pre, post, length = found
+        head = _from_template(args)
+        head.raw = pre + key[p + 2 : stop + 2] + post
+        head.request_id = key[p + 16 : stop]
+        if key[p + 2] == 88:  # "X": the memo's line is written as a sidecar writes it
+            self._last_masked = (key[: p + 16], key[stop:], args, pre, post, length)
+        return head, end + 4, length
 
-    def _remember(self, head: RequestHead, key: bytes) -> None:
+    def _remember_masked(
+        self, head: RequestHead, args: tuple[Any, ...], length: int, masked: bytes, line: bytes
+    ) -> None:
+        """Remember a head under its key without the X-Request-Id value (see
+        `_lookup_masked`): its forwarded lines before and after that field's line."""
+        cache = self.cache
+        assert cache is not None
+        raw: bytes = args[0]
+        if head.request_id != line[14:-2] or b"\nx-request-id:" in masked.lower():
+            return  # another X-Request-Id line: llhttp's value is the last one
+        i = (b"\r\n" + raw).find(b"\r\n" + line)
+        if i < 0:
+            return
+        cut = (b"", *args[1:-1], None)
+        cache.remember_masked_request(masked, (cut, raw[:i], raw[i + len(line) :], length))
+
+    def _remember(self, head: RequestHead, key: bytes, masked: tuple[bytes, bytes] | None) -> None:
         """Remember what llhttp made of a head (simple framing only) under its bytes."""
         if head.chunked or head.upgrade is not None or head.expect_continue:
             return
@@ -329,8 +447,10 @@ class RequestCodec:
             head.forwarded_proto,
             head.request_id,
         )
-        length = head.content_length
-        self.cache.remember_request(key, (args, -1 if length is None else length))
+        length = -1 if head.content_length is None else head.content_length
+        self.cache.remember_request(key, (args, length))
+        if masked is not None:
+            self._remember_masked(head, args, length, masked[0], masked[1])
 
     # httptools callbacks -------------------------------------------------------------
 
@@ -408,7 +528,8 @@ class RequestCodec:
 
     def on_headers_complete(self) -> None:
         key = self._fill
-        self._fill = None
+        masked = self._fill_masked
+        self._fill = self._fill_masked = None
         if self._size > MAX_HEADER_SECTION:
             raise BadMessageError(
                 "header section larger than 64 KiB",
@@ -447,7 +568,7 @@ class RequestCodec:
         self.head_bytes = 0
         self._fields_seen = 0  # trailers are counted afresh
         if key is not None:
-            self._remember(head, key)
+            self._remember(head, key, masked)
         self._to_head(head)
 
     def _strip_h2c(self, head: RequestHead) -> None:

@@ -26,6 +26,8 @@ MAX_HEADS = 512
 # A request head as cached: the arguments that rebuild the parsed head (its `raw`
 # first), and its body length (-1: none).
 RequestTemplate = tuple[tuple[Any, ...], int]
+# A request head cached without its X-Request-Id value (proxy/codec.py `_lookup_masked`).
+MaskedRequestTemplate = tuple[tuple[Any, ...], bytes, bytes, int]
 # A response head as cached: one shared, unchangeable head and its body length.
 ResponseTemplate = tuple["ResponseHead", int]
 
@@ -33,13 +35,26 @@ ResponseTemplate = tuple["ResponseHead", int]
 class HeadCache:
     """Exact head bytes → parsed head, for requests and responses; bounded."""
 
-    __slots__ = ("_skips", "request_hits", "requests", "response_hits", "responses", "size")
+    __slots__ = (
+        "_skips",
+        "masked_requests",
+        "request_hits",
+        "requests",
+        "response_hits",
+        "responses",
+        "size",
+    )
 
     def __init__(self, size: int = MAX_HEADS) -> None:
         self.size = size
         # Read directly by the codecs' fast paths (a dict lookup per head).
         self.requests: dict[bytes, RequestTemplate] = {}
         self.responses: dict[bytes, ResponseTemplate] = {}
+        # Request heads under their bytes with the X-Request-Id value left out (requests
+        # from another sidecar each carry their own): the template's args without `raw`
+        # and request id, the forwarded field lines before and after that field's line,
+        # and the body length.
+        self.masked_requests: dict[bytes, MaskedRequestTemplate] = {}
         # Hits since each direction was last emptied (bumped by the codecs), and fills
         # refused since then.
         self.request_hits = 0
@@ -72,6 +87,11 @@ class HeadCache:
             self.requests.clear()
         self.requests[key] = template
 
+    def remember_masked_request(self, key: bytes, template: MaskedRequestTemplate) -> None:
+        if len(self.masked_requests) >= self.size:
+            self.masked_requests.clear()
+        self.masked_requests[key] = template
+
     def remember_response(self, key: bytes, template: ResponseTemplate) -> None:
         if len(self.responses) >= self.size:
             self.responses.clear()
@@ -79,6 +99,7 @@ class HeadCache:
 
     def clear(self) -> None:
         self.requests.clear()
+        self.masked_requests.clear()
         self.responses.clear()
         self.request_hits = self.response_hits = 0
         self._skips = [0, 0]

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.codec import RequestCodec
 from proxy.head_cache import HeadCache
-from tests.codec_differential import corpus, differences, run
+from tests.codec_differential import _Events, corpus, differences, run
 from tests.test_proxy_codec import MALFORMED
 
 CORPUS = corpus()
@@ -57,6 +57,25 @@ def test_the_differential_check_sees_a_cache_that_disagrees() -> None:
     )
 
 
+def test_the_differential_check_sees_a_masked_template_that_disagrees() -> None:
+    """The check covers the masked lookup too: a head cached without its X-Request-Id
+    value that answers with the wrong method is found by the "another id" runs."""
+    data = b"GET /d HTTP/1.1\r\nHost: a\r\nX-Request-Id: r-1\r\n\r\n"
+    assert differences(data) == []
+    cache = HeadCache()
+    run(lambda sink: RequestCodec(sink, cache), [data])
+    ((args, pre, post, length),) = cache.masked_requests.values()
+    assert pre + b"X-Request-Id: r-1\r\n" + post == cache.requests[data][0][0]
+
+    def poisoned() -> HeadCache:
+        bad = HeadCache()
+        bad.masked_requests = _Poisoned(((args[0], b"POST", *args[2:]), pre, post, length))
+        return bad
+
+    problems = differences(data, every_split=False, new_cache=poisoned)
+    assert problems and all("another id" in p for p in problems)
+
+
 def _warm_cache() -> HeadCache:
     """A cache holding every cacheable request head of tests/test_proxy_codec.py."""
     from tests.test_proxy_codec import CACHEABLE_REQUESTS
@@ -72,3 +91,30 @@ def _warm_cache() -> HeadCache:
 def test_every_malformed_request_is_refused_alike_with_the_cache_warm(name: str) -> None:
     data, _status = MALFORMED[name]
     assert differences(data, every_split=len(data) < 300, new_cache=_warm_cache) == []
+
+
+def test_a_head_from_another_sidecar_is_taken_from_the_cache_with_its_own_request_id() -> None:
+    """Only the X-Request-Id value differs between requests a sidecar forwards: the
+    second head is a cache hit that carries its own id, in the forwarded lines too; a
+    value llhttp should see (a space, an obs-fold, a control, too long) is not."""
+    head = b"GET /api HTTP/1.1\r\nHost: svc\r\nX-Request-Id: %s\r\nVia: 1.1 tether\r\n\r\n"
+    cache = HeadCache()
+    run(lambda sink: RequestCodec(sink, cache), [head % b"first"])
+    assert cache.request_hits == 0 and len(cache.masked_requests) == 1
+    events, _, _ = run(lambda sink: RequestCodec(sink, cache), [head % b"second-0123"])
+    assert cache.request_hits == 1
+    assert events[0][14] == b"second-0123"
+    assert (b"X-Request-Id", b"second-0123") in events[0][6]
+    # The same connection's next heads (its memo of the last masked head), one by one.
+    codec_hits = cache.request_hits
+    rec = _Events()
+    codec = RequestCodec(rec, cache)
+    for rid in (b"third", b"4th", b"fifth-5", b"6"):
+        codec.feed(head % rid)
+    assert [e[14] for e in rec.events if e[0] == "head"] == [b"third", b"4th", b"fifth-5", b"6"]
+    assert cache.request_hits == codec_hits + 4
+    assert codec._last_masked is not None
+    for value in (b"a b", b"x\x01", b"r" * 129, b"1\r\n 2"):
+        hits = cache.request_hits
+        events, _, _ = run(lambda sink: RequestCodec(sink, cache), [head % value])
+        assert cache.request_hits == hits, value
