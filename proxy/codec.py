@@ -73,6 +73,9 @@ MAX_HEADER_FIELDS = 100
 MAX_MASKED_ID = 128
 # Those bytes to "a", any other to a space: `value.translate(VISIBLE).isalnum()` says
 # whether a value holds those bytes only (two C calls, no table made per call).
+# Exact misses in a row without a masked hit after which only one in this many heads
+# is tried masked (a power of two).
+MASKED_PATIENCE = 64
 VISIBLE = bytes(0x61 if 0x21 <= i <= 0x7E else 0x20 for i in range(256))
 
 
@@ -133,6 +136,7 @@ class RequestCodec:
         "_last_masked",
         "_last_template",
         "_parser",
+        "_probed",
         "_remaining",
         "_size",
         "_te",
@@ -175,6 +179,9 @@ class RequestCodec:
         # The previous head taken masked (`_find`): the bytes before and after its
         # X-Request-Id value, and its template.
         self._last_masked: tuple[bytes, bytes, tuple[Any, ...], bytes, bytes, int] | None = None
+        # The masked key `_find` made of the head it last missed (`_masked_key`), or
+        # None: the head's fill takes it from here.
+        self._probed: tuple[bytes, int, int] | None = None
         self._new_head()
 
     def _new_head(self) -> None:
@@ -379,9 +386,10 @@ class RequestCodec:
                 return found
         # Cache what llhttp makes of it, if the head starts at data[0] (the method, not
         # an empty line llhttp would skip) and the cache has room or has earned a refill.
+        masked = self._probed
+        self._probed = None
         if data[0] > 32 and cache.may_fill_request():
             self._fill = key
-            masked = _masked_key(key)
             if masked is not None:
                 mkey, p, stop = masked
                 self._fill_masked = (mkey, key[p + 2 : stop + 2])
@@ -397,13 +405,22 @@ class RequestCodec:
             self._last_head = key
             self._last_template = template
             return _from_template(args), end + 4, length
-        masked = _masked_key(key)
+        # Heads that never come back (each its own path, say) would pay for the masked
+        # key, a search and a hash of the whole head, on every request: after 64 exact
+        # misses in a row that were no masked hit either, only one in 64 tries it.
+        misses = cache.masked_misses
+        cache.masked_misses = misses + 1
+        if misses >= MASKED_PATIENCE and misses & (MASKED_PATIENCE - 1):
+            self._probed = None
+            return None
+        masked = self._probed = _masked_key(key)
         if masked is None:
             return None
         mkey, p, stop = masked
         found = cache.masked_requests.get(mkey)
         if found is None:
             return None
+        cache.masked_misses = 0
         cache.request_hits += 1
         args, pre, post, length = found
         head = _from_template(args)

@@ -37,6 +37,7 @@ class HeadCache:
 
     __slots__ = (
         "_skips",
+        "masked_misses",
         "masked_requests",
         "request_hits",
         "requests",
@@ -55,6 +56,9 @@ class HeadCache:
         # and request id, the forwarded field lines before and after that field's line,
         # and the body length.
         self.masked_requests: dict[bytes, MaskedRequestTemplate] = {}
+        # Exact misses since the last masked hit (the codecs count them; see
+        # proxy/codec.py `_find`).
+        self.masked_misses = 0
         # Hits since each direction was last emptied (bumped by the codecs), and fills
         # refused since then.
         self.request_hits = 0
@@ -100,6 +104,7 @@ class HeadCache:
     def clear(self) -> None:
         self.requests.clear()
         self.masked_requests.clear()
+        self.masked_misses = 0
         self.responses.clear()
         self.request_hits = self.response_hits = 0
         self._skips = [0, 0]

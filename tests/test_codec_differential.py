@@ -118,3 +118,27 @@ def test_a_head_from_another_sidecar_is_taken_from_the_cache_with_its_own_reques
         hits = cache.request_hits
         events, _, _ = run(lambda sink: RequestCodec(sink, cache), [head % value])
         assert cache.request_hits == hits, value
+
+
+def test_heads_that_never_come_back_stop_paying_for_the_masked_lookup() -> None:
+    """After 64 exact misses in a row without a masked hit (every head its own path),
+    only one head in 64 is tried (and remembered) without its X-Request-Id value; the
+    first masked hit opens the lookup again."""
+    cache = HeadCache()
+    codec = RequestCodec(_Events(), cache)
+    unique = b"GET /u/%d HTTP/1.1\r\nHost: a\r\nX-Request-Id: r%d\r\n\r\n"
+    for i in range(65):
+        codec.feed(unique % (i, i))
+    assert cache.masked_misses == 65 and cache.request_hits == 0
+    shape = b"GET /same HTTP/1.1\r\nHost: a\r\nX-Request-Id: %s\r\n\r\n"
+    codec.feed(shape % b"a1")  # the 66th miss: not tried, not remembered masked
+    assert len(cache.masked_requests) == 65
+    tries = 0
+    while cache.request_hits == 0:  # tried and remembered at the 128th, a hit at the 192nd
+        tries += 1
+        assert tries <= 2 * 64
+        codec.feed(shape % b"b%d" % tries)
+    assert len(cache.masked_requests) == 66
+    assert cache.masked_misses == 0
+    codec.feed(shape % b"next")
+    assert cache.request_hits == 2
