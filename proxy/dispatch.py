@@ -217,14 +217,12 @@ class OutboundRouter:
             pick.head = head
             ctx = pick.ctx
             ctx.path = (path or head.target).decode("latin-1")
-            ep = balancer.pick(ctx, now, RNG)
-            if tried:
-                ep = _pick_again(balancer, ctx, now, ep, tried)
+            ep = _pick_again(balancer, ctx, now, tried) if tried else balancer.pick(ctx, now, RNG)
             pick.head = None
+        elif tried:
+            ep = _pick_again(balancer, _NO_HASH, now, tried)
         else:
             ep = balancer.pick(_NO_HASH, now, RNG)
-            if tried:
-                ep = _pick_again(balancer, _NO_HASH, now, ep, tried)
         if ep is None:
             return RouteResult.answer(
                 local_reply.NO_HEALTHY_UPSTREAM,
@@ -479,12 +477,17 @@ class OutboundRouter:
 
 
 def _pick_again(
-    balancer: Balancer, ctx: PickContext, now: float, ep: Endpoint | None, tried: list[Endpoint]
+    balancer: Balancer, ctx: PickContext, now: float, tried: list[Endpoint]
 ) -> Endpoint | None:
+    """A retry's (or hedge's) pick: an endpoint not in `tried` where the balancer offers
+    one in a few picks; a rotating balancer is put back where it stood (`rotation`)."""
+    mark = balancer.rotation()
+    ep = balancer.pick(ctx, now, RNG)
     for _ in range(_RETRY_PICKS):
         if ep is None or ep not in tried:
             break
         ep = balancer.pick(ctx, now, RNG)
+    balancer.rewind(mark)
     return ep
 
 

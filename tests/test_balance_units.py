@@ -342,3 +342,30 @@ def test_incremental_rebuilds_equal_a_fresh_build(cls: type) -> None:
             ctx = PickContext(hash_key=b"k%d" % k)
             a, b = live.pick(ctx, 0.0, rng), fresh.pick(ctx, 0.0, rng)
             assert a is not None and b is not None and a.id == b.id, (step, k)
+
+
+@pytest.mark.parametrize("locality", [False, True])
+def test_retry_and_hedge_picks_take_no_turn_from_first_attempts(locality: bool) -> None:
+    """Round robin over a fast and a slow instance, every first attempt on the slow one
+    followed by a hedge that avoids it: first attempts still alternate. (The hedge's
+    re-pick past the slow instance used to leave the rotation on it, which sent it most
+    first attempts, each hedged, until the retry budget ran out.)"""
+    from proxy.dispatch import _pick_again
+
+    fast, slow = ep("fast"), ep("slow")
+    bal = LocalityBalancer(WeightedRoundRobin, "") if locality else WeightedRoundRobin()
+    bal.update([fast, slow])
+    rng = random.Random(4)
+    ctx = PickContext()
+    firsts = []
+    for _ in range(40):
+        first = bal.pick(ctx, 1.0, rng)
+        assert first is not None
+        firsts.append("slow" if first is slow else "fast")
+        if first is slow:
+            assert _pick_again(bal, ctx, 1.0, [slow]) is fast
+    assert Counter(firsts) == {"fast": 20, "slow": 20}
+    mark = bal.rotation()
+    bal.pick(ctx, 1.0, rng)
+    bal.rewind(mark)
+    assert bal.rotation() == mark

@@ -99,6 +99,18 @@ class Balancer(ABC):
     @abstractmethod
     def pick(self, ctx: PickContext, now: float, rng: random.Random) -> Endpoint | None: ...
 
+    def rotation(self) -> object:
+        """Where a rotating balancer stands, for `rewind` (None: nothing to restore).
+
+        A retry's or hedge's picks (an endpoint the request has not tried) are put back
+        with it, so they take no turn from first attempts: a round robin whose retries
+        re-pick past the endpoint they avoid would otherwise leave its rotation on that
+        endpoint, and send it most first attempts (a slow instance, every one hedged)."""
+        return None
+
+    def rewind(self, mark: object) -> None:  # noqa: B027 (a hook: most balancers have none)
+        """Back to `rotation()`'s mark."""
+
     def on_start(self, ep: Endpoint, now: float) -> None:
         ep.active += 1
 

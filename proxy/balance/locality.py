@@ -104,6 +104,14 @@ class LocalityBalancer(Balancer):
             return self.local.pick(ctx, now, rng)
         return ep
 
+    def rotation(self) -> object:
+        return (self.local.rotation(), self.remote.rotation())
+
+    def rewind(self, mark: object) -> None:
+        if isinstance(mark, tuple):
+            self.local.rewind(mark[0])
+            self.remote.rewind(mark[1])
+
     # on_start and on_end pick the side inline rather than through a helper: they run
     # per request, and a call costs more than the comparison.
     def on_start(self, ep: Endpoint, now: float) -> None:

@@ -65,6 +65,14 @@ class WeightedRoundRobin(Balancer):
                 return ep
         return None
 
+    def rotation(self) -> object:
+        # The equal-weights rotation only (an EDF schedule keeps its own time).
+        return None if self._weighted else self._next
+
+    def rewind(self, mark: object) -> None:
+        if isinstance(mark, int):
+            self._next = mark
+
     def _weight(self, ep: Endpoint) -> float:
         ramp = self.slow_start
         return ramp.weight(ep, self._edf_now) if ramp is not None else float(ep.weight)
