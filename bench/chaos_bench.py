@@ -52,8 +52,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION_START = "<!-- chaos-bench:start -->"
 SECTION_END = "<!-- chaos-bench:end -->"
-# The retry budget (hedges spend it too): under round robin a third of the requests go
-# to the slowed instance, so hedging them all needs more than the default 20%.
+# The retry budget (hedges spend it too): under round robin half the requests go to the
+# slowed instance (the killed one is gone by then), so hedging them all needs more than
+# the default 20%.
 BUDGET_RATIO = 0.5
 BUDGET_MIN_PER_SECOND = 10
 POLICY = f"""\
