@@ -68,15 +68,15 @@ MAX_REQUEST_LINE = 8 * 1024
 MAX_HEADER_SECTION = 64 * 1024
 # Field lines per head (Envoy's default max_headers_count), requests and responses alike.
 MAX_HEADER_FIELDS = 100
-# An X-Request-Id value a cached head may differ in (`RequestCodec._lookup_masked`):
-# at most this long, and only these bytes (visible ASCII, no space).
+# An X-Request-Id value a cached head may differ in (`_masked_key`): at most this long,
+# and only visible ASCII (no space).
 MAX_MASKED_ID = 128
-# Those bytes to "a", any other to a space: `value.translate(VISIBLE).isalnum()` says
-# whether a value holds those bytes only (two C calls, no table made per call).
+# Visible ASCII to "a", any other byte to a space: `value.translate(VISIBLE).isalnum()`
+# says whether a value holds visible ASCII only (two C calls, no table made per call).
+VISIBLE = bytes(0x61 if 0x21 <= i <= 0x7E else 0x20 for i in range(256))
 # Exact misses in a row without a masked hit after which only one in this many heads
 # is tried masked (a power of two).
 MASKED_PATIENCE = 64
-VISIBLE = bytes(0x61 if 0x21 <= i <= 0x7E else 0x20 for i in range(256))
 
 
 def _masked_key(key: bytes) -> tuple[bytes, int, int] | None:
@@ -168,7 +168,7 @@ class RequestCodec:
         # The cache key of the head llhttp is about to parse (a miss), if any.
         self._fill: bytes | None = None
         # With `_fill`: the head's key without its X-Request-Id value, and its
-        # X-Request-Id line as it arrived (`_lookup`), to cache it masked too.
+        # X-Request-Id line as it arrived (`_masked_key`), to cache it masked too.
         self._fill_masked: tuple[bytes, bytes] | None = None
         # An h2c upgrade was stripped from the current request: llhttp still stops at its
         # head as at an upgrade, and this many body bytes follow it (-1: none pending).
@@ -434,7 +434,7 @@ class RequestCodec:
         self, head: RequestHead, args: tuple[Any, ...], length: int, masked: bytes, line: bytes
     ) -> None:
         """Remember a head under its key without the X-Request-Id value (see
-        `_lookup_masked`): its forwarded lines before and after that field's line."""
+        `_masked_key`): its forwarded lines before and after that field's line."""
         cache = self.cache
         assert cache is not None
         raw: bytes = args[0]

@@ -26,7 +26,7 @@ MAX_HEADS = 512
 # A request head as cached: the arguments that rebuild the parsed head (its `raw`
 # first), and its body length (-1: none).
 RequestTemplate = tuple[tuple[Any, ...], int]
-# A request head cached without its X-Request-Id value (proxy/codec.py `_lookup_masked`).
+# A request head cached without its X-Request-Id value (proxy/codec.py `_masked_key`).
 MaskedRequestTemplate = tuple[tuple[Any, ...], bytes, bytes, int]
 # A response head as cached: one shared, unchangeable head and its body length.
 ResponseTemplate = tuple["ResponseHead", int]
