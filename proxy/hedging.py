@@ -41,6 +41,7 @@ from proxy import outcome as outcomes
 from proxy.balance.outlier import classify
 from proxy.exchange_states import CONNECTING, ENDED, SENDING
 from proxy.pool import PoolOverflowError
+from proxy.retry import BUDGET_EXHAUSTED, NO_OTHER_ENDPOINT, NOT_REPLAYABLE, OVERFLOW
 
 if TYPE_CHECKING:
     from proxy.attempts import Attempts
@@ -56,13 +57,11 @@ if TYPE_CHECKING:
 
 HEDGE_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
-# Why a hedge was not sent (the `reason` label of tether_hedges_refused_total).
+# Why a hedge was not sent (the `reason` label of tether_hedges_refused_total): the
+# reasons a retry is refused for (proxy/retry.py), and two of a hedge's own.
 ANSWERED: Final = "answered"  # the head came, or the request ended, first
-NOT_REPLAYABLE: Final = "body_too_large"
 INCOMPLETE: Final = "request_incomplete"
-BUDGET: Final = "budget"
-OVERFLOW: Final = "overflow"
-NO_OTHER_ENDPOINT: Final = "no_other_endpoint"
+BUDGET: Final = BUDGET_EXHAUSTED
 
 # What the abandoned attempt of a race ends with: the outlier detector ignores it.
 HEDGE_LOST: Final = "hedge_lost"

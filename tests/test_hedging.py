@@ -21,7 +21,6 @@ from proxy.hedging import (
     ANSWERED,
     BUDGET,
     INCOMPLETE,
-    NOT_REPLAYABLE,
     RECOMPUTE_EVERY,
     WINDOW,
     HedgeSpec,
@@ -32,7 +31,7 @@ from proxy.hedging import (
 from proxy.policy import compile_table, decode
 from proxy.pool import PoolPolicy
 from proxy.resilience import ResilienceState
-from proxy.retry import RetryBudget
+from proxy.retry import NOT_REPLAYABLE, RetryBudget
 from tests.conftest import serve_app
 from tests.polling import until
 from tests.test_retry_e2e import make_mesh
