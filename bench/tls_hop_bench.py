@@ -168,13 +168,7 @@ class Path2:
 
     def measure(self, requests: int, connections: int) -> tuple[float, float]:
         """(CPU µs, minor faults) per request of both proxies."""
-        pids = (self.inbound.pid, self.outbound.pid)
-        before = [_stat(p) for p in pids]
-        self.drive(requests, connections)
-        after = [_stat(p) for p in pids]
-        cpu = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
-        faults = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
-        return cpu / requests * 1e6, faults / requests
+        return _measure(self, [self.inbound.pid, self.outbound.pid], requests, connections)
 
     def syscalls(self, requests: int, connections: int, tmp: Path) -> dict[str, Counter[str]]:
         out: dict[str, Counter[str]] = {}
@@ -247,12 +241,18 @@ class FleetPath:
 
     def measure(self, requests: int, connections: int) -> tuple[float, float]:
         pids = [pid for p in self.procs for pid in p.pids()]
-        before = [_stat(p) for p in pids]
-        self.drive(requests, connections)
-        after = [_stat(p) for p in pids]
-        cpu = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
-        faults = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
-        return cpu / requests * 1e6, faults / requests
+        return _measure(self, pids, requests, connections)
+
+
+def _measure(path: Any, pids: list[int], requests: int, connections: int) -> tuple[float, float]:
+    """(CPU µs, minor faults) per request of the processes `pids` while `path` drives
+    `requests` requests over `connections` connections."""
+    before = [_stat(p) for p in pids]
+    path.drive(requests, connections)
+    after = [_stat(p) for p in pids]
+    cpu = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    faults = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    return cpu / requests * 1e6, faults / requests
 
 
 def fleet_paths(fleet: Any, certs: Path) -> dict[str, FleetPath]:
